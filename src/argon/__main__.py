@@ -1,0 +1,5 @@
+"""`python -m argon` runs the CLI."""
+
+from argon.cli.main import main
+
+main()

@@ -1,0 +1,70 @@
+"""Per-endpoint session activity as the proxy sees it: the input of the suspend decision.
+
+Each relayed session owns a `SessionActivity` and updates it from the relay (message framing tells
+when a query is in flight and ReadyForQuery's status byte tells idle / in transaction). The suspend
+policy reads `snapshot()`; it never looks at sockets. Plain attributes, no locks: everything runs on
+the one event loop.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+
+class SessionActivity:
+    __slots__ = ("endpoint_id", "in_transaction", "in_query", "last_activity")
+
+    def __init__(self, endpoint_id: str) -> None:
+        self.endpoint_id = endpoint_id
+        self.in_query = False  # a query was sent and its ReadyForQuery has not come back yet
+        self.in_transaction = False  # the last ReadyForQuery said 'T' or 'E'
+        self.last_activity = time.monotonic()
+
+    @property
+    def busy(self) -> bool:
+        """Neon's rule: an active query or an open transaction keeps the compute awake."""
+        return self.in_query or self.in_transaction
+
+
+@dataclass(frozen=True)
+class EndpointActivity:
+    sessions: int
+    busy: int
+    last_activity: float | None  # time.monotonic() of the newest byte, None if never seen
+
+
+class ActivityRegistry:
+    def __init__(self) -> None:
+        self._sessions: dict[str, set[SessionActivity]] = defaultdict(set)
+        self._last: dict[str, float] = {}
+
+    def open(self, endpoint_id: str) -> SessionActivity:
+        session = SessionActivity(endpoint_id)
+        self._sessions[endpoint_id].add(session)
+        self._last[endpoint_id] = session.last_activity
+        return session
+
+    def close(self, session: SessionActivity) -> None:
+        sessions = self._sessions.get(session.endpoint_id)
+        if sessions is not None:
+            sessions.discard(session)
+            if not sessions:
+                del self._sessions[session.endpoint_id]
+        self._last[session.endpoint_id] = max(self._last.get(session.endpoint_id, 0.0), time.monotonic())
+
+    def touch(self, endpoint_id: str) -> None:
+        """Record activity not tied to a relayed session (e.g. a connection being woken)."""
+        self._last[endpoint_id] = time.monotonic()
+
+    def snapshot(self, endpoint_id: str) -> EndpointActivity:
+        sessions = self._sessions.get(endpoint_id, ())
+        last = max((s.last_activity for s in sessions), default=None)
+        recorded = self._last.get(endpoint_id)
+        if recorded is not None:
+            last = recorded if last is None else max(last, recorded)
+        return EndpointActivity(sessions=len(sessions), busy=sum(1 for s in sessions if s.busy), last_activity=last)
+
+    def forget(self, endpoint_id: str) -> None:
+        self._last.pop(endpoint_id, None)
