@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 
 class SessionActivity:
-    __slots__ = ("endpoint_id", "in_transaction", "in_query", "last_activity")
+    __slots__ = ("endpoint_id", "in_query", "in_transaction", "last_activity")
 
     def __init__(self, endpoint_id: str) -> None:
         self.endpoint_id = endpoint_id

@@ -1,0 +1,71 @@
+"""The HTTP app: Neon's management API under /api/v2 (and, later, the console under /).
+
+Thin: parse -> `argon.control` use case -> `argon.api.views` shape. Errors map to Neon's
+`{"code", "message"}` bodies with the status of their kind, in one place (`_argon_error`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from argon import __version__
+from argon.api import routes_account, routes_endpoints, routes_projects
+from argon.control.plane import ControlPlane
+from argon.errors import ArgonError, Unauthorized
+
+log = logging.getLogger(__name__)
+
+
+def error_body(message: str, code: str = "") -> dict[str, Any]:
+    return {"code": code, "message": message}
+
+
+def create_app(plane: ControlPlane) -> FastAPI:
+    app = FastAPI(title="Argon API", version=__version__, docs_url="/api/v2/docs", redoc_url=None,
+                  openapi_url="/api/v2/openapi.json",
+                  description="Neon-compatible management API v2 of a self-hosted Argon server.")
+    app.state.plane = plane
+
+    @app.exception_handler(ArgonError)
+    async def _argon_error(request: Request, exc: ArgonError) -> JSONResponse:
+        if exc.http_status >= 500:
+            log.error("%s %s failed: %s", request.method, request.url.path, exc.user_message)
+        return JSONResponse(error_body(exc.user_message, exc.code), status_code=exc.http_status,
+                            headers={"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+            parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
+        return JSONResponse(error_body("invalid request: " + "; ".join(parts)), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = exc.detail if isinstance(exc.detail, str) else "request failed"
+        if exc.status_code == 404 and message == "Not Found":
+            message = f"no such API path: {request.method} {request.url.path}"
+        if exc.status_code == 405:
+            message = f"method {request.method} is not allowed on {request.url.path}"
+        return JSONResponse(error_body(message), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("%s %s: unexpected error", request.method, request.url.path)
+        return JSONResponse(error_body("internal error; the server log has the details"), status_code=500)
+
+    for module in (routes_projects, routes_endpoints, routes_account):
+        app.include_router(module.router, prefix="/api/v2")
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    return app

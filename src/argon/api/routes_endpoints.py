@@ -1,0 +1,119 @@
+"""/projects/{p}/endpoints: list, get, update, start, suspend, restart, and their logs and events."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query
+from fastapi.responses import PlainTextResponse
+from pydantic import BaseModel, ConfigDict
+
+from argon.api import views
+from argon.api.deps import Plane
+from argon.control.endpoints import (
+    EndpointPatch,
+    check_cu,
+    check_suspend_timeout,
+    restart_endpoint,
+    start_endpoint,
+    suspend_endpoint,
+    update_endpoint,
+)
+from argon.errors import UserError
+
+router = APIRouter(tags=["endpoints"])
+
+
+class EndpointUpdate(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    autoscaling_limit_min_cu: float | None = None
+    autoscaling_limit_max_cu: float | None = None
+    suspend_timeout_seconds: int | None = None
+    disabled: bool | None = None
+    name: str | None = None
+
+
+class EndpointUpdateBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    endpoint: EndpointUpdate
+
+
+@router.get("/projects/{project_id}/endpoints")
+async def list_endpoints(plane: Plane, project_id: str) -> dict[str, Any]:
+    plane.project(project_id)
+    return {"endpoints": [views.endpoint_view(plane.settings, e) for e in plane.endpoints(project_id)]}
+
+
+@router.get("/projects/{project_id}/endpoints/{endpoint_id}")
+async def get_endpoint(plane: Plane, project_id: str, endpoint_id: str) -> dict[str, Any]:
+    return {"endpoint": views.endpoint_view(plane.settings, plane.endpoint(project_id, endpoint_id))}
+
+
+@router.patch("/projects/{project_id}/endpoints/{endpoint_id}")
+async def patch_endpoint(plane: Plane, project_id: str, endpoint_id: str, body: EndpointUpdateBody) -> dict[str, Any]:
+    spec = body.endpoint
+    if spec.name is not None and not 1 <= len(spec.name) <= 64:
+        raise UserError("endpoint name must be 1 to 64 characters")
+    patch = EndpointPatch(
+        autoscaling_limit_min_cu=(check_cu(spec.autoscaling_limit_min_cu, "autoscaling_limit_min_cu")
+                                  if spec.autoscaling_limit_min_cu is not None else None),
+        autoscaling_limit_max_cu=(check_cu(spec.autoscaling_limit_max_cu, "autoscaling_limit_max_cu")
+                                  if spec.autoscaling_limit_max_cu is not None else None),
+        suspend_timeout_seconds=(check_suspend_timeout(spec.suspend_timeout_seconds)
+                                 if spec.suspend_timeout_seconds is not None else None),
+        disabled=spec.disabled, name=spec.name)
+    ep, ops = await update_endpoint(plane, project_id, endpoint_id, patch)
+    return {"endpoint": views.endpoint_view(plane.settings, ep), "operations": [views.operation_view(o) for o in ops]}
+
+
+@router.post("/projects/{project_id}/endpoints/{endpoint_id}/start")
+async def start(plane: Plane, project_id: str, endpoint_id: str) -> dict[str, Any]:
+    ops = await start_endpoint(plane, project_id, endpoint_id)
+    return {"endpoint": views.endpoint_view(plane.settings, plane.endpoint(project_id, endpoint_id)),
+            "operations": [views.operation_view(o) for o in ops]}
+
+
+@router.post("/projects/{project_id}/endpoints/{endpoint_id}/suspend")
+async def suspend(plane: Plane, project_id: str, endpoint_id: str) -> dict[str, Any]:
+    ops = await suspend_endpoint(plane, project_id, endpoint_id)
+    return {"endpoint": views.endpoint_view(plane.settings, plane.endpoint(project_id, endpoint_id)),
+            "operations": [views.operation_view(o) for o in ops]}
+
+
+@router.post("/projects/{project_id}/endpoints/{endpoint_id}/restart")
+async def restart(plane: Plane, project_id: str, endpoint_id: str) -> dict[str, Any]:
+    ops = await restart_endpoint(plane, project_id, endpoint_id)
+    return {"endpoint": views.endpoint_view(plane.settings, plane.endpoint(project_id, endpoint_id)),
+            "operations": [views.operation_view(o) for o in ops]}
+
+
+@router.get("/projects/{project_id}/endpoints/{endpoint_id}/logs", response_class=PlainTextResponse,
+            summary="The compute's PostgreSQL log (Argon extension)")
+async def logs(plane: Plane, project_id: str, endpoint_id: str,
+               tail: Annotated[int, Query(ge=1, le=100000)] = 200) -> PlainTextResponse:
+    ep = plane.endpoint(project_id, endpoint_id)
+    path = plane.layout.compute_log(project_id, ep.branch_id)
+
+    def read() -> str:
+        try:
+            with open(path, "rb") as f:
+                f.seek(0, 2)
+                size = f.tell()
+                f.seek(max(0, size - 256 * tail))
+                lines = f.read().decode(errors="replace").splitlines()
+        except FileNotFoundError:
+            return ""
+        return "\n".join(lines[-tail:]) + ("\n" if lines else "")
+
+    import asyncio
+
+    return PlainTextResponse(await asyncio.to_thread(read))
+
+
+@router.get("/projects/{project_id}/endpoints/{endpoint_id}/events",
+            summary="Wakes, suspends and cold-start durations (Argon extension)")
+async def events(plane: Plane, project_id: str, endpoint_id: str,
+                 limit: Annotated[int, Query(ge=1, le=10000)] = 200) -> dict[str, Any]:
+    plane.endpoint(project_id, endpoint_id)
+    evs = await plane.db(plane.store.list_events, endpoint_id, limit)
+    return {"events": [views.event_view(e) for e in evs]}

@@ -1,0 +1,311 @@
+"""/projects, their branches' roles and databases, operations and connection URIs (Neon API v2)."""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Query
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from argon import ids, model
+from argon.api import views
+from argon.api.deps import Plane
+from argon.control import connection
+from argon.control.endpoints import check_cu, check_suspend_timeout
+from argon.control.plane import ControlPlane
+from argon.control.projects import ProjectRequest, create_project, delete_project
+from argon.errors import NotFound, Precondition, UserError
+
+router = APIRouter(tags=["projects"])
+
+
+class _Loose(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class BranchSpec(_Loose):
+    name: str | None = None
+    role_name: str | None = None
+    database_name: str | None = None
+
+
+class DefaultEndpointSettings(_Loose):
+    autoscaling_limit_min_cu: float | None = None
+    autoscaling_limit_max_cu: float | None = None
+    suspend_timeout_seconds: int | None = None
+
+
+class ProjectCreate(_Loose):
+    name: str | None = Field(None, max_length=256)
+    region_id: str | None = None
+    pg_version: int | None = None
+    branch: BranchSpec | None = None
+    default_endpoint_settings: DefaultEndpointSettings | None = None
+    history_retention_seconds: int | None = Field(None, ge=0, le=model.MAX_HISTORY_RETENTION)
+    autoscaling_limit_min_cu: float | None = None  # deprecated top-level forms Neon still accepts
+    autoscaling_limit_max_cu: float | None = None
+
+
+class ProjectCreateBody(_Loose):
+    project: ProjectCreate = Field(default_factory=ProjectCreate)
+
+
+class ProjectUpdate(_Loose):
+    name: str | None = Field(None, max_length=256)
+    default_endpoint_settings: DefaultEndpointSettings | None = None
+    history_retention_seconds: int | None = Field(None, ge=0, le=model.MAX_HISTORY_RETENTION)
+
+
+class ProjectUpdateBody(_Loose):
+    project: ProjectUpdate
+
+
+def _endpoint_settings(spec: DefaultEndpointSettings | None, base: model.EndpointSettings,
+                       lo: float | None = None, hi: float | None = None) -> model.EndpointSettings:
+    spec = spec or DefaultEndpointSettings()
+    lo = spec.autoscaling_limit_min_cu if spec.autoscaling_limit_min_cu is not None else lo
+    hi = spec.autoscaling_limit_max_cu if spec.autoscaling_limit_max_cu is not None else hi
+    lo_v = check_cu(lo, "autoscaling_limit_min_cu") if lo is not None else base.autoscaling_limit_min_cu
+    hi_v = check_cu(hi, "autoscaling_limit_max_cu") if hi is not None else max(base.autoscaling_limit_max_cu, lo_v)
+    if lo_v > hi_v:
+        raise UserError("autoscaling_limit_min_cu must not be greater than autoscaling_limit_max_cu")
+    timeout = base.suspend_timeout_seconds
+    if spec.suspend_timeout_seconds is not None:
+        timeout = check_suspend_timeout(spec.suspend_timeout_seconds)
+    return model.EndpointSettings(lo_v, hi_v, timeout)
+
+
+def _cursor_encode(created_at: datetime, key: str) -> str:
+    raw = json.dumps([created_at.isoformat(), key]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _cursor_decode(cursor: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        when, key = json.loads(raw)
+        return datetime.fromisoformat(when), str(key)
+    except Exception:
+        raise UserError("invalid cursor: pass back the pagination.cursor of the previous page") from None
+
+
+def _storage_bytes(plane: ControlPlane, project_id: str) -> int:
+    return 0
+
+
+def _last_active(plane: ControlPlane, project_id: str) -> datetime | None:
+    times = [e.last_active for e in plane.endpoints(project_id) if e.last_active is not None]
+    return max(times) if times else None
+
+
+def project_view(plane: ControlPlane, p: model.Project, *, full: bool = True) -> dict[str, Any]:
+    return views.project_view(plane.settings, p, full=full, compute_last_active_at=_last_active(plane, p.id),
+                              storage_bytes=_storage_bytes(plane, p.id))
+
+
+@router.get("/projects")
+async def list_projects(plane: Plane, limit: Annotated[int, Query(ge=1, le=400)] = 10,
+                        cursor: str | None = None, search: str | None = None,
+                        org_id: str | None = None) -> dict[str, Any]:
+    after = _cursor_decode(cursor) if cursor else None
+    projects = plane.projects()
+    if after is not None:
+        projects = [p for p in projects if (p.created_at, p.id) > after]
+    if search:
+        projects = [p for p in projects if search.lower() in p.name.lower() or search in p.id]
+    page = projects[:limit]
+    out: dict[str, Any] = {"projects": [project_view(plane, p, full=False) for p in page],
+                           "applications": {}, "integrations": {}}
+    last = page[-1] if page else None
+    # A cursor is always present; the page after the last one comes back empty (neon-api.md §3.9).
+    out["pagination"] = {"cursor": _cursor_encode(last.created_at, last.id) if last else (cursor or "")}
+    return out
+
+
+@router.get("/projects/shared")
+async def list_shared_projects(plane: Plane) -> dict[str, Any]:
+    return {"projects": []}
+
+
+@router.post("/projects", status_code=201)
+async def create(plane: Plane, body: Annotated[ProjectCreateBody | None, Body()] = None) -> JSONResponse:
+    spec = (body or ProjectCreateBody()).project
+    branch = spec.branch or BranchSpec()
+    req = ProjectRequest(
+        name=ids.check_display_name(spec.name, "project") if spec.name is not None else None,
+        region_id=spec.region_id,
+        pg_version=spec.pg_version,
+        branch_name=ids.check_display_name(branch.name, "branch") if branch.name else model.DEFAULT_BRANCH_NAME,
+        database_name=branch.database_name or model.DEFAULT_DATABASE_NAME,
+        role_name=branch.role_name,
+        settings=_endpoint_settings(spec.default_endpoint_settings, model.EndpointSettings(),
+                                    spec.autoscaling_limit_min_cu, spec.autoscaling_limit_max_cu),
+        history_retention_seconds=(spec.history_retention_seconds if spec.history_retention_seconds is not None
+                                   else model.DEFAULT_HISTORY_RETENTION),
+    )
+    created = await create_project(plane, req)
+    params = connection.parameters(plane.settings, endpoint_id=created.endpoint.id, role=created.role.name,
+                                   password=created.password, database=created.database.name)
+    pooled = connection.parameters(plane.settings, endpoint_id=created.endpoint.id, role=created.role.name,
+                                   password=created.password, database=created.database.name, pooled=True)
+    body_out = {
+        "project": project_view(plane, created.project),
+        "connection_uris": [views.connection_details(params, pooled)],
+        "roles": [views.role_view(created.role, created.password)],
+        "databases": [views.database_view(created.database)],
+        "operations": [views.operation_view(o) for o in created.operations],
+        "branch": views.branch_view(created.branch),
+        "endpoints": [views.endpoint_view(plane.settings, plane.endpoint(None, created.endpoint.id))],
+    }
+    return JSONResponse(body_out, status_code=201)
+
+
+@router.get("/projects/{project_id}")
+async def get_project(plane: Plane, project_id: str) -> dict[str, Any]:
+    return {"project": project_view(plane, plane.project(project_id))}
+
+
+@router.patch("/projects/{project_id}")
+async def update_project(plane: Plane, project_id: str, body: ProjectUpdateBody) -> dict[str, Any]:
+    async with plane.project_lock(project_id):
+        p = plane.project(project_id)
+        changes: dict[str, Any] = {}
+        spec = body.project
+        if spec.name is not None:
+            changes["name"] = ids.check_display_name(spec.name, "project")
+        if spec.default_endpoint_settings is not None:
+            changes["default_endpoint_settings"] = _endpoint_settings(spec.default_endpoint_settings,
+                                                                      p.default_endpoint_settings)
+        if spec.history_retention_seconds is not None:
+            changes["history_retention_seconds"] = spec.history_retention_seconds
+        ops = []
+        if changes:
+            p = p.replace(**changes)
+            await plane.save(p)
+            action = (model.OperationAction.APPLY_STORAGE_CONFIG if "history_retention_seconds" in changes
+                      else model.OperationAction.APPLY_CONFIG)
+            ops.append(await plane.record(project_id, action))
+    return {"project": project_view(plane, p), "operations": [views.operation_view(o) for o in ops]}
+
+
+@router.delete("/projects/{project_id}")
+async def delete(plane: Plane, project_id: str) -> dict[str, Any]:
+    project = await delete_project(plane, project_id)
+    return {"project": project_view(plane, project)}
+
+
+# Branch-scoped reads (branch management itself is the branching issue's) ---------------------------
+
+
+@router.get("/projects/{project_id}/branches")
+async def list_branches(plane: Plane, project_id: str) -> dict[str, Any]:
+    plane.project(project_id)
+    return {"branches": [views.branch_view(b) for b in plane.branches(project_id)], "annotations": {}}
+
+
+@router.get("/projects/{project_id}/branches/{branch_id}")
+async def get_branch(plane: Plane, project_id: str, branch_id: str) -> dict[str, Any]:
+    return {"branch": views.branch_view(plane.branch(project_id, branch_id))}
+
+
+@router.get("/projects/{project_id}/branches/{branch_id}/endpoints")
+async def branch_endpoints(plane: Plane, project_id: str, branch_id: str) -> dict[str, Any]:
+    plane.branch(project_id, branch_id)
+    return {"endpoints": [views.endpoint_view(plane.settings, e) for e in plane.endpoints(project_id, branch_id)]}
+
+
+@router.get("/projects/{project_id}/branches/{branch_id}/roles")
+async def list_roles(plane: Plane, project_id: str, branch_id: str) -> dict[str, Any]:
+    plane.branch(project_id, branch_id)
+    roles = await plane.db(plane.store.list_roles, branch_id)
+    return {"roles": [views.role_view(r) for r in roles if r.name != model.PLATFORM_ROLE]}
+
+
+async def _role(plane: ControlPlane, project_id: str, branch_id: str, role_name: str) -> model.Role:
+    plane.branch(project_id, branch_id)
+    role = await plane.db(plane.store.get_role, branch_id, role_name)
+    if role is None or role.name == model.PLATFORM_ROLE:
+        raise NotFound(f"role {role_name!r} not found on branch {branch_id!r}")
+    return role
+
+
+@router.get("/projects/{project_id}/branches/{branch_id}/roles/{role_name}")
+async def get_role(plane: Plane, project_id: str, branch_id: str, role_name: str) -> dict[str, Any]:
+    return {"role": views.role_view(await _role(plane, project_id, branch_id, role_name))}
+
+
+@router.get("/projects/{project_id}/branches/{branch_id}/roles/{role_name}/reveal_password")
+async def reveal_password(plane: Plane, project_id: str, branch_id: str, role_name: str) -> dict[str, Any]:
+    role = await _role(plane, project_id, branch_id, role_name)
+    password = plane.secrets.decrypt(role.password_enc) if role.password_enc else None
+    if password is None:
+        raise Precondition(f"the password of role {role_name!r} is not known to Argon (it was set through SQL); "
+                           "reset it with reset_password to get one that can be revealed")
+    return {"password": password}
+
+
+@router.get("/projects/{project_id}/branches/{branch_id}/databases")
+async def list_databases(plane: Plane, project_id: str, branch_id: str) -> dict[str, Any]:
+    plane.branch(project_id, branch_id)
+    return {"databases": [views.database_view(d) for d in await plane.db(plane.store.list_databases, branch_id)]}
+
+
+@router.get("/projects/{project_id}/branches/{branch_id}/databases/{database_name}")
+async def get_database(plane: Plane, project_id: str, branch_id: str, database_name: str) -> dict[str, Any]:
+    plane.branch(project_id, branch_id)
+    db = await plane.db(plane.store.get_database, branch_id, database_name)
+    if db is None:
+        raise NotFound(f"database {database_name!r} not found on branch {branch_id!r}")
+    return {"database": views.database_view(db)}
+
+
+# Operations and connection URIs ----------------------------------------------------------------------
+
+
+@router.get("/projects/{project_id}/operations")
+async def list_operations(plane: Plane, project_id: str, limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+                          cursor: str | None = None) -> dict[str, Any]:
+    plane.project(project_id)
+    before = _cursor_decode(cursor) if cursor else None
+    ops = await plane.db(plane.store.list_operations, project_id, limit=limit, before=before)
+    last = ops[-1] if ops else None
+    return {"operations": [views.operation_view(o) for o in ops],
+            "pagination": {"cursor": _cursor_encode(last.created_at, last.id) if last else (cursor or "")}}
+
+
+@router.get("/projects/{project_id}/operations/{operation_id}")
+async def get_operation(plane: Plane, project_id: str, operation_id: str) -> dict[str, Any]:
+    plane.project(project_id)
+    op = await plane.db(plane.store.get_operation, operation_id)
+    if op is None or op.project_id != project_id:
+        raise NotFound(f"operation {operation_id!r} not found")
+    return {"operation": views.operation_view(op)}
+
+
+@router.get("/projects/{project_id}/connection_uri")
+async def connection_uri(plane: Plane, project_id: str, database_name: str, role_name: str,
+                         branch_id: str | None = None, endpoint_id: str | None = None,
+                         pooled: bool = False) -> dict[str, Any]:
+    plane.project(project_id)
+    if branch_id is None:
+        branch_id = next(b.id for b in plane.branches(project_id) if b.default)
+    branch = plane.branch(project_id, branch_id)
+    if endpoint_id is None:
+        eps = [e for e in plane.endpoints(project_id, branch.id) if e.type is model.EndpointType.READ_WRITE]
+        if not eps:
+            raise NotFound(f"branch {branch.id!r} has no read-write endpoint")
+        endpoint_id = eps[0].id
+    ep = plane.endpoint(project_id, endpoint_id)
+    role = await _role(plane, project_id, ep.branch_id, role_name)
+    if await plane.db(plane.store.get_database, ep.branch_id, database_name) is None:
+        raise NotFound(f"database {database_name!r} not found on branch {ep.branch_id!r}")
+    password = plane.secrets.decrypt(role.password_enc) if role.password_enc else None
+    if password is None:
+        raise Precondition(f"the password of role {role_name!r} is not known to Argon; reset it first")
+    params = connection.parameters(plane.settings, endpoint_id=ep.id, role=role.name, password=password,
+                                   database=database_name, pooled=pooled)
+    return {"uri": params.uri}

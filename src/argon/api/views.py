@@ -1,0 +1,177 @@
+"""Neon API v2 shapes derived from the model (one place, used by the API, the CLI and the console).
+
+Field names, enum values and required fields follow reference/neon-api.md §2: the `neon-api`
+Python package validates required fields and enums, so every required one is always present.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from argon import model
+from argon.control.connection import ConnectionParameters, endpoint_host
+from argon.settings import Settings
+
+PROVISIONER = "k8s-pod"
+PLATFORM_ID = "local"
+CREATION_SOURCE = "argon"
+
+
+def ts(value: datetime | None) -> str | None:
+    """RFC 3339 with second precision and Z, as Neon emits."""
+    if value is None:
+        return None
+    return value.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def project_view(settings: Settings, p: model.Project, *, full: bool = True,
+                 compute_last_active_at: datetime | None = None, storage_bytes: int = 0) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "id": p.id,
+        "platform_id": PLATFORM_ID,
+        "region_id": p.region_id,
+        "name": p.name,
+        "provisioner": PROVISIONER,
+        "default_endpoint_settings": {
+            "autoscaling_limit_min_cu": p.default_endpoint_settings.autoscaling_limit_min_cu,
+            "autoscaling_limit_max_cu": p.default_endpoint_settings.autoscaling_limit_max_cu,
+            "suspend_timeout_seconds": p.default_endpoint_settings.suspend_timeout_seconds,
+        },
+        "settings": {"allowed_ips": {"ips": [], "protected_branches_only": False},
+                     "enable_logical_replication": False},
+        "pg_version": p.pg_version,
+        "proxy_host": settings.cert_domain,
+        "branch_logical_size_limit": 0,
+        "branch_logical_size_limit_bytes": 0,
+        "store_passwords": p.store_passwords,
+        "active_time": 0,
+        "cpu_used_sec": 0,
+        "creation_source": CREATION_SOURCE,
+        "history_retention_seconds": p.history_retention_seconds,
+        "created_at": ts(p.created_at),
+        "updated_at": ts(p.updated_at),
+        "synthetic_storage_size": storage_bytes,
+        "owner_id": "local",
+        "org_id": None,
+    }
+    if compute_last_active_at is not None:
+        out["compute_last_active_at"] = ts(compute_last_active_at)
+    if full:
+        out.update({
+            "data_storage_bytes_hour": 0, "data_transfer_bytes": 0, "written_data_bytes": 0,
+            "compute_time_seconds": 0, "active_time_seconds": 0,
+            "consumption_period_start": ts(p.created_at), "consumption_period_end": ts(p.created_at),
+        })
+    return out
+
+
+def branch_view(b: model.Branch) -> dict[str, Any]:
+    return {
+        "id": b.id,
+        "project_id": b.project_id,
+        "parent_id": b.parent_id,
+        "parent_lsn": b.parent_lsn,
+        "parent_timestamp": ts(b.parent_timestamp),
+        "name": b.name,
+        "current_state": b.state.value,
+        "state_changed_at": ts(b.updated_at),
+        "logical_size": b.logical_size,
+        "creation_source": CREATION_SOURCE,
+        "default": b.default,
+        "primary": b.default,
+        "protected": b.protected,
+        "cpu_used_sec": 0,
+        "compute_time_seconds": 0,
+        "active_time_seconds": 0,
+        "written_data_bytes": 0,
+        "data_transfer_bytes": 0,
+        "init_source": b.init_source,
+        "expires_at": ts(b.expires_at),
+        "created_at": ts(b.created_at),
+        "updated_at": ts(b.updated_at),
+    }
+
+
+def endpoint_view(settings: Settings, e: model.Endpoint) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "host": endpoint_host(settings, e.id),
+        "id": e.id,
+        "project_id": e.project_id,
+        "branch_id": e.branch_id,
+        "autoscaling_limit_min_cu": e.autoscaling_limit_min_cu,
+        "autoscaling_limit_max_cu": e.autoscaling_limit_max_cu,
+        "region_id": model.REGION_ID,
+        "type": e.type.value,
+        "current_state": e.current_state.value,
+        "settings": {"pg_settings": dict(e.pg_settings)},
+        "pooler_enabled": False,
+        "pooler_mode": "transaction",
+        "disabled": e.disabled,
+        "passwordless_access": False,
+        "creation_source": CREATION_SOURCE,
+        "created_at": ts(e.created_at),
+        "updated_at": ts(e.updated_at),
+        "proxy_host": settings.cert_domain,
+        "suspend_timeout_seconds": e.suspend_timeout_seconds,
+        "provisioner": PROVISIONER,
+    }
+    if e.pending_state is not None:
+        out["pending_state"] = e.pending_state.value
+    for name in ("last_active", "started_at", "suspended_at"):
+        value = getattr(e, name)
+        if value is not None:
+            out[name] = ts(value)
+    if e.name:
+        out["name"] = e.name
+    return out
+
+
+def role_view(r: model.Role, password: str | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "branch_id": r.branch_id,
+        "name": r.name,
+        "protected": r.protected,
+        "authentication_method": "password" if r.login else "no_login",
+        "created_at": ts(r.created_at),
+        "updated_at": ts(r.updated_at),
+    }
+    if password is not None:
+        out["password"] = password
+    return out
+
+
+def database_view(d: model.Database) -> dict[str, Any]:
+    return {"id": d.id, "branch_id": d.branch_id, "name": d.name, "owner_name": d.owner_name,
+            "created_at": ts(d.created_at), "updated_at": ts(d.updated_at)}
+
+
+def operation_view(o: model.Operation) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "id": o.id, "project_id": o.project_id, "action": o.action.value, "status": o.status.value,
+        "failures_count": o.failures_count, "created_at": ts(o.created_at), "updated_at": ts(o.updated_at),
+        "total_duration_ms": o.total_duration_ms,
+    }
+    if o.branch_id:
+        out["branch_id"] = o.branch_id
+    if o.endpoint_id:
+        out["endpoint_id"] = o.endpoint_id
+    if o.error:
+        out["error"] = o.error
+    return out
+
+
+def connection_details(params: ConnectionParameters, pooler: ConnectionParameters) -> dict[str, Any]:
+    return {
+        "connection_uri": params.uri,
+        "connection_parameters": {
+            "database": params.database, "password": params.password, "role": params.role,
+            "host": params.sni_host or params.host, "pooler_host": pooler.sni_host or pooler.host,
+            "port": params.port, "options": params.options,
+        },
+    }
+
+
+def event_view(ev: model.Event) -> dict[str, Any]:
+    return {"endpoint_id": ev.endpoint_id, "kind": ev.kind.value, "at": ev.at.isoformat(),
+            "duration_ms": ev.duration_ms, "detail": ev.detail}

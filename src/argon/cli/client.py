@@ -1,0 +1,87 @@
+"""A small HTTP client of Argon's own API for the CLI, and where it finds the server and key.
+
+Precedence: --api-url/--api-key flags > ARGON_API_URL/ARGON_API_KEY > the CLI config file that
+`argon up` (or `argon login`) writes (0600, ~/.config/argon/cli.json).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from argon.settings import default_config_file
+
+
+class CliError(Exception):
+    """An error the CLI prints as one readable line (never a traceback)."""
+
+
+def cli_config_path() -> Path:
+    return default_config_file().with_name("cli.json")
+
+
+def read_cli_config() -> dict[str, str]:
+    try:
+        data = json.loads(cli_config_path().read_text())
+        return {k: str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def write_cli_config(api_url: str, api_key: str | None) -> Path:
+    path = cli_config_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = read_cli_config()
+    data["api_url"] = api_url
+    if api_key:
+        data["api_key"] = api_key
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+    return path
+
+
+class ApiClient:
+    def __init__(self, api_url: str | None, api_key: str | None) -> None:
+        cfg = read_cli_config()
+        self.api_url = (api_url or os.environ.get("ARGON_API_URL") or cfg.get("api_url")
+                        or "http://127.0.0.1:4444").rstrip("/")
+        self.api_key = api_key or os.environ.get("ARGON_API_KEY") or cfg.get("api_key")
+        self._http = httpx.Client(base_url=self.api_url + "/api/v2", timeout=120)
+
+    def request(self, method: str, path: str, *, json_body: Any = None, params: dict[str, Any] | None = None,
+                text: bool = False) -> Any:
+        if not self.api_key:
+            raise CliError("no API key: pass --api-key, set ARGON_API_KEY, or run `argon up` on this machine "
+                           f"(it writes {cli_config_path()})")
+        try:
+            resp = self._http.request(method, path, json=json_body, params=params,
+                                      headers={"Authorization": f"Bearer {self.api_key}"})
+        except httpx.TransportError as exc:
+            raise CliError(f"cannot reach the Argon API at {self.api_url} ({exc.__class__.__name__}). "
+                           "Is `argon up` running? Use --api-url or ARGON_API_URL to point elsewhere.") from None
+        if resp.status_code >= 400:
+            try:
+                message = resp.json().get("message") or resp.text
+            except ValueError:
+                message = resp.text
+            raise CliError(f"{message} (HTTP {resp.status_code})")
+        return resp.text if text else resp.json()
+
+    def get(self, path: str, **kw: Any) -> Any:
+        return self.request("GET", path, **kw)
+
+    def post(self, path: str, body: Any = None, **kw: Any) -> Any:
+        return self.request("POST", path, json_body=body, **kw)
+
+    def patch(self, path: str, body: Any, **kw: Any) -> Any:
+        return self.request("PATCH", path, json_body=body, **kw)
+
+    def delete(self, path: str, **kw: Any) -> Any:
+        return self.request("DELETE", path, **kw)

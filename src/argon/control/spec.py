@@ -1,0 +1,84 @@
+"""Apply the platform's role and database spec to a running compute, and read verifiers back.
+
+The proxy logs into computes with the ClientKey it recovered from the client's SCRAM proof, so the
+compute must hold a byte-identical verifier for every role the platform knows (design §8). At the
+first start after a change the platform's spec is applied here, before the wake completes.
+Identifiers and literals reach SQL only through psycopg's `sql` composition (always quoted).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from psycopg import sql
+
+from argon import model
+from argon.compute.admin import connect_admin
+from argon.compute.manager import ComputeSpec
+
+if TYPE_CHECKING:
+    from argon.control.plane import ControlPlane
+
+log = logging.getLogger(__name__)
+
+
+def role_attributes(pg_version: int) -> sql.Composable:
+    """What API-made roles may do: create databases always; create roles only where that cannot lead
+    to pg_execute_server_program (PG16+ ADMIN OPTION model; on PG15 CREATEROLE can grant it)."""
+    attrs = "LOGIN CREATEDB"
+    if pg_version >= 16:
+        attrs += " CREATEROLE"
+    return sql.SQL(attrs)
+
+
+async def apply_spec(plane: ControlPlane, ep: model.Endpoint, spec: ComputeSpec) -> None:
+    project = plane.project(ep.project_id)
+    roles = await plane.db(plane.store.list_roles, ep.branch_id)
+    databases = await plane.db(plane.store.list_databases, ep.branch_id)
+    conn = await connect_admin(spec.socket_dir)
+    try:
+        cur = await conn.execute("SELECT rolname, rolpassword FROM pg_authid")
+        existing_roles = {name: pw for name, pw in await cur.fetchall()}
+        for role in roles:
+            if role.name not in existing_roles:
+                await conn.execute(sql.SQL("CREATE ROLE {} WITH {} PASSWORD {}").format(
+                    sql.Identifier(role.name), role_attributes(project.pg_version), sql.Literal(role.verifier)))
+                log.info("created role %s on %s", role.name, ep.id)
+            elif role.verifier and existing_roles[role.name] != role.verifier:
+                await conn.execute(sql.SQL("ALTER ROLE {} WITH LOGIN PASSWORD {}").format(
+                    sql.Identifier(role.name), sql.Literal(role.verifier)))
+        cur = await conn.execute("SELECT datname FROM pg_database")
+        existing_dbs = {name for (name,) in await cur.fetchall()}
+        for db in databases:
+            if db.name not in existing_dbs:
+                await conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(
+                    sql.Identifier(db.name), sql.Identifier(db.owner_name)))
+                log.info("created database %s on %s", db.name, ep.id)
+    finally:
+        await conn.close()
+
+
+async def sync_verifier(plane: ControlPlane, ep: model.Endpoint, role_name: str) -> None:
+    """Read one role's verifier from a running compute (it may have been changed through SQL)."""
+    conn = await connect_admin(plane.layout.socket_dir(ep.id))
+    try:
+        cur = await conn.execute("SELECT rolpassword, rolcanlogin FROM pg_authid WHERE rolname = %s", (role_name,))
+        row = await cur.fetchone()
+    finally:
+        await conn.close()
+    role = await plane.db(plane.store.get_role, ep.branch_id, role_name)
+    if row is None or not row[0] or not str(row[0]).startswith("SCRAM-SHA-256$"):
+        if role is not None and role.verifier:
+            plane.remember(role.replace(verifier=None))
+        return
+    verifier, can_login = str(row[0]), bool(row[1])
+    now = model.utcnow()
+    if role is None:
+        # A role made through SQL: the proxy can let it in from now on; its password is unknown to us.
+        role = model.Role(branch_id=ep.branch_id, name=role_name, created_at=now, updated_at=now,
+                          verifier=verifier, login=can_login)
+        await plane.save(role)
+    elif role.verifier != verifier:
+        # Changed through SQL: the stored plaintext (if any) is stale now.
+        await plane.save(role.replace(verifier=verifier, password_enc=None, login=can_login))

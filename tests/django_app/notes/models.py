@@ -1,0 +1,7 @@
+from django.db import models
+
+
+class Note(models.Model):
+    title = models.CharField(max_length=200, unique=True)
+    body = models.TextField(blank=True)
+    created = models.DateTimeField(auto_now_add=True)

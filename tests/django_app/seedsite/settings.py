@@ -1,0 +1,29 @@
+"""Settings as the Neon Django guide writes them: the DATABASES values come from the Connection
+Details (here passed in ARGON_DJANGO_DATABASE as JSON by the test that runs this project)."""
+
+import json
+import os
+
+SECRET_KEY = "test-only-not-secret"
+DEBUG = False
+ALLOWED_HOSTS = ["testserver", "localhost", "127.0.0.1"]
+INSTALLED_APPS = ["django.contrib.contenttypes", "django.contrib.auth", "notes"]
+MIDDLEWARE: list[str] = []
+ROOT_URLCONF = "seedsite.urls"
+USE_TZ = True
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+_db = json.loads(os.environ["ARGON_DJANGO_DATABASE"])
+DATABASES = {
+    "default": {
+        "ENGINE": "django.db.backends.postgresql",
+        "NAME": _db["NAME"],
+        "USER": _db["USER"],
+        "PASSWORD": _db["PASSWORD"],
+        "HOST": _db["HOST"],
+        "PORT": _db["PORT"],
+        "OPTIONS": _db.get("OPTIONS", {}),
+        "CONN_MAX_AGE": int(os.environ.get("ARGON_CONN_MAX_AGE", "0")),
+        "CONN_HEALTH_CHECKS": os.environ.get("ARGON_CONN_HEALTH_CHECKS") == "1",
+    }
+}

@@ -1,0 +1,139 @@
+"""Crash safety: `kill -9` of `argon up` while computes run, then `argon up` again."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+
+from tests.fixtures.platform import short_tmpdir
+
+pytestmark = [pytest.mark.pg, pytest.mark.slow]
+
+KEY = "argon_crash_test_key_abcdefghijklmnopqrstu"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ArgonProcess:
+    def __init__(self, root: Path, http_port: int, proxy_port: int) -> None:
+        self.root = root
+        self.env = {**os.environ, "ARGON_DATA_DIR": str(root / "data"), "ARGON_RUN_DIR": str(root / "run"),
+                    "ARGON_HTTP_PORT": str(http_port), "ARGON_PROXY_PORT": str(proxy_port),
+                    "ARGON_API_KEY": KEY, "HOME": str(root / "home"), "ARGON_CONFIG_FILE": str(root / "none.toml")}
+        self.api = httpx.Client(base_url=f"http://127.0.0.1:{http_port}/api/v2",
+                                headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = root / "argon-up.log"
+
+    def start(self) -> None:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "argon", "up"], env=self.env, stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.log.read_text()
+            try:
+                if self.api.get("/projects").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError("argon up did not come up:\n" + self.log.read_text())
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+
+    def interrupt(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGINT)
+        assert self.proc.wait(60) == 0, self.log.read_text()
+
+
+@pytest.fixture
+def argon() -> Iterator[ArgonProcess]:
+    root = short_tmpdir("ac")
+    (root / "home").mkdir()
+    proc = ArgonProcess(root, free_port(), free_port())
+    try:
+        yield proc
+    finally:
+        if proc.proc is not None and proc.proc.poll() is None:
+            proc.proc.send_signal(signal.SIGINT)
+            try:
+                proc.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.proc.kill()
+        # computes left by a failed test: stop them by the pid their postmaster.pid names
+        for pidfile in root.glob("data/projects/*/branches/*/pgdata/postmaster.pid"):
+            try:
+                os.kill(int(pidfile.read_text().split()[0]), signal.SIGQUIT)
+            except (OSError, ValueError):
+                pass
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def postmaster_pid(root: Path) -> int:
+    pidfiles = list(root.glob("data/projects/*/branches/*/pgdata/postmaster.pid"))
+    assert len(pidfiles) == 1
+    return int(pidfiles[0].read_text().split()[0])
+
+
+def test_kill_9_then_up_adopts_running_computes(argon: ArgonProcess) -> None:
+    argon.start()
+    created = argon.api.post("/projects", json={"project": {"name": "crash"}}).json()
+    uri = created["connection_uris"][0]["connection_uri"]
+    with psycopg.connect(uri, autocommit=True) as conn:
+        conn.execute("create table t (v int)")
+        conn.execute("insert into t values (1), (2), (3)")
+    pm = postmaster_pid(argon.root)
+    argon.kill9()
+    os.kill(pm, 0)  # the compute outlived argon (own session, logs to a file)
+    orphan = argon.root / "data" / "projects" / "half-created-00000000"
+    orphan.mkdir()  # what a crash in the middle of a project creation leaves
+
+    argon.start()
+    assert postmaster_pid(argon.root) == pm  # adopted, not started twice
+    assert not orphan.exists()
+    pid, eid = created["project"]["id"], created["endpoints"][0]["id"]
+    assert argon.api.get(f"/projects/{pid}/endpoints/{eid}").json()["endpoint"]["current_state"] == "active"
+    with psycopg.connect(uri) as conn:
+        assert conn.execute("select count(*) from t").fetchone() == (3,)
+    argon.interrupt()  # Ctrl-C stops computes too
+    with pytest.raises(ProcessLookupError):
+        for _ in range(100):
+            os.kill(pm, 0)
+            time.sleep(0.05)
+    assert "Argon is up" in argon.log.read_text()
+
+
+def test_kill_9_with_stopped_compute_restarts_cleanly(argon: ArgonProcess) -> None:
+    argon.start()
+    created = argon.api.post("/projects", json={"project": {"name": "crash2"}}).json()
+    uri = created["connection_uris"][0]["connection_uri"]
+    with psycopg.connect(uri, autocommit=True) as conn:
+        conn.execute("create table t as select 7 as v")
+    pm = postmaster_pid(argon.root)
+    argon.kill9()
+    os.kill(pm, signal.SIGKILL)  # the compute died too (OOM, reboot)
+    time.sleep(0.3)
+    argon.start()
+    with psycopg.connect(uri) as conn:  # crash recovery on wake, committed data kept
+        assert conn.execute("select v from t").fetchone() == (7,)
+    argon.interrupt()
