@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -82,10 +83,8 @@ def argon() -> Iterator[ArgonProcess]:
                 proc.proc.kill()
         # computes left by a failed test: stop them by the pid their postmaster.pid names
         for pidfile in root.glob("data/projects/*/branches/*/pgdata/postmaster.pid"):
-            try:
+            with contextlib.suppress(OSError, ValueError):
                 os.kill(int(pidfile.read_text().split()[0]), signal.SIGQUIT)
-            except (OSError, ValueError):
-                pass
         shutil.rmtree(root, ignore_errors=True)
 
 
