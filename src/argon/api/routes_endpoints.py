@@ -5,15 +5,18 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict
 
+from argon import model
 from argon.api import views
 from argon.api.deps import Plane
 from argon.control.endpoints import (
     EndpointPatch,
     check_cu,
     check_suspend_timeout,
+    create_endpoint,
+    delete_endpoint,
     restart_endpoint,
     start_endpoint,
     suspend_endpoint,
@@ -117,3 +120,43 @@ async def events(plane: Plane, project_id: str, endpoint_id: str,
     plane.endpoint(project_id, endpoint_id)
     evs = await plane.db(plane.store.list_events, endpoint_id, limit)
     return {"events": [views.event_view(e) for e in evs]}
+
+
+class EndpointCreate(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    branch_id: str
+    type: str = "read_write"
+    autoscaling_limit_min_cu: float | None = None
+    autoscaling_limit_max_cu: float | None = None
+    suspend_timeout_seconds: int | None = None
+    name: str | None = None
+
+
+class EndpointCreateBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    endpoint: EndpointCreate
+
+
+@router.post("/projects/{project_id}/endpoints", status_code=201)
+async def create(plane: Plane, project_id: str, body: EndpointCreateBody) -> JSONResponse:
+    spec = body.endpoint
+    base = plane.project(project_id).default_endpoint_settings
+    lo = (check_cu(spec.autoscaling_limit_min_cu, "autoscaling_limit_min_cu")
+          if spec.autoscaling_limit_min_cu is not None else base.autoscaling_limit_min_cu)
+    hi = (check_cu(spec.autoscaling_limit_max_cu, "autoscaling_limit_max_cu")
+          if spec.autoscaling_limit_max_cu is not None else max(base.autoscaling_limit_max_cu, lo))
+    if lo > hi:
+        raise UserError("autoscaling_limit_min_cu must not be greater than autoscaling_limit_max_cu")
+    timeout = (check_suspend_timeout(spec.suspend_timeout_seconds) if spec.suspend_timeout_seconds is not None
+               else base.suspend_timeout_seconds)
+    name = spec.name if spec.name and 1 <= len(spec.name) <= 64 else None
+    ep, ops = await create_endpoint(plane, project_id, spec.branch_id, type_=spec.type,
+                                    settings=model.EndpointSettings(lo, hi, timeout), name=name)
+    return JSONResponse({"endpoint": views.endpoint_view(plane.settings, ep),
+                         "operations": [views.operation_view(o) for o in ops]}, status_code=201)
+
+
+@router.delete("/projects/{project_id}/endpoints/{endpoint_id}")
+async def delete(plane: Plane, project_id: str, endpoint_id: str) -> dict[str, Any]:
+    ep, ops = await delete_endpoint(plane, project_id, endpoint_id)
+    return {"endpoint": views.endpoint_view(plane.settings, ep), "operations": [views.operation_view(o) for o in ops]}

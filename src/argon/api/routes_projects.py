@@ -1,4 +1,4 @@
-"""/projects, their branches' roles and databases, operations and connection URIs (Neon API v2)."""
+"""/projects, reads of their branches, operations and connection URIs (Neon API v2)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from argon.control import connection
 from argon.control.endpoints import check_cu, check_suspend_timeout
 from argon.control.plane import ControlPlane
 from argon.control.projects import ProjectRequest, create_project, delete_project
+from argon.control.roles import get_role
 from argon.errors import NotFound, Precondition, UserError
 
 router = APIRouter(tags=["projects"])
@@ -218,51 +219,6 @@ async def branch_endpoints(plane: Plane, project_id: str, branch_id: str) -> dic
     return {"endpoints": [views.endpoint_view(plane.settings, e) for e in plane.endpoints(project_id, branch_id)]}
 
 
-@router.get("/projects/{project_id}/branches/{branch_id}/roles")
-async def list_roles(plane: Plane, project_id: str, branch_id: str) -> dict[str, Any]:
-    plane.branch(project_id, branch_id)
-    roles = await plane.db(plane.store.list_roles, branch_id)
-    return {"roles": [views.role_view(r) for r in roles if r.name != model.PLATFORM_ROLE]}
-
-
-async def _role(plane: ControlPlane, project_id: str, branch_id: str, role_name: str) -> model.Role:
-    plane.branch(project_id, branch_id)
-    role = await plane.db(plane.store.get_role, branch_id, role_name)
-    if role is None or role.name == model.PLATFORM_ROLE:
-        raise NotFound(f"role {role_name!r} not found on branch {branch_id!r}")
-    return role
-
-
-@router.get("/projects/{project_id}/branches/{branch_id}/roles/{role_name}")
-async def get_role(plane: Plane, project_id: str, branch_id: str, role_name: str) -> dict[str, Any]:
-    return {"role": views.role_view(await _role(plane, project_id, branch_id, role_name))}
-
-
-@router.get("/projects/{project_id}/branches/{branch_id}/roles/{role_name}/reveal_password")
-async def reveal_password(plane: Plane, project_id: str, branch_id: str, role_name: str) -> dict[str, Any]:
-    role = await _role(plane, project_id, branch_id, role_name)
-    password = plane.secrets.decrypt(role.password_enc) if role.password_enc else None
-    if password is None:
-        raise Precondition(f"the password of role {role_name!r} is not known to Argon (it was set through SQL); "
-                           "reset it with reset_password to get one that can be revealed")
-    return {"password": password}
-
-
-@router.get("/projects/{project_id}/branches/{branch_id}/databases")
-async def list_databases(plane: Plane, project_id: str, branch_id: str) -> dict[str, Any]:
-    plane.branch(project_id, branch_id)
-    return {"databases": [views.database_view(d) for d in await plane.db(plane.store.list_databases, branch_id)]}
-
-
-@router.get("/projects/{project_id}/branches/{branch_id}/databases/{database_name}")
-async def get_database(plane: Plane, project_id: str, branch_id: str, database_name: str) -> dict[str, Any]:
-    plane.branch(project_id, branch_id)
-    db = await plane.db(plane.store.get_database, branch_id, database_name)
-    if db is None:
-        raise NotFound(f"database {database_name!r} not found on branch {branch_id!r}")
-    return {"database": views.database_view(db)}
-
-
 # Operations and connection URIs ----------------------------------------------------------------------
 
 
@@ -300,7 +256,7 @@ async def connection_uri(plane: Plane, project_id: str, database_name: str, role
             raise NotFound(f"branch {branch.id!r} has no read-write endpoint")
         endpoint_id = eps[0].id
     ep = plane.endpoint(project_id, endpoint_id)
-    role = await _role(plane, project_id, ep.branch_id, role_name)
+    role = await get_role(plane, project_id, ep.branch_id, role_name)
     if await plane.db(plane.store.get_database, ep.branch_id, database_name) is None:
         raise NotFound(f"database {database_name!r} not found on branch {ep.branch_id!r}")
     password = plane.secrets.decrypt(role.password_enc) if role.password_enc else None

@@ -63,7 +63,7 @@ async def update_endpoint(plane: ControlPlane, project_id: str, endpoint_id: str
                                               branch_id=ep.branch_id, endpoint_id=ep.id))
         elif restart:
             # A new size means new shared_buffers / max_connections: restart now (Neon does too).
-            ops += await restart_endpoint(plane, project_id, endpoint_id, locked=True)
+            ops += await restart_endpoint(plane, project_id, endpoint_id)
         return plane.endpoint(project_id, endpoint_id), ops
 
 
@@ -89,7 +89,50 @@ async def suspend_endpoint(plane: ControlPlane, project_id: str, endpoint_id: st
                                endpoint_id=ep.id, started=started)]
 
 
-async def restart_endpoint(plane: ControlPlane, project_id: str, endpoint_id: str, *,
-                           locked: bool = False) -> list[model.Operation]:
+async def restart_endpoint(plane: ControlPlane, project_id: str, endpoint_id: str) -> list[model.Operation]:
     ops = await suspend_endpoint(plane, project_id, endpoint_id)
     return ops + await start_endpoint(plane, project_id, endpoint_id)
+
+
+async def create_endpoint(plane: ControlPlane, project_id: str, branch_id: str, *, type_: str,
+                          settings: model.EndpointSettings | None = None,
+                          name: str | None = None) -> tuple[model.Endpoint, list[model.Operation]]:
+    from argon import ids
+
+    if type_ not in ("read_write", "read_only"):
+        raise UserError("endpoint type must be read_write or read_only")
+    if type_ == "read_only":
+        raise UserError("read-only endpoints are not supported yet; create a read_write endpoint")
+    async with plane.project_lock(project_id):
+        project = plane.project(project_id)
+        plane.branch(project_id, branch_id)
+        if any(e.type is model.EndpointType.READ_WRITE for e in plane.endpoints(project_id, branch_id)):
+            raise UserError(f"branch {branch_id!r} already has a read_write endpoint; a branch can have only one")
+        s = settings or project.default_endpoint_settings
+        now = model.utcnow()
+        ep = model.Endpoint(id=ids.endpoint_id(), project_id=project_id, branch_id=branch_id, created_at=now,
+                            updated_at=now, autoscaling_limit_min_cu=s.autoscaling_limit_min_cu,
+                            autoscaling_limit_max_cu=s.autoscaling_limit_max_cu,
+                            suspend_timeout_seconds=s.suspend_timeout_seconds, name=name)
+        await plane.save(ep)
+        plane.mark_needs_spec(ep.id)
+        op = await plane.record(project_id, model.OperationAction.CREATE_COMPUTE, branch_id=branch_id,
+                                endpoint_id=ep.id)
+        return ep, [op]
+
+
+async def delete_endpoint(plane: ControlPlane, project_id: str,
+                          endpoint_id: str) -> tuple[model.Endpoint, list[model.Operation]]:
+    import asyncio
+    import shutil
+
+    async with plane.project_lock(project_id):
+        ep = plane.endpoint(project_id, endpoint_id)
+        ops = []
+        if await plane.stop_compute(endpoint_id, reason="endpoint deleted", record=False):
+            ops.append(await plane.record(project_id, model.OperationAction.SUSPEND_COMPUTE, branch_id=ep.branch_id,
+                                          endpoint_id=ep.id))
+        await plane.db(plane.store.delete, ep)
+        plane.forget_endpoint(endpoint_id)
+        await asyncio.to_thread(shutil.rmtree, plane.layout.socket_dir(endpoint_id), True)
+        return ep, ops

@@ -177,10 +177,13 @@ class ControlPlane:
             for key in [k for k in self._verifiers if k[0] == bid]:
                 del self._verifiers[key]
         for eid in [e for e, ep in self._endpoints.items() if ep.project_id == project_id]:
-            del self._endpoints[eid]
-            self._endpoint_locks.pop(eid, None)
-            self._needs_spec.discard(eid)
-            self.activity.forget(eid)
+            self.forget_endpoint(eid)
+
+    def forget_endpoint(self, endpoint_id: str) -> None:
+        self._endpoints.pop(endpoint_id, None)
+        self._endpoint_locks.pop(endpoint_id, None)
+        self._needs_spec.discard(endpoint_id)
+        self.activity.forget(endpoint_id)
 
     async def save(self, *objs: Any) -> None:
         """Persist objects atomically, then update the view."""

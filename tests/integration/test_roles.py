@@ -1,0 +1,86 @@
+"""Roles and databases through the API are real in Postgres, and passwords change at once."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+import pytest
+
+from tests.fixtures.platform import RunningPlatform
+
+pytestmark = pytest.mark.pg
+
+
+def _base(project: dict[str, Any]) -> str:
+    return f"/projects/{project['project']['id']}/branches/{project['branch']['id']}"
+
+
+def _connect(platform: RunningPlatform, project: dict[str, Any], **override: str) -> psycopg.Connection[Any]:
+    return psycopg.connect(**{**platform.params(project), **override}, connect_timeout=15)
+
+
+def test_role_and_database_lifecycle(platform: RunningPlatform, project: dict[str, Any]) -> None:
+    api, base = platform.api, _base(project)
+    resp = api.post(f"{base}/roles", json={"role": {"name": "app"}})
+    assert resp.status_code == 201, resp.text
+    app_pw = resp.json()["role"]["password"]
+    assert resp.json()["operations"][0]["action"] == "apply_config"
+    assert api.post(f"{base}/roles", json={"role": {"name": "app"}}).status_code == 409
+    resp = api.post(f"{base}/databases", json={"database": {"name": "appdb", "owner_name": "app"}})
+    assert resp.status_code == 201, resp.text
+    with _connect(platform, project, user="app", password=app_pw, dbname="appdb") as conn:
+        row = conn.execute("select current_user, current_database(), rolcreatedb, rolsuper from pg_roles "
+                           "where rolname = current_user").fetchone()
+        assert row == ("app", "appdb", True, False)
+        conn.execute("create table owned_by_app (x int)")
+    names = {r["name"] for r in api.get(f"{base}/roles").json()["roles"]}
+    assert names == {"neondb_owner", "app"}
+    resp = api.patch(f"{base}/databases/appdb", json={"database": {"name": "renamed"}})
+    assert resp.status_code == 200 and resp.json()["database"]["name"] == "renamed"
+    assert api.delete(f"{base}/roles/app").status_code == 409  # owns a database
+    assert api.delete(f"{base}/databases/renamed").status_code == 200
+    assert api.delete(f"{base}/roles/app").status_code == 200
+    with _connect(platform, project) as conn:
+        assert conn.execute("select count(*) from pg_roles where rolname = 'app'").fetchone() == (0,)
+        assert conn.execute("select count(*) from pg_database where datname = 'renamed'").fetchone() == (0,)
+
+
+def test_reset_password_takes_effect_at_once(platform: RunningPlatform, project: dict[str, Any]) -> None:
+    api, base = platform.api, _base(project)
+    old = project["roles"][0]["password"]
+    with _connect(platform, project) as conn:
+        conn.execute("select 1")
+    resp = api.post(f"{base}/roles/neondb_owner/reset_password")
+    assert resp.status_code == 200, resp.text
+    new = resp.json()["role"]["password"]
+    assert new != old
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        _connect(platform, project, password=old)
+    with _connect(platform, project, password=new) as conn:
+        assert conn.execute("select 1").fetchone() == (1,)
+    assert api.get(f"{base}/roles/neondb_owner/reveal_password").json()["password"] == new
+
+
+def test_changes_while_suspended_are_true_when_answered(platform: RunningPlatform, project: dict[str, Any]) -> None:
+    api, base = platform.api, _base(project)
+    pid, eid = project["project"]["id"], project["endpoints"][0]["id"]
+    api.post(f"/projects/{pid}/endpoints/{eid}/suspend")
+    resp = api.post(f"{base}/roles", json={"role": {"name": "late"}})
+    assert resp.status_code == 201
+    with _connect(platform, project, user="late", password=resp.json()["role"]["password"], dbname="neondb") as c:
+        assert c.execute("select current_user").fetchone() == ("late",)
+
+
+def test_hostile_names_stay_names(platform: RunningPlatform, project: dict[str, Any]) -> None:
+    api, base = platform.api, _base(project)
+    evil = 'x"; DROP DATABASE neondb; --'
+    resp = api.post(f"{base}/roles", json={"role": {"name": evil}})
+    assert resp.status_code == 201, resp.text
+    resp = api.post(f"{base}/databases", json={"database": {"name": evil, "owner_name": evil}})
+    assert resp.status_code == 201, resp.text
+    with _connect(platform, project) as conn:
+        assert conn.execute("select count(*) from pg_database where datname in ('neondb', %s)", (evil,)).fetchone() == (2,)
+    for bad in ({"name": ""}, {"name": "pg_monitor"}, {"name": "cloud_admin"}, {"name": "x" * 64}, {}):
+        assert api.post(f"{base}/roles", json={"role": bad}).status_code == 400, bad
+    assert api.post(f"{base}/databases", json={"database": {"name": "d", "owner_name": "ghost"}}).status_code == 404
