@@ -1,0 +1,113 @@
+"""Neon's own clients against a live Argon: neonctl (npm, pinned) and the neon-api Python package.
+
+These clients validate shapes themselves (neon-api's pydantic dataclasses reject a missing required
+field or an unknown enum value), so a passing run means the API is what they expect.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from tests.fixtures.platform import API_KEY, RunningPlatform
+
+pytestmark = [pytest.mark.pg, pytest.mark.slow]
+
+NEONCTL_VERSION = "5.0.1"
+
+
+@pytest.fixture(scope="session")
+def neonctl() -> Path:
+    npm = shutil.which("npm")
+    if npm is None:
+        if os.environ.get("CI"):
+            pytest.fail("npm is required in CI to run neonctl")
+        pytest.skip("npm is not installed: neonctl cannot be installed")
+    prefix = Path(os.environ.get("ARGON_TEST_NODE_DIR", f"/tmp/argon-test-neonctl-{NEONCTL_VERSION}"))
+    exe = prefix / "node_modules" / ".bin" / "neonctl"
+    if not exe.exists():
+        prefix.mkdir(parents=True, exist_ok=True)
+        out = subprocess.run([npm, "install", "--no-audit", "--no-fund", "--loglevel=error", "--prefix", str(prefix),
+                              f"neonctl@{NEONCTL_VERSION}"], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+    return exe
+
+
+def run_neonctl(platform: RunningPlatform, exe: Path, *args: str, output_json: bool = True) -> Any:
+    env = {**os.environ, "NEON_API_HOST": platform.api_url + "/api/v2", "NEON_API_KEY": API_KEY, "CI": "true",
+           "NEON_CONFIG_DIR": str(platform.root / "neonctl-config")}
+    cmd = [str(exe), *args, "--no-analytics"] + (["-o", "json"] if output_json else [])
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, f"neonctl {' '.join(args)} failed:\n{out.stdout}\n{out.stderr}"
+    return json.loads(out.stdout) if output_json else out.stdout
+
+
+def test_neonctl_smoke(platform: RunningPlatform, neonctl: Path) -> None:
+    created = run_neonctl(platform, neonctl, "projects", "create", "--name", "smoke")
+    pid = created["project"]["id"]
+    try:
+        listed = run_neonctl(platform, neonctl, "projects", "list")
+        assert pid in json.dumps(listed)
+        got = run_neonctl(platform, neonctl, "projects", "get", pid)
+        assert got["id"] == pid
+        run_neonctl(platform, neonctl, "roles", "create", "--name", "app", "--project-id", pid)
+        run_neonctl(platform, neonctl, "databases", "create", "--name", "appdb", "--owner-name", "app",
+                    "--project-id", pid)
+        roles = run_neonctl(platform, neonctl, "roles", "list", "--project-id", pid)
+        assert {r["name"] for r in roles} == {"neondb_owner", "app"}
+        uri = run_neonctl(platform, neonctl, "connection-string", "--project-id", pid, "--role-name", "app",
+                          "--database-name", "appdb", output_json=False).strip()
+        assert "channel_binding=require" in uri and "sslmode=require" in uri
+        # The Neon form: host <endpoint>.<domain>, TLS, SNI routing, SCRAM-SHA-256-PLUS; no DNS needed.
+        env = {**os.environ, "PGHOSTADDR": "127.0.0.1", "PGPORT": str(platform.proxy_port)}
+        out = subprocess.run(["psql", uri, "-XAtc", "select current_user || '@' || current_database()"],
+                             capture_output=True, text=True, timeout=60, env=env)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == "app@appdb"
+        ops = run_neonctl(platform, neonctl, "operations", "list", "--project-id", pid)
+        assert {o["action"] for o in ops} >= {"create_timeline", "apply_config"}
+        run_neonctl(platform, neonctl, "projects", "update", pid, "--name", "renamed")
+        assert platform.api.get(f"/projects/{pid}").json()["project"]["name"] == "renamed"
+        me = run_neonctl(platform, neonctl, "me")
+        assert me["login"]
+    finally:
+        run_neonctl(platform, neonctl, "projects", "delete", pid)
+    assert platform.api.get(f"/projects/{pid}").status_code == 404
+
+
+def test_neon_api_python_package(platform: RunningPlatform) -> None:
+    from neon_api import NeonAPI
+
+    neon = NeonAPI(API_KEY, base_url=platform.api_url + "/api/v2/")
+    created = neon.project_create(project={"name": "py-client"})
+    pid = created.project.id
+    try:
+        assert pid in [p.id for p in neon.projects()]
+        assert neon.project(pid).project.name == "py-client"
+        branch_id = neon.branches(pid).branches[0].id
+        endpoints = neon.endpoints(pid).endpoints
+        assert endpoints[0].current_state.value in ("init", "active", "idle")
+        role = neon.role_create(pid, branch_id, "pyrole").role
+        assert role.password
+        assert neon.role_password_reveal(pid, branch_id, "pyrole").password == role.password
+        neon.database_create(pid, branch_id, database={"name": "pydb", "owner_name": "pyrole"})
+        assert {d.name for d in neon.databases(pid, branch_id).databases} == {"neondb", "pydb"}
+        ep = endpoints[0].id
+        neon.endpoint_suspend(pid, ep)
+        assert neon.endpoint(pid, ep).endpoint.current_state.value == "idle"
+        neon.endpoint_start(pid, ep)
+        assert neon.endpoint(pid, ep).endpoint.current_state.value == "active"
+        ops = neon.operations(pid).operations
+        assert ops and all(o.status.value == "finished" for o in ops if o.action.value != "start_compute")
+        uri = neon.connection_uri(pid, database_name="pydb", role_name="pyrole").uri
+        with psycopg.connect(uri) as conn:
+            assert conn.execute("select current_user").fetchone() == ("pyrole",)
+    finally:
+        neon.project_delete(pid)
