@@ -1,0 +1,23 @@
+# One command per intent.
+VENV ?= .venv
+PY = $(VENV)/bin/python
+
+.PHONY: dev check test test-unprivileged bench ci
+
+dev:  ## install for development
+	python3 -m venv $(VENV) && $(VENV)/bin/pip install -e '.[test]'
+
+check:  ## lint
+	$(VENV)/bin/ruff check src tests benchmarks
+
+test:  ## the whole suite (what CI runs)
+	$(PY) -m pytest
+
+test-unprivileged:  ## the core suite as uid 65534 (needs root)
+	scripts/test-unprivileged
+
+bench:  ## cold start, proxy throughput, project creation (prints a table, writes JSON)
+	$(PY) -m benchmarks.core
+
+ci:
+	bash .ci/run
