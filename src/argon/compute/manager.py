@@ -1,0 +1,108 @@
+"""The running computes of this Argon process, by endpoint id.
+
+Mechanism only: the control plane decides when a compute starts or stops; the manager renders its
+config, spawns or adopts the postmaster, waits for readiness and reports exits nobody asked for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from argon.compute import postmaster
+from argon.compute.binaries import PgInstall
+from argon.compute.osuser import OsUser, running_as_root
+from argon.compute.pgconf import write_config
+from argon.compute.postmaster import ComputeStartError, Postmaster
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ComputeSpec:
+    endpoint_id: str
+    install: PgInstall
+    pgdata: Path
+    socket_dir: Path
+    log_file: Path
+    user: OsUser | None
+    gucs: Mapping[str, str] = field(default_factory=dict)
+    argon_os_user: str = "postgres"
+
+
+def prepare(spec: ComputeSpec) -> None:
+    """Config files and a 0700 socket dir owned by the compute's user."""
+    if not (spec.pgdata / "PG_VERSION").exists():
+        raise ComputeStartError(f"the data directory {spec.pgdata} is missing or incomplete")
+    write_config(spec.pgdata, spec.socket_dir, spec.gucs, spec.argon_os_user)
+    spec.socket_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(spec.socket_dir, 0o700)
+    spec.log_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if spec.user is not None and running_as_root():
+        for path in (spec.pgdata / "postgresql.conf", spec.pgdata / "postgresql.auto.conf",
+                     spec.pgdata / "pg_hba.conf", spec.pgdata / "pg_ident.conf", spec.socket_dir,
+                     spec.log_file.parent):
+            os.chown(path, spec.user.uid, spec.user.gid)
+        if spec.log_file.exists():
+            os.chown(spec.log_file, spec.user.uid, spec.user.gid)
+
+
+class ComputeManager:
+    def __init__(self, on_exit: Callable[[str, int | None], None] | None = None) -> None:
+        self._on_exit = on_exit
+        self._running: dict[str, Postmaster] = {}
+
+    def get(self, endpoint_id: str) -> Postmaster | None:
+        return self._running.get(endpoint_id)
+
+    def running(self) -> list[str]:
+        return [ep for ep, pm in self._running.items() if pm.alive]
+
+    async def start(self, spec: ComputeSpec) -> Postmaster:
+        current = self._running.get(spec.endpoint_id)
+        if current is not None and current.alive:
+            return current
+        await asyncio.to_thread(prepare, spec)
+        pm = postmaster.start(spec.install, spec.pgdata, spec.log_file, spec.user)
+        self._running[spec.endpoint_id] = pm
+        self._watch(spec.endpoint_id, pm)
+        try:
+            await pm.wait_ready()
+        except BaseException:
+            self._running.pop(spec.endpoint_id, None)
+            pm.kill_group()
+            raise
+        return pm
+
+    def adopt(self, spec: ComputeSpec) -> Postmaster | None:
+        pm = postmaster.adopt(spec.pgdata, spec.log_file)
+        if pm is None:
+            return None
+        self._running[spec.endpoint_id] = pm
+        self._watch(spec.endpoint_id, pm)
+        log.info("adopted the running compute of %s (pid %d)", spec.endpoint_id, pm.pid)
+        return pm
+
+    def _watch(self, endpoint_id: str, pm: Postmaster) -> None:
+        def exited(done: Postmaster) -> None:
+            if self._running.get(endpoint_id) is done:
+                del self._running[endpoint_id]
+            if not done.stop_requested and self._on_exit is not None:
+                self._on_exit(endpoint_id, done.returncode)
+
+        pm.watch(exited)
+
+    async def stop(self, endpoint_id: str, mode: str = "fast") -> None:
+        pm = self._running.get(endpoint_id)
+        if pm is None:
+            return
+        await pm.stop(mode)
+        if self._running.get(endpoint_id) is pm:
+            del self._running[endpoint_id]
+
+    async def stop_all(self, mode: str = "fast") -> None:
+        await asyncio.gather(*(self.stop(ep, mode) for ep in list(self._running)), return_exceptions=True)

@@ -1,0 +1,67 @@
+"""The configuration files of a compute, rendered by the platform at every start.
+
+`postgresql.conf` is entirely ours (users change settings through the API's `pg_settings`),
+`postgresql.auto.conf` is emptied (a clone must not inherit its parent's), and authentication is
+fixed: the platform's own role `cloud_admin` only by peer authentication from the OS user Argon
+runs as, every other role only by SCRAM over the Unix socket. Computes never listen on TCP.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+from argon.model import PLATFORM_ROLE
+
+BASE_SETTINGS: dict[str, str] = {
+    "listen_addresses": "",
+    "port": "5432",
+    "unix_socket_permissions": "0700",
+    "password_encryption": "scram-sha-256",
+    "ssl": "off",
+    "logging_collector": "off",
+    "log_destination": "stderr",
+    "log_line_prefix": "%m [%p] %q%u@%d ",
+    "log_timezone": "UTC",
+    "timezone": "UTC",
+    "datestyle": "iso, mdy",
+    "lc_messages": "C",
+    "dynamic_shared_memory_type": "posix",
+    "huge_pages": "off",
+    "jit": "off",
+    "wal_level": "replica",
+    "max_wal_senders": "10",
+    "max_replication_slots": "10",
+    "shared_preload_libraries": "",
+}
+
+
+def quote(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
+def render_conf(socket_dir: Path, gucs: Mapping[str, str]) -> str:
+    settings = dict(BASE_SETTINGS)
+    settings.update(gucs)
+    settings["unix_socket_directories"] = str(socket_dir)  # never overridable
+    settings["listen_addresses"] = ""
+    lines = ["# Managed by Argon and rewritten at every start: change settings through the API."]
+    lines += [f"{name} = {quote(str(value))}" for name, value in sorted(settings.items())]
+    return "\n".join(lines) + "\n"
+
+
+def render_hba() -> str:
+    return ("# Managed by Argon. The platform role by peer identity; every other role by SCRAM.\n"
+            f"local all {PLATFORM_ROLE} peer map=argon\n"
+            "local all all scram-sha-256\n")
+
+
+def render_ident(argon_os_user: str) -> str:
+    return f"# Managed by Argon.\nargon {argon_os_user} {PLATFORM_ROLE}\n"
+
+
+def write_config(pgdata: Path, socket_dir: Path, gucs: Mapping[str, str], argon_os_user: str) -> None:
+    (pgdata / "postgresql.conf").write_text(render_conf(socket_dir, gucs))
+    (pgdata / "postgresql.auto.conf").write_text("# Managed by Argon (ALTER SYSTEM is for the platform only).\n")
+    (pgdata / "pg_hba.conf").write_text(render_hba())
+    (pgdata / "pg_ident.conf").write_text(render_ident(argon_os_user))

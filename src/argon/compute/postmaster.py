@@ -1,0 +1,228 @@
+"""One postmaster process: start, readiness, stop, adoption after an Argon restart, exit watching.
+
+We hold the postmaster's own PID (no pg_ctl, su or runuser in between), run it in its own session
+so signals to Argon do not reach it, and send its output to a log file. Readiness is line 8 of
+`postmaster.pid` saying `ready` (what pg_ctl waits for). Exits are watched through a pidfd, which
+works the same for our children and for postmasters adopted from an earlier Argon process, and
+costs no thread (asyncio's child watchers would spend one per child on 3.11).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from argon.compute.binaries import PgInstall
+from argon.compute.osuser import OsUser, popen_kwargs
+
+READY_TIMEOUT = 120.0  # crash recovery of a busy cluster can take a while
+STOP_TIMEOUT = 60.0
+_POLL = 0.005
+_SIGNALS = {"smart": signal.SIGTERM, "fast": signal.SIGINT, "immediate": signal.SIGQUIT}
+_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LC_ALL": "C", "LANG": "C", "TZ": "UTC"}
+
+
+class ComputeStartError(Exception):
+    """Postgres did not come up; `user_message` says why in words a user can act on."""
+
+    def __init__(self, user_message: str) -> None:
+        super().__init__(user_message)
+        self.user_message = user_message
+
+
+def log_tail(log_file: Path, offset: int = 0, lines: int = 8) -> str:
+    try:
+        with open(log_file, "rb") as f:
+            f.seek(offset)
+            data = f.read()[-8192:]
+    except OSError:
+        return ""
+    text = data.decode("utf-8", "replace").strip().splitlines()
+    return "\n".join(text[-lines:])
+
+
+def _read_pid_file(pgdata: Path) -> list[str] | None:
+    try:
+        return (pgdata / "postmaster.pid").read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Postmaster:
+    def __init__(self, pid: int, pgdata: Path, log_file: Path, proc: subprocess.Popen[bytes] | None = None,
+                 log_offset: int = 0) -> None:
+        self.pid = pid
+        self.pgdata = pgdata
+        self.log_file = log_file
+        self.proc = proc
+        self.log_offset = log_offset
+        self.pidfd: int | None = None
+        self.returncode: int | None = None
+        self.stop_requested = False
+        with contextlib.suppress(OSError):
+            self.pidfd = os.pidfd_open(pid)
+        if self.pidfd is None:
+            self.returncode = -1
+
+    @property
+    def alive(self) -> bool:
+        if self.returncode is not None:
+            return False
+        if self.proc is not None:
+            code = self.proc.poll()
+            if code is not None:
+                self.returncode = code
+                return False
+            return True
+        if not _pid_alive(self.pid):
+            self.returncode = -1
+            return False
+        return True
+
+    def _reap(self) -> None:
+        if self.proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.returncode = self.proc.wait(timeout=1)
+        elif self.returncode is None:
+            self.returncode = -1
+        if self.pidfd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.pidfd)
+            self.pidfd = None
+
+    def watch(self, on_exit: Callable[[Postmaster], None]) -> None:
+        """Call `on_exit(self)` on the running loop once the process is gone."""
+        loop = asyncio.get_running_loop()
+        if self.pidfd is None:
+            loop.call_soon(on_exit, self)
+            return
+        fd = self.pidfd
+
+        def exited() -> None:
+            loop.remove_reader(fd)
+            self._reap()
+            on_exit(self)
+
+        loop.add_reader(fd, exited)
+
+    def is_ready(self) -> bool:
+        lines = _read_pid_file(self.pgdata)
+        return bool(lines and len(lines) >= 8 and lines[0].strip() == str(self.pid) and lines[7].strip() == "ready")
+
+    def _failure(self, what: str) -> ComputeStartError:
+        tail = log_tail(self.log_file, self.log_offset)
+        hint = f":\n{tail}" if tail else ""
+        return ComputeStartError(f"PostgreSQL {what}{hint}")
+
+    async def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        delay = _POLL
+        while not self.is_ready():
+            if not self.alive:
+                raise self._failure(f"exited during start-up (status {self.returncode})")
+            if time.monotonic() > deadline:
+                raise self._failure(f"was not ready after {timeout:.0f} s")
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, 0.05)
+
+    def wait_ready_sync(self, timeout: float = READY_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.is_ready():
+            if not self.alive:
+                raise self._failure(f"exited during start-up (status {self.returncode})")
+            if time.monotonic() > deadline:
+                raise self._failure(f"was not ready after {timeout:.0f} s")
+            time.sleep(_POLL)
+
+    def signal(self, mode: str) -> None:
+        self.stop_requested = True
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, _SIGNALS[mode])
+
+    def kill_group(self) -> None:
+        """SIGKILL the postmaster and everything in its session (its backends)."""
+        self.stop_requested = True
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+
+    async def wait_exit(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while self.alive:
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.01)
+        return True
+
+    async def stop(self, mode: str = "fast", timeout: float = STOP_TIMEOUT) -> None:
+        """Stop; escalate fast -> immediate -> SIGKILL if the previous step does not finish in time."""
+        steps = {"smart": ["smart", "fast", "immediate"], "fast": ["fast", "immediate"],
+                 "immediate": ["immediate"]}[mode]
+        for step in steps:
+            self.signal(step)
+            if await self.wait_exit(timeout if step != "immediate" else 10):
+                return
+        self.kill_group()
+        await self.wait_exit(10)
+
+    def stop_sync(self, mode: str = "fast", timeout: float = STOP_TIMEOUT) -> None:
+        self.signal(mode)
+        deadline = time.monotonic() + timeout
+        while self.alive:
+            if time.monotonic() > deadline:
+                self.kill_group()
+                deadline = time.monotonic() + 10
+            time.sleep(0.01)
+        self._reap()
+
+
+def start(install: PgInstall, pgdata: Path, log_file: Path, user: OsUser | None) -> Postmaster:
+    """Spawn `postgres -D pgdata` (config already written); returns at once, see `wait_ready`."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "ab") as log:
+        offset = log.tell()
+        try:
+            proc = subprocess.Popen([str(install.bin("postgres")), "-D", str(pgdata)], stdin=subprocess.DEVNULL,
+                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=_ENV,
+                                    cwd=str(pgdata), **popen_kwargs(user))
+        except OSError as exc:
+            raise ComputeStartError(f"cannot run {install.bin('postgres')}: {exc.strerror or exc}") from None
+    return Postmaster(proc.pid, pgdata, log_file, proc=proc, log_offset=offset)
+
+
+def adopt(pgdata: Path, log_file: Path) -> Postmaster | None:
+    """The postmaster still serving `pgdata` from an earlier Argon process, if it is alive and ready."""
+    lines = _read_pid_file(pgdata)
+    if not lines or len(lines) < 8:
+        return None
+    try:
+        pid = int(lines[0])
+    except ValueError:
+        return None
+    if lines[7].strip() != "ready" or not _pid_alive(pid):
+        return None
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    if not cmdline or not cmdline[0].endswith(b"postgres") or str(pgdata).encode() not in cmdline:
+        return None  # the pid was reused by an unrelated process
+    pm = Postmaster(pid, pgdata, log_file)
+    return pm if pm.pidfd is not None else None

@@ -1,0 +1,116 @@
+"""Where everything lives on disk (layout version 1; see docs/architecture.md).
+
+Pure path arithmetic plus `init()`, which creates the top-level directories with the modes the
+compute uids need: when Argon runs as root, project computes run under their own uids, so every
+directory above a project's own tree must be traversable (0711) while the tree itself is 0700 and
+owned by the project's uid. Socket directories live apart, in a short run dir, because a Unix
+socket path is limited to 107 bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from argon.errors import ConfigError
+
+LAYOUT_VERSION = 1
+SOCKET_NAME = ".s.PGSQL.5432"
+_MAX_SOCKET_PATH = 107
+
+
+def default_run_dir() -> Path:
+    if os.geteuid() == 0:
+        return Path("/run/argon")
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and Path(runtime).is_dir():
+        return Path(runtime) / "argon"
+    return Path(tempfile.gettempdir()) / f"argon-{os.getuid()}"
+
+
+class Layout:
+    def __init__(self, data_dir: Path | str, run_dir: Path | str | None = None) -> None:
+        self.data_dir = Path(data_dir).expanduser().absolute()
+        self.run_dir_setting = Path(run_dir).expanduser().absolute() if run_dir else None
+
+    @property
+    def run_dir(self) -> Path:
+        return self.run_dir_setting or default_run_dir()
+
+    @property
+    def metadata_db(self) -> Path:
+        return self.data_dir / "argon.db"
+
+    @property
+    def secrets_dir(self) -> Path:
+        return self.data_dir / "secrets"
+
+    @property
+    def tls_dir(self) -> Path:
+        return self.data_dir / "tls"
+
+    @property
+    def runtime_dir(self) -> Path:
+        return self.data_dir / "runtime"
+
+    @property
+    def templates_dir(self) -> Path:
+        return self.data_dir / "templates"
+
+    @property
+    def projects_dir(self) -> Path:
+        return self.data_dir / "projects"
+
+    def project_dir(self, project_id: str) -> Path:
+        return self.projects_dir / project_id
+
+    def branch_dir(self, project_id: str, branch_id: str) -> Path:
+        return self.project_dir(project_id) / "branches" / branch_id
+
+    def pgdata(self, project_id: str, branch_id: str) -> Path:
+        return self.branch_dir(project_id, branch_id) / "pgdata"
+
+    def wal_archive(self, project_id: str, branch_id: str) -> Path:
+        return self.branch_dir(project_id, branch_id) / "wal_archive"
+
+    def snapshots_dir(self, project_id: str, branch_id: str) -> Path:
+        return self.branch_dir(project_id, branch_id) / "snapshots"
+
+    def compute_log(self, project_id: str, branch_id: str) -> Path:
+        return self.branch_dir(project_id, branch_id) / "log" / "postgres.log"
+
+    def socket_dir(self, endpoint_id: str) -> Path:
+        return self.run_dir / endpoint_id
+
+    def socket_path(self, endpoint_id: str) -> Path:
+        return self.socket_dir(endpoint_id) / SOCKET_NAME
+
+    def init(self) -> None:
+        """Create the top-level directories; refuse a data dir written by a newer Argon."""
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            version_file = self.data_dir / "layout_version"
+            if version_file.exists():
+                found = int(version_file.read_text().strip() or 0)
+                if found > LAYOUT_VERSION:
+                    raise ConfigError(f"{self.data_dir} was written by a newer Argon (layout {found}, this one "
+                                      f"knows {LAYOUT_VERSION}); upgrade Argon or choose another ARGON_DATA_DIR")
+            else:
+                version_file.write_text(f"{LAYOUT_VERSION}\n")
+            traversable = 0o711 if os.geteuid() == 0 else 0o700
+            os.chmod(self.data_dir, traversable)
+            for path in (self.projects_dir, self.templates_dir, self.runtime_dir):
+                path.mkdir(exist_ok=True)
+                os.chmod(path, traversable if path != self.runtime_dir else 0o755)
+            for path in (self.secrets_dir, self.tls_dir):
+                path.mkdir(mode=0o700, exist_ok=True)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            os.chmod(self.run_dir, traversable)
+        except PermissionError as exc:
+            raise ConfigError(f"cannot create {exc.filename}: permission denied. Choose a writable "
+                              "ARGON_DATA_DIR / ARGON_RUN_DIR") from None
+        probe = self.socket_path("ep-" + "x" * 33)  # the longest endpoint id we generate, with margin
+        if len(str(probe).encode()) > _MAX_SOCKET_PATH:
+            raise ConfigError(f"the run dir {self.run_dir} is too long for Unix sockets (paths are limited to "
+                              f"{_MAX_SOCKET_PATH} bytes); set a short ARGON_RUN_DIR such as /tmp/argon")
