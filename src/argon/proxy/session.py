@@ -1,0 +1,290 @@
+"""One client connection: negotiate -> route -> authenticate -> wake -> log into the compute -> relay.
+
+Every proxy-made error is one ErrorResponse (S=ERROR, C=XX000, Neon's text) and a close; nothing
+internal reaches the client. The compute login uses the client's ClientKey (pass-through): the
+compute's ParameterStatus and NoticeResponse messages are forwarded, its BackendKeyData is replaced
+by the proxy's own cancel key. One log line per session end (endpoint, duration, bytes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import socket
+import struct
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+from argon.errors import ArgonError
+from argon.proxy import routing
+from argon.proxy.activity import ActivityRegistry
+from argon.proxy.auth import (
+    AUTH_TIMEOUT,
+    AuthContext,
+    AuthFailed,
+    Credentials,
+    authenticate,
+    recheck_password,
+)
+from argon.proxy.cancel import CancelMap, CancelTarget
+from argon.proxy.control_client import ComputeAddress, ControlClient
+from argon.proxy.handshake import ConnectionClosed, MessageStream, negotiate
+from argon.proxy.pipe import Relay
+from argon.proxy.throttle import PasswordChecks, Throttle
+from argon.proxy.tls import ServedCert, TlsConfig
+from argon.wire import codec, scram
+from argon.wire.codec import CancelRequest, ProtocolViolation, StartupMessage
+
+log = logging.getLogger(__name__)
+
+HANDSHAKE_TIMEOUT = 15.0
+CONNECT_ATTEMPTS = 5
+CONNECT_TIMEOUT = 10.0  # per compute login (socket + SCRAM + greeting)
+INSECURE = "connection is insecure (try using `sslmode=require`)"
+CANNOT_CONNECT = "Couldn't connect to compute node"
+_MAX_BACKEND_MESSAGE = 1 << 20
+_RETRY_SQLSTATES = frozenset({"57P03"})  # the database system is starting up / shutting down
+
+
+@dataclass
+class SessionContext:
+    """What every session shares (built once by `ProxyServer`)."""
+
+    control: ControlClient
+    activity: ActivityRegistry
+    tls: TlsConfig | None
+    server_secret: bytes
+    plaintext: Literal["loopback", "always", "never"]
+    domain: str | None
+    forward_all_params: bool
+    cancels: CancelMap
+    throttle: Throttle
+    password_checks: PasswordChecks
+
+    def __post_init__(self) -> None:
+        self.auth = AuthContext(self.control, self.server_secret, self.throttle, self.password_checks)
+
+
+class ComputeRejected(Exception):
+    """The compute answered the login with an ErrorResponse."""
+
+    def __init__(self, fields: dict[str, str]) -> None:
+        super().__init__(fields.get("M", ""))
+        self.sqlstate = fields.get("C", "")
+        self.message = fields.get("M", "") or CANNOT_CONNECT
+
+
+@dataclass
+class ComputeLogin:
+    stream: MessageStream
+    greeting: bytes  # ParameterStatus/NoticeResponse ... BackendKeyData(proxy key) ... ReadyForQuery
+    cancel_key: tuple[int, int]
+
+
+def plaintext_allowed(policy: str, peer_ip: str) -> bool:
+    if policy == "always":
+        return True
+    if policy == "never":
+        return False
+    with contextlib.suppress(ValueError):
+        ip = ipaddress.ip_address(peer_ip.split("%", 1)[0])
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return ip.is_loopback
+    return False
+
+
+def _frame(msg_type: str, payload: bytes) -> bytes:
+    return msg_type.encode() + struct.pack("!I", len(payload) + 4) + payload
+
+
+class Session:
+    def __init__(self, ctx: SessionContext, sock: socket.socket, peer_ip: str) -> None:
+        self.ctx = ctx
+        self.sock = sock
+        self.peer_ip = peer_ip
+        self.started = time.monotonic()
+        self.endpoint_id: str | None = None
+
+    async def run(self) -> None:
+        stream: MessageStream | None = None
+        try:
+            hello = await asyncio.wait_for(negotiate(self.sock, self.ctx.tls), HANDSHAKE_TIMEOUT)
+            stream = hello.stream
+            if isinstance(hello.packet, CancelRequest):
+                await self.ctx.cancels.cancel(hello.packet.pid, hello.packet.secret)
+                return
+            if self.ctx.tls is not None and not hello.tls and not plaintext_allowed(self.ctx.plaintext, self.peer_ip):
+                raise AuthFailed(INSECURE)
+            await self._serve(stream, hello.packet, hello.served)
+        except (TimeoutError, ConnectionClosed, ConnectionError, OSError) as exc:
+            log.debug("connection from %s closed during the handshake: %r", self.peer_ip, exc)
+        except (ArgonError, ProtocolViolation) as exc:
+            log.debug("connection from %s refused: %s", self.peer_ip, exc.user_message)
+            if stream is not None:
+                self._fail(stream, exc.user_message)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("proxy session from %s failed", self.peer_ip)
+            if stream is not None:
+                self._fail(stream, "Internal error")
+        finally:
+            if stream is not None and stream.transport is not None:
+                stream.transport.close()
+
+    @staticmethod
+    def _fail(stream: MessageStream, message: str, pending: bytes = b"") -> None:
+        stream.write(pending + codec.error_response(message))
+        if stream.transport is not None:
+            stream.transport.close()
+
+    async def _serve(self, stream: MessageStream, startup: StartupMessage, served: ServedCert | None) -> None:
+        ctx = self.ctx
+        if startup.minor > 0 or startup.unsupported_options:
+            stream.write(codec.negotiate_protocol_version(0, list(startup.unsupported_options)))
+        route = routing.resolve(startup.params, served.server_name if served else None, ctx.domain)
+        try:
+            creds = await asyncio.wait_for(authenticate(ctx.auth, stream, route, served, self.peer_ip), AUTH_TIMEOUT)
+        except TimeoutError:
+            raise AuthFailed("Authentication timed out") from None
+        endpoint_id = creds.route.endpoint_id
+        assert endpoint_id is not None and creds.route.compute_id is not None
+        self.endpoint_id = endpoint_id
+        activity = ctx.activity.open(creds.route.compute_id)
+        activity.in_query = True  # logging in counts as busy: no suspend under our feet
+        login: ComputeLogin | None = None
+        try:
+            try:
+                login = await self._connect(startup, creds)
+            except ArgonError as exc:
+                self._fail(stream, exc.user_message, creds.pending)
+                log.info("session for %s@%s from %s failed: %s", creds.route.user, endpoint_id, self.peer_ip,
+                         exc.user_message)
+                return
+            activity.in_query = False
+            activity.last_activity = time.monotonic()
+            stream.write(creds.pending + login.greeting)
+            relay = Relay(stream.transport, login.stream.transport, activity)  # type: ignore[arg-type]
+            relay.start(stream.detach(), login.stream.detach(), client_lost=stream.lost,
+                        compute_lost=login.stream.lost)
+            try:
+                await relay.done
+            finally:
+                relay.close()
+                log.info("session ended: endpoint=%s user=%s peer=%s duration=%.1fs bytes_in=%d bytes_out=%d",
+                         endpoint_id, creds.route.user, self.peer_ip, time.monotonic() - self.started,
+                         relay.bytes_from_client, relay.bytes_from_compute)
+        finally:
+            if login is not None:
+                ctx.cancels.unregister(login.cancel_key)
+                if login.stream.transport is not None:
+                    login.stream.transport.close()
+            ctx.activity.close(activity)
+
+    async def _connect(self, startup: StartupMessage, creds: Credentials) -> ComputeLogin:
+        """Wake, connect and log in, retrying while the compute is (re)starting; ArgonError for the client."""
+        ctx = self.ctx
+        endpoint_id = creds.route.endpoint_id
+        assert endpoint_id is not None
+        params = codec.filter_startup_params(startup.params, forward_all=ctx.forward_all_params)
+        password_retry = True
+        delay = 0.05
+        for attempt in range(1, CONNECT_ATTEMPTS + 1):
+            address = await self._wake(endpoint_id)
+            try:
+                return await asyncio.wait_for(self._login(address.socket_path, params, creds), CONNECT_TIMEOUT)
+            except (ConnectionRefusedError, FileNotFoundError, ConnectionClosed, ConnectionResetError) as exc:
+                log.debug("compute of %s not reachable (attempt %d): %r", endpoint_id, attempt, exc)
+            except TimeoutError:
+                log.warning("compute login on %s timed out", endpoint_id)
+                raise ArgonError(CANNOT_CONNECT) from None
+            except ComputeRejected as exc:
+                if exc.sqlstate == "28P01" and password_retry:
+                    password_retry = False
+                    refreshed = await self._refreshed(creds)
+                    if refreshed is not None:
+                        creds = refreshed
+                        continue
+                if exc.sqlstate not in _RETRY_SQLSTATES:
+                    log.info("compute %s rejected %s: %s %s", endpoint_id, creds.route.user, exc.sqlstate, exc.message)
+                    raise ArgonError(exc.message) from None
+            except scram.ScramError:
+                log.warning("compute %s failed SCRAM server verification", endpoint_id)
+                raise ArgonError(CANNOT_CONNECT) from None
+            if attempt < CONNECT_ATTEMPTS:
+                await asyncio.sleep(delay)
+                delay *= 2
+        raise ArgonError(CANNOT_CONNECT)
+
+    async def _refreshed(self, creds: Credentials) -> Credentials | None:
+        """After the compute refused keys the proxy accepted: re-read the verifier and retry once if
+        that can help (same verifier now, or a new one the known cleartext password matches)."""
+        endpoint_id = creds.route.endpoint_id
+        assert endpoint_id is not None
+        try:
+            text = await self.ctx.control.refresh_role_secret(endpoint_id, creds.route.user)
+        except Exception:
+            log.debug("verifier refresh failed", exc_info=True)
+            return None
+        if text is None:
+            return None
+        if text == creds.secret:
+            return creds
+        return await recheck_password(self.ctx.auth, creds, text)
+
+    async def _wake(self, endpoint_id: str) -> ComputeAddress:
+        self.ctx.activity.touch(endpoint_id.removesuffix(routing.POOLER_SUFFIX))
+        try:
+            return await self.ctx.control.wake(endpoint_id)
+        except ArgonError:
+            raise
+        except Exception:
+            log.exception("waking %s failed", endpoint_id)
+            raise ArgonError("Control plane request failed") from None
+
+    async def _login(self, socket_path: str, params: dict[str, str], creds: Credentials) -> ComputeLogin:
+        loop = asyncio.get_running_loop()
+        transport, stream = await loop.create_unix_connection(MessageStream, socket_path)
+        try:
+            return await self._exchange(stream, params, creds, socket_path)
+        except BaseException:
+            transport.abort()
+            raise
+
+    async def _exchange(self, stream: MessageStream, params: dict[str, str], creds: Credentials,
+                        socket_path: str) -> ComputeLogin:
+        stream.write(codec.startup_message(params))
+        client = scram.ClientKeyAuth(creds.client_key, creds.server_key)
+        parts: list[bytes] = []
+        real_key: tuple[int, int] | None = None
+        while True:
+            msg_type, payload = await stream.read_message(_MAX_BACKEND_MESSAGE)
+            if msg_type == "R":
+                code, rest = codec.parse_authentication(payload)
+                if code == 10:
+                    stream.write(codec.sasl_initial_response(client.mechanism, client.client_first()))
+                elif code == 11:
+                    stream.write(codec.sasl_response(client.client_final(rest)))
+                elif code == 12:
+                    client.verify_server_final(rest)
+                elif code != 0:
+                    log.warning("compute asked for authentication method %d; only SCRAM is supported", code)
+                    raise ArgonError(CANNOT_CONNECT)
+            elif msg_type == "E":
+                raise ComputeRejected(codec.parse_error_fields(payload))
+            elif msg_type in ("S", "N"):
+                parts.append(_frame(msg_type, payload))
+            elif msg_type == "K":
+                real_key = codec.parse_backend_key_data(payload)
+            elif msg_type == "Z":
+                if real_key is None:
+                    raise ArgonError(CANNOT_CONNECT)
+                key = self.ctx.cancels.register(CancelTarget(socket_path, *real_key))
+                parts.append(codec.backend_key_data(*key))
+                parts.append(_frame(msg_type, payload))
+                return ComputeLogin(stream, b"".join(parts), key)
+            # anything else before ReadyForQuery (NegotiateProtocolVersion...) is not for the client
