@@ -207,6 +207,45 @@ def start(install: PgInstall, pgdata: Path, log_file: Path, user: OsUser | None)
     return Postmaster(proc.pid, pgdata, log_file, proc=proc, log_offset=offset)
 
 
+def _state(pid: int) -> str | None:
+    """The process state letter from /proc (Z: zombie), None if there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[-1].split()[0]
+
+
+def _serves(pid: int, pgdata: Path) -> bool:
+    """Whether `pid` is a live postgres whose command line names `pgdata`."""
+    if _state(pid) in (None, "Z", "X"):
+        return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return bool(cmdline) and cmdline[0].endswith(b"postgres") and str(pgdata).encode() in cmdline
+
+
+def clear_stale_lock(pgdata: Path, wait: float = 3.0) -> None:
+    """Remove a `postmaster.pid` left by a postmaster that is gone (kill -9, reboot), so that Postgres
+    does not refuse to start because the PID was reused or is a zombie nobody reaped yet.
+    A live postmaster on the same directory is waited for briefly (it may be dying), then refused."""
+    lines = _read_pid_file(pgdata)
+    if not lines:
+        return
+    try:
+        pid = int(lines[0])
+    except ValueError:
+        pid = 0
+    deadline = time.monotonic() + wait
+    while pid > 0 and _serves(pid, pgdata):
+        if time.monotonic() > deadline:
+            raise ComputeStartError(f"another postmaster (pid {pid}) is still running on {pgdata}")
+        time.sleep(0.02)
+    (pgdata / "postmaster.pid").unlink(missing_ok=True)
+
+
 def adopt(pgdata: Path, log_file: Path) -> Postmaster | None:
     """The postmaster still serving `pgdata` from an earlier Argon process, if it is alive and ready."""
     lines = _read_pid_file(pgdata)
@@ -216,13 +255,7 @@ def adopt(pgdata: Path, log_file: Path) -> Postmaster | None:
         pid = int(lines[0])
     except ValueError:
         return None
-    if lines[7].strip() != "ready" or not _pid_alive(pid):
-        return None
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return None
-    if not cmdline or not cmdline[0].endswith(b"postgres") or str(pgdata).encode() not in cmdline:
-        return None  # the pid was reused by an unrelated process
+    if lines[7].strip() != "ready" or not _serves(pid, pgdata):
+        return None  # gone, a zombie, or the pid was reused by an unrelated process
     pm = Postmaster(pid, pgdata, log_file)
     return pm if pm.pidfd is not None else None

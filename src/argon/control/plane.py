@@ -256,10 +256,11 @@ class ControlPlane:
         if ep.disabled:
             raise ArgonError("Control plane request failed: endpoint is disabled", kind=NotFound.kind)
         socket = str(self.layout.socket_path(endpoint_id))
-        if self.is_running(endpoint_id) and endpoint_id not in self._stopping:
-            return ComputeAddress(socket_path=socket)
-        async with self.endpoint_lock(endpoint_id):
-            if self.is_running(endpoint_id):
+        lock = self.endpoint_lock(endpoint_id)
+        if not lock.locked() and self.is_running(endpoint_id) and endpoint_id not in self._needs_spec:
+            return ComputeAddress(socket_path=socket)  # the hot path: up, spec applied, nothing in flight
+        async with lock:
+            if self.is_running(endpoint_id) and endpoint_id not in self._needs_spec:
                 return ComputeAddress(socket_path=socket)
             ep = self.endpoint(None, endpoint_id)
             started = time.monotonic()
