@@ -133,6 +133,10 @@ def test_kill_9_with_stopped_compute_restarts_cleanly(argon: ArgonProcess) -> No
     os.kill(pm, signal.SIGKILL)  # the compute died too (OOM, reboot)
     time.sleep(0.3)
     argon.start()
-    with psycopg.connect(uri) as conn:  # crash recovery on wake, committed data kept
+    try:
+        conn = psycopg.connect(uri)  # crash recovery on wake, committed data kept
+    except psycopg.OperationalError as exc:
+        raise AssertionError(f"{exc}\n{argon.log.read_text()}") from None
+    with conn:
         assert conn.execute("select v from t").fetchone() == (7,)
     argon.interrupt()

@@ -89,7 +89,7 @@ def test_neon_api_python_package(platform: RunningPlatform) -> None:
     created = neon.project_create(project={"name": "py-client"})
     pid = created.project.id
     try:
-        assert pid in [p.id for p in neon.projects()]
+        assert pid in [p.id for p in neon.projects().projects]
         assert neon.project(pid).project.name == "py-client"
         branch_id = neon.branches(pid).branches[0].id
         endpoints = neon.endpoints(pid).endpoints
