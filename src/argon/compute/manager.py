@@ -38,7 +38,7 @@ def prepare(spec: ComputeSpec) -> None:
     """Config files and a 0700 socket dir owned by the compute's user."""
     if not (spec.pgdata / "PG_VERSION").exists():
         raise ComputeStartError(f"the data directory {spec.pgdata} is missing or incomplete")
-    postmaster.clear_stale_lock(spec.pgdata)
+    postmaster.clear_stale_lock(spec.pgdata, spec.socket_dir)
     write_config(spec.pgdata, spec.socket_dir, spec.gucs, spec.argon_os_user)
     spec.socket_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(spec.socket_dir, 0o700)

@@ -227,23 +227,25 @@ def _serves(pid: int, pgdata: Path) -> bool:
     return bool(cmdline) and cmdline[0].endswith(b"postgres") and str(pgdata).encode() in cmdline
 
 
-def clear_stale_lock(pgdata: Path, wait: float = 3.0) -> None:
-    """Remove a `postmaster.pid` left by a postmaster that is gone (kill -9, reboot), so that Postgres
-    does not refuse to start because the PID was reused or is a zombie nobody reaped yet.
-    A live postmaster on the same directory is waited for briefly (it may be dying), then refused."""
+def clear_stale_lock(pgdata: Path, socket_dir: Path | None = None, wait: float = 3.0) -> None:
+    """Remove the lock files (`postmaster.pid`, the socket's `.lock`) of a postmaster that is gone
+    (kill -9, OOM, reboot): Postgres refuses to start when their PID was reused or is a zombie
+    nobody reaped yet. A live postmaster on the same directory is waited for briefly (it may be
+    dying), then refused."""
     lines = _read_pid_file(pgdata)
-    if not lines:
-        return
-    try:
-        pid = int(lines[0])
-    except ValueError:
-        pid = 0
+    pid = 0
+    if lines:
+        with contextlib.suppress(ValueError):
+            pid = int(lines[0])
     deadline = time.monotonic() + wait
     while pid > 0 and _serves(pid, pgdata):
         if time.monotonic() > deadline:
             raise ComputeStartError(f"another postmaster (pid {pid}) is still running on {pgdata}")
         time.sleep(0.02)
     (pgdata / "postmaster.pid").unlink(missing_ok=True)
+    if socket_dir is not None:
+        for name in (".s.PGSQL.5432.lock", ".s.PGSQL.5432"):
+            (socket_dir / name).unlink(missing_ok=True)
 
 
 def adopt(pgdata: Path, log_file: Path) -> Postmaster | None:
