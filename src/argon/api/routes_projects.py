@@ -199,26 +199,6 @@ async def delete(plane: Plane, project_id: str) -> dict[str, Any]:
     return {"project": project_view(plane, project)}
 
 
-# Branch-scoped reads (branch management itself is the branching issue's) ---------------------------
-
-
-@router.get("/projects/{project_id}/branches")
-async def list_branches(plane: Plane, project_id: str) -> dict[str, Any]:
-    plane.project(project_id)
-    return {"branches": [views.branch_view(b) for b in plane.branches(project_id)], "annotations": {}}
-
-
-@router.get("/projects/{project_id}/branches/{branch_id}")
-async def get_branch(plane: Plane, project_id: str, branch_id: str) -> dict[str, Any]:
-    return {"branch": views.branch_view(plane.branch(project_id, branch_id))}
-
-
-@router.get("/projects/{project_id}/branches/{branch_id}/endpoints")
-async def branch_endpoints(plane: Plane, project_id: str, branch_id: str) -> dict[str, Any]:
-    plane.branch(project_id, branch_id)
-    return {"endpoints": [views.endpoint_view(plane.settings, e) for e in plane.endpoints(project_id, branch_id)]}
-
-
 # Operations and connection URIs ----------------------------------------------------------------------
 
 

@@ -179,6 +179,11 @@ class ControlPlane:
         for eid in [e for e, ep in self._endpoints.items() if ep.project_id == project_id]:
             self.forget_endpoint(eid)
 
+    def forget_branch(self, branch_id: str) -> None:
+        self._branches.pop(branch_id, None)
+        for key in [k for k in self._verifiers if k[0] == branch_id]:
+            del self._verifiers[key]
+
     def forget_endpoint(self, endpoint_id: str) -> None:
         self._endpoints.pop(endpoint_id, None)
         self._endpoint_locks.pop(endpoint_id, None)

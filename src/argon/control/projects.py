@@ -138,15 +138,16 @@ async def create_project(plane: ControlPlane, req: ProjectRequest) -> CreatedPro
     log.info("project %s (%s) created with endpoint %s in %.0f ms", pid, project.name, eid,
              (time.monotonic() - started) * 1000)
     # Like Neon, a new project's compute starts right away, so the first connection finds it warm.
-    plane.spawn(_first_start(plane, op_start), f"first start of {eid}")
+    plane.spawn(first_start(plane, op_start), f"first start of {eid}")
     return CreatedProject(project, branch, endpoint, role, password, database, [op_timeline, op_start])
 
 
-async def _first_start(plane: ControlPlane, op: model.Operation) -> None:
+async def first_start(plane: ControlPlane, op: model.Operation, *, reason: str = "project created") -> None:
+    """Start a new endpoint's compute right away (like Neon), so the first connection finds it warm."""
     started = time.monotonic()
     assert op.endpoint_id is not None
     try:
-        await plane.ensure_running(op.endpoint_id, reason="project created")
+        await plane.ensure_running(op.endpoint_id, reason=reason)
         status, error = model.OperationStatus.FINISHED, None
     except Exception as exc:
         status, error = model.OperationStatus.FAILED, getattr(exc, "user_message", str(exc))

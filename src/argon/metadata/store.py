@@ -259,6 +259,18 @@ class Store:
         t = schema.operations
         return self._list(model.Operation, t.c.status.in_(["scheduling", "running", "cancelling"]))
 
+    def delete_branch_rows(self, branch_id: str) -> None:
+        """Remove a branch with its roles, databases, endpoints and their events (metadata only)."""
+        with self._conn() as conn:
+            endpoint_ids = [r[0] for r in conn.execute(
+                select(schema.endpoints.c.id).where(schema.endpoints.c.branch_id == branch_id))]
+            if endpoint_ids:
+                conn.execute(schema.events.delete().where(schema.events.c.endpoint_id.in_(endpoint_ids)))
+            conn.execute(schema.endpoints.delete().where(schema.endpoints.c.branch_id == branch_id))
+            conn.execute(schema.roles.delete().where(schema.roles.c.branch_id == branch_id))
+            conn.execute(schema.databases.delete().where(schema.databases.c.branch_id == branch_id))
+            conn.execute(schema.branches.delete().where(schema.branches.c.id == branch_id))
+
     def delete_project_rows(self, project_id: str) -> None:
         """Remove a project and everything under it (metadata only)."""
         with self._conn() as conn:

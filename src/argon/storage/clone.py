@@ -25,18 +25,31 @@ FICLONE = 0x40049409
 class CloneBackend:
     name: Literal["reflink", "copy"]
 
-    def clone_tree(self, source: Path, target: Path) -> None:
+    def clone_tree(self, source: Path, target: Path, *, tolerate_vanished: bool = False) -> None:
         """Copy `source` to `target` (which must not exist) preserving modes and ownership."""
         target.parent.mkdir(parents=True, exist_ok=True)
+        self._cp([str(source), str(target)], target.parent, tolerate_vanished)
+
+    def copy_into(self, sources: list[Path], target_dir: Path, *, tolerate_vanished: bool = False) -> None:
+        """Copy each of `sources` into the existing directory `target_dir`."""
+        if sources:
+            self._cp(["-t", str(target_dir), *map(str, sources)], target_dir, tolerate_vanished)
+
+    def _cp(self, args: list[str], where: Path, tolerate_vanished: bool) -> None:
         reflink = "always" if self.name == "reflink" else "never"
-        result = subprocess.run(["cp", "-a", f"--reflink={reflink}", "--", str(source), str(target)],
+        result = subprocess.run(["cp", "-a", f"--reflink={reflink}", "--", *args] if args[0] != "-t"
+                                else ["cp", "-a", f"--reflink={reflink}", *args[:2], "--", *args[2:]],
                                 capture_output=True, text=True)
-        if result.returncode != 0:
-            message = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "cp failed"
-            if "No space left" in message:
-                raise StorageError(f"no space left on the device holding {target.parent}: free some space "
-                                   "or move ARGON_DATA_DIR")
-            raise StorageError(f"copying {source} failed: {message}")
+        if result.returncode == 0:
+            return
+        errors = [line for line in result.stderr.strip().splitlines() if line]
+        if tolerate_vanished and errors and all("No such file or directory" in line for line in errors):
+            return  # a file deleted while we copied (a running cluster drops tables): WAL replay redoes it
+        message = errors[-1] if errors else "cp failed"
+        if any("No space left" in line for line in errors):
+            raise StorageError(f"no space left on the device holding {where}: free some space or move "
+                               "ARGON_DATA_DIR")
+        raise StorageError(f"copying data failed: {message}")
 
 
 CopyBackend = CloneBackend("copy")

@@ -1,0 +1,163 @@
+"""/projects/{p}/branches: list, get, create (from head), rename/protect, delete, set_as_default."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
+
+from argon import ids, model
+from argon.api import views
+from argon.api.deps import Plane
+from argon.control import branches, connection
+from argon.control.endpoints import check_cu, check_suspend_timeout
+from argon.errors import Conflict, UserError
+
+router = APIRouter(tags=["Branch"])
+
+
+class _Loose(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # unknown fields are ignored, as Neon does
+
+
+class BranchCreate(_Loose):
+    name: str | None = None
+    parent_id: str | None = None
+    parent_lsn: str | None = None
+    parent_timestamp: str | None = None
+    protected: bool = False
+    init_source: str = "parent-data"
+
+
+class EndpointSpec(_Loose):
+    type: str = "read_write"
+    autoscaling_limit_min_cu: float | None = None
+    autoscaling_limit_max_cu: float | None = None
+    suspend_timeout_seconds: int | None = None
+
+
+class BranchCreateBody(_Loose):
+    branch: BranchCreate | None = None
+    endpoints: list[EndpointSpec] | None = None
+
+
+class BranchUpdate(_Loose):
+    name: str | None = None
+    protected: bool | None = None
+
+
+class BranchUpdateBody(_Loose):
+    branch: BranchUpdate
+
+
+def _settings(plane: Plane, project_id: str, spec: EndpointSpec) -> model.EndpointSettings:
+    if spec.type != "read_write":
+        raise UserError("only read_write endpoints are supported on branches for now")
+    base = plane.project(project_id).default_endpoint_settings
+    lo = check_cu(spec.autoscaling_limit_min_cu, "autoscaling_limit_min_cu") \
+        if spec.autoscaling_limit_min_cu is not None else base.autoscaling_limit_min_cu
+    hi = check_cu(spec.autoscaling_limit_max_cu, "autoscaling_limit_max_cu") \
+        if spec.autoscaling_limit_max_cu is not None else max(base.autoscaling_limit_max_cu, lo)
+    if lo > hi:
+        raise UserError("autoscaling_limit_min_cu must not be greater than autoscaling_limit_max_cu")
+    timeout = check_suspend_timeout(spec.suspend_timeout_seconds) if spec.suspend_timeout_seconds is not None \
+        else base.suspend_timeout_seconds
+    return model.EndpointSettings(lo, hi, timeout)
+
+
+@router.get("/projects/{project_id}/branches")
+async def list_branches(plane: Plane, project_id: str) -> dict[str, Any]:
+    plane.project(project_id)
+    # neonctl dereferences annotations[branch.id]: the object must be there, even empty.
+    return {"branches": [views.branch_view(b) for b in plane.branches(project_id)], "annotations": {}}
+
+
+@router.post("/projects/{project_id}/branches", status_code=201)
+async def create_branch(plane: Plane, project_id: str,
+                        body: Annotated[BranchCreateBody | None, Body()] = None) -> JSONResponse:
+    body = body or BranchCreateBody()
+    spec = body.branch or BranchCreate()
+    req = branches.BranchRequest(
+        name=ids.check_display_name(spec.name, "branch") if spec.name else None,
+        parent_id=spec.parent_id, parent_lsn=spec.parent_lsn, parent_timestamp=spec.parent_timestamp,
+        protected=spec.protected, init_source=spec.init_source,
+        endpoints=[_settings(plane, project_id, e) for e in (body.endpoints or [])])
+    created = await branches.create_branch(plane, project_id, req)
+    uris = []
+    if created.endpoints and created.roles and created.databases:
+        ep = created.endpoints[0]
+        for role in created.roles:
+            password = plane.secrets.decrypt(role.password_enc) if role.password_enc else None
+            if password is None:
+                continue
+            for db in created.databases:
+                if db.owner_name != role.name:
+                    continue
+                params = connection.parameters(plane.settings, endpoint_id=ep.id, role=role.name, password=password,
+                                               database=db.name)
+                pooled = connection.parameters(plane.settings, endpoint_id=ep.id, role=role.name,
+                                               password=password, database=db.name, pooled=True)
+                uris.append(views.connection_details(params, pooled))
+    out = {
+        "branch": views.branch_view(created.branch),
+        "endpoints": [views.endpoint_view(plane.settings, plane.endpoint(None, e.id)) for e in created.endpoints],
+        "operations": [views.operation_view(o) for o in created.operations],
+        "roles": [views.role_view(r) for r in created.roles],
+        "databases": [views.database_view(d) for d in created.databases],
+        "connection_uris": uris,
+    }
+    return JSONResponse(out, status_code=201)
+
+
+@router.get("/projects/{project_id}/branches/{branch_id}")
+async def get_branch(plane: Plane, project_id: str, branch_id: str) -> dict[str, Any]:
+    return {"branch": views.branch_view(plane.branch(project_id, branch_id))}
+
+
+@router.patch("/projects/{project_id}/branches/{branch_id}")
+async def update_branch(plane: Plane, project_id: str, branch_id: str, body: BranchUpdateBody) -> dict[str, Any]:
+    async with plane.project_lock(project_id):
+        branch = plane.branch(project_id, branch_id)
+        changes: dict[str, Any] = {}
+        if body.branch.name is not None and body.branch.name != branch.name:
+            name = ids.check_display_name(body.branch.name, "branch")
+            if any(b.name == name for b in plane.branches(project_id)):
+                raise Conflict(f"branch {name!r} already exists")
+            changes["name"] = name
+        if body.branch.protected is not None:
+            changes["protected"] = body.branch.protected
+        if changes:
+            branch = branch.replace(**changes)
+            await plane.save(branch)
+    return {"branch": views.branch_view(branch), "operations": []}
+
+
+@router.delete("/projects/{project_id}/branches/{branch_id}")
+async def delete_branch(plane: Plane, project_id: str, branch_id: str) -> dict[str, Any]:
+    branch, ops = await branches.delete_branch(plane, project_id, branch_id)
+    return {"branch": views.branch_view(branch), "operations": [views.operation_view(o) for o in ops]}
+
+
+@router.post("/projects/{project_id}/branches/{branch_id}/set_as_default")
+@router.post("/projects/{project_id}/branches/{branch_id}/set_as_primary")  # the neon-api package's old path
+async def set_as_default(plane: Plane, project_id: str, branch_id: str) -> dict[str, Any]:
+    async with plane.project_lock(project_id):
+        target = plane.branch(project_id, branch_id)
+        changed = []
+        for b in plane.branches(project_id):
+            if b.default and b.id != branch_id:
+                changed.append(b.replace(default=False))
+        if not target.default:
+            target = target.replace(default=True)
+            changed.append(target)
+        if changed:
+            await plane.save(*changed)
+    return {"branch": views.branch_view(target), "operations": []}
+
+
+@router.get("/projects/{project_id}/branches/{branch_id}/endpoints")
+async def branch_endpoints(plane: Plane, project_id: str, branch_id: str) -> dict[str, Any]:
+    plane.branch(project_id, branch_id)
+    return {"endpoints": [views.endpoint_view(plane.settings, e) for e in plane.endpoints(project_id, branch_id)]}

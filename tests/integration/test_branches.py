@@ -1,0 +1,134 @@
+"""Branches from the parent's head, through the API and real clients: inheritance, divergence,
+transactional consistency under pgbench write load, a stopped parent, deletion rules."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from typing import Any
+
+import psycopg
+import pytest
+
+from tests.fixtures.platform import RunningPlatform
+
+pytestmark = pytest.mark.pg
+
+
+def wait_for(predicate: Any, timeout: float = 20, interval: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(interval)
+
+
+def branch(platform: RunningPlatform, project_id: str, **spec: Any) -> dict[str, Any]:
+    resp = platform.api.post(f"/projects/{project_id}/branches",
+                             json={"branch": spec, "endpoints": [{"type": "read_write"}]})
+    assert resp.status_code == 201, resp.text
+    return resp.json()
+
+
+def uri_of(created: dict[str, Any]) -> str:
+    return str(created["connection_uris"][0]["connection_uri"])
+
+
+def scalar(uri: str, sql: str) -> Any:
+    with psycopg.connect(uri, connect_timeout=20) as conn:
+        row = conn.execute(sql).fetchone()
+        return row[0] if row else None
+
+
+def test_branch_inherits_and_diverges(platform: RunningPlatform, project: dict[str, Any]) -> None:
+    pid = project["project"]["id"]
+    parent_uri = platform.dsn(project)
+    with psycopg.connect(parent_uri, autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (v int)")
+        conn.execute("INSERT INTO t VALUES (1)")
+    created = branch(platform, pid, name="dev")  # parent running: online backup protocol
+    b = created["branch"]
+    assert b["parent_id"] == project["branch"]["id"] and b["name"] == "dev" and b["parent_lsn"]
+    assert [r["name"] for r in created["roles"]] == ["neondb_owner"]
+    assert {d["name"] for d in created["databases"]} == {"neondb"}
+    ep = created["endpoints"][0]["id"]
+    assert ep != project["endpoints"][0]["id"]
+    child_uri = uri_of(created)
+    # Same role, same password, another endpoint: the parent's password works on the branch.
+    assert project["connection_uris"][0]["connection_parameters"]["password"] in child_uri
+    assert scalar(child_uri, "SELECT count(*) FROM t") == 1
+    with psycopg.connect(child_uri, autocommit=True) as conn:
+        conn.execute("INSERT INTO t VALUES (2)")
+    with psycopg.connect(parent_uri, autocommit=True) as conn:
+        conn.execute("INSERT INTO t VALUES (3)")
+    assert scalar(child_uri, "SELECT array_agg(v ORDER BY v)::text FROM t") == "{1,2}"
+    assert scalar(parent_uri, "SELECT array_agg(v ORDER BY v)::text FROM t") == "{1,3}"
+    listed = platform.api.get(f"/projects/{pid}/branches").json()
+    assert {x["name"] for x in listed["branches"]} == {"main", "dev"} and listed["annotations"] == {}
+    # A branch of a suspended parent is a plain copy of the stopped cluster.
+    assert platform.api.post(f"/projects/{pid}/endpoints/{project['endpoints'][0]['id']}/suspend").status_code == 200
+    wait_for(lambda: platform.endpoint(pid, project["endpoints"][0]["id"])["current_state"] == "idle")
+    cold = branch(platform, pid, name="from-stopped")
+    assert scalar(uri_of(cold), "SELECT array_agg(v ORDER BY v)::text FROM t") == "{1,3}"
+    # Deleting: children first; never the default branch.
+    resp = platform.api.delete(f"/projects/{pid}/branches/{project['branch']['id']}")
+    assert resp.status_code == 412 and "default branch" in resp.json()["message"]
+    for doomed in (created, cold):
+        assert platform.api.delete(f"/projects/{pid}/branches/{doomed['branch']['id']}").status_code == 200
+    assert platform.api.get(f"/projects/{pid}/branches/{b['id']}").status_code == 404
+    assert not platform.plane.layout.branch_dir(pid, b["id"]).exists()
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(child_uri, connect_timeout=10)
+
+
+def test_branch_under_write_load_is_consistent(platform: RunningPlatform, project: dict[str, Any]) -> None:
+    pid = project["project"]["id"]
+    uri = platform.dsn(project)
+    subprocess.run(["pgbench", "-i", "-s", "2", "-q", uri], check=True, capture_output=True, timeout=120)
+    load = subprocess.Popen(["pgbench", "-c", "4", "-j", "2", "-T", "6", "-n", uri],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.5)
+        with psycopg.connect(uri) as conn:
+            committed_before = conn.execute("SELECT count(*) FROM pgbench_history").fetchone()[0]
+        created = branch(platform, pid, name="under-load")
+    finally:
+        out, err = load.communicate(timeout=60)
+    assert load.returncode == 0, err
+    child = uri_of(created)
+    with psycopg.connect(child, connect_timeout=20) as conn:
+        sums = conn.execute(
+            "SELECT (SELECT sum(abalance) FROM pgbench_accounts), (SELECT sum(bbalance) FROM pgbench_branches),"
+            " (SELECT sum(tbalance) FROM pgbench_tellers), (SELECT coalesce(sum(delta), 0) FROM pgbench_history),"
+            " (SELECT count(*) FROM pgbench_history)").fetchone()
+    assert sums[0] == sums[1] == sums[2] == sums[3], sums  # every transaction whole, or not at all
+    assert sums[4] >= committed_before > 0  # nothing committed before the request is missing
+    with psycopg.connect(uri) as conn:
+        assert conn.execute("SELECT count(*) FROM pgbench_history").fetchone()[0] > sums[4]  # the parent went on
+    platform.api.delete(f"/projects/{pid}/branches/{created['branch']['id']}")
+
+
+def test_branch_requests_are_validated(platform: RunningPlatform, project: dict[str, Any]) -> None:
+    pid = project["project"]["id"]
+    resp = platform.api.post(f"/projects/{pid}/branches", json={"branch": {"parent_id": "br-nope-nope-12345678"}})
+    assert resp.status_code == 404
+    resp = platform.api.post(f"/projects/{pid}/branches", json={"branch": {"name": "main"}})
+    assert resp.status_code == 409
+    resp = platform.api.post(f"/projects/{pid}/branches", json={"branch": {"parent_lsn": "0/1"}})
+    assert resp.status_code == 400 and "not supported yet" in resp.json()["message"]
+    # No endpoints asked for: a branch without compute (neonctl --no-compute).
+    resp = platform.api.post(f"/projects/{pid}/branches", json={"endpoints": []})
+    assert resp.status_code == 201 and resp.json()["endpoints"] == [] and resp.json()["connection_uris"] == []
+    bid = resp.json()["branch"]["id"]
+    assert resp.json()["branch"]["name"] == bid
+    assert platform.api.patch(f"/projects/{pid}/branches/{bid}", json={"branch": {"protected": True}}).json()[
+        "branch"]["protected"] is True
+    assert platform.api.delete(f"/projects/{pid}/branches/{bid}").status_code == 412
+    platform.api.patch(f"/projects/{pid}/branches/{bid}", json={"branch": {"protected": False, "name": "renamed"}})
+    assert platform.api.get(f"/projects/{pid}/branches/{bid}").json()["branch"]["name"] == "renamed"
+    resp = platform.api.post(f"/projects/{pid}/branches/{bid}/set_as_default")
+    assert resp.status_code == 200 and resp.json()["branch"]["default"] is True
+    assert platform.api.get(f"/projects/{pid}/branches/{project['branch']['id']}").json()["branch"]["default"] is False
