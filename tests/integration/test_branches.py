@@ -96,7 +96,7 @@ def test_branch_under_write_load_is_consistent(platform: RunningPlatform, projec
             committed_before = conn.execute("SELECT count(*) FROM pgbench_history").fetchone()[0]
         created = branch(platform, pid, name="under-load")
     finally:
-        out, err = load.communicate(timeout=60)
+        _out, err = load.communicate(timeout=60)
     assert load.returncode == 0, err
     child = uri_of(created)
     with psycopg.connect(child, connect_timeout=20) as conn:

@@ -336,6 +336,86 @@ def status(ctx: Context) -> None:
                + ", ".join(v["version"] for v in versions))
 
 
+BRANCH_COLUMNS = [("id", "Id"), ("name", "Name"), ("default", "Default"), ("parent_id", "Parent"),
+                   ("protected", "Protected"), ("created_at", "Created")]
+
+
+def _resolve_branch(ctx: Context, pid: str, branch: str) -> dict[str, Any]:
+    branches_ = ctx.api.get(f"/projects/{pid}/branches")["branches"]
+    matches = [b for b in branches_ if branch in (b["id"], b["name"])]
+    if not matches:
+        names = ", ".join(b["name"] for b in branches_)
+        raise CliError(f"branch {branch!r} not found in project {pid} (its branches: {names})")
+    return matches[0]
+
+
+@click.group()
+def branches() -> None:
+    """Create, list and delete branches: instant copies of a branch's data, with their own compute."""
+
+
+@branches.command("list")
+@project_option
+@pass_ctx
+def branches_list(ctx: Context, project_id: str | None) -> None:
+    """List the project's branches."""
+    items = ctx.api.get(f"/projects/{_default_project(ctx, project_id)}/branches")["branches"]
+    emit({"branches": items}, ctx.output, columns=BRANCH_COLUMNS, rows=items)
+
+
+@branches.command("create")
+@project_option
+@click.option("--name", help="Branch name (default: its id)")
+@click.option("--parent", help="Parent branch name or id (default: the default branch)")
+@click.option("--no-compute", is_flag=True, help="Create the branch without an endpoint")
+@click.option("--protected", is_flag=True, help="Protect the branch from deletion")
+@pass_ctx
+def branches_create(ctx: Context, project_id: str | None, name: str | None, parent: str | None,
+                    no_compute: bool, protected: bool) -> None:
+    """Branch the parent's current data (copy-on-write where the filesystem can) and give it a compute."""
+    pid = _default_project(ctx, project_id)
+    spec: dict[str, Any] = {"protected": protected}
+    if name:
+        spec["name"] = name
+    if parent:
+        spec["parent_id"] = _resolve_branch(ctx, pid, parent)["id"]
+    out = ctx.api.post(f"/projects/{pid}/branches",
+                       {"branch": spec, "endpoints": [] if no_compute else [{"type": "read_write"}]})
+    if ctx.output == "json":
+        emit(out, "json")
+        return
+    b = out["branch"]
+    click.echo(f"Created branch {click.style(b['name'], bold=True)} ({b['id']}) from {b['parent_id']}.")
+    for uri in out.get("connection_uris", []):
+        click.echo("  " + uri["connection_uri"])
+
+
+@branches.command("delete")
+@click.argument("branch")
+@project_option
+@pass_ctx
+def branches_delete(ctx: Context, branch: str, project_id: str | None) -> None:
+    """Delete a branch, its computes and its data."""
+    pid = _default_project(ctx, project_id)
+    b = ctx.api.delete(f"/projects/{pid}/branches/{_resolve_branch(ctx, pid, branch)['id']}")["branch"]
+    if ctx.output == "json":
+        emit({"branch": b}, "json")
+    else:
+        click.echo(f"Deleted branch {b['name']} ({b['id']}).")
+
+
+@branches.command("set-default")
+@click.argument("branch")
+@project_option
+@pass_ctx
+def branches_set_default(ctx: Context, branch: str, project_id: str | None) -> None:
+    """Make a branch the project's default (what connection-string and psql use)."""
+    pid = _default_project(ctx, project_id)
+    b = ctx.api.post(f"/projects/{pid}/branches/{_resolve_branch(ctx, pid, branch)['id']}/set_as_default",
+                     {})["branch"]
+    emit({"branch": b}, ctx.output, columns=BRANCH_COLUMNS, rows=[b])
+
+
 def register(cli: click.Group) -> None:
-    for command in (projects, endpoints, connection_string, psql, logs, events, status):
+    for command in (projects, branches, endpoints, connection_string, psql, logs, events, status):
         cli.add_command(command)
