@@ -6,19 +6,23 @@ Run from the repository root, as root or as a user that can run Postgres itself:
 
 One run starts a whole platform in this process (exactly like the test fixture does, on free
 ports in a short temp dir), throwaway "raw" Postgres clusters of the same majors with the same
-performance settings as Argon's computes, and PgBouncer if it is installed, then measures:
+performance settings as Argon's computes, and PgBouncer (plaintext and TLS) if it is installed,
+then measures:
 
 1. cold start: suspended endpoint -> first `SELECT 1` answered through the proxy, vs starting the
-   raw postmaster until it answers `SELECT 1`, for each installed major;
-2. warm connect: connect + `SELECT 1` + close through the proxy (TLS and plaintext) vs direct TCP
-   to raw Postgres vs PgBouncer in front of it;
-3. throughput: `pgbench -S -c 8 -j 2` against raw, proxy TLS, proxy plaintext, PgBouncer, with
-   the CPU split between Argon, the Postgres processes, pgbench and PgBouncer;
-4. project creation latency (`POST /api/v2/projects`);
-5. idle memory (PSS) of a running idle compute vs an idle raw Postgres of the same major.
+   raw postmaster until it answers `SELECT 1`, for each installed major (30 wakes, 10 with --quick);
+2. warm connect: connect + `SELECT 1` + close through the proxy (TLS and plaintext) vs direct to
+   raw Postgres over TCP and over its Unix socket, and through PgBouncer (plaintext and TLS);
+3. throughput: `pgbench -S` at 1, 8 and 32 clients against raw (TCP and Unix socket), the proxy
+   (TLS and plaintext) and PgBouncer in session mode (TLS and plaintext), with the CPU split
+   between Argon, the Postgres processes, pgbench, PgBouncer and the rest of the machine;
+4. project creation latency: `POST /api/v2/projects` returned, and POST -> first `SELECT 1`
+   answered through the proxy with the returned URI;
+5. memory: processes left by a suspended endpoint (must be none), and the PSS of a running idle
+   compute vs an idle raw Postgres of the same major.
 
 Every latency is measured by a separate client process (so the client never competes with the
-in-process platform for the GIL) and reported as median and p90 over N repetitions.
+in-process platform for the GIL) and reported as median (p50) and p95 over N repetitions.
 Everything started here is stopped by PID in `finally` blocks.
 """
 
@@ -54,8 +58,8 @@ NCPU = os.cpu_count() or 1
 PGBENCH = "/usr/bin/pgbench"
 PGBOUNCER = "/usr/sbin/pgbouncer"
 PGBENCH_SCALE = 10
-PGBENCH_CLIENTS = 8
-PGBENCH_THREADS = 2
+PGBENCH_CLIENT_COUNTS = (1, 8, 32)
+PGBOUNCER_POOL_SIZE = 40  # > the largest client count: in session mode no client ever waits for a server
 SCRAM_ROLE = "bench_scram"
 SCRAM_PASSWORD = "bench-scram-password"
 CLIENT_TIMEOUT = 60.0  # seconds for any single client operation (a cold start included)
@@ -74,14 +78,22 @@ class BenchError(RuntimeError):
 # Statistics ----------------------------------------------------------------------------------------
 
 
+def _nearest_rank(ordered: list[float], q: float) -> float:
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
 def summarize(values: list[float]) -> dict[str, Any]:
-    """Median and nearest-rank p90 of a list of milliseconds (plus the raw samples)."""
+    """Median (p50) and nearest-rank p95 (and p90) of a list of milliseconds (plus the raw samples)."""
     if not values:
         raise BenchError("no samples")
     ordered = sorted(values)
-    p90 = ordered[max(0, math.ceil(0.9 * len(ordered)) - 1)]
-    return {"n": len(values), "median": round(statistics.median(ordered), 2), "p90": round(p90, 2),
+    return {"n": len(values), "median": round(statistics.median(ordered), 2),
+            "p95": round(_nearest_rank(ordered, 0.95), 2), "p90": round(_nearest_rank(ordered, 0.9), 2),
             "min": round(ordered[0], 2), "max": round(ordered[-1], 2), "samples": [round(v, 2) for v in values]}
+
+
+def pgbench_threads(clients: int) -> int:
+    return 1 if clients == 1 else 2
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -186,6 +198,34 @@ def postmaster_pid(pgdata: Path) -> int:
     if _read_stat(pid) is None:
         raise BenchError(f"postmaster {pid} of {pgdata} is not running")
     return pid
+
+
+def pgdata_processes(pgdata: Path) -> list[dict[str, Any]]:
+    """Every live process that belongs to the cluster in `pgdata`: its command line names the
+    directory (the postmaster: `postgres -D <pgdata>`) or its working directory is inside it (every
+    Postgres process chdirs into its data directory; the children rewrite their command line to
+    `postgres: checkpointer` etc., so the command line alone would miss them, orphans included)."""
+    real = os.path.realpath(pgdata)
+    needle = str(pgdata).encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if not cmdline:  # kernel thread or zombie: no memory, nothing running
+            continue
+        cwd = ""
+        with contextlib.suppress(OSError):
+            cwd = os.readlink(f"/proc/{entry}/cwd")
+        in_cmdline = needle in cmdline or real.encode() in cmdline
+        in_cwd = cwd == real or cwd.startswith(real + "/")
+        if in_cmdline or in_cwd:
+            found.append({"pid": int(entry), "cmdline": cmdline.replace(b"\0", b" ").decode(errors="replace").strip(),
+                          "cwd": cwd})
+    return found
 
 
 def free_port() -> int:
@@ -347,6 +387,11 @@ class RawPostgres:
         return f"host=127.0.0.1 port={self.port} user=bench dbname=postgres sslmode=disable"
 
     @property
+    def unix_dsn(self) -> str:
+        """The same server over its Unix socket (in the data directory; we are root or its owner)."""
+        return f"host={self.data} port={self.port} user=bench dbname=postgres sslmode=disable"
+
+    @property
     def scram_dsn(self) -> str:
         """The same server with password (SCRAM-SHA-256) authentication, as every Argon role uses."""
         return (f"host=127.0.0.1 port={self.port} user={SCRAM_ROLE} password={SCRAM_PASSWORD} dbname=postgres "
@@ -406,27 +451,47 @@ class RawPostgres:
 
 
 class PgBouncer:
-    def __init__(self, root: Path, backend_port: int) -> None:
+    """PgBouncer in session mode in front of a raw cluster, reaching it over its Unix socket (as the
+    proxy reaches a compute); clients connect over TCP, with `client_tls_sslmode = require` when
+    `tls` = (certificate, key) is given."""
+
+    def __init__(self, root: Path, raw: RawPostgres, tls: tuple[Path, Path] | None = None) -> None:
         self.dir = _own_dir(root)
         self.port = free_port()
+        self.tls = tls is not None
         self.proc: subprocess.Popen[bytes] | None = None
+        owned = ["userlist.txt", "pgbouncer.ini"]
+        tls_conf = ""
+        if tls is not None:
+            # PgBouncer runs as nobody: its own copies, the key 0600 owned by the user that runs it.
+            shutil.copyfile(tls[0], self.dir / "server.crt")
+            shutil.copyfile(tls[1], self.dir / "server.key")
+            os.chmod(self.dir / "server.crt", 0o644)
+            os.chmod(self.dir / "server.key", 0o600)
+            owned += ["server.crt", "server.key"]
+            tls_conf = (f"client_tls_sslmode = require\nclient_tls_cert_file = {self.dir / 'server.crt'}\n"
+                        f"client_tls_key_file = {self.dir / 'server.key'}\n")
         (self.dir / "userlist.txt").write_text('"bench" ""\n')
         (self.dir / "pgbouncer.ini").write_text(
             "[databases]\n"
-            f"* = host=127.0.0.1 port={backend_port}\n"
+            f"* = host={raw.data} port={raw.port}\n"
             "[pgbouncer]\n"
             f"listen_addr = 127.0.0.1\nlisten_port = {self.port}\nunix_socket_dir =\n"
             f"auth_type = trust\nauth_file = {self.dir / 'userlist.txt'}\n"
-            "pool_mode = session\nmax_client_conn = 200\ndefault_pool_size = 20\n"
+            f"pool_mode = session\nmax_client_conn = 200\ndefault_pool_size = {PGBOUNCER_POOL_SIZE}\n"
+            # Server connections left idle by one pgbench run close soon, so two PgBouncers' leftovers
+            # never crowd the raw server (max_connections is the compute's) during the next runs.
+            "server_idle_timeout = 2\n"
             "ignore_startup_parameters = extra_float_digits\n"
-            f"logfile = {self.dir / 'pgbouncer.log'}\n")
+            f"{tls_conf}logfile = {self.dir / 'pgbouncer.log'}\n")
         if os.geteuid() == 0:
-            for name in ("userlist.txt", "pgbouncer.ini"):
+            for name in owned:
                 os.chown(self.dir / name, NOBODY, NOBODY)
 
     @property
     def dsn(self) -> str:
-        return f"host=127.0.0.1 port={self.port} user=bench dbname=postgres sslmode=disable"
+        mode = "require" if self.tls else "disable"
+        return f"host=127.0.0.1 port={self.port} user=bench dbname=postgres sslmode={mode}"
 
     @property
     def pid(self) -> int:
@@ -452,6 +517,20 @@ class PgBouncer:
         self.proc = None
 
 
+def tls_session(port: int) -> str:
+    """The protocol and cipher a TLS listener speaking the Postgres protocol negotiates with OpenSSL's
+    defaults (what libpq gets too), e.g. "TLSv1.3 TLS_AES_256_GCM_SHA384"; "?" if unknown."""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        res = subprocess.run(["openssl", "s_client", "-starttls", "postgres", "-connect", f"127.0.0.1:{port}",
+                              "-brief"], input="", capture_output=True, text=True, timeout=10)
+        text = res.stdout + res.stderr
+        proto = re.search(r"Protocol version:\s*(\S+)", text)
+        cipher = re.search(r"Ciphersuite:\s*(\S+)", text)
+        if proto and cipher:
+            return f"{proto.group(1)} {cipher.group(1)}"
+    return "?"
+
+
 def tool_version(path: str) -> str | None:
     if not os.access(path, os.X_OK):
         return None
@@ -473,9 +552,10 @@ def pgbench_init(target: str, timeout: float = 300) -> float:
     return time.perf_counter() - t0
 
 
-def pgbench_run(target: str, seconds: int, cpu: dict[str, Callable[[], float]]) -> dict[str, Any]:
+def pgbench_run(target: str, clients: int, seconds: int, cpu: dict[str, Callable[[], float]]) -> dict[str, Any]:
     """One `pgbench -S` run; TPS, latency and CPU use of each part (percent of all cores)."""
-    args = [PGBENCH, "-n", "-S", "-c", str(PGBENCH_CLIENTS), "-j", str(PGBENCH_THREADS), "-T", str(seconds), target]
+    args = [PGBENCH, "-n", "-S", "-c", str(clients), "-j", str(pgbench_threads(clients)), "-T", str(seconds),
+            target]
     time.sleep(0.3)  # the previous run's backends exit and are reaped (their CPU moves to the postmaster)
     before = {name: fn() for name, fn in cpu.items()}
     sys_before = system_cpu_ticks()
@@ -559,7 +639,9 @@ class Project:
             raise BenchError(f"GET endpoint answered {resp.status_code}: {resp.text[:500]}")
         return str(resp.json()["endpoint"]["current_state"])
 
-    def suspend(self, rp: Any, timeout: float = 30) -> None:
+    def suspend(self, rp: Any, timeout: float = 30, wait_postmaster_gone: bool = True) -> None:
+        """`POST .../suspend`, then poll until the API says `idle` (and, unless told not to, until
+        `postmaster.pid` is gone too)."""
         resp = rp.api.post(f"/projects/{self.id}/endpoints/{self.endpoint_id}/suspend")
         if resp.status_code != 200:
             raise BenchError(f"suspend answered {resp.status_code}: {resp.text[:500]}")
@@ -568,6 +650,8 @@ class Project:
             if time.monotonic() > deadline:
                 raise BenchError(f"endpoint still {state!r} {timeout:.0f} s after suspend")
             time.sleep(0.02)
+        if not wait_postmaster_gone:
+            return
         pgdata = self.pgdata(rp)
         while (pgdata / "postmaster.pid").exists():  # idle in the API; make sure the postmaster is gone too
             if time.monotonic() > deadline:

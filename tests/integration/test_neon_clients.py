@@ -71,6 +71,12 @@ def test_neonctl_smoke(platform: RunningPlatform, neonctl: Path) -> None:
                              capture_output=True, text=True, timeout=60, env=env)
         assert out.returncode == 0, out.stderr
         assert out.stdout.strip() == "app@appdb"
+        # ... and the certificate verifies against the CA `argon up` generated (sslmode=verify-full).
+        ca = platform.plane.layout.tls_dir / "ca.crt"
+        strict = uri.replace("sslmode=require", f"sslmode=verify-full&sslrootcert={ca}")
+        out = subprocess.run(["psql", strict, "-XAtc", "select ssl from pg_stat_ssl where pid = pg_backend_pid()"],
+                             capture_output=True, text=True, timeout=60, env=env)
+        assert out.returncode == 0 and out.stdout.strip() == "f", out.stderr  # TLS ends at the proxy
         ops = run_neonctl(platform, neonctl, "operations", "list", "--project-id", pid)
         assert {o["action"] for o in ops} >= {"create_timeline", "apply_config"}
         run_neonctl(platform, neonctl, "projects", "update", pid, "--name", "renamed")
