@@ -132,3 +132,40 @@ def test_branch_requests_are_validated(platform: RunningPlatform, project: dict[
     resp = platform.api.post(f"/projects/{pid}/branches/{bid}/set_as_default")
     assert resp.status_code == 200 and resp.json()["branch"]["default"] is True
     assert platform.api.get(f"/projects/{pid}/branches/{project['branch']['id']}").json()["branch"]["default"] is False
+
+
+def test_reset_from_parent_keeps_ids_and_can_preserve(platform: RunningPlatform, project: dict[str, Any]) -> None:
+    pid = project["project"]["id"]
+    parent_uri = platform.dsn(project)
+    with psycopg.connect(parent_uri, autocommit=True) as conn:
+        conn.execute("CREATE TABLE r (v text)")
+        conn.execute("INSERT INTO r VALUES ('parent-1')")
+    child = branch(platform, pid, name="feature")
+    child_uri = uri_of(child)
+    bid = child["branch"]["id"]
+    with psycopg.connect(child_uri, autocommit=True) as conn:
+        conn.execute("INSERT INTO r VALUES ('child-work')")
+    with psycopg.connect(parent_uri, autocommit=True) as conn:
+        conn.execute("INSERT INTO r VALUES ('parent-2')")
+    idle_client = psycopg.connect(child_uri, autocommit=True)  # connected through the reset
+    resp = platform.api.post(f"/projects/{pid}/branches/{bid}/restore",
+                             json={"source_branch_id": project["branch"]["id"], "preserve_under_name": "feature-old"})
+    assert resp.status_code == 200, resp.text
+    restored = resp.json()["branch"]
+    assert restored["id"] == bid and restored["name"] == "feature"
+    with pytest.raises(psycopg.OperationalError):  # a clean Postgres error, then reconnect
+        idle_client.execute("SELECT 1")
+    idle_client.close()
+    # Same connection string, the parent's current data.
+    assert scalar(child_uri, "SELECT string_agg(v, ',' ORDER BY v) FROM r") == "parent-1,parent-2"
+    backup = platform.api.get(f"/projects/{pid}/branches/{restored['parent_id']}").json()["branch"]
+    assert backup["name"] == "feature-old"
+    # The old state lives on in the preserved branch (give it a compute to look).
+    ep = platform.api.post(f"/projects/{pid}/endpoints", json={"endpoint": {"branch_id": backup["id"],
+                                                                             "type": "read_write"}})
+    assert ep.status_code == 201, ep.text
+    ep_id = ep.json()["endpoint"]["id"]
+    old_uri = child_uri.replace(child["endpoints"][0]["id"], ep_id)
+    assert scalar(old_uri, "SELECT string_agg(v, ',' ORDER BY v) FROM r") == "child-work,parent-1"
+    resp = platform.api.post(f"/projects/{pid}/branches/{bid}/restore", json={"source_branch_id": bid})
+    assert resp.status_code == 400

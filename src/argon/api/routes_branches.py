@@ -157,6 +157,21 @@ async def set_as_default(plane: Plane, project_id: str, branch_id: str) -> dict[
     return {"branch": views.branch_view(target), "operations": []}
 
 
+class RestoreBody(_Loose):
+    source_branch_id: str
+    source_lsn: str | None = None
+    source_timestamp: str | None = None
+    preserve_under_name: str | None = None
+
+
+@router.post("/projects/{project_id}/branches/{branch_id}/restore")
+async def restore_branch(plane: Plane, project_id: str, branch_id: str, body: RestoreBody) -> dict[str, Any]:
+    branch, ops = await branches.restore_branch(
+        plane, project_id, branch_id, body.source_branch_id, source_lsn=body.source_lsn,
+        source_timestamp=body.source_timestamp, preserve_under_name=body.preserve_under_name)
+    return {"branch": views.branch_view(branch), "operations": [views.operation_view(o) for o in ops]}
+
+
 @router.get("/projects/{project_id}/branches/{branch_id}/endpoints")
 async def branch_endpoints(plane: Plane, project_id: str, branch_id: str) -> dict[str, Any]:
     plane.branch(project_id, branch_id)

@@ -404,6 +404,33 @@ def branches_delete(ctx: Context, branch: str, project_id: str | None) -> None:
         click.echo(f"Deleted branch {b['name']} ({b['id']}).")
 
 
+@branches.command("reset")
+@click.argument("branch")
+@project_option
+@click.option("--parent", "from_parent", is_flag=True, required=True,
+              help="Reset to the parent branch's current data (required: the only source for now)")
+@click.option("--preserve-under-name", help="Keep the branch's current data as a new branch with this name")
+@pass_ctx
+def branches_reset(ctx: Context, branch: str, project_id: str | None, from_parent: bool,
+                   preserve_under_name: str | None) -> None:
+    """Replace a branch's data with its parent's current data. Its id, endpoint and connection string
+    stay; connected clients are disconnected and reconnect to the new state."""
+    pid = _default_project(ctx, project_id)
+    target = _resolve_branch(ctx, pid, branch)
+    if not target.get("parent_id"):
+        raise CliError(f"branch {target['name']} has no parent to reset from")
+    body: dict[str, Any] = {"source_branch_id": target["parent_id"]}
+    if preserve_under_name:
+        body["preserve_under_name"] = preserve_under_name
+    b = ctx.api.post(f"/projects/{pid}/branches/{target['id']}/restore", body)["branch"]
+    if ctx.output == "json":
+        emit({"branch": b}, "json")
+        return
+    click.echo(f"Reset branch {b['name']} ({b['id']}) to its parent's data.")
+    if preserve_under_name:
+        click.echo(f"Its previous data is kept as branch {preserve_under_name} ({b['parent_id']}).")
+
+
 @branches.command("set-default")
 @click.argument("branch")
 @project_option

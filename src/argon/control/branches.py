@@ -17,6 +17,7 @@ import shutil
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from argon import ids, model
@@ -69,9 +70,9 @@ async def _parent_quiet(plane: ControlPlane, parent: model.Branch) -> AsyncItera
         yield rw[0]
 
 
-async def _copy_parent(plane: ControlPlane, project: model.Project, parent: model.Branch, target_branch: str) -> str | None:
+async def _copy_parent(plane: ControlPlane, project: model.Project, parent: model.Branch, target: Path) -> str | None:
+    """Copy the head of `parent` into `target` (a new directory); returns the LSN it reflects."""
     source = plane.layout.pgdata(project.id, parent.id)
-    target = plane.layout.pgdata(project.id, target_branch)
     await asyncio.to_thread(target.parent.mkdir, 0o700, True, True)
     if project.os_uid is not None:
         await asyncio.to_thread(os.chown, target.parent, project.os_uid, project.os_uid)
@@ -106,7 +107,7 @@ async def create_branch(plane: ControlPlane, project_id: str, req: BranchRequest
         if any(b.name == name for b in plane.branches(project_id)):
             raise Conflict(f"branch {name!r} already exists")
         try:
-            lsn = await _copy_parent(plane, project, parent, bid)
+            lsn = await _copy_parent(plane, project, parent, plane.layout.pgdata(project_id, bid))
         except BaseException:
             await asyncio.to_thread(shutil.rmtree, plane.layout.branch_dir(project_id, bid), True)
             raise
@@ -179,3 +180,100 @@ async def delete_branch(plane: ControlPlane, project_id: str, branch_id: str) ->
         ops.append(await plane.record(project_id, model.OperationAction.DELETE_TIMELINE, branch_id=branch_id))
     log.info("branch %s of %s deleted", branch_id, project_id)
     return branch.replace(state=model.BranchState.ARCHIVED), ops
+
+
+async def restore_branch(plane: ControlPlane, project_id: str, branch_id: str, source_branch_id: str, *,
+                         source_lsn: str | None = None, source_timestamp: str | None = None,
+                         preserve_under_name: str | None = None) -> tuple[model.Branch, list[model.Operation]]:
+    """Replace a branch's data with the head of another branch ("reset from parent"), keeping its id,
+    endpoint and connection string. Its compute is stopped (connected clients get Postgres' own
+    "terminating connection" error) and starts on the next connection with the new data.
+    `preserve_under_name` keeps the old data as a new branch, which becomes the restored one's parent."""
+    started = time.monotonic()
+    project = plane.project(project_id)
+    if source_lsn or source_timestamp:
+        raise UserError("restoring to a point in time (source_lsn / source_timestamp) is not supported yet; "
+                        "omit them to restore from the source branch's head")
+    if source_branch_id == branch_id:
+        raise UserError("restoring a branch from its own head changes nothing; give source_lsn or "
+                        "source_timestamp (not supported yet) or another source_branch_id")
+    async with plane.project_lock(project_id):
+        target = plane.branch(project_id, branch_id)
+        source = plane.branch(project_id, source_branch_id)
+        if target.protected:
+            raise Precondition(f"branch {target.name!r} is protected; unprotect it before restoring it")
+        if preserve_under_name is not None:
+            preserve_under_name = ids.check_display_name(preserve_under_name, "branch")
+            if any(b.name == preserve_under_name for b in plane.branches(project_id)):
+                raise Conflict(f"branch {preserve_under_name!r} already exists")
+        endpoints = plane.endpoints(project_id, branch_id)
+        async with contextlib.AsyncExitStack() as stack:
+            for ep in endpoints:
+                await stack.enter_async_context(plane.endpoint_lock(ep.id))
+                await plane.stop_compute_locked(ep.id, reason="branch restored", record=False)
+            pgdata = plane.layout.pgdata(project_id, branch_id)
+            fresh = pgdata.with_name("pgdata.restoring")
+            await asyncio.to_thread(shutil.rmtree, fresh, True)
+            try:
+                lsn = await _copy_parent(plane, project, source, fresh)
+            except BaseException:
+                await asyncio.to_thread(shutil.rmtree, fresh, True)
+                raise
+            now = model.utcnow()
+            ops: list[model.Operation] = []
+            old_roles = await plane.db(plane.store.list_roles, branch_id)
+            old_dbs = await plane.db(plane.store.list_databases, branch_id)
+            backup: model.Branch | None = None
+            if preserve_under_name is not None:
+                backup = model.Branch(id=ids.branch_id(), project_id=project_id, name=preserve_under_name,
+                                      created_at=now, updated_at=now, parent_id=target.parent_id,
+                                      parent_lsn=target.parent_lsn, parent_timestamp=target.parent_timestamp)
+                backup_dir = plane.layout.branch_dir(project_id, backup.id)
+                await asyncio.to_thread(backup_dir.mkdir, 0o700, True, True)
+                if project.os_uid is not None:
+                    await asyncio.to_thread(os.chown, backup_dir, project.os_uid, project.os_uid)
+                await asyncio.to_thread(os.rename, pgdata, plane.layout.pgdata(project_id, backup.id))
+            else:
+                await asyncio.to_thread(shutil.rmtree, pgdata, True)
+            await asyncio.to_thread(os.rename, fresh, pgdata)
+            restored = target.replace(parent_id=backup.id if backup else source.id, parent_lsn=lsn,
+                                      parent_timestamp=now)
+            new_roles = [r.replace(branch_id=branch_id) for r in await plane.db(plane.store.list_roles, source.id)]
+            src_dbs = await plane.db(plane.store.list_databases, source.id)
+
+            def write() -> None:
+                with plane.store.transaction():
+                    for role in old_roles:
+                        plane.store.delete(role)
+                    for db in old_dbs:
+                        plane.store.delete(db)
+                    if backup is not None:
+                        plane.store.put(backup)
+                        for role in old_roles:
+                            plane.store.put(role.replace(branch_id=backup.id))
+                        for db in old_dbs:
+                            plane.store.put(model.Database(**{**db.__dict__, "id": plane.store.next_database_id(),
+                                                              "branch_id": backup.id}))
+                    plane.store.put(restored)
+                    for role in new_roles:
+                        plane.store.put(role)
+                    for db in src_dbs:
+                        plane.store.put(model.Database(**{**db.__dict__, "id": plane.store.next_database_id(),
+                                                          "branch_id": branch_id, "created_at": now,
+                                                          "updated_at": now}))
+
+            await plane.db(write)
+            plane.forget_branch(branch_id)
+            for obj in (restored, *new_roles):
+                plane.remember(obj)
+            if backup is not None:
+                plane.remember(backup)
+                for role in old_roles:
+                    plane.remember(role.replace(branch_id=backup.id))
+            for ep in endpoints:
+                plane.mark_needs_spec(ep.id)
+        ops.append(await plane.record(project_id, model.OperationAction.CREATE_TIMELINE, branch_id=branch_id,
+                                      started=started))
+    log.info("branch %s of %s restored from %s at %s%s in %.0f ms", branch_id, project_id, source.id, lsn,
+             f" (old state kept as {backup.id})" if backup else "", (time.monotonic() - started) * 1000)
+    return restored, ops
