@@ -169,3 +169,27 @@ def test_reset_from_parent_keeps_ids_and_can_preserve(platform: RunningPlatform,
     assert scalar(old_uri, "SELECT string_agg(v, ',' ORDER BY v) FROM r") == "child-work,parent-1"
     resp = platform.api.post(f"/projects/{pid}/branches/{bid}/restore", json={"source_branch_id": bid})
     assert resp.status_code == 400
+
+
+def test_expired_branches_are_deleted_with_their_computes(platform: RunningPlatform, project: dict[str, Any]) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    pid = project["project"]["id"]
+    soon = (datetime.now(UTC) + timedelta(seconds=3)).isoformat().replace("+00:00", "Z")
+    created = branch(platform, pid, name="ephemeral", expires_at=soon)
+    bid, ep = created["branch"]["id"], created["endpoints"][0]["id"]
+    assert created["branch"]["expires_at"]
+    later = (datetime.now(UTC) + timedelta(days=2)).isoformat()
+    kept = branch(platform, pid, name="kept", expires_at=later)
+    # An explicit null clears the expiry; a past time or the default branch are refused.
+    resp = platform.api.patch(f"/projects/{pid}/branches/{kept['branch']['id']}", json={"branch": {"expires_at": None}})
+    assert resp.status_code == 200 and resp.json()["branch"]["expires_at"] is None
+    past = platform.api.post(f"/projects/{pid}/branches", json={"branch": {"expires_at": "2020-01-01T00:00:00Z"}})
+    assert past.status_code == 400 and "future" in past.json()["message"]
+    default = platform.api.patch(f"/projects/{pid}/branches/{project['branch']['id']}",
+                                 json={"branch": {"expires_at": later}})
+    assert default.status_code == 400
+    wait_for(lambda: platform.api.get(f"/projects/{pid}/branches/{bid}").status_code == 404, timeout=20)
+    assert platform.api.get(f"/projects/{pid}/endpoints/{ep}").status_code == 404
+    wait_for(lambda: not platform.plane.layout.branch_dir(pid, bid).exists(), timeout=10)
+    assert platform.api.get(f"/projects/{pid}/branches/{kept['branch']['id']}").status_code == 200

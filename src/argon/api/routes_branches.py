@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body
@@ -29,6 +30,7 @@ class BranchCreate(_Loose):
     parent_timestamp: str | None = None
     protected: bool = False
     init_source: str = "parent-data"
+    expires_at: datetime | None = None
 
 
 class EndpointSpec(_Loose):
@@ -46,6 +48,7 @@ class BranchCreateBody(_Loose):
 class BranchUpdate(_Loose):
     name: str | None = None
     protected: bool | None = None
+    expires_at: datetime | None = None  # explicit null clears it (Neon)
 
 
 class BranchUpdateBody(_Loose):
@@ -82,7 +85,7 @@ async def create_branch(plane: Plane, project_id: str,
     req = branches.BranchRequest(
         name=ids.check_display_name(spec.name, "branch") if spec.name else None,
         parent_id=spec.parent_id, parent_lsn=spec.parent_lsn, parent_timestamp=spec.parent_timestamp,
-        protected=spec.protected, init_source=spec.init_source,
+        protected=spec.protected, init_source=spec.init_source, expires_at=spec.expires_at,
         endpoints=[_settings(plane, project_id, e) for e in (body.endpoints or [])])
     created = await branches.create_branch(plane, project_id, req)
     uris = []
@@ -128,6 +131,10 @@ async def update_branch(plane: Plane, project_id: str, branch_id: str, body: Bra
             changes["name"] = name
         if body.branch.protected is not None:
             changes["protected"] = body.branch.protected
+        if "expires_at" in body.branch.model_fields_set:
+            if body.branch.expires_at is not None and branch.default:
+                raise UserError("the default branch cannot expire")
+            changes["expires_at"] = branches.check_expiry(body.branch.expires_at)
         if changes:
             branch = branch.replace(**changes)
             await plane.save(branch)

@@ -17,6 +17,7 @@ import shutil
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -40,6 +41,7 @@ class BranchRequest:
     parent_timestamp: str | None = None
     protected: bool = False
     init_source: str = "parent-data"
+    expires_at: datetime | None = None
     endpoints: list[model.EndpointSettings] = field(default_factory=list)
 
 
@@ -50,6 +52,40 @@ class CreatedBranch:
     roles: list[model.Role]
     databases: list[model.Database]
     operations: list[model.Operation]
+
+
+MAX_EXPIRY_DAYS = 30  # Neon's limit for expires_at
+
+
+def check_expiry(expires_at: datetime | None) -> datetime | None:
+    """A branch expiry must lie in the future, within Neon's 30 days."""
+    if expires_at is None:
+        return None
+    if expires_at.tzinfo is None:
+        raise UserError("expires_at needs a time zone (RFC 3339, e.g. 2026-12-01T00:00:00Z)")
+    now = model.utcnow()
+    if expires_at <= now:
+        raise UserError("expires_at must be in the future")
+    if (expires_at - now).days >= MAX_EXPIRY_DAYS:
+        raise UserError(f"expires_at must be within {MAX_EXPIRY_DAYS} days")
+    return expires_at
+
+
+async def delete_expired(plane: ControlPlane) -> list[str]:
+    """Delete branches whose `expires_at` has passed, with their computes (run by the monitor)."""
+    now = model.utcnow()
+    deleted = []
+    for project in plane.projects():
+        for b in plane.branches(project.id):
+            if b.expires_at is None or b.expires_at > now:
+                continue
+            try:
+                await delete_branch(plane, project.id, b.id, expired=True)
+                deleted.append(b.id)
+            except Exception as exc:  # e.g. it gained children: keep it, say why once per look
+                log.warning("expired branch %s of %s not deleted: %s", b.id, project.id,
+                            getattr(exc, "user_message", exc))
+    return deleted
 
 
 def default_branch(plane: ControlPlane, project_id: str) -> model.Branch:
@@ -118,7 +154,7 @@ async def create_branch(plane: ControlPlane, project_id: str, req: BranchRequest
         now = model.utcnow()
         branch = model.Branch(id=bid, project_id=project_id, name=name, created_at=now, updated_at=now,
                               parent_id=parent.id, parent_lsn=lsn, parent_timestamp=now, protected=req.protected,
-                              init_source=req.init_source)
+                              init_source=req.init_source, expires_at=check_expiry(req.expires_at))
         roles = [r.replace(branch_id=bid, created_at=now) for r in await plane.db(plane.store.list_roles, parent.id)]
         parent_dbs = await plane.db(plane.store.list_databases, parent.id)
         endpoints = [model.Endpoint(id=ids.endpoint_id(), project_id=project_id, branch_id=bid, created_at=now,
@@ -158,9 +194,12 @@ async def create_branch(plane: ControlPlane, project_id: str, req: BranchRequest
     return CreatedBranch(branch, endpoints, roles, databases, ops)
 
 
-async def delete_branch(plane: ControlPlane, project_id: str, branch_id: str) -> tuple[model.Branch, list[model.Operation]]:
+async def delete_branch(plane: ControlPlane, project_id: str, branch_id: str, *,
+                        expired: bool = False) -> tuple[model.Branch, list[model.Operation]]:
     async with plane.project_lock(project_id):
         branch = plane.branch(project_id, branch_id)
+        if expired and (branch.expires_at is None or branch.expires_at > model.utcnow()):
+            raise Conflict("the branch's expiry changed meanwhile")
         if branch.default:
             raise Precondition("the default branch cannot be deleted; make another branch the default first")
         if branch.protected:
@@ -178,7 +217,7 @@ async def delete_branch(plane: ControlPlane, project_id: str, branch_id: str) ->
         plane.forget_branch(branch_id)
         await asyncio.to_thread(shutil.rmtree, plane.layout.branch_dir(project_id, branch_id), True)
         ops.append(await plane.record(project_id, model.OperationAction.DELETE_TIMELINE, branch_id=branch_id))
-    log.info("branch %s of %s deleted", branch_id, project_id)
+    log.info("branch %s of %s deleted%s", branch_id, project_id, " (expired)" if expired else "")
     return branch.replace(state=model.BranchState.ARCHIVED), ops
 
 

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CHECK_INTERVAL = 0.5  # seconds between looks; Neon's compute monitor uses the same period
+EXPIRY_EVERY = 4  # look for expired branches every 2 s
 
 # Work in Postgres that keeps a compute awake although no client sends bytes.
 BUSY_BACKENDS_SQL = """
@@ -79,10 +80,16 @@ class SuspendMonitor:
                 await self._task
 
     async def _loop(self) -> None:
+        from argon.control.branches import delete_expired
+
+        ticks = 0
         while True:
             await asyncio.sleep(CHECK_INTERVAL)
+            ticks += 1
             try:
                 await self.check_all()
+                if ticks % EXPIRY_EVERY == 0:
+                    await delete_expired(self.plane)
             except Exception:  # the monitor must survive anything one compute does
                 log.exception("suspend check failed")
 
