@@ -87,7 +87,8 @@ def test_branch_inherits_and_diverges(platform: RunningPlatform, project: dict[s
 def test_branch_under_write_load_is_consistent(platform: RunningPlatform, project: dict[str, Any]) -> None:
     pid = project["project"]["id"]
     uri = platform.dsn(project)
-    subprocess.run(["pgbench", "-i", "-s", "2", "-q", uri], check=True, capture_output=True, timeout=120)
+    init = subprocess.run(["pgbench", "-i", "-s", "2", "-q", uri], capture_output=True, text=True, timeout=120)
+    assert init.returncode == 0, init.stderr
     load = subprocess.Popen(["pgbench", "-c", "4", "-j", "2", "-T", "6", "-n", uri],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -96,7 +96,10 @@ def test_wrong_password_unknown_role_and_endpoint_look_the_same(platform: Runnin
                                                                 project: dict[str, Any]) -> None:
     params = platform.params(project)
     plane = platform.plane
-    before = plane.computes.get(ep_id(project))
+    pid, ep = pid_of(project), ep_id(project)
+    wait_for(lambda: platform.endpoint(pid, ep)["current_state"] == "active")  # the first start is done
+    assert platform.api.post(f"/projects/{pid}/endpoints/{ep}/suspend").status_code == 200
+    wait_for(lambda: platform.endpoint(pid, ep)["current_state"] == "idle")
     cases = [
         dict(params, password="wrong"),
         dict(params, user="nobody_here"),
@@ -106,7 +109,7 @@ def test_wrong_password_unknown_role_and_endpoint_look_the_same(platform: Runnin
         with pytest.raises(psycopg.OperationalError) as err:
             psycopg.connect(**case, connect_timeout=10)
         assert f"password authentication failed for user '{case['user']}'" in str(err.value)
-    assert plane.computes.get(ep_id(project)) is before
+    assert plane.computes.get(ep) is None  # nothing was woken
 
 
 def test_suspend_on_idle_and_wake_on_connect(platform: RunningPlatform, project: dict[str, Any]) -> None:

@@ -84,3 +84,32 @@ def test_hostile_names_stay_names(platform: RunningPlatform, project: dict[str, 
     for bad in ({"name": ""}, {"name": "pg_monitor"}, {"name": "cloud_admin"}, {"name": "x" * 64}, {}):
         assert api.post(f"{base}/roles", json={"role": bad}).status_code == 400, bad
     assert api.post(f"{base}/databases", json={"database": {"name": "d", "owner_name": "ghost"}}).status_code == 404
+
+
+def test_sql_made_roles_and_databases_show_up(platform: RunningPlatform, project: dict[str, Any]) -> None:
+    """The compute is a source of truth too: what SQL creates, changes or drops reaches the API."""
+    base = _base(project)
+    with _connect(platform, project, autocommit="1") as conn:  # type: ignore[arg-type]
+        conn.execute("CREATE ROLE sqlrole LOGIN PASSWORD 'sql-pass-1'")
+        conn.execute("CREATE DATABASE sqldb")
+    roles = {r["name"] for r in platform.api.get(f"{base}/roles").json()["roles"]}
+    assert roles == {"neondb_owner", "sqlrole"}  # never cloud_admin or pg_* roles
+    dbs = {d["name"]: d["owner_name"] for d in platform.api.get(f"{base}/databases").json()["databases"]}
+    assert dbs == {"neondb": "neondb_owner", "sqldb": "neondb_owner"}
+    # A password set through SQL works through the proxy at once; its plaintext is unknown: 412.
+    with _connect(platform, project, user="sqlrole", password="sql-pass-1") as conn:
+        assert conn.execute("select current_user").fetchone() == ("sqlrole",)
+    with _connect(platform, project, autocommit="1") as conn:  # type: ignore[arg-type]
+        conn.execute("ALTER ROLE sqlrole PASSWORD 'sql-pass-2'")
+    with _connect(platform, project, user="sqlrole", password="sql-pass-2") as conn:
+        assert conn.execute("select 1").fetchone() == (1,)
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        _connect(platform, project, user="sqlrole", password="sql-pass-1")
+    assert platform.api.get(f"{base}/roles/sqlrole/reveal_password").status_code == 412
+    with _connect(platform, project, autocommit="1") as conn:  # type: ignore[arg-type]
+        conn.execute("DROP DATABASE sqldb")
+        conn.execute("DROP ROLE sqlrole")
+    assert {r["name"] for r in platform.api.get(f"{base}/roles").json()["roles"]} == {"neondb_owner"}
+    assert {d["name"] for d in platform.api.get(f"{base}/databases").json()["databases"]} == {"neondb"}
+    ops = platform.api.get(f"/projects/{project['project']['id']}/operations").json()["operations"]
+    assert any(o["action"] == "sync_dbs_and_roles_from_compute" for o in ops)

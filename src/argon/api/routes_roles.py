@@ -54,7 +54,7 @@ def _ops(ops: list[model.Operation]) -> list[dict[str, Any]]:
 
 @router.get("/projects/{project_id}/branches/{branch_id}/roles")
 async def list_roles(plane: Plane, project_id: str, branch_id: str) -> dict[str, Any]:
-    plane.branch(project_id, branch_id)
+    await roles.sync_if_running(plane, project_id, branch_id)
     items = await plane.db(plane.store.list_roles, branch_id)
     return {"roles": [views.role_view(r) for r in items if r.name != model.PLATFORM_ROLE]}
 
@@ -95,7 +95,7 @@ async def reset_password(plane: Plane, project_id: str, branch_id: str, role_nam
 
 @router.get("/projects/{project_id}/branches/{branch_id}/databases")
 async def list_databases(plane: Plane, project_id: str, branch_id: str) -> dict[str, Any]:
-    plane.branch(project_id, branch_id)
+    await roles.sync_if_running(plane, project_id, branch_id)
     return {"databases": [views.database_view(d) for d in await plane.db(plane.store.list_databases, branch_id)]}
 
 

@@ -22,7 +22,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+import psycopg
+
 from argon import model
+from argon.compute.admin import connect_admin
 from argon.compute.binaries import PgInstall
 from argon.compute.manager import ComputeManager, ComputeSpec
 from argon.compute.osuser import OsUser
@@ -40,6 +43,7 @@ from argon.storage.layout import Layout
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+_UNKNOWN = object()
 LOCK_TIMEOUT = 30.0  # seconds a mutation waits for another one on the same project before 423
 
 
@@ -70,6 +74,8 @@ class ControlPlane:
         self._verifiers: dict[tuple[str, str], str] = {}  # (branch_id, role) -> SCRAM verifier
         self._endpoint_locks: dict[str, asyncio.Lock] = {}
         self._project_locks: dict[str, asyncio.Lock] = {}
+        self._verifier_conns: dict[str, psycopg.AsyncConnection] = {}  # endpoint -> idle admin session
+        self._verifier_locks: dict[str, asyncio.Lock] = {}
         self._needs_spec: set[str] = set()  # endpoints whose next start must apply roles/databases
         self._background: set[asyncio.Task[Any]] = set()
         self._stopping: set[str] = set()
@@ -121,6 +127,8 @@ class ControlPlane:
         await self.api_keys.load()
 
     async def close(self) -> None:
+        for endpoint_id in list(self._verifier_conns):
+            await self._close_verifier_conn(endpoint_id)
         await self.drain()
         self._executor.shutdown(wait=True)
 
@@ -318,7 +326,9 @@ class ControlPlane:
         was_running = self.is_running(endpoint_id)
         started = time.monotonic()
         if was_running:
+            await self._sync_before_stop(ep)
             self._stopping.add(endpoint_id)
+            await self._close_verifier_conn(endpoint_id)
             try:
                 await self.computes.stop(endpoint_id, mode=mode)
             finally:
@@ -336,6 +346,19 @@ class ControlPlane:
                     await self.record(ep.project_id, model.OperationAction.SUSPEND_COMPUTE, branch_id=ep.branch_id,
                                       endpoint_id=ep.id, started=started)
         return was_running
+
+    async def _sync_before_stop(self, ep: model.Endpoint) -> None:
+        """Pick up roles and databases changed through SQL before the compute goes away; skipped when an
+        API mutation of the project is in flight (it knows what it changes, and holds the project lock)."""
+        lock = self._project_locks.get(ep.project_id)
+        if lock is not None and lock.locked():
+            return
+        from argon.control.spec import sync_from_compute
+
+        try:
+            await sync_from_compute(self, ep)
+        except Exception as exc:  # never block a suspend on this
+            log.warning("could not sync roles and databases of %s before stopping it: %s", ep.id, exc)
 
     def _on_compute_exit(self, endpoint_id: str, returncode: int | None) -> None:
         """A compute exited without being asked to (crash, OOM kill, kill -9): mark it idle; the next
@@ -360,10 +383,49 @@ class ControlPlane:
     # ControlClient (the proxy's seam) ------------------------------------------------------------------
 
     async def get_role_secret(self, endpoint_id: str, role: str) -> str | None:
+        """The verifier the proxy checks a login against. For a running compute it is read live from
+        `pg_authid` (one indexed lookup on an idle admin session, ~0.2 ms), so a password changed
+        through SQL works at once; otherwise the copy synced when the compute last stopped."""
         ep = self._endpoints.get(endpoint_id.removesuffix("-pooler"))
         if ep is None or role == model.PLATFORM_ROLE:
             return None
+        settled = ep.id not in self._needs_spec and not self.endpoint_lock(ep.id).locked()  # no start/stop under way
+        if settled and self.is_running(ep.id):
+            live = await self._live_verifier(ep, role)
+            if live is not _UNKNOWN:
+                if live is None:
+                    self._verifiers.pop((ep.branch_id, role), None)
+                else:
+                    self._verifiers[(ep.branch_id, role)] = live
+                return live
         return self._verifiers.get((ep.branch_id, role))
+
+    async def _live_verifier(self, ep: model.Endpoint, role: str) -> str | object | None:
+        """`pg_authid`'s verifier of a login role, None if there is none, `_UNKNOWN` if unreadable."""
+        lock = self._verifier_locks.setdefault(ep.id, asyncio.Lock())
+        async with lock:
+            conn = self._verifier_conns.get(ep.id)
+            try:
+                if conn is None or conn.closed:
+                    conn = await asyncio.wait_for(connect_admin(self.layout.socket_dir(ep.id)), 2)
+                    self._verifier_conns[ep.id] = conn
+                cur = await asyncio.wait_for(conn.execute(
+                    "SELECT rolpassword FROM pg_authid WHERE rolname = %s AND rolcanlogin "
+                    "AND (rolvaliduntil IS NULL OR rolvaliduntil > now())", (role,)), 2)
+                row = await cur.fetchone()
+            except Exception as exc:
+                log.debug("live verifier lookup on %s failed: %s", ep.id, exc)
+                await self._close_verifier_conn(ep.id)
+                return _UNKNOWN
+        if row is None or not row[0] or not str(row[0]).startswith("SCRAM-SHA-256$"):
+            return None
+        return str(row[0])
+
+    async def _close_verifier_conn(self, endpoint_id: str) -> None:
+        conn = self._verifier_conns.pop(endpoint_id, None)
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.close()
 
     async def refresh_role_secret(self, endpoint_id: str, role: str) -> str | None:
         from argon.control.spec import sync_verifier

@@ -9,6 +9,7 @@ the verifier otherwise).
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import TYPE_CHECKING
 
@@ -17,12 +18,14 @@ from psycopg import sql
 
 from argon import ids, model
 from argon.compute.admin import connect_admin
-from argon.control.spec import role_attributes
+from argon.control.spec import role_attributes, sync_from_compute
 from argon.errors import Conflict, NotFound, UserError
 from argon.wire.scram import ScramSecret
 
 if TYPE_CHECKING:
     from argon.control.plane import ControlPlane
+
+log = logging.getLogger(__name__)
 
 
 def _check_role_name(name: object) -> str:
@@ -222,3 +225,16 @@ async def delete_database(plane: ControlPlane, project_id: str, branch_id: str,
         op = await plane.record(project_id, model.OperationAction.APPLY_CONFIG, branch_id=branch_id,
                                 endpoint_id=ep.id, started=started)
         return db, [op]
+
+
+async def sync_if_running(plane: ControlPlane, project_id: str, branch_id: str) -> None:
+    """Before answering a list: if the branch's compute runs, take in what changed through SQL."""
+    plane.branch(project_id, branch_id)
+    running = [e for e in plane.endpoints(project_id, branch_id) if plane.is_running(e.id)]
+    if not running:
+        return
+    async with plane.project_lock(project_id):
+        try:
+            await sync_from_compute(plane, running[0])
+        except Exception as exc:  # the stored view is still a good answer
+            log.warning("could not sync roles and databases of %s: %s", branch_id, exc)

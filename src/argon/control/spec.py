@@ -82,3 +82,66 @@ async def sync_verifier(plane: ControlPlane, ep: model.Endpoint, role_name: str)
     elif role.verifier != verifier:
         # Changed through SQL: the stored plaintext (if any) is stale now.
         await plane.save(role.replace(verifier=verifier, password_enc=None, login=can_login))
+
+
+_ROLES_SQL = ("SELECT rolname, rolpassword, rolcanlogin FROM pg_authid "
+              "WHERE rolname !~ '^pg_' AND rolname <> %s ORDER BY rolname")
+_DATABASES_SQL = ("SELECT datname, pg_get_userbyid(datdba) FROM pg_database "
+                  "WHERE NOT datistemplate AND datname <> 'postgres' ORDER BY datname")
+
+
+async def sync_from_compute(plane: ControlPlane, ep: model.Endpoint) -> bool:
+    """Make the platform's view of a branch's roles and databases match its running compute: what was
+    created, changed or dropped through SQL (Django's test databases, ALTER ROLE ... PASSWORD) shows
+    up in the API. Platform-internal roles (`cloud_admin`, `pg_*`) and `postgres` stay hidden.
+    Returns whether anything changed. The caller keeps API mutations of the project out meanwhile."""
+    conn = await connect_admin(plane.layout.socket_dir(ep.id))
+    try:
+        live_roles = {name: (pw, login) for name, pw, login in
+                      await (await conn.execute(_ROLES_SQL, (model.PLATFORM_ROLE,))).fetchall()}
+        live_dbs = dict(await (await conn.execute(_DATABASES_SQL)).fetchall())
+    finally:
+        await conn.close()
+    roles = {r.name: r for r in await plane.db(plane.store.list_roles, ep.branch_id)}
+    dbs = {d.name: d for d in await plane.db(plane.store.list_databases, ep.branch_id)}
+    now = model.utcnow()
+    put_roles: list[model.Role] = []
+    for name, (pw, login) in live_roles.items():
+        verifier = str(pw) if pw and str(pw).startswith("SCRAM-SHA-256$") else None
+        known = roles.get(name)
+        if known is None:
+            put_roles.append(model.Role(branch_id=ep.branch_id, name=name, created_at=now, updated_at=now,
+                                        verifier=verifier, login=bool(login)))
+        elif known.verifier != verifier or known.login != bool(login):
+            # Changed through SQL: the stored password (if any) no longer matches.
+            put_roles.append(known.replace(verifier=verifier, login=bool(login),
+                                           password_enc=known.password_enc if known.verifier == verifier else None))
+    gone_roles = [r for name, r in roles.items() if name not in live_roles]
+    gone_dbs = [d for name, d in dbs.items() if name not in live_dbs]
+    changed_dbs = [d for name, d in dbs.items() if name in live_dbs and live_dbs[name] != d.owner_name]
+    new_dbs = [name for name in live_dbs if name not in dbs]
+    if not (put_roles or gone_roles or gone_dbs or changed_dbs or new_dbs):
+        return False
+
+    def write() -> None:
+        with plane.store.transaction():
+            for obj in (*gone_roles, *gone_dbs):
+                plane.store.delete(obj)
+            for role in put_roles:
+                plane.store.put(role)
+            for d in changed_dbs:
+                plane.store.put(model.Database(**{**d.__dict__, "owner_name": live_dbs[d.name], "updated_at": now}))
+            for name in new_dbs:
+                plane.store.put(model.Database(id=plane.store.next_database_id(), branch_id=ep.branch_id, name=name,
+                                               owner_name=live_dbs[name], created_at=now, updated_at=now))
+
+    await plane.db(write)
+    for role in put_roles:
+        plane.remember(role)
+    for role in gone_roles:
+        plane.remember(role.replace(verifier=None))
+    await plane.record(ep.project_id, model.OperationAction.SYNC_DBS_AND_ROLES_FROM_COMPUTE, branch_id=ep.branch_id,
+                       endpoint_id=ep.id)
+    log.info("synced %s from its compute: roles +%d/-%d, databases +%d/-%d", ep.branch_id, len(put_roles),
+             len(gone_roles), len(new_dbs), len(gone_dbs))
+    return True
