@@ -194,3 +194,28 @@ def test_expired_branches_are_deleted_with_their_computes(platform: RunningPlatf
     assert platform.api.get(f"/projects/{pid}/endpoints/{ep}").status_code == 404
     wait_for(lambda: not platform.plane.layout.branch_dir(pid, bid).exists(), timeout=10)
     assert platform.api.get(f"/projects/{pid}/branches/{kept['branch']['id']}").status_code == 200
+
+
+def test_twenty_branches_at_once(platform: RunningPlatform, project: dict[str, Any]) -> None:
+    import concurrent.futures
+
+    pid = project["project"]["id"]
+    with psycopg.connect(platform.dsn(project), autocommit=True) as conn:
+        conn.execute("CREATE TABLE many (v int)")
+        conn.execute("INSERT INTO many SELECT generate_series(1, 1000)")
+
+    def create(i: int) -> int:
+        resp = platform.api.post(f"/projects/{pid}/branches", json={"branch": {"name": f"b{i:02d}"}, "endpoints": []})
+        return resp.status_code
+
+    with concurrent.futures.ThreadPoolExecutor(20) as pool:
+        codes = list(pool.map(create, range(20)))
+    assert codes == [201] * 20
+    listed = platform.api.get(f"/projects/{pid}/branches").json()["branches"]
+    assert len(listed) == 21
+    sample = next(b for b in listed if b["name"] == "b07")
+    ep = platform.api.post(f"/projects/{pid}/endpoints", json={"endpoint": {"branch_id": sample["id"],
+                                                                             "type": "read_write"}})
+    assert ep.status_code == 201, ep.text
+    uri = platform.dsn(project).replace(project["endpoints"][0]["id"], ep.json()["endpoint"]["id"])
+    assert scalar(uri, "SELECT count(*) FROM many") == 1000
