@@ -24,6 +24,7 @@ from argon import model
 from argon.api.app import create_app
 from argon.compute.binaries import PgInstall, discover
 from argon.compute.template import ensure_template
+from argon.console.routes import sign_in_link
 from argon.control.apikeys import new_key
 from argon.control.plane import ControlPlane
 from argon.control.projects import template_setup_sql
@@ -47,6 +48,7 @@ class StartInfo:
     """What `argon up` tells the user once everything listens."""
 
     api_url: str = ""
+    sign_in_url: str = ""  # a one-time link into the console (single use, 15 minutes)
     proxy_address: str = ""
     data_dir: Path = Path()
     api_key: str | None = None  # only when generated now (shown once)
@@ -143,11 +145,13 @@ class Platform:
         if s.proxy_port == 0:  # an ephemeral port (tests): connection strings must carry the real one
             s = self.settings = s.model_copy(update={"proxy_port": self.proxy.port})
             plane.settings = s
-        await self._start_http(create_app(plane))
+        app = create_app(plane)
+        await self._start_http(app)
         self.monitor = SuspendMonitor(plane)
         self.monitor.start()
 
         self.info.api_url = f"http://{_display_host(s.http_host)}:{self.http_port}"
+        self.info.sign_in_url = sign_in_link(app, self.info.api_url)
         self.info.proxy_address = f"{_display_host(s.proxy_host)}:{self.proxy.port}"
         self.info.data_dir = s.data_dir
         self.info.installs = [installs[m] for m in sorted(installs)]

@@ -1,4 +1,4 @@
-"""The HTTP app: Neon's management API under /api/v2 (and, later, the console under /).
+"""The HTTP app: Neon's management API under /api/v2 and the web console under / (`argon.console`).
 
 Thin: parse -> `argon.control` use case -> `argon.api.views` shape. Errors map to Neon's
 `{"code", "message"}` bodies with the status of their kind, in one place (`_argon_error`).
@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from argon import __version__
 from argon.api import routes_account, routes_branches, routes_endpoints, routes_projects, routes_roles
+from argon.console.routes import mount_console
 from argon.control.plane import ControlPlane
 from argon.errors import ArgonError, Unauthorized
 
@@ -68,4 +69,5 @@ def create_app(plane: ControlPlane) -> FastAPI:
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
+    mount_console(app)
     return app

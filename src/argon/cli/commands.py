@@ -14,6 +14,7 @@ import click
 
 from argon.cli.client import ApiClient, CliError
 from argon.cli.output import emit
+from argon.control.connection import django_databases
 
 
 @dataclass
@@ -253,10 +254,8 @@ def render_connection(info: dict[str, Any], fmt: str) -> str:
         options = {"sslmode": p["sslmode"]}
         if p["options"]:
             options["options"] = p["options"]
-        return ("DATABASES = {\n    \"default\": {\n        \"ENGINE\": \"django.db.backends.postgresql\",\n"
-                f"        \"NAME\": {p['dbname']!r},\n        \"USER\": {p['user']!r},\n"
-                f"        \"PASSWORD\": {p['password']!r},\n        \"HOST\": {p['host']!r},\n"
-                f"        \"PORT\": {p['port']!r},\n        \"OPTIONS\": {options!r},\n    }}\n}}")
+        return django_databases(database=p["dbname"], role=p["user"], password=p["password"], host=p["host"],
+                                port=p["port"], options=options)
     return json.dumps(info | {"parameters": p}, indent=2)
 
 

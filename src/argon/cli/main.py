@@ -117,7 +117,9 @@ def _print_banner(settings: Settings, info: Any) -> None:
     config_path = write_cli_config(info.api_url, key) if key else None
     b = lambda s: click.style(s, bold=True)  # noqa: E731
     click.echo(b("Argon is up.") + f" (ready in {info.startup_ms:.0f} ms)")
-    click.echo(f"  Console and API   {info.api_url}   (API: {info.api_url}/api/v2, docs: {info.api_url}/api/v2/docs)")
+    click.echo(f"  Console           {b(info.sign_in_url)}")
+    click.echo("                    (one-time sign-in link, valid 15 minutes; `argon console` prints a new one)")
+    click.echo(f"  API               {info.api_url}/api/v2   (docs: {info.api_url}/api/v2/docs)")
     click.echo(f"  Postgres proxy    {info.proxy_address}   (TLS on; plaintext: {settings.plaintext})")
     if info.api_key:
         click.echo(f"  API key           {b(info.api_key)}   <- {info.api_key_source}")
@@ -137,6 +139,15 @@ def _print_banner(settings: Settings, info: Any) -> None:
         click.echo(f"  CLI config        {config_path}")
     click.echo(f"  Reconciled        {info.reconciled}")
     click.echo("Try:  argon projects create --name demo   then   argon psql --project-id <id>")
+
+
+@cli.command()
+@click.pass_obj
+def console(ctx: commands.Context) -> None:
+    """Print a one-time link that signs a browser into the web console (valid 15 minutes)."""
+    url = ctx.api.post("/console/sign_in_links")["url"]
+    click.echo(url)
+    click.secho("Open it in a browser within 15 minutes; it works once.", dim=True, err=True)
 
 
 @cli.group()

@@ -57,3 +57,13 @@ def parameters(settings: Settings, *, endpoint_id: str, role: str, password: str
         host=settings.connect_host, port=settings.proxy_port, database=database, role=role,
         password=password, endpoint_id=endpoint_id, pooled=pooled,
         sni_host=f"{label}.{settings.domain}" if settings.domain else None)
+
+
+def django_databases(*, database: str, role: str, password: str, host: str, port: str | int,
+                     options: dict[str, str]) -> str:
+    """The `DATABASES` block of Django's settings.py, in the form Neon's Django guide uses (shared by
+    the CLI and the console, so the two can never disagree)."""
+    return ("DATABASES = {\n    \"default\": {\n        \"ENGINE\": \"django.db.backends.postgresql\",\n"
+            f"        \"NAME\": {database!r},\n        \"USER\": {role!r},\n"
+            f"        \"PASSWORD\": {password!r},\n        \"HOST\": {host!r},\n"
+            f"        \"PORT\": {str(port)!r},\n        \"OPTIONS\": {options!r},\n    }}\n}}")

@@ -1,0 +1,252 @@
+"""The web console's routes: sign-in, the projects list, New Project, a project's dashboard.
+
+A thin layer like the API: each route reads the control plane's in-memory view or awaits an
+`argon.control` use case, then renders a template or redirects (POST, then 303 to a page). There
+is no HTTP call to our own API. `mount_console` adds these routes to the app, plus the one API
+route the CLI needs (`POST /api/v2/console/sign_in_links`, Bearer-authenticated like the rest).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Awaitable
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, FastAPI, Form, Query, Request, Response
+from fastapi.responses import JSONResponse
+
+from argon import ids, model
+from argon.api.deps import Plane as ApiPlane
+from argon.console import dashboard
+from argon.console.auth import COOKIE_NAME, ConsoleAuth, Session, cookie_attributes
+from argon.console.web import (
+    ConsoleRoute,
+    CsrfRejected,
+    Plane,
+    Posted,
+    SignedIn,
+    console_auth,
+    error_page,
+    redirect,
+    render,
+)
+from argon.control.endpoints import EndpointPatch, start_endpoint, suspend_endpoint, update_endpoint
+from argon.control.projects import ProjectRequest, available_regions, create_project
+from argon.errors import ArgonError, NotFound
+
+router = APIRouter(route_class=ConsoleRoute, include_in_schema=False)
+api_router = APIRouter(include_in_schema=False)
+
+LOGIN_CSRF_COOKIE = "argon_login_csrf"  # double-submit token of the sign-in form (no session exists yet)
+STATIC_DIR = Path(__file__).parent / "static"
+STATIC_TYPES = {"console.css": "text/css; charset=utf-8", "console.js": "text/javascript; charset=utf-8"}
+
+
+def mount_console(app: FastAPI) -> None:
+    """Serve the console at / next to the API. Call last: its catch-all answers unknown pages."""
+    app.state.console_auth = ConsoleAuth()
+    app.include_router(api_router, prefix="/api/v2")
+    app.include_router(router)
+
+
+def sign_in_link(app: FastAPI, base_url: str) -> str:
+    """A fresh one-time sign-in link (what `argon up` prints)."""
+    auth: ConsoleAuth = app.state.console_auth
+    return auth.issue_link(base_url)
+
+
+@api_router.post("/console/sign_in_links", status_code=201)
+async def create_sign_in_link(plane: ApiPlane, request: Request) -> dict[str, str]:
+    return {"url": console_auth(request).issue_link(str(request.base_url))}
+
+
+# Sign-in and sign-out --------------------------------------------------------------------------------
+
+
+def _safe_next(target: str | None) -> str:
+    """Only same-site paths: a sign-in must never bounce the browser to another site."""
+    if target and target.startswith("/") and not target.startswith("//") and "\\" not in target:
+        return target
+    return "/"
+
+
+def _signed_in(request: Request, target: str) -> Response:
+    session = console_auth(request).open_session()  # always a new id: no session fixation
+    response = redirect(_safe_next(target))
+    response.set_cookie(value=session.id, **cookie_attributes(request.url.scheme == "https"))
+    response.delete_cookie(LOGIN_CSRF_COOKIE, path="/")
+    return response
+
+
+def _login_page(request: Request, *, error: str | None = None, status: int = 200, target: str = "/") -> Response:
+    token = request.cookies.get(LOGIN_CSRF_COOKIE) or secrets.token_urlsafe(32)
+    response = render(request, "login.html", status=status, error=error, login_csrf=token, next=_safe_next(target))
+    response.set_cookie(LOGIN_CSRF_COOKIE, token, httponly=True, samesite="lax", path="/",
+                        secure=request.url.scheme == "https")
+    return response
+
+
+@router.get("/login")
+async def login(request: Request, token: str | None = None,
+                target: Annotated[str, Query(alias="next")] = "/") -> Response:
+    auth = console_auth(request)
+    if token is not None:
+        if auth.redeem(token):
+            return _signed_in(request, target)
+        return _login_page(request, status=401, error="This sign-in link has already been used or has expired. "
+                           "Run “argon console” for a new one, or sign in with an API key.")
+    if auth.session(request.cookies.get(COOKIE_NAME)) is not None:
+        return redirect(_safe_next(target))
+    return _login_page(request, target=target)
+
+
+@router.post("/login")
+async def login_with_key(request: Request, plane: Plane, api_key: Annotated[str, Form()] = "",
+                         csrf_token: Annotated[str, Form()] = "",
+                         target: Annotated[str, Form(alias="next")] = "/") -> Response:
+    cookie = request.cookies.get(LOGIN_CSRF_COOKIE, "")
+    if not cookie or not secrets.compare_digest(cookie.encode(), csrf_token.encode()):
+        raise CsrfRejected
+    if not plane.api_keys.check(api_key.strip()):
+        return _login_page(request, status=401, target=target,
+                           error="That API key is not valid. Keys start with argon_: “argon up” prints the "
+                                 "first one and “argon api-keys create” makes more.")
+    return _signed_in(request, target)
+
+
+@router.post("/logout")
+async def logout(request: Request, session: Posted) -> Response:
+    console_auth(request).close_session(session.id)
+    response = redirect("/login")
+    response.delete_cookie(COOKIE_NAME, path="/")
+    return response
+
+
+# Projects ---------------------------------------------------------------------------------------------
+
+
+@router.get("/")
+async def projects(request: Request, session: SignedIn, plane: Plane) -> Response:
+    rows = [(p, dashboard.project_compute(plane, p.id)) for p in reversed(plane.projects())]
+    return render(request, "projects.html", session=session, rows=rows)
+
+
+@router.get("/projects")
+async def projects_alias(session: SignedIn) -> Response:
+    return redirect("/")
+
+
+def _new_project_page(request: Request, session: Session, plane: Plane, *, values: dict[str, str],
+                      error: str | None = None, status: int = 200) -> Response:
+    versions = sorted(plane.installs, reverse=True)
+    return render(request, "new_project.html", session=session, status=status, error=error, values=values,
+                  versions=[(v, plane.installs[v].version) for v in versions], regions=available_regions(),
+                  default_version=plane.settings.default_pg_version or (versions[0] if versions else None))
+
+
+@router.get("/projects/new")
+async def new_project(request: Request, session: SignedIn, plane: Plane) -> Response:
+    return _new_project_page(request, session, plane, values={})
+
+
+@router.post("/projects/new")
+async def submit_new_project(request: Request, session: Posted, plane: Plane, name: Annotated[str, Form()] = "",
+                 pg_version: Annotated[str, Form()] = "", region: Annotated[str, Form()] = "") -> Response:
+    values = {"name": name, "pg_version": pg_version, "region": region}
+    try:
+        req = ProjectRequest(name=ids.check_display_name(name.strip(), "project") if name.strip() else None,
+                             pg_version=int(pg_version) if pg_version.isdigit() else None,
+                             region_id=region or None)
+        created = await create_project(plane, req)
+    except ArgonError as exc:
+        return _new_project_page(request, session, plane, values=values, error=exc.user_message, status=400)
+    session.secrets[f"password:{created.project.id}"] = created.password
+    session.flash("success", f"Project {created.project.name} is ready.")
+    return redirect(f"/projects/{created.project.id}")
+
+
+# A project's dashboard --------------------------------------------------------------------------------
+
+
+@router.get("/projects/{project_id}")
+async def project_dashboard(request: Request, session: SignedIn, plane: Plane, project_id: str,
+                            branch: str | None = None, database: str | None = None, role: str | None = None,
+                            pooled: bool = False, snippet: str = "uri") -> Response:
+    project = plane.project(project_id)
+    widget = await dashboard.connection_widget(plane, project_id, branch_id=branch, database=database, role=role,
+                                               pooled=pooled)
+    compute = dashboard.compute_view(plane, widget.endpoint)
+    timeouts = dashboard.suspend_choices(plane.settings.suspend_timeout,
+                                         widget.endpoint.suspend_timeout_seconds if widget.endpoint else 0)
+    selected = snippet if any(s.key == snippet for s in widget.snippets) else "uri"
+    return render(request, "project.html", session=session, project=project, widget=widget, compute=compute,
+                  timeouts=timeouts, snippet=selected, new_password=session.pop_secret(f"password:{project_id}"))
+
+
+@router.get("/projects/{project_id}/compute.json")
+async def compute_state(session: SignedIn, plane: Plane, project_id: str, branch: str | None = None) -> Response:
+    plane.project(project_id)
+    branch_id = branch or dashboard.default_branch(plane, project_id).id
+    view = dashboard.compute_view(plane, dashboard.primary_endpoint(plane, project_id, branch_id))
+    return JSONResponse(view.as_json())
+
+
+def _dashboard_url(project_id: str, branch_id: str) -> str:
+    return f"/projects/{project_id}?branch={branch_id}#compute"
+
+
+def _endpoint_of(plane: Plane, project_id: str, endpoint_id: str) -> model.Endpoint:
+    plane.project(project_id)
+    return plane.endpoint(project_id, endpoint_id)
+
+
+@router.post("/projects/{project_id}/endpoints/{endpoint_id}/start")
+async def start(session: Posted, plane: Plane, project_id: str, endpoint_id: str) -> Response:
+    ep = _endpoint_of(plane, project_id, endpoint_id)
+    await _act(session, start_endpoint(plane, project_id, endpoint_id), "The compute is running.")
+    return redirect(_dashboard_url(project_id, ep.branch_id))
+
+
+@router.post("/projects/{project_id}/endpoints/{endpoint_id}/suspend")
+async def suspend(session: Posted, plane: Plane, project_id: str, endpoint_id: str) -> Response:
+    ep = _endpoint_of(plane, project_id, endpoint_id)
+    await _act(session, suspend_endpoint(plane, project_id, endpoint_id),
+               "The compute is suspended; the next connection wakes it.")
+    return redirect(_dashboard_url(project_id, ep.branch_id))
+
+
+@router.post("/projects/{project_id}/endpoints/{endpoint_id}/settings")
+async def update_settings(session: Posted, plane: Plane, project_id: str, endpoint_id: str,
+                          suspend_timeout_seconds: Annotated[int, Form()]) -> Response:
+    ep = _endpoint_of(plane, project_id, endpoint_id)
+    patch = EndpointPatch(suspend_timeout_seconds=suspend_timeout_seconds)
+    await _act(session, update_endpoint(plane, project_id, endpoint_id, patch), "Suspend timeout saved.")
+    return redirect(_dashboard_url(project_id, ep.branch_id))
+
+
+async def _act(session: Session, action: Awaitable[object], success: str) -> None:
+    """Run a compute action; its outcome, good or bad, is shown on the page the browser goes back to."""
+    try:
+        await action
+    except ArgonError as exc:
+        session.flash("error", exc.user_message)
+    else:
+        session.flash("success", success)
+
+
+# Assets and unknown pages -------------------------------------------------------------------------------
+
+
+@router.get("/static/console/{name}")
+async def static(name: str) -> Response:
+    if name not in STATIC_TYPES:
+        raise NotFound(f"the console has no file {name!r}")
+    return Response((STATIC_DIR / name).read_bytes(), media_type=STATIC_TYPES[name],
+                    headers={"Cache-Control": "public, max-age=3600"})
+
+
+@router.get("/{path:path}")
+async def not_found(request: Request, session: SignedIn) -> Response:
+    return error_page(request, 404, "Page not found",
+                      "There is nothing at this address. It may have been a project that was deleted.")

@@ -1,0 +1,156 @@
+"""The console's HTTP plumbing: sessions as dependencies, rendering, and HTML error pages.
+
+The API's exception handlers answer with JSON; a browser deserves a page. `ConsoleRoute` catches
+everything a console route raises and turns it into a human page (or a redirect to /login when
+nobody is signed in), and adds the headers every console response carries. Routes stay small:
+they get a checked `Session`, call the control plane, and `render()` a template.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import quote
+
+from fastapi import Depends, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
+from fastapi.routing import APIRoute
+from fastapi.templating import Jinja2Templates
+from starlette.routing import Match
+from starlette.types import Scope
+
+from argon import __version__
+from argon.console.auth import COOKIE_NAME, CSRF_FIELD, ConsoleAuth, Session
+from argon.console.display import FILTERS
+from argon.control.plane import ControlPlane
+from argon.errors import ArgonError
+
+log = logging.getLogger(__name__)
+
+TEMPLATES = Jinja2Templates(directory=Path(__file__).parent / "templates")
+TEMPLATES.env.filters.update(FILTERS)
+
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; "
+                               "form-action 'self'; base-uri 'none'",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",  # pages can show passwords: never keep them in a cache
+}
+
+
+class SignInRequired(Exception):
+    """Nobody is signed in (no cookie, or an expired session)."""
+
+
+class CsrfRejected(Exception):
+    """A form came back without this session's CSRF token."""
+
+
+def console_auth(request: Request) -> ConsoleAuth:
+    auth: ConsoleAuth = request.app.state.console_auth
+    return auth
+
+
+def get_plane(request: Request) -> ControlPlane:
+    plane: ControlPlane = request.app.state.plane
+    return plane
+
+
+def current_session(request: Request) -> Session:
+    session = console_auth(request).session(request.cookies.get(COOKIE_NAME))
+    if session is None:
+        raise SignInRequired
+    return session
+
+
+async def posted_session(request: Request) -> Session:
+    """The session of a form POST whose CSRF token matches it."""
+    session = current_session(request)
+    form = await request.form()
+    token = form.get(CSRF_FIELD)
+    if not session.csrf_ok(token if isinstance(token, str) else None):
+        raise CsrfRejected
+    return session
+
+
+SignedIn = Annotated[Session, Depends(current_session)]
+Posted = Annotated[Session, Depends(posted_session)]
+Plane = Annotated[ControlPlane, Depends(get_plane)]
+
+
+def render(request: Request, template: str, *, session: Session | None = None, status: int = 200,
+           **context: Any) -> HTMLResponse:
+    context.update(session=session, flashes=session.pop_flashes() if session else [], csrf_field=CSRF_FIELD,
+                   version=__version__)
+    return TEMPLATES.TemplateResponse(request, template, context, status_code=status)
+
+
+def error_page(request: Request, status: int, title: str, message: str) -> HTMLResponse:
+    session = console_auth(request).session(request.cookies.get(COOKIE_NAME))
+    return render(request, "error.html", session=session, status=status, title=title, message=message)
+
+
+def redirect(url: str) -> RedirectResponse:
+    return RedirectResponse(url, status_code=303)
+
+
+def _to_login(request: Request) -> Response:
+    if request.url.path.endswith(".json"):
+        return JSONResponse({"message": "signed out: reload the page to sign in again"}, status_code=401)
+    wanted = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    return redirect("/login" if wanted == "/" else f"/login?next={quote(wanted, safe='')}")
+
+
+class ConsoleRoute(APIRoute):
+    """A console route: never matches the API's paths; turns every failure into a page."""
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        if scope.get("path", "").startswith("/api/"):
+            return Match.NONE, {}
+        return super().matches(scope)
+
+    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+        handler = super().get_route_handler()
+
+        async def guarded(request: Request) -> Response:
+            response = await _answer(handler, request)
+            for name, value in SECURITY_HEADERS.items():
+                response.headers.setdefault(name, value)
+            return response
+
+        return guarded
+
+
+async def _answer(handler: Callable[[Request], Awaitable[Response]], request: Request) -> Response:
+    try:
+        return await handler(request)
+    except SignInRequired:
+        return _to_login(request)
+    except CsrfRejected:
+        return error_page(request, 403, "This form has expired",
+                          "The page you sent it from is out of date or came from another site. "
+                          "Go back, reload the page and try again.")
+    except ArgonError as exc:
+        if exc.http_status >= 500:
+            log.error("%s %s failed: %s", request.method, request.url.path, exc.user_message)
+        return error_page(request, exc.http_status, _title(exc.http_status), exc.user_message)
+    except RequestValidationError:
+        return error_page(request, 400, "That request was not understood",
+                          "Some of the values sent are missing or malformed. Go back and try again.")
+    except Exception:
+        log.exception("console: %s %s failed", request.method, request.url.path)
+        return error_page(request, 500, "Something went wrong",
+                          "Argon could not complete this request. The server log has the details.")
+
+
+def _title(status: int) -> str:
+    if status == 404:
+        return "Not found"
+    if status in (409, 412, 423):
+        return "Not possible right now"
+    return "Something went wrong" if status >= 500 else "That did not work"
