@@ -680,13 +680,14 @@ class Project:
 @dataclass
 class Run:
     quick: bool
-    reps: int
-    seconds: int
+    reps: int  # project creates (of each kind)
+    wakes: int  # cold starts per major, and warm connects per target
+    seconds: int  # each pgbench run
     rp: Any = None
     client: Client | None = None
     root: Path = field(default_factory=lambda: short_tmpdir("ab"))
     raws: dict[int, RawPostgres] = field(default_factory=dict)
-    bouncer: PgBouncer | None = None
+    bouncers: dict[str, PgBouncer] = field(default_factory=dict)  # "plaintext", "tls"
     projects: dict[int, Project] = field(default_factory=dict)
     results: dict[str, Any] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
@@ -724,7 +725,8 @@ class Run:
             "clone_backend": plane.backend.name,
             "pgbench": tool_version(PGBENCH), "pgbouncer": tool_version(PGBOUNCER) or "not installed",
             "loadavg_1m_at_start": round(os.getloadavg()[0], 2),
-            "repetitions": self.reps, "pgbench_seconds": self.seconds, "pgbench_scale": PGBENCH_SCALE,
+            "repetitions": self.reps, "wakes": self.wakes, "pgbench_seconds": self.seconds,
+            "pgbench_scale": PGBENCH_SCALE, "pgbench_clients": list(PGBENCH_CLIENT_COUNTS),
         }
 
     def execute(self) -> None:
@@ -747,10 +749,12 @@ class Run:
                 self.idle_memory(major)
             if major != default and major in self.raws:
                 self.raws[major].stop()
+        with self.section("pgbouncer"):
+            self.start_bouncers(default, client)
         with self.section("warm connect"):
             self.warm_connect(default, client)
         with self.section("project create"):
-            self.project_create(default)
+            self.project_create(client)
         with self.section("throughput"):
             self.throughput(default)
 
@@ -773,7 +777,7 @@ class Run:
         cold: list[float] = []
         starts: list[float] = []
         pids = {proj.postmaster(rp)}
-        for _ in range(self.reps):
+        for _ in range(self.wakes):
             proj.suspend(rp)
             cold.append(client.request("connect", proj.uri)["wall_ms"])
             pid = proj.postmaster(rp)
@@ -787,9 +791,9 @@ class Run:
         c, r = summarize(cold), summarize(starts)
         self.results.setdefault("cold_start", {})[str(major)] = {
             "argon_cold_start_ms": c, "raw_start_ms": r, "ratio": ratio(c["median"], r["median"]),
-            "argon_first_connect_after_create_ms": round(first, 1)}
+            "ratio_p95": ratio(c["p95"], r["p95"]), "argon_first_connect_after_create_ms": round(first, 1)}
 
-    # 5. idle memory ----------------------------------------------------------------------------------
+    # 5. memory: idle running compute (PSS), suspended endpoint (processes) ---------------------------
 
     def idle_memory(self, major: int) -> None:
         proj, raw = self.projects.get(major), self.raws.get(major)
@@ -802,11 +806,46 @@ class Run:
         compute = tree_memory(proj.postmaster(self.rp))
         baseline = tree_memory(raw.pid)
         argon_rss = _kb_field("/proc/self/status", "VmRSS") / 1024
+        pgdata = proj.pgdata(self.rp)
+        # The same process search while it runs: it must find the whole running tree, or it proves nothing.
+        found_active = pgdata_processes(pgdata)
+        # Suspend through the API; count the processes the moment the API says idle, and 1 s later.
+        t0 = time.perf_counter()
+        proj.suspend(self.rp, wait_postmaster_gone=False)
+        suspend_ms = (time.perf_counter() - t0) * 1000
+        at_idle = pgdata_processes(pgdata)
+        time.sleep(1)
+        after_1s = pgdata_processes(pgdata)
         self.results.setdefault("idle_memory", {})[str(major)] = {
             "argon_compute": compute, "raw_postgres": baseline,
             "ratio_pss": ratio(compute["pss_mb"], baseline["pss_mb"]),
             "ratio_rss": ratio(compute["rss_mb"], baseline["rss_mb"]),
-            "argon_process_rss_mb": round(argon_rss, 1)}
+            "argon_process_rss_mb": round(argon_rss, 1),
+            "suspended": {"suspend_api_to_idle_ms": round(suspend_ms, 1),
+                          "processes_while_active": len(found_active),
+                          "processes_at_idle": len(at_idle), "processes_1s_after_idle": len(after_1s),
+                          "leftovers": at_idle or after_1s, "pgdata": str(pgdata)}}
+
+    # PgBouncer ---------------------------------------------------------------------------------------
+
+    def start_bouncers(self, major: int, client: Client) -> None:
+        if not os.access(PGBOUNCER, os.X_OK):
+            raise BenchError(f"{PGBOUNCER} is not installed")
+        raw = self.raws.get(major)
+        if raw is None or raw.proc is None:
+            raise BenchError(f"no PG{major} raw server (cold start failed)")
+        # Argon's own generated leaf (ECDSA P-256), so both TLS terminators serve the same certificate.
+        tls_dir = Path(self.rp.plane.layout.tls_dir)
+        cert, key = tls_dir / "server.crt", tls_dir / "server.key"
+        if not (cert.is_file() and key.is_file()):
+            raise BenchError(f"no server.crt/server.key in {tls_dir}: {sorted(p.name for p in tls_dir.iterdir())}")
+        for mode, tls in (("plaintext", None), ("tls", (cert, key))):
+            bouncer = PgBouncer(self.root / f"pgb-{mode}", raw, tls)
+            self.bouncers[mode] = bouncer
+            bouncer.start(client)
+        proxy_port = int(self.rp.proxy_port)
+        self.results["environment"]["tls"] = {"argon_proxy": tls_session(proxy_port),
+                                              "pgbouncer": tls_session(self.bouncers["tls"].port)}
 
     # 2. warm connect ---------------------------------------------------------------------------------
 
@@ -816,23 +855,23 @@ class Run:
             raise BenchError(f"no PG{major} project/raw server (cold start failed)")
         raw.create_scram_role()
         targets = {"argon_proxy_tls": proj.uri, "argon_proxy_plaintext": with_sslmode(proj.uri, "disable"),
-                   "raw_tcp": raw.dsn, "raw_tcp_scram": raw.scram_dsn}
-        if os.access(PGBOUNCER, os.X_OK):
-            self.bouncer = PgBouncer(self.root / "pgb", raw.port)
-            self.bouncer.start(client)
-            targets["pgbouncer"] = self.bouncer.dsn
+                   "raw_tcp": raw.dsn, "raw_unix": raw.unix_dsn, "raw_tcp_scram": raw.scram_dsn}
+        for mode, bouncer in self.bouncers.items():
+            if bouncer.proc is not None:
+                targets[f"pgbouncer_{mode}"] = bouncer.dsn
         samples: dict[str, list[float]] = {name: [] for name in targets}
         for dsn in targets.values():
             client.request("connect", dsn)  # warm-up: wakes the compute if needed, fills pools and caches
-        for _ in range(self.reps):  # round robin, so background noise spreads over all targets
+        for _ in range(self.wakes):  # round robin, so background noise spreads over all targets
             for name, dsn in targets.items():
                 samples[name].append(client.request("connect", dsn)["ms"])
         out: dict[str, Any] = {name: summarize(v) for name, v in samples.items()}
-        if "pgbouncer" not in out:
-            out["pgbouncer"] = "skipped (pgbouncer not installed)"
-        base = out["raw_tcp"]["median"]
-        out["ratios_vs_raw"] = {name: ratio(v["median"], base) for name, v in out.items()
-                                if isinstance(v, dict) and name != "raw_tcp"}
+        for mode in ("plaintext", "tls"):
+            out.setdefault(f"pgbouncer_{mode}", "skipped (pgbouncer not running)")
+        for base_name in ("raw_tcp", "raw_unix"):
+            base = out[base_name]["median"]
+            out[f"ratios_vs_{base_name}"] = {name: ratio(v["median"], base) for name, v in out.items()
+                                             if isinstance(v, dict) and "median" in v and name != base_name}
         self.results["warm_connect_ms"] = out
 
     # 3. throughput -----------------------------------------------------------------------------------
@@ -845,8 +884,10 @@ class Run:
             raise BenchError(f"no PG{major} project/raw server (cold start failed)")
         rp = self.rp
         plain = with_sslmode(proj.uri, "disable")
-        out: dict[str, Any] = {"major": major, "clients": PGBENCH_CLIENTS, "threads": PGBENCH_THREADS,
-                               "seconds": self.seconds, "scale": PGBENCH_SCALE}
+        warmup = 1 if self.quick else 2
+        out: dict[str, Any] = {"major": major, "clients": list(PGBENCH_CLIENT_COUNTS),
+                               "threads": {str(c): pgbench_threads(c) for c in PGBENCH_CLIENT_COUNTS},
+                               "seconds": self.seconds, "warmup_seconds": warmup, "scale": PGBENCH_SCALE}
         self.say(f"  pgbench -i -s {PGBENCH_SCALE}: raw ...")
         out["init_seconds_raw"] = round(pgbench_init(raw.dsn), 1)
         self.say(f"  pgbench -i -s {PGBENCH_SCALE}: argon ...")
@@ -857,46 +898,70 @@ class Run:
 
         raw_cpu = {"argon": self_cpu_seconds, "postgres": lambda: tree_cpu_seconds(raw.pid)}
         argon_cpu = {"argon": self_cpu_seconds, "postgres": compute_cpu}
-        runs: dict[str, tuple[str, dict[str, Callable[[], float]]]] = {
-            "raw_tcp": (raw.dsn, raw_cpu),
-            "argon_proxy_tls": (proj.uri, argon_cpu),
-            "argon_proxy_plaintext": (plain, argon_cpu),
-        }
-        if self.bouncer is not None and self.bouncer.proc is not None:
-            bouncer = self.bouncer
-            runs["pgbouncer"] = (bouncer.dsn, {**raw_cpu, "pgbouncer": lambda: own_cpu_seconds(bouncer.pid)})
-        runs["raw_tcp_repeat"] = (raw.dsn, raw_cpu)  # raw again at the end: how much the machine drifted
-        warmup = 1 if self.quick else 2
-        for name, (target, cpu) in runs.items():
-            self.say(f"  pgbench -S {name} ...")
-            try:
-                pgbench_run(target, warmup, {})  # warm-up: caches, connections, compute awake
-                out[name] = pgbench_run(target, self.seconds, cpu)
-            except Exception as exc:
-                out[name] = f"failed: {exc}"
-        if "pgbouncer" not in runs:
-            out["pgbouncer"] = ("skipped (pgbouncer not installed)" if not os.access(PGBOUNCER, os.X_OK)
-                                else "skipped (pgbouncer did not start)")
-        raw_tps = [out[n]["tps"] for n in ("raw_tcp", "raw_tcp_repeat") if isinstance(out[n], dict)]
-        base = statistics.mean(raw_tps) if raw_tps else None
-        out["raw_tps_baseline"] = round(base, 1) if base else None  # the mean of the two raw runs
-        if len(raw_tps) == 2:
-            out["raw_drift_percent"] = round((raw_tps[1] - raw_tps[0]) / raw_tps[0] * 100, 1)
-        out["ratios_vs_raw"] = {name: ratio(out[name]["tps"], base) for name in runs
-                                if not name.startswith("raw_tcp") and isinstance(out[name], dict)}
+        targets: dict[str, tuple[str, dict[str, Callable[[], float]]]] = {
+            "raw_tcp": (raw.dsn, raw_cpu), "raw_unix": (raw.unix_dsn, raw_cpu),
+            "argon_proxy_tls": (proj.uri, argon_cpu), "argon_proxy_plaintext": (plain, argon_cpu)}
+        for mode, bouncer in self.bouncers.items():
+            if bouncer.proc is not None:
+                targets[f"pgbouncer_{mode}"] = (bouncer.dsn, {**raw_cpu,
+                                                              "pgbouncer": lambda b=bouncer: own_cpu_seconds(b.pid)})
+        pairs = [("argon_proxy_tls", "pgbouncer_tls"), ("argon_proxy_plaintext", "pgbouncer_plaintext")]
+        for i, clients in enumerate(PGBENCH_CLIENT_COUNTS):
+            # Raw first and again last (drift); each proxy run next to its PgBouncer run, and who of
+            # the two goes first alternates between client counts.
+            order = ["raw_tcp", "raw_unix"]
+            for a, b in pairs:
+                order += [a, b] if i % 2 == 0 else [b, a]
+            order.append("raw_tcp_repeat")
+            runs: dict[str, Any] = {}
+            for name in order:
+                target = targets.get(name.removesuffix("_repeat"))
+                if target is None:
+                    runs[name] = ("skipped (pgbouncer not installed)" if not os.access(PGBOUNCER, os.X_OK)
+                                  else "skipped (pgbouncer did not start)")
+                    continue
+                dsn, cpu = target
+                self.say(f"  pgbench -S -c {clients} {name} ...")
+                try:
+                    pgbench_run(dsn, clients, warmup, {})  # warm-up: caches, connections, compute awake
+                    runs[name] = pgbench_run(dsn, clients, self.seconds, cpu)
+                except Exception as exc:
+                    runs[name] = f"failed: {exc}"
+                    self.errors[f"pgbench -c {clients} {name}"] = str(exc)
+            runs["order"] = order
+            raw_tps = [runs[n]["tps"] for n in ("raw_tcp", "raw_tcp_repeat") if isinstance(runs.get(n), dict)]
+            base = statistics.mean(raw_tps) if raw_tps else None
+            runs["raw_tps_baseline"] = round(base, 1) if base else None  # the mean of the two raw TCP runs
+            if len(raw_tps) == 2:
+                runs["raw_drift_percent"] = round((raw_tps[1] - raw_tps[0]) / raw_tps[0] * 100, 1)
+            runs["ratios_vs_raw_tcp"] = {name: ratio(runs[name]["tps"], base) for name in order
+                                         if not name.startswith("raw_tcp") and isinstance(runs.get(name), dict)}
+
+            def tps(name: str, r: dict[str, Any] = runs) -> float | None:
+                v = r.get(name)
+                return v["tps"] if isinstance(v, dict) else None
+
+            runs["proxy_vs_pgbouncer"] = {"tls": ratio(tps("argon_proxy_tls"), tps("pgbouncer_tls")),
+                                          "plaintext": ratio(tps("argon_proxy_plaintext"),
+                                                             tps("pgbouncer_plaintext"))}
+            out[str(clients)] = runs
         self.results["throughput"] = out
 
     # 4. project create -------------------------------------------------------------------------------
 
-    def project_create(self, major: int) -> None:
-        """Each create alone: POST, then (untimed for the POST) wait until its compute is active, then
-        DELETE, so the background first start of one project never overlaps the next create."""
+    def project_create(self, client: Client) -> None:
+        """2 x reps creates, one at a time, alternating two kinds: (a) POST, then connect through the
+        proxy with the URI the POST returned until `SELECT 1` is answered (timed from before the POST);
+        (b) POST, then poll the endpoint until `active` (timed likewise). Every POST is timed on its
+        own. Each project is deleted (timed) before the next POST, once its compute is up, so one
+        project's background first start never overlaps the next create."""
         rp = self.rp
         creates: list[float] = []
+        first_query: list[float] = []
         ready: list[float] = []
         deletes: list[float] = []
         os.sync()  # earlier phases' dirty pages must not be flushed during the timed clones
-        for i in range(self.reps):
+        for i in range(2 * self.reps):
             t0 = time.perf_counter()
             resp = rp.api.post("/projects", json={"project": {"name": f"bench-create-{i}"}})
             creates.append((time.perf_counter() - t0) * 1000)
@@ -905,6 +970,9 @@ class Run:
             body = resp.json()
             project_id, endpoint_id = body["project"]["id"], body["endpoints"][0]["id"]
             try:
+                if i % 2 == 0:
+                    client.request("connect", body["connection_uris"][0]["connection_uri"])
+                    first_query.append((time.perf_counter() - t0) * 1000)
                 deadline = time.monotonic() + 30
                 while True:
                     state = rp.api.get(f"/projects/{project_id}/endpoints/{endpoint_id}").json()["endpoint"]
@@ -913,7 +981,8 @@ class Run:
                     if time.monotonic() > deadline:
                         raise BenchError(f"new project's compute still {state['current_state']!r} after 30 s")
                     time.sleep(0.005)
-                ready.append((time.perf_counter() - t0) * 1000)
+                if i % 2 == 1:
+                    ready.append((time.perf_counter() - t0) * 1000)
             finally:
                 t1 = time.perf_counter()
                 resp = rp.api.delete(f"/projects/{project_id}")
@@ -921,6 +990,7 @@ class Run:
                 if resp.status_code != 200:
                     raise BenchError(f"DELETE /projects/{project_id} answered {resp.status_code}: {resp.text[:300]}")
         self.results["project_create_ms"] = summarize(creates)
+        self.results["project_create_to_first_query_ms"] = summarize(first_query)
         self.results["project_create_to_active_ms"] = summarize(ready)
         self.results["project_delete_ms"] = summarize(deletes)
 
@@ -928,8 +998,8 @@ class Run:
 
     def cleanup(self) -> None:
         steps: list[tuple[str, Callable[[], None]]] = []
-        if self.bouncer is not None:
-            steps.append(("pgbouncer", self.bouncer.stop))
+        for mode, bouncer in self.bouncers.items():
+            steps.append((f"pgbouncer {mode}", bouncer.stop))
         for major, raw in self.raws.items():
             steps.append((f"raw PG{major}", raw.stop))
         if self.rp is not None:
@@ -953,15 +1023,63 @@ class Run:
 
 # Report ----------------------------------------------------------------------------------------------
 
+TARGET_COLD_START_RATIO = 2.0  # cold start p50 <= 2x the raw start p50
+TARGET_CREATE_MS = 300.0  # project create (POST) p50
+TARGET_BOUNCER_CLIENTS = (8, 32)  # proxy TPS >= PgBouncer TPS at these client counts
+
+PGBENCH_LABELS = {"raw_unix": "raw Unix socket", "argon_proxy_tls": "proxy TLS", "pgbouncer_tls": "pgbouncer TLS",
+                  "argon_proxy_plaintext": "proxy plaintext", "pgbouncer_plaintext": "pgbouncer plaintext"}
+
 
 def _ms(s: Any) -> str:
     if not isinstance(s, dict):
         return str(s)
-    return f"{s['median']:.1f} ms (p90 {s['p90']:.1f})"
+    return f"{s['median']:.1f} ms (p95 {s['p95']:.1f})"
 
 
 def _x(r: Any) -> str:
     return "-" if r is None else f"{r:.2f}x"
+
+
+def _yes(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("yes" if ok else "NO")
+
+
+def verdicts(results: dict[str, Any]) -> list[str]:
+    """One line per target of the issue, straight from the medians of this run (no margins)."""
+    lines: list[tuple[str, str]] = []
+    cold = results.get("cold_start", {})
+    ratios = {m: r.get("ratio") for m, r in cold.items()}
+    # Decided on the medians themselves, not on the rounded ratio.
+    ok = None if not cold else all(r["argon_cold_start_ms"]["median"]
+                                   <= TARGET_COLD_START_RATIO * r["raw_start_ms"]["median"] for r in cold.values())
+    detail = ", ".join(f"PG{m} {_x(v)}" for m, v in ratios.items()) or "not measured"
+    lines.append((f"cold start p50 <= {TARGET_COLD_START_RATIO:g}x raw start p50", f"{_yes(ok)} ({detail})"))
+    tp = results.get("throughput") or {}
+    for clients in TARGET_BOUNCER_CLIENTS:
+        runs = tp.get(str(clients)) or {}
+        parts = []
+        for mode in ("tls", "plaintext"):
+            proxy, bouncer = runs.get(f"argon_proxy_{mode}"), runs.get(f"pgbouncer_{mode}")
+            label = "TLS" if mode == "tls" else "plaintext"
+            if isinstance(proxy, dict) and isinstance(bouncer, dict):
+                # Unrounded, with the TPS: a 0.996x must not read as a tie won.
+                parts.append(f"{label} {_yes(proxy['tps'] >= bouncer['tps'])} ({proxy['tps']:.0f} vs "
+                             f"{bouncer['tps']:.0f} TPS = {proxy['tps'] / bouncer['tps']:.3f}x)")
+            else:
+                parts.append(f"{label} n/a")
+        lines.append((f"proxy TPS >= PgBouncer TPS at {clients} clients", ", ".join(parts)))
+    create = results.get("project_create_ms")
+    ok = None if not isinstance(create, dict) else create["median"] <= TARGET_CREATE_MS
+    detail = f"{create['median']:.0f} ms" if isinstance(create, dict) else "not measured"
+    lines.append((f"project create (POST) p50 <= {TARGET_CREATE_MS:.0f} ms", f"{_yes(ok)} ({detail})"))
+    mem = results.get("idle_memory", {})
+    counts = {m: r["suspended"]["processes_at_idle"] for m, r in mem.items() if "suspended" in r}
+    ok = None if not counts else all(v == 0 for v in counts.values())
+    detail = ", ".join(f"PG{m} {v}" for m, v in counts.items()) or "not measured"
+    lines.append(("suspended endpoint has 0 processes", f"{_yes(ok)} ({detail})"))
+    width = max(len(label) for label, _ in lines) + 1
+    return [f"{label + ':':<{width}} {text}" for label, text in lines]
 
 
 def render_table(results: dict[str, Any], errors: dict[str, str]) -> str:
@@ -969,46 +1087,63 @@ def render_table(results: dict[str, Any], errors: dict[str, str]) -> str:
     lines = ["Argon core benchmark", "=" * 20]
     if env:
         pgs = ", ".join(f"PG{m} {v}" for m, v in env["postgres"].items())
+        clients = "/".join(str(c) for c in env.get("pgbench_clients", PGBENCH_CLIENT_COUNTS))
         lines += [f"CPUs: {env['cpus']} x {env['cpu_model']}   memory: {env['memory_gb']} GB   kernel: {env['kernel']}",
                   f"Python {env['python']}   psycopg {env['psycopg']}   clone backend: {env['clone_backend']}",
                   f"Postgres: {pgs}",
                   f"{env['pgbench']}   PgBouncer: {env['pgbouncer']}   "
                   f"load average at start: {env['loadavg_1m_at_start']}",
-                  f"Repetitions: {env['repetitions']} (median, p90)   pgbench: -S -c {PGBENCH_CLIENTS} "
-                  f"-j {PGBENCH_THREADS} -T {env['pgbench_seconds']}, scale {env['pgbench_scale']}"]
+                  f"Repetitions: cold starts and warm connects {env['wakes']}, project creates {env['repetitions']} "
+                  f"of each kind (p50 = median, p95 nearest rank)",
+                  f"pgbench: -n -S -c {clients} (-j 1 for 1 client, else -j 2) -T {env['pgbench_seconds']}, "
+                  f"scale {env['pgbench_scale']}, one run each"]
+        if "tls" in env:
+            lines.append(f"TLS negotiated (openssl s_client): proxy {env['tls']['argon_proxy']}, "
+                         f"pgbouncer {env['tls']['pgbouncer']}")
         for m, s in env.get("raw_settings", {}).items():
             lines.append(f"Raw PG{m} runs with the compute's settings: " + ", ".join(f"{k}={v}" for k, v in s.items()))
+    lines += ["", "Targets (this run, no margins):"] + [f"  {v}" for v in verdicts(results)]
     rows: list[tuple[str, str, str, str]] = []
     for major, r in results.get("cold_start", {}).items():
         rows.append((f"cold start PG{major}", _ms(r["argon_cold_start_ms"]),
                      "raw start " + _ms(r["raw_start_ms"]), _x(r["ratio"])))
     warm = results.get("warm_connect_ms")
     if warm:
-        rows.append(("warm connect, proxy TLS", _ms(warm["argon_proxy_tls"]), "raw TCP " + _ms(warm["raw_tcp"]),
-                     _x(warm["ratios_vs_raw"].get("argon_proxy_tls"))))
-        rows.append(("warm connect, proxy plaintext", _ms(warm["argon_proxy_plaintext"]), "raw TCP",
-                     _x(warm["ratios_vs_raw"].get("argon_proxy_plaintext"))))
-        rows.append(("warm connect, pgbouncer", _ms(warm["pgbouncer"]), "raw TCP",
-                     _x(warm["ratios_vs_raw"].get("pgbouncer"))))
-        rows.append(("(raw TCP with SCRAM auth)", _ms(warm["raw_tcp_scram"]), "raw TCP",
-                     _x(warm["ratios_vs_raw"].get("raw_tcp_scram"))))
-    tp = results.get("throughput")
-    if tp:
-        raws = [tp[n] for n in ("raw_tcp", "raw_tcp_repeat") if isinstance(tp.get(n), dict)]
+        tcp, unix = warm["ratios_vs_raw_tcp"], warm["ratios_vs_raw_unix"]
+        for name, label in (("argon_proxy_tls", "proxy TLS"), ("argon_proxy_plaintext", "proxy plaintext")):
+            rows.append((f"warm connect, {label}", _ms(warm[name]), "raw TCP " + _ms(warm["raw_tcp"]),
+                         _x(tcp.get(name))))
+            rows.append(("", "", "raw Unix " + _ms(warm["raw_unix"]), _x(unix.get(name))))
+        rows.append(("warm connect, raw Unix socket", _ms(warm["raw_unix"]), "raw TCP", _x(tcp.get("raw_unix"))))
+        for mode in ("plaintext", "tls"):
+            name = f"pgbouncer_{mode}"
+            rows.append((f"warm connect, pgbouncer {'TLS' if mode == 'tls' else mode}", _ms(warm.get(name)),
+                         "raw TCP", _x(tcp.get(name))))
+        rows.append(("(raw TCP with SCRAM auth)", _ms(warm["raw_tcp_scram"]), "raw TCP", _x(tcp.get("raw_tcp_scram"))))
+    tp = results.get("throughput") or {}
+    for clients in tp.get("clients", []):
+        runs = tp.get(str(clients))
+        if not runs:
+            continue
+        raws = [runs[n] for n in ("raw_tcp", "raw_tcp_repeat") if isinstance(runs.get(n), dict)]
         each = " / ".join(f"{r['tps']:.0f}" for r in raws)
-        basev = f"raw {tp['raw_tps_baseline']:.0f} TPS (runs {each})" if raws else str(tp.get("raw_tcp"))
-        for name, label in (("argon_proxy_tls", "proxy TLS"), ("argon_proxy_plaintext", "proxy plaintext"),
-                            ("pgbouncer", "pgbouncer")):
-            v = tp.get(name)
+        basev = (f"raw TCP {runs['raw_tps_baseline']:.0f} TPS (runs {each})" if raws else str(runs.get("raw_tcp")))
+        for name, label in PGBENCH_LABELS.items():
+            v = runs.get(name)
             value = f"{v['tps']:.0f} TPS" if isinstance(v, dict) else str(v)
-            rows.append((f"pgbench -S, {label}", value, basev, _x(tp["ratios_vs_raw"].get(name))))
+            rows.append((f"pgbench -S -c {clients}, {label}", value, basev, _x(runs["ratios_vs_raw_tcp"].get(name))))
     if "project_create_ms" in results:
         rows.append(("project create (POST)", _ms(results["project_create_ms"]), "-", "-"))
+    if "project_create_to_first_query_ms" in results:
+        rows.append(("project create -> first SELECT 1", _ms(results["project_create_to_first_query_ms"]), "-", "-"))
     if "project_create_to_active_ms" in results:
         rows.append(("project create -> compute active", _ms(results["project_create_to_active_ms"]), "-", "-"))
     if "project_delete_ms" in results:
         rows.append(("project delete (DELETE)", _ms(results["project_delete_ms"]), "-", "-"))
     for major, r in results.get("idle_memory", {}).items():
+        susp = r.get("suspended")
+        if susp:
+            rows.append((f"suspended endpoint PG{major}", f"{susp['processes_at_idle']} processes", "target: 0", "-"))
         a, b = r["argon_compute"], r["raw_postgres"]
         rows.append((f"idle memory PG{major} (PSS)", f"{a['pss_mb']:.1f} MB ({a['processes']} procs)",
                      f"raw {b['pss_mb']:.1f} MB ({b['processes']} procs)", _x(r["ratio_pss"])))
@@ -1017,18 +1152,41 @@ def render_table(results: dict[str, Any], errors: dict[str, str]) -> str:
         widths = [max(len(str(row[i])) for row in [*rows, header]) for i in range(4)]
         fmt = "  ".join(f"{{:<{w}}}" for w in widths)
         lines += ["", fmt.format(*header), fmt.format(*("-" * w for w in widths))]
-        lines += [fmt.format(*row) for row in rows]
-    if tp:
+        lines += [fmt.format(*row).rstrip() for row in rows]
+    if any(str(c) in tp for c in tp.get("clients", [])):
+        lines += ["", "Proxy vs PgBouncer, same run (TPS ratio proxy / PgBouncer; >= 1.00x meets the target):"]
+        for clients in tp["clients"]:
+            runs = tp.get(str(clients)) or {}
+
+            def cmp(a: str, b: str, r: dict[str, Any] = runs) -> str:
+                va, vb = r.get(a), r.get(b)
+                if not (isinstance(va, dict) and isinstance(vb, dict)):
+                    return "n/a"
+                return f"{va['tps']:.0f} / {vb['tps']:.0f} = {_x(ratio(va['tps'], vb['tps']))}"
+
+            lines.append(f"  {clients:>2} clients: TLS {cmp('argon_proxy_tls', 'pgbouncer_tls')};   "
+                         f"plaintext {cmp('argon_proxy_plaintext', 'pgbouncer_plaintext')}")
         lines += ["", "CPU during pgbench (% of all cores; other = the rest of the machine, idle = unused):"]
-        for name in ("raw_tcp", "argon_proxy_tls", "argon_proxy_plaintext", "pgbouncer", "raw_tcp_repeat"):
-            v = tp.get(name)
-            if isinstance(v, dict):
-                parts = ", ".join(f"{k} {p:.1f}%" for k, p in v["cpu_percent"].items())
-                lines.append(f"  {name:<22} {parts}   (avg latency {v['latency_ms']} ms)")
+        for clients in tp["clients"]:
+            runs = tp.get(str(clients)) or {}
+            drift = runs.get("raw_drift_percent")
+            lines.append(f"  -c {clients} (-j {pgbench_threads(clients)})"
+                         + (f", raw TCP drift first -> last run {drift:+.1f}%" if drift is not None else "") + ":")
+            for name in runs.get("order", []):
+                v = runs.get(name)
+                if isinstance(v, dict):
+                    parts = ", ".join(f"{k} {p:.1f}%" for k, p in v["cpu_percent"].items())
+                    lines.append(f"    {name:<22} {v['tps']:>7.0f} TPS  {parts}   (avg latency {v['latency_ms']} ms)")
     for major, r in results.get("idle_memory", {}).items():
         a, b = r["argon_compute"], r["raw_postgres"]
         lines.append(f"Idle PG{major} RSS: compute {a['rss_mb']:.1f} MB vs raw {b['rss_mb']:.1f} MB "
                      f"({_x(r['ratio_rss'])}); argon process itself {r['argon_process_rss_mb']:.1f} MB RSS")
+        susp = r.get("suspended")
+        if susp:
+            lines.append(f"Suspended PG{major}: processes on its pgdata (cmdline or cwd): {susp['processes_while_active']} "
+                         f"while active, {susp['processes_at_idle']} when the API said idle "
+                         f"({susp['suspend_api_to_idle_ms']:.0f} ms after POST .../suspend), "
+                         f"{susp['processes_1s_after_idle']} 1 s later")
     if errors:
         lines += ["", "ERRORS:"] + [f"  {k}: {v}" for k, v in errors.items()]
     return "\n".join(lines)
@@ -1036,7 +1194,8 @@ def render_table(results: dict[str, Any], errors: dict[str, str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.core", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="5 repetitions and 5 s pgbench runs")
+    parser.add_argument("--quick", action="store_true",
+                        help="10 wakes, 5 project creates of each kind, 4 s pgbench runs")
     parser.add_argument("--json", metavar="PATH", help="also write the JSON results to PATH")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -1048,7 +1207,8 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, on_term)
-    run = Run(quick=args.quick, reps=5 if args.quick else 10, seconds=5 if args.quick else 10)
+    run = Run(quick=args.quick, reps=5 if args.quick else 10, wakes=10 if args.quick else 30,
+              seconds=4 if args.quick else 8)
     started = time.monotonic()
     try:
         run.execute()
