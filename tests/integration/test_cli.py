@@ -65,3 +65,26 @@ def test_errors_say_what_to_do(platform: RunningPlatform) -> None:
     assert down.returncode != 0 and "Traceback" not in down.stderr and "argon up" in down.stderr, down.stderr
     helptext = argon(platform, "branches", "--help").stdout
     assert "create" in helptext and "copy" in helptext
+
+
+def test_roles_databases_and_operations(platform: RunningPlatform, project: dict[str, Any]) -> None:
+    pid = project["project"]["id"]
+    created = json.loads(argon(platform, "--output", "json", "roles", "create", "app", "--project-id", pid).stdout)
+    password = created["role"]["password"]
+    assert "app" in argon(platform, "roles", "list", "--project-id", pid).stdout
+    assert "Created database appdb" in argon(platform, "databases", "create", "appdb", "--owner", "app",
+                                             "--project-id", pid).stdout
+    uri = argon(platform, "connection-string", "--project-id", pid, "--role", "app", "--database", "appdb").stdout
+    assert password in uri
+    new = argon(platform, "roles", "reset-password", "app", "--project-id", pid).stdout.strip().rsplit(" ", 1)[-1]
+    assert new != password and new.startswith("npg_")
+    psql = subprocess.run(["psql", "-X", "-At", "-c", "select current_user", uri.strip().replace(password, new)],
+                          capture_output=True, text=True, timeout=60)
+    assert psql.stdout.strip() == "app", psql.stderr
+    argon(platform, "databases", "delete", "appdb", "--project-id", pid)
+    argon(platform, "roles", "delete", "app", "--project-id", pid)
+    names = {d["name"] for d in json.loads(argon(platform, "--output", "json", "databases", "list", "--project-id",
+                                                 pid).stdout)["databases"]}
+    assert names == {"neondb"}
+    ops = argon(platform, "operations", "--project-id", pid).stdout
+    assert "apply_config" in ops or "create_timeline" in ops

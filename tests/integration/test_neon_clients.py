@@ -21,23 +21,64 @@ from tests.fixtures.platform import API_KEY, RunningPlatform
 pytestmark = [pytest.mark.pg, pytest.mark.slow]
 
 NEONCTL_VERSION = "5.0.1"
+API_CLIENT_VERSION = "2.7.3"  # @neondatabase/api-client
+
+
+def npm_install(package: str, marker: str) -> Path:
+    """`npm install <package>` into a cached prefix under /tmp; returns the prefix."""
+    npm = shutil.which("npm")
+    if npm is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"npm is required in CI to install {package}")
+        pytest.skip(f"npm is not installed: {package} cannot be installed")
+    prefix = Path(f"/tmp/argon-test-npm-{package.replace('/', '-').replace('@', '')}")
+    if not (prefix / "node_modules" / marker).exists():
+        prefix.mkdir(parents=True, exist_ok=True)
+        out = subprocess.run([npm, "install", "--no-audit", "--no-fund", "--loglevel=error", "--prefix", str(prefix),
+                              package], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+    return prefix
 
 
 @pytest.fixture(scope="session")
 def neonctl() -> Path:
-    npm = shutil.which("npm")
-    if npm is None:
-        if os.environ.get("CI"):
-            pytest.fail("npm is required in CI to run neonctl")
-        pytest.skip("npm is not installed: neonctl cannot be installed")
-    prefix = Path(os.environ.get("ARGON_TEST_NODE_DIR", f"/tmp/argon-test-neonctl-{NEONCTL_VERSION}"))
-    exe = prefix / "node_modules" / ".bin" / "neonctl"
-    if not exe.exists():
-        prefix.mkdir(parents=True, exist_ok=True)
-        out = subprocess.run([npm, "install", "--no-audit", "--no-fund", "--loglevel=error", "--prefix", str(prefix),
-                              f"neonctl@{NEONCTL_VERSION}"], capture_output=True, text=True, timeout=300)
-        assert out.returncode == 0, out.stderr
-    return exe
+    return npm_install(f"neonctl@{NEONCTL_VERSION}", ".bin/neonctl") / "node_modules" / ".bin" / "neonctl"
+
+
+API_CLIENT_FLOW = """
+import { createApiClient } from '@neondatabase/api-client';
+const api = createApiClient({ apiKey: process.env.NEON_API_KEY, baseURL: process.env.NEON_API_URL });
+const out = {};
+const created = (await api.createProject({ project: { name: 'ts-client' } })).data;
+const projectId = created.project.id;
+try {
+  out.uri = created.connection_uris[0].connection_uri;
+  out.listed = (await api.listProjects({})).data.projects.some((p) => p.id === projectId);
+  const branch = (await api.createProjectBranch(projectId, {
+    branch: { name: 'ts-dev' }, endpoints: [{ type: 'read_write' }] })).data;
+  out.branch = branch.branch.name;
+  out.branchUri = branch.connection_uris[0].connection_uri;
+  out.branches = (await api.listProjectBranches({ projectId })).data.branches.map((b) => b.name).sort();
+  out.endpoints = (await api.listProjectEndpoints(projectId)).data.endpoints.length;
+  out.connectionUri = (await api.getConnectionUri({
+    projectId, database_name: 'neondb', role_name: 'neondb_owner' })).data.uri;
+} finally {
+  await api.deleteProject(projectId);
+}
+console.log(JSON.stringify(out));
+"""
+
+
+def test_neondatabase_api_client(platform: RunningPlatform) -> None:
+    prefix = npm_install(f"@neondatabase/api-client@{API_CLIENT_VERSION}", "@neondatabase/api-client/package.json")
+    script = prefix / "flow.mjs"
+    script.write_text(API_CLIENT_FLOW)
+    env = {**os.environ, "NEON_API_KEY": API_KEY, "NEON_API_URL": platform.api_url + "/api/v2"}
+    out = subprocess.run(["node", str(script)], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["listed"] and result["branch"] == "ts-dev" and result["branches"] == ["main", "ts-dev"]
+    assert result["endpoints"] == 2 and result["connectionUri"].startswith("postgresql://neondb_owner:")
 
 
 def run_neonctl(platform: RunningPlatform, exe: Path, *args: str, output_json: bool = True) -> Any:

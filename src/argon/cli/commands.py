@@ -442,6 +442,137 @@ def branches_set_default(ctx: Context, branch: str, project_id: str | None) -> N
     emit({"branch": b}, ctx.output, columns=BRANCH_COLUMNS, rows=[b])
 
 
+ROLE_COLUMNS = [("name", "Name"), ("protected", "Protected"), ("created_at", "Created")]
+DATABASE_COLUMNS = [("name", "Name"), ("owner_name", "Owner"), ("created_at", "Created")]
+OPERATION_COLUMNS = [("id", "Id"), ("action", "Action"), ("status", "Status"), ("branch_id", "Branch"),
+                     ("endpoint_id", "Endpoint"), ("total_duration_ms", "ms"), ("created_at", "Created")]
+branch_option = click.option("--branch", help="Branch name or id (default: the default branch)")
+
+
+def _branch_path(ctx: Context, project_id: str | None, branch: str | None) -> str:
+    pid = _default_project(ctx, project_id)
+    if branch:
+        bid = _resolve_branch(ctx, pid, branch)["id"]
+    else:
+        bid = next(b["id"] for b in ctx.api.get(f"/projects/{pid}/branches")["branches"] if b["default"])
+    return f"/projects/{pid}/branches/{bid}"
+
+
+@click.group()
+def roles() -> None:
+    """Postgres roles of a branch: list, create (prints the password once), reset a password, delete."""
+
+
+@roles.command("list")
+@project_option
+@branch_option
+@pass_ctx
+def roles_list(ctx: Context, project_id: str | None, branch: str | None) -> None:
+    """List the branch's roles."""
+    items = ctx.api.get(_branch_path(ctx, project_id, branch) + "/roles")["roles"]
+    emit({"roles": items}, ctx.output, columns=ROLE_COLUMNS, rows=items)
+
+
+@roles.command("create")
+@click.argument("name")
+@project_option
+@branch_option
+@pass_ctx
+def roles_create(ctx: Context, name: str, project_id: str | None, branch: str | None) -> None:
+    """Create a role that can log in and create databases (not a superuser)."""
+    out = ctx.api.post(_branch_path(ctx, project_id, branch) + "/roles", {"role": {"name": name}})
+    if ctx.output == "json":
+        emit(out, "json")
+        return
+    click.echo(f"Created role {out['role']['name']}; its password (shown once; "
+               f"`argon connection-string --role {name}` reveals it again):")
+    click.echo("  " + str(out["role"].get("password")))
+
+
+@roles.command("reset-password")
+@click.argument("name")
+@project_option
+@branch_option
+@pass_ctx
+def roles_reset_password(ctx: Context, name: str, project_id: str | None, branch: str | None) -> None:
+    """Give a role a new generated password; the old one stops working at once."""
+    out = ctx.api.post(_branch_path(ctx, project_id, branch) + f"/roles/{quote(name, safe='')}/reset_password")
+    if ctx.output == "json":
+        emit(out, "json")
+        return
+    click.echo(f"New password of {name}: {out['role'].get('password')}")
+
+
+@roles.command("delete")
+@click.argument("name")
+@project_option
+@branch_option
+@pass_ctx
+def roles_delete(ctx: Context, name: str, project_id: str | None, branch: str | None) -> None:
+    """Drop a role."""
+    out = ctx.api.delete(_branch_path(ctx, project_id, branch) + f"/roles/{quote(name, safe='')}")
+    if ctx.output == "json":
+        emit(out, "json")
+    else:
+        click.echo(f"Deleted role {name}.")
+
+
+@click.group()
+def databases() -> None:
+    """Databases of a branch: list, create, delete."""
+
+
+@databases.command("list")
+@project_option
+@branch_option
+@pass_ctx
+def databases_list(ctx: Context, project_id: str | None, branch: str | None) -> None:
+    """List the branch's databases."""
+    items = ctx.api.get(_branch_path(ctx, project_id, branch) + "/databases")["databases"]
+    emit({"databases": items}, ctx.output, columns=DATABASE_COLUMNS, rows=items)
+
+
+@databases.command("create")
+@click.argument("name")
+@click.option("--owner", required=True, help="Role that owns the database")
+@project_option
+@branch_option
+@pass_ctx
+def databases_create(ctx: Context, name: str, owner: str, project_id: str | None, branch: str | None) -> None:
+    """Create a database owned by a role."""
+    out = ctx.api.post(_branch_path(ctx, project_id, branch) + "/databases",
+                       {"database": {"name": name, "owner_name": owner}})
+    if ctx.output == "json":
+        emit(out, "json")
+    else:
+        click.echo(f"Created database {name} (owner {owner}).")
+
+
+@databases.command("delete")
+@click.argument("name")
+@project_option
+@branch_option
+@pass_ctx
+def databases_delete(ctx: Context, name: str, project_id: str | None, branch: str | None) -> None:
+    """Drop a database (its sessions are ended first)."""
+    out = ctx.api.delete(_branch_path(ctx, project_id, branch) + f"/databases/{quote(name, safe='')}")
+    if ctx.output == "json":
+        emit(out, "json")
+    else:
+        click.echo(f"Deleted database {name}.")
+
+
+@click.command("operations")
+@project_option
+@click.option("--limit", type=int, default=20, show_default=True, help="How many, newest first")
+@pass_ctx
+def operations(ctx: Context, project_id: str | None, limit: int) -> None:
+    """What the platform did in a project (creates, starts, suspends, syncs), newest first."""
+    pid = _default_project(ctx, project_id)
+    items = ctx.api.get(f"/projects/{pid}/operations", params={"limit": limit})["operations"]
+    emit({"operations": items}, ctx.output, columns=OPERATION_COLUMNS, rows=items)
+
+
 def register(cli: click.Group) -> None:
-    for command in (projects, branches, endpoints, connection_string, psql, logs, events, status):
+    for command in (projects, branches, endpoints, roles, databases, operations, connection_string, psql, logs, events, status):
         cli.add_command(command)
