@@ -110,6 +110,9 @@ class Platform:
                 setup_sql=template_setup_sql(major), argon_os_user=plane.os_user)
             log.debug("template for %d ready in %.0f ms", major, (time.monotonic() - t0) * 1000)
 
+        for template in plane.templates.values():
+            plane.spawn(asyncio.to_thread(plane.spares.refill, template), "preparing spare template copies")
+
         plan = await reconcile(plane)
         self.info.reconciled = plan.summary()
 

@@ -57,6 +57,8 @@ class Settings(BaseSettings):
     suspend_timeout: int = Field(300, ge=1, le=604800, description="Seconds of inactivity before a compute suspends, when an endpoint says 0")
     clone_backend: Literal["auto", "reflink", "copy"] = Field("auto", description="How branches and projects copy data")
     compute_uid_base: int = Field(200000, ge=1000, description="When run as root: first OS uid for project computes")
+    spare_clusters: int = Field(2, ge=0, le=20, description="Template copies kept ready per Postgres version, "
+                                "so a new project is a rename (0 turns the pool off)")
     forward_all_params: bool = Field(False, description="Forward every startup parameter to computes (default: Neon's filtered set)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity")
     config_file: Path | None = Field(None, description="TOML file with any of these settings (default ~/.config/argon/config.toml)")

@@ -39,6 +39,7 @@ from argon.proxy.control_client import ComputeAddress
 from argon.settings import Settings
 from argon.storage.clone import CloneBackend
 from argon.storage.layout import Layout
+from argon.storage.spares import SparePool
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -65,6 +66,7 @@ class ControlPlane:
         self.backend = backend
         self.secrets = secrets
         self.activity = activity
+        self.spares = SparePool(layout.spares_dir, backend, settings.spare_clusters)
         self.computes = computes or ComputeManager(on_exit=self._on_compute_exit)
         self.os_user = argon_os_user()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="argon-store")

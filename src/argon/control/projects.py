@@ -139,6 +139,7 @@ async def create_project(plane: ControlPlane, req: ProjectRequest) -> CreatedPro
              (time.monotonic() - started) * 1000)
     # Like Neon, a new project's compute starts right away, so the first connection finds it warm.
     plane.spawn(first_start(plane, op_start), f"first start of {eid}")
+    plane.spawn(asyncio.to_thread(plane.spares.refill, template), "refilling the spare template copies")
     return CreatedProject(project, branch, endpoint, role, password, database, [op_timeline, op_start])
 
 
@@ -168,7 +169,8 @@ def _make_branch_data(plane: ControlPlane, project_id: str, template: Path, pgda
     project_dir = plane.layout.project_dir(project_id)
     project_dir.mkdir(mode=0o700, parents=True, exist_ok=False)
     pgdata.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    plane.backend.clone_tree(template, pgdata)
+    if not plane.spares.claim(template, pgdata):  # a ready copy is a rename; else copy now
+        plane.backend.clone_tree(template, pgdata)
     plane.layout.compute_log(project_id, pgdata.parent.name).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     if uid is not None:
         chown_tree(project_dir, OsUser(uid, uid))

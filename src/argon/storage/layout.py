@@ -59,6 +59,10 @@ class Layout:
         return self.data_dir / "templates"
 
     @property
+    def spares_dir(self) -> Path:
+        return self.data_dir / "spares"
+
+    @property
     def projects_dir(self) -> Path:
         return self.data_dir / "projects"
 
@@ -100,7 +104,7 @@ class Layout:
                 version_file.write_text(f"{LAYOUT_VERSION}\n")
             traversable = 0o711 if os.geteuid() == 0 else 0o700
             os.chmod(self.data_dir, traversable)
-            for path in (self.projects_dir, self.templates_dir, self.runtime_dir):
+            for path in (self.projects_dir, self.templates_dir, self.spares_dir, self.runtime_dir):
                 path.mkdir(exist_ok=True)
                 os.chmod(path, traversable if path != self.runtime_dir else 0o755)
             for path in (self.secrets_dir, self.tls_dir):
