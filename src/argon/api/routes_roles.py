@@ -76,8 +76,9 @@ async def delete_role(plane: Plane, project_id: str, branch_id: str, role_name: 
     return {"role": views.role_view(role), "operations": _ops(ops)}
 
 
-@router.api_route("/projects/{project_id}/branches/{branch_id}/roles/{role_name}/reveal_password",
-                  methods=["GET", "POST"])  # Neon documents GET; the neon-api package sends POST
+@router.get("/projects/{project_id}/branches/{branch_id}/roles/{role_name}/reveal_password")
+@router.post("/projects/{project_id}/branches/{branch_id}/roles/{role_name}/reveal_password",
+             include_in_schema=False)  # Neon documents GET; the neon-api package sends POST
 async def reveal_password(plane: Plane, project_id: str, branch_id: str, role_name: str) -> dict[str, Any]:
     role = await roles.get_role(plane, project_id, branch_id, role_name)
     password = plane.secrets.decrypt(role.password_enc) if role.password_enc else None
