@@ -9,39 +9,21 @@ Every page visited is saved as a full-page screenshot in test-artifacts/console/
 from __future__ import annotations
 
 import ast
-import os
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import psycopg
 import pytest
-from playwright.sync_api import Browser, BrowserContext, Page, Playwright, Response, expect, sync_playwright
+from playwright.sync_api import Browser, Response, expect
 
 from argon.cli.commands import render_connection
+from tests.browser.helpers import browser_page, shot, sign_in_link, signed_in_page
 from tests.fixtures.platform import API_KEY, RunningPlatform, short_tmpdir
 
 pytestmark = [pytest.mark.browser, pytest.mark.pg]
 
-CHROMIUM = "/usr/bin/chromium"  # Debian's package; never a downloaded browser
-SHOTS = Path(os.environ.get("ARGON_TEST_ARTIFACTS", "test-artifacts")) / "console"
 STATE_TIMEOUT = 30_000  # ms for a compute to change state and the page to show it
-
-
-@pytest.fixture(scope="module")
-def chromium() -> Iterator[Browser]:
-    with sync_playwright() as pw:
-        browser = _launch(pw)
-        yield browser
-        browser.close()
-
-
-def _launch(pw: Playwright) -> Browser:
-    try:
-        return pw.chromium.launch(executable_path=CHROMIUM)
-    except Exception as exc:  # a browser test that cannot run a browser must fail, never skip
-        pytest.fail(f"Chromium ({CHROMIUM}) could not start; install Debian's chromium package: {exc}")
 
 
 @pytest.fixture(scope="module")
@@ -50,31 +32,6 @@ def pristine() -> Iterator[RunningPlatform]:
     running = RunningPlatform(short_tmpdir())
     yield running
     running.stop()
-
-
-def browser_page(browser: Browser, platform: RunningPlatform) -> Page:
-    context: BrowserContext = browser.new_context(base_url=platform.api_url,
-                                                  permissions=["clipboard-read", "clipboard-write"],
-                                                  viewport={"width": 1280, "height": 860})
-    return context.new_page()
-
-
-def shot(page: Page, name: str) -> None:
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
-
-
-def sign_in_link(platform: RunningPlatform) -> str:
-    resp = platform.api.post("/console/sign_in_links")
-    assert resp.status_code == 201, resp.text
-    return str(resp.json()["url"])
-
-
-def signed_in_page(browser: Browser, platform: RunningPlatform) -> Page:
-    page = browser_page(browser, platform)
-    page.goto(sign_in_link(platform))
-    expect(page).to_have_url(platform.api_url + "/")
-    return page
 
 
 def parse_django(snippet: str) -> dict[str, Any]:

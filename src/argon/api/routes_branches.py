@@ -14,7 +14,7 @@ from argon.api import views
 from argon.api.deps import Plane
 from argon.control import branches, connection
 from argon.control.endpoints import check_cu, check_suspend_timeout
-from argon.errors import Conflict, UserError
+from argon.errors import UserError
 
 router = APIRouter(tags=["Branch"])
 
@@ -121,23 +121,10 @@ async def get_branch(plane: Plane, project_id: str, branch_id: str) -> dict[str,
 
 @router.patch("/projects/{project_id}/branches/{branch_id}")
 async def update_branch(plane: Plane, project_id: str, branch_id: str, body: BranchUpdateBody) -> dict[str, Any]:
-    async with plane.project_lock(project_id):
-        branch = plane.branch(project_id, branch_id)
-        changes: dict[str, Any] = {}
-        if body.branch.name is not None and body.branch.name != branch.name:
-            name = ids.check_display_name(body.branch.name, "branch")
-            if any(b.name == name for b in plane.branches(project_id)):
-                raise Conflict(f"branch {name!r} already exists")
-            changes["name"] = name
-        if body.branch.protected is not None:
-            changes["protected"] = body.branch.protected
-        if "expires_at" in body.branch.model_fields_set:
-            if body.branch.expires_at is not None and branch.default:
-                raise UserError("the default branch cannot expire")
-            changes["expires_at"] = branches.check_expiry(body.branch.expires_at)
-        if changes:
-            branch = branch.replace(**changes)
-            await plane.save(branch)
+    expiry: dict[str, Any] = {"expires_at": body.branch.expires_at} if "expires_at" in body.branch.model_fields_set \
+        else {}
+    branch = await branches.update_branch(plane, project_id, branch_id, name=body.branch.name,
+                                          protected=body.branch.protected, **expiry)
     return {"branch": views.branch_view(branch), "operations": []}
 
 
@@ -150,17 +137,7 @@ async def delete_branch(plane: Plane, project_id: str, branch_id: str) -> dict[s
 @router.post("/projects/{project_id}/branches/{branch_id}/set_as_default")
 @router.post("/projects/{project_id}/branches/{branch_id}/set_as_primary")  # the neon-api package's old path
 async def set_as_default(plane: Plane, project_id: str, branch_id: str) -> dict[str, Any]:
-    async with plane.project_lock(project_id):
-        target = plane.branch(project_id, branch_id)
-        changed = []
-        for b in plane.branches(project_id):
-            if b.default and b.id != branch_id:
-                changed.append(b.replace(default=False))
-        if not target.default:
-            target = target.replace(default=True)
-            changed.append(target)
-        if changed:
-            await plane.save(*changed)
+    target = await branches.set_default_branch(plane, project_id, branch_id)
     return {"branch": views.branch_view(target), "operations": []}
 
 

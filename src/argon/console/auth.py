@@ -35,6 +35,7 @@ class Session:
     expires_at: float
     flashes: list[tuple[str, str]] = field(default_factory=list)
     secrets: dict[str, str] = field(default_factory=dict)  # one-time values, e.g. a new project's password
+    history: dict[str, list[str]] = field(default_factory=dict)  # SQL editor: project id -> last queries
 
     def flash(self, kind: str, message: str) -> None:
         self.flashes.append((kind, message))
@@ -45,6 +46,11 @@ class Session:
 
     def pop_secret(self, key: str) -> str | None:
         return self.secrets.pop(key, None)
+
+    def remember_query(self, project_id: str, text: str, keep: int = 20) -> None:
+        """The SQL editor's history of a project: newest first, no repeats, at most `keep`."""
+        queries = [q for q in self.history.get(project_id, []) if q != text]
+        self.history[project_id] = [text, *queries][:keep]
 
     def csrf_ok(self, token: str | None) -> bool:
         return bool(token) and hmac.compare_digest(self.csrf_token.encode(), str(token).encode())

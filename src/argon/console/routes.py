@@ -9,7 +9,6 @@ route the CLI needs (`POST /api/v2/console/sign_in_links`, Bearer-authenticated 
 from __future__ import annotations
 
 import secrets
-from collections.abc import Awaitable
 from pathlib import Path
 from typing import Annotated
 
@@ -18,7 +17,7 @@ from fastapi.responses import JSONResponse
 
 from argon import ids, model
 from argon.api.deps import Plane as ApiPlane
-from argon.console import dashboard
+from argon.console import dashboard, pages_branches, pages_sql
 from argon.console.auth import COOKIE_NAME, ConsoleAuth, Session, cookie_attributes
 from argon.console.web import (
     ConsoleRoute,
@@ -26,6 +25,7 @@ from argon.console.web import (
     Plane,
     Posted,
     SignedIn,
+    act,
     console_auth,
     error_page,
     redirect,
@@ -47,7 +47,9 @@ def mount_console(app: FastAPI) -> None:
     """Serve the console at / next to the API. Call last: its catch-all answers unknown pages."""
     app.state.console_auth = ConsoleAuth()
     app.include_router(api_router, prefix="/api/v2")
-    app.include_router(router)
+    app.include_router(pages_branches.router)
+    app.include_router(pages_sql.router)
+    app.include_router(router)  # last: its catch-all answers unknown pages
 
 
 def sign_in_link(app: FastAPI, base_url: str) -> str:
@@ -180,7 +182,8 @@ async def project_dashboard(request: Request, session: SignedIn, plane: Plane, p
     timeouts = dashboard.suspend_choices(plane.settings.suspend_timeout,
                                          widget.endpoint.suspend_timeout_seconds if widget.endpoint else 0)
     selected = snippet if any(s.key == snippet for s in widget.snippets) else "uri"
-    return render(request, "project.html", session=session, project=project, widget=widget, compute=compute,
+    return render(request, "project.html", session=session, project=project, tab="dashboard", widget=widget,
+                  compute=compute,
                   timeouts=timeouts, snippet=selected, new_password=session.pop_secret(f"password:{project_id}"))
 
 
@@ -204,14 +207,14 @@ def _endpoint_of(plane: Plane, project_id: str, endpoint_id: str) -> model.Endpo
 @router.post("/projects/{project_id}/endpoints/{endpoint_id}/start")
 async def start(session: Posted, plane: Plane, project_id: str, endpoint_id: str) -> Response:
     ep = _endpoint_of(plane, project_id, endpoint_id)
-    await _act(session, start_endpoint(plane, project_id, endpoint_id), "The compute is running.")
+    await act(session, start_endpoint(plane, project_id, endpoint_id), "The compute is running.")
     return redirect(_dashboard_url(project_id, ep.branch_id))
 
 
 @router.post("/projects/{project_id}/endpoints/{endpoint_id}/suspend")
 async def suspend(session: Posted, plane: Plane, project_id: str, endpoint_id: str) -> Response:
     ep = _endpoint_of(plane, project_id, endpoint_id)
-    await _act(session, suspend_endpoint(plane, project_id, endpoint_id),
+    await act(session, suspend_endpoint(plane, project_id, endpoint_id),
                "The compute is suspended; the next connection wakes it.")
     return redirect(_dashboard_url(project_id, ep.branch_id))
 
@@ -221,18 +224,8 @@ async def update_settings(session: Posted, plane: Plane, project_id: str, endpoi
                           suspend_timeout_seconds: Annotated[int, Form()]) -> Response:
     ep = _endpoint_of(plane, project_id, endpoint_id)
     patch = EndpointPatch(suspend_timeout_seconds=suspend_timeout_seconds)
-    await _act(session, update_endpoint(plane, project_id, endpoint_id, patch), "Suspend timeout saved.")
+    await act(session, update_endpoint(plane, project_id, endpoint_id, patch), "Suspend timeout saved.")
     return redirect(_dashboard_url(project_id, ep.branch_id))
-
-
-async def _act(session: Session, action: Awaitable[object], success: str) -> None:
-    """Run a compute action; its outcome, good or bad, is shown on the page the browser goes back to."""
-    try:
-        await action
-    except ArgonError as exc:
-        session.flash("error", exc.user_message)
-    else:
-        session.flash("success", success)
 
 
 # Assets and unknown pages -------------------------------------------------------------------------------

@@ -99,6 +99,17 @@ def redirect(url: str) -> RedirectResponse:
     return RedirectResponse(url, status_code=303)
 
 
+async def act(session: Session, action: Awaitable[object], success: str) -> bool:
+    """Run a control-plane action; its outcome, good or bad, is shown on the page the browser goes back to."""
+    try:
+        await action
+    except ArgonError as exc:
+        session.flash("error", exc.user_message)
+        return False
+    session.flash("success", success)
+    return True
+
+
 def _to_login(request: Request) -> Response:
     if request.url.path.endswith(".json"):
         return JSONResponse({"message": "signed out: reload the page to sign in again"}, status_code=401)

@@ -1,4 +1,5 @@
-"""Branches: create from the parent's head (a copy-on-write or plain copy of its cluster), delete.
+"""Branches: create from the parent's head (a copy-on-write or plain copy of its cluster), rename,
+set as default, restore from another branch, delete.
 
 Policy only; the copy itself is `argon.storage.branching`. A new branch inherits the parent's roles
 (same verifiers and stored passwords) and databases, because its cluster is the parent's at the
@@ -192,6 +193,47 @@ async def create_branch(plane: ControlPlane, project_id: str, req: BranchRequest
         plane.mark_needs_spec(op.endpoint_id or "")
         plane.spawn(first_start(plane, op, reason="branch created"), f"first start of {op.endpoint_id}")
     return CreatedBranch(branch, endpoints, roles, databases, ops)
+
+
+_KEEP = object()  # update_branch: "leave expires_at as it is" (None clears it)
+
+
+async def update_branch(plane: ControlPlane, project_id: str, branch_id: str, *, name: str | None = None,
+                        protected: bool | None = None, expires_at: datetime | object | None = _KEEP
+                        ) -> model.Branch:
+    """Rename, protect or unprotect a branch, or set or clear its expiry (the API's PATCH, the console's
+    rename). Unchanged values are no-ops; a name already taken is a conflict."""
+    async with plane.project_lock(project_id):
+        branch = plane.branch(project_id, branch_id)
+        changes: dict[str, object] = {}
+        if name is not None and name != branch.name:
+            name = ids.check_display_name(name, "branch")
+            if any(b.name == name for b in plane.branches(project_id)):
+                raise Conflict(f"branch {name!r} already exists")
+            changes["name"] = name
+        if protected is not None:
+            changes["protected"] = protected
+        if expires_at is not _KEEP:
+            if expires_at is not None and branch.default:
+                raise UserError("the default branch cannot expire")
+            changes["expires_at"] = check_expiry(expires_at if isinstance(expires_at, datetime) else None)
+        if changes:
+            branch = branch.replace(**changes)
+            await plane.save(branch)
+    return branch
+
+
+async def set_default_branch(plane: ControlPlane, project_id: str, branch_id: str) -> model.Branch:
+    """Make a branch the project's default (the one `connection_uri` and new branches use)."""
+    async with plane.project_lock(project_id):
+        target = plane.branch(project_id, branch_id)
+        changed = [b.replace(default=False) for b in plane.branches(project_id) if b.default and b.id != branch_id]
+        if not target.default:
+            target = target.replace(default=True)
+            changed.append(target)
+        if changed:
+            await plane.save(*changed)
+    return target
 
 
 async def delete_branch(plane: ControlPlane, project_id: str, branch_id: str, *,

@@ -108,3 +108,18 @@ setupCopyButtons();
 setupReveal();
 setupChoices();
 setupComputePolling();
+
+// The SQL editor: Ctrl+Enter (or Cmd+Enter) runs the query.
+function setupSqlEditor() {
+  for (const form of document.querySelectorAll("form[data-sql-form]")) {
+    const area = form.querySelector("textarea");
+    area.addEventListener("keydown", (event) => {
+      if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) {
+        event.preventDefault();
+        form.requestSubmit();
+      }
+    });
+  }
+}
+
+setupSqlEditor();
