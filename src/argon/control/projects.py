@@ -93,10 +93,12 @@ async def create_project(plane: ControlPlane, req: ProjectRequest) -> CreatedPro
     pgdata = plane.layout.pgdata(pid, bid)
     try:
         await asyncio.to_thread(_make_branch_data, plane, pid, template, pgdata, uid)
-    except OSError as exc:
-        await asyncio.to_thread(shutil.rmtree, plane.layout.project_dir(pid), True)
-        raise StorageError(f"could not create the project's data directory: {exc.strerror or exc}. "
-                           "Check free disk space and permissions of the data directory.") from exc
+    except BaseException as exc:
+        await asyncio.to_thread(shutil.rmtree, plane.layout.project_dir(pid), True)  # never a half project
+        if isinstance(exc, OSError):
+            raise StorageError(f"could not create the project's data directory: {exc.strerror or exc}. "
+                               "Check free disk space and permissions of the data directory.") from exc
+        raise
 
     password = ids.password()
     verifier = ScramSecret.from_password(password).to_string()
