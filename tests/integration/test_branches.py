@@ -119,7 +119,7 @@ def test_branch_requests_are_validated(platform: RunningPlatform, project: dict[
     resp = platform.api.post(f"/projects/{pid}/branches", json={"branch": {"name": "main"}})
     assert resp.status_code == 409
     resp = platform.api.post(f"/projects/{pid}/branches", json={"branch": {"parent_lsn": "0/1"}})
-    assert resp.status_code == 400 and "not supported yet" in resp.json()["message"]
+    assert resp.status_code == 400 and "before the start" in resp.json()["message"]
     # No endpoints asked for: a branch without compute (neonctl --no-compute).
     resp = platform.api.post(f"/projects/{pid}/branches", json={"endpoints": []})
     assert resp.status_code == 201 and resp.json()["endpoints"] == [] and resp.json()["connection_uris"] == []

@@ -5,7 +5,8 @@ Policy only; the copy itself is `argon.storage.branching`. A new branch inherits
 (same verifiers and stored passwords) and databases, because its cluster is the parent's at the
 moment of the request. The parent's endpoint lock is held while its cluster is copied: a stopped
 parent cannot start under the copy, a running one cannot be suspended in the middle of the backup.
-Point-in-time branches (`parent_lsn`, `parent_timestamp`) need the WAL archive: not yet.
+Point-in-time branches (`parent_lsn`, `parent_timestamp`) and restores to a past point are rebuilt
+from the parent's history (`argon.control.history`); every new data state starts a history epoch.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING
 from argon import ids, model
 from argon.compute.admin import connect_admin
 from argon.compute.osuser import OsUser, chown_tree
+from argon.control import history
 from argon.errors import Conflict, NotFound, Precondition, UserError
 from argon.storage import branching
 
@@ -107,12 +109,17 @@ async def _parent_quiet(plane: ControlPlane, parent: model.Branch) -> AsyncItera
         yield rw[0]
 
 
+def _make_branch_dir(plane: ControlPlane, project: model.Project, branch_id: str) -> None:
+    path = plane.layout.branch_dir(project.id, branch_id)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if project.os_uid is not None:
+        os.chown(path, project.os_uid, project.os_uid)
+
+
 async def _copy_parent(plane: ControlPlane, project: model.Project, parent: model.Branch, target: Path) -> str | None:
     """Copy the head of `parent` into `target` (a new directory); returns the LSN it reflects."""
     source = plane.layout.pgdata(project.id, parent.id)
-    await asyncio.to_thread(target.parent.mkdir, 0o700, True, True)
-    if project.os_uid is not None:
-        await asyncio.to_thread(os.chown, target.parent, project.os_uid, project.os_uid)
+    await asyncio.to_thread(_make_branch_dir, plane, project, target.parent.name)
     async with _parent_quiet(plane, parent) as ep:
         if ep is not None and plane.is_running(ep.id):
             conn = await connect_admin(plane.layout.socket_dir(ep.id))
@@ -128,9 +135,8 @@ async def _copy_parent(plane: ControlPlane, project: model.Project, parent: mode
 async def create_branch(plane: ControlPlane, project_id: str, req: BranchRequest) -> CreatedBranch:
     started = time.monotonic()
     project = plane.project(project_id)
-    if req.parent_lsn or req.parent_timestamp:
-        raise UserError("branching from a point in time (parent_lsn / parent_timestamp) is not supported yet; "
-                        "omit them to branch from the parent's head")
+    if req.parent_lsn and req.parent_timestamp:
+        raise UserError("give parent_lsn or parent_timestamp, not both")
     if req.init_source not in ("parent-data", "schema-only"):
         raise UserError("init_source must be parent-data or schema-only")
     if req.init_source == "schema-only":
@@ -143,8 +149,18 @@ async def create_branch(plane: ControlPlane, project_id: str, req: BranchRequest
         name = req.name or bid
         if any(b.name == name for b in plane.branches(project_id)):
             raise Conflict(f"branch {name!r} already exists")
+        pgdata = plane.layout.pgdata(project_id, bid)
+        parent_at = None
         try:
-            lsn = await _copy_parent(plane, project, parent, plane.layout.pgdata(project_id, bid))
+            if req.parent_lsn or req.parent_timestamp:
+                await asyncio.to_thread(_make_branch_dir, plane, project, bid)
+                point = await history.materialize(plane, project, parent, pgdata, lsn=req.parent_lsn,
+                                                  timestamp=req.parent_timestamp)
+                lsn, parent_at = point.lsn, point.at
+            else:
+                lsn = await _copy_parent(plane, project, parent, pgdata)
+            await asyncio.to_thread(history.begin_epoch, plane, project, bid, pgdata, reason="branch created",
+                                    consistent_lsn=lsn, fresh=True)
         except BaseException:
             await asyncio.to_thread(shutil.rmtree, plane.layout.branch_dir(project_id, bid), True)
             raise
@@ -154,7 +170,7 @@ async def create_branch(plane: ControlPlane, project_id: str, req: BranchRequest
                                     OsUser(project.os_uid, project.os_uid))
         now = model.utcnow()
         branch = model.Branch(id=bid, project_id=project_id, name=name, created_at=now, updated_at=now,
-                              parent_id=parent.id, parent_lsn=lsn, parent_timestamp=now, protected=req.protected,
+                              parent_id=parent.id, parent_lsn=lsn, parent_timestamp=parent_at or now, protected=req.protected,
                               init_source=req.init_source, expires_at=check_expiry(req.expires_at))
         roles = [r.replace(branch_id=bid, created_at=now) for r in await plane.db(plane.store.list_roles, parent.id)]
         parent_dbs = await plane.db(plane.store.list_databases, parent.id)
@@ -272,12 +288,11 @@ async def restore_branch(plane: ControlPlane, project_id: str, branch_id: str, s
     `preserve_under_name` keeps the old data as a new branch, which becomes the restored one's parent."""
     started = time.monotonic()
     project = plane.project(project_id)
-    if source_lsn or source_timestamp:
-        raise UserError("restoring to a point in time (source_lsn / source_timestamp) is not supported yet; "
-                        "omit them to restore from the source branch's head")
-    if source_branch_id == branch_id:
+    if source_lsn and source_timestamp:
+        raise UserError("give source_lsn or source_timestamp, not both")
+    if source_branch_id == branch_id and not (source_lsn or source_timestamp):
         raise UserError("restoring a branch from its own head changes nothing; give source_lsn or "
-                        "source_timestamp (not supported yet) or another source_branch_id")
+                        "source_timestamp to restore it to its own past, or another source_branch_id")
     async with plane.project_lock(project_id):
         target = plane.branch(project_id, branch_id)
         source = plane.branch(project_id, source_branch_id)
@@ -296,7 +311,12 @@ async def restore_branch(plane: ControlPlane, project_id: str, branch_id: str, s
             fresh = pgdata.with_name("pgdata.restoring")
             await asyncio.to_thread(shutil.rmtree, fresh, True)
             try:
-                lsn = await _copy_parent(plane, project, source, fresh)
+                if source_lsn or source_timestamp:
+                    point = await history.materialize(plane, project, source, fresh, lsn=source_lsn,
+                                                      timestamp=source_timestamp)
+                    lsn = point.lsn
+                else:
+                    lsn = await _copy_parent(plane, project, source, fresh)
             except BaseException:
                 await asyncio.to_thread(shutil.rmtree, fresh, True)
                 raise
@@ -313,11 +333,21 @@ async def restore_branch(plane: ControlPlane, project_id: str, branch_id: str, s
                 await asyncio.to_thread(backup_dir.mkdir, 0o700, True, True)
                 if project.os_uid is not None:
                     await asyncio.to_thread(os.chown, backup_dir, project.os_uid, project.os_uid)
+                await asyncio.to_thread(history.end_epoch, plane, project, branch_id, pgdata)
                 await asyncio.to_thread(os.rename, pgdata, plane.layout.pgdata(project_id, backup.id))
+                await asyncio.to_thread(history.begin_epoch, plane, project, backup.id,
+                                        plane.layout.pgdata(project_id, backup.id),
+                                        reason=f"kept when {target.name} was restored", fresh=True)
             else:
+                await asyncio.to_thread(history.end_epoch, plane, project, branch_id, pgdata)
                 await asyncio.to_thread(shutil.rmtree, pgdata, True)
             await asyncio.to_thread(os.rename, fresh, pgdata)
-            restored = target.replace(parent_id=backup.id if backup else source.id, parent_lsn=lsn,
+            # The restored branch keeps its older epochs: it can go back to before this restore.
+            await asyncio.to_thread(history.begin_epoch, plane, project, branch_id, pgdata,
+                                    reason="restored from own past" if source.id == branch_id else
+                                    f"restored from {source.name}", consistent_lsn=lsn)
+            parent = backup.id if backup else target.parent_id if source.id == branch_id else source.id
+            restored = target.replace(parent_id=parent, parent_lsn=lsn,
                                       parent_timestamp=now)
             new_roles = [r.replace(branch_id=branch_id) for r in await plane.db(plane.store.list_roles, source.id)]
             src_dbs = await plane.db(plane.store.list_databases, source.id)

@@ -19,6 +19,7 @@ import pwd
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -82,6 +83,7 @@ class ControlPlane:
         self._background: set[asyncio.Task[Any]] = set()
         self._stopping: set[str] = set()
         self.templates: dict[int, Path] = {}  # Postgres major -> pristine template pgdata
+        self.clock: Callable[[], datetime] = model.utcnow  # history windows and snapshot times (tests move it)
         from argon.control.apikeys import ApiKeys
 
         self.api_keys = ApiKeys(self)
@@ -253,7 +255,10 @@ class ControlPlane:
             raise ComputeError(f"PostgreSQL {project.pg_version} binaries are not available on this machine; "
                                f"install them or set ARGON_PG_BINDIRS", retryable=False)
         user = OsUser(project.os_uid, project.os_uid) if project.os_uid is not None else None
-        gucs = gucs_for_cu(ep.autoscaling_limit_max_cu) | dict(ep.pg_settings)
+        from argon.control.history import archive_settings
+
+        gucs = (gucs_for_cu(ep.autoscaling_limit_max_cu) | dict(ep.pg_settings)
+                | archive_settings(self, project, ep.branch_id))
         return ComputeSpec(endpoint_id=ep.id, install=install,
                            pgdata=self.layout.pgdata(project.id, ep.branch_id),
                            socket_dir=self.layout.socket_dir(ep.id),
@@ -279,8 +284,9 @@ class ControlPlane:
                 return ComputeAddress(socket_path=socket)
             ep = self.endpoint(None, endpoint_id)
             started = time.monotonic()
-            spec = self.compute_spec(ep)
             try:
+                await self._ensure_history(ep)
+                spec = self.compute_spec(ep)
                 await self.computes.start(spec)
                 if endpoint_id in self._needs_spec:
                     from argon.control.spec import apply_spec
@@ -335,6 +341,8 @@ class ControlPlane:
                 await self.computes.stop(endpoint_id, mode=mode)
             finally:
                 self._stopping.discard(endpoint_id)
+            if mode != "immediate":
+                await self._after_stop_history(ep)
         if ep.current_state is model.ComputeState.ACTIVE or was_running:
             now = model.utcnow()
             ep = ep.replace(current_state=model.ComputeState.IDLE, pending_state=None, suspended_at=now)
@@ -348,6 +356,36 @@ class ControlPlane:
                     await self.record(ep.project_id, model.OperationAction.SUSPEND_COMPUTE, branch_id=ep.branch_id,
                                       endpoint_id=ep.id, started=started)
         return was_running
+
+    async def _ensure_history(self, ep: model.Endpoint) -> None:
+        """A branch without history (data from before history existed, or retention raised from 0)
+        gets its base snapshot before its compute starts."""
+        from argon.control import history
+
+        project = self._projects[ep.project_id]
+        if not history.enabled(project) or ep.type is not model.EndpointType.READ_WRITE:
+            return
+        if history.branch_history(self, project.id, ep.branch_id).exists():
+            return
+        pgdata = self.layout.pgdata(project.id, ep.branch_id)
+        if project.pg_version not in self.installs or not (pgdata / "PG_VERSION").exists():
+            return
+        try:
+            await asyncio.to_thread(history.begin_epoch, self, project, ep.branch_id, pgdata,
+                                    reason="history started", fresh=True)
+        except Exception as exc:  # history is a feature, starting the compute is the job
+            log.warning("could not start the history of branch %s: %s", ep.branch_id, exc)
+
+    async def _after_stop_history(self, ep: model.Endpoint) -> None:
+        from argon.control import history
+
+        project = self._projects.get(ep.project_id)
+        if project is None or ep.type is not model.EndpointType.READ_WRITE:
+            return
+        try:
+            await asyncio.to_thread(history.after_stop, self, project, ep.branch_id)
+        except Exception as exc:
+            log.warning("could not snapshot or prune the history of branch %s: %s", ep.branch_id, exc)
 
     async def _sync_before_stop(self, ep: model.Endpoint) -> None:
         """Pick up roles and databases changed through SQL before the compute goes away; skipped when an

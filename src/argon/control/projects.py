@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from argon import ids, model
 from argon.compute.osuser import OsUser, running_as_root
+from argon.control import history
 from argon.errors import StorageError, UserError
 from argon.storage.clone import chown_tree
 from argon.wire.scram import ScramSecret
@@ -136,6 +137,11 @@ async def create_project(plane: ControlPlane, req: ProjectRequest) -> CreatedPro
         raise
     for obj in (project, branch, endpoint, role):
         plane.remember(obj)
+    try:
+        await asyncio.to_thread(history.start_from_template, plane, project, bid, template)
+        plane.spawn(asyncio.to_thread(history.materialize_base, plane, project, bid), f"history base of {bid}")
+    except Exception as exc:  # the project works without it; point in time starts at the first suspend
+        log.warning("could not start the history of project %s: %s", pid, exc)
     plane.mark_needs_spec(eid)
     log.info("project %s (%s) created with endpoint %s in %.0f ms", pid, project.name, eid,
              (time.monotonic() - started) * 1000)

@@ -1,0 +1,464 @@
+"""History retention and point in time: when epochs begin and end, when snapshots are taken and
+pruned, and how a request for "this branch at LSN x / time t" becomes a cluster.
+
+Semantics (documented in docs/architecture.md, "Point in time"):
+
+- **LSN** `L`: the result holds every WAL record that *starts* before `L`. An LSN read with
+  `pg_current_wal_lsn()` right after a commit therefore includes that commit.
+- **Timestamp** `T` (RFC 3339, microseconds): the result holds every transaction whose commit
+  timestamp is at or before `T` and none after it. The platform maps `T` to an LSN itself (the first
+  commit record later than `T`, found with `pg_waldump`), so a `T` after the last commit, on a quiet
+  database, still works: it means "everything".
+- Targets must lie within the project's `history_retention_seconds` and after the branch got its
+  current data; anything else is a clear 400.
+
+The mechanism (manifest, WAL files, rebuilding) is `argon.storage.history`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from argon import model
+from argon.compute import postmaster
+from argon.compute.admin import connect_admin
+from argon.compute.manager import ComputeSpec, prepare
+from argon.compute.osuser import OsUser, chown_tree
+from argon.compute.params import gucs_for_cu
+from argon.compute.postmaster import ComputeStartError
+from argon.errors import StorageError, UserError
+from argon.storage import history as hs
+from argon.storage.spares import template_key
+
+if TYPE_CHECKING:
+    from argon.control.plane import ControlPlane
+
+log = logging.getLogger(__name__)
+
+RECOVERY_TIMEOUT = 3600.0  # replaying a day of busy WAL can take a while
+WAL_SNAPSHOT_TRIGGER = 256 * 1024 * 1024  # this much WAL since the newest snapshot: take one at the next stop
+
+
+@dataclass(frozen=True)
+class PointInTime:
+    """What a rebuilt cluster holds: WAL up to `lsn` (exclusive), i.e. the state at `at`."""
+
+    lsn: str
+    at: datetime
+
+
+def branch_history(plane: ControlPlane, project_id: str, branch_id: str) -> hs.BranchHistory:
+    return hs.BranchHistory(plane.layout.branch_dir(project_id, branch_id) / "history")
+
+
+def enabled(project: model.Project) -> bool:
+    return project.history_retention_seconds > 0
+
+
+def _epoch_id() -> str:
+    return f"e{int(time.time() * 1000):x}{secrets.token_hex(2)}"
+
+
+def _give(project: model.Project, *paths: Path) -> None:
+    if project.os_uid is not None:
+        for path in paths:
+            os.chown(path, project.os_uid, project.os_uid)
+
+
+def _make_wal_dir(history: hs.BranchHistory, project: model.Project, epoch_id: str) -> None:
+    wal = history.wal_dir(epoch_id)
+    wal.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _give(project, history.root, history.epoch_dir(epoch_id), wal)
+
+
+def archive_settings(plane: ControlPlane, project: model.Project, branch_id: str) -> dict[str, str]:
+    """The compute's archiving GUCs: its WAL goes to the current epoch's archive, or nowhere."""
+    if not enabled(project):
+        return {"archive_mode": "off"}
+    current = branch_history(plane, project.id, branch_id).load().current
+    if current is None:
+        return {"archive_mode": "off"}
+    wal = branch_history(plane, project.id, branch_id).wal_dir(current.id)
+    return {"archive_mode": "on", "archive_command": hs.archive_command(wal), "archive_timeout": "0"}
+
+
+# --- Epochs ---------------------------------------------------------------------------------------------
+
+def start_from_template(plane: ControlPlane, project: model.Project, branch_id: str, template: Path) -> None:
+    """A new project's first epoch: its cluster is a byte copy of the pristine template, so the
+    template is the base snapshot (copied into the history in the background, see `materialize_base`)."""
+    if not enabled(project):
+        return
+    install = plane.installs[project.pg_version]
+    snap, control = hs.describe_snapshot(install.bindir, template, "base", project.created_at)
+    snap = hs.Snapshot(name=snap.name, taken_at=snap.taken_at, redo_lsn=snap.redo_lsn,
+                       consistent_lsn=snap.consistent_lsn, template=template_key(template))
+    epoch = hs.Epoch(id=_epoch_id(), started_at=project.created_at, start_lsn=control.checkpoint_lsn,
+                     timeline=control.timeline, segsize=control.segsize, reason="project created", snapshots=(snap,))
+    history = branch_history(plane, project.id, branch_id)
+    history.save(hs.Manifest((epoch,)))
+    _make_wal_dir(history, project, epoch.id)
+    _give(project, history.manifest_path)
+
+
+def materialize_base(plane: ControlPlane, project: model.Project, branch_id: str) -> None:
+    """Copy template-backed snapshots into the history (idempotent; a copy in progress is a temp dir)."""
+    history = branch_history(plane, project.id, branch_id)
+    for epoch in history.load().epochs:
+        for snap in epoch.snapshots:
+            if snap.template is not None:
+                _template_snapshot(plane, project, history, epoch, snap)
+
+
+def _template_snapshot(plane: ControlPlane, project: model.Project, history: hs.BranchHistory, epoch: hs.Epoch,
+                       snap: hs.Snapshot) -> Path:
+    path = history.snapshot_dir(epoch.id, snap.name)
+    if path.exists():
+        return path
+    template = plane.templates.get(project.pg_version)
+    if template is None or template_key(template) != snap.template:
+        raise StorageError("the base of this branch's history was a template that has since been rebuilt; "
+                           "history before the branch's first suspend is not available")
+    tmp = path.with_name(f".tmp-{snap.name}-{secrets.token_hex(3)}")
+    plane.backend.clone_tree(template, tmp)
+    try:
+        os.rename(tmp, path)
+    except OSError:  # another copy won
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def begin_epoch(plane: ControlPlane, project: model.Project, branch_id: str, pgdata: Path, *, reason: str,
+                consistent_lsn: str | None = None, fresh: bool = False) -> None:
+    """The branch's data was just replaced by the (not yet started) cluster at `pgdata`: end the
+    current epoch, if any, and start a new one whose base is a copy of `pgdata`. `fresh`: forget
+    the older epochs (the branch is new, or its old history moved to a preserved branch)."""
+    if not enabled(project):
+        return
+    history = branch_history(plane, project.id, branch_id)
+    manifest = hs.Manifest() if fresh else history.load()
+    install = plane.installs[project.pg_version]
+    now = plane.clock()
+    snap, control = hs.describe_snapshot(install.bindir, pgdata, "base", now, consistent_lsn)
+    label = hs.backup_label_fields(pgdata)
+    epoch = hs.Epoch(id=_epoch_id(), started_at=now, start_lsn=snap.consistent_lsn,
+                     timeline=label[1] if label else control.timeline, segsize=control.segsize, reason=reason,
+                     snapshots=(snap,))
+    base = history.snapshot_dir(epoch.id, "base")
+    _make_wal_dir(history, project, epoch.id)
+    plane.backend.clone_tree(pgdata, base)
+    history.save(manifest.with_epoch(epoch))
+    _give(project, history.manifest_path)
+
+
+def end_epoch(plane: ControlPlane, project: model.Project, branch_id: str, old_pgdata: Path) -> None:
+    """Before a branch's stopped cluster is replaced: keep its not yet archived WAL tail in the
+    epoch's archive and record where the epoch ended."""
+    if not enabled(project):
+        return
+    history = branch_history(plane, project.id, branch_id)
+    manifest = history.load()
+    epoch = manifest.current
+    if epoch is None or not old_pgdata.exists():
+        return
+    install = plane.installs[project.pg_version]
+    control = hs.control_data(install.bindir, old_pgdata)
+    newest = epoch.snapshots[-1] if epoch.snapshots else None
+    start = hs.parse_lsn(newest.redo_lsn) if newest else 0
+    wal = history.wal_dir(epoch.id)
+    wal.mkdir(mode=0o700, parents=True, exist_ok=True)
+    plane.backend.copy_into(hs.wal_files(old_pgdata / "pg_wal", epoch.timeline, epoch.segsize, start), wal,
+                            tolerate_vanished=True)
+    history.save(manifest.with_epoch(epoch.replace(ended_at=plane.clock(), end_lsn=control.checkpoint_lsn)))
+
+
+# --- Snapshots at suspend, pruning ----------------------------------------------------------------------
+
+def _snapshot_due(plane: ControlPlane, project: model.Project, epoch: hs.Epoch, wal_since: int) -> bool:
+    if wal_since < epoch.segsize:
+        return False  # (almost) nothing written since the newest snapshot
+    if wal_since >= WAL_SNAPSHOT_TRIGGER:
+        return True
+    age = (plane.clock() - epoch.snapshots[-1].taken_at).total_seconds() if epoch.snapshots else float("inf")
+    # A reflink snapshot costs next to nothing: take one every 1/24 of the window (hourly for a
+    # day). A plain copy costs the cluster's size: every half window, so about three are kept.
+    interval = project.history_retention_seconds / (24 if plane.backend.name == "reflink" else 2)
+    return age >= max(60.0, interval)
+
+
+def after_stop(plane: ControlPlane, project: model.Project, branch_id: str) -> None:
+    """Called with the endpoint lock held, right after a clean stop: take a snapshot when one is due,
+    then prune what fell out of the retention window."""
+    if not enabled(project):
+        return
+    history = branch_history(plane, project.id, branch_id)
+    manifest = history.load()
+    epoch = manifest.current
+    if epoch is None:
+        return
+    pgdata = plane.layout.pgdata(project.id, branch_id)
+    install = plane.installs[project.pg_version]
+    control = hs.control_data(install.bindir, pgdata)
+    newest = epoch.snapshots[-1] if epoch.snapshots else None
+    wal_since = hs.parse_lsn(control.checkpoint_lsn) - (hs.parse_lsn(newest.consistent_lsn) if newest else 0)
+    if control.state == "shut down" and control.timeline == epoch.timeline and \
+            _snapshot_due(plane, project, epoch, wal_since):
+        name = f"s{int(time.time() * 1000):x}"
+        target = history.snapshot_dir(epoch.id, name)
+        plane.backend.clone_tree(pgdata, target)
+        for junk in ("postmaster.pid", "postmaster.opts"):
+            (target / junk).unlink(missing_ok=True)
+        snap, _ = hs.describe_snapshot(install.bindir, target, name, plane.clock())
+        epoch = epoch.replace(snapshots=(*epoch.snapshots, snap))
+        manifest = manifest.with_epoch(epoch)
+        history.save(manifest)
+        log.info("snapshot %s of branch %s taken at %s", name, branch_id, snap.consistent_lsn)
+    prune(plane, project, branch_id)
+
+
+def prune(plane: ControlPlane, project: model.Project, branch_id: str) -> int:
+    """Drop epochs, snapshots and archived WAL no target inside the retention window needs; returns
+    the bytes freed. For each epoch the newest snapshot taken before the window starts is kept (a
+    target right at the window's start replays from it), everything older goes."""
+    history = branch_history(plane, project.id, branch_id)
+    manifest = history.load()
+    if not manifest.epochs:
+        return 0
+    window = plane.clock() - timedelta(seconds=project.history_retention_seconds)
+    freed = 0
+    for epoch in manifest.epochs[:-1]:
+        if epoch.ended_at is not None and epoch.ended_at < window:
+            freed += _tree_bytes(history.epoch_dir(epoch.id))
+            manifest = manifest.without(epoch.id)
+            history.save(manifest)
+            hs.remove_tree(history.epoch_dir(epoch.id))
+    for epoch in manifest.epochs:
+        older = [s for s in epoch.snapshots if s.taken_at < window]
+        drop = older[:-1]
+        if drop:
+            kept = tuple(s for s in epoch.snapshots if s not in drop)
+            manifest = manifest.with_epoch(epoch.replace(snapshots=kept))
+            history.save(manifest)
+            for snap in drop:
+                freed += _tree_bytes(history.snapshot_dir(epoch.id, snap.name))
+                hs.remove_tree(history.snapshot_dir(epoch.id, snap.name))
+            epoch = epoch.replace(snapshots=kept)
+        if epoch.snapshots:
+            freed += hs.prune_wal(history.wal_dir(epoch.id), epoch.timeline, epoch.segsize,
+                                  hs.parse_lsn(epoch.snapshots[0].redo_lsn))
+    if freed:
+        log.info("pruned %.1f MB of history of branch %s", freed / 1e6, branch_id)
+    return freed
+
+
+def _tree_bytes(path: Path) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_blocks * 512
+    return total
+
+
+async def prune_all(plane: ControlPlane) -> None:
+    """Periodic pruning (the monitor), for branches whose computes never stop."""
+    for project in plane.projects():
+        if not enabled(project):
+            continue
+        for branch in plane.branches(project.id):
+            try:
+                await asyncio.to_thread(prune, plane, project, branch.id)
+            except Exception as exc:
+                log.warning("could not prune the history of %s: %s", branch.id, exc)
+
+
+# --- Point in time ----------------------------------------------------------------------------------------
+
+def parse_timestamp(value: str | datetime) -> datetime:
+    if isinstance(value, datetime):
+        parsed = value
+    else:
+        try:
+            parsed = datetime.fromisoformat(value.strip().replace("z", "Z"))
+        except ValueError:
+            raise UserError(f"{value!r} is not a timestamp; use RFC 3339, e.g. 2026-11-24T13:00:00.000Z") from None
+    if parsed.tzinfo is None:
+        raise UserError("the timestamp needs a time zone (RFC 3339, e.g. 2026-11-24T13:00:00Z)")
+    return parsed
+
+
+def parse_lsn(value: str) -> int:
+    try:
+        return hs.parse_lsn(value)
+    except ValueError:
+        raise UserError(f"{value!r} is not an LSN; use the form 0/16B3748 (pg_current_wal_lsn())") from None
+
+
+async def materialize(plane: ControlPlane, project: model.Project, branch: model.Branch, target: Path, *,
+                      lsn: str | None = None, timestamp: str | datetime | None = None) -> PointInTime:
+    """Build, in the new directory `target`, `branch`'s cluster as it was at `lsn` or `timestamp`
+    (promoted onto a new timeline, cleanly shut down, ready to be a branch's data)."""
+    if (lsn is None) == (timestamp is None):
+        raise UserError("give either an LSN or a timestamp")
+    if not enabled(project):
+        raise UserError("this project keeps no history (history_retention_seconds is 0); "
+                        "raise it to branch or restore from a point in time")
+    now = plane.clock()
+    window = now - timedelta(seconds=project.history_retention_seconds)
+    when = parse_timestamp(timestamp) if timestamp is not None else None
+    point = parse_lsn(lsn) if lsn is not None else None
+    if when is not None:
+        if when > now + timedelta(seconds=1):
+            raise UserError(f"timestamp {when.isoformat()} is in the future")
+        if when < window:
+            raise UserError(f"timestamp {when.isoformat()} is outside the project's history retention window "
+                            f"({project.history_retention_seconds} s, back to {window.isoformat(timespec='seconds')})")
+    history = branch_history(plane, project.id, branch.id)
+    manifest = await asyncio.to_thread(history.load)
+    epoch, snap = _choose(manifest, branch, when, point)
+    if when is not None and when < epoch.started_at:
+        raise UserError(f"branch {branch.name!r} has no data before {epoch.started_at.isoformat()}")
+    install = plane.installs[project.pg_version]
+    pgdata = plane.layout.pgdata(project.id, branch.id)
+    current = epoch is manifest.current
+    ep = next((e for e in plane.endpoints(project.id, branch.id) if e.type is model.EndpointType.READ_WRITE), None)
+    live: Path | None = None
+    end_lsn = hs.parse_lsn(epoch.end_lsn) if epoch.end_lsn else None
+    if current:
+        live = pgdata / "pg_wal"
+        if ep is not None and plane.is_running(ep.id):
+            end_lsn = None  # open-ended: a record is written now, so every earlier target is inside the WAL
+            conn = await connect_admin(plane.layout.socket_dir(ep.id))
+            try:
+                cur = await conn.execute("SELECT pg_current_wal_insert_lsn()::text")
+                row = await cur.fetchone()
+                head = hs.parse_lsn(row[0]) if row else 0
+                if point is not None and point > head:
+                    raise UserError(f"LSN {lsn} is ahead of branch {branch.name!r} (its WAL is at {row[0] if row else '?'})")
+                await conn.execute("SELECT pg_logical_emit_message(false, 'argon', 'point in time')")
+                await conn.execute("SELECT pg_switch_wal()")
+            finally:
+                await conn.close()
+        else:
+            control = await asyncio.to_thread(hs.control_data, install.bindir, pgdata)
+            end_lsn = hs.parse_lsn(control.checkpoint_lsn)
+    if point is not None and end_lsn is not None and point > end_lsn + 8192:
+        raise UserError(f"LSN {lsn} is ahead of branch {branch.name!r} (its WAL ends at {hs.format_lsn(end_lsn)})")
+
+    snapshot_dir = history.snapshot_dir(epoch.id, snap.name)
+    if snap.template is not None:
+        snapshot_dir = await asyncio.to_thread(_template_snapshot, plane, project, history, epoch, snap)
+    started = time.monotonic()
+
+    def lay_out() -> None:
+        wal_dir = history.wal_dir(epoch.id)
+        start = hs.parse_lsn(snap.redo_lsn)
+        archived = hs.wal_files(wal_dir, epoch.timeline, epoch.segsize, start)
+        sources = [archived]
+        if live is not None:
+            sources.append(hs.wal_files(live, epoch.timeline, epoch.segsize, start))
+        hs.assemble(plane.backend, snapshot_dir, sources, target)
+        # A segment archived and removed from pg_wal while we copied: take it from the archive now.
+        have = set(os.listdir(target / "pg_wal"))
+        late = [p for p in hs.wal_files(wal_dir, epoch.timeline, epoch.segsize, start) if p.name not in have]
+        plane.backend.copy_into(late, target / "pg_wal", tolerate_vanished=True)
+
+    try:
+        await asyncio.to_thread(lay_out)
+        target_lsn: str | None
+        if when is not None:
+            target_lsn = await asyncio.to_thread(hs.first_commit_after, install.bindir, target / "pg_wal",
+                                                 snap.consistent_lsn, epoch.timeline, when)
+        else:
+            assert point is not None
+            target_lsn = lsn if end_lsn is None or point <= end_lsn else None
+        settings = hs.recovery_settings(target_lsn)
+        if target_lsn is not None and hs.parse_lsn(target_lsn) <= hs.parse_lsn(snap.consistent_lsn):
+            settings = {k: v for k, v in settings.items() if not k.startswith("recovery_target_lsn")
+                        and k != "recovery_target_inclusive"} | {"recovery_target": "immediate"}
+        control = await _recover(plane, project, branch.id, target, settings)
+    except BaseException:
+        await asyncio.to_thread(shutil.rmtree, target, True)
+        raise
+    reached = target_lsn or control.redo_lsn
+    log.info("rebuilt branch %s at %s (%s) in %.0f ms", branch.id, lsn or when, reached,
+             (time.monotonic() - started) * 1000)
+    return PointInTime(lsn=lsn or reached, at=when or now)
+
+
+def _choose(manifest: hs.Manifest, branch: model.Branch, when: datetime | None,
+            point: int | None) -> tuple[hs.Epoch, hs.Snapshot]:
+    if not manifest.epochs:
+        raise UserError(f"branch {branch.name!r} has no history yet (it predates history retention, or it "
+                        "was never started); branch from its head instead")
+    if when is not None:
+        epochs = [e for e in manifest.epochs if e.started_at <= when]
+        epoch = epochs[-1] if epochs else manifest.epochs[0]
+        snaps = [s for s in epoch.snapshots if s.taken_at <= when]
+    else:
+        assert point is not None
+        epochs = [e for e in manifest.epochs if hs.parse_lsn(e.start_lsn) <= point]
+        if not epochs:
+            raise UserError(f"LSN {hs.format_lsn(point)} is before the start of branch {branch.name!r}'s history "
+                            f"({manifest.epochs[0].start_lsn})")
+        epoch = epochs[-1]
+        snaps = [s for s in epoch.snapshots if hs.parse_lsn(s.consistent_lsn) <= point]
+    if not snaps:
+        raise UserError("that point is no longer in the branch's retained history (older history was pruned)")
+    return epoch, snaps[-1]
+
+
+async def _recover(plane: ControlPlane, project: model.Project, branch_id: str, target: Path,
+                   settings: dict[str, str]) -> hs.ControlData:
+    """One recovery run of the assembled cluster: start it, wait until it promoted, stop it cleanly."""
+    install = plane.installs[project.pg_version]
+    user = OsUser(project.os_uid, project.os_uid) if project.os_uid is not None else None
+    if user is not None:
+        await asyncio.to_thread(chown_tree, target, user)
+    socket_dir = plane.layout.run_dir / f"rc-{secrets.token_hex(4)}"
+    log_file = plane.layout.compute_log(project.id, branch_id).with_name("recovery.log")
+    spec = ComputeSpec(endpoint_id=socket_dir.name, install=install, pgdata=target, socket_dir=socket_dir,
+                       log_file=log_file, user=user, gucs=gucs_for_cu(0.25) | settings,
+                       argon_os_user=plane.os_user)
+    await asyncio.to_thread(prepare, spec)
+    pm = postmaster.start(install, target, log_file, user)
+    try:
+        try:
+            await pm.wait_ready(timeout=RECOVERY_TIMEOUT)  # "ready" (not "standby") once it promoted
+        except ComputeStartError as exc:
+            raise StorageError(f"rebuilding the branch at that point failed: {exc.user_message}") from None
+        deadline = time.monotonic() + RECOVERY_TIMEOUT
+        while True:
+            conn = await connect_admin(socket_dir)
+            try:
+                cur = await conn.execute("SELECT pg_is_in_recovery()")
+                row = await cur.fetchone()
+            finally:
+                await conn.close()
+            if row and not row[0]:
+                break
+            if not pm.alive:
+                raise StorageError("rebuilding the branch at that point failed: recovery stopped; see "
+                                   f"{log_file}")
+            if time.monotonic() > deadline:
+                raise StorageError("rebuilding the branch at that point timed out")
+            await asyncio.sleep(0.05)
+        await pm.stop("fast")
+    finally:
+        if pm.alive:
+            pm.kill_group()
+        await asyncio.to_thread(shutil.rmtree, socket_dir, True)
+    control = await asyncio.to_thread(hs.control_data, install.bindir, target)
+    await asyncio.to_thread(hs.tidy_after_recovery, target, control)
+    (target / "postgresql.auto.conf").write_text("")
+    return control

@@ -1,0 +1,197 @@
+"""Point in time: branches at an LSN or a timestamp recorded between commits, restoring a branch to
+its own past (across earlier restores), history retention and pruning with a simulated clock.
+
+Semantics under test (docs/architecture.md, "Point in time"): an LSN read with pg_current_wal_lsn()
+after a commit includes that commit; a timestamp includes every commit at or before it."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from argon import model
+from argon.storage.history import parse_lsn, segment_start
+from tests.fixtures.platform import RunningPlatform
+from tests.integration.test_branches import branch, scalar, uri_of
+
+pytestmark = pytest.mark.pg
+
+
+def commits_with_marks(uri: str, n: int, start: int = 1) -> list[tuple[str, datetime]]:
+    """Insert rows start..start+n-1, one transaction each; after each commit record (LSN, time)."""
+    marks = []
+    with psycopg.connect(uri, autocommit=True) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS t (v int)")
+        for i in range(start, start + n):
+            conn.execute("INSERT INTO t VALUES (%s)", (i,))
+            row = conn.execute("SELECT pg_current_wal_lsn()::text, clock_timestamp()").fetchone()
+            assert row is not None
+            marks.append((row[0], row[1]))
+    return marks
+
+
+def rfc3339(t: datetime) -> str:
+    return t.astimezone().isoformat().replace("+00:00", "Z")
+
+
+@pytest.fixture
+def clock(platform: RunningPlatform) -> Iterator[list[timedelta]]:
+    """Move the platform's clock: `clock[0] = timedelta(hours=1)`."""
+    offset = [timedelta(0)]
+    plane = platform.plane
+    plane.clock = lambda: model.utcnow() + offset[0]
+    try:
+        yield offset
+    finally:
+        plane.clock = model.utcnow
+
+
+def count_at(platform: RunningPlatform, pid: str, **point: Any) -> int:
+    created = branch(platform, pid, **point)
+    try:
+        return int(scalar(uri_of(created), "SELECT count(*) FROM t"))
+    finally:
+        platform.api.delete(f"/projects/{pid}/branches/{created['branch']['id']}")
+
+
+def test_branch_at_lsn_and_timestamp(platform: RunningPlatform, project: dict[str, Any],
+                                     clock: list[timedelta]) -> None:
+    pid = project["project"]["id"]
+    marks = commits_with_marks(platform.dsn(project), 4)
+    # LSNs between commits: exactly the commits before each one.
+    assert count_at(platform, pid, parent_lsn=marks[0][0]) == 1
+    assert count_at(platform, pid, parent_lsn=marks[2][0]) == 3
+    # Timestamps between commits, as neonctl sends them (UTC, Z) and with an offset.
+    assert count_at(platform, pid, parent_timestamp=rfc3339(marks[1][1])) == 2
+    assert count_at(platform, pid, parent_timestamp=marks[2][1].isoformat()) == 3
+    created = branch(platform, pid, parent_timestamp=rfc3339(marks[0][1]))
+    assert created["branch"]["parent_timestamp"].startswith(marks[0][1].astimezone().strftime("%Y-%m-%dT%H:%M"))
+    platform.api.delete(f"/projects/{pid}/branches/{created['branch']['id']}")
+    # A quiet database an hour after its last write: the target lies after every commit.
+    clock[0] = timedelta(hours=1)
+    assert count_at(platform, pid, parent_timestamp=rfc3339(marks[-1][1] + timedelta(hours=1))) == 4
+    clock[0] = timedelta(0)
+    # Out of range, malformed: clear 400s.
+    for point, words in [({"parent_timestamp": rfc3339(model.utcnow() + timedelta(hours=2))}, "future"),
+                         ({"parent_timestamp": rfc3339(model.utcnow() - timedelta(days=2))}, "retention"),
+                         ({"parent_timestamp": "yesterday"}, "not a timestamp"),
+                         ({"parent_lsn": "zz"}, "not an LSN"),
+                         ({"parent_lsn": "FF/0"}, "ahead")]:
+        resp = platform.api.post(f"/projects/{pid}/branches", json={"branch": point})
+        assert resp.status_code == 400 and words in resp.json()["message"], (point, resp.text)
+
+
+def test_point_in_time_on_every_installed_version(platform: RunningPlatform) -> None:
+    for version in sorted(platform.plane.installs):
+        created = platform.create_project(name=f"pitr-{version}", pg_version=version)
+        pid = created["project"]["id"]
+        try:
+            marks = commits_with_marks(platform.dsn(created), 2)
+            assert count_at(platform, pid, parent_lsn=marks[0][0]) == 1, version
+            assert count_at(platform, pid, parent_timestamp=rfc3339(marks[1][1])) == 2, version
+        finally:
+            platform.delete_project(pid)
+
+
+def test_point_in_time_of_a_suspended_branch_and_of_a_child(platform: RunningPlatform,
+                                                            project: dict[str, Any]) -> None:
+    pid = project["project"]["id"]
+    marks = commits_with_marks(platform.dsn(project), 3)
+    ep = project["endpoints"][0]["id"]
+    assert platform.api.post(f"/projects/{pid}/endpoints/{ep}/suspend").status_code == 200
+    # Stopped: the last segment was never archived, it is read from the branch's pg_wal.
+    assert count_at(platform, pid, parent_lsn=marks[1][0]) == 2
+    assert count_at(platform, pid, parent_timestamp=rfc3339(marks[2][1])) == 3
+    # A child taken from the head (an online backup as its base) has its own history.
+    child = branch(platform, pid, name="child")
+    child_marks = commits_with_marks(uri_of(child), 2, start=10)
+    cid = child["branch"]["id"]
+    grandchild = branch(platform, pid, parent_id=cid, parent_lsn=child_marks[0][0])
+    assert scalar(uri_of(grandchild), "SELECT string_agg(v::text, ',' ORDER BY v) FROM t") == "1,2,3,10"
+    grandchild2 = branch(platform, pid, parent_id=cid, parent_timestamp=rfc3339(child_marks[1][1]))
+    assert scalar(uri_of(grandchild2), "SELECT count(*) FROM t") == 5
+    # The parent's password works on a point-in-time branch too.
+    assert scalar(uri_of(grandchild2), "SELECT current_user") == "neondb_owner"
+
+
+def test_restore_to_own_past_keeps_ids_and_history(platform: RunningPlatform, project: dict[str, Any]) -> None:
+    pid = project["project"]["id"]
+    bid = project["branch"]["id"]
+    uri = platform.dsn(project)
+    marks = commits_with_marks(uri, 3)
+    resp = platform.api.post(f"/projects/{pid}/branches/{bid}/restore",
+                             json={"source_branch_id": bid, "source_timestamp": rfc3339(marks[1][1]),
+                                   "preserve_under_name": "before-restore"})
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["branch"]["id"] == bid
+    assert scalar(uri, "SELECT count(*) FROM t") == 2  # same connection string, the past state
+    kept = [b for b in platform.api.get(f"/projects/{pid}/branches").json()["branches"]
+            if b["name"] == "before-restore"][0]
+    kept_ep = platform.api.post(f"/projects/{pid}/endpoints",
+                                json={"endpoint": {"branch_id": kept["id"], "type": "read_write"}})
+    assert kept_ep.status_code == 201, kept_ep.text
+    # After a restore without preserving: new writes, then back to before the restore (older epoch).
+    after = commits_with_marks(uri, 1, start=20)
+    resp = platform.api.post(f"/projects/{pid}/branches/{bid}/restore",
+                             json={"source_branch_id": bid, "source_lsn": marks[0][0]})
+    assert resp.status_code == 200, resp.text
+    assert scalar(uri, "SELECT string_agg(v::text, ',' ORDER BY v) FROM t") == "1"
+    resp = platform.api.post(f"/projects/{pid}/branches/{bid}/restore",
+                             json={"source_branch_id": bid, "source_timestamp": rfc3339(after[0][1])})
+    assert resp.status_code == 200, resp.text
+    assert scalar(uri, "SELECT string_agg(v::text, ',' ORDER BY v) FROM t") == "1,2,20"
+    resp = platform.api.post(f"/projects/{pid}/branches/{bid}/restore", json={"source_branch_id": bid})
+    assert resp.status_code == 400 and "own head" in resp.json()["message"]
+
+
+def _history_bytes(root: Path) -> int:
+    return sum(os.lstat(os.path.join(d, f)).st_blocks * 512 for d, _, fs in os.walk(root) for f in fs)
+
+
+def test_retention_prunes_snapshots_and_wal(platform: RunningPlatform, clock: list[timedelta]) -> None:
+    created = platform.create_project(name="retention", history_retention_seconds=3600)
+    pid, bid = created["project"]["id"], created["branch"]["id"]
+    ep = created["endpoints"][0]["id"]
+    uri = platform.dsn(created)
+    history = platform.plane.layout.branch_dir(pid, bid) / "history"
+    try:
+        def write_and_suspend(rows: int) -> None:
+            with psycopg.connect(uri, autocommit=True) as conn:
+                conn.execute("CREATE TABLE IF NOT EXISTS big (v int, pad text)")
+                conn.execute("INSERT INTO big SELECT g, repeat('x', 100) FROM generate_series(1, %s) g", (rows,))
+            assert platform.api.post(f"/projects/{pid}/endpoints/{ep}/suspend").status_code == 200
+
+        write_and_suspend(20000)  # the base is fresh: no snapshot yet
+        manifest = json.loads((history / "manifest.json").read_text())
+        assert [s["name"] for s in manifest["epochs"][0]["snapshots"]] == ["base"]
+        clock[0] = timedelta(hours=2)
+        write_and_suspend(20000)  # a snapshot is due: the newest is older than half the window
+        clock[0] = timedelta(hours=4)
+        before = _history_bytes(history)
+        write_and_suspend(20000)  # another; the base and the WAL before the first snapshot go
+        manifest = json.loads((history / "manifest.json").read_text())
+        names = [s["name"] for s in manifest["epochs"][0]["snapshots"]]
+        assert "base" not in names and len(names) == 2, names
+        epoch = manifest["epochs"][0]["id"]
+        assert not (history / epoch / "snapshots" / "base").exists()
+        first_redo = parse_lsn(manifest["epochs"][0]["snapshots"][0]["redo_lsn"])
+        archived = [segment_start(p.name, 1 << 20) for p in (history / epoch / "wal").iterdir()]
+        assert archived and min(seg[1] for seg in archived if seg) + (1 << 20) > first_redo  # older WAL pruned
+        assert _history_bytes(history) < before + 8 * 1024 * 1024  # bounded: old snapshot and WAL freed
+        # Inside the window: works (replays from the kept snapshot). Before it: a clear 400.
+        now = model.utcnow() + clock[0]
+        child = branch(platform, pid, parent_timestamp=rfc3339(now - timedelta(minutes=10)))
+        assert scalar(uri_of(child), "SELECT count(*) FROM big") == 60000
+        resp = platform.api.post(f"/projects/{pid}/branches",
+                                 json={"branch": {"parent_timestamp": rfc3339(model.utcnow())}})
+        assert resp.status_code == 400 and "retention" in resp.json()["message"]
+    finally:
+        clock[0] = timedelta(0)
+        platform.delete_project(pid)
