@@ -132,11 +132,13 @@ def test_restore_to_own_past_keeps_ids_and_history(platform: RunningPlatform, pr
     assert resp.status_code == 200, resp.text
     assert resp.json()["branch"]["id"] == bid
     assert scalar(uri, "SELECT count(*) FROM t") == 2  # same connection string, the past state
-    kept = [b for b in platform.api.get(f"/projects/{pid}/branches").json()["branches"]
-            if b["name"] == "before-restore"][0]
+    kept = next(b for b in platform.api.get(f"/projects/{pid}/branches").json()["branches"]
+                if b["name"] == "before-restore")
     kept_ep = platform.api.post(f"/projects/{pid}/endpoints",
                                 json={"endpoint": {"branch_id": kept["id"], "type": "read_write"}})
     assert kept_ep.status_code == 201, kept_ep.text
+    kept_uri = platform.dsn(project).replace(project["endpoints"][0]["id"], kept_ep.json()["endpoint"]["id"])
+    assert scalar(kept_uri, "SELECT count(*) FROM t") == 3  # the state before the restore, kept
     # After a restore without preserving: new writes, then back to before the restore (older epoch).
     after = commits_with_marks(uri, 1, start=20)
     resp = platform.api.post(f"/projects/{pid}/branches/{bid}/restore",
@@ -192,6 +194,50 @@ def test_retention_prunes_snapshots_and_wal(platform: RunningPlatform, clock: li
         resp = platform.api.post(f"/projects/{pid}/branches",
                                  json={"branch": {"parent_timestamp": rfc3339(model.utcnow())}})
         assert resp.status_code == 400 and "retention" in resp.json()["message"]
+    finally:
+        clock[0] = timedelta(0)
+        platform.delete_project(pid)
+
+
+def test_cli_branches_at_a_point_and_restore(platform: RunningPlatform, project: dict[str, Any]) -> None:
+    from tests.integration.test_cli import argon
+
+    pid = project["project"]["id"]
+    uri = platform.dsn(project)
+    marks = commits_with_marks(uri, 3)
+    out = argon(platform, "branches", "create", "--project-id", pid, "--name", "at-lsn",
+                "--parent", f"main@{marks[0][0]}").stdout
+    assert "Created branch at-lsn" in out
+    lsn_uri = next(line.strip() for line in out.splitlines() if line.strip().startswith("postgresql://"))
+    assert scalar(lsn_uri, "SELECT count(*) FROM t") == 1
+    out = argon(platform, "branches", "restore", "main", f"^self@{rfc3339(marks[1][1])}", "--project-id", pid,
+                "--preserve-under-name", "main-before").stdout
+    assert "Restored branch main" in out and "main-before" in out
+    assert scalar(uri, "SELECT count(*) FROM t") == 2
+    bad = argon(platform, "branches", "restore", "main", "^self@yesterday", "--project-id", pid, check=False)
+    assert bad.returncode != 0 and "neither an LSN" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_online_snapshot_of_a_compute_that_never_suspends(platform: RunningPlatform, clock: list[timedelta]) -> None:
+    from argon.control.history import maintain
+
+    created = platform.create_project(name="busy", history_retention_seconds=3600)
+    pid, bid = created["project"]["id"], created["branch"]["id"]
+    uri = platform.dsn(created)
+    history = platform.plane.layout.branch_dir(pid, bid) / "history"
+    try:
+        with psycopg.connect(uri, autocommit=True) as conn:
+            conn.execute("CREATE TABLE big AS SELECT g AS v, repeat('x', 100) AS pad FROM generate_series(1, 20000) g")
+        clock[0] = timedelta(hours=2)
+        platform.call(maintain(platform.plane))
+        snaps = json.loads((history / "manifest.json").read_text())["epochs"][0]["snapshots"]
+        assert len(snaps) == 2, snaps
+        epoch = json.loads((history / "manifest.json").read_text())["epochs"][0]["id"]
+        assert (history / epoch / "snapshots" / snaps[1]["name"] / "backup_label").exists()
+        with psycopg.connect(uri, autocommit=True) as conn:
+            conn.execute("INSERT INTO big VALUES (0, 'after')")
+        child = branch(platform, pid, parent_timestamp=rfc3339(model.utcnow() + clock[0]))
+        assert scalar(uri_of(child), "SELECT count(*) FROM big") == 20001  # replayed from the online snapshot
     finally:
         clock[0] = timedelta(0)
         platform.delete_project(pid)

@@ -37,6 +37,7 @@ from argon.compute.osuser import OsUser, chown_tree
 from argon.compute.params import gucs_for_cu
 from argon.compute.postmaster import ComputeStartError
 from argon.errors import StorageError, UserError
+from argon.storage import branching
 from argon.storage import history as hs
 from argon.storage.spares import template_key
 
@@ -270,16 +271,65 @@ def _tree_bytes(path: Path) -> int:
     return total
 
 
-async def prune_all(plane: ControlPlane) -> None:
-    """Periodic pruning (the monitor), for branches whose computes never stop."""
+async def maintain(plane: ControlPlane) -> None:
+    """Every minute (the monitor): computes that never suspend get their snapshots online, and every
+    branch's history is pruned. Under the project lock, so no restore changes epochs meanwhile."""
     for project in plane.projects():
         if not enabled(project):
             continue
         for branch in plane.branches(project.id):
             try:
-                await asyncio.to_thread(prune, plane, project, branch.id)
+                async with plane.project_lock(project.id):
+                    if project.id not in {p.id for p in plane.projects()}:
+                        break
+                    await _snapshot_running(plane, project, branch.id)
+                    await asyncio.to_thread(prune, plane, project, branch.id)
             except Exception as exc:
-                log.warning("could not prune the history of %s: %s", branch.id, exc)
+                log.warning("history maintenance of branch %s failed: %s", branch.id,
+                            getattr(exc, "user_message", exc))
+
+
+async def _snapshot_running(plane: ControlPlane, project: model.Project, branch_id: str) -> None:
+    """An online snapshot (the clone protocol) of a running compute, when one is due. The compute
+    keeps serving; if it stops meanwhile, the backup is aborted and nothing is recorded."""
+    ep = next((e for e in plane.endpoints(project.id, branch_id) if e.type is model.EndpointType.READ_WRITE), None)
+    if ep is None or not plane.is_running(ep.id):
+        return
+    history = branch_history(plane, project.id, branch_id)
+    epoch = (await asyncio.to_thread(history.load)).current
+    if epoch is None or not epoch.snapshots:
+        return
+    conn = await connect_admin(plane.layout.socket_dir(ep.id))
+    try:
+        cur = await conn.execute("SELECT pg_current_wal_lsn()::text")
+        row = await cur.fetchone()
+        wal_since = hs.parse_lsn(row[0] if row else "0/0") - hs.parse_lsn(epoch.snapshots[-1].consistent_lsn)
+        if not _snapshot_due(plane, project, epoch, wal_since):
+            return
+        name = f"s{int(time.time() * 1000):x}"
+        target = history.snapshot_dir(epoch.id, name)
+        await asyncio.to_thread(target.parent.mkdir, 0o700, True, True)
+        try:
+            stop_lsn = await branching.clone_running(conn, plane.backend, plane.layout.pgdata(project.id, branch_id),
+                                                     target)
+        except BaseException:
+            await asyncio.to_thread(shutil.rmtree, target, True)
+            raise
+    finally:
+        await conn.close()
+    install = plane.installs[project.pg_version]
+
+    def record() -> None:
+        snap, _ = hs.describe_snapshot(install.bindir, target, name, plane.clock(), stop_lsn)
+        manifest = history.load()  # re-read: a stop may have added a snapshot meanwhile
+        current = manifest.current
+        if current is None or current.id != epoch.id:
+            shutil.rmtree(target, ignore_errors=True)
+            return
+        history.save(manifest.with_epoch(current.replace(snapshots=(*current.snapshots, snap))))
+        log.info("online snapshot %s of branch %s taken at %s", name, branch_id, stop_lsn)
+
+    await asyncio.to_thread(record)
 
 
 # --- Point in time ----------------------------------------------------------------------------------------

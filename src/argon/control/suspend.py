@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 CHECK_INTERVAL = 0.5  # seconds between looks; Neon's compute monitor uses the same period
 EXPIRY_EVERY = 4  # look for expired branches every 2 s
+HISTORY_EVERY = 120  # ticks (one minute): snapshots of computes that never suspend, pruning
 
 # Work in Postgres that keeps a compute awake although no client sends bytes.
 BUSY_BACKENDS_SQL = """
@@ -69,6 +70,7 @@ class SuspendMonitor:
         self.plane = plane
         self._task: asyncio.Task[None] | None = None
         self._running_since: dict[str, float] = {}
+        self._history: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop())
@@ -90,6 +92,10 @@ class SuspendMonitor:
                 await self.check_all()
                 if ticks % EXPIRY_EVERY == 0:
                     await delete_expired(self.plane)
+                if ticks % HISTORY_EVERY == 0 and (self._history is None or self._history.done()):
+                    from argon.control.history import maintain
+
+                    self._history = self.plane.spawn(maintain(self.plane), "history snapshots and pruning")
             except Exception:  # the monitor must survive anything one compute does
                 log.exception("suspend check failed")
 
