@@ -241,3 +241,25 @@ def test_online_snapshot_of_a_compute_that_never_suspends(platform: RunningPlatf
     finally:
         clock[0] = timedelta(0)
         platform.delete_project(pid)
+
+
+def test_a_throw_away_cluster_at_a_point(platform: RunningPlatform, project: dict[str, Any]) -> None:
+    from argon.compute.admin import connect_admin
+    from argon.control.history import cluster_at
+
+    pid, bid = project["project"]["id"], project["branch"]["id"]
+    marks = commits_with_marks(platform.dsn(project), 2)
+    plane = platform.plane
+
+    async def read() -> int:
+        async with cluster_at(plane, plane.project(pid), plane.branch(pid, bid), lsn=marks[0][0]) as socket_dir:
+            conn = await connect_admin(socket_dir, "neondb")
+            try:
+                cur = await conn.execute("SELECT count(*) FROM t")
+                row = await cur.fetchone()
+                return int(row[0]) if row else -1
+            finally:
+                await conn.close()
+
+    assert platform.call(read()) == 1
+    assert not list(plane.layout.branch_dir(pid, bid).glob("tmp-*"))

@@ -24,6 +24,7 @@ import os
 import secrets
 import shutil
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -512,3 +513,35 @@ async def _recover(plane: ControlPlane, project: model.Project, branch_id: str, 
     await asyncio.to_thread(hs.tidy_after_recovery, target, control)
     (target / "postgresql.auto.conf").write_text("")
     return control
+
+
+@contextlib.asynccontextmanager
+async def cluster_at(plane: ControlPlane, project: model.Project, branch: model.Branch, *, lsn: str | None = None,
+                     timestamp: str | datetime | None = None) -> AsyncIterator[Path]:
+    """A throw-away, running copy of `branch` as it was at `lsn`/`timestamp`, for reading (the schema
+    endpoint): yields its Unix socket directory (platform role, peer auth); removed afterwards."""
+    scratch = plane.layout.branch_dir(project.id, branch.id) / f"tmp-{secrets.token_hex(4)}"
+    try:
+        async with plane.project_lock(project.id):
+            await materialize(plane, project, branch, scratch, lsn=lsn, timestamp=timestamp)
+        install = plane.installs[project.pg_version]
+        user = OsUser(project.os_uid, project.os_uid) if project.os_uid is not None else None
+        socket_dir = plane.layout.run_dir / f"rd-{secrets.token_hex(4)}"
+        log_file = plane.layout.compute_log(project.id, branch.id).with_name("point-in-time.log")
+        spec = ComputeSpec(endpoint_id=socket_dir.name, install=install, pgdata=scratch, socket_dir=socket_dir,
+                           log_file=log_file, user=user, gucs=gucs_for_cu(0.25) | {"archive_mode": "off"},
+                           argon_os_user=plane.os_user)
+        await asyncio.to_thread(prepare, spec)
+        pm = postmaster.start(install, scratch, log_file, user)
+        try:
+            try:
+                await pm.wait_ready()
+            except ComputeStartError as exc:
+                raise StorageError(f"could not start the branch as of that point: {exc.user_message}") from None
+            yield socket_dir
+        finally:
+            if pm.alive:
+                await pm.stop("immediate")
+            await asyncio.to_thread(shutil.rmtree, socket_dir, True)
+    finally:
+        await asyncio.to_thread(shutil.rmtree, scratch, True)
