@@ -219,3 +219,47 @@ def test_twenty_branches_at_once(platform: RunningPlatform, project: dict[str, A
     assert ep.status_code == 201, ep.text
     uri = platform.dsn(project).replace(project["endpoints"][0]["id"], ep.json()["endpoint"]["id"])
     assert scalar(uri, "SELECT count(*) FROM many") == 1000
+
+
+def test_branch_while_the_parent_runs_migrations(platform: RunningPlatform, project: dict[str, Any]) -> None:
+    """Tables created and dropped during the copy (files vanish mid-walk, like a Django migrate):
+    every branch starts, and holds each table whole or not at all."""
+    import threading
+
+    pid = project["project"]["id"]
+    uri = platform.dsn(project)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def churn() -> None:
+        try:
+            with psycopg.connect(uri, autocommit=True) as conn:
+                i = 0
+                while not stop.is_set():
+                    conn.execute(f"CREATE TABLE churn_{i} AS SELECT g FROM generate_series(1, 2000) g")
+                    conn.execute(f"CREATE INDEX ON churn_{i} (g)")
+                    if i:
+                        conn.execute(f"DROP TABLE churn_{i - 1}")
+                    i += 1
+        except BaseException as exc:
+            errors.append(exc)
+
+    worker = threading.Thread(target=churn)
+    worker.start()
+    created = []
+    try:
+        time.sleep(0.3)
+        for n in range(3):
+            created.append(branch(platform, pid, name=f"mid-migration-{n}"))
+    finally:
+        stop.set()
+        worker.join(30)
+    assert not errors, errors
+    for c in created:
+        with psycopg.connect(uri_of(c), connect_timeout=20) as conn:
+            tables = [r[0] for r in conn.execute("SELECT relname FROM pg_class WHERE relname LIKE 'churn\\_%'"
+                                                 " AND relkind = 'r'").fetchall()]
+            assert 1 <= len(tables) <= 2, tables
+            for name in tables:
+                assert conn.execute(f"SELECT count(*) FROM {name}").fetchone()[0] == 2000
+        platform.api.delete(f"/projects/{pid}/branches/{c['branch']['id']}")
