@@ -58,3 +58,17 @@ def test_reconcile_plan() -> None:
     assert plan.fail_ops == ["op"]
     assert plan.remove_dirs == ["orphan"]
     assert "adopted 1" in plan.summary()
+
+
+def test_reconcile_plan_for_branches_and_interrupted_restores() -> None:
+    snap = reconcile.Snapshot(
+        endpoints={}, adoptable=frozenset(), unfinished_ops=(), project_ids=frozenset({"p1"}),
+        project_dirs=frozenset({"p1"}), branch_ids=frozenset({"b1", "b2", "b3"}),
+        branch_dirs=frozenset({("p1", "b1"), ("p1", "b2"), ("p1", "b3"), ("p1", "half-made")}),
+        branch_entries={("p1", "b1"): frozenset({"pgdata", "history", "log", "tmp-1a2b3c4d"}),
+                        ("p1", "b2"): frozenset({"pgdata", "pgdata.restoring"}),
+                        ("p1", "b3"): frozenset({"pgdata.restoring", "history"})})
+    plan = reconcile.decide(snap)
+    assert plan.remove_branch_paths == ["p1/b1/tmp-1a2b3c4d", "p1/b2/pgdata.restoring", "p1/half-made"]
+    assert plan.finish_restores == ["p1/b3"]
+    assert "finished 1 interrupted restore" in plan.summary()

@@ -4,13 +4,15 @@ Snapshot (what the store says, what runs, what is on disk) -> decide (pure) -> a
 sentence. Computes still running from a previous argon are adopted when their identity checks out
 (`argon.compute.postmaster.adopt`), never started twice; endpoints that claim to be active but are
 not are marked idle; operations interrupted mid-way are marked failed; data directories that no
-project owns (a crash during project creation) are removed.
+project or branch owns (a crash during creation) and throw-away copies are removed; a restore
+interrupted after the old data was removed is finished, one interrupted before is rolled back.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -30,6 +32,9 @@ class Snapshot:
     unfinished_ops: tuple[str, ...]
     project_ids: frozenset[str]
     project_dirs: frozenset[str]
+    branch_ids: frozenset[str] = frozenset()
+    branch_dirs: frozenset[tuple[str, str]] = frozenset()  # (project, branch) directories on disk
+    branch_entries: dict[tuple[str, str], frozenset[str]] = field(default_factory=dict)  # names in each
 
 
 @dataclass(frozen=True)
@@ -38,10 +43,14 @@ class Plan:
     mark_idle: list[str] = field(default_factory=list)
     fail_ops: list[str] = field(default_factory=list)
     remove_dirs: list[str] = field(default_factory=list)
+    remove_branch_paths: list[str] = field(default_factory=list)  # "<project>/<branch>[/<entry>]"
+    finish_restores: list[str] = field(default_factory=list)  # "<project>/<branch>": swap the new data in
 
     def summary(self) -> str:
         return (f"adopted {len(self.adopt)} running compute(s), marked {len(self.mark_idle)} idle, "
-                f"closed {len(self.fail_ops)} interrupted operation(s), removed {len(self.remove_dirs)} orphan dir(s)")
+                f"closed {len(self.fail_ops)} interrupted operation(s), removed "
+                f"{len(self.remove_dirs) + len(self.remove_branch_paths)} orphan dir(s), finished "
+                f"{len(self.finish_restores)} interrupted restore(s)")
 
 
 def decide(snap: Snapshot) -> Plan:
@@ -53,6 +62,21 @@ def decide(snap: Snapshot) -> Plan:
             plan.mark_idle.append(ep_id)
     plan.fail_ops.extend(snap.unfinished_ops)
     plan.remove_dirs.extend(sorted(snap.project_dirs - snap.project_ids))
+    for project, branch in sorted(snap.branch_dirs):
+        if project not in snap.project_ids:
+            continue
+        if branch not in snap.branch_ids:  # a crash while the branch was being created
+            plan.remove_branch_paths.append(f"{project}/{branch}")
+            continue
+        entries = snap.branch_entries.get((project, branch), frozenset())
+        for name in sorted(entries):
+            if name.startswith("tmp-"):  # a throw-away point-in-time copy
+                plan.remove_branch_paths.append(f"{project}/{branch}/{name}")
+        if "pgdata.restoring" in entries:
+            if "pgdata" in entries:  # the restore stopped before the swap: roll back
+                plan.remove_branch_paths.append(f"{project}/{branch}/pgdata.restoring")
+            else:  # the old data was already gone: the new data is complete, finish the swap
+                plan.finish_restores.append(f"{project}/{branch}")
     return plan
 
 
@@ -68,9 +92,18 @@ async def reconcile(plane: ControlPlane) -> Plan:
     ops = await plane.db(plane.store.unfinished_operations)
     projects_dir = plane.layout.projects_dir
     dirs = frozenset(p.name for p in projects_dir.iterdir() if p.is_dir()) if projects_dir.is_dir() else frozenset()
+    branch_dirs: set[tuple[str, str]] = set()
+    entries: dict[tuple[str, str], frozenset[str]] = {}
+    for project in dirs:
+        root = projects_dir / project / "branches"
+        for b in (root.iterdir() if root.is_dir() else ()):
+            if b.is_dir():
+                branch_dirs.add((project, b.name))
+                entries[(project, b.name)] = frozenset(os.listdir(b))
     snap = Snapshot(endpoints={e.id: e.current_state for e in plane.endpoints()}, adoptable=frozenset(adoptable),
                     unfinished_ops=tuple(o.id for o in ops), project_ids=frozenset(p.id for p in plane.projects()),
-                    project_dirs=dirs)
+                    project_dirs=dirs, branch_ids=frozenset(b.id for p in plane.projects() for b in plane.branches(p.id)),
+                    branch_dirs=frozenset(branch_dirs), branch_entries=entries)
     plan = decide(snap)
 
     now = model.utcnow()
@@ -91,5 +124,14 @@ async def reconcile(plane: ControlPlane) -> Plan:
             error="interrupted: argon stopped while this operation ran"))
     for name in plan.remove_dirs:
         await asyncio.to_thread(shutil.rmtree, projects_dir / name, True)
+    for path in plan.remove_branch_paths:
+        project, branch, *rest = path.split("/")
+        await asyncio.to_thread(shutil.rmtree, projects_dir / project / "branches" / branch / "/".join(rest), True)
+    for path in plan.finish_restores:
+        project, branch = path.split("/")
+        bdir = projects_dir / project / "branches" / branch
+        await asyncio.to_thread(os.rename, bdir / "pgdata.restoring", bdir / "pgdata")
+        for ep in plane.endpoints(project, branch):
+            plane.mark_needs_spec(ep.id)
     log.info("reconciled: %s", plan.summary())
     return plan
