@@ -1,4 +1,4 @@
-"""A full disk: project creation fails with a clear 507, leaves no half project, and loses nothing.
+"""A full disk: project or branch creation fails with a clear 507, leaves nothing half made, loses nothing.
 
 The data directory lives on a small tmpfs (root only: mounting needs it), so the disk really fills.
 """
@@ -22,9 +22,10 @@ pytestmark = [pytest.mark.pg, pytest.mark.skipif(os.geteuid() != 0, reason="moun
 
 
 @pytest.fixture
-def small_disk() -> Iterator[Path]:
+def small_disk(request: pytest.FixtureRequest) -> Iterator[Path]:
     root = short_tmpdir("fd")
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=190m,mode=0755", "tmpfs", str(root)],
+    size = getattr(request, "param", "190m")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(root)],
                              capture_output=True, text=True)
     if mounted.returncode != 0:
         pytest.fail(f"cannot mount a tmpfs as root: {mounted.stderr.strip()}")
@@ -62,6 +63,33 @@ def test_full_disk_is_a_clear_error_and_loses_nothing(small_disk: Path) -> None:
             assert running.api.delete(f"/projects/{c['project']['id']}").status_code == 200
         resp = running.api.post("/projects", json={"project": {"name": "after"}})
         assert resp.status_code == 201, resp.text
+    finally:
+        with contextlib.suppress(Exception):
+            running.stop()
+
+
+@pytest.mark.parametrize("small_disk", ["300m"], indirect=True)
+def test_full_disk_during_a_branch_copy_leaves_no_half_branch(small_disk: Path) -> None:
+    running = RunningPlatform(small_disk, spare_clusters=0)
+    try:
+        created = running.create_project(name="parent")
+        pid = created["project"]["id"]
+        with psycopg.connect(running.dsn(created), autocommit=True) as conn:
+            conn.execute("CREATE TABLE t AS SELECT g FROM generate_series(1, 10000) g")
+        failure = None
+        for i in range(12):
+            resp = running.api.post(f"/projects/{pid}/branches", json={"branch": {"name": f"b{i}"}})
+            if resp.status_code != 201:
+                failure = resp
+                break
+        assert failure is not None, "the disk never filled"
+        assert i > 0, "not even one branch fitted"
+        assert failure.status_code == 507 and "no space left" in failure.json()["message"], failure.text
+        listed = {b["id"] for b in running.api.get(f"/projects/{pid}/branches").json()["branches"]}
+        on_disk = {p.name for p in (running.plane.layout.project_dir(pid) / "branches").iterdir()}
+        assert on_disk == listed  # no half branch
+        with psycopg.connect(running.dsn(created), connect_timeout=30) as conn:  # the parent is intact
+            assert conn.execute("SELECT count(*) FROM t").fetchone() == (10000,)
     finally:
         with contextlib.suppress(Exception):
             running.stop()

@@ -21,6 +21,7 @@ Replication slots are never inherited.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import secrets
@@ -82,20 +83,27 @@ async def clone_running(conn: psycopg.AsyncConnection, backend: CloneBackend, so
     """Copy the cluster served by `conn`'s compute (an admin session, autocommit); returns the stop LSN."""
     slot = f"argon_clone_{secrets.token_hex(6)}"
     await conn.execute("SELECT pg_create_physical_replication_slot(%s, true, true)", (slot,))
+    failed = True
     try:
         await conn.execute("SELECT pg_backup_start(%s, true)", (f"argon branch {target.parent.name}",))
         try:
             await asyncio.to_thread(_copy_data, backend, source, target)
         except BaseException:
-            await conn.execute("SELECT pg_backup_stop(false)")
+            with contextlib.suppress(psycopg.Error):  # e.g. a full disk fails this too; the copy's error counts
+                await conn.execute("SELECT pg_backup_stop(false)")
             raise
         cur = await conn.execute("SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop(false)")
         row = await cur.fetchone()
         assert row is not None
         lsn, label, spcmap = row
         await asyncio.to_thread(_copy_wal, backend, source, target)
+        failed = False
     finally:
-        await conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+        try:
+            await conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+        except psycopg.Error:
+            if not failed:  # after an error the session already dropped its temporary slot
+                raise
 
     def finish() -> None:
         (target / "backup_label").write_text(label)
