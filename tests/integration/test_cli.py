@@ -88,3 +88,55 @@ def test_roles_databases_and_operations(platform: RunningPlatform, project: dict
     assert names == {"neondb"}
     ops = argon(platform, "operations", "--project-id", pid).stdout
     assert "apply_config" in ops or "create_timeline" in ops
+
+
+def test_login_logout_and_completion(platform: RunningPlatform, tmp_path: Any) -> None:
+    env = {**os.environ, "HOME": str(tmp_path), "XDG_CONFIG_HOME": str(tmp_path / "cfg"), "NO_COLOR": "1"}
+    env.pop("ARGON_API_KEY", None)
+    env.pop("ARGON_API_URL", None)
+
+    def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "argon", *args], env=env, input=stdin, capture_output=True,
+                              text=True, timeout=120)
+
+    bad = run("login", "--api-url", platform.api_url, "--api-key", "argon_wrong")
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr and "401" in bad.stderr, bad.stderr
+    ok = run("login", "--api-url", platform.api_url, stdin=API_KEY + "\n")  # the key typed at a hidden prompt
+    assert ok.returncode == 0 and "Signed in" in ok.stdout, ok.stderr
+    saved = next((tmp_path / "cfg").rglob("cli.json"))
+    assert oct(saved.stat().st_mode & 0o777) == "0o600" and API_KEY in saved.read_text()
+    listed = run("projects", "list")  # no flags, no environment: the saved login
+    assert listed.returncode == 0, listed.stderr
+    assert "Removed the API key" in run("logout").stdout
+    after = run("projects", "list")
+    assert after.returncode != 0 and "argon login" in after.stderr
+    script = run("completion", "bash")
+    assert script.returncode == 0 and "_ARGON_COMPLETE" in script.stdout
+    assert "complete" in run("completion", "zsh").stdout
+    words = subprocess.run([sys.executable, "-m", "argon"], capture_output=True, text=True, timeout=60,
+                           env={**env, "_ARGON_COMPLETE": "bash_complete", "COMP_WORDS": "argon branches re",
+                                "COMP_CWORD": "2"})
+    assert "reset" in words.stdout and "restore" in words.stdout
+
+
+def test_connection_string_forms_and_endpoint_commands(platform: RunningPlatform, project: dict[str, Any]) -> None:
+    pid = project["project"]["id"]
+    env_line = argon(platform, "connection-string", "--project-id", pid, "-o", "env").stdout.strip()
+    assert env_line.startswith("DATABASE_URL=postgresql://")
+    pooled = argon(platform, "connection-string", "--project-id", pid, "--pooled").stdout.strip()
+    assert "-pooler" in pooled
+    psql = subprocess.run(["psql", "-X", "-At", "-c", "select 1", pooled], capture_output=True, text=True, timeout=60)
+    assert psql.stdout.strip() == "1", psql.stderr
+    as_json = json.loads(argon(platform, "connection-string", "--project-id", pid, "--output", "json").stdout)
+    assert as_json["parameters"]["dbname"] == "neondb" and as_json["role"] == "neondb_owner"
+    renamed = json.loads(argon(platform, "-o", "json", "projects", "update", pid, "--name", "renamed",
+                               "--history-retention", "7200").stdout)["project"]
+    assert renamed["name"] == "renamed" and renamed["history_retention_seconds"] == 7200
+    ep = project["endpoints"][0]["id"]
+    assert ep in argon(platform, "endpoints", "restart", ep, "--project-id", pid).stdout
+    assert f"Deleted endpoint {ep}" in argon(platform, "endpoints", "delete", ep, "--project-id", pid).stdout
+    created = json.loads(argon(platform, "-o", "json", "endpoints", "create", "--project-id", pid).stdout)
+    assert created["endpoint"]["branch_id"] == project["branch"]["id"]
+    uri = argon(platform, "connection-string", "--project-id", pid).stdout.strip()
+    psql = subprocess.run(["psql", "-X", "-At", "-c", "select 2", uri], capture_output=True, text=True, timeout=60)
+    assert psql.stdout.strip() == "2", psql.stderr

@@ -47,6 +47,20 @@ def write_cli_config(api_url: str, api_key: str | None) -> Path:
     return path
 
 
+def forget_api_key() -> Path | None:
+    path = cli_config_path()
+    data = read_cli_config()
+    if "api_key" not in data:
+        return None
+    del data["api_key"]
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+    return path
+
+
 class ApiClient:
     def __init__(self, api_url: str | None, api_key: str | None) -> None:
         cfg = read_cli_config()
@@ -58,7 +72,7 @@ class ApiClient:
     def request(self, method: str, path: str, *, json_body: Any = None, params: dict[str, Any] | None = None,
                 text: bool = False) -> Any:
         if not self.api_key:
-            raise CliError("no API key: pass --api-key, set ARGON_API_KEY, or run `argon up` on this machine "
+            raise CliError("no API key: run `argon login`, pass --api-key, set ARGON_API_KEY, or run `argon up` on this machine "
                            f"(it writes {cli_config_path()})")
         try:
             resp = self._http.request(method, path, json=json_body, params=params,
@@ -85,3 +99,6 @@ class ApiClient:
 
     def delete(self, path: str, **kw: Any) -> Any:
         return self.request("DELETE", path, **kw)
+
+    def close(self) -> None:
+        self._http.close()

@@ -118,6 +118,29 @@ def projects_get(ctx: Context, project_id: str) -> None:
     emit({"project": p}, ctx.output, columns=PROJECT_COLUMNS, rows=[p])
 
 
+@projects.command("update")
+@click.argument("project_id")
+@click.option("--name", help="New name")
+@click.option("--history-retention", "retention", type=int,
+              help="Seconds of history kept for point-in-time branches and restores (0 = none, max 2592000)")
+@click.option("--suspend-timeout", type=int, help="Default for new computes: seconds idle before suspending")
+@pass_ctx
+def projects_update(ctx: Context, project_id: str, name: str | None, retention: int | None,
+                    suspend_timeout: int | None) -> None:
+    """Rename a project or change its defaults."""
+    body: dict[str, Any] = {}
+    if name:
+        body["name"] = name
+    if retention is not None:
+        body["history_retention_seconds"] = retention
+    if suspend_timeout is not None:
+        body["default_endpoint_settings"] = {"suspend_timeout_seconds": suspend_timeout}
+    if not body:
+        raise CliError("nothing to change: give --name, --history-retention or --suspend-timeout")
+    p = ctx.api.patch(f"/projects/{project_id}", {"project": body})["project"]
+    emit({"project": p}, ctx.output, columns=PROJECT_COLUMNS, rows=[p])
+
+
 @projects.command("delete")
 @click.argument("project_id")
 @pass_ctx
@@ -150,6 +173,45 @@ def _endpoint_action(ctx: Context, project_id: str | None, endpoint_id: str, act
     out = ctx.api.post(f"/projects/{pid}/endpoints/{endpoint_id}/{action}")
     ep = out["endpoint"]
     emit(out, ctx.output, columns=ENDPOINT_COLUMNS, rows=[ep])
+
+
+@endpoints.command("create")
+@project_option
+@click.option("--branch", help="Branch name or id (default: the default branch)")
+@click.option("--suspend-timeout", type=int, help="Seconds idle before suspending (0 = default, -1 = never)")
+@pass_ctx
+def endpoints_create(ctx: Context, project_id: str | None, branch: str | None, suspend_timeout: int | None) -> None:
+    """Give a branch that has none a read-write compute (like neonctl's `branches add-compute`)."""
+    path = _branch_path(ctx, project_id, branch)
+    pid, bid = path.split("/")[2], path.split("/")[4]
+    body: dict[str, Any] = {"branch_id": bid, "type": "read_write"}
+    if suspend_timeout is not None:
+        body["suspend_timeout_seconds"] = suspend_timeout
+    out = ctx.api.post(f"/projects/{pid}/endpoints", {"endpoint": body})
+    emit(out, ctx.output, columns=ENDPOINT_COLUMNS, rows=[out["endpoint"]])
+
+
+@endpoints.command("delete")
+@click.argument("endpoint_id")
+@project_option
+@pass_ctx
+def endpoints_delete(ctx: Context, endpoint_id: str, project_id: str | None) -> None:
+    """Delete an endpoint (its compute stops; the branch and its data stay)."""
+    pid = _default_project(ctx, project_id)
+    out = ctx.api.delete(f"/projects/{pid}/endpoints/{endpoint_id}")
+    if ctx.output == "json":
+        emit(out, "json")
+    else:
+        click.echo(f"Deleted endpoint {out['endpoint']['id']}; branch {out['endpoint']['branch_id']} keeps its data.")
+
+
+@endpoints.command("restart")
+@click.argument("endpoint_id")
+@project_option
+@pass_ctx
+def endpoints_restart(ctx: Context, endpoint_id: str, project_id: str | None) -> None:
+    """Restart a compute (connected clients are disconnected)."""
+    _endpoint_action(ctx, project_id, endpoint_id, "restart")
 
 
 @endpoints.command("start")
@@ -266,14 +328,21 @@ def render_connection(info: dict[str, Any], fmt: str) -> str:
 @click.option("--role", help="Role name (default: the branch's only role)")
 @click.option("--database", help="Database name (default: the branch's only database)")
 @click.option("--pooled", is_flag=True, help="Use the pooler host")
-@click.option("--format", "fmt", type=click.Choice(["uri", "json", "django", "env"]), default="uri",
-              show_default=True, help="A URI, JSON, a Django DATABASES snippet, or a .env line")
+@click.option("--format", "--output", "-o", "fmt", type=click.Choice(["uri", "json", "django", "env"]),
+              default=None, help="A URI (default), JSON, a Django DATABASES snippet, or a .env line")
 @pass_ctx
 def connection_string(ctx: Context, project_id: str | None, branch: str | None, role: str | None,
                       database: str | None, pooled: bool, fmt: str) -> None:
-    """Print how to connect to a branch's database."""
+    """Print how to connect to a branch's database.
+
+    \b
+    argon connection-string                          the default branch, its only role and database
+    argon connection-string --branch dev --pooled    dev, through the pooled host name
+    argon connection-string -o django                a DATABASES snippet for settings.py
+    argon connection-string -o env >> .env           DATABASE_URL=...
+    """
     info = _connection(ctx, project_id, branch, role, database, pooled)
-    click.echo(render_connection(info, "json" if ctx.output == "json" else fmt))
+    click.echo(render_connection(info, fmt or ("json" if ctx.output == "json" else "uri")))
 
 
 @click.command("psql", context_settings={"ignore_unknown_options": True})

@@ -150,6 +150,63 @@ def console(ctx: commands.Context) -> None:
     click.secho("Open it in a browser within 15 minutes; it works once.", dim=True, err=True)
 
 
+@cli.command()
+@click.option("--api-url", "url", help="The server's API base URL, as `argon up` printed it (e.g. http://127.0.0.1:4444)")
+@click.option("--api-key", "key", help="An API key (asked for, hidden, when not given)")
+@click.pass_context
+def login(ctx: click.Context, url: str | None, key: str | None) -> None:
+    """Remember a server and API key for every later command (a 0600 file in your config dir).
+
+    \b
+    On the server's machine `argon up` does this for you. Elsewhere:
+      argon login --api-url https://argon.example.com
+    Scripts can skip it and set ARGON_API_URL and ARGON_API_KEY instead.
+    """
+    from argon.cli.client import ApiClient
+
+    parent: commands.Context = ctx.obj
+    url = (url or parent.api.api_url).rstrip("/")
+    if not key:
+        key = click.prompt("API key", hide_input=True).strip()
+    probe = ApiClient(url, key)
+    try:
+        me = probe.get("/users/me")
+    finally:
+        probe.close()
+    path = write_cli_config(url, key)
+    click.echo(f"Signed in to {url} as {me.get('name') or me.get('login') or me.get('id', 'you')}; "
+               f"saved to {path} (mode 0600).")
+
+
+@cli.command()
+def logout() -> None:
+    """Forget the saved API key (the server URL stays)."""
+    from argon.cli.client import forget_api_key
+
+    path = forget_api_key()
+    click.echo(f"Removed the API key from {path}." if path else "No saved API key.")
+
+
+@cli.command()
+@click.argument("shell", required=False, type=click.Choice(["bash", "zsh", "fish"]))
+def completion(shell: str | None) -> None:
+    """Print the shell completion script for bash, zsh or fish (default: your $SHELL).
+
+    \b
+    bash:  argon completion bash > ~/.local/share/bash-completion/completions/argon
+    zsh:   argon completion zsh > "${fpath[1]}/_argon"
+    fish:  argon completion fish > ~/.config/fish/completions/argon.fish
+    Or, for this shell only:  eval "$(argon completion)"
+    """
+    from click.shell_completion import get_completion_class
+
+    shell = shell or os.path.basename(os.environ.get("SHELL", "bash"))
+    cls = get_completion_class(shell)
+    if cls is None:
+        raise CliError(f"no completion for {shell!r}: choose bash, zsh or fish")
+    click.echo(cls(cli, {}, "argon", "_ARGON_COMPLETE").source())
+
+
 @cli.group()
 def config() -> None:
     """Inspect settings."""
