@@ -129,6 +129,62 @@ def test_neonctl_smoke(platform: RunningPlatform, neonctl: Path) -> None:
     assert platform.api.get(f"/projects/{pid}").status_code == 404
 
 
+def test_neonctl_branches_smoke(platform: RunningPlatform, neonctl: Path) -> None:
+    """The branch half of the reference's smoke sequence, plus point in time as neonctl sends it."""
+    created = run_neonctl(platform, neonctl, "projects", "create", "--name", "branches-smoke")
+    pid = created["project"]["id"]
+    env = {**os.environ, "PGHOSTADDR": "127.0.0.1", "PGPORT": str(platform.proxy_port)}
+
+    def psql(uri: str, sql: str) -> str:
+        out = subprocess.run(["psql", uri, "-XAtc", sql], capture_output=True, text=True, timeout=60, env=env)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip()
+
+    def cs(*args: str) -> str:
+        return str(run_neonctl(platform, neonctl, "connection-string", *args, "--project-id", pid,
+                               output_json=False)).strip()
+
+    try:
+        main_uri = cs("main")
+        psql(main_uri, "CREATE TABLE t (v int); INSERT INTO t VALUES (1)")
+        # neonctl accepts timestamps with milliseconds: round up, so the first commit is included.
+        mark = psql(main_uri, "SELECT pg_current_wal_lsn() || ' ' || to_char(date_trunc('milliseconds', "
+                              "clock_timestamp() AT TIME ZONE 'UTC') + interval '1 millisecond', "
+                              "'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')").split()
+        psql(main_uri, "INSERT INTO t VALUES (2)")
+        # Point in time, as neonctl sends it: --parent <timestamp> (of the default branch).
+        run_neonctl(platform, neonctl, "branches", "create", "--name", "past", "--parent", mark[1],
+                    "--project-id", pid)
+        assert psql(cs("past"), "SELECT count(*) FROM t") == "1"
+        run_neonctl(platform, neonctl, "branches", "create", "--name", "dev", "--project-id", pid)
+        assert psql(cs("dev"), "SELECT count(*) FROM t") == "2"
+        pooled = cs("dev", "--pooled")
+        assert "-pooler." in pooled and psql(pooled, "SELECT 1") == "1"
+        run_neonctl(platform, neonctl, "roles", "create", "--name", "app", "--branch", "dev", "--project-id", pid)
+        run_neonctl(platform, neonctl, "databases", "create", "--name", "appdb", "--owner-name", "app", "--branch",
+                    "dev", "--project-id", pid)
+        assert psql(cs("dev", "--role-name", "app", "--database-name", "appdb"), "SELECT current_user") == "app"
+        run_neonctl(platform, neonctl, "branches", "create", "--name", "bare", "--no-compute", "--project-id", pid)
+        run_neonctl(platform, neonctl, "branches", "add-compute", "bare", "--type", "read_write", "--project-id", pid)
+        assert psql(cs("bare"), "SELECT count(*) FROM t") == "2"
+        run_neonctl(platform, neonctl, "branches", "rename", "dev", "dev2", "--project-id", pid)
+        run_neonctl(platform, neonctl, "branches", "set-default", "dev2", "--project-id", pid)
+        psql(main_uri, "INSERT INTO t VALUES (3)")
+        run_neonctl(platform, neonctl, "branches", "reset", "dev2", "--parent", "--project-id", pid)
+        assert psql(cs("dev2"), "SELECT count(*) FROM t") == "3"
+        got = run_neonctl(platform, neonctl, "branches", "get", "dev2", "--project-id", pid)
+        assert got["name"] == "dev2" and got["default"] is True
+        # restore <target> ^self@<lsn>: main back to its first row.
+        run_neonctl(platform, neonctl, "branches", "restore", "main", f"^self@{mark[0]}", "--project-id", pid,
+                    output_json=False)
+        assert psql(main_uri, "SELECT count(*) FROM t") == "1"
+        run_neonctl(platform, neonctl, "branches", "delete", "bare", "--project-id", pid)
+        names = {b["name"] for b in run_neonctl(platform, neonctl, "branches", "list", "--project-id", pid)}
+        assert names == {"main", "dev2", "past"}
+    finally:
+        run_neonctl(platform, neonctl, "projects", "delete", pid)
+
+
 def test_neon_api_python_package(platform: RunningPlatform) -> None:
     from neon_api import NeonAPI
 
