@@ -15,7 +15,14 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from argon import __version__
-from argon.api import routes_account, routes_branches, routes_endpoints, routes_projects, routes_roles
+from argon.api import (
+    routes_account,
+    routes_branches,
+    routes_endpoints,
+    routes_projects,
+    routes_roles,
+    routes_schema,
+)
 from argon.console.routes import mount_console
 from argon.control.plane import ControlPlane
 from argon.errors import ArgonError, Unauthorized
@@ -62,7 +69,7 @@ def create_app(plane: ControlPlane) -> FastAPI:
         log.exception("%s %s: unexpected error", request.method, request.url.path)
         return JSONResponse(error_body("internal error; the server log has the details"), status_code=500)
 
-    for module in (routes_projects, routes_branches, routes_roles, routes_endpoints, routes_account):
+    for module in (routes_projects, routes_branches, routes_roles, routes_endpoints, routes_account, routes_schema):
         app.include_router(module.router, prefix="/api/v2")
 
     @app.get("/healthz", include_in_schema=False)

@@ -579,6 +579,55 @@ def branches_restore(ctx: Context, branch: str, source: str, project_id: str | N
         click.echo(f"Its previous data is kept as branch {preserve_under_name}.")
 
 
+@branches.command("schema-diff")
+@click.argument("base", required=False)
+@click.argument("compare", metavar="[COMPARE[@POINT]]", required=False)
+@project_option
+@click.option("--database", "--db", help="Database (default: the branch's only database)")
+@pass_ctx
+def branches_schema_diff(ctx: Context, base: str | None, compare: str | None, project_id: str | None,
+                         database: str | None) -> None:
+    """Show how a branch's schema differs from another branch's (default: its parent), or from its
+    own past, as a unified diff.
+
+    \b
+    argon branches schema-diff dev                 dev against its parent's head
+    argon branches schema-diff dev main            dev against main
+    argon branches schema-diff main ^self@2026-11-24T12:00:00Z   what changed since then
+    """
+    import difflib
+
+    pid = _default_project(ctx, project_id)
+    if base:
+        b = _resolve_branch(ctx, pid, base)
+    else:
+        b = next(x for x in ctx.api.get(f"/projects/{pid}/branches")["branches"] if x["default"])
+    other_id, point = _branch_at(ctx, pid, compare or "^parent", self_id=b["id"])
+    other_id = other_id or b["id"]
+    if database is None:
+        dbs = ctx.api.get(f"/projects/{pid}/branches/{b['id']}/databases")["databases"]
+        if len(dbs) != 1:
+            raise CliError("the branch has several databases; choose one with --database: "
+                           + ", ".join(d["name"] for d in dbs))
+        database = dbs[0]["name"]
+    mine = ctx.api.get(f"/projects/{pid}/branches/{b['id']}/schema", params={"db_name": database})["sql"]
+    theirs = ctx.api.get(f"/projects/{pid}/branches/{other_id}/schema",
+                         params={"db_name": database, **point})["sql"]
+    other_name = next((x["name"] for x in ctx.api.get(f"/projects/{pid}/branches")["branches"]
+                       if x["id"] == other_id), other_id)
+    label = other_name + (f"@{next(iter(point.values()))}" if point else "")
+    diff = list(difflib.unified_diff(theirs.splitlines(keepends=True), mine.splitlines(keepends=True),
+                                     fromfile=f"{label}/{database}", tofile=f"{b['name']}/{database}"))
+    if not diff:
+        click.echo(f"No differences: {b['name']} and {label} have the same schema in {database}.")
+        return
+    colors = {"+": "green", "-": "red", "@": "cyan"}
+    for line in diff:
+        text = line.rstrip("\n")
+        click.echo(click.style(text, fg=colors.get(text[:1])) if not text.startswith(("+++", "---")) else
+                   click.style(text, bold=True))
+
+
 @branches.command("set-default")
 @click.argument("branch")
 @project_option

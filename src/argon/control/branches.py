@@ -27,6 +27,7 @@ from argon import ids, model
 from argon.compute.admin import connect_admin
 from argon.compute.osuser import OsUser, chown_tree
 from argon.control import history
+from argon.control.schema import schema_only_copy
 from argon.errors import Conflict, NotFound, Precondition, UserError
 from argon.storage import branching
 
@@ -139,8 +140,9 @@ async def create_branch(plane: ControlPlane, project_id: str, req: BranchRequest
         raise UserError("give parent_lsn or parent_timestamp, not both")
     if req.init_source not in ("parent-data", "schema-only"):
         raise UserError("init_source must be parent-data or schema-only")
-    if req.init_source == "schema-only":
-        raise UserError("schema-only branches are not supported yet")
+    if req.init_source == "schema-only" and (req.parent_lsn or req.parent_timestamp):
+        raise UserError("a schema-only branch copies the parent's current schema; omit parent_lsn and "
+                        "parent_timestamp")
     if len(req.endpoints) > 1:
         raise UserError("a branch can have only one read_write endpoint")
     async with plane.project_lock(project_id):
@@ -152,7 +154,11 @@ async def create_branch(plane: ControlPlane, project_id: str, req: BranchRequest
         pgdata = plane.layout.pgdata(project_id, bid)
         parent_at = None
         try:
-            if req.parent_lsn or req.parent_timestamp:
+            if req.init_source == "schema-only":
+                await asyncio.to_thread(_make_branch_dir, plane, project, bid)
+                await schema_only_copy(plane, project, parent, pgdata)
+                lsn = None
+            elif req.parent_lsn or req.parent_timestamp:
                 await asyncio.to_thread(_make_branch_dir, plane, project, bid)
                 point = await history.materialize(plane, project, parent, pgdata, lsn=req.parent_lsn,
                                                   timestamp=req.parent_timestamp)
