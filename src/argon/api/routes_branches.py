@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -74,7 +75,9 @@ def _settings(plane: Plane, project_id: str, spec: EndpointSpec) -> model.Endpoi
 async def list_branches(plane: Plane, project_id: str) -> dict[str, Any]:
     plane.project(project_id)
     # neonctl dereferences annotations[branch.id]: the object must be there, even empty.
-    return {"branches": [views.branch_view(b) for b in plane.branches(project_id)], "annotations": {}}
+    await asyncio.to_thread(plane.figures.refresh, plane, project_id)
+    return {"branches": [views.branch_view(b, plane.figures.get(b.id)) for b in plane.branches(project_id)],
+            "annotations": {}}
 
 
 @router.post("/projects/{project_id}/branches", status_code=201)
@@ -116,7 +119,9 @@ async def create_branch(plane: Plane, project_id: str,
 
 @router.get("/projects/{project_id}/branches/{branch_id}")
 async def get_branch(plane: Plane, project_id: str, branch_id: str) -> dict[str, Any]:
-    return {"branch": views.branch_view(plane.branch(project_id, branch_id))}
+    branch = plane.branch(project_id, branch_id)
+    await asyncio.to_thread(plane.figures.refresh, plane, project_id)
+    return {"branch": views.branch_view(branch, plane.figures.get(branch_id))}
 
 
 @router.patch("/projects/{project_id}/branches/{branch_id}")

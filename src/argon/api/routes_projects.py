@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import json
 from datetime import datetime
 from typing import Annotated, Any
@@ -19,7 +21,7 @@ from argon.control.endpoints import check_cu, check_suspend_timeout
 from argon.control.plane import ControlPlane
 from argon.control.projects import ProjectRequest, create_project, delete_project
 from argon.control.roles import get_role
-from argon.errors import NotFound, Precondition, UserError
+from argon.errors import ArgonError, NotFound, Precondition, UserError
 
 router = APIRouter(tags=["projects"])
 
@@ -95,7 +97,11 @@ def _cursor_decode(cursor: str) -> tuple[datetime, str]:
 
 
 def _storage_bytes(plane: ControlPlane, project_id: str) -> int:
-    return 0
+    return plane.figures.project_bytes(plane, project_id)
+
+
+def _written_bytes(plane: ControlPlane, project_id: str) -> int:
+    return sum(plane.figures.get(b.id).written_data_bytes for b in plane.branches(project_id))
 
 
 def _last_active(plane: ControlPlane, project_id: str) -> datetime | None:
@@ -105,7 +111,7 @@ def _last_active(plane: ControlPlane, project_id: str) -> datetime | None:
 
 def project_view(plane: ControlPlane, p: model.Project, *, full: bool = True) -> dict[str, Any]:
     return views.project_view(plane.settings, p, full=full, compute_last_active_at=_last_active(plane, p.id),
-                              storage_bytes=_storage_bytes(plane, p.id))
+                              storage_bytes=_storage_bytes(plane, p.id), written_bytes=_written_bytes(plane, p.id))
 
 
 @router.get("/projects")
@@ -119,6 +125,13 @@ async def list_projects(plane: Plane, limit: Annotated[int, Query(ge=1, le=400)]
     if search:
         projects = [p for p in projects if search.lower() in p.name.lower() or search in p.id]
     page = projects[:limit]
+
+    def measure() -> None:
+        for p in page:
+            with contextlib.suppress(ArgonError):  # deleted meanwhile
+                plane.figures.refresh(plane, p.id)
+
+    await asyncio.to_thread(measure)
     out: dict[str, Any] = {"projects": [project_view(plane, p, full=False) for p in page],
                            "applications": {}, "integrations": {}}
     last = page[-1] if page else None
@@ -167,7 +180,9 @@ async def create(plane: Plane, body: Annotated[ProjectCreateBody | None, Body()]
 
 @router.get("/projects/{project_id}")
 async def get_project(plane: Plane, project_id: str) -> dict[str, Any]:
-    return {"project": project_view(plane, plane.project(project_id))}
+    project = plane.project(project_id)
+    await asyncio.to_thread(plane.figures.refresh, plane, project_id)
+    return {"project": project_view(plane, project)}
 
 
 @router.patch("/projects/{project_id}")

@@ -11,6 +11,7 @@ from typing import Any
 
 from argon import model
 from argon.control.connection import ConnectionParameters, endpoint_host
+from argon.control.figures import BranchFigures
 from argon.settings import Settings
 
 PROVISIONER = "k8s-pod"
@@ -26,7 +27,8 @@ def ts(value: datetime | None) -> str | None:
 
 
 def project_view(settings: Settings, p: model.Project, *, full: bool = True,
-                 compute_last_active_at: datetime | None = None, storage_bytes: int = 0) -> dict[str, Any]:
+                 compute_last_active_at: datetime | None = None, storage_bytes: int = 0,
+                 written_bytes: int = 0) -> dict[str, Any]:
     out: dict[str, Any] = {
         "id": p.id,
         "platform_id": PLATFORM_ID,
@@ -59,14 +61,15 @@ def project_view(settings: Settings, p: model.Project, *, full: bool = True,
         out["compute_last_active_at"] = ts(compute_last_active_at)
     if full:
         out.update({
-            "data_storage_bytes_hour": 0, "data_transfer_bytes": 0, "written_data_bytes": 0,
+            "data_storage_bytes_hour": 0, "data_transfer_bytes": 0, "written_data_bytes": written_bytes,
             "compute_time_seconds": 0, "active_time_seconds": 0,
             "consumption_period_start": ts(p.created_at), "consumption_period_end": ts(p.created_at),
         })
     return out
 
 
-def branch_view(b: model.Branch) -> dict[str, Any]:
+def branch_view(b: model.Branch, figures: BranchFigures | None = None) -> dict[str, Any]:
+    figures = figures or BranchFigures(logical_size=b.logical_size)
     return {
         "id": b.id,
         "project_id": b.project_id,
@@ -76,7 +79,7 @@ def branch_view(b: model.Branch) -> dict[str, Any]:
         "name": b.name,
         "current_state": b.state.value,
         "state_changed_at": ts(b.updated_at),
-        "logical_size": b.logical_size,
+        "logical_size": figures.logical_size,
         "creation_source": CREATION_SOURCE,
         "default": b.default,
         "primary": b.default,
@@ -84,7 +87,7 @@ def branch_view(b: model.Branch) -> dict[str, Any]:
         "cpu_used_sec": 0,
         "compute_time_seconds": 0,
         "active_time_seconds": 0,
-        "written_data_bytes": 0,
+        "written_data_bytes": figures.written_data_bytes,
         "data_transfer_bytes": 0,
         "init_source": b.init_source,
         "expires_at": ts(b.expires_at),

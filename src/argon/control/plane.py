@@ -84,6 +84,9 @@ class ControlPlane:
         self._stopping: set[str] = set()
         self.templates: dict[int, Path] = {}  # Postgres major -> pristine template pgdata
         self.clock: Callable[[], datetime] = model.utcnow  # history windows and snapshot times (tests move it)
+        from argon.control.figures import Figures
+
+        self.figures = Figures()
         from argon.control.apikeys import ApiKeys
 
         self.api_keys = ApiKeys(self)

@@ -1,0 +1,96 @@
+"""Storage figures the API reports, measured on disk (never invented), cached for a few seconds.
+
+- branch `logical_size`: the bytes of the branch's databases (the files under `pgdata/base`, what
+  `pg_database_size` adds up), whether or not its compute runs;
+- branch `written_data_bytes`: WAL the branch has written since it got its data, summed over its
+  history epochs (LSN progress; the current epoch up to its latest checkpoint);
+- project `synthetic_storage_size`: the space the project's directory takes on disk (allocated
+  blocks: data, history snapshots and archived WAL of every branch).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from argon.storage import history as hs
+
+if TYPE_CHECKING:
+    from argon.control.plane import ControlPlane
+
+TTL = 15.0
+
+
+@dataclass(frozen=True)
+class BranchFigures:
+    logical_size: int = 0
+    written_data_bytes: int = 0
+    allocated_bytes: int = 0
+
+
+def _walk(path: Path) -> tuple[int, int]:
+    """(sum of file sizes, allocated bytes) under `path`, each inode once."""
+    size = allocated = 0
+    seen: set[tuple[int, int]] = set()
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                st = os.lstat(os.path.join(root, name))
+            except OSError:
+                continue
+            if st.st_nlink > 1:
+                key = (st.st_dev, st.st_ino)
+                if key in seen:
+                    continue
+                seen.add(key)
+            size += st.st_size
+            allocated += st.st_blocks * 512
+    return size, allocated
+
+
+class Figures:
+    def __init__(self) -> None:
+        self._branches: dict[str, tuple[float, BranchFigures]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, branch_id: str) -> BranchFigures:
+        entry = self._branches.get(branch_id)
+        return entry[1] if entry else BranchFigures()
+
+    def project_bytes(self, plane: ControlPlane, project_id: str) -> int:
+        return sum(self.get(b.id).allocated_bytes for b in plane.branches(project_id))
+
+    def refresh(self, plane: ControlPlane, project_id: str) -> None:
+        """Measure the project's branches whose figures are older than the TTL (call in a thread)."""
+        now = time.monotonic()
+        project = plane.project(project_id)
+        install = plane.installs.get(project.pg_version)
+        for branch in plane.branches(project_id):
+            entry = self._branches.get(branch.id)
+            if entry and now - entry[0] < TTL:
+                continue
+            pgdata = plane.layout.pgdata(project_id, branch.id)
+            logical, _ = _walk(pgdata / "base")
+            _, allocated = _walk(plane.layout.branch_dir(project_id, branch.id))
+            written = 0
+            try:
+                manifest = hs.BranchHistory(plane.layout.branch_dir(project_id, branch.id) / "history").load()
+                for epoch in manifest.epochs:
+                    if epoch.end_lsn:
+                        end = hs.parse_lsn(epoch.end_lsn)
+                    elif install is not None:
+                        end = hs.parse_lsn(hs.control_data(install.bindir, pgdata).checkpoint_lsn)
+                    else:
+                        continue
+                    written += max(0, end - hs.parse_lsn(epoch.start_lsn))
+            except Exception:  # a branch being rebuilt right now: measure next time
+                written = self.get(branch.id).written_data_bytes
+            with self._lock:
+                self._branches[branch.id] = (now, BranchFigures(logical, written, allocated))
+
+    def forget(self, branch_id: str) -> None:
+        self._branches.pop(branch_id, None)
