@@ -15,6 +15,17 @@ from tests.fixtures.platform import RunningPlatform
 pytestmark = pytest.mark.pg
 
 
+@pytest.fixture(scope="module", params=["copy", "reflink"])
+def platform(request: pytest.FixtureRequest, platform: RunningPlatform) -> RunningPlatform:
+    """Every branching test runs on both clone backends: the session's platform (this machine's
+    filesystem: plain copies on ext4) and one on a loop-mounted XFS volume (reflinks; root only)."""
+    if request.param == "copy":
+        return platform
+    reflink: RunningPlatform = request.getfixturevalue("reflink_platform")
+    assert reflink.plane.backend.name == "reflink"
+    return reflink
+
+
 def wait_for(predicate: Any, timeout: float = 20, interval: float = 0.1) -> Any:
     deadline = time.monotonic() + timeout
     while True:

@@ -39,10 +39,11 @@ async def regions(plane: Plane) -> dict[str, Any]:
                         for r in available_regions()]}
 
 
-@router.get("/versions", summary="PostgreSQL versions this server offers (Argon extension)")
+@router.get("/versions", summary="PostgreSQL versions and the clone backend of this server (Argon extension)")
 async def versions(plane: Plane) -> dict[str, Any]:
     return {"versions": [{"pg_version": i.major, "version": i.version, "source": i.source}
-                         for i in sorted(plane.installs.values(), key=lambda i: i.major)]}
+                         for i in sorted(plane.installs.values(), key=lambda i: i.major)],
+            "clone_backend": plane.backend.name}
 
 
 class ApiKeyCreate(BaseModel):

@@ -391,18 +391,20 @@ def events(ctx: Context, endpoint_id: str, project_id: str | None) -> None:
 @pass_ctx
 def status(ctx: Context) -> None:
     """Is the server up? What runs?"""
-    versions = ctx.api.get("/versions")["versions"]
+    info = ctx.api.get("/versions")
+    versions = info["versions"]
     projects = ctx.api.get("/projects", params={"limit": 400})["projects"]
     active = 0
     for p in projects:
         active += sum(1 for e in ctx.api.get(f"/projects/{p['id']}/endpoints")["endpoints"]
                       if e["current_state"] == "active")
-    data = {"api_url": ctx.api.api_url, "versions": versions, "projects": len(projects), "active_computes": active}
+    data = {"api_url": ctx.api.api_url, "versions": versions, "projects": len(projects), "active_computes": active,
+            "clone_backend": info.get("clone_backend")}
     if ctx.output == "json":
         emit(data, "json")
         return
     click.echo(f"Argon at {ctx.api.api_url}: {len(projects)} project(s), {active} active compute(s); PostgreSQL "
-               + ", ".join(v["version"] for v in versions))
+               + ", ".join(v["version"] for v in versions) + f"; clone backend {info.get('clone_backend')}")
 
 
 BRANCH_COLUMNS = [("id", "Id"), ("name", "Name"), ("default", "Default"), ("parent_id", "Parent"),

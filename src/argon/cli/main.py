@@ -17,6 +17,7 @@ import click
 from argon import __version__
 from argon.cli import commands
 from argon.cli.client import CliError, write_cli_config
+from argon.cli.storage import storage as storage_cli
 from argon.errors import ArgonError
 from argon.settings import Settings, load
 
@@ -245,6 +246,7 @@ def config_check(**flags: Any) -> None:
 
 
 commands.register(cli)
+cli.add_command(storage_cli)
 
 
 def main() -> None:
