@@ -20,6 +20,7 @@ from argon.control import connection
 from argon.control.endpoints import check_cu, check_suspend_timeout
 from argon.control.plane import ControlPlane
 from argon.control.projects import ProjectRequest, create_project, delete_project
+from argon.control.projects import update_project as change_project
 from argon.control.roles import get_role
 from argon.errors import ArgonError, NotFound, Precondition, UserError
 
@@ -187,24 +188,12 @@ async def get_project(plane: Plane, project_id: str) -> dict[str, Any]:
 
 @router.patch("/projects/{project_id}")
 async def update_project(plane: Plane, project_id: str, body: ProjectUpdateBody) -> dict[str, Any]:
-    async with plane.project_lock(project_id):
-        p = plane.project(project_id)
-        changes: dict[str, Any] = {}
-        spec = body.project
-        if spec.name is not None:
-            changes["name"] = ids.check_display_name(spec.name, "project")
-        if spec.default_endpoint_settings is not None:
-            changes["default_endpoint_settings"] = _endpoint_settings(spec.default_endpoint_settings,
-                                                                      p.default_endpoint_settings)
-        if spec.history_retention_seconds is not None:
-            changes["history_retention_seconds"] = spec.history_retention_seconds
-        ops = []
-        if changes:
-            p = p.replace(**changes)
-            await plane.save(p)
-            action = (model.OperationAction.APPLY_STORAGE_CONFIG if "history_retention_seconds" in changes
-                      else model.OperationAction.APPLY_CONFIG)
-            ops.append(await plane.record(project_id, action))
+    spec = body.project
+    current = plane.project(project_id)
+    settings = (_endpoint_settings(spec.default_endpoint_settings, current.default_endpoint_settings)
+                if spec.default_endpoint_settings is not None else None)
+    p, ops = await change_project(plane, project_id, name=spec.name, endpoint_settings=settings,
+                                  history_retention_seconds=spec.history_retention_seconds)
     return {"project": project_view(plane, p), "operations": [views.operation_view(o) for o in ops]}
 
 

@@ -122,6 +122,13 @@ def materialize_base(plane: ControlPlane, project: model.Project, branch_id: str
                 _template_snapshot(plane, project, history, epoch, snap)
 
 
+async def materialize_base_soon(plane: ControlPlane, project: model.Project, branch_id: str) -> None:
+    """`materialize_base` in the background, under the project lock (a delete must not race it)."""
+    async with plane.project_lock(project.id):
+        if any(p.id == project.id for p in plane.projects()):
+            await asyncio.to_thread(materialize_base, plane, project, branch_id)
+
+
 def _template_snapshot(plane: ControlPlane, project: model.Project, history: hs.BranchHistory, epoch: hs.Epoch,
                        snap: hs.Snapshot) -> Path:
     path = history.snapshot_dir(epoch.id, snap.name)

@@ -139,7 +139,7 @@ async def create_project(plane: ControlPlane, req: ProjectRequest) -> CreatedPro
         plane.remember(obj)
     try:
         await asyncio.to_thread(history.start_from_template, plane, project, bid, template)
-        plane.spawn(asyncio.to_thread(history.materialize_base, plane, project, bid), f"history base of {bid}")
+        plane.spawn(history.materialize_base_soon(plane, project, bid), f"history base of {bid}")
     except Exception as exc:  # the project works without it; point in time starts at the first suspend
         log.warning("could not start the history of project %s: %s", pid, exc)
     plane.mark_needs_spec(eid)
@@ -183,6 +183,31 @@ def _make_branch_data(plane: ControlPlane, project_id: str, template: Path, pgda
     if uid is not None:
         chown_tree(project_dir, OsUser(uid, uid))
     os.chmod(pgdata, 0o700)
+
+
+async def update_project(plane: ControlPlane, project_id: str, *, name: str | None = None,
+                         endpoint_settings: model.EndpointSettings | None = None,
+                         history_retention_seconds: int | None = None) -> tuple[model.Project, list[model.Operation]]:
+    """Rename a project, change the defaults of its new computes or its history retention."""
+    if history_retention_seconds is not None and not 0 <= history_retention_seconds <= model.MAX_HISTORY_RETENTION:
+        raise UserError(f"history_retention_seconds must be between 0 and {model.MAX_HISTORY_RETENTION}")
+    async with plane.project_lock(project_id):
+        p = plane.project(project_id)
+        changes: dict[str, object] = {}
+        if name is not None and name != p.name:
+            changes["name"] = ids.check_display_name(name, "project")
+        if endpoint_settings is not None and endpoint_settings != p.default_endpoint_settings:
+            changes["default_endpoint_settings"] = endpoint_settings
+        if history_retention_seconds is not None and history_retention_seconds != p.history_retention_seconds:
+            changes["history_retention_seconds"] = history_retention_seconds
+        ops = []
+        if changes:
+            p = p.replace(**changes)
+            await plane.save(p)
+            action = (model.OperationAction.APPLY_STORAGE_CONFIG if "history_retention_seconds" in changes
+                      else model.OperationAction.APPLY_CONFIG)
+            ops.append(await plane.record(project_id, action))
+    return p, ops
 
 
 async def delete_project(plane: ControlPlane, project_id: str) -> model.Project:
