@@ -165,7 +165,7 @@ def test_neonctl_branches_smoke(platform: RunningPlatform, neonctl: Path) -> Non
                     "dev", "--project-id", pid)
         assert psql(cs("dev", "--role-name", "app", "--database-name", "appdb"), "SELECT current_user") == "app"
         run_neonctl(platform, neonctl, "branches", "create", "--name", "bare", "--no-compute", "--project-id", pid)
-        run_neonctl(platform, neonctl, "branches", "add-compute", "bare", "--type", "read_write", "--project-id", pid)
+        run_neonctl(platform, neonctl, "branches", "add-compute", "bare", "--project-id", pid)  # a read replica
         assert psql(cs("bare"), "SELECT count(*) FROM t") == "2"
         run_neonctl(platform, neonctl, "branches", "rename", "dev", "dev2", "--project-id", pid)
         run_neonctl(platform, neonctl, "branches", "set-default", "dev2", "--project-id", pid)

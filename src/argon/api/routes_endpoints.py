@@ -95,7 +95,8 @@ async def restart(plane: Plane, project_id: str, endpoint_id: str) -> dict[str, 
 async def logs(plane: Plane, project_id: str, endpoint_id: str,
                tail: Annotated[int, Query(ge=1, le=100000)] = 200) -> PlainTextResponse:
     ep = plane.endpoint(project_id, endpoint_id)
-    path = plane.layout.compute_log(project_id, ep.branch_id)
+    path = (plane.layout.replica_dir(project_id, ep.branch_id, ep.id) / "log" / "postgres.log"
+            if ep.type is model.EndpointType.READ_ONLY else plane.layout.compute_log(project_id, ep.branch_id))
 
     def read() -> str:
         try:

@@ -32,6 +32,7 @@ class ComputeSpec:
     user: OsUser | None
     gucs: Mapping[str, str] = field(default_factory=dict)
     argon_os_user: str = "postgres"
+    standby: bool = False  # a read replica: ready when it accepts read-only connections
 
 
 def prepare(spec: ComputeSpec) -> None:
@@ -40,10 +41,14 @@ def prepare(spec: ComputeSpec) -> None:
         raise ComputeStartError(f"the data directory {spec.pgdata} is missing or incomplete")
     postmaster.clear_stale_lock(spec.pgdata, spec.socket_dir)
     write_config(spec.pgdata, spec.socket_dir, spec.gucs, spec.argon_os_user)
+    if spec.standby:
+        (spec.pgdata / "standby.signal").touch()
     spec.socket_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(spec.socket_dir, 0o700)
     spec.log_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     if spec.user is not None and running_as_root():
+        if spec.standby:
+            os.chown(spec.pgdata / "standby.signal", spec.user.uid, spec.user.gid)
         for path in (spec.pgdata / "postgresql.conf", spec.pgdata / "postgresql.auto.conf",
                      spec.pgdata / "pg_hba.conf", spec.pgdata / "pg_ident.conf", spec.socket_dir,
                      spec.log_file.parent):
@@ -72,7 +77,7 @@ class ComputeManager:
         self._running[spec.endpoint_id] = pm
         self._watch(spec.endpoint_id, pm)
         try:
-            await pm.wait_ready()
+            await pm.wait_ready(standby=spec.standby)
         except BaseException:
             self._running.pop(spec.endpoint_id, None)
             pm.kill_group()

@@ -121,19 +121,20 @@ class Postmaster:
 
         loop.add_reader(fd, exited)
 
-    def is_ready(self) -> bool:
+    def is_ready(self, standby: bool = False) -> bool:
         lines = _read_pid_file(self.pgdata)
-        return bool(lines and len(lines) >= 8 and lines[0].strip() == str(self.pid) and lines[7].strip() == "ready")
+        states = ("ready", "standby") if standby else ("ready",)
+        return bool(lines and len(lines) >= 8 and lines[0].strip() == str(self.pid) and lines[7].strip() in states)
 
     def _failure(self, what: str) -> ComputeStartError:
         tail = log_tail(self.log_file, self.log_offset)
         hint = f":\n{tail}" if tail else ""
         return ComputeStartError(f"PostgreSQL {what}{hint}")
 
-    async def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
+    async def wait_ready(self, timeout: float = READY_TIMEOUT, *, standby: bool = False) -> None:
         deadline = time.monotonic() + timeout
         delay = _POLL
-        while not self.is_ready():
+        while not self.is_ready(standby):
             if not self.alive:
                 raise self._failure(f"exited during start-up (status {self.returncode})")
             if time.monotonic() > deadline:
@@ -257,7 +258,7 @@ def adopt(pgdata: Path, log_file: Path) -> Postmaster | None:
         pid = int(lines[0])
     except ValueError:
         return None
-    if lines[7].strip() != "ready" or not _serves(pid, pgdata):
+    if lines[7].strip() not in ("ready", "standby") or not _serves(pid, pgdata):
         return None  # gone, a zombie, or the pid was reused by an unrelated process
     pm = Postmaster(pid, pgdata, log_file)
     return pm if pm.pidfd is not None else None

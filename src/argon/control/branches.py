@@ -27,6 +27,7 @@ from argon import ids, model
 from argon.compute.admin import connect_admin
 from argon.compute.osuser import OsUser, chown_tree
 from argon.control import history
+from argon.control.replicas import remove_replicas
 from argon.control.schema import schema_only_copy
 from argon.errors import Conflict, NotFound, Precondition, UserError
 from argon.storage import branching
@@ -348,6 +349,7 @@ async def restore_branch(plane: ControlPlane, project_id: str, branch_id: str, s
                 await asyncio.to_thread(history.end_epoch, plane, project, branch_id, pgdata)
                 await asyncio.to_thread(shutil.rmtree, pgdata, True)
             await asyncio.to_thread(os.rename, fresh, pgdata)
+            await asyncio.to_thread(remove_replicas, plane, project_id, branch_id)  # they copy the new data
             # The restored branch keeps its older epochs: it can go back to before this restore.
             await asyncio.to_thread(history.begin_epoch, plane, project, branch_id, pgdata,
                                     reason="restored from own past" if source.id == branch_id else

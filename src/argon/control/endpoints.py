@@ -101,21 +101,22 @@ async def create_endpoint(plane: ControlPlane, project_id: str, branch_id: str, 
 
     if type_ not in ("read_write", "read_only"):
         raise UserError("endpoint type must be read_write or read_only")
-    if type_ == "read_only":
-        raise UserError("read-only endpoints are not supported yet; create a read_write endpoint")
+    kind = model.EndpointType(type_)
     async with plane.project_lock(project_id):
         project = plane.project(project_id)
         plane.branch(project_id, branch_id)
-        if any(e.type is model.EndpointType.READ_WRITE for e in plane.endpoints(project_id, branch_id)):
+        if kind is model.EndpointType.READ_WRITE and any(
+                e.type is model.EndpointType.READ_WRITE for e in plane.endpoints(project_id, branch_id)):
             raise UserError(f"branch {branch_id!r} already has a read_write endpoint; a branch can have only one")
         s = settings or project.default_endpoint_settings
         now = model.utcnow()
         ep = model.Endpoint(id=ids.endpoint_id(), project_id=project_id, branch_id=branch_id, created_at=now,
                             updated_at=now, autoscaling_limit_min_cu=s.autoscaling_limit_min_cu,
                             autoscaling_limit_max_cu=s.autoscaling_limit_max_cu,
-                            suspend_timeout_seconds=s.suspend_timeout_seconds, name=name)
+                            suspend_timeout_seconds=s.suspend_timeout_seconds, name=name, type=kind)
         await plane.save(ep)
-        plane.mark_needs_spec(ep.id)
+        if kind is model.EndpointType.READ_WRITE:
+            plane.mark_needs_spec(ep.id)  # a replica's roles come from its primary's WAL
         op = await plane.record(project_id, model.OperationAction.CREATE_COMPUTE, branch_id=branch_id,
                                 endpoint_id=ep.id)
         return ep, [op]
@@ -135,4 +136,6 @@ async def delete_endpoint(plane: ControlPlane, project_id: str,
         await plane.db(plane.store.delete, ep)
         plane.forget_endpoint(endpoint_id)
         await asyncio.to_thread(shutil.rmtree, plane.layout.socket_dir(endpoint_id), True)
+        if ep.type is model.EndpointType.READ_ONLY:
+            await asyncio.to_thread(shutil.rmtree, plane.layout.replica_dir(project_id, ep.branch_id, ep.id), True)
         return ep, ops

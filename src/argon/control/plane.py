@@ -258,6 +258,10 @@ class ControlPlane:
             raise ComputeError(f"PostgreSQL {project.pg_version} binaries are not available on this machine; "
                                f"install them or set ARGON_PG_BINDIRS", retryable=False)
         user = OsUser(project.os_uid, project.os_uid) if project.os_uid is not None else None
+        if ep.type is model.EndpointType.READ_ONLY:
+            from argon.control.replicas import replica_spec
+
+            return replica_spec(self, project, ep, install, user)
         from argon.control.history import archive_settings
 
         gucs = (gucs_for_cu(ep.autoscaling_limit_max_cu) | dict(ep.pg_settings)
@@ -289,6 +293,10 @@ class ControlPlane:
             started = time.monotonic()
             try:
                 await self._ensure_history(ep)
+                if ep.type is model.EndpointType.READ_ONLY:
+                    from argon.control.replicas import ensure_replica_data
+
+                    await ensure_replica_data(self, ep)
                 spec = self.compute_spec(ep)
                 await self.computes.start(spec)
                 if endpoint_id in self._needs_spec:
@@ -337,7 +345,8 @@ class ControlPlane:
         was_running = self.is_running(endpoint_id)
         started = time.monotonic()
         if was_running:
-            await self._sync_before_stop(ep)
+            if ep.type is model.EndpointType.READ_WRITE:  # a replica holds no changes of its own
+                await self._sync_before_stop(ep)
             self._stopping.add(endpoint_id)
             await self._close_verifier_conn(endpoint_id)
             try:

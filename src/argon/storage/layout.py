@@ -81,6 +81,10 @@ class Layout:
     def snapshots_dir(self, project_id: str, branch_id: str) -> Path:
         return self.branch_dir(project_id, branch_id) / "snapshots"
 
+    def replica_dir(self, project_id: str, branch_id: str, endpoint_id: str) -> Path:
+        """A read-only endpoint's own standby copy of its branch."""
+        return self.branch_dir(project_id, branch_id) / "replicas" / endpoint_id
+
     def compute_log(self, project_id: str, branch_id: str) -> Path:
         return self.branch_dir(project_id, branch_id) / "log" / "postgres.log"
 

@@ -1,0 +1,124 @@
+"""Read replicas (`read_only` endpoints): hot standbys of their branch, fed by WAL shipping.
+
+A replica has its own copy of the branch's cluster (`branches/<b>/replicas/<ep>/pgdata`), made at
+its first start (an online backup of the running primary, or a copy of the stopped one) and started
+with `standby.signal`. Its `restore_command` reads the branch's WAL from the current history
+epoch's archive and, for the segment being written, from the primary's `pg_wal`, retrying twice a
+second: a replica follows its primary within about a second, keeps serving (stale) reads while the
+primary is suspended, and needs no replication connection, role or password. A restore or reset of
+the branch (a new epoch) rebuilds the replica at its next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from argon import model
+from argon.compute.admin import connect_admin
+from argon.compute.binaries import PgInstall
+from argon.compute.manager import ComputeSpec
+from argon.compute.osuser import OsUser, chown_tree
+from argon.compute.params import gucs_for_cu
+from argon.storage import branching
+
+if TYPE_CHECKING:
+    from argon.control.plane import ControlPlane
+
+log = logging.getLogger(__name__)
+
+SOURCE_FILE = "replica_of"  # which epoch of the branch the replica's copy comes from
+
+
+def _primary(plane: ControlPlane, ep: model.Endpoint) -> model.Endpoint | None:
+    return next((e for e in plane.endpoints(ep.project_id, ep.branch_id) if e.type is model.EndpointType.READ_WRITE),
+                None)
+
+
+def _epoch_id(plane: ControlPlane, project: model.Project, branch_id: str) -> str:
+    from argon.control.history import branch_history
+
+    current = branch_history(plane, project.id, branch_id).load().current
+    return current.id if current else "none"
+
+
+def _quote(path: Path) -> str:
+    return "'" + str(path).replace("%", "%%").replace("'", "'\"'\"'") + "'"
+
+
+def restore_command(plane: ControlPlane, project: model.Project, branch_id: str) -> str:
+    from argon.control.history import branch_history, enabled
+
+    sources = []
+    history = branch_history(plane, project.id, branch_id)
+    current = history.load().current if enabled(project) else None
+    if current is not None:
+        sources.append(history.wal_dir(current.id))
+    sources.append(plane.layout.pgdata(project.id, branch_id) / "pg_wal")
+    return " || ".join(f"cp {_quote(src)}/%f %p 2>/dev/null" for src in sources)
+
+
+def replica_spec(plane: ControlPlane, project: model.Project, ep: model.Endpoint, install: PgInstall,
+                 user: OsUser | None) -> ComputeSpec:
+    root = plane.layout.replica_dir(project.id, ep.branch_id, ep.id)
+    primary = _primary(plane, ep)
+    # A hot standby refuses to start with fewer connections or workers than its primary.
+    cu = max(ep.autoscaling_limit_max_cu, primary.autoscaling_limit_max_cu if primary else 0)
+    gucs = gucs_for_cu(cu) | dict(ep.pg_settings) | {
+        "hot_standby": "on", "archive_mode": "off", "recovery_target_timeline": "latest",
+        "restore_command": restore_command(plane, project, ep.branch_id),
+        "wal_retrieve_retry_interval": "500ms",
+        # Each poll restores the segment being written again and would log it: keep the log for problems.
+        "log_min_messages": "warning",
+    }
+    return ComputeSpec(endpoint_id=ep.id, install=install, pgdata=root / "pgdata", socket_dir=plane.layout.socket_dir(ep.id),
+                       log_file=root / "log" / "postgres.log", user=user, gucs=gucs, argon_os_user=plane.os_user,
+                       standby=True)
+
+
+async def ensure_replica_data(plane: ControlPlane, ep: model.Endpoint) -> None:
+    """Make (or remake, after a restore of the branch) the replica's copy of the branch. Called with
+    the replica's endpoint lock held; never takes the primary's lock (a restore holds both)."""
+    project = plane.project(ep.project_id)
+    root = plane.layout.replica_dir(project.id, ep.branch_id, ep.id)
+    epoch = await asyncio.to_thread(_epoch_id, plane, project, ep.branch_id)
+    marker = root / SOURCE_FILE
+    if (root / "pgdata" / "PG_VERSION").exists() and marker.exists() and marker.read_text() == epoch:
+        return
+    await asyncio.to_thread(shutil.rmtree, root, True)
+    await asyncio.to_thread(root.mkdir, 0o700, True)
+    source = plane.layout.pgdata(project.id, ep.branch_id)
+    target = root / "pgdata"
+    primary = _primary(plane, ep)
+    for attempt in range(3):
+        if primary is not None and plane.is_running(primary.id):
+            conn = await connect_admin(plane.layout.socket_dir(primary.id))
+            try:
+                await branching.clone_running(conn, plane.backend, source, target)
+            finally:
+                await conn.close()
+            break
+        await asyncio.to_thread(branching.clone_stopped, plane.backend, source, target)
+        if primary is None or not plane.is_running(primary.id):
+            break  # it stayed stopped throughout the copy: a consistent copy
+        log.info("the primary of %s started while it was copied; copying it again online", ep.id)
+        await asyncio.to_thread(shutil.rmtree, target, True)
+        if attempt == 2:
+            raise RuntimeError("the primary kept starting and stopping while its replica was copied")
+    (target / "standby.signal").touch()
+    for name in ("recovery.signal", "backup_label.old"):
+        (target / name).unlink(missing_ok=True)
+    await asyncio.to_thread(marker.write_text, epoch)
+    (root / "log").mkdir(mode=0o700, exist_ok=True)
+    if project.os_uid is not None:
+        await asyncio.to_thread(chown_tree, root, OsUser(project.os_uid, project.os_uid))
+    log.info("replica %s copied from branch %s", ep.id, ep.branch_id)
+
+
+def remove_replicas(plane: ControlPlane, project_id: str, branch_id: str) -> None:
+    """After the branch's data was replaced: every replica copies it again at its next start."""
+    shutil.rmtree(plane.layout.branch_dir(project_id, branch_id) / "replicas", ignore_errors=True)
+
