@@ -8,7 +8,8 @@ Run from the repository root (root is needed for the reflink backend: a loop-mou
 For each backend (copy: this machine's filesystem; reflink: an XFS image made by `argon storage
 init`'s code) and each parent size (pgbench data of ~40 MB, ~1 GB, ~5 GB), one run measures:
 
-1. `cp -a` (with `--reflink=never` / `always`, as the backend copies) of the parent's data directory;
+1. `cp -a` (with `--reflink=never` / `always`, as the backend copies) of the parent's data directory
+   without `pg_wal` (what a branch copies), after a CHECKPOINT (an idle parent has nothing to flush);
 2. branch from head with the parent idle: API call -> first `SELECT 1` through the proxy on the new
    branch, and the disk space it took; with history on (the default: the branch's history base is
    a second clone) and off (`history_retention_seconds: 0`);
@@ -137,6 +138,19 @@ class Bench:
         wait_queryable(created["connection_uris"][0]["connection_uri"])
         return round(api, 1), round((time.perf_counter() - t0) * 1000, 1), created
 
+    @staticmethod
+    def checkpoint(running: Any, endpoint_id: str) -> None:
+        from argon.compute.admin import connect_admin
+
+        async def run() -> None:
+            conn = await connect_admin(running.plane.layout.socket_dir(endpoint_id))
+            try:
+                await conn.execute("CHECKPOINT")
+            finally:
+                await conn.close()
+
+        running.call(run(), timeout=600)
+
     def measure_backend(self, kind: str) -> None:
         largest = max(SIZES[s] for s in self.args.sizes)
         with backend_root(kind, largest) as root:
@@ -165,17 +179,21 @@ class Bench:
             raise BenchError(init.stderr[-500:])
         say(f"  pgbench -i -s {scale} in {time.perf_counter() - t0:.1f} s")
         pgdata = running.plane.layout.pgdata(pid, created["branch"]["id"])
-        data = tree_bytes(pgdata)
+        self.checkpoint(running, created["endpoints"][0]["id"])  # "idle": nothing left to flush
+        files = [pgdata / name for name in sorted(os.listdir(pgdata)) if name != "pg_wal"]
+        data = sum(tree_bytes(f) if f.is_dir() else f.stat().st_size for f in files)
         row: dict[str, Any] = {"pgbench_scale": scale, "data_mb": round(data / MB, 1)}
-        # cp -a of the same (running, idle) data directory, on the same filesystem.
+        # cp -a of the same data (the cluster without pg_wal, as a branch copies it), same filesystem.
         target = root / "data" / "cp-baseline"
+        target.mkdir()
         t0 = time.perf_counter()
-        subprocess.run(["cp", "-a", f"--reflink={'always' if kind == 'reflink' else 'never'}", str(pgdata),
-                        str(target)], check=True, capture_output=True)
+        subprocess.run(["cp", "-a", f"--reflink={'always' if kind == 'reflink' else 'never'}", "-t", str(target),
+                        *map(str, files)], check=True, capture_output=True)
         row["cp_a_ms"] = round((time.perf_counter() - t0) * 1000, 1)
         shutil.rmtree(target, ignore_errors=True)
         data_dir = root / "data"
         for history in ("on", "off"):
+            self.checkpoint(running, created["endpoints"][0]["id"])
             running.api.patch(f"/projects/{pid}", json={"project": {
                 "history_retention_seconds": 86400 if history == "on" else 0}})
             before = used_bytes(data_dir)
