@@ -476,9 +476,10 @@ def _branch_at(ctx: Context, pid: str, text: str, *, self_id: str | None = None)
                    "dev@0/1A2B3C, main@2026-11-24T13:00:00Z, or just a point (on the default branch)")
 @click.option("--no-compute", is_flag=True, help="Create the branch without an endpoint")
 @click.option("--protected", is_flag=True, help="Protect the branch from deletion")
+@click.option("--schema-only", is_flag=True, help="Copy the parent's roles and schema, not its rows")
 @pass_ctx
 def branches_create(ctx: Context, project_id: str | None, name: str | None, parent: str | None,
-                    no_compute: bool, protected: bool) -> None:
+                    no_compute: bool, protected: bool, schema_only: bool) -> None:
     """Branch the parent's data (copy-on-write where the filesystem can) and give it a compute.
 
     \b
@@ -486,9 +487,11 @@ def branches_create(ctx: Context, project_id: str | None, name: str | None, pare
     From another branch:              argon branches create --name fix --parent dev
     From a point in time:             argon branches create --name before --parent main@2026-11-24T13:00:00Z
     From an LSN:                      argon branches create --parent main@0/1A2B3C
+    Schema only, no rows:             argon branches create --name empty --schema-only
     """
     pid = _default_project(ctx, project_id)
-    spec: dict[str, Any] = {"protected": protected}
+    spec: dict[str, Any] = {"protected": protected,
+                            "init_source": "schema-only" if schema_only else "parent-data"}
     if name:
         spec["name"] = name
     if parent:
@@ -579,55 +582,6 @@ def branches_restore(ctx: Context, branch: str, source: str, project_id: str | N
     click.echo(f"Restored branch {b['name']} ({b['id']}) from {source_id or target['id']}{where}.")
     if preserve_under_name:
         click.echo(f"Its previous data is kept as branch {preserve_under_name}.")
-
-
-@branches.command("schema-diff")
-@click.argument("base", required=False)
-@click.argument("compare", metavar="[COMPARE[@POINT]]", required=False)
-@project_option
-@click.option("--database", "--db", help="Database (default: the branch's only database)")
-@pass_ctx
-def branches_schema_diff(ctx: Context, base: str | None, compare: str | None, project_id: str | None,
-                         database: str | None) -> None:
-    """Show how a branch's schema differs from another branch's (default: its parent), or from its
-    own past, as a unified diff.
-
-    \b
-    argon branches schema-diff dev                 dev against its parent's head
-    argon branches schema-diff dev main            dev against main
-    argon branches schema-diff main ^self@2026-11-24T12:00:00Z   what changed since then
-    """
-    import difflib
-
-    pid = _default_project(ctx, project_id)
-    if base:
-        b = _resolve_branch(ctx, pid, base)
-    else:
-        b = next(x for x in ctx.api.get(f"/projects/{pid}/branches")["branches"] if x["default"])
-    other_id, point = _branch_at(ctx, pid, compare or "^parent", self_id=b["id"])
-    other_id = other_id or b["id"]
-    if database is None:
-        dbs = ctx.api.get(f"/projects/{pid}/branches/{b['id']}/databases")["databases"]
-        if len(dbs) != 1:
-            raise CliError("the branch has several databases; choose one with --database: "
-                           + ", ".join(d["name"] for d in dbs))
-        database = dbs[0]["name"]
-    mine = ctx.api.get(f"/projects/{pid}/branches/{b['id']}/schema", params={"db_name": database})["sql"]
-    theirs = ctx.api.get(f"/projects/{pid}/branches/{other_id}/schema",
-                         params={"db_name": database, **point})["sql"]
-    other_name = next((x["name"] for x in ctx.api.get(f"/projects/{pid}/branches")["branches"]
-                       if x["id"] == other_id), other_id)
-    label = other_name + (f"@{next(iter(point.values()))}" if point else "")
-    diff = list(difflib.unified_diff(theirs.splitlines(keepends=True), mine.splitlines(keepends=True),
-                                     fromfile=f"{label}/{database}", tofile=f"{b['name']}/{database}"))
-    if not diff:
-        click.echo(f"No differences: {b['name']} and {label} have the same schema in {database}.")
-        return
-    colors = {"+": "green", "-": "red", "@": "cyan"}
-    for line in diff:
-        text = line.rstrip("\n")
-        click.echo(click.style(text, fg=colors.get(text[:1])) if not text.startswith(("+++", "---")) else
-                   click.style(text, bold=True))
 
 
 @branches.command("set-default")

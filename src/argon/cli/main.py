@@ -17,6 +17,7 @@ import click
 from argon import __version__
 from argon.cli import commands
 from argon.cli.client import CliError, write_cli_config
+from argon.cli.schema_diff import schema_diff
 from argon.cli.storage import storage as storage_cli
 from argon.errors import ArgonError
 from argon.settings import Settings, load
@@ -246,6 +247,7 @@ def config_check(**flags: Any) -> None:
 
 
 commands.register(cli)
+commands.branches.add_command(schema_diff)
 cli.add_command(storage_cli)
 
 

@@ -1,8 +1,10 @@
 """Schemas: the DDL of a branch's database (now or at a point in time), and schema-only branches.
 
 Both go through the project's own `pg_dump` (at least the server's version, design §8), connected
-as the platform role over the compute's Unix socket; the session ends with the dump, so no
-platform session stays in a user database.
+as the platform role over a Unix socket: the branch's compute (woken if idle), or, for a branch
+without one, a throw-away running copy of its data. The session ends with the dump, so no platform
+session stays in a user database. Database names reach the tools only inside a quoted conninfo
+value: a database called `host=... dbname=...` is a name, never connection parameters.
 """
 
 from __future__ import annotations
@@ -15,27 +17,35 @@ import secrets
 import shutil
 import subprocess
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from psycopg import sql
+
 from argon import model
 from argon.compute import postmaster
-from argon.compute.admin import conninfo
+from argon.compute.admin import connect_admin_sync, conninfo
 from argon.compute.binaries import PgInstall
 from argon.compute.manager import ComputeSpec, prepare
 from argon.compute.osuser import OsUser, chown_tree
 from argon.compute.params import gucs_for_cu
 from argon.compute.postmaster import ComputeStartError
-from argon.errors import NotFound, Precondition, StorageError, UserError
+from argon.errors import NotFound, StorageError, UserError
+from argon.storage import branching
 
 if TYPE_CHECKING:
     from argon.control.plane import ControlPlane
 
 log = logging.getLogger(__name__)
 
+# Lines that differ between two dumps of the same schema: version banners, PG18's random \restrict keys.
 _NOISE = re.compile(r"^(\\restrict |\\unrestrict |-- Dumped (from database|by pg_dump) version)")
+# The platform role's own statements in `pg_dumpall --roles-only`: the template has that role already.
+_PLATFORM_ROLE_SQL = re.compile(rf"^(CREATE|ALTER) ROLE {model.PLATFORM_ROLE}[ ;]")
+# Restore errors that only say the template had it already (its roles, `postgres`, `neondb`).
+_EXPECTED = re.compile(r"already exists")
 _TEMPLATE_DBS = ("template0", "template1")
 
 
@@ -43,28 +53,66 @@ def _env() -> dict[str, str]:
     return {"PATH": "/usr/bin:/bin", "LC_ALL": "C", "PGCONNECT_TIMEOUT": "20"}
 
 
-def _conn_args(socket_dir: Path, dbname: str) -> list[str]:
-    info = conninfo(socket_dir, dbname)
-    return ["-h", info["host"], "-p", info["port"], "-U", info["user"], "-d", dbname]
+def _quote(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _dsn(socket_dir: Path, dbname: str) -> str:
+    """A libpq conninfo string for the platform role; every value quoted."""
+    return " ".join(f"{k}={_quote(v)}" for k, v in conninfo(socket_dir, dbname).items())
+
+
+def _run(install: PgInstall, tool: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(install.bin(tool)), *args], input=stdin, capture_output=True, text=True,
+                          env=_env(), timeout=600)
+
+
+def _failure(tool: str, out: subprocess.CompletedProcess[str]) -> StorageError:
+    lines = out.stderr.strip().splitlines()
+    return StorageError(f"{tool} failed: {lines[-1] if lines else 'exit status ' + str(out.returncode)}")
 
 
 def dump_schema_sync(install: PgInstall, socket_dir: Path, database: str) -> str:
-    """`pg_dump --schema-only` of one database, without the lines that differ between two dumps of
-    the same schema (version banners, PG18's random `\\restrict` keys)."""
-    out = subprocess.run([str(install.bin("pg_dump")), "--schema-only", "--no-comments",
-                          *_conn_args(socket_dir, database)], capture_output=True, text=True, env=_env(), timeout=600)
+    """`pg_dump --schema-only` of one database (owners, privileges and comments included, like
+    Neon's), without the lines that differ between two dumps of the same schema."""
+    out = _run(install, "pg_dump", "--schema-only", "-d", _dsn(socket_dir, database))
     if out.returncode != 0:
-        raise StorageError(f"pg_dump failed: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else 'error'}")
+        if "does not exist" in out.stderr and "database" in out.stderr:
+            raise NotFound(f"database {database!r} does not exist")
+        raise _failure("pg_dump", out)
     return "".join(line for line in out.stdout.splitlines(keepends=True) if not _NOISE.match(line))
 
 
-async def _rw_endpoint_socket(plane: ControlPlane, branch: model.Branch) -> Path:
-    ep = next((e for e in plane.endpoints(branch.project_id, branch.id) if e.type is model.EndpointType.READ_WRITE),
-              None)
-    if ep is None:
-        raise Precondition(f"branch {branch.name!r} has no compute; add one (POST /endpoints) to read its schema")
-    await plane.ensure_running(ep.id, reason="schema")
-    return plane.layout.socket_dir(ep.id)
+def _read_endpoint(plane: ControlPlane, branch: model.Branch) -> model.Endpoint | None:
+    return next((e for e in plane.endpoints(branch.project_id, branch.id)
+                 if e.type is model.EndpointType.READ_WRITE), None)
+
+
+@asynccontextmanager
+async def head_socket(plane: ControlPlane, project: model.Project, branch: model.Branch, *,
+                      take_lock: bool) -> AsyncIterator[Path]:
+    """The socket dir of a running `branch` at its head: its compute (started if idle), or, when it
+    has no read-write compute, a throw-away running copy of its (stopped) data. `take_lock`: hold the
+    project lock while copying (False when the caller holds it already)."""
+    ep = _read_endpoint(plane, branch)
+    if ep is not None:
+        await plane.ensure_running(ep.id, reason="schema")
+        yield plane.layout.socket_dir(ep.id)
+        return
+    scratch = plane.layout.branch_dir(project.id, branch.id) / f"tmp-{secrets.token_hex(4)}"
+    source = plane.layout.pgdata(project.id, branch.id)
+    try:
+        async with AsyncExitStack() as stack:
+            if take_lock:
+                await stack.enter_async_context(plane.project_lock(project.id))
+            if _read_endpoint(plane, branch) is not None:  # one was added meanwhile: its compute may run
+                raise UserError("the branch got a compute meanwhile; retry")
+            await asyncio.to_thread(branching.clone_stopped, plane.backend, source, scratch)
+        log_file = plane.layout.compute_log(project.id, branch.id).with_name("schema.log")
+        async with scratch_postmaster(plane, project, scratch, log_file) as socket_dir:
+            yield socket_dir
+    finally:
+        await asyncio.to_thread(shutil.rmtree, scratch, True)
 
 
 async def branch_schema(plane: ControlPlane, project_id: str, branch_id: str, database: str, *,
@@ -77,14 +125,21 @@ async def branch_schema(plane: ControlPlane, project_id: str, branch_id: str, da
     install = plane.installs.get(project.pg_version)
     if install is None:
         raise StorageError(f"PostgreSQL {project.pg_version} binaries are not available on this machine")
-    dbs = {d.name for d in await plane.db(plane.store.list_databases, branch_id)}
-    if database not in dbs:
+    if database in _TEMPLATE_DBS:
         raise NotFound(f"database {database!r} not found on branch {branch.name!r}")
     if lsn or timestamp:
         async with history.cluster_at(plane, project, branch, lsn=lsn, timestamp=timestamp) as socket_dir:
-            return await asyncio.to_thread(dump_schema_sync, install, socket_dir, database)
-    socket_dir = await _rw_endpoint_socket(plane, branch)
-    return await asyncio.to_thread(dump_schema_sync, install, socket_dir, database)
+            return await _dump_known(install, socket_dir, branch, database)
+    # The cluster, not the metadata, says which databases exist (ones made through SQL count too).
+    async with head_socket(plane, project, branch, take_lock=True) as socket_dir:
+        return await _dump_known(install, socket_dir, branch, database)
+
+
+async def _dump_known(install: PgInstall, socket_dir: Path, branch: model.Branch, database: str) -> str:
+    try:
+        return await asyncio.to_thread(dump_schema_sync, install, socket_dir, database)
+    except NotFound:
+        raise NotFound(f"database {database!r} not found on branch {branch.name!r}") from None
 
 
 # --- Schema-only branches ---------------------------------------------------------------------------------
@@ -114,37 +169,74 @@ async def scratch_postmaster(plane: ControlPlane, project: model.Project, pgdata
         await asyncio.to_thread(shutil.rmtree, socket_dir, True)
 
 
-def _psql(install: PgInstall, socket_dir: Path, database: str, script: str) -> list[str]:
-    """Run `script`, statement errors included (e.g. CREATE ROLE of a role the template has), and
-    return the error lines."""
-    out = subprocess.run([str(install.bin("psql")), "-X", "-q", "-v", "ON_ERROR_STOP=0",
-                          *_conn_args(socket_dir, database)], input=script, capture_output=True, text=True,
-                         env=_env(), timeout=600)
-    return [line for line in out.stderr.splitlines() if "ERROR" in line]
+_ROLES_SQL = "SELECT rolname FROM pg_roles WHERE rolname !~ '^pg_' AND rolname <> %s"
+_DBS_SQL = "SELECT datname FROM pg_database WHERE NOT datistemplate AND datallowconn"
 
 
-def _dump_roles(install: PgInstall, socket_dir: Path) -> str:
-    out = subprocess.run([str(install.bin("pg_dumpall")), "--roles-only", "-h", str(socket_dir), "-p", "5432",
-                          "-U", model.PLATFORM_ROLE], capture_output=True, text=True, env=_env(), timeout=600)
+def _catalog(socket_dir: Path) -> tuple[set[str], list[str]]:
+    """(roles, connectable databases) of a running cluster, platform role and pg_* roles left out."""
+    with connect_admin_sync(socket_dir) as conn:
+        roles = {r for (r,) in conn.execute(_ROLES_SQL, (model.PLATFORM_ROLE,)).fetchall()}
+        dbs = [d for (d,) in conn.execute(_DBS_SQL).fetchall()]
+    return roles, dbs
+
+
+def _read_parent(install: PgInstall, socket_dir: Path) -> tuple[set[str], str, dict[str, str]]:
+    """The parent's roles, its `pg_dumpall --roles-only` (same verifiers; the platform role's own
+    statements left out) and a `pg_dump --create --schema-only` per database (so owner, encoding,
+    locale and `ALTER DATABASE ... SET` come along)."""
+    roles, dbs = _catalog(socket_dir)
+    out = _run(install, "pg_dumpall", "--roles-only", "-d", _dsn(socket_dir, "postgres"))
     if out.returncode != 0:
-        raise StorageError(f"pg_dumpall failed: {out.stderr.strip()[-300:]}")
-    # The platform's own role is the template's; never let a dump change it.
-    return "".join(line for line in out.stdout.splitlines(keepends=True)
-                   if model.PLATFORM_ROLE not in line and not _NOISE.match(line))
+        raise _failure("pg_dumpall", out)
+    roles_sql = "".join(line for line in out.stdout.splitlines(keepends=True)
+                        if not _PLATFORM_ROLE_SQL.match(line))
+    dumps = {}
+    for db in dbs:
+        out = _run(install, "pg_dump", "--schema-only", "--create", "-d", _dsn(socket_dir, db))
+        if out.returncode != 0:
+            raise _failure("pg_dump", out)
+        dumps[db] = out.stdout
+    return roles, roles_sql, dumps
+
+
+def _restore(install: PgInstall, socket_dir: Path, roles: set[str], roles_sql: str,
+             dumps: dict[str, str]) -> list[str]:
+    """Replay the parent's roles and schemas into the scratch cluster, then drop what the template
+    has and the parent has not (`neondb`, `neondb_owner`). Returns the unexpected error lines."""
+    problems: list[str] = []
+
+    def psql(script: str) -> None:
+        # ON_ERROR_STOP=0: CREATE of what the template already has fails, and the rest must go on.
+        out = _run(install, "psql", "-X", "-q", "-v", "ON_ERROR_STOP=0", "-d", _dsn(socket_dir, "postgres"),
+                   stdin=script)
+        problems.extend(line for line in out.stderr.splitlines() if "ERROR" in line and not _EXPECTED.search(line))
+
+    psql(roles_sql)
+    for script in dumps.values():
+        psql(script)
+    have_roles, have_dbs = _catalog(socket_dir)
+    with connect_admin_sync(socket_dir) as conn:
+        for db in have_dbs:
+            if db not in dumps and db != "postgres":
+                conn.execute(sql.SQL("DROP DATABASE {}").format(sql.Identifier(db)))
+        for role in sorted(have_roles - roles):
+            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+    return problems
 
 
 async def schema_only_copy(plane: ControlPlane, project: model.Project, parent: model.Branch, target: Path) -> None:
-    """A new cluster at `target` (a new directory) with the parent's roles (same verifiers) and the
-    schema of each of its databases, without rows: a pristine template copy, then the parent's
-    `pg_dumpall --roles-only` and `pg_dump --schema-only`, restored into it."""
+    """A new cluster at `target` (a new directory) with the parent's roles (same verifiers, so the same
+    passwords work) and databases with their schema (schemas, tables, views, functions, sequences,
+    indexes, constraints, extensions, privileges, comments) and no rows: a pristine template copy
+    into which the parent's `pg_dumpall --roles-only` and `pg_dump --schema-only` are restored, on
+    a scratch postmaster stopped cleanly afterwards. The caller holds the project lock."""
     install = plane.installs.get(project.pg_version)
     template = plane.templates.get(project.pg_version)
     if install is None or template is None:
         raise StorageError(f"PostgreSQL {project.pg_version} is not available on this machine")
-    source = await _rw_endpoint_socket(plane, parent)
-    parent_dbs = [d for d in await plane.db(plane.store.list_databases, parent.id)]
-    roles_sql = await asyncio.to_thread(_dump_roles, install, source)
-    dumps = {d.name: await asyncio.to_thread(dump_schema_sync, install, source, d.name) for d in parent_dbs}
+    async with head_socket(plane, project, parent, take_lock=False) as source:
+        roles, roles_sql, dumps = await asyncio.to_thread(_read_parent, install, source)
 
     def make() -> None:
         target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -160,17 +252,7 @@ async def schema_only_copy(plane: ControlPlane, project: model.Project, parent: 
     if project.os_uid is not None:
         await asyncio.to_thread(os.chown, log_file.parent, project.os_uid, project.os_uid)
     async with scratch_postmaster(plane, project, target, log_file) as socket_dir:
-        problems = await asyncio.to_thread(_psql, install, socket_dir, "postgres", roles_sql)
-        problems = [p for p in problems if "already exists" not in p]
-        for db in parent_dbs:
-            if db.name in _TEMPLATE_DBS:
-                continue
-            if db.name != "postgres":
-                create = f'CREATE DATABASE "{db.name.replace(chr(34), chr(34) * 2)}" OWNER ' \
-                         f'"{db.owner_name.replace(chr(34), chr(34) * 2)}"'
-                problems += [p for p in await asyncio.to_thread(_psql, install, socket_dir, "postgres", create)
-                             if "already exists" not in p]
-            problems += await asyncio.to_thread(_psql, install, socket_dir, db.name, dumps[db.name])
+        problems = await asyncio.to_thread(_restore, install, socket_dir, roles, roles_sql, dumps)
     if problems:
         log.warning("schema-only branch from %s: %d statement(s) failed, e.g. %s", parent.id, len(problems),
                     problems[0])
