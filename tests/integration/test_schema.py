@@ -68,6 +68,7 @@ def test_schema_only_branch(platform: RunningPlatform, version: int) -> None:
         with psycopg.connect(uri, autocommit=True) as conn:
             conn.execute("CREATE EXTENSION hstore")
             conn.execute("CREATE TABLE tagged (id int, tags hstore)")
+            conn.execute("ALTER DATABASE appdb SET work_mem = '7MB'")
             if version >= 16:  # the owner made this role, so it administers it (GRANT ... GRANTED BY cloud_admin)
                 conn.execute("CREATE ROLE app_sql LOGIN PASSWORD 'sql-made-Pw1'")
         made = platform.api.post(f"/projects/{pid}/branches/{created['branch']['id']}/roles",
@@ -90,6 +91,7 @@ def test_schema_only_branch(platform: RunningPlatform, version: int) -> None:
         assert scalar(child_uri, "SELECT nextval('items_id_seq')") == 1  # sequences start over: no data
         assert scalar(child_uri, "SELECT obj_description('items'::regclass)") == "the things we sell"
         assert scalar(child_uri, "SELECT ('a=>1'::hstore) -> 'a'") == "1"
+        assert scalar(child_uri, "SHOW work_mem") == "7MB"  # ALTER DATABASE ... SET comes along
         for catalog in ("SELECT array_agg(datname ORDER BY datname) FROM pg_database",
                         "SELECT array_agg(rolname ORDER BY rolname) FROM pg_roles"):
             assert scalar(child_uri, catalog) == scalar(uri, catalog)  # no more, no less (the template has neondb)
