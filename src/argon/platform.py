@@ -2,7 +2,8 @@
 
 Order at start: data directory layout -> Postgres discovery -> metadata (migrations) -> secrets ->
 control plane view -> templates -> reconcile (adopt computes left running) -> API key -> TLS ->
-proxy -> HTTP -> suspend monitor. `stop()` undoes it in reverse, computes last (fast shutdown).
+proxy -> HTTP -> suspend monitor and metrics sampler. `stop()` undoes it in reverse, computes last
+(fast shutdown).
 Each piece talks to the others through the seams in `argon.proxy.control_client` and
 `argon.control.plane`, so they can later run as separate processes.
 """
@@ -152,6 +153,7 @@ class Platform:
         await self._start_http(app)
         self.monitor = SuspendMonitor(plane)
         self.monitor.start()
+        plane.metrics.start()
 
         self.info.api_url = f"http://{_display_host(s.http_host)}:{self.http_port}"
         self.info.sign_in_url = sign_in_link(app, self.info.api_url)
@@ -192,6 +194,8 @@ class Platform:
     async def stop(self) -> None:
         if self.monitor is not None:
             await self.monitor.stop()
+        if self.plane is not None:
+            await self.plane.metrics.stop()
         if self._http is not None and self._http_task is not None:
             self._http.should_exit = True
             with contextlib.suppress(Exception):

@@ -59,6 +59,10 @@ class Settings(BaseSettings):
     compute_uid_base: int = Field(200000, ge=1000, description="When run as root: first OS uid for project computes")
     spare_clusters: int = Field(2, ge=0, le=20, description="Template copies kept ready per Postgres version, "
                                 "so a new project is a rename (0 turns the pool off)")
+    metrics_interval: float = Field(15.0, gt=0, le=3600, description="Seconds between monitoring samples of running "
+                                    "computes (connections, queries/s, WAL); storage is measured every 5th sample")
+    metrics_retention_hours: float = Field(168.0, gt=0, le=24 * 366, description="Hours of monitoring samples kept "
+                                           "(the console's charts and the API's consumption figures)")
     forward_all_params: bool = Field(False, description="Forward every startup parameter to computes (default: Neon's filtered set)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity")
     config_file: Path | None = Field(None, description="TOML file with any of these settings (default ~/.config/argon/config.toml)")

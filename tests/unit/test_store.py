@@ -14,7 +14,7 @@ def _store(tmp_path: Path) -> Store:
 def test_migrations_are_idempotent_and_versioned(tmp_path: Path) -> None:
     store = _store(tmp_path)
     store.migrate()
-    assert store.schema_revision() == "0001"
+    assert store.schema_revision() == "0002"
 
 
 def test_round_trip_keeps_types(tmp_path: Path) -> None:

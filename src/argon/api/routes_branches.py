@@ -76,7 +76,8 @@ async def list_branches(plane: Plane, project_id: str) -> dict[str, Any]:
     plane.project(project_id)
     # neonctl dereferences annotations[branch.id]: the object must be there, even empty.
     await asyncio.to_thread(plane.figures.refresh, plane, project_id)
-    return {"branches": [views.branch_view(b, plane.figures.get(b.id)) for b in plane.branches(project_id)],
+    return {"branches": [views.branch_view(b, plane.figures.get(b.id), plane.metrics.branch_usage(project_id, b.id))
+                         for b in plane.branches(project_id)],
             "annotations": {}}
 
 
@@ -121,7 +122,8 @@ async def create_branch(plane: Plane, project_id: str,
 async def get_branch(plane: Plane, project_id: str, branch_id: str) -> dict[str, Any]:
     branch = plane.branch(project_id, branch_id)
     await asyncio.to_thread(plane.figures.refresh, plane, project_id)
-    return {"branch": views.branch_view(branch, plane.figures.get(branch_id))}
+    return {"branch": views.branch_view(branch, plane.figures.get(branch_id),
+                                       plane.metrics.branch_usage(project_id, branch_id))}
 
 
 @router.patch("/projects/{project_id}/branches/{branch_id}")

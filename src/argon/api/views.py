@@ -12,6 +12,7 @@ from typing import Any
 from argon import model
 from argon.control.connection import ConnectionParameters, endpoint_host
 from argon.control.figures import BranchFigures
+from argon.control.metrics import Usage
 from argon.settings import Settings
 
 PROVISIONER = "k8s-pod"
@@ -28,7 +29,10 @@ def ts(value: datetime | None) -> str | None:
 
 def project_view(settings: Settings, p: model.Project, *, full: bool = True,
                  compute_last_active_at: datetime | None = None, storage_bytes: int = 0,
-                 written_bytes: int = 0) -> dict[str, Any]:
+                 written_bytes: int = 0, usage: Usage | None = None) -> dict[str, Any]:
+    """Consumption fields come from the metrics sampler over its retention window (the consumption
+    period); `data_transfer_bytes` is not measured and stays 0."""
+    usage = usage or Usage()
     out: dict[str, Any] = {
         "id": p.id,
         "platform_id": PLATFORM_ID,
@@ -47,8 +51,8 @@ def project_view(settings: Settings, p: model.Project, *, full: bool = True,
         "branch_logical_size_limit": 0,
         "branch_logical_size_limit_bytes": 0,
         "store_passwords": p.store_passwords,
-        "active_time": 0,
-        "cpu_used_sec": 0,
+        "active_time": usage.active_seconds,
+        "cpu_used_sec": usage.cpu_seconds,
         "creation_source": CREATION_SOURCE,
         "history_retention_seconds": p.history_retention_seconds,
         "created_at": ts(p.created_at),
@@ -61,15 +65,18 @@ def project_view(settings: Settings, p: model.Project, *, full: bool = True,
         out["compute_last_active_at"] = ts(compute_last_active_at)
     if full:
         out.update({
-            "data_storage_bytes_hour": 0, "data_transfer_bytes": 0, "written_data_bytes": written_bytes,
-            "compute_time_seconds": 0, "active_time_seconds": 0,
-            "consumption_period_start": ts(p.created_at), "consumption_period_end": ts(p.created_at),
+            "data_storage_bytes_hour": usage.storage_byte_hours, "data_transfer_bytes": 0,
+            "written_data_bytes": written_bytes, "compute_time_seconds": usage.cpu_seconds,
+            "active_time_seconds": usage.active_seconds,
+            "consumption_period_start": ts(max(p.created_at, usage.period_start or p.created_at)),
+            "consumption_period_end": ts(max(p.created_at, usage.period_end or p.created_at)),
         })
     return out
 
 
-def branch_view(b: model.Branch, figures: BranchFigures | None = None) -> dict[str, Any]:
+def branch_view(b: model.Branch, figures: BranchFigures | None = None, usage: Usage | None = None) -> dict[str, Any]:
     figures = figures or BranchFigures(logical_size=b.logical_size)
+    usage = usage or Usage()
     return {
         "id": b.id,
         "project_id": b.project_id,
@@ -84,9 +91,9 @@ def branch_view(b: model.Branch, figures: BranchFigures | None = None) -> dict[s
         "default": b.default,
         "primary": b.default,
         "protected": b.protected,
-        "cpu_used_sec": 0,
-        "compute_time_seconds": 0,
-        "active_time_seconds": 0,
+        "cpu_used_sec": usage.cpu_seconds,
+        "compute_time_seconds": usage.cpu_seconds,
+        "active_time_seconds": usage.active_seconds,
         "written_data_bytes": figures.written_data_bytes,
         "data_transfer_bytes": 0,
         "init_source": b.init_source,

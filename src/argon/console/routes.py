@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 
 from argon import ids, model
 from argon.api.deps import Plane as ApiPlane
-from argon.console import dashboard, pages_branches, pages_sql
+from argon.console import dashboard, pages_branches, pages_monitoring, pages_sql
 from argon.console.auth import COOKIE_NAME, ConsoleAuth, Session, cookie_attributes
 from argon.console.web import (
     ConsoleRoute,
@@ -49,6 +49,7 @@ def mount_console(app: FastAPI) -> None:
     app.include_router(api_router, prefix="/api/v2")
     app.include_router(pages_branches.router)
     app.include_router(pages_sql.router)
+    app.include_router(pages_monitoring.router)
     app.include_router(router)  # last: its catch-all answers unknown pages
 
 

@@ -3,7 +3,8 @@
 - branch `logical_size`: the bytes of the branch's databases (the files under `pgdata/base`, what
   `pg_database_size` adds up), whether or not its compute runs;
 - branch `written_data_bytes`: WAL the branch has written since it got its data, summed over its
-  history epochs (LSN progress; the current epoch up to its latest checkpoint);
+  history epochs (LSN progress; the current epoch up to its latest checkpoint, or up to the WAL
+  position the metrics sampler last saw on the running compute, whichever is newer);
 - project `synthetic_storage_size`: the space the project's directory takes on disk (allocated
   blocks: data, history snapshots and archived WAL of every branch).
 """
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from argon import model
 from argon.storage import history as hs
 
 if TYPE_CHECKING:
@@ -84,6 +86,7 @@ class Figures:
                         end = hs.parse_lsn(epoch.end_lsn)
                     elif install is not None:
                         end = hs.parse_lsn(hs.control_data(install.bindir, pgdata).checkpoint_lsn)
+                        end = max([end, *self._sampled_lsns(plane, project_id, branch.id)])
                     else:
                         continue
                     written += max(0, end - hs.parse_lsn(epoch.start_lsn))
@@ -91,6 +94,14 @@ class Figures:
                 written = self.get(branch.id).written_data_bytes
             with self._lock:
                 self._branches[branch.id] = (now, BranchFigures(logical, written, allocated))
+
+    @staticmethod
+    def _sampled_lsns(plane: ControlPlane, project_id: str, branch_id: str) -> list[int]:
+        """The WAL position the metrics sampler saw on the branch's running primary (newer than the
+        last checkpoint the control file knows)."""
+        lsns = (plane.metrics.current_lsn(e.id) for e in plane.endpoints(project_id, branch_id)
+                if e.type is model.EndpointType.READ_WRITE)
+        return [lsn for lsn in lsns if lsn is not None]
 
     def forget(self, branch_id: str) -> None:
         self._branches.pop(branch_id, None)

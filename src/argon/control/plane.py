@@ -87,6 +87,9 @@ class ControlPlane:
         from argon.control.figures import Figures
 
         self.figures = Figures()
+        from argon.control.metrics import MetricsSampler
+
+        self.metrics = MetricsSampler(self)  # started by the platform next to the suspend monitor
         from argon.control.apikeys import ApiKeys
 
         self.api_keys = ApiKeys(self)
@@ -134,6 +137,7 @@ class ControlPlane:
         await self.api_keys.load()
 
     async def close(self) -> None:
+        await self.metrics.stop()
         for endpoint_id in list(self._verifier_conns):
             await self._close_verifier_conn(endpoint_id)
         await self.drain()

@@ -9,7 +9,20 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, Column, Float, Integer, MetaData, String, Table, Text, TypeDecorator
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+)
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -141,4 +154,25 @@ events = Table(
     Column("at", UTCDateTime, nullable=False),
     Column("duration_ms", Float),
     Column("detail", Text, nullable=False),
+)
+
+# Monitoring samples (argon.control.metrics), kept for `metrics_retention_hours`. A row with an
+# endpoint_id is a compute sample (connections, queries/s, WAL position, CPU and running time since
+# the previous sample); a row without one is a branch's storage sample (bytes on disk, logical size).
+metric_samples = Table(
+    "metric_samples", metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("at", UTCDateTime, nullable=False, index=True),
+    Column("project_id", String(64), nullable=False, index=True),
+    Column("branch_id", String(64), nullable=False),
+    Column("endpoint_id", String(64)),
+    Column("connections", Integer),
+    Column("xacts", BigInteger),
+    Column("qps", Float),
+    Column("wal_lsn", BigInteger),
+    Column("cpu_seconds", Float),
+    Column("active_seconds", Float),
+    Column("storage_bytes", BigInteger),
+    Column("logical_bytes", BigInteger),
+    Index("ix_metric_samples_branch_at", "branch_id", "at"),
 )

@@ -14,7 +14,8 @@ import hashlib
 import threading
 import types
 import typing
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,6 +28,33 @@ from argon import model
 from argon.metadata import schema
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class MetricSample:
+    """One row of `metric_samples`: a compute sample (with `endpoint_id`) or a branch's storage sample."""
+
+    at: datetime
+    project_id: str
+    branch_id: str
+    endpoint_id: str | None = None
+    connections: int | None = None
+    xacts: int | None = None  # commits + rollbacks, all databases (a counter)
+    qps: float | None = None  # transactions per second since the previous sample
+    wal_lsn: int | None = None  # the WAL position as a byte offset
+    cpu_seconds: float | None = None  # CPU the compute used since the previous sample
+    active_seconds: float | None = None  # time the compute ran since the previous sample
+    storage_bytes: int | None = None  # allocated bytes of the branch's directory
+    logical_bytes: int | None = None  # the size of the branch's databases
+
+
+@dataclass(frozen=True)
+class MetricTotals:
+    """Sums over a time window: per endpoint CPU and running seconds, per branch storage samples."""
+
+    cpu_seconds: dict[str, float]
+    active_seconds: dict[str, float]
+    storage_sums: dict[str, tuple[int, int]]  # branch -> (sum of storage_bytes, number of samples)
 
 _TABLE_OF: dict[type, Table] = {
     model.Project: schema.projects,
@@ -266,6 +294,7 @@ class Store:
                 select(schema.endpoints.c.id).where(schema.endpoints.c.branch_id == branch_id))]
             if endpoint_ids:
                 conn.execute(schema.events.delete().where(schema.events.c.endpoint_id.in_(endpoint_ids)))
+            conn.execute(schema.metric_samples.delete().where(schema.metric_samples.c.branch_id == branch_id))
             conn.execute(schema.endpoints.delete().where(schema.endpoints.c.branch_id == branch_id))
             conn.execute(schema.roles.delete().where(schema.roles.c.branch_id == branch_id))
             conn.execute(schema.databases.delete().where(schema.databases.c.branch_id == branch_id))
@@ -283,6 +312,7 @@ class Store:
                 conn.execute(schema.databases.delete().where(schema.databases.c.branch_id.in_(branch_ids)))
             if endpoint_ids:
                 conn.execute(schema.events.delete().where(schema.events.c.endpoint_id.in_(endpoint_ids)))
+            conn.execute(schema.metric_samples.delete().where(schema.metric_samples.c.project_id == project_id))
             conn.execute(schema.endpoints.delete().where(schema.endpoints.c.project_id == project_id))
             conn.execute(schema.branches.delete().where(schema.branches.c.project_id == project_id))
             conn.execute(schema.operations.delete().where(schema.operations.c.project_id == project_id))
@@ -329,6 +359,59 @@ class Store:
             return [model.Event(endpoint_id=r.endpoint_id, kind=model.EventKind(r.kind), at=r.at,
                                 duration_ms=r.duration_ms, detail=r.detail) for r in rows]
 
+
+    def events_since(self, endpoint_ids: Sequence[str], since: datetime) -> list[model.Event]:
+        """The events of these endpoints at or after `since`, oldest first."""
+        t = schema.events
+        if not endpoint_ids:
+            return []
+        with self._conn() as conn:
+            rows = conn.execute(select(t).where(t.c.endpoint_id.in_(list(endpoint_ids)), t.c.at >= since)
+                                .order_by(t.c.at, t.c.seq))
+            return [model.Event(endpoint_id=r.endpoint_id, kind=model.EventKind(r.kind), at=r.at,
+                                duration_ms=r.duration_ms, detail=r.detail) for r in rows]
+
+    # Monitoring samples -----------------------------------------------------------------------------------
+
+    def add_metric_samples(self, samples: Sequence[MetricSample]) -> None:
+        if samples:
+            with self._conn() as conn:
+                conn.execute(schema.metric_samples.insert(), [dataclasses.asdict(s) for s in samples])
+
+    def metric_samples(self, project_id: str, since: datetime) -> list[MetricSample]:
+        """A project's samples at or after `since`, oldest first."""
+        t = schema.metric_samples
+        names = [f.name for f in dataclasses.fields(MetricSample)]
+        with self._conn() as conn:
+            rows = conn.execute(select(*(t.c[n] for n in names))
+                                .where(t.c.project_id == project_id, t.c.at >= since).order_by(t.c.at, t.c.seq))
+            return [MetricSample(**r._asdict()) for r in rows]
+
+    def latest_storage_samples(self) -> dict[str, MetricSample]:
+        """Each branch's newest storage sample (the sampler resumes from them after a restart)."""
+        t = schema.metric_samples
+        names = [f.name for f in dataclasses.fields(MetricSample)]
+        newest = select(func.max(t.c.seq)).where(t.c.endpoint_id.is_(None)).group_by(t.c.branch_id)
+        with self._conn() as conn:
+            rows = conn.execute(select(*(t.c[n] for n in names)).where(t.c.seq.in_(newest.scalar_subquery())))
+            return {r.branch_id: MetricSample(**r._asdict()) for r in rows}
+
+    def metric_totals(self, since: datetime) -> MetricTotals:
+        t = schema.metric_samples
+        with self._conn() as conn:
+            per_endpoint = conn.execute(
+                select(t.c.endpoint_id, func.sum(t.c.cpu_seconds), func.sum(t.c.active_seconds))
+                .where(t.c.at >= since, t.c.endpoint_id.is_not(None)).group_by(t.c.endpoint_id)).all()
+            per_branch = conn.execute(
+                select(t.c.branch_id, func.sum(t.c.storage_bytes), func.count(t.c.storage_bytes))
+                .where(t.c.at >= since, t.c.endpoint_id.is_(None)).group_by(t.c.branch_id)).all()
+        return MetricTotals(cpu_seconds={r[0]: float(r[1] or 0) for r in per_endpoint},
+                            active_seconds={r[0]: float(r[2] or 0) for r in per_endpoint},
+                            storage_sums={r[0]: (int(r[1] or 0), int(r[2] or 0)) for r in per_branch})
+
+    def delete_metric_samples_before(self, cutoff: datetime) -> int:
+        with self._conn() as conn:
+            return int(conn.execute(schema.metric_samples.delete().where(schema.metric_samples.c.at < cutoff)).rowcount)
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

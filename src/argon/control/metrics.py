@@ -1,0 +1,372 @@
+"""The metrics sampler: what the console's Monitoring tab charts and the API's consumption figures add up.
+
+Every `metrics_interval` seconds (default 15) each running compute gets one look, on the platform's
+admin session in its `postgres` database (kept open between looks, never in a user database, and
+never waking anything): client connections (`pg_stat_activity`, the platform's own role left out),
+commits + rollbacks over all databases (`pg_stat_database`; queries/s is the rate between two looks,
+minus the sampler's own statements), and the WAL position. The compute's CPU time and running time
+come from `/proc` (the postmaster with its reaped and live children), stored as the amount used
+since the previous look. Every `STORAGE_EVERY`th look, every branch, idle ones too, gets its size on
+disk (allocated blocks of its directory, each hard-linked inode once; walked in a thread) and its
+logical size (`pg_database_size` of every database while its compute runs, else the last value).
+
+Samples go to the metadata store through `plane.db` (never on the event loop), and rows older than
+`metrics_retention_hours` are deleted. The consumption figures (`Usage`) are sums over that window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import psycopg
+
+from argon import model
+from argon.compute.admin import connect_admin
+from argon.metadata.store import MetricSample, MetricTotals
+
+if TYPE_CHECKING:
+    from argon.control.plane import ControlPlane
+
+log = logging.getLogger(__name__)
+
+STORAGE_EVERY = 5  # looks between storage measurements (a directory walk per branch)
+PRUNE_EVERY = 20  # looks between deletions of samples older than the retention
+QUERY_TIMEOUT = 5.0  # seconds for one compute's look; a compute that does not answer is skipped
+
+# One statement, so one transaction of our own per look (subtracted from the rate).
+COMPUTE_SQL = """
+SELECT (SELECT count(*) FROM pg_stat_activity
+        WHERE backend_type = 'client backend' AND coalesce(usename, '') <> %(platform)s)::int,
+       (SELECT coalesce(sum(xact_commit + xact_rollback), 0) FROM pg_stat_database)::bigint,
+       ((CASE WHEN pg_is_in_recovery() THEN coalesce(pg_last_wal_replay_lsn(), '0/0'::pg_lsn)
+              ELSE pg_current_wal_lsn() END) - '0/0'::pg_lsn)::bigint
+"""
+LOGICAL_SQL = "SELECT coalesce(sum(pg_database_size(oid)), 0)::bigint FROM pg_database"
+
+
+# Pure arithmetic ---------------------------------------------------------------------------------------
+
+
+def counter_delta(previous: float | None, current: float, *, same_run: bool = True) -> float | None:
+    """How much a cumulative counter grew since the previous reading. None without a previous reading
+    (we cannot know what happened before); a new run or a counter that went down (a restart, a stats
+    reset) started from zero, so all of `current` is new."""
+    if previous is None:
+        return None
+    if not same_run or current < previous:
+        return current
+    return current - previous
+
+
+def rate(previous: tuple[float, float] | None, current: tuple[float, float], *, own: int = 0) -> float | None:
+    """Events per second between two (monotonic time, counter) readings, minus `own` events we caused."""
+    if previous is None:
+        return None
+    elapsed = current[0] - previous[0]
+    if elapsed <= 0:
+        return None
+    grown = counter_delta(previous[1], current[1])
+    assert grown is not None
+    return max(0.0, grown - own) / elapsed
+
+
+def byte_hours(storage_sum: int, samples: int, every_seconds: float) -> int:
+    """Storage consumption (byte-hours) from storage samples taken every `every_seconds`: each sample
+    stands for the bytes held during one storage interval."""
+    if samples <= 0:
+        return 0
+    return int(storage_sum * every_seconds / 3600)
+
+
+@dataclass(frozen=True)
+class ProcTimes:
+    """A postmaster's /proc figures: CPU seconds of it and all its children, and seconds since it started."""
+
+    pid: int
+    cpu_seconds: float
+    uptime_seconds: float
+
+
+def _stat_fields(pid: int) -> list[str]:
+    raw = Path(f"/proc/{pid}/stat").read_text()
+    return raw[raw.rindex(")") + 2:].split()  # the command name may hold spaces and parentheses
+
+
+def proc_times(pid: int) -> ProcTimes | None:
+    """CPU used by a postmaster (its own, its reaped children's, its live children's) and its uptime."""
+    tick = os.sysconf("SC_CLK_TCK")
+    try:
+        fields = _stat_fields(pid)
+        # fields[11:15] = utime, stime, cutime, cstime; fields[19] = starttime (ticks after boot)
+        ticks = sum(int(v) for v in fields[11:15])
+        started = int(fields[19]) / tick
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    for child in children:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            ticks += sum(int(v) for v in _stat_fields(int(child))[11:15])
+    return ProcTimes(pid=pid, cpu_seconds=ticks / tick, uptime_seconds=max(0.0, uptime - started))
+
+
+def allocated_bytes(path: Path) -> tuple[int, int]:
+    """(allocated bytes, apparent bytes of `base/`-like content) of a tree: st_blocks * 512, each
+    hard-linked inode once. The second figure is the sum of file sizes."""
+    allocated = apparent = 0
+    seen: set[tuple[int, int]] = set()
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                st = os.lstat(os.path.join(root, name))
+            except OSError:
+                continue  # removed while we walk (WAL recycling, a branch being deleted)
+            if st.st_nlink > 1:
+                key = (st.st_dev, st.st_ino)
+                if key in seen:
+                    continue
+                seen.add(key)
+            allocated += st.st_blocks * 512
+            apparent += st.st_size
+    return allocated, apparent
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Consumption over the retention window (`period_start` to `period_end`), as far as it is measured."""
+
+    active_seconds: int = 0
+    cpu_seconds: int = 0
+    storage_byte_hours: int = 0
+    period_start: datetime | None = None
+    period_end: datetime | None = None
+
+
+@dataclass
+class _Last:
+    """The previous look at one compute (in memory only)."""
+
+    at: float  # time.monotonic()
+    xacts: int
+    proc: ProcTimes | None
+    lsn: int
+    wall: datetime
+
+
+@dataclass
+class _Look:
+    endpoint: model.Endpoint
+    connections: int
+    xacts: int
+    lsn: int
+    logical: int | None = None
+    proc: ProcTimes | None = None
+    at: float = field(default_factory=time.monotonic)
+
+
+# The sampler ---------------------------------------------------------------------------------------------
+
+
+class MetricsSampler:
+    def __init__(self, plane: ControlPlane) -> None:
+        self.plane = plane
+        self._task: asyncio.Task[None] | None = None
+        self._conns: dict[str, psycopg.AsyncConnection] = {}  # endpoint -> admin session in `postgres`
+        self._last: dict[str, _Last] = {}
+        self._logical: dict[str, int] = {}  # branch -> last logical size
+        self._totals = MetricTotals({}, {}, {})
+        self._window: tuple[datetime, datetime] | None = None
+        self.ticks = 0
+
+    @property
+    def interval(self) -> float:
+        return float(self.plane.settings.metrics_interval)
+
+    @property
+    def retention(self) -> timedelta:
+        return timedelta(hours=self.plane.settings.metrics_retention_hours)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        for endpoint_id in list(self._conns):
+            await self._close(endpoint_id)
+
+    async def _loop(self) -> None:
+        with contextlib.suppress(Exception):
+            self._logical = {b: s.logical_bytes for b, s in
+                             (await self.plane.db(self.plane.store.latest_storage_samples)).items()
+                             if s.logical_bytes is not None}
+        while True:
+            try:
+                outcome = await self.tick()
+                log.debug("metrics: %s", outcome)
+            except Exception:  # the sampler must survive anything one compute does
+                log.exception("metrics sample failed")
+            await asyncio.sleep(self.interval)
+
+    async def tick(self) -> str:
+        """One look at every running compute; every STORAGE_EVERY-th, every branch's storage too."""
+        plane = self.plane
+        storage = self.ticks % STORAGE_EVERY == 0
+        now = model.utcnow()
+        looks = [look for look in await asyncio.gather(*(self._look(ep, logical=storage)
+                                                         for ep in plane.endpoints()))
+                 if look is not None]
+        procs = await asyncio.to_thread(self._proc_times, [look.endpoint.id for look in looks])
+        rows = [self._compute_row(look, procs.get(look.endpoint.id), now, own=2 if storage else 1)
+                for look in looks]
+        for ep_id in [e for e in self._last if not plane.is_running(e)]:
+            del self._last[ep_id]
+        for ep_id in [e for e in self._conns if not plane.is_running(e)]:
+            await self._close(ep_id)
+        if storage:
+            for look in looks:
+                if look.logical is not None:
+                    self._logical[look.endpoint.branch_id] = look.logical
+            targets = self._storage_targets()
+            measured = await asyncio.to_thread(self._storage_rows, targets, now)
+            known = {t[1] for t in targets}
+            self._logical = {b: v for b, v in self._logical.items() if b in known}
+            self._logical.update({r.branch_id: r.logical_bytes for r in measured if r.logical_bytes is not None})
+            rows += measured
+        await plane.db(plane.store.add_metric_samples, rows)
+        pruned = 0
+        if self.ticks % PRUNE_EVERY == 0:
+            pruned = await plane.db(plane.store.delete_metric_samples_before, now - self.retention)
+        if storage:
+            since = now - self.retention
+            self._totals = await plane.db(plane.store.metric_totals, since)
+            self._window = (since, now)
+        self.ticks += 1
+        return (f"{len(looks)} compute(s) sampled" + (", storage measured" if storage else "")
+                + (f", {pruned} old sample(s) deleted" if pruned else ""))
+
+    async def _look(self, ep: model.Endpoint, *, logical: bool) -> _Look | None:
+        plane = self.plane
+        if not plane.is_running(ep.id) or plane.endpoint_lock(ep.id).locked():
+            return None  # idle, or a start/stop under way: never wake anything, never get in the way
+        try:
+            conn = self._conns.get(ep.id)
+            if conn is None or conn.closed:
+                conn = await asyncio.wait_for(connect_admin(plane.layout.socket_dir(ep.id)), QUERY_TIMEOUT)
+                self._conns[ep.id] = conn
+            cur = await asyncio.wait_for(conn.execute(COMPUTE_SQL, {"platform": model.PLATFORM_ROLE}),
+                                         QUERY_TIMEOUT)
+            row = await cur.fetchone()
+            assert row is not None
+            look = _Look(ep, connections=int(row[0]), xacts=int(row[1]), lsn=int(row[2]))
+            if logical and ep.type is model.EndpointType.READ_WRITE:
+                cur = await asyncio.wait_for(conn.execute(LOGICAL_SQL), QUERY_TIMEOUT)
+                size = await cur.fetchone()
+                look.logical = int(size[0]) if size else None
+            return look
+        except Exception as exc:  # stopping, restarting, overloaded: the next look will do
+            log.debug("metrics: no sample of %s: %s", ep.id, exc)
+            await self._close(ep.id)
+            return None
+
+    def _proc_times(self, endpoint_ids: Iterable[str]) -> dict[str, ProcTimes]:
+        out: dict[str, ProcTimes] = {}
+        for endpoint_id in endpoint_ids:
+            pm = self.plane.computes.get(endpoint_id)
+            times = proc_times(pm.pid) if pm is not None else None
+            if times is not None:
+                out[endpoint_id] = times
+        return out
+
+    def _compute_row(self, look: _Look, proc: ProcTimes | None, now: datetime, *, own: int) -> MetricSample:
+        ep = look.endpoint
+        last = self._last.get(ep.id)
+        qps = rate((last.at, last.xacts) if last else None, (look.at, look.xacts), own=own)
+        cpu = active = None
+        if proc is not None:
+            before = last.proc if last is not None else None
+            same = before is not None and before.pid == proc.pid
+            cpu = counter_delta(before.cpu_seconds if before else None, proc.cpu_seconds, same_run=same)
+            active = counter_delta(before.uptime_seconds if before else None, proc.uptime_seconds, same_run=same)
+            if last is None and proc.uptime_seconds <= self.interval * 2:
+                cpu, active = proc.cpu_seconds, proc.uptime_seconds  # started since the previous look
+        self._last[ep.id] = _Last(at=look.at, xacts=look.xacts, proc=proc, lsn=look.lsn, wall=now)
+        return MetricSample(at=now, project_id=ep.project_id, branch_id=ep.branch_id, endpoint_id=ep.id,
+                            connections=look.connections, xacts=look.xacts, qps=qps, wal_lsn=look.lsn,
+                            cpu_seconds=cpu, active_seconds=active)
+
+    def _storage_targets(self) -> list[tuple[str, str, Path, Path, int | None]]:
+        """What the storage walk measures, read on the event loop (the view is not thread-safe)."""
+        layout = self.plane.layout
+        return [(p.id, b.id, layout.branch_dir(p.id, b.id), layout.pgdata(p.id, b.id) / "base",
+                 self._logical.get(b.id))
+                for p in self.plane.projects() for b in self.plane.branches(p.id)]
+
+    @staticmethod
+    def _storage_rows(targets: list[tuple[str, str, Path, Path, int | None]], now: datetime) -> list[MetricSample]:
+        """Every branch's storage (runs in a thread: a directory walk per branch)."""
+        rows = []
+        for project_id, branch_id, branch_dir, base, logical in targets:
+            if not branch_dir.exists():
+                continue  # deleted meanwhile
+            allocated, _ = allocated_bytes(branch_dir)
+            if logical is None:  # never seen running: the files pg_database_size adds up
+                logical = allocated_bytes(base)[1]
+            rows.append(MetricSample(at=now, project_id=project_id, branch_id=branch_id,
+                                     storage_bytes=allocated, logical_bytes=logical))
+        return rows
+
+    async def _close(self, endpoint_id: str) -> None:
+        conn = self._conns.pop(endpoint_id, None)
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.close()
+
+    # What the API reads ------------------------------------------------------------------------------------
+
+    def current_lsn(self, endpoint_id: str) -> int | None:
+        """The WAL position of the compute's newest look, if it has been running since that look."""
+        last = self._last.get(endpoint_id)
+        pm = self.plane.computes.get(endpoint_id)
+        if last is None or pm is None or not pm.alive or last.proc is None or last.proc.pid != pm.pid:
+            return None
+        return last.lsn
+
+    def logical_size(self, branch_id: str) -> int | None:
+        return self._logical.get(branch_id)
+
+    def usage(self, endpoint_ids: Iterable[str], branch_ids: Iterable[str], *, since: datetime) -> Usage:
+        """Consumption of these endpoints and branches over the retention window, or since `since` (their
+        creation) if later; as of the last storage look, and empty before the first one."""
+        if self._window is None:
+            return Usage()
+        totals = self._totals
+        ids = list(endpoint_ids)
+        storage = [totals.storage_sums.get(b, (0, 0)) for b in branch_ids]
+        every = self.interval * STORAGE_EVERY
+        return Usage(active_seconds=int(sum(totals.active_seconds.get(e, 0.0) for e in ids)),
+                     cpu_seconds=int(sum(totals.cpu_seconds.get(e, 0.0) for e in ids)),
+                     storage_byte_hours=sum(byte_hours(s, n, every) for s, n in storage),
+                     period_start=max(self._window[0], since), period_end=max(self._window[1], since))
+
+    def project_usage(self, project_id: str) -> Usage:
+        plane = self.plane
+        return self.usage([e.id for e in plane.endpoints(project_id)], [b.id for b in plane.branches(project_id)],
+                          since=plane.project(project_id).created_at)
+
+    def branch_usage(self, project_id: str, branch_id: str) -> Usage:
+        plane = self.plane
+        return self.usage([e.id for e in plane.endpoints(project_id, branch_id)], [branch_id],
+                          since=plane.branch(project_id, branch_id).created_at)
