@@ -113,7 +113,7 @@ def _last_active(plane: ControlPlane, project_id: str) -> datetime | None:
 def project_view(plane: ControlPlane, p: model.Project, *, full: bool = True) -> dict[str, Any]:
     return views.project_view(plane.settings, p, full=full, compute_last_active_at=_last_active(plane, p.id),
                               storage_bytes=_storage_bytes(plane, p.id), written_bytes=_written_bytes(plane, p.id),
-                              usage=plane.metrics.project_usage(p.id))
+                              usage=plane.metrics.project_usage(p))
 
 
 @router.get("/projects")

@@ -140,7 +140,7 @@ async def monitoring(request: Request, session: SignedIn, plane: Plane, project_
                              [ev for ev in events if ev.endpoint_id == ep.id], start=start, end=end,
                              interval=plane.settings.metrics_interval, running=plane.is_running(ep.id))
               for ep in endpoints]
-    usage: Usage = plane.metrics.project_usage(project_id)
+    usage: Usage = plane.metrics.project_usage(project)
     return render(request, "monitoring.html", session=session, project=project, tab="monitoring", panels=panels,
                   ranges=[(k, label) for k, (label, _) in RANGES.items()], range_key=key,
                   range_label=RANGES[key][0], usage=usage, interval=plane.settings.metrics_interval,

@@ -361,10 +361,11 @@ class MetricsSampler:
                      storage_byte_hours=sum(byte_hours(s, n, every) for s, n in storage),
                      period_start=max(self._window[0], since), period_end=max(self._window[1], since))
 
-    def project_usage(self, project_id: str) -> Usage:
+    def project_usage(self, project: model.Project) -> Usage:
+        """Takes the project itself, not its id: a project just deleted still gets its (empty) usage."""
         plane = self.plane
-        return self.usage([e.id for e in plane.endpoints(project_id)], [b.id for b in plane.branches(project_id)],
-                          since=plane.project(project_id).created_at)
+        return self.usage([e.id for e in plane.endpoints(project.id)], [b.id for b in plane.branches(project.id)],
+                          since=project.created_at)
 
     def branch_usage(self, project_id: str, branch_id: str) -> Usage:
         plane = self.plane
