@@ -60,11 +60,19 @@ def test_branch_inherits_and_diverges(platform: RunningPlatform, project: dict[s
     with psycopg.connect(parent_uri, autocommit=True) as conn:
         conn.execute("CREATE TABLE t (v int)")
         conn.execute("INSERT INTO t VALUES (1)")
+    bid = project["branch"]["id"]
+    resp = platform.api.post(f"/projects/{pid}/branches/{bid}/databases",
+                             json={"database": {"name": "reports", "owner_name": "neondb_owner"}})
+    assert resp.status_code == 201, resp.text
     created = branch(platform, pid, name="dev")  # parent running: online backup protocol
     b = created["branch"]
     assert b["parent_id"] == project["branch"]["id"] and b["name"] == "dev" and b["parent_lsn"]
     assert [r["name"] for r in created["roles"]] == ["neondb_owner"]
-    assert {d["name"] for d in created["databases"]} == {"neondb"}
+    # Every database of the parent is the branch's too, each its own row.
+    assert {d["name"] for d in created["databases"]} == {"neondb", "reports"}
+    listed_dbs = platform.api.get(f"/projects/{pid}/branches/{b['id']}/databases").json()["databases"]
+    assert {d["name"] for d in listed_dbs} == {"neondb", "reports"}
+    assert len({d["id"] for d in listed_dbs}) == 2
     ep = created["endpoints"][0]["id"]
     assert ep != project["endpoints"][0]["id"]
     child_uri = uri_of(created)

@@ -195,9 +195,15 @@ async def create_branch(plane: ControlPlane, project_id: str, req: BranchRequest
 
         def write() -> list[model.Database]:
             with plane.store.transaction():
-                dbs = [model.Database(**{**d.__dict__, "id": plane.store.next_database_id(), "branch_id": bid,
-                                         "created_at": now, "updated_at": now}) for d in parent_dbs]
-                for obj in (branch, *roles, *dbs, *endpoints, *ops):
+                for obj in (branch, *roles):
+                    plane.store.put(obj)
+                dbs = []
+                for d in parent_dbs:  # one at a time: the next id is only taken once the previous row is in
+                    db = model.Database(**{**d.__dict__, "id": plane.store.next_database_id(), "branch_id": bid,
+                                           "created_at": now, "updated_at": now})
+                    plane.store.put(db)
+                    dbs.append(db)
+                for obj in (*endpoints, *ops):
                     plane.store.put(obj)
                 return dbs
 
