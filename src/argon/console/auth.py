@@ -36,6 +36,7 @@ class Session:
     flashes: list[tuple[str, str]] = field(default_factory=list)
     secrets: dict[str, str] = field(default_factory=dict)  # one-time values, e.g. a new project's password
     history: dict[str, list[str]] = field(default_factory=dict)  # SQL editor: project id -> last queries
+    api_key_id: int | None = None  # the API key it signed in with (None: a sign-in link)
 
     def flash(self, kind: str, message: str) -> None:
         self.flashes.append((kind, message))
@@ -84,10 +85,10 @@ class ConsoleAuth:
 
     # Sessions --------------------------------------------------------------------------------------
 
-    def open_session(self) -> Session:
+    def open_session(self, api_key_id: int | None = None) -> Session:
         self._expire()
         session = Session(id=secrets.token_urlsafe(32), csrf_token=secrets.token_urlsafe(32),
-                          expires_at=self._clock() + SESSION_TTL)
+                          expires_at=self._clock() + SESSION_TTL, api_key_id=api_key_id)
         self._sessions[session.id] = session
         return session
 
@@ -99,6 +100,13 @@ class ConsoleAuth:
 
     def close_session(self, session_id: str) -> None:
         self._sessions.pop(session_id, None)
+
+    def close_sessions_of_key(self, api_key_id: int) -> int:
+        """Sign out every browser that signed in with this API key (it was revoked); how many."""
+        doomed = [k for k, s in self._sessions.items() if s.api_key_id == api_key_id]
+        for k in doomed:
+            del self._sessions[k]
+        return len(doomed)
 
     def _expire(self) -> None:
         now = self._clock()
