@@ -7,7 +7,10 @@ to test-artifacts/console/.
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
@@ -45,7 +48,7 @@ def test_branches_create_rename_reset_and_delete(chromium: Browser, platform: Ru
     page.get_by_role("navigation", name="Project").get_by_role("link", name="Branches").click()
     expect(page.get_by_role("heading", name="Branches", exact=True)).to_be_visible()
     expect(_row(page, "data-branch", "main")).to_contain_text("default")
-    expect(page.get_by_text("Branching from a point in time is not supported yet")).to_be_visible()
+    expect(page.get_by_label("Head (the parent's current data)")).to_be_checked()
 
     # Create: dev from main, then a child of dev; the tree indents it.
     page.get_by_label("Branch name").fill("dev")
@@ -235,3 +238,96 @@ def test_operations_log(chromium: Browser, platform: RunningPlatform, shop: dict
         expect(page.locator("tbody tr")).to_have_count(min(total - 25, 25))
         shot(page, "operations-older")
     page.context.close()
+
+
+def _count(platform: RunningPlatform, created: dict[str, Any], pid: str, branch_id: str) -> int:
+    ep = platform.api.get(f"/projects/{pid}/branches/{branch_id}/endpoints").json()["endpoints"][0]
+    with psycopg.connect(platform.dsn(created).replace(created["endpoints"][0]["id"], ep["id"])) as conn:
+        row = conn.execute("select count(*) from t").fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+def test_point_in_time_branches_and_restore(chromium: Browser, platform: RunningPlatform) -> None:
+    created = platform.create_project(name="pit")
+    pid = created["project"]["id"]
+    main = created["branch"]["id"]
+    # Row 1, an LSN, row 2, a whole second (the form's resolution), row 3.
+    with psycopg.connect(platform.dsn(created), autocommit=True) as conn:
+        conn.execute("create table t (v int)")
+        conn.execute("insert into t values (1)")
+        lsn = str(conn.execute("select pg_current_wal_lsn()::text").fetchone()[0])  # type: ignore[index]
+        conn.execute("insert into t values (2)")
+        after_two = conn.execute("select extract(epoch from clock_timestamp())").fetchone()[0]  # type: ignore[index]
+        second = math.ceil(float(after_two))
+        time.sleep(max(0.0, second - float(after_two)) + 0.5)
+        conn.execute("insert into t values (3)")
+    moment = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+
+    page = signed_in_page(chromium, platform)
+    page.goto(f"/projects/{pid}/branches")
+    expect(page.get_by_text("Any moment in the last 1 day")).to_be_visible()
+    lsn_input = page.get_by_label("LSN", exact=True)
+    expect(lsn_input).to_be_hidden()  # only the chosen option's input shows
+
+    # A bad LSN comes back as a message in the filled-in form, not a traceback.
+    page.get_by_label("Branch name").fill("at-lsn")
+    page.get_by_label("An LSN").check()
+    expect(lsn_input).to_be_visible()
+    lsn_input.fill("zz")
+    page.get_by_role("button", name="Create branch").click()
+    expect(page.get_by_role("alert")).to_contain_text("'zz' is not an LSN")
+    expect(page.get_by_label("Branch name")).to_have_value("at-lsn")
+    expect(page.get_by_label("An LSN")).to_be_checked()
+    shot(page, "branch-pitr-error")
+
+    # At an LSN: only row 1.
+    lsn_input.fill(lsn)
+    page.get_by_role("button", name="Create branch").click()
+    expect(page.get_by_role("status").filter(has_text=f"Branch at-lsn is ready at LSN {lsn}.")).to_be_visible(
+        timeout=SLOW)
+    assert _count(platform, created, pid, _branches(platform, pid)["at-lsn"]["id"]) == 1
+
+    # At a time (UTC, seconds): rows 1 and 2.
+    page.get_by_label("Branch name").fill("at-time")
+    page.get_by_label("A point in time").check()
+    expect(page.get_by_text("Times are in UTC")).to_be_visible()
+    page.get_by_label("Date and time (UTC)").fill(moment)
+    shot(page, "branch-pitr-form")
+    page.get_by_role("button", name="Create branch").click()
+    expect(page.get_by_role("status").filter(has_text="Branch at-time is ready as of")).to_be_visible(timeout=SLOW)
+    at_time = _branches(platform, pid)["at-time"]
+    assert at_time["parent_id"] == main
+    assert _count(platform, created, pid, at_time["id"]) == 2
+
+    # Restore main to its own past, keeping its current state as a branch.
+    _row(page, "data-branch", "main").get_by_role("link", name="Restore main").click()
+    expect(page.get_by_role("heading", name="Restore main")).to_be_visible()
+    page.get_by_label("An LSN").check()
+    page.get_by_label("LSN", exact=True).fill("0/zz")
+    page.get_by_role("button", name="Restore branch").click()
+    expect(page.get_by_role("alert")).to_contain_text("is not an LSN")
+    page.get_by_label("LSN", exact=True).fill(lsn)
+    page.get_by_label("Keep the current state as branch").fill("main-before-restore")
+    shot(page, "branch-restore")
+    page.get_by_role("button", name="Restore branch").click()
+    expect(page.get_by_role("status").filter(has_text=f"main was restored to LSN {lsn}")).to_be_visible(
+        timeout=SLOW)
+    branches = _branches(platform, pid)
+    assert _count(platform, created, pid, main) == 1
+    kept = branches["main-before-restore"]
+    resp = platform.api.post(f"/projects/{pid}/endpoints",
+                             json={"endpoint": {"branch_id": kept["id"], "type": "read_write"}})
+    assert resp.status_code == 201, resp.text
+    assert _count(platform, created, pid, kept["id"]) == 3
+
+    # Restore a child from its parent's head, through the same page.
+    page.goto(f"/projects/{pid}/branches")
+    _row(page, "data-branch", "at-time").get_by_role("link", name="Restore at-time").click()
+    expect(page.get_by_label("The current data of its parent, main")).to_be_checked()
+    page.get_by_role("button", name="Restore branch").click()
+    expect(page.get_by_role("status").filter(has_text="at-time was restored from its parent's current data")
+           ).to_be_visible(timeout=SLOW)
+    assert _count(platform, created, pid, at_time["id"]) == 1
+    page.context.close()
+    platform.delete_project(pid)

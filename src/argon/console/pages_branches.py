@@ -1,39 +1,32 @@
-"""The console's Branches page and Roles & Databases page of a project.
+"""The console's Branches page of a project: the branch tree; create a branch from head, a
+timestamp or an LSN; rename, set default, reset from parent, restore (from the parent's head or to
+the branch's own past), delete.
 
 Same shape as `routes`: a GET renders what the control plane holds, a POST (with the session's
 CSRF token) awaits one `argon.control` use case and redirects back with a flash. Every destructive
-action first shows a confirmation page (`confirm.html`), a plain form that works from the keyboard
-and without JavaScript. New passwords travel to the next page in the session, never in a URL.
+action first shows a confirmation page, a plain form that works from the keyboard and without
+JavaScript. A form the control plane refuses (a bad LSN, a time outside the history window) comes
+back filled in, with the refusal as a human message.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Annotated
-from urllib.parse import urlencode
 
 from fastapi import APIRouter, Form, Request, Response
 
 from argon import ids, model
-from argon.console import dashboard
-from argon.console.web import ConsoleRoute, Plane, Posted, SignedIn, act, redirect, render
-from argon.control import branches, roles
+from argon.console import dashboard, display
+from argon.console.auth import Session
+from argon.console.web import ConsoleRoute, Field, Plane, Posted, SignedIn, act, confirm, redirect, render
+from argon.control import branches
 from argon.control.plane import ControlPlane
-from argon.errors import ArgonError
+from argon.errors import ArgonError, UserError
 
 router = APIRouter(route_class=ConsoleRoute, include_in_schema=False)
-
-
-@dataclass(frozen=True)
-class Field:
-    """A text input on a confirmation page (e.g. the new name of a branch)."""
-
-    name: str
-    label: str
-    value: str = ""
-    help: str = ""
-    required: bool = False
 
 
 @dataclass(frozen=True)
@@ -65,13 +58,6 @@ def branch_tree(plane: ControlPlane, project_id: str) -> list[BranchRow]:
     return rows
 
 
-def _confirm(request: Request, session: SignedIn, project: model.Project, *, title: str, message: str,
-             action: str, button: str, back: str, hidden: dict[str, str] | None = None,
-             fields: tuple[Field, ...] = (), danger: bool = True) -> Response:
-    return render(request, "confirm.html", session=session, project=project, title=title, message=message,
-                  action=action, button=button, back=back, hidden=hidden or {}, fields=fields, danger=danger)
-
-
 def _branches_url(project_id: str) -> str:
     return f"/projects/{project_id}/branches"
 
@@ -79,36 +65,91 @@ def _branches_url(project_id: str) -> str:
 # Branches -----------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Point:
+    """Where a form says to take data from: head (or the parent), a timestamp, or an LSN."""
+
+    source: str  # head | parent | time | lsn
+    timestamp: str | None = None  # RFC 3339, UTC
+    lsn: str | None = None
+
+
+def form_point(source: str, timestamp: str, lsn: str) -> Point:
+    """Read the From choice of a branch or restore form; a missing or malformed value is a UserError."""
+    if source == "time":
+        return Point(source, timestamp=utc_timestamp(timestamp))
+    if source == "lsn":
+        if not lsn.strip():
+            raise UserError("Type an LSN, such as 0/16B3748 (what pg_current_wal_lsn() returns).")
+        return Point(source, lsn=lsn.strip())
+    return Point(source)
+
+
+def utc_timestamp(value: str) -> str:
+    """A datetime-local value (`2026-05-01T14:05` or with seconds), read as UTC, as RFC 3339."""
+    if not value.strip():
+        raise UserError("Choose a date and a time (UTC).")
+    try:
+        when = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise UserError(f"{value.strip()!r} is not a date and time; use the picker, e.g. 2026-05-01 14:05:00.") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def history_note(project: model.Project) -> str:
+    """What the point-in-time choices can reach, in a sentence."""
+    if project.history_retention_seconds <= 0:
+        return "This project keeps no history, so only the current data can be used; set a history retention in Settings."
+    return (f"Any moment in the last {display.duration(project.history_retention_seconds)} (the project's history "
+            "retention).")
+
+
+def _page_values(values: dict[str, str] | None) -> dict[str, str]:
+    return {"source": "head", "name": "", "timestamp": "", "lsn": "", "with_compute": "true", **(values or {})}
+
+
+def _branches_page(request: Request, session: Session, plane: ControlPlane, project: model.Project, *,
+                   values: dict[str, str] | None = None, error: str | None = None, status: int = 200) -> Response:
+    rows = branch_tree(plane, project.id)
+    return render(request, "branches.html", session=session, project=project, rows=rows, tab="branches",
+                  status=status, error=error, values=_page_values(values),
+                  default_parent=(values or {}).get("parent_id") or dashboard.default_branch(plane, project.id).id,
+                  history=history_note(project), now=model.utcnow())
+
+
 @router.get("/projects/{project_id}/branches")
 async def branches_page(request: Request, session: SignedIn, plane: Plane, project_id: str) -> Response:
-    project = plane.project(project_id)
-    rows = branch_tree(plane, project_id)
-    return render(request, "branches.html", session=session, project=project, rows=rows, tab="branches",
-                  default_parent=dashboard.default_branch(plane, project_id).id)
+    return _branches_page(request, session, plane, plane.project(project_id))
 
 
 @router.post("/projects/{project_id}/branches")
-async def create_branch(session: Posted, plane: Plane, project_id: str, name: Annotated[str, Form()] = "",
-                        parent_id: Annotated[str, Form()] = "",
-                        with_compute: Annotated[bool, Form()] = False) -> Response:
+async def create_branch(request: Request, session: Posted, plane: Plane, project_id: str,
+                        name: Annotated[str, Form()] = "", parent_id: Annotated[str, Form()] = "",
+                        with_compute: Annotated[bool, Form()] = False, source: Annotated[str, Form()] = "head",
+                        timestamp: Annotated[str, Form()] = "", lsn: Annotated[str, Form()] = "") -> Response:
     project = plane.project(project_id)
+    values = {"name": name, "parent_id": parent_id, "source": source, "timestamp": timestamp, "lsn": lsn,
+              "with_compute": "true" if with_compute else ""}
     try:
+        point = form_point(source, timestamp, lsn)
         req = branches.BranchRequest(
             name=ids.check_display_name(name.strip(), "branch") if name.strip() else None,
-            parent_id=parent_id or None,
+            parent_id=parent_id or None, parent_timestamp=point.timestamp, parent_lsn=point.lsn,
             endpoints=[project.default_endpoint_settings] if with_compute else [])
         created = await branches.create_branch(plane, project_id, req)
     except ArgonError as exc:
-        session.flash("error", exc.user_message)
-        return redirect(_branches_url(project_id))
-    session.flash("success", f"Branch {created.branch.name} is ready.")
+        return _branches_page(request, session, plane, project, values=values, error=exc.user_message, status=400)
+    at = {"time": f" as of {timestamp.replace('T', ' ')} UTC", "lsn": f" at LSN {point.lsn}"}.get(point.source, "")
+    session.flash("success", f"Branch {created.branch.name} is ready{at}.")
     return redirect(_branches_url(project_id))
 
 
 @router.get("/projects/{project_id}/branches/{branch_id}/rename")
 async def rename_form(request: Request, session: SignedIn, plane: Plane, project_id: str, branch_id: str) -> Response:
     project, branch = plane.project(project_id), plane.branch(project_id, branch_id)
-    return _confirm(request, session, project, title=f"Rename {branch.name}",
+    return confirm(request, session, project, title=f"Rename {branch.name}",
                     message="The branch keeps its id, its compute and its connection strings.",
                     action=f"/projects/{project_id}/branches/{branch_id}/rename", button="Rename",
                     back=_branches_url(project_id), danger=False,
@@ -138,7 +179,7 @@ async def reset_form(request: Request, session: SignedIn, plane: Plane, project_
         session.flash("error", f"{branch.name} has no parent to reset from.")
         return redirect(_branches_url(project_id))
     parent = plane.branch(project_id, branch.parent_id)
-    return _confirm(request, session, project, title=f"Reset {branch.name} from {parent.name}",
+    return confirm(request, session, project, title=f"Reset {branch.name} from {parent.name}",
                     message=f"The data of {branch.name} is replaced by the current data of {parent.name}. Its "
                             "compute restarts: open connections are closed. Its connection strings stay the same.",
                     action=f"/projects/{project_id}/branches/{branch_id}/reset", button="Reset from parent",
@@ -161,10 +202,56 @@ async def reset(session: Posted, plane: Plane, project_id: str, branch_id: str,
     return redirect(_branches_url(project_id))
 
 
+def _restore_page(request: Request, session: Session, plane: ControlPlane, project: model.Project,
+                  branch: model.Branch, *, values: dict[str, str] | None = None, error: str | None = None,
+                  status: int = 200) -> Response:
+    parent = plane.branch(project.id, branch.parent_id) if branch.parent_id else None
+    first = "parent" if parent else "time"
+    return render(request, "restore.html", session=session, project=project, branch=branch, parent=parent,
+                  status=status, error=error, history=history_note(project), now=model.utcnow(),
+                  values={"source": first, "timestamp": "", "lsn": "", "preserve_under_name": "", **(values or {})})
+
+
+@router.get("/projects/{project_id}/branches/{branch_id}/restore")
+async def restore_form(request: Request, session: SignedIn, plane: Plane, project_id: str,
+                       branch_id: str) -> Response:
+    project, branch = plane.project(project_id), plane.branch(project_id, branch_id)
+    return _restore_page(request, session, plane, project, branch)
+
+
+@router.post("/projects/{project_id}/branches/{branch_id}/restore")
+async def restore(request: Request, session: Posted, plane: Plane, project_id: str, branch_id: str,
+                  source: Annotated[str, Form()] = "", timestamp: Annotated[str, Form()] = "",
+                  lsn: Annotated[str, Form()] = "", preserve_under_name: Annotated[str, Form()] = "") -> Response:
+    project, branch = plane.project(project_id), plane.branch(project_id, branch_id)
+    values = {"source": source, "timestamp": timestamp, "lsn": lsn, "preserve_under_name": preserve_under_name}
+    keep = preserve_under_name.strip() or None
+    try:
+        point = form_point(source, timestamp, lsn)
+        if point.source == "parent":
+            if branch.parent_id is None:
+                raise UserError(f"{branch.name} has no parent to restore from; choose a point in its own past.")
+            source_id = branch.parent_id
+        elif point.source in ("time", "lsn"):
+            source_id = branch.id
+        else:
+            raise UserError("Choose where to restore the branch from.")
+        await branches.restore_branch(plane, project_id, branch_id, source_id, source_timestamp=point.timestamp,
+                                      source_lsn=point.lsn, preserve_under_name=keep)
+    except ArgonError as exc:
+        return _restore_page(request, session, plane, project, branch, values=values, error=exc.user_message,
+                             status=400)
+    what = {"parent": "from its parent's current data", "time": f"to {timestamp.replace('T', ' ')} UTC",
+            "lsn": f"to LSN {point.lsn}"}[point.source]
+    session.flash("success", f"{branch.name} was restored {what}" +
+                  (f"; its previous data is the branch {keep}." if keep else "."))
+    return redirect(_branches_url(project_id))
+
+
 @router.get("/projects/{project_id}/branches/{branch_id}/delete")
 async def delete_form(request: Request, session: SignedIn, plane: Plane, project_id: str, branch_id: str) -> Response:
     project, branch = plane.project(project_id), plane.branch(project_id, branch_id)
-    return _confirm(request, session, project, title=f"Delete {branch.name}",
+    return confirm(request, session, project, title=f"Delete {branch.name}",
                     message=f"The branch {branch.name}, its compute and all its data are deleted. This cannot be "
                             "undone.",
                     action=f"/projects/{project_id}/branches/{branch_id}/delete", button="Delete branch",
@@ -176,126 +263,3 @@ async def delete(session: Posted, plane: Plane, project_id: str, branch_id: str)
     branch = plane.branch(project_id, branch_id)
     await act(session, branches.delete_branch(plane, project_id, branch_id), f"Branch {branch.name} was deleted.")
     return redirect(_branches_url(project_id))
-
-
-# Roles and databases ------------------------------------------------------------------------------------
-
-
-def roles_url(project_id: str, branch_id: str) -> str:
-    return f"/projects/{project_id}/roles?{urlencode({'branch': branch_id})}"
-
-
-def _branch_of(plane: ControlPlane, project_id: str, branch_id: str | None) -> model.Branch:
-    plane.project(project_id)
-    return plane.branch(project_id, branch_id) if branch_id else dashboard.default_branch(plane, project_id)
-
-
-@router.get("/projects/{project_id}/roles")
-async def roles_page(request: Request, session: SignedIn, plane: Plane, project_id: str,
-                     branch: str | None = None) -> Response:
-    project = plane.project(project_id)
-    current = _branch_of(plane, project_id, branch)
-    await roles.sync_if_running(plane, project_id, current.id)
-    role_list = [r for r in await plane.db(plane.store.list_roles, current.id) if r.name != model.PLATFORM_ROLE]
-    databases = await plane.db(plane.store.list_databases, current.id)
-    secret_role = session.pop_secret(f"role-name:{project_id}")
-    password = session.pop_secret(f"role-password:{project_id}")
-    return render(request, "roles.html", session=session, project=project, branch=current, tab="roles",
-                  branches=plane.branches(project_id), roles=role_list, databases=databases,
-                  new_role=secret_role if password else None, new_password=password)
-
-
-@router.post("/projects/{project_id}/roles")
-async def create_role(session: Posted, plane: Plane, project_id: str, branch: Annotated[str, Form()],
-                      name: Annotated[str, Form()] = "") -> Response:
-    current = _branch_of(plane, project_id, branch)
-    try:
-        role, password, _ = await roles.create_role(plane, project_id, current.id, name.strip())
-    except ArgonError as exc:
-        session.flash("error", exc.user_message)
-    else:
-        session.flash("success", f"Role {role.name} was created.")
-        if password:
-            session.secrets[f"role-name:{project_id}"] = role.name
-            session.secrets[f"role-password:{project_id}"] = password
-    return redirect(roles_url(project_id, current.id))
-
-
-def _role_confirm_fields(branch_id: str, name: str) -> dict[str, str]:
-    return {"branch": branch_id, "name": name}
-
-
-@router.get("/projects/{project_id}/roles/reset_password")
-async def reset_password_form(request: Request, session: SignedIn, plane: Plane, project_id: str, branch: str,
-                              name: str) -> Response:
-    project, current = plane.project(project_id), _branch_of(plane, project_id, branch)
-    role = await roles.get_role(plane, project_id, current.id, name)
-    return _confirm(request, session, project, title=f"Reset the password of {role.name}",
-                    message=f"A new password is generated for {role.name} on {current.name}. The old one stops "
-                            "working at once: update every application that uses it.",
-                    action=f"/projects/{project_id}/roles/reset_password", button="Reset password",
-                    back=roles_url(project_id, current.id), hidden=_role_confirm_fields(current.id, role.name))
-
-
-@router.post("/projects/{project_id}/roles/reset_password")
-async def reset_password(session: Posted, plane: Plane, project_id: str, branch: Annotated[str, Form()],
-                         name: Annotated[str, Form()]) -> Response:
-    current = _branch_of(plane, project_id, branch)
-    try:
-        role, password, _ = await roles.reset_password(plane, project_id, current.id, name)
-    except ArgonError as exc:
-        session.flash("error", exc.user_message)
-    else:
-        session.flash("success", f"The password of {role.name} was reset.")
-        session.secrets[f"role-name:{project_id}"] = role.name
-        session.secrets[f"role-password:{project_id}"] = password
-    return redirect(roles_url(project_id, current.id))
-
-
-@router.get("/projects/{project_id}/roles/delete")
-async def delete_role_form(request: Request, session: SignedIn, plane: Plane, project_id: str, branch: str,
-                           name: str) -> Response:
-    project, current = plane.project(project_id), _branch_of(plane, project_id, branch)
-    role = await roles.get_role(plane, project_id, current.id, name)
-    return _confirm(request, session, project, title=f"Delete the role {role.name}",
-                    message=f"The role {role.name} is dropped on {current.name}; objects it owns in each database "
-                            "go to that database's owner. This cannot be undone.",
-                    action=f"/projects/{project_id}/roles/delete", button="Delete role",
-                    back=roles_url(project_id, current.id), hidden=_role_confirm_fields(current.id, role.name))
-
-
-@router.post("/projects/{project_id}/roles/delete")
-async def delete_role(session: Posted, plane: Plane, project_id: str, branch: Annotated[str, Form()],
-                      name: Annotated[str, Form()]) -> Response:
-    current = _branch_of(plane, project_id, branch)
-    await act(session, roles.delete_role(plane, project_id, current.id, name), f"Role {name} was deleted.")
-    return redirect(roles_url(project_id, current.id))
-
-
-@router.post("/projects/{project_id}/databases")
-async def create_database(session: Posted, plane: Plane, project_id: str, branch: Annotated[str, Form()],
-                          name: Annotated[str, Form()] = "", owner: Annotated[str, Form()] = "") -> Response:
-    current = _branch_of(plane, project_id, branch)
-    await act(session, roles.create_database(plane, project_id, current.id, name.strip(), owner),
-              f"Database {name.strip()} was created.")
-    return redirect(roles_url(project_id, current.id))
-
-
-@router.get("/projects/{project_id}/databases/delete")
-async def delete_database_form(request: Request, session: SignedIn, plane: Plane, project_id: str, branch: str,
-                               name: str) -> Response:
-    project, current = plane.project(project_id), _branch_of(plane, project_id, branch)
-    db = await roles.get_database(plane, project_id, current.id, name)
-    return _confirm(request, session, project, title=f"Delete the database {db.name}",
-                    message=f"The database {db.name} and all its data are deleted from {current.name}; sessions "
-                            "connected to it are ended. This cannot be undone.",
-                    action=f"/projects/{project_id}/databases/delete", button="Delete database",
-                    back=roles_url(project_id, current.id), hidden=_role_confirm_fields(current.id, db.name))
-
-
-@router.post("/projects/{project_id}/databases/delete")
-async def delete_database(session: Posted, plane: Plane, project_id: str, branch: Annotated[str, Form()],
-                          name: Annotated[str, Form()]) -> Response:
-    current = _branch_of(plane, project_id, branch)
-    await act(session, roles.delete_database(plane, project_id, current.id, name), f"Database {name} was deleted.")
-    return redirect(roles_url(project_id, current.id))

@@ -17,7 +17,15 @@ from fastapi.responses import JSONResponse
 
 from argon import ids, model
 from argon.api.deps import Plane as ApiPlane
-from argon.console import dashboard, pages_branches, pages_monitoring, pages_sql
+from argon.console import (
+    dashboard,
+    pages_account,
+    pages_branches,
+    pages_monitoring,
+    pages_roles,
+    pages_settings,
+    pages_sql,
+)
 from argon.console.auth import COOKIE_NAME, ConsoleAuth, Session, cookie_attributes
 from argon.console.web import (
     ConsoleRoute,
@@ -32,6 +40,7 @@ from argon.console.web import (
     render,
 )
 from argon.control.endpoints import EndpointPatch, start_endpoint, suspend_endpoint, update_endpoint
+from argon.control.plane import ControlPlane
 from argon.control.projects import ProjectRequest, available_regions, create_project
 from argon.errors import ArgonError, NotFound
 
@@ -45,9 +54,14 @@ STATIC_TYPES = {"console.css": "text/css; charset=utf-8", "console.js": "text/ja
 
 def mount_console(app: FastAPI) -> None:
     """Serve the console at / next to the API. Call last: its catch-all answers unknown pages."""
-    app.state.console_auth = ConsoleAuth()
+    auth = app.state.console_auth = ConsoleAuth()
+    plane: ControlPlane = app.state.plane
+    plane.api_keys.on_revoke.append(auth.close_sessions_of_key)  # a revoked key signs its browsers out
     app.include_router(api_router, prefix="/api/v2")
+    app.include_router(pages_account.router)
     app.include_router(pages_branches.router)
+    app.include_router(pages_roles.router)
+    app.include_router(pages_settings.router)
     app.include_router(pages_sql.router)
     app.include_router(pages_monitoring.router)
     app.include_router(router)  # last: its catch-all answers unknown pages
@@ -74,8 +88,8 @@ def _safe_next(target: str | None) -> str:
     return "/"
 
 
-def _signed_in(request: Request, target: str) -> Response:
-    session = console_auth(request).open_session()  # always a new id: no session fixation
+def _signed_in(request: Request, target: str, api_key_id: int | None = None) -> Response:
+    session = console_auth(request).open_session(api_key_id)  # always a new id: no session fixation
     response = redirect(_safe_next(target))
     response.set_cookie(value=session.id, **cookie_attributes(request.url.scheme == "https"))
     response.delete_cookie(LOGIN_CSRF_COOKIE, path="/")
@@ -111,11 +125,12 @@ async def login_with_key(request: Request, plane: Plane, api_key: Annotated[str,
     cookie = request.cookies.get(LOGIN_CSRF_COOKIE, "")
     if not cookie or not secrets.compare_digest(cookie.encode(), csrf_token.encode()):
         raise CsrfRejected
-    if not plane.api_keys.check(api_key.strip()):
+    key = plane.api_keys.find(api_key.strip())
+    if key is None:
         return _login_page(request, status=401, target=target,
                            error="That API key is not valid. Keys start with argon_: “argon up” prints the "
                                  "first one and “argon api-keys create” makes more.")
-    return _signed_in(request, target)
+    return _signed_in(request, target, key.id)
 
 
 @router.post("/logout")

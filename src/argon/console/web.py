@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote
@@ -22,7 +23,7 @@ from fastapi.templating import Jinja2Templates
 from starlette.routing import Match
 from starlette.types import Scope
 
-from argon import __version__
+from argon import __version__, model
 from argon.console.auth import COOKIE_NAME, CSRF_FIELD, ConsoleAuth, Session
 from argon.console.display import FILTERS
 from argon.control.plane import ControlPlane
@@ -88,6 +89,27 @@ def render(request: Request, template: str, *, session: Session | None = None, s
     context.update(session=session, flashes=session.pop_flashes() if session else [], csrf_field=CSRF_FIELD,
                    version=__version__)
     return TEMPLATES.TemplateResponse(request, template, context, status_code=status)
+
+
+@dataclass(frozen=True)
+class Field:
+    """A text input on a confirmation page (e.g. the new name of a branch)."""
+
+    name: str
+    label: str
+    value: str = ""
+    help: str = ""
+    required: bool = False
+
+
+def confirm(request: Request, session: Session, project: model.Project | None, *, title: str, message: str,
+            action: str, button: str, back: str, hidden: dict[str, str] | None = None,
+            fields: tuple[Field, ...] = (), danger: bool = True, error: str | None = None,
+            crumbs: tuple[tuple[str, str | None], ...] = (), status: int = 200) -> HTMLResponse:
+    """A confirmation page: a plain form (keyboard and no-JavaScript friendly) in front of an action."""
+    return render(request, "confirm.html", session=session, status=status, project=project, title=title,
+                  message=message, action=action, button=button, back=back, hidden=hidden or {}, fields=fields,
+                  danger=danger, error=error, crumbs=crumbs)
 
 
 def error_page(request: Request, status: int, title: str, message: str) -> HTMLResponse:

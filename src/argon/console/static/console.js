@@ -123,3 +123,15 @@ function setupSqlEditor() {
 }
 
 setupSqlEditor();
+
+// On a phone the project tabs scroll sideways: bring the current one into view.
+function revealCurrentTab() {
+  const current = document.querySelector(".tabs [aria-current='page']");
+  if (!current) return;
+  const bar = current.parentElement;
+  if (bar.scrollWidth > bar.clientWidth) {
+    bar.scrollLeft = current.offsetLeft - (bar.clientWidth - current.offsetWidth) / 2;
+  }
+}
+
+revealCurrentTab();
