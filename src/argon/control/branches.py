@@ -129,8 +129,9 @@ async def _copy_parent(plane: ControlPlane, project: model.Project, parent: mode
                 return await branching.clone_running(conn, plane.backend, source, target)
             finally:
                 await conn.close()
-        await asyncio.to_thread(branching.clone_stopped, plane.backend, source, target)
         install = plane.installs.get(project.pg_version)
+        await asyncio.to_thread(branching.clone_stopped, plane.backend, source, target,
+                                install.bindir if install else None)
         return await asyncio.to_thread(branching.checkpoint_lsn, install.bindir, target) if install else None
 
 

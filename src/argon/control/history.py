@@ -224,9 +224,7 @@ def after_stop(plane: ControlPlane, project: model.Project, branch_id: str) -> N
             _snapshot_due(plane, project, epoch, wal_since):
         name = f"s{int(time.time() * 1000):x}"
         target = history.snapshot_dir(epoch.id, name)
-        plane.backend.clone_tree(pgdata, target)
-        for junk in ("postmaster.pid", "postmaster.opts"):
-            (target / junk).unlink(missing_ok=True)
+        branching.clone_stopped(plane.backend, pgdata, target, install.bindir)  # without recycled WAL
         snap, _ = hs.describe_snapshot(install.bindir, target, name, plane.clock())
         epoch = epoch.replace(snapshots=(*epoch.snapshots, snap))
         manifest = manifest.with_epoch(epoch)

@@ -101,7 +101,8 @@ async def ensure_replica_data(plane: ControlPlane, ep: model.Endpoint) -> None:
             finally:
                 await conn.close()
             break
-        await asyncio.to_thread(branching.clone_stopped, plane.backend, source, target)
+        await asyncio.to_thread(branching.clone_stopped, plane.backend, source, target,
+                                plane.installs[project.pg_version].bindir)
         if primary is None or not plane.is_running(primary.id):
             break  # it stayed stopped throughout the copy: a consistent copy
         log.info("the primary of %s started while it was copied; copying it again online", ep.id)

@@ -107,7 +107,8 @@ async def head_socket(plane: ControlPlane, project: model.Project, branch: model
                 await stack.enter_async_context(plane.project_lock(project.id))
             if _read_endpoint(plane, branch) is not None:  # one was added meanwhile: its compute may run
                 raise UserError("the branch got a compute meanwhile; retry")
-            await asyncio.to_thread(branching.clone_stopped, plane.backend, source, scratch)
+            await asyncio.to_thread(branching.clone_stopped, plane.backend, source, scratch,
+                                    plane.installs[project.pg_version].bindir)
         log_file = plane.layout.compute_log(project.id, branch.id).with_name("schema.log")
         async with scratch_postmaster(plane, project, scratch, log_file) as socket_dir:
             yield socket_dir

@@ -12,10 +12,14 @@ copied as an online base backup, on one admin session kept open throughout:
    them), without pg_wal, lock and runtime files;
 4. `pg_backup_stop()` returns the stop LSN and the backup label;
 5. pg_wal is copied *after* the stop, so it reaches past the stop LSN (copying it earlier is the
-   naive bug: `WAL ends before end of online backup`);
+   naive bug: `WAL ends before end of online backup`); only the segments from the backup's start
+   to the current insert position, not the recycled ones Postgres keeps under future names (up to
+   `max_wal_size`: after a bulk load, as much as the data itself);
 6. `backup_label` (and `tablespace_map`) are written into the copy; its first start replays to
    the end of the copied WAL and is consistent.
-Replication slots are never inherited.
+Replication slots are never inherited. A stopped cluster's copy likewise takes only the WAL its
+first start reads: from its last checkpoint's redo point (to that checkpoint, after a clean
+shutdown; to the end, after a crash).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from pathlib import Path
 
 import psycopg
 
+from argon.storage import history as hs
 from argon.storage.clone import CloneBackend
 
 # Copied in step 3; everything else at the top level of a cluster is runtime state or WAL.
@@ -61,8 +66,19 @@ def _tidy(target: Path) -> None:
         shutil.rmtree(slot, ignore_errors=True)
 
 
-def clone_stopped(backend: CloneBackend, source: Path, target: Path) -> None:
-    backend.clone_tree(source, target)
+def clone_stopped(backend: CloneBackend, source: Path, target: Path, bindir: Path | None = None) -> None:
+    """Copy a stopped cluster. With the Postgres `bindir` (for `pg_controldata`), pg_wal gets only
+    the segments its first start needs; without, the whole tree is copied."""
+    if bindir is None:
+        backend.clone_tree(source, target)
+        _tidy(target)
+        return
+    control = hs.control_data(bindir, source)
+    clean = control.state == "shut down"
+    wal = hs.wal_files(source / "pg_wal", control.timeline, control.segsize, hs.parse_lsn(control.redo_lsn),
+                       hs.parse_lsn(control.checkpoint_lsn) if clean else None)
+    _copy_data(backend, source, target)
+    backend.copy_into(wal, target / "pg_wal")
     _tidy(target)
 
 
@@ -72,10 +88,13 @@ def _copy_data(backend: CloneBackend, source: Path, target: Path) -> None:
     backend.copy_into(entries, target, tolerate_vanished=True)
 
 
-def _copy_wal(backend: CloneBackend, source: Path, target: Path) -> None:
+def _copy_wal(backend: CloneBackend, source: Path, target: Path, first: str, last: str) -> None:
+    """Copy the segments named `first` to `last` (pg_walfile_name; same timeline) and the history files."""
     wal = source / "pg_wal"
-    segments = [wal / name for name in sorted(os.listdir(wal)) if re.fullmatch(r"[0-9A-F]{24}(\.partial)?|"
-                                                                           r"[0-9A-F]{8}\.history", name)]
+    tli = first[:8]
+    segments = [wal / name for name in sorted(os.listdir(wal))
+                if re.fullmatch(r"[0-9A-F]{8}\.history", name)
+                or (re.fullmatch(r"[0-9A-F]{24}", name) and name[:8] == tli and first[8:] <= name[8:] <= last[8:])]
     backend.copy_into(segments, target / "pg_wal", tolerate_vanished=True)
 
 
@@ -85,7 +104,11 @@ async def clone_running(conn: psycopg.AsyncConnection, backend: CloneBackend, so
     await conn.execute("SELECT pg_create_physical_replication_slot(%s, true, true)", (slot,))
     failed = True
     try:
-        await conn.execute("SELECT pg_backup_start(%s, true)", (f"argon branch {target.parent.name}",))
+        cur = await conn.execute("SELECT pg_walfile_name(pg_backup_start(%s, true))",
+                                 (f"argon branch {target.parent.name}",))
+        first_row = await cur.fetchone()
+        assert first_row is not None
+        first_segment = str(first_row[0])
         try:
             await asyncio.to_thread(_copy_data, backend, source, target)
         except BaseException:
@@ -96,7 +119,10 @@ async def clone_running(conn: psycopg.AsyncConnection, backend: CloneBackend, so
         row = await cur.fetchone()
         assert row is not None
         lsn, label, spcmap = row
-        await asyncio.to_thread(_copy_wal, backend, source, target)
+        cur = await conn.execute("SELECT pg_walfile_name(pg_current_wal_insert_lsn())")
+        last_row = await cur.fetchone()
+        assert last_row is not None
+        await asyncio.to_thread(_copy_wal, backend, source, target, first_segment, str(last_row[0]))
         failed = False
     finally:
         try:

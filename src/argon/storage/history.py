@@ -232,8 +232,11 @@ def backup_label_fields(pgdata: Path) -> tuple[str, int] | None:
     return start.group(1), int(tli.group(1)) if tli else 1
 
 
-def wal_files(directory: Path, timeline: int, segsize: int, from_lsn: int) -> list[Path]:
-    """Segments of `timeline` holding WAL at or after `from_lsn`, and all timeline history files."""
+def wal_files(directory: Path, timeline: int, segsize: int, from_lsn: int, until_lsn: int | None = None) -> list[Path]:
+    """Segments of `timeline` holding WAL at or after `from_lsn` (and, with `until_lsn`, starting at
+    or before it), and all timeline history files. The bound leaves out recycled segments: after a
+    checkpoint Postgres renames old segments to future names (up to `max_wal_size` of them), which
+    hold nothing a copy needs."""
     try:
         names = os.listdir(directory)
     except FileNotFoundError:
@@ -244,7 +247,8 @@ def wal_files(directory: Path, timeline: int, segsize: int, from_lsn: int) -> li
             found.append(directory / name)
             continue
         seg = segment_start(name, segsize)
-        if seg is not None and seg[0] == timeline and seg[1] + segsize > from_lsn and not name.endswith(".partial"):
+        if seg is not None and seg[0] == timeline and seg[1] + segsize > from_lsn and not name.endswith(".partial") \
+                and (until_lsn is None or seg[1] <= until_lsn):
             found.append(directory / name)
     return found
 
