@@ -140,3 +140,6 @@ def test_connection_string_forms_and_endpoint_commands(platform: RunningPlatform
     uri = argon(platform, "connection-string", "--project-id", pid).stdout.strip()
     psql = subprocess.run(["psql", "-X", "-At", "-c", "select 2", uri], capture_output=True, text=True, timeout=60)
     assert psql.stdout.strip() == "2", psql.stderr
+    replica = json.loads(argon(platform, "-o", "json", "endpoints", "create", "--project-id", pid,
+                               "--type", "read_only").stdout)["endpoint"]
+    assert replica["type"] == "read_only" and replica["branch_id"] == project["branch"]["id"]

@@ -178,13 +178,25 @@ def _endpoint_action(ctx: Context, project_id: str | None, endpoint_id: str, act
 @endpoints.command("create")
 @project_option
 @click.option("--branch", help="Branch name or id (default: the default branch)")
+@click.option("--type", "kind", type=click.Choice(["read_write", "read_only"]), default="read_write",
+              show_default=True,
+              help="read_write: the branch's primary compute (one per branch); read_only: a read replica that "
+                   "follows it")
 @click.option("--suspend-timeout", type=int, help="Seconds idle before suspending (0 = default, -1 = never)")
 @pass_ctx
-def endpoints_create(ctx: Context, project_id: str | None, branch: str | None, suspend_timeout: int | None) -> None:
-    """Give a branch that has none a read-write compute (like neonctl's `branches add-compute`)."""
+def endpoints_create(ctx: Context, project_id: str | None, branch: str | None, kind: str,
+                     suspend_timeout: int | None) -> None:
+    """Give a branch a compute: its read-write one (when it has none) or a read replica
+    (like neonctl's `branches add-compute`).
+
+    \b
+    Examples:
+      argon endpoints create --branch dev                    # dev gets a read-write compute
+      argon endpoints create --branch main --type read_only  # a read replica of main
+    """
     path = _branch_path(ctx, project_id, branch)
     pid, bid = path.split("/")[2], path.split("/")[4]
-    body: dict[str, Any] = {"branch_id": bid, "type": "read_write"}
+    body: dict[str, Any] = {"branch_id": bid, "type": kind}
     if suspend_timeout is not None:
         body["suspend_timeout_seconds"] = suspend_timeout
     out = ctx.api.post(f"/projects/{pid}/endpoints", {"endpoint": body})
