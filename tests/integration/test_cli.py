@@ -143,3 +143,18 @@ def test_connection_string_forms_and_endpoint_commands(platform: RunningPlatform
     replica = json.loads(argon(platform, "-o", "json", "endpoints", "create", "--project-id", pid,
                                "--type", "read_only").stdout)["endpoint"]
     assert replica["type"] == "read_only" and replica["branch_id"] == project["branch"]["id"]
+
+
+def test_api_keys_create_list_use_and_revoke(platform: RunningPlatform) -> None:
+    made = argon(platform, "api-keys", "create", "--name", "cli-made").stdout
+    key = next(word for word in made.split() if word.startswith("argon_"))
+    assert "not shown again" in made
+    listed = json.loads(argon(platform, "-o", "json", "api-keys", "list").stdout)
+    mine = next(k for k in listed if k["name"] == "cli-made")
+    assert key not in json.dumps(listed)  # only hashes are kept: the list never shows a key
+    assert argon(platform, "projects", "list", key=key).returncode == 0  # the new key works
+    assert f"Revoked API key cli-made (id {mine['id']})" in argon(platform, "api-keys", "revoke", str(mine["id"])).stdout
+    refused = argon(platform, "projects", "list", key=key, check=False)
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr and "API key" in refused.stderr
+    gone = argon(platform, "api-keys", "revoke", str(mine["id"]), check=False)
+    assert gone.returncode != 0 and "not found" in gone.stderr
