@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -119,6 +120,43 @@ def test_point_in_time_of_a_suspended_branch_and_of_a_child(platform: RunningPla
     assert scalar(uri_of(grandchild2), "SELECT count(*) FROM t") == 5
     # The parent's password works on a point-in-time branch too.
     assert scalar(uri_of(grandchild2), "SELECT current_user") == "neondb_owner"
+
+
+def test_a_childs_history_links_its_parents_instead_of_copying(platform: RunningPlatform,
+                                                               project: dict[str, Any]) -> None:
+    """On the copy backend a child's history base is its parent's snapshot, hard-linked, plus the
+    parent's WAL since it: no second copy of the data. Its points in time stay exact, also after
+    the parent's own history is gone, and the child's own snapshots start from it."""
+    if platform.plane.backend.name != "copy":
+        pytest.skip("the copy backend links; a reflink clone is free anyway")
+    pid, parent_id = project["project"]["id"], project["branch"]["id"]
+    uri = platform.dsn(project)
+    with psycopg.connect(uri, autocommit=True) as conn:  # several WAL segments between the parent's base and the child
+        conn.execute("CREATE TABLE pad AS SELECT g, repeat('x', 400) AS p FROM generate_series(1, 20000) g")
+    commits_with_marks(uri, 2)  # parent: 1, 2 (its compute keeps running: the child is an online copy)
+    child = branch(platform, pid, name="linked")
+    cid = child["branch"]["id"]
+    layout = platform.plane.layout
+    child_manifest = json.loads((layout.branch_dir(pid, cid) / "history" / "manifest.json").read_text())
+    parent_manifest = json.loads((layout.branch_dir(pid, parent_id) / "history" / "manifest.json").read_text())
+    child_epoch, parent_epoch = child_manifest["epochs"][0], parent_manifest["epochs"][-1]
+    base = layout.branch_dir(pid, cid) / "history" / child_epoch["id"] / "snapshots" / "base"
+    parent_snap = layout.branch_dir(pid, parent_id) / "history" / parent_epoch["id"] / "snapshots" / "base"
+    assert (base / "PG_VERSION").stat().st_ino == (parent_snap / "PG_VERSION").stat().st_ino  # a link, not a copy
+    # The parent's WAL from its base up to the copy's first segment is in the child's archive.
+    assert list((layout.branch_dir(pid, cid) / "history" / child_epoch["id"] / "wal").iterdir())
+    # Points on the child, between its own commits, are exact.
+    child_marks = commits_with_marks(uri_of(child), 3, start=10)
+    assert count_at(platform, pid, parent_id=cid, parent_lsn=child_marks[0][0]) == 3
+    assert count_at(platform, pid, parent_id=cid, parent_timestamp=rfc3339(child_marks[1][1])) == 4
+    # The parent's history going away (pruning, a restore) leaves the child's whole.
+    shutil.rmtree(layout.branch_dir(pid, parent_id) / "history" / parent_epoch["id"])
+    assert count_at(platform, pid, parent_id=cid, parent_lsn=child_marks[1][0]) == 4
+    resp = platform.api.post(f"/projects/{pid}/branches/{cid}/restore",
+                             json={"source_branch_id": cid, "source_lsn": child_marks[0][0]})
+    assert resp.status_code == 200, resp.text
+    assert scalar(uri_of(child), "SELECT string_agg(v::text, ',' ORDER BY v) FROM t") == "1,2,10"
+    assert scalar(uri_of(child), "SELECT count(*) FROM pad") == 20000
 
 
 def test_restore_to_own_past_keeps_ids_and_history(platform: RunningPlatform, project: dict[str, Any]) -> None:

@@ -167,8 +167,12 @@ async def create_branch(plane: ControlPlane, project_id: str, req: BranchRequest
                 lsn, parent_at = point.lsn, point.at
             else:
                 lsn = await _copy_parent(plane, project, parent, pgdata)
-            await asyncio.to_thread(history.begin_epoch, plane, project, bid, pgdata, reason="branch created",
-                                    consistent_lsn=lsn, fresh=True)
+            linked = (req.init_source == "parent-data" and not (req.parent_lsn or req.parent_timestamp)
+                      and await asyncio.to_thread(history.begin_epoch_from_parent, plane, project, bid, pgdata,
+                                                  parent.id, consistent_lsn=lsn))
+            if not linked:
+                await asyncio.to_thread(history.begin_epoch, plane, project, bid, pgdata, reason="branch created",
+                                        consistent_lsn=lsn, fresh=True)
         except BaseException:
             await asyncio.to_thread(shutil.rmtree, plane.layout.branch_dir(project_id, bid), True)
             raise

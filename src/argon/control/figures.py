@@ -35,7 +35,9 @@ class BranchFigures:
 
 
 def _walk(path: Path) -> tuple[int, int]:
-    """(sum of file sizes, allocated bytes) under `path`, each inode once."""
+    """(sum of file sizes, each inode once; allocated bytes) under `path`. A file with n hard links
+    (a branch's history base linked to its parent's snapshot) counts 1/n of its blocks at each link,
+    so the branches of a project add up to what the disk holds."""
     size = allocated = 0
     seen: set[tuple[int, int]] = set()
     for root, _dirs, files in os.walk(path):
@@ -44,13 +46,13 @@ def _walk(path: Path) -> tuple[int, int]:
                 st = os.lstat(os.path.join(root, name))
             except OSError:
                 continue
+            allocated += st.st_blocks * 512 // max(1, st.st_nlink)
             if st.st_nlink > 1:
                 key = (st.st_dev, st.st_ino)
                 if key in seen:
                     continue
                 seen.add(key)
             size += st.st_size
-            allocated += st.st_blocks * 512
     return size, allocated
 
 

@@ -30,6 +30,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import psycopg
+
 from argon import model
 from argon.compute import postmaster
 from argon.compute.admin import connect_admin
@@ -168,6 +170,82 @@ def begin_epoch(plane: ControlPlane, project: model.Project, branch_id: str, pgd
     plane.backend.clone_tree(pgdata, base)
     history.save(manifest.with_epoch(epoch))
     _give(project, history.manifest_path)
+
+
+def begin_epoch_from_parent(plane: ControlPlane, project: model.Project, branch_id: str, pgdata: Path,
+                            parent_id: str, *, consistent_lsn: str | None) -> bool:
+    """A new branch's first epoch without a second copy of its data, on the copy backend: the new
+    cluster at `pgdata` is the parent's data at the copy, i.e. the parent's newest snapshot before it
+    plus the parent's WAL since. So the base is that snapshot, hard-linked (snapshots and archived
+    segments are never written in place), and the parent's archived segments up to the first one
+    the copy holds are hard-linked into the new epoch's archive (segments still in the parent's
+    live pg_wal are copied: Postgres reuses those files), followed by copies of the copy's own. Recovery from the base then replays the
+    parent's WAL into the branch's own, which continues on the same timeline. Returns False, having
+    made nothing, when the parent's history cannot serve (the caller then copies a base)."""
+    if not enabled(project) or plane.backend.name == "reflink":  # a reflink base costs nothing anyway
+        return False
+    parent = branch_history(plane, project.id, parent_id)
+    pe = parent.load().current
+    if pe is None or not pe.snapshots:
+        return False
+    install = plane.installs[project.pg_version]
+    control = hs.control_data(install.bindir, pgdata)
+    label = hs.backup_label_fields(pgdata)
+    if label is not None:
+        start, timeline = hs.parse_lsn(label[0]), label[1]
+    elif control.state == "shut down":
+        start, timeline = hs.parse_lsn(control.redo_lsn), control.timeline
+    else:
+        return False  # a crashed parent's copy: its WAL's end is unknown here
+    if timeline != pe.timeline or control.segsize != pe.segsize:
+        return False
+    usable = [s for s in pe.snapshots if hs.parse_lsn(s.consistent_lsn) <= start]
+    if not usable:
+        return False
+    snap = usable[-1]
+    source = _template_snapshot(plane, project, parent, pe, snap) if snap.template else \
+        parent.snapshot_dir(pe.id, snap.name)
+    if not source.is_dir():
+        return False
+    own = sorted((seg[1], name) for name in os.listdir(pgdata / "pg_wal")
+                 if (seg := hs.segment_start(name, pe.segsize)) is not None and seg[0] == timeline)
+    if not own:
+        return False
+    first_own = own[0][0]
+    needed = [hs.segment_name(timeline, lsn, pe.segsize)
+              for lsn in range(hs.parse_lsn(snap.redo_lsn) // pe.segsize * pe.segsize, first_own, pe.segsize)]
+    history = branch_history(plane, project.id, branch_id)
+    epoch = hs.Epoch(id=_epoch_id(), started_at=plane.clock(), start_lsn=consistent_lsn or control.checkpoint_lsn,
+                     timeline=timeline, segsize=pe.segsize, reason="branch created",
+                     snapshots=(hs.Snapshot(name="base", taken_at=plane.clock(), redo_lsn=snap.redo_lsn,
+                                            consistent_lsn=snap.consistent_lsn),))
+    _make_wal_dir(history, project, epoch.id)
+    wal = history.wal_dir(epoch.id)
+    archive, live = parent.wal_dir(pe.id), plane.layout.pgdata(project.id, parent_id) / "pg_wal"
+    try:
+        for name in needed:
+            try:
+                os.link(archive / name, wal / name)
+            except FileNotFoundError:  # not archived yet: it is still in the parent's pg_wal
+                shutil.copy2(live / name, wal / name)
+        # The copy's own segments, as copied: its first start replays them and may recycle them
+        # without archiving (they were not written there); the one it goes on writing is archived
+        # again, whole, when it is full.
+        for _lsn, name in own:
+            shutil.copy2(pgdata / "pg_wal" / name, wal / name)
+        base = history.snapshot_dir(epoch.id, "base")
+        base.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _give(project, base.parent)
+        hs.link_tree(source, base)
+    except OSError as exc:  # a segment gone from both places, or no hard links here
+        log.info("branch %s: copying a history base (the parent's history could not be linked: %s)", branch_id, exc)
+        hs.remove_tree(history.root)
+        return False
+    history.save(hs.Manifest((epoch,)))
+    _give(project, history.manifest_path)
+    log.debug("branch %s: history base linked to %s/%s of %s, %d segment(s) of its WAL", branch_id, pe.id,
+              snap.name, parent_id, len(needed))
+    return True
 
 
 def end_epoch(plane: ControlPlane, project: model.Project, branch_id: str, old_pgdata: Path) -> None:
@@ -495,16 +573,24 @@ async def _recover(plane: ControlPlane, project: model.Project, branch_id: str, 
             raise StorageError(f"rebuilding the branch at that point failed: {exc.user_message}") from None
         deadline = time.monotonic() + RECOVERY_TIMEOUT
         while True:
-            conn = await connect_admin(socket_dir)
             try:
-                cur = await conn.execute("SELECT pg_is_in_recovery()")
-                row = await cur.fetchone()
-            finally:
-                await conn.close()
+                conn = await connect_admin(socket_dir)
+            except psycopg.OperationalError:
+                row = None
+                if pm.alive:
+                    raise
+            else:
+                try:
+                    cur = await conn.execute("SELECT pg_is_in_recovery()")
+                    row = await cur.fetchone()
+                finally:
+                    await conn.close()
             if row and not row[0]:
                 break
             if not pm.alive:
-                raise StorageError("rebuilding the branch at that point failed: recovery stopped; see "
+                why = await asyncio.to_thread(_last_error, log_file)
+                log.warning("recovery of branch %s stopped: %s", branch_id, why)
+                raise StorageError(f"rebuilding the branch at that point failed: recovery stopped ({why}); see "
                                    f"{log_file}")
             if time.monotonic() > deadline:
                 raise StorageError("rebuilding the branch at that point timed out")
@@ -518,6 +604,16 @@ async def _recover(plane: ControlPlane, project: model.Project, branch_id: str, 
     await asyncio.to_thread(hs.tidy_after_recovery, target, control)
     (target / "postgresql.auto.conf").write_text("")
     return control
+
+
+def _last_error(log_file: Path) -> str:
+    """The last FATAL or PANIC line of a Postgres log, for an error message."""
+    try:
+        lines = log_file.read_text(errors="replace").splitlines()[-200:]
+    except OSError:
+        return "no log"
+    found = [line for line in lines if "FATAL:" in line or "PANIC:" in line]
+    return (found[-1] if found else (lines[-1] if lines else "empty log")).strip()[-300:]
 
 
 @contextlib.asynccontextmanager

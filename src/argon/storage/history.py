@@ -343,6 +343,15 @@ def first_commit_after(bindir: Path, wal_dir: Path, start_lsn: str, timeline: in
         proc.stdout.close()
 
 
+def link_tree(source: Path, target: Path) -> None:
+    """`target` (new) as a tree of hard links to `source`'s files: free on any file system. Only for
+    trees nobody writes in place again (snapshots); removing either side leaves the other whole."""
+    result = subprocess.run(["cp", "-a", "--link", "--", str(source), str(target)], capture_output=True, text=True)
+    if result.returncode != 0:
+        shutil.rmtree(target, ignore_errors=True)
+        raise OSError(result.stderr.strip() or "cp --link failed")
+
+
 def remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
