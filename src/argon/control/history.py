@@ -226,8 +226,11 @@ def begin_epoch_from_parent(plane: ControlPlane, project: model.Project, branch_
         for name in needed:
             try:
                 os.link(archive / name, wal / name)
-            except FileNotFoundError:  # not archived yet: it is still in the parent's pg_wal
-                shutil.copy2(live / name, wal / name)
+            except FileNotFoundError:  # not archived yet: it is still in the parent's pg_wal...
+                try:
+                    shutil.copy2(live / name, wal / name)
+                except FileNotFoundError:  # ...unless it was archived and removed just now
+                    os.link(archive / name, wal / name)
         # The copy's own segments, as copied: its first start replays them and may recycle them
         # without archiving (they were not written there); the one it goes on writing is archived
         # again, whole, when it is full.
