@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hmac
-import logging
 import secrets
 import threading
 from collections.abc import Callable
@@ -24,8 +23,6 @@ from argon.metadata.store import Store
 
 if TYPE_CHECKING:
     from argon.control.plane import ControlPlane
-
-log = logging.getLogger(__name__)
 
 KEY_PREFIX = "argon_"
 USE_WRITE_EVERY = timedelta(seconds=60)  # last_used_at is written at most this often per key

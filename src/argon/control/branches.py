@@ -31,6 +31,7 @@ from argon.control.replicas import remove_replicas
 from argon.control.schema import schema_only_copy
 from argon.errors import Conflict, NotFound, Precondition, UserError
 from argon.storage import branching
+from argon.storage import history as hs
 
 if TYPE_CHECKING:
     from argon.control.plane import ControlPlane
@@ -130,9 +131,9 @@ async def _copy_parent(plane: ControlPlane, project: model.Project, parent: mode
             finally:
                 await conn.close()
         install = plane.installs.get(project.pg_version)
-        await asyncio.to_thread(branching.clone_stopped, plane.backend, source, target,
-                                install.bindir if install else None)
-        return await asyncio.to_thread(branching.checkpoint_lsn, install.bindir, target) if install else None
+        control = await asyncio.to_thread(hs.control_data, install.bindir, source) if install else None
+        await asyncio.to_thread(branching.clone_stopped, plane.backend, source, target, control)
+        return control.checkpoint_lsn if control else None
 
 
 async def create_branch(plane: ControlPlane, project_id: str, req: BranchRequest) -> CreatedBranch:
@@ -155,6 +156,7 @@ async def create_branch(plane: ControlPlane, project_id: str, req: BranchRequest
             raise Conflict(f"branch {name!r} already exists")
         pgdata = plane.layout.pgdata(project_id, bid)
         parent_at = None
+        linked = False  # the history base links the parent's (a plain copy of its head only)
         try:
             if req.init_source == "schema-only":
                 await asyncio.to_thread(_make_branch_dir, plane, project, bid)
@@ -167,9 +169,8 @@ async def create_branch(plane: ControlPlane, project_id: str, req: BranchRequest
                 lsn, parent_at = point.lsn, point.at
             else:
                 lsn = await _copy_parent(plane, project, parent, pgdata)
-            linked = (req.init_source == "parent-data" and not (req.parent_lsn or req.parent_timestamp)
-                      and await asyncio.to_thread(history.begin_epoch_from_parent, plane, project, bid, pgdata,
-                                                  parent.id, consistent_lsn=lsn))
+                linked = await asyncio.to_thread(history.begin_epoch_from_parent, plane, project, bid, pgdata,
+                                                 parent.id, consistent_lsn=lsn)
             if not linked:
                 await asyncio.to_thread(history.begin_epoch, plane, project, bid, pgdata, reason="branch created",
                                         consistent_lsn=lsn, fresh=True)

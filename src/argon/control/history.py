@@ -179,9 +179,10 @@ def begin_epoch_from_parent(plane: ControlPlane, project: model.Project, branch_
     plus the parent's WAL since. So the base is that snapshot, hard-linked (snapshots and archived
     segments are never written in place), and the parent's archived segments up to the first one
     the copy holds are hard-linked into the new epoch's archive (segments still in the parent's
-    live pg_wal are copied: Postgres reuses those files), followed by copies of the copy's own. Recovery from the base then replays the
-    parent's WAL into the branch's own, which continues on the same timeline. Returns False, having
-    made nothing, when the parent's history cannot serve (the caller then copies a base)."""
+    live pg_wal are copied: Postgres reuses those files), followed by copies of the copy's own.
+    Recovery from the base then replays the parent's WAL into the branch's own, which continues on
+    the same timeline. Returns False, having made nothing, when the parent's history cannot serve
+    (the caller then copies a base)."""
     if not enabled(project) or plane.backend.name == "reflink":  # a reflink base costs nothing anyway
         return False
     parent = branch_history(plane, project.id, parent_id)
@@ -215,9 +216,10 @@ def begin_epoch_from_parent(plane: ControlPlane, project: model.Project, branch_
     needed = [hs.segment_name(timeline, lsn, pe.segsize)
               for lsn in range(hs.parse_lsn(snap.redo_lsn) // pe.segsize * pe.segsize, first_own, pe.segsize)]
     history = branch_history(plane, project.id, branch_id)
-    epoch = hs.Epoch(id=_epoch_id(), started_at=plane.clock(), start_lsn=consistent_lsn or control.checkpoint_lsn,
+    now = plane.clock()
+    epoch = hs.Epoch(id=_epoch_id(), started_at=now, start_lsn=consistent_lsn or control.checkpoint_lsn,
                      timeline=timeline, segsize=pe.segsize, reason="branch created",
-                     snapshots=(hs.Snapshot(name="base", taken_at=plane.clock(), redo_lsn=snap.redo_lsn,
+                     snapshots=(hs.Snapshot(name="base", taken_at=now, redo_lsn=snap.redo_lsn,
                                             consistent_lsn=snap.consistent_lsn),))
     _make_wal_dir(history, project, epoch.id)
     wal = history.wal_dir(epoch.id)
@@ -305,7 +307,7 @@ def after_stop(plane: ControlPlane, project: model.Project, branch_id: str) -> N
             _snapshot_due(plane, project, epoch, wal_since):
         name = f"s{int(time.time() * 1000):x}"
         target = history.snapshot_dir(epoch.id, name)
-        branching.clone_stopped(plane.backend, pgdata, target, install.bindir)  # without recycled WAL
+        branching.clone_stopped(plane.backend, pgdata, target, control)  # without recycled WAL
         snap, _ = hs.describe_snapshot(install.bindir, target, name, plane.clock())
         epoch = epoch.replace(snapshots=(*epoch.snapshots, snap))
         manifest = manifest.with_epoch(epoch)

@@ -24,6 +24,7 @@ from argon.compute.manager import ComputeSpec
 from argon.compute.osuser import OsUser, chown_tree
 from argon.compute.params import gucs_for_cu
 from argon.storage import branching
+from argon.storage import history as hs
 
 if TYPE_CHECKING:
     from argon.control.plane import ControlPlane
@@ -101,8 +102,8 @@ async def ensure_replica_data(plane: ControlPlane, ep: model.Endpoint) -> None:
             finally:
                 await conn.close()
             break
-        await asyncio.to_thread(branching.clone_stopped, plane.backend, source, target,
-                                plane.installs[project.pg_version].bindir)
+        control = await asyncio.to_thread(hs.control_data, plane.installs[project.pg_version].bindir, source)
+        await asyncio.to_thread(branching.clone_stopped, plane.backend, source, target, control)
         if primary is None or not plane.is_running(primary.id):
             break  # it stayed stopped throughout the copy: a consistent copy
         log.info("the primary of %s started while it was copied; copying it again online", ep.id)

@@ -34,6 +34,7 @@ from argon.compute.params import gucs_for_cu
 from argon.compute.postmaster import ComputeStartError
 from argon.errors import NotFound, StorageError, UserError
 from argon.storage import branching
+from argon.storage import history as hs
 
 if TYPE_CHECKING:
     from argon.control.plane import ControlPlane
@@ -107,8 +108,8 @@ async def head_socket(plane: ControlPlane, project: model.Project, branch: model
                 await stack.enter_async_context(plane.project_lock(project.id))
             if _read_endpoint(plane, branch) is not None:  # one was added meanwhile: its compute may run
                 raise UserError("the branch got a compute meanwhile; retry")
-            await asyncio.to_thread(branching.clone_stopped, plane.backend, source, scratch,
-                                    plane.installs[project.pg_version].bindir)
+            control = await asyncio.to_thread(hs.control_data, plane.installs[project.pg_version].bindir, source)
+            await asyncio.to_thread(branching.clone_stopped, plane.backend, source, scratch, control)
         log_file = plane.layout.compute_log(project.id, branch.id).with_name("schema.log")
         async with scratch_postmaster(plane, project, scratch, log_file) as socket_dir:
             yield socket_dir

@@ -27,10 +27,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
 import secrets
 import shutil
-import subprocess
 from pathlib import Path
 
 import psycopg
@@ -66,14 +64,13 @@ def _tidy(target: Path) -> None:
         shutil.rmtree(slot, ignore_errors=True)
 
 
-def clone_stopped(backend: CloneBackend, source: Path, target: Path, bindir: Path | None = None) -> None:
-    """Copy a stopped cluster. With the Postgres `bindir` (for `pg_controldata`), pg_wal gets only
-    the segments its first start needs; without, the whole tree is copied."""
-    if bindir is None:
+def clone_stopped(backend: CloneBackend, source: Path, target: Path, control: hs.ControlData | None = None) -> None:
+    """Copy a stopped cluster. Given its `pg_controldata` (`hs.control_data`), pg_wal gets only the
+    segments its first start needs; without, the whole tree is copied."""
+    if control is None:
         backend.clone_tree(source, target)
         _tidy(target)
         return
-    control = hs.control_data(bindir, source)
     clean = control.state == "shut down"
     wal = hs.wal_files(source / "pg_wal", control.timeline, control.segsize, hs.parse_lsn(control.redo_lsn),
                        hs.parse_lsn(control.checkpoint_lsn) if clean else None)
@@ -88,14 +85,6 @@ def _copy_data(backend: CloneBackend, source: Path, target: Path) -> None:
     backend.copy_into(entries, target, tolerate_vanished=True)
 
 
-def _copy_wal(backend: CloneBackend, source: Path, target: Path, first: str, last: str) -> None:
-    """Copy the segments named `first` to `last` (pg_walfile_name; same timeline) and the history files."""
-    wal = source / "pg_wal"
-    tli = first[:8]
-    segments = [wal / name for name in sorted(os.listdir(wal))
-                if re.fullmatch(r"[0-9A-F]{8}\.history", name)
-                or (re.fullmatch(r"[0-9A-F]{24}", name) and name[:8] == tli and first[8:] <= name[8:] <= last[8:])]
-    backend.copy_into(segments, target / "pg_wal", tolerate_vanished=True)
 
 
 async def clone_running(conn: psycopg.AsyncConnection, backend: CloneBackend, source: Path, target: Path) -> str:
@@ -104,11 +93,12 @@ async def clone_running(conn: psycopg.AsyncConnection, backend: CloneBackend, so
     await conn.execute("SELECT pg_create_physical_replication_slot(%s, true, true)", (slot,))
     failed = True
     try:
-        cur = await conn.execute("SELECT pg_walfile_name(pg_backup_start(%s, true))",
+        cur = await conn.execute("SELECT b::text, (SELECT timeline_id FROM pg_control_checkpoint()), "
+                                 "(SELECT bytes_per_wal_segment FROM pg_control_init()) FROM pg_backup_start(%s, true) AS b",
                                  (f"argon branch {target.parent.name}",))
-        first_row = await cur.fetchone()
-        assert first_row is not None
-        first_segment = str(first_row[0])
+        started = await cur.fetchone()
+        assert started is not None
+        start, timeline, segsize = hs.parse_lsn(started[0]), int(started[1]), int(started[2])
         try:
             await asyncio.to_thread(_copy_data, backend, source, target)
         except BaseException:
@@ -119,10 +109,11 @@ async def clone_running(conn: psycopg.AsyncConnection, backend: CloneBackend, so
         row = await cur.fetchone()
         assert row is not None
         lsn, label, spcmap = row
-        cur = await conn.execute("SELECT pg_walfile_name(pg_current_wal_insert_lsn())")
-        last_row = await cur.fetchone()
-        assert last_row is not None
-        await asyncio.to_thread(_copy_wal, backend, source, target, first_segment, str(last_row[0]))
+        cur = await conn.execute("SELECT pg_current_wal_insert_lsn()::text")
+        insert = await cur.fetchone()
+        assert insert is not None
+        wal = hs.wal_files(source / "pg_wal", timeline, segsize, start, hs.parse_lsn(insert[0]))
+        await asyncio.to_thread(backend.copy_into, wal, target / "pg_wal", tolerate_vanished=True)
         failed = False
     finally:
         try:
@@ -144,14 +135,3 @@ async def clone_running(conn: psycopg.AsyncConnection, backend: CloneBackend, so
 
     await asyncio.to_thread(finish)
     return str(lsn)
-
-
-def checkpoint_lsn(bindir: Path, pgdata: Path) -> str | None:
-    """The latest checkpoint's LSN of a stopped cluster (`pg_controldata`), None if unreadable."""
-    try:
-        out = subprocess.run([str(bindir / "pg_controldata"), str(pgdata)], capture_output=True, text=True,
-                             timeout=20, env={"LC_ALL": "C", "PATH": "/usr/bin:/bin"}).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    match = re.search(r"^Latest checkpoint location:\s+(\S+)", out, re.M)
-    return match.group(1) if match else None
