@@ -51,6 +51,7 @@ class StartInfo:
     api_url: str = ""
     sign_in_url: str = ""  # a one-time link into the console (single use, 15 minutes)
     proxy_address: str = ""
+    proxy_relay: str = ""
     data_dir: Path = Path()
     api_key: str | None = None  # only when generated now (shown once)
     api_key_source: str = ""
@@ -138,7 +139,8 @@ class Platform:
 
         self.proxy = ProxyServer(host=s.proxy_host, port=s.proxy_port, control=plane, activity=self.activity,
                                  tls=tls, server_secret=secrets.server_key, plaintext=s.plaintext,
-                                 domain=s.domain or s.cert_domain, forward_all_params=s.forward_all_params)
+                                 domain=s.domain or s.cert_domain, forward_all_params=s.forward_all_params,
+                                 relay=s.proxy_relay)
         try:
             await self.proxy.start()
         except OSError as exc:
@@ -158,6 +160,7 @@ class Platform:
         self.info.api_url = f"http://{_display_host(s.http_host)}:{self.http_port}"
         self.info.sign_in_url = sign_in_link(app, self.info.api_url)
         self.info.proxy_address = f"{_display_host(s.proxy_host)}:{self.proxy.port}"
+        self.info.proxy_relay = self.proxy.relay_name
         self.info.data_dir = s.data_dir
         self.info.installs = [installs[m] for m in sorted(installs)]
         self.info.clone_backend = backend.name

@@ -63,6 +63,9 @@ class Settings(BaseSettings):
                                     "computes (connections, queries/s, WAL); storage is measured every 5th sample")
     metrics_retention_hours: float = Field(168.0, gt=0, le=24 * 366, description="Hours of monitoring samples kept "
                                            "(the console's charts and the API's consumption figures)")
+    proxy_relay: Literal["auto", "native", "python"] = Field(
+        "auto", description="How the proxy relays bytes after login: native (a C thread, built at install when a "
+        "C compiler is present), python, or auto (native when built)")
     forward_all_params: bool = Field(False, description="Forward every startup parameter to computes (default: Neon's filtered set)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity")
     config_file: Path | None = Field(None, description="TOML file with any of these settings (default ~/.config/argon/config.toml)")

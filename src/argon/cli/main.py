@@ -122,7 +122,8 @@ def _print_banner(settings: Settings, info: Any) -> None:
     click.echo(f"  Console           {b(info.sign_in_url)}")
     click.echo("                    (one-time sign-in link, valid 15 minutes; `argon console` prints a new one)")
     click.echo(f"  API               {info.api_url}/api/v2   (docs: {info.api_url}/api/v2/docs)")
-    click.echo(f"  Postgres proxy    {info.proxy_address}   (TLS on; plaintext: {settings.plaintext})")
+    click.echo(f"  Postgres proxy    {info.proxy_address}   (TLS on; plaintext: {settings.plaintext}; "
+               f"relay: {info.proxy_relay})")
     if info.api_key:
         click.echo(f"  API key           {b(info.api_key)}   <- {info.api_key_source}")
     else:

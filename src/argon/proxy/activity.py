@@ -3,24 +3,31 @@
 Each relayed session owns a `SessionActivity` and updates it from the relay (message framing tells
 when a query is in flight and ReadyForQuery's status byte tells idle / in transaction). The suspend
 policy reads `snapshot()`; it never looks at sockets. Plain attributes, no locks: everything runs on
-the one event loop.
+the one event loop. A session relayed on the C thread (`native`) keeps its state there; its `probe`
+copies it in when `snapshot()` looks.
 """
 
 from __future__ import annotations
 
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
 class SessionActivity:
-    __slots__ = ("endpoint_id", "in_query", "in_transaction", "last_activity")
+    __slots__ = ("endpoint_id", "in_query", "in_transaction", "last_activity", "probe")
 
     def __init__(self, endpoint_id: str) -> None:
         self.endpoint_id = endpoint_id
         self.in_query = False  # a query was sent and its ReadyForQuery has not come back yet
         self.in_transaction = False  # the last ReadyForQuery said 'T' or 'E'
         self.last_activity = time.monotonic()
+        self.probe: Callable[[SessionActivity], None] | None = None
+
+    def refresh(self) -> None:
+        if self.probe is not None:
+            self.probe(self)
 
     @property
     def busy(self) -> bool:
@@ -60,6 +67,8 @@ class ActivityRegistry:
 
     def snapshot(self, endpoint_id: str) -> EndpointActivity:
         sessions = self._sessions.get(endpoint_id, ())
+        for s in sessions:
+            s.refresh()
         last = max((s.last_activity for s in sessions), default=None)
         recorded = self._last.get(endpoint_id)
         if recorded is not None:

@@ -17,6 +17,7 @@ from typing import Literal
 from argon.proxy.activity import ActivityRegistry
 from argon.proxy.cancel import CancelMap
 from argon.proxy.control_client import ControlClient
+from argon.proxy.native import make_relays
 from argon.proxy.session import Session, SessionContext
 from argon.proxy.throttle import PasswordChecks, Throttle
 from argon.proxy.tls import TlsConfig
@@ -24,15 +25,19 @@ from argon.proxy.tls import TlsConfig
 log = logging.getLogger(__name__)
 
 PlaintextPolicy = Literal["loopback", "always", "never"]
+RelayMode = Literal["auto", "native", "python"]
 
 
 class ProxyServer:
     def __init__(self, *, host: str, port: int, control: ControlClient, activity: ActivityRegistry,
                  tls: TlsConfig | None, server_secret: bytes, plaintext: PlaintextPolicy = "loopback",
                  domain: str | None = None, forward_all_params: bool = False,
-                 throttle: Throttle | None = None) -> None:
+                 throttle: Throttle | None = None, relay: RelayMode = "auto") -> None:
         if plaintext not in ("loopback", "always", "never"):
             raise ValueError(f"plaintext must be loopback, always or never, not {plaintext!r}")
+        if relay not in ("auto", "native", "python"):
+            raise ValueError(f"relay must be auto, native or python, not {relay!r}")
+        self.relay_mode = relay
         self.host = host
         self._requested_port = port
         self.cancels = CancelMap()
@@ -49,6 +54,11 @@ class ProxyServer:
         if self._sock is None:
             return self._requested_port
         return int(self._sock.getsockname()[1])
+
+    @property
+    def relay_name(self) -> str:
+        """What relays plaintext sessions after login: "native" (the C thread) or "python"."""
+        return "native" if self.ctx.relays is not None else "python"
 
     @property
     def sessions(self) -> int:
@@ -70,10 +80,11 @@ class ProxyServer:
             sock.close()
             raise
         self._sock = sock
+        self.ctx.relays = make_relays(self.relay_mode)
         self._accept_task = asyncio.get_running_loop().create_task(self._accept_loop(), name="proxy-accept")
         tls = "TLS" if self.ctx.tls is not None else "no TLS"
-        log.info("Postgres proxy listening on %s:%d (%s, plaintext %s)", self.host, self.port, tls,
-                 self.ctx.plaintext)
+        log.info("Postgres proxy listening on %s:%d (%s, plaintext %s, %s relay)", self.host, self.port, tls,
+                 self.ctx.plaintext, self.relay_name)
 
     async def stop(self) -> None:
         if self._accept_task is not None:
@@ -87,6 +98,9 @@ class ProxyServer:
             task.cancel()
         if self._sessions:
             await asyncio.wait(list(self._sessions), timeout=10)
+        if self.ctx.relays is not None:
+            self.ctx.relays.close()
+            self.ctx.relays = None
         self.ctx.password_checks.close()
 
     async def _accept_loop(self) -> None:

@@ -20,7 +20,7 @@ from typing import Literal
 
 from argon.errors import ArgonError
 from argon.proxy import routing
-from argon.proxy.activity import ActivityRegistry
+from argon.proxy.activity import ActivityRegistry, SessionActivity
 from argon.proxy.auth import (
     AUTH_TIMEOUT,
     AuthContext,
@@ -32,6 +32,7 @@ from argon.proxy.auth import (
 from argon.proxy.cancel import CancelMap, CancelTarget
 from argon.proxy.control_client import ComputeAddress, ControlClient
 from argon.proxy.handshake import ConnectionClosed, MessageStream, negotiate
+from argon.proxy.native import NativeRelays, NativeSession
 from argon.proxy.pipe import Relay
 from argon.proxy.throttle import PasswordChecks, Throttle
 from argon.proxy.tls import ServedCert, TlsConfig
@@ -63,6 +64,7 @@ class SessionContext:
     cancels: CancelMap
     throttle: Throttle
     password_checks: PasswordChecks
+    relays: NativeRelays | None = None  # the C relay thread, when it runs
 
     def __post_init__(self) -> None:
         self.auth = AuthContext(self.control, self.server_secret, self.throttle, self.password_checks)
@@ -167,10 +169,7 @@ class Session:
                 return
             activity.in_query = False
             activity.last_activity = time.monotonic()
-            stream.write(creds.pending + login.greeting)
-            relay = Relay(stream.transport, login.stream.transport, activity)  # type: ignore[arg-type]
-            relay.start(stream.detach(), login.stream.detach(), client_lost=stream.lost,
-                        compute_lost=login.stream.lost)
+            relay = self._relay(stream, login, creds.pending + login.greeting, activity)
             try:
                 await relay.done
             finally:
@@ -184,6 +183,24 @@ class Session:
                 if login.stream.transport is not None:
                     login.stream.transport.close()
             ctx.activity.close(activity)
+
+    def _relay(self, stream: MessageStream, login: ComputeLogin, greeting: bytes,
+               activity: SessionActivity) -> Relay | NativeSession:
+        """Start relaying: on the C thread when it runs and the client is plaintext, else in Python."""
+        relays = self.ctx.relays
+        client, compute = stream.transport, login.stream.transport
+        assert client is not None and compute is not None
+        if (relays is not None and client.get_extra_info("ssl_object") is None
+                and not stream.lost and not login.stream.lost):
+            native = relays.take_over(client, compute, to_compute=stream.detach(),
+                                      to_client=greeting + login.stream.detach(), activity=activity)
+            if native is not None:
+                return native
+        stream.write(greeting)
+        relay = Relay(client, compute, activity)  # type: ignore[arg-type]
+        relay.start(stream.detach(), login.stream.detach(), client_lost=stream.lost,
+                    compute_lost=login.stream.lost)
+        return relay
 
     async def _connect(self, startup: StartupMessage, creds: Credentials) -> ComputeLogin:
         """Wake, connect and log in, retrying while the compute is (re)starting; ArgonError for the client."""

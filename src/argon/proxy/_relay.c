@@ -1,0 +1,710 @@
+/*
+ * The proxy's relay after login, in C: one epoll thread moves bytes between client and compute
+ * sockets without the interpreter.
+ *
+ * Why: in Python the relay costs one interpreter round per message, which is most of the proxy's
+ * CPU under pgbench (see docs/adr/0011-native-relay.md). Here a message costs what it costs in
+ * PgBouncer: epoll_wait, recv, send. The thread never touches Python objects and never holds the
+ * GIL; Python talks to it through a mutex-protected request queue and two eventfds.
+ *
+ * What it keeps from the Python relay (argon/proxy/pipe.py), so the suspend policy sees the same
+ * thing: message framing in both directions. Client -> compute, a query-ish message (Q P B E F S D
+ * C H d) marks the session busy; compute -> client, ReadyForQuery ends the query and its status
+ * byte says whether a transaction is open. Each read stamps the last activity (CLOCK_MONOTONIC,
+ * the clock of Python's time.monotonic()).
+ *
+ * Backpressure: a write that does not complete keeps the rest in a per-side buffer, stops reading
+ * the side it came from and waits for EPOLLOUT; reading resumes once the buffer is flushed. End of
+ * a session: EOF or an error on either side; what is still buffered for the other side is written
+ * first (the compute's last FATAL reaches the client), then both sockets are closed and the session
+ * is reported on the "done" eventfd with its byte counts.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#define READ_CHUNK (256 * 1024)
+#define MAX_EVENTS 256
+#define CLIENT 0
+#define COMPUTE 1
+#define WAKE_TAG ((uint64_t)1)
+
+typedef struct {
+    uint32_t remaining; /* body bytes of the current message still to come */
+    uint8_t hdr[5];     /* a message header split across reads */
+    uint8_t hdr_len;
+    uint8_t want_status; /* the next body byte is ReadyForQuery's transaction status */
+} Framing;
+
+typedef struct {
+    int fd;
+    int readable;   /* no EOF or error seen on this fd yet */
+    int registered; /* in the epoll set */
+    uint32_t mask;  /* the events it is registered for */
+    char *out;      /* bytes read from the other side, not yet written to this fd */
+    size_t out_len, out_off;
+    Framing framing; /* of the bytes read from this fd */
+    uint64_t bytes;  /* read from this fd */
+} Side;
+
+typedef struct Session {
+    uint64_t id;
+    Side side[2];
+    int in_query;       /* written by the relay thread, read under the mutex */
+    int in_transaction;
+    double last_activity;
+    int draining;       /* one side ended: flush what is buffered for the other, then close */
+    int dead;           /* ended; freed at the end of the current event batch */
+    struct Session *next; /* in the add list or the dead list */
+} Session;
+
+typedef struct {
+    uint64_t id, bytes_client, bytes_compute;
+} Done;
+
+typedef struct {
+    PyObject_HEAD
+    int epfd, wake_fd, done_fd;
+    pthread_t thread;
+    int running;
+    pthread_mutex_t lock;
+    /* protected by lock */
+    Session **table; /* open sessions by slot; id = generation << 24 | slot */
+    uint32_t *generation;
+    size_t table_size;
+    Session *adds;   /* handed over by Python, not yet registered */
+    uint64_t *closes; /* ids Python asked to end */
+    size_t closes_len, closes_cap;
+    Done *done;
+    size_t done_len, done_cap;
+    int stop;
+} RelayObject;
+
+static double now_monotonic(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static void signal_fd(int fd) {
+    uint64_t one = 1;
+    ssize_t r;
+    do {
+        r = write(fd, &one, sizeof one);
+    } while (r < 0 && errno == EINTR);
+}
+
+static void drain_fd(int fd) {
+    uint64_t v;
+    while (read(fd, &v, sizeof v) > 0) {
+    }
+}
+
+/* ---- framing ------------------------------------------------------------------------------- */
+
+static const char QUERY_TAGS[] = "QPBEFSDCHd";
+
+static void scan(Session *s, int from, const uint8_t *p, size_t n) {
+    Framing *f = &s->side[from].framing;
+    size_t i = 0;
+    while (i < n) {
+        if (f->remaining > 0) {
+            if (f->want_status) {
+                __atomic_store_n(&s->in_transaction, p[i] != 'I', __ATOMIC_RELAXED);
+                f->want_status = 0;
+            }
+            size_t take = n - i < f->remaining ? n - i : f->remaining;
+            i += take;
+            f->remaining -= (uint32_t)take;
+            continue;
+        }
+        f->hdr[f->hdr_len++] = p[i++];
+        if (f->hdr_len < 5)
+            continue;
+        f->hdr_len = 0;
+        uint8_t tag = f->hdr[0];
+        uint32_t len = ((uint32_t)f->hdr[1] << 24) | ((uint32_t)f->hdr[2] << 16) | ((uint32_t)f->hdr[3] << 8) |
+                       (uint32_t)f->hdr[4];
+        f->remaining = len < 4 ? 0 : len - 4;
+        if (from == CLIENT) {
+            if (tag != 0 && strchr(QUERY_TAGS, tag) != NULL)
+                __atomic_store_n(&s->in_query, 1, __ATOMIC_RELAXED);
+        } else if (tag == 'Z') {
+            __atomic_store_n(&s->in_query, 0, __ATOMIC_RELAXED);
+            f->want_status = f->remaining > 0;
+        }
+    }
+}
+
+/* ---- the relay thread ---------------------------------------------------------------------- */
+
+/* The open session with this id, or NULL once it ended. Call with the lock held. */
+static Session *lookup(RelayObject *r, uint64_t id) {
+    size_t slot = (size_t)(id & 0xffffff);
+    if (slot >= r->table_size)
+        return NULL;
+    Session *s = r->table[slot];
+    return s != NULL && s->id == id ? s : NULL;
+}
+
+
+static void set_mask(RelayObject *r, Session *s, int k) {
+    Side *side = &s->side[k];
+    Side *other = &s->side[1 - k];
+    uint32_t mask = 0;
+    if (side->readable && !s->draining && other->out_len == 0)
+        mask |= EPOLLIN;
+    if (side->out_len > 0)
+        mask |= EPOLLOUT;
+    if (mask == side->mask && (mask != 0) == side->registered)
+        return;
+    struct epoll_event ev = {.events = mask, .data.u64 = (uint64_t)(uintptr_t)s | (uint64_t)k};
+    if (mask == 0) {
+        if (side->registered)
+            epoll_ctl(r->epfd, EPOLL_CTL_DEL, side->fd, NULL);
+        side->registered = 0;
+    } else if (side->registered) {
+        epoll_ctl(r->epfd, EPOLL_CTL_MOD, side->fd, &ev);
+    } else {
+        epoll_ctl(r->epfd, EPOLL_CTL_ADD, side->fd, &ev);
+        side->registered = 1;
+    }
+    side->mask = mask;
+}
+
+/* Closing a socket with unread input makes the kernel send a reset, and a reset can make the peer
+   drop what it had not read yet: the compute's last error would never reach a client whose next
+   query was already on its way. Read and drop what is waiting (bounded), then close sends a FIN. */
+static void discard_input(int fd) {
+    char sink[16384];
+    for (int i = 0; i < 64; i++) {
+        ssize_t n = recv(fd, sink, sizeof sink, MSG_DONTWAIT);
+        if (n <= 0 && !(n < 0 && errno == EINTR))
+            break;
+    }
+}
+
+static void end_session(RelayObject *r, Session *s, Session **dead) {
+    if (s->dead)
+        return;
+    s->dead = 1;
+    for (int k = 0; k < 2; k++) {
+        if (s->side[k].registered)
+            epoll_ctl(r->epfd, EPOLL_CTL_DEL, s->side[k].fd, NULL);
+        discard_input(s->side[k].fd);
+        close(s->side[k].fd);
+        free(s->side[k].out);
+        s->side[k].out = NULL;
+    }
+    pthread_mutex_lock(&r->lock);
+    size_t slot = (size_t)(s->id & 0xffffff);
+    if (slot < r->table_size && r->table[slot] == s)
+        r->table[slot] = NULL;
+    if (r->done_len == r->done_cap) {
+        size_t cap = r->done_cap ? r->done_cap * 2 : 64;
+        Done *grown = realloc(r->done, cap * sizeof *grown);
+        if (grown != NULL) {
+            r->done = grown;
+            r->done_cap = cap;
+        }
+    }
+    if (r->done_len < r->done_cap)
+        r->done[r->done_len++] = (Done){s->id, s->side[CLIENT].bytes, s->side[COMPUTE].bytes};
+    pthread_mutex_unlock(&r->lock);
+    signal_fd(r->done_fd);
+    s->next = *dead;
+    *dead = s;
+}
+
+/* Write what is buffered for side k. Returns 0 when done or blocked, -1 on a write error. */
+static int flush(Session *s, int k) {
+    Side *side = &s->side[k];
+    while (side->out_off < side->out_len) {
+        ssize_t w = send(side->fd, side->out + side->out_off, side->out_len - side->out_off, MSG_NOSIGNAL);
+        if (w > 0) {
+            side->out_off += (size_t)w;
+        } else if (w < 0 && errno == EINTR) {
+            continue;
+        } else if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            return 0;
+        } else {
+            return -1;
+        }
+    }
+    free(side->out);
+    side->out = NULL;
+    side->out_len = side->out_off = 0;
+    return 0;
+}
+
+/* Send `n` bytes to side k, buffering what the socket does not take now. -1 on a write error. */
+static int deliver(Session *s, int k, const char *p, size_t n) {
+    Side *side = &s->side[k];
+    if (side->out_len > 0) { /* already blocked: append (only initial data takes this path) */
+        char *grown = realloc(side->out, side->out_len + n);
+        if (grown == NULL)
+            return -1;
+        memcpy(grown + side->out_len, p, n);
+        side->out = grown;
+        side->out_len += n;
+        return 0;
+    }
+    size_t done = 0;
+    while (done < n) {
+        ssize_t w = send(side->fd, p + done, n - done, MSG_NOSIGNAL);
+        if (w > 0) {
+            done += (size_t)w;
+        } else if (w < 0 && errno == EINTR) {
+            continue;
+        } else if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            break;
+        } else {
+            return -1;
+        }
+    }
+    if (done < n) {
+        side->out = malloc(n - done);
+        if (side->out == NULL)
+            return -1;
+        memcpy(side->out, p + done, n - done);
+        side->out_len = n - done;
+        side->out_off = 0;
+    }
+    return 0;
+}
+
+static void on_event(RelayObject *r, Session *s, int k, uint32_t events, char *buf, Session **dead) {
+    Side *side = &s->side[k];
+    Side *other = &s->side[1 - k];
+    int hangup = (events & (EPOLLHUP | EPOLLERR)) != 0;
+    if ((events & EPOLLOUT) || (hangup && side->out_len > 0)) {
+        if (flush(s, k) < 0) {
+            end_session(r, s, dead);
+            return;
+        }
+    }
+    if ((events & EPOLLIN || hangup) && side->readable && !s->draining && other->out_len == 0) {
+        ssize_t n;
+        do {
+            n = recv(side->fd, buf, READ_CHUNK, 0);
+        } while (n < 0 && errno == EINTR);
+        if (n > 0) {
+            side->bytes += (uint64_t)n;
+            scan(s, k, (const uint8_t *)buf, (size_t)n);
+            s->last_activity = now_monotonic();
+            if (deliver(s, 1 - k, buf, (size_t)n) < 0) {
+                end_session(r, s, dead);
+                return;
+            }
+        } else if (n == 0 || (errno != EAGAIN && errno != EWOULDBLOCK)) {
+            side->readable = 0;
+            s->draining = 1;
+        }
+    }
+    /* a side that sent EOF gets nothing more: the compute's last words still reach a client that
+       is listening, a client's Terminate still reaches the compute */
+    if (s->draining && (s->side[CLIENT].out_len == 0 || !s->side[CLIENT].readable) &&
+        (s->side[COMPUTE].out_len == 0 || !s->side[COMPUTE].readable)) {
+        end_session(r, s, dead);
+        return;
+    }
+    if (s->draining && hangup && side->out_len > 0) {
+        end_session(r, s, dead); /* nothing more can be written to a side that hung up */
+        return;
+    }
+    set_mask(r, s, 0);
+    set_mask(r, s, 1);
+}
+
+static void register_session(RelayObject *r, Session *s, Session **dead) {
+    /* the initial bytes were queued by Python in side[k].out; try to send them now */
+    for (int k = 0; k < 2; k++) {
+        if (s->side[k].out_len > 0 && flush(s, k) < 0) {
+            end_session(r, s, dead);
+            return;
+        }
+    }
+    set_mask(r, s, 0);
+    set_mask(r, s, 1);
+}
+
+static void *relay_main(void *arg) {
+    RelayObject *r = (RelayObject *)arg;
+    char *buf = malloc(READ_CHUNK);
+    struct epoll_event events[MAX_EVENTS];
+    if (buf == NULL)
+        return NULL;
+    for (;;) {
+        int n = epoll_wait(r->epfd, events, MAX_EVENTS, -1);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            break;
+        }
+        Session *dead = NULL;
+        int stop = 0;
+        for (int i = 0; i < n; i++) {
+            uint64_t tag = events[i].data.u64;
+            if (tag == WAKE_TAG) {
+                drain_fd(r->wake_fd);
+                pthread_mutex_lock(&r->lock);
+                Session *adds = r->adds;
+                r->adds = NULL;
+                stop = r->stop;
+                pthread_mutex_unlock(&r->lock);
+                /* the list was built by prepending: registration order does not matter */
+                while (adds != NULL) {
+                    Session *s = adds;
+                    adds = s->next;
+                    s->next = NULL;
+                    register_session(r, s, &dead);
+                }
+                /* closes after adds: a session closed right after its add is registered, then ended */
+                for (;;) {
+                    pthread_mutex_lock(&r->lock);
+                    Session *s = r->closes_len > 0 ? lookup(r, r->closes[--r->closes_len]) : NULL;
+                    int more = r->closes_len > 0;
+                    pthread_mutex_unlock(&r->lock);
+                    if (s != NULL)
+                        end_session(r, s, &dead);
+                    if (!more)
+                        break;
+                }
+                continue;
+            }
+            Session *s = (Session *)(uintptr_t)(tag & ~(uint64_t)1);
+            if (!s->dead)
+                on_event(r, s, (int)(tag & 1), events[i].events, buf, &dead);
+        }
+        while (dead != NULL) {
+            Session *s = dead;
+            dead = s->next;
+            free(s);
+        }
+        if (stop)
+            break;
+    }
+    free(buf);
+    return NULL;
+}
+
+/* ---- the Python side ----------------------------------------------------------------------- */
+
+static PyObject *Relay_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "", kwlist))
+        return NULL;
+    RelayObject *r = (RelayObject *)type->tp_alloc(type, 0);
+    if (r == NULL)
+        return NULL;
+    r->epfd = r->wake_fd = r->done_fd = -1;
+    pthread_mutex_init(&r->lock, NULL);
+    r->epfd = epoll_create1(EPOLL_CLOEXEC);
+    r->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    r->done_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (r->epfd < 0 || r->wake_fd < 0 || r->done_fd < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        Py_DECREF(r);
+        return NULL;
+    }
+    struct epoll_event ev = {.events = EPOLLIN, .data.u64 = WAKE_TAG};
+    if (epoll_ctl(r->epfd, EPOLL_CTL_ADD, r->wake_fd, &ev) < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        Py_DECREF(r);
+        return NULL;
+    }
+    int err = pthread_create(&r->thread, NULL, relay_main, r);
+    if (err != 0) {
+        errno = err;
+        PyErr_SetFromErrno(PyExc_OSError);
+        Py_DECREF(r);
+        return NULL;
+    }
+    r->running = 1;
+    return (PyObject *)r;
+}
+
+static void stop_thread(RelayObject *r) {
+    if (!r->running)
+        return;
+    pthread_mutex_lock(&r->lock);
+    r->stop = 1;
+    pthread_mutex_unlock(&r->lock);
+    signal_fd(r->wake_fd);
+    Py_BEGIN_ALLOW_THREADS
+    pthread_join(r->thread, NULL);
+    Py_END_ALLOW_THREADS
+    r->running = 0;
+    /* the thread is gone: close what is left */
+    for (size_t i = 0; i < r->table_size; i++) {
+        Session *s = r->table[i];
+        if (s == NULL)
+            continue;
+        for (int k = 0; k < 2; k++) {
+            close(s->side[k].fd);
+            free(s->side[k].out);
+        }
+        free(s);
+        r->table[i] = NULL;
+    }
+    r->adds = NULL; /* its sessions are in the table */
+    r->closes_len = 0;
+}
+
+static void Relay_dealloc(RelayObject *r) {
+    stop_thread(r);
+    if (r->epfd >= 0)
+        close(r->epfd);
+    if (r->wake_fd >= 0)
+        close(r->wake_fd);
+    if (r->done_fd >= 0)
+        close(r->done_fd);
+    free(r->table);
+    free(r->generation);
+    free(r->done);
+    free(r->closes);
+    pthread_mutex_destroy(&r->lock);
+    Py_TYPE(r)->tp_free((PyObject *)r);
+}
+
+PyDoc_STRVAR(add_doc,
+             "add(client_fd, compute_fd, to_compute, to_client) -> id\n\n"
+             "Take over two connected sockets (the relay closes them) and relay between them.\n"
+             "`to_compute` / `to_client`: bytes already read from the other side, sent first.");
+
+static PyObject *Relay_add(RelayObject *r, PyObject *args) {
+    int fds[2];
+    Py_buffer to_compute, to_client;
+    if (!PyArg_ParseTuple(args, "iiy*y*", &fds[CLIENT], &fds[COMPUTE], &to_compute, &to_client))
+        return NULL;
+    PyObject *result = NULL;
+    Session *s = NULL;
+    if (!r->running) {
+        PyErr_SetString(PyExc_RuntimeError, "the relay is closed");
+        goto out;
+    }
+    for (int k = 0; k < 2; k++) {
+        int flags = fcntl(fds[k], F_GETFL);
+        if (flags < 0 || fcntl(fds[k], F_SETFL, flags | O_NONBLOCK) < 0) {
+            PyErr_SetFromErrno(PyExc_OSError);
+            goto out;
+        }
+    }
+    s = calloc(1, sizeof *s);
+    if (s == NULL) {
+        PyErr_NoMemory();
+        goto out;
+    }
+    s->last_activity = now_monotonic();
+    for (int k = 0; k < 2; k++) {
+        s->side[k].fd = fds[k];
+        s->side[k].readable = 1;
+    }
+    Py_buffer *initial[2] = {&to_client, &to_compute}; /* indexed by the side they are written to */
+    for (int k = 0; k < 2; k++) {
+        if (initial[k]->len == 0)
+            continue;
+        s->side[k].out = malloc((size_t)initial[k]->len);
+        if (s->side[k].out == NULL) {
+            free(s->side[1 - k].out);
+            free(s);
+            s = NULL;
+            PyErr_NoMemory();
+            goto out;
+        }
+        memcpy(s->side[k].out, initial[k]->buf, (size_t)initial[k]->len);
+        s->side[k].out_len = (size_t)initial[k]->len;
+        scan(s, 1 - k, (const uint8_t *)initial[k]->buf, (size_t)initial[k]->len);
+    }
+    pthread_mutex_lock(&r->lock);
+    size_t slot = 0;
+    while (slot < r->table_size && r->table[slot] != NULL)
+        slot++;
+    if (slot == r->table_size) {
+        size_t size = r->table_size ? r->table_size * 2 : 64;
+        Session **table = size <= 0x1000000 ? realloc(r->table, size * sizeof *table) : NULL;
+        uint32_t *gen = table != NULL ? realloc(r->generation, size * sizeof *gen) : NULL;
+        if (table != NULL)
+            r->table = table;
+        if (gen == NULL) {
+            pthread_mutex_unlock(&r->lock);
+            for (int k = 0; k < 2; k++)
+                free(s->side[k].out);
+            free(s);
+            s = NULL;
+            PyErr_NoMemory();
+            goto out;
+        }
+        r->generation = gen;
+        for (size_t i = r->table_size; i < size; i++) {
+            r->table[i] = NULL;
+            r->generation[i] = 0;
+        }
+        r->table_size = size;
+    }
+    r->generation[slot]++;
+    s->id = ((uint64_t)r->generation[slot] << 24) | slot;
+    r->table[slot] = s;
+    s->next = r->adds;
+    r->adds = s;
+    pthread_mutex_unlock(&r->lock);
+    signal_fd(r->wake_fd);
+    result = PyLong_FromUnsignedLongLong(s->id);
+out:
+    PyBuffer_Release(&to_compute);
+    PyBuffer_Release(&to_client);
+    return result;
+}
+
+PyDoc_STRVAR(close_doc, "close(id): end a session now (what is buffered is dropped). No-op once it ended.");
+
+static PyObject *Relay_close(RelayObject *r, PyObject *arg) {
+    uint64_t id = PyLong_AsUnsignedLongLong(arg);
+    if (PyErr_Occurred())
+        return NULL;
+    int queued = 0;
+    pthread_mutex_lock(&r->lock);
+    if (lookup(r, id) != NULL) {
+        if (r->closes_len == r->closes_cap) {
+            size_t cap = r->closes_cap ? r->closes_cap * 2 : 16;
+            uint64_t *grown = realloc(r->closes, cap * sizeof *grown);
+            if (grown != NULL) {
+                r->closes = grown;
+                r->closes_cap = cap;
+            }
+        }
+        if (r->closes_len < r->closes_cap) {
+            r->closes[r->closes_len++] = id;
+            queued = 1;
+        }
+    }
+    pthread_mutex_unlock(&r->lock);
+    if (queued)
+        signal_fd(r->wake_fd);
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(state_doc,
+             "state(id) -> (in_query, in_transaction, last_activity) or None once the session ended.\n"
+             "last_activity is on time.monotonic()'s clock.");
+
+static PyObject *Relay_state(RelayObject *r, PyObject *arg) {
+    uint64_t id = PyLong_AsUnsignedLongLong(arg);
+    if (PyErr_Occurred())
+        return NULL;
+    pthread_mutex_lock(&r->lock);
+    Session *s = lookup(r, id);
+    int in_query = 0, in_transaction = 0;
+    double last = 0;
+    if (s != NULL) {
+        in_query = __atomic_load_n(&s->in_query, __ATOMIC_RELAXED);
+        in_transaction = __atomic_load_n(&s->in_transaction, __ATOMIC_RELAXED);
+        last = s->last_activity;
+    }
+    pthread_mutex_unlock(&r->lock);
+    if (s == NULL)
+        Py_RETURN_NONE;
+    return Py_BuildValue("(OOd)", in_query ? Py_True : Py_False, in_transaction ? Py_True : Py_False, last);
+}
+
+PyDoc_STRVAR(reap_doc,
+             "reap() -> [(id, bytes_from_client, bytes_from_compute), ...]: the sessions that ended since\n"
+             "the last call. Call it when fileno() is readable.");
+
+static PyObject *Relay_reap(RelayObject *r, PyObject *Py_UNUSED(ignored)) {
+    drain_fd(r->done_fd);
+    pthread_mutex_lock(&r->lock);
+    Done *done = r->done;
+    size_t n = r->done_len;
+    r->done = NULL;
+    r->done_len = r->done_cap = 0;
+    pthread_mutex_unlock(&r->lock);
+    PyObject *list = PyList_New((Py_ssize_t)n);
+    if (list == NULL) {
+        free(done);
+        return NULL;
+    }
+    for (size_t i = 0; i < n; i++) {
+        PyObject *item = Py_BuildValue("(KKK)", (unsigned long long)done[i].id,
+                                       (unsigned long long)done[i].bytes_client,
+                                       (unsigned long long)done[i].bytes_compute);
+        if (item == NULL) {
+            Py_DECREF(list);
+            free(done);
+            return NULL;
+        }
+        PyList_SET_ITEM(list, (Py_ssize_t)i, item);
+    }
+    free(done);
+    return list;
+}
+
+static PyObject *Relay_fileno(RelayObject *r, PyObject *Py_UNUSED(ignored)) {
+    return PyLong_FromLong(r->done_fd);
+}
+
+static PyObject *Relay_shutdown(RelayObject *r, PyObject *Py_UNUSED(ignored)) {
+    stop_thread(r);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Relay_sessions(RelayObject *r, PyObject *Py_UNUSED(ignored)) {
+    size_t n = 0;
+    pthread_mutex_lock(&r->lock);
+    for (size_t i = 0; i < r->table_size; i++)
+        n += r->table[i] != NULL;
+    pthread_mutex_unlock(&r->lock);
+    return PyLong_FromSize_t(n);
+}
+
+static PyMethodDef Relay_methods[] = {
+    {"add", (PyCFunction)Relay_add, METH_VARARGS, add_doc},
+    {"close", (PyCFunction)Relay_close, METH_O, close_doc},
+    {"state", (PyCFunction)Relay_state, METH_O, state_doc},
+    {"reap", (PyCFunction)Relay_reap, METH_NOARGS, reap_doc},
+    {"fileno", (PyCFunction)Relay_fileno, METH_NOARGS, "The eventfd that is readable when sessions ended."},
+    {"shutdown", (PyCFunction)Relay_shutdown, METH_NOARGS, "Stop the thread and close every session's sockets."},
+    {"sessions", (PyCFunction)Relay_sessions, METH_NOARGS, "How many sessions are open."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject RelayType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "argon.proxy._relay.Relay",
+    .tp_basicsize = sizeof(RelayObject),
+    .tp_dealloc = (destructor)Relay_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "One relay thread: sessions are added by socket and reported on fileno() when they end.",
+    .tp_methods = Relay_methods,
+    .tp_new = Relay_new,
+};
+
+static struct PyModuleDef relay_module = {
+    PyModuleDef_HEAD_INIT, "_relay", "The proxy's byte relay after login, on its own epoll thread.", -1, NULL,
+};
+
+PyMODINIT_FUNC PyInit__relay(void) {
+    if (PyType_Ready(&RelayType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&relay_module);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&RelayType);
+    if (PyModule_AddObject(m, "Relay", (PyObject *)&RelayType) < 0) {
+        Py_DECREF(&RelayType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,222 @@
+"""The relay after login, both implementations (the C thread and the Python protocols), on plaintext
+sessions through a real proxy to a real Postgres: bytes both ways under backpressure, pipelining,
+the activity the suspend policy reads, every way a session ends.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import sysconfig
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from argon.proxy import native
+from argon.proxy.tls import TlsConfig, TlsFiles, ensure_certificates
+from argon.wire import codec
+from tests.fixtures.fake_control import FakeControl, ProxyHarness
+from tests.fixtures.scratch_pg import ScratchPostgres, scratch_pg  # noqa: F401 - fixture
+
+pytestmark = pytest.mark.pg
+
+EP = "ep-relay"
+ROLES = {"rita": "rita-pw-1", "rob": "rob-pw-1"}
+
+
+def test_the_native_relay_is_built_where_a_compiler_is() -> None:
+    """CI installs with gcc and the Python headers present: the C relay must then exist."""
+    headers = sysconfig.get_paths()["include"] + "/Python.h"
+    if shutil.which("cc") is None or not os.path.exists(headers):
+        pytest.skip("no C compiler or Python headers: the proxy relays in Python")
+    assert native.AVAILABLE, "argon.proxy._relay was not built; see the pip install output"
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
+    return ensure_certificates(tmp_path_factory.mktemp("tls"), "argon.test")
+
+
+@pytest.fixture(scope="module")
+def control(scratch_pg: ScratchPostgres) -> FakeControl:  # noqa: F811
+    control = FakeControl()
+    control.add_endpoint(EP, scratch_pg.socket_path)
+    for role, password in ROLES.items():
+        control.set_secret(EP, role, scratch_pg.create_role(role, password))
+    return control
+
+
+@pytest.fixture(scope="module", params=["native", "python"])
+def proxy(request: pytest.FixtureRequest, control: FakeControl, certs: TlsFiles) -> Iterator[ProxyHarness]:
+    if request.param == "native" and not native.AVAILABLE:
+        pytest.skip("the native relay is not built")
+    harness = ProxyHarness(control, tls=TlsConfig(certs.cert, certs.key), relay=request.param)
+    assert harness.server.relay_name == request.param
+    yield harness
+    harness.stop()
+
+
+def connect(proxy: ProxyHarness, user: str = "rita", **kw: Any) -> psycopg.Connection[Any]:
+    return psycopg.connect(host="127.0.0.1", port=proxy.port, user=user, dbname=user, password=ROLES[user],
+                           sslmode="disable", options=f"endpoint={EP}", connect_timeout=10, **kw)
+
+
+def wait_for(predicate: Any, timeout: float = 5) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def relayed_natively(proxy: ProxyHarness) -> int:
+    async def count() -> int:
+        relays = proxy.server.ctx.relays
+        return relays.sessions if relays is not None else 0
+
+    return proxy.call(count())
+
+
+def test_queries_and_a_large_result(proxy: ProxyHarness) -> None:
+    with connect(proxy, autocommit=True) as conn:
+        assert relayed_natively(proxy) == (1 if proxy.server.relay_name == "native" else 0)
+        assert conn.execute("SELECT 1 + 1").fetchone() == (2,)
+        rows = conn.execute("SELECT g, repeat('x', 1000) FROM generate_series(1, 20000) g").fetchall()
+        assert len(rows) == 20000 and rows[-1][0] == 20000 and rows[-1][1] == "x" * 1000
+
+
+def test_copy_in_and_out_under_backpressure(proxy: ProxyHarness) -> None:
+    """20 MB each way: the writer outruns the reader on both sides, nothing is lost or reordered."""
+    line = ("y" * 990 + "\n").encode()
+    with connect(proxy, autocommit=True) as conn:
+        conn.execute("CREATE TEMP TABLE t (v text)")
+        with conn.cursor() as cur, cur.copy("COPY t FROM STDIN") as copy:
+            for _ in range(20000):
+                copy.write(line)
+        assert conn.execute("SELECT count(*), sum(length(v)) FROM t").fetchone() == (20000, 20000 * 990)
+        received = bytearray()
+        with conn.cursor() as cur, cur.copy("COPY t TO STDOUT") as copy:
+            for chunk in copy:
+                received += chunk
+        assert len(received) == 20000 * len(line) and received.count(b"\n") == 20000
+
+
+def test_a_slow_reader_holds_the_compute_back(proxy: ProxyHarness, scratch_pg: ScratchPostgres) -> None:  # noqa: F811
+    """A client that stops reading a 200 MB result: the relay buffers at most one read, so the
+    backend ends up blocked sending (ClientWrite) instead of the proxy holding the result."""
+    slow = connect(proxy, user="rob", autocommit=True)
+    try:
+        slow.pgconn.send_query(b"SELECT repeat('z', 1000000) FROM generate_series(1, 200)")
+
+        def blocked() -> bool:
+            rows = scratch_pg.execute("SELECT wait_event FROM pg_stat_activity WHERE usename = 'rob'")
+            return [tuple(r) for r in rows] == [("ClientWrite",)]
+
+        wait_for(blocked, timeout=20)
+        time.sleep(0.3)
+        assert blocked()
+        scratch_pg.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'rob'")
+    finally:
+        slow.close()
+    wait_for(lambda: proxy.activity.snapshot(EP).sessions == 0)
+
+
+def test_pipelined_query_after_the_password(proxy: ProxyHarness) -> None:
+    burst = (codec.startup_message({"user": "rita", "database": "rita"})
+             + codec.password_message(f"endpoint={EP};{ROLES['rita']}")
+             + b"Q" + (len(b"SELECT 4242\0") + 4).to_bytes(4, "big") + b"SELECT 4242\0" + codec.terminate())
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(burst)
+        data = b""
+        sock.settimeout(10)
+        while chunk := sock.recv(65536):
+            data += chunk
+    assert b"4242" in data and data.count(b"Z\x00\x00\x00\x05I") == 2
+
+
+def test_activity_tracks_queries_and_transactions(proxy: ProxyHarness) -> None:
+    with connect(proxy, autocommit=True) as conn:
+        assert proxy.activity.snapshot(EP).busy == 0
+        done = threading.Event()
+        worker = threading.Thread(target=lambda: (conn.execute("SELECT pg_sleep(0.5)"), done.set()))
+        worker.start()
+        wait_for(lambda: proxy.activity.snapshot(EP).busy == 1 or done.is_set())
+        assert not done.is_set()
+        worker.join()
+        assert proxy.activity.snapshot(EP).busy == 0
+        conn.execute("BEGIN")
+        assert proxy.activity.snapshot(EP).busy == 1  # idle in transaction keeps the compute awake
+        before = proxy.activity.snapshot(EP).last_activity
+        time.sleep(0.05)
+        conn.execute("COMMIT")
+        snap = proxy.activity.snapshot(EP)
+        assert snap.busy == 0 and snap.sessions == 1
+        assert snap.last_activity is not None and before is not None and snap.last_activity > before
+        assert abs(snap.last_activity - time.monotonic()) < 1  # the clock of time.monotonic()
+    wait_for(lambda: proxy.activity.snapshot(EP).sessions == 0)
+
+
+def test_terminate_ends_the_backend_at_once(proxy: ProxyHarness, scratch_pg: ScratchPostgres) -> None:  # noqa: F811
+    conn = connect(proxy, user="rob")
+    assert conn.execute("SELECT 1").fetchone() == (1,)
+    wait_for(lambda: scratch_pg.backends("rob") == 1)
+    conn.close()
+    start = time.monotonic()
+    wait_for(lambda: scratch_pg.backends("rob") == 0)
+    assert time.monotonic() - start < 0.5
+    wait_for(lambda: relayed_natively(proxy) == 0)
+
+
+def test_a_killed_backend_reaches_the_client_as_its_fatal_error(proxy: ProxyHarness) -> None:
+    with connect(proxy, autocommit=True) as victim, connect(proxy, autocommit=True) as admin:
+        pid = victim.execute("SELECT pg_backend_pid()").fetchone()[0]  # type: ignore[index]
+        admin.execute("SELECT pg_terminate_backend(%s)", [pid])
+        with pytest.raises(psycopg.OperationalError, match="terminating connection due to administrator command"):
+            victim.execute("SELECT 1")
+    wait_for(lambda: proxy.activity.snapshot(EP).sessions == 0)
+
+
+def test_a_vanished_client_ends_its_backend(proxy: ProxyHarness, scratch_pg: ScratchPostgres) -> None:  # noqa: F811
+    conn = connect(proxy, user="rob")
+    conn.execute("SELECT 1")
+    wait_for(lambda: scratch_pg.backends("rob") == 1)
+    os.close(conn.pgconn.socket)  # the client's socket goes away without a Terminate
+    wait_for(lambda: scratch_pg.backends("rob") == 0)
+    wait_for(lambda: proxy.activity.snapshot(EP).sessions == 0)
+
+
+def test_many_concurrent_sessions(proxy: ProxyHarness) -> None:
+    errors: list[BaseException] = []
+
+    def work(i: int) -> None:
+        try:
+            with connect(proxy, autocommit=True) as conn:
+                for j in range(20):
+                    assert conn.execute("SELECT %s::int * %s::int", [i, j]).fetchone() == (i * j,)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(40)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors[0]
+    wait_for(lambda: proxy.activity.snapshot(EP).sessions == 0)
+
+
+def test_stopping_the_proxy_closes_relayed_sessions(control: FakeControl, certs: TlsFiles) -> None:
+    for mode in ("native", "python") if native.AVAILABLE else ("python",):
+        harness = ProxyHarness(control, tls=TlsConfig(certs.cert, certs.key), relay=mode)
+        try:
+            conn = connect(harness)
+            conn.execute("SELECT 1")
+        finally:
+            harness.stop()
+        with pytest.raises(psycopg.OperationalError):
+            conn.execute("SELECT 1")
+        conn.close()
