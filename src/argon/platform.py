@@ -23,6 +23,7 @@ import uvicorn
 
 from argon import model
 from argon.api.app import create_app
+from argon.api.routes_serverless import Serverless
 from argon.compute.binaries import PgInstall, discover
 from argon.compute.template import ensure_template
 from argon.console.routes import sign_in_link
@@ -35,6 +36,7 @@ from argon.control.suspend import SuspendMonitor
 from argon.errors import ConfigError
 from argon.metadata.store import Store
 from argon.proxy.activity import ActivityRegistry
+from argon.proxy.http_sql import HttpSql
 from argon.proxy.server import ProxyServer
 from argon.proxy.tls import TlsConfig, ensure_certificates
 from argon.settings import Settings
@@ -78,6 +80,7 @@ class Platform:
         self.activity = ActivityRegistry()
         self.plane: ControlPlane | None = None
         self.proxy: ProxyServer | None = None
+        self.serverless: Serverless | None = None  # /sql and WebSockets on the HTTP port
         self.monitor: SuspendMonitor | None = None
         self._http: _QuietServer | None = None
         self._http_task: asyncio.Task[None] | None = None
@@ -151,7 +154,9 @@ class Platform:
         if s.proxy_port == 0:  # an ephemeral port (tests): connection strings must carry the real one
             s = self.settings = s.model_copy(update={"proxy_port": self.proxy.port})
             plane.settings = s
-        app = create_app(plane)
+        internal_host = "127.0.0.1" if s.proxy_host in ("0.0.0.0", "::", "") else s.proxy_host
+        self.serverless = Serverless(self.proxy, HttpSql(self.proxy, connect_host=internal_host))
+        app = create_app(plane, self.serverless)
         await self._start_http(app)
         self.monitor = SuspendMonitor(plane)
         self.monitor.start()
@@ -203,6 +208,8 @@ class Platform:
             self._http.should_exit = True
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._http_task, 5)
+        if self.serverless is not None:
+            await self.serverless.http_sql.close()
         if self.proxy is not None:
             await self.proxy.stop()
         if self.plane is not None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -16,28 +15,13 @@ from typing import Any
 import psycopg
 import pytest
 
+from tests.fixtures.npm import npm_install
 from tests.fixtures.platform import API_KEY, RunningPlatform
 
 pytestmark = [pytest.mark.pg, pytest.mark.slow]
 
 NEONCTL_VERSION = "5.0.1"
 API_CLIENT_VERSION = "2.7.3"  # @neondatabase/api-client
-
-
-def npm_install(package: str, marker: str) -> Path:
-    """`npm install <package>` into a cached prefix under /tmp; returns the prefix."""
-    npm = shutil.which("npm")
-    if npm is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"npm is required in CI to install {package}")
-        pytest.skip(f"npm is not installed: {package} cannot be installed")
-    prefix = Path(f"/tmp/argon-test-npm-{package.replace('/', '-').replace('@', '')}")
-    if not (prefix / "node_modules" / marker).exists():
-        prefix.mkdir(parents=True, exist_ok=True)
-        out = subprocess.run([npm, "install", "--no-audit", "--no-fund", "--loglevel=error", "--prefix", str(prefix),
-                              package], capture_output=True, text=True, timeout=300)
-        assert out.returncode == 0, out.stderr
-    return prefix
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""The HTTP app: Neon's management API under /api/v2 and the web console under / (`argon.console`).
+"""The HTTP app: Neon's management API under /api/v2, the web console under / (`argon.console`), and
+the serverless driver's /sql and WebSockets (`routes_serverless`).
 
 Thin: parse -> `argon.control` use case -> `argon.api.views` shape. Errors map to Neon's
 `{"code", "message"}` bodies with the status of their kind, in one place (`_argon_error`).
@@ -22,6 +23,7 @@ from argon.api import (
     routes_projects,
     routes_roles,
     routes_schema,
+    routes_serverless,
 )
 from argon.console.routes import mount_console
 from argon.control.plane import ControlPlane
@@ -34,11 +36,12 @@ def error_body(message: str, code: str = "") -> dict[str, Any]:
     return {"code": code, "message": message}
 
 
-def create_app(plane: ControlPlane) -> FastAPI:
+def create_app(plane: ControlPlane, serverless: routes_serverless.Serverless | None = None) -> FastAPI:
     app = FastAPI(title="Argon API", version=__version__, docs_url="/api/v2/docs", redoc_url=None,
                   openapi_url="/api/v2/openapi.json",
                   description="Neon-compatible management API v2 of a self-hosted Argon server.")
     app.state.plane = plane
+    app.state.serverless = serverless  # Neon's serverless driver: /sql and WebSockets
 
     @app.exception_handler(ArgonError)
     async def _argon_error(request: Request, exc: ArgonError) -> JSONResponse:
@@ -76,5 +79,6 @@ def create_app(plane: ControlPlane) -> FastAPI:
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
+    app.include_router(routes_serverless.router)
     mount_console(app)
     return app

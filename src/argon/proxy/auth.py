@@ -58,9 +58,12 @@ class AuthContext:
 
 
 async def authenticate(ctx: AuthContext, stream: MessageStream, route: Route, served: ServedCert | None,
-                       peer_ip: str) -> Credentials:
-    """Run the exchange; raises AuthFailed (or ProtocolViolation) with the text for the client."""
-    if route.endpoint_id is None:
+                       peer_ip: str, *, cleartext: bool = False) -> Credentials:
+    """Run the exchange; raises AuthFailed (or ProtocolViolation) with the text for the client.
+
+    `cleartext` asks for the password itself even when the endpoint is known (WebSocket clients:
+    one round trip, and the serverless driver pipelines its password behind the startup packet)."""
+    if route.endpoint_id is None or cleartext:
         return await _cleartext(ctx, stream, route, peer_ip)
     return await _scram(ctx, stream, route, served, peer_ip)
 
@@ -112,10 +115,17 @@ def _is_wrong_password(exc: scram.ScramError) -> bool:
 
 async def _cleartext(ctx: AuthContext, stream: MessageStream, route: Route, peer_ip: str) -> Credentials:
     stream.write(codec.auth_cleartext_password())
-    payload = codec.parse_password_message(await _read_password_message(stream))
-    endpoint_id, password = parse_password_hack(payload)
-    route = route.with_endpoint(endpoint_id)
-    secret, text = await _secret(ctx, endpoint_id, route.user)
+    password = codec.parse_password_message(await _read_password_message(stream))
+    if route.endpoint_id is None:
+        endpoint_id, password = parse_password_hack(password)
+        route = route.with_endpoint(endpoint_id)
+    return await check_password(ctx, route, password, peer_ip)
+
+
+async def check_password(ctx: AuthContext, route: Route, password: str, peer_ip: str) -> Credentials:
+    """A cleartext password against the role's verifier (SQL over HTTP checks every request this way)."""
+    assert route.endpoint_id is not None
+    secret, text = await _secret(ctx, route.endpoint_id, route.user)
     client_key = await ctx.password_checks.run(scram.derive_client_key, secret, password)
     if client_key is None or text is None:
         await _failed(ctx, route, peer_ip)

@@ -10,6 +10,7 @@ control plane strips it); `Route.pooler` records that it was asked for.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from typing import Literal
 
@@ -63,20 +64,42 @@ def endpoint_from_sni(server_name: str | None, domain: str | None) -> str | None
     return label
 
 
+def endpoint_from_host(host: str | None, domain: str | None) -> str | None:
+    """The endpoint an HTTP or WebSocket client's host names (the connection string's host, `Host`,
+    `?address=`): the first label under the domain, or any first label shaped like an id (`ep-...`,
+    as Neon's hosts are). An IP address or another name names none."""
+    if not host:
+        return None
+    host = host.strip("[]").rstrip(".").lower()
+    try:
+        ipaddress.ip_address(host)
+        return None
+    except ValueError:
+        pass
+    under_domain = endpoint_from_sni(host, domain)
+    if under_domain is not None:
+        return under_domain
+    label = host.split(".", 1)[0]
+    return label if label.startswith("ep-") else None
+
+
 def check_endpoint_id(endpoint_id: str) -> str:
     if not endpoint_id or not set(endpoint_id) <= _ID_CHARS:
         raise RoutingError(f"Project name ('{endpoint_id}') must contain only alphanumeric characters and hyphen.")
     return endpoint_id
 
 
-def resolve(params: dict[str, str], server_name: str | None, domain: str | None) -> Route:
-    """Route a startup packet. Raises `RoutingError` with Neon's text; never asks the control plane."""
+def resolve(params: dict[str, str], server_name: str | None, domain: str | None, *,
+            host_endpoint: str | None = None) -> Route:
+    """Route a startup packet. Raises `RoutingError` with Neon's text; never asks the control plane.
+
+    `host_endpoint`: the endpoint a WebSocket's Host header or `?address=` named (counts as SNI)."""
     user = params.get("user")
     if not user:
         raise RoutingError(MISSING_USER)
     database = params.get("database") or user
     from_options = endpoint_from_options(params.get("options", ""))
-    from_sni = endpoint_from_sni(server_name, domain)
+    from_sni = endpoint_from_sni(server_name, domain) or host_endpoint
     if from_sni is not None and from_options is not None and from_sni != from_options:
         raise RoutingError(f"Inconsistent project name inferred from SNI ('{from_sni}') "
                            f"and project option ('{from_options}').")

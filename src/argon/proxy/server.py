@@ -18,7 +18,7 @@ from argon.proxy.activity import ActivityRegistry
 from argon.proxy.cancel import CancelMap
 from argon.proxy.control_client import ControlClient
 from argon.proxy.native import make_relays
-from argon.proxy.session import Session, SessionContext
+from argon.proxy.session import Session, SessionContext, Tunnel
 from argon.proxy.throttle import PasswordChecks, Throttle
 from argon.proxy.tls import TlsConfig
 
@@ -102,6 +102,13 @@ class ProxyServer:
             self.ctx.relays.close()
             self.ctx.relays = None
         self.ctx.password_checks.close()
+
+    def serve_tunnel(self, sock: socket.socket, peer_ip: str, tunnel: Tunnel) -> asyncio.Task[None]:
+        """Serve a socket bridged from another transport (a WebSocket) as a session; `stop()` ends it too."""
+        task = asyncio.get_running_loop().create_task(Session(self.ctx, sock, peer_ip, tunnel).run())
+        self._sessions.add(task)
+        task.add_done_callback(self._sessions.discard)
+        return task
 
     async def _accept_loop(self) -> None:
         loop = asyncio.get_running_loop()

@@ -86,6 +86,18 @@ class ComputeLogin:
     cancel_key: tuple[int, int]
 
 
+@dataclass(frozen=True)
+class Tunnel:
+    """A session whose Postgres bytes arrive inside another transport (a WebSocket, `websocket.py`).
+
+    There is no TLS inside: SSLRequest gets 'N', the password is asked in cleartext, and `secure`
+    (the outer transport was TLS) stands in for TLS in the plaintext policy. `endpoint_id` is what
+    the outer transport named (Host header, `?address=`): it routes like SNI."""
+
+    endpoint_id: str | None
+    secure: bool
+
+
 def plaintext_allowed(policy: str, peer_ip: str) -> bool:
     if policy == "always":
         return True
@@ -104,22 +116,25 @@ def _frame(msg_type: str, payload: bytes) -> bytes:
 
 
 class Session:
-    def __init__(self, ctx: SessionContext, sock: socket.socket, peer_ip: str) -> None:
+    def __init__(self, ctx: SessionContext, sock: socket.socket, peer_ip: str, tunnel: Tunnel | None = None) -> None:
         self.ctx = ctx
         self.sock = sock
         self.peer_ip = peer_ip
+        self.tunnel = tunnel
         self.started = time.monotonic()
         self.endpoint_id: str | None = None
 
     async def run(self) -> None:
         stream: MessageStream | None = None
         try:
-            hello = await asyncio.wait_for(negotiate(self.sock, self.ctx.tls), HANDSHAKE_TIMEOUT)
+            tunnel = self.tunnel
+            hello = await asyncio.wait_for(negotiate(self.sock, None if tunnel else self.ctx.tls), HANDSHAKE_TIMEOUT)
             stream = hello.stream
             if isinstance(hello.packet, CancelRequest):
                 await self.ctx.cancels.cancel(hello.packet.pid, hello.packet.secret)
                 return
-            if self.ctx.tls is not None and not hello.tls and not plaintext_allowed(self.ctx.plaintext, self.peer_ip):
+            secure = hello.tls or (tunnel is not None and tunnel.secure)
+            if self.ctx.tls is not None and not secure and not plaintext_allowed(self.ctx.plaintext, self.peer_ip):
                 raise AuthFailed(INSECURE)
             await self._serve(stream, hello.packet, hello.served)
         except (TimeoutError, ConnectionClosed, ConnectionError, OSError) as exc:
@@ -148,9 +163,12 @@ class Session:
         ctx = self.ctx
         if startup.minor > 0 or startup.unsupported_options:
             stream.write(codec.negotiate_protocol_version(0, list(startup.unsupported_options)))
-        route = routing.resolve(startup.params, served.server_name if served else None, ctx.domain)
+        tunnel = self.tunnel
+        route = routing.resolve(startup.params, served.server_name if served else None, ctx.domain,
+                                host_endpoint=tunnel.endpoint_id if tunnel else None)
         try:
-            creds = await asyncio.wait_for(authenticate(ctx.auth, stream, route, served, self.peer_ip), AUTH_TIMEOUT)
+            creds = await asyncio.wait_for(authenticate(ctx.auth, stream, route, served, self.peer_ip,
+                                                        cleartext=tunnel is not None), AUTH_TIMEOUT)
         except TimeoutError:
             raise AuthFailed("Authentication timed out") from None
         endpoint_id = creds.route.endpoint_id
