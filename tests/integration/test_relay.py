@@ -1,6 +1,6 @@
-"""The relay after login, both implementations (the C thread and the Python protocols), on plaintext
-sessions through a real proxy to a real Postgres: bytes both ways under backpressure, pipelining,
-the activity the suspend policy reads, every way a session ends.
+"""The relay after login, both implementations (the C thread and the Python protocols), each with
+plaintext and TLS clients, through a real proxy to a real Postgres: bytes both ways under
+backpressure, pipelining, the activity the suspend policy reads, every way a session ends.
 """
 
 from __future__ import annotations
@@ -51,19 +51,31 @@ def control(scratch_pg: ScratchPostgres) -> FakeControl:  # noqa: F811
     return control
 
 
-@pytest.fixture(scope="module", params=["native", "python"])
+SSLMODES: dict[int, str] = {}  # id(harness) -> the sslmode its tests connect with
+
+
+@pytest.fixture(scope="module", params=["native-plain", "native-tls", "python-plain", "python-tls"])
 def proxy(request: pytest.FixtureRequest, control: FakeControl, certs: TlsFiles) -> Iterator[ProxyHarness]:
-    if request.param == "native" and not native.AVAILABLE:
+    relay, transport = request.param.split("-")
+    if relay == "native" and not native.AVAILABLE:
         pytest.skip("the native relay is not built")
-    harness = ProxyHarness(control, tls=TlsConfig(certs.cert, certs.key), relay=request.param)
-    assert harness.server.relay_name == request.param
+    harness = ProxyHarness(control, tls=TlsConfig(certs.cert, certs.key), relay=relay)
+    assert harness.server.relay_name == relay
+    SSLMODES[id(harness)] = "require" if transport == "tls" else "disable"
     yield harness
     harness.stop()
 
 
+def native_expected(proxy: ProxyHarness) -> bool:
+    if proxy.server.relay_name != "native":
+        return False
+    return SSLMODES.get(id(proxy)) == "disable" or native.TLS_AVAILABLE
+
+
 def connect(proxy: ProxyHarness, user: str = "rita", **kw: Any) -> psycopg.Connection[Any]:
     return psycopg.connect(host="127.0.0.1", port=proxy.port, user=user, dbname=user, password=ROLES[user],
-                           sslmode="disable", options=f"endpoint={EP}", connect_timeout=10, **kw)
+                           sslmode=SSLMODES.get(id(proxy), "disable"), options=f"endpoint={EP}", connect_timeout=10,
+                           **kw)
 
 
 def wait_for(predicate: Any, timeout: float = 5) -> None:
@@ -83,7 +95,9 @@ def relayed_natively(proxy: ProxyHarness) -> int:
 
 def test_queries_and_a_large_result(proxy: ProxyHarness) -> None:
     with connect(proxy, autocommit=True) as conn:
-        assert relayed_natively(proxy) == (1 if proxy.server.relay_name == "native" else 0)
+        assert relayed_natively(proxy) == (1 if native_expected(proxy) else 0)
+        if SSLMODES[id(proxy)] == "require":
+            assert conn.pgconn.ssl_in_use
         assert conn.execute("SELECT 1 + 1").fetchone() == (2,)
         rows = conn.execute("SELECT g, repeat('x', 1000) FROM generate_series(1, 20000) g").fetchall()
         assert len(rows) == 20000 and rows[-1][0] == 20000 and rows[-1][1] == "x" * 1000
@@ -123,6 +137,14 @@ def test_a_slow_reader_holds_the_compute_back(proxy: ProxyHarness, scratch_pg: S
     finally:
         slow.close()
     wait_for(lambda: proxy.activity.snapshot(EP).sessions == 0)
+
+
+def test_the_native_relay_drives_tls_where_python_links_openssl() -> None:
+    """Debian's and python.org's CPython link _ssl to a shared libssl: TLS must go native there."""
+    import _ssl
+
+    if native.AVAILABLE and getattr(_ssl, "__file__", None):
+        assert native.TLS_AVAILABLE
 
 
 def test_pipelined_query_after_the_password(proxy: ProxyHarness) -> None:

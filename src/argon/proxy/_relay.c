@@ -18,10 +18,19 @@
  * a session: EOF or an error on either side; what is still buffered for the other side is written
  * first (the compute's last FATAL reaches the client), then both sockets are closed and the session
  * is reported on the "done" eventfd with its byte counts.
+ *
+ * TLS: a client session that Python's ssl module negotiated (uvloop: an ssl.SSLObject over memory
+ * BIOs) moves here too. Its OpenSSL `SSL *` is taken from the `_ssl._SSLSocket` object (checked by
+ * type, and by the back pointer `_ssl` stores as the SSL's app data) and driven through those same
+ * memory BIOs with the OpenSSL that `_ssl` is linked to (found with dlopen/dlsym on `_ssl`'s own
+ * file, never a second copy). Python keeps the object alive and does not touch it until the
+ * session is reaped. Ciphertext from the socket goes into the read BIO, SSL_read gives plaintext
+ * for the compute; the compute's bytes go through SSL_write and the write BIO to the socket.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
@@ -58,9 +67,42 @@ typedef struct {
     uint64_t bytes;  /* read from this fd */
 } Side;
 
+/* OpenSSL, as linked into Python's _ssl module (load_openssl) */
+typedef struct {
+    int (*SSL_read)(void *ssl, void *buf, int num);
+    int (*SSL_write)(void *ssl, const void *buf, int num);
+    int (*SSL_get_error)(const void *ssl, int ret);
+    void *(*SSL_get_rbio)(const void *ssl);
+    void *(*SSL_get_wbio)(const void *ssl);
+    void *(*SSL_get_ex_data)(const void *ssl, int idx);
+    int (*SSL_shutdown)(void *ssl);
+    int (*BIO_write)(void *bio, const void *data, int len);
+    int (*BIO_read)(void *bio, void *data, int len);
+    long (*BIO_ctrl)(void *bio, int cmd, long larg, void *parg);
+} OpenSSL;
+
+static OpenSSL ossl;
+static int ossl_loaded;
+
+#define SSL_ERROR_WANT_READ 2
+#define SSL_ERROR_WANT_WRITE 3
+#define SSL_ERROR_ZERO_RETURN 6
+#define BIO_CTRL_PENDING 10
+
+/* CPython's PySSLSocket (Modules/_ssl.c, unchanged from 3.7 to 3.14): the SSL pointer follows the
+   weak reference to the socket. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *Socket;
+    void *ssl;
+} PySSLSocketHead;
+
 typedef struct Session {
     uint64_t id;
     Side side[2];
+    void *ssl;         /* the client side is TLS: its OpenSSL object (owned by Python) */
+    char *tls_greeting; /* plaintext for the client, encrypted by the thread when it registers */
+    size_t tls_greeting_len;
     int in_query;       /* written by the relay thread, read under the mutex */
     int in_transaction;
     double last_activity;
@@ -78,6 +120,7 @@ typedef struct {
     int epfd, wake_fd, done_fd;
     pthread_t thread;
     int running;
+    char *tlsbuf; /* the thread's second buffer: plaintext out of SSL_read, ciphertext out of the BIO */
     pthread_mutex_t lock;
     /* protected by lock */
     Session **table; /* open sessions by slot; id = generation << 24 | slot */
@@ -199,6 +242,16 @@ static void end_session(RelayObject *r, Session *s, Session **dead) {
     if (s->dead)
         return;
     s->dead = 1;
+    if (s->ssl != NULL && s->side[CLIENT].readable && s->side[CLIENT].out_len == 0) {
+        /* the compute ended the session: say so in TLS too (best effort, never blocks) */
+        ossl.SSL_shutdown(s->ssl);
+        void *wbio = ossl.SSL_get_wbio(s->ssl);
+        int n = ossl.BIO_read(wbio, r->tlsbuf, READ_CHUNK);
+        if (n > 0)
+            (void)!send(s->side[CLIENT].fd, r->tlsbuf, (size_t)n, MSG_NOSIGNAL | MSG_DONTWAIT);
+    }
+    free(s->tls_greeting);
+    s->tls_greeting = NULL;
     for (int k = 0; k < 2; k++) {
         if (s->side[k].registered)
             epoll_ctl(r->epfd, EPOLL_CTL_DEL, s->side[k].fd, NULL);
@@ -284,6 +337,55 @@ static int deliver(Session *s, int k, const char *p, size_t n) {
     return 0;
 }
 
+/* Move what OpenSSL wrote into the write BIO to the client socket. */
+static int tls_flush(RelayObject *r, Session *s) {
+    void *wbio = ossl.SSL_get_wbio(s->ssl);
+    for (;;) {
+        long pending = ossl.BIO_ctrl(wbio, BIO_CTRL_PENDING, 0, NULL);
+        if (pending <= 0)
+            return 0;
+        int n = ossl.BIO_read(wbio, r->tlsbuf, pending < READ_CHUNK ? (int)pending : READ_CHUNK);
+        if (n <= 0)
+            return 0;
+        if (deliver(s, CLIENT, r->tlsbuf, (size_t)n) < 0)
+            return -1;
+    }
+}
+
+/* Plaintext for the client: encrypt, then send the records. */
+static int tls_send(RelayObject *r, Session *s, const char *p, size_t n) {
+    while (n > 0) {
+        int chunk = n < (size_t)READ_CHUNK ? (int)n : READ_CHUNK;
+        int w = ossl.SSL_write(s->ssl, p, chunk);
+        if (w <= 0)
+            return -1; /* memory BIOs never want more: this is a real error */
+        if (tls_flush(r, s) < 0)
+            return -1;
+        p += w;
+        n -= (size_t)w;
+    }
+    return 0;
+}
+
+/* Decrypt what the read BIO holds and pass the plaintext to the compute. 1 at close_notify. */
+static int tls_receive(RelayObject *r, Session *s) {
+    for (;;) {
+        int n = ossl.SSL_read(s->ssl, r->tlsbuf, READ_CHUNK);
+        if (n > 0) {
+            s->side[CLIENT].bytes += (uint64_t)n;
+            scan(s, CLIENT, (const uint8_t *)r->tlsbuf, (size_t)n);
+            if (deliver(s, COMPUTE, r->tlsbuf, (size_t)n) < 0)
+                return -1;
+            continue;
+        }
+        int err = ossl.SSL_get_error(s->ssl, n);
+        int rc = err == SSL_ERROR_WANT_READ || err == SSL_ERROR_WANT_WRITE ? 0 : err == SSL_ERROR_ZERO_RETURN ? 1 : -1;
+        if (tls_flush(r, s) < 0) /* a KeyUpdate answer, an alert */
+            return -1;
+        return rc;
+    }
+}
+
 static void on_event(RelayObject *r, Session *s, int k, uint32_t events, char *buf, Session **dead) {
     Side *side = &s->side[k];
     Side *other = &s->side[1 - k];
@@ -300,10 +402,21 @@ static void on_event(RelayObject *r, Session *s, int k, uint32_t events, char *b
             n = recv(side->fd, buf, READ_CHUNK, 0);
         } while (n < 0 && errno == EINTR);
         if (n > 0) {
-            side->bytes += (uint64_t)n;
-            scan(s, k, (const uint8_t *)buf, (size_t)n);
             s->last_activity = now_monotonic();
-            if (deliver(s, 1 - k, buf, (size_t)n) < 0) {
+            int rc;
+            if (s->ssl != NULL && k == CLIENT) {
+                rc = ossl.BIO_write(ossl.SSL_get_rbio(s->ssl), buf, (int)n) == (int)n ? tls_receive(r, s) : -1;
+                if (rc == 1) { /* close_notify: the client is done */
+                    side->readable = 0;
+                    s->draining = 1;
+                    rc = 0;
+                }
+            } else {
+                side->bytes += (uint64_t)n;
+                scan(s, k, (const uint8_t *)buf, (size_t)n);
+                rc = s->ssl != NULL ? tls_send(r, s, buf, (size_t)n) : deliver(s, 1 - k, buf, (size_t)n);
+            }
+            if (rc < 0) {
                 end_session(r, s, dead);
                 return;
             }
@@ -328,6 +441,24 @@ static void on_event(RelayObject *r, Session *s, int k, uint32_t events, char *b
 }
 
 static void register_session(RelayObject *r, Session *s, Session **dead) {
+    if (s->ssl != NULL) {
+        /* records Python left in the BIOs, then the greeting; plaintext already inside SSL */
+        int rc = tls_flush(r, s);
+        if (rc == 0 && s->tls_greeting_len > 0)
+            rc = tls_send(r, s, s->tls_greeting, s->tls_greeting_len);
+        free(s->tls_greeting);
+        s->tls_greeting = NULL;
+        s->tls_greeting_len = 0;
+        if (rc == 0)
+            rc = tls_receive(r, s);
+        if (rc == 1) {
+            s->side[CLIENT].readable = 0;
+            s->draining = 1;
+        } else if (rc < 0) {
+            end_session(r, s, dead);
+            return;
+        }
+    }
     /* the initial bytes were queued by Python in side[k].out; try to send them now */
     for (int k = 0; k < 2; k++) {
         if (s->side[k].out_len > 0 && flush(s, k) < 0) {
@@ -343,8 +474,11 @@ static void *relay_main(void *arg) {
     RelayObject *r = (RelayObject *)arg;
     char *buf = malloc(READ_CHUNK);
     struct epoll_event events[MAX_EVENTS];
-    if (buf == NULL)
+    r->tlsbuf = malloc(READ_CHUNK);
+    if (buf == NULL || r->tlsbuf == NULL) {
+        free(buf);
         return NULL;
+    }
     for (;;) {
         int n = epoll_wait(r->epfd, events, MAX_EVENTS, -1);
         if (n < 0) {
@@ -455,6 +589,7 @@ static void stop_thread(RelayObject *r) {
             close(s->side[k].fd);
             free(s->side[k].out);
         }
+        free(s->tls_greeting);
         free(s);
         r->table[i] = NULL;
     }
@@ -470,6 +605,7 @@ static void Relay_dealloc(RelayObject *r) {
         close(r->wake_fd);
     if (r->done_fd >= 0)
         close(r->done_fd);
+    free(r->tlsbuf);
     free(r->table);
     free(r->generation);
     free(r->done);
@@ -478,20 +614,42 @@ static void Relay_dealloc(RelayObject *r) {
     Py_TYPE(r)->tp_free((PyObject *)r);
 }
 
-PyDoc_STRVAR(add_doc,
-             "add(client_fd, compute_fd, to_compute, to_client) -> id\n\n"
-             "Take over two connected sockets (the relay closes them) and relay between them.\n"
-             "`to_compute` / `to_client`: bytes already read from the other side, sent first.");
+/* The SSL * of a `_ssl._SSLSocket`, or NULL (no exception) when it cannot be used here. */
+static void *ssl_of(PyObject *obj) {
+    if (!ossl_loaded || strcmp(Py_TYPE(obj)->tp_name, "_ssl._SSLSocket") != 0 ||
+        Py_TYPE(obj)->tp_basicsize < (Py_ssize_t)sizeof(PySSLSocketHead))
+        return NULL;
+    void *ssl = ((PySSLSocketHead *)obj)->ssl;
+    if (ssl == NULL || ossl.SSL_get_ex_data(ssl, 0) != (void *)obj) /* _ssl's SSL_set_app_data(ssl, self) */
+        return NULL;
+    return ssl;
+}
 
-static PyObject *Relay_add(RelayObject *r, PyObject *args) {
+PyDoc_STRVAR(add_doc,
+             "add(client_fd, compute_fd, to_compute, to_client, tls=None) -> id\n\n"
+             "Take over two connected sockets (the relay closes them) and relay between them.\n"
+             "`to_compute` / `to_client`: plaintext already read from the other side, sent first.\n"
+             "`tls`: the client's `ssl.SSLObject._sslobj` when the client side is TLS over memory BIOs;\n"
+             "the caller keeps it alive, and untouched, until the session is reaped.\n"
+             "ValueError when `tls` cannot be driven from here (see tls_supported()).");
+
+static PyObject *Relay_add(RelayObject *r, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"client_fd", "compute_fd", "to_compute", "to_client", "tls", NULL};
     int fds[2];
     Py_buffer to_compute, to_client;
-    if (!PyArg_ParseTuple(args, "iiy*y*", &fds[CLIENT], &fds[COMPUTE], &to_compute, &to_client))
+    PyObject *tls = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiy*y*|O", kwlist, &fds[CLIENT], &fds[COMPUTE], &to_compute,
+                                     &to_client, &tls))
         return NULL;
     PyObject *result = NULL;
     Session *s = NULL;
+    void *ssl = NULL;
     if (!r->running) {
         PyErr_SetString(PyExc_RuntimeError, "the relay is closed");
+        goto out;
+    }
+    if (tls != Py_None && (ssl = ssl_of(tls)) == NULL) {
+        PyErr_SetString(PyExc_ValueError, "this TLS object cannot be relayed natively");
         goto out;
     }
     for (int k = 0; k < 2; k++) {
@@ -507,6 +665,7 @@ static PyObject *Relay_add(RelayObject *r, PyObject *args) {
         goto out;
     }
     s->last_activity = now_monotonic();
+    s->ssl = ssl;
     for (int k = 0; k < 2; k++) {
         s->side[k].fd = fds[k];
         s->side[k].readable = 1;
@@ -515,9 +674,23 @@ static PyObject *Relay_add(RelayObject *r, PyObject *args) {
     for (int k = 0; k < 2; k++) {
         if (initial[k]->len == 0)
             continue;
+        if (k == CLIENT && ssl != NULL) { /* encrypted by the thread */
+            s->tls_greeting = malloc((size_t)initial[k]->len);
+            if (s->tls_greeting == NULL) {
+                free(s);
+                s = NULL;
+                PyErr_NoMemory();
+                goto out;
+            }
+            memcpy(s->tls_greeting, initial[k]->buf, (size_t)initial[k]->len);
+            s->tls_greeting_len = (size_t)initial[k]->len;
+            scan(s, COMPUTE, (const uint8_t *)initial[k]->buf, (size_t)initial[k]->len);
+            continue;
+        }
         s->side[k].out = malloc((size_t)initial[k]->len);
         if (s->side[k].out == NULL) {
             free(s->side[1 - k].out);
+            free(s->tls_greeting);
             free(s);
             s = NULL;
             PyErr_NoMemory();
@@ -541,6 +714,7 @@ static PyObject *Relay_add(RelayObject *r, PyObject *args) {
             pthread_mutex_unlock(&r->lock);
             for (int k = 0; k < 2; k++)
                 free(s->side[k].out);
+            free(s->tls_greeting);
             free(s);
             s = NULL;
             PyErr_NoMemory();
@@ -669,7 +843,7 @@ static PyObject *Relay_sessions(RelayObject *r, PyObject *Py_UNUSED(ignored)) {
 }
 
 static PyMethodDef Relay_methods[] = {
-    {"add", (PyCFunction)Relay_add, METH_VARARGS, add_doc},
+    {"add", (PyCFunction)(void (*)(void))Relay_add, METH_VARARGS | METH_KEYWORDS, add_doc},
     {"close", (PyCFunction)Relay_close, METH_O, close_doc},
     {"state", (PyCFunction)Relay_state, METH_O, state_doc},
     {"reap", (PyCFunction)Relay_reap, METH_NOARGS, reap_doc},
@@ -690,8 +864,40 @@ static PyTypeObject RelayType = {
     .tp_new = Relay_new,
 };
 
+PyDoc_STRVAR(load_openssl_doc,
+             "load_openssl(path) -> bool: find OpenSSL's functions through the already loaded module at\n"
+             "`path` (Python's _ssl), so TLS sessions can be relayed natively. False when they cannot.");
+
+static PyObject *load_openssl(PyObject *Py_UNUSED(module), PyObject *arg) {
+    const char *path = PyUnicode_AsUTF8(arg);
+    if (path == NULL)
+        return NULL;
+    if (ossl_loaded)
+        Py_RETURN_TRUE;
+    void *h = dlopen(path, RTLD_NOW | RTLD_NOLOAD);
+    if (h == NULL)
+        Py_RETURN_FALSE;
+    OpenSSL o;
+#define SYM(name) (*(void **)&o.name = dlsym(h, #name)) != NULL
+    int ok = SYM(SSL_read) && SYM(SSL_write) && SYM(SSL_get_error) && SYM(SSL_get_rbio) && SYM(SSL_get_wbio) &&
+             SYM(SSL_get_ex_data) && SYM(SSL_shutdown) && SYM(BIO_write) && SYM(BIO_read) && SYM(BIO_ctrl);
+#undef SYM
+    /* the handle stays open: these functions are used for the life of the process */
+    if (!ok)
+        Py_RETURN_FALSE;
+    ossl = o;
+    ossl_loaded = 1;
+    Py_RETURN_TRUE;
+}
+
+static PyMethodDef module_methods[] = {
+    {"load_openssl", load_openssl, METH_O, load_openssl_doc},
+    {NULL, NULL, 0, NULL},
+};
+
 static struct PyModuleDef relay_module = {
-    PyModuleDef_HEAD_INIT, "_relay", "The proxy's byte relay after login, on its own epoll thread.", -1, NULL,
+    PyModuleDef_HEAD_INIT, "_relay", "The proxy's byte relay after login, on its own epoll thread.", -1,
+    module_methods,
 };
 
 PyMODINIT_FUNC PyInit__relay(void) {

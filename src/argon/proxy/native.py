@@ -6,8 +6,12 @@ detached (their fds duplicated, then closed without a flush, since nothing is bu
 what they had read but nobody consumed is sent first. The session's `SessionActivity` is then read
 from the C side whenever the suspend policy looks (`probe`).
 
-Only plaintext client connections can go native: a TLS session's records are Python's `ssl` state.
-Those, and the rare case of a side that closed during login, stay on `pipe.Relay`.
+TLS sessions go native too when the C side can drive the `SSL *` of Python's `ssl.SSLObject`
+(uvloop's TLS is an SSLObject over memory BIOs): `_relay` takes it from the `_ssl._SSLSocket` object
+(type- and back-pointer-checked) and calls the OpenSSL that `_ssl` itself is linked to. The
+NativeSession keeps the SSLObject alive, and nothing in Python touches it, until the session ends.
+Where that is not possible (a Python whose `_ssl` has no shared library, a layout the C side does
+not recognise) and in the rare case of a side that closed during login, `pipe.Relay` relays.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import asyncio
 import contextlib
 import logging
 import os
+import sys
+from typing import Any
 
 from argon.errors import ConfigError
 from argon.proxy.activity import SessionActivity
@@ -30,12 +36,28 @@ log = logging.getLogger(__name__)
 AVAILABLE = _relay is not None
 
 
+def _load_openssl() -> bool:
+    """Whether TLS sessions can be relayed natively: OpenSSL found through Python's own _ssl."""
+    if _relay is None or sys.version_info >= (3, 15):  # PySSLSocket's layout is checked up to 3.14
+        return False
+    try:
+        import _ssl
+    except ImportError:
+        return False
+    path = getattr(_ssl, "__file__", None)
+    return bool(path) and _relay.load_openssl(path)
+
+
+TLS_AVAILABLE = _load_openssl()
+
+
 class NativeSession:
     """One session on the C thread; the same surface as `pipe.Relay` for `Session._serve`."""
 
-    def __init__(self, relays: NativeRelays, sid: int, activity: SessionActivity) -> None:
+    def __init__(self, relays: NativeRelays, sid: int, activity: SessionActivity, tls: Any = None) -> None:
         self._relays = relays
         self._sid = sid
+        self._tls = tls  # the client's ssl.SSLObject: the C thread uses its SSL until the session ends
         self.activity = activity
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.bytes_from_client = 0
@@ -54,6 +76,7 @@ class NativeSession:
     def _ended(self, from_client: int, from_compute: int) -> None:
         self._probe(self.activity)
         self.activity.probe = None
+        self._tls = None
         self.bytes_from_client = from_client
         self.bytes_from_compute = from_compute
         if not self.done.done():
@@ -76,6 +99,12 @@ class NativeRelays:
     def take_over(self, client: asyncio.BaseTransport, compute: asyncio.BaseTransport, *, to_compute: bytes,
                   to_client: bytes, activity: SessionActivity) -> NativeSession | None:
         """Move both sockets to the C thread, or None (nothing changed) when a transport cannot be moved."""
+        sslobj = client.get_extra_info("ssl_object")
+        tls = None
+        if sslobj is not None:
+            tls = getattr(sslobj, "_sslobj", None)
+            if not TLS_AVAILABLE or tls is None:
+                return None
         fds = []
         for transport in (client, compute):
             sock = transport.get_extra_info("socket")
@@ -88,7 +117,12 @@ class NativeRelays:
         try:
             for fd in fds:
                 dups.append(os.dup(fd))
-            sid = self.core.add(dups[0], dups[1], to_compute, to_client)
+            sid = self.core.add(dups[0], dups[1], to_compute, to_client, tls)
+        except ValueError:  # this SSL object cannot be driven from C: stay in Python
+            for fd in dups:
+                os.close(fd)
+            log.debug("TLS session relayed in Python: its SSL object is not usable natively")
+            return None
         except BaseException:
             for fd in dups:
                 os.close(fd)
@@ -96,7 +130,7 @@ class NativeRelays:
         # the C thread owns the sockets now: drop the loop's copies without a FIN (ours stay open)
         for transport in (client, compute):
             transport.abort()
-        session = NativeSession(self, sid, activity)
+        session = NativeSession(self, sid, activity, sslobj)
         self._sessions[sid] = session
         return session
 

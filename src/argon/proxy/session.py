@@ -204,12 +204,11 @@ class Session:
 
     def _relay(self, stream: MessageStream, login: ComputeLogin, greeting: bytes,
                activity: SessionActivity) -> Relay | NativeSession:
-        """Start relaying: on the C thread when it runs and the client is plaintext, else in Python."""
+        """Start relaying: on the C thread when it runs and can take both sockets, else in Python."""
         relays = self.ctx.relays
         client, compute = stream.transport, login.stream.transport
         assert client is not None and compute is not None
-        if (relays is not None and client.get_extra_info("ssl_object") is None
-                and not stream.lost and not login.stream.lost):
+        if relays is not None and not stream.lost and not login.stream.lost:
             native = relays.take_over(client, compute, to_compute=stream.detach(),
                                       to_client=greeting + login.stream.detach(), activity=activity)
             if native is not None:

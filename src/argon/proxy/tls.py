@@ -80,7 +80,9 @@ class TlsConfig:
     def _load(self, cert: Path, key: Path) -> ssl.SSLContext:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.options |= ssl.OP_NO_COMPRESSION
+        # no renegotiation: after login the C relay drives the session's SSL (native.py), with no
+        # Python callbacks expected
+        ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
         try:
             ctx.load_cert_chain(cert, key)
         except (OSError, ssl.SSLError) as exc:
