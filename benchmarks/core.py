@@ -59,6 +59,7 @@ PGBENCH = "/usr/bin/pgbench"
 PGBOUNCER = "/usr/sbin/pgbouncer"
 PGBENCH_SCALE = 10
 PGBENCH_CLIENT_COUNTS = (1, 8, 32)
+PGBENCH_ROUNDS = 3  # proxy / PgBouncer runs per client count, interleaved; the median is reported
 PGBOUNCER_POOL_SIZE = 40  # > the largest client count: in session mode no client ever waits for a server
 SCRAM_ROLE = "bench_scram"
 SCRAM_PASSWORD = "bench-scram-password"
@@ -562,7 +563,11 @@ def pgbench_run(target: str, clients: int, seconds: int, cpu: dict[str, Callable
     out_path = Path(f"/tmp/argon-bench-pgbench-{os.getpid()}.out")
     with open(out_path, "w+") as out:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        # Its own session, like the servers: with the kernel's autogroup scheduling (on by default)
+        # a session is one CPU-share group, and pgbench in ours would share a group with the Argon
+        # platform this process hosts, while PgBouncer and raw Postgres each get a group of their own.
+        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
         timer = threading.Timer(seconds + 60, proc.kill)
         timer.start()
         try:
@@ -727,6 +732,7 @@ class Run:
             "loadavg_1m_at_start": round(os.getloadavg()[0], 2),
             "repetitions": self.reps, "wakes": self.wakes, "pgbench_seconds": self.seconds,
             "pgbench_scale": PGBENCH_SCALE, "pgbench_clients": list(PGBENCH_CLIENT_COUNTS),
+            "pgbench_rounds": PGBENCH_ROUNDS,
         }
 
     def execute(self) -> None:
@@ -906,13 +912,18 @@ class Run:
                 targets[f"pgbouncer_{mode}"] = (bouncer.dsn, {**raw_cpu,
                                                               "pgbouncer": lambda b=bouncer: own_cpu_seconds(b.pid)})
         pairs = [("argon_proxy_tls", "pgbouncer_tls"), ("argon_proxy_plaintext", "pgbouncer_plaintext")]
-        for i, clients in enumerate(PGBENCH_CLIENT_COUNTS):
-            # Raw first and again last (drift); each proxy run next to its PgBouncer run, and who of
-            # the two goes first alternates between client counts.
+        out["rounds"] = PGBENCH_ROUNDS
+        for clients in PGBENCH_CLIENT_COUNTS:
+            # Raw first and again last (drift). In between, PGBENCH_ROUNDS rounds: each proxy run next
+            # to its PgBouncer run, who of the two goes first alternating between rounds. A single
+            # few-second run on 2 busy cores swings by 20% either way; each figure below is the
+            # median run of its rounds (its CPU split is that run's), the others are kept as samples.
             order = ["raw_tcp", "raw_unix"]
-            for a, b in pairs:
-                order += [a, b] if i % 2 == 0 else [b, a]
+            for r in range(PGBENCH_ROUNDS):
+                for a, b in pairs:
+                    order += [a, b] if r % 2 == 0 else [b, a]
             order.append("raw_tcp_repeat")
+            samples: dict[str, list[dict[str, Any]]] = {}
             runs: dict[str, Any] = {}
             for name in order:
                 target = targets.get(name.removesuffix("_repeat"))
@@ -924,11 +935,17 @@ class Run:
                 self.say(f"  pgbench -S -c {clients} {name} ...")
                 try:
                     pgbench_run(dsn, clients, warmup, {})  # warm-up: caches, connections, compute awake
-                    runs[name] = pgbench_run(dsn, clients, self.seconds, cpu)
+                    samples.setdefault(name, []).append(pgbench_run(dsn, clients, self.seconds, cpu))
                 except Exception as exc:
                     runs[name] = f"failed: {exc}"
                     self.errors[f"pgbench -c {clients} {name}"] = str(exc)
-            runs["order"] = order
+            for name, done in samples.items():
+                if isinstance(runs.get(name), str):
+                    continue
+                ordered = sorted(done, key=lambda run: run["tps"])
+                runs[name] = {**ordered[(len(ordered) - 1) // 2],
+                              "tps_samples": [run["tps"] for run in done]} if len(done) > 1 else done[0]
+            runs["order"] = list(dict.fromkeys(order))
             raw_tps = [runs[n]["tps"] for n in ("raw_tcp", "raw_tcp_repeat") if isinstance(runs.get(n), dict)]
             base = statistics.mean(raw_tps) if raw_tps else None
             runs["raw_tps_baseline"] = round(base, 1) if base else None  # the mean of the two raw TCP runs
@@ -944,6 +961,13 @@ class Run:
             runs["proxy_vs_pgbouncer"] = {"tls": ratio(tps("argon_proxy_tls"), tps("pgbouncer_tls")),
                                           "plaintext": ratio(tps("argon_proxy_plaintext"),
                                                              tps("pgbouncer_plaintext"))}
+            # What each proxy itself spends per transaction (microseconds of CPU): the part of the
+            # figure above that the proxy controls, and steadier than TPS on a busy 2-core machine.
+            for name, part in (("argon_proxy_tls", "argon"), ("argon_proxy_plaintext", "argon"),
+                               ("pgbouncer_tls", "pgbouncer"), ("pgbouncer_plaintext", "pgbouncer")):
+                v = runs.get(name)
+                if isinstance(v, dict) and v["tps"] and part in v["cpu_percent"]:
+                    v["proxy_cpu_us_per_txn"] = round(v["cpu_percent"][part] / 100 * NCPU * 1e6 / v["tps"], 2)
             out[str(clients)] = runs
         self.results["throughput"] = out
 
@@ -1096,7 +1120,8 @@ def render_table(results: dict[str, Any], errors: dict[str, str]) -> str:
                   f"Repetitions: cold starts and warm connects {env['wakes']}, project creates {env['repetitions']} "
                   f"of each kind (p50 = median, p95 nearest rank)",
                   f"pgbench: -n -S -c {clients} (-j 1 for 1 client, else -j 2) -T {env['pgbench_seconds']}, "
-                  f"scale {env['pgbench_scale']}, one run each"]
+                  f"scale {env['pgbench_scale']}; raw runs once first and once last, proxy and PgBouncer "
+                  f"{env.get('pgbench_rounds', 1)} interleaved rounds each (median shown)"]
         if "tls" in env:
             lines.append(f"TLS negotiated (openssl s_client): proxy {env['tls']['argon_proxy']}, "
                          f"pgbouncer {env['tls']['pgbouncer']}")
@@ -1154,7 +1179,8 @@ def render_table(results: dict[str, Any], errors: dict[str, str]) -> str:
         lines += ["", fmt.format(*header), fmt.format(*("-" * w for w in widths))]
         lines += [fmt.format(*row).rstrip() for row in rows]
     if any(str(c) in tp for c in tp.get("clients", [])):
-        lines += ["", "Proxy vs PgBouncer, same run (TPS ratio proxy / PgBouncer; >= 1.00x meets the target):"]
+        lines += ["", "Proxy vs PgBouncer, same run (TPS ratio proxy / PgBouncer, >= 1.00x meets the target; "
+                      "and the CPU each proxy spends per transaction):"]
         for clients in tp["clients"]:
             runs = tp.get(str(clients)) or {}
 
@@ -1162,7 +1188,11 @@ def render_table(results: dict[str, Any], errors: dict[str, str]) -> str:
                 va, vb = r.get(a), r.get(b)
                 if not (isinstance(va, dict) and isinstance(vb, dict)):
                     return "n/a"
-                return f"{va['tps']:.0f} / {vb['tps']:.0f} = {_x(ratio(va['tps'], vb['tps']))}"
+                text = f"{va['tps']:.0f} / {vb['tps']:.0f} = {_x(ratio(va['tps'], vb['tps']))}"
+                ca, cb = va.get("proxy_cpu_us_per_txn"), vb.get("proxy_cpu_us_per_txn")
+                if ca and cb:
+                    text += f" (proxy CPU {ca:.1f} / {cb:.1f} us per txn = {_x(ratio(ca, cb))})"
+                return text
 
             lines.append(f"  {clients:>2} clients: TLS {cmp('argon_proxy_tls', 'pgbouncer_tls')};   "
                          f"plaintext {cmp('argon_proxy_plaintext', 'pgbouncer_plaintext')}")
@@ -1176,7 +1206,9 @@ def render_table(results: dict[str, Any], errors: dict[str, str]) -> str:
                 v = runs.get(name)
                 if isinstance(v, dict):
                     parts = ", ".join(f"{k} {p:.1f}%" for k, p in v["cpu_percent"].items())
-                    lines.append(f"    {name:<22} {v['tps']:>7.0f} TPS  {parts}   (avg latency {v['latency_ms']} ms)")
+                    spread = ("   runs " + " / ".join(f"{t:.0f}" for t in v["tps_samples"])) if "tps_samples" in v else ""
+                    lines.append(f"    {name:<22} {v['tps']:>7.0f} TPS  {parts}   (avg latency {v['latency_ms']} ms)"
+                                 + spread)
     for major, r in results.get("idle_memory", {}).items():
         a, b = r["argon_compute"], r["raw_postgres"]
         lines.append(f"Idle PG{major} RSS: compute {a['rss_mb']:.1f} MB vs raw {b['rss_mb']:.1f} MB "
