@@ -3,7 +3,7 @@
  * sockets without the interpreter.
  *
  * Why: in Python the relay costs one interpreter round per message, which is most of the proxy's
- * CPU under pgbench (see docs/adr/0011-native-relay.md). Here a message costs what it costs in
+ * CPU under pgbench (see docs/adr/0012-native-relay.md). Here a message costs what it costs in
  * PgBouncer: epoll_wait, recv, send. The thread never touches Python objects and never holds the
  * GIL; Python talks to it through a mutex-protected request queue and two eventfds.
  *

@@ -1,4 +1,4 @@
-"""The relay after login on the C thread of `_relay` (ADR 0011), behind the interface of `pipe.Relay`.
+"""The relay after login on the C thread of `_relay` (ADR 0012), behind the interface of `pipe.Relay`.
 
 `NativeRelays` is one per proxy: it owns the C relay thread and learns on the loop (an eventfd)
 when sessions end. `take_over` hands a session's two sockets to the thread: the transports are

@@ -1,5 +1,8 @@
 """The relay after login: two cross-wired asyncio Protocols, write-through, framing kept.
 
+The fallback of the C relay (`native`, ADR 0012): it runs where the extension was not built, when
+ARGON_PROXY_RELAY=python, and for a session the C thread cannot take.
+
 Every chunk is written to the other side first, then scanned: whole messages are skipped by their
 length header (no copies, no per-message coroutine), so the relay knows where each message starts.
 Client -> compute: a query-ish message (Q/P/B/E/F/S/D/C/H/d) marks the session busy, Terminate
