@@ -353,6 +353,7 @@ class ControlPlane:
                 await self._sync_before_stop(ep)
             self._stopping.add(endpoint_id)
             await self._close_verifier_conn(endpoint_id)
+            await self.metrics.release(endpoint_id)
             try:
                 await self.computes.stop(endpoint_id, mode=mode)
             finally:
