@@ -211,6 +211,21 @@ def test_a_vanished_client_ends_its_backend(proxy: ProxyHarness, scratch_pg: Scr
     wait_for(lambda: proxy.activity.snapshot(EP).sessions == 0)
 
 
+def test_a_broken_stream_ends_only_its_own_session(proxy: ProxyHarness) -> None:
+    """Garbage inside one client's stream (not a TLS record, or not a Postgres message) ends that
+    session; the others on the same relay thread go on (with TLS: one session's OpenSSL error must
+    not leak into the next one's)."""
+    with connect(proxy, autocommit=True) as good, connect(proxy, autocommit=True) as bad:
+        assert good.execute("SELECT 1").fetchone() == (1,)
+        os.write(bad.pgconn.socket, b"\x17\x03\x03\x00\x20" + b"garbage!" * 8)
+        with pytest.raises(psycopg.OperationalError):
+            bad.execute("SELECT 1")
+        for _ in range(5):
+            assert good.execute("SELECT 2").fetchone() == (2,)
+        with connect(proxy, autocommit=True) as later:
+            assert later.execute("SELECT 3").fetchone() == (3,)
+
+
 def test_many_concurrent_sessions(proxy: ProxyHarness) -> None:
     errors: list[BaseException] = []
 

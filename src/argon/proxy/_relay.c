@@ -79,6 +79,7 @@ typedef struct {
     int (*BIO_write)(void *bio, const void *data, int len);
     int (*BIO_read)(void *bio, void *data, int len);
     long (*BIO_ctrl)(void *bio, int cmd, long larg, void *parg);
+    void (*ERR_clear_error)(void);
 } OpenSSL;
 
 static OpenSSL ossl;
@@ -244,7 +245,9 @@ static void end_session(RelayObject *r, Session *s, Session **dead) {
     s->dead = 1;
     if (s->ssl != NULL && s->side[CLIENT].readable && s->side[CLIENT].out_len == 0) {
         /* the compute ended the session: say so in TLS too (best effort, never blocks) */
+        ossl.ERR_clear_error();
         ossl.SSL_shutdown(s->ssl);
+        ossl.ERR_clear_error();
         void *wbio = ossl.SSL_get_wbio(s->ssl);
         int n = ossl.BIO_read(wbio, r->tlsbuf, READ_CHUNK);
         if (n > 0)
@@ -356,6 +359,7 @@ static int tls_flush(RelayObject *r, Session *s) {
 static int tls_send(RelayObject *r, Session *s, const char *p, size_t n) {
     while (n > 0) {
         int chunk = n < (size_t)READ_CHUNK ? (int)n : READ_CHUNK;
+        ossl.ERR_clear_error(); /* the thread's error queue is shared by every session it relays */
         int w = ossl.SSL_write(s->ssl, p, chunk);
         if (w <= 0)
             return -1; /* memory BIOs never want more: this is a real error */
@@ -370,6 +374,9 @@ static int tls_send(RelayObject *r, Session *s, const char *p, size_t n) {
 /* Decrypt what the read BIO holds and pass the plaintext to the compute. 1 at close_notify. */
 static int tls_receive(RelayObject *r, Session *s) {
     for (;;) {
+        /* SSL_get_error reads the thread's error queue, which every session on this thread shares:
+           one session's failure must not make the next one's WANT_READ look fatal */
+        ossl.ERR_clear_error();
         int n = ossl.SSL_read(s->ssl, r->tlsbuf, READ_CHUNK);
         if (n > 0) {
             s->side[CLIENT].bytes += (uint64_t)n;
@@ -880,7 +887,8 @@ static PyObject *load_openssl(PyObject *Py_UNUSED(module), PyObject *arg) {
     OpenSSL o;
 #define SYM(name) (*(void **)&o.name = dlsym(h, #name)) != NULL
     int ok = SYM(SSL_read) && SYM(SSL_write) && SYM(SSL_get_error) && SYM(SSL_get_rbio) && SYM(SSL_get_wbio) &&
-             SYM(SSL_get_ex_data) && SYM(SSL_shutdown) && SYM(BIO_write) && SYM(BIO_read) && SYM(BIO_ctrl);
+             SYM(SSL_get_ex_data) && SYM(SSL_shutdown) && SYM(BIO_write) && SYM(BIO_read) && SYM(BIO_ctrl) &&
+             SYM(ERR_clear_error);
 #undef SYM
     /* the handle stays open: these functions are used for the life of the process */
     if (!ok)
