@@ -149,6 +149,19 @@ static void signal_fd(int fd) {
     } while (r < 0 && errno == EINTR);
 }
 
+/* Room for one more item in a growable array (callers hold the lock): 0, or -1 out of memory. */
+static int reserve(void **items, size_t *cap, size_t len, size_t size, size_t first) {
+    if (len < *cap)
+        return 0;
+    size_t n = *cap ? *cap * 2 : first;
+    void *grown = realloc(*items, n * size);
+    if (grown == NULL)
+        return -1;
+    *items = grown;
+    *cap = n;
+    return 0;
+}
+
 static void drain_fd(int fd) {
     uint64_t v;
     while (read(fd, &v, sizeof v) > 0) {
@@ -267,15 +280,7 @@ static void end_session(RelayObject *r, Session *s, Session **dead) {
     size_t slot = (size_t)(s->id & 0xffffff);
     if (slot < r->table_size && r->table[slot] == s)
         r->table[slot] = NULL;
-    if (r->done_len == r->done_cap) {
-        size_t cap = r->done_cap ? r->done_cap * 2 : 64;
-        Done *grown = realloc(r->done, cap * sizeof *grown);
-        if (grown != NULL) {
-            r->done = grown;
-            r->done_cap = cap;
-        }
-    }
-    if (r->done_len < r->done_cap)
+    if (reserve((void **)&r->done, &r->done_cap, r->done_len, sizeof *r->done, 64) == 0)
         r->done[r->done_len++] = (Done){s->id, s->side[CLIENT].bytes, s->side[COMPUTE].bytes};
     pthread_mutex_unlock(&r->lock);
     signal_fd(r->done_fd);
@@ -756,19 +761,10 @@ static PyObject *Relay_close(RelayObject *r, PyObject *arg) {
         return NULL;
     int queued = 0;
     pthread_mutex_lock(&r->lock);
-    if (lookup(r, id) != NULL) {
-        if (r->closes_len == r->closes_cap) {
-            size_t cap = r->closes_cap ? r->closes_cap * 2 : 16;
-            uint64_t *grown = realloc(r->closes, cap * sizeof *grown);
-            if (grown != NULL) {
-                r->closes = grown;
-                r->closes_cap = cap;
-            }
-        }
-        if (r->closes_len < r->closes_cap) {
-            r->closes[r->closes_len++] = id;
-            queued = 1;
-        }
+    if (lookup(r, id) != NULL &&
+        reserve((void **)&r->closes, &r->closes_cap, r->closes_len, sizeof *r->closes, 16) == 0) {
+        r->closes[r->closes_len++] = id;
+        queued = 1;
     }
     pthread_mutex_unlock(&r->lock);
     if (queued)
@@ -840,15 +836,6 @@ static PyObject *Relay_shutdown(RelayObject *r, PyObject *Py_UNUSED(ignored)) {
     Py_RETURN_NONE;
 }
 
-static PyObject *Relay_sessions(RelayObject *r, PyObject *Py_UNUSED(ignored)) {
-    size_t n = 0;
-    pthread_mutex_lock(&r->lock);
-    for (size_t i = 0; i < r->table_size; i++)
-        n += r->table[i] != NULL;
-    pthread_mutex_unlock(&r->lock);
-    return PyLong_FromSize_t(n);
-}
-
 static PyMethodDef Relay_methods[] = {
     {"add", (PyCFunction)(void (*)(void))Relay_add, METH_VARARGS | METH_KEYWORDS, add_doc},
     {"close", (PyCFunction)Relay_close, METH_O, close_doc},
@@ -856,7 +843,6 @@ static PyMethodDef Relay_methods[] = {
     {"reap", (PyCFunction)Relay_reap, METH_NOARGS, reap_doc},
     {"fileno", (PyCFunction)Relay_fileno, METH_NOARGS, "The eventfd that is readable when sessions ended."},
     {"shutdown", (PyCFunction)Relay_shutdown, METH_NOARGS, "Stop the thread and close every session's sockets."},
-    {"sessions", (PyCFunction)Relay_sessions, METH_NOARGS, "How many sessions are open."},
     {NULL, NULL, 0, NULL},
 };
 
