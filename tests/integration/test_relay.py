@@ -18,6 +18,7 @@ import psycopg
 import pytest
 
 from argon.proxy import native
+from argon.proxy.handshake import MessageStream
 from argon.proxy.tls import TlsConfig, TlsFiles, ensure_certificates
 from argon.wire import codec
 from tests.fixtures.fake_control import FakeControl, ProxyHarness
@@ -244,6 +245,69 @@ def test_many_concurrent_sessions(proxy: ProxyHarness) -> None:
         t.join(60)
     assert not errors, errors[0]
     wait_for(lambda: proxy.activity.snapshot(EP).sessions == 0)
+
+
+def test_a_stream_of_short_sessions(proxy: ProxyHarness, caplog: pytest.LogCaptureFixture) -> None:
+    """Hundreds of connect-query-close cycles from four threads: every hand-over to the relay and
+    every end of a session races with the next. With TLS this caught the C thread and uvloop's
+    SSL protocol using one BIO at once (heap corruption, "bad record type", a crashed proxy)."""
+    errors: list[BaseException] = []
+
+    def work(i: int) -> None:
+        try:
+            for j in range(100):
+                with connect(proxy, autocommit=True) as conn:
+                    assert conn.execute("SELECT %s::int + %s::int", [i, j]).fetchone() == (i + j,)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    with caplog.at_level("ERROR"):
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    assert not errors, errors[0]
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")], caplog.text[-2000:]
+    wait_for(lambda: proxy.activity.snapshot(EP).sessions == 0)
+
+
+def test_tls_reaches_the_c_thread_only_after_python_let_go(proxy: ProxyHarness,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """uvloop's SSLProtocol.connection_lost still reads the outgoing BIO after the abort, and the app
+    protocol's connection_lost is scheduled after that read: a TLS session may be added to the C
+    thread only once the client stream saw its connection_lost."""
+    if not native_expected(proxy) or SSLMODES[id(proxy)] != "require":
+        pytest.skip("native TLS sessions only")
+    events: list[tuple[str, bool]] = []
+    lost = MessageStream.connection_lost
+
+    def record_lost(stream: MessageStream, exc: Exception | None) -> None:
+        tls = stream.transport is not None and stream.transport.get_extra_info("ssl_object") is not None
+        events.append(("lost", tls))
+        lost(stream, exc)
+
+    class Recorder:
+        def __init__(self, core: Any) -> None:
+            self.core = core
+
+        def add(self, *args: Any) -> int:
+            events.append(("add", args[4] is not None))
+            return self.core.add(*args)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.core, name)
+
+    relays = proxy.server.ctx.relays
+    assert relays is not None
+    monkeypatch.setattr(MessageStream, "connection_lost", record_lost)
+    monkeypatch.setattr(relays, "core", Recorder(relays.core))
+    for _ in range(3):
+        events.clear()
+        with connect(proxy, autocommit=True) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        assert ("add", True) in events
+        assert ("lost", True) in events[:events.index(("add", True))], events
 
 
 def test_stopping_the_proxy_closes_relayed_sessions(control: FakeControl, certs: TlsFiles) -> None:

@@ -643,7 +643,7 @@ PyDoc_STRVAR(add_doc,
              "`to_compute` / `to_client`: plaintext already read from the other side, sent first.\n"
              "`tls`: the client's `ssl.SSLObject._sslobj` when the client side is TLS over memory BIOs;\n"
              "the caller keeps it alive, and untouched, until the session is reaped.\n"
-             "ValueError when `tls` cannot be driven from here (see tls_supported()).");
+             "ValueError when `tls` cannot be driven from here (check first with tls_usable()).");
 
 static PyObject *Relay_add(RelayObject *r, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"client_fd", "compute_fd", "to_compute", "to_client", "tls", NULL};
@@ -884,8 +884,16 @@ static PyObject *load_openssl(PyObject *Py_UNUSED(module), PyObject *arg) {
     Py_RETURN_TRUE;
 }
 
+PyDoc_STRVAR(tls_usable_doc,
+             "tls_usable(obj) -> bool: whether `obj` (an `ssl.SSLObject._sslobj`) can be relayed natively.");
+
+static PyObject *tls_usable(PyObject *Py_UNUSED(module), PyObject *obj) {
+    return PyBool_FromLong(ssl_of(obj) != NULL);
+}
+
 static PyMethodDef module_methods[] = {
     {"load_openssl", load_openssl, METH_O, load_openssl_doc},
+    {"tls_usable", tls_usable, METH_O, tls_usable_doc},
     {NULL, NULL, 0, NULL},
 };
 

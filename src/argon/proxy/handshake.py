@@ -36,6 +36,8 @@ class MessageStream(asyncio.Protocol):
         self._buffer = bytearray()
         self._waiter: asyncio.Future[None] | None = None
         self._paused = False
+        self._released = False  # connection_lost ran: the transport's protocols let go of the socket
+        self._release_waiter: asyncio.Future[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not subclasses
@@ -54,7 +56,17 @@ class MessageStream(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
+        self._released = True
         self._wake()
+        if self._release_waiter is not None and not self._release_waiter.done():
+            self._release_waiter.set_result(None)
+
+    async def released(self) -> None:
+        """Until connection_lost: for TLS that comes after the SSL protocol's last touch of its BIOs."""
+        if not self._released:
+            if self._release_waiter is None:
+                self._release_waiter = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._release_waiter)
 
     def _wake(self) -> None:
         waiter = self._waiter

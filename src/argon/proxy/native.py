@@ -10,6 +10,10 @@ TLS sessions go native too when the C side can drive the `SSL *` of Python's `ss
 (uvloop's TLS is an SSLObject over memory BIOs): `_relay` takes it from the `_ssl._SSLSocket` object
 (type- and back-pointer-checked) and calls the OpenSSL that `_ssl` itself is linked to. The
 NativeSession keeps the SSLObject alive, and nothing in Python touches it, until the session ends.
+"Nothing" includes the TLS protocol being detached: uvloop's (and asyncio's) `SSLProtocol.
+connection_lost` still reads the outgoing BIO, one loop iteration after the abort, so a TLS session
+reaches the C thread only once the client stream's `connection_lost` (scheduled after that read)
+has run. Two threads on one BIO corrupt the heap: a benchmark crashed the proxy that way.
 Where that is not possible (a Python whose `_ssl` has no shared library, a layout the C side does
 not recognise) and in the rare case of a side that closed during login, `pipe.Relay` relays.
 """
@@ -21,6 +25,7 @@ import contextlib
 import logging
 import os
 import sys
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from argon.errors import ConfigError
@@ -34,6 +39,7 @@ except ImportError:  # built without a C compiler: everything relays in Python
 log = logging.getLogger(__name__)
 
 AVAILABLE = _relay is not None
+RELEASE_TIMEOUT = 5.0  # connection_lost comes one or two loop iterations after the abort
 
 
 def _load_openssl() -> bool:
@@ -96,14 +102,21 @@ class NativeRelays:
     def sessions(self) -> int:
         return len(self._sessions)
 
-    def take_over(self, client: asyncio.BaseTransport, compute: asyncio.BaseTransport, *, to_compute: bytes,
-                  to_client: bytes, activity: SessionActivity) -> NativeSession | None:
-        """Move both sockets to the C thread, or None (nothing changed) when a transport cannot be moved."""
+    async def take_over(self, client: asyncio.BaseTransport, compute: asyncio.BaseTransport, *, to_compute: bytes,
+                        to_client: bytes, activity: SessionActivity,
+                        client_released: Callable[[], Awaitable[None]]) -> NativeSession | None:
+        """Move both sockets to the C thread, or None (nothing changed) when a transport cannot be moved.
+
+        `client_released` waits until the client transport's protocols are done with the connection
+        (its app protocol's connection_lost): for TLS, the SSL object is handed over only then.
+        """
+        assert _relay is not None
         sslobj = client.get_extra_info("ssl_object")
         tls = None
         if sslobj is not None:
             tls = getattr(sslobj, "_sslobj", None)
-            if not TLS_AVAILABLE or tls is None:
+            if not TLS_AVAILABLE or tls is None or not _relay.tls_usable(tls):
+                log.debug("TLS session relayed in Python: its SSL object is not usable natively")
                 return None
         fds = []
         for transport in (client, compute):
@@ -117,19 +130,16 @@ class NativeRelays:
         try:
             for fd in fds:
                 dups.append(os.dup(fd))
+            # the C thread owns the sockets from here: drop the loop's copies without a FIN (ours stay open)
+            for transport in (client, compute):
+                transport.abort()
+            if tls is not None:
+                await asyncio.wait_for(client_released(), RELEASE_TIMEOUT)
             sid = self.core.add(dups[0], dups[1], to_compute, to_client, tls)
-        except ValueError:  # this SSL object cannot be driven from C: stay in Python
-            for fd in dups:
-                os.close(fd)
-            log.debug("TLS session relayed in Python: its SSL object is not usable natively")
-            return None
-        except BaseException:
+        except BaseException:  # cancelled, or the TLS protocol never let go: the session ends here
             for fd in dups:
                 os.close(fd)
             raise
-        # the C thread owns the sockets now: drop the loop's copies without a FIN (ours stay open)
-        for transport in (client, compute):
-            transport.abort()
         session = NativeSession(self, sid, activity, sslobj)
         self._sessions[sid] = session
         return session

@@ -187,7 +187,7 @@ class Session:
                 return
             activity.in_query = False
             activity.last_activity = time.monotonic()
-            relay = self._relay(stream, login, creds.pending + login.greeting, activity)
+            relay = await self._relay(stream, login, creds.pending + login.greeting, activity)
             try:
                 await relay.done
             finally:
@@ -202,15 +202,16 @@ class Session:
                     login.stream.transport.close()
             ctx.activity.close(activity)
 
-    def _relay(self, stream: MessageStream, login: ComputeLogin, greeting: bytes,
-               activity: SessionActivity) -> Relay | NativeSession:
+    async def _relay(self, stream: MessageStream, login: ComputeLogin, greeting: bytes,
+                     activity: SessionActivity) -> Relay | NativeSession:
         """Start relaying: on the C thread when it runs and can take both sockets, else in Python."""
         relays = self.ctx.relays
         client, compute = stream.transport, login.stream.transport
         assert client is not None and compute is not None
         if relays is not None and not stream.lost and not login.stream.lost:
-            native = relays.take_over(client, compute, to_compute=stream.detach(),
-                                      to_client=greeting + login.stream.detach(), activity=activity)
+            native = await relays.take_over(client, compute, to_compute=stream.detach(),
+                                            to_client=greeting + login.stream.detach(), activity=activity,
+                                            client_released=stream.released)
             if native is not None:
                 return native
         stream.write(greeting)
