@@ -14,8 +14,9 @@ then measures:
 2. warm connect: connect + `SELECT 1` + close through the proxy (TLS and plaintext) vs direct to
    raw Postgres over TCP and over its Unix socket, and through PgBouncer (plaintext and TLS);
 3. throughput: `pgbench -S` at 1, 8 and 32 clients against raw (TCP and Unix socket), the proxy
-   (TLS and plaintext) and PgBouncer in session mode (TLS and plaintext), with the CPU split
-   between Argon, the Postgres processes, pgbench, PgBouncer and the rest of the machine;
+   (TLS and plaintext) and PgBouncer in session mode (TLS and plaintext) in front of the same
+   compute the proxy relays to, with the CPU split between Argon, the Postgres processes, pgbench,
+   PgBouncer and the rest of the machine; proxy and PgBouncer alternate over 5 rounds;
 4. project creation latency: `POST /api/v2/projects` returned, and POST -> first `SELECT 1`
    answered through the proxy with the returned URI;
 5. memory: processes left by a suspended endpoint (must be none), and the PSS of a running idle
@@ -49,7 +50,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NOBODY = 65534
@@ -59,7 +60,7 @@ PGBENCH = "/usr/bin/pgbench"
 PGBOUNCER = "/usr/sbin/pgbouncer"
 PGBENCH_SCALE = 10
 PGBENCH_CLIENT_COUNTS = (1, 8, 32)
-PGBENCH_ROUNDS = 3  # proxy / PgBouncer runs per client count, interleaved; the median is reported
+PGBENCH_ROUNDS = 5  # proxy / PgBouncer runs per client count, interleaved; the median is reported
 PGBOUNCER_POOL_SIZE = 40  # > the largest client count: in session mode no client ever waits for a server
 SCRAM_ROLE = "bench_scram"
 SCRAM_PASSWORD = "bench-scram-password"
@@ -244,16 +245,21 @@ def short_tmpdir(prefix: str = "ab") -> Path:
 
 
 def _as_postgres_user() -> dict[str, Any]:
-    """Postgres refuses to run as root: run it (and PgBouncer) as nobody then."""
+    """Postgres refuses to run as root: run it as nobody then."""
+    return _as_user(NOBODY, NOBODY)
+
+
+def _as_user(uid: int, gid: int) -> dict[str, Any]:
+    """Popen arguments that run a server as `uid` when we are root (as ourselves otherwise)."""
     if os.geteuid() == 0:
-        return {"user": NOBODY, "group": NOBODY, "extra_groups": [], "umask": 0o077}
+        return {"user": uid, "group": gid, "extra_groups": [], "umask": 0o077}
     return {"umask": 0o077}
 
 
-def _own_dir(path: Path) -> Path:
+def _own_dir(path: Path, uid: int = NOBODY, gid: int = NOBODY) -> Path:
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     if os.geteuid() == 0:
-        os.chown(path, NOBODY, NOBODY)
+        os.chown(path, uid, gid)
     os.chmod(path, 0o700)
     return path
 
@@ -451,20 +457,35 @@ class RawPostgres:
         return ""
 
 
+@dataclass
+class Upstream:
+    """The Postgres a PgBouncer fronts: a Unix socket, the role it logs in as (SCRAM with `password`
+    when given) and the OS user it must run as to reach that socket."""
+
+    socket_dir: Path
+    port: int
+    user: str
+    dbname: str
+    password: str = ""
+    uid: int = NOBODY
+    gid: int = NOBODY
+
+
 class PgBouncer:
-    """PgBouncer in session mode in front of a raw cluster, reaching it over its Unix socket (as the
+    """PgBouncer in session mode in front of `upstream`, reaching it over its Unix socket (as the
     proxy reaches a compute); clients connect over TCP, with `client_tls_sslmode = require` when
     `tls` = (certificate, key) is given."""
 
-    def __init__(self, root: Path, raw: RawPostgres, tls: tuple[Path, Path] | None = None) -> None:
-        self.dir = _own_dir(root)
+    def __init__(self, root: Path, upstream: Upstream, tls: tuple[Path, Path] | None = None) -> None:
+        self.upstream = upstream
+        self.dir = _own_dir(root, upstream.uid, upstream.gid)
         self.port = free_port()
         self.tls = tls is not None
         self.proc: subprocess.Popen[bytes] | None = None
         owned = ["userlist.txt", "pgbouncer.ini"]
         tls_conf = ""
         if tls is not None:
-            # PgBouncer runs as nobody: its own copies, the key 0600 owned by the user that runs it.
+            # Its own copies, the key 0600 owned by the user that runs it.
             shutil.copyfile(tls[0], self.dir / "server.crt")
             shutil.copyfile(tls[1], self.dir / "server.key")
             os.chmod(self.dir / "server.crt", 0o644)
@@ -472,27 +493,28 @@ class PgBouncer:
             owned += ["server.crt", "server.key"]
             tls_conf = (f"client_tls_sslmode = require\nclient_tls_cert_file = {self.dir / 'server.crt'}\n"
                         f"client_tls_key_file = {self.dir / 'server.key'}\n")
-        (self.dir / "userlist.txt").write_text('"bench" ""\n')
+        (self.dir / "userlist.txt").write_text(f'"{upstream.user}" "{upstream.password}"\n')
+        os.chmod(self.dir / "userlist.txt", 0o600)
         (self.dir / "pgbouncer.ini").write_text(
             "[databases]\n"
-            f"* = host={raw.data} port={raw.port}\n"
+            f"* = host={upstream.socket_dir} port={upstream.port}\n"
             "[pgbouncer]\n"
             f"listen_addr = 127.0.0.1\nlisten_port = {self.port}\nunix_socket_dir =\n"
             f"auth_type = trust\nauth_file = {self.dir / 'userlist.txt'}\n"
             f"pool_mode = session\nmax_client_conn = 200\ndefault_pool_size = {PGBOUNCER_POOL_SIZE}\n"
             # Server connections left idle by one pgbench run close soon, so two PgBouncers' leftovers
-            # never crowd the raw server (max_connections is the compute's) during the next runs.
+            # never crowd the server (max_connections is the compute's) during the next runs.
             "server_idle_timeout = 2\n"
             "ignore_startup_parameters = extra_float_digits\n"
             f"{tls_conf}logfile = {self.dir / 'pgbouncer.log'}\n")
         if os.geteuid() == 0:
             for name in owned:
-                os.chown(self.dir / name, NOBODY, NOBODY)
+                os.chown(self.dir / name, upstream.uid, upstream.gid)
 
     @property
     def dsn(self) -> str:
         mode = "require" if self.tls else "disable"
-        return f"host=127.0.0.1 port={self.port} user=bench dbname=postgres sslmode={mode}"
+        return f"host=127.0.0.1 port={self.port} user={self.upstream.user} dbname={self.upstream.dbname} sslmode={mode}"
 
     @property
     def pid(self) -> int:
@@ -504,7 +526,7 @@ class PgBouncer:
         with open(self.dir / "stderr.log", "ab") as err:
             self.proc = subprocess.Popen([PGBOUNCER, str(self.dir / "pgbouncer.ini")], cwd=self.dir,
                                          stdin=subprocess.DEVNULL, stdout=err, stderr=err, start_new_session=True,
-                                         **_as_postgres_user())
+                                         **_as_user(self.upstream.uid, self.upstream.gid))
         try:
             client.request("poll", self.dsn, timeout=20)
         except BenchError as exc:
@@ -835,18 +857,28 @@ class Run:
     # PgBouncer ---------------------------------------------------------------------------------------
 
     def start_bouncers(self, major: int, client: Client) -> None:
+        """Two PgBouncers (plaintext, TLS) in front of the same compute the proxy relays to, so the
+        comparison of the two proxies has one Postgres behind both (its Unix socket, as the proxy
+        reaches it; SCRAM as the project's owner role; run as the compute's OS user, the only one
+        its socket admits)."""
         if not os.access(PGBOUNCER, os.X_OK):
             raise BenchError(f"{PGBOUNCER} is not installed")
-        raw = self.raws.get(major)
-        if raw is None or raw.proc is None:
-            raise BenchError(f"no PG{major} raw server (cold start failed)")
+        proj = self.projects.get(major)
+        if proj is None:
+            raise BenchError(f"no PG{major} project (cold start failed)")
+        client.request("connect", proj.uri)  # awake, so its socket exists
+        socket = Path(self.rp.plane.layout.socket_path(proj.endpoint_id))
+        owner = socket.stat()
+        parts = urlsplit(proj.uri)
+        upstream = Upstream(socket.parent, 5432, unquote(parts.username or ""), parts.path.lstrip("/"),
+                            unquote(parts.password or ""), owner.st_uid, owner.st_gid)
         # Argon's own generated leaf (ECDSA P-256), so both TLS terminators serve the same certificate.
         tls_dir = Path(self.rp.plane.layout.tls_dir)
         cert, key = tls_dir / "server.crt", tls_dir / "server.key"
         if not (cert.is_file() and key.is_file()):
             raise BenchError(f"no server.crt/server.key in {tls_dir}: {sorted(p.name for p in tls_dir.iterdir())}")
         for mode, tls in (("plaintext", None), ("tls", (cert, key))):
-            bouncer = PgBouncer(self.root / f"pgb-{mode}", raw, tls)
+            bouncer = PgBouncer(self.root / f"pgb-{mode}", upstream, tls)
             self.bouncers[mode] = bouncer
             bouncer.start(client)
         proxy_port = int(self.rp.proxy_port)
@@ -909,7 +941,7 @@ class Run:
             "argon_proxy_tls": (proj.uri, argon_cpu), "argon_proxy_plaintext": (plain, argon_cpu)}
         for mode, bouncer in self.bouncers.items():
             if bouncer.proc is not None:
-                targets[f"pgbouncer_{mode}"] = (bouncer.dsn, {**raw_cpu,
+                targets[f"pgbouncer_{mode}"] = (bouncer.dsn, {**argon_cpu,  # the proxy's compute behind it too
                                                               "pgbouncer": lambda b=bouncer: own_cpu_seconds(b.pid)})
         pairs = [("argon_proxy_tls", "pgbouncer_tls"), ("argon_proxy_plaintext", "pgbouncer_plaintext")]
         out["rounds"] = PGBENCH_ROUNDS
@@ -933,6 +965,8 @@ class Run:
                     continue
                 dsn, cpu = target
                 self.say(f"  pgbench -S -c {clients} {name} ...")
+                if name.startswith("pgbouncer") and self.client is not None:
+                    self.client.request("connect", plain)  # PgBouncer does not wake a suspended compute
                 try:
                     pgbench_run(dsn, clients, warmup, {})  # warm-up: caches, connections, compute awake
                     samples.setdefault(name, []).append(pgbench_run(dsn, clients, self.seconds, cpu))
@@ -961,6 +995,17 @@ class Run:
             runs["proxy_vs_pgbouncer"] = {"tls": ratio(tps("argon_proxy_tls"), tps("pgbouncer_tls")),
                                           "plaintext": ratio(tps("argon_proxy_plaintext"),
                                                              tps("pgbouncer_plaintext"))}
+            # The same comparison round by round: each proxy run against the PgBouncer run next to it,
+            # so the machine's drift over minutes (often 20 %) cancels out of each ratio.
+            paired: dict[str, Any] = {}
+            for a, b in pairs:
+                mode = a.removeprefix("argon_proxy_")
+                sa, sb = samples.get(a, []), samples.get(b, [])
+                if isinstance(runs.get(a), dict) and isinstance(runs.get(b), dict) and len(sa) == len(sb):
+                    each = [x["tps"] / y["tps"] for x, y in zip(sa, sb, strict=True) if y["tps"]]
+                    paired[mode] = {"ratios": [round(v, 3) for v in each],
+                                    "median": round(statistics.median(each), 3) if each else None}
+            runs["proxy_vs_pgbouncer_paired"] = paired
             # What each proxy itself spends per transaction (microseconds of CPU): the part of the
             # figure above that the proxy controls, and steadier than TPS on a busy 2-core machine.
             for name, part in (("argon_proxy_tls", "argon"), ("argon_proxy_plaintext", "argon"),
@@ -1189,6 +1234,9 @@ def render_table(results: dict[str, Any], errors: dict[str, str]) -> str:
                 if not (isinstance(va, dict) and isinstance(vb, dict)):
                     return "n/a"
                 text = f"{va['tps']:.0f} / {vb['tps']:.0f} = {_x(ratio(va['tps'], vb['tps']))}"
+                pair = (r.get("proxy_vs_pgbouncer_paired") or {}).get(a.removeprefix("argon_proxy_"))
+                if pair and pair.get("median"):
+                    text += f", round by round {_x(pair['median'])}"
                 ca, cb = va.get("proxy_cpu_us_per_txn"), vb.get("proxy_cpu_us_per_txn")
                 if ca and cb:
                     text += f" (proxy CPU {ca:.1f} / {cb:.1f} us per txn = {_x(ratio(ca, cb))})"
