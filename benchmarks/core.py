@@ -13,7 +13,7 @@ then measures:
    raw postmaster until it answers `SELECT 1`, for each installed major (30 wakes, 10 with --quick);
 2. warm connect: connect + `SELECT 1` + close through the proxy (TLS and plaintext) vs direct to
    raw Postgres over TCP and over its Unix socket, and through PgBouncer (plaintext and TLS);
-3. throughput: `pgbench -S` at 1, 8 and 32 clients against raw (TCP and Unix socket), the proxy
+3. throughput: `pgbench -S` at 1, 8 and 32 clients against raw (TCP, TCP with TLS, Unix socket), the proxy
    (TLS and plaintext) and PgBouncer in session mode (TLS and plaintext) in front of the same
    compute the proxy relays to, with the CPU split between Argon, the Postgres processes, pgbench,
    PgBouncer and the rest of the machine; proxy and PgBouncer alternate over 5 rounds;
@@ -388,10 +388,36 @@ class RawPostgres:
         self.settings = settings
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
+        self.tls: tuple[Path, Path] | None = None  # (certificate, key) once enable_tls() ran
 
     @property
     def dsn(self) -> str:
         return f"host=127.0.0.1 port={self.port} user=bench dbname=postgres sslmode=disable"
+
+    @property
+    def tls_dsn(self) -> str:
+        """The same server over TCP with TLS (after enable_tls() and a restart)."""
+        return f"host=127.0.0.1 port={self.port} user=bench dbname=postgres sslmode=require"
+
+    def ssl_library(self) -> str:
+        """The TLS library this build links ("OpenSSL"), or "" when built without one."""
+        res = subprocess.run([str(self.bindir / "postgres"), "-D", str(self.data), "-C", "ssl_library"], cwd=self.dir,
+                             capture_output=True, text=True, timeout=30, env={"PATH": "/usr/bin:/bin", "LC_ALL": "C"},
+                             **_as_postgres_user())
+        return res.stdout.strip() if res.returncode == 0 else ""
+
+    def enable_tls(self, cert: Path, key: Path) -> None:
+        """Serve TLS from the next start on, with copies of `cert`/`key` (the key 0600, owned by the
+        user Postgres runs as). Off during the cold starts: a compute does no TLS, the proxy does."""
+        own_cert, own_key = self.dir / "server.crt", self.dir / "server.key"
+        shutil.copyfile(cert, own_cert)
+        shutil.copyfile(key, own_key)
+        os.chmod(own_cert, 0o644)
+        os.chmod(own_key, 0o600)
+        if os.geteuid() == 0:
+            for path in (own_cert, own_key):
+                os.chown(path, NOBODY, NOBODY)
+        self.tls = (own_cert, own_key)
 
     @property
     def unix_dsn(self) -> str:
@@ -432,6 +458,8 @@ class RawPostgres:
                 "-c", f"port={self.port}", "-c", f"unix_socket_directories={self.data}"]
         for name, value in self.settings.items():
             args += ["-c", f"{name}={value}"]
+        if self.tls is not None:
+            args += ["-c", "ssl=on", "-c", f"ssl_cert_file={self.tls[0]}", "-c", f"ssl_key_file={self.tls[1]}"]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(args, cwd=self.dir, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                          env={"PATH": "/usr/bin:/bin", "LC_ALL": "C"}, start_new_session=True,
@@ -934,11 +962,23 @@ class Run:
         def compute_cpu() -> float:
             return tree_cpu_seconds(proj.postmaster(rp))
 
+        # Direct TCP with TLS too, with Argon's certificate: what TLS costs with no relay at all.
+        tls_dir = Path(rp.plane.layout.tls_dir)
+        raw_tls_skipped = "skipped (no TLS on the raw server)"
+        if raw.tls is None and self.client is not None:
+            if raw.ssl_library():
+                raw.stop()
+                raw.enable_tls(tls_dir / "server.crt", tls_dir / "server.key")
+                raw.start(self.client)
+            else:  # e.g. the embedded wheel's Postgres, built without OpenSSL
+                raw_tls_skipped = f"skipped (PG{major} here is built without TLS)"
         raw_cpu = {"argon": self_cpu_seconds, "postgres": lambda: tree_cpu_seconds(raw.pid)}
         argon_cpu = {"argon": self_cpu_seconds, "postgres": compute_cpu}
         targets: dict[str, tuple[str, dict[str, Callable[[], float]]]] = {
             "raw_tcp": (raw.dsn, raw_cpu), "raw_unix": (raw.unix_dsn, raw_cpu),
             "argon_proxy_tls": (proj.uri, argon_cpu), "argon_proxy_plaintext": (plain, argon_cpu)}
+        if raw.tls is not None:
+            targets["raw_tcp_tls"] = (raw.tls_dsn, raw_cpu)
         for mode, bouncer in self.bouncers.items():
             if bouncer.proc is not None:
                 targets[f"pgbouncer_{mode}"] = (bouncer.dsn, {**argon_cpu,  # the proxy's compute behind it too
@@ -950,7 +990,7 @@ class Run:
             # to its PgBouncer run, who of the two goes first alternating between rounds. A single
             # few-second run on 2 busy cores swings by 20% either way; each figure below is the
             # median run of its rounds (its CPU split is that run's), the others are kept as samples.
-            order = ["raw_tcp", "raw_unix"]
+            order = ["raw_tcp", "raw_unix", "raw_tcp_tls"]
             for r in range(PGBENCH_ROUNDS):
                 for a, b in pairs:
                     order += [a, b] if r % 2 == 0 else [b, a]
@@ -960,7 +1000,8 @@ class Run:
             for name in order:
                 target = targets.get(name.removesuffix("_repeat"))
                 if target is None:
-                    runs[name] = ("skipped (pgbouncer not installed)" if not os.access(PGBOUNCER, os.X_OK)
+                    runs[name] = (raw_tls_skipped if name == "raw_tcp_tls"
+                                  else "skipped (pgbouncer not installed)" if not os.access(PGBOUNCER, os.X_OK)
                                   else "skipped (pgbouncer did not start)")
                     continue
                 dsn, cpu = target
@@ -986,7 +1027,8 @@ class Run:
             if len(raw_tps) == 2:
                 runs["raw_drift_percent"] = round((raw_tps[1] - raw_tps[0]) / raw_tps[0] * 100, 1)
             runs["ratios_vs_raw_tcp"] = {name: ratio(runs[name]["tps"], base) for name in order
-                                         if not name.startswith("raw_tcp") and isinstance(runs.get(name), dict)}
+                                         if name not in ("raw_tcp", "raw_tcp_repeat")
+                                         and isinstance(runs.get(name), dict)}
 
             def tps(name: str, r: dict[str, Any] = runs) -> float | None:
                 v = r.get(name)
@@ -1096,8 +1138,9 @@ TARGET_COLD_START_RATIO = 2.0  # cold start p50 <= 2x the raw start p50
 TARGET_CREATE_MS = 300.0  # project create (POST) p50
 TARGET_BOUNCER_CLIENTS = (8, 32)  # proxy TPS >= PgBouncer TPS at these client counts
 
-PGBENCH_LABELS = {"raw_unix": "raw Unix socket", "argon_proxy_tls": "proxy TLS", "pgbouncer_tls": "pgbouncer TLS",
-                  "argon_proxy_plaintext": "proxy plaintext", "pgbouncer_plaintext": "pgbouncer plaintext"}
+PGBENCH_LABELS = {"raw_unix": "raw Unix socket", "raw_tcp_tls": "raw TCP TLS", "argon_proxy_tls": "proxy TLS",
+                  "pgbouncer_tls": "pgbouncer TLS", "argon_proxy_plaintext": "proxy plaintext",
+                  "pgbouncer_plaintext": "pgbouncer plaintext"}
 
 
 def _ms(s: Any) -> str:
