@@ -158,3 +158,20 @@ def test_api_keys_create_list_use_and_revoke(platform: RunningPlatform) -> None:
     assert refused.returncode != 0 and "Traceback" not in refused.stderr and "API key" in refused.stderr
     gone = argon(platform, "api-keys", "revoke", str(mine["id"]), check=False)
     assert gone.returncode != 0 and "not found" in gone.stderr
+
+
+def test_config_check_reports_without_a_traceback(tmp_path: Any) -> None:
+    """`argon config check` validates settings and finds Postgres (as root too, where the embedded
+    wheel is normally copied to a runtime dir: a check only looks). A bad value is a problem line."""
+    env = {**os.environ, "ARGON_DATA_DIR": str(tmp_path / "data"), "ARGON_RUN_DIR": str(tmp_path / "run"),
+           "ARGON_CONFIG_FILE": str(tmp_path / "none.toml"), "HOME": str(tmp_path), "NO_COLOR": "1"}
+    env.pop("ARGON_API_KEY", None)
+    ok = subprocess.run([sys.executable, "-m", "argon", "config", "check"], env=env, capture_output=True, text=True,
+                        timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert "settings are valid" in ok.stdout and "postgres " in ok.stdout
+    assert not (tmp_path / "data").exists(), "a check must not create the data directory"
+    bad = subprocess.run([sys.executable, "-m", "argon", "config", "check"], capture_output=True, text=True,
+                         timeout=120, env={**env, "ARGON_PG_BINDIRS": f"15={tmp_path}"})
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr + bad.stdout
+    assert "ARGON_PG_BINDIRS" in bad.stderr, bad.stderr

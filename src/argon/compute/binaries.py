@@ -116,8 +116,11 @@ def _system_bindirs() -> list[Path]:
     return dirs
 
 
-def discover(explicit: dict[int, Path] | None, runtime_dir: Path) -> dict[int, PgInstall]:
-    """Every usable major version, one install each (see the module docstring for precedence)."""
+def discover(explicit: dict[int, Path] | None, runtime_dir: Path | None) -> dict[int, PgInstall]:
+    """Every usable major version, one install each (see the module docstring for precedence).
+
+    `runtime_dir` None: only look (`argon config check`), never make the root-owned runtime copy
+    of the embedded wheel that computes run from when Argon runs as root."""
     found: dict[int, PgInstall] = {}
     for major, bindir in sorted((explicit or {}).items()):
         install = probe(Path(bindir), "explicit")
@@ -136,7 +139,7 @@ def discover(explicit: dict[int, Path] | None, runtime_dir: Path) -> dict[int, P
     if root is not None:
         install = probe(root / "bin", "embedded")
         if install is not None and install.major not in found:
-            if os.geteuid() == 0:
+            if os.geteuid() == 0 and runtime_dir is not None:
                 bindir = _runtime_copy(root, runtime_dir, install)
                 install = PgInstall(install.major, install.version, bindir, "embedded")
             found[install.major] = install
