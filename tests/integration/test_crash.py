@@ -140,3 +140,61 @@ def test_kill_9_with_stopped_compute_restarts_cleanly(argon: ArgonProcess) -> No
     with conn:
         assert conn.execute("select v from t").fetchone() == (7,)
     argon.interrupt()
+
+
+def test_a_second_up_on_the_same_data_dir_is_refused_and_touches_nothing(argon: ArgonProcess) -> None:
+    """No lock once let a second `argon up` adopt the running one's computes, fail on its ports and
+    stop them: an open transaction died. Now it stops at the data directory's lock."""
+    argon.start()
+    created = argon.api.post("/projects", json={"project": {"name": "twice"}}).json()
+    uri = created["connection_uris"][0]["connection_uri"]
+    with psycopg.connect(uri) as conn:
+        pm = postmaster_pid(argon.root)
+        conn.execute("create table t (v int)")
+        conn.execute("insert into t values (1)")  # open transaction across the second start
+        second = subprocess.run([sys.executable, "-m", "argon", "up"], capture_output=True, text=True, timeout=120,
+                                env={**argon.env, "ARGON_HTTP_PORT": str(free_port()),
+                                     "ARGON_PROXY_PORT": str(free_port())})
+        assert second.returncode != 0
+        assert "already running on" in second.stderr and str(argon.proc.pid) in second.stderr, second.stderr
+        assert "Traceback" not in second.stderr + second.stdout
+        conn.commit()
+    assert postmaster_pid(argon.root) == pm
+    with psycopg.connect(uri) as conn:
+        assert conn.execute("select count(*) from t").fetchone() == (1,)
+    # the metadata (every project's verifiers, encrypted passwords) is for Argon's user only
+    for name in ("argon.db", "argon.db-wal", "argon.db-shm"):
+        path = argon.root / "data" / name
+        if path.exists():
+            assert path.stat().st_mode & 0o077 == 0, f"{name} is {oct(path.stat().st_mode)}"
+    argon.interrupt()
+
+
+def test_a_failed_first_start_does_not_use_up_the_generated_api_key(argon: ArgonProcess) -> None:
+    """The first start generates the API key and shows it once; a start that fails (its HTTP port
+    taken) must not store a key nobody saw, or the next start has none to show."""
+    env = {k: v for k, v in argon.env.items() if k != "ARGON_API_KEY"}
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", int(env["ARGON_HTTP_PORT"])))
+        busy.listen(1)
+        failed = subprocess.run([sys.executable, "-m", "argon", "up"], capture_output=True, text=True, timeout=120,
+                                env=env)
+    assert failed.returncode != 0 and "cannot listen for HTTP" in failed.stderr, failed.stderr
+    proc = subprocess.Popen([sys.executable, "-m", "argon", "up"], env={**env, "NO_COLOR": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        assert proc.stdout is not None
+        banner = []
+        for line in proc.stdout:
+            banner.append(line)
+            if "API key" in line:
+                break
+        text = "".join(banner)
+        assert "generated now" in text, text
+        key = text.split("API key", 1)[1].split()[0]
+        assert key.startswith("argon_")
+        assert httpx.get(f"http://127.0.0.1:{env['ARGON_HTTP_PORT']}/api/v2/projects",
+                         headers={"Authorization": f"Bearer {key}"}, timeout=30).status_code == 200
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(60)

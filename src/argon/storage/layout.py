@@ -9,6 +9,8 @@ socket path is limited to 107 bytes.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import tempfile
 from pathlib import Path
@@ -93,6 +95,35 @@ class Layout:
 
     def socket_path(self, endpoint_id: str) -> Path:
         return self.socket_dir(endpoint_id) / SOCKET_NAME
+
+    def lock(self) -> int:
+        """Take the data directory for this process: an exclusive `flock` on `<data>/argon.lock`,
+        held until the returned fd is closed (or the process dies: `kill -9` frees it; computes do
+        not inherit it). A second `argon up` on the same data dir must stop here, before it adopts,
+        and then stops, the computes of the one that runs."""
+        path = self.data_dir / "argon.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise ConfigError(f"Argon is already running on {self.data_dir} (pid {holder}). Stop it first, or give "
+                              "this one its own --data-dir / ARGON_DATA_DIR") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return fd
+
+    def protect_metadata(self) -> None:
+        """The metadata database holds every project's verifiers and encrypted passwords: 0600, like
+        its -wal/-shm files (SQLite creates those with the database file's mode). Also tightens a
+        data dir created by an Argon that left them at the umask's 0644."""
+        db = self.metadata_db
+        if not db.exists():
+            os.close(os.open(db, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(db.with_name(db.name + suffix), 0o600)
 
     def init(self) -> None:
         """Create the top-level directories; refuse a data dir written by a newer Argon."""
