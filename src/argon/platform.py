@@ -113,7 +113,7 @@ class Platform:
 
         for major, install in sorted(installs.items()):
             t0 = time.monotonic()
-            self.progress(f"Preparing the PostgreSQL {install.version} template (first start only takes a second)...")
+            self.progress(f"Checking the PostgreSQL {install.version} template (built once, on the first start)...")
             plane.templates[major] = await asyncio.to_thread(
                 ensure_template, install, self.layout.templates_dir,
                 setup_sql=template_setup_sql(major), argon_os_user=plane.os_user)

@@ -222,6 +222,8 @@ def test_api_errors_are_neon_shaped(platform: RunningPlatform) -> None:
         assert resp.json()["message"]
     resp = platform.api.post("/projects", content=b"{not json", headers={"Content-Type": "application/json"})
     assert resp.status_code == 400
+    assert resp.json()["message"].startswith("invalid request: the request body is not valid JSON"), resp.text
+    assert "at character 1" in resp.json()["message"], resp.text
 
 
 def test_reveal_password_and_listing(platform: RunningPlatform, project: dict[str, Any]) -> None:

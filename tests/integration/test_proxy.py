@@ -161,14 +161,18 @@ def test_password_hack_without_endpoint(proxy: ProxyHarness) -> None:
                proxy=proxy, options=None)
 
 
-def test_wrong_password_unknown_role_and_endpoint_look_the_same(proxy: ProxyHarness, control: FakeControl) -> None:
+def test_wrong_password_unknown_role_and_endpoint_look_the_same(proxy: ProxyHarness, control: FakeControl,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
     wakes = sum(control.wakes.values())
     fails_with(FAILED.format("alice"), proxy=proxy, password="wrong")
     fails_with(FAILED.format("mallory"), proxy=proxy, user="mallory", password="whatever")
-    fails_with(FAILED.format("alice"), proxy=proxy, options="endpoint=ep-nowhere")
+    with caplog.at_level("INFO", logger="argon.proxy"):
+        fails_with(FAILED.format("alice"), proxy=proxy, options="endpoint=ep-nowhere")
     fails_with(FAILED.format("alice"), proxy=proxy, password="endpoint=ep-nowhere;x", options=None)
     fails_with(FAILED.format("alice"), proxy=proxy, password=f"endpoint={EP};wrong", options=None)
     assert sum(control.wakes.values()) == wakes  # nothing woken for a failed login
+    # the operator's log tells the two apart, the client cannot
+    assert "on ep-nowhere (no such endpoint) from" in caplog.text, caplog.text
 
 
 def test_missing_user_and_bad_endpoint_id(proxy: ProxyHarness) -> None:

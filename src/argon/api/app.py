@@ -54,6 +54,12 @@ def create_app(plane: ControlPlane, serverless: routes_serverless.Serverless | N
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         parts = []
         for err in exc.errors():
+            if err.get("type") == "json_invalid":  # loc is ("body", <character offset>)
+                at = [p for p in err.get("loc", ()) if p != "body"]
+                detail = (err.get("ctx") or {}).get("error")
+                parts.append("the request body is not valid JSON" + (f" ({detail})" if detail else "")
+                             + (f" at character {at[0]}" if at else ""))
+                continue
             loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
             parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
         return JSONResponse(error_body("invalid request: " + "; ".join(parts)), status_code=400)

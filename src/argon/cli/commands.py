@@ -105,7 +105,7 @@ def projects_create(ctx: Context, name: str | None, pg_version: int | None, regi
     p = out["project"]
     click.echo(f"Created project {click.style(p['id'], bold=True)} ({p['name']}, PostgreSQL {p['pg_version']}).")
     click.echo(f"Endpoint: {out['endpoints'][0]['id']}")
-    click.echo("Connection string (the password is shown once; `argon connection-string` reveals it again):")
+    click.echo("Connection string (it holds the password; `argon connection-string` prints it again):")
     click.echo("  " + out["connection_uris"][0]["connection_uri"])
 
 
@@ -650,8 +650,8 @@ def roles_create(ctx: Context, name: str, project_id: str | None, branch: str | 
     if ctx.output == "json":
         emit(out, "json")
         return
-    click.echo(f"Created role {out['role']['name']}; its password (shown once; "
-               f"`argon connection-string --role {name}` reveals it again):")
+    click.echo(f"Created role {out['role']['name']}; its password "
+               f"(`argon connection-string --role {name}` prints it again):")
     click.echo("  " + str(out["role"].get("password")))
 
 

@@ -36,4 +36,6 @@ def _fmt(value: Any) -> str:
         return "-"
     if isinstance(value, bool):
         return "yes" if value else "no"
+    if isinstance(value, float):  # durations in ms and the like: a table needs no 15 decimals
+        return f"{value:.1f}"
     return str(value)

@@ -152,7 +152,9 @@ async def _failed(ctx: AuthContext, route: Route, peer_ip: str) -> None:
     assert route.endpoint_id is not None and route.compute_id is not None
     ctx.throttle.record_failure(peer_ip, route.compute_id, route.user)
     delay = ctx.throttle.delay(peer_ip, route.compute_id, route.user)
-    log.info("password authentication failed for role %s on %s from %s%s", route.user, route.endpoint_id,
+    # The client cannot tell an unknown endpoint from a wrong password (no enumeration); the operator can.
+    why = "" if ctx.control.endpoint_exists(route.endpoint_id) else " (no such endpoint)"
+    log.info("password authentication failed for role %s on %s%s from %s%s", route.user, route.endpoint_id, why,
              peer_ip, f" (throttled {delay:.2f} s)" if delay else "")
     refresh = asyncio.ensure_future(ctx.control.refresh_role_secret(route.endpoint_id, route.user))
     if delay:
