@@ -198,3 +198,18 @@ def test_a_failed_first_start_does_not_use_up_the_generated_api_key(argon: Argon
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(60)
+    # Restarted on another HTTP port, with keys that exist: the CLI follows, keeping its key.
+    moved = {**env, "ARGON_HTTP_PORT": str(free_port()), "NO_COLOR": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "argon", "up"], env=moved, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if "Reconciled" in line:  # the banner's last line: it is up
+                break
+        status = subprocess.run([sys.executable, "-m", "argon", "projects", "list"], env=moved, capture_output=True,
+                                text=True, timeout=60)
+        assert status.returncode == 0, status.stderr
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(60)

@@ -116,7 +116,9 @@ def up(**flags: Any) -> None:
 
 def _print_banner(settings: Settings, info: Any) -> None:
     key = info.api_key or settings.api_key
-    config_path = write_cli_config(info.api_url, key) if key else None
+    # The URL always (a restart on another port must not leave the CLI at the old one); the key when
+    # this start knows it, else the CLI keeps the one it has.
+    config_path = write_cli_config(info.api_url, key)
     b = lambda s: click.style(s, bold=True)  # noqa: E731
     click.echo(b("Argon is up.") + f" (ready in {info.startup_ms:.0f} ms)")
     click.echo(f"  Console           {b(info.sign_in_url)}")
