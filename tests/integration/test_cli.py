@@ -145,6 +145,23 @@ def test_connection_string_forms_and_endpoint_commands(platform: RunningPlatform
     assert replica["type"] == "read_only" and replica["branch_id"] == project["branch"]["id"]
 
 
+def test_endpoint_commands_find_their_project(platform: RunningPlatform) -> None:
+    """Endpoint ids are unique: with several projects, `--project-id` is not needed for them."""
+    first, second = (platform.create_project(name=f"find-{i}") for i in range(2))
+    try:
+        ep = second["endpoints"][0]["id"]
+        assert ep in argon(platform, "endpoints", "suspend", ep).stdout
+        assert json.loads(argon(platform, "-o", "json", "events", ep).stdout)["events"] is not None
+        argon(platform, "endpoints", "update", ep, "--suspend-timeout", "60")
+        assert platform.endpoint(second["project"]["id"], ep)["suspend_timeout_seconds"] == 60
+        missing = argon(platform, "logs", "ep-no-such-endpoint-12345678", check=False)
+        assert missing.returncode != 0 and "no endpoint ep-no-such-endpoint-12345678" in missing.stderr
+        assert "Traceback" not in missing.stderr
+    finally:
+        for created in (first, second):
+            platform.delete_project(created["project"]["id"])
+
+
 def test_api_keys_create_list_use_and_revoke(platform: RunningPlatform) -> None:
     made = argon(platform, "api-keys", "create", "--name", "cli-made").stdout
     key = next(word for word in made.split() if word.startswith("argon_"))

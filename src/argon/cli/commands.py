@@ -51,7 +51,37 @@ def _default_project(ctx: Context, project_id: str | None) -> str:
                    "`argon projects create`)" if not projects else "more than one)"))
 
 
+def _all_projects(ctx: Context) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = []
+    cursor = None
+    while True:
+        params: dict[str, Any] = {"limit": 100}
+        if cursor:
+            params["cursor"] = cursor
+        page = ctx.api.get("/projects", params=params)
+        items += page["projects"]
+        cursor = page.get("pagination", {}).get("cursor")
+        if len(page["projects"]) < 100 or not cursor:
+            return items
+
+
+def _endpoint_project(ctx: Context, project_id: str | None, endpoint_id: str) -> str:
+    """The project of an endpoint: --project-id, else the only project, else the one that has it
+    (endpoint ids are unique across projects, so the id alone is enough)."""
+    if project_id:
+        return project_id
+    projects = _all_projects(ctx)
+    if len(projects) == 1:
+        return str(projects[0]["id"])
+    for project in projects:
+        if any(ep["id"] == endpoint_id for ep in ctx.api.get(f"/projects/{project['id']}/endpoints")["endpoints"]):
+            return str(project["id"])
+    raise CliError(f"no endpoint {endpoint_id} in any project" if projects else
+                   "there is no project yet: create one with `argon projects create`")
+
+
 project_option = click.option("--project-id", help="Project id (optional when there is exactly one project)")
+endpoint_project_option = click.option("--project-id", help="Project id (optional: found from the endpoint id)")
 
 
 @click.group()
@@ -63,17 +93,7 @@ def projects() -> None:
 @pass_ctx
 def projects_list(ctx: Context) -> None:
     """List projects."""
-    items: list[dict[str, Any]] = []
-    cursor = None
-    while True:
-        params: dict[str, Any] = {"limit": 100}
-        if cursor:
-            params["cursor"] = cursor
-        page = ctx.api.get("/projects", params=params)
-        items += page["projects"]
-        cursor = page.get("pagination", {}).get("cursor")
-        if len(page["projects"]) < 100 or not cursor:
-            break
+    items = _all_projects(ctx)
     emit({"projects": items}, ctx.output, columns=PROJECT_COLUMNS, rows=items)
 
 
@@ -169,7 +189,7 @@ def endpoints_list(ctx: Context, project_id: str | None) -> None:
 
 
 def _endpoint_action(ctx: Context, project_id: str | None, endpoint_id: str, action: str) -> None:
-    pid = _default_project(ctx, project_id)
+    pid = _endpoint_project(ctx, project_id, endpoint_id)
     out = ctx.api.post(f"/projects/{pid}/endpoints/{endpoint_id}/{action}")
     ep = out["endpoint"]
     emit(out, ctx.output, columns=ENDPOINT_COLUMNS, rows=[ep])
@@ -205,11 +225,11 @@ def endpoints_create(ctx: Context, project_id: str | None, branch: str | None, k
 
 @endpoints.command("delete")
 @click.argument("endpoint_id")
-@project_option
+@endpoint_project_option
 @pass_ctx
 def endpoints_delete(ctx: Context, endpoint_id: str, project_id: str | None) -> None:
     """Delete an endpoint (its compute stops; the branch and its data stay)."""
-    pid = _default_project(ctx, project_id)
+    pid = _endpoint_project(ctx, project_id, endpoint_id)
     out = ctx.api.delete(f"/projects/{pid}/endpoints/{endpoint_id}")
     if ctx.output == "json":
         emit(out, "json")
@@ -219,7 +239,7 @@ def endpoints_delete(ctx: Context, endpoint_id: str, project_id: str | None) -> 
 
 @endpoints.command("restart")
 @click.argument("endpoint_id")
-@project_option
+@endpoint_project_option
 @pass_ctx
 def endpoints_restart(ctx: Context, endpoint_id: str, project_id: str | None) -> None:
     """Restart a compute (connected clients are disconnected)."""
@@ -228,7 +248,7 @@ def endpoints_restart(ctx: Context, endpoint_id: str, project_id: str | None) ->
 
 @endpoints.command("start")
 @click.argument("endpoint_id")
-@project_option
+@endpoint_project_option
 @pass_ctx
 def endpoints_start(ctx: Context, endpoint_id: str, project_id: str | None) -> None:
     """Start a compute now (connections also start it)."""
@@ -237,7 +257,7 @@ def endpoints_start(ctx: Context, endpoint_id: str, project_id: str | None) -> N
 
 @endpoints.command("suspend")
 @click.argument("endpoint_id")
-@project_option
+@endpoint_project_option
 @pass_ctx
 def endpoints_suspend(ctx: Context, endpoint_id: str, project_id: str | None) -> None:
     """Suspend a compute now (its data stays; the next connection wakes it)."""
@@ -246,7 +266,7 @@ def endpoints_suspend(ctx: Context, endpoint_id: str, project_id: str | None) ->
 
 @endpoints.command("update")
 @click.argument("endpoint_id")
-@project_option
+@endpoint_project_option
 @click.option("--suspend-timeout", type=int, help="Seconds idle before suspending (0 = default, -1 = never)")
 @click.option("--cu", help="Compute size, e.g. 0.25, 1 or a range 0.5-2")
 @click.option("--disabled/--enabled", default=None, help="A disabled endpoint refuses connections")
@@ -254,7 +274,7 @@ def endpoints_suspend(ctx: Context, endpoint_id: str, project_id: str | None) ->
 def endpoints_update(ctx: Context, endpoint_id: str, project_id: str | None, suspend_timeout: int | None,
                      cu: str | None, disabled: bool | None) -> None:
     """Change an endpoint's settings."""
-    pid = _default_project(ctx, project_id)
+    pid = _endpoint_project(ctx, project_id, endpoint_id)
     body: dict[str, Any] = {}
     if suspend_timeout is not None:
         body["suspend_timeout_seconds"] = suspend_timeout
@@ -378,22 +398,22 @@ def psql(ctx: Context, project_id: str | None, branch: str | None, role: str | N
 
 @click.command("logs")
 @click.argument("endpoint_id")
-@project_option
+@endpoint_project_option
 @click.option("--tail", type=int, default=200, show_default=True, help="How many lines")
 @pass_ctx
 def logs(ctx: Context, endpoint_id: str, project_id: str | None, tail: int) -> None:
     """Show a compute's PostgreSQL log."""
-    pid = _default_project(ctx, project_id)
+    pid = _endpoint_project(ctx, project_id, endpoint_id)
     click.echo(ctx.api.get(f"/projects/{pid}/endpoints/{endpoint_id}/logs", params={"tail": tail}, text=True), nl=False)
 
 
 @click.command("events")
 @click.argument("endpoint_id")
-@project_option
+@endpoint_project_option
 @pass_ctx
 def events(ctx: Context, endpoint_id: str, project_id: str | None) -> None:
     """Show a compute's wakes and suspends with cold-start durations."""
-    pid = _default_project(ctx, project_id)
+    pid = _endpoint_project(ctx, project_id, endpoint_id)
     evs = ctx.api.get(f"/projects/{pid}/endpoints/{endpoint_id}/events")["events"]
     emit({"events": evs}, ctx.output, columns=[("at", "At"), ("kind", "Event"), ("duration_ms", "ms"),
                                                ("detail", "Detail")], rows=evs)
