@@ -147,9 +147,9 @@ def read_config_file() -> tuple[Path, dict[str, Any]]:
 OTHER_VARIABLES = frozenset({"ARGON_API_URL", "ARGON_CONFIG_FILE"})
 
 
-def unknown_names() -> list[str]:
-    """ARGON_* variables and config-file keys that are no setting (typos are silently ignored when
-    the settings load): each with the closest real name when there is one."""
+def unknown_names(config_path: Path, config_values: dict[str, Any]) -> list[str]:
+    """ARGON_* variables and keys of the config file (as `read_config_file` returned it) that are no
+    setting (typos are silently ignored when the settings load), each with the closest real name."""
     import difflib
 
     fields = set(Settings.model_fields)
@@ -159,10 +159,9 @@ def unknown_names() -> list[str]:
         if name.startswith("ARGON_") and name not in env_names | OTHER_VARIABLES and not name.startswith("ARGON_TEST_"):
             near = difflib.get_close_matches(name, sorted(env_names), n=1)
             out.append(f"{name} is not a setting" + (f" (did you mean {near[0]}?)" if near else ""))
-    path, values = read_config_file()
-    for key in sorted(set(values) - fields):
+    for key in sorted(set(config_values) - fields):
         near = difflib.get_close_matches(key, sorted(fields), n=1)
-        out.append(f"{key!r} in {path} is not a setting" + (f" (did you mean {near[0]!r}?)" if near else ""))
+        out.append(f"{key!r} in {config_path} is not a setting" + (f" (did you mean {near[0]!r}?)" if near else ""))
     return out
 
 

