@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import ssl
+import struct
 import sysconfig
 import threading
 import time
@@ -321,3 +323,61 @@ def test_stopping_the_proxy_closes_relayed_sessions(control: FakeControl, certs:
         with pytest.raises(psycopg.OperationalError):
             conn.execute("SELECT 1")
         conn.close()
+
+
+def raw_connection(proxy: ProxyHarness) -> socket.socket:
+    """A socket to the proxy speaking the variant's transport: TLS after an SSLRequest, or plain."""
+    sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+    if SSLMODES[id(proxy)] != "require":
+        return sock
+    sock.sendall(codec.ssl_request())
+    assert sock.recv(1) == b"S"
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx.wrap_socket(sock)
+
+
+def everything_ended(proxy: ProxyHarness) -> tuple[int, int, int, int]:
+    """What the proxy still holds for sessions: session tasks, native sessions, cancel keys, activity."""
+    async def count() -> tuple[int, int, int, int]:
+        relays = proxy.server.ctx.relays
+        return (proxy.server.sessions, relays.sessions if relays is not None else 0, len(proxy.server.cancels),
+                proxy.activity.snapshot(EP).sessions)
+
+    return proxy.call(count())
+
+
+def test_sessions_that_end_at_once_all_end(proxy: ProxyHarness, caplog: pytest.LogCaptureFixture) -> None:
+    """Logins that pipeline Terminate and hang up (half of them with a reset), beside short ordinary
+    sessions: each one ends in the proxy too. The C relay once read a session's id after the relay
+    thread could have freed it, and a session filed under a garbage id never ended: its task, cancel
+    key, activity entry and buffers stayed for good (~2% of them)."""
+    burst = (codec.startup_message({"user": "rita", "database": "rita"})
+             + codec.password_message(f"endpoint={EP};{ROLES['rita']}") + codec.terminate())
+
+    def hang_up(i: int) -> None:
+        for j in range(75):
+            with raw_connection(proxy) as sock:
+                sock.sendall(burst)
+                data = b""
+                while b"Z\x00\x00\x00\x05" not in data and (chunk := sock.recv(65536)):
+                    data += chunk
+                if j % 2:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+    def short(i: int) -> None:
+        if i < 3:
+            return hang_up(i)
+        for j in range(50):
+            with connect(proxy, autocommit=True) as conn:
+                assert conn.execute("SELECT %s::int", [j]).fetchone() == (j,)
+
+    with caplog.at_level("ERROR"):
+        errors = in_threads(short, 4, 120)
+        assert not errors, errors[0]
+        deadline = time.monotonic() + 15
+        while (held := everything_ended(proxy)) != (0, 0, 0, 0) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert held == (0, 0, 0, 0), f"(tasks, native sessions, cancel keys, activity) still held: {held}"
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")], caplog.text[-2000:]

@@ -14,7 +14,10 @@
  * the clock of Python's time.monotonic()).
  *
  * Backpressure: a write that does not complete keeps the rest in a per-side buffer, stops reading
- * the side it came from and waits for EPOLLOUT; reading resumes once the buffer is flushed. End of
+ * the side it came from and waits for EPOLLOUT; reading resumes once the buffer is flushed. A TLS
+ * client's own reads make output for it too (KeyUpdate answers, alerts): it is not read while more
+ * than TLS_OUT_CAP waits for it, or a client that sends and never reads would grow the buffer
+ * without bound. End of
  * a session: EOF or an error on either side; what is still buffered for the other side is written
  * first (the compute's last FATAL reaches the client), then both sockets are closed and the session
  * is reported on the "done" eventfd with its byte counts.
@@ -44,6 +47,7 @@
 #include <unistd.h>
 
 #define READ_CHUNK (256 * 1024)
+#define TLS_OUT_CAP (64 * 1024) /* a TLS client is not read while more than this waits for it */
 #define MAX_EVENTS 256
 #define CLIENT 0
 #define COMPUTE 1
@@ -106,7 +110,7 @@ typedef struct Session {
     size_t tls_greeting_len;
     int in_query;       /* written by the relay thread, read under the mutex */
     int in_transaction;
-    double last_activity;
+    double last_activity; /* written by the relay thread, read under the mutex: atomic */
     int draining;       /* one side ended: flush what is buffered for the other, then close */
     int dead;           /* ended; freed at the end of the current event batch */
     struct Session *next; /* in the add list or the dead list */
@@ -121,16 +125,21 @@ typedef struct {
     int epfd, wake_fd, done_fd;
     pthread_t thread;
     int running;
+    char *buf;    /* the thread's read buffer */
     char *tlsbuf; /* the thread's second buffer: plaintext out of SSL_read, ciphertext out of the BIO */
+    uint64_t *closing; /* the thread's copy of `closes`, swapped with it under the lock */
+    size_t closing_cap;
+    size_t buffered; /* bytes waiting in every session's out buffers (atomic; for stats()) */
     pthread_mutex_t lock;
     /* protected by lock */
     Session **table; /* open sessions by slot; id = generation << 24 | slot */
     uint32_t *generation;
     size_t table_size;
+    size_t live;     /* sessions in the table */
     Session *adds;   /* handed over by Python, not yet registered */
     uint64_t *closes; /* ids Python asked to end */
     size_t closes_len, closes_cap;
-    Done *done;
+    Done *done;      /* done_cap >= done_len + live: an ending session always has room for its record */
     size_t done_len, done_cap;
     int stop;
 } RelayObject;
@@ -216,11 +225,21 @@ static Session *lookup(RelayObject *r, uint64_t id) {
 }
 
 
+/* Whether side k may be read now. Not while the other side has bytes waiting (what we read would
+   pile up behind them), and not a TLS client with more than TLS_OUT_CAP waiting for it: reading it
+   can make output for it too (a KeyUpdate answer), so a client that never reads could grow that
+   buffer without bound. */
+static int may_read(const Session *s, int k) {
+    const Side *side = &s->side[k];
+    if (!side->readable || s->draining || s->side[1 - k].out_len > 0)
+        return 0;
+    return !(k == CLIENT && s->ssl != NULL && side->out_len - side->out_off > TLS_OUT_CAP);
+}
+
 static void set_mask(RelayObject *r, Session *s, int k) {
     Side *side = &s->side[k];
-    Side *other = &s->side[1 - k];
     uint32_t mask = 0;
-    if (side->readable && !s->draining && other->out_len == 0)
+    if (may_read(s, k))
         mask |= EPOLLIN;
     if (side->out_len > 0)
         mask |= EPOLLOUT;
@@ -240,6 +259,14 @@ static void set_mask(RelayObject *r, Session *s, int k) {
     side->mask = mask;
 }
 
+/* Bytes that entered (+) or left (-) the out buffers, for stats(). */
+static void account(RelayObject *r, size_t added, size_t removed) {
+    if (added)
+        __atomic_add_fetch(&r->buffered, added, __ATOMIC_RELAXED);
+    if (removed)
+        __atomic_sub_fetch(&r->buffered, removed, __ATOMIC_RELAXED);
+}
+
 /* Closing a socket with unread input makes the kernel send a reset, and a reset can make the peer
    drop what it had not read yet: the compute's last error would never reach a client whose next
    query was already on its way. Read and drop what is waiting (bounded), then close sends a FIN. */
@@ -252,6 +279,8 @@ static void discard_input(int fd) {
     }
 }
 
+/* The session ends: sockets closed, its record queued for reap(). `s` itself is freed by the caller
+   at the end of the event batch (later events of the batch may still name it; they see `dead`). */
 static void end_session(RelayObject *r, Session *s, Session **dead) {
     if (s->dead)
         return;
@@ -269,18 +298,25 @@ static void end_session(RelayObject *r, Session *s, Session **dead) {
     free(s->tls_greeting);
     s->tls_greeting = NULL;
     for (int k = 0; k < 2; k++) {
-        if (s->side[k].registered)
-            epoll_ctl(r->epfd, EPOLL_CTL_DEL, s->side[k].fd, NULL);
-        discard_input(s->side[k].fd);
-        close(s->side[k].fd);
-        free(s->side[k].out);
-        s->side[k].out = NULL;
+        Side *side = &s->side[k];
+        if (side->registered)
+            epoll_ctl(r->epfd, EPOLL_CTL_DEL, side->fd, NULL);
+        side->registered = 0;
+        discard_input(side->fd);
+        close(side->fd);
+        account(r, 0, side->out_len - side->out_off);
+        free(side->out);
+        side->out = NULL;
+        side->out_len = side->out_off = 0;
     }
     pthread_mutex_lock(&r->lock);
     size_t slot = (size_t)(s->id & 0xffffff);
-    if (slot < r->table_size && r->table[slot] == s)
+    if (slot < r->table_size && r->table[slot] == s) {
         r->table[slot] = NULL;
-    if (reserve((void **)&r->done, &r->done_cap, r->done_len, sizeof *r->done, 64) == 0)
+        r->live--;
+    }
+    /* room reserved by add(): the record of an ending session is never lost */
+    if (r->done_len < r->done_cap)
         r->done[r->done_len++] = (Done){s->id, s->side[CLIENT].bytes, s->side[COMPUTE].bytes};
     pthread_mutex_unlock(&r->lock);
     signal_fd(r->done_fd);
@@ -289,12 +325,13 @@ static void end_session(RelayObject *r, Session *s, Session **dead) {
 }
 
 /* Write what is buffered for side k. Returns 0 when done or blocked, -1 on a write error. */
-static int flush(Session *s, int k) {
+static int flush(RelayObject *r, Session *s, int k) {
     Side *side = &s->side[k];
     while (side->out_off < side->out_len) {
         ssize_t w = send(side->fd, side->out + side->out_off, side->out_len - side->out_off, MSG_NOSIGNAL);
         if (w > 0) {
             side->out_off += (size_t)w;
+            account(r, 0, (size_t)w);
         } else if (w < 0 && errno == EINTR) {
             continue;
         } else if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
@@ -309,16 +346,19 @@ static int flush(Session *s, int k) {
     return 0;
 }
 
-/* Send `n` bytes to side k, buffering what the socket does not take now. -1 on a write error. */
-static int deliver(Session *s, int k, const char *p, size_t n) {
+/* Send `n` bytes to side k, buffering what the socket does not take now. -1 on a write error.
+   Appends when side k is already blocked: initial data, and a TLS client's records (bounded by
+   may_read: one read's worth beyond TLS_OUT_CAP). */
+static int deliver(RelayObject *r, Session *s, int k, const char *p, size_t n) {
     Side *side = &s->side[k];
-    if (side->out_len > 0) { /* already blocked: append (only initial data takes this path) */
+    if (side->out_len > 0) {
         char *grown = realloc(side->out, side->out_len + n);
         if (grown == NULL)
             return -1;
         memcpy(grown + side->out_len, p, n);
         side->out = grown;
         side->out_len += n;
+        account(r, n, 0);
         return 0;
     }
     size_t done = 0;
@@ -341,6 +381,7 @@ static int deliver(Session *s, int k, const char *p, size_t n) {
         memcpy(side->out, p + done, n - done);
         side->out_len = n - done;
         side->out_off = 0;
+        account(r, n - done, 0);
     }
     return 0;
 }
@@ -355,7 +396,7 @@ static int tls_flush(RelayObject *r, Session *s) {
         int n = ossl.BIO_read(wbio, r->tlsbuf, pending < READ_CHUNK ? (int)pending : READ_CHUNK);
         if (n <= 0)
             return 0;
-        if (deliver(s, CLIENT, r->tlsbuf, (size_t)n) < 0)
+        if (deliver(r, s, CLIENT, r->tlsbuf, (size_t)n) < 0)
             return -1;
     }
 }
@@ -386,7 +427,7 @@ static int tls_receive(RelayObject *r, Session *s) {
         if (n > 0) {
             s->side[CLIENT].bytes += (uint64_t)n;
             scan(s, CLIENT, (const uint8_t *)r->tlsbuf, (size_t)n);
-            if (deliver(s, COMPUTE, r->tlsbuf, (size_t)n) < 0)
+            if (deliver(r, s, COMPUTE, r->tlsbuf, (size_t)n) < 0)
                 return -1;
             continue;
         }
@@ -398,23 +439,23 @@ static int tls_receive(RelayObject *r, Session *s) {
     }
 }
 
-static void on_event(RelayObject *r, Session *s, int k, uint32_t events, char *buf, Session **dead) {
+static void on_event(RelayObject *r, Session *s, int k, uint32_t events, Session **dead) {
     Side *side = &s->side[k];
-    Side *other = &s->side[1 - k];
     int hangup = (events & (EPOLLHUP | EPOLLERR)) != 0;
     if ((events & EPOLLOUT) || (hangup && side->out_len > 0)) {
-        if (flush(s, k) < 0) {
+        if (flush(r, s, k) < 0) {
             end_session(r, s, dead);
             return;
         }
     }
-    if ((events & EPOLLIN || hangup) && side->readable && !s->draining && other->out_len == 0) {
+    if ((events & EPOLLIN || hangup) && may_read(s, k)) {
+        char *buf = r->buf;
         ssize_t n;
         do {
             n = recv(side->fd, buf, READ_CHUNK, 0);
         } while (n < 0 && errno == EINTR);
         if (n > 0) {
-            s->last_activity = now_monotonic();
+            __atomic_store(&s->last_activity, &(double){now_monotonic()}, __ATOMIC_RELAXED);
             int rc;
             if (s->ssl != NULL && k == CLIENT) {
                 rc = ossl.BIO_write(ossl.SSL_get_rbio(s->ssl), buf, (int)n) == (int)n ? tls_receive(r, s) : -1;
@@ -426,7 +467,7 @@ static void on_event(RelayObject *r, Session *s, int k, uint32_t events, char *b
             } else {
                 side->bytes += (uint64_t)n;
                 scan(s, k, (const uint8_t *)buf, (size_t)n);
-                rc = s->ssl != NULL ? tls_send(r, s, buf, (size_t)n) : deliver(s, 1 - k, buf, (size_t)n);
+                rc = s->ssl != NULL ? tls_send(r, s, buf, (size_t)n) : deliver(r, s, 1 - k, buf, (size_t)n);
             }
             if (rc < 0) {
                 end_session(r, s, dead);
@@ -473,7 +514,7 @@ static void register_session(RelayObject *r, Session *s, Session **dead) {
     }
     /* the initial bytes were queued by Python in side[k].out; try to send them now */
     for (int k = 0; k < 2; k++) {
-        if (s->side[k].out_len > 0 && flush(s, k) < 0) {
+        if (s->side[k].out_len > 0 && flush(r, s, k) < 0) {
             end_session(r, s, dead);
             return;
         }
@@ -482,15 +523,45 @@ static void register_session(RelayObject *r, Session *s, Session **dead) {
     set_mask(r, s, 1);
 }
 
+/* The wake eventfd fired: register what Python added, end what it asked to close. Both lists are
+   taken in one critical section. A close always follows its session's add, so every id taken
+   here names a session that was registered before or is in this batch of adds. Taking the closes
+   later would let a close name a session whose add came in after the adds were taken: it would be
+   ended (and freed) while still on the add list. */
+static int on_wake(RelayObject *r, Session **dead) {
+    drain_fd(r->wake_fd);
+    pthread_mutex_lock(&r->lock);
+    Session *adds = r->adds;
+    r->adds = NULL;
+    uint64_t *closes = r->closes;
+    size_t n_closes = r->closes_len, cap = r->closes_cap;
+    r->closes = r->closing; /* the spare array, empty */
+    r->closes_cap = r->closing_cap;
+    r->closes_len = 0;
+    int stop = r->stop;
+    pthread_mutex_unlock(&r->lock);
+    r->closing = closes;
+    r->closing_cap = cap;
+    /* the list was built by prepending: registration order does not matter */
+    while (adds != NULL) {
+        Session *s = adds;
+        adds = s->next;
+        s->next = NULL;
+        register_session(r, s, dead);
+    }
+    for (size_t i = 0; i < n_closes; i++) {
+        pthread_mutex_lock(&r->lock);
+        Session *s = lookup(r, closes[i]); /* NULL once it ended, even if its slot was reused */
+        pthread_mutex_unlock(&r->lock);
+        if (s != NULL)
+            end_session(r, s, dead);
+    }
+    return stop;
+}
+
 static void *relay_main(void *arg) {
     RelayObject *r = (RelayObject *)arg;
-    char *buf = malloc(READ_CHUNK);
     struct epoll_event events[MAX_EVENTS];
-    r->tlsbuf = malloc(READ_CHUNK);
-    if (buf == NULL || r->tlsbuf == NULL) {
-        free(buf);
-        return NULL;
-    }
     for (;;) {
         int n = epoll_wait(r->epfd, events, MAX_EVENTS, -1);
         if (n < 0) {
@@ -503,35 +574,12 @@ static void *relay_main(void *arg) {
         for (int i = 0; i < n; i++) {
             uint64_t tag = events[i].data.u64;
             if (tag == WAKE_TAG) {
-                drain_fd(r->wake_fd);
-                pthread_mutex_lock(&r->lock);
-                Session *adds = r->adds;
-                r->adds = NULL;
-                stop = r->stop;
-                pthread_mutex_unlock(&r->lock);
-                /* the list was built by prepending: registration order does not matter */
-                while (adds != NULL) {
-                    Session *s = adds;
-                    adds = s->next;
-                    s->next = NULL;
-                    register_session(r, s, &dead);
-                }
-                /* closes after adds: a session closed right after its add is registered, then ended */
-                for (;;) {
-                    pthread_mutex_lock(&r->lock);
-                    Session *s = r->closes_len > 0 ? lookup(r, r->closes[--r->closes_len]) : NULL;
-                    int more = r->closes_len > 0;
-                    pthread_mutex_unlock(&r->lock);
-                    if (s != NULL)
-                        end_session(r, s, &dead);
-                    if (!more)
-                        break;
-                }
+                stop |= on_wake(r, &dead);
                 continue;
             }
             Session *s = (Session *)(uintptr_t)(tag & ~(uint64_t)1);
             if (!s->dead)
-                on_event(r, s, (int)(tag & 1), events[i].events, buf, &dead);
+                on_event(r, s, (int)(tag & 1), events[i].events, &dead);
         }
         while (dead != NULL) {
             Session *s = dead;
@@ -541,9 +589,9 @@ static void *relay_main(void *arg) {
         if (stop)
             break;
     }
-    free(buf);
     return NULL;
 }
+
 
 /* ---- the Python side ----------------------------------------------------------------------- */
 
@@ -556,6 +604,12 @@ static PyObject *Relay_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
         return NULL;
     r->epfd = r->wake_fd = r->done_fd = -1;
     pthread_mutex_init(&r->lock, NULL);
+    r->buf = malloc(READ_CHUNK);
+    r->tlsbuf = malloc(READ_CHUNK);
+    if (r->buf == NULL || r->tlsbuf == NULL) {
+        Py_DECREF(r);
+        return PyErr_NoMemory();
+    }
     r->epfd = epoll_create1(EPOLL_CLOEXEC);
     r->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     r->done_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
@@ -599,12 +653,14 @@ static void stop_thread(RelayObject *r) {
             continue;
         for (int k = 0; k < 2; k++) {
             close(s->side[k].fd);
+            account(r, 0, s->side[k].out_len - s->side[k].out_off);
             free(s->side[k].out);
         }
         free(s->tls_greeting);
         free(s);
         r->table[i] = NULL;
     }
+    r->live = 0;
     r->adds = NULL; /* its sessions are in the table */
     r->closes_len = 0;
 }
@@ -617,11 +673,13 @@ static void Relay_dealloc(RelayObject *r) {
         close(r->wake_fd);
     if (r->done_fd >= 0)
         close(r->done_fd);
+    free(r->buf);
     free(r->tlsbuf);
     free(r->table);
     free(r->generation);
     free(r->done);
     free(r->closes);
+    free(r->closing);
     pthread_mutex_destroy(&r->lock);
     Py_TYPE(r)->tp_free((PyObject *)r);
 }
@@ -713,6 +771,24 @@ static PyObject *Relay_add(RelayObject *r, PyObject *args, PyObject *kwds) {
         scan(s, 1 - k, (const uint8_t *)initial[k]->buf, (size_t)initial[k]->len);
     }
     pthread_mutex_lock(&r->lock);
+    /* room for this session's record when it ends (end_session cannot fail for want of memory) */
+    size_t need = r->done_len + r->live + 1;
+    if (need > r->done_cap) {
+        size_t cap = need < 64 ? 64 : need * 2;
+        Done *grown = realloc(r->done, cap * sizeof *grown);
+        if (grown == NULL) {
+            pthread_mutex_unlock(&r->lock);
+            for (int k = 0; k < 2; k++)
+                free(s->side[k].out);
+            free(s->tls_greeting);
+            free(s);
+            s = NULL;
+            PyErr_NoMemory();
+            goto out;
+        }
+        r->done = grown;
+        r->done_cap = cap;
+    }
     size_t slot = 0;
     while (slot < r->table_size && r->table[slot] != NULL)
         slot++;
@@ -740,13 +816,19 @@ static PyObject *Relay_add(RelayObject *r, PyObject *args, PyObject *kwds) {
         r->table_size = size;
     }
     r->generation[slot]++;
-    s->id = ((uint64_t)r->generation[slot] << 24) | slot;
+    /* the id is copied here, under the lock: once the lock is released the relay thread owns `s`
+       and may end and free it before this thread runs again */
+    uint64_t id = ((uint64_t)r->generation[slot] << 24) | slot;
+    s->id = id;
     r->table[slot] = s;
+    r->live++;
+    account(r, s->side[CLIENT].out_len + s->side[COMPUTE].out_len, 0);
     s->next = r->adds;
     r->adds = s;
+    s = NULL; /* handed over */
     pthread_mutex_unlock(&r->lock);
     signal_fd(r->wake_fd);
-    result = PyLong_FromUnsignedLongLong(s->id);
+    result = PyLong_FromUnsignedLongLong(id);
 out:
     PyBuffer_Release(&to_compute);
     PyBuffer_Release(&to_client);
@@ -759,14 +841,18 @@ static PyObject *Relay_close(RelayObject *r, PyObject *arg) {
     uint64_t id = PyLong_AsUnsignedLongLong(arg);
     if (PyErr_Occurred())
         return NULL;
-    int queued = 0;
+    int queued = 0, failed = 0;
     pthread_mutex_lock(&r->lock);
-    if (lookup(r, id) != NULL &&
-        reserve((void **)&r->closes, &r->closes_cap, r->closes_len, sizeof *r->closes, 16) == 0) {
-        r->closes[r->closes_len++] = id;
-        queued = 1;
+    if (lookup(r, id) != NULL) {
+        failed = reserve((void **)&r->closes, &r->closes_cap, r->closes_len, sizeof *r->closes, 16) < 0;
+        if (!failed) {
+            r->closes[r->closes_len++] = id;
+            queued = 1;
+        }
     }
     pthread_mutex_unlock(&r->lock);
+    if (failed)
+        return PyErr_NoMemory();
     if (queued)
         signal_fd(r->wake_fd);
     Py_RETURN_NONE;
@@ -787,7 +873,7 @@ static PyObject *Relay_state(RelayObject *r, PyObject *arg) {
     if (s != NULL) {
         in_query = __atomic_load_n(&s->in_query, __ATOMIC_RELAXED);
         in_transaction = __atomic_load_n(&s->in_transaction, __ATOMIC_RELAXED);
-        last = s->last_activity;
+        __atomic_load(&s->last_activity, &last, __ATOMIC_RELAXED);
     }
     pthread_mutex_unlock(&r->lock);
     if (s == NULL)
@@ -801,12 +887,21 @@ PyDoc_STRVAR(reap_doc,
 
 static PyObject *Relay_reap(RelayObject *r, PyObject *Py_UNUSED(ignored)) {
     drain_fd(r->done_fd);
+    /* copied out, not taken: the array's capacity is what add() reserved for sessions still open.
+       No Python call while the lock is held (a finalizer could call close() and wait on it). */
     pthread_mutex_lock(&r->lock);
-    Done *done = r->done;
     size_t n = r->done_len;
-    r->done = NULL;
-    r->done_len = r->done_cap = 0;
     pthread_mutex_unlock(&r->lock);
+    Done *done = malloc((n ? n : 1) * sizeof *done);
+    if (done == NULL)
+        return PyErr_NoMemory();
+    if (n > 0) { /* records only grow at the end until reaped */
+        pthread_mutex_lock(&r->lock);
+        memcpy(done, r->done, n * sizeof *done);
+        memmove(r->done, r->done + n, (r->done_len - n) * sizeof *done);
+        r->done_len -= n;
+        pthread_mutex_unlock(&r->lock);
+    }
     PyObject *list = PyList_New((Py_ssize_t)n);
     if (list == NULL) {
         free(done);
@@ -831,6 +926,17 @@ static PyObject *Relay_fileno(RelayObject *r, PyObject *Py_UNUSED(ignored)) {
     return PyLong_FromLong(r->done_fd);
 }
 
+PyDoc_STRVAR(stats_doc,
+             "stats() -> (sessions, buffered): open sessions, and the bytes waiting in their out buffers\n"
+             "(read from one side, not yet written to the other).");
+
+static PyObject *Relay_stats(RelayObject *r, PyObject *Py_UNUSED(ignored)) {
+    pthread_mutex_lock(&r->lock);
+    size_t live = r->live;
+    pthread_mutex_unlock(&r->lock);
+    return Py_BuildValue("(nn)", (Py_ssize_t)live, (Py_ssize_t)__atomic_load_n(&r->buffered, __ATOMIC_RELAXED));
+}
+
 static PyObject *Relay_shutdown(RelayObject *r, PyObject *Py_UNUSED(ignored)) {
     stop_thread(r);
     Py_RETURN_NONE;
@@ -841,6 +947,7 @@ static PyMethodDef Relay_methods[] = {
     {"close", (PyCFunction)Relay_close, METH_O, close_doc},
     {"state", (PyCFunction)Relay_state, METH_O, state_doc},
     {"reap", (PyCFunction)Relay_reap, METH_NOARGS, reap_doc},
+    {"stats", (PyCFunction)Relay_stats, METH_NOARGS, stats_doc},
     {"fileno", (PyCFunction)Relay_fileno, METH_NOARGS, "The eventfd that is readable when sessions ended."},
     {"shutdown", (PyCFunction)Relay_shutdown, METH_NOARGS, "Stop the thread and close every session's sockets."},
     {NULL, NULL, 0, NULL},

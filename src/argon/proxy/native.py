@@ -144,11 +144,20 @@ class NativeRelays:
         self._sessions[sid] = session
         return session
 
+    @property
+    def buffered(self) -> int:
+        """Bytes the C thread holds for sessions: read from one side, not yet written to the other."""
+        return int(self.core.stats()[1])
+
     def _reap(self) -> None:
         for sid, from_client, from_compute in self.core.reap():
             session = self._sessions.pop(sid, None)
-            if session is not None:
-                session._ended(from_client, from_compute)
+            if session is None:
+                # every id the C side reports was returned by add(): an unknown one means a session
+                # whose end is lost, and its task, cancel key and activity with it
+                log.error("the native relay reported the end of an unknown session (id %#x)", sid)
+                continue
+            session._ended(from_client, from_compute)
 
     def close(self) -> None:
         with contextlib.suppress(ValueError, OSError):
