@@ -47,7 +47,9 @@
 #include <unistd.h>
 
 #define READ_CHUNK (256 * 1024)
+#ifndef TLS_OUT_CAP
 #define TLS_OUT_CAP (64 * 1024) /* a TLS client is not read while more than this waits for it */
+#endif
 #define MAX_EVENTS 256
 #define CLIENT 0
 #define COMPUTE 1

@@ -8,7 +8,10 @@ length header (no copies, no per-message coroutine), so the relay knows where ea
 Client -> compute: a query-ish message (Q/P/B/E/F/S/D/C/H/d) marks the session busy, Terminate
 ('X') is forwarded and the compute's close then ends the session. Compute -> client: ReadyForQuery ('Z') ends the query and
 its status byte says whether a transaction is open. That feeds `SessionActivity`, the input of
-the suspend decision. Backpressure: a full write buffer on one side pauses reading on the other.
+the suspend decision. Backpressure: a full write buffer on one side pauses reading on the other;
+a TLS client is also not read while its own write buffer is full, since reading it makes output for
+it (KeyUpdate answers): a client that sends and never reads would otherwise grow that buffer without
+bound. (uvloop's SSL transport, paused, stops decrypting and then reading the socket.)
 """
 
 from __future__ import annotations
@@ -44,12 +47,10 @@ class _Half(asyncio.Protocol):
         self.terminated = False  # the client sent Terminate
 
     def pause_writing(self) -> None:  # our transport's buffer is full: stop reading what fills it
-        if self.peer is not None and not self.peer.is_closing():
-            self.peer.pause_reading()
+        self.relay._write_buffer_full(self, True)
 
     def resume_writing(self) -> None:
-        if self.peer is not None and not self.peer.is_closing():
-            self.peer.resume_reading()
+        self.relay._write_buffer_full(self, False)
 
     def eof_received(self) -> bool:
         return False  # close our transport; connection_lost then closes the peer
@@ -145,6 +146,9 @@ class Relay:
         # typed loosely: uvloop's transports are not subclasses of asyncio.Transport
         self.client.transport = self.compute.peer = client  # type: ignore[assignment]
         self.compute.transport = self.client.peer = compute  # type: ignore[assignment]
+        self._client_tls = client.get_extra_info("ssl_object") is not None
+        self._full: set[_Half] = set()  # halves whose transport's write buffer is over its high-water mark
+        self._paused: set[_Half] = set()  # halves whose transport we stopped reading
 
     def start(self, client_pending: bytes = b"", compute_pending: bytes = b"", *,
               client_lost: bool = False, compute_lost: bool = False) -> None:
@@ -174,6 +178,26 @@ class Relay:
         for half in (self.client, self.compute):
             if half.transport is not None:
                 half.transport.close()
+
+    def _write_buffer_full(self, half: _Half, full: bool) -> None:
+        """Flow control: read a transport only while what it feeds can be written. The client
+        feeds the compute, and, with TLS, itself too (records its reads make, like KeyUpdate
+        answers); the compute feeds the client."""
+        if full:
+            self._full.add(half)
+        else:
+            self._full.discard(half)
+        client_blocked = self.compute in self._full or (self._client_tls and self.client in self._full)
+        for reader, blocked in ((self.client, client_blocked), (self.compute, self.client in self._full)):
+            transport = reader.transport
+            if transport is None or transport.is_closing() or blocked == (reader in self._paused):
+                continue
+            if blocked:
+                self._paused.add(reader)
+                transport.pause_reading()
+            else:
+                self._paused.discard(reader)
+                transport.resume_reading()
 
     def _half_closed(self) -> None:
         if self.client.closed and self.compute.closed and not self.done.done():
