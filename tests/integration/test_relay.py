@@ -5,13 +5,10 @@ backpressure, pipelining, the activity the suspend policy reads, every way a ses
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import os
 import shutil
 import socket
-import ssl
-import struct
 import sysconfig
 import threading
 import time
@@ -26,6 +23,7 @@ from argon.proxy.handshake import MessageStream
 from argon.proxy.tls import TlsConfig, TlsFiles, ensure_certificates
 from argon.wire import codec
 from tests.fixtures.fake_control import FakeControl, ProxyHarness
+from tests.fixtures.raw_client import KeyUpdates, RawClient, login
 from tests.fixtures.scratch_pg import ScratchPostgres, scratch_pg  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.pg
@@ -327,23 +325,6 @@ def test_stopping_the_proxy_closes_relayed_sessions(control: FakeControl, certs:
         conn.close()
 
 
-def raw_connection(proxy: ProxyHarness, rcvbuf: int = 0) -> socket.socket:
-    """A socket to the proxy speaking the variant's transport: TLS after an SSLRequest, or plain."""
-    sock = socket.socket()
-    if rcvbuf:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    sock.settimeout(10)
-    sock.connect(("127.0.0.1", proxy.port))
-    if SSLMODES[id(proxy)] != "require":
-        return sock
-    sock.sendall(codec.ssl_request())
-    assert sock.recv(1) == b"S"
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    return ctx.wrap_socket(sock)
-
-
 def everything_ended(proxy: ProxyHarness) -> tuple[int, int, int, int]:
     """What the proxy still holds for sessions: session tasks, native sessions, cancel keys, activity."""
     async def count() -> tuple[int, int, int, int]:
@@ -355,24 +336,21 @@ def everything_ended(proxy: ProxyHarness) -> tuple[int, int, int, int]:
 
 
 def test_sessions_that_end_at_once_all_end(proxy: ProxyHarness, caplog: pytest.LogCaptureFixture) -> None:
-    """Logins that pipeline Terminate and hang up (half of them with a reset), beside short ordinary
-    sessions: each one ends in the proxy too. The C relay once read a session's id after the relay
-    thread could have freed it, and a session filed under a garbage id never ended: its task, cancel
-    key, activity entry and buffers stayed for good (~2% of them)."""
-    burst = (codec.startup_message({"user": "rita", "database": "rita"})
-             + codec.password_message(f"endpoint={EP};{ROLES['rita']}") + codec.terminate())
+    """Logins that pipeline Terminate and hang up once answered (half of them with a reset), beside
+    short ordinary sessions: each one ends in the proxy too. The C relay once read a session's id
+    after the relay thread could have freed it, and a session filed under a garbage id never ended:
+    its task, cancel key, activity entry and buffers stayed for good (~1-2% of them)."""
+    tls = SSLMODES[id(proxy)] == "require"
 
     def hang_up(i: int) -> None:
         for j in range(75):
-            with raw_connection(proxy) as sock:
-                sock.sendall(burst)
-                data = b""
-                while b"Z\x00\x00\x00\x05" not in data and (chunk := sock.recv(65536)):
-                    data += chunk
+            with RawClient(proxy.port, tls=tls) as client:
+                client.send(login("rita", ROLES["rita"], EP) + codec.terminate())
+                client.until_ready()
                 if j % 2:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    client.reset()
 
-    def short(i: int) -> None:
+    def work(i: int) -> None:
         if i < 3:
             return hang_up(i)
         for j in range(50):
@@ -380,63 +358,13 @@ def test_sessions_that_end_at_once_all_end(proxy: ProxyHarness, caplog: pytest.L
                 assert conn.execute("SELECT %s::int", [j]).fetchone() == (j,)
 
     with caplog.at_level("ERROR"):
-        errors = in_threads(short, 4, 120)
+        errors = in_threads(work, 4, 120)
         assert not errors, errors[0]
         deadline = time.monotonic() + 15
         while (held := everything_ended(proxy)) != (0, 0, 0, 0) and time.monotonic() < deadline:
             time.sleep(0.05)
     assert held == (0, 0, 0, 0), f"(tasks, native sessions, cancel keys, activity) still held: {held}"
     assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")], caplog.text[-2000:]
-
-
-
-
-class KeyUpdates:
-    """A TLS 1.3 client that asks for key updates and never reads the answers. Python's ssl does not
-    expose SSL_key_update, so it is called through ctypes on the OpenSSL `_ssl` is linked to, with
-    this connection's own `SSL *` (found as the C relay finds it, checked by the same back pointer).
-    The records are made into a memory BIO and sent in large writes: the proxy, not this client,
-    should be the bottleneck."""
-
-    def __init__(self, sock: ssl.SSLSocket) -> None:
-        import _ssl
-
-        assert sock.version() == "TLSv1.3"
-        self.sock = sock
-        lib = ctypes.CDLL(_ssl.__file__)  # dlsym searches its dependencies: the libssl it uses
-        p, i = ctypes.c_void_p, ctypes.c_int
-        for name, res, args in (("SSL_key_update", i, [p, i]), ("SSL_do_handshake", i, [p]),
-                                ("SSL_get_ex_data", p, [p, i]), ("SSL_set0_wbio", None, [p, p]),
-                                ("BIO_s_mem", p, []), ("BIO_new", p, [p]), ("BIO_read", i, [p, p, i])):
-            fn = getattr(lib, name)
-            fn.restype, fn.argtypes = res, args
-        self.lib = lib
-        obj = sock._sslobj  # type: ignore[attr-defined]  # _ssl._SSLSocket: head, socket weakref, SSL *
-        self.ssl = p.from_address(id(obj) + object.__basicsize__ + ctypes.sizeof(p)).value
-        assert self.ssl and lib.SSL_get_ex_data(self.ssl, 0) == id(obj), "not the SSL * of this socket"
-
-    def flood(self, total: int, stall: float = 2.0) -> int:
-        """Send KeyUpdate requests (27 bytes each) until `total` bytes went out, or the proxy took
-        nothing for `stall` seconds. The bytes sent. The connection cannot write anything after."""
-        lib, ssl_ = self.lib, self.ssl
-        wbio = lib.BIO_new(lib.BIO_s_mem())
-        lib.SSL_set0_wbio(ssl_, wbio)  # the SSL owns it from here
-        buf = ctypes.create_string_buffer(1 << 16)
-        sent = 0
-        with socket.socket(fileno=os.dup(self.sock.fileno())) as raw:
-            raw.settimeout(stall)
-            while sent < total:
-                for _ in range(2000):
-                    assert lib.SSL_key_update(ssl_, 1) == 1  # SSL_KEY_UPDATE_REQUESTED
-                    assert lib.SSL_do_handshake(ssl_) == 1  # written to the memory BIO
-                while (n := lib.BIO_read(wbio, buf, len(buf))) > 0:
-                    try:
-                        raw.sendall(buf.raw[:n])
-                    except TimeoutError:
-                        return sent
-                    sent += n
-        return sent
-
 
 def held_by_relays(proxy: ProxyHarness) -> int:
     """Bytes the proxy holds in relayed sessions' buffers: the C thread's, or the Python relay's
@@ -464,15 +392,11 @@ def test_a_tls_client_that_never_reads_cannot_grow_the_proxy(proxy: ProxyHarness
     the first few MB (at most tcp_wmem's maximum, 4 MB by default), hence the 8 MB sent."""
     if SSLMODES[id(proxy)] != "require":
         pytest.skip("TLS only")
-    burst = (codec.startup_message({"user": "rob", "database": "rob"})
-             + codec.password_message(f"endpoint={EP};{ROLES['rob']}"))
-    with raw_connection(proxy, rcvbuf=4096) as sock:  # a small window: the client's kernel takes little
-        sock.sendall(burst)
-        data = b""
-        while b"Z\x00\x00\x00\x05" not in data:
-            data += sock.recv(65536)
+    with RawClient(proxy.port, tls=True, rcvbuf=4096) as client:  # a small window: the client's kernel takes little
+        client.send(login("rob", ROLES["rob"], EP))
+        client.until_ready()
         wait_for(lambda: relayed_natively(proxy) == (1 if native_expected(proxy) else 0))
-        sent = KeyUpdates(sock).flood(8 << 20, stall=1.0)  # type: ignore[arg-type]
+        sent = KeyUpdates(client.sock).flood(8 << 20, stall=1.0)  # type: ignore[arg-type]
         held = held_by_relays(proxy)
     assert held < 1536 << 10, f"the proxy holds {held} bytes for a client that sent {sent} and read none"
     wait_for(lambda: everything_ended(proxy) == (0, 0, 0, 0), timeout=10)
