@@ -1,8 +1,22 @@
-"""The Postgres listener: owns the socket, accepts, and runs one `Session` task per client.
+"""The Postgres listeners: own the sockets, accept, admit, and run one `Session` task per client.
 
 The listening socket is ours (not `loop.create_server`) because TLS negotiation must look at the
-first byte before any transport exists (see `handshake`). `stop()` closes the listener, then every
+first byte before any transport exists (see `handshake`). `stop()` closes the listeners, then every
 session (handshakes and relays alike) and waits for them.
+
+Admission (`Limits`), because anyone can reach this port and every connection costs a descriptor
+in the one process that also serves the API and the control plane:
+- connections that have not authenticated yet are capped globally and per client (an IPv4
+  address or an IPv6 /64), and each has one short deadline for everything before authentication;
+- all sessions together stay within a descriptor budget: the soft RLIMIT_NOFILE (raised to the
+  hard limit at start, `platform.raise_fd_limit`) minus a reserve for the API, the control plane
+  and the computes' files;
+- a connection over a limit gets one ErrorResponse and is closed at once, without being read.
+An `accept()` that fails never ends the loop: EMFILE/ENFILE back off, anything else is logged.
+
+The internal listener is a Unix socket in a private 0700 directory, for the platform's own
+connections (SQL over HTTP's backends): authenticated by one-time tokens (`auth.InternalTokens`),
+never counted as strangers.
 """
 
 from __future__ import annotations
@@ -11,28 +25,66 @@ import asyncio
 import contextlib
 import errno
 import logging
+import os
+import resource
+import shutil
 import socket
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
 from typing import Literal
 
+from argon.errors import ConfigError
 from argon.proxy.activity import ActivityRegistry
+from argon.proxy.auth import Credentials
 from argon.proxy.cancel import CancelMap
 from argon.proxy.control_client import ControlClient
 from argon.proxy.native import make_relays
-from argon.proxy.session import Session, SessionContext, Tunnel
-from argon.proxy.throttle import PasswordChecks, Throttle
+from argon.proxy.session import PRE_AUTH_TIMEOUT, Session, SessionContext, Tunnel
+from argon.proxy.throttle import PasswordChecks, Throttle, client_key
 from argon.proxy.tls import TlsConfig
+from argon.wire import codec
 
 log = logging.getLogger(__name__)
 
 PlaintextPolicy = Literal["loopback", "always", "never"]
 RelayMode = Literal["auto", "native", "python"]
 
+# Postgres' own text when it cannot take another connection (SQLSTATE 53300 there; XX000 here, as
+# every proxy-made error): what libpq users recognise.
+TOO_MANY_CLIENTS = "sorry, too many clients already"
+_RETRY_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EINTR, errno.EAGAIN, errno.EPERM})
+_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_SESSION_FDS = 2  # a client socket and its compute connection
+_TUNNEL_FDS = 3  # the bridged end, the bridge's own end and the compute connection
+_MAX_SOCKET_PATH = 107
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the proxy admits. Defaults fit a small machine; `fd_reserve` is kept for everything else."""
+
+    max_unauthenticated: int = 1024
+    max_unauthenticated_per_client: int = 64  # an IPv4 address or an IPv6 /64
+    pre_auth_timeout: float = PRE_AUTH_TIMEOUT
+    fd_reserve: int = 256
+
+
+def fd_budget(reserve: int) -> int:
+    """Descriptors the proxy's sessions may use: the soft limit now, less `reserve`."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    return max(64, soft - reserve)
+
 
 class ProxyServer:
     def __init__(self, *, host: str, port: int, control: ControlClient, activity: ActivityRegistry,
                  tls: TlsConfig | None, server_secret: bytes, plaintext: PlaintextPolicy = "loopback",
                  domain: str | None = None, forward_all_params: bool = False,
-                 throttle: Throttle | None = None, relay: RelayMode = "auto") -> None:
+                 throttle: Throttle | None = None, relay: RelayMode = "auto", limits: Limits | None = None,
+                 internal_socket: bool = True) -> None:
         if plaintext not in ("loopback", "always", "never"):
             raise ValueError(f"plaintext must be loopback, always or never, not {plaintext!r}")
         if relay not in ("auto", "native", "python"):
@@ -40,14 +92,25 @@ class ProxyServer:
         self.relay_mode = relay
         self.host = host
         self._requested_port = port
+        self.limits = limits or Limits()
         self.cancels = CancelMap()
         self.ctx = SessionContext(control=control, activity=activity, tls=tls, server_secret=server_secret,
                                   plaintext=plaintext, domain=domain.lower().rstrip(".") if domain else None,
                                   forward_all_params=forward_all_params, cancels=self.cancels,
-                                  throttle=throttle or Throttle(), password_checks=PasswordChecks())
+                                  throttle=throttle or Throttle(), password_checks=PasswordChecks(),
+                                  pre_auth_timeout=self.limits.pre_auth_timeout)
+        self._want_internal = internal_socket
         self._sock: socket.socket | None = None
-        self._accept_task: asyncio.Task[None] | None = None
+        self._internal: socket.socket | None = None
+        self.internal_dir: str | None = None  # where the internal socket is (libpq's `host`), once started
+        self._tasks: list[asyncio.Task[None]] = []
         self._sessions: set[asyncio.Task[None]] = set()
+        self._unauthenticated: Counter[str] = Counter()  # client key -> connections not yet authenticated
+        self._strangers = 0
+        self._fds = 0  # descriptors held by sessions (estimated per kind of session)
+        self.fd_budget = 0
+        self.refused: Counter[str] = Counter()  # why connections were refused (tests, logs)
+        self._last_refusal_log = 0.0
 
     @property
     def port(self) -> int:
@@ -64,9 +127,14 @@ class ProxyServer:
     def sessions(self) -> int:
         return len(self._sessions)
 
+    @property
+    def unauthenticated(self) -> int:
+        return self._strangers
+
     async def start(self) -> None:
-        infos = await asyncio.get_running_loop().getaddrinfo(
-            self.host or None, self._requested_port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(self.host or None, self._requested_port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
         family, _, _, _, address = infos[0]
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
@@ -80,20 +148,54 @@ class ProxyServer:
             sock.close()
             raise
         self._sock = sock
+        self.fd_budget = fd_budget(self.limits.fd_reserve)
         self.ctx.relays = make_relays(self.relay_mode)
-        self._accept_task = asyncio.get_running_loop().create_task(self._accept_loop(), name="proxy-accept")
+        self._tasks.append(loop.create_task(self._accept_loop(sock, internal=False), name="proxy-accept"))
+        if self._want_internal:
+            self._start_internal()
         tls = "TLS" if self.ctx.tls is not None else "no TLS"
-        log.info("Postgres proxy listening on %s:%d (%s, plaintext %s, %s relay)", self.host, self.port, tls,
-                 self.ctx.plaintext, self.relay_name)
+        log.info("Postgres proxy listening on %s:%d (%s, plaintext %s, %s relay; at most %d unauthenticated "
+                 "connections, %d per client, %.0f s to authenticate; descriptors for sessions: %d)",
+                 self.host, self.port, tls, self.ctx.plaintext, self.relay_name, self.limits.max_unauthenticated,
+                 self.limits.max_unauthenticated_per_client, self.limits.pre_auth_timeout, self.fd_budget)
+
+    def _start_internal(self) -> None:
+        base = tempfile.gettempdir()
+        if len(base) + 40 > _MAX_SOCKET_PATH:
+            base = "/tmp"
+        directory = tempfile.mkdtemp(prefix="argon-px-", dir=base)  # 0700, ours alone
+        path = os.path.join(directory, f".s.PGSQL.{self.port}")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(path)
+            sock.listen(256)
+            sock.setblocking(False)
+        except OSError as exc:
+            sock.close()
+            shutil.rmtree(directory, ignore_errors=True)
+            raise ConfigError(f"cannot create the proxy's internal socket in {directory}: {exc.strerror or exc}. "
+                              "Point TMPDIR at a writable directory with a short path") from None
+        self._internal = sock
+        self.internal_dir = directory
+        self._tasks.append(asyncio.get_running_loop().create_task(self._accept_loop(sock, internal=True),
+                                                                  name="proxy-accept-internal"))
+
+    def issue_token(self, creds: Credentials) -> str:
+        """A one-time password for a connection on the internal socket standing for `creds`."""
+        return self.ctx.auth.tokens.issue(creds)
 
     async def stop(self) -> None:
-        if self._accept_task is not None:
-            self._accept_task.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._accept_task
-            self._accept_task = None
-        if self._sock is not None:
-            self._sock.close()
+                await task
+        self._tasks.clear()
+        for sock in (self._sock, self._internal):
+            if sock is not None:
+                sock.close()
+        if self.internal_dir is not None:
+            shutil.rmtree(self.internal_dir, ignore_errors=True)
         for task in list(self._sessions):
             task.cancel()
         if self._sessions:
@@ -101,32 +203,97 @@ class ProxyServer:
         if self.ctx.relays is not None:
             self.ctx.relays.close()
             self.ctx.relays = None
+        self.ctx.auth.close()
         self.ctx.password_checks.close()
 
-    def serve_tunnel(self, sock: socket.socket, peer_ip: str, tunnel: Tunnel) -> asyncio.Task[None]:
-        """Serve a socket bridged from another transport (a WebSocket) as a session; `stop()` ends it too."""
-        task = asyncio.get_running_loop().create_task(Session(self.ctx, sock, peer_ip, tunnel).run())
+    def serve_tunnel(self, sock: socket.socket, peer_ip: str, tunnel: Tunnel) -> asyncio.Task[None] | None:
+        """Serve a socket bridged from another transport (a WebSocket) as a session; `stop()` ends it too.
+        None when the connection was refused (it got an ErrorResponse and was closed)."""
+        return self._admit(sock, peer_ip, tunnel, _TUNNEL_FDS)
+
+    def _admit(self, sock: socket.socket, peer_ip: str, tunnel: Tunnel | None, fds: int) -> asyncio.Task[None] | None:
+        internal = tunnel is not None and tunnel.internal
+        if self._fds + fds > self.fd_budget:
+            return self._refuse(sock, peer_ip, "descriptor budget")
+        key = client_key(peer_ip)
+        if not internal:
+            if self._strangers >= self.limits.max_unauthenticated:
+                return self._refuse(sock, peer_ip, "unauthenticated connections")
+            if self._unauthenticated[key] >= self.limits.max_unauthenticated_per_client:
+                return self._refuse(sock, peer_ip, "unauthenticated connections per client")
+            self._strangers += 1
+            self._unauthenticated[key] += 1
+
+        def authenticated() -> None:
+            if internal:
+                return
+            self._strangers -= 1
+            self._unauthenticated[key] -= 1
+            if not self._unauthenticated[key]:
+                del self._unauthenticated[key]
+
+        self._fds += fds
+        try:
+            session = Session(self.ctx, sock, peer_ip, tunnel, on_authenticated=authenticated)
+            task = asyncio.get_running_loop().create_task(session.run())
+        except BaseException:
+            self._fds -= fds
+            authenticated()
+            sock.close()
+            raise
         self._sessions.add(task)
-        task.add_done_callback(self._sessions.discard)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._sessions.discard(t)
+            self._fds -= fds
+
+        task.add_done_callback(done)
         return task
 
-    async def _accept_loop(self) -> None:
+    def _refuse(self, sock: socket.socket, peer_ip: str, why: str) -> None:
+        self.refused[why] += 1
+        with contextlib.suppress(OSError):
+            sock.send(codec.error_response(TOO_MANY_CLIENTS))  # best effort, never waits
+        sock.close()
+        now = time.monotonic()
+        if now - self._last_refusal_log > 10:
+            self._last_refusal_log = now
+            log.warning("refusing connections (latest from %s: too many %s); refused so far: %s", peer_ip or "?",
+                        why, dict(self.refused))
+        return None
+
+    async def _accept_loop(self, listener: socket.socket, *, internal: bool) -> None:
         loop = asyncio.get_running_loop()
-        assert self._sock is not None
+        backoff = 0.01
         while True:
             try:
-                conn, peer = await loop.sock_accept(self._sock)
-            except OSError as exc:  # EMFILE / ENFILE / ENOBUFS: back off instead of spinning
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.warning("accept failed (%s); retrying in 100 ms", exc.strerror)
-                    await asyncio.sleep(0.1)
-                    continue
-                if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
-                    continue
+                conn, peer = await loop.sock_accept(listener)
+            except asyncio.CancelledError:
                 raise
-            conn.setblocking(False)
-            with contextlib.suppress(OSError):
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            task = loop.create_task(Session(self.ctx, conn, str(peer[0])).run())
-            self._sessions.add(task)
-            task.add_done_callback(self._sessions.discard)
+            except OSError as exc:
+                if exc.errno in _RETRY_ERRNOS:
+                    continue
+                if exc.errno in _RESOURCE_ERRNOS:  # out of descriptors or memory: let sessions end first
+                    log.warning("accept failed (%s); retrying in %.0f ms", exc.strerror, backoff * 1000)
+                else:
+                    log.error("accept failed unexpectedly (%r); retrying in %.0f ms", exc, backoff * 1000)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
+                continue
+            except Exception:
+                log.exception("accept failed unexpectedly; retrying in %.0f ms", backoff * 1000)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
+                continue
+            backoff = 0.01
+            try:
+                conn.setblocking(False)
+                if internal:
+                    self._admit(conn, "internal", Tunnel(None, secure=True, internal=True), _TUNNEL_FDS)
+                else:
+                    with contextlib.suppress(OSError):
+                        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    self._admit(conn, str(peer[0]), None, _SESSION_FDS)
+            except Exception:
+                log.exception("admitting a connection failed")
+                conn.close()

@@ -15,6 +15,7 @@ import logging
 import socket
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -22,7 +23,6 @@ from argon.errors import ArgonError
 from argon.proxy import routing
 from argon.proxy.activity import ActivityRegistry, SessionActivity
 from argon.proxy.auth import (
-    AUTH_TIMEOUT,
     AuthContext,
     AuthFailed,
     Credentials,
@@ -41,7 +41,11 @@ from argon.wire.codec import CancelRequest, ProtocolViolation, StartupMessage
 
 log = logging.getLogger(__name__)
 
-HANDSHAKE_TIMEOUT = 15.0
+# One deadline for everything before authentication (TLS, startup packet, the whole exchange, the
+# throttle's waits): a client that has not proven itself by then is dropped ("Authentication timed
+# out" once the exchange began). Neon allows 15 s for the handshake and 15 s more for SCRAM; a
+# silent connection costs a descriptor, so ours is one shorter budget.
+PRE_AUTH_TIMEOUT = 10.0
 CONNECT_ATTEMPTS = 5
 CONNECT_TIMEOUT = 10.0  # per compute login (socket + SCRAM + greeting)
 INSECURE = "connection is insecure (try using `sslmode=require`)"
@@ -65,6 +69,7 @@ class SessionContext:
     throttle: Throttle
     password_checks: PasswordChecks
     relays: NativeRelays | None = None  # the C relay thread, when it runs
+    pre_auth_timeout: float = PRE_AUTH_TIMEOUT
 
     def __post_init__(self) -> None:
         self.auth = AuthContext(self.control, self.server_secret, self.throttle, self.password_checks)
@@ -96,6 +101,7 @@ class Tunnel:
 
     endpoint_id: str | None
     secure: bool
+    internal: bool = False  # the proxy's internal socket: the password is a token (`auth.InternalTokens`)
 
 
 def plaintext_allowed(policy: str, peer_ip: str) -> bool:
@@ -116,19 +122,31 @@ def _frame(msg_type: str, payload: bytes) -> bytes:
 
 
 class Session:
-    def __init__(self, ctx: SessionContext, sock: socket.socket, peer_ip: str, tunnel: Tunnel | None = None) -> None:
+    """`on_authenticated` is called once, when the client has proven itself (or at the end, if it
+    never does): the server counts unauthenticated connections with it."""
+
+    def __init__(self, ctx: SessionContext, sock: socket.socket, peer_ip: str, tunnel: Tunnel | None = None,
+                 on_authenticated: Callable[[], None] | None = None) -> None:
         self.ctx = ctx
         self.sock = sock
         self.peer_ip = peer_ip
         self.tunnel = tunnel
         self.started = time.monotonic()
         self.endpoint_id: str | None = None
+        self._on_authenticated = on_authenticated
+        self._deadline = asyncio.get_running_loop().time() + ctx.pre_auth_timeout
+
+    def _authenticated(self) -> None:
+        callback, self._on_authenticated = self._on_authenticated, None
+        if callback is not None:
+            callback()
 
     async def run(self) -> None:
         stream: MessageStream | None = None
         try:
             tunnel = self.tunnel
-            hello = await asyncio.wait_for(negotiate(self.sock, None if tunnel else self.ctx.tls), HANDSHAKE_TIMEOUT)
+            async with asyncio.timeout_at(self._deadline):
+                hello = await negotiate(self.sock, None if tunnel else self.ctx.tls)
             stream = hello.stream
             if isinstance(hello.packet, CancelRequest):
                 await self.ctx.cancels.cancel(hello.packet.pid, hello.packet.secret)
@@ -150,6 +168,7 @@ class Session:
             if stream is not None:
                 self._fail(stream, "Internal error")
         finally:
+            self._authenticated()
             if stream is not None and stream.transport is not None:
                 stream.transport.close()
 
@@ -167,10 +186,12 @@ class Session:
         route = routing.resolve(startup.params, served.server_name if served else None, ctx.domain,
                                 host_endpoint=tunnel.endpoint_id if tunnel else None)
         try:
-            creds = await asyncio.wait_for(authenticate(ctx.auth, stream, route, served, self.peer_ip,
-                                                        cleartext=tunnel is not None), AUTH_TIMEOUT)
+            async with asyncio.timeout_at(self._deadline):
+                creds = await authenticate(ctx.auth, stream, route, served, self.peer_ip,
+                                           cleartext=tunnel is not None, internal=tunnel is not None and tunnel.internal)
         except TimeoutError:
             raise AuthFailed("Authentication timed out") from None
+        self._authenticated()
         endpoint_id = creds.route.endpoint_id
         assert endpoint_id is not None and creds.route.compute_id is not None
         self.endpoint_id = endpoint_id

@@ -4,7 +4,9 @@ Each WebSocket is joined to one end of a `socketpair`; the proxy serves the othe
 ordinary session in its tunnel flavour (`session.Tunnel`): no TLS inside (SSLRequest gets 'N'),
 a cleartext password request (the driver pipelines startup, password and first query in one
 burst; the session reads one message at a time and keeps what follows), the WebSocket client's
-IP for the plaintext policy and throttling, and the endpoint named by `?address=` or `Host`.
+IP for the plaintext policy, throttling and the proxy's caps on unauthenticated connections (a
+refused one reads the proxy's ErrorResponse, then the end), and the endpoint named by `?address=`
+or `Host`.
 Binary frames carry the byte stream with arbitrary boundaries; a text frame ends the connection
 (reference/neon-proxy.md §6.2); each chunk the session writes becomes one binary frame.
 """
@@ -53,7 +55,8 @@ async def serve(ws: WebSocket, proxy: ProxyServer) -> None:
         reader, writer = await asyncio.open_connection(sock=ours)
     except BaseException:
         ours.close()
-        session.cancel()
+        if session is not None:
+            session.cancel()
         raise
     up = asyncio.ensure_future(_client_to_session(ws, writer))
     down = asyncio.ensure_future(_session_to_client(reader, ws))
