@@ -7,7 +7,7 @@ import json
 import pytest
 
 from argon.proxy import sql_over_http as sql
-from argon.proxy.http_sql import _proxy_message, internal_sslmode
+from argon.proxy.http_sql import _proxy_message
 from argon.proxy.routing import NO_ENDPOINT, endpoint_from_host, resolve
 from argon.proxy.websocket import tunnel_endpoint
 
@@ -136,11 +136,7 @@ def test_websocket_and_host_routing() -> None:
     assert route.endpoint_id == EP
 
 
-def test_internal_path_and_libpq_messages() -> None:
-    assert internal_sslmode("loopback", "127.0.0.1") == "disable"
-    assert internal_sslmode("loopback", "10.1.2.3") == "require"
-    assert internal_sslmode("never", "127.0.0.1") == "require"
-    assert internal_sslmode("always", "10.1.2.3") == "disable"
+def test_libpq_messages() -> None:
     libpq = ('connection failed: connection to server at "127.0.0.1", port 5432 failed: '
              "ERROR:  password authentication failed for user 'u'\n")
     assert _proxy_message(libpq) == "password authentication failed for user 'u'"

@@ -1,6 +1,8 @@
 """The SQL editor's runner: one query, as a chosen role, through the proxy like any client.
 
-A run opens its own connection and closes it right after: an idle session left open would block
+A run happens on one of a few threads of its own, with a blocking connection: libpq computes the
+SCRAM proof there (PBKDF2 over the role's iteration count, which the tenant chooses), never on
+the event loop that serves everything else. It opens its own connection and closes it right after: an idle session left open would block
 statements that need a database to themselves (Django's `CREATE DATABASE … TEMPLATE`, `DROP
 DATABASE`). Values come back as Postgres writes them (every column is read as text), so a boolean
 shows `t`/`true` as psql would rather than Python's `True`. At most `MAX_ROWS` rows are kept.
@@ -8,6 +10,8 @@ shows `t`/`true` as psql would rather than Python's `True`. At most `MAX_ROWS` r
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +27,9 @@ MAX_CELL = 200  # characters shown in a cell; the whole value is in its title (u
 MAX_TITLE = 4000
 STATEMENT_TIMEOUT = "30s"
 CONNECT_TIMEOUT = 60  # seconds: the first connection may wake a suspended compute
+RUNNERS = 4  # editor queries running at once; more wait for a thread
+
+_runners = concurrent.futures.ThreadPoolExecutor(max_workers=RUNNERS, thread_name_prefix="argon-console-sql")
 
 
 @dataclass(frozen=True)
@@ -92,9 +99,14 @@ def _error(exc: psycopg.Error, query: str) -> QueryError:
 
 
 async def run(settings: Settings, params: ConnectionParameters, query: str) -> QueryResult | QueryError:
+    """Run `query` on a console thread (see the module docstring)."""
+    return await asyncio.get_running_loop().run_in_executor(_runners, _run, settings, params, query)
+
+
+def _run(settings: Settings, params: ConnectionParameters, query: str) -> QueryResult | QueryError:
     started = time.monotonic()
     try:
-        conn = await psycopg.AsyncConnection.connect(
+        conn = psycopg.Connection.connect(
             host=local_host(settings), port=params.port, dbname=params.database, user=params.role,
             password=params.password, sslmode="require", options=f"endpoint={params.endpoint_id}",
             connect_timeout=CONNECT_TIMEOUT, autocommit=True, application_name="argon-console")
@@ -105,13 +117,13 @@ async def run(settings: Settings, params: ConnectionParameters, query: str) -> Q
             conn.adapters.register_loader(info.oid, _RawText)
             if info.array_oid:
                 conn.adapters.register_loader(info.array_oid, _RawText)
-        await conn.execute("SET statement_timeout = '30s'")  # STATEMENT_TIMEOUT
+        conn.execute("SET statement_timeout = '30s'")  # STATEMENT_TIMEOUT
         cur = conn.cursor()
-        await cur.execute(query.encode(), prepare=False)
+        cur.execute(query.encode(), prepare=False)
         result = QueryResult(status=cur.statusmessage or "")
         while True:  # several statements: show the last one's result
             if cur.description is not None:
-                rows = await cur.fetchmany(MAX_ROWS)
+                rows = cur.fetchmany(MAX_ROWS)
                 result = QueryResult(cur.statusmessage or "", [c.name for c in cur.description],
                                      [[cell(v) for v in row] for row in rows], max(cur.rowcount, len(rows)))
             else:
@@ -123,4 +135,4 @@ async def run(settings: Settings, params: ConnectionParameters, query: str) -> Q
     except psycopg.Error as exc:
         return _error(exc, query)
     finally:
-        await conn.close()
+        conn.close()

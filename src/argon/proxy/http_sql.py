@@ -1,17 +1,25 @@
 """SQL over HTTP, the I/O half: check the password, take a pooled backend, run, answer Neon's JSON.
 
-Backends are psycopg connections to Argon's *own proxy* on loopback, so wake, compute login,
-activity tracking (the suspend decision) and cancel keys are the TCP path's. Each query goes out
-with the extended protocol (`PQsendQueryParams`: Parse without parameter types, so Postgres infers
-them; every value as text), even without parameters, so a multi-statement string fails as on Neon.
-Rows come in chunks and the response budget is charged as they come: a huge result is cut off at
-the limit, not held in memory. The password is checked here on every request (a pooled connection
-does not prove the caller knows it) with the proxy's verifier, throttle and PBKDF2 pool.
+Backends are psycopg connections to Argon's *own proxy*, on its internal Unix socket, so wake,
+compute login, activity tracking (the suspend decision) and cancel keys are the TCP path's. The
+password is checked here on every request (a pooled connection does not prove the caller knows
+it), with the proxy's verifier, throttle and fair PBKDF2 pool; a new backend then logs in with a
+one-time token standing for those credentials, so libpq never runs PBKDF2 on the event loop.
+Each query goes out with the extended protocol (`PQsendQueryParams`: Parse without parameter
+types, so Postgres infers them; every value as text), even without parameters, so a
+multi-statement string fails as on Neon.
 
-Pool (§5.8): per (endpoint, database, user), reset with Neon's query before reuse, idle 5 min.
-An idle pooled connection is an idle proxy session: it never keeps a compute awake. When the
-compute suspends, Postgres ends those sessions and the proxy closes them, so a pooled connection
-whose socket became readable while idle is dead (or at least not clean) and is dropped unused.
+Memory: rows come in chunks and are encoded to JSON as they come (`sql.ResultWriter`), so a result
+is held as its response bytes, never as Python objects; the response budget is charged with those
+bytes, and a value that cannot fit is refused before it is decoded. Requests run at most
+`per_endpoint` at a time for an endpoint and `total` in all (`WorkLimits`), and all responses being
+built share one byte budget, so the memory /sql can take is bounded whatever tenants ask.
+
+Pool (§5.8): per (endpoint, database, user), reset with Neon's query before reuse, idle 5 min,
+`MAX_IDLE_TOTAL` idle in all. An idle pooled connection is an idle proxy session: it never keeps a
+compute awake. When the compute suspends, Postgres ends those sessions and the proxy closes them,
+so a pooled connection whose socket became readable while idle is dead (or at least not clean) and
+is dropped unused.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ import contextlib
 import logging
 import select
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,10 +38,11 @@ from psycopg import generators, pq
 
 from argon.errors import ArgonError
 from argon.proxy import sql_over_http as sql
-from argon.proxy.auth import check_password
+from argon.proxy.auth import Credentials, check_password
 from argon.proxy.routing import Route
 from argon.proxy.server import ProxyServer
 from argon.proxy.session import INSECURE, plaintext_allowed
+from argon.proxy.throttle import Gates, Throttled
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +50,11 @@ RESET = (b"ROLLBACK; CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; RESET ALL; DE
          b"SELECT pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES;")
 IDLE_TIMEOUT = 300.0
 MAX_IDLE_PER_KEY = 20
+MAX_IDLE_TOTAL = 256  # each idle backend holds three descriptors and a compute backend
+PER_ENDPOINT = 8  # /sql requests running at once for one endpoint (more wait their turn)
+TOTAL = 32  # ... and for all endpoints together
+MAX_WAITING = 256  # requests waiting for a turn, per endpoint and in all; past that: 429
+SHARED_RESPONSE_BYTES = 8 * sql.MAX_RESPONSE_BYTES  # all responses being built at once
 CONNECT_TIMEOUT = 60  # a cold start waits in the proxy's wake
 CHUNK_ROWS = 500
 # Texts the proxy sends for failures of the service, not of the request (answered with 500).
@@ -77,37 +91,92 @@ class Response:
     headers: dict[str, str] = field(default_factory=dict)
 
 
-class Budget:
-    """The response size limit, charged while rows arrive (an estimate; the encoded body is checked too)."""
+class SharedBytes:
+    """One byte budget for every response being built at once."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.used = 0
 
-    def charge(self, n: int) -> None:
+    def take(self, n: int) -> None:
+        if self.used + n > self.limit:
+            raise sql.HttpSqlError("the server is building too many large responses at once; try again", 503)
         self.used += n
-        if self.used > self.limit:
-            raise sql.HttpSqlError(f"response is too large (max is {self.limit} bytes)", 507)
+
+    def give(self, n: int) -> None:
+        self.used -= n
+
+
+class Budget:
+    """The response size limit of one request, charged with the encoded bytes as they are kept, and
+    drawn from the shared budget too (`release` when the response is gone)."""
+
+    def __init__(self, limit: int, shared: SharedBytes | None = None) -> None:
+        self.limit = limit
+        self.used = 0
+        self.shared = shared
+
+    def _too_large(self) -> sql.HttpSqlError:
+        return sql.HttpSqlError(f"response is too large (max is {self.limit} bytes)", 507)
+
+    def check(self, n: int) -> None:
+        """Refuse early what cannot fit: `n` bytes at least are still to come."""
+        if self.used + n > self.limit:
+            raise self._too_large()
+
+    def charge(self, n: int) -> None:
+        if self.used + n > self.limit:
+            raise self._too_large()
+        if self.shared is not None:
+            self.shared.take(n)
+        self.used += n
+
+    def release(self) -> None:
+        if self.shared is not None:
+            self.shared.give(self.used)
+            self.shared = None
+
+
+class WorkLimits:
+    """How many /sql requests run at once: per endpoint, and in all. Later ones wait their turn (in
+    order); past `max_waiting` waiting ones they are refused with Neon's text, as 429."""
+
+    def __init__(self, *, per_endpoint: int = PER_ENDPOINT, total: int = TOTAL, max_waiting: int = MAX_WAITING) -> None:
+        self.per_endpoint = per_endpoint
+        self.total = total
+        self.max_waiting = max_waiting
+        self._gates = Gates()
+
+    @contextlib.asynccontextmanager
+    async def turn(self, endpoint_id: str) -> AsyncIterator[None]:
+        async with (self._gates.hold(("endpoint", endpoint_id), self.per_endpoint, self.max_waiting,
+                                     "Too many connections to this endpoint. Please try again later."),
+                    self._gates.hold("all", self.total, self.max_waiting,
+                                     "Failed to acquire permit to connect to the database. Too many database "
+                                     "connection attempts are currently ongoing.")):
+            yield
 
 
 class BackendPool:
     """Idle backend connections per (endpoint, database, user); everything on the platform's loop."""
 
-    def __init__(self, proxy: ProxyServer, *, host: str, sslmode: str, idle_timeout: float = IDLE_TIMEOUT,
-                 max_idle: int = MAX_IDLE_PER_KEY) -> None:
+    def __init__(self, proxy: ProxyServer, *, idle_timeout: float = IDLE_TIMEOUT, max_idle: int = MAX_IDLE_PER_KEY,
+                 max_idle_total: int = MAX_IDLE_TOTAL) -> None:
+        if proxy.internal_dir is None:
+            raise RuntimeError("SQL over HTTP needs the proxy's internal socket (is it started?)")
         self.proxy = proxy
-        self.host = host
-        self.sslmode = sslmode
         self.idle_timeout = idle_timeout
         self.max_idle = max_idle
+        self.max_idle_total = max_idle_total
         self._idle: dict[PoolKey, list[tuple[float, psycopg.AsyncConnection[Any]]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self.hits = 0
         self.misses = 0
 
-    async def get(self, key: PoolKey, info: sql.ConnInfo) -> tuple[psycopg.AsyncConnection[Any], bool]:
-        """A clean connection and whether it came from the pool."""
+    async def get(self, key: PoolKey, info: sql.ConnInfo,
+                  creds: Credentials) -> tuple[psycopg.AsyncConnection[Any], bool]:
+        """A clean connection and whether it came from the pool; a new one logs in as `creds`."""
         idle = self._idle.get(key, [])
         while idle:
             since, conn = idle.pop()
@@ -116,14 +185,16 @@ class BackendPool:
                 return conn, True
             await self.discard(conn)
         self.misses += 1
-        return await self._connect(info), False
+        return await self._connect(info, creds), False
 
-    async def _connect(self, info: sql.ConnInfo) -> psycopg.AsyncConnection[Any]:
+    async def _connect(self, info: sql.ConnInfo, creds: Credentials) -> psycopg.AsyncConnection[Any]:
+        """Through the proxy's internal socket, with a token for the credentials just checked (the
+        proxy asks for it in cleartext: nothing to hash, here or there)."""
         try:
             return await psycopg.AsyncConnection.connect(
-                host=self.host, port=self.proxy.port, user=info.user, password=info.password, dbname=info.database,
-                options=f"endpoint={info.endpoint_id}", sslmode=self.sslmode, connect_timeout=CONNECT_TIMEOUT,
-                autocommit=True)
+                host=self.proxy.internal_dir, port=self.proxy.port, user=info.user,
+                password=self.proxy.issue_token(creds), dbname=info.database, options=f"endpoint={info.endpoint_id}",
+                sslmode="disable", connect_timeout=CONNECT_TIMEOUT, autocommit=True)
         except psycopg.OperationalError as exc:
             message = _proxy_message(str(exc))
             status = 500 if message.startswith(_SERVER_SIDE) else 400
@@ -145,7 +216,7 @@ class BackendPool:
             await self.discard(conn)
             return
         idle = self._idle.setdefault(key, [])
-        if len(idle) >= self.max_idle:
+        if len(idle) >= self.max_idle or self.idle >= self.max_idle_total:
             await self.discard(conn)
             return
         idle.append((time.monotonic(), conn))
@@ -192,10 +263,11 @@ def _alive(conn: psycopg.AsyncConnection[Any]) -> bool:
     if conn.closed or conn.broken:
         return False
     try:
-        readable, _, _ = select.select([conn.pgconn.socket], [], [], 0)
+        poller = select.poll()  # not select(): descriptors above 1024 are normal once the limit is raised
+        poller.register(conn.pgconn.socket, select.POLLIN | select.POLLERR | select.POLLHUP)
+        return not poller.poll(0)
     except (OSError, ValueError, psycopg.OperationalError):
         return False
-    return not readable
 
 
 def _proxy_message(text: str) -> str:
@@ -226,17 +298,19 @@ async def simple_query(conn: psycopg.AsyncConnection[Any], text: bytes) -> None:
 
 
 async def run_query(conn: psycopg.AsyncConnection[Any], query: sql.Query, *, raw: bool, array_mode: bool,
-                    budget: Budget) -> dict[str, Any]:
-    """One query, extended protocol, text in and out; its result object, or QueryFailed."""
+                    budget: Budget) -> bytes:
+    """One query, extended protocol, text in and out; its result object encoded, or QueryFailed."""
     pgconn = conn.pgconn
     encoding = conn.info.encoding
     params = [None if p is None else p.encode(encoding) for p in query.params]
     pgconn.send_query_params(query.text.encode(encoding), params, result_format=pq.Format.TEXT)
     if psycopg.capabilities.has_stream_chunked():
         pgconn.set_chunked_rows_mode(CHUNK_ROWS)
+    else:  # libpq < 17: one row at a time is still better than the whole result in libpq's memory
+        pgconn.set_single_row_mode()
     await conn.wait(generators.send(pgconn))
     fields: list[sql.Field] | None = None
-    rows: list[list[Any]] = []
+    writer = sql.ResultWriter(budget.charge, array_mode=array_mode)
     tag = ""
     error: dict[str, str] | None = None
     while True:
@@ -253,7 +327,8 @@ async def run_query(conn: psycopg.AsyncConnection[Any], query: sql.Query, *, raw
             if fields is None:
                 fields = [sql.Field(_name(res, i, encoding), res.ftype(i), res.ftable(i), res.ftablecol(i),
                                     res.fsize(i), res.fmod(i)) for i in range(res.nfields)]
-            _take_rows(res, fields, rows, raw=raw, encoding=encoding, budget=budget)
+                writer.fields(fields)
+            writer.rows(_take_rows(res, fields, raw=raw, encoding=encoding, budget=budget))
             if res.command_status:  # chunked mode: on the last chunk, not on the empty TUPLES_OK after it
                 tag = res.command_status.decode(encoding, "replace")
         elif status == _S.COMMAND_OK:
@@ -266,40 +341,45 @@ async def run_query(conn: psycopg.AsyncConnection[Any], query: sql.Query, *, raw
             raise sql.HttpSqlError("COPY is not supported over HTTP; use a Postgres connection")
     if error is not None:
         raise QueryFailed(error)
-    return sql.result_json(fields or [], rows, tag, array_mode=array_mode)
+    return writer.finish(tag)
 
 
 def _name(res: pq.abc.PGresult, i: int, encoding: str) -> str:
     return (res.fname(i) or b"").decode(encoding, "replace")
 
 
-def _take_rows(res: pq.abc.PGresult, fields: list[sql.Field], rows: list[list[Any]], *, raw: bool,
-               encoding: str, budget: Budget) -> None:
+def _take_rows(res: pq.abc.PGresult, fields: list[sql.Field], *, raw: bool, encoding: str,
+               budget: Budget) -> list[list[Any]]:
+    """One chunk's rows, converted. Its JSON is at least half its text (JSON may drop the blanks
+    of a json value, never more): a chunk that cannot fit is refused before it is decoded."""
     ncols = len(fields)
+    rows = []
+    size = 0
     for r in range(res.ntuples):
         row = []
-        size = 2 + ncols
         for c in range(ncols):
             value = res.get_value(r, c)
             if value is None:
                 row.append(None)
-                size += 4
                 continue
-            size += len(value) + 2
+            size += len(value)
+            budget.check(size // 2)
             row.append(sql.convert(value.decode(encoding, "replace"), fields[c].type_oid, raw=raw))
-        budget.charge(size)
         rows.append(row)
+    return rows
 
 
 class HttpSql:
     """POST /sql on the platform's HTTP port (wired by `argon.api.routes_serverless`)."""
 
-    def __init__(self, proxy: ProxyServer, *, connect_host: str, max_response: int = sql.MAX_RESPONSE_BYTES,
-                 idle_timeout: float = IDLE_TIMEOUT) -> None:
+    def __init__(self, proxy: ProxyServer, *, max_response: int = sql.MAX_RESPONSE_BYTES,
+                 idle_timeout: float = IDLE_TIMEOUT, limits: WorkLimits | None = None,
+                 shared_response_bytes: int = SHARED_RESPONSE_BYTES) -> None:
         self.proxy = proxy
         self.max_response = max_response
-        self.pool = BackendPool(proxy, host=connect_host, sslmode=internal_sslmode(proxy.ctx.plaintext, connect_host),
-                                idle_timeout=idle_timeout)
+        self.limits = limits or WorkLimits()
+        self.shared = SharedBytes(shared_response_bytes)
+        self.pool = BackendPool(proxy, idle_timeout=idle_timeout)
 
     def secure_enough(self, peer_ip: str, secure: bool) -> bool:
         """The proxy's plaintext policy, applied to a plain-HTTP client."""
@@ -313,6 +393,8 @@ class HttpSql:
             return await self._handle(headers, body, peer_ip)
         except sql.HttpSqlError as exc:
             return Response(exc.status, sql.proxy_error_json(exc.user_message, exc.code))
+        except Throttled as exc:
+            return Response(exc.status, sql.proxy_error_json(exc.user_message))
         except ArgonError as exc:
             return Response(400 if exc.http_status < 500 else 500, sql.proxy_error_json(exc.user_message))
         except Exception:
@@ -324,25 +406,33 @@ class HttpSql:
         request = sql.parse_body(body)
         batch = sql.batch_options(headers) if request.batch else None
         route = Route(info.user, info.database, info.endpoint_id, "options")
-        await check_password(self.proxy.ctx.auth, route, info.password, peer_ip)
+        creds = await check_password(self.proxy.ctx.auth, route, info.password, peer_ip)
         raw = sql.header_true(headers, sql.RAW_TEXT_OUTPUT)
         array_mode = sql.header_true(headers, sql.ARRAY_MODE)
-        budget = Budget(self.max_response)
+        async with self.limits.turn(route.compute_id or info.endpoint_id):  # after the password: strangers wait for nothing
+            budget = Budget(self.max_response, self.shared)
+            try:
+                return await self._run(info, creds, request, batch, raw=raw, array_mode=array_mode, budget=budget)
+            finally:
+                budget.release()
+
+    async def _run(self, info: sql.ConnInfo, creds: Credentials, request: sql.SqlRequest,
+                   batch: sql.BatchOptions | None, *, raw: bool, array_mode: bool, budget: Budget) -> Response:
         key = (info.endpoint_id, info.database, info.user)
-        conn, _ = await self.pool.get(key, info)
+        conn, _ = await self.pool.get(key, info, creds)
         keep = False
         try:
             if batch is None:
                 query = request.queries[0]
-                result: object = await run_query(conn, query, raw=raw, budget=budget,
-                                                 array_mode=array_mode if query.array_mode is None else query.array_mode)
+                result = await run_query(conn, query, raw=raw, budget=budget,
+                                         array_mode=array_mode if query.array_mode is None else query.array_mode)
                 keep = True
-                response = Response(200, result)
+                response = Response(200, sql.Encoded(result))
             else:
                 results = await self._batch(conn, request.queries, batch, raw=raw, array_mode=array_mode,
                                             budget=budget)
                 keep = True
-                response = Response(200, {"results": results}, batch.response_headers())
+                response = Response(200, sql.batch_body(results), batch.response_headers())
         except RolledBack as exc:
             keep = True
             return Response(400, sql.postgres_error_json(exc.fields))
@@ -360,11 +450,11 @@ class HttpSql:
 
     async def _batch(self, conn: psycopg.AsyncConnection[Any], queries: tuple[sql.Query, ...],
                      options: sql.BatchOptions, *, raw: bool, array_mode: bool,
-                     budget: Budget) -> list[object]:
+                     budget: Budget) -> list[bytes]:
         """All queries in one transaction. An SQL error rolls back (RolledBack: the connection is
         still good); a failed BEGIN or COMMIT raises QueryFailed (the connection is dropped)."""
         await simple_query(conn, options.begin().encode())
-        results: list[object] = []
+        results: list[bytes] = []
         try:
             for query in queries:
                 mode = array_mode if query.array_mode is None else query.array_mode
@@ -377,8 +467,3 @@ class HttpSql:
 
     async def close(self) -> None:
         await self.pool.close()
-
-
-def internal_sslmode(policy: str, host: str) -> str:
-    """How /sql's backends reach the proxy: plaintext where the proxy's policy lets this host in."""
-    return "disable" if plaintext_allowed(policy, host) else "require"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -142,6 +142,8 @@ def parse_body(body: bytes) -> SqlRequest:
         raise ValueError("expected a `query` or a `queries` field")
     except ValueError as exc:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise HttpSqlError(f"could not parse the HTTP request body: {exc}") from None
+    except RecursionError:  # `[[[[...` nested deeper than Python recurses
+        raise HttpSqlError("could not parse the HTTP request body: nested too deeply") from None
 
 
 def _query(item: object) -> Query:
@@ -269,8 +271,71 @@ def result_json(fields: Sequence[Field], rows: Sequence[Sequence[Any]], tag: str
             "rowAsArray": array_mode}
 
 
+@dataclass(frozen=True)
+class Encoded:
+    """A response body already encoded (results are encoded as their rows arrive)."""
+
+    data: bytes
+
+
 def encode(body: object) -> bytes:
+    if isinstance(body, Encoded):
+        return body.data
     return json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+
+
+class ResultWriter:
+    """One query's result object encoded as rows arrive, byte for byte what `encode(result_json(...))`
+    gives, so a result is held as its JSON (a few bytes a value) instead of Python objects (~100 bytes
+    a value). `charge(n)` is called with the size of every piece before it is kept: the response
+    budget raises there."""
+
+    def __init__(self, charge: Callable[[int], None], *, array_mode: bool) -> None:
+        self._charge = charge
+        self.array_mode = array_mode
+        self._names: list[str] | None = None
+        self._parts: list[bytes] = []
+        self._rows = 0
+
+    def fields(self, fields: Sequence[Field]) -> None:
+        if self._names is not None:
+            return
+        head = b'{"fields":' + encode([f.as_json() for f in fields]) + b',"rows":['
+        self._charge(len(head))
+        self._parts.append(head)
+        self._names = [f.name for f in fields]
+
+    def rows(self, rows: Sequence[Sequence[Any]]) -> None:
+        """Converted rows (as `result_json` takes them), encoded in one go."""
+        if not rows:
+            return
+        assert self._names is not None, "fields() first"
+        if self.array_mode:
+            data = encode(rows if isinstance(rows, list) else list(rows))
+        else:
+            names = self._names
+            data = encode([dict(zip(names, row, strict=True)) for row in rows])
+        piece = data[1:-1] if not self._rows else b"," + data[1:-1]
+        self._charge(len(piece))
+        self._parts.append(piece)
+        self._rows += len(rows)
+
+    def finish(self, tag: str) -> bytes:
+        if self._names is None:
+            self.fields([])
+        command, count = command_and_count(tag)
+        tail = (b'],"command":' + encode(command) + b',"rowCount":' + encode(count)
+                + b',"rowAsArray":' + encode(self.array_mode) + b"}")
+        self._charge(len(tail))
+        self._parts.append(tail)
+        data = b"".join(self._parts)
+        self._parts.clear()
+        return data
+
+
+def batch_body(results: Sequence[bytes]) -> Encoded:
+    """`{"results":[...]}` around results encoded by `ResultWriter`."""
+    return Encoded(b'{"results":[' + b",".join(results) + b"]}")
 
 
 # Values (non-raw mode) ------------------------------------------------------------------------------
