@@ -262,12 +262,14 @@ class ProxyServer:
                         why, dict(self.refused))
         return None
 
+    async def _accept(self, listener: socket.socket) -> tuple[socket.socket, tuple[str, int] | str]:
+        return await asyncio.get_running_loop().sock_accept(listener)  # type: ignore[return-value]
+
     async def _accept_loop(self, listener: socket.socket, *, internal: bool) -> None:
-        loop = asyncio.get_running_loop()
         backoff = 0.01
         while True:
             try:
-                conn, peer = await loop.sock_accept(listener)
+                conn, peer = await self._accept(listener)
             except asyncio.CancelledError:
                 raise
             except OSError as exc:
