@@ -411,9 +411,14 @@ def parse_array(text: str) -> list[Any]:
     return items
 
 
-def _parse_level(text: str, pos: int) -> tuple[list[Any], int]:
+MAX_ARRAY_DEPTH = 6  # Postgres' MAXDIM: no array it writes is nested deeper
+
+
+def _parse_level(text: str, pos: int, depth: int = 1) -> tuple[list[Any], int]:
     if pos >= len(text) or text[pos] != "{":
         raise ValueError("expected '{'")
+    if depth > MAX_ARRAY_DEPTH:
+        raise ValueError("array nested too deeply")
     pos += 1
     items: list[Any] = []
     if pos < len(text) and text[pos] == "}":
@@ -421,7 +426,7 @@ def _parse_level(text: str, pos: int) -> tuple[list[Any], int]:
     while pos < len(text):
         ch = text[pos]
         if ch == "{":
-            sub, pos = _parse_level(text, pos)
+            sub, pos = _parse_level(text, pos, depth + 1)
             items.append(sub)
         elif ch == '"':
             buf = []
