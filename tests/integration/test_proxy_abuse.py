@@ -109,15 +109,15 @@ def test_silent_connections_are_capped_per_client_and_in_all(harness: ProxyHarne
     login(harness)  # another address is not affected
     socks += [silent(harness, source) for source in ("127.0.0.3", "127.0.0.4") for _ in range(4)]
     wait_for(lambda: harness.server.unauthenticated == 12)
-    with pytest.raises(psycopg.OperationalError) as err:  # now the global cap is reached
-        login(harness)
-    assert TOO_MANY_CLIENTS in str(err.value)
-    for sock in socks:  # the pre-authentication deadline frees them all
+    login(harness)  # the global cap is reached: the stranger that waited longest makes room...
+    assert read_all(socks[0], timeout=1) == b""  # ...the first silent one, dropped at once
+    assert harness.server.evicted == {"unauthenticated connections": 1}
+    for sock in socks[1:]:  # the pre-authentication deadline frees the others
         assert read_all(sock, timeout=5) == b""
+    for sock in socks:
         sock.close()
     wait_for(lambda: harness.server.unauthenticated == 0)
-    login(harness)
-    assert harness.server.refused == {"unauthenticated connections per client": 1, "unauthenticated connections": 1}
+    assert harness.server.refused == {"unauthenticated connections per client": 1}
 
 
 @pytest.mark.parametrize("harness", [{"limits": Limits(pre_auth_timeout=1.0)}], indirect=True)
@@ -142,13 +142,24 @@ def test_one_deadline_for_everything_before_authentication(harness: ProxyHarness
 @pytest.mark.parametrize("harness", [{"limits": Limits(fd_reserve=1 << 30)}], indirect=True)
 def test_sessions_stay_within_the_descriptor_budget(harness: ProxyHarness) -> None:
     assert harness.server.fd_budget == 64  # the floor: a huge reserve leaves 32 sessions of two descriptors
-    socks = [silent(harness, f"127.0.1.{i + 1}") for i in range(32)]
+    conns = [psycopg.connect(host="127.0.0.1", port=harness.port, user="alice", dbname="alice", password=PASSWORD,
+                             sslmode="disable", options=f"endpoint={EP}") for _ in range(31)]
+    stranger = silent(harness, "127.0.1.1")
     wait_for(lambda: harness.server.sessions == 32)
-    extra = silent(harness, "127.0.2.1")
+    newcomer = silent(harness, "127.0.1.2")  # the budget is full: the waiting stranger makes room
+    assert read_all(stranger, timeout=2) == b""
+    assert harness.server.evicted == {"descriptor budget": 1}
+    newcomer.close()
+    wait_for(lambda: harness.server.sessions == 31)
+    conns.append(psycopg.connect(host="127.0.0.1", port=harness.port, user="alice", dbname="alice",
+                                 password=PASSWORD, sslmode="disable", options=f"endpoint={EP}"))
+    extra = silent(harness, "127.0.2.1")  # full of authenticated sessions: nobody to drop, refused
     assert TOO_MANY_CLIENTS.encode() in read_all(extra)
     assert harness.server.refused == {"descriptor budget": 1}
-    for sock in socks:
-        sock.close()
+    for conn in conns:
+        conn.close()
+    stranger.close()
+    extra.close()
     wait_for(lambda: harness.server.sessions == 0)
     login(harness)
 

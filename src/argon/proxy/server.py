@@ -6,12 +6,15 @@ session (handshakes and relays alike) and waits for them.
 
 Admission (`Limits`), because anyone can reach this port and every connection costs a descriptor
 in the one process that also serves the API and the control plane:
-- connections that have not authenticated yet are capped globally and per client (an IPv4
-  address or an IPv6 /64), and each has one short deadline for everything before authentication;
+- connections that have not authenticated yet are capped per client (an IPv4 address or an IPv6
+  /64) and in all, and each has one short deadline for everything before authentication;
 - all sessions together stay within a descriptor budget: the soft RLIMIT_NOFILE (raised to the
   hard limit at start, `platform.raise_fd_limit`) minus a reserve for the API, the control plane
   and the computes' files;
-- a connection over a limit gets one ErrorResponse and is closed at once, without being read.
+- a client over its own cap gets one ErrorResponse and is closed at once, without being read; when
+  the global cap or the budget is reached, the stranger that has waited longest is dropped to make
+  room (a real client authenticates in milliseconds: under a flood the oldest is the flood's), and
+  only when there is none to drop is the new connection refused.
 An `accept()` that fails never ends the loop: EMFILE/ENFILE back off, anything else is logged.
 
 The internal listener is a Unix socket in a private 0700 directory, for the platform's own
@@ -65,7 +68,7 @@ _MAX_SOCKET_PATH = 107
 class Limits:
     """What the proxy admits. Defaults fit a small machine; `fd_reserve` is kept for everything else."""
 
-    max_unauthenticated: int = 1024
+    max_unauthenticated: int | None = None  # None: a quarter of the descriptor budget, at most 4096
     max_unauthenticated_per_client: int = 64  # an IPv4 address or an IPv6 /64
     pre_auth_timeout: float = PRE_AUTH_TIMEOUT
     fd_reserve: int = 256
@@ -110,6 +113,9 @@ class ProxyServer:
         self._fds = 0  # descriptors held by sessions (estimated per kind of session)
         self.fd_budget = 0
         self.refused: Counter[str] = Counter()  # why connections were refused (tests, logs)
+        self.evicted: Counter[str] = Counter()  # why waiting strangers were dropped to make room
+        self._by_age: dict[Session, asyncio.Task[None]] = {}  # unauthenticated sessions, oldest first
+        self.max_unauthenticated = 0  # set at start (from the limits and the descriptor budget)
         self._last_refusal_log = 0.0
 
     @property
@@ -149,6 +155,7 @@ class ProxyServer:
             raise
         self._sock = sock
         self.fd_budget = fd_budget(self.limits.fd_reserve)
+        self.max_unauthenticated = self.limits.max_unauthenticated or max(64, min(4096, self.fd_budget // 4))
         self.ctx.relays = make_relays(self.relay_mode)
         self._tasks.append(loop.create_task(self._accept_loop(sock, internal=False), name="proxy-accept"))
         if self._want_internal:
@@ -156,7 +163,7 @@ class ProxyServer:
         tls = "TLS" if self.ctx.tls is not None else "no TLS"
         log.info("Postgres proxy listening on %s:%d (%s, plaintext %s, %s relay; at most %d unauthenticated "
                  "connections, %d per client, %.0f s to authenticate; descriptors for sessions: %d)",
-                 self.host, self.port, tls, self.ctx.plaintext, self.relay_name, self.limits.max_unauthenticated,
+                 self.host, self.port, tls, self.ctx.plaintext, self.relay_name, self.max_unauthenticated,
                  self.limits.max_unauthenticated_per_client, self.limits.pre_auth_timeout, self.fd_budget)
 
     def _start_internal(self) -> None:
@@ -213,18 +220,20 @@ class ProxyServer:
 
     def _admit(self, sock: socket.socket, peer_ip: str, tunnel: Tunnel | None, fds: int) -> asyncio.Task[None] | None:
         internal = tunnel is not None and tunnel.internal
-        if self._fds + fds > self.fd_budget:
-            return self._refuse(sock, peer_ip, "descriptor budget")
         key = client_key(peer_ip)
         if not internal:
-            if self._strangers >= self.limits.max_unauthenticated:
-                return self._refuse(sock, peer_ip, "unauthenticated connections")
             if self._unauthenticated[key] >= self.limits.max_unauthenticated_per_client:
                 return self._refuse(sock, peer_ip, "unauthenticated connections per client")
+            if self._strangers >= self.max_unauthenticated:
+                self._evict_oldest_stranger("unauthenticated connections")
+        if self._fds + fds > self.fd_budget and not self._evict_oldest_stranger("descriptor budget"):
+            return self._refuse(sock, peer_ip, "descriptor budget")
+        if not internal:
             self._strangers += 1
             self._unauthenticated[key] += 1
 
         def authenticated() -> None:
+            self._by_age.pop(session, None)
             if internal:
                 return
             self._strangers -= 1
@@ -238,10 +247,14 @@ class ProxyServer:
             task = asyncio.get_running_loop().create_task(session.run())
         except BaseException:
             self._fds -= fds
-            authenticated()
+            if not internal:
+                self._strangers -= 1
+                self._unauthenticated[key] -= 1
             sock.close()
             raise
         self._sessions.add(task)
+        if not internal:
+            self._by_age[session] = task
 
         def done(t: asyncio.Task[None]) -> None:
             self._sessions.discard(t)
@@ -250,17 +263,33 @@ class ProxyServer:
         task.add_done_callback(done)
         return task
 
+    def _evict_oldest_stranger(self, why: str) -> bool:
+        """Make room by dropping the connection that has waited longest without authenticating: a
+        real client authenticates in milliseconds, so under a flood the oldest is the attacker's.
+        False when there is no stranger to drop."""
+        if not self._by_age:
+            return False
+        session, task = next(iter(self._by_age.items()))
+        session.release_slot()  # counted out now; the task ends at the loop's next turn
+        task.cancel()
+        self.evicted[why] += 1
+        self._log_refusals(session.peer_ip, f"{why} (dropped the oldest)")
+        return True
+
     def _refuse(self, sock: socket.socket, peer_ip: str, why: str) -> None:
         self.refused[why] += 1
         with contextlib.suppress(OSError):
             sock.send(codec.error_response(TOO_MANY_CLIENTS))  # best effort, never waits
         sock.close()
-        now = time.monotonic()
-        if now - self._last_refusal_log > 10:
-            self._last_refusal_log = now
-            log.warning("refusing connections (latest from %s: too many %s); refused so far: %s", peer_ip or "?",
-                        why, dict(self.refused))
+        self._log_refusals(peer_ip, why)
         return None
+
+    def _log_refusals(self, peer_ip: str, why: str) -> None:
+        now = time.monotonic()
+        if now - self._last_refusal_log > 10:  # at most one line per 10 s, with the totals
+            self._last_refusal_log = now
+            log.warning("connection limits reached (latest from %s: too many %s); refused so far: %s, "
+                        "dropped so far: %s", peer_ip or "?", why, dict(self.refused), dict(self.evicted))
 
     async def _accept(self, listener: socket.socket) -> tuple[socket.socket, tuple[str, int] | str]:
         return await asyncio.get_running_loop().sock_accept(listener)  # type: ignore[return-value]

@@ -141,6 +141,10 @@ class Session:
         if callback is not None:
             callback()
 
+    def release_slot(self) -> None:
+        """Stop counting this connection as unauthenticated (the server is dropping it)."""
+        self._authenticated()
+
     async def run(self) -> None:
         stream: MessageStream | None = None
         try:
