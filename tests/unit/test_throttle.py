@@ -223,3 +223,27 @@ def test_response_budget_and_shared_budget() -> None:
     a.release()
     b.charge(70)
     assert shared.used == 70
+
+
+def test_a_client_that_logged_in_before_is_not_held_back_by_an_attack_on_its_role() -> None:
+    throttle = Throttle(free_per_ip=10**6, free_per_role=2, max_concurrent_per_role=1, base_delay=0.1, max_delay=0.5)
+    throttle.record_success("192.0.2.10", "ep-v", "owner")  # the victim's own application
+    for i in range(8):
+        throttle.record_failure(f"203.0.113.{i}", "ep-v", "owner")
+    assert throttle.delay("203.0.113.99", "ep-v", "owner") == 0.5  # a stranger waits the role's penalty...
+    assert throttle.delay("192.0.2.10", "ep-v", "owner") == 0  # ...the known client does not
+
+    async def main() -> float:
+        async def attacker() -> None:
+            async with throttle.attempt("203.0.113.50", "ep-v", "owner"):
+                await asyncio.sleep(0.5)  # holds the attacked role's only place
+
+        hold = asyncio.ensure_future(attacker())
+        await asyncio.sleep(0.05)
+        start = time.monotonic()
+        async with throttle.attempt("192.0.2.10", "ep-v", "owner"):
+            took = time.monotonic() - start
+        await hold
+        return took
+
+    assert asyncio.run(main()) < 0.1

@@ -189,6 +189,8 @@ async def _scram(ctx: AuthContext, stream: MessageStream, route: Route, served: 
                 raise AuthFailed(exc.user_message) from None
             await _failed(ctx, route, peer_ip)
             raise password_failed(route.user) from None
+        if text is not None:
+            ctx.throttle.record_success(peer_ip, route.compute_id, route.user)
     client_key = server.client_key
     if text is None or client_key is None:  # cannot happen: a mock exchange never succeeds
         raise password_failed(route.user)
@@ -228,6 +230,7 @@ async def check_password(ctx: AuthContext, route: Route, password: str, peer_ip:
         if client_key is None or text is None:
             await _failed(ctx, route, peer_ip)
             raise password_failed(route.user)
+        ctx.throttle.record_success(peer_ip, route.compute_id, route.user)
     return Credentials(route, text, client_key, secret.server_key, password, codec.auth_ok())
 
 

@@ -11,7 +11,10 @@ them into limits that apply *before* any verifier work (`attempt`):
   `max_concurrent_per_role` at once, so guesses from any number of addresses go no faster than
   that many per penalty;
 - after a failure the attempt holds its places for the penalty (up to `max_delay`) before the
-  answer, so a guessing loop slows down while a user who mistyped once is not delayed at all.
+  answer, so a guessing loop slows down while a user who mistyped once is not delayed at all;
+- a client that logged in as a role before (`record_success`, remembered for `trust_for` seconds)
+  is not held back by that role's attack: guessing a victim's password from elsewhere does not
+  lock the victim's own applications out (OWASP's "device cookie" idea, keyed by client).
 
 Counters are forgotten only when they have decayed to nothing; under pressure from very many
 addresses, the clients with the fewest failures go first, and a role's counter is dropped only
@@ -106,7 +109,8 @@ class Gates:
 class Throttle:
     def __init__(self, *, free_per_ip: int = 20, free_per_role: int = 5, base_delay: float = 0.05,
                  max_delay: float = 2.0, half_life: float = 60.0, max_keys: int = 100_000,
-                 max_concurrent_per_ip: int = 16, max_concurrent_per_role: int = 4, max_waiting: int = 256) -> None:
+                 max_concurrent_per_ip: int = 16, max_concurrent_per_role: int = 4, max_waiting: int = 256,
+                 trust_for: float = 86400.0, trusted_per_role: int = 64) -> None:
         self.free_per_ip = free_per_ip
         self.free_per_role = free_per_role
         self.base_delay = base_delay
@@ -120,6 +124,26 @@ class Throttle:
         self._roles: dict[Any, tuple[float, float]] = {}  # (endpoint, role) -> (count, when)
         self._client_gates = Gates()
         self._role_gates = Gates()
+        self.trust_for = trust_for
+        self.trusted_per_role = trusted_per_role
+        self._trusted: dict[tuple[str, str], dict[str, float]] = {}  # role -> client key -> last success
+
+    def record_success(self, ip: str, endpoint_id: str, role: str) -> None:
+        """`ip` proved it knows the role's password: later attacks on the role do not hold it back."""
+        role_key = (endpoint_id, role)
+        clients = self._trusted.get(role_key)
+        if clients is None:
+            if len(self._trusted) >= self._max_keys:
+                del self._trusted[next(iter(self._trusted))]  # the role trusted longest ago
+            clients = self._trusted[role_key] = {}
+        clients.pop(client_key(ip), None)
+        clients[client_key(ip)] = time.monotonic()
+        if len(clients) > self.trusted_per_role:
+            del clients[next(iter(clients))]
+
+    def _trusted_client(self, client: str, role_key: tuple[str, str]) -> bool:
+        when = self._trusted.get(role_key, {}).get(client)
+        return when is not None and time.monotonic() - when < self.trust_for
 
     def _count(self, table: dict[Any, tuple[float, float]], key: object, now: float) -> float:
         entry = table.get(key)
@@ -137,7 +161,8 @@ class Throttle:
         before any work; raises `Throttled` when a queue is already too long."""
         client = client_key(ip)
         role_key = (endpoint_id, role)
-        under_attack = self._count(self._roles, role_key, time.monotonic()) > self.free_per_role
+        under_attack = (self._count(self._roles, role_key, time.monotonic()) > self.free_per_role
+                        and not self._trusted_client(client, role_key))
         role_gate = (self._role_gates.hold(role_key, self.max_concurrent_per_role, self.max_waiting,
                                            TOO_MANY_FOR_ENDPOINT) if under_attack else contextlib.nullcontext())
         async with self._client_gates.hold(client, self.max_concurrent_per_ip, self.max_waiting,
@@ -163,8 +188,10 @@ class Throttle:
     def delay(self, ip: str, endpoint_id: str, role: str) -> float:
         """Seconds a failed attempt from `ip` for (endpoint, role) is held before its answer."""
         now = time.monotonic()
-        return self._penalty(max(self._count(self._clients, client_key(ip), now) - self.free_per_ip,
-                                 self._count(self._roles, (endpoint_id, role), now) - self.free_per_role))
+        client, role_key = client_key(ip), (endpoint_id, role)
+        role_excess = (0.0 if self._trusted_client(client, role_key)
+                       else self._count(self._roles, role_key, now) - self.free_per_role)
+        return self._penalty(max(self._count(self._clients, client, now) - self.free_per_ip, role_excess))
 
     def failures(self, endpoint_id: str, role: str) -> float:
         """The role's decayed failure count (tests, logs)."""
