@@ -14,7 +14,7 @@ own process, from other loopback addresses (an attacker is not the victim's addr
 - 100 clients looping on a wrong password (the password hack: the proxy runs PBKDF2 for each);
 - the tenant, whose role's verifier asks for 10**9 PBKDF2 iterations (set straight in `pg_authid`,
   as `ALTER ROLE ... PASSWORD` would, without Postgres' own minutes-long check of it), looping on
-  `POST /sql` and on TCP logins with its password.
+  `POST /sql` and on cleartext logins with its password.
 
 Target: p99 under attack <= 2x p99 without (the quiet phases together). The attack is bounded in
 time and stops by itself; everything started here is stopped by PID.
@@ -34,6 +34,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from benchmarks.core import REPO_ROOT, Client, Project, short_tmpdir, start_platform, summarize
 
@@ -77,22 +78,24 @@ async def _silent(port: int, source: str, stop: float, counts: dict[str, int]) -
             writer.close()
 
 
-async def _wrong_password(port: int, endpoint: str, source: str, stop: float, counts: dict[str, int]) -> None:
+async def _password_loop(port: int, endpoint: str, password: str, source: str, stop: float, counts: dict[str, int],
+                         label: str) -> None:
+    """Log in again and again with the password hack (cleartext: the proxy runs PBKDF2 for each)."""
     from argon.wire import codec
 
     startup = codec.startup_message({"user": "neondb_owner", "database": "neondb"})
-    password = codec.password_message(f"endpoint={endpoint};not-the-password")
+    message = codec.password_message(f"endpoint={endpoint};{password}")
     while time.monotonic() < stop:
         try:
             reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
             writer.write(startup)
             await reader.readexactly(9)  # AuthenticationCleartextPassword
-            writer.write(password)
+            writer.write(message)
             reply = await asyncio.wait_for(reader.read(), max(0.1, stop - time.monotonic()))
-            counts["wrong_password_" + ("refused" if b"password authentication failed" in reply else "other")] += 1
+            counts[f"{label}_" + ("refused" if b"password authentication failed" in reply else "other")] += 1
             writer.close()
         except (OSError, asyncio.IncompleteReadError, TimeoutError):
-            counts["wrong_password_error"] += 1
+            counts[f"{label}_error"] += 1
             await asyncio.sleep(0.05)
 
 
@@ -111,29 +114,18 @@ async def _tenant_sql(http_url: str, dsn: str, source: str, stop: float, counts:
                 await asyncio.sleep(0.05)
 
 
-async def _tenant_login(dsn: str, stop: float, counts: dict[str, int]) -> None:
-    import psycopg
-
-    while time.monotonic() < stop:
-        try:
-            conn = await psycopg.AsyncConnection.connect(dsn, connect_timeout=10)
-            await conn.close()
-            counts["tenant_login_ok"] += 1
-        except psycopg.OperationalError as exc:
-            counts["tenant_login_" + ("refused" if "password authentication failed" in str(exc) else "other")] += 1
-
-
 async def _attack(cfg: dict[str, Any]) -> dict[str, int]:
     from collections import Counter
 
     counts: Counter[str] = Counter()
     stop = time.monotonic() + cfg["seconds"]
     tasks = [_silent(cfg["port"], f"127.0.1.{1 + i % SILENT_SOURCES}", stop, counts) for i in range(SILENT)]
-    tasks += [_wrong_password(cfg["port"], cfg["victim_endpoint"], "127.0.2.1", stop, counts)
-              for _ in range(WRONG_PASSWORD_CLIENTS)]
+    tasks += [_password_loop(cfg["port"], cfg["victim_endpoint"], "not-the-password", "127.0.2.1", stop, counts,
+                             "wrong_password") for _ in range(WRONG_PASSWORD_CLIENTS)]
     tasks += [_tenant_sql(cfg["http_url"], cfg["tenant_dsn"], "127.0.3.1", stop, counts)
               for _ in range(TENANT_SQL_LOOPS)]
-    tasks += [_tenant_login(cfg["tenant_dsn"], stop, counts) for _ in range(TENANT_LOGIN_LOOPS)]
+    tasks += [_password_loop(cfg["port"], cfg["tenant_endpoint"], cfg["tenant_password"], "127.0.3.2", stop, counts,
+                             "tenant_login") for _ in range(TENANT_LOGIN_LOOPS)]
     await asyncio.gather(*tasks)
     return dict(counts)
 
@@ -146,6 +138,15 @@ def attacker_main(config: str) -> None:
     cfg = json.loads(config)
     print("ready", flush=True)
     print(json.dumps(asyncio.run(_attack(cfg))), flush=True)
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """utime + stime of a live process (the attacker competes for the same cores as the platform)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return round((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), 1)
 
 
 # The run -------------------------------------------------------------------------------------------
@@ -220,7 +221,8 @@ class Run:
         before = self.logins_ms(good.uri, self.logins)
         self.say("attack: starting the attacker ...")
         cfg = {"port": self.rp.proxy_port, "http_url": self.rp.api_url, "seconds": self.attack_seconds,
-               "victim_endpoint": good.endpoint_id, "tenant_dsn": tenant.uri.replace("sslmode=require", "sslmode=disable")}
+               "victim_endpoint": good.endpoint_id, "tenant_dsn": tenant.uri, "tenant_endpoint": tenant.endpoint_id,
+               "tenant_password": unquote(urlsplit(tenant.uri).password or "")}
         env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         self.attacker = subprocess.Popen([sys.executable, "-m", "benchmarks.attack", "--attacker", json.dumps(cfg)],
                                          cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -229,6 +231,7 @@ class Run:
         if self.attacker.stdout.readline().strip() != "ready":
             raise RuntimeError("the attacker did not start")
         attack_end = time.monotonic() + self.attack_seconds
+        cpu_start = (time.process_time(), time.monotonic())
         time.sleep(min(12.0, self.attack_seconds / 3))  # let every part of the attack reach full strength
         proxy = self.rp.platform.proxy
         peak = {"sessions": proxy.sessions, "unauthenticated": proxy.unauthenticated}
@@ -237,6 +240,9 @@ class Run:
         during = self.logins_ms(good.uri, self.logins, until=attack_end - 1)
         peak_after = {"sessions": proxy.sessions, "unauthenticated": proxy.unauthenticated,
                       "refused": dict(proxy.refused)}
+        platform_cpu = (time.process_time() - cpu_start[0]) / (time.monotonic() - cpu_start[1])
+        attacker_pid = self.attacker.pid
+        attacker_cpu = _cpu_seconds(attacker_pid)
         out, _ = self.attacker.communicate(timeout=self.attack_seconds + 120)
         self.attacker = None
         attack_counts = json.loads(out.strip().splitlines()[-1])
@@ -249,7 +255,9 @@ class Run:
         self.results["ratio_p99"] = round(_p99(during) / _p99(quiet), 2)
         self.results["ratio_p50"] = round(_stats(during)["median"] / _stats(quiet)["median"], 2)
         self.results["attack"] = {"proxy_at_start_of_measure": peak, "proxy_at_end_of_measure": peak_after,
-                                  "attacker_outcomes": attack_counts}
+                                  "attacker_outcomes": attack_counts,
+                                  "platform_cpu_cores_while_measuring": round(platform_cpu, 2),
+                                  "attacker_cpu_seconds": attacker_cpu}
         self.results["target_met"] = _p99(during) <= TARGET_RATIO * _p99(quiet)
 
     def cleanup(self) -> None:
@@ -295,7 +303,9 @@ def render_table(results: dict[str, Any], errors: dict[str, str]) -> str:
                   f"p50 under attack / p50 quiet = {results['ratio_p50']:.2f}x"]
         attack = results["attack"]
         lines += [f"proxy while measuring: {attack['proxy_at_start_of_measure']} -> {attack['proxy_at_end_of_measure']}",
-                  f"attacker outcomes: {attack['attacker_outcomes']}"]
+                  f"attacker outcomes: {attack['attacker_outcomes']}",
+                  f"CPU while measuring under attack: the platform {attack['platform_cpu_cores_while_measuring']} "
+                  f"cores; the attacker (same machine) {attack['attacker_cpu_seconds']} s so far"]
     if errors:
         lines += ["", "ERRORS:"] + [f"  {k}: {v}" for k, v in errors.items()]
     return "\n".join(lines)
