@@ -13,8 +13,10 @@ them into limits that apply *before* any verifier work (`attempt`):
 - after a failure the attempt holds its places for the penalty (up to `max_delay`) before the
   answer, so a guessing loop slows down while a user who mistyped once is not delayed at all;
 - a client that logged in as a role before (`record_success`, remembered for `trust_for` seconds)
-  is not held back by that role's attack: guessing a victim's password from elsewhere does not
-  lock the victim's own applications out (OWASP's "device cookie" idea, keyed by client).
+  is not held back before its checks for that role, neither by the role's attack nor by failures
+  from its own address (a shared NAT address): guessing a victim's password does not lock the
+  victim's own applications out (OWASP's "device cookie" idea, keyed by client). Its failures
+  still count and are still penalised after the fact.
 
 Counters are forgotten only when they have decayed to nothing; under pressure from very many
 addresses, the clients with the fewest failures go first, and a role's counter is dropped only
@@ -161,13 +163,14 @@ class Throttle:
         before any work; raises `Throttled` when a queue is already too long."""
         client = client_key(ip)
         role_key = (endpoint_id, role)
-        under_attack = (self._count(self._roles, role_key, time.monotonic()) > self.free_per_role
-                        and not self._trusted_client(client, role_key))
+        trusted = self._trusted_client(client, role_key)
+        under_attack = self._count(self._roles, role_key, time.monotonic()) > self.free_per_role and not trusted
         role_gate = (self._role_gates.hold(role_key, self.max_concurrent_per_role, self.max_waiting,
                                            TOO_MANY_FOR_ENDPOINT) if under_attack else contextlib.nullcontext())
         async with self._client_gates.hold(client, self.max_concurrent_per_ip, self.max_waiting,
                                            TOO_MANY_ATTEMPTS), role_gate:
-            wait = self._penalty(self._count(self._clients, client, time.monotonic()) - self.free_per_ip)
+            wait = 0.0 if trusted else self._penalty(self._count(self._clients, client, time.monotonic())
+                                                     - self.free_per_ip)
             if wait:
                 await asyncio.sleep(wait)  # the client's own penalty comes before its password is looked at
             yield
