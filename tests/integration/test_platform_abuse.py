@@ -113,7 +113,12 @@ def test_sql_backends_log_in_on_the_internal_socket_without_a_password(platform:
     assert sql(http, dsn, "select 1").status_code == 200
     proxy = platform.platform.proxy
     pool = platform.platform.serverless.http_sql.pool
-    hosts = {conn.info.host for idle in pool._idle.values() for _, conn in idle}
+    key = (tenant["endpoints"][0]["id"], "neondb", "neondb_owner")
+    deadline = time.monotonic() + 10
+    while not pool._idle.get(key):  # the backend goes back to the pool after its reset, in the background
+        assert time.monotonic() < deadline, "the backend never went back to the pool"
+        time.sleep(0.02)
+    hosts = {conn.info.host for _, conn in pool._idle[key]}
     assert hosts == {proxy.internal_dir}
     params = platform.params(tenant)
     with pytest.raises(psycopg.OperationalError) as err:  # the real password is no token there
