@@ -35,7 +35,8 @@ class MessageStream(asyncio.Protocol):
         self.lost = False
         self._buffer = bytearray()
         self._waiter: asyncio.Future[None] | None = None
-        self._paused = False
+        self._paused = False  # reading paused: our buffer is over its limit, or the client's writes pile up
+        self._write_blocked = False  # the transport's outgoing buffer is over its high-water mark
         self._released = False  # connection_lost ran: the transport's protocols let go of the socket
         self._release_waiter: asyncio.Future[None] | None = None
 
@@ -48,6 +49,18 @@ class MessageStream(asyncio.Protocol):
         if len(self._buffer) > _BUFFER_LIMIT and not self._paused and self.transport is not None:
             self._paused = True
             self.transport.pause_reading()
+
+    def pause_writing(self) -> None:
+        """Answers pile up for a client that does not read them: under TLS, reading makes answers of
+        its own (KeyUpdate replies, alerts), so stop reading until the client takes them."""
+        self._write_blocked = True
+        if not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._write_blocked = False
+        self._wake()  # a reader waiting on a paused transport resumes it
 
     def eof_received(self) -> bool:
         self.lost = True
@@ -77,7 +90,7 @@ class MessageStream(asyncio.Protocol):
         while len(self._buffer) < n:
             if self.lost:
                 raise ConnectionClosed
-            if self._paused and self.transport is not None:
+            if self._paused and not self._write_blocked and self.transport is not None:
                 self._paused = False
                 self.transport.resume_reading()
             self._waiter = asyncio.get_running_loop().create_future()

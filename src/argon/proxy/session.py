@@ -47,6 +47,14 @@ log = logging.getLogger(__name__)
 # out" once the exchange began). Neon allows 15 s for the handshake and 15 s more for SCRAM; a
 # silent connection costs a descriptor, so ours is one shorter budget.
 PRE_AUTH_TIMEOUT = 10.0
+# Before authentication a client sends a TLS handshake, a startup packet and SCRAM messages: a few
+# KiB. TLS records that carry no data (KeyUpdate requests: 27 bytes, two key derivations each) can
+# cost the loop seconds of CPU per MiB, so until the client has proven itself its socket takes
+# little per read and a client that has sent more than this in all is dropped.
+PRE_AUTH_MAX_BYTES = 256 << 10
+PRE_AUTH_RCVBUF = 16 << 10  # the kernel doubles it: at most ~32 KiB of records per read
+AUTHENTICATED_RCVBUF = 1 << 20  # back to a size that does not limit a bulk COPY (autotuning is off now)
+_BYTES_CHECK_INTERVAL = 0.1
 CONNECT_ATTEMPTS = 5
 CONNECT_TIMEOUT = 10.0  # per compute login (socket + SCRAM + greeting)
 INSECURE = "connection is insecure (try using `sslmode=require`)"
@@ -122,6 +130,15 @@ def _frame(msg_type: str, payload: bytes) -> bytes:
     return msg_type.encode() + struct.pack("!I", len(payload) + 4) + payload
 
 
+def bytes_received(sock: socket.socket) -> int:
+    """What the kernel has received on a TCP socket in all (`tcpi_bytes_received`, Linux 4.1+); 0 if unknown."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+    except OSError:
+        return 0
+    return struct.unpack_from("=Q", info, 128)[0] if len(info) >= 136 else 0
+
+
 class Session:
     """`on_authenticated` is called once, when the client has proven itself (or at the end, if it
     never does): the server counts unauthenticated connections with it."""
@@ -138,11 +155,38 @@ class Session:
         # Up to a quarter earlier at random: connections a flood opened together do not all expire
         # (and come back) in the same instant, which would stall the loop for everyone at once.
         self._deadline = asyncio.get_running_loop().time() + ctx.pre_auth_timeout * (1 - random.random() / 4)
+        self._byte_guard: asyncio.Task[None] | None = None
 
     def _authenticated(self) -> None:
         callback, self._on_authenticated = self._on_authenticated, None
         if callback is not None:
             callback()
+        guard, self._byte_guard = self._byte_guard, None
+        if guard is not None:
+            guard.cancel()
+            with contextlib.suppress(OSError):
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, AUTHENTICATED_RCVBUF)
+
+    def _guard_bytes(self) -> None:
+        """Bound what a TCP client may send before it authenticates (`PRE_AUTH_MAX_BYTES`)."""
+        self._byte_guard = None
+        if self.tunnel is not None or self.sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return
+        with contextlib.suppress(OSError):
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, PRE_AUTH_RCVBUF)
+        task = asyncio.current_task()
+        assert task is not None
+
+        async def watch() -> None:
+            while True:
+                await asyncio.sleep(_BYTES_CHECK_INTERVAL)
+                received = bytes_received(self.sock)
+                if received > PRE_AUTH_MAX_BYTES:
+                    log.warning("dropped %s: it sent %d bytes without authenticating", self.peer_ip, received)
+                    task.cancel()
+                    return
+
+        self._byte_guard = asyncio.get_running_loop().create_task(watch())
 
     def release_slot(self) -> None:
         """Stop counting this connection as unauthenticated (the server is dropping it)."""
@@ -150,6 +194,7 @@ class Session:
 
     async def run(self) -> None:
         stream: MessageStream | None = None
+        self._guard_bytes()
         try:
             tunnel = self.tunnel
             async with asyncio.timeout_at(self._deadline):
