@@ -1,10 +1,30 @@
-from django.db import IntegrityError, transaction
+import json
+import os
+
+from django.db import IntegrityError, connection, transaction
 from django.test import TestCase, TransactionTestCase
 
 from notes.models import Note
 
 
-class NoteTests(TestCase):
+class Recorded:
+    """With $ARGON_TEST_RECORD set, each test appends where it ran: process, the endpoint in the
+    connection's settings, the database, and the compute's start time (one per Postgres server)."""
+
+    def setUp(self) -> None:
+        super().setUp()  # type: ignore[misc]
+        path = os.environ.get("ARGON_TEST_RECORD")
+        if path:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT current_database(), pg_postmaster_start_time()::text")
+                database, started = cursor.fetchone()
+            settings = connection.settings_dict
+            with open(path, "a") as f:
+                f.write(json.dumps({"pid": os.getpid(), "database": database, "postmaster": started,
+                                    "options": settings["OPTIONS"].get("options"), "host": settings["HOST"]}) + "\n")
+
+
+class NoteTests(Recorded, TestCase):
     def test_create_and_query(self) -> None:
         Note.objects.create(title="hello", body="world")
         self.assertEqual(Note.objects.get(title="hello").body, "world")
@@ -19,7 +39,7 @@ class NoteTests(TestCase):
         self.assertEqual(self.client.get("/count/").json(), {"notes": 1})
 
 
-class FlushTests(TransactionTestCase):
+class FlushTests(Recorded, TransactionTestCase):
     def test_truncate_between_tests(self) -> None:
         Note.objects.create(title="t")
         self.assertEqual(Note.objects.count(), 1)
