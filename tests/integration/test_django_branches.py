@@ -142,14 +142,17 @@ def test_two_runs_at_once(platform: RunningPlatform, project: dict[str, Any], ap
 
 def test_parallel_workers_get_branches_of_their_own(platform: RunningPlatform, project: dict[str, Any],
                                                    app: App) -> None:
-    out = app.test("--parallel", "2", "-v", "2")
-    assert app.migrated() == 1, out
-    records = app.records()
-    assert len({r["pid"] for r in records}) == 2, records
-    assert len({r["postmaster"] for r in records}) == 2, "both workers ran on one Postgres"
-    assert len({r["options"] for r in records}) == 2
-    assert all(r["database"] == "test_neondb" for r in records)
-    assert [n for n in django_branches(platform, project["project"]["id"]) if "test" in n.split("-")[1]] == []
+    for start_method in ("fork", "spawn"):  # spawned workers (macOS) set their connections up afresh
+        out = app.test("--parallel", "2", "-v", "2", env={"ARGON_TEST_SPAWN": "1"} if start_method == "spawn" else {})
+        assert app.migrated() == 1, out
+        records = app.records()
+        assert len({r["pid"] for r in records}) == 2, records
+        assert len({r["postmaster"] for r in records}) == 2, f"both {start_method}ed workers ran on one Postgres"
+        assert len({r["options"] for r in records}) == 2
+        assert all(r["database"] == "test_neondb" for r in records)
+        assert out.count("Cloning test database") == 2
+        names = django_branches(platform, project["project"]["id"])
+        assert len(names) == 1 and names[0].startswith("django-template-"), "clones and the run's branch deleted"
 
 
 def test_keepdb_keeps_the_branch(platform: RunningPlatform, project: dict[str, Any], app: App) -> None:

@@ -109,7 +109,8 @@ class BranchCreation:
         test_name = self.connection.settings_dict["NAME"]
         try:
             record = self._acquire(names, test_name, keepdb=keepdb, suffix=str(suffix),
-                                   run_name=f"{state['main']['name']}-{suffix}", verbosity=verbosity)
+                                   run_name=f"{state['main']['name']}-{suffix}", verbosity=verbosity,
+                                   template_id=state["main"]["template_id"])
         except ApiError as exc:
             self._fail(exc)
         state["clones"][str(suffix)] = record
@@ -173,9 +174,10 @@ class BranchCreation:
     # Branches --------------------------------------------------------------------------------------
 
     def _acquire(self, names: BranchNames, test_name: str, *, keepdb: bool, suffix: str | None, run_name: str,
-                 verbosity: int) -> dict[str, Any]:
+                 verbosity: int, template_id: str | None = None) -> dict[str, Any]:
         """A branch with a running compute whose database `test_name` is freshly migrated (or, with
-        keepdb, the kept one). Returns its record: name, ids, the connection settings, reused."""
+        keepdb, the kept one). Returns its record: name, ids, the connection settings, reused, and
+        the template it came from (`template_id`, known to save clones a look-up)."""
         assert self.argon is not None
         api, project = self.argon.api, self.argon.project_id
         if keepdb:
@@ -189,7 +191,7 @@ class BranchCreation:
                 self._collect(names.keep_prefix, keep=lambda n: n.startswith(names.keep_prefix + names.state))
         else:
             name = run_name
-        template = self._template(names, verbosity)
+        template = {"id": template_id} if template_id else self._template(names, verbosity)
         try:
             created = api.create_branch(project, name=name, parent_id=template["id"],
                                         expires_at=None if keepdb else expiry(RUN_HOURS))
@@ -200,6 +202,7 @@ class BranchCreation:
             created = api.create_branch(project, name=name, parent_id=template["id"],
                                         expires_at=None if keepdb else expiry(RUN_HOURS))
         record = self._record(created["branch"], created["endpoints"][0]["id"], test_name, reused=False)
+        record["template_id"] = template["id"]
         try:
             self._rename_database(record["settings"], TEMPLATE_DB, test_name)
         except BaseException:
@@ -217,7 +220,7 @@ class BranchCreation:
         conn = {k: target[k] for k in _CONNECTION_KEYS}
         conn["NAME"] = test_name
         return {"branch_id": branch["id"], "name": branch["name"], "endpoint_id": endpoint_id, "settings": conn,
-                "reused": reused}
+                "reused": reused, "template_id": None}
 
     def _find(self, name: str) -> dict[str, Any] | None:
         assert self.argon is not None

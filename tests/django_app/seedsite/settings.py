@@ -35,3 +35,8 @@ else:
             "CONN_HEALTH_CHECKS": os.environ.get("ARGON_CONN_HEALTH_CHECKS") == "1",
         }
     }
+
+if os.environ.get("ARGON_TEST_SPAWN"):  # --parallel workers started as on macOS (spawn, not fork)
+    import multiprocessing
+
+    multiprocessing.set_start_method("spawn", force=True)
