@@ -105,8 +105,16 @@ class BranchCreation:
         state = self.connection.settings_dict.get(STATE_KEY)
         if self.argon is None or state is None:
             return super().clone_test_db(suffix, verbosity, autoclobber, keepdb)  # type: ignore[misc]
-        names = BranchNames(state["ident"], state["state"])
         test_name = self.connection.settings_dict["NAME"]
+        if str(suffix) == "1":
+            # Worker 1 takes the run's own branch: once the clones exist nothing else uses it (the
+            # parent only serializes it, before the workers start), so N workers cost N branches.
+            state["clones"]["1"] = {**state["main"], "shared": True}
+            if verbosity >= 1:
+                self.log(f"Using the test database for alias {self._get_database_display_str(verbosity, test_name)} "  # type: ignore[attr-defined]
+                         f"as clone 1 (branch {state['main']['name']!r})...")
+            return None
+        names = BranchNames(state["ident"], state["state"])
         try:
             record = self._acquire(names, test_name, keepdb=keepdb, suffix=str(suffix),
                                    run_name=f"{state['main']['name']}-{suffix}", verbosity=verbosity,
@@ -118,6 +126,7 @@ class BranchCreation:
             action = "Using existing clone" if record["reused"] else "Cloning test database"
             self.log(f"{action} for alias {self._get_database_display_str(verbosity, test_name)} "  # type: ignore[attr-defined]
                      f"as branch {record['name']!r}...")
+        return None
 
     def get_test_db_clone_settings(self, suffix: object) -> dict[str, Any]:
         found = clone_settings(self.connection.settings_dict, suffix)
@@ -132,7 +141,7 @@ class BranchCreation:
             return super().destroy_test_db(old_database_name, verbosity, keepdb, suffix)  # type: ignore[misc]
         self._close()
         record = state["main"] if suffix is None else state["clones"].get(str(suffix))
-        if record is not None:
+        if record is not None and not record.get("shared"):
             if verbosity >= 1:
                 self.log(f"{'Preserving' if keepdb else 'Destroying'} test database for alias "
                          f"{self._get_database_display_str(verbosity, record['settings']['NAME'])} "  # type: ignore[attr-defined]

@@ -1,5 +1,6 @@
 import json
 import os
+import time
 
 from django.db import IntegrityError, connection, transaction
 from django.test import TestCase, TransactionTestCase
@@ -9,7 +10,9 @@ from notes.models import Note
 
 class Recorded:
     """With $ARGON_TEST_RECORD set, each test appends where it ran: process, the endpoint in the
-    connection's settings, the database, and the compute's start time (one per Postgres server)."""
+    connection's settings, the database, and the compute's start time (one per Postgres server).
+    With $ARGON_TEST_RENDEZVOUS=N too, tests wait (up to 60 s) until N processes have recorded, so
+    with --parallel N every worker runs tests (none can take all the work while another starts)."""
 
     def setUp(self) -> None:
         super().setUp()  # type: ignore[misc]
@@ -22,6 +25,13 @@ class Recorded:
             with open(path, "a") as f:
                 f.write(json.dumps({"pid": os.getpid(), "database": database, "postmaster": started,
                                     "options": settings["OPTIONS"].get("options"), "host": settings["HOST"]}) + "\n")
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                with open(path) as f:
+                    pids = {json.loads(line)["pid"] for line in f}
+                if len(pids) >= int(os.environ.get("ARGON_TEST_RENDEZVOUS", "1")):
+                    break
+                time.sleep(0.05)
 
 
 class NoteTests(Recorded, TestCase):
