@@ -152,3 +152,42 @@ def test_branch_names() -> None:
     other = names_for(project_id="p", base_branch_id="br-d-e-f", user="neondb_owner", alias="default",
                       state="0123456789abcdef" * 4)
     assert other.ident != names.ident and isinstance(other, BranchNames)
+
+
+def test_api_retries_while_the_project_is_locked_and_waits_for_operations() -> None:
+    """Neon's rules, scripted: 423 while another operation runs (retried, Retry-After honoured),
+    operations that finish later (polled), one that fails (its error reported)."""
+    import httpx
+
+    from argon.django.api import Api, ApiError, Credentials
+
+    seen: list[str] = []
+    polls = {"op-1": ["running", "finished"], "op-2": ["failed"]}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(f"{request.method} {request.url.path}")
+        assert request.headers["Authorization"] == "Bearer napi_k"
+        if request.method == "POST" and seen.count("POST /api/v2/projects/p/branches") <= 2:
+            return httpx.Response(423, json={"code": "", "message": "project already has running operations"},
+                                  headers={"Retry-After": "0"})
+        if request.method == "POST":
+            return httpx.Response(201, json={"branch": {"id": "br-a-b-c", "name": "x"}, "endpoints": [],
+                                             "operations": [{"id": "op-1", "action": "create_branch",
+                                                             "status": "running"}]})
+        if request.url.path.endswith("/operations/op-1"):
+            return httpx.Response(200, json={"operation": {"id": "op-1", "status": polls["op-1"].pop(0)}})
+        if request.url.path.endswith("/operations/op-2"):
+            return httpx.Response(200, json={"operation": {"id": "op-2", "action": "delete_timeline",
+                                                           "status": "failed", "error": "disk full"}})
+        if request.method == "DELETE":
+            return httpx.Response(200, json={"branch": {}, "operations": [{"id": "op-2", "status": "running"}]})
+        return httpx.Response(401, json={"code": "", "message": "invalid API key"})
+
+    api = Api(Credentials("http://neon.test/api/v2", "napi_k", "NEON_API_KEY"), transport=httpx.MockTransport(handler))
+    created = api.create_branch("p", name="x", parent_id="br-p-q-r", expires_at=None, compute=False)
+    assert created["branch"]["id"] == "br-a-b-c"
+    assert seen.count("POST /api/v2/projects/p/branches") == 3 and polls["op-1"] == []
+    with pytest.raises(ApiError, match="operation delete_timeline on p failed: disk full"):
+        api.delete_branch("p", "br-a-b-c")
+    with pytest.raises(ApiError, match=r"invalid API key \(HTTP 401\) \(the key comes from NEON_API_KEY\)"):
+        api.projects()

@@ -89,10 +89,12 @@ def expiry(hours: float) -> str:
 class Api:
     """A blocking client of /api/v2 for one key. Every failure is an ApiError."""
 
-    def __init__(self, credentials: Credentials, *, timeout: float = 120, retry_for: float = 60) -> None:
+    def __init__(self, credentials: Credentials, *, timeout: float = 120, retry_for: float = 60,
+                 transport: httpx.BaseTransport | None = None) -> None:
         self.credentials = credentials
         self.retry_for = retry_for
         self._http = httpx.Client(base_url=credentials.api_url, timeout=httpx.Timeout(timeout, connect=10),
+                                  transport=transport,
                                   headers={"Authorization": f"Bearer {credentials.api_key}",
                                            "Accept": "application/json",
                                            "User-Agent": "argon-django"})
@@ -187,8 +189,14 @@ class Api:
         spec: dict[str, Any] = {"name": name, "parent_id": parent_id}
         if expires_at:
             spec["expires_at"] = expires_at
-        created = self.request("POST", f"/projects/{project_id}/branches",
-                               body={"branch": spec, "endpoints": [{"type": "read_write"}] if compute else []})
+        body = {"branch": spec, "endpoints": [{"type": "read_write"}] if compute else []}
+        try:
+            created = self.request("POST", f"/projects/{project_id}/branches", body=body)
+        except ApiError as exc:
+            if not (expires_at and exc.status in (400, 422) and "expire" in str(exc).lower()):
+                raise
+            del spec["expires_at"]  # a server (or plan) without branch expiry: the runner deletes its branches itself
+            created = self.request("POST", f"/projects/{project_id}/branches", body=body)
         self.wait(project_id, created.get("operations", []))
         return dict(created)
 
