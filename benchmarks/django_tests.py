@@ -118,6 +118,23 @@ class Bench:
             raise BenchError(f"no --timing lines in:\n{out.stderr[-2000:]}")
         return {"setup_s": float(setup.group(1)), "teardown_s": float(teardown.group(1)), "wall_s": round(wall, 3)}
 
+    @staticmethod
+    def template_dir(running: Any, root: Path, project_id: str) -> Path:
+        branches = running.api.get(f"/projects/{project_id}/branches").json()["branches"]
+        (template,) = [b for b in branches if b["name"].startswith("django-template-")]
+        return root / "data" / "projects" / project_id / "branches" / template["id"] / "pgdata"
+
+    @staticmethod
+    def copy_time(pgdata: Path, backend: str) -> dict[str, float]:
+        """The floor under a branch on this backend right now: `cp -a` of the template's cluster."""
+        target = pgdata.parent.parent / f".bench-copy-{os.getpid()}"
+        reflink = "always" if backend == "reflink" else "never"
+        started = time.monotonic()
+        subprocess.run(["cp", "-a", f"--reflink={reflink}", str(pgdata), str(target)], check=True)
+        elapsed = time.monotonic() - started
+        shutil.rmtree(target, ignore_errors=True)
+        return {"setup_s": round(elapsed, 3), "teardown_s": 0.0, "wall_s": round(elapsed, 3)}
+
     def measure(self, backend: str, root: Path) -> None:
         running = start_platform(root)
         work = short_tmpdir("bd")
@@ -139,9 +156,11 @@ class Bench:
                     say(f"  {label}: setup {result['setup_s']:.2f} s")
 
                 one("branch, first run", "argon.django.BranchTestRunner", 1)
+                template = self.template_dir(running, root, created["project"]["id"])
                 for _ in range(self.args.rounds):
                     one("django", "django.test.runner.DiscoverRunner", 1)
                     one("branch", "argon.django.BranchTestRunner", 1)
+                    samples.setdefault("cp -a of the template", []).append(self.copy_time(template, backend))
                     one("django --parallel 4", "django.test.runner.DiscoverRunner", 4)
                     one("branch --parallel 4", "argon.django.BranchTestRunner", 4)
                 self.results.setdefault(backend, {})[str(count)] = {
@@ -218,11 +237,13 @@ def main(argv: list[str] | None = None) -> int:
     args.rounds = 1 if args.quick else args.rounds
     args.backends = ["copy", "reflink"] if args.backend == "both" else [args.backend]
     bench = Bench(args)
-    started = time.monotonic()
+    started, load_before = time.monotonic(), os.getloadavg()
     bench.run()
     report = {"results": bench.results, "errors": bench.errors, "elapsed_seconds": round(time.monotonic() - started, 1),
+              "load_average": {"before": load_before, "after": os.getloadavg(), "cpus": os.cpu_count()},
               "verdicts": verdicts(bench.results)}
     print(render(bench.results, bench.errors))
+    print(f"\nload average before/after: {load_before[0]:.1f} / {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print(json.dumps(report, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

@@ -125,6 +125,10 @@ def test_a_failing_migration_keeps_no_template(platform: RunningPlatform, projec
     assert django_branches(platform, project["project"]["id"]) == []
     app.test()  # and the next run builds it
     assert app.migrated() == 2
+    (template,) = django_branches(platform, project["project"]["id"])
+    out = app.test(env={"ARGON_TEST_BAD_CACHE": "1"}, ok=False)  # set-up fails after the branch was made
+    assert 'bad"name' in out and "Ran 4 tests" not in out
+    assert django_branches(platform, project["project"]["id"]) == [template], "the run's branch was deleted"
 
 
 def test_two_runs_at_once(platform: RunningPlatform, project: dict[str, Any], app: App) -> None:

@@ -83,19 +83,23 @@ class BranchCreation:
             record = self._acquire(names, test_name, keepdb=keepdb, suffix=None, run_name=names.run(),
                                    verbosity=verbosity)
         except ApiError as exc:
-            self._fail(exc)
+            self._fail(exc, keepdb)
         self.connection.settings_dict[STATE_KEY] = {"ident": names.ident, "state": names.state, "main": record,
                                                     "clones": {}}
-        self._point(record["settings"])
-        settings.DATABASES[self.connection.alias]["NAME"] = test_name
-        if verbosity >= 1:
-            action = "Using existing" if record["reused"] else "Creating"
-            self.log(f"{action} test database for alias {self._get_database_display_str(verbosity, test_name)} "  # type: ignore[attr-defined]
-                     f"on branch {record['name']!r}...")
-        if serialize:
-            self.connection._test_serialized_contents = self.serialize_db_to_string()  # type: ignore[attr-defined]
-        call_command("createcachetable", database=self.connection.alias)
-        self.connection.ensure_connection()
+        try:
+            self._point(record["settings"])
+            settings.DATABASES[self.connection.alias]["NAME"] = test_name
+            if verbosity >= 1:
+                action = "Using existing" if record["reused"] else "Creating"
+                self.log(f"{action} test database for alias {self._get_database_display_str(verbosity, test_name)} "  # type: ignore[attr-defined]
+                         f"on branch {record['name']!r}...")
+            if serialize:
+                self.connection._test_serialized_contents = self.serialize_db_to_string()  # type: ignore[attr-defined]
+            call_command("createcachetable", database=self.connection.alias)
+            self.connection.ensure_connection()
+        except BaseException:
+            self._abandon(keepdb)
+            raise
         if verbosity >= 2:
             self.log(f"argon: test database ready in {time.monotonic() - started:.2f} s")
         return test_name
@@ -120,7 +124,10 @@ class BranchCreation:
                                    run_name=f"{state['main']['name']}-{suffix}", verbosity=verbosity,
                                    template_id=state["main"]["template_id"])
         except ApiError as exc:
-            self._fail(exc)
+            self._fail(exc, keepdb)
+        except BaseException:
+            self._abandon(keepdb)
+            raise
         state["clones"][str(suffix)] = record
         if verbosity >= 1:
             action = "Using existing clone" if record["reused"] else "Cloning test database"
@@ -134,7 +141,6 @@ class BranchCreation:
 
     def destroy_test_db(self, old_database_name: str | None = None, verbosity: int = 1, keepdb: bool = False,
                         suffix: object = None) -> None:
-        from django.conf import settings
 
         state = self.connection.settings_dict.get(STATE_KEY)
         if self.argon is None or state is None:
@@ -152,13 +158,7 @@ class BranchCreation:
                 except ApiError as exc:
                     self.log(f"argon: could not delete branch {record['name']!r} ({exc}); it expires by itself")
         if suffix is None:
-            original = self.argon.original
-            self.connection.settings_dict.update({k: original[k] for k in _CONNECTION_KEYS})
-            self.connection.settings_dict["OPTIONS"] = dict(original["OPTIONS"])
-            name = old_database_name if old_database_name is not None else original["NAME"]
-            self.connection.settings_dict["NAME"] = name
-            settings.DATABASES[self.connection.alias]["NAME"] = name
-            self.connection.settings_dict.pop(STATE_KEY, None)
+            self._restore(old_database_name)
         return None
 
     def set_as_test_mirror(self, primary_settings_dict: dict[str, Any]) -> None:
@@ -346,8 +346,35 @@ class BranchCreation:
         finally:
             wrapper.close()
 
-    def _fail(self, exc: ApiError) -> NoReturn:
+    def _restore(self, name: str | None = None) -> None:
+        """The alias's own connection settings again (Django's NAME, or `name`)."""
+        from django.conf import settings
+
+        assert self.argon is not None
+        original = self.argon.original
+        self.connection.settings_dict.update({k: original[k] for k in _CONNECTION_KEYS})
+        self.connection.settings_dict["OPTIONS"] = dict(original["OPTIONS"])
+        name = name if name is not None else original["NAME"]
+        self.connection.settings_dict["NAME"] = name
+        settings.DATABASES[self.connection.alias]["NAME"] = name
+        self.connection.settings_dict.pop(STATE_KEY, None)
+
+    def _abandon(self, keepdb: bool) -> None:
+        """Set-up failed half-way: delete the run's branches made so far (not kept ones), as
+        teardown would have, since Django never tears down a set-up that raised."""
+        state = self.connection.settings_dict.get(STATE_KEY)
+        if state is None:
+            return
+        self._close()
+        if not keepdb:
+            for record in [*state["clones"].values(), state["main"]]:
+                if not record.get("shared"):
+                    self._delete_quietly(record)
+        self._restore()
+
+    def _fail(self, exc: ApiError, keepdb: bool) -> NoReturn:
         """As Django does when it cannot create a test database: one line, exit status 2."""
+        self._abandon(keepdb)
         self.log(f"argon: cannot set up the test database for alias {self.connection.alias!r}: {exc}")
         sys.exit(2)
 

@@ -40,3 +40,6 @@ if os.environ.get("ARGON_TEST_SPAWN"):  # --parallel workers started as on macOS
     import multiprocessing
 
     multiprocessing.set_start_method("spawn", force=True)
+
+if os.environ.get("ARGON_TEST_BAD_CACHE"):  # createcachetable fails: a set-up that breaks half-way
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.db.DatabaseCache", "LOCATION": 'bad"name'}}
