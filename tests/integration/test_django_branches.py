@@ -187,15 +187,21 @@ def test_a_non_default_branch(platform: RunningPlatform, project: dict[str, Any]
 
 
 def test_pytest_django_plugin(platform: RunningPlatform, project: dict[str, Any], app: App) -> None:
+    """pytest-django with the plugin: the first run builds the template; a run under xdist gives
+    each worker a branch of it, its database renamed to pytest-django's per-worker name."""
     (app.dir / "pytest.ini").write_text("[pytest]\nDJANGO_SETTINGS_MODULE = seedsite.settings\n"
                                         "python_files = tests.py\naddopts = -p argon.django.pytest_plugin\n")
-    for _ in range(2):
-        out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"], cwd=app.dir,
-                             env=app.env, capture_output=True, text=True, timeout=240)
+    for args in ([], ["-n", "2"]):
+        out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args], cwd=app.dir,
+                             env={**app.env, "ARGON_TEST_RENDEZVOUS": "2" if args else "1"}, capture_output=True,
+                             text=True, timeout=240)
         assert out.returncode == 0, out.stdout + out.stderr
         assert "4 passed" in out.stdout
-    assert app.migrated() == 1
-    assert {r["database"] for r in app.records()} == {"test_neondb"}
+        assert app.migrated() == 1
+        records = app.records()
+        assert {r["database"] for r in records} == ({"test_neondb_gw0", "test_neondb_gw1"} if args else {"test_neondb"})
+        assert len({r["postmaster"] for r in records}) == (2 if args else 1)
+    assert [n for n in django_branches(platform, project["project"]["id"]) if not n.startswith("django-template-")] == []
 
 
 def test_without_a_key_django_creates_the_database_as_usual(platform: RunningPlatform, project: dict[str, Any],
