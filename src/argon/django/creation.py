@@ -21,6 +21,7 @@ import os
 import sys
 import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -42,6 +43,7 @@ class Target:
     project_id: str
     base: dict[str, Any]  # the branch the configured endpoint belongs to
     original: dict[str, Any]  # the alias's connection settings before any test database
+    workers: int = 0  # --parallel N, when the runner says: clones 2..N are then made at once
 
 
 def _snapshot(settings_dict: dict[str, Any]) -> dict[str, Any]:
@@ -80,12 +82,14 @@ class BranchCreation:
             names = names_for(project_id=self.argon.project_id, base_branch_id=self.argon.base["id"],
                               user=str(self.argon.original["USER"]),
                               alias=self.connection.alias, state=migration_state(self.connection))
-            record = self._acquire(names, test_name, keepdb=keepdb, suffix=None, run_name=names.run(),
-                                   verbosity=verbosity)
+            workers = self.argon.workers
+            made = self._acquire_all(names, test_name, keepdb=keepdb, verbosity=verbosity, run_name=names.run(),
+                                     suffixes=[None, *(str(n) for n in range(2, workers + 1))])
         except ApiError as exc:
             self._fail(exc, keepdb)
+        record = made.pop(None)
         self.connection.settings_dict[STATE_KEY] = {"ident": names.ident, "state": names.state, "main": record,
-                                                    "clones": {}}
+                                                    "clones": made}
         try:
             self._point(record["settings"])
             settings.DATABASES[self.connection.alias]["NAME"] = test_name
@@ -118,16 +122,18 @@ class BranchCreation:
                 self.log(f"Using the test database for alias {self._get_database_display_str(verbosity, test_name)} "  # type: ignore[attr-defined]
                          f"as clone 1 (branch {state['main']['name']!r})...")
             return None
-        names = BranchNames(state["ident"], state["state"])
-        try:
-            record = self._acquire(names, test_name, keepdb=keepdb, suffix=str(suffix),
-                                   run_name=f"{state['main']['name']}-{suffix}", verbosity=verbosity,
-                                   template_id=state["main"]["template_id"])
-        except ApiError as exc:
-            self._fail(exc, keepdb)
-        except BaseException:
-            self._abandon(keepdb)
-            raise
+        record = state["clones"].get(str(suffix))  # made with the run's branch when the runner said N
+        if record is None:
+            names = BranchNames(state["ident"], state["state"])
+            try:
+                record = self._acquire(names, test_name, keepdb=keepdb, suffix=str(suffix),
+                                       run_name=f"{state['main']['name']}-{suffix}", verbosity=verbosity,
+                                       template_id=state["main"]["template_id"])
+            except ApiError as exc:
+                self._fail(exc, keepdb)
+            except BaseException:
+                self._abandon(keepdb)
+                raise
         state["clones"][str(suffix)] = record
         if verbosity >= 1:
             action = "Using existing clone" if record["reused"] else "Cloning test database"
@@ -153,11 +159,12 @@ class BranchCreation:
                          f"{self._get_database_display_str(verbosity, record['settings']['NAME'])} "  # type: ignore[attr-defined]
                          f"(branch {record['name']!r})...")
             if not keepdb:
-                try:
-                    self.argon.api.delete_branch(self.argon.project_id, record["branch_id"])
-                except ApiError as exc:
-                    self.log(f"argon: could not delete branch {record['name']!r} ({exc}); it expires by itself")
+                self._delete_quietly(record)
         if suffix is None:
+            if not keepdb:  # clones Django did not ask to destroy (it asks for those it cloned)
+                for clone in state["clones"].values():
+                    if not clone.get("shared") and not clone.get("deleted"):
+                        self._delete_quietly(clone)
             self._restore(old_database_name)
         return None
 
@@ -183,7 +190,7 @@ class BranchCreation:
     # Branches --------------------------------------------------------------------------------------
 
     def _acquire(self, names: BranchNames, test_name: str, *, keepdb: bool, suffix: str | None, run_name: str,
-                 verbosity: int, template_id: str | None = None) -> dict[str, Any]:
+                 verbosity: int, template_id: str | None = None, rebuild: bool = True) -> dict[str, Any]:
         """A branch with a running compute whose database `test_name` is freshly migrated (or, with
         keepdb, the kept one). Returns its record: name, ids, the connection settings, reused, and
         the template it came from (`template_id`, known to save clones a look-up)."""
@@ -201,15 +208,17 @@ class BranchCreation:
         else:
             name = run_name
         template = {"id": template_id} if template_id else self._template(names, verbosity)
+        started = time.monotonic()
         try:
             created = api.create_branch(project, name=name, parent_id=template["id"],
                                         expires_at=None if keepdb else expiry(RUN_HOURS))
         except ApiError as exc:
-            if exc.status != 404:
+            if exc.status != 404 or not rebuild:
                 raise
             template = self._build(names, verbosity)  # the template was deleted meanwhile: build it again
             created = api.create_branch(project, name=name, parent_id=template["id"],
                                         expires_at=None if keepdb else expiry(RUN_HOURS))
+        created_at = time.monotonic()
         record = self._record(created["branch"], created["endpoints"][0]["id"], test_name, reused=False)
         record["template_id"] = template["id"]
         try:
@@ -217,7 +226,37 @@ class BranchCreation:
         except BaseException:
             self._delete_quietly(record)
             raise
+        if verbosity >= 3:
+            self.log(f"argon: branch {name!r}: created with its compute running in {created_at - started:.2f} s, "
+                     f"database renamed in {time.monotonic() - created_at:.2f} s")
         return record
+
+    def _acquire_all(self, names: BranchNames, test_name: str, *, keepdb: bool, verbosity: int, run_name: str,
+                     suffixes: list[str | None]) -> dict[str | None, dict[str, Any]]:
+        """The run's branch (suffix None) and, with --parallel N, the clones 2..N, all at once: Argon
+        copies one branch at a time, but the compute starts and the renames overlap. The template is
+        found (or built) first, here, since only this thread may point the connection elsewhere."""
+        if len(suffixes) == 1:
+            return {None: self._acquire(names, test_name, keepdb=keepdb, suffix=None, run_name=run_name,
+                                        verbosity=verbosity)}
+        template_id = self._template(names, verbosity)["id"]
+        with ThreadPoolExecutor(max_workers=len(suffixes), thread_name_prefix="argon-branch") as pool:
+            futures = {sfx: pool.submit(self._acquire, names, test_name, keepdb=keepdb, suffix=sfx,
+                                        run_name=run_name if sfx is None else f"{run_name}-{sfx}",
+                                        verbosity=verbosity, template_id=template_id, rebuild=False)
+                       for sfx in suffixes}
+        made, failed = {}, None
+        for sfx, future in futures.items():
+            try:
+                made[sfx] = future.result()
+            except BaseException as exc:
+                failed = failed or exc
+        if failed is not None:
+            if not keepdb:
+                for record in made.values():
+                    self._delete_quietly(record)
+            raise failed
+        return made
 
     def _record(self, branch: dict[str, Any], endpoint_id: str, test_name: str, *, reused: bool) -> dict[str, Any]:
         assert self.argon is not None
@@ -313,6 +352,7 @@ class BranchCreation:
 
     def _delete_quietly(self, record: dict[str, Any]) -> None:
         assert self.argon is not None
+        record["deleted"] = True
         try:
             self.argon.api.delete_branch(self.argon.project_id, record["branch_id"])
         except ApiError as exc:
@@ -368,7 +408,7 @@ class BranchCreation:
         self._close()
         if not keepdb:
             for record in [*state["clones"].values(), state["main"]]:
-                if not record.get("shared"):
+                if not record.get("shared") and not record.get("deleted"):
                     self._delete_quietly(record)
         self._restore()
 
@@ -396,7 +436,7 @@ def wrap(creation: Any, target: Target | None) -> Any:
     return new
 
 
-def install(aliases: Iterable[str] | None = None, *, verbosity: int = 1,
+def install(aliases: Iterable[str] | None = None, *, verbosity: int = 1, workers: int = 0,
             environ: dict[str, str] | None = None) -> list[str]:
     """Let the test databases of `aliases` (default: all) be branches where that is possible.
     Returns the notices (one line each, also written to stderr at verbosity >= 1) for the
@@ -430,7 +470,7 @@ def install(aliases: Iterable[str] | None = None, *, verbosity: int = 1,
                         endpoint = api.endpoint(project, ref.endpoint_id)
                         resolved[ref.endpoint_id] = (project, api.branch(project, endpoint["branch_id"]))
                     project, base = resolved[ref.endpoint_id]
-                    target = Target(api, project, base, _snapshot(settings_dict))
+                    target = Target(api, project, base, _snapshot(settings_dict), workers)
                 except ApiError as exc:
                     reason = str(exc)
             if reason is not None:

@@ -40,5 +40,5 @@ class BranchTestRunner(DiscoverRunner):
     parallel_test_suite = BranchParallelTestSuite
 
     def setup_databases(self, **kwargs: Any) -> Any:
-        install(kwargs.get("aliases"), verbosity=self.verbosity)
+        install(kwargs.get("aliases"), verbosity=self.verbosity, workers=self.parallel)
         return super().setup_databases(**kwargs)
