@@ -13,7 +13,9 @@ then runs `manage.py test --timing` in a subprocess, as a user would, and reads 
 - `django`: DiscoverRunner (CREATE DATABASE + every migration; `--parallel` clones with CREATE
   DATABASE ... TEMPLATE), sequential and `--parallel 4`;
 - `branch, first run`: BranchTestRunner when no template exists (builds it: that run migrates);
-- `branch`: BranchTestRunner afterwards, sequential and `--parallel 4` (branches of the template).
+- `branch`: BranchTestRunner afterwards, sequential and `--parallel 4` (branches of the template);
+- `cp -a of the template`: the template branch's cluster copied by hand in the same rounds, the floor
+  under a branch on that backend at that moment (on a loaded machine it moves a lot).
 
 The Django and branch rounds are interleaved, so load from anything else on the machine hits both.
 Target: branch setup <= 1 s after the first run, whatever the number of migrations. The platform
