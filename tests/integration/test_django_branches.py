@@ -213,17 +213,20 @@ def test_without_a_key_django_creates_the_database_as_usual(platform: RunningPla
 
 
 def test_after_a_restart_the_template_is_reused(tmp_path: Path) -> None:
-    """A platform of its own (the session one cannot be stopped), started twice on one data dir."""
+    """A platform of its own (the session one cannot be stopped), started twice on one data dir. Its
+    computes get uids of their own: a project deleted on another platform of this host must not
+    share its uid with ours."""
     root = short_tmpdir("dj")
+    uids = {"compute_uid_base": 250000}
     try:
-        first = RunningPlatform(root)
+        first = RunningPlatform(root, **uids)
         try:
             created = first.create_project(name="restart")
             app = App(tmp_path, first, first.dsn(created))
             app.test()
         finally:
             first.stop()
-        second = RunningPlatform(root)
+        second = RunningPlatform(root, **uids)
         try:
             app.env["ARGON_API_URL"] = second.api_url
             app.env["DATABASE_URL"] = app.env["DATABASE_URL"].replace(f":{first.proxy_port}/", f":{second.proxy_port}/")
