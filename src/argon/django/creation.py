@@ -352,6 +352,8 @@ class BranchCreation:
 
     def _delete_quietly(self, record: dict[str, Any]) -> None:
         assert self.argon is not None
+        if record.get("deleted"):
+            return
         record["deleted"] = True
         try:
             self.argon.api.delete_branch(self.argon.project_id, record["branch_id"])
