@@ -1,5 +1,5 @@
 """The test database as a branch: Django's DatabaseCreation with create, clone and destroy done
-through the API (docs/adr/0013-django-test-databases-as-branches.md).
+through the API (docs/adr/0014-django-test-databases-as-branches.md).
 
 `install()` gives each PostgreSQL connection a subclass of its backend's own creation class. For
 an Argon or Neon endpoint, creating the test database means: find the template branch for this
