@@ -5,6 +5,7 @@ and an owner who sets traps for the superuser-run install scripts catches nothin
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -151,72 +152,118 @@ _DEFINED = re.compile(r"create\s+(?:or\s+replace\s+)?(?:function|procedure|aggre
                       r"\"?([a-z_][a-z0-9_]*)", re.IGNORECASE)
 
 
-def called_names(version: int, names: list[str], platform: RunningPlatform) -> set[str]:
-    """Functions the install scripts of `names` call without defining them (trap candidates)."""
-    dirs = [extensions._install_dirs(platform.plane.installs[version]).extension_dir,
-            platform.plane.layout.runtime_dir / "extensions" / f"pg{version}" / "extension"]
+def install_scripts(conn: psycopg.Connection[Any], name: str, directories: list[Path]) -> list[Path]:
+    """The scripts CREATE EXTENSION runs for `name`'s default version: a base script and its update path."""
+    default = conn.execute("select default_version from pg_available_extensions where name = %s",
+                           (name,)).fetchone()
+    files = {p.name: p for d in directories for p in d.glob(f"{name}--*.sql")}
+    assert default is not None and files, name
+    if f"{name}--{default[0]}.sql" in files:
+        return [files[f"{name}--{default[0]}.sql"]]
+    for base in sorted(f.removeprefix(f"{name}--").removesuffix(".sql") for f in files if f.count("--") == 1):
+        row = conn.execute("select path from pg_extension_update_paths(%s) where source = %s and target = %s",
+                           (name, base, default[0])).fetchone()
+        if row and row[0]:
+            hops = row[0].split("--")
+            return [files[f"{name}--{base}.sql"]] + [files[f"{name}--{a}--{b}.sql"] for a, b in itertools.pairwise(hops)]
+    raise AssertionError(f"no install path for {name}")
+
+
+def trap_names(conn: psycopg.Connection[Any], scripts: list[Path]) -> set[str]:
+    """Functions of pg_catalog the scripts call without defining them: where a better-matching function
+    in the target schema would be called instead, by the superuser running the script."""
     calls: set[str] = set()
     defined: set[str] = set()
-    for name in names:
-        for directory in dirs:
-            for script in directory.glob(f"{name}--*.sql"):
-                text = script.read_text(errors="replace")
-                calls |= {m.lower() for m in _CALL.findall(text)}
-                defined |= {m.lower() for m in _DEFINED.findall(text)}
-    keywords = {"create", "function", "returns", "table", "values", "in", "as", "and", "or", "not", "exists",
-                "cast", "array", "row", "select", "coalesce", "nullif", "greatest", "least", "any", "all", "over",
-                "filter", "with", "using", "on", "char", "varchar", "numeric", "decimal", "timestamp", "time",
-                "interval", "bit", "float", "double", "precision", "setof", "if", "case", "type", "operator",
-                "index", "view", "language", "procedure", "aggregate", "trigger", "default", "check", "primary",
-                "key", "references", "unique", "grouping", "extract", "overlay", "position", "substring", "trim",
-                "collate", "insert", "into", "update", "delete", "from", "where", "set", "policy"}
-    return {c for c in calls - defined - keywords if len(c) > 2}
+    for script in scripts:
+        text = script.read_text(errors="replace")
+        calls |= {m.lower() for m in _CALL.findall(text)}
+        defined |= {m.lower() for m in _DEFINED.findall(text)}
+    catalog = {r[0] for r in conn.execute(
+        "select distinct proname from pg_proc where pronamespace = 'pg_catalog'::regnamespace").fetchall()}
+    return (calls - defined) & catalog
 
 
-# Polymorphic arguments match without a cast: a trap wins wherever the script's call needs one.
-TRAP_SIGNATURES = ("", "anyelement", "anyelement, anyelement", "anyelement, anyelement, anyelement", "text",
-                   "text, text")
+# A trap must match a script's call better than the pg_catalog function it meant: an exact type where
+# pg_catalog's needs an implicit cast. One and two arguments of the types scripts pass.
+TRAP_TYPES = ("integer", "bigint", "smallint", "text", "numeric", "double precision", "oid", "boolean")
+TRAP_SIGNATURES = ("", *TRAP_TYPES, *(f"{a}, {b}" for a in TRAP_TYPES for b in TRAP_TYPES))
+
+
+def plant_traps(conn: psycopg.Connection[Any], schema: str, names: set[str]) -> None:
+    """Functions recording who calls them and whether as a superuser, into public.caught."""
+    for trap in sorted(names):
+        for args in TRAP_SIGNATURES:
+            conn.execute(sql.SQL(
+                "create or replace function {}.{}({}) returns text language sql as "
+                "$$ insert into public.caught select current_user, rolsuper::text from pg_roles "
+                "where rolname = current_user "
+                "returning 'x' $$").format(sql.Identifier(schema), sql.Identifier(trap), sql.SQL(args)))
 
 
 def test_traps_for_install_scripts_catch_nothing(platform: RunningPlatform, versioned: dict[str, Any]) -> None:
-    """CVE-2023-39417's class: the owner plants functions named like those the superuser-run install
-    scripts call (with polymorphic arguments) in the target schema, and a schema whose
-    name tries to break out of quoting, then creates every platform-trusted extension there. Nothing
-    runs as a superuser on the owner's behalf."""
+    """CVE-2023-39417's class: the owner plants functions named like the pg_catalog functions the
+    superuser-run install scripts call (with exact argument types, which beat pg_catalog's where it
+    needs a cast) in the target schema, and tries schemas whose names break out of quoting, then creates every
+    platform-trusted extension there. Nothing runs as a superuser on the owner's behalf."""
     version = versioned["project"]["pg_version"]
     support = platform.plane.extensions[version]
+    # pg_cron's schema is fixed (pg_catalog, where nobody else can create anything).
     elevated = [o.name for o in support.offered if o.trusted_by == "platform" and o.name != "pg_cron"]
     if not elevated:
         pytest.skip(f"no platform-trusted extension on PostgreSQL {version} here")
-    traps = called_names(version, elevated, platform)
-    assert traps
+    directories = [extensions._install_dirs(platform.plane.installs[version]).extension_dir,
+                   platform.plane.layout.runtime_dir / "extensions" / f"pg{version}" / "extension"]
+    refused: list[tuple[str, str, str]] = []
     with psycopg.connect(platform.dsn(versioned), autocommit=True) as conn:
+        traps = {name: trap_names(conn, install_scripts(conn, name, directories)) for name in elevated}
+        assert any(traps.values())
         conn.execute("create table caught (who text, su text)")
         conn.execute("grant insert on caught to public")
-        refused: list[tuple[str, str, str]] = []
         for schema in ("public", "x'; alter role neondb_owner superuser; --", 'y"$z\\'):
             conn.execute(sql.SQL("create schema if not exists {}").format(sql.Identifier(schema)))
-            for trap in sorted(traps):
-                for args in TRAP_SIGNATURES:
-                    conn.execute(sql.SQL(
-                        "create or replace function {}.{}({}) returns text language sql as "
-                        "$$ insert into public.caught values (current_user, current_setting('is_superuser')) "
-                        "returning 'x' $$").format(sql.Identifier(schema), sql.Identifier(trap), sql.SQL(args)))
-            conn.execute(sql.SQL("set search_path = {}, public").format(sql.Identifier(schema)))
             for name in elevated:
+                if schema != "public" and name == "postgis":
+                    continue  # its script is long: the plain schema is enough
+                plant_traps(conn, schema, traps[name])
+                conn.execute(sql.SQL("set search_path = {}, public").format(sql.Identifier(schema)))
                 try:
                     conn.execute(sql.SQL("create extension if not exists {} schema {} cascade").format(
                         sql.Identifier(name), sql.Identifier(schema)))
                 except psycopg.Error as exc:
                     refused.append((schema, name, str(exc).splitlines()[0]))
                 conn.execute(sql.SQL("drop extension if exists {} cascade").format(sql.Identifier(name)))
-            conn.execute("reset search_path")
-        assert conn.execute("select * from caught where su = 'on'").fetchall() == []
+                conn.execute("reset search_path")
+        assert conn.execute("select * from caught where su = 'true'").fetchall() == []
         assert conn.execute("select rolsuper from pg_roles where rolname = current_user").fetchone() == (False,)
     # A trap may make a script's call ambiguous, and pgextwlist will not put a hostile schema name into
     # its scripts: refusals are fine, obedience is not. Most extensions install despite the traps.
     in_public = [r for r in refused if r[0] == "public"]
     assert len(in_public) < len(elevated), in_public
+
+
+def test_traps_catch_a_careless_install_script(platform: RunningPlatform) -> None:
+    """The traps above work: a platform-trusted extension whose script calls round(42) unqualified
+    (pg_catalog's round wants numeric) runs the owner's round(integer) as superuser."""
+    if 18 not in platform.plane.installs:
+        pytest.skip("PostgreSQL 18 is not installed here")
+    overlay = Path(platform.plane.extensions[18].gucs["extension_control_path"].split(":")[0]) / "extension"
+    files = {overlay / "argon_careless.control": "default_version = '1.0'\ntrusted = true\n",
+             overlay / "argon_careless--1.0.sql": "SELECT round(42);\n"}
+    created = platform.create_project(pg_version=18, name="careless")
+    try:
+        for path, text in files.items():
+            path.write_text(text)
+        with psycopg.connect(platform.dsn(created), autocommit=True) as conn:
+            conn.execute("create table caught (who text, su text)")
+            traps = trap_names(conn, install_scripts(conn, "argon_careless", [overlay]))
+            assert traps == {"round"}
+            plant_traps(conn, "public", traps)
+            conn.execute("create extension argon_careless")
+            assert ("cloud_admin", "true") in conn.execute("select who, su from caught").fetchall()
+    finally:
+        for path in files:
+            path.unlink(missing_ok=True)
+        platform.delete_project(created["project"]["id"])
 
 
 def test_role_the_owner_creates_can_create_extensions(platform: RunningPlatform, versioned: dict[str, Any]) -> None:

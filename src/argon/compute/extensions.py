@@ -30,6 +30,7 @@ import re
 import shutil
 import subprocess
 import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -322,10 +323,11 @@ def _closed_under_requires(candidates: dict[str, ControlFile]) -> dict[str, Cont
     return offered
 
 
-def _donations(major: int, system: dict[str, ControlFile], cache_root: Path) -> tuple[list[str], Path | None]:
+def _donations(major: int, system: dict[str, ControlFile], cache_root: Path,
+               find_donor: Callable[[int], Path | None]) -> tuple[list[str], Path | None]:
     """Which of DONATED the installation lacks and a donor can give (its modules' libraries present)."""
     lacking = tuple(n for n in DONATED if n not in system)
-    archive = donor_archive(major) if lacking else None
+    archive = find_donor(major) if lacking else None
     if archive is None:
         return [], None
     cache = _donor_cache(archive, lacking, cache_root / f"donor-pg{major}")
@@ -343,7 +345,8 @@ def _donations(major: int, system: dict[str, ControlFile], cache_root: Path) -> 
     return donated, cache
 
 
-def prepare(install: PgInstall, runtime_dir: Path) -> ExtensionSupport:
+def prepare(install: PgInstall, runtime_dir: Path, *,
+            find_donor: Callable[[int], Path | None] = donor_archive) -> ExtensionSupport:
     """Resolve the allow-list for `install`, writing the platform's extension directory where the
     installation needs one (under `runtime_dir`, 0755, owned by whoever runs Argon)."""
     dirs = _install_dirs(install)
@@ -367,7 +370,7 @@ def prepare(install: PgInstall, runtime_dir: Path) -> ExtensionSupport:
     donor_cache: Path | None = None
     if use_overlay:
         try:
-            donated, donor_cache = _donations(install.major, system, runtime_dir / "extensions")
+            donated, donor_cache = _donations(install.major, system, runtime_dir / "extensions", find_donor)
         except (OSError, tarfile.TarError) as exc:
             log.warning("could not read the donor build for PostgreSQL %d: %s", install.major, exc)
         for name in donated:
