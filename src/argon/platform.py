@@ -61,6 +61,7 @@ class StartInfo:
     api_key: str | None = None  # only when generated now (shown once)
     api_key_source: str = ""
     installs: list[PgInstall] = field(default_factory=list)
+    extensions: list[str] = field(default_factory=list)  # per version: what its roles can create
     clone_backend: str = ""
     ca_cert: Path | None = None
     reconciled: str = ""
@@ -178,6 +179,7 @@ class Platform:
         self.info.proxy_relay = self.proxy.relay_name
         self.info.data_dir = s.data_dir
         self.info.installs = [installs[m] for m in sorted(installs)]
+        self.info.extensions = [extensions.summary(major, plane.extensions[major]) for major in sorted(plane.extensions)]
         self.info.clone_backend = backend.name
         self.info.startup_ms = (time.monotonic() - started) * 1000
         return self.info

