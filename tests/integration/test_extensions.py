@@ -289,3 +289,26 @@ def test_platform_directory_is_not_writable_by_computes(platform: RunningPlatfor
         for entry in [Path(path), *Path(path).rglob("*")]:
             mode = entry.stat().st_mode
             assert not mode & 0o022, (version, entry)
+
+
+def test_schema_only_branch_keeps_the_extensions(platform: RunningPlatform, versioned: dict[str, Any]) -> None:
+    """A schema-only branch restores the parent's DDL on a platform-internal compute: the extensions,
+    those the platform trusts and pg_cron (which only loads preloaded) included, come along."""
+    from tests.integration.test_branches import branch, scalar, uri_of
+
+    pid = versioned["project"]["id"]
+    offered = {e["name"] for e in available(platform, versioned)["extensions"]}
+    wanted = [n for n in ("pgcrypto", "vector", "pg_stat_statements", "bloom", "pg_cron") if n in offered]
+    with psycopg.connect(platform.dsn(versioned), autocommit=True) as conn:
+        for name in wanted:
+            conn.execute(sql.SQL("create extension {}").format(sql.Identifier(name)))
+        if "vector" in offered:
+            conn.execute("create table docs (id int, embedding vector(3))")
+    child = branch(platform, pid, name="schema", init_source="schema-only")
+    uri = uri_of(child)
+    assert sorted(scalar(uri, "select array_agg(extname::text) from pg_extension where extname <> 'plpgsql'")) \
+        == sorted(wanted)
+    if "vector" in offered:
+        assert scalar(uri, "select count(*) from docs") == 0
+    if "pgcrypto" in offered:
+        assert scalar(uri, "select length(gen_random_bytes(4))") == 4

@@ -129,9 +129,11 @@ def read_control(path: Path) -> ControlFile:
     values: dict[str, str] = {}
     for line in path.read_text(errors="replace").splitlines():
         match = _CONTROL_LINE.match(line)
-        if match:
-            values[match.group(1)] = (match.group(2) or "").replace("''", "'") if match.group(3) is None \
-                else match.group(3)
+        if match is None:
+            continue
+        quoted, bare = match.group(2), match.group(3)
+        values[match.group(1)] = bare if quoted is None else quoted.replace("''", "'")
+
     def flag(key: str, default: str) -> bool:
         return values.get(key, default).lower() in ("true", "on", "yes", "1")
 

@@ -282,10 +282,11 @@ class ControlPlane:
     def compute_gucs(self, pg_version: int, gucs: Mapping[str, str], *, serving: bool = True) -> dict[str, str]:
         """A compute's settings: what initdb wrote for its version, then `gucs`, then the platform's
         extension settings, which nothing overrides. `serving` False: a platform-internal run (recovery,
-        schema dumps) that needs extensions' modules found but no preloaded libraries (no pg_cron jobs)."""
+        schema restores) that loads the same libraries (`CREATE EXTENSION pg_cron` needs it preloaded)
+        but runs no pg_cron job."""
         platform = dict(self.extensions[pg_version].gucs) if pg_version in self.extensions else {}
-        if not serving:
-            platform = {k: v for k, v in platform.items() if k in ("extension_control_path", "dynamic_library_path")}
+        if not serving and "cron.max_running_jobs" in platform:
+            platform["cron.max_running_jobs"] = "0"
         return self.initdb_settings.get(pg_version, {}) | dict(gucs) | platform
 
     def is_running(self, endpoint_id: str) -> bool:
