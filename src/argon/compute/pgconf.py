@@ -26,6 +26,10 @@ BASE_SETTINGS: dict[str, str] = {
     "log_line_prefix": "%m [%p] %q%u@%d ",
     "huge_pages": "off",
     "jit": "off",
+    # initdb scales these to the segment size (64 and 5 segments); templates use 1 MB segments to keep
+    # copies small, not to checkpoint sixteen times as often: a 16 MB-segment cluster's defaults.
+    "max_wal_size": "1GB",
+    "min_wal_size": "80MB",
     "wal_level": "replica",
     "max_wal_senders": "10",
     "max_replication_slots": "10",

@@ -32,6 +32,7 @@ from argon.compute.extensions import ExtensionSupport
 from argon.compute.manager import ComputeManager, ComputeSpec
 from argon.compute.osuser import OsUser
 from argon.compute.params import gucs_for_cu
+from argon.compute.pgconf import BASE_SETTINGS
 from argon.compute.postmaster import ComputeStartError
 from argon.control.secrets import Secrets
 from argon.errors import ArgonError, ComputeError, Locked, NotFound
@@ -280,14 +281,15 @@ class ControlPlane:
                            user=user, gucs=gucs, argon_os_user=self.os_user)
 
     def compute_gucs(self, pg_version: int, gucs: Mapping[str, str], *, serving: bool = True) -> dict[str, str]:
-        """A compute's settings: what initdb wrote for its version, then `gucs`, then the platform's
-        extension settings, which nothing overrides. `serving` False: a platform-internal run (recovery,
-        schema restores) that loads the same libraries (`CREATE EXTENSION pg_cron` needs it preloaded)
-        but runs no pg_cron job."""
+        """A compute's settings: what initdb wrote for its version (under Argon's base settings), then
+        `gucs`, then the platform's extension settings, which nothing overrides. `serving` False: a
+        platform-internal run (recovery, schema restores) that loads the same libraries (`CREATE
+        EXTENSION pg_cron` needs pg_cron preloaded) but runs no pg_cron job."""
         platform = dict(self.extensions[pg_version].gucs) if pg_version in self.extensions else {}
         if not serving and "cron.max_running_jobs" in platform:
             platform["cron.max_running_jobs"] = "0"
-        return self.initdb_settings.get(pg_version, {}) | dict(gucs) | platform
+        initdb = {k: v for k, v in self.initdb_settings.get(pg_version, {}).items() if k not in BASE_SETTINGS}
+        return initdb | dict(gucs) | platform
 
     def is_running(self, endpoint_id: str) -> bool:
         pm = self.computes.get(endpoint_id)
