@@ -108,6 +108,9 @@ def test_owner_creates_every_offered_extension(platform: RunningPlatform, versio
                 assert conn.execute(check).fetchone() == (True,), name
         assert conn.execute("select rolsuper from pg_roles where rolname = current_user").fetchone() == (False,)
         assert_isolated(conn)
+        for name in support.gucs:  # every platform setting is beyond the owner's reach
+            with pytest.raises((psycopg.errors.InsufficientPrivilege, psycopg.errors.CantChangeRuntimeParam)):
+                conn.execute("select set_config(%s, 'plpython3u', false)", (name,))
         conn.execute("select pg_stat_statements_reset()")  # granted to the database's owner, as Neon does
         if "pg_cron" in offered:
             # Jobs run as the role that scheduled them; scheduling as the platform's role is refused.
