@@ -59,7 +59,7 @@ MEANT: dict[str, str] = {
     "archive_mode": "on: WAL goes to the branch's history for point-in-time branches",
     "archive_command": "copies each segment into the branch's history",
     "archive_timeout": "explicitly 0: segments switch when the platform snapshots, not on a timer",
-    # Extensions (compute/extensions.py, ADR 0013).
+    # Extensions (compute/extensions.py, ADR 0014).
     "shared_preload_libraries": "libraries the allow-listed extensions need at start (and pgextwlist on 15)",
     "extension_control_path": "18: the platform's directory of allow-listed extensions comes first",
     "dynamic_library_path": "18: and their modules",

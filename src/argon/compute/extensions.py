@@ -1,7 +1,7 @@
 """Extensions a project's roles may create without being superuser, per Postgres installation.
 
 Argon keeps one allow-list (below, each entry with its reason). Of it, what an installation has is
-offered; how a non-superuser gets to create it depends on the installation (ADR 0013):
+offered; how a non-superuser gets to create it depends on the installation (ADR 0014):
 
 - Extensions whose control file says `trusted = true` (pgcrypto, uuid-ossp, hstore, citext, ...):
   Postgres itself lets anyone with CREATE on the database create them; nothing to do.
@@ -254,7 +254,7 @@ def _copy_trusted(extension_dir: Path, name: str, ext_dir: Path) -> None:
         shutil.copyfile(source, ext_dir / source.name)
     text = (extension_dir / f"{name}.control").read_text()
     text = re.sub(r"(?m)^\s*trusted\s*=.*$", "", text).rstrip("\n")
-    (ext_dir / f"{name}.control").write_text(text + "\n# Argon: creatable by non-superusers (ADR 0013)\n"
+    (ext_dir / f"{name}.control").write_text(text + "\n# Argon: creatable by non-superusers (ADR 0014)\n"
                                              "trusted = true\n")
     if name in OVERLAY_GRANTS:
         script, grant = OVERLAY_GRANTS[name]
