@@ -71,6 +71,10 @@ def test_overlay_is_rebuilt_only_when_it_changes(tmp_path: Path) -> None:
     support = prepare(install, tmp_path / "runtime")
     assert "bloom" in support.names()
     assert (control.parent / "bloom.control").exists()
+    # A package upgrade in the same PostgreSQL version (a newer vector) is copied again.
+    (tmp_path / "pg" / "share" / "extension" / "vector.control").write_text(UNTRUSTED.replace("1.0", "1.1"))
+    prepare(install, tmp_path / "runtime")
+    assert extensions.read_control(control).default_version == "1.1"
 
 
 def test_15_uses_pgextwlist_for_exactly_the_platform_trusted_ones(tmp_path: Path) -> None:

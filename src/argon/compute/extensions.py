@@ -302,8 +302,7 @@ def _build_overlay(overlay: Path, stamp: str, extension_dir: Path, elevate: list
         os.chmod(dirpath, 0o755)
         for name in files:
             os.chmod(os.path.join(dirpath, name), 0o644)
-    marker_tmp = staging / "ARGON_STAMP"
-    marker_tmp.write_text(stamp)
+    (staging / "ARGON_STAMP").write_text(stamp)
     old = overlay.with_name(overlay.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if overlay.exists():
@@ -385,8 +384,12 @@ def prepare(install: PgInstall, runtime_dir: Path, *,
 
     gucs: dict[str, str] = {}
     if use_overlay and (elevate or donated):
+        # What the copies come from, down to each file's size and time: an upgraded package (a newer
+        # vector in the same PostgreSQL) rebuilds the directory.
+        sources = sorted(p for n in elevate for p in dirs.extension_dir.glob(f"{n}[.-]*"))
         stamp_source = "\n".join([install.version, str(dirs.extension_dir), str(donor_cache), *elevate,
-                                  "donated:", *donated])
+                                  "donated:", *donated,
+                                  *(f"{p.name} {p.stat().st_size} {p.stat().st_mtime_ns}" for p in sources)])
         try:
             _build_overlay(overlay, hashlib.sha256(stamp_source.encode()).hexdigest(), dirs.extension_dir,
                            elevate, donor_cache, donated)
