@@ -26,8 +26,9 @@ import uvicorn
 from argon import model
 from argon.api.app import create_app
 from argon.api.routes_serverless import Serverless
+from argon.compute import extensions
 from argon.compute.binaries import PgInstall, discover
-from argon.compute.template import ensure_template
+from argon.compute.template import ensure_template, initdb_settings
 from argon.console.routes import sign_in_link
 from argon.control.apikeys import new_key
 from argon.control.plane import ControlPlane
@@ -60,6 +61,7 @@ class StartInfo:
     api_key: str | None = None  # only when generated now (shown once)
     api_key_source: str = ""
     installs: list[PgInstall] = field(default_factory=list)
+    extensions: list[str] = field(default_factory=list)  # per version: what its roles can create
     clone_backend: str = ""
     ca_cert: Path | None = None
     reconciled: str = ""
@@ -119,6 +121,8 @@ class Platform:
             plane.templates[major] = await asyncio.to_thread(
                 ensure_template, install, self.layout.templates_dir,
                 setup_sql=template_setup_sql(major), argon_os_user=plane.os_user)
+            plane.initdb_settings[major] = initdb_settings(plane.templates[major])
+            plane.extensions[major] = await asyncio.to_thread(extensions.prepare, install, self.layout.runtime_dir)
             log.debug("template for %d ready in %.0f ms", major, (time.monotonic() - t0) * 1000)
 
         for template in plane.templates.values():
@@ -175,6 +179,7 @@ class Platform:
         self.info.proxy_relay = self.proxy.relay_name
         self.info.data_dir = s.data_dir
         self.info.installs = [installs[m] for m in sorted(installs)]
+        self.info.extensions = [extensions.summary(major, plane.extensions[major]) for major in sorted(plane.extensions)]
         self.info.clone_backend = backend.name
         self.info.startup_ms = (time.monotonic() - started) * 1000
         return self.info

@@ -31,6 +31,11 @@ def test_project_settings(chromium: Browser, platform: RunningPlatform) -> None:
     expect(page.get_by_role("heading", name="Defaults for new computes")).to_be_visible()
     expect(page.get_by_label("Keep history for")).to_have_value("1")
     expect(page.get_by_label("Unit")).to_have_value("days")
+    # The extensions the project's roles can create, as the API lists them.
+    listed = platform.api.get(f"/projects/{pid}/available_extensions").json()["extensions"]
+    extensions = page.get_by_role("list", name="Extensions you can create").get_by_role("listitem")
+    expect(extensions).to_have_count(len(listed))
+    expect(extensions.filter(has_text="pg_stat_statements")).to_have_count(1)
     shot(page, "settings")
 
     # Rename.

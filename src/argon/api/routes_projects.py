@@ -204,6 +204,14 @@ async def delete(plane: Plane, project_id: str) -> dict[str, Any]:
     return {"project": project_view(plane, project)}
 
 
+@router.get("/projects/{project_id}/available_extensions")
+async def available_extensions(plane: Plane, project_id: str) -> dict[str, Any]:
+    """Argon's addition: the extensions the project's roles can create with `CREATE EXTENSION`, on the
+    project's Postgres version, and the allow-listed ones this server's installation lacks."""
+    project = plane.project(project_id)
+    return views.extensions_view(project.pg_version, plane.extensions.get(project.pg_version))
+
+
 # Operations and connection URIs ----------------------------------------------------------------------
 
 

@@ -10,6 +10,7 @@ from datetime import datetime
 from typing import Any
 
 from argon import model
+from argon.compute.extensions import ExtensionSupport
 from argon.control.connection import ConnectionParameters, endpoint_host
 from argon.control.figures import BranchFigures
 from argon.control.metrics import Usage
@@ -185,3 +186,14 @@ def connection_details(params: ConnectionParameters, pooler: ConnectionParameter
 def event_view(ev: model.Event) -> dict[str, Any]:
     return {"endpoint_id": ev.endpoint_id, "kind": ev.kind.value, "at": ev.at.isoformat(),
             "duration_ms": ev.duration_ms, "detail": ev.detail}
+
+
+def extensions_view(pg_version: int, support: ExtensionSupport | None) -> dict[str, Any]:
+    """What `CREATE EXTENSION` a project's roles can run (an Argon addition; Neon documents a list)."""
+    offered = support.offered if support is not None else ()
+    return {
+        "pg_version": pg_version,
+        "extensions": [{"name": o.name, "default_version": o.default_version, "comment": o.comment,
+                        "trusted_by": o.trusted_by, "preloaded": o.preloaded} for o in offered],
+        "not_available": list(support.missing) if support is not None else [],
+    }

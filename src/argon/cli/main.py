@@ -133,6 +133,8 @@ def _print_banner(settings: Settings, info: Any) -> None:
     click.echo(f"  Data directory    {info.data_dir}")
     versions = ", ".join(f"{i.version} ({i.source})" for i in info.installs)
     click.echo(f"  PostgreSQL        {versions}")
+    for i, line in enumerate(info.extensions):
+        click.echo(("  Extensions        " if i == 0 else "                    ") + line)
     click.echo(f"  Clone backend     {info.clone_backend}"
                + ("" if info.clone_backend == "reflink" else "  (copies data; a reflink filesystem makes branches instant)"))
     if info.ca_cert:

@@ -1,6 +1,8 @@
 """The configuration files of a compute, rendered by the platform at every start.
 
-`postgresql.conf` is entirely ours (users change settings through the API's `pg_settings`),
+`postgresql.conf` is rendered by Argon (users change settings through the API's `pg_settings`) on
+top of what `initdb` wrote for the version and locale (the compute spec carries those), so only the
+settings below differ from a plain cluster, each on purpose (tests/integration/test_plain_cluster.py),
 `postgresql.auto.conf` is emptied (a clone must not inherit its parent's), and authentication is
 fixed: the platform's own role `cloud_admin` only by peer authentication from the OS user Argon
 runs as, every other role only by SCRAM over the Unix socket. Computes never listen on TCP.
@@ -22,13 +24,12 @@ BASE_SETTINGS: dict[str, str] = {
     "logging_collector": "off",
     "log_destination": "stderr",
     "log_line_prefix": "%m [%p] %q%u@%d ",
-    "log_timezone": "UTC",
-    "timezone": "UTC",
-    "datestyle": "iso, mdy",
-    "lc_messages": "C",
-    "dynamic_shared_memory_type": "posix",
     "huge_pages": "off",
     "jit": "off",
+    # initdb scales these to the segment size (64 and 5 segments); templates use 1 MB segments to keep
+    # copies small, not to checkpoint sixteen times as often: a 16 MB-segment cluster's defaults.
+    "max_wal_size": "1GB",
+    "min_wal_size": "80MB",
     "wal_level": "replica",
     "max_wal_senders": "10",
     "max_replication_slots": "10",

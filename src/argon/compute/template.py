@@ -4,13 +4,20 @@ Built once (about a second): `initdb` as a named user (`nobody` when Argon is ro
 one start to run the setup SQL (the default owner role and database every project gets), a clean
 fast shutdown, then an atomic rename into place. A stamp records the version and the setup SQL,
 so a change to either rebuilds the template; existing projects are untouched.
+
+The settings `initdb` wrote into `postgresql.conf` for this version and locale (text search
+configuration, `lc_*`, `datestyle`, WAL sizes, ...) are kept beside the stamp before Argon's own
+configuration replaces that file, and every compute of the version starts from them
+(`initdb_settings`), so a compute behaves like a plain cluster, projects made before included.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -27,6 +34,8 @@ from argon.model import PLATFORM_ROLE
 log = logging.getLogger(__name__)
 
 STAMP = "ARGON_TEMPLATE"
+INITDB_SETTINGS = "ARGON_INITDB_SETTINGS"  # JSON: what initdb wrote into postgresql.conf
+FORMAT = "2"  # 2: the template keeps initdb's settings; a change rebuilds every template
 
 
 # 1 MB WAL segments instead of 16: a fresh cluster carries one segment, so every project and branch
@@ -37,7 +46,7 @@ INITDB_ARGS = ("-E", "UTF8", "--locale=C", "--wal-segsize=1", "--auth-local=peer
 
 
 def _stamp(install: PgInstall, setup_sql: list[str]) -> str:
-    digest = hashlib.sha256("\n".join([*INITDB_ARGS, *setup_sql]).encode()).hexdigest()[:16]
+    digest = hashlib.sha256("\n".join([FORMAT, *INITDB_ARGS, *setup_sql]).encode()).hexdigest()[:16]
     return f"{install.version} {digest}\n"
 
 
@@ -46,7 +55,8 @@ def ensure_template(install: PgInstall, templates_dir: Path, *, setup_sql: list[
     target = templates_dir / f"pg{install.major}"
     stamp = _stamp(install, setup_sql)
     with_stamp = target / STAMP
-    if with_stamp.exists() and with_stamp.read_text() == stamp and (target / "PG_VERSION").exists():
+    if (with_stamp.exists() and with_stamp.read_text() == stamp and (target / "PG_VERSION").exists()
+            and (target / INITDB_SETTINGS).exists()):
         return target
     log.info("building the PostgreSQL %s template", install.version)
     staging = templates_dir / f".pg{install.major}.building"
@@ -65,7 +75,8 @@ def ensure_template(install: PgInstall, templates_dir: Path, *, setup_sql: list[
         if result.returncode != 0:
             raise ComputeStartError(f"initdb for PostgreSQL {install.version} failed: "
                                     f"{(result.stderr or result.stdout).strip()[-2000:]}")
-        write_config(staging, work, {}, argon_os_user)
+        _keep_initdb_settings(staging)
+        write_config(staging, work, initdb_settings(staging), argon_os_user)
         if user is not None:
             chown_tree(staging, user)
         log_file = work / "postgres.log"
@@ -82,6 +93,7 @@ def ensure_template(install: PgInstall, templates_dir: Path, *, setup_sql: list[
         (staging / STAMP).write_text(stamp)
         if user is not None:
             os.chown(staging / STAMP, user.uid, user.gid)
+            os.chown(staging / INITDB_SETTINGS, user.uid, user.gid)
         os.sync()
         old = templates_dir / f".pg{install.major}.old"
         shutil.rmtree(old, ignore_errors=True)
@@ -93,3 +105,36 @@ def ensure_template(install: PgInstall, templates_dir: Path, *, setup_sql: list[
     finally:
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(staging, ignore_errors=True)
+
+
+# `name = value`, the value quoted ('...', '' for a quote) or bare up to a comment or blank.
+_CONF_LINE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_.]*)\s*=?\s*('(?:[^']|'')*'|[^\s#']+)")
+
+
+def parse_conf(text: str) -> dict[str, str]:
+    """The active settings of a postgresql.conf as initdb writes it (commented lines are defaults)."""
+    settings: dict[str, str] = {}
+    for line in text.splitlines():
+        match = _CONF_LINE.match(line)
+        if match is None:
+            continue
+        value = match.group(2)
+        if value.startswith("'"):
+            value = value[1:-1].replace("''", "'")
+        settings[match.group(1).lower()] = value
+    return settings
+
+
+def _keep_initdb_settings(pgdata: Path) -> None:
+    settings = parse_conf((pgdata / "postgresql.conf").read_text())
+    (pgdata / INITDB_SETTINGS).write_text(json.dumps(settings, indent=1, sort_keys=True) + "\n")
+
+
+def initdb_settings(template: Path) -> dict[str, str]:
+    """What initdb wrote for the template's version and locale: every compute of that version
+    starts from these (Argon's own settings then override what it means to change)."""
+    try:
+        loaded = json.loads((template / INITDB_SETTINGS).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {str(k): str(v) for k, v in loaded.items()} if isinstance(loaded, dict) else {}

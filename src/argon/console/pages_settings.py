@@ -1,5 +1,5 @@
 """The console's Settings tab of a project: its name, the defaults of its new computes, its history
-retention, and deleting it (confirmed by typing its name).
+retention, the extensions its roles can create, and deleting it (confirmed by typing its name).
 
 Each form posts to its own route, which calls the control layer the API uses
 (`argon.control.projects.update_project` and `delete_project`) and redirects back with a flash; a
@@ -69,7 +69,11 @@ async def settings_page(request: Request, session: SignedIn, plane: Plane, proje
     project = plane.project(project_id)
     defaults = project.default_endpoint_settings
     amount, unit = retention_form_value(project.history_retention_seconds)
+    support = plane.extensions.get(project.pg_version)
+    offered = support.offered if support is not None else ()
     return render(request, "settings.html", session=session, project=project, tab="settings", defaults=defaults,
+                  offered=offered, preloaded=[o.name for o in offered if o.preloaded],
+                  missing=support.missing if support is not None else (),
                   timeouts=dashboard.suspend_choices(plane.settings.suspend_timeout, defaults.suspend_timeout_seconds),
                   cu_steps=CU_STEPS, retention_amount=amount, retention_unit=unit,
                   retention_text=display.duration(project.history_retention_seconds),

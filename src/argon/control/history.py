@@ -567,8 +567,8 @@ async def _recover(plane: ControlPlane, project: model.Project, branch_id: str, 
     socket_dir = plane.layout.run_dir / f"rc-{secrets.token_hex(4)}"
     log_file = plane.layout.compute_log(project.id, branch_id).with_name("recovery.log")
     spec = ComputeSpec(endpoint_id=socket_dir.name, install=install, pgdata=target, socket_dir=socket_dir,
-                       log_file=log_file, user=user, gucs=gucs_for_cu(0.25) | settings,
-                       argon_os_user=plane.os_user)
+                       log_file=log_file, user=user, argon_os_user=plane.os_user,
+                       gucs=plane.compute_gucs(project.pg_version, gucs_for_cu(0.25) | settings, serving=False))
     await asyncio.to_thread(prepare, spec)
     pm = postmaster.start(install, target, log_file, user)
     try:
@@ -635,8 +635,9 @@ async def cluster_at(plane: ControlPlane, project: model.Project, branch: model.
         socket_dir = plane.layout.run_dir / f"rd-{secrets.token_hex(4)}"
         log_file = plane.layout.compute_log(project.id, branch.id).with_name("point-in-time.log")
         spec = ComputeSpec(endpoint_id=socket_dir.name, install=install, pgdata=scratch, socket_dir=socket_dir,
-                           log_file=log_file, user=user, gucs=gucs_for_cu(0.25) | {"archive_mode": "off"},
-                           argon_os_user=plane.os_user)
+                           log_file=log_file, user=user, argon_os_user=plane.os_user,
+                           gucs=plane.compute_gucs(project.pg_version, gucs_for_cu(0.25) | {"archive_mode": "off"},
+                                                   serving=False))
         await asyncio.to_thread(prepare, spec)
         pm = postmaster.start(install, scratch, log_file, user)
         try:

@@ -17,7 +17,7 @@ import logging
 import os
 import pwd
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
@@ -28,9 +28,11 @@ import psycopg
 from argon import model
 from argon.compute.admin import connect_admin
 from argon.compute.binaries import PgInstall
+from argon.compute.extensions import ExtensionSupport
 from argon.compute.manager import ComputeManager, ComputeSpec
 from argon.compute.osuser import OsUser
 from argon.compute.params import gucs_for_cu
+from argon.compute.pgconf import BASE_SETTINGS
 from argon.compute.postmaster import ComputeStartError
 from argon.control.secrets import Secrets
 from argon.errors import ArgonError, ComputeError, Locked, NotFound
@@ -83,6 +85,8 @@ class ControlPlane:
         self._background: set[asyncio.Task[Any]] = set()
         self._stopping: set[str] = set()
         self.templates: dict[int, Path] = {}  # Postgres major -> pristine template pgdata
+        self.initdb_settings: dict[int, dict[str, str]] = {}  # Postgres major -> what initdb wrote (template.py)
+        self.extensions: dict[int, ExtensionSupport] = {}  # Postgres major -> the allow-list it honours
         self.clock: Callable[[], datetime] = model.utcnow  # history windows and snapshot times (tests move it)
         from argon.control.figures import Figures
 
@@ -268,13 +272,24 @@ class ControlPlane:
             return replica_spec(self, project, ep, install, user)
         from argon.control.history import archive_settings
 
-        gucs = (gucs_for_cu(ep.autoscaling_limit_max_cu) | dict(ep.pg_settings)
-                | archive_settings(self, project, ep.branch_id))
+        gucs = self.compute_gucs(project.pg_version, gucs_for_cu(ep.autoscaling_limit_max_cu) | dict(ep.pg_settings)
+                                 | archive_settings(self, project, ep.branch_id))
         return ComputeSpec(endpoint_id=ep.id, install=install,
                            pgdata=self.layout.pgdata(project.id, ep.branch_id),
                            socket_dir=self.layout.socket_dir(ep.id),
                            log_file=self.layout.compute_log(project.id, ep.branch_id),
                            user=user, gucs=gucs, argon_os_user=self.os_user)
+
+    def compute_gucs(self, pg_version: int, gucs: Mapping[str, str], *, serving: bool = True) -> dict[str, str]:
+        """A compute's settings: what initdb wrote for its version (under Argon's base settings), then
+        `gucs`, then the platform's extension settings, which nothing overrides. `serving` False: a
+        platform-internal run (recovery, schema restores) that loads the same libraries (`CREATE
+        EXTENSION pg_cron` needs pg_cron preloaded) but runs no pg_cron job."""
+        platform = dict(self.extensions[pg_version].gucs) if pg_version in self.extensions else {}
+        if not serving and "cron.max_running_jobs" in platform:
+            platform["cron.max_running_jobs"] = "0"
+        initdb = {k: v for k, v in self.initdb_settings.get(pg_version, {}).items() if k not in BASE_SETTINGS}
+        return initdb | dict(gucs) | platform
 
     def is_running(self, endpoint_id: str) -> bool:
         pm = self.computes.get(endpoint_id)

@@ -68,13 +68,13 @@ def replica_spec(plane: ControlPlane, project: model.Project, ep: model.Endpoint
     primary = _primary(plane, ep)
     # A hot standby refuses to start with fewer connections or workers than its primary.
     cu = max(ep.autoscaling_limit_max_cu, primary.autoscaling_limit_max_cu if primary else 0)
-    gucs = gucs_for_cu(cu) | dict(ep.pg_settings) | {
+    gucs = plane.compute_gucs(project.pg_version, gucs_for_cu(cu) | dict(ep.pg_settings) | {
         "hot_standby": "on", "archive_mode": "off", "recovery_target_timeline": "latest",
         "restore_command": restore_command(plane, project, ep.branch_id),
         "wal_retrieve_retry_interval": "500ms",
         # Each poll restores the segment being written again and would log it: keep the log for problems.
         "log_min_messages": "warning",
-    }
+    })
     return ComputeSpec(endpoint_id=ep.id, install=install, pgdata=root / "pgdata", socket_dir=plane.layout.socket_dir(ep.id),
                        log_file=root / "log" / "postgres.log", user=user, gucs=gucs, argon_os_user=plane.os_user,
                        standby=True)

@@ -154,8 +154,9 @@ async def scratch_postmaster(plane: ControlPlane, project: model.Project, pgdata
     user = OsUser(project.os_uid, project.os_uid) if project.os_uid is not None else None
     socket_dir = plane.layout.run_dir / f"sc-{secrets.token_hex(4)}"
     spec = ComputeSpec(endpoint_id=socket_dir.name, install=install, pgdata=pgdata, socket_dir=socket_dir,
-                       log_file=log_file, user=user, gucs=gucs_for_cu(0.25) | {"archive_mode": "off"},
-                       argon_os_user=plane.os_user)
+                       log_file=log_file, user=user, argon_os_user=plane.os_user,
+                       gucs=plane.compute_gucs(project.pg_version, gucs_for_cu(0.25) | {"archive_mode": "off"},
+                                               serving=False))
     await asyncio.to_thread(prepare, spec)
     pm = postmaster.start(install, pgdata, log_file, user)
     try:
