@@ -1,0 +1,176 @@
+"""Base backups in the bucket: a snapshot directory as a manifest of files, each file a list of
+content-addressed chunks shared by the whole bucket.
+
+    chunks/<id[:2]>/<id>                 one chunk (up to CHUNK bytes of one file)
+    <epoch prefix>bases/<name>.json      the manifest: directories, files (mode, size, chunk ids),
+                                         and the snapshot's record (LSNs, time); written last
+
+A chunk is uploaded only when the bucket does not have it yet, so a branch's base, a copy of its
+parent, costs its manifest and the chunks that differ. The manifest is written after all its
+chunks: a manifest in the bucket never names a chunk that is not there (until retention deletes
+both together).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from argon.storage.backup.objects import Codec, CorruptObject
+from argon.storage.backup.store import ObjectStore
+
+CHUNK = 4 * 1024 * 1024
+SKIP = frozenset({"postmaster.pid", "postmaster.opts"})
+FORMAT = 1
+
+
+def chunk_key(chunk_id: str) -> str:
+    return f"chunks/{chunk_id[:2]}/{chunk_id}"
+
+
+class ChunkIndex:
+    """The chunk ids known to be in the bucket (one listing, then what we upload)."""
+
+    def __init__(self, store: ObjectStore) -> None:
+        self._store = store
+        self._known: set[str] | None = None
+        self._lock = threading.Lock()
+
+    def _load(self) -> set[str]:
+        with self._lock:
+            if self._known is None:
+                self._known = {o.key.rsplit("/", 1)[1] for o in self._store.list("chunks/")}
+            return self._known
+
+    def has(self, chunk_id: str) -> bool:
+        return chunk_id in self._load()
+
+    def add(self, chunk_id: str) -> None:
+        self._load().add(chunk_id)
+
+    def forget(self, ids: set[str]) -> None:
+        self._load().difference_update(ids)
+
+    def all(self) -> set[str]:
+        return set(self._load())
+
+
+@dataclass
+class UploadStats:
+    files: int = 0
+    bytes: int = 0
+    chunks_uploaded: int = 0
+    bytes_uploaded: int = 0  # stored bytes (compressed, sealed) of the new chunks
+
+
+def upload_snapshot(store: ObjectStore, codec: Codec, index: ChunkIndex, source: Path, manifest_key: str,
+                    record: dict[str, Any], *, workers: int = 4) -> UploadStats:
+    """Upload the cluster copy at `source` as a base backup; the manifest (with `record`) goes last."""
+    stats = UploadStats()
+    dirs: list[dict[str, Any]] = []
+    files: list[tuple[str, Path, int, int]] = []
+    for dirpath, dirnames, filenames in os.walk(source):
+        dirnames.sort()
+        rel_dir = Path(dirpath).relative_to(source)
+        dirs.append({"path": rel_dir.as_posix(), "mode": stat.S_IMODE(os.lstat(dirpath).st_mode)})
+        for name in sorted(filenames):
+            if rel_dir == Path(".") and name in SKIP:
+                continue
+            path = Path(dirpath) / name
+            st = os.lstat(path)
+            if not stat.S_ISREG(st.st_mode):
+                continue  # sockets, symlinks: a snapshot holds none that recovery needs
+            files.append(((rel_dir / name).as_posix(), path, stat.S_IMODE(st.st_mode), st.st_size))
+    lock = threading.Lock()
+
+    def one(item: tuple[str, Path, int, int]) -> dict[str, Any]:
+        rel, path, mode, _size = item
+        ids: list[str] = []
+        size = 0
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            while True:
+                data = os.read(fd, CHUNK)
+                if not data:
+                    break
+                while len(data) < CHUNK:  # short reads on large files
+                    more = os.read(fd, CHUNK - len(data))
+                    if not more:
+                        break
+                    data += more
+                size += len(data)
+                cid = codec.chunk_id(data)
+                ids.append(cid)
+                if not index.has(cid):
+                    key = chunk_key(cid)
+                    blob = codec.seal(key, data)
+                    store.put(key, blob)
+                    index.add(cid)
+                    with lock:
+                        stats.chunks_uploaded += 1
+                        stats.bytes_uploaded += len(blob)
+        finally:
+            os.close(fd)
+        with lock:
+            stats.files += 1
+            stats.bytes += size
+        return {"path": rel, "mode": mode, "size": size, "chunks": ids}
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        entries = list(pool.map(one, files))
+    manifest = {"format": FORMAT, "record": record, "dirs": dirs, "files": entries}
+    store.put(manifest_key, codec.seal(manifest_key, json.dumps(manifest, separators=(",", ":")).encode()))
+    return stats
+
+
+def read_manifest(store: ObjectStore, codec: Codec, key: str) -> dict[str, Any]:
+    raw = codec.open(key, store.get(key))
+    try:
+        manifest = json.loads(raw)
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise ValueError("unknown format")
+    except ValueError as exc:
+        raise CorruptObject(key, f"not a base backup manifest ({exc})") from None
+    return manifest
+
+
+def manifest_bytes(manifest: dict[str, Any]) -> int:
+    return sum(int(f["size"]) for f in manifest["files"])
+
+
+def download_snapshot(store: ObjectStore, codec: Codec, manifest: dict[str, Any], target: Path, *,
+                      workers: int = 8, progress: Callable[[int], None] | None = None) -> None:
+    """Lay out the base backup described by `manifest` in `target` (new or empty): every chunk is
+    verified; any failure raises (the caller removes `target`)."""
+    for entry in manifest["dirs"]:
+        path = target / entry["path"]
+        path.mkdir(parents=True, exist_ok=True)
+        os.chmod(path, int(entry["mode"]))
+
+    def one(entry: dict[str, Any]) -> None:
+        path = target / entry["path"]
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, int(entry["mode"]))
+        try:
+            for cid in entry["chunks"]:
+                key = chunk_key(cid)
+                data = codec.open(key, store.get(key))
+                if codec.chunk_id(data) != cid:
+                    raise CorruptObject(key, "its content does not match its name")
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                if progress is not None:
+                    progress(len(data))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(one, manifest["files"]))

@@ -1,0 +1,87 @@
+"""The backup object format: round trips, and every kind of damage is refused with the object's name."""
+
+from __future__ import annotations
+
+import pytest
+
+from argon.storage.backup.objects import Codec, CorruptObject, WrongKey
+from argon.storage.backup.wal import PAGE, valid_prefix
+
+DATA = b"some wal bytes " * 1000
+
+
+@pytest.mark.parametrize("secret", [None, "correct horse battery staple"])
+def test_round_trip_compressed_and_encrypted(secret: str | None) -> None:
+    codec = Codec(secret)
+    blob = codec.seal("wal/seg", DATA)
+    assert len(blob) < len(DATA)  # compressed
+    assert (DATA[:30] in blob) is False  # compressed or encrypted: not stored as is
+    assert codec.open("wal/seg", blob) == DATA
+    incompressible = bytes(range(256)) * 3
+    assert codec.open("x", codec.seal("x", incompressible)) == incompressible
+
+
+@pytest.mark.parametrize("secret", [None, "k"])
+def test_every_flipped_byte_is_detected(secret: str | None) -> None:
+    codec = Codec(secret)
+    blob = codec.seal("chunks/ab/abc", DATA)
+    for position in (0, 5, 6, 20, len(blob) // 2, len(blob) - 1):
+        damaged = bytearray(blob)
+        damaged[position] ^= 0x40
+        with pytest.raises(CorruptObject, match="chunks/ab/abc"):
+            codec.open("chunks/ab/abc", bytes(damaged))
+
+
+def test_truncated_object_is_refused() -> None:
+    codec = Codec(None)
+    blob = codec.seal("meta/1", DATA)
+    for cut in (0, 3, 10, len(blob) - 1):
+        with pytest.raises(CorruptObject, match="meta/1"):
+            codec.open("meta/1", blob[:cut])
+
+
+def test_wrong_key_moved_object_and_missing_key() -> None:
+    blob = Codec("right").seal("a/b", DATA)
+    with pytest.raises(CorruptObject, match="does not decrypt"):
+        Codec("wrong").open("a/b", blob)
+    with pytest.raises(CorruptObject, match="does not decrypt"):
+        Codec("right").open("a/c", blob)  # the key is authenticated: no swapping objects around
+    with pytest.raises(WrongKey, match="ARGON_BACKUP_KEY"):
+        Codec(None).open("a/b", blob)
+    with pytest.raises(CorruptObject, match="not encrypted"):
+        Codec("right").open("a/b", Codec(None).seal("a/b", DATA))
+
+
+def test_chunk_ids_hide_content_under_a_key() -> None:
+    import hashlib
+
+    assert Codec(None).chunk_id(DATA) == hashlib.sha256(DATA).hexdigest()
+    keyed = Codec("k").chunk_id(DATA)
+    assert keyed != hashlib.sha256(DATA).hexdigest() and keyed == Codec("k").chunk_id(DATA)
+    assert keyed != Codec("other").chunk_id(DATA)
+
+
+def test_bucket_key_check() -> None:
+    info = Codec("k").bucket_info()
+    Codec("k").check_bucket_info(info, "s3://b")
+    with pytest.raises(WrongKey, match="not the key"):
+        Codec("other").check_bucket_info(info, "s3://b")
+    with pytest.raises(WrongKey, match="is encrypted"):
+        Codec(None).check_bucket_info(info, "s3://b")
+    with pytest.raises(WrongKey, match="without ARGON_BACKUP_KEY"):
+        Codec("k").check_bucket_info(Codec(None).bucket_info(), "s3://b")
+
+
+def _page(addr: int) -> bytes:
+    import struct
+
+    return struct.pack("<HHIQ", 0xD118, 0, 1, addr) + bytes(PAGE - 16)
+
+
+def test_valid_prefix_stops_at_a_recycled_page() -> None:
+    start = 16 * 1024 * 1024
+    written = _page(start) + _page(start + PAGE) + _page(start + 2 * PAGE)
+    stale = _page(start - 1024 * 1024 + 3 * PAGE)  # an older segment's page left in a recycled file
+    assert valid_prefix(written + stale + _page(start + 4 * PAGE), start) == 3 * PAGE
+    assert valid_prefix(stale + written, start) == 0
+    assert valid_prefix(bytes(4 * PAGE), start) == 0
