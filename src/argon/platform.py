@@ -66,6 +66,7 @@ class StartInfo:
     ca_cert: Path | None = None
     reconciled: str = ""
     startup_ms: float = 0.0
+    backup: str = ""  # where continuous backup goes ("" when off)
 
 
 class _QuietServer(uvicorn.Server):
@@ -172,6 +173,13 @@ class Platform:
         self.monitor = SuspendMonitor(plane)
         self.monitor.start()
         plane.metrics.start()
+        if s.backup_url:
+            from argon.control.backup import BackupService
+
+            plane.backup = BackupService(plane, s)
+            await plane.backup.start()
+            self.info.backup = plane.backup.status.url + (" (encrypted)" if plane.backup.codec.encrypted else
+                                                          " (NOT encrypted: set ARGON_BACKUP_KEY)")
 
         self.info.api_url = f"http://{_display_host(s.http_host)}:{self.http_port}"
         self.info.sign_in_url = sign_in_link(app, self.info.api_url)
@@ -224,8 +232,12 @@ class Platform:
             await self.serverless.http_sql.close()
         if self.proxy is not None:
             await self.proxy.stop()
+        if self.plane is not None and self.plane.backup is not None:
+            await self.plane.backup.stop()
         if self.plane is not None:
             await self.plane.computes.stop_all()
+            if self.plane.backup is not None:
+                await self.plane.backup.flush()  # the computes' last WAL (their shutdown checkpoints)
             for ep in self.plane.endpoints():
                 if ep.current_state is model.ComputeState.ACTIVE:
                     await self.plane.save(ep.replace(current_state=model.ComputeState.IDLE,

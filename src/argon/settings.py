@@ -66,6 +66,18 @@ class Settings(BaseSettings):
     proxy_relay: Literal["auto", "native", "python"] = Field(
         "auto", description="How the proxy relays bytes after login: native (a C thread, built at install when a "
         "C compiler is present), python, or auto (native when built)")
+    backup_url: str | None = Field(None, description="Continuous backup to object storage: s3://bucket/prefix or "
+                                   "file:///path (WAL, base backups and metadata; restore with `argon restore`)")
+    backup_s3_endpoint: str | None = Field(None, description="S3-compatible endpoint URL for s3:// backups (MinIO, "
+                                           "R2, Ceph); credentials come from the standard AWS variables and profiles")
+    backup_key: str | None = Field(None, description="Encrypt every backup object (AES-256-GCM) with a key derived "
+                                   "from this secret; without it, the bucket can decrypt the stored role passwords")
+    backup_retention: str = Field("7d", description="How long the bucket keeps history: point in time and restore "
+                                  "reach back this far (e.g. 7d, 36h, 90m)")
+    backup_interval: float = Field(0.5, gt=0, le=300, description="Seconds between WAL shipping ticks: the "
+                                   "RPO is about one tick plus one upload (5 for slow object stores)")
+    backup_max_lag: str = Field("1GB", description="Unshipped WAL per branch kept locally while the object store "
+                                "is unreachable; past it, writes are refused with a clear error until it catches up")
     forward_all_params: bool = Field(False, description="Forward every startup parameter to computes (default: Neon's filtered set)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity")
     config_file: Path | None = Field(None, description="TOML file with any of these settings (default ~/.config/argon/config.toml)")
@@ -82,6 +94,35 @@ class Settings(BaseSettings):
                 result[int(major)] = path.strip()
             return result
         return value
+
+    @field_validator("backup_retention")
+    @classmethod
+    def _check_retention(cls, value: str) -> str:
+        parse_duration(value)
+        return value
+
+    @field_validator("backup_max_lag")
+    @classmethod
+    def _check_max_lag(cls, value: str) -> str:
+        parse_size(value)
+        return value
+
+    @field_validator("backup_url")
+    @classmethod
+    def _check_backup_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        if not value.startswith(("s3://", "file:///")):
+            raise ValueError("must be s3://bucket/prefix or file:///absolute/path")
+        return value.strip()
+
+    @property
+    def backup_retention_seconds(self) -> float:
+        return parse_duration(self.backup_retention)
+
+    @property
+    def backup_max_lag_bytes(self) -> int:
+        return parse_size(self.backup_max_lag)
 
     @field_validator("domain")
     @classmethod
@@ -118,6 +159,32 @@ class Settings(BaseSettings):
     def api_url(self) -> str:
         host = "127.0.0.1" if self.http_host in ("0.0.0.0", "::", "") else self.http_host
         return f"http://{host}:{self.http_port}"
+
+
+def parse_duration(text: str) -> float:
+    """'7d', '36h', '90m', '45s' or plain seconds -> seconds (> 0)."""
+    value = str(text).strip().lower()
+    units = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+    try:
+        seconds = float(value[:-1]) * units[value[-1]] if value and value[-1] in units else float(value)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a duration; use e.g. 7d, 36h, 90m") from None
+    if seconds <= 0:
+        raise ValueError("must be more than 0")
+    return seconds
+
+
+def parse_size(text: str) -> int:
+    """'1GB', '512MB', '100kB' or plain bytes -> bytes (> 0)."""
+    value = str(text).strip().upper().removesuffix("B").removesuffix("I")
+    units = {"K": 1024, "M": 1024 ** 2, "G": 1024 ** 3, "T": 1024 ** 4}
+    try:
+        size = int(float(value[:-1]) * units[value[-1]]) if value and value[-1] in units else int(value)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a size; use e.g. 1GB, 512MB") from None
+    if size <= 0:
+        raise ValueError("must be more than 0")
+    return size
 
 
 class _TomlSource(PydanticBaseSettingsSource):

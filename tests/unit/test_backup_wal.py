@@ -25,7 +25,7 @@ def pages(start: int, count: int, fill: int = 7) -> bytes:
 
 def segment(start: int, valid_pages: int = SEG // PAGE, fill: int = 7) -> bytes:
     data = pages(start, valid_pages, fill)
-    return data + pages(start - 7 * SEG, SEG // PAGE - valid_pages)  # the rest: a recycled file's old pages
+    return data + pages(start + 64 * SEG, SEG // PAGE - valid_pages)  # the rest: a recycled file's old pages
 
 
 @pytest.fixture
@@ -103,3 +103,43 @@ def test_gap_is_reported_and_fetch_names_the_missing_segment(dirs: tuple[Path, P
         fetch_epoch_wal(store, codec, "p/", tmp_path / "out", TLI, SEG, BASE)
     with pytest.raises(WalGap, match=name(BASE - SEG)):
         fetch_epoch_wal(store, codec, "p/", tmp_path / "out2", TLI, SEG, BASE - SEG)
+
+
+def test_pg_wal_wins_over_an_older_archived_copy(dirs: tuple[Path, Path, FileStore], tmp_path: Path) -> None:
+    """A branch's archive starts with copies of its parent's segments (ADR 0010); the branch goes on
+    writing the last of them. Its own version in pg_wal is the one to ship."""
+    archive, live, store = dirs
+    codec = Codec(None)
+    (archive / name(BASE)).write_bytes(segment(BASE, valid_pages=SEG // PAGE, fill=1))  # the parent's, as copied
+    (live / name(BASE)).write_bytes(segment(BASE, valid_pages=10, fill=2))  # the branch's own, being written
+    state = ShipState()
+    result = ship_epoch(store, codec, "p/", archive, live, TLI, SEG, state, BASE, lambda s: None)
+    assert result.segments == 0 and result.partial
+    assert [o.key for o in store.list("p/")] == [f"p/wal/{name(BASE)}.partial"]
+    out = tmp_path / "out"
+    fetch_epoch_wal(store, codec, "p/", out, TLI, SEG, BASE)
+    assert (out / name(BASE)).read_bytes()[:10 * PAGE] == pages(BASE, 10, 2)
+
+
+def test_a_switched_segment_is_complete_once_the_next_began(dirs: tuple[Path, Path, FileStore]) -> None:
+    """pg_switch_wal (backups, archive_timeout) ends a segment early; its rest is never written."""
+    archive, live, store = dirs
+    switched = pages(BASE, 20) + bytes(SEG - 20 * PAGE)
+    (live / name(BASE)).write_bytes(switched)
+    state = ShipState()
+    first = ship_epoch(store, Codec(None), "p/", archive, live, TLI, SEG, state, BASE, lambda s: None)
+    assert first.segments == 0 and first.partial  # still the current segment
+    (live / name(BASE + SEG)).write_bytes(segment(BASE + SEG, valid_pages=2))
+    second = ship_epoch(store, Codec(None), "p/", archive, live, TLI, SEG, state, BASE, lambda s: None)
+    assert second.segments == 1 and second.partial and second.shipped == BASE + SEG + 2 * PAGE
+    assert Codec(None).open(f"p/wal/{name(BASE)}", store.get(f"p/wal/{name(BASE)}")) == switched
+    # While the first one was the current segment, the head was measured in it.
+    assert first.head == BASE + 20 * PAGE
+
+
+def test_lag_counts_wal_written_past_a_stuck_segment(dirs: tuple[Path, Path, FileStore]) -> None:
+    archive, live, store = dirs
+    (live / name(BASE)).write_bytes(segment(BASE, valid_pages=3))
+    (live / name(BASE + 2 * SEG)).write_bytes(segment(BASE + 2 * SEG, valid_pages=4))  # written past a missing one
+    result = ship_epoch(store, Codec(None), "p/", archive, live, TLI, SEG, ShipState(), BASE, lambda s: None)
+    assert result.shipped == BASE + 3 * PAGE and result.head == BASE + 2 * SEG + 4 * PAGE

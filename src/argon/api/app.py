@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from argon import __version__
 from argon.api import (
     routes_account,
+    routes_backup,
     routes_branches,
     routes_endpoints,
     routes_projects,
@@ -78,7 +79,8 @@ def create_app(plane: ControlPlane, serverless: routes_serverless.Serverless | N
         log.exception("%s %s: unexpected error", request.method, request.url.path)
         return JSONResponse(error_body("internal error; the server log has the details"), status_code=500)
 
-    for module in (routes_projects, routes_branches, routes_roles, routes_endpoints, routes_account, routes_schema):
+    for module in (routes_projects, routes_branches, routes_roles, routes_endpoints, routes_account, routes_schema,
+                   routes_backup):
         app.include_router(module.router, prefix="/api/v2")
 
     @app.get("/healthz", include_in_schema=False)

@@ -114,6 +114,47 @@ def up(**flags: Any) -> None:
     asyncio.run(run())
 
 
+@cli.command()
+@click.option("--from", "source", metavar="URL", help="The backup to restore: s3://bucket/prefix or file:///path "
+              "(default: ARGON_BACKUP_URL)")
+@click.option("--at", "at", metavar="TIME", help="Restore the state as of this time (RFC 3339, e.g. "
+              "2026-11-24T13:00:00Z); default: everything the bucket holds")
+@_setting_options
+def restore(source: str | None, at: str | None, **flags: Any) -> None:
+    """Disaster recovery: fill an empty data directory from a backup, then run `argon up`.
+
+    \b
+    Every project, branch, role, database and endpoint comes back with the same ids, connection
+    strings, passwords and API keys. Set ARGON_BACKUP_KEY if the backup is encrypted.
+      argon restore --from s3://my-bucket/argon
+      argon restore --from file:///mnt/backup/argon --at 2026-11-24T13:00:00Z --data-dir /var/lib/argon
+    """
+    from argon.control.restore import parse_at
+    from argon.control.restore import restore as run_restore
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    settings = load(**flags)
+    url = source or settings.backup_url
+    if not url:
+        raise ConfigError("give the backup to restore: argon restore --from s3://bucket/prefix (or file:///path)")
+    when = parse_at(at)
+
+    def say(message: str) -> None:
+        click.secho(message, err=True)
+
+    click.secho(f"Restoring {url}" + (f" as of {when.isoformat()}" if when else "") + f" into {settings.data_dir}",
+                bold=True, err=True)
+    report = asyncio.run(run_restore(settings, url, when, say=say))
+    restored = [b for b in report.branches if not b.skipped]
+    click.echo(f"Restored {report.projects} project(s), {len(restored)} of {len(report.branches)} branch(es) "
+               f"in {report.seconds:.1f} s.")
+    for b in report.branches:
+        if b.skipped:
+            click.secho(f"  not restored: {b.project_id}/{b.name} ({b.skipped})", fg="yellow")
+    click.echo(f"Start it with:  argon up --data-dir {settings.data_dir}"
+               + (f" --backup-url {url}" if not settings.backup_url else ""))
+
+
 def _print_banner(settings: Settings, info: Any) -> None:
     key = info.api_key or settings.api_key
     # The URL always (a restart on another port must not leave the CLI at the old one); the key when
@@ -142,6 +183,10 @@ def _print_banner(settings: Settings, info: Any) -> None:
     domain = settings.domain
     click.echo(f"  Endpoint hosts    <endpoint-id>.{domain}" if domain else
                "  Endpoint hosts    local form: host 127.0.0.1 + options=endpoint=<id> (set ARGON_DOMAIN for SNI)")
+    if info.backup:
+        click.echo(f"  Backup            {info.backup}   (argon backup status)")
+    elif not settings.backup_url:
+        click.echo("  Backup            off: one disk holds everything (set ARGON_BACKUP_URL=s3://... or file:///...)")
     if config_path:
         click.echo(f"  CLI config        {config_path}")
     click.echo(f"  Reconciled        {info.reconciled}")

@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import psycopg
 
@@ -43,6 +43,9 @@ from argon.settings import Settings
 from argon.storage.clone import CloneBackend
 from argon.storage.layout import Layout
 from argon.storage.spares import SparePool
+
+if TYPE_CHECKING:
+    from argon.control.backup import BackupService
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -97,6 +100,7 @@ class ControlPlane:
         from argon.control.apikeys import ApiKeys
 
         self.api_keys = ApiKeys(self)
+        self.backup: BackupService | None = None  # continuous backup, when ARGON_BACKUP_URL is set
 
     # Plumbing -------------------------------------------------------------------------------------
 

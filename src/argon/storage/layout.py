@@ -45,6 +45,11 @@ class Layout:
         return self.data_dir / "argon.db"
 
     @property
+    def restore_marker(self) -> Path:
+        """Present while `argon restore` fills the directory: `argon up` refuses to start over it."""
+        return self.data_dir / ".restoring"
+
+    @property
     def secrets_dir(self) -> Path:
         return self.data_dir / "secrets"
 
@@ -129,6 +134,9 @@ class Layout:
         """Create the top-level directories; refuse a data dir written by a newer Argon."""
         try:
             self.data_dir.mkdir(parents=True, exist_ok=True)
+            if self.restore_marker.exists():
+                raise ConfigError(f"{self.data_dir} holds an unfinished `argon restore` (its {self.restore_marker.name} "
+                                  "marker is there): run the restore again into an empty directory")
             version_file = self.data_dir / "layout_version"
             if version_file.exists():
                 found = int(version_file.read_text().strip() or 0)

@@ -97,6 +97,9 @@ class ShipState:
     partial_digest: str = ""
     partial_mtime: int = 0
     history_files: tuple[str, ...] = ()
+    head_name: str = ""  # the newest segment in pg_wal, when last measured (not needed after a restart)
+    head_mtime: int = 0
+    head_lsn: int = 0
 
     @classmethod
     def load(cls, path: Path) -> ShipState:
@@ -150,18 +153,25 @@ def ship_epoch(store: ObjectStore, codec: Codec, prefix: str, archive: Path, liv
     while True:
         name = segment_name(timeline, next_lsn, segsize)
         data: bytes | None = None
-        if next_lsn in archived:
+        in_live = False
+        if next_lsn in live_files:
+            # pg_wal decides while it has the file: the archive may hold an older copy of a segment
+            # the compute goes on writing (a branch's copied segments, ADR 0010).
+            try:
+                candidate = read_regular(live / live_files[next_lsn])  # type: ignore[operator]
+                in_live = True
+                # Finished once the next segment has begun: full, or ended early by a WAL switch
+                # (whose rest Postgres never writes).
+                if len(candidate) == segsize and _has_successor(live, timeline, segsize, next_lsn):
+                    data = candidate
+            except FileNotFoundError:  # archived and recycled just now: the archive has it
+                pass
+        if data is None and not in_live and next_lsn in archived:
             with contextlib.suppress(FileNotFoundError):
                 data = read_regular(archived[next_lsn])
-        if data is None and next_lsn in live_files:
-            with contextlib.suppress(FileNotFoundError):
-                candidate = read_regular(live / live_files[next_lsn])  # type: ignore[operator]
-                if len(candidate) == segsize and valid_prefix(candidate, next_lsn) == segsize \
-                        and _has_successor(live, timeline, segsize, next_lsn):
-                    data = candidate
         if data is None:
             later = [lsn for lsn in archived if lsn > next_lsn]
-            if later and next_lsn not in live_files:
+            if later and not in_live:
                 # Gone locally before it was shipped (pruned while the store was unreachable for long).
                 result.gap = name
                 next_lsn = min(later)
@@ -182,6 +192,7 @@ def ship_epoch(store: ObjectStore, codec: Codec, prefix: str, archive: Path, liv
     result.head = state.shipped_end
     if live is None:
         return result
+    result.head = max(result.head, live_head(live, timeline, segsize, state))
     name = segment_name(timeline, next_lsn, segsize)
     path = live / name
     try:
@@ -189,14 +200,15 @@ def ship_epoch(store: ObjectStore, codec: Codec, prefix: str, archive: Path, liv
     except FileNotFoundError:
         return result
     if state.partial_name == name and state.partial_mtime == mtime:
-        result.head = result.shipped = next_lsn + state.partial_len
+        result.shipped = next_lsn + state.partial_len
+        result.head = max(result.head, result.shipped)
         return result
     try:
         data = read_regular(path, segsize)
     except FileNotFoundError:
         return result
     length = valid_prefix(data, next_lsn)
-    result.head = next_lsn + length
+    result.head = max(result.head, next_lsn + length)
     if length == 0:
         result.shipped = state.shipped_end
         return result
@@ -211,9 +223,28 @@ def ship_epoch(store: ObjectStore, codec: Codec, prefix: str, archive: Path, liv
     return result
 
 
+def live_head(live: Path, timeline: int, segsize: int, state: ShipState) -> int:
+    """The end of the WAL written in `live` (the newest segment that has begun, plus its valid
+    prefix), measured again only when that file changed."""
+    for start, name in reversed(live_segments(live, timeline, segsize)):
+        try:
+            mtime = os.stat(live / name, follow_symlinks=False).st_mtime_ns
+            if state.head_name == name and state.head_mtime == mtime:
+                return state.head_lsn
+            head = read_regular(live / name, PAGE)
+            if valid_prefix(head, start) == 0:
+                continue  # a recycled file under a future name
+            length = valid_prefix(read_regular(live / name, segsize), start)
+        except (FileNotFoundError, OSError):
+            continue
+        state.head_name, state.head_mtime, state.head_lsn = name, mtime, start + length
+        return start + length
+    return 0
+
+
 def _has_successor(live: Path | None, timeline: int, segsize: int, lsn: int) -> bool:
-    """A full-looking segment in pg_wal is complete only once the next one has begun (a segment is
-    written page by page; all pages valid and the next segment started means it is finished)."""
+    """A segment in pg_wal is finished once the next one has begun: Postgres writes the next
+    segment only after this one is full or was switched away from."""
     if live is None:
         return False
     name = segment_name(timeline, lsn + segsize, segsize)

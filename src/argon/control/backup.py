@@ -1,0 +1,361 @@
+"""Continuous backup policy (ADR 0013): which branches ship what, when, and what the user sees.
+
+Three loops inside `argon up`, each doing its I/O in threads:
+
+- **WAL** every `backup_interval` (0.5 s): for every branch of every project with history, each
+  epoch's archived segments in order, then the live segment's valid prefix (`storage.backup.wal`).
+  The epoch's record (`epoch.json`) goes up whenever it changes (a new snapshot, an end).
+- **Bases** every few seconds: each snapshot of each epoch not in the bucket yet
+  (`storage.backup.bases`; chunks shared bucket-wide).
+- **Metadata** whenever `argon.db` changed, at most every `METADATA_INTERVAL`: an online SQLite
+  backup plus `secrets/` and `tls/` in one object (`meta/<ms>.tar`).
+
+An unreachable store is an error in the status (API, console, `argon status`, a warning in the log
+once per outage), and every loop simply tries again next tick: nothing is skipped, so shipping
+catches up by itself and in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import logging
+import os
+import sqlite3
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from argon import model
+from argon.errors import ArgonError
+from argon.storage import history as hs
+from argon.storage.backup import bases as bb
+from argon.storage.backup import wal as bw
+from argon.storage.backup.objects import Codec
+from argon.storage.backup.store import MissingObject, ObjectStore, open_store
+
+if TYPE_CHECKING:
+    from argon.control.plane import ControlPlane
+    from argon.settings import Settings
+
+log = logging.getLogger(__name__)
+
+BUCKET_INFO = "argon-backup.json"
+METADATA_INTERVAL = 10.0
+BASE_INTERVAL = 5.0
+
+
+def branch_prefix(project_id: str, branch_id: str) -> str:
+    return f"branches/{project_id}/{branch_id}/"
+
+
+def epoch_prefix(project_id: str, branch_id: str, epoch_id: str) -> str:
+    return f"{branch_prefix(project_id, branch_id)}{epoch_id}/"
+
+
+def meta_key(at: datetime) -> str:
+    return f"meta/{int(at.timestamp() * 1000):015d}.tar"
+
+
+def meta_time(key: str) -> datetime | None:
+    stem = key.rsplit("/", 1)[-1].removesuffix(".tar")
+    return datetime.fromtimestamp(int(stem) / 1000, UTC) if stem.isdigit() else None
+
+
+def open_bucket(settings: Settings) -> tuple[ObjectStore, Codec]:
+    assert settings.backup_url
+    return open_store(settings.backup_url, s3_endpoint=settings.backup_s3_endpoint), Codec(settings.backup_key)
+
+
+def check_bucket(store: ObjectStore, codec: Codec, *, create: bool) -> bool:
+    """Refuse a bucket written with another key; write our identity into a new one. True if the
+    bucket holds an Argon backup."""
+    try:
+        raw = store.get(BUCKET_INFO)
+    except MissingObject:
+        if create:
+            store.put(BUCKET_INFO, codec.bucket_info())
+        return False
+    codec.check_bucket_info(raw, store.url)
+    return True
+
+
+@dataclass
+class BranchBackup:
+    """The backup state of one branch, as the status shows it."""
+
+    project_id: str
+    branch_id: str
+    shipped_lsn: int = 0
+    head_lsn: int = 0
+    last_shipped_at: datetime | None = None
+    behind_since: float | None = None  # monotonic time since which head > shipped
+    last_base: str = ""
+    last_base_at: datetime | None = None
+
+    def lag_bytes(self) -> int:
+        return max(0, self.head_lsn - self.shipped_lsn)
+
+    def lag_seconds(self) -> float:
+        return 0.0 if self.behind_since is None else max(0.0, time.monotonic() - self.behind_since)
+
+    def view(self) -> dict[str, Any]:
+        return {"project_id": self.project_id, "branch_id": self.branch_id,
+                "last_wal_shipped_lsn": hs.format_lsn(self.shipped_lsn) if self.shipped_lsn else None,
+                "last_wal_shipped_at": _iso(self.last_shipped_at), "lag_bytes": self.lag_bytes(),
+                "lag_seconds": round(self.lag_seconds(), 3), "last_base_backup": self.last_base or None,
+                "last_base_backup_at": _iso(self.last_base_at)}
+
+
+def _first_lsn(epoch: hs.Epoch) -> int:
+    """Where the epoch's WAL in the bucket must begin: its start, or earlier where a base's replay
+    starts earlier (a branch's base is its parent's snapshot, ADR 0010)."""
+    return min([hs.parse_lsn(epoch.start_lsn), *(hs.parse_lsn(s.redo_lsn) for s in epoch.snapshots)])
+
+
+def _iso(at: datetime | None) -> str | None:
+    return at.isoformat().replace("+00:00", "Z") if at else None
+
+
+@dataclass
+class BackupStatus:
+    url: str
+    encrypted: bool
+    branches: dict[str, BranchBackup] = field(default_factory=dict)
+    last_metadata_at: datetime | None = None
+    error: str = ""
+    error_since: datetime | None = None
+
+    def view(self) -> dict[str, Any]:
+        rows = [b.view() for b in self.branches.values()]
+        return {"enabled": True, "url": self.url, "encrypted": self.encrypted,
+                "state": "error" if self.error else ("lagging" if any(b.lag_seconds() > 5 for b in
+                                                                      self.branches.values()) else "ok"),
+                "error": self.error or None, "error_since": _iso(self.error_since),
+                "last_metadata_backup_at": _iso(self.last_metadata_at),
+                "lag_bytes": max((r["lag_bytes"] for r in rows), default=0),
+                "lag_seconds": max((r["lag_seconds"] for r in rows), default=0.0),
+                "last_wal_shipped_at": max((r["last_wal_shipped_at"] for r in rows if r["last_wal_shipped_at"]),
+                                           default=None),
+                "last_base_backup_at": max((r["last_base_backup_at"] for r in rows if r["last_base_backup_at"]),
+                                           default=None),
+                "branches": rows}
+
+
+class BackupService:
+    def __init__(self, plane: ControlPlane, settings: Settings) -> None:
+        self.plane = plane
+        self.settings = settings
+        self.store, self.codec = open_bucket(settings)
+        self.index = bb.ChunkIndex(self.store)
+        self.interval = settings.backup_interval
+        self.status = BackupStatus(url=settings.backup_url or "", encrypted=self.codec.encrypted)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._meta_seen: tuple[float, ...] = ()
+        self._epoch_records: dict[str, str] = {}  # epoch prefix -> the epoch.json last uploaded
+        self._errors: dict[str, str] = {}  # loop -> its last error
+
+    async def start(self) -> None:
+        await asyncio.to_thread(check_bucket, self.store, self.codec, create=True)
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._run("wal", self.ship_wal_once, self.interval)),
+                       loop.create_task(self._run("bases", self.ship_bases_once, BASE_INTERVAL)),
+                       loop.create_task(self._run("metadata", self.backup_metadata_once, METADATA_INTERVAL))]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks = []
+
+    async def flush(self) -> None:
+        """One last pass of everything (at shutdown, after the computes stopped)."""
+        for what, step in (("wal", self.ship_wal_once), ("metadata", self.backup_metadata_once)):
+            try:
+                await step()
+            except Exception as exc:
+                log.warning("final backup %s pass failed: %s", what, getattr(exc, "user_message", exc))
+
+    async def _run(self, what: str, step: Any, interval: float) -> None:
+        while True:
+            try:
+                await step()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._fail(what, exc)
+            else:
+                self._ok(what)
+            await asyncio.sleep(interval)
+
+    def _fail(self, what: str, exc: Exception) -> None:
+        message = exc.user_message if isinstance(exc, ArgonError) else f"{type(exc).__name__}: {exc}"
+        if what not in self._errors:
+            log.warning("backup: %s shipping failed, retrying every tick until it works: %s", what, message)
+        self._errors[what] = message
+        self.status.error = "; ".join(f"{k}: {v}" for k, v in sorted(self._errors.items()))
+        self.status.error_since = self.status.error_since or model.utcnow()
+
+    def _ok(self, what: str) -> None:
+        if self._errors.pop(what, None) is not None:
+            log.warning("backup: %s shipping works again", what)
+        self.status.error = "; ".join(f"{k}: {v}" for k, v in sorted(self._errors.items()))
+        if not self.status.error:
+            self.status.error_since = None
+
+    # --- WAL -------------------------------------------------------------------------------------------
+
+    def _branches(self) -> list[tuple[model.Project, model.Branch]]:
+        return [(p, b) for p in self.plane.projects() if p.history_retention_seconds > 0
+                for b in self.plane.branches(p.id)]
+
+    async def ship_wal_once(self) -> None:
+        branches = self._branches()
+        await asyncio.to_thread(self._ship_wal, branches)
+        keep = {b.id for _p, b in branches}
+        for gone in [k for k in self.status.branches if k not in keep]:
+            del self.status.branches[gone]
+
+    def _ship_wal(self, branches: list[tuple[model.Project, model.Branch]]) -> None:
+        errors = []
+        for project, branch in branches:
+            try:
+                self._ship_branch(project, branch)
+            except FileNotFoundError:
+                continue  # deleted meanwhile
+            except Exception as exc:
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+
+    def _ship_branch(self, project: model.Project, branch: model.Branch) -> None:
+        history = hs.BranchHistory(self.plane.layout.branch_dir(project.id, branch.id) / "history")
+        manifest = history.load()
+        if not manifest.epochs:
+            return
+        status = self.status.branches.setdefault(branch.id, BranchBackup(project.id, branch.id))
+        live = self.plane.layout.pgdata(project.id, branch.id) / "pg_wal"
+        for epoch in manifest.epochs:
+            prefix = epoch_prefix(project.id, branch.id, epoch.id)
+            self._put_epoch_record(prefix, epoch)
+            state_path = history.epoch_dir(epoch.id) / "backup.json"
+            if not state_path.parent.is_dir():
+                continue
+            state = bw.ShipState.load(state_path)
+            current = epoch is manifest.current
+            result = bw.ship_epoch(self.store, self.codec, prefix, history.wal_dir(epoch.id),
+                                   live if current else None, epoch.timeline, epoch.segsize, state,
+                                   _first_lsn(epoch), lambda s, p=state_path: s.save(p))
+            if result.gap:
+                log.warning("backup: branch %s is missing WAL segment %s locally (pruned before it was shipped); "
+                            "point in time before its next base backup is not possible", branch.id, result.gap)
+            if current:
+                if result.segments or result.partial:
+                    status.last_shipped_at = model.utcnow()
+                status.shipped_lsn, status.head_lsn = result.shipped, result.head
+                if result.head > result.shipped:
+                    status.behind_since = status.behind_since or time.monotonic()
+                else:
+                    status.behind_since = None
+
+    def _put_epoch_record(self, prefix: str, epoch: hs.Epoch) -> None:
+        record = json.dumps(epoch.to_json(), sort_keys=True)
+        if self._epoch_records.get(prefix) == record:
+            return
+        key = f"{prefix}epoch.json"
+        self.store.put(key, self.codec.seal(key, record.encode()))
+        self._epoch_records[prefix] = record
+
+    # --- Bases -----------------------------------------------------------------------------------------
+
+    async def ship_bases_once(self) -> None:
+        for project, branch in self._branches():
+            await asyncio.to_thread(self._ship_bases, project, branch)
+
+    def _ship_bases(self, project: model.Project, branch: model.Branch) -> None:
+        history = hs.BranchHistory(self.plane.layout.branch_dir(project.id, branch.id) / "history")
+        for epoch in history.load().epochs:
+            state_path = history.epoch_dir(epoch.id) / "backup-bases.json"
+            try:
+                done = set(json.loads(state_path.read_text()))
+            except (FileNotFoundError, ValueError):
+                done = set()
+            for snap in epoch.snapshots:
+                if snap.name in done:
+                    continue
+                source = history.snapshot_dir(epoch.id, snap.name)
+                if snap.template is not None and not source.is_dir():
+                    source = self.plane.templates.get(project.pg_version) or source
+                if not source.is_dir():
+                    continue  # pruned, or a template since rebuilt: nothing to ship
+                key = f"{epoch_prefix(project.id, branch.id, epoch.id)}bases/{snap.name}.json"
+                record = {**snap.to_json(), "epoch": epoch.id, "timeline": epoch.timeline, "segsize": epoch.segsize,
+                          "template": None}
+                started = time.monotonic()
+                stats = bb.upload_snapshot(self.store, self.codec, self.index, source, key, record)
+                log.info("backup: base %s/%s of branch %s shipped: %d files, %.1f MB, %d new chunks (%.1f MB) "
+                         "in %.1f s", epoch.id, snap.name, branch.id, stats.files, stats.bytes / 1e6,
+                         stats.chunks_uploaded, stats.bytes_uploaded / 1e6, time.monotonic() - started)
+                done.add(snap.name)
+                tmp = state_path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(sorted(done)))
+                os.replace(tmp, state_path)
+                status = self.status.branches.setdefault(branch.id, BranchBackup(project.id, branch.id))
+                status.last_base, status.last_base_at = f"{epoch.id}/{snap.name}", model.utcnow()
+
+    # --- Metadata --------------------------------------------------------------------------------------
+
+    def _meta_signature(self) -> tuple[float, ...]:
+        db = self.plane.layout.metadata_db
+        sig = []
+        for path in (db, db.with_name(db.name + "-wal")):
+            try:
+                st = path.stat()
+                sig += [st.st_mtime_ns, st.st_size]
+            except FileNotFoundError:
+                sig += [0, 0]
+        return tuple(sig)
+
+    async def backup_metadata_once(self, *, force: bool = False) -> None:
+        signature = self._meta_signature()
+        if signature == self._meta_seen and not force:
+            return
+        at = model.utcnow()
+        blob = await asyncio.to_thread(metadata_archive, self.plane.layout.metadata_db,
+                                       self.plane.layout.secrets_dir, self.plane.layout.tls_dir)
+        key = meta_key(at)
+        await asyncio.to_thread(self.store.put, key, self.codec.seal(key, blob))
+        self._meta_seen = signature
+        self.status.last_metadata_at = at
+
+
+def metadata_archive(db: Path, secrets_dir: Path, tls_dir: Path) -> bytes:
+    """A tar of a consistent copy of the metadata (SQLite's online backup), `secrets/` and `tls/`."""
+    with tempfile.TemporaryDirectory(prefix="argon-meta-") as tmp:
+        copy = Path(tmp) / "argon.db"
+        source = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+        try:
+            target = sqlite3.connect(copy)
+            try:
+                source.backup(target)
+            finally:
+                target.close()
+        finally:
+            source.close()
+        out = io.BytesIO()
+        with tarfile.open(fileobj=out, mode="w") as tar:
+            tar.add(copy, arcname="argon.db")
+            for directory in (secrets_dir, tls_dir):
+                if directory.is_dir():
+                    for path in sorted(directory.iterdir()):
+                        if path.is_file() and not path.is_symlink():
+                            tar.add(path, arcname=f"{directory.name}/{path.name}")
+        return out.getvalue()

@@ -1,0 +1,329 @@
+"""`argon restore --from <url> [--at <time>]`: disaster recovery into an empty data directory.
+
+The order, so that nothing half-done is ever taken for a good data directory: the directory must
+be empty -> a `.restoring` marker (`argon up` refuses to start while it is there) -> the metadata
+(newest at or before the target: `argon.db` with every project, branch, endpoint, role verifier,
+encrypted password and API key hash, `secrets/` and `tls/`) -> per branch, its epoch and base
+backup at or before the target, the epoch's WAL, one recovery run (to the target time, or to the
+end of the shipped WAL) into a temporary directory renamed into place only when it worked -> a
+fresh local history epoch for each branch -> the marker goes. Any error leaves the marker (and
+names the object that failed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import os
+import secrets
+import shutil
+import tarfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from argon import model
+from argon.compute import postmaster
+from argon.compute.admin import connect_admin
+from argon.compute.binaries import PgInstall, discover
+from argon.compute.manager import ComputeSpec, prepare
+from argon.compute.osuser import OsUser, chown_tree, running_as_root
+from argon.compute.params import gucs_for_cu
+from argon.compute.postmaster import ComputeStartError
+from argon.control.backup import branch_prefix, check_bucket, meta_time, open_bucket
+from argon.errors import ArgonError, ConfigError, StorageError, UserError
+from argon.metadata.store import Store
+from argon.settings import Settings
+from argon.storage import history as hs
+from argon.storage.backup import bases as bb
+from argon.storage.backup import wal as bw
+from argon.storage.backup.objects import Codec
+from argon.storage.backup.store import ObjectStore
+from argon.storage.clone import pick_backend
+from argon.storage.layout import Layout
+
+log = logging.getLogger(__name__)
+
+RECOVERY_TIMEOUT = 3600.0
+
+
+@dataclass
+class BranchRestore:
+    project_id: str
+    branch_id: str
+    name: str
+    epoch: str = ""
+    base: str = ""
+    reached: str = ""  # the LSN recovery ended at
+    bytes: int = 0
+    seconds: float = 0.0
+    skipped: str = ""  # why the branch's data could not be restored
+
+
+@dataclass
+class RestoreReport:
+    metadata_at: datetime | None = None
+    projects: int = 0
+    branches: list[BranchRestore] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class Candidate:
+    epoch: dict[str, Any]
+    base_key: str
+    base: dict[str, Any]  # the base's record (Snapshot fields + timeline, segsize)
+
+
+def _when(text: str) -> datetime:
+    return datetime.fromisoformat(text)
+
+
+def choose(store: ObjectStore, codec: Codec, project_id: str, branch_id: str, at: datetime | None) -> Candidate | None:
+    """The newest epoch started at or before `at` with a base backup at or before `at`, and that base."""
+    prefix = branch_prefix(project_id, branch_id)
+    keys = [o.key for o in store.list(prefix)]
+    epochs = []
+    for key in keys:
+        if key.endswith("/epoch.json"):
+            raw = json.loads(codec.open(key, store.get(key)))
+            epochs.append((key[:-len("epoch.json")], raw))
+    epochs.sort(key=lambda e: _when(e[1]["started_at"]))
+    for epoch_prefix, epoch in reversed(epochs):
+        if at is not None and _when(epoch["started_at"]) > at:
+            continue
+        base_keys = [k for k in keys if k.startswith(f"{epoch_prefix}bases/") and k.endswith(".json")]
+        records = []
+        for key in base_keys:
+            manifest = bb.read_manifest(store, codec, key)
+            records.append((key, manifest["record"]))
+        usable = [(k, r) for k, r in records if at is None or _when(r["taken_at"]) <= at]
+        if not usable:
+            continue
+        key, record = max(usable, key=lambda kr: (_when(kr[1]["taken_at"]), hs.parse_lsn(kr[1]["consistent_lsn"])))
+        return Candidate(epoch=epoch, base_key=key, base=record)
+    return None
+
+
+def newest_metadata(store: ObjectStore, at: datetime | None) -> str:
+    keys = [(t, o.key) for o in store.list("meta/") if (t := meta_time(o.key)) is not None]
+    usable = [kt for kt in keys if at is None or kt[0] <= at]
+    if not usable:
+        raise UserError(f"the backup at {store.url} has no metadata" + (f" from before {at.isoformat()}" if at else ""))
+    return max(usable)[1]
+
+
+def unpack_metadata(blob: bytes, layout: Layout) -> None:
+    with tarfile.open(fileobj=io.BytesIO(blob), mode="r") as tar:
+        for member in tar.getmembers():
+            parts = member.name.split("/")
+            if not member.isfile() or ".." in parts or member.name.startswith("/") or \
+                    not (member.name == "argon.db" or (len(parts) == 2 and parts[0] in ("secrets", "tls"))):
+                continue
+            source = tar.extractfile(member)
+            assert source is not None
+            target = layout.data_dir / member.name
+            target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                shutil.copyfileobj(source, f)
+                f.flush()
+                os.fsync(f.fileno())
+
+
+async def restore(settings: Settings, url: str, at: datetime | None, *,
+                  say: Callable[[str], None] = lambda m: None) -> RestoreReport:
+    started = time.monotonic()
+    report = RestoreReport()
+    layout = Layout(settings.data_dir, settings.run_dir)
+    if layout.data_dir.exists() and any(layout.data_dir.iterdir()):
+        raise ConfigError(f"{layout.data_dir} is not empty: `argon restore` fills an empty data directory "
+                          "(choose another with --data-dir / ARGON_DATA_DIR)")
+    store, codec = open_bucket(settings.model_copy(update={"backup_url": url}))
+    if not await asyncio.to_thread(check_bucket, store, codec, create=False):
+        raise UserError(f"there is no Argon backup at {url} (no argon-backup.json)")
+    layout.init()
+    layout.restore_marker.write_text(json.dumps({"from": url, "at": at.isoformat() if at else None,
+                                                 "started_at": model.utcnow().isoformat()}))
+    key = await asyncio.to_thread(newest_metadata, store, at)
+    report.metadata_at = meta_time(key)
+    say(f"Metadata of {report.metadata_at.isoformat(timespec='seconds') if report.metadata_at else '?'} ({key})")
+    blob = codec.open(key, await asyncio.to_thread(store.get, key))
+    await asyncio.to_thread(unpack_metadata, blob, layout)
+    layout.protect_metadata()
+    meta = Store.sqlite(layout.metadata_db)
+    try:
+        await asyncio.to_thread(meta.migrate)
+        projects = await asyncio.to_thread(meta.list_projects)
+        branches = {p.id: await asyncio.to_thread(meta.list_branches, p.id) for p in projects}
+    finally:
+        meta.close()
+    report.projects = len(projects)
+    installs = await asyncio.to_thread(discover, settings.pg_bindirs, layout.runtime_dir)
+    backend = pick_backend(layout.data_dir, settings.clone_backend)
+    total = sum(len(b) for b in branches.values())
+    done = 0
+    for project in projects:
+        install = installs.get(project.pg_version)
+        for branch in branches[project.id]:
+            done += 1
+            item = BranchRestore(project.id, branch.id, branch.name)
+            report.branches.append(item)
+            if install is None:
+                item.skipped = f"PostgreSQL {project.pg_version} is not installed here"
+            elif project.history_retention_seconds <= 0:
+                item.skipped = "the project keeps no history, so no WAL or base backups were shipped"
+            if item.skipped:
+                say(f"[{done}/{total}] {project.name}/{branch.name}: skipped ({item.skipped})")
+                continue
+            assert install is not None
+            t0 = time.monotonic()
+            await _restore_branch(store, codec, layout, backend, install, project, branch, at, item, say,
+                                  f"[{done}/{total}] {project.name}/{branch.name}")
+            item.seconds = time.monotonic() - t0
+    layout.restore_marker.unlink()
+    report.seconds = time.monotonic() - started
+    return report
+
+
+async def _restore_branch(store: ObjectStore, codec: Codec, layout: Layout, backend: Any, install: PgInstall,
+                          project: model.Project, branch: model.Branch, at: datetime | None, item: BranchRestore,
+                          say: Callable[[str], None], label: str) -> None:
+    candidate = await asyncio.to_thread(choose, store, codec, project.id, branch.id, at)
+    if candidate is None:
+        item.skipped = "no base backup in the bucket" + (f" from before {at.isoformat()}" if at else "")
+        say(f"{label}: skipped ({item.skipped})")
+        return
+    epoch, record = candidate.epoch, candidate.base
+    item.epoch, item.base = epoch["id"], record["name"]
+    manifest = await asyncio.to_thread(bb.read_manifest, store, codec, candidate.base_key)
+    size = bb.manifest_bytes(manifest)
+    branch_dir = layout.branch_dir(project.id, branch.id)
+    branch_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = branch_dir / f"pgdata.restoring-{secrets.token_hex(3)}"
+    moved = [0]
+    last = [0.0]
+
+    def progress(n: int) -> None:
+        moved[0] += n
+        now = time.monotonic()
+        if now - last[0] > 2:
+            last[0] = now
+            say(f"{label}: {moved[0] / 1e6:.0f} MB of base backup and WAL downloaded")
+
+    try:
+        say(f"{label}: base backup {epoch['id']}/{record['name']} ({size / 1e6:.1f} MB)")
+        await asyncio.to_thread(bb.download_snapshot, store, codec, manifest, tmp, progress=progress)
+        prefix = f"{branch_prefix(project.id, branch.id)}{epoch['id']}/"
+        end = await asyncio.to_thread(bw.fetch_epoch_wal, store, codec, prefix, tmp / "pg_wal", int(epoch["timeline"]),
+                                      int(epoch["segsize"]), hs.parse_lsn(record["redo_lsn"]), progress=progress)
+        item.bytes = moved[0]
+        (tmp / "pg_wal" / "archive_status").mkdir(exist_ok=True)
+        for name in ("postmaster.pid", "postmaster.opts"):
+            (tmp / name).unlink(missing_ok=True)
+        (tmp / "recovery.signal").write_text("")
+        target_lsn: str | None = None
+        if at is not None:
+            target_lsn = await asyncio.to_thread(hs.first_commit_after, install.bindir, tmp / "pg_wal",
+                                                 record["consistent_lsn"], int(epoch["timeline"]), at)
+        settings = hs.recovery_settings(target_lsn)
+        if target_lsn is not None and hs.parse_lsn(target_lsn) <= hs.parse_lsn(record["consistent_lsn"]):
+            settings = {k: v for k, v in settings.items() if not k.startswith("recovery_target_lsn")
+                        and k != "recovery_target_inclusive"} | {"recovery_target": "immediate"}
+        say(f"{label}: replaying WAL up to {target_lsn or hs.format_lsn(end)}")
+        user = OsUser(project.os_uid, project.os_uid) if project.os_uid is not None and running_as_root() else None
+        if user is not None:
+            await asyncio.to_thread(chown_tree, layout.project_dir(project.id), user)
+        control = await recover(install, layout, tmp, settings, user, branch_dir / "log" / "recovery.log")
+        item.reached = control.checkpoint_lsn
+        pgdata = layout.pgdata(project.id, branch.id)
+        os.rename(tmp, pgdata)
+    except BaseException:
+        await asyncio.to_thread(shutil.rmtree, tmp, True)
+        raise
+    await asyncio.to_thread(_begin_history, install, backend, branch_dir, pgdata, user)
+    say(f"{label}: restored to {item.reached}")
+
+
+def _begin_history(install: PgInstall, backend: Any, branch_dir: Path, pgdata: Path, user: OsUser | None) -> None:
+    """A fresh local history for the restored branch: one epoch whose base is the restored cluster
+    (the older history stays in the bucket)."""
+    history = hs.BranchHistory(branch_dir / "history")
+    now = model.utcnow()
+    snap, control = hs.describe_snapshot(install.bindir, pgdata, "base", now)
+    epoch = hs.Epoch(id=f"e{int(time.time() * 1000):x}{secrets.token_hex(2)}", started_at=now,
+                     start_lsn=snap.consistent_lsn, timeline=control.timeline, segsize=control.segsize,
+                     reason="restored from backup", snapshots=(snap,))
+    history.wal_dir(epoch.id).mkdir(mode=0o700, parents=True, exist_ok=True)
+    history.snapshot_dir(epoch.id, "base").parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    backend.clone_tree(pgdata, history.snapshot_dir(epoch.id, "base"))
+    history.save(hs.Manifest((epoch,)))
+    if user is not None:
+        chown_tree(history.root, user)
+
+
+async def recover(install: PgInstall, layout: Layout, target: Path, settings: dict[str, str], user: OsUser | None,
+                  log_file: Path) -> hs.ControlData:
+    """One recovery run of an assembled cluster: start it, wait until it promoted, stop it cleanly."""
+    from argon.control.plane import argon_os_user
+
+    socket_dir = layout.run_dir / f"rs-{secrets.token_hex(4)}"
+    spec = ComputeSpec(endpoint_id=socket_dir.name, install=install, pgdata=target, socket_dir=socket_dir,
+                       log_file=log_file, user=user, gucs=gucs_for_cu(0.25) | settings, argon_os_user=argon_os_user())
+    await asyncio.to_thread(prepare, spec)
+    pm = postmaster.start(install, target, log_file, user)
+    try:
+        try:
+            await pm.wait_ready(timeout=RECOVERY_TIMEOUT)
+        except ComputeStartError as exc:
+            raise StorageError(f"recovery of the restored branch failed: {exc.user_message}") from None
+        deadline = time.monotonic() + RECOVERY_TIMEOUT
+        while True:
+            row = None
+            try:
+                conn = await connect_admin(socket_dir)
+            except psycopg.OperationalError:
+                if not pm.alive:
+                    raise StorageError(f"recovery of the restored branch stopped; see {log_file}") from None
+            else:
+                try:
+                    cur = await conn.execute("SELECT pg_is_in_recovery()")
+                    row = await cur.fetchone()
+                finally:
+                    await conn.close()
+            if row and not row[0]:
+                break
+            if time.monotonic() > deadline:
+                raise StorageError("recovery of the restored branch timed out")
+            await asyncio.sleep(0.05)
+        await pm.stop("fast")
+    finally:
+        if pm.alive:
+            pm.kill_group()
+        await asyncio.to_thread(shutil.rmtree, socket_dir, True)
+    control = await asyncio.to_thread(hs.control_data, install.bindir, target)
+    await asyncio.to_thread(hs.tidy_after_recovery, target, control)
+    (target / "postgresql.auto.conf").write_text("")
+    return control
+
+
+def parse_at(text: str | None) -> datetime | None:
+    if text is None:
+        return None
+    try:
+        value = datetime.fromisoformat(text.strip().replace("z", "Z"))
+    except ValueError:
+        raise UserError(f"--at {text!r} is not a time; use RFC 3339, e.g. 2026-11-24T13:00:00Z") from None
+    if value.tzinfo is None:
+        raise UserError("--at needs a time zone (RFC 3339, e.g. 2026-11-24T13:00:00Z)")
+    return value.astimezone(UTC)
+
+
+__all__ = ["ArgonError", "RestoreReport", "parse_at", "restore"]
