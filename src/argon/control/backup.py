@@ -7,8 +7,9 @@ Three loops inside `argon up`, each doing its I/O in threads:
   The epoch's record (`epoch.json`) goes up whenever it changes (a new snapshot, an end).
 - **Bases** every few seconds: each snapshot of each epoch not in the bucket yet
   (`storage.backup.bases`; chunks shared bucket-wide).
-- **Metadata** whenever `argon.db` changed, at most every `METADATA_INTERVAL`: an online SQLite
-  backup plus `secrets/` and `tls/` in one object (`meta/<ms>.tar`).
+- **Metadata** whenever `argon.db` changed, looked at every `METADATA_INTERVAL` (2 s): an online
+  SQLite backup (without the monitoring samples) plus `secrets/` and `tls/` in one object
+  (`meta/<ms>.tar`).
 
 An unreachable store is an error in the status (API, console, `argon status`, a warning in the log
 once per outage), and every loop simply tries again next tick: nothing is skipped, so shipping
@@ -47,7 +48,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BUCKET_INFO = "argon-backup.json"
-METADATA_INTERVAL = 10.0
+METADATA_INTERVAL = 2.0  # a changed metadata database reaches the bucket this soon
 BASE_INTERVAL = 5.0
 
 
@@ -346,6 +347,12 @@ def metadata_archive(db: Path, secrets_dir: Path, tls_dir: Path) -> bytes:
             target = sqlite3.connect(copy)
             try:
                 source.backup(target)
+                # Monitoring samples are not needed to recover and grow all the time: left out.
+                target.execute("DELETE FROM metric_samples")
+                target.commit()
+                target.execute("VACUUM")
+            except sqlite3.OperationalError:  # an older schema without samples
+                pass
             finally:
                 target.close()
         finally:
