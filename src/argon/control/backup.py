@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 
 BUCKET_INFO = "argon-backup.json"
 METADATA_INTERVAL = 2.0  # a changed metadata database reaches the bucket this soon
-BASE_INTERVAL = 5.0
+BASE_INTERVAL = 1.0  # new snapshots (a new branch's base) start shipping within a second
 
 
 def branch_prefix(project_id: str, branch_id: str) -> str:

@@ -1,0 +1,452 @@
+"""Argon's backup benchmark (issue 14): RPO after losing the machine, restore time, overhead, and
+what branches cost in the bucket.
+
+Run from the repository root, as root or as a user who can run Postgres:
+
+    /work/venv/bin/python -m benchmarks.backup [--quick] [--trials 10] [--sizes 100M,1G] [--json PATH]
+
+1. **RPO**, for `s3://` (moto's S3 server on loopback) and `file://`: `argon up` runs as its own
+   process with backup on (default settings); a writer commits numbered rows through the proxy,
+   recording when each commit was acknowledged; after a random 2-4 s everything is killed with
+   SIGKILL (`argon up`'s process group and every compute's), the data directory is deleted, and
+   `argon restore` fills a new one. The restored cluster is read directly: the gap is the time
+   between the last acknowledged commit and the last restored one (p50/max over the trials), and
+   the number of acknowledged commits lost.
+2. **Restore time** per size (pgbench data): `argon restore` of a platform holding one project of
+   that size (its compute suspended, so a base backup of the data is in the bucket), then time to
+   the first query on the restored cluster, against `pg_basebackup` of the same running cluster
+   plus its start (WAL replay) on the same machine.
+3. **Overhead**: pgbench TPC-B (4 clients) through the proxy on a platform with backup on against
+   one without, interleaved rounds, medians; target >= 90 %.
+4. **Bucket bytes** for a ~1 GB parent (the largest size given), and after 20 branches of it.
+
+Everything runs under a short temp dir on loopback ports and is stopped by PID.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import shutil
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+
+from benchmarks.core import PGBENCH, REPO_ROOT, free_port, short_tmpdir
+
+sys.path.insert(0, str(REPO_ROOT))
+
+API_KEY = "argon_bench_key_0123456789abcdefghijklmnop"
+SCALE_PER_MB = 1 / 15.0
+SIZES = {"100M": 100, "1G": 1024, "5G": 5120}
+ARGON = [sys.executable, "-m", "argon"]
+
+
+def say(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def bucket_bytes(url: str, endpoint: str | None) -> int:
+    from argon.storage.backup.store import open_store
+
+    return sum(o.size for o in open_store(url, s3_endpoint=endpoint).list(""))
+
+
+@contextlib.contextmanager
+def s3_server() -> Iterator[Any]:
+    from tests.fixtures.s3 import start_s3
+
+    for name, value in (("AWS_ACCESS_KEY_ID", "bench"), ("AWS_SECRET_ACCESS_KEY", "bench"),
+                        ("AWS_DEFAULT_REGION", "us-east-1")):
+        os.environ.setdefault(name, value)
+    server = start_s3()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+class ArgonProcess:
+    """`argon up` as its own process (so it can be killed like a lost machine)."""
+
+    def __init__(self, root: Path, data: Path, backup_url: str | None, s3_endpoint: str | None,
+                 seed: Path | None = None) -> None:
+        self.root, self.data = root, data
+        self.http_port, self.proxy_port = free_port(), free_port()
+        if seed is not None and not data.exists():  # templates and the runtime copy of a warm data dir
+            data.mkdir(parents=True)
+            for name in ("templates", "runtime"):
+                if (seed / name).exists():
+                    subprocess.run(["cp", "-a", str(seed / name), str(data / name)], check=True)
+        env = {**os.environ, "ARGON_DATA_DIR": str(data), "ARGON_RUN_DIR": str(root / "run"),
+               "ARGON_HTTP_PORT": str(self.http_port), "ARGON_PROXY_PORT": str(self.proxy_port),
+               "ARGON_API_KEY": API_KEY, "ARGON_SPARE_CLUSTERS": "0", "ARGON_CONFIG_FILE": str(root / "none.toml")}
+        for name in ("ARGON_BACKUP_URL", "ARGON_BACKUP_S3_ENDPOINT"):
+            env.pop(name, None)
+        if backup_url:
+            env["ARGON_BACKUP_URL"] = backup_url
+        if s3_endpoint:
+            env["ARGON_BACKUP_S3_ENDPOINT"] = s3_endpoint
+        self.env = env
+        self.log = open(root / f"argon-{self.http_port}.log", "ab")  # noqa: SIM115 - closed in stop
+        self.proc = subprocess.Popen([*ARGON, "up"], env=env, stdin=subprocess.DEVNULL, stdout=self.log,
+                                     stderr=self.log, start_new_session=True, cwd=REPO_ROOT)
+        self.api = httpx.Client(base_url=f"http://127.0.0.1:{self.http_port}/api/v2",
+                                headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120)
+        deadline = time.monotonic() + 180
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if self.api.get("/versions").status_code == 200:
+                    break
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"argon up did not start; see {self.log.name}")
+            time.sleep(0.2)
+
+    def create_project(self) -> tuple[str, str]:
+        resp = self.api.post("/projects", json={"project": {"name": "bench"}})
+        resp.raise_for_status()
+        body = resp.json()
+        return body["project"]["id"], body["connection_uris"][0]["connection_uri"]
+
+    def kill(self) -> None:
+        """SIGKILL to everything: argon up's group and every compute's (each runs in its own session)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        for pidfile in self.data.glob("projects/*/branches/*/pgdata/postmaster.pid"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                os.killpg(int(pidfile.read_text().split()[0]), signal.SIGKILL)
+        self.proc.wait()
+        self.api.close()
+        self.log.close()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                return
+        self.api.close()
+        self.log.close()
+
+
+def restore(root: Path, url: str, endpoint: str | None, target: Path) -> float:
+    env = {**os.environ, "ARGON_CONFIG_FILE": str(root / "none.toml")}
+    if endpoint:
+        env["ARGON_BACKUP_S3_ENDPOINT"] = endpoint
+    started = time.monotonic()
+    out = subprocess.run([*ARGON, "restore", "--from", url, "--data-dir", str(target), "--run-dir", str(root / "run")],
+                         env=env, capture_output=True, text=True, cwd=REPO_ROOT, timeout=7200)
+    if out.returncode != 0:
+        raise RuntimeError(f"argon restore failed: {out.stderr[-2000:]}")
+    return time.monotonic() - started
+
+
+@contextlib.contextmanager
+def restored_cluster(root: Path, data: Path) -> Iterator[Path]:
+    """Start the restored data dir's (only) branch directly; yields its socket dir."""
+    import asyncio
+
+    from argon.compute import postmaster
+    from argon.compute.binaries import discover
+    from argon.compute.manager import ComputeSpec, prepare
+    from argon.compute.osuser import OsUser, running_as_root
+    from argon.control.plane import argon_os_user
+
+    with sqlite3.connect(data / "argon.db") as db:
+        pid, major, uid = db.execute("SELECT id, pg_version, os_uid FROM projects").fetchone()
+    pgdata = next((data / "projects" / pid / "branches").glob("*/pgdata"))
+    install = discover({}, data / "runtime")[major]
+    user = OsUser(uid, uid) if uid is not None and running_as_root() else None
+    sock = root / "run" / f"rc{random.randrange(1 << 30):x}"
+    spec = ComputeSpec(endpoint_id=sock.name, install=install, pgdata=pgdata, socket_dir=sock,
+                       log_file=pgdata.parent / "log" / "bench.log", user=user, argon_os_user=argon_os_user())
+    prepare(spec)
+    pm = postmaster.start(install, pgdata, spec.log_file, user)
+    try:
+        asyncio.run(pm.wait_ready(timeout=3600))
+        yield sock
+    finally:
+        pm.stop_sync("immediate")
+
+
+def query(sock: Path, sql: str, dbname: str = "neondb") -> Any:
+    from argon.compute.admin import connect_admin_sync
+
+    with connect_admin_sync(sock, dbname) as conn:
+        row = conn.execute(sql).fetchone()
+        return row[0] if row else None
+
+
+# --- 1. RPO ---------------------------------------------------------------------------------------------
+
+def rpo_trial(root: Path, seed: Path, url: str, endpoint: str | None, n: int) -> dict[str, Any]:
+    trial = root / f"t{n}"
+    trial.mkdir()
+    argon = ArgonProcess(trial, trial / "data", url, endpoint, seed=seed)
+    acks: list[tuple[int, float]] = []
+    stop = threading.Event()
+    try:
+        _pid, uri = argon.create_project()
+        with psycopg.connect(uri, autocommit=True) as conn:
+            conn.execute("CREATE TABLE w (id int PRIMARY KEY, at timestamptz DEFAULT clock_timestamp())")
+        wait_backed_up(argon, 1)  # steady state: the project's base and metadata are in the bucket
+        time.sleep(2.5)
+
+        def writer() -> None:
+            with contextlib.suppress(psycopg.Error), psycopg.connect(uri, autocommit=True) as conn:
+                i = 0
+                while not stop.is_set():
+                    i += 1
+                    conn.execute("INSERT INTO w (id) VALUES (%s)", (i,))
+                    acks.append((i, time.time()))
+
+        thread = threading.Thread(target=writer, daemon=True)
+        thread.start()
+        time.sleep(random.uniform(2.0, 4.0))
+    except BaseException:
+        argon.stop()
+        raise
+    argon.kill()  # the machine is lost: no flush, no clean shutdown
+    stop.set()
+    thread.join(30)
+    shutil.rmtree(trial / "data")
+    target = trial / "restored"
+    seconds = restore(trial, url, endpoint, target)
+    with restored_cluster(trial, target) as sock:
+        restored = query(sock, "SELECT coalesce(max(id), 0) FROM w")
+    last_id, last_at = acks[-1]
+    at = dict(acks)
+    gap = last_at - at[restored] if restored in at else float("inf") if restored < last_id else 0.0
+    shutil.rmtree(trial, ignore_errors=True)
+    return {"acknowledged": last_id, "restored": restored, "lost": max(0, last_id - restored),
+            "gap_s": max(0.0, gap), "restore_s": seconds, "commits_per_s": last_id / max(0.001, acks[-1][1] - acks[0][1])}
+
+
+def measure_rpo(root: Path, seed: Path, trials: int, s3: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    targets = [("file", f"file://{root}/bucket-file", None),
+               ("s3", f"s3://{s3.new_bucket()}/rpo", s3.endpoint)]
+    for kind, url, endpoint in targets:
+        rows = []
+        for n in range(trials):
+            # A fresh bucket per trial: each is its own machine and disaster.
+            trial_url = f"{url}/{n}"
+            rows.append(rpo_trial(root, seed, trial_url, endpoint, n))
+            say(f"RPO {kind} trial {n + 1}/{trials}: gap {rows[-1]['gap_s'] * 1000:.0f} ms, "
+                f"lost {rows[-1]['lost']} of {rows[-1]['acknowledged']} commits")
+        gaps = [r["gap_s"] for r in rows]
+        out[kind] = {"trials": rows, "gap_p50_s": pct(gaps, 0.5), "gap_max_s": max(gaps),
+                     "lost_p50": pct([r["lost"] for r in rows], 0.5), "lost_max": max(r["lost"] for r in rows),
+                     "commits_per_s_p50": pct([r["commits_per_s"] for r in rows], 0.5)}
+    return out
+
+
+# --- 2 and 4. Restore time, bucket bytes -----------------------------------------------------------------
+
+def pgbench_init(uri: str, scale: int) -> None:
+    subprocess.run([PGBENCH, "-i", "-q", "-s", str(scale), "--no-vacuum", uri], check=True, capture_output=True,
+                   timeout=3600)
+
+
+def suspend(argon: ArgonProcess, pid: str) -> None:
+    ep = argon.api.get(f"/projects/{pid}/endpoints").json()["endpoints"][0]["id"]
+    argon.api.post(f"/projects/{pid}/endpoints/{ep}/suspend").raise_for_status()
+
+
+def wait_backed_up(argon: ArgonProcess, branches: int, timeout: float = 3600) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        status = argon.api.get("/backup").json()["backup"]
+        rows = status["branches"]
+        if len(rows) >= branches and all(r["lag_bytes"] == 0 and r["last_base_backup"] for r in rows):
+            # ... and the newest snapshot of each branch is up: no base upload pending.
+            pending = [p for p in argon.data.glob("projects/*/branches/*/history/*/snapshots/*")
+                       if p.name not in _shipped_bases(p.parent.parent / "backup-bases.json")]
+            if not pending:
+                return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"backup did not catch up: {status}")
+        time.sleep(0.5)
+
+
+def _shipped_bases(path: Path) -> set[str]:
+    try:
+        return set(json.loads(path.read_text()))
+    except (FileNotFoundError, ValueError):
+        return set()
+
+
+def measure_size(root: Path, seed: Path, size: str, s3: Any, branches: int) -> dict[str, Any]:
+    mb = SIZES[size]
+    run = root / f"size-{size}"
+    run.mkdir()
+    url = f"s3://{s3.new_bucket()}/size"
+    argon = ArgonProcess(run, run / "data", url, s3.endpoint, seed=seed)
+    result: dict[str, Any] = {"size": size}
+    try:
+        pid, uri = argon.create_project()
+        t0 = time.monotonic()
+        pgbench_init(uri, max(1, round(mb * SCALE_PER_MB)))
+        result["load_s"] = time.monotonic() - t0
+        with psycopg.connect(uri, autocommit=True) as conn:
+            result["database_bytes"] = conn.execute("SELECT pg_database_size(current_database())").fetchone()[0]  # type: ignore[index]
+            conn.execute("CHECKPOINT")
+        # pg_basebackup + start of the same data, on this machine: the local baseline.
+        base = run / "basebackup"
+        from argon.compute.binaries import discover
+
+        install = discover({}, argon.data / "runtime")[18]
+        t0 = time.monotonic()
+        subprocess.run([str(install.bin("pg_basebackup")), "-d", uri.replace("sslmode=require", "sslmode=require"),
+                        "-D", str(base), "-X", "stream", "-c", "fast", "--no-sync"], check=False, capture_output=True,
+                       timeout=7200)
+        result["pg_basebackup_s"] = time.monotonic() - t0
+        shutil.rmtree(base, ignore_errors=True)
+        suspend(argon, pid)  # a clean stop takes a snapshot of the data: the base the bucket gets
+        t0 = time.monotonic()
+        wait_backed_up(argon, 1)
+        result["ship_base_s"] = time.monotonic() - t0
+        result["bucket_bytes_1"] = bucket_bytes(url, s3.endpoint)
+        if branches:
+            for i in range(branches):
+                argon.api.post(f"/projects/{pid}/branches",
+                               json={"branch": {"name": f"b{i}"}}).raise_for_status()
+            wait_backed_up(argon, 1 + branches)
+            result["branches"] = branches
+            result["bucket_bytes_after_branches"] = bucket_bytes(url, s3.endpoint)
+    finally:
+        argon.stop()
+    shutil.rmtree(argon.data, ignore_errors=True)
+    if not branches:
+        target = run / "restored"
+        result["restore_s"] = restore(run, url, s3.endpoint, target)
+        t0 = time.monotonic()
+        with restored_cluster(run, target) as sock:
+            query(sock, "SELECT count(*) FROM pgbench_branches")
+            result["first_query_after_restore_s"] = time.monotonic() - t0 + result["restore_s"]
+    shutil.rmtree(run, ignore_errors=True)
+    return result
+
+
+# --- 3. Overhead ----------------------------------------------------------------------------------------
+
+def measure_overhead(root: Path, seed: Path, rounds: int, seconds: int) -> dict[str, Any]:
+    runs: dict[str, list[float]] = {"off": [], "on": []}
+    procs = {}
+    try:
+        for kind in ("off", "on"):
+            d = root / f"tps-{kind}"
+            d.mkdir()
+            procs[kind] = ArgonProcess(d, d / "data", f"file://{d}/bucket" if kind == "on" else None, None, seed=seed)
+        uris = {}
+        for kind, argon in procs.items():
+            _pid, uri = argon.create_project()
+            pgbench_init(uri, 10)
+            uris[kind] = uri
+        for _ in range(rounds):
+            for kind in ("off", "on"):
+                out = subprocess.run([PGBENCH, "-c", "4", "-j", "2", "-T", str(seconds), "-n", uris[kind]],
+                                     capture_output=True, text=True, timeout=seconds + 120)
+                tps = next(float(line.split("=")[1].split()[0]) for line in out.stdout.splitlines()
+                           if line.startswith("tps ="))
+                runs[kind].append(tps)
+                say(f"pgbench backup {kind}: {tps:.0f} TPS")
+    finally:
+        for argon in procs.values():
+            argon.stop()
+    off, on = statistics.median(runs["off"]), statistics.median(runs["on"])
+    return {"rounds": runs, "tps_off": off, "tps_on": on, "ratio": on / off}
+
+
+# --- Report ---------------------------------------------------------------------------------------------
+
+def render(results: dict[str, Any]) -> str:
+    lines = ["", "Argon backup benchmark", "=" * 60]
+    for kind, r in results.get("rpo", {}).items():
+        lines.append(f"RPO {kind:5} gap p50 {r['gap_p50_s'] * 1000:6.0f} ms   max {r['gap_max_s'] * 1000:6.0f} ms   "
+                     f"lost commits p50 {r['lost_p50']} max {r['lost_max']}   ({len(r['trials'])} trials, "
+                     f"~{r['commits_per_s_p50']:.0f} commits/s)")
+    for r in results.get("restore", []):
+        lines.append(f"restore {r['size']:5} ({r['database_bytes'] / 1e6:.0f} MB): argon restore {r['restore_s']:.1f} s, "
+                     f"first query {r['first_query_after_restore_s']:.1f} s; pg_basebackup {r['pg_basebackup_s']:.1f} s "
+                     f"(local, same data); bucket {r['bucket_bytes_1'] / 1e6:.0f} MB")
+    b = results.get("branches")
+    if b:
+        lines.append(f"bucket for a {b['database_bytes'] / 1e6:.0f} MB parent: {b['bucket_bytes_1'] / 1e6:.0f} MB; "
+                     f"with {b['branches']} branches: {b['bucket_bytes_after_branches'] / 1e6:.0f} MB")
+    o = results.get("overhead")
+    if o:
+        verdict = "ok" if o["ratio"] >= 0.9 else "BELOW TARGET"
+        lines.append(f"pgbench TPC-B 4 clients: backup off {o['tps_off']:.0f} TPS, on {o['tps_on']:.0f} TPS "
+                     f"= {o['ratio'] * 100:.0f} % (target >= 90 %: {verdict})")
+    for what, err in results.get("errors", {}).items():
+        lines.append(f"ERROR {what}: {err}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="3 RPO trials, 100M only, 2 short pgbench rounds")
+    parser.add_argument("--trials", type=int, default=10)
+    parser.add_argument("--sizes", default="100M,1G")
+    parser.add_argument("--branches", type=int, default=20)
+    parser.add_argument("--only", default="rpo,restore,branches,overhead")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.trials, args.sizes, args.branches = 3, "100M", 3
+    only = set(args.only.split(","))
+    root = short_tmpdir("bb")
+    results: dict[str, Any] = {"errors": {}}
+    try:
+        with s3_server() as s3:
+            say("warming up: templates and runtime, built once and copied into every data dir")
+            warm = root / "warm"
+            warm.mkdir()
+            ArgonProcess(warm, warm / "data", None, None).stop()
+            seed = warm / "data"
+            sections = [("rpo", lambda: measure_rpo(root, seed, args.trials, s3)),
+                        ("restore", lambda: [measure_size(root, seed, s, s3, 0) for s in args.sizes.split(",")]),
+                        ("branches", lambda: measure_size(root, seed, args.sizes.split(",")[-1], s3, args.branches)),
+                        ("overhead", lambda: measure_overhead(root, seed, 2 if args.quick else 5,
+                                                              5 if args.quick else 15))]
+            for name, run in sections:
+                if name not in only:
+                    continue
+                say(f"--- {name}")
+                try:
+                    results[name] = run()
+                except Exception as exc:  # report and go on with the other sections
+                    results["errors"][name] = f"{type(exc).__name__}: {exc}"
+                    say(f"{name} failed: {exc}")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    print(render(results))
+    print(json.dumps(results, indent=1, default=str))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1, default=str))
+    return 1 if results["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
