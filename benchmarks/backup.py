@@ -31,8 +31,6 @@ import json
 import os
 import random
 import shutil
-import signal
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -42,14 +40,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import psycopg
 
-from benchmarks.core import PGBENCH, REPO_ROOT, free_port, short_tmpdir
+from benchmarks.core import PGBENCH, REPO_ROOT, short_tmpdir
 
 sys.path.insert(0, str(REPO_ROOT))
 
-API_KEY = "argon_bench_key_0123456789abcdefghijklmnop"
+from tests.fixtures.argon_process import ArgonProcess, query, restored_cluster
+
 SCALE_PER_MB = 1 / 15.0
 SIZES = {"100M": 100, "1G": 1024, "5G": 5120}
 ARGON = [sys.executable, "-m", "argon"]
@@ -84,71 +82,6 @@ def s3_server() -> Iterator[Any]:
         server.stop()
 
 
-class ArgonProcess:
-    """`argon up` as its own process (so it can be killed like a lost machine)."""
-
-    def __init__(self, root: Path, data: Path, backup_url: str | None, s3_endpoint: str | None,
-                 seed: Path | None = None) -> None:
-        self.root, self.data = root, data
-        self.http_port, self.proxy_port = free_port(), free_port()
-        if seed is not None and not data.exists():  # templates and the runtime copy of a warm data dir
-            data.mkdir(parents=True)
-            for name in ("templates", "runtime"):
-                if (seed / name).exists():
-                    subprocess.run(["cp", "-a", str(seed / name), str(data / name)], check=True)
-        env = {**os.environ, "ARGON_DATA_DIR": str(data), "ARGON_RUN_DIR": str(root / "run"),
-               "ARGON_HTTP_PORT": str(self.http_port), "ARGON_PROXY_PORT": str(self.proxy_port),
-               "ARGON_API_KEY": API_KEY, "ARGON_SPARE_CLUSTERS": "0", "ARGON_CONFIG_FILE": str(root / "none.toml")}
-        for name in ("ARGON_BACKUP_URL", "ARGON_BACKUP_S3_ENDPOINT"):
-            env.pop(name, None)
-        if backup_url:
-            env["ARGON_BACKUP_URL"] = backup_url
-        if s3_endpoint:
-            env["ARGON_BACKUP_S3_ENDPOINT"] = s3_endpoint
-        self.env = env
-        self.log = open(root / f"argon-{self.http_port}.log", "ab")  # noqa: SIM115 - closed in stop
-        self.proc = subprocess.Popen([*ARGON, "up"], env=env, stdin=subprocess.DEVNULL, stdout=self.log,
-                                     stderr=self.log, start_new_session=True, cwd=REPO_ROOT)
-        self.api = httpx.Client(base_url=f"http://127.0.0.1:{self.http_port}/api/v2",
-                                headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120)
-        deadline = time.monotonic() + 180
-        while True:
-            with contextlib.suppress(httpx.HTTPError):
-                if self.api.get("/versions").status_code == 200:
-                    break
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"argon up did not start; see {self.log.name}")
-            time.sleep(0.2)
-
-    def create_project(self) -> tuple[str, str]:
-        resp = self.api.post("/projects", json={"project": {"name": "bench"}})
-        resp.raise_for_status()
-        body = resp.json()
-        return body["project"]["id"], body["connection_uris"][0]["connection_uri"]
-
-    def kill(self) -> None:
-        """SIGKILL to everything: argon up's group and every compute's (each runs in its own session)."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        for pidfile in self.data.glob("projects/*/branches/*/pgdata/postmaster.pid"):
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                os.killpg(int(pidfile.read_text().split()[0]), signal.SIGKILL)
-        self.proc.wait()
-        self.api.close()
-        self.log.close()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.kill()
-                return
-        self.api.close()
-        self.log.close()
-
-
 def restore(root: Path, url: str, endpoint: str | None, target: Path) -> float:
     env = {**os.environ, "ARGON_CONFIG_FILE": str(root / "none.toml")}
     if endpoint:
@@ -159,42 +92,6 @@ def restore(root: Path, url: str, endpoint: str | None, target: Path) -> float:
     if out.returncode != 0:
         raise RuntimeError(f"argon restore failed: {out.stderr[-2000:]}")
     return time.monotonic() - started
-
-
-@contextlib.contextmanager
-def restored_cluster(root: Path, data: Path) -> Iterator[Path]:
-    """Start the restored data dir's (only) branch directly; yields its socket dir."""
-    import asyncio
-
-    from argon.compute import postmaster
-    from argon.compute.binaries import discover
-    from argon.compute.manager import ComputeSpec, prepare
-    from argon.compute.osuser import OsUser, running_as_root
-    from argon.control.plane import argon_os_user
-
-    with sqlite3.connect(data / "argon.db") as db:
-        pid, major, uid = db.execute("SELECT id, pg_version, os_uid FROM projects").fetchone()
-    pgdata = next((data / "projects" / pid / "branches").glob("*/pgdata"))
-    install = discover({}, data / "runtime")[major]
-    user = OsUser(uid, uid) if uid is not None and running_as_root() else None
-    sock = root / "run" / f"rc{random.randrange(1 << 30):x}"
-    spec = ComputeSpec(endpoint_id=sock.name, install=install, pgdata=pgdata, socket_dir=sock,
-                       log_file=pgdata.parent / "log" / "bench.log", user=user, argon_os_user=argon_os_user())
-    prepare(spec)
-    pm = postmaster.start(install, pgdata, spec.log_file, user)
-    try:
-        asyncio.run(pm.wait_ready(timeout=3600))
-        yield sock
-    finally:
-        pm.stop_sync("immediate")
-
-
-def query(sock: Path, sql: str, dbname: str = "neondb") -> Any:
-    from argon.compute.admin import connect_admin_sync
-
-    with connect_admin_sync(sock, dbname) as conn:
-        row = conn.execute(sql).fetchone()
-        return row[0] if row else None
 
 
 # --- 1. RPO ---------------------------------------------------------------------------------------------

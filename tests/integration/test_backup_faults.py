@@ -5,7 +5,11 @@ clear error until it has), and `kill -9` of `argon up` in the middle of shipping
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -14,6 +18,7 @@ import psycopg
 import pytest
 
 from argon.control.restore import restore
+from argon.settings import Settings
 from tests.fixtures.platform import RunningPlatform, short_tmpdir
 from tests.fixtures.s3 import Gate, S3Server
 
@@ -95,5 +100,73 @@ def test_outage_commits_go_on_then_catch_up_and_refuse_past_max_lag(gated: tuple
                                     "AND id <= 4000), max(id) FROM t").fetchone() == (200, 3001, 5001)
         finally:
             again.stop()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+
+def _write(uri: str, seconds: float, start: int, acked: list[int]) -> None:
+    """Commit numbered rows for `seconds`, recording each acknowledged one; stop at the first error
+    (the server was killed)."""
+    deadline = time.monotonic() + seconds
+    with contextlib.suppress(psycopg.Error), psycopg.connect(uri, autocommit=True, connect_timeout=30) as conn:
+        i = start
+        while time.monotonic() < deadline:
+            i += 1
+            conn.execute("INSERT INTO t VALUES (%s, repeat('z', 500))", (i,))
+            acked.append(i)
+
+
+def test_kill_9_of_argon_up_and_of_a_compute_mid_shipping_leaves_no_gap(s3_server: S3Server) -> None:
+    """`argon up` killed with SIGKILL while a writer commits (shipping in flight), started again on
+    the same data directory; then the compute alone killed mid-write. A restore holds every
+    acknowledged commit: shipping resumed where it was, with no gap."""
+    from tests.fixtures.argon_process import ArgonProcess, query, restored_cluster
+
+    url = f"s3://{s3_server.new_bucket()}/argon"
+    root = short_tmpdir("bk")
+    acked: list[int] = []
+    try:
+        first = ArgonProcess(root, root / "data", url, s3_server.endpoint)
+        try:
+            _pid, uri = first.create_project()
+            with psycopg.connect(uri, autocommit=True) as conn:
+                conn.execute("CREATE TABLE t (id int PRIMARY KEY, pad text)")
+            writer = threading.Thread(target=_write, args=(uri, 30, 0, acked), daemon=True)
+            writer.start()
+            time.sleep(2.5)
+        finally:
+            first.kill()
+        writer.join(60)
+        killed_at = acked[-1]
+
+        second = ArgonProcess(root, root / "data", url, s3_server.endpoint)  # same data dir, same bucket
+        try:
+            uri = uri.replace(f":{first.proxy_port}/", f":{second.proxy_port}/")
+            _write(uri, 1.5, 100000, acked)
+            for pidfile in (root / "data").glob("projects/*/branches/*/pgdata/postmaster.pid"):
+                os.killpg(int(pidfile.read_text().split()[0]), signal.SIGKILL)  # the compute dies
+            deadline = time.monotonic() + 60
+            while not any(i > 200000 for i in acked):  # a later connection wakes it again
+                assert time.monotonic() < deadline, "the compute did not come back after its kill -9"
+                _write(uri, 1.5, 200000, acked)
+            deadline = time.monotonic() + 120
+            while True:
+                state = second.api.get("/backup").json()["backup"]
+                if not state["error"] and state["branches"] and all(r["lag_bytes"] == 0 for r in state["branches"]):
+                    break
+                assert time.monotonic() < deadline, state
+                time.sleep(0.25)
+        finally:
+            second.stop()
+
+        target = root / "restored"
+        settings = Settings(data_dir=target, run_dir=root / "run", backup_s3_endpoint=s3_server.endpoint)
+        asyncio.run(restore(settings, url, None))
+        with restored_cluster(root, target) as sock:
+            restored = set(query(sock, "SELECT array_agg(id) FROM t") or [])
+        assert acked and killed_at in restored and max(acked) in restored
+        assert set(acked) <= restored, sorted(set(acked) - restored)[:10]
+        assert any(i > 200000 for i in acked)  # the compute came back after its kill -9
     finally:
         shutil.rmtree(root, ignore_errors=True)
