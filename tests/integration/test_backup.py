@@ -163,3 +163,33 @@ def test_restore_refuses_wrong_key_non_empty_dir_and_damaged_objects(shipping: t
         s3.put_object(Bucket=bucket, Key=chunk, Body=original)
         shutil.rmtree(root, ignore_errors=True)
         platform.delete_project(created["project"]["id"])
+
+
+def test_cli_backup_status_and_verify(shipping: tuple[RunningPlatform, str]) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from tests.fixtures.platform import API_KEY
+
+    platform, url = shipping
+    created = platform.create_project(name="verified")
+    wait_shipped(platform, branches=1)
+    env = {**os.environ, "ARGON_API_URL": platform.api_url, "ARGON_API_KEY": API_KEY, "NO_COLOR": "1",
+           "ARGON_BACKUP_KEY": KEY, "ARGON_BACKUP_S3_ENDPOINT": platform.settings.backup_s3_endpoint or "",
+           "ARGON_CONFIG_FILE": "/nonexistent"}
+
+    def argon(*args: str, extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "argon", *args], env={**env, **(extra or {})},
+                              capture_output=True, text=True, timeout=600)
+
+    out = argon("status")
+    assert out.returncode == 0 and f"Backup: ok to {url}" in out.stdout, out.stdout + out.stderr
+    out = argon("backup", "status")
+    assert out.returncode == 0 and "(encrypted): ok" in out.stdout and created["project"]["id"] in out.stdout, out.stdout
+    out = argon("backup", "verify", "--from", url, "--sample", "0")
+    assert out.returncode == 0 and f"Backup at {url} is good" in out.stdout, out.stderr
+    assert "database(s) read after recovery" in out.stderr
+    out = argon("backup", "verify", "--from", url, extra={"ARGON_BACKUP_KEY": "wrong"})
+    assert out.returncode == 1 and "ARGON_BACKUP_KEY is not the key" in out.stderr and "Traceback" not in out.stderr
+    platform.delete_project(created["project"]["id"])

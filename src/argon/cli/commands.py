@@ -430,13 +430,23 @@ def status(ctx: Context) -> None:
     for p in projects:
         active += sum(1 for e in ctx.api.get(f"/projects/{p['id']}/endpoints")["endpoints"]
                       if e["current_state"] == "active")
+    backup = ctx.api.get("/backup")["backup"]
     data = {"api_url": ctx.api.api_url, "versions": versions, "projects": len(projects), "active_computes": active,
-            "clone_backend": info.get("clone_backend")}
+            "clone_backend": info.get("clone_backend"), "backup": backup}
     if ctx.output == "json":
         emit(data, "json")
         return
     click.echo(f"Argon at {ctx.api.api_url}: {len(projects)} project(s), {active} active compute(s); PostgreSQL "
                + ", ".join(v["version"] for v in versions) + f"; clone backend {info.get('clone_backend')}")
+    if not backup.get("enabled"):
+        click.echo("Backup: off (set ARGON_BACKUP_URL)")
+    else:
+        line = (f"Backup: {backup['state']} to {backup['url']}; last WAL shipped {backup['last_wal_shipped_at'] or '-'}, "
+                f"lag {backup['lag_bytes']} bytes / {backup['lag_seconds']} s; last base backup "
+                f"{backup['last_base_backup_at'] or '-'}")
+        click.secho(line, fg="red" if backup["error"] else None)
+        if backup["error"]:
+            click.secho(f"  {backup['error']}", fg="red")
 
 
 BRANCH_COLUMNS = [("id", "Id"), ("name", "Name"), ("default", "Default"), ("parent_id", "Parent"),

@@ -16,6 +16,7 @@ import click
 
 from argon import __version__
 from argon.cli import commands
+from argon.cli.backup import backup as backup_cli
 from argon.cli.client import CliError, write_cli_config
 from argon.cli.schema_diff import schema_diff
 from argon.cli.storage import storage as storage_cli
@@ -308,6 +309,7 @@ def config_check(**flags: Any) -> None:
 commands.register(cli)
 commands.branches.add_command(schema_diff)
 cli.add_command(storage_cli)
+cli.add_command(backup_cli)
 
 
 def main() -> None:

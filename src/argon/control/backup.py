@@ -376,6 +376,28 @@ class BackupService:
                 status = self.status.branches.setdefault(branch.id, BranchBackup(project.id, branch.id))
                 status.last_base, status.last_base_at = f"{epoch.id}/{snap.name}", model.utcnow()
 
+    # --- Usage ---------------------------------------------------------------------------------------
+
+    async def usage(self) -> dict[str, Any]:
+        """Bytes in the bucket: per project (its WAL and base manifests), the chunks all bases
+        share (counted once), the metadata."""
+        objects = await asyncio.to_thread(self.store.list, "")
+        projects: dict[str, int] = {}
+        chunks = meta = other = 0
+        for o in objects:
+            parts = o.key.split("/")
+            if parts[0] == "branches" and len(parts) > 2:
+                projects[parts[1]] = projects.get(parts[1], 0) + o.size
+            elif parts[0] == "chunks":
+                chunks += o.size
+            elif parts[0] == "meta":
+                meta += o.size
+            else:
+                other += o.size
+        return {"total_bytes": chunks + meta + other + sum(projects.values()), "objects": len(objects),
+                "shared_chunks_bytes": chunks, "metadata_bytes": meta,
+                "projects": [{"project_id": k, "bytes": v} for k, v in sorted(projects.items())]}
+
     # --- Metadata --------------------------------------------------------------------------------------
 
     def _meta_signature(self) -> tuple[float, ...]:

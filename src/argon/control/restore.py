@@ -139,7 +139,9 @@ def unpack_metadata(blob: bytes, layout: Layout) -> None:
 
 
 async def restore(settings: Settings, url: str, at: datetime | None, *,
-                  say: Callable[[str], None] = lambda m: None) -> RestoreReport:
+                  say: Callable[[str], None] = lambda m: None, only: set[str] | None = None) -> RestoreReport:
+    """Fill the empty data directory of `settings` from the backup at `url` (as of `at`). `only`:
+    restore just these branch ids (a sample, for `argon backup verify`)."""
     started = time.monotonic()
     report = RestoreReport()
     layout = Layout(settings.data_dir, settings.run_dir)
@@ -176,6 +178,9 @@ async def restore(settings: Settings, url: str, at: datetime | None, *,
             done += 1
             item = BranchRestore(project.id, branch.id, branch.name)
             report.branches.append(item)
+            if only is not None and branch.id not in only:
+                item.skipped = "not in the sample"
+                continue
             if install is None:
                 item.skipped = f"PostgreSQL {project.pg_version} is not installed here"
             elif project.history_retention_seconds <= 0:
@@ -312,6 +317,78 @@ async def recover(install: PgInstall, layout: Layout, target: Path, settings: di
     await asyncio.to_thread(hs.tidy_after_recovery, target, control)
     (target / "postgresql.auto.conf").write_text("")
     return control
+
+
+async def verify(settings: Settings, url: str, *, sample: int = 1, say: Callable[[str], None] = lambda m: None,
+                 ) -> RestoreReport:
+    """`argon backup verify`: restore the metadata and `sample` random branches (0: all) into a
+    scratch directory, start each restored cluster and read every database; remove it all."""
+    import random
+    import tempfile
+
+    scratch = Path(tempfile.mkdtemp(prefix="argon-verify-", dir="/tmp"))
+    os.chmod(scratch, 0o755)  # compute uids must reach their data inside
+    try:
+        store, codec = open_bucket(settings.model_copy(update={"backup_url": url}))
+        if not await asyncio.to_thread(check_bucket, store, codec, create=False):
+            raise UserError(f"there is no Argon backup at {url} (no argon-backup.json)")
+        ids = sorted({o.key.split("/")[2] for o in await asyncio.to_thread(store.list, "branches/")
+                      if o.key.count("/") >= 3})
+        chosen = set(ids if sample <= 0 else random.sample(ids, min(sample, len(ids))))
+        target = settings.model_copy(update={"data_dir": scratch / "data", "run_dir": scratch / "run"})
+        report = await restore(target, url, None, say=say, only=chosen)
+        layout = Layout(target.data_dir, target.run_dir)
+        meta = Store.sqlite(layout.metadata_db)
+        try:
+            projects = {p.id: p for p in await asyncio.to_thread(meta.list_projects)}
+            databases = {b.branch_id: [d.name for d in await asyncio.to_thread(meta.list_databases, b.branch_id)]
+                         for b in report.branches if not b.skipped}
+        finally:
+            meta.close()
+        installs = await asyncio.to_thread(discover, settings.pg_bindirs, layout.runtime_dir)
+        for item in report.branches:
+            if item.skipped:
+                continue
+            project = projects[item.project_id]
+            user = OsUser(project.os_uid, project.os_uid) if project.os_uid is not None and running_as_root() else None
+            counted = await _read_every_database(installs[project.pg_version], layout,
+                                                 layout.pgdata(item.project_id, item.branch_id), user,
+                                                 databases.get(item.branch_id, []))
+            say(f"{item.project_id}/{item.name}: {counted} database(s) read after recovery to {item.reached}")
+        return report
+    finally:
+        await asyncio.to_thread(shutil.rmtree, scratch, True)
+
+
+async def _read_every_database(install: PgInstall, layout: Layout, pgdata: Path, user: OsUser | None,
+                               names: list[str]) -> int:
+    """Start the restored cluster, read the catalogs and every table's size in each database."""
+    from argon.control.plane import argon_os_user
+
+    socket_dir = layout.run_dir / f"rv-{secrets.token_hex(4)}"
+    log_file = pgdata.parent / "log" / "verify.log"
+    spec = ComputeSpec(endpoint_id=socket_dir.name, install=install, pgdata=pgdata, socket_dir=socket_dir,
+                       log_file=log_file, user=user, gucs=gucs_for_cu(0.25) | {"archive_mode": "off"},
+                       argon_os_user=argon_os_user())
+    await asyncio.to_thread(prepare, spec)
+    pm = postmaster.start(install, pgdata, log_file, user)
+    try:
+        try:
+            await pm.wait_ready(timeout=RECOVERY_TIMEOUT)
+        except ComputeStartError as exc:
+            raise StorageError(f"the restored branch does not start: {exc.user_message}") from None
+        for name in names:
+            conn = await connect_admin(socket_dir, name)
+            try:
+                await conn.execute("SELECT count(*), sum(pg_relation_size(oid)) FROM pg_class")
+            finally:
+                await conn.close()
+        await pm.stop("fast")
+    finally:
+        if pm.alive:
+            pm.kill_group()
+        await asyncio.to_thread(shutil.rmtree, socket_dir, True)
+    return len(names)
 
 
 def parse_at(text: str | None) -> datetime | None:
