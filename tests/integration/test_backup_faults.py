@@ -54,6 +54,15 @@ def wait_for(platform: RunningPlatform, check: Any, timeout: float = 90) -> dict
         time.sleep(0.25)
 
 
+def console_home(platform: RunningPlatform) -> str:
+    import httpx
+
+    link = platform.api.post("/console/sign_in_links").json()["url"]
+    with httpx.Client(follow_redirects=True, timeout=30) as browser:
+        browser.get(link)
+        return browser.get(platform.api_url + "/").text
+
+
 def caught_up(state: dict[str, Any]) -> bool:
     return not state["error"] and bool(state["branches"]) and all(
         r["lag_bytes"] == 0 and r["last_base_backup"] and not r["writes_refused"] for r in state["branches"])
@@ -73,6 +82,8 @@ def test_outage_commits_go_on_then_catch_up_and_refuse_past_max_lag(gated: tuple
             conn.execute("INSERT INTO t VALUES (%s, 'x')", (i,))
     down = wait_for(platform, lambda s: bool(s["error"]) and s["lag_bytes"] > 0)
     assert "cannot" in down["error"] and down["state"] == "error"
+    page = console_home(platform)  # the console says so too
+    assert "Backup failing" in page and "shipping resumes by itself" in page
 
     # Past ARGON_BACKUP_MAX_LAG (3 MB here) of unshipped WAL, writes are refused with a clear error.
     with psycopg.connect(dsn, autocommit=True) as conn:
@@ -86,6 +97,8 @@ def test_outage_commits_go_on_then_catch_up_and_refuse_past_max_lag(gated: tuple
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("INSERT INTO t VALUES (5001, 'after')")
     wait_for(platform, caught_up)
+    page = console_home(platform)
+    assert "Backup failing" not in page and f"Backup to <span class=\"mono\">{url}</span>" in page
 
     root = short_tmpdir("rs")
     try:

@@ -147,7 +147,8 @@ async def logout(request: Request, session: Posted) -> Response:
 @router.get("/")
 async def projects(request: Request, session: SignedIn, plane: Plane) -> Response:
     rows = [(p, dashboard.project_compute(plane, p.id)) for p in reversed(plane.projects())]
-    return render(request, "projects.html", session=session, rows=rows)
+    backup = plane.backup.status.view() if plane.backup is not None else None
+    return render(request, "projects.html", session=session, rows=rows, backup=backup)
 
 
 @router.get("/projects")
