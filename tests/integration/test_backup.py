@@ -187,6 +187,16 @@ def test_cli_backup_status_and_verify(shipping: tuple[RunningPlatform, str]) -> 
     assert out.returncode == 0 and f"Backup: ok to {url}" in out.stdout, out.stdout + out.stderr
     out = argon("backup", "status")
     assert out.returncode == 0 and "(encrypted): ok" in out.stdout and created["project"]["id"] in out.stdout, out.stdout
+    # Retention as of 8 days from now (the window is 7 days): old metadata copies and unused chunks
+    # go, and what stays still restores.
+    from datetime import timedelta
+
+    from argon import model
+
+    before = platform.api.get("/backup/usage").json()["usage"]
+    deleted = platform.call(platform.plane.backup.prune_once(model.utcnow() + timedelta(days=8)), timeout=300)
+    after = platform.api.get("/backup/usage").json()["usage"]
+    assert deleted > 0 and after["objects"] < before["objects"] and after["metadata_bytes"] < before["metadata_bytes"]
     out = argon("backup", "verify", "--from", url, "--sample", "0")
     assert out.returncode == 0 and f"Backup at {url} is good" in out.stdout, out.stderr
     assert "database(s) read after recovery" in out.stderr

@@ -29,7 +29,7 @@ import tarfile
 import tempfile
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +38,7 @@ from argon.compute.admin import connect_admin
 from argon.errors import ArgonError
 from argon.storage import history as hs
 from argon.storage.backup import bases as bb
+from argon.storage.backup import retention as br
 from argon.storage.backup import wal as bw
 from argon.storage.backup.objects import Codec
 from argon.storage.backup.store import MissingObject, ObjectStore, open_store
@@ -50,6 +51,7 @@ log = logging.getLogger(__name__)
 
 BUCKET_INFO = "argon-backup.json"
 METADATA_INTERVAL = 2.0  # a changed metadata database reaches the bucket this soon
+PRUNE_INTERVAL = 3600.0
 BASE_INTERVAL = 1.0  # new snapshots (a new branch's base) start shipping within a second
 
 
@@ -163,6 +165,7 @@ class BackupService:
         self._meta_seen: tuple[float, ...] = ()
         self._epoch_records: dict[str, str] = {}  # epoch prefix -> the epoch.json last uploaded
         self._errors: dict[str, str] = {}  # loop -> its last error
+        self._bases_lock = asyncio.Lock()  # base uploads and retention's chunk collection never overlap
         self._refused: set[str] = set()  # branches whose writes are refused (too much WAL unshipped)
         self._refused_on: set[str] = set()  # ... on these compute instances, endpoint:pid (a restart forgets ALTER SYSTEM)
 
@@ -171,7 +174,8 @@ class BackupService:
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._run("wal", self.ship_wal_once, self.interval)),
                        loop.create_task(self._run("bases", self.ship_bases_once, BASE_INTERVAL)),
-                       loop.create_task(self._run("metadata", self.backup_metadata_once, METADATA_INTERVAL))]
+                       loop.create_task(self._run("metadata", self.backup_metadata_once, METADATA_INTERVAL)),
+                       loop.create_task(self._run("retention", self.prune_once, PRUNE_INTERVAL))]
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -342,8 +346,9 @@ class BackupService:
     # --- Bases -----------------------------------------------------------------------------------------
 
     async def ship_bases_once(self) -> None:
-        for project, branch in self._branches():
-            await asyncio.to_thread(self._ship_bases, project, branch)
+        async with self._bases_lock:
+            for project, branch in self._branches():
+                await asyncio.to_thread(self._ship_bases, project, branch)
 
     def _ship_bases(self, project: model.Project, branch: model.Branch) -> None:
         history = hs.BranchHistory(self.plane.layout.branch_dir(project.id, branch.id) / "history")
@@ -375,6 +380,47 @@ class BackupService:
                 os.replace(tmp, state_path)
                 status = self.status.branches.setdefault(branch.id, BranchBackup(project.id, branch.id))
                 status.last_base, status.last_base_at = f"{epoch.id}/{snap.name}", model.utcnow()
+
+    # --- Retention -----------------------------------------------------------------------------------
+
+    async def prune_once(self, now: datetime | None = None) -> int:
+        """Delete what fell out of ARGON_BACKUP_RETENTION; returns the number of objects deleted."""
+        cutoff = (now or model.utcnow()) - timedelta(seconds=self.settings.backup_retention_seconds)
+        async with self._bases_lock:  # no base upload in flight: its chunks would look unreferenced
+            return await asyncio.to_thread(self._prune, cutoff)
+
+    def _prune(self, cutoff: datetime) -> int:
+        listing = self.store.list("")
+        epochs: dict[str, br.EpochObjects] = {}
+        metadata: dict[str, datetime] = {}
+        chunk_ids: set[str] = set()
+        for o in listing:
+            parts = o.key.split("/")
+            if parts[0] == "chunks" and len(parts) == 3:
+                chunk_ids.add(parts[2])
+            elif parts[0] == "meta" and (t := meta_time(o.key)) is not None:
+                metadata[o.key] = t
+            elif parts[0] == "branches" and len(parts) >= 5:
+                prefix = "/".join(parts[:4]) + "/"
+                epoch = epochs.setdefault(prefix, br.EpochObjects(prefix))
+                if parts[4] == "epoch.json":
+                    epoch.record = json.loads(self.codec.open(o.key, self.store.get(o.key)))
+                elif parts[4] == "bases" and o.key.endswith(".json"):
+                    epoch.bases[o.key] = bb.read_manifest(self.store, self.codec, o.key)["record"]
+                elif parts[4] == "wal":
+                    epoch.wal.append(o.key)
+        doomed = br.plan(list(epochs.values()), metadata, cutoff)
+        self.store.delete(doomed)
+        gone = set(doomed)
+        manifests = [bb.read_manifest(self.store, self.codec, key) for e in epochs.values() for key in e.bases
+                     if key not in gone]
+        unused = br.unreferenced_chunks(chunk_ids, manifests)
+        self.store.delete([bb.chunk_key(c) for c in sorted(unused)])
+        self.index.forget(unused)
+        if doomed or unused:
+            log.info("backup retention: deleted %d object(s) and %d unused chunk(s) older than %s", len(doomed),
+                     len(unused), cutoff.isoformat(timespec="seconds"))
+        return len(doomed) + len(unused)
 
     # --- Usage ---------------------------------------------------------------------------------------
 
