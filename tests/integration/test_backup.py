@@ -21,6 +21,7 @@ from argon.errors import ArgonError, ConfigError
 from argon.settings import Settings
 from argon.storage.backup.objects import CorruptObject, WrongKey
 from argon.storage.layout import Layout
+from tests.fixtures.argon_process import query, restored_cluster
 from tests.fixtures.platform import RunningPlatform, short_tmpdir
 from tests.fixtures.s3 import S3Server
 
@@ -109,15 +110,13 @@ def test_restore_brings_back_every_project_with_ids_passwords_and_keys(shipping:
         again.stop()
         shutil.rmtree(root, ignore_errors=True)
 
-    # Point in time: the state as of `middle` has 1001 but not 1002.
+    # Point in time: the state as of `middle` has 1001 but not 1002 (read straight from the cluster).
     root = restore_into(platform.settings, url, middle.astimezone(UTC))
     try:
-        again = RunningPlatform(root)
-        try:
-            with psycopg.connect(platform.dsn(created).replace(str(platform.proxy_port), str(again.proxy_port))) as conn:
-                assert conn.execute("SELECT max(id) FROM t").fetchone() == (1001,)
-        finally:
-            again.stop()
+        main = next(b for b in sorted((root / "data" / "projects" / pid / "branches").iterdir())
+                    if b.name == created["branch"]["id"])
+        with restored_cluster(root, root / "data", main.name) as sock:
+            assert query(sock, "SELECT max(id) FROM t") == 1001
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -197,8 +196,9 @@ def test_cli_backup_status_and_verify(shipping: tuple[RunningPlatform, str]) -> 
     deleted = platform.call(platform.plane.backup.prune_once(model.utcnow() + timedelta(days=8)), timeout=300)
     after = platform.api.get("/backup/usage").json()["usage"]
     assert deleted > 0 and after["objects"] < before["objects"] and after["metadata_bytes"] < before["metadata_bytes"]
-    out = argon("backup", "verify", "--from", url, "--sample", "0")
+    out = argon("backup", "verify", "--from", url, "--sample", "2")
     assert out.returncode == 0 and f"Backup at {url} is good" in out.stdout, out.stderr
+    assert "2 branch(es) restored, recovered and read" in out.stdout
     assert "database(s) read after recovery" in out.stderr
     out = argon("backup", "verify", "--from", url, extra={"ARGON_BACKUP_KEY": "wrong"})
     assert out.returncode == 1 and "ARGON_BACKUP_KEY is not the key" in out.stderr and "Traceback" not in out.stderr

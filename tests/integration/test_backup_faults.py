@@ -19,6 +19,7 @@ import pytest
 
 from argon.control.restore import restore
 from argon.settings import Settings
+from tests.fixtures.argon_process import query, restored_cluster
 from tests.fixtures.platform import RunningPlatform, short_tmpdir
 from tests.fixtures.s3 import Gate, S3Server
 
@@ -105,14 +106,10 @@ def test_outage_commits_go_on_then_catch_up_and_refuse_past_max_lag(gated: tuple
         settings = platform.settings.model_copy(update={"data_dir": root / "data", "run_dir": root / "run",
                                                         "backup_s3_endpoint": gate.endpoint})
         asyncio.run(restore(settings, url, None))
-        again = RunningPlatform(root)
-        try:
-            with psycopg.connect(dsn.replace(str(platform.proxy_port), str(again.proxy_port))) as conn:
-                # Everything written during the outage came back, in order, nothing missing.
-                assert conn.execute("SELECT count(*) FILTER (WHERE id <= 200), count(*) FILTER (WHERE id >= 1000 "
-                                    "AND id <= 4000), max(id) FROM t").fetchone() == (200, 3001, 5001)
-        finally:
-            again.stop()
+        with restored_cluster(root, root / "data", created["branch"]["id"]) as sock:
+            # Everything written during the outage came back, in order, nothing missing.
+            assert query(sock, "SELECT array[count(*) FILTER (WHERE id <= 200), count(*) FILTER (WHERE id >= 1000 "
+                         "AND id <= 4000), max(id)] FROM t") == [200, 3001, 5001]
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -134,7 +131,7 @@ def test_kill_9_of_argon_up_and_of_a_compute_mid_shipping_leaves_no_gap(s3_serve
     """`argon up` killed with SIGKILL while a writer commits (shipping in flight), started again on
     the same data directory; then the compute alone killed mid-write. A restore holds every
     acknowledged commit: shipping resumed where it was, with no gap."""
-    from tests.fixtures.argon_process import ArgonProcess, query, restored_cluster
+    from tests.fixtures.argon_process import ArgonProcess
 
     url = f"s3://{s3_server.new_bucket()}/argon"
     root = short_tmpdir("bk")

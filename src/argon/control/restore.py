@@ -139,9 +139,10 @@ def unpack_metadata(blob: bytes, layout: Layout) -> None:
 
 
 async def restore(settings: Settings, url: str, at: datetime | None, *,
-                  say: Callable[[str], None] = lambda m: None, only: set[str] | None = None) -> RestoreReport:
-    """Fill the empty data directory of `settings` from the backup at `url` (as of `at`). `only`:
-    restore just these branch ids (a sample, for `argon backup verify`)."""
+                  say: Callable[[str], None] = lambda m: None,
+                  sample: Callable[[list[model.Branch]], set[str]] | None = None) -> RestoreReport:
+    """Fill the empty data directory of `settings` from the backup at `url` (as of `at`). `sample`
+    picks the branch ids to restore (`argon backup verify`); default: all."""
     started = time.monotonic()
     report = RestoreReport()
     layout = Layout(settings.data_dir, settings.run_dir)
@@ -168,6 +169,7 @@ async def restore(settings: Settings, url: str, at: datetime | None, *,
     finally:
         meta.close()
     report.projects = len(projects)
+    only = sample([b for bs in branches.values() for b in bs]) if sample is not None else None
     installs = await asyncio.to_thread(discover, settings.pg_bindirs, layout.runtime_dir)
     backend = pick_backend(layout.data_dir, settings.clone_backend)
     total = sum(len(b) for b in branches.values())
@@ -332,11 +334,12 @@ async def verify(settings: Settings, url: str, *, sample: int = 1, say: Callable
         store, codec = open_bucket(settings.model_copy(update={"backup_url": url}))
         if not await asyncio.to_thread(check_bucket, store, codec, create=False):
             raise UserError(f"there is no Argon backup at {url} (no argon-backup.json)")
-        ids = sorted({o.key.split("/")[2] for o in await asyncio.to_thread(store.list, "branches/")
-                      if o.key.count("/") >= 3})
-        chosen = set(ids if sample <= 0 else random.sample(ids, min(sample, len(ids))))
+        def pick(branches: list[model.Branch]) -> set[str]:
+            ids = sorted(b.id for b in branches)
+            return set(ids if sample <= 0 else random.sample(ids, min(sample, len(ids))))
+
         target = settings.model_copy(update={"data_dir": scratch / "data", "run_dir": scratch / "run"})
-        report = await restore(target, url, None, say=say, only=chosen)
+        report = await restore(target, url, None, say=say, sample=pick)
         layout = Layout(target.data_dir, target.run_dir)
         meta = Store.sqlite(layout.metadata_db)
         try:

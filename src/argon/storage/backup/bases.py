@@ -1,7 +1,8 @@
 """Base backups in the bucket: a snapshot directory as a manifest of files, each file a list of
 content-addressed chunks shared by the whole bucket.
 
-    chunks/<id[:2]>/<id>                 one chunk (up to CHUNK bytes of one file)
+    chunks/<id[:2]>/<id>                 one chunk: up to CHUNK bytes of one file, or a pack of
+                                         small files (cut at the same places for the same tree)
     <epoch prefix>bases/<name>.json      the manifest: directories, files (mode, size, chunk ids),
                                          and the snapshot's record (LSNs, time); written last
 
@@ -27,6 +28,7 @@ from argon.storage.backup.objects import Codec, CorruptObject
 from argon.storage.backup.store import ObjectStore
 
 CHUNK = 4 * 1024 * 1024
+SMALL = 256 * 1024  # files up to this size are packed together into chunks
 SKIP = frozenset({"postmaster.pid", "postmaster.opts"})
 FORMAT = 1
 
@@ -123,11 +125,59 @@ def upload_snapshot(store: ObjectStore, codec: Codec, index: ChunkIndex, source:
             stats.bytes += size
         return {"path": rel, "mode": mode, "size": size, "chunks": ids}
 
+    def put_chunk(data: bytes) -> str:
+        cid = codec.chunk_id(data)
+        if not index.has(cid):
+            key = chunk_key(cid)
+            blob = codec.seal(key, data)
+            store.put(key, blob)
+            index.add(cid)
+            with lock:
+                stats.chunks_uploaded += 1
+                stats.bytes_uploaded += len(blob)
+        return cid
+
+    def pack(group: list[tuple[str, Path, int, int]]) -> list[dict[str, Any]]:
+        """Small files (most of a cluster's 1000+ files) travel together, one object per pack;
+        packs are cut at the same places for the same tree, so they deduplicate too."""
+        blobs = []
+        for _rel, path, _mode, _size in group:
+            blobs.append(read_file(path))
+        cid = put_chunk(b"".join(blobs))
+        out, offset = [], 0
+        for (rel, _path, mode, _size), data in zip(group, blobs, strict=True):
+            out.append({"path": rel, "mode": mode, "size": len(data), "pack": cid, "offset": offset})
+            offset += len(data)
+        with lock:
+            stats.files += len(group)
+            stats.bytes += offset
+        return out
+
+    small = [f for f in files if f[3] <= SMALL]
+    large = [f for f in files if f[3] > SMALL]
+    groups: list[list[tuple[str, Path, int, int]]] = [[]]
+    for item in small:
+        if groups[-1] and sum(f[3] for f in groups[-1]) + item[3] > CHUNK:
+            groups.append([])
+        groups[-1].append(item)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        entries = list(pool.map(one, files))
+        entries = list(pool.map(one, large))
+        for packed in pool.map(pack, [g for g in groups if g]):
+            entries += packed
     manifest = {"format": FORMAT, "record": record, "dirs": dirs, "files": entries}
     store.put(manifest_key, codec.seal(manifest_key, json.dumps(manifest, separators=(",", ":")).encode()))
     return stats
+
+
+def read_file(path: Path) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        parts = []
+        while data := os.read(fd, CHUNK):
+            parts.append(data)
+        return b"".join(parts)
+    finally:
+        os.close(fd)
 
 
 def read_manifest(store: ObjectStore, codec: Codec, key: str) -> dict[str, Any]:
@@ -154,23 +204,44 @@ def download_snapshot(store: ObjectStore, codec: Codec, manifest: dict[str, Any]
         path.mkdir(parents=True, exist_ok=True)
         os.chmod(path, int(entry["mode"]))
 
-    def one(entry: dict[str, Any]) -> None:
+    def fetch(cid: str) -> bytes:
+        key = chunk_key(cid)
+        data = codec.open(key, store.get(key))
+        if codec.chunk_id(data) != cid:
+            raise CorruptObject(key, "its content does not match its name")
+        if progress is not None:
+            progress(len(data))
+        return data
+
+    def write(entry: dict[str, Any], parts: list[bytes]) -> None:
         path = target / entry["path"]
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, int(entry["mode"]))
         try:
-            for cid in entry["chunks"]:
-                key = chunk_key(cid)
-                data = codec.open(key, store.get(key))
-                if codec.chunk_id(data) != cid:
-                    raise CorruptObject(key, "its content does not match its name")
+            for data in parts:
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view):]
-                if progress is not None:
-                    progress(len(data))
             os.fsync(fd)
         finally:
             os.close(fd)
 
+    def one(entry: dict[str, Any]) -> None:
+        write(entry, [fetch(cid) for cid in entry["chunks"]])
+
+    def unpack(cid: str, members: list[dict[str, Any]]) -> None:
+        data = fetch(cid)
+        for entry in members:
+            piece = data[int(entry["offset"]):int(entry["offset"]) + int(entry["size"])]
+            if len(piece) != int(entry["size"]):
+                raise CorruptObject(chunk_key(cid), f"it is shorter than {entry['path']} needs")
+            write(entry, [piece])
+
+    packs: dict[str, list[dict[str, Any]]] = {}
+    for entry in manifest["files"]:
+        if "pack" in entry:
+            packs.setdefault(entry["pack"], []).append(entry)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        list(pool.map(one, manifest["files"]))
+        jobs = [pool.submit(one, e) for e in manifest["files"] if "pack" not in e]
+        jobs += [pool.submit(unpack, cid, members) for cid, members in packs.items()]
+        for job in jobs:
+            job.result()

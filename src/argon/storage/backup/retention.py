@@ -64,5 +64,7 @@ def unreferenced_chunks(chunk_ids: set[str], manifests: list[dict[str, Any]]) ->
     used: set[str] = set()
     for manifest in manifests:
         for entry in manifest["files"]:
-            used.update(entry["chunks"])
+            used.update(entry.get("chunks", ()))
+            if "pack" in entry:
+                used.add(entry["pack"])
     return chunk_ids - used
