@@ -31,6 +31,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -207,18 +208,8 @@ def measure_size(root: Path, seed: Path, size: str, s3: Any, branches: int) -> d
         result["load_s"] = time.monotonic() - t0
         with psycopg.connect(uri, autocommit=True) as conn:
             result["database_bytes"] = conn.execute("SELECT pg_database_size(current_database())").fetchone()[0]  # type: ignore[index]
-            conn.execute("CHECKPOINT")
-        # pg_basebackup + start of the same data, on this machine: the local baseline.
-        base = run / "basebackup"
-        from argon.compute.binaries import discover
-
-        install = discover({}, argon.data / "runtime")[18]
-        t0 = time.monotonic()
-        subprocess.run([str(install.bin("pg_basebackup")), "-d", uri.replace("sslmode=require", "sslmode=require"),
-                        "-D", str(base), "-X", "stream", "-c", "fast", "--no-sync"], check=False, capture_output=True,
-                       timeout=7200)
-        result["pg_basebackup_s"] = time.monotonic() - t0
-        shutil.rmtree(base, ignore_errors=True)
+        if not branches:
+            result.update(basebackup_baseline(run, argon.data, max(1, round(mb * SCALE_PER_MB))))
         suspend(argon, pid)  # a clean stop takes a snapshot of the data: the base the bucket gets
         t0 = time.monotonic()
         wait_backed_up(argon, 1)
@@ -243,6 +234,53 @@ def measure_size(root: Path, seed: Path, size: str, s3: Any, branches: int) -> d
             result["first_query_after_restore_s"] = time.monotonic() - t0 + result["restore_s"]
     shutil.rmtree(run, ignore_errors=True)
     return result
+
+
+def basebackup_baseline(run: Path, data: Path, scale: int) -> dict[str, float]:
+    """The same pgbench data in a plain cluster on this machine: `pg_basebackup -X stream` of it,
+    then the copy's start (WAL replay from the backup) to its first query."""
+    from argon.compute.binaries import discover
+    from benchmarks.core import RawPostgres, _as_postgres_user, _own_dir, free_port
+
+    install = discover({}, data / "runtime")[18]
+    raw = RawPostgres(install.bindir, run / "raw", {"shared_buffers": "128MB"})
+    raw.init()
+    raw.spawn()
+    copy_dir = _own_dir(run / "copy")
+    copy_proc = None
+    try:
+        wait_sql(raw.dsn)
+        subprocess.run([PGBENCH, "-i", "-q", "-s", str(scale), "--no-vacuum", raw.dsn], check=True,
+                       capture_output=True, timeout=3600)
+        t0 = time.monotonic()
+        subprocess.run([str(install.bin("pg_basebackup")), "-d", raw.dsn, "-D", str(copy_dir / "data"), "-X", "stream",
+                        "-c", "fast"], check=True, capture_output=True, timeout=7200, **_as_postgres_user())
+        copied = time.monotonic() - t0
+        port = free_port()
+        copy_proc = subprocess.Popen([str(install.bin("postgres")), "-D", str(copy_dir / "data"), "-c", f"port={port}",
+                                      "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={copy_dir}"],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True, **_as_postgres_user())
+        wait_sql(f"host=127.0.0.1 port={port} user=bench dbname=postgres sslmode=disable", "SELECT count(*) FROM pgbench_branches")
+        return {"pg_basebackup_s": copied, "pg_basebackup_first_query_s": time.monotonic() - t0}
+    finally:
+        if copy_proc is not None:
+            os.killpg(copy_proc.pid, signal.SIGTERM)
+            copy_proc.wait(60)
+        raw.stop()
+
+
+def wait_sql(dsn: str, sql: str = "SELECT 1", timeout: float = 3600) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with psycopg.connect(dsn, connect_timeout=5) as conn:
+                conn.execute(sql)
+                return
+        except psycopg.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 # --- 3. Overhead ----------------------------------------------------------------------------------------
@@ -285,8 +323,9 @@ def render(results: dict[str, Any]) -> str:
                      f"~{r['commits_per_s_p50']:.0f} commits/s)")
     for r in results.get("restore", []):
         lines.append(f"restore {r['size']:5} ({r['database_bytes'] / 1e6:.0f} MB): argon restore {r['restore_s']:.1f} s, "
-                     f"first query {r['first_query_after_restore_s']:.1f} s; pg_basebackup {r['pg_basebackup_s']:.1f} s "
-                     f"(local, same data); bucket {r['bucket_bytes_1'] / 1e6:.0f} MB")
+                     f"first query {r['first_query_after_restore_s']:.1f} s; pg_basebackup + replay of the same data "
+                     f"{r['pg_basebackup_s']:.1f} s, first query {r['pg_basebackup_first_query_s']:.1f} s; "
+                     f"bucket {r['bucket_bytes_1'] / 1e6:.0f} MB")
     b = results.get("branches")
     if b:
         lines.append(f"bucket for a {b['database_bytes'] / 1e6:.0f} MB parent: {b['bucket_bytes_1'] / 1e6:.0f} MB; "
