@@ -61,3 +61,13 @@ def test_round_trip_sharing_and_damage(tmp_path: Path) -> None:
     (tmp_path / "bucket" / victim).write_bytes(b"garbage")
     with pytest.raises(CorruptObject, match=victim.rsplit("/", 1)[1]):
         bb.download_snapshot(store, codec, bb.read_manifest(store, codec, "b/1.json"), tmp_path / "out2")
+
+
+def test_a_manifest_cannot_write_outside_the_target(tmp_path: Path) -> None:
+    store = FileStore(tmp_path)
+    for bad in ("../escape", "/etc/passwd", "base/../../x"):
+        manifest = {"format": bb.FORMAT, "record": {}, "dirs": [{"path": ".", "mode": 0o700}],
+                    "files": [{"path": bad, "mode": 0o600, "size": 0, "chunks": []}]}
+        with pytest.raises(CorruptObject, match="outside the cluster"):
+            bb.download_snapshot(store, Codec(None), manifest, tmp_path / "out")
+    assert not (tmp_path / "escape").exists()

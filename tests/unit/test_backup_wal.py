@@ -143,3 +143,21 @@ def test_lag_counts_wal_written_past_a_stuck_segment(dirs: tuple[Path, Path, Fil
     (live / name(BASE + 2 * SEG)).write_bytes(segment(BASE + 2 * SEG, valid_pages=4))  # written past a missing one
     result = ship_epoch(store, Codec(None), "p/", archive, live, TLI, SEG, ShipState(), BASE, lambda s: None)
     assert result.shipped == BASE + 3 * PAGE and result.head == BASE + 2 * SEG + 4 * PAGE
+
+
+def test_symlinked_directories_are_not_read_as_a_projects_own(tmp_path: Path) -> None:
+    """As root, the shipper must not follow a compute-owned symlink into another project's files."""
+    from argon.control.backup import _own_path
+
+    data = tmp_path / "data"
+    (data / "p1" / "pgdata" / "pg_wal").mkdir(parents=True)
+    (data / "p2" / "pgdata").mkdir(parents=True)
+    (data / "p2" / "pgdata" / "pg_wal").symlink_to(data / "p1" / "pgdata" / "pg_wal")
+    assert _own_path(data / "p1" / "pgdata" / "pg_wal", data)
+    assert not _own_path(data / "p2" / "pgdata" / "pg_wal", data)
+    assert _own_path(data / "p3" / "missing", data)
+    linked = tmp_path / "link-to-data"  # the data directory itself may be reached through a symlink
+    linked.symlink_to(data)
+    assert _own_path(linked / "p1" / "pgdata" / "pg_wal", linked)
+    (data / "p1" / "file").write_text("x")
+    assert not _own_path(data / "p1" / "file", data)

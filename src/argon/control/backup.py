@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from argon import model
 from argon.compute.admin import connect_admin
-from argon.errors import ArgonError
+from argon.errors import ArgonError, ErrorKind
 from argon.storage import history as hs
 from argon.storage.backup import bases as bb
 from argon.storage.backup import retention as br
@@ -116,6 +116,19 @@ class BranchBackup:
                 "last_wal_shipped_at": _iso(self.last_shipped_at), "lag_bytes": self.lag_bytes(),
                 "lag_seconds": round(self.lag_seconds(), 3), "last_base_backup": self.last_base or None,
                 "last_base_backup_at": _iso(self.last_base_at), "writes_refused": self.writes_refused}
+
+
+class UnsafePath(ArgonError):
+    kind = ErrorKind.STORAGE
+
+
+def _own_path(path: Path, base: Path) -> bool:
+    """`path` (under `base`, the data directory) is a directory reached through no symlink below
+    `base` (or missing: nothing to read then). Files inside are opened with O_NOFOLLOW."""
+    if not os.path.lexists(path):
+        return True
+    expected = os.path.join(os.path.realpath(base), os.path.relpath(path, base))
+    return os.path.realpath(path) == expected and path.is_dir()
 
 
 def _first_lsn(epoch: hs.Epoch) -> int:
@@ -302,12 +315,18 @@ class BackupService:
             return
         status = self.status.branches.setdefault(branch.id, BranchBackup(project.id, branch.id))
         live = self.plane.layout.pgdata(project.id, branch.id) / "pg_wal"
+        if not _own_path(live, self.plane.layout.data_dir):
+            # A compute's uid owns its pgdata: a pg_wal symlinked elsewhere (another project's?) is
+            # never read by us, as root, into this project's backup.
+            raise UnsafePath(f"branch {branch.id}: {live} is not a plain directory; its WAL is not shipped")
         for epoch in manifest.epochs:
             prefix = epoch_prefix(project.id, branch.id, epoch.id)
             self._put_epoch_record(prefix, epoch)
             state_path = history.epoch_dir(epoch.id) / "backup.json"
             if not state_path.parent.is_dir():
                 continue
+            if not _own_path(history.wal_dir(epoch.id), self.plane.layout.data_dir):
+                raise UnsafePath(f"branch {branch.id}: {history.wal_dir(epoch.id)} is not a plain directory")
             state = bw.ShipState.load(state_path)
             current = epoch is manifest.current
             try:
@@ -366,6 +385,8 @@ class BackupService:
                     source = self.plane.templates.get(project.pg_version) or source
                 if not source.is_dir():
                     continue  # pruned, or a template since rebuilt: nothing to ship
+                if not _own_path(source, self.plane.layout.data_dir if source.is_relative_to(self.plane.layout.data_dir) else source):
+                    raise UnsafePath(f"branch {branch.id}: snapshot {source} is not a plain directory")
                 key = f"{epoch_prefix(project.id, branch.id, epoch.id)}bases/{snap.name}.json"
                 record = {**snap.to_json(), "epoch": epoch.id, "timeline": epoch.timeline, "segsize": epoch.segsize,
                           "template": None}

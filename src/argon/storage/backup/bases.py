@@ -199,6 +199,10 @@ def download_snapshot(store: ObjectStore, codec: Codec, manifest: dict[str, Any]
                       workers: int = 8, progress: Callable[[int], None] | None = None) -> None:
     """Lay out the base backup described by `manifest` in `target` (new or empty): every chunk is
     verified; any failure raises (the caller removes `target`)."""
+    for entry in [*manifest["dirs"], *manifest["files"]]:
+        parts = Path(entry["path"]).parts
+        if Path(entry["path"]).is_absolute() or ".." in parts:
+            raise CorruptObject("(base manifest)", f"it names a path outside the cluster: {entry['path']!r}")
     for entry in manifest["dirs"]:
         path = target / entry["path"]
         path.mkdir(parents=True, exist_ok=True)
