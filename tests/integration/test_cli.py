@@ -196,3 +196,11 @@ def test_config_check_reports_without_a_traceback(tmp_path: Any) -> None:
                          timeout=120, env={**env, "ARGON_PG_BINDIRS": f"15={tmp_path}"})
     assert bad.returncode != 0 and "Traceback" not in bad.stderr + bad.stdout
     assert "ARGON_PG_BINDIRS" in bad.stderr, bad.stderr
+    secret = subprocess.run([sys.executable, "-m", "argon", "config", "check"], capture_output=True, text=True,
+                            timeout=120, env={**env, "ARGON_BACKUP_KEY": "do-not-print-me",
+                                              "ARGON_BACKUP_URL": "file:///tmp/x", "ARGON_BACKUP_RETENTION": "36h"})
+    assert secret.returncode == 0 and "do-not-print-me" not in secret.stdout + secret.stderr
+    assert "(set; not shown)" in secret.stdout and "36h" in secret.stdout
+    wrong = subprocess.run([sys.executable, "-m", "argon", "config", "check"], capture_output=True, text=True,
+                           timeout=120, env={**env, "ARGON_BACKUP_URL": "ftp://x", "ARGON_BACKUP_RETENTION": "soon"})
+    assert wrong.returncode != 0 and "ARGON_BACKUP_URL" in wrong.stderr and "ARGON_BACKUP_RETENTION" in wrong.stderr

@@ -279,6 +279,8 @@ def config_check(**flags: Any) -> None:
                   else "file" if name in in_file else "default")
         if name == "api_key" and value:
             value = value[:8] + "..."
+        if name == "backup_key" and value:
+            value = "(set; not shown)"
         click.echo(f"{name:22} {value!s:50} ({source})")
     parent = settings.data_dir if settings.data_dir.exists() else settings.data_dir.parent
     while not parent.exists() and parent != parent.parent:

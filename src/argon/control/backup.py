@@ -184,6 +184,10 @@ class BackupService:
 
     async def start(self) -> None:
         await asyncio.to_thread(check_bucket, self.store, self.codec, create=True)
+        if not self.codec.encrypted:
+            log.warning("backup to %s is not encrypted: whoever can read it can read the data and decrypt the "
+                        "stored role passwords (secrets/passwords.key travels with the metadata); set "
+                        "ARGON_BACKUP_KEY", self.store.url)
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._run("wal", self.ship_wal_once, self.interval)),
                        loop.create_task(self._run("bases", self.ship_bases_once, BASE_INTERVAL)),
