@@ -54,6 +54,18 @@ def wait_shipped(platform: RunningPlatform, branches: int, timeout: float = 60) 
         time.sleep(0.2)
 
 
+def own_chunk(platform: RunningPlatform, project_id: str, branch_id: str) -> str:
+    """The key of a chunk the branch's base backup needs."""
+    from argon.control.backup import branch_prefix
+    from argon.storage.backup import bases as bb
+
+    service = platform.plane.backup
+    key = next(o.key for o in service.store.list(branch_prefix(project_id, branch_id)) if "/bases/" in o.key)
+    manifest = bb.read_manifest(service.store, service.codec, key)
+    entry = next(e for e in manifest["files"] if e.get("chunks") or e.get("pack"))
+    return bb.chunk_key(entry["pack"] if "pack" in entry else entry["chunks"][0])
+
+
 def restore_into(settings: Settings, url: str, at: datetime | None = None, **overrides: Any) -> Path:
     root = short_tmpdir("rs")
     target = settings.model_copy(update={"data_dir": root / "data", "run_dir": root / "run", **overrides})
@@ -140,24 +152,24 @@ def test_restore_refuses_wrong_key_non_empty_dir_and_damaged_objects(shipping: t
     # Damage one chunk of the new project's base: the restore names it and leaves the marker.
     s3 = boto3.client("s3", endpoint_url=s3_server.endpoint, region_name="us-east-1")
     bucket = url.split("/")[2]
-    chunk = next(o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="argon/chunks/")["Contents"])
+    chunk = "argon/" + own_chunk(platform, created["project"]["id"], created["branch"]["id"])
     original = s3.get_object(Bucket=bucket, Key=chunk)["Body"].read()
     damaged = bytearray(original)
     damaged[len(damaged) // 2] ^= 1
     s3.put_object(Bucket=bucket, Key=chunk, Body=bytes(damaged))
     root = short_tmpdir("rs")
+    only_this = lambda branches: {created["branch"]["id"]}  # noqa: E731 - the other projects are not damaged
     try:
         target = settings.model_copy(update={"data_dir": root / "data", "run_dir": root / "run"})
         with pytest.raises(ArgonError) as err:
-            asyncio.run(restore(target, url, None))
-        if isinstance(err.value, CorruptObject):
-            assert chunk.removeprefix("argon/") in err.value.user_message
+            asyncio.run(restore(target, url, None, sample=only_this))
+        assert isinstance(err.value, CorruptObject) and chunk.removeprefix("argon/") in err.value.user_message
         with pytest.raises(ConfigError, match="unfinished `argon restore`"):
             Layout(target.data_dir, target.run_dir).init()  # argon up refuses it
         s3.delete_object(Bucket=bucket, Key=chunk)  # now missing altogether
         shutil.rmtree(root / "data")
         with pytest.raises(ArgonError, match="missing"):
-            asyncio.run(restore(target, url, None))
+            asyncio.run(restore(target, url, None, sample=only_this))
     finally:
         s3.put_object(Bucket=bucket, Key=chunk, Body=original)
         shutil.rmtree(root, ignore_errors=True)
