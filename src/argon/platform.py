@@ -238,6 +238,7 @@ class Platform:
             await self.plane.computes.stop_all()
             if self.plane.backup is not None:
                 await self.plane.backup.flush()  # the computes' last WAL (their shutdown checkpoints)
+                self.plane.backup.close()
             for ep in self.plane.endpoints():
                 if ep.current_state is model.ComputeState.ACTIVE:
                     await self.plane.save(ep.replace(current_state=model.ComputeState.IDLE,

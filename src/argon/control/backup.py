@@ -28,6 +28,7 @@ import sqlite3
 import tarfile
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -178,6 +179,7 @@ class BackupService:
         self._meta_seen: tuple[float, ...] = ()
         self._epoch_records: dict[str, str] = {}  # epoch prefix -> the epoch.json last uploaded
         self._errors: dict[str, str] = {}  # loop -> its last error
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="argon-wal-ship")
         self._bases_lock = asyncio.Lock()  # base uploads and retention's chunk collection never overlap
         self._refused: set[str] = set()  # branches whose writes are refused (too much WAL unshipped)
         self._refused_on: set[str] = set()  # ... on these compute instances, endpoint:pid (a restart forgets ALTER SYSTEM)
@@ -201,6 +203,9 @@ class BackupService:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks = []
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
 
     async def flush(self) -> None:
         """One last pass of everything (at shutdown, after the computes stopped)."""
@@ -301,14 +306,18 @@ class BackupService:
                 log.warning("backup: branch %s caught up; writes are allowed again", branch.id)
 
     def _ship_wal(self, branches: list[tuple[model.Project, model.Branch]]) -> None:
-        errors = []
-        for project, branch in branches:
+        """Branches in parallel (a busy one's upload must not delay the others' RPO), each one's
+        segments in order by one worker."""
+        def one(item: tuple[model.Project, model.Branch]) -> Exception | None:
             try:
-                self._ship_branch(project, branch)
+                self._ship_branch(*item)
             except FileNotFoundError:
-                continue  # deleted meanwhile
+                return None  # deleted meanwhile
             except Exception as exc:
-                errors.append(exc)
+                return exc
+            return None
+
+        errors = [e for e in self._pool.map(one, branches) if e is not None]
         if errors:
             raise errors[0]
 
