@@ -41,14 +41,17 @@ def shipping(s3_server: S3Server) -> Iterator[tuple[RunningPlatform, str]]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def wait_shipped(platform: RunningPlatform, branches: int, timeout: float = 60) -> dict[str, Any]:
-    """Until every branch's WAL is in the bucket and each has a base backup."""
+def wait_shipped(platform: RunningPlatform, branches: int, timeout: float = 60,
+                 since: str | None = None) -> dict[str, Any]:
+    """Until every branch's WAL is in the bucket and each has a base backup (and, with `since`, a
+    metadata copy at or after that time is there)."""
     deadline = time.monotonic() + timeout
     while True:
         status = platform.api.get("/backup").json()["backup"]
         rows = status["branches"]
+        meta = status["last_metadata_backup_at"]
         if (len(rows) >= branches and all(r["lag_bytes"] == 0 and r["last_base_backup"] for r in rows)
-                and not status["error"]):
+                and not status["error"] and (since is None or (meta and _t(meta) >= _t(since)))):
             return status
         assert time.monotonic() < deadline, status
         time.sleep(0.2)
@@ -64,6 +67,10 @@ def own_chunk(platform: RunningPlatform, project_id: str, branch_id: str) -> str
     manifest = bb.read_manifest(service.store, service.codec, key)
     entry = next(e for e in manifest["files"] if e.get("chunks") or e.get("pack"))
     return bb.chunk_key(entry["pack"] if "pack" in entry else entry["chunks"][0])
+
+
+def _t(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
 def restore_into(settings: Settings, url: str, at: datetime | None = None, **overrides: Any) -> Path:
@@ -93,9 +100,9 @@ def test_restore_brings_back_every_project_with_ids_passwords_and_keys(shipping:
         middle = conn.execute("SELECT clock_timestamp()").fetchone()[0]  # type: ignore[index]
         time.sleep(0.05)
         conn.execute("INSERT INTO t (id) VALUES (1002)")  # the last commit before the "loss"
-    status = wait_shipped(platform, branches=2)
+    changed = datetime.now(UTC).isoformat()  # the API key and the branch are in a metadata copy after this
+    status = wait_shipped(platform, branches=2, since=changed)
     assert status["encrypted"] and status["last_metadata_backup_at"]
-    time.sleep(2.5)  # the metadata loop's next pass has the new key and branch
 
     # The machine is lost now; a new one restores from the bucket alone.
     root = restore_into(platform.settings, url)
@@ -137,7 +144,7 @@ def test_restore_refuses_wrong_key_non_empty_dir_and_damaged_objects(shipping: t
                                                                      s3_server: S3Server, tmp_path: Path) -> None:
     platform, url = shipping
     created = platform.create_project(name="damaged")
-    wait_shipped(platform, branches=1)
+    wait_shipped(platform, branches=1, since=created["project"]["created_at"])
     settings = platform.settings
 
     with pytest.raises(WrongKey, match="not the key"):
@@ -185,7 +192,7 @@ def test_cli_backup_status_and_verify(shipping: tuple[RunningPlatform, str]) -> 
 
     platform, url = shipping
     created = platform.create_project(name="verified")
-    wait_shipped(platform, branches=1)
+    wait_shipped(platform, branches=1, since=created["project"]["created_at"])
     env = {**os.environ, "ARGON_API_URL": platform.api_url, "ARGON_API_KEY": API_KEY, "NO_COLOR": "1",
            "ARGON_BACKUP_KEY": KEY, "ARGON_BACKUP_S3_ENDPOINT": platform.settings.backup_s3_endpoint or "",
            "ARGON_CONFIG_FILE": "/nonexistent"}
