@@ -1,4 +1,4 @@
-"""Continuous backup policy (ADR 0015): which branches ship what, when, and what the user sees.
+"""Continuous backup policy (ADR 0016): which branches ship what, when, and what the user sees.
 
 Three loops inside `argon up`, each doing its I/O in threads:
 
