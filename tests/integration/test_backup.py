@@ -76,7 +76,11 @@ def _t(text: str) -> datetime:
 def restore_into(settings: Settings, url: str, at: datetime | None = None, **overrides: Any) -> Path:
     root = short_tmpdir("rs")
     target = settings.model_copy(update={"data_dir": root / "data", "run_dir": root / "run", **overrides})
-    asyncio.run(restore(target, url, at))
+    try:
+        asyncio.run(restore(target, url, at))
+    except BaseException:
+        shutil.rmtree(root, ignore_errors=True)
+        raise
     return root
 
 
