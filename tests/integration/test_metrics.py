@@ -3,9 +3,11 @@ the API's figures that come from them. A platform of its own samples every 0.3 s
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -122,3 +124,49 @@ def test_samples_are_real_and_the_api_figures_follow_them(sampled: RunningPlatfo
     assert "shutting down" in logs and "FATAL" not in logs, logs[-2000:]
     sampled.delete_project(pid)
     assert _samples(sampled, pid) == []
+
+
+def _on_disk(path: Path) -> tuple[int, int]:
+    """(allocated bytes under `path`, each inode once; allocated bytes of files with more than one link)."""
+    total = linked = 0
+    seen: set[int] = set()
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            st = os.lstat(os.path.join(root, name))
+            if st.st_ino in seen:
+                continue
+            seen.add(st.st_ino)
+            total += st.st_blocks * 512
+            linked += st.st_blocks * 512 if st.st_nlink > 1 else 0
+    return total, linked
+
+
+def test_linked_history_bases_are_counted_once(sampled: RunningPlatform) -> None:
+    """A branch's history base hard-linked to its parent's snapshot (ADR 0010) is one copy on disk: the
+    branches' storage samples (what data_storage_bytes_hour adds up) and the project's
+    synthetic_storage_size both add up to what the disk holds, not one copy per branch."""
+    if sampled.plane.backend.name != "copy":
+        pytest.skip("history bases are linked on the copy backend only")
+    created = sampled.create_project(name="linked")
+    pid, main = created["project"]["id"], created["branch"]["id"]
+    ep = created["endpoints"][0]["id"]
+    _wait_for("the first start", lambda: sampled.endpoint(pid, ep)["current_state"] == "active")
+    assert sampled.api.post(f"/projects/{pid}/endpoints/{ep}/suspend").status_code == 200
+    resp = sampled.api.post(f"/projects/{pid}/branches", json={"branch": {"name": "child"}})
+    assert resp.status_code == 201, resp.text
+    child = resp.json()["branch"]["id"]
+    marker = sampled.plane.clock()
+    disk, linked = _on_disk(sampled.plane.layout.project_dir(pid))
+    assert linked > 10_000_000  # the child's base shares the parent's snapshot
+
+    def latest() -> dict[str, int]:
+        rows = [s for s in _samples(sampled, pid) if s.endpoint_id is None and s.at > marker]
+        return {s.branch_id: s.storage_bytes or 0 for s in rows}
+
+    storage = _wait_for("storage samples of both branches", lambda: (got := latest()).keys() >= {main, child} and got)
+    assert abs(storage[main] + storage[child] - disk) < 1_000_000, (storage, disk, linked)
+    sampled.plane.figures.forget(main)
+    sampled.plane.figures.forget(child)
+    project = sampled.api.get(f"/projects/{pid}").json()["project"]
+    assert abs(project["synthetic_storage_size"] - disk) < 1_000_000, (project["synthetic_storage_size"], disk)
+    sampled.delete_project(pid)

@@ -286,7 +286,7 @@ async def delete_branch(plane: ControlPlane, project_id: str, branch_id: str, *,
             raise Precondition(f"branch {branch.name!r} has child branches ({', '.join(children)}); delete them first")
         ops = []
         for ep in plane.endpoints(project_id, branch_id):
-            await plane.stop_compute(ep.id, reason="branch deleted", mode="immediate", record=False)
+            await plane.stop_compute(ep.id, reason="branch deleted", mode="immediate")
             await plane.db(plane.store.delete, ep)
             plane.forget_endpoint(ep.id)
             await asyncio.to_thread(shutil.rmtree, plane.layout.socket_dir(ep.id), True)
@@ -325,7 +325,7 @@ async def restore_branch(plane: ControlPlane, project_id: str, branch_id: str, s
         async with contextlib.AsyncExitStack() as stack:
             for ep in endpoints:
                 await stack.enter_async_context(plane.endpoint_lock(ep.id))
-                await plane.stop_compute_locked(ep.id, reason="branch restored", record=False)
+                await plane.stop_compute_locked(ep.id, reason="branch restored")
             pgdata = plane.layout.pgdata(project_id, branch_id)
             fresh = pgdata.with_name("pgdata.restoring")
             await asyncio.to_thread(shutil.rmtree, fresh, True)

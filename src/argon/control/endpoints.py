@@ -67,23 +67,28 @@ async def update_endpoint(plane: ControlPlane, project_id: str, endpoint_id: str
         return plane.endpoint(project_id, endpoint_id), ops
 
 
+async def wake(plane: ControlPlane, endpoint_id: str, *, reason: str) -> list[model.Operation]:
+    """Start the endpoint's compute if it is not running; a start is an operation (one, recorded here)."""
+    started = time.monotonic()
+    address = await plane.ensure_running(endpoint_id, reason=reason)
+    if not address.cold_start:
+        return []
+    ep = plane.endpoint(None, endpoint_id)
+    return [await plane.record(ep.project_id, model.OperationAction.START_COMPUTE, branch_id=ep.branch_id,
+                               endpoint_id=ep.id, started=started)]
+
+
 async def start_endpoint(plane: ControlPlane, project_id: str, endpoint_id: str) -> list[model.Operation]:
     ep = plane.endpoint(project_id, endpoint_id)
     if ep.disabled:
         raise UserError("endpoint is disabled; enable it (disabled: false) before starting it")
-    started = time.monotonic()
-    was_running = plane.is_running(endpoint_id)
-    await plane.ensure_running(endpoint_id, reason="API start")
-    if was_running:
-        return []
-    return [await plane.record(project_id, model.OperationAction.START_COMPUTE, branch_id=ep.branch_id,
-                               endpoint_id=ep.id, started=started)]
+    return await wake(plane, endpoint_id, reason="API start")
 
 
 async def suspend_endpoint(plane: ControlPlane, project_id: str, endpoint_id: str) -> list[model.Operation]:
     ep = plane.endpoint(project_id, endpoint_id)
     started = time.monotonic()
-    if not await plane.stop_compute(endpoint_id, reason="API suspend", record=False):
+    if not await plane.stop_compute(endpoint_id, reason="API suspend"):
         return []
     return [await plane.record(project_id, model.OperationAction.SUSPEND_COMPUTE, branch_id=ep.branch_id,
                                endpoint_id=ep.id, started=started)]
@@ -130,7 +135,7 @@ async def delete_endpoint(plane: ControlPlane, project_id: str,
     async with plane.project_lock(project_id):
         ep = plane.endpoint(project_id, endpoint_id)
         ops = []
-        if await plane.stop_compute(endpoint_id, reason="endpoint deleted", record=False):
+        if await plane.stop_compute(endpoint_id, reason="endpoint deleted"):
             ops.append(await plane.record(project_id, model.OperationAction.SUSPEND_COMPUTE, branch_id=ep.branch_id,
                                           endpoint_id=ep.id))
         await plane.db(plane.store.delete, ep)

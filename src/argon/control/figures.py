@@ -11,15 +11,14 @@
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from argon import model
 from argon.storage import history as hs
+from argon.storage.usage import disk_usage
 
 if TYPE_CHECKING:
     from argon.control.plane import ControlPlane
@@ -32,28 +31,6 @@ class BranchFigures:
     logical_size: int = 0
     written_data_bytes: int = 0
     allocated_bytes: int = 0
-
-
-def _walk(path: Path) -> tuple[int, int]:
-    """(sum of file sizes, each inode once; allocated bytes) under `path`. A file with n hard links
-    (a branch's history base linked to its parent's snapshot) counts 1/n of its blocks at each link,
-    so the branches of a project add up to what the disk holds."""
-    size = allocated = 0
-    seen: set[tuple[int, int]] = set()
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            try:
-                st = os.lstat(os.path.join(root, name))
-            except OSError:
-                continue
-            allocated += st.st_blocks * 512 // max(1, st.st_nlink)
-            if st.st_nlink > 1:
-                key = (st.st_dev, st.st_ino)
-                if key in seen:
-                    continue
-                seen.add(key)
-            size += st.st_size
-    return size, allocated
 
 
 class Figures:
@@ -78,8 +55,8 @@ class Figures:
             if entry and now - entry[0] < TTL:
                 continue
             pgdata = plane.layout.pgdata(project_id, branch.id)
-            logical, _ = _walk(pgdata / "base")
-            _, allocated = _walk(plane.layout.branch_dir(project_id, branch.id))
+            logical = disk_usage(pgdata / "base").size
+            allocated = disk_usage(plane.layout.branch_dir(project_id, branch.id)).allocated
             written = 0
             try:
                 manifest = hs.BranchHistory(plane.layout.branch_dir(project_id, branch.id) / "history").load()

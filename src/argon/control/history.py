@@ -43,6 +43,7 @@ from argon.errors import StorageError, UserError
 from argon.storage import branching
 from argon.storage import history as hs
 from argon.storage.spares import template_key
+from argon.storage.usage import disk_usage
 
 if TYPE_CHECKING:
     from argon.control.plane import ControlPlane
@@ -328,7 +329,7 @@ def prune(plane: ControlPlane, project: model.Project, branch_id: str) -> int:
     freed = 0
     for epoch in manifest.epochs[:-1]:
         if epoch.ended_at is not None and epoch.ended_at < window:
-            freed += _tree_bytes(history.epoch_dir(epoch.id))
+            freed += disk_usage(history.epoch_dir(epoch.id)).allocated
             manifest = manifest.without(epoch.id)
             history.save(manifest)
             hs.remove_tree(history.epoch_dir(epoch.id))
@@ -340,7 +341,7 @@ def prune(plane: ControlPlane, project: model.Project, branch_id: str) -> int:
             manifest = manifest.with_epoch(epoch.replace(snapshots=kept))
             history.save(manifest)
             for snap in drop:
-                freed += _tree_bytes(history.snapshot_dir(epoch.id, snap.name))
+                freed += disk_usage(history.snapshot_dir(epoch.id, snap.name)).allocated
                 hs.remove_tree(history.snapshot_dir(epoch.id, snap.name))
             epoch = epoch.replace(snapshots=kept)
         if epoch.snapshots:
@@ -349,15 +350,6 @@ def prune(plane: ControlPlane, project: model.Project, branch_id: str) -> int:
     if freed:
         log.info("pruned %.1f MB of history of branch %s", freed / 1e6, branch_id)
     return freed
-
-
-def _tree_bytes(path: Path) -> int:
-    total = 0
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(root, name)).st_blocks * 512
-    return total
 
 
 async def maintain(plane: ControlPlane) -> None:

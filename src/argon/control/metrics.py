@@ -7,7 +7,8 @@ commits + rollbacks over all databases (`pg_stat_database`; queries/s is the rat
 minus the sampler's own statements), and the WAL position. The compute's CPU time and running time
 come from `/proc` (the postmaster with its reaped and live children), stored as the amount used
 since the previous look. Every `STORAGE_EVERY`th look, every branch, idle ones too, gets its size on
-disk (allocated blocks of its directory, each hard-linked inode once; walked in a thread) and its
+disk (allocated blocks of its directory, a file with n hard links 1/n at each, as the API's figures
+count it: `argon.storage.usage`; walked in a thread) and its
 logical size (`pg_database_size` of every database while its compute runs, else the last value).
 
 Samples go to the metadata store through `plane.db` (never on the event loop), and rows older than
@@ -32,6 +33,7 @@ import psycopg
 from argon import model
 from argon.compute.admin import connect_admin
 from argon.metadata.store import MetricSample, MetricTotals
+from argon.storage.usage import disk_usage
 
 if TYPE_CHECKING:
     from argon.control.plane import ControlPlane
@@ -117,27 +119,6 @@ def proc_times(pid: int) -> ProcTimes | None:
         with contextlib.suppress(OSError, ValueError, IndexError):
             ticks += sum(int(v) for v in _stat_fields(int(child))[11:15])
     return ProcTimes(pid=pid, cpu_seconds=ticks / tick, uptime_seconds=max(0.0, uptime - started))
-
-
-def allocated_bytes(path: Path) -> tuple[int, int]:
-    """(allocated bytes, apparent bytes of `base/`-like content) of a tree: st_blocks * 512, each
-    hard-linked inode once. The second figure is the sum of file sizes."""
-    allocated = apparent = 0
-    seen: set[tuple[int, int]] = set()
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            try:
-                st = os.lstat(os.path.join(root, name))
-            except OSError:
-                continue  # removed while we walk (WAL recycling, a branch being deleted)
-            if st.st_nlink > 1:
-                key = (st.st_dev, st.st_ino)
-                if key in seen:
-                    continue
-                seen.add(key)
-            allocated += st.st_blocks * 512
-            apparent += st.st_size
-    return allocated, apparent
 
 
 @dataclass(frozen=True)
@@ -321,9 +302,9 @@ class MetricsSampler:
         for project_id, branch_id, branch_dir, base, logical in targets:
             if not branch_dir.exists():
                 continue  # deleted meanwhile
-            allocated, _ = allocated_bytes(branch_dir)
+            allocated = disk_usage(branch_dir).allocated
             if logical is None:  # never seen running: the files pg_database_size adds up
-                logical = allocated_bytes(base)[1]
+                logical = disk_usage(base).size
             rows.append(MetricSample(at=now, project_id=project_id, branch_id=branch_id,
                                      storage_bytes=allocated, logical_bytes=logical))
         return rows

@@ -343,8 +343,6 @@ class ControlPlane:
         await self.db(self.store.put, self.endpoint(None, ep.id))
         await self.db(self.store.add_event, model.Event(endpoint_id=ep.id, kind=model.EventKind.WAKE,
                                                         at=model.utcnow(), duration_ms=elapsed * 1000, detail=reason))
-        await self.record(ep.project_id, model.OperationAction.START_COMPUTE, branch_id=ep.branch_id,
-                          endpoint_id=ep.id, started=started)
 
     async def _after_failed_start(self, ep: model.Endpoint, message: str) -> None:
         await self.db(self.store.add_event, model.Event(endpoint_id=ep.id, kind=model.EventKind.START_FAILED,
@@ -352,14 +350,12 @@ class ControlPlane:
         await self.record(ep.project_id, model.OperationAction.START_COMPUTE, branch_id=ep.branch_id,
                           endpoint_id=ep.id, status=model.OperationStatus.FAILED, error=message[-2000:])
 
-    async def stop_compute(self, endpoint_id: str, *, reason: str, mode: str = "fast",
-                           record: bool = True) -> bool:
+    async def stop_compute(self, endpoint_id: str, *, reason: str, mode: str = "fast") -> bool:
         """Suspend: stop the compute (if running) and mark the endpoint idle. Returns True if it ran."""
         async with self.endpoint_lock(endpoint_id):
-            return await self.stop_compute_locked(endpoint_id, reason=reason, mode=mode, record=record)
+            return await self.stop_compute_locked(endpoint_id, reason=reason, mode=mode)
 
-    async def stop_compute_locked(self, endpoint_id: str, *, reason: str, mode: str = "fast",
-                                  record: bool = True) -> bool:
+    async def stop_compute_locked(self, endpoint_id: str, *, reason: str, mode: str = "fast") -> bool:
         ep = self.endpoint(None, endpoint_id)
         was_running = self.is_running(endpoint_id)
         started = time.monotonic()
@@ -384,9 +380,6 @@ class ControlPlane:
                 await self.db(self.store.add_event, model.Event(
                     endpoint_id=ep.id, kind=model.EventKind.SUSPEND, at=now,
                     duration_ms=(time.monotonic() - started) * 1000, detail=reason))
-                if record:
-                    await self.record(ep.project_id, model.OperationAction.SUSPEND_COMPUTE, branch_id=ep.branch_id,
-                                      endpoint_id=ep.id, started=started)
         return was_running
 
     async def _ensure_history(self, ep: model.Endpoint) -> None:
@@ -514,7 +507,13 @@ class ControlPlane:
         endpoint_id = endpoint_id.removesuffix("-pooler")
         if endpoint_id not in self._endpoints:
             raise ArgonError("Control plane request failed: endpoint cannot be found", kind=NotFound.kind)
-        return await self.ensure_running(endpoint_id)
+        started = time.monotonic()
+        address = await self.ensure_running(endpoint_id)
+        if address.cold_start:  # off the connection's path
+            ep = self.endpoint(None, endpoint_id)
+            self.spawn(self.record(ep.project_id, model.OperationAction.START_COMPUTE, branch_id=ep.branch_id,
+                                   endpoint_id=ep.id, started=started), "recording a start")
+        return address
 
     def endpoint_exists(self, endpoint_id: str) -> bool:
         return endpoint_id.removesuffix("-pooler") in self._endpoints

@@ -215,7 +215,7 @@ async def delete_project(plane: ControlPlane, project_id: str) -> model.Project:
     async with plane.project_lock(project_id):
         endpoints = plane.endpoints(project_id)
         for ep in endpoints:
-            await plane.stop_compute(ep.id, reason="project deleted", mode="immediate", record=False)
+            await plane.stop_compute(ep.id, reason="project deleted", mode="immediate")
         await plane.db(plane.store.delete_project_rows, project_id)
         plane.forget_project(project_id)
         await asyncio.to_thread(shutil.rmtree, plane.layout.project_dir(project_id), True)

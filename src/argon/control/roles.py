@@ -18,6 +18,7 @@ from psycopg import sql
 
 from argon import ids, model
 from argon.compute.admin import connect_admin
+from argon.control.endpoints import wake
 from argon.control.spec import role_attributes, sync_from_compute
 from argon.errors import Conflict, NotFound, UserError
 from argon.wire.scram import ScramSecret
@@ -53,7 +54,7 @@ async def _primary_endpoint(plane: ControlPlane, project_id: str, branch_id: str
 
 async def _execute(plane: ControlPlane, ep: model.Endpoint, statements: list[sql.Composable],
                    dbname: str = "postgres") -> None:
-    await plane.ensure_running(ep.id, reason="apply config")
+    await wake(plane, ep.id, reason="apply config")
     plane.activity.touch(ep.id)
     conn = await connect_admin(plane.layout.socket_dir(ep.id), dbname)
     try:
@@ -131,7 +132,7 @@ async def delete_role(plane: ControlPlane, project_id: str, branch_id: str,
         databases = [d.name for d in await plane.db(plane.store.list_databases, branch_id)]
         ident = sql.Identifier(role.name)
         # Objects the role owns inside databases go to each database's owner first, as Neon does.
-        await plane.ensure_running(ep.id, reason="apply config")
+        await wake(plane, ep.id, reason="apply config")
         for db in databases:
             owner = next(d.owner_name for d in await plane.db(plane.store.list_databases, branch_id) if d.name == db)
             await _execute(plane, ep, [sql.SQL("REASSIGN OWNED BY {} TO {}").format(ident, sql.Identifier(owner)),

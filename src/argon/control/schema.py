@@ -32,6 +32,7 @@ from argon.compute.manager import ComputeSpec, prepare
 from argon.compute.osuser import OsUser, chown_tree
 from argon.compute.params import gucs_for_cu
 from argon.compute.postmaster import ComputeStartError
+from argon.control.endpoints import wake
 from argon.errors import NotFound, StorageError, UserError
 from argon.storage import branching
 from argon.storage import history as hs
@@ -97,7 +98,7 @@ async def head_socket(plane: ControlPlane, project: model.Project, branch: model
     project lock while copying (False when the caller holds it already)."""
     ep = _read_endpoint(plane, branch)
     if ep is not None:
-        await plane.ensure_running(ep.id, reason="schema")
+        await wake(plane, ep.id, reason="schema")
         yield plane.layout.socket_dir(ep.id)
         return
     scratch = plane.layout.branch_dir(project.id, branch.id) / f"tmp-{secrets.token_hex(4)}"

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from argon import model
 from argon.compute.admin import connect_admin
 from argon.proxy.activity import EndpointActivity
 
@@ -128,7 +129,13 @@ class SuspendMonitor:
             if plane.activity.snapshot(endpoint_id).busy:
                 return False
             self._running_since.pop(endpoint_id, None)
-            return await plane.stop_compute_locked(endpoint_id, reason=reason)
+            started = time.monotonic()
+            if not await plane.stop_compute_locked(endpoint_id, reason=reason):
+                return False
+        ep = plane.endpoint(None, endpoint_id)
+        await plane.record(ep.project_id, model.OperationAction.SUSPEND_COMPUTE, branch_id=ep.branch_id,
+                           endpoint_id=endpoint_id, started=started)
+        return True
 
     async def _busy_in_postgres(self, endpoint_id: str) -> int:
         try:
