@@ -117,9 +117,9 @@ def test_samples_are_real_and_the_api_figures_follow_them(sampled: RunningPlatfo
     assert not [s for s in _samples(sampled, pid) if s.endpoint_id == ep and s.at > cut]
     idle = [s for s in _samples(sampled, pid) if s.endpoint_id is None and s.at > cut][-1]
     assert idle.logical_bytes == later.logical_bytes or abs((idle.logical_bytes or 0) - later.logical_bytes) < 2_000_000
-    assert ep not in sampled.plane.metrics._conns
-    # The sampler had a session open on the compute: it closed it before the stop, so the compute's
-    # log shows no FATAL "terminating connection" for the platform's own sampler.
+    assert sampled.plane.computes.admin(ep) is None
+    # The platform had its admin session open on the compute: the stop closed it first, so the
+    # compute's log shows no FATAL "terminating connection" for the platform's own sampler.
     logs = sampled.api.get(f"/projects/{pid}/endpoints/{ep}/logs").text
     assert "shutting down" in logs and "FATAL" not in logs, logs[-2000:]
     sampled.delete_project(pid)

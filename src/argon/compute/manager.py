@@ -1,12 +1,14 @@
 """The running computes of this Argon process, by endpoint id.
 
 Mechanism only: the control plane decides when a compute starts or stops; the manager renders its
-config, spawns or adopts the postmaster, waits for readiness and reports exits nobody asked for.
+config, spawns or adopts the postmaster, waits for readiness, keeps the platform's admin session
+on it (closed first when it stops) and reports exits nobody asked for.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -14,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from argon.compute import postmaster
+from argon.compute.admin import AdminSession
 from argon.compute.binaries import PgInstall
 from argon.compute.osuser import OsUser, running_as_root
 from argon.compute.pgconf import write_config
@@ -58,15 +61,24 @@ def prepare(spec: ComputeSpec) -> None:
 
 
 class ComputeManager:
+    """Running postmasters by endpoint id, each with its admin session (`argon.compute.admin`)."""
+
     def __init__(self, on_exit: Callable[[str, int | None], None] | None = None) -> None:
-        self._on_exit = on_exit
+        self.on_exit = on_exit  # called for an exit nobody asked for (crash, OOM kill, kill -9)
         self._running: dict[str, Postmaster] = {}
+        self._sessions: dict[str, AdminSession] = {}
 
     def get(self, endpoint_id: str) -> Postmaster | None:
         return self._running.get(endpoint_id)
 
     def running(self) -> list[str]:
         return [ep for ep, pm in self._running.items() if pm.alive]
+
+    def admin(self, endpoint_id: str) -> AdminSession | None:
+        """The platform's session on the running compute (opened on first use), None when it is not
+        running. Its stop closes it."""
+        pm = self._running.get(endpoint_id)
+        return self._sessions.get(endpoint_id) if pm is not None and pm.alive else None
 
     async def start(self, spec: ComputeSpec) -> Postmaster:
         current = self._running.get(spec.endpoint_id)
@@ -82,6 +94,7 @@ class ComputeManager:
             self._running.pop(spec.endpoint_id, None)
             pm.kill_group()
             raise
+        self._sessions[spec.endpoint_id] = AdminSession(spec.socket_dir)
         return pm
 
     def adopt(self, spec: ComputeSpec) -> Postmaster | None:
@@ -89,6 +102,7 @@ class ComputeManager:
         if pm is None:
             return None
         self._running[spec.endpoint_id] = pm
+        self._sessions[spec.endpoint_id] = AdminSession(spec.socket_dir)
         self._watch(spec.endpoint_id, pm)
         log.info("adopted the running compute of %s (pid %d)", spec.endpoint_id, pm.pid)
         return pm
@@ -97,15 +111,23 @@ class ComputeManager:
         def exited(done: Postmaster) -> None:
             if self._running.get(endpoint_id) is done:
                 del self._running[endpoint_id]
-            if not done.stop_requested and self._on_exit is not None:
-                self._on_exit(endpoint_id, done.returncode)
+                session = self._sessions.pop(endpoint_id, None)
+                if session is not None:
+                    with contextlib.suppress(RuntimeError):  # no loop: argon is shutting down
+                        asyncio.get_running_loop().create_task(session.close())
+            if not done.stop_requested and self.on_exit is not None:
+                self.on_exit(endpoint_id, done.returncode)
 
         pm.watch(exited)
 
     async def stop(self, endpoint_id: str, mode: str = "fast") -> None:
+        """Close the compute's admin session, then stop its postmaster."""
         pm = self._running.get(endpoint_id)
         if pm is None:
             return
+        session = self._sessions.pop(endpoint_id, None)
+        if session is not None:
+            await session.close()
         await pm.stop(mode)
         if self._running.get(endpoint_id) is pm:
             del self._running[endpoint_id]

@@ -23,10 +23,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-import psycopg
-
 from argon import model
-from argon.compute.admin import connect_admin
 from argon.compute.binaries import PgInstall
 from argon.compute.extensions import ExtensionSupport
 from argon.compute.manager import ComputeManager, ComputeSpec
@@ -79,8 +76,6 @@ class ControlPlane:
         self._verifiers: dict[tuple[str, str], str] = {}  # (branch_id, role) -> SCRAM verifier
         self._endpoint_locks: dict[str, asyncio.Lock] = {}
         self._project_locks: dict[str, asyncio.Lock] = {}
-        self._verifier_conns: dict[str, psycopg.AsyncConnection] = {}  # endpoint -> idle admin session
-        self._verifier_locks: dict[str, asyncio.Lock] = {}
         self._needs_spec: set[str] = set()  # endpoints whose next start must apply roles/databases
         self._background: set[asyncio.Task[Any]] = set()
         self._stopping: set[str] = set()
@@ -142,8 +137,6 @@ class ControlPlane:
 
     async def close(self) -> None:
         await self.metrics.stop()
-        for endpoint_id in list(self._verifier_conns):
-            await self._close_verifier_conn(endpoint_id)
         await self.drain()
         self._executor.shutdown(wait=True)
 
@@ -363,10 +356,8 @@ class ControlPlane:
             if ep.type is model.EndpointType.READ_WRITE:  # a replica holds no changes of its own
                 await self._sync_before_stop(ep)
             self._stopping.add(endpoint_id)
-            await self._close_verifier_conn(endpoint_id)
-            await self.metrics.release(endpoint_id)
             try:
-                await self.computes.stop(endpoint_id, mode=mode)
+                await self.computes.stop(endpoint_id, mode=mode)  # closes its admin session first
             finally:
                 self._stopping.discard(endpoint_id)
             if mode != "immediate":
@@ -467,30 +458,19 @@ class ControlPlane:
 
     async def _live_verifier(self, ep: model.Endpoint, role: str) -> str | object | None:
         """`pg_authid`'s verifier of a login role, None if there is none, `_UNKNOWN` if unreadable."""
-        lock = self._verifier_locks.setdefault(ep.id, asyncio.Lock())
-        async with lock:
-            conn = self._verifier_conns.get(ep.id)
-            try:
-                if conn is None or conn.closed:
-                    conn = await asyncio.wait_for(connect_admin(self.layout.socket_dir(ep.id)), 2)
-                    self._verifier_conns[ep.id] = conn
-                cur = await asyncio.wait_for(conn.execute(
-                    "SELECT rolpassword FROM pg_authid WHERE rolname = %s AND rolcanlogin "
-                    "AND (rolvaliduntil IS NULL OR rolvaliduntil > now())", (role,)), 2)
-                row = await cur.fetchone()
-            except Exception as exc:
-                log.debug("live verifier lookup on %s failed: %s", ep.id, exc)
-                await self._close_verifier_conn(ep.id)
-                return _UNKNOWN
+        session = self.computes.admin(ep.id)
+        if session is None:
+            return _UNKNOWN
+        try:
+            row = await session.fetchone(
+                "SELECT rolpassword FROM pg_authid WHERE rolname = %s AND rolcanlogin "
+                "AND (rolvaliduntil IS NULL OR rolvaliduntil > now())", (role,), timeout=2)
+        except Exception as exc:
+            log.debug("live verifier lookup on %s failed: %s", ep.id, exc)
+            return _UNKNOWN
         if row is None or not row[0] or not str(row[0]).startswith("SCRAM-SHA-256$"):
             return None
         return str(row[0])
-
-    async def _close_verifier_conn(self, endpoint_id: str) -> None:
-        conn = self._verifier_conns.pop(endpoint_id, None)
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                await conn.close()
 
     async def refresh_role_secret(self, endpoint_id: str, role: str) -> str | None:
         from argon.control.spec import sync_verifier
