@@ -1,5 +1,5 @@
-"""The HTTP app: Neon's management API under /api/v2, the web console under / (`argon.console`), and
-the serverless driver's /sql and WebSockets (`routes_serverless`).
+"""The HTTP app: Neon's management API under /api/v2, and the serverless driver's /sql and
+WebSockets (`routes_serverless`). The platform mounts the web console (`argon.console`) on it.
 
 Thin: parse -> `argon.control` use case -> `argon.api.views` shape. Errors map to Neon's
 `{"code", "message"}` bodies with the status of their kind, in one place (`_argon_error`).
@@ -25,8 +25,7 @@ from argon.api import (
     routes_schema,
     routes_serverless,
 )
-from argon.console.routes import mount_console
-from argon.control.plane import ControlPlane
+from argon.control.services import Control
 from argon.errors import ArgonError, Unauthorized
 
 log = logging.getLogger(__name__)
@@ -36,11 +35,11 @@ def error_body(message: str, code: str = "") -> dict[str, Any]:
     return {"code": code, "message": message}
 
 
-def create_app(plane: ControlPlane, serverless: routes_serverless.Serverless | None = None) -> FastAPI:
+def create_app(control: Control, serverless: routes_serverless.Serverless | None = None) -> FastAPI:
     app = FastAPI(title="Argon API", version=__version__, docs_url="/api/v2/docs", redoc_url=None,
                   openapi_url="/api/v2/openapi.json",
                   description="Neon-compatible management API v2 of a self-hosted Argon server.")
-    app.state.plane = plane
+    app.state.control = control
     app.state.serverless = serverless  # Neon's serverless driver: /sql and WebSockets
 
     @app.exception_handler(ArgonError)
@@ -86,5 +85,4 @@ def create_app(plane: ControlPlane, serverless: routes_serverless.Serverless | N
         return {"status": "ok"}
 
     app.include_router(routes_serverless.router)
-    mount_console(app)
     return app

@@ -14,14 +14,11 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from argon import model
+from argon.control.metrics import MetricsSampler
+from argon.control.plane import ControlPlane
 from argon.storage import history as hs
 from argon.storage.usage import disk_usage
-
-if TYPE_CHECKING:
-    from argon.control.plane import ControlPlane
 
 TTL = 15.0
 
@@ -34,7 +31,9 @@ class BranchFigures:
 
 
 class Figures:
-    def __init__(self) -> None:
+    def __init__(self, plane: ControlPlane, metrics: MetricsSampler) -> None:
+        self.plane = plane
+        self.metrics = metrics
         self._branches: dict[str, tuple[float, BranchFigures]] = {}
         self._lock = threading.Lock()
 
@@ -42,11 +41,12 @@ class Figures:
         entry = self._branches.get(branch_id)
         return entry[1] if entry else BranchFigures()
 
-    def project_bytes(self, plane: ControlPlane, project_id: str) -> int:
-        return sum(self.get(b.id).allocated_bytes for b in plane.branches(project_id))
+    def project_bytes(self, project_id: str) -> int:
+        return sum(self.get(b.id).allocated_bytes for b in self.plane.branches(project_id))
 
-    def refresh(self, plane: ControlPlane, project_id: str) -> None:
+    def refresh(self, project_id: str) -> None:
         """Measure the project's branches whose figures are older than the TTL (call in a thread)."""
+        plane = self.plane
         now = time.monotonic()
         project = plane.project(project_id)
         install = plane.installs.get(project.pg_version)
@@ -65,7 +65,7 @@ class Figures:
                         end = hs.parse_lsn(epoch.end_lsn)
                     elif install is not None:
                         end = hs.parse_lsn(hs.control_data(install.bindir, pgdata).checkpoint_lsn)
-                        end = max([end, *self._sampled_lsns(plane, project_id, branch.id)])
+                        end = max([end, *self._sampled_lsns(project_id, branch.id)])
                     else:
                         continue
                     written += max(0, end - hs.parse_lsn(epoch.start_lsn))
@@ -74,13 +74,12 @@ class Figures:
             with self._lock:
                 self._branches[branch.id] = (now, BranchFigures(logical, written, allocated))
 
-    @staticmethod
-    def _sampled_lsns(plane: ControlPlane, project_id: str, branch_id: str) -> list[int]:
+    def _sampled_lsns(self, project_id: str, branch_id: str) -> list[int]:
         """The WAL position the metrics sampler saw on the branch's running primary (newer than the
         last checkpoint the control file knows)."""
-        lsns = (plane.metrics.current_lsn(e.id) for e in plane.endpoints(project_id, branch_id)
-                if e.type is model.EndpointType.READ_WRITE)
-        return [lsn for lsn in lsns if lsn is not None]
+        primary = self.plane.primary(project_id, branch_id)
+        lsn = self.metrics.current_lsn(primary.id) if primary is not None else None
+        return [lsn] if lsn is not None else []
 
     def forget(self, branch_id: str) -> None:
         self._branches.pop(branch_id, None)

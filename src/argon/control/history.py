@@ -28,7 +28,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import psycopg
 
@@ -39,14 +38,12 @@ from argon.compute.manager import ComputeSpec, prepare
 from argon.compute.osuser import OsUser, chown_tree
 from argon.compute.params import gucs_for_cu
 from argon.compute.postmaster import ComputeStartError
+from argon.control.plane import ControlPlane
 from argon.errors import StorageError, UserError
 from argon.storage import branching
 from argon.storage import history as hs
 from argon.storage.spares import template_key
 from argon.storage.usage import disk_usage
-
-if TYPE_CHECKING:
-    from argon.control.plane import ControlPlane
 
 log = logging.getLogger(__name__)
 

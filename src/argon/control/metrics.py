@@ -27,14 +27,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from argon import model
+from argon.control.plane import ControlPlane
 from argon.metadata.store import MetricSample, MetricTotals
 from argon.storage.usage import disk_usage
-
-if TYPE_CHECKING:
-    from argon.control.plane import ControlPlane
 
 log = logging.getLogger(__name__)
 

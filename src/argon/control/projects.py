@@ -15,17 +15,15 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from argon import ids, model
-from argon.compute.osuser import OsUser, running_as_root
+from argon.compute.osuser import OsUser, chown_tree, running_as_root
 from argon.control import history
+from argon.control.plane import ControlPlane
+from argon.control.services import Control
+from argon.control.spec import role_attributes
 from argon.errors import StorageError, UserError
-from argon.storage.clone import chown_tree
 from argon.wire.scram import ScramSecret
-
-if TYPE_CHECKING:
-    from argon.control.plane import ControlPlane
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +55,6 @@ class CreatedProject:
 
 def template_setup_sql(pg_version: int) -> list[str]:
     """What every template carries, so that a default project needs only its password set."""
-    from argon.control.spec import role_attributes
-
     attrs = role_attributes(pg_version).as_string(None)  # type: ignore[arg-type]
     owner = model.DEFAULT_DATABASE_NAME + DEFAULT_ROLE_SUFFIX
     return [
@@ -71,7 +67,8 @@ def available_regions() -> list[str]:
     return [model.REGION_ID]
 
 
-async def create_project(plane: ControlPlane, req: ProjectRequest) -> CreatedProject:
+async def create_project(control: Control, req: ProjectRequest) -> CreatedProject:
+    plane = control.plane
     started = time.monotonic()
     versions = sorted(plane.installs)
     version = req.pg_version or plane.settings.default_pg_version or (versions[-1] if versions else None)
@@ -115,54 +112,47 @@ async def create_project(plane: ControlPlane, req: ProjectRequest) -> CreatedPro
     role = model.Role(branch_id=bid, name=role_name, created_at=now, updated_at=now, verifier=verifier,
                       password_enc=plane.secrets.encrypt(password))
     database = model.Database(id=0, branch_id=bid, name=database_name, owner_name=role_name,
-                              created_at=now, updated_at=now)
+                              created_at=now, updated_at=now)  # its id is taken in the transaction
     op_timeline = model.Operation(id=ids.operation_id(), project_id=pid, action=model.OperationAction.CREATE_TIMELINE,
                                   status=model.OperationStatus.FINISHED, created_at=now, updated_at=now, branch_id=bid,
                                   total_duration_ms=int((time.monotonic() - started) * 1000))
     op_start = model.Operation(id=ids.operation_id(), project_id=pid, action=model.OperationAction.START_COMPUTE,
                                status=model.OperationStatus.RUNNING, created_at=now, updated_at=now, branch_id=bid,
                                endpoint_id=eid)
-
-    def write() -> model.Database:
-        with plane.store.transaction():
-            db = model.Database(**{**database.__dict__, "id": plane.store.next_database_id()})
-            for obj in (project, branch, endpoint, role, db, op_timeline, op_start):
-                plane.store.put(obj)
-            return db
-
     try:
-        database = await plane.db(write)
+        stored = await plane.commit(put=[project, branch, endpoint, role, database, op_timeline, op_start])
     except Exception:
         await asyncio.to_thread(shutil.rmtree, plane.layout.project_dir(pid), True)
         raise
-    for obj in (project, branch, endpoint, role):
-        plane.remember(obj)
+    database = stored[4]
     try:
         await asyncio.to_thread(history.start_from_template, plane, project, bid, template)
         plane.spawn(history.materialize_base_soon(plane, project, bid), f"history base of {bid}")
     except Exception as exc:  # the project works without it; point in time starts at the first suspend
         log.warning("could not start the history of project %s: %s", pid, exc)
-    plane.mark_needs_spec(eid)
+    control.computes.mark_needs_spec(eid)
     log.info("project %s (%s) created with endpoint %s in %.0f ms", pid, project.name, eid,
              (time.monotonic() - started) * 1000)
     # Like Neon, a new project's compute starts right away, so the first connection finds it warm.
-    plane.spawn(first_start(plane, op_start), f"first start of {eid}")
+    plane.spawn(first_start(control, op_start), f"first start of {eid}")
     plane.spawn(asyncio.to_thread(plane.spares.refill, template), "refilling the spare template copies")
     return CreatedProject(project, branch, endpoint, role, password, database, [op_timeline, op_start])
 
 
-async def first_start(plane: ControlPlane, op: model.Operation, *, reason: str = "project created") -> None:
-    """Start a new endpoint's compute right away (like Neon), so the first connection finds it warm."""
+async def first_start(control: Control, op: model.Operation, *, reason: str = "project created") -> None:
+    """Start a new endpoint's compute right away (like Neon), so the first connection finds it warm;
+    `op` is its `start_compute` operation, written as running with the endpoint and finished here."""
+    plane = control.plane
     started = time.monotonic()
     assert op.endpoint_id is not None
     try:
-        await plane.ensure_running(op.endpoint_id, reason=reason)
+        await control.computes.ensure_running(op.endpoint_id, reason=reason)
         status, error = model.OperationStatus.FINISHED, None
     except Exception as exc:
         status, error = model.OperationStatus.FAILED, getattr(exc, "user_message", str(exc))
-    if op.project_id in plane._projects:
-        await plane.db(plane.store.put, op.replace(status=status, error=error,
-                                                   total_duration_ms=int((time.monotonic() - started) * 1000)))
+    if plane.has_project(op.project_id):
+        await plane.commit(put=[op.replace(status=status, error=error,
+                                           total_duration_ms=int((time.monotonic() - started) * 1000))])
 
 
 def _allocate_uid(plane: ControlPlane) -> int:
@@ -185,12 +175,13 @@ def _make_branch_data(plane: ControlPlane, project_id: str, template: Path, pgda
     os.chmod(pgdata, 0o700)
 
 
-async def update_project(plane: ControlPlane, project_id: str, *, name: str | None = None,
+async def update_project(control: Control, project_id: str, *, name: str | None = None,
                          endpoint_settings: model.EndpointSettings | None = None,
                          history_retention_seconds: int | None = None) -> tuple[model.Project, list[model.Operation]]:
     """Rename a project, change the defaults of its new computes or its history retention."""
     if history_retention_seconds is not None and not 0 <= history_retention_seconds <= model.MAX_HISTORY_RETENTION:
         raise UserError(f"history_retention_seconds must be between 0 and {model.MAX_HISTORY_RETENTION}")
+    plane = control.plane
     async with plane.project_lock(project_id):
         p = plane.project(project_id)
         changes: dict[str, object] = {}
@@ -203,21 +194,21 @@ async def update_project(plane: ControlPlane, project_id: str, *, name: str | No
         ops = []
         if changes:
             p = p.replace(**changes)
-            await plane.save(p)
+            await plane.commit(put=[p])
             action = (model.OperationAction.APPLY_STORAGE_CONFIG if "history_retention_seconds" in changes
                       else model.OperationAction.APPLY_CONFIG)
             ops.append(await plane.record(project_id, action))
     return p, ops
 
 
-async def delete_project(plane: ControlPlane, project_id: str) -> model.Project:
+async def delete_project(control: Control, project_id: str) -> model.Project:
+    plane = control.plane
     project = plane.project(project_id)
     async with plane.project_lock(project_id):
         endpoints = plane.endpoints(project_id)
         for ep in endpoints:
-            await plane.stop_compute(ep.id, reason="project deleted", mode="immediate")
-        await plane.db(plane.store.delete_project_rows, project_id)
-        plane.forget_project(project_id)
+            await control.computes.retire(ep.id, reason="project deleted", mode="immediate")
+        await plane.commit(delete=[project])
         await asyncio.to_thread(shutil.rmtree, plane.layout.project_dir(project_id), True)
         for ep in endpoints:
             await asyncio.to_thread(shutil.rmtree, plane.layout.socket_dir(ep.id), True)

@@ -15,12 +15,9 @@ import logging
 import os
 import shutil
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from argon import model
-
-if TYPE_CHECKING:
-    from argon.control.plane import ControlPlane
+from argon.control.services import Control
 
 log = logging.getLogger(__name__)
 
@@ -80,15 +77,9 @@ def decide(snap: Snapshot) -> Plan:
     return plan
 
 
-async def reconcile(plane: ControlPlane) -> Plan:
-    adoptable: set[str] = set()
-    for ep in plane.endpoints():
-        try:
-            spec = plane.compute_spec(ep)
-        except Exception:
-            continue
-        if plane.computes.adopt(spec) is not None:
-            adoptable.add(ep.id)
+async def reconcile(control: Control) -> Plan:
+    plane = control.plane
+    adoptable = {ep.id for ep in plane.endpoints() if control.computes.adopt(ep)}
     ops = await plane.db(plane.store.unfinished_operations)
     projects_dir = plane.layout.projects_dir
     dirs = frozenset(p.name for p in projects_dir.iterdir() if p.is_dir()) if projects_dir.is_dir() else frozenset()
@@ -109,19 +100,18 @@ async def reconcile(plane: ControlPlane) -> Plan:
     now = model.utcnow()
     for ep_id in plan.adopt:
         ep = plane.endpoint(None, ep_id)
-        # The compute kept running while argon was away: its roles may have changed, so re-sync on demand.
-        await plane.save(ep.replace(current_state=model.ComputeState.ACTIVE, last_active=now))
+        # The compute kept running while argon was away (adopted above): its roles are synced at its stop.
+        await plane.commit(put=[ep.replace(current_state=model.ComputeState.ACTIVE, last_active=now)])
         plane.activity.touch(ep_id)
-        await plane.db(plane.store.add_event, model.Event(endpoint_id=ep_id, kind=model.EventKind.ADOPTED, at=now))
-        plane._needs_spec.discard(ep_id)
+        await plane.add_event(ep_id, model.EventKind.ADOPTED, at=now)
     for ep_id in plan.mark_idle:
         ep = plane.endpoint(None, ep_id)
-        await plane.save(ep.replace(current_state=model.ComputeState.IDLE, suspended_at=now))
+        await plane.commit(put=[ep.replace(current_state=model.ComputeState.IDLE, suspended_at=now)])
     by_id = {o.id: o for o in ops}
     for op_id in plan.fail_ops:
-        await plane.db(plane.store.put, by_id[op_id].replace(
+        await plane.commit(put=[by_id[op_id].replace(
             status=model.OperationStatus.FAILED, failures_count=by_id[op_id].failures_count + 1,
-            error="interrupted: argon stopped while this operation ran"))
+            error="interrupted: argon stopped while this operation ran")])
     for name in plan.remove_dirs:
         await asyncio.to_thread(shutil.rmtree, projects_dir / name, True)
     for path in plan.remove_branch_paths:
@@ -132,6 +122,6 @@ async def reconcile(plane: ControlPlane) -> Plan:
         bdir = projects_dir / project / "branches" / branch
         await asyncio.to_thread(os.rename, bdir / "pgdata.restoring", bdir / "pgdata")
         for ep in plane.endpoints(project, branch):
-            plane.mark_needs_spec(ep.id)
+            control.computes.mark_needs_spec(ep.id)
     log.info("reconciled: %s", plan.summary())
     return plan

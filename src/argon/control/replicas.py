@@ -15,7 +15,6 @@ import asyncio
 import logging
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from argon import model
 from argon.compute.admin import connect_admin
@@ -23,25 +22,17 @@ from argon.compute.binaries import PgInstall
 from argon.compute.manager import ComputeSpec
 from argon.compute.osuser import OsUser, chown_tree
 from argon.compute.params import gucs_for_cu
+from argon.control.history import branch_history, enabled
+from argon.control.plane import ControlPlane
 from argon.storage import branching
 from argon.storage import history as hs
-
-if TYPE_CHECKING:
-    from argon.control.plane import ControlPlane
 
 log = logging.getLogger(__name__)
 
 SOURCE_FILE = "replica_of"  # which epoch of the branch the replica's copy comes from
 
 
-def _primary(plane: ControlPlane, ep: model.Endpoint) -> model.Endpoint | None:
-    return next((e for e in plane.endpoints(ep.project_id, ep.branch_id) if e.type is model.EndpointType.READ_WRITE),
-                None)
-
-
 def _epoch_id(plane: ControlPlane, project: model.Project, branch_id: str) -> str:
-    from argon.control.history import branch_history
-
     current = branch_history(plane, project.id, branch_id).load().current
     return current.id if current else "none"
 
@@ -51,8 +42,6 @@ def _quote(path: Path) -> str:
 
 
 def restore_command(plane: ControlPlane, project: model.Project, branch_id: str) -> str:
-    from argon.control.history import branch_history, enabled
-
     sources = []
     history = branch_history(plane, project.id, branch_id)
     current = history.load().current if enabled(project) else None
@@ -65,7 +54,7 @@ def restore_command(plane: ControlPlane, project: model.Project, branch_id: str)
 def replica_spec(plane: ControlPlane, project: model.Project, ep: model.Endpoint, install: PgInstall,
                  user: OsUser | None) -> ComputeSpec:
     root = plane.layout.replica_dir(project.id, ep.branch_id, ep.id)
-    primary = _primary(plane, ep)
+    primary = plane.primary(ep.project_id, ep.branch_id)
     # A hot standby refuses to start with fewer connections or workers than its primary.
     cu = max(ep.autoscaling_limit_max_cu, primary.autoscaling_limit_max_cu if primary else 0)
     gucs = plane.compute_gucs(project.pg_version, gucs_for_cu(cu) | dict(ep.pg_settings) | {
@@ -93,7 +82,7 @@ async def ensure_replica_data(plane: ControlPlane, ep: model.Endpoint) -> None:
     await asyncio.to_thread(root.mkdir, 0o700, True)
     source = plane.layout.pgdata(project.id, ep.branch_id)
     target = root / "pgdata"
-    primary = _primary(plane, ep)
+    primary = plane.primary(ep.project_id, ep.branch_id)
     for attempt in range(3):
         if primary is not None and plane.is_running(primary.id):
             conn = await connect_admin(plane.layout.socket_dir(primary.id))

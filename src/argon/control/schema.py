@@ -20,7 +20,6 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from psycopg import sql
 
@@ -32,13 +31,13 @@ from argon.compute.manager import ComputeSpec, prepare
 from argon.compute.osuser import OsUser, chown_tree
 from argon.compute.params import gucs_for_cu
 from argon.compute.postmaster import ComputeStartError
+from argon.control import history
 from argon.control.endpoints import wake
+from argon.control.plane import ControlPlane
+from argon.control.services import Control
 from argon.errors import NotFound, StorageError, UserError
 from argon.storage import branching
 from argon.storage import history as hs
-
-if TYPE_CHECKING:
-    from argon.control.plane import ControlPlane
 
 log = logging.getLogger(__name__)
 
@@ -85,20 +84,16 @@ def dump_schema_sync(install: PgInstall, socket_dir: Path, database: str) -> str
     return "".join(line for line in out.stdout.splitlines(keepends=True) if not _NOISE.match(line))
 
 
-def _read_endpoint(plane: ControlPlane, branch: model.Branch) -> model.Endpoint | None:
-    return next((e for e in plane.endpoints(branch.project_id, branch.id)
-                 if e.type is model.EndpointType.READ_WRITE), None)
-
-
 @asynccontextmanager
-async def head_socket(plane: ControlPlane, project: model.Project, branch: model.Branch, *,
+async def head_socket(control: Control, project: model.Project, branch: model.Branch, *,
                       take_lock: bool) -> AsyncIterator[Path]:
     """The socket dir of a running `branch` at its head: its compute (started if idle), or, when it
     has no read-write compute, a throw-away running copy of its (stopped) data. `take_lock`: hold the
     project lock while copying (False when the caller holds it already)."""
-    ep = _read_endpoint(plane, branch)
+    plane = control.plane
+    ep = plane.primary(project.id, branch.id)
     if ep is not None:
-        await wake(plane, ep.id, reason="schema")
+        await wake(control, ep.id, reason="schema")
         yield plane.layout.socket_dir(ep.id)
         return
     scratch = plane.layout.branch_dir(project.id, branch.id) / f"tmp-{secrets.token_hex(4)}"
@@ -107,10 +102,10 @@ async def head_socket(plane: ControlPlane, project: model.Project, branch: model
         async with AsyncExitStack() as stack:
             if take_lock:
                 await stack.enter_async_context(plane.project_lock(project.id))
-            if _read_endpoint(plane, branch) is not None:  # one was added meanwhile: its compute may run
+            if plane.primary(project.id, branch.id) is not None:  # one was added meanwhile: its compute may run
                 raise UserError("the branch got a compute meanwhile; retry")
-            control = await asyncio.to_thread(hs.control_data, plane.installs[project.pg_version].bindir, source)
-            await asyncio.to_thread(branching.clone_stopped, plane.backend, source, scratch, control)
+            stopped = await asyncio.to_thread(hs.control_data, plane.installs[project.pg_version].bindir, source)
+            await asyncio.to_thread(branching.clone_stopped, plane.backend, source, scratch, stopped)
         log_file = plane.layout.compute_log(project.id, branch.id).with_name("schema.log")
         async with scratch_postmaster(plane, project, scratch, log_file) as socket_dir:
             yield socket_dir
@@ -118,11 +113,10 @@ async def head_socket(plane: ControlPlane, project: model.Project, branch: model
         await asyncio.to_thread(shutil.rmtree, scratch, True)
 
 
-async def branch_schema(plane: ControlPlane, project_id: str, branch_id: str, database: str, *,
+async def branch_schema(control: Control, project_id: str, branch_id: str, database: str, *,
                         lsn: str | None = None, timestamp: str | datetime | None = None) -> str:
     """The DDL of `database` on a branch, at its head or at an LSN / a timestamp."""
-    from argon.control import history
-
+    plane = control.plane
     project = plane.project(project_id)
     branch = plane.branch(project_id, branch_id)
     install = plane.installs.get(project.pg_version)
@@ -134,7 +128,7 @@ async def branch_schema(plane: ControlPlane, project_id: str, branch_id: str, da
         async with history.cluster_at(plane, project, branch, lsn=lsn, timestamp=timestamp) as socket_dir:
             return await _dump_known(install, socket_dir, branch, database)
     # The cluster, not the metadata, says which databases exist (ones made through SQL count too).
-    async with head_socket(plane, project, branch, take_lock=True) as socket_dir:
+    async with head_socket(control, project, branch, take_lock=True) as socket_dir:
         return await _dump_known(install, socket_dir, branch, database)
 
 
@@ -229,17 +223,18 @@ def _restore(install: PgInstall, socket_dir: Path, roles: set[str], roles_sql: s
     return problems
 
 
-async def schema_only_copy(plane: ControlPlane, project: model.Project, parent: model.Branch, target: Path) -> None:
+async def schema_only_copy(control: Control, project: model.Project, parent: model.Branch, target: Path) -> None:
     """A new cluster at `target` (a new directory) with the parent's roles (same verifiers, so the same
     passwords work) and databases with their schema (schemas, tables, views, functions, sequences,
     indexes, constraints, extensions, privileges, comments) and no rows: a pristine template copy
     into which the parent's `pg_dumpall --roles-only` and `pg_dump --schema-only` are restored, on
     a scratch postmaster stopped cleanly afterwards. The caller holds the project lock."""
+    plane = control.plane
     install = plane.installs.get(project.pg_version)
     template = plane.templates.get(project.pg_version)
     if install is None or template is None:
         raise StorageError(f"PostgreSQL {project.pg_version} is not available on this machine")
-    async with head_socket(plane, project, parent, take_lock=False) as source:
+    async with head_socket(control, project, parent, take_lock=False) as source:
         roles, roles_sql, dumps = await asyncio.to_thread(_read_parent, install, source)
 
     def make() -> None:

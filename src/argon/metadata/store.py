@@ -1,4 +1,4 @@
-"""The metadata store: the model's persistence (desired state), SQLite by default, PostgreSQL by URL.
+"""The metadata store: the model's persistence (desired state), in SQLite (`<data>/argon.db`).
 
 Synchronous SQLAlchemy Core. The control plane calls it from one dedicated worker thread
 (`argon.control.plane`), so SQLite is never touched on the event loop and writes are serialised.
