@@ -6,7 +6,8 @@ Policy only; the copy itself is `argon.storage.branching`. A new branch inherits
 moment of the request. The parent's endpoint lock is held while its cluster is copied: a stopped
 parent cannot start under the copy, a running one cannot be suspended in the middle of the backup.
 Point-in-time branches (`parent_lsn`, `parent_timestamp`) and restores to a past point are rebuilt
-from the parent's history (`argon.control.history`); every new data state starts a history epoch.
+from the parent's history (`argon.control.pitr`); every new data state starts a history epoch
+(`argon.control.retention`).
 """
 
 from __future__ import annotations
@@ -25,15 +26,14 @@ from pathlib import Path
 from argon import ids, model
 from argon.compute.admin import connect_admin
 from argon.compute.osuser import OsUser, chown_tree
-from argon.control import history
+from argon.control import pitr, retention
 from argon.control.plane import ControlPlane
 from argon.control.projects import first_start
 from argon.control.replicas import remove_replicas
 from argon.control.schema import schema_only_copy
 from argon.control.services import Control
 from argon.errors import Conflict, NotFound, Precondition, UserError
-from argon.storage import branching
-from argon.storage import history as hs
+from argon.storage import branching, wal
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ async def _copy_parent(plane: ControlPlane, project: model.Project, parent: mode
             finally:
                 await conn.close()
         install = plane.installs.get(project.pg_version)
-        stopped = await asyncio.to_thread(hs.control_data, install.bindir, source) if install else None
+        stopped = await asyncio.to_thread(wal.control_data, install.bindir, source) if install else None
         await asyncio.to_thread(branching.clone_stopped, plane.backend, source, target, stopped)
         return stopped.checkpoint_lsn if stopped else None
 
@@ -165,15 +165,15 @@ async def create_branch(control: Control, project_id: str, req: BranchRequest) -
                 lsn = None
             elif req.parent_lsn or req.parent_timestamp:
                 await asyncio.to_thread(_make_branch_dir, plane, project, bid)
-                point = await history.materialize(plane, project, parent, pgdata, lsn=req.parent_lsn,
+                point = await pitr.materialize(plane, project, parent, pgdata, lsn=req.parent_lsn,
                                                   timestamp=req.parent_timestamp)
                 lsn, parent_at = point.lsn, point.at
             else:
                 lsn = await _copy_parent(plane, project, parent, pgdata)
-                linked = await asyncio.to_thread(history.begin_epoch_from_parent, plane, project, bid, pgdata,
+                linked = await asyncio.to_thread(retention.begin_epoch_from_parent, plane, project, bid, pgdata,
                                                  parent.id, consistent_lsn=lsn)
             if not linked:
-                await asyncio.to_thread(history.begin_epoch, plane, project, bid, pgdata, reason="branch created",
+                await asyncio.to_thread(retention.begin_epoch, plane, project, bid, pgdata, reason="branch created",
                                         consistent_lsn=lsn, fresh=True)
         except BaseException:
             await asyncio.to_thread(shutil.rmtree, plane.layout.branch_dir(project_id, bid), True)
@@ -320,7 +320,7 @@ async def restore_branch(control: Control, project_id: str, branch_id: str, sour
             await asyncio.to_thread(shutil.rmtree, fresh, True)
             try:
                 if source_lsn or source_timestamp:
-                    point = await history.materialize(plane, project, source, fresh, lsn=source_lsn,
+                    point = await pitr.materialize(plane, project, source, fresh, lsn=source_lsn,
                                                       timestamp=source_timestamp)
                     lsn = point.lsn
                 else:
@@ -341,18 +341,18 @@ async def restore_branch(control: Control, project_id: str, branch_id: str, sour
                 await asyncio.to_thread(backup_dir.mkdir, 0o700, True, True)
                 if project.os_uid is not None:
                     await asyncio.to_thread(os.chown, backup_dir, project.os_uid, project.os_uid)
-                await asyncio.to_thread(history.end_epoch, plane, project, branch_id, pgdata)
+                await asyncio.to_thread(retention.end_epoch, plane, project, branch_id, pgdata)
                 await asyncio.to_thread(os.rename, pgdata, plane.layout.pgdata(project_id, backup.id))
-                await asyncio.to_thread(history.begin_epoch, plane, project, backup.id,
+                await asyncio.to_thread(retention.begin_epoch, plane, project, backup.id,
                                         plane.layout.pgdata(project_id, backup.id),
                                         reason=f"kept when {target.name} was restored", fresh=True)
             else:
-                await asyncio.to_thread(history.end_epoch, plane, project, branch_id, pgdata)
+                await asyncio.to_thread(retention.end_epoch, plane, project, branch_id, pgdata)
                 await asyncio.to_thread(shutil.rmtree, pgdata, True)
             await asyncio.to_thread(os.rename, fresh, pgdata)
             await asyncio.to_thread(remove_replicas, plane, project_id, branch_id)  # they copy the new data
             # The restored branch keeps its older epochs: it can go back to before this restore.
-            await asyncio.to_thread(history.begin_epoch, plane, project, branch_id, pgdata,
+            await asyncio.to_thread(retention.begin_epoch, plane, project, branch_id, pgdata,
                                     reason="restored from own past" if source.id == branch_id else
                                     f"restored from {source.name}", consistent_lsn=lsn)
             parent = backup.id if backup else target.parent_id if source.id == branch_id else source.id

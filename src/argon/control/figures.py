@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from argon.control.metrics import MetricsSampler
 from argon.control.plane import ControlPlane
 from argon.storage import history as hs
+from argon.storage import wal
 from argon.storage.usage import disk_usage
 
 TTL = 15.0
@@ -62,13 +63,13 @@ class Figures:
                 manifest = hs.BranchHistory(plane.layout.branch_dir(project_id, branch.id) / "history").load()
                 for epoch in manifest.epochs:
                     if epoch.end_lsn:
-                        end = hs.parse_lsn(epoch.end_lsn)
+                        end = wal.parse_lsn(epoch.end_lsn)
                     elif install is not None:
-                        end = hs.parse_lsn(hs.control_data(install.bindir, pgdata).checkpoint_lsn)
+                        end = wal.parse_lsn(wal.control_data(install.bindir, pgdata).checkpoint_lsn)
                         end = max([end, *self._sampled_lsns(project_id, branch.id)])
                     else:
                         continue
-                    written += max(0, end - hs.parse_lsn(epoch.start_lsn))
+                    written += max(0, end - wal.parse_lsn(epoch.start_lsn))
             except Exception:  # a branch being rebuilt right now: measure next time
                 written = self.get(branch.id).written_data_bytes
             with self._lock:

@@ -24,7 +24,7 @@ from argon.compute.manager import ComputeSpec
 from argon.compute.osuser import OsUser
 from argon.compute.params import gucs_for_cu
 from argon.compute.postmaster import ComputeStartError
-from argon.control import history, replicas, spec
+from argon.control import replicas, retention, spec
 from argon.control.plane import ControlPlane
 from argon.errors import ArgonError, ComputeError, NotFound
 from argon.proxy.control_client import ComputeAddress
@@ -70,7 +70,7 @@ class Lifecycle:
         if ep.type is model.EndpointType.READ_ONLY:
             return replicas.replica_spec(plane, project, ep, install, user)
         gucs = plane.compute_gucs(project.pg_version, gucs_for_cu(ep.autoscaling_limit_max_cu) | dict(ep.pg_settings)
-                                  | history.archive_settings(plane, project, ep.branch_id))
+                                  | retention.archive_settings(plane, project, ep.branch_id))
         return ComputeSpec(endpoint_id=ep.id, install=install, pgdata=plane.layout.pgdata(project.id, ep.branch_id),
                            socket_dir=plane.layout.socket_dir(ep.id),
                            log_file=plane.layout.compute_log(project.id, ep.branch_id),
@@ -144,15 +144,15 @@ class Lifecycle:
         gets its base snapshot before its compute starts."""
         plane = self.plane
         project = plane.project(ep.project_id)
-        if not history.enabled(project) or ep.type is not model.EndpointType.READ_WRITE:
+        if not retention.enabled(project) or ep.type is not model.EndpointType.READ_WRITE:
             return
-        if history.branch_history(plane, project.id, ep.branch_id).exists():
+        if retention.branch_history(plane, project.id, ep.branch_id).exists():
             return
         pgdata = plane.layout.pgdata(project.id, ep.branch_id)
         if project.pg_version not in plane.installs or not (pgdata / "PG_VERSION").exists():
             return
         try:
-            await asyncio.to_thread(history.begin_epoch, plane, project, ep.branch_id, pgdata,
+            await asyncio.to_thread(retention.begin_epoch, plane, project, ep.branch_id, pgdata,
                                     reason="history started", fresh=True)
         except Exception as exc:  # history is a feature, starting the compute is the job
             log.warning("could not start the history of branch %s: %s", ep.branch_id, exc)
@@ -212,7 +212,7 @@ class Lifecycle:
             return
         project = plane.project(ep.project_id)
         try:
-            await asyncio.to_thread(history.after_stop, plane, project, ep.branch_id)
+            await asyncio.to_thread(retention.after_stop, plane, project, ep.branch_id)
         except Exception as exc:
             log.warning("could not snapshot or prune the history of branch %s: %s", ep.branch_id, exc)
 

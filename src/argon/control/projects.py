@@ -18,7 +18,7 @@ from pathlib import Path
 
 from argon import ids, model
 from argon.compute.osuser import OsUser, chown_tree, running_as_root
-from argon.control import history
+from argon.control import retention
 from argon.control.plane import ControlPlane
 from argon.control.services import Control
 from argon.control.spec import role_attributes
@@ -126,8 +126,8 @@ async def create_project(control: Control, req: ProjectRequest) -> CreatedProjec
         raise
     database = stored[4]
     try:
-        await asyncio.to_thread(history.start_from_template, plane, project, bid, template)
-        plane.spawn(history.materialize_base_soon(plane, project, bid), f"history base of {bid}")
+        await asyncio.to_thread(retention.start_from_template, plane, project, bid, template)
+        plane.spawn(retention.materialize_base_soon(plane, project, bid), f"history base of {bid}")
     except Exception as exc:  # the project works without it; point in time starts at the first suspend
         log.warning("could not start the history of project %s: %s", pid, exc)
     control.computes.mark_needs_spec(eid)

@@ -22,10 +22,9 @@ from argon.compute.binaries import PgInstall
 from argon.compute.manager import ComputeSpec
 from argon.compute.osuser import OsUser, chown_tree
 from argon.compute.params import gucs_for_cu
-from argon.control.history import branch_history, enabled
 from argon.control.plane import ControlPlane
-from argon.storage import branching
-from argon.storage import history as hs
+from argon.control.retention import branch_history, enabled
+from argon.storage import branching, wal
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +90,7 @@ async def ensure_replica_data(plane: ControlPlane, ep: model.Endpoint) -> None:
             finally:
                 await conn.close()
             break
-        control = await asyncio.to_thread(hs.control_data, plane.installs[project.pg_version].bindir, source)
+        control = await asyncio.to_thread(wal.control_data, plane.installs[project.pg_version].bindir, source)
         await asyncio.to_thread(branching.clone_stopped, plane.backend, source, target, control)
         if primary is None or not plane.is_running(primary.id):
             break  # it stayed stopped throughout the copy: a consistent copy

@@ -24,20 +24,16 @@ from pathlib import Path
 from psycopg import sql
 
 from argon import model
-from argon.compute import postmaster
 from argon.compute.admin import connect_admin_sync, conninfo
 from argon.compute.binaries import PgInstall
-from argon.compute.manager import ComputeSpec, prepare
 from argon.compute.osuser import OsUser, chown_tree
-from argon.compute.params import gucs_for_cu
-from argon.compute.postmaster import ComputeStartError
-from argon.control import history
+from argon.compute.scratch import scratch_postmaster
+from argon.control import pitr
 from argon.control.endpoints import wake
 from argon.control.plane import ControlPlane
 from argon.control.services import Control
 from argon.errors import NotFound, StorageError, UserError
-from argon.storage import branching
-from argon.storage import history as hs
+from argon.storage import branching, wal
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +100,10 @@ async def head_socket(control: Control, project: model.Project, branch: model.Br
                 await stack.enter_async_context(plane.project_lock(project.id))
             if plane.primary(project.id, branch.id) is not None:  # one was added meanwhile: its compute may run
                 raise UserError("the branch got a compute meanwhile; retry")
-            stopped = await asyncio.to_thread(hs.control_data, plane.installs[project.pg_version].bindir, source)
+            stopped = await asyncio.to_thread(wal.control_data, plane.installs[project.pg_version].bindir, source)
             await asyncio.to_thread(branching.clone_stopped, plane.backend, source, scratch, stopped)
         log_file = plane.layout.compute_log(project.id, branch.id).with_name("schema.log")
-        async with scratch_postmaster(plane, project, scratch, log_file) as socket_dir:
+        async with _scratch(plane, project, scratch, log_file) as socket_dir:
             yield socket_dir
     finally:
         await asyncio.to_thread(shutil.rmtree, scratch, True)
@@ -125,7 +121,7 @@ async def branch_schema(control: Control, project_id: str, branch_id: str, datab
     if database in _TEMPLATE_DBS:
         raise NotFound(f"database {database!r} not found on branch {branch.name!r}")
     if lsn or timestamp:
-        async with history.cluster_at(plane, project, branch, lsn=lsn, timestamp=timestamp) as socket_dir:
+        async with pitr.cluster_at(plane, project, branch, lsn=lsn, timestamp=timestamp) as socket_dir:
             return await _dump_known(install, socket_dir, branch, database)
     # The cluster, not the metadata, says which databases exist (ones made through SQL count too).
     async with head_socket(control, project, branch, take_lock=True) as socket_dir:
@@ -139,33 +135,18 @@ async def _dump_known(install: PgInstall, socket_dir: Path, branch: model.Branch
         raise NotFound(f"database {database!r} not found on branch {branch.name!r}") from None
 
 
-# --- Schema-only branches ---------------------------------------------------------------------------------
-
 @asynccontextmanager
-async def scratch_postmaster(plane: ControlPlane, project: model.Project, pgdata: Path,
-                             log_file: Path) -> AsyncIterator[Path]:
+async def _scratch(plane: ControlPlane, project: model.Project, pgdata: Path, log_file: Path) -> AsyncIterator[Path]:
     """Run `pgdata` briefly (no archiving), yield its socket dir, stop it cleanly."""
-    install = plane.installs[project.pg_version]
     user = OsUser(project.os_uid, project.os_uid) if project.os_uid is not None else None
-    socket_dir = plane.layout.run_dir / f"sc-{secrets.token_hex(4)}"
-    spec = ComputeSpec(endpoint_id=socket_dir.name, install=install, pgdata=pgdata, socket_dir=socket_dir,
-                       log_file=log_file, user=user, argon_os_user=plane.os_user,
-                       gucs=plane.compute_gucs(project.pg_version, gucs_for_cu(0.25) | {"archive_mode": "off"},
-                                               serving=False))
-    await asyncio.to_thread(prepare, spec)
-    pm = postmaster.start(install, pgdata, log_file, user)
-    try:
-        try:
-            await pm.wait_ready()
-        except ComputeStartError as exc:
-            raise StorageError(f"could not start a scratch copy of the cluster: {exc.user_message}") from None
-        yield socket_dir
-        await pm.stop("fast")
-    finally:
-        if pm.alive:
-            pm.kill_group()
-        await asyncio.to_thread(shutil.rmtree, socket_dir, True)
+    async with scratch_postmaster(plane.installs[project.pg_version], pgdata, run_dir=plane.layout.run_dir,
+                                  log_file=log_file, user=user, argon_os_user=plane.os_user,
+                                  gucs=plane.scratch_gucs(project.pg_version),
+                                  failure="could not start a scratch copy of the cluster") as scratch:
+        yield scratch.socket_dir
 
+
+# --- Schema-only branches ---------------------------------------------------------------------------------
 
 _ROLES_SQL = "SELECT rolname FROM pg_roles WHERE rolname !~ '^pg_' AND rolname <> %s"
 _DBS_SQL = "SELECT datname FROM pg_database WHERE NOT datistemplate AND datallowconn"
@@ -250,7 +231,7 @@ async def schema_only_copy(control: Control, project: model.Project, parent: mod
     await asyncio.to_thread(log_file.parent.mkdir, 0o700, True, True)
     if project.os_uid is not None:
         await asyncio.to_thread(os.chown, log_file.parent, project.os_uid, project.os_uid)
-    async with scratch_postmaster(plane, project, target, log_file) as socket_dir:
+    async with _scratch(plane, project, target, log_file) as socket_dir:
         problems = await asyncio.to_thread(_restore, install, socket_dir, roles, roles_sql, dumps)
     if problems:
         log.warning("schema-only branch from %s: %d statement(s) failed, e.g. %s", parent.id, len(problems),

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from argon import model
 from argon.control.branches import delete_expired
-from argon.control.history import maintain
+from argon.control.retention import maintain
 from argon.control.services import Control
 from argon.proxy.activity import EndpointActivity
 

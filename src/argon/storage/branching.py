@@ -33,7 +33,7 @@ from pathlib import Path
 
 import psycopg
 
-from argon.storage import history as hs
+from argon.storage import wal
 from argon.storage.clone import CloneBackend
 
 # Copied in step 3; everything else at the top level of a cluster is runtime state or WAL.
@@ -64,18 +64,18 @@ def _tidy(target: Path) -> None:
         shutil.rmtree(slot, ignore_errors=True)
 
 
-def clone_stopped(backend: CloneBackend, source: Path, target: Path, control: hs.ControlData | None = None) -> None:
-    """Copy a stopped cluster. Given its `pg_controldata` (`hs.control_data`), pg_wal gets only the
+def clone_stopped(backend: CloneBackend, source: Path, target: Path, control: wal.ControlData | None = None) -> None:
+    """Copy a stopped cluster. Given its `pg_controldata` (`wal.control_data`), pg_wal gets only the
     segments its first start needs; without, the whole tree is copied."""
     if control is None:
         backend.clone_tree(source, target)
         _tidy(target)
         return
     clean = control.state == "shut down"
-    wal = hs.wal_files(source / "pg_wal", control.timeline, control.segsize, hs.parse_lsn(control.redo_lsn),
-                       hs.parse_lsn(control.checkpoint_lsn) if clean else None)
+    segments = wal.wal_files(source / "pg_wal", control.timeline, control.segsize, wal.parse_lsn(control.redo_lsn),
+                             wal.parse_lsn(control.checkpoint_lsn) if clean else None)
     _copy_data(backend, source, target)
-    backend.copy_into(wal, target / "pg_wal")
+    backend.copy_into(segments, target / "pg_wal")
     _tidy(target)
 
 
@@ -98,7 +98,7 @@ async def clone_running(conn: psycopg.AsyncConnection, backend: CloneBackend, so
                                  (f"argon branch {target.parent.name}",))
         started = await cur.fetchone()
         assert started is not None
-        start, timeline, segsize = hs.parse_lsn(started[0]), int(started[1]), int(started[2])
+        start, timeline, segsize = wal.parse_lsn(started[0]), int(started[1]), int(started[2])
         try:
             await asyncio.to_thread(_copy_data, backend, source, target)
         except BaseException:
@@ -112,8 +112,8 @@ async def clone_running(conn: psycopg.AsyncConnection, backend: CloneBackend, so
         cur = await conn.execute("SELECT pg_current_wal_insert_lsn()::text")
         insert = await cur.fetchone()
         assert insert is not None
-        wal = hs.wal_files(source / "pg_wal", timeline, segsize, start, hs.parse_lsn(insert[0]))
-        await asyncio.to_thread(backend.copy_into, wal, target / "pg_wal", tolerate_vanished=True)
+        segments = wal.wal_files(source / "pg_wal", timeline, segsize, start, wal.parse_lsn(insert[0]))
+        await asyncio.to_thread(backend.copy_into, segments, target / "pg_wal", tolerate_vanished=True)
         failed = False
     finally:
         try:

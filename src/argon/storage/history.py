@@ -14,8 +14,9 @@ of `branching.clone_running`). Rebuilding the cluster at a target = clone the ne
 before it, lay the epoch's WAL (archive, then the live `pg_wal`, which holds the not yet archived
 tail) into its `pg_wal`, and let Postgres recover to an LSN and promote.
 
-Mechanism only (paths, the manifest, WAL files, `pg_waldump`); which snapshot to keep, when to take
-one and what a user may ask for is `argon.control.history`.
+Mechanism only (paths, the manifest, copies and links; WAL files and LSNs are `argon.storage.wal`);
+which snapshot to keep, when to take one and what a user may ask for is `argon.control.retention`
+and `argon.control.pitr`.
 """
 
 from __future__ import annotations
@@ -23,51 +24,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
+import secrets
 import shutil
 import subprocess
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
+from argon.storage import wal
 from argon.storage.clone import CloneBackend
 
 MANIFEST_VERSION = 1
-_SEGMENT = re.compile(r"^([0-9A-F]{8})([0-9A-F]{8})([0-9A-F]{8})(\.partial)?$")
-_HISTORY = re.compile(r"^[0-9A-F]{8}\.history$")
-_LSN = re.compile(r"^([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})$")
-_COMMIT = re.compile(r"lsn: ([0-9A-F]+/[0-9A-F]+),.*desc: COMMIT(?:_PREPARED)? (?:\d+: )?"
-                     r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?) UTC")
-
-
-# --- LSNs and segment names -----------------------------------------------------------------------
-
-def parse_lsn(text: str) -> int:
-    """`'0/16B3748'` -> 23803720; ValueError for anything else."""
-    match = _LSN.match(text.strip())
-    if not match:
-        raise ValueError(f"{text!r} is not an LSN (expected the form 0/16B3748)")
-    return (int(match.group(1), 16) << 32) | int(match.group(2), 16)
-
-
-def format_lsn(value: int) -> str:
-    return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
-
-
-def segment_start(name: str, segsize: int) -> tuple[int, int] | None:
-    """(timeline, start LSN) of a WAL segment file name, None if it is not one."""
-    match = _SEGMENT.match(name)
-    if not match:
-        return None
-    per_id = 0x100000000 // segsize
-    segno = int(match.group(2), 16) * per_id + int(match.group(3), 16)
-    return int(match.group(1), 16), segno * segsize
-
-
-def segment_name(tli: int, lsn: int, segsize: int) -> str:
-    per_id = 0x100000000 // segsize
-    segno = lsn // segsize
-    return f"{tli:08X}{segno // per_id:08X}{segno % per_id:08X}"
 
 
 # --- The manifest ------------------------------------------------------------------------------------
@@ -178,98 +145,14 @@ class BranchHistory:
         return self.epoch_dir(epoch_id) / "snapshots" / name
 
 
-# --- Archiving -----------------------------------------------------------------------------------------
-
-def archive_command(wal_dir: Path) -> str:
-    """Copy a finished segment into `wal_dir` under a temporary name, then rename: the archive never
-    holds a half-written segment. Re-archiving the same segment after a crash overwrites it with
-    the same bytes."""
-    target = _shell_quote(str(wal_dir).replace("%", "%%"))
-    return f"cp %p {target}/%f.part && mv -f {target}/%f.part {target}/%f"
-
-
-def _shell_quote(text: str) -> str:
-    return "'" + text.replace("'", "'\"'\"'") + "'"
-
-
-# --- Reading clusters ----------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class ControlData:
-    checkpoint_lsn: str
-    redo_lsn: str
-    timeline: int
-    segsize: int
-    state: str
-
-
-def control_data(bindir: Path, pgdata: Path) -> ControlData:
-    out = subprocess.run([str(bindir / "pg_controldata"), str(pgdata)], capture_output=True, text=True,
-                         timeout=30, env={"LC_ALL": "C", "PATH": "/usr/bin:/bin"}, check=True).stdout
-
-    def field(label: str) -> str:
-        match = re.search(rf"^{re.escape(label)}:\s+(.+)$", out, re.M)
-        if not match:
-            raise ValueError(f"pg_controldata of {pgdata} has no {label!r}")
-        return match.group(1).strip()
-
-    return ControlData(checkpoint_lsn=field("Latest checkpoint location"),
-                       redo_lsn=field("Latest checkpoint's REDO location"),
-                       timeline=int(field("Latest checkpoint's TimeLineID")),
-                       segsize=int(field("Bytes per WAL segment")), state=field("Database cluster state"))
-
-
-def backup_label_fields(pgdata: Path) -> tuple[str, int] | None:
-    """(start LSN, timeline) of an online backup's `backup_label`, None for a clean cluster."""
-    try:
-        text = (pgdata / "backup_label").read_text()
-    except FileNotFoundError:
-        return None
-    start = re.search(r"^START WAL LOCATION: (\S+)", text, re.M)
-    tli = re.search(r"^START TIMELINE: (\d+)", text, re.M)
-    if not start:
-        raise ValueError(f"unreadable backup_label in {pgdata}")
-    return start.group(1), int(tli.group(1)) if tli else 1
-
-
-def wal_files(directory: Path, timeline: int, segsize: int, from_lsn: int, until_lsn: int | None = None) -> list[Path]:
-    """Segments of `timeline` holding WAL at or after `from_lsn` (and, with `until_lsn`, starting at
-    or before it), and all timeline history files. The bound leaves out recycled segments: after a
-    checkpoint Postgres renames old segments to future names (up to `max_wal_size` of them), which
-    hold nothing a copy needs."""
-    try:
-        names = os.listdir(directory)
-    except FileNotFoundError:
-        return []
-    found = []
-    for name in sorted(names):
-        if _HISTORY.match(name):
-            found.append(directory / name)
-            continue
-        seg = segment_start(name, segsize)
-        if seg is not None and seg[0] == timeline and seg[1] + segsize > from_lsn and not name.endswith(".partial") \
-                and (until_lsn is None or seg[1] <= until_lsn):
-            found.append(directory / name)
-    return found
-
-
-def archived_bytes(directory: Path) -> int:
-    total = 0
-    with os.scandir(directory) as it:
-        for entry in it:
-            if entry.is_file(follow_symlinks=False):
-                total += entry.stat(follow_symlinks=False).st_blocks * 512
-    return total
-
-
 # --- Snapshots and rebuilding ------------------------------------------------------------------------------
 
 def describe_snapshot(bindir: Path, pgdata: Path, name: str, taken_at: datetime,
-                      consistent_lsn: str | None = None) -> tuple[Snapshot, ControlData]:
+                      consistent_lsn: str | None = None) -> tuple[Snapshot, wal.ControlData]:
     """A Snapshot record for the cluster copy at `pgdata` (clean, or an online backup whose stop LSN
     is `consistent_lsn`)."""
-    control = control_data(bindir, pgdata)
-    label = backup_label_fields(pgdata)
+    control = wal.control_data(bindir, pgdata)
+    label = wal.backup_label_fields(pgdata)
     if label is not None:
         redo = label[0]
         consistent = consistent_lsn or control.checkpoint_lsn
@@ -291,56 +174,29 @@ def assemble(backend: CloneBackend, snapshot: Path, wal_sources: list[list[Path]
     (target / "recovery.signal").write_text("")
 
 
-def recovery_settings(target_lsn: str | None) -> dict[str, str]:
-    """GUCs for one recovery run: to an LSN (stopping *before* the first record that starts at or
-    after it), or, with None, to the end of the WAL laid out. Always promote: a new timeline."""
-    settings = {"restore_command": "false",  # required with recovery.signal; the WAL is in pg_wal already
-                "recovery_target_action": "promote", "recovery_target_timeline": "latest",
-                "archive_mode": "off", "hot_standby": "on"}
-    if target_lsn is not None:
-        settings |= {"recovery_target_lsn": target_lsn, "recovery_target_inclusive": "off"}
-    return settings
+def assemble_epoch(backend: CloneBackend, snapshot: Path, epoch: Epoch, archive: Path, live: Path | None,
+                   start_lsn: int, target: Path) -> None:
+    """`assemble` for one epoch: its archived WAL from `start_lsn` on, then the live `pg_wal`'s (when
+    the epoch is the branch's current one); a segment archived and removed from `pg_wal` while we
+    copied is taken from the archive afterwards."""
+    sources = [wal.wal_files(archive, epoch.timeline, epoch.segsize, start_lsn)]
+    if live is not None:
+        sources.append(wal.wal_files(live, epoch.timeline, epoch.segsize, start_lsn))
+    assemble(backend, snapshot, sources, target)
+    have = set(os.listdir(target / "pg_wal"))
+    late = [p for p in wal.wal_files(archive, epoch.timeline, epoch.segsize, start_lsn) if p.name not in have]
+    backend.copy_into(late, target / "pg_wal", tolerate_vanished=True)
 
 
-def tidy_after_recovery(pgdata: Path, control: ControlData) -> None:
-    """After the recovery run's clean shutdown, drop the WAL it replayed: a clean cluster needs only
-    the segment of its shutdown checkpoint (and the timeline history files)."""
-    keep = segment_name(control.timeline, parse_lsn(control.checkpoint_lsn), control.segsize)
-    wal = pgdata / "pg_wal"
-    for name in os.listdir(wal):
-        if segment_start(name, control.segsize) is not None and name != keep:
-            (wal / name).unlink(missing_ok=True)
-    status = wal / "archive_status"
-    if status.is_dir():
-        for name in os.listdir(status):
-            (status / name).unlink(missing_ok=True)
-    for name in ("recovery.signal", "standby.signal", "backup_label.old", "recovery.done"):
-        (pgdata / name).unlink(missing_ok=True)
-
-
-def first_commit_after(bindir: Path, wal_dir: Path, start_lsn: str, timeline: int, after: datetime) -> str | None:
-    """The LSN of the first commit record at or after `start_lsn` whose commit time is later than
-    `after` (µs precision), scanning the WAL in `wal_dir` with `pg_waldump`; None if there is none."""
-    after_utc = after.astimezone(UTC).replace(tzinfo=None)
-    cmd = [str(bindir / "pg_waldump"), "--path", str(wal_dir), "--start", start_lsn, "--timeline", str(timeline),
-           "--rmgr", "Transaction"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env={"LC_ALL": "C", "TZ": "UTC", "PATH": "/usr/bin:/bin"})
-    assert proc.stdout is not None
+def copy_template(backend: CloneBackend, template: Path, path: Path) -> None:
+    """A template-backed snapshot made real: `template` copied to `path` under a temporary name, then
+    renamed (another copy may win the rename: then it is the one kept)."""
+    tmp = path.with_name(f".tmp-{path.name}-{secrets.token_hex(3)}")
+    backend.clone_tree(template, tmp)
     try:
-        for line in proc.stdout:
-            match = _COMMIT.search(line)
-            if not match:
-                continue
-            committed = datetime.fromisoformat(match.group(2))
-            if committed > after_utc:
-                return match.group(1)
-        return None
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        proc.stdout.close()
+        os.rename(tmp, path)
+    except OSError:  # another copy won
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def link_tree(source: Path, target: Path) -> None:
@@ -356,22 +212,3 @@ def remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def prune_wal(wal_dir: Path, timeline: int, segsize: int, before_lsn: int) -> int:
-    """Delete archived segments wholly before `before_lsn`; returns the bytes freed."""
-    freed = 0
-    try:
-        names = os.listdir(wal_dir)
-    except FileNotFoundError:
-        return 0
-    for name in names:
-        path = wal_dir / name
-        if name.endswith(".part"):
-            continue
-        seg = segment_start(name, segsize)
-        if seg is not None and seg[1] + segsize <= before_lsn:
-            try:
-                freed += path.stat().st_blocks * 512
-                path.unlink()
-            except FileNotFoundError:
-                pass
-    return freed
