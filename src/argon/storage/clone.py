@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from argon.compute.osuser import chown_tree  # noqa: F401  (re-exported: storage callers give trees away)
 from argon.errors import ConfigError, StorageError
 
 FICLONE = 0x40049409
