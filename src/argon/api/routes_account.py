@@ -41,9 +41,10 @@ async def regions(control: Authorized) -> dict[str, Any]:
 
 @router.get("/versions", summary="PostgreSQL versions and the clone backend of this server (Argon extension)")
 async def versions(control: Authorized) -> dict[str, Any]:
+    plane = control.plane
     return {"versions": [{"pg_version": i.major, "version": i.version, "source": i.source}
-                         for i in sorted(control.plane.installs.values(), key=lambda i: i.major)],
-            "clone_backend": control.plane.backend.name}
+                         for i in sorted(plane.installs.values(), key=lambda i: i.major)],
+            "clone_backend": plane.backend.name}
 
 
 class ApiKeyCreate(BaseModel):

@@ -73,17 +73,19 @@ def _settings(control: Authorized, project_id: str, spec: EndpointSpec) -> model
 
 @router.get("/projects/{project_id}/branches")
 async def list_branches(control: Authorized, project_id: str) -> dict[str, Any]:
-    control.plane.project(project_id)
+    plane = control.plane
+    plane.project(project_id)
     # neonctl dereferences annotations[branch.id]: the object must be there, even empty.
     await asyncio.to_thread(control.figures.refresh, project_id)
     return {"branches": [views.branch_view(b, control.figures.get(b.id), control.metrics.branch_usage(project_id, b.id))
-                         for b in control.plane.branches(project_id)],
+                         for b in plane.branches(project_id)],
             "annotations": {}}
 
 
 @router.post("/projects/{project_id}/branches", status_code=201)
 async def create_branch(control: Authorized, project_id: str,
                         body: Annotated[BranchCreateBody | None, Body()] = None) -> JSONResponse:
+    plane = control.plane
     body = body or BranchCreateBody()
     spec = body.branch or BranchCreate()
     req = branches.BranchRequest(
@@ -96,20 +98,20 @@ async def create_branch(control: Authorized, project_id: str,
     if created.endpoints and created.roles and created.databases:
         ep = created.endpoints[0]
         for role in created.roles:
-            password = control.plane.secrets.decrypt(role.password_enc) if role.password_enc else None
+            password = plane.secrets.decrypt(role.password_enc) if role.password_enc else None
             if password is None:
                 continue
             for db in created.databases:
                 if db.owner_name != role.name:
                     continue
-                params = connection.parameters(control.plane.settings, endpoint_id=ep.id, role=role.name, password=password,
+                params = connection.parameters(plane.settings, endpoint_id=ep.id, role=role.name, password=password,
                                                database=db.name)
-                pooled = connection.parameters(control.plane.settings, endpoint_id=ep.id, role=role.name,
+                pooled = connection.parameters(plane.settings, endpoint_id=ep.id, role=role.name,
                                                password=password, database=db.name, pooled=True)
                 uris.append(views.connection_details(params, pooled))
     out = {
         "branch": views.branch_view(created.branch),
-        "endpoints": [views.endpoint_view(control.plane.settings, control.plane.endpoint(None, e.id)) for e in created.endpoints],
+        "endpoints": [views.endpoint_view(plane.settings, plane.endpoint(None, e.id)) for e in created.endpoints],
         "operations": [views.operation_view(o) for o in created.operations],
         "roles": [views.role_view(r) for r in created.roles],
         "databases": [views.database_view(d) for d in created.databases],
@@ -165,5 +167,6 @@ async def restore_branch(control: Authorized, project_id: str, branch_id: str, b
 
 @router.get("/projects/{project_id}/branches/{branch_id}/endpoints")
 async def branch_endpoints(control: Authorized, project_id: str, branch_id: str) -> dict[str, Any]:
-    control.plane.branch(project_id, branch_id)
-    return {"endpoints": [views.endpoint_view(control.plane.settings, e) for e in control.plane.endpoints(project_id, branch_id)]}
+    plane = control.plane
+    plane.branch(project_id, branch_id)
+    return {"endpoints": [views.endpoint_view(plane.settings, e) for e in plane.endpoints(project_id, branch_id)]}

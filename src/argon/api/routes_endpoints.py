@@ -44,13 +44,15 @@ class EndpointUpdateBody(BaseModel):
 
 @router.get("/projects/{project_id}/endpoints")
 async def list_endpoints(control: Authorized, project_id: str) -> dict[str, Any]:
-    control.plane.project(project_id)
-    return {"endpoints": [views.endpoint_view(control.plane.settings, e) for e in control.plane.endpoints(project_id)]}
+    plane = control.plane
+    plane.project(project_id)
+    return {"endpoints": [views.endpoint_view(plane.settings, e) for e in plane.endpoints(project_id)]}
 
 
 @router.get("/projects/{project_id}/endpoints/{endpoint_id}")
 async def get_endpoint(control: Authorized, project_id: str, endpoint_id: str) -> dict[str, Any]:
-    return {"endpoint": views.endpoint_view(control.plane.settings, control.plane.endpoint(project_id, endpoint_id))}
+    plane = control.plane
+    return {"endpoint": views.endpoint_view(plane.settings, plane.endpoint(project_id, endpoint_id))}
 
 
 @router.patch("/projects/{project_id}/endpoints/{endpoint_id}")
@@ -72,22 +74,25 @@ async def patch_endpoint(control: Authorized, project_id: str, endpoint_id: str,
 
 @router.post("/projects/{project_id}/endpoints/{endpoint_id}/start")
 async def start(control: Authorized, project_id: str, endpoint_id: str) -> dict[str, Any]:
+    plane = control.plane
     ops = await start_endpoint(control, project_id, endpoint_id)
-    return {"endpoint": views.endpoint_view(control.plane.settings, control.plane.endpoint(project_id, endpoint_id)),
+    return {"endpoint": views.endpoint_view(plane.settings, plane.endpoint(project_id, endpoint_id)),
             "operations": [views.operation_view(o) for o in ops]}
 
 
 @router.post("/projects/{project_id}/endpoints/{endpoint_id}/suspend")
 async def suspend(control: Authorized, project_id: str, endpoint_id: str) -> dict[str, Any]:
+    plane = control.plane
     ops = await suspend_endpoint(control, project_id, endpoint_id)
-    return {"endpoint": views.endpoint_view(control.plane.settings, control.plane.endpoint(project_id, endpoint_id)),
+    return {"endpoint": views.endpoint_view(plane.settings, plane.endpoint(project_id, endpoint_id)),
             "operations": [views.operation_view(o) for o in ops]}
 
 
 @router.post("/projects/{project_id}/endpoints/{endpoint_id}/restart")
 async def restart(control: Authorized, project_id: str, endpoint_id: str) -> dict[str, Any]:
+    plane = control.plane
     ops = await restart_endpoint(control, project_id, endpoint_id)
-    return {"endpoint": views.endpoint_view(control.plane.settings, control.plane.endpoint(project_id, endpoint_id)),
+    return {"endpoint": views.endpoint_view(plane.settings, plane.endpoint(project_id, endpoint_id)),
             "operations": [views.operation_view(o) for o in ops]}
 
 
@@ -95,9 +100,10 @@ async def restart(control: Authorized, project_id: str, endpoint_id: str) -> dic
             summary="The compute's PostgreSQL log (Argon extension)")
 async def logs(control: Authorized, project_id: str, endpoint_id: str,
                tail: Annotated[int, Query(ge=1, le=100000)] = 200) -> PlainTextResponse:
-    ep = control.plane.endpoint(project_id, endpoint_id)
-    path = (control.plane.layout.replica_dir(project_id, ep.branch_id, ep.id) / "log" / "postgres.log"
-            if ep.type is model.EndpointType.READ_ONLY else control.plane.layout.compute_log(project_id, ep.branch_id))
+    plane = control.plane
+    ep = plane.endpoint(project_id, endpoint_id)
+    path = (plane.layout.replica_dir(project_id, ep.branch_id, ep.id) / "log" / "postgres.log"
+            if ep.type is model.EndpointType.READ_ONLY else plane.layout.compute_log(project_id, ep.branch_id))
 
     def read() -> str:
         try:
@@ -117,8 +123,9 @@ async def logs(control: Authorized, project_id: str, endpoint_id: str,
             summary="Wakes, suspends and cold-start durations (Argon extension)")
 async def events(control: Authorized, project_id: str, endpoint_id: str,
                  limit: Annotated[int, Query(ge=1, le=10000)] = 200) -> dict[str, Any]:
-    control.plane.endpoint(project_id, endpoint_id)
-    evs = await control.plane.db(control.plane.store.list_events, endpoint_id, limit)
+    plane = control.plane
+    plane.endpoint(project_id, endpoint_id)
+    evs = await plane.db(plane.store.list_events, endpoint_id, limit)
     return {"events": [views.event_view(e) for e in evs]}
 
 
@@ -139,8 +146,9 @@ class EndpointCreateBody(BaseModel):
 
 @router.post("/projects/{project_id}/endpoints", status_code=201)
 async def create(control: Authorized, project_id: str, body: EndpointCreateBody) -> JSONResponse:
+    plane = control.plane
     spec = body.endpoint
-    base = control.plane.project(project_id).default_endpoint_settings
+    base = plane.project(project_id).default_endpoint_settings
     lo = (check_cu(spec.autoscaling_limit_min_cu, "autoscaling_limit_min_cu")
           if spec.autoscaling_limit_min_cu is not None else base.autoscaling_limit_min_cu)
     hi = (check_cu(spec.autoscaling_limit_max_cu, "autoscaling_limit_max_cu")
@@ -152,7 +160,7 @@ async def create(control: Authorized, project_id: str, body: EndpointCreateBody)
     name = spec.name if spec.name and 1 <= len(spec.name) <= 64 else None
     ep, ops = await create_endpoint(control, project_id, spec.branch_id, type_=spec.type,
                                     settings=model.EndpointSettings(lo, hi, timeout), name=name)
-    return JSONResponse({"endpoint": views.endpoint_view(control.plane.settings, ep),
+    return JSONResponse({"endpoint": views.endpoint_view(plane.settings, ep),
                          "operations": [views.operation_view(o) for o in ops]}, status_code=201)
 
 

@@ -149,6 +149,7 @@ async def list_shared_projects(control: Authorized) -> dict[str, Any]:
 
 @router.post("/projects", status_code=201)
 async def create(control: Authorized, body: Annotated[ProjectCreateBody | None, Body()] = None) -> JSONResponse:
+    plane = control.plane
     spec = (body or ProjectCreateBody()).project
     branch = spec.branch or BranchSpec()
     req = ProjectRequest(
@@ -164,9 +165,9 @@ async def create(control: Authorized, body: Annotated[ProjectCreateBody | None, 
                                    else model.DEFAULT_HISTORY_RETENTION),
     )
     created = await create_project(control, req)
-    params = connection.parameters(control.plane.settings, endpoint_id=created.endpoint.id, role=created.role.name,
+    params = connection.parameters(plane.settings, endpoint_id=created.endpoint.id, role=created.role.name,
                                    password=created.password, database=created.database.name)
-    pooled = connection.parameters(control.plane.settings, endpoint_id=created.endpoint.id, role=created.role.name,
+    pooled = connection.parameters(plane.settings, endpoint_id=created.endpoint.id, role=created.role.name,
                                    password=created.password, database=created.database.name, pooled=True)
     body_out = {
         "project": project_view(control, created.project),
@@ -175,7 +176,7 @@ async def create(control: Authorized, body: Annotated[ProjectCreateBody | None, 
         "databases": [views.database_view(created.database)],
         "operations": [views.operation_view(o) for o in created.operations],
         "branch": views.branch_view(created.branch),
-        "endpoints": [views.endpoint_view(control.plane.settings, control.plane.endpoint(None, created.endpoint.id))],
+        "endpoints": [views.endpoint_view(plane.settings, plane.endpoint(None, created.endpoint.id))],
     }
     return JSONResponse(body_out, status_code=201)
 
@@ -219,9 +220,10 @@ async def available_extensions(control: Authorized, project_id: str) -> dict[str
 @router.get("/projects/{project_id}/operations")
 async def list_operations(control: Authorized, project_id: str, limit: Annotated[int, Query(ge=1, le=1000)] = 100,
                           cursor: str | None = None) -> dict[str, Any]:
-    control.plane.project(project_id)
+    plane = control.plane
+    plane.project(project_id)
     before = _cursor_decode(cursor) if cursor else None
-    ops = await control.plane.db(control.plane.store.list_operations, project_id, limit=limit, before=before)
+    ops = await plane.db(plane.store.list_operations, project_id, limit=limit, before=before)
     last = ops[-1] if ops else None
     return {"operations": [views.operation_view(o) for o in ops],
             "pagination": {"cursor": _cursor_encode(last.created_at, last.id) if last else (cursor or "")}}
@@ -229,8 +231,9 @@ async def list_operations(control: Authorized, project_id: str, limit: Annotated
 
 @router.get("/projects/{project_id}/operations/{operation_id}")
 async def get_operation(control: Authorized, project_id: str, operation_id: str) -> dict[str, Any]:
-    control.plane.project(project_id)
-    op = await control.plane.db(control.plane.store.get_operation, operation_id)
+    plane = control.plane
+    plane.project(project_id)
+    op = await plane.db(plane.store.get_operation, operation_id)
     if op is None or op.project_id != project_id:
         raise NotFound(f"operation {operation_id!r} not found")
     return {"operation": views.operation_view(op)}
@@ -240,22 +243,23 @@ async def get_operation(control: Authorized, project_id: str, operation_id: str)
 async def connection_uri(control: Authorized, project_id: str, database_name: str, role_name: str,
                          branch_id: str | None = None, endpoint_id: str | None = None,
                          pooled: bool = False) -> dict[str, Any]:
-    control.plane.project(project_id)
+    plane = control.plane
+    plane.project(project_id)
     if branch_id is None:
-        branch_id = next(b.id for b in control.plane.branches(project_id) if b.default)
-    branch = control.plane.branch(project_id, branch_id)
+        branch_id = next(b.id for b in plane.branches(project_id) if b.default)
+    branch = plane.branch(project_id, branch_id)
     if endpoint_id is None:
-        eps = [e for e in control.plane.endpoints(project_id, branch.id) if e.type is model.EndpointType.READ_WRITE]
+        eps = [e for e in plane.endpoints(project_id, branch.id) if e.type is model.EndpointType.READ_WRITE]
         if not eps:
             raise NotFound(f"branch {branch.id!r} has no read-write endpoint")
         endpoint_id = eps[0].id
-    ep = control.plane.endpoint(project_id, endpoint_id)
+    ep = plane.endpoint(project_id, endpoint_id)
     role = await get_role(control, project_id, ep.branch_id, role_name)
-    if await control.plane.db(control.plane.store.get_database, ep.branch_id, database_name) is None:
+    if await plane.db(plane.store.get_database, ep.branch_id, database_name) is None:
         raise NotFound(f"database {database_name!r} not found on branch {ep.branch_id!r}")
-    password = control.plane.secrets.decrypt(role.password_enc) if role.password_enc else None
+    password = plane.secrets.decrypt(role.password_enc) if role.password_enc else None
     if password is None:
         raise Precondition(f"the password of role {role_name!r} is not known to Argon; reset it first")
-    params = connection.parameters(control.plane.settings, endpoint_id=ep.id, role=role.name, password=password,
+    params = connection.parameters(plane.settings, endpoint_id=ep.id, role=role.name, password=password,
                                    database=database_name, pooled=pooled)
     return {"uri": params.uri}

@@ -54,8 +54,9 @@ def _ops(ops: list[model.Operation]) -> list[dict[str, Any]]:
 
 @router.get("/projects/{project_id}/branches/{branch_id}/roles")
 async def list_roles(control: Authorized, project_id: str, branch_id: str) -> dict[str, Any]:
+    plane = control.plane
     await roles.sync_if_running(control, project_id, branch_id)
-    items = await control.plane.db(control.plane.store.list_roles, branch_id)
+    items = await plane.db(plane.store.list_roles, branch_id)
     return {"roles": [views.role_view(r) for r in items if r.name != model.PLATFORM_ROLE]}
 
 
@@ -96,8 +97,9 @@ async def reset_password(control: Authorized, project_id: str, branch_id: str, r
 
 @router.get("/projects/{project_id}/branches/{branch_id}/databases")
 async def list_databases(control: Authorized, project_id: str, branch_id: str) -> dict[str, Any]:
+    plane = control.plane
     await roles.sync_if_running(control, project_id, branch_id)
-    return {"databases": [views.database_view(d) for d in await control.plane.db(control.plane.store.list_databases, branch_id)]}
+    return {"databases": [views.database_view(d) for d in await plane.db(plane.store.list_databases, branch_id)]}
 
 
 @router.post("/projects/{project_id}/branches/{branch_id}/databases", status_code=201)

@@ -94,10 +94,11 @@ def _pick(options: list[str], wanted: str | None) -> str | None:
 
 async def connection_widget(control: Control, project_id: str, *, branch_id: str | None,
                             database: str | None, role: str | None, pooled: bool) -> ConnectionWidget:
-    branches = control.plane.branches(project_id)
+    plane = control.plane
+    branches = plane.branches(project_id)
     branch = next((b for b in branches if b.id == branch_id), None) or default_branch(control, project_id)
-    dbs = [d.name for d in await control.plane.db(control.plane.store.list_databases, branch.id)]
-    all_roles = await control.plane.db(control.plane.store.list_roles, branch.id)
+    dbs = [d.name for d in await plane.db(plane.store.list_databases, branch.id)]
+    all_roles = await plane.db(plane.store.list_roles, branch.id)
     roles = {r.name: r for r in all_roles if r.login and r.name != model.PLATFORM_ROLE}
     widget = ConnectionWidget(branches, branch, dbs, _pick(dbs, database), list(roles), _pick(list(roles), role),
                               pooled, primary_endpoint(control, project_id, branch.id))
@@ -107,12 +108,12 @@ async def connection_widget(control: Control, project_id: str, *, branch_id: str
         widget.problem = "This branch has no database or no role that can log in."
     else:
         secret = roles[widget.role].password_enc
-        password = control.plane.secrets.decrypt(secret) if secret else None
+        password = plane.secrets.decrypt(secret) if secret else None
         if password is None:
             widget.problem = (f"Argon does not know the password of {widget.role} (it was set with SQL). "
                               "Reset it with the API to get one that can be shown here.")
         else:
-            params = connection.parameters(control.plane.settings, endpoint_id=widget.endpoint.id, role=widget.role,
+            params = connection.parameters(plane.settings, endpoint_id=widget.endpoint.id, role=widget.role,
                                            password=password, database=widget.database, pooled=pooled)
             widget.snippets = snippets(params)
     return widget

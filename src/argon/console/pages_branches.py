@@ -158,7 +158,8 @@ async def create_branch(request: Request, session: Posted, control: ControlDep, 
 
 @router.get("/projects/{project_id}/branches/{branch_id}/rename")
 async def rename_form(request: Request, session: SignedIn, control: ControlDep, project_id: str, branch_id: str) -> Response:
-    project, branch = control.plane.project(project_id), control.plane.branch(project_id, branch_id)
+    plane = control.plane
+    project, branch = plane.project(project_id), plane.branch(project_id, branch_id)
     return confirm(request, session, project, title=f"Rename {branch.name}",
                     message="The branch keeps its id, its compute and its connection strings.",
                     action=f"/projects/{project_id}/branches/{branch_id}/rename", button="Rename",
@@ -184,11 +185,12 @@ async def set_default(session: Posted, control: ControlDep, project_id: str, bra
 
 @router.get("/projects/{project_id}/branches/{branch_id}/reset")
 async def reset_form(request: Request, session: SignedIn, control: ControlDep, project_id: str, branch_id: str) -> Response:
-    project, branch = control.plane.project(project_id), control.plane.branch(project_id, branch_id)
+    plane = control.plane
+    project, branch = plane.project(project_id), plane.branch(project_id, branch_id)
     if branch.parent_id is None:
         session.flash("error", f"{branch.name} has no parent to reset from.")
         return redirect(_branches_url(project_id))
-    parent = control.plane.branch(project_id, branch.parent_id)
+    parent = plane.branch(project_id, branch.parent_id)
     return confirm(request, session, project, title=f"Reset {branch.name} from {parent.name}",
                     message=f"The data of {branch.name} is replaced by the current data of {parent.name}. Its "
                             "compute restarts: open connections are closed. Its connection strings stay the same.",
@@ -225,7 +227,8 @@ def _restore_page(request: Request, session: Session, control: Control, project:
 @router.get("/projects/{project_id}/branches/{branch_id}/restore")
 async def restore_form(request: Request, session: SignedIn, control: ControlDep, project_id: str,
                        branch_id: str) -> Response:
-    project, branch = control.plane.project(project_id), control.plane.branch(project_id, branch_id)
+    plane = control.plane
+    project, branch = plane.project(project_id), plane.branch(project_id, branch_id)
     return _restore_page(request, session, control, project, branch)
 
 
@@ -233,7 +236,8 @@ async def restore_form(request: Request, session: SignedIn, control: ControlDep,
 async def restore(request: Request, session: Posted, control: ControlDep, project_id: str, branch_id: str,
                   source: Annotated[str, Form()] = "", timestamp: Annotated[str, Form()] = "",
                   lsn: Annotated[str, Form()] = "", preserve_under_name: Annotated[str, Form()] = "") -> Response:
-    project, branch = control.plane.project(project_id), control.plane.branch(project_id, branch_id)
+    plane = control.plane
+    project, branch = plane.project(project_id), plane.branch(project_id, branch_id)
     values = {"source": source, "timestamp": timestamp, "lsn": lsn, "preserve_under_name": preserve_under_name}
     keep = preserve_under_name.strip() or None
     try:
@@ -260,7 +264,8 @@ async def restore(request: Request, session: Posted, control: ControlDep, projec
 
 @router.get("/projects/{project_id}/branches/{branch_id}/delete")
 async def delete_form(request: Request, session: SignedIn, control: ControlDep, project_id: str, branch_id: str) -> Response:
-    project, branch = control.plane.project(project_id), control.plane.branch(project_id, branch_id)
+    plane = control.plane
+    project, branch = plane.project(project_id), plane.branch(project_id, branch_id)
     return confirm(request, session, project, title=f"Delete {branch.name}",
                     message=f"The branch {branch.name}, its compute and all its data are deleted. This cannot be "
                             "undone.",

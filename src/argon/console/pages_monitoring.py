@@ -126,24 +126,25 @@ def endpoint_panel(ep: model.Endpoint, branch_name: str, samples: list[MetricSam
 @router.get("/projects/{project_id}/monitoring")
 async def monitoring(request: Request, session: SignedIn, control: ControlDep, project_id: str,
                      period: Annotated[str, Query(alias="range")] = "1h", endpoint: str | None = None) -> Response:
-    project = control.plane.project(project_id)
+    plane = control.plane
+    project = plane.project(project_id)
     key = period if period in RANGES else "1h"
     end = model.utcnow()
     start = end - RANGES[key][1]
-    endpoints = control.plane.endpoints(project_id)
+    endpoints = plane.endpoints(project_id)
     if endpoint:
         endpoints = [e for e in endpoints if e.id == endpoint] or endpoints
-    names = {b.id: b.name for b in control.plane.branches(project_id)}
-    samples = await control.plane.db(control.plane.store.metric_samples, project_id, start)
-    events = await control.plane.db(control.plane.store.events_since, [e.id for e in endpoints], start)
+    names = {b.id: b.name for b in plane.branches(project_id)}
+    samples = await plane.db(plane.store.metric_samples, project_id, start)
+    events = await plane.db(plane.store.events_since, [e.id for e in endpoints], start)
     panels = [endpoint_panel(ep, names.get(ep.branch_id, ep.branch_id), samples,
                              [ev for ev in events if ev.endpoint_id == ep.id], start=start, end=end,
-                             interval=control.plane.settings.metrics_interval, running=control.plane.is_running(ep.id))
+                             interval=plane.settings.metrics_interval, running=plane.is_running(ep.id))
               for ep in endpoints]
     usage: Usage = control.metrics.project_usage(project)
     return render(request, "monitoring.html", session=session, project=project, tab="monitoring", panels=panels,
                   ranges=[(k, label) for k, (label, _) in RANGES.items()], range_key=key,
-                  range_label=RANGES[key][0], usage=usage, interval=control.plane.settings.metrics_interval,
-                  storage_every=control.plane.settings.metrics_interval * STORAGE_EVERY, selected=endpoint,
+                  range_label=RANGES[key][0], usage=usage, interval=plane.settings.metrics_interval,
+                  storage_every=plane.settings.metrics_interval * STORAGE_EVERY, selected=endpoint,
                   fmt_bytes=charts.fmt_bytes, fmt_ms=charts.fmt_ms, fmt_number=charts.fmt_number,
                   fmt_duration=charts.fmt_duration)

@@ -25,22 +25,24 @@ def roles_url(project_id: str, branch_id: str) -> str:
 
 
 def _branch_of(control: Control, project_id: str, branch_id: str | None) -> model.Branch:
-    control.plane.project(project_id)
-    return control.plane.branch(project_id, branch_id) if branch_id else dashboard.default_branch(control, project_id)
+    plane = control.plane
+    plane.project(project_id)
+    return plane.branch(project_id, branch_id) if branch_id else dashboard.default_branch(control, project_id)
 
 
 @router.get("/projects/{project_id}/roles")
 async def roles_page(request: Request, session: SignedIn, control: ControlDep, project_id: str,
                      branch: str | None = None) -> Response:
-    project = control.plane.project(project_id)
+    plane = control.plane
+    project = plane.project(project_id)
     current = _branch_of(control, project_id, branch)
     await roles.sync_if_running(control, project_id, current.id)
-    role_list = [r for r in await control.plane.db(control.plane.store.list_roles, current.id) if r.name != model.PLATFORM_ROLE]
-    databases = await control.plane.db(control.plane.store.list_databases, current.id)
+    role_list = [r for r in await plane.db(plane.store.list_roles, current.id) if r.name != model.PLATFORM_ROLE]
+    databases = await plane.db(plane.store.list_databases, current.id)
     secret_role = session.pop_secret(f"role-name:{project_id}")
     password = session.pop_secret(f"role-password:{project_id}")
     return render(request, "roles.html", session=session, project=project, branch=current, tab="roles",
-                  branches=control.plane.branches(project_id), roles=role_list, databases=databases,
+                  branches=plane.branches(project_id), roles=role_list, databases=databases,
                   new_role=secret_role if password else None, new_password=password)
 
 

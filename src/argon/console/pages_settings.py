@@ -76,19 +76,20 @@ def compute_defaults(min_cu: str, max_cu: str, suspend_timeout: str) -> model.En
 
 @router.get("/projects/{project_id}/settings")
 async def settings_page(request: Request, session: SignedIn, control: ControlDep, project_id: str) -> Response:
-    project = control.plane.project(project_id)
+    plane = control.plane
+    project = plane.project(project_id)
     defaults = project.default_endpoint_settings
     amount, unit = retention_form_value(project.history_retention_seconds)
-    support = control.plane.extensions.get(project.pg_version)
+    support = plane.extensions.get(project.pg_version)
     offered = support.offered if support is not None else ()
     return render(request, "settings.html", session=session, project=project, tab="settings", defaults=defaults,
                   offered=offered, preloaded=[o.name for o in offered if o.preloaded],
                   missing=support.missing if support is not None else (),
-                  timeouts=dashboard.suspend_choices(control.plane.settings.suspend_timeout, defaults.suspend_timeout_seconds),
+                  timeouts=dashboard.suspend_choices(plane.settings.suspend_timeout, defaults.suspend_timeout_seconds),
                   cu_steps=CU_STEPS, retention_amount=amount, retention_unit=unit,
                   retention_text=display.duration(project.history_retention_seconds),
                   retention_max_days=model.MAX_HISTORY_RETENTION // 86400,
-                  endpoints=len(control.plane.endpoints(project_id)))
+                  endpoints=len(plane.endpoints(project_id)))
 
 
 @router.post("/projects/{project_id}/settings/name")

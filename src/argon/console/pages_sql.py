@@ -54,11 +54,12 @@ def duration_ms(ms: int) -> str:
 @router.get("/projects/{project_id}/operations")
 async def operations_page(request: Request, session: SignedIn, control: ControlDep, project_id: str,
                           before: str | None = None) -> Response:
-    project = control.plane.project(project_id)
-    ops = await control.plane.db(control.plane.store.list_operations, project_id, limit=PAGE_SIZE + 1,
+    plane = control.plane
+    project = plane.project(project_id)
+    ops = await plane.db(plane.store.list_operations, project_id, limit=PAGE_SIZE + 1,
                          before=_uncursor(before) if before else None)
     older = _cursor(ops[PAGE_SIZE - 1]) if len(ops) > PAGE_SIZE else None
-    names = {b.id: b.name for b in control.plane.branches(project_id)}
+    names = {b.id: b.name for b in plane.branches(project_id)}
     return render(request, "operations.html", session=session, project=project, tab="operations",
                   ops=ops[:PAGE_SIZE], names=names, older=older, paged=before is not None, duration_ms=duration_ms)
 
@@ -87,10 +88,11 @@ def _pick(options: list[str], wanted: str | None) -> str | None:
 
 async def editor_choices(control: Control, project_id: str, branch_id: str | None, database: str | None,
                          role: str | None) -> EditorChoices:
-    all_branches = control.plane.branches(project_id)
+    plane = control.plane
+    all_branches = plane.branches(project_id)
     branch = next((b for b in all_branches if b.id == branch_id), None) or dashboard.default_branch(control, project_id)
-    dbs = [d.name for d in await control.plane.db(control.plane.store.list_databases, branch.id)]
-    roles = {r.name: r for r in await control.plane.db(control.plane.store.list_roles, branch.id)
+    dbs = [d.name for d in await plane.db(plane.store.list_databases, branch.id)]
+    roles = {r.name: r for r in await plane.db(plane.store.list_roles, branch.id)
              if r.login and r.name != model.PLATFORM_ROLE}
     choices = EditorChoices(all_branches, branch, dbs, _pick(dbs, database), list(roles), _pick(list(roles), role),
                             dashboard.primary_endpoint(control, project_id, branch.id))
@@ -100,7 +102,7 @@ async def editor_choices(control: Control, project_id: str, branch_id: str | Non
         choices.problem = "This branch has no database or no role that can log in."
     else:
         secret = roles[choices.role].password_enc
-        choices.password = control.plane.secrets.decrypt(secret) if secret else None
+        choices.password = plane.secrets.decrypt(secret) if secret else None
         if choices.password is None:
             choices.problem = (f"Argon does not know the password of {choices.role} (it was set with SQL), so it "
                                "cannot connect as that role. Reset its password on the Roles & Databases page, "
@@ -131,7 +133,8 @@ async def sql_page(request: Request, session: SignedIn, control: ControlDep, pro
 async def run_sql(request: Request, session: Posted, control: ControlDep, project_id: str,
                   branch: Annotated[str, Form()] = "", database: Annotated[str, Form()] = "",
                   role: Annotated[str, Form()] = "", query: Annotated[str, Form()] = "") -> Response:
-    project = control.plane.project(project_id)
+    plane = control.plane
+    project = plane.project(project_id)
     choices = await editor_choices(control, project_id, branch, database, role)
     if not query.strip():
         return _editor(request, session, control, project, choices, query,
@@ -139,7 +142,7 @@ async def run_sql(request: Request, session: Posted, control: ControlDep, projec
     if choices.problem or choices.password is None or choices.endpoint is None:
         return _editor(request, session, control, project, choices, query, status=409)
     session.remember_query(project_id, query)
-    params = connection.parameters(control.plane.settings, endpoint_id=choices.endpoint.id, role=choices.role or "",
+    params = connection.parameters(plane.settings, endpoint_id=choices.endpoint.id, role=choices.role or "",
                                    password=choices.password, database=choices.database or "")
-    outcome = await sql.run(control.plane.settings, params, query)
+    outcome = await sql.run(plane.settings, params, query)
     return _editor(request, session, control, project, choices, query, outcome)

@@ -158,10 +158,11 @@ async def projects_alias(session: SignedIn) -> Response:
 
 def _new_project_page(request: Request, session: Session, control: ControlDep, *, values: dict[str, str],
                       error: str | None = None, status: int = 200) -> Response:
-    versions = sorted(control.plane.installs, reverse=True)
+    plane = control.plane
+    versions = sorted(plane.installs, reverse=True)
     return render(request, "new_project.html", session=session, status=status, error=error, values=values,
-                  versions=[(v, control.plane.installs[v].version) for v in versions], regions=available_regions(),
-                  default_version=control.plane.settings.default_pg_version or (versions[0] if versions else None))
+                  versions=[(v, plane.installs[v].version) for v in versions], regions=available_regions(),
+                  default_version=plane.settings.default_pg_version or (versions[0] if versions else None))
 
 
 @router.get("/projects/new")
@@ -192,11 +193,12 @@ async def submit_new_project(request: Request, session: Posted, control: Control
 async def project_dashboard(request: Request, session: SignedIn, control: ControlDep, project_id: str,
                             branch: str | None = None, database: str | None = None, role: str | None = None,
                             pooled: bool = False, snippet: str = "uri") -> Response:
-    project = control.plane.project(project_id)
+    plane = control.plane
+    project = plane.project(project_id)
     widget = await dashboard.connection_widget(control, project_id, branch_id=branch, database=database, role=role,
                                                pooled=pooled)
     compute = dashboard.compute_view(control, widget.endpoint)
-    timeouts = dashboard.suspend_choices(control.plane.settings.suspend_timeout,
+    timeouts = dashboard.suspend_choices(plane.settings.suspend_timeout,
                                          widget.endpoint.suspend_timeout_seconds if widget.endpoint else 0)
     selected = snippet if any(s.key == snippet for s in widget.snippets) else "uri"
     return render(request, "project.html", session=session, project=project, tab="dashboard", widget=widget,
@@ -217,8 +219,9 @@ def _dashboard_url(project_id: str, branch_id: str) -> str:
 
 
 def _endpoint_of(control: ControlDep, project_id: str, endpoint_id: str) -> model.Endpoint:
-    control.plane.project(project_id)
-    return control.plane.endpoint(project_id, endpoint_id)
+    plane = control.plane
+    plane.project(project_id)
+    return plane.endpoint(project_id, endpoint_id)
 
 
 @router.post("/projects/{project_id}/endpoints/{endpoint_id}/start")
