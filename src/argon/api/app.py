@@ -1,5 +1,5 @@
-"""The HTTP app: Neon's management API under /api/v2, and the serverless driver's /sql and
-WebSockets (`routes_serverless`). The platform mounts the web console (`argon.console`) on it.
+"""The HTTP app: Neon's management API under /api/v2. The platform mounts the serverless driver's
+endpoints (`argon.proxy.serverless`) and the web console (`argon.console`) on it.
 
 Thin: parse -> `argon.control` use case -> `argon.api.views` shape. Errors map to Neon's
 `{"code", "message"}` bodies with the status of their kind, in one place (`_argon_error`).
@@ -23,7 +23,6 @@ from argon.api import (
     routes_projects,
     routes_roles,
     routes_schema,
-    routes_serverless,
 )
 from argon.control.services import Control
 from argon.errors import ArgonError, Unauthorized
@@ -35,12 +34,11 @@ def error_body(message: str, code: str = "") -> dict[str, Any]:
     return {"code": code, "message": message}
 
 
-def create_app(control: Control, serverless: routes_serverless.Serverless | None = None) -> FastAPI:
+def create_app(control: Control) -> FastAPI:
     app = FastAPI(title="Argon API", version=__version__, docs_url="/api/v2/docs", redoc_url=None,
                   openapi_url="/api/v2/openapi.json",
                   description="Neon-compatible management API v2 of a self-hosted Argon server.")
     app.state.control = control
-    app.state.serverless = serverless  # Neon's serverless driver: /sql and WebSockets
 
     @app.exception_handler(ArgonError)
     async def _argon_error(request: Request, exc: ArgonError) -> JSONResponse:
@@ -84,5 +82,4 @@ def create_app(control: Control, serverless: routes_serverless.Serverless | None
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    app.include_router(routes_serverless.router)
     return app
