@@ -1,6 +1,7 @@
 """What the proxy asks the control plane (its `ControlClient` seam): role verifiers and wakes.
 
-A pooled host's endpoint id (`<id>-pooler`) names the same compute (ADR 0007). A verifier is read live from the compute's `pg_authid` while it runs
+Endpoints arrive as compute ids: the proxy strips a pooled host's `-pooler` suffix when it routes
+(`argon.proxy.routing`; ADR 0007). A verifier is read live from the compute's `pg_authid` while it runs
 settled (one indexed lookup on the compute's admin session, ~0.2 ms), so a password changed
 through SQL works at once; otherwise the copy synced when the compute last stopped serves. Looking
 a verifier up changes nothing; `refresh_role_secret` (after a failed login) syncs it into the
@@ -34,7 +35,7 @@ class ProxyService:
     async def get_role_secret(self, endpoint_id: str, role: str) -> str | None:
         """The verifier the proxy checks a login against (None: unknown endpoint or role)."""
         plane = self.control.plane
-        ep = plane.find_endpoint(endpoint_id.removesuffix("-pooler"))
+        ep = plane.find_endpoint(endpoint_id)
         if ep is None or role == model.PLATFORM_ROLE:
             return None
         if self.control.computes.settled(ep.id):
@@ -61,7 +62,7 @@ class ProxyService:
         """After a failed login: take the compute's current verifier into the view (it may have been
         changed through SQL), then answer from the view."""
         plane = self.control.plane
-        ep = plane.find_endpoint(endpoint_id.removesuffix("-pooler"))
+        ep = plane.find_endpoint(endpoint_id)
         if ep is None or role == model.PLATFORM_ROLE:
             return None
         if plane.is_running(ep.id):
@@ -73,7 +74,6 @@ class ProxyService:
 
     async def wake(self, endpoint_id: str) -> ComputeAddress:
         plane = self.control.plane
-        endpoint_id = endpoint_id.removesuffix("-pooler")
         if plane.find_endpoint(endpoint_id) is None:
             raise ArgonError("Control plane request failed: endpoint cannot be found", kind=NotFound.kind)
         started = time.monotonic()
@@ -85,4 +85,4 @@ class ProxyService:
         return address
 
     def endpoint_exists(self, endpoint_id: str) -> bool:
-        return self.control.plane.find_endpoint(endpoint_id.removesuffix("-pooler")) is not None
+        return self.control.plane.find_endpoint(endpoint_id) is not None
