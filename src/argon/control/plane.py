@@ -224,7 +224,7 @@ class ControlPlane:
         return op
 
     async def add_event(self, endpoint_id: str, kind: model.EventKind, *, at: datetime | None = None,
-                        duration_ms: float | None = None, detail: str | None = None) -> None:
+                        duration_ms: float | None = None, detail: str = "") -> None:
         """Append to an endpoint's event log (wakes, suspends, cold-start times)."""
         await self.db(self.store.add_event, model.Event(endpoint_id=endpoint_id, kind=kind, at=at or model.utcnow(),
                                                         duration_ms=duration_ms, detail=detail))
