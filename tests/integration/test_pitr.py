@@ -18,7 +18,7 @@ import psycopg
 import pytest
 
 from argon import model
-from argon.storage.history import parse_lsn, segment_start
+from argon.storage.wal import parse_lsn, segment_start
 from tests.fixtures.platform import RunningPlatform
 from tests.integration.test_branches import branch, scalar, uri_of
 
