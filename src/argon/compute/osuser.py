@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from argon import safefs
+
 NOBODY_UID = 65534
 
 
@@ -25,6 +27,11 @@ class OsUser:
 
 def running_as_root() -> bool:
     return os.geteuid() == 0
+
+
+def project_user(os_uid: int | None) -> OsUser | None:
+    """The OS user of a project's computes (gid = uid), None when it has none (unprivileged)."""
+    return OsUser(os_uid, os_uid) if os_uid is not None else None
 
 
 def template_user() -> OsUser | None:
@@ -46,8 +53,5 @@ def popen_kwargs(user: OsUser | None) -> dict[str, Any]:
 
 
 def chown_tree(path: Path, user: OsUser) -> None:
-    """Give a whole tree to `user` (root only), without following symlinks."""
-    os.chown(path, user.uid, user.gid, follow_symlinks=False)
-    for root, dirs, files in os.walk(path):
-        for name in dirs + files:
-            os.chown(os.path.join(root, name), user.uid, user.gid, follow_symlinks=False)
+    """Give a whole tree to `user` (root only), never following a symlink (`argon.safefs`)."""
+    safefs.chown_tree(path, user)

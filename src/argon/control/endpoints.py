@@ -125,7 +125,8 @@ async def create_endpoint(plane: ControlPlane, project_id: str, branch_id: str, 
 async def delete_endpoint(plane: ControlPlane, project_id: str,
                           endpoint_id: str) -> tuple[model.Endpoint, list[model.Operation]]:
     import asyncio
-    import shutil
+
+    from argon import safefs
 
     async with plane.project_lock(project_id):
         ep = plane.endpoint(project_id, endpoint_id)
@@ -135,7 +136,29 @@ async def delete_endpoint(plane: ControlPlane, project_id: str,
                                           endpoint_id=ep.id))
         await plane.db(plane.store.delete, ep)
         plane.forget_endpoint(endpoint_id)
-        await asyncio.to_thread(shutil.rmtree, plane.layout.socket_dir(endpoint_id), True)
+        await asyncio.to_thread(safefs.rmtree, plane.layout.socket_dir(endpoint_id))
         if ep.type is model.EndpointType.READ_ONLY:
-            await asyncio.to_thread(shutil.rmtree, plane.layout.replica_dir(project_id, ep.branch_id, ep.id), True)
+            await asyncio.to_thread(safefs.rmtree, plane.layout.replica_dir(project_id, ep.branch_id, ep.id))
         return ep, ops
+
+
+async def read_log(plane: ControlPlane, project_id: str, endpoint_id: str, tail: int) -> str:
+    """The last `tail` lines of a compute's Postgres log. The log is the compute's own file: never
+    read through a link it put there, nor if it belongs to another user."""
+    import asyncio
+
+    from argon import safefs
+    from argon.compute.osuser import project_user
+
+    ep = plane.endpoint(project_id, endpoint_id)
+    path = (plane.layout.replica_dir(project_id, ep.branch_id, ep.id) / "log" / "postgres.log"
+            if ep.type is model.EndpointType.READ_ONLY else plane.layout.compute_log(project_id, ep.branch_id))
+    owner = project_user(plane.project(project_id).os_uid)
+    try:
+        data = await asyncio.to_thread(safefs.read_tail, path, limit=256 * tail, owner=owner)
+    except FileNotFoundError:
+        return ""
+    except OSError as exc:
+        raise UserError(f"the compute's log cannot be read: {exc}") from None
+    lines = data.decode(errors="replace").splitlines()
+    return "\n".join(lines[-tail:]) + ("\n" if lines else "")

@@ -14,11 +14,13 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from argon import model
+from argon import model, safefs
+from argon.compute.osuser import project_user
 from argon.storage import history as hs
 
 if TYPE_CHECKING:
@@ -34,16 +36,23 @@ class BranchFigures:
     allocated_bytes: int = 0
 
 
+def _files(path: Path) -> Iterator[tuple[int, list[str]]]:
+    try:
+        yield from safefs.walk(path)
+    except (FileNotFoundError, NotADirectoryError, safefs.UnsafePath):
+        return
+
+
 def _walk(path: Path) -> tuple[int, int]:
     """(sum of file sizes, each inode once; allocated bytes) under `path`. A file with n hard links
     (a branch's history base linked to its parent's snapshot) counts 1/n of its blocks at each link,
     so the branches of a project add up to what the disk holds."""
     size = allocated = 0
     seen: set[tuple[int, int]] = set()
-    for root, _dirs, files in os.walk(path):
+    for fd, files in _files(path):  # the compute's uid's tree: never into a link (safefs)
         for name in files:
             try:
-                st = os.lstat(os.path.join(root, name))
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
             except OSError:
                 continue
             allocated += st.st_blocks * 512 // max(1, st.st_nlink)
@@ -87,7 +96,8 @@ class Figures:
                     if epoch.end_lsn:
                         end = hs.parse_lsn(epoch.end_lsn)
                     elif install is not None:
-                        end = hs.parse_lsn(hs.control_data(install.bindir, pgdata).checkpoint_lsn)
+                        end = hs.parse_lsn(hs.control_data(install.bindir, pgdata,
+                                                           project_user(project.os_uid)).checkpoint_lsn)
                         end = max([end, *self._sampled_lsns(plane, project_id, branch.id)])
                     else:
                         continue

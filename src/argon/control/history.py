@@ -20,9 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import secrets
-import shutil
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -32,14 +30,14 @@ from typing import TYPE_CHECKING
 
 import psycopg
 
-from argon import model
+from argon import model, safefs
 from argon.compute import postmaster
 from argon.compute.admin import connect_admin
 from argon.compute.manager import ComputeSpec, prepare
-from argon.compute.osuser import OsUser, chown_tree
+from argon.compute.osuser import OsUser, project_user
 from argon.compute.params import gucs_for_cu
 from argon.compute.postmaster import ComputeStartError
-from argon.errors import StorageError, UserError
+from argon.errors import NotFound, StorageError, UserError
 from argon.storage import branching
 from argon.storage import history as hs
 from argon.storage.spares import template_key
@@ -62,7 +60,15 @@ class PointInTime:
 
 
 def branch_history(plane: ControlPlane, project_id: str, branch_id: str) -> hs.BranchHistory:
-    return hs.BranchHistory(plane.layout.branch_dir(project_id, branch_id) / "history")
+    try:
+        owner = project_user(plane.project(project_id).os_uid)
+    except NotFound:
+        owner = None
+    return hs.BranchHistory(plane.layout.branch_dir(project_id, branch_id) / "history", owner)
+
+
+def _user(project: model.Project) -> OsUser | None:
+    return project_user(project.os_uid)
 
 
 def enabled(project: model.Project) -> bool:
@@ -73,23 +79,25 @@ def _epoch_id() -> str:
     return f"e{int(time.time() * 1000):x}{secrets.token_hex(2)}"
 
 
-def _give(project: model.Project, *paths: Path) -> None:
-    if project.os_uid is not None:
-        for path in paths:
-            os.chown(path, project.os_uid, project.os_uid)
-
-
 def _make_wal_dir(history: hs.BranchHistory, project: model.Project, epoch_id: str) -> None:
-    wal = history.wal_dir(epoch_id)
-    wal.mkdir(mode=0o700, parents=True, exist_ok=True)
-    _give(project, history.root, history.epoch_dir(epoch_id), wal)
+    safefs.makedirs(history.wal_dir(epoch_id), owner=_user(project))
+
+
+def current_epoch(plane: ControlPlane, project_id: str, branch_id: str) -> hs.Epoch | None:
+    """The branch's current epoch; None without history, or when its manifest is unusable (the
+    compute's uid can write it: the branch then runs without point in time, and says so in the log)."""
+    try:
+        return branch_history(plane, project_id, branch_id).load().current
+    except hs.ManifestError as exc:
+        log.warning("branch %s runs without history: %s", branch_id, exc.user_message)
+        return None
 
 
 def archive_settings(plane: ControlPlane, project: model.Project, branch_id: str) -> dict[str, str]:
     """The compute's archiving GUCs: its WAL goes to the current epoch's archive, or nowhere."""
     if not enabled(project):
         return {"archive_mode": "off"}
-    current = branch_history(plane, project.id, branch_id).load().current
+    current = current_epoch(plane, project.id, branch_id)
     if current is None:
         return {"archive_mode": "off"}
     wal = branch_history(plane, project.id, branch_id).wal_dir(current.id)
@@ -112,7 +120,6 @@ def start_from_template(plane: ControlPlane, project: model.Project, branch_id: 
     history = branch_history(plane, project.id, branch_id)
     history.save(hs.Manifest((epoch,)))
     _make_wal_dir(history, project, epoch.id)
-    _give(project, history.manifest_path)
 
 
 def materialize_base(plane: ControlPlane, project: model.Project, branch_id: str) -> None:
@@ -134,18 +141,19 @@ async def materialize_base_soon(plane: ControlPlane, project: model.Project, bra
 def _template_snapshot(plane: ControlPlane, project: model.Project, history: hs.BranchHistory, epoch: hs.Epoch,
                        snap: hs.Snapshot) -> Path:
     path = history.snapshot_dir(epoch.id, snap.name)
-    if path.exists():
+    if safefs.lexists(path):
         return path
     template = plane.templates.get(project.pg_version)
     if template is None or template_key(template) != snap.template:
         raise StorageError("the base of this branch's history was a template that has since been rebuilt; "
                            "history before the branch's first suspend is not available")
+    safefs.makedirs(path.parent, owner=_user(project))
     tmp = path.with_name(f".tmp-{snap.name}-{secrets.token_hex(3)}")
-    plane.backend.clone_tree(template, tmp)
+    plane.spares.copy(template, tmp, _user(project))  # a root-owned template: copied where only root goes
     try:
-        os.rename(tmp, path)
+        safefs.rename(tmp, path)
     except OSError:  # another copy won
-        shutil.rmtree(tmp, ignore_errors=True)
+        safefs.rmtree(tmp)
     return path
 
 
@@ -160,16 +168,15 @@ def begin_epoch(plane: ControlPlane, project: model.Project, branch_id: str, pgd
     manifest = hs.Manifest() if fresh else history.load()
     install = plane.installs[project.pg_version]
     now = plane.clock()
-    snap, control = hs.describe_snapshot(install.bindir, pgdata, "base", now, consistent_lsn)
+    snap, control = hs.describe_snapshot(install.bindir, pgdata, "base", now, consistent_lsn, _user(project))
     label = hs.backup_label_fields(pgdata)
     epoch = hs.Epoch(id=_epoch_id(), started_at=now, start_lsn=snap.consistent_lsn,
                      timeline=label[1] if label else control.timeline, segsize=control.segsize, reason=reason,
                      snapshots=(snap,))
     base = history.snapshot_dir(epoch.id, "base")
     _make_wal_dir(history, project, epoch.id)
-    plane.backend.clone_tree(pgdata, base)
+    plane.backend.clone_tree(pgdata, base, owner=_user(project))
     history.save(manifest.with_epoch(epoch))
-    _give(project, history.manifest_path)
 
 
 def begin_epoch_from_parent(plane: ControlPlane, project: model.Project, branch_id: str, pgdata: Path,
@@ -190,7 +197,8 @@ def begin_epoch_from_parent(plane: ControlPlane, project: model.Project, branch_
     if pe is None or not pe.snapshots:
         return False
     install = plane.installs[project.pg_version]
-    control = hs.control_data(install.bindir, pgdata)
+    user = _user(project)
+    control = hs.control_data(install.bindir, pgdata, user)
     label = hs.backup_label_fields(pgdata)
     if label is not None:
         start, timeline = hs.parse_lsn(label[0]), label[1]
@@ -206,9 +214,9 @@ def begin_epoch_from_parent(plane: ControlPlane, project: model.Project, branch_
     snap = usable[-1]
     source = _template_snapshot(plane, project, parent, pe, snap) if snap.template else \
         parent.snapshot_dir(pe.id, snap.name)
-    if not source.is_dir():
+    if not safefs.is_dir(source):
         return False
-    own = sorted((seg[1], name) for name in os.listdir(pgdata / "pg_wal")
+    own = sorted((seg[1], name) for name in safefs.listdir(pgdata / "pg_wal")
                  if (seg := hs.segment_start(name, pe.segsize)) is not None and seg[0] == timeline)
     if not own:
         return False
@@ -225,29 +233,31 @@ def begin_epoch_from_parent(plane: ControlPlane, project: model.Project, branch_
     wal = history.wal_dir(epoch.id)
     archive, live = parent.wal_dir(pe.id), plane.layout.pgdata(project.id, parent_id) / "pg_wal"
     try:
-        for name in needed:
-            try:
-                os.link(archive / name, wal / name)
-            except FileNotFoundError:  # not archived yet: it is still in the parent's pg_wal...
+        # All of these are the compute's files: linked without following links, copied only when
+        # they are regular files of the project's uid (safefs).
+        with safefs.Dir(wal) as to, safefs.Dir(archive) as arch, safefs.Dir(live) as lv, \
+                safefs.Dir(pgdata / "pg_wal") as mine:
+            for name in needed:
                 try:
-                    shutil.copy2(live / name, wal / name)
-                except FileNotFoundError:  # ...unless it was archived and removed just now
-                    os.link(archive / name, wal / name)
-        # The copy's own segments, as copied: its first start replays them and may recycle them
-        # without archiving (they were not written there); the one it goes on writing is archived
-        # again, whole, when it is full.
-        for _lsn, name in own:
-            shutil.copy2(pgdata / "pg_wal" / name, wal / name)
+                    arch.link(name, to, name)
+                except FileNotFoundError:  # not archived yet: it is still in the parent's pg_wal...
+                    try:
+                        lv.copy(name, to, name, owner=user)
+                    except FileNotFoundError:  # ...unless it was archived and removed just now
+                        arch.link(name, to, name)
+            # The copy's own segments, as copied: its first start replays them and may recycle them
+            # without archiving (they were not written there); the one it goes on writing is archived
+            # again, whole, when it is full.
+            for _lsn, name in own:
+                mine.copy(name, to, name, owner=user)
         base = history.snapshot_dir(epoch.id, "base")
-        base.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        _give(project, base.parent)
-        hs.link_tree(source, base)
+        safefs.makedirs(base.parent, owner=user)
+        hs.link_tree(source, base, user)
     except OSError as exc:  # a segment gone from both places, or no hard links here
         log.info("branch %s: copying a history base (the parent's history could not be linked: %s)", branch_id, exc)
         hs.remove_tree(history.root)
         return False
     history.save(hs.Manifest((epoch,)))
-    _give(project, history.manifest_path)
     log.debug("branch %s: history base linked to %s/%s of %s, %d segment(s) of its WAL", branch_id, pe.id,
               snap.name, parent_id, len(needed))
     return True
@@ -261,16 +271,16 @@ def end_epoch(plane: ControlPlane, project: model.Project, branch_id: str, old_p
     history = branch_history(plane, project.id, branch_id)
     manifest = history.load()
     epoch = manifest.current
-    if epoch is None or not old_pgdata.exists():
+    if epoch is None or not safefs.is_dir(old_pgdata):
         return
     install = plane.installs[project.pg_version]
-    control = hs.control_data(install.bindir, old_pgdata)
+    control = hs.control_data(install.bindir, old_pgdata, _user(project))
     newest = epoch.snapshots[-1] if epoch.snapshots else None
     start = hs.parse_lsn(newest.redo_lsn) if newest else 0
     wal = history.wal_dir(epoch.id)
-    wal.mkdir(mode=0o700, parents=True, exist_ok=True)
+    safefs.makedirs(wal, owner=_user(project))
     plane.backend.copy_into(hs.wal_files(old_pgdata / "pg_wal", epoch.timeline, epoch.segsize, start), wal,
-                            tolerate_vanished=True)
+                            tolerate_vanished=True, owner=_user(project))
     history.save(manifest.with_epoch(epoch.replace(ended_at=plane.clock(), end_lsn=control.checkpoint_lsn)))
 
 
@@ -300,15 +310,16 @@ def after_stop(plane: ControlPlane, project: model.Project, branch_id: str) -> N
         return
     pgdata = plane.layout.pgdata(project.id, branch_id)
     install = plane.installs[project.pg_version]
-    control = hs.control_data(install.bindir, pgdata)
+    control = hs.control_data(install.bindir, pgdata, _user(project))
     newest = epoch.snapshots[-1] if epoch.snapshots else None
     wal_since = hs.parse_lsn(control.checkpoint_lsn) - (hs.parse_lsn(newest.consistent_lsn) if newest else 0)
     if control.state == "shut down" and control.timeline == epoch.timeline and \
             _snapshot_due(plane, project, epoch, wal_since):
         name = f"s{int(time.time() * 1000):x}"
         target = history.snapshot_dir(epoch.id, name)
-        branching.clone_stopped(plane.backend, pgdata, target, control)  # without recycled WAL
-        snap, _ = hs.describe_snapshot(install.bindir, target, name, plane.clock())
+        safefs.makedirs(target.parent, owner=_user(project))
+        branching.clone_stopped(plane.backend, pgdata, target, control, _user(project))  # without recycled WAL
+        snap, _ = hs.describe_snapshot(install.bindir, target, name, plane.clock(), owner=_user(project))
         epoch = epoch.replace(snapshots=(*epoch.snapshots, snap))
         manifest = manifest.with_epoch(epoch)
         history.save(manifest)
@@ -352,12 +363,7 @@ def prune(plane: ControlPlane, project: model.Project, branch_id: str) -> int:
 
 
 def _tree_bytes(path: Path) -> int:
-    total = 0
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(root, name)).st_blocks * 512
-    return total
+    return safefs.tree_bytes(path)
 
 
 async def maintain(plane: ControlPlane) -> None:
@@ -397,23 +403,23 @@ async def _snapshot_running(plane: ControlPlane, project: model.Project, branch_
             return
         name = f"s{int(time.time() * 1000):x}"
         target = history.snapshot_dir(epoch.id, name)
-        await asyncio.to_thread(target.parent.mkdir, 0o700, True, True)
+        await asyncio.to_thread(safefs.makedirs, target.parent, owner=_user(project))
         try:
             stop_lsn = await branching.clone_running(conn, plane.backend, plane.layout.pgdata(project.id, branch_id),
-                                                     target)
+                                                     target, _user(project))
         except BaseException:
-            await asyncio.to_thread(shutil.rmtree, target, True)
+            await asyncio.to_thread(safefs.rmtree, target)
             raise
     finally:
         await conn.close()
     install = plane.installs[project.pg_version]
 
     def record() -> None:
-        snap, _ = hs.describe_snapshot(install.bindir, target, name, plane.clock(), stop_lsn)
+        snap, _ = hs.describe_snapshot(install.bindir, target, name, plane.clock(), stop_lsn, _user(project))
         manifest = history.load()  # re-read: a stop may have added a snapshot meanwhile
         current = manifest.current
         if current is None or current.id != epoch.id:
-            shutil.rmtree(target, ignore_errors=True)
+            safefs.rmtree(target)
             return
         history.save(manifest.with_epoch(current.replace(snapshots=(*current.snapshots, snap))))
         log.info("online snapshot %s of branch %s taken at %s", name, branch_id, stop_lsn)
@@ -489,7 +495,7 @@ async def materialize(plane: ControlPlane, project: model.Project, branch: model
             finally:
                 await conn.close()
         else:
-            control = await asyncio.to_thread(hs.control_data, install.bindir, pgdata)
+            control = await asyncio.to_thread(hs.control_data, install.bindir, pgdata, _user(project))
             end_lsn = hs.parse_lsn(control.checkpoint_lsn)
     if point is not None and end_lsn is not None and point > end_lsn + 8192:
         raise UserError(f"LSN {lsn} is ahead of branch {branch.name!r} (its WAL ends at {hs.format_lsn(end_lsn)})")
@@ -506,18 +512,18 @@ async def materialize(plane: ControlPlane, project: model.Project, branch: model
         sources = [archived]
         if live is not None:
             sources.append(hs.wal_files(live, epoch.timeline, epoch.segsize, start))
-        hs.assemble(plane.backend, snapshot_dir, sources, target)
+        hs.assemble(plane.backend, snapshot_dir, sources, target, _user(project))
         # A segment archived and removed from pg_wal while we copied: take it from the archive now.
-        have = set(os.listdir(target / "pg_wal"))
+        have = set(safefs.listdir(target / "pg_wal"))
         late = [p for p in hs.wal_files(wal_dir, epoch.timeline, epoch.segsize, start) if p.name not in have]
-        plane.backend.copy_into(late, target / "pg_wal", tolerate_vanished=True)
+        plane.backend.copy_into(late, target / "pg_wal", tolerate_vanished=True, owner=_user(project))
 
     try:
         await asyncio.to_thread(lay_out)
         target_lsn: str | None
         if when is not None:
             target_lsn = await asyncio.to_thread(hs.first_commit_after, install.bindir, target / "pg_wal",
-                                                 snap.consistent_lsn, epoch.timeline, when)
+                                                 snap.consistent_lsn, epoch.timeline, when, _user(project))
         else:
             assert point is not None
             target_lsn = lsn if end_lsn is None or point <= end_lsn else None
@@ -527,7 +533,7 @@ async def materialize(plane: ControlPlane, project: model.Project, branch: model
                         and k != "recovery_target_inclusive"} | {"recovery_target": "immediate"}
         control = await _recover(plane, project, branch.id, target, settings)
     except BaseException:
-        await asyncio.to_thread(shutil.rmtree, target, True)
+        await asyncio.to_thread(safefs.rmtree, target)
         raise
     reached = target_lsn or control.redo_lsn
     log.info("rebuilt branch %s at %s (%s) in %.0f ms", branch.id, lsn or when, reached,
@@ -561,9 +567,7 @@ async def _recover(plane: ControlPlane, project: model.Project, branch_id: str, 
                    settings: dict[str, str]) -> hs.ControlData:
     """One recovery run of the assembled cluster: start it, wait until it promoted, stop it cleanly."""
     install = plane.installs[project.pg_version]
-    user = OsUser(project.os_uid, project.os_uid) if project.os_uid is not None else None
-    if user is not None:
-        await asyncio.to_thread(chown_tree, target, user)
+    user = _user(project)  # the assembled tree is the project's uid's already (copied as it)
     socket_dir = plane.layout.run_dir / f"rc-{secrets.token_hex(4)}"
     log_file = plane.layout.compute_log(project.id, branch_id).with_name("recovery.log")
     spec = ComputeSpec(endpoint_id=socket_dir.name, install=install, pgdata=target, socket_dir=socket_dir,
@@ -604,17 +608,17 @@ async def _recover(plane: ControlPlane, project: model.Project, branch_id: str, 
     finally:
         if pm.alive:
             pm.kill_group()
-        await asyncio.to_thread(shutil.rmtree, socket_dir, True)
-    control = await asyncio.to_thread(hs.control_data, install.bindir, target)
+        await asyncio.to_thread(safefs.rmtree, socket_dir)
+    control = await asyncio.to_thread(hs.control_data, install.bindir, target, user)
     await asyncio.to_thread(hs.tidy_after_recovery, target, control)
-    (target / "postgresql.auto.conf").write_text("")
+    await asyncio.to_thread(safefs.write_file, target / "postgresql.auto.conf", b"", owner=user)
     return control
 
 
 def _last_error(log_file: Path) -> str:
     """The last FATAL or PANIC line of a Postgres log, for an error message."""
     try:
-        lines = log_file.read_text(errors="replace").splitlines()[-200:]
+        lines = safefs.read_tail(log_file, limit=65536).decode(errors="replace").splitlines()[-200:]
     except OSError:
         return "no log"
     found = [line for line in lines if "FATAL:" in line or "PANIC:" in line]
@@ -631,7 +635,7 @@ async def cluster_at(plane: ControlPlane, project: model.Project, branch: model.
         async with plane.project_lock(project.id):
             await materialize(plane, project, branch, scratch, lsn=lsn, timestamp=timestamp)
         install = plane.installs[project.pg_version]
-        user = OsUser(project.os_uid, project.os_uid) if project.os_uid is not None else None
+        user = _user(project)
         socket_dir = plane.layout.run_dir / f"rd-{secrets.token_hex(4)}"
         log_file = plane.layout.compute_log(project.id, branch.id).with_name("point-in-time.log")
         spec = ComputeSpec(endpoint_id=socket_dir.name, install=install, pgdata=scratch, socket_dir=socket_dir,
@@ -649,6 +653,6 @@ async def cluster_at(plane: ControlPlane, project: model.Project, branch: model.
         finally:
             if pm.alive:
                 await pm.stop("immediate")
-            await asyncio.to_thread(shutil.rmtree, socket_dir, True)
+            await asyncio.to_thread(safefs.rmtree, socket_dir)
     finally:
-        await asyncio.to_thread(shutil.rmtree, scratch, True)
+        await asyncio.to_thread(safefs.rmtree, scratch)

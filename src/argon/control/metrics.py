@@ -21,7 +21,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 import psycopg
 
-from argon import model
+from argon import model, safefs
 from argon.compute.admin import connect_admin
 from argon.metadata.store import MetricSample, MetricTotals
 
@@ -119,15 +119,22 @@ def proc_times(pid: int) -> ProcTimes | None:
     return ProcTimes(pid=pid, cpu_seconds=ticks / tick, uptime_seconds=max(0.0, uptime - started))
 
 
+def _files(path: Path) -> Iterator[tuple[int, list[str]]]:
+    try:
+        yield from safefs.walk(path)
+    except (FileNotFoundError, NotADirectoryError, safefs.UnsafePath):
+        return
+
+
 def allocated_bytes(path: Path) -> tuple[int, int]:
     """(allocated bytes, apparent bytes of `base/`-like content) of a tree: st_blocks * 512, each
     hard-linked inode once. The second figure is the sum of file sizes."""
     allocated = apparent = 0
     seen: set[tuple[int, int]] = set()
-    for root, _dirs, files in os.walk(path):
+    for fd, files in _files(path):  # the compute's uid's tree: never into a link (safefs)
         for name in files:
             try:
-                st = os.lstat(os.path.join(root, name))
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
             except OSError:
                 continue  # removed while we walk (WAL recycling, a branch being deleted)
             if st.st_nlink > 1:
@@ -319,7 +326,7 @@ class MetricsSampler:
         """Every branch's storage (runs in a thread: a directory walk per branch)."""
         rows = []
         for project_id, branch_id, branch_dir, base, logical in targets:
-            if not branch_dir.exists():
+            if not safefs.is_dir(branch_dir):
                 continue  # deleted meanwhile
             allocated, _ = allocated_bytes(branch_dir)
             if logical is None:  # never seen running: the files pg_database_size adds up

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 import psycopg
 
-from argon import model
+from argon import model, safefs
 from argon.compute.admin import connect_admin
 from argon.compute.binaries import PgInstall
 from argon.compute.extensions import ExtensionSupport
@@ -400,7 +400,7 @@ class ControlPlane:
         if history.branch_history(self, project.id, ep.branch_id).exists():
             return
         pgdata = self.layout.pgdata(project.id, ep.branch_id)
-        if project.pg_version not in self.installs or not (pgdata / "PG_VERSION").exists():
+        if project.pg_version not in self.installs or not safefs.lexists(pgdata / "PG_VERSION"):
             return
         try:
             await asyncio.to_thread(history.begin_epoch, self, project, ep.branch_id, pgdata,

@@ -10,18 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from argon import ids, model
+from argon import ids, model, safefs
 from argon.compute.osuser import OsUser, running_as_root
 from argon.control import history
 from argon.errors import StorageError, UserError
-from argon.storage.clone import chown_tree
 from argon.wire.scram import ScramSecret
 
 if TYPE_CHECKING:
@@ -95,7 +92,7 @@ async def create_project(plane: ControlPlane, req: ProjectRequest) -> CreatedPro
     try:
         await asyncio.to_thread(_make_branch_data, plane, pid, template, pgdata, uid)
     except BaseException as exc:
-        await asyncio.to_thread(shutil.rmtree, plane.layout.project_dir(pid), True)  # never a half project
+        await asyncio.to_thread(safefs.rmtree, plane.layout.project_dir(pid))  # never a half project
         if isinstance(exc, OSError):
             raise StorageError(f"could not create the project's data directory: {exc.strerror or exc}. "
                                "Check free disk space and permissions of the data directory.") from exc
@@ -133,7 +130,7 @@ async def create_project(plane: ControlPlane, req: ProjectRequest) -> CreatedPro
     try:
         database = await plane.db(write)
     except Exception:
-        await asyncio.to_thread(shutil.rmtree, plane.layout.project_dir(pid), True)
+        await asyncio.to_thread(safefs.rmtree, plane.layout.project_dir(pid))
         raise
     for obj in (project, branch, endpoint, role):
         plane.remember(obj)
@@ -174,15 +171,20 @@ def _allocate_uid(plane: ControlPlane) -> int:
 
 
 def _make_branch_data(plane: ControlPlane, project_id: str, template: Path, pgdata: Path, uid: int | None) -> None:
+    """The project's tree, built while it is still root's (0700): its uid gets the project
+    directory last, so it never sees the tree before it is complete."""
     project_dir = plane.layout.project_dir(project_id)
     project_dir.mkdir(mode=0o700, parents=True, exist_ok=False)
-    pgdata.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if not plane.spares.claim(template, pgdata):  # a ready copy is a rename; else copy now
-        plane.backend.clone_tree(template, pgdata)
-    plane.layout.compute_log(project_id, pgdata.parent.name).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if uid is not None:
-        chown_tree(project_dir, OsUser(uid, uid))
-    os.chmod(pgdata, 0o700)
+    user = OsUser(uid, uid) if uid is not None else None
+    log_dir = plane.layout.compute_log(project_id, pgdata.parent.name).parent
+    for path in (pgdata.parent, log_dir):
+        safefs.makedirs(path)
+    plane.spares.take(template, pgdata, user)  # a ready copy is a rename; else copy now
+    with safefs.parent(pgdata) as (d, name):
+        d.chmod_dir(name, 0o700)
+    if user is not None:
+        for path in (log_dir, pgdata.parent, pgdata.parent.parent, project_dir):
+            safefs.chown(path, user)
 
 
 async def update_project(plane: ControlPlane, project_id: str, *, name: str | None = None,
@@ -218,8 +220,8 @@ async def delete_project(plane: ControlPlane, project_id: str) -> model.Project:
             await plane.stop_compute(ep.id, reason="project deleted", mode="immediate", record=False)
         await plane.db(plane.store.delete_project_rows, project_id)
         plane.forget_project(project_id)
-        await asyncio.to_thread(shutil.rmtree, plane.layout.project_dir(project_id), True)
+        await asyncio.to_thread(safefs.rmtree, plane.layout.project_dir(project_id))
         for ep in endpoints:
-            await asyncio.to_thread(shutil.rmtree, plane.layout.socket_dir(ep.id), True)
+            await asyncio.to_thread(safefs.rmtree, plane.layout.socket_dir(ep.id))
     log.info("project %s deleted", project_id)
     return project
