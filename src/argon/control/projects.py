@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from argon import ids, model, safefs
-from argon.compute.osuser import OsUser, running_as_root
+from argon.compute.osuser import OsUser, kill_all, running_as_root
 from argon.control import history
 from argon.errors import StorageError, UserError
 from argon.wire.scram import ScramSecret
@@ -87,7 +87,7 @@ async def create_project(plane: ControlPlane, req: ProjectRequest) -> CreatedPro
         raise UserError(f"PostgreSQL {version} has no template yet; try again in a moment")
 
     pid, bid, eid = ids.project_id(), ids.branch_id(), ids.endpoint_id()
-    uid = await plane.db(_allocate_uid, plane) if running_as_root() else None
+    uid = await plane.db(_allocate_uid, plane, pid) if running_as_root() else None
     pgdata = plane.layout.pgdata(pid, bid)
     try:
         await asyncio.to_thread(_make_branch_data, plane, pid, template, pgdata, uid)
@@ -162,11 +162,15 @@ async def first_start(plane: ControlPlane, op: model.Operation, *, reason: str =
                                                    total_duration_ms=int((time.monotonic() - started) * 1000)))
 
 
-def _allocate_uid(plane: ControlPlane) -> int:
-    used = plane.store.used_uids()
-    uid = plane.settings.compute_uid_base
-    while uid in used:
-        uid += 1
+def _allocate_uid(plane: ControlPlane, project_id: str) -> int:
+    """A uid no project ever had (ADR 0013: processes or files a deleted project left on the host
+    must never reach a new one)."""
+    s = plane.settings
+    uid = plane.store.allocate_uid(s.compute_uid_base, s.compute_uid_count, project_id, model.utcnow())
+    if uid is None:
+        raise StorageError(f"all {s.compute_uid_count} compute uids from {s.compute_uid_base} on have been given to "
+                           "projects (a uid is never reused); raise ARGON_COMPUTE_UID_COUNT or move "
+                           "ARGON_COMPUTE_UID_BASE to a free range", retryable=False)
     return uid
 
 
@@ -220,8 +224,15 @@ async def delete_project(plane: ControlPlane, project_id: str) -> model.Project:
             await plane.stop_compute(ep.id, reason="project deleted", mode="immediate", record=False)
         await plane.db(plane.store.delete_project_rows, project_id)
         plane.forget_project(project_id)
+        if project.os_uid is not None and running_as_root():  # nothing may run as a deleted project's uid
+            killed = await asyncio.to_thread(kill_all, project.os_uid)
+            if killed:
+                log.warning("project %s: killed %d process(es) still running as its uid %d", project_id, killed,
+                            project.os_uid)
         await asyncio.to_thread(safefs.rmtree, plane.layout.project_dir(project_id))
         for ep in endpoints:
             await asyncio.to_thread(safefs.rmtree, plane.layout.socket_dir(ep.id))
+        if project.os_uid is not None:
+            await plane.db(plane.store.release_uid, project.os_uid, model.utcnow())
     log.info("project %s deleted", project_id)
     return project
