@@ -9,9 +9,10 @@ a symlink, a hard link to someone else's file, or a FIFO. So every operation her
   operator's symlinked data directory works; a tenant's link raises `UnsafePath`). `..` is refused;
 - then acts relative to the directory it opened (`dir_fd`), so a name swapped after the check
   changes nothing;
-- writes a file as a new temp file renamed over the name (never through an existing inode), handed
-  over with `fchown`; opens a log `O_NOFOLLOW` and checks it is a regular file of its owner with
-  one link, else replaces it;
+- writes (or opens for appending) a file `O_NOFOLLOW | O_NONBLOCK` and keeps it only if it is a
+  regular file of its owner (or ours) with one link, else removes it and makes a new one, handed
+  over with `fchown`; or, where a crash must leave the old content or the new, writes a temp file
+  renamed over the name;
 - reads tenant-writable files `O_NOFOLLOW | O_NONBLOCK`, regular files only, with a size cap: a
   FIFO must not hang a thread, `/dev/zero` must not fill memory;
 - walks, removes and gives away (`lchown`, the top directory last) trees by directory fd, opening
@@ -167,22 +168,36 @@ class Dir:
         return os.listdir(self.fd)
 
     def write(self, name: str, data: bytes | str, *, owner: Owner | None = None, mode: int = 0o600,
-              sync: bool = False) -> None:
-        """Replace `name` with a new file holding `data` (a temp file renamed over it: whatever the
-        name was, a link included, nothing is written through it)."""
+              atomic: bool = False) -> None:
+        """Make `name` a file of `owner` holding `data`, never writing through what a tenant put
+        there: an existing file is rewritten only if it is a regular file of the owner's (or ours)
+        with one link, opened `O_NOFOLLOW`; anything else (a link, a FIFO, a hard link to someone
+        else's file) is removed and a new file made. `atomic`: write a temp file, fsync it and rename
+        it over the name, so a crash leaves the old content or the new (slower: on ext4 a rename
+        over a file flushes it)."""
         raw = data.encode() if isinstance(data, str) else data
+        if not atomic:
+            fd = self._open_own(name, os.O_RDWR, owner, mode)
+            try:
+                # Unchanged (a restart): leave it. Else overwrite, then cut: never truncate to zero,
+                # which ext4 answers with a flush of the file at close (milliseconds on a busy disk).
+                if os.fstat(fd).st_size != len(raw) or _read_up_to(fd, len(raw)) != raw:
+                    os.lseek(fd, 0, os.SEEK_SET)
+                    _write_all(fd, raw)
+                    os.ftruncate(fd, len(raw))
+                os.fchmod(fd, mode)
+            finally:
+                os.close(fd)
+            return
         tmp = f".{name[:64]}.argon-{secrets.token_hex(4)}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=self.fd)
         try:
             try:
-                view = memoryview(raw)
-                while view:
-                    view = view[os.write(fd, view):]
+                _write_all(fd, raw)
                 os.fchmod(fd, mode)
                 if owner is not None:
                     os.fchown(fd, owner.uid, owner.gid)
-                if sync:
-                    os.fsync(fd)
+                os.fsync(fd)
             finally:
                 os.close(fd)
             os.rename(tmp, name, src_dir_fd=self.fd, dst_dir_fd=self.fd)
@@ -190,6 +205,29 @@ class Dir:
             with contextlib.suppress(OSError):
                 os.unlink(tmp, dir_fd=self.fd)
             raise
+
+    def _open_own(self, name: str, flags: int, owner: Owner | None, mode: int = 0o600) -> int:
+        """`name` opened for writing (created `mode` if missing) and given to `owner`: only ever a
+        regular file with one link that is the owner's or ours (a root file of one link cannot be in
+        the owner's tree unless root made it there); whatever else is there is removed first."""
+        for _ in range(3):
+            try:
+                fd = os.open(name, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode,
+                             dir_fd=self.fd)
+            except OSError as exc:
+                if exc.errno not in (errno.ELOOP, errno.ENXIO, errno.EISDIR, errno.EWOULDBLOCK):
+                    raise
+                self.remove(name)
+                continue
+            st = os.fstat(fd)
+            if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_uid in ((owner or _Self).uid, os.geteuid()):
+                os.set_blocking(fd, True)
+                if owner is not None and (st.st_uid, st.st_gid) != (owner.uid, owner.gid):
+                    os.fchown(fd, owner.uid, owner.gid)
+                return fd
+            os.close(fd)
+            self.remove(name)
+        raise UnsafePath(self.path / name, "keeps being replaced while Argon opens it")
 
     def _open_regular(self, name: str, owner: Owner | None) -> tuple[int, os.stat_result]:
         try:
@@ -230,28 +268,8 @@ class Dir:
             os.close(fd)
 
     def open_append(self, name: str, *, owner: Owner | None = None) -> int:
-        """An fd appending to the log `name` (created 0600 for `owner`): never a link, a FIFO or a
-        file of anyone else; such a thing is removed and a fresh file made in its place."""
-        for _ in range(3):
-            try:
-                fd = os.open(name, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
-                             | os.O_CLOEXEC, 0o600, dir_fd=self.fd)
-            except OSError as exc:
-                if exc.errno not in (errno.ELOOP, errno.ENXIO, errno.EISDIR, errno.EWOULDBLOCK):
-                    raise
-                self.remove(name)
-                continue
-            st = os.fstat(fd)
-            # One link and ours or the owner's: what we just created, or the log of an earlier start. (A
-            # root file of one link cannot be in the owner's tree unless root made it there.)
-            if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_uid in ((owner or _Self).uid, os.geteuid()):
-                os.set_blocking(fd, True)
-                if owner is not None and (st.st_uid, st.st_gid) != (owner.uid, owner.gid):
-                    os.fchown(fd, owner.uid, owner.gid)
-                return fd
-            os.close(fd)
-            self.remove(name)
-        raise UnsafePath(self.path / name, "keeps being replaced while Argon opens it")
+        """An fd appending to the log `name` (created 0600 for `owner`), by the rules of `write`."""
+        return self._open_own(name, os.O_WRONLY | os.O_APPEND, owner)
 
     def mkdir(self, name: str, *, mode: int = 0o700, owner: Owner | None = None, exist_ok: bool = True) -> None:
         """Make the directory `name` (owned by `owner` when new); an existing one must be a real
@@ -313,6 +331,12 @@ class Dir:
             os.close(src)
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def _read_up_to(fd: int, limit: int) -> bytes:
     chunks, left = [], limit
     while left > 0:
@@ -335,9 +359,9 @@ def parent(path: str | os.PathLike[str]) -> Iterator[tuple[Dir, str]]:
 # --- One-call forms of the above, by path -----------------------------------------------------------------
 
 def write_file(path: str | os.PathLike[str], data: bytes | str, *, owner: Owner | None = None, mode: int = 0o600,
-               sync: bool = False) -> None:
+               atomic: bool = False) -> None:
     with parent(path) as (d, name):
-        d.write(name, data, owner=owner, mode=mode, sync=sync)
+        d.write(name, data, owner=owner, mode=mode, atomic=atomic)
 
 
 def read_file(path: str | os.PathLike[str], *, limit: int, owner: Owner | None = None) -> bytes:

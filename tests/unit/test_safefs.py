@@ -50,14 +50,21 @@ def test_paths_must_be_absolute_and_without_dotdot(tenant: Path) -> None:
         safefs.open_dir("relative/path")
 
 
-def test_write_replaces_a_link_instead_of_writing_through_it(tenant: Path, secret: Path) -> None:
-    (tenant / "pg_ident.conf").symlink_to(secret)
-    safefs.write_file(tenant / "pg_ident.conf", "mine\n", owner=TENANT if os.geteuid() == 0 else None)
-    assert untouched(secret)
-    st = (tenant / "pg_ident.conf").lstat()
-    assert stat.S_ISREG(st.st_mode) and (tenant / "pg_ident.conf").read_text() == "mine\n"
-    assert st.st_uid == (TENANT.uid if os.geteuid() == 0 else os.geteuid())
-    assert [p.name for p in tenant.iterdir()] == ["pg_ident.conf"]  # no temp file left
+@pytest.mark.parametrize("atomic", [False, True])
+def test_writes_replace_links_fifos_and_hard_links_instead_of_writing_through(tenant: Path, secret: Path,
+                                                                               atomic: bool) -> None:
+    conf = tenant / "pg_ident.conf"
+    owner = TENANT if os.geteuid() == 0 else None
+    for plant in (lambda: conf.symlink_to(secret), lambda: os.mkfifo(conf), lambda: os.link(secret, conf), None):
+        if plant is not None:
+            plant()
+        safefs.write_file(conf, "mine\n", owner=owner, atomic=atomic)
+        assert untouched(secret)
+        st = conf.lstat()
+        assert stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and conf.read_text() == "mine\n"
+        assert st.st_uid == (TENANT.uid if os.geteuid() == 0 else os.geteuid())
+        assert [p.name for p in tenant.iterdir()] == ["pg_ident.conf"]  # no temp file left
+        conf.unlink()
 
 
 def test_reads_refuse_links_fifos_and_huge_files(tenant: Path, secret: Path) -> None:

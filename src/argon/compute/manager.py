@@ -37,8 +37,8 @@ class ComputeSpec:
 
 def prepare(spec: ComputeSpec) -> None:
     """Config files and a 0700 socket dir owned by the compute's user. The compute's uid owns the
-    data directory and may have replaced anything in it with a link: every file is written as a
-    new one renamed into place and every path resolved without following its links (`safefs`)."""
+    data directory and may have replaced anything in it with a link: no file is written through
+    one, and no path resolved by following one (`argon.safefs`)."""
     owner = spec.user if running_as_root() else None
     try:
         with safefs.Dir(spec.pgdata) as d:

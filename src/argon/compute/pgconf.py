@@ -64,8 +64,8 @@ def render_ident(argon_os_user: str) -> str:
 
 def write_config(pgdata: Path, socket_dir: Path, gucs: Mapping[str, str], argon_os_user: str,
                  owner: safefs.Owner | None = None) -> None:
-    """Write the four files, each a new file renamed into place (`argon.safefs`: the compute's uid
-    owns `pgdata` and may have put links there) and given to `owner`, the compute's user."""
+    """Write the four files, given to `owner`, the compute's user (`argon.safefs`: the compute's uid
+    owns `pgdata` and may have put links, FIFOs or hard links to root's files there)."""
     with safefs.Dir(pgdata) as d:
         d.write("postgresql.conf", render_conf(socket_dir, gucs), owner=owner)
         d.write("postgresql.auto.conf", "# Managed by Argon (ALTER SYSTEM is for the platform only).\n", owner=owner)

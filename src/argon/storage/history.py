@@ -217,7 +217,7 @@ class BranchHistory:
         """Atomically (write a temp file, fsync, rename): a crash leaves the old or the new manifest."""
         safefs.makedirs(self.root, owner=self.owner)
         text = json.dumps({"version": MANIFEST_VERSION, "epochs": [e.to_json() for e in manifest.epochs]}, indent=1)
-        safefs.write_file(self.manifest_path, text, owner=self.owner, sync=True)
+        safefs.write_file(self.manifest_path, text, owner=self.owner, atomic=True)
 
     def epoch_dir(self, epoch_id: str) -> Path:
         return self.root / _check_name(epoch_id)
