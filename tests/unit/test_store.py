@@ -69,7 +69,7 @@ def test_api_keys_are_stored_hashed(tmp_path: Path) -> None:
 
 
 def test_compute_uids_are_never_given_twice(tmp_path: Path) -> None:
-    """A deleted project's uid stays taken (ADR 0015); the range ends where it says."""
+    """A deleted project's uid stays taken (ADR 0016); the range ends where it says."""
     store = _store(tmp_path)
     now = model.utcnow()
     first = store.allocate_uid(5000, 3, "p1", now)

@@ -163,7 +163,7 @@ async def first_start(plane: ControlPlane, op: model.Operation, *, reason: str =
 
 
 def _allocate_uid(plane: ControlPlane, project_id: str) -> int:
-    """A uid no project ever had (ADR 0015: processes or files a deleted project left on the host
+    """A uid no project ever had (ADR 0016: processes or files a deleted project left on the host
     must never reach a new one)."""
     s = plane.settings
     uid = plane.store.allocate_uid(s.compute_uid_base, s.compute_uid_count, project_id, model.utcnow())

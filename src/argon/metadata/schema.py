@@ -179,7 +179,7 @@ metric_samples = Table(
 
 # Every OS uid ever given to a project's computes (when Argon runs as root). A uid is never given
 # again, even after its project is deleted: a process or file it left anywhere on the host must not
-# reach a new project (ADR 0015).
+# reach a new project (ADR 0016).
 compute_uids = Table(
     "compute_uids", metadata,
     Column("uid", Integer, primary_key=True, autoincrement=False),

@@ -229,7 +229,7 @@ class Store:
     def allocate_uid(self, base: int, count: int, project_id: str, now: datetime) -> int | None:
         """The next uid of [base, base + count), above every uid of the range ever given to a project
         (and every one a project holds: data from before uids were recorded), recorded as given to
-        `project_id`; None when the range is used up. A uid is never given twice (ADR 0015)."""
+        `project_id`; None when the range is used up. A uid is never given twice (ADR 0016)."""
         t = schema.compute_uids
         with self.transaction(), self._conn() as conn:
             recorded = conn.execute(select(func.max(t.c.uid)).where(t.c.uid >= base, t.c.uid < base + count)).scalar()
