@@ -1,7 +1,7 @@
 """Host isolation as root: code running as a project's compute uid (what per-project uids exist to
 contain) plants links, FIFOs and forged files wherever root works in its tree, then the platform
 starts, stops, branches, restores, prunes, reconciles and deletes. Root's files outside stay as
-they were, and no other project is touched (docs/security-files.md). Root only (CI runs as root)."""
+they were, and no other project is touched (docs/security.md, section 9). Root only (CI runs as root)."""
 
 from __future__ import annotations
 
