@@ -27,6 +27,7 @@ from argon import model
 from argon.api.app import create_app
 from argon.compute import extensions
 from argon.compute.binaries import PgInstall, discover
+from argon.compute.osuser import check_uid_range, claim_uid_range, host_ids, uid_range_conflicts
 from argon.compute.template import ensure_template, initdb_settings
 from argon.console.routes import mount_console, sign_in_link
 from argon.control.apikeys import new_key
@@ -92,14 +93,22 @@ class Platform:
         self._http: _QuietServer | None = None
         self._http_task: asyncio.Task[None] | None = None
         self._lock_fd: int | None = None  # the data directory's lock (Layout.lock)
+        self._uid_range_fd: int | None = None  # this host's claim on the compute uid range (root only)
         self.info = StartInfo()
 
     async def start(self) -> StartInfo:
         started = time.monotonic()
         s = self.settings
         raise_fd_limit()
+        host = host_ids() if os.geteuid() == 0 else None
+        if host is not None:  # per-project uids: they must be Argon's alone
+            refused = check_uid_range(s.compute_uid_base, s.compute_uid_count, host)
+            if refused:
+                raise ConfigError(refused)
         self.layout.init()
         self._lock_fd = self.layout.lock()
+        if host is not None:
+            self._uid_range_fd = claim_uid_range(s.compute_uid_base, s.compute_uid_count, self.layout.data_dir)
         self.layout.protect_metadata()
         installs = await asyncio.to_thread(discover, s.pg_bindirs, self.layout.runtime_dir)
         if not installs:
@@ -118,6 +127,10 @@ class Platform:
         control = Control.build(plane)
         self.plane, self.control = plane, control
         await control.load()
+        for project in plane.projects() if host is not None else ():
+            if project.os_uid is not None and (clash := uid_range_conflicts(project.os_uid, 1, **host)):
+                log.warning("project %s runs as uid %d, which is not Argon's alone (%s): move its files to a free "
+                            "uid", project.id, project.os_uid, "; ".join(clash))
 
         for major, install in sorted(installs.items()):
             t0 = time.monotonic()
@@ -239,9 +252,10 @@ class Platform:
             await plane.commit(put=idle)
             await self.control.close()
             plane.store.close()
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        for fd in (self._lock_fd, self._uid_range_fd):
+            if fd is not None:
+                os.close(fd)
+        self._lock_fd = self._uid_range_fd = None
 
 
 _FD_CEILING = 1 << 20  # some hard limits are ~2**30; programs that close every possible fd crawl with those

@@ -3,6 +3,7 @@ archive command, reading commit records from pg_waldump's output."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -45,7 +46,7 @@ def test_manifest_round_trip(tmp_path: Path) -> None:
     assert [e.id for e in loaded.epochs] == ["e1", "e2"] and loaded.current and loaded.current.id == "e2"
     assert loaded.epochs[0] == later and loaded.epochs[0].snapshots[0] == snap
     assert [e.id for e in loaded.without("e1").epochs] == ["e2"]
-    assert not list(history.root.glob("*.tmp"))
+    assert [p.name for p in history.root.iterdir()] == ["manifest.json"]  # no temp file left
 
 
 def test_archive_command_quotes_odd_paths(tmp_path: Path) -> None:
@@ -78,3 +79,19 @@ def test_recovery_settings() -> None:
     to_lsn = wal.recovery_settings("0/1000")
     assert to_lsn["recovery_target_lsn"] == "0/1000" and to_lsn["recovery_target_inclusive"] == "off"
     assert to_lsn["archive_mode"] == "off"  # a rebuild never archives into anybody's history
+
+
+@pytest.mark.parametrize("change", [{"id": "/etc"}, {"id": "../../other-project"}, {"id": ""}, {"segsize": 1},
+                                    {"segsize": 3 << 20}, {"timeline": "1; rm"}, {"start_lsn": "x"},
+                                    {"snapshots": [{"name": "../../x", "taken_at": "2026-01-01T00:00:00+00:00",
+                                                    "redo_lsn": "0/1", "consistent_lsn": "0/1"}]}])
+def test_a_tampered_manifest_is_refused(tmp_path: Path, change: dict[str, object]) -> None:
+    """The compute's uid can write the manifest: no name in it may lead root out of the history
+    directory, no number may make a loop run for ever."""
+    epoch = {"id": "e1", "started_at": "2026-01-01T00:00:00+00:00", "start_lsn": "0/1", "timeline": 1,
+             "segsize": 1 << 20, "snapshots": []}
+    (tmp_path / "manifest.json").write_text(json.dumps({"version": 1, "epochs": [{**epoch, **change}]}))
+    with pytest.raises(hs.ManifestError):
+        hs.BranchHistory(tmp_path).load()
+    with pytest.raises(ValueError):
+        hs.BranchHistory(tmp_path).epoch_dir("/etc")

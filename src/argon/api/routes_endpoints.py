@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
@@ -18,6 +17,7 @@ from argon.control.endpoints import (
     check_suspend_timeout,
     create_endpoint,
     delete_endpoint,
+    read_log,
     restart_endpoint,
     start_endpoint,
     suspend_endpoint,
@@ -100,23 +100,7 @@ async def restart(control: Authorized, project_id: str, endpoint_id: str) -> dic
             summary="The compute's PostgreSQL log (Argon extension)")
 async def logs(control: Authorized, project_id: str, endpoint_id: str,
                tail: Annotated[int, Query(ge=1, le=100000)] = 200) -> PlainTextResponse:
-    plane = control.plane
-    ep = plane.endpoint(project_id, endpoint_id)
-    path = (plane.layout.replica_dir(project_id, ep.branch_id, ep.id) / "log" / "postgres.log"
-            if ep.type is model.EndpointType.READ_ONLY else plane.layout.compute_log(project_id, ep.branch_id))
-
-    def read() -> str:
-        try:
-            with open(path, "rb") as f:
-                f.seek(0, 2)
-                size = f.tell()
-                f.seek(max(0, size - 256 * tail))
-                lines = f.read().decode(errors="replace").splitlines()
-        except FileNotFoundError:
-            return ""
-        return "\n".join(lines[-tail:]) + ("\n" if lines else "")
-
-    return PlainTextResponse(await asyncio.to_thread(read))
+    return PlainTextResponse(await read_log(control, project_id, endpoint_id, tail))
 
 
 @router.get("/projects/{project_id}/endpoints/{endpoint_id}/events",

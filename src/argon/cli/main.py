@@ -239,6 +239,12 @@ def config_check(**flags: Any) -> None:
         parent = parent.parent
     if not os.access(parent, os.W_OK):
         problems.append(f"data directory {settings.data_dir} is not writable")
+    if os.geteuid() == 0:
+        from argon.compute.osuser import check_uid_range
+
+        refused = check_uid_range(settings.compute_uid_base, settings.compute_uid_count)
+        if refused:
+            problems.append(refused)
     from argon.compute.binaries import discover
 
     try:

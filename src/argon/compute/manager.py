@@ -10,11 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from argon import safefs
 from argon.compute import postmaster
 from argon.compute.admin import AdminSession
 from argon.compute.binaries import PgInstall
@@ -39,25 +39,32 @@ class ComputeSpec:
 
 
 def prepare(spec: ComputeSpec) -> None:
-    """Config files and a 0700 socket dir owned by the compute's user."""
-    if not (spec.pgdata / "PG_VERSION").exists():
+    """Config files and a 0700 socket dir owned by the compute's user. The compute's uid owns the
+    data directory and may have replaced anything in it with a link: no file is written through
+    one, and no path resolved by following one (`argon.safefs`)."""
+    owner = spec.user if running_as_root() else None
+    try:
+        with safefs.Dir(spec.pgdata) as d:
+            complete = d.exists("PG_VERSION")
+    except FileNotFoundError:
+        complete = False
+    except OSError as exc:
+        raise ComputeStartError(f"the data directory {spec.pgdata} is unusable: {exc}") from None
+    if not complete:
         raise ComputeStartError(f"the data directory {spec.pgdata} is missing or incomplete")
-    postmaster.clear_stale_lock(spec.pgdata, spec.socket_dir)
-    write_config(spec.pgdata, spec.socket_dir, spec.gucs, spec.argon_os_user)
-    if spec.standby:
-        (spec.pgdata / "standby.signal").touch()
-    spec.socket_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(spec.socket_dir, 0o700)
-    spec.log_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if spec.user is not None and running_as_root():
+    try:
+        postmaster.clear_stale_lock(spec.pgdata, spec.socket_dir)
+        write_config(spec.pgdata, spec.socket_dir, spec.gucs, spec.argon_os_user, owner)
         if spec.standby:
-            os.chown(spec.pgdata / "standby.signal", spec.user.uid, spec.user.gid)
-        for path in (spec.pgdata / "postgresql.conf", spec.pgdata / "postgresql.auto.conf",
-                     spec.pgdata / "pg_hba.conf", spec.pgdata / "pg_ident.conf", spec.socket_dir,
-                     spec.log_file.parent):
-            os.chown(path, spec.user.uid, spec.user.gid)
-        if spec.log_file.exists():
-            os.chown(spec.log_file, spec.user.uid, spec.user.gid)
+            safefs.write_file(spec.pgdata / "standby.signal", b"", owner=owner)
+        for directory in (spec.socket_dir, spec.log_file.parent):
+            safefs.makedirs(directory, owner=owner)
+            with safefs.parent(directory) as (parent, name):
+                parent.chmod_dir(name, 0o700)
+                if owner is not None:
+                    parent.chown(name, owner)
+    except safefs.UnsafePath as exc:
+        raise ComputeStartError(f"refusing to start: {exc}") from None
 
 
 class ComputeManager:
@@ -98,7 +105,7 @@ class ComputeManager:
         return pm
 
     def adopt(self, spec: ComputeSpec) -> Postmaster | None:
-        pm = postmaster.adopt(spec.pgdata, spec.log_file)
+        pm = postmaster.adopt(spec.pgdata, spec.log_file, spec.user)
         if pm is None:
             return None
         self._running[spec.endpoint_id] = pm

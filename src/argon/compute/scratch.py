@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import shutil
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from argon import safefs
 from argon.compute import postmaster
 from argon.compute.binaries import PgInstall
 from argon.compute.manager import ComputeSpec, prepare
@@ -55,13 +55,13 @@ async def scratch_postmaster(install: PgInstall, pgdata: Path, *, run_dir: Path,
     finally:
         if pm.alive:
             pm.kill_group()
-        await asyncio.to_thread(shutil.rmtree, socket_dir, True)
+        await asyncio.to_thread(safefs.rmtree, socket_dir)
 
 
 def last_error(log_file: Path) -> str:
     """The last FATAL or PANIC line of a Postgres log (or its last line), for an error message."""
     try:
-        lines = log_file.read_text(errors="replace").splitlines()[-200:]
+        lines = safefs.read_tail(log_file, limit=65536).decode(errors="replace").splitlines()[-200:]
     except OSError:
         return "no log"
     found = [line for line in lines if "FATAL:" in line or "PANIC:" in line]

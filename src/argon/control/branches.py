@@ -15,17 +15,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import shutil
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from argon import ids, model
+from argon import ids, model, safefs
 from argon.compute.admin import connect_admin
-from argon.compute.osuser import OsUser, chown_tree
+from argon.compute.osuser import project_user
 from argon.control import pitr, retention
 from argon.control.plane import ControlPlane
 from argon.control.projects import first_start
@@ -113,26 +111,26 @@ async def _parent_quiet(plane: ControlPlane, parent: model.Branch) -> AsyncItera
 
 
 def _make_branch_dir(plane: ControlPlane, project: model.Project, branch_id: str) -> None:
-    path = plane.layout.branch_dir(project.id, branch_id)
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if project.os_uid is not None:
-        os.chown(path, project.os_uid, project.os_uid)
+    user = project_user(project.os_uid)
+    safefs.makedirs(plane.layout.branch_dir(project.id, branch_id), owner=user)
+    safefs.makedirs(plane.layout.compute_log(project.id, branch_id).parent, owner=user)
 
 
 async def _copy_parent(plane: ControlPlane, project: model.Project, parent: model.Branch, target: Path) -> str | None:
     """Copy the head of `parent` into `target` (a new directory); returns the LSN it reflects."""
     source = plane.layout.pgdata(project.id, parent.id)
+    user = project_user(project.os_uid)  # the copy runs as the project's uid (argon.storage.clone)
     await asyncio.to_thread(_make_branch_dir, plane, project, target.parent.name)
     async with _parent_quiet(plane, parent) as ep:
         if ep is not None and plane.is_running(ep.id):
             conn = await connect_admin(plane.layout.socket_dir(ep.id))
             try:
-                return await branching.clone_running(conn, plane.backend, source, target)
+                return await branching.clone_running(conn, plane.backend, source, target, user)
             finally:
                 await conn.close()
         install = plane.installs.get(project.pg_version)
-        stopped = await asyncio.to_thread(wal.control_data, install.bindir, source) if install else None
-        await asyncio.to_thread(branching.clone_stopped, plane.backend, source, target, stopped)
+        stopped = await asyncio.to_thread(wal.control_data, install.bindir, source, user) if install else None
+        await asyncio.to_thread(branching.clone_stopped, plane.backend, source, target, stopped, user)
         return stopped.checkpoint_lsn if stopped else None
 
 
@@ -176,12 +174,8 @@ async def create_branch(control: Control, project_id: str, req: BranchRequest) -
                 await asyncio.to_thread(retention.begin_epoch, plane, project, bid, pgdata, reason="branch created",
                                         consistent_lsn=lsn, fresh=True)
         except BaseException:
-            await asyncio.to_thread(shutil.rmtree, plane.layout.branch_dir(project_id, bid), True)
+            await asyncio.to_thread(safefs.rmtree, plane.layout.branch_dir(project_id, bid))
             raise
-        await asyncio.to_thread(plane.layout.compute_log(project_id, bid).parent.mkdir, 0o700, True, True)
-        if project.os_uid is not None:
-            await asyncio.to_thread(chown_tree, plane.layout.branch_dir(project_id, bid),
-                                    OsUser(project.os_uid, project.os_uid))
         now = model.utcnow()
         branch = model.Branch(id=bid, project_id=project_id, name=name, created_at=now, updated_at=now,
                               parent_id=parent.id, parent_lsn=lsn, parent_timestamp=parent_at or now, protected=req.protected,
@@ -205,7 +199,7 @@ async def create_branch(control: Control, project_id: str, req: BranchRequest) -
         try:
             stored = await plane.commit(put=[branch, *roles, *databases, *endpoints, *ops])
         except BaseException:
-            await asyncio.to_thread(shutil.rmtree, plane.layout.branch_dir(project_id, bid), True)
+            await asyncio.to_thread(safefs.rmtree, plane.layout.branch_dir(project_id, bid))
             raise
         databases = [d for d in stored if isinstance(d, model.Database)]
     log.info("branch %s (%s) of %s created from %s at %s in %.0f ms", bid, name, project_id, parent.id, lsn,
@@ -279,8 +273,8 @@ async def delete_branch(control: Control, project_id: str, branch_id: str, *,
             await control.computes.retire(ep.id, reason="branch deleted", mode="immediate")
         await plane.commit(delete=[branch])  # its endpoints, roles and databases with it
         for ep in endpoints:
-            await asyncio.to_thread(shutil.rmtree, plane.layout.socket_dir(ep.id), True)
-        await asyncio.to_thread(shutil.rmtree, plane.layout.branch_dir(project_id, branch_id), True)
+            await asyncio.to_thread(safefs.rmtree, plane.layout.socket_dir(ep.id))
+        await asyncio.to_thread(safefs.rmtree, plane.layout.branch_dir(project_id, branch_id))
         ops.append(await plane.record(project_id, model.OperationAction.DELETE_TIMELINE, branch_id=branch_id))
     log.info("branch %s of %s deleted%s", branch_id, project_id, " (expired)" if expired else "")
     return branch.replace(state=model.BranchState.ARCHIVED), ops
@@ -317,7 +311,7 @@ async def restore_branch(control: Control, project_id: str, branch_id: str, sour
                 await control.computes.stop_locked(ep.id, reason="branch restored")
             pgdata = plane.layout.pgdata(project_id, branch_id)
             fresh = pgdata.with_name("pgdata.restoring")
-            await asyncio.to_thread(shutil.rmtree, fresh, True)
+            await asyncio.to_thread(safefs.rmtree, fresh)
             try:
                 if source_lsn or source_timestamp:
                     point = await pitr.materialize(plane, project, source, fresh, lsn=source_lsn,
@@ -326,7 +320,7 @@ async def restore_branch(control: Control, project_id: str, branch_id: str, sour
                 else:
                     lsn = await _copy_parent(plane, project, source, fresh)
             except BaseException:
-                await asyncio.to_thread(shutil.rmtree, fresh, True)
+                await asyncio.to_thread(safefs.rmtree, fresh)
                 raise
             now = model.utcnow()
             ops: list[model.Operation] = []
@@ -337,19 +331,16 @@ async def restore_branch(control: Control, project_id: str, branch_id: str, sour
                 backup = model.Branch(id=ids.branch_id(), project_id=project_id, name=preserve_under_name,
                                       created_at=now, updated_at=now, parent_id=target.parent_id,
                                       parent_lsn=target.parent_lsn, parent_timestamp=target.parent_timestamp)
-                backup_dir = plane.layout.branch_dir(project_id, backup.id)
-                await asyncio.to_thread(backup_dir.mkdir, 0o700, True, True)
-                if project.os_uid is not None:
-                    await asyncio.to_thread(os.chown, backup_dir, project.os_uid, project.os_uid)
+                await asyncio.to_thread(_make_branch_dir, plane, project, backup.id)
                 await asyncio.to_thread(retention.end_epoch, plane, project, branch_id, pgdata)
-                await asyncio.to_thread(os.rename, pgdata, plane.layout.pgdata(project_id, backup.id))
+                await asyncio.to_thread(safefs.rename, pgdata, plane.layout.pgdata(project_id, backup.id))
                 await asyncio.to_thread(retention.begin_epoch, plane, project, backup.id,
                                         plane.layout.pgdata(project_id, backup.id),
                                         reason=f"kept when {target.name} was restored", fresh=True)
             else:
                 await asyncio.to_thread(retention.end_epoch, plane, project, branch_id, pgdata)
-                await asyncio.to_thread(shutil.rmtree, pgdata, True)
-            await asyncio.to_thread(os.rename, fresh, pgdata)
+                await asyncio.to_thread(safefs.rmtree, pgdata)
+            await asyncio.to_thread(safefs.rename, fresh, pgdata)
             await asyncio.to_thread(remove_replicas, plane, project_id, branch_id)  # they copy the new data
             # The restored branch keeps its older epochs: it can go back to before this restore.
             await asyncio.to_thread(retention.begin_epoch, plane, project, branch_id, pgdata,

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
 import time
 from dataclasses import dataclass
 
-from argon import ids, model
+from argon import ids, model, safefs
+from argon.compute.osuser import project_user
 from argon.control.services import Control
 from argon.errors import UserError
 
@@ -136,7 +136,25 @@ async def delete_endpoint(control: Control, project_id: str,
             ops.append(await plane.record(project_id, model.OperationAction.SUSPEND_COMPUTE, branch_id=ep.branch_id,
                                           endpoint_id=ep.id))
         await plane.commit(delete=[ep])
-        await asyncio.to_thread(shutil.rmtree, plane.layout.socket_dir(endpoint_id), True)
+        await asyncio.to_thread(safefs.rmtree, plane.layout.socket_dir(endpoint_id))
         if ep.type is model.EndpointType.READ_ONLY:
-            await asyncio.to_thread(shutil.rmtree, plane.layout.replica_dir(project_id, ep.branch_id, ep.id), True)
+            await asyncio.to_thread(safefs.rmtree, plane.layout.replica_dir(project_id, ep.branch_id, ep.id))
         return ep, ops
+
+
+async def read_log(control: Control, project_id: str, endpoint_id: str, tail: int) -> str:
+    """The last `tail` lines of a compute's Postgres log. The log is the compute's own file: never
+    read through a link it put there, nor if it belongs to another user."""
+    plane = control.plane
+    ep = plane.endpoint(project_id, endpoint_id)
+    path = (plane.layout.replica_dir(project_id, ep.branch_id, ep.id) / "log" / "postgres.log"
+            if ep.type is model.EndpointType.READ_ONLY else plane.layout.compute_log(project_id, ep.branch_id))
+    owner = project_user(plane.project(project_id).os_uid)
+    try:
+        data = await asyncio.to_thread(safefs.read_tail, path, limit=256 * tail, owner=owner)
+    except FileNotFoundError:
+        return ""
+    except OSError as exc:
+        raise UserError(f"the compute's log cannot be read: {exc}") from None
+    lines = data.decode(errors="replace").splitlines()
+    return "\n".join(lines[-tail:]) + ("\n" if lines else "")

@@ -15,9 +15,10 @@ import threading
 import time
 from dataclasses import dataclass
 
+from argon.compute.osuser import project_user
+from argon.control import retention
 from argon.control.metrics import MetricsSampler
 from argon.control.plane import ControlPlane
-from argon.storage import history as hs
 from argon.storage import wal
 from argon.storage.usage import disk_usage
 
@@ -60,12 +61,13 @@ class Figures:
             allocated = disk_usage(plane.layout.branch_dir(project_id, branch.id)).allocated
             written = 0
             try:
-                manifest = hs.BranchHistory(plane.layout.branch_dir(project_id, branch.id) / "history").load()
+                manifest = retention.branch_history(plane, project_id, branch.id).load()
                 for epoch in manifest.epochs:
                     if epoch.end_lsn:
                         end = wal.parse_lsn(epoch.end_lsn)
                     elif install is not None:
-                        end = wal.parse_lsn(wal.control_data(install.bindir, pgdata).checkpoint_lsn)
+                        end = wal.parse_lsn(wal.control_data(install.bindir, pgdata,
+                                                             project_user(project.os_uid)).checkpoint_lsn)
                         end = max([end, *self._sampled_lsns(project_id, branch.id)])
                     else:
                         continue

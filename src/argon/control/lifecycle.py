@@ -19,7 +19,7 @@ import contextlib
 import logging
 import time
 
-from argon import model
+from argon import model, safefs
 from argon.compute.manager import ComputeSpec
 from argon.compute.osuser import OsUser
 from argon.compute.params import gucs_for_cu
@@ -149,7 +149,7 @@ class Lifecycle:
         if retention.branch_history(plane, project.id, ep.branch_id).exists():
             return
         pgdata = plane.layout.pgdata(project.id, ep.branch_id)
-        if project.pg_version not in plane.installs or not (pgdata / "PG_VERSION").exists():
+        if project.pg_version not in plane.installs or not safefs.lexists(pgdata / "PG_VERSION"):
             return
         try:
             await asyncio.to_thread(retention.begin_epoch, plane, project, ep.branch_id, pgdata,

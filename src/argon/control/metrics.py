@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from argon import model
+from argon import model, safefs
 from argon.control.plane import ControlPlane
 from argon.metadata.store import MetricSample, MetricTotals
 from argon.storage.usage import disk_usage
@@ -285,7 +285,7 @@ class MetricsSampler:
         """Every branch's storage (runs in a thread: a directory walk per branch)."""
         rows = []
         for project_id, branch_id, branch_dir, base, logical in targets:
-            if not branch_dir.exists():
+            if not safefs.is_dir(branch_dir):
                 continue  # deleted meanwhile
             allocated = disk_usage(branch_dir).allocated
             if logical is None:  # never seen running: the files pg_database_size adds up

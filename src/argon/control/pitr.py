@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import logging
 import secrets
-import shutil
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -32,12 +31,11 @@ from pathlib import Path
 
 import psycopg
 
-from argon import model
+from argon import model, safefs
 from argon.compute.admin import connect_admin
-from argon.compute.osuser import OsUser, chown_tree
 from argon.compute.scratch import last_error, scratch_postmaster
 from argon.control.plane import ControlPlane
-from argon.control.retention import branch_history, enabled, template_snapshot
+from argon.control.retention import branch_history, enabled, project_owner, template_snapshot
 from argon.errors import StorageError, UserError
 from argon.storage import history as hs
 from argon.storage import wal
@@ -165,7 +163,7 @@ async def materialize(plane: ControlPlane, project: model.Project, branch: model
             finally:
                 await conn.close()
         else:
-            control = await asyncio.to_thread(wal.control_data, install.bindir, pgdata)
+            control = await asyncio.to_thread(wal.control_data, install.bindir, pgdata, project_owner(project))
             end_lsn = wal.parse_lsn(control.checkpoint_lsn)
     if point is not None and end_lsn is not None and point > end_lsn + 8192:
         raise UserError(f"LSN {lsn} is ahead of branch {branch.name!r} (its WAL ends at {wal.format_lsn(end_lsn)})")
@@ -176,17 +174,17 @@ async def materialize(plane: ControlPlane, project: model.Project, branch: model
     started = time.monotonic()
     try:
         await asyncio.to_thread(hs.assemble_epoch, plane.backend, snapshot_dir, epoch, history.wal_dir(epoch.id),
-                                live, wal.parse_lsn(snap.redo_lsn), target)
+                                live, wal.parse_lsn(snap.redo_lsn), target, project_owner(project))
         target_lsn: str | None
         if when is not None:
             target_lsn = await asyncio.to_thread(wal.first_commit_after, install.bindir, target / "pg_wal",
-                                                 snap.consistent_lsn, epoch.timeline, when)
+                                                 snap.consistent_lsn, epoch.timeline, when, project_owner(project))
         else:
             assert point is not None
             target_lsn = lsn if end_lsn is None or point <= end_lsn else None
         control = await _recover(plane, project, branch.id, target, recovery_target(snap, target_lsn))
     except BaseException:
-        await asyncio.to_thread(shutil.rmtree, target, True)
+        await asyncio.to_thread(safefs.rmtree, target)
         raise
     reached = target_lsn or control.redo_lsn
     log.info("rebuilt branch %s at %s (%s) in %.0f ms", branch.id, lsn or when, reached,
@@ -198,9 +196,7 @@ async def _recover(plane: ControlPlane, project: model.Project, branch_id: str, 
                    settings: dict[str, str]) -> wal.ControlData:
     """One recovery run of the assembled cluster: start it, wait until it promoted, stop it cleanly."""
     install = plane.installs[project.pg_version]
-    user = OsUser(project.os_uid, project.os_uid) if project.os_uid is not None else None
-    if user is not None:
-        await asyncio.to_thread(chown_tree, target, user)
+    user = project_owner(project)  # the assembled tree is the project's uid's already (copied as it)
     log_file = plane.layout.compute_log(project.id, branch_id).with_name("recovery.log")
     async with scratch_postmaster(install, target, run_dir=plane.layout.run_dir, log_file=log_file, user=user,
                                   argon_os_user=plane.os_user, gucs=plane.scratch_gucs(project.pg_version, settings),
@@ -231,9 +227,9 @@ async def _recover(plane: ControlPlane, project: model.Project, branch_id: str, 
             if time.monotonic() > deadline:
                 raise StorageError("rebuilding the branch at that point timed out")
             await asyncio.sleep(0.05)
-    control = await asyncio.to_thread(wal.control_data, install.bindir, target)
+    control = await asyncio.to_thread(wal.control_data, install.bindir, target, user)
     await asyncio.to_thread(wal.tidy_after_recovery, target, control)
-    (target / "postgresql.auto.conf").write_text("")
+    await asyncio.to_thread(safefs.write_file, target / "postgresql.auto.conf", b"", owner=user)
     return control
 
 
@@ -246,7 +242,7 @@ async def cluster_at(plane: ControlPlane, project: model.Project, branch: model.
     try:
         async with plane.project_lock(project.id):
             await materialize(plane, project, branch, scratch_dir, lsn=lsn, timestamp=timestamp)
-        user = OsUser(project.os_uid, project.os_uid) if project.os_uid is not None else None
+        user = project_owner(project)
         log_file = plane.layout.compute_log(project.id, branch.id).with_name("point-in-time.log")
         async with scratch_postmaster(plane.installs[project.pg_version], scratch_dir, run_dir=plane.layout.run_dir,
                                       log_file=log_file, user=user, argon_os_user=plane.os_user, stop="immediate",
@@ -254,4 +250,4 @@ async def cluster_at(plane: ControlPlane, project: model.Project, branch: model.
                                       failure="could not start the branch as of that point") as scratch:
             yield scratch.socket_dir
     finally:
-        await asyncio.to_thread(shutil.rmtree, scratch_dir, True)
+        await asyncio.to_thread(safefs.rmtree, scratch_dir)

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from argon import ids, model
-from argon.compute.osuser import OsUser, chown_tree, running_as_root
+from argon import ids, model, safefs
+from argon.compute.osuser import OsUser, kill_all, running_as_root
 from argon.control import retention
 from argon.control.plane import ControlPlane
 from argon.control.services import Control
@@ -87,12 +85,12 @@ async def create_project(control: Control, req: ProjectRequest) -> CreatedProjec
         raise UserError(f"PostgreSQL {version} has no template yet; try again in a moment")
 
     pid, bid, eid = ids.project_id(), ids.branch_id(), ids.endpoint_id()
-    uid = await plane.db(_allocate_uid, plane) if running_as_root() else None
+    uid = await plane.db(_allocate_uid, plane, pid) if running_as_root() else None
     pgdata = plane.layout.pgdata(pid, bid)
     try:
         await asyncio.to_thread(_make_branch_data, plane, pid, template, pgdata, uid)
     except BaseException as exc:
-        await asyncio.to_thread(shutil.rmtree, plane.layout.project_dir(pid), True)  # never a half project
+        await asyncio.to_thread(safefs.rmtree, plane.layout.project_dir(pid))  # never a half project
         if isinstance(exc, OSError):
             raise StorageError(f"could not create the project's data directory: {exc.strerror or exc}. "
                                "Check free disk space and permissions of the data directory.") from exc
@@ -122,7 +120,7 @@ async def create_project(control: Control, req: ProjectRequest) -> CreatedProjec
     try:
         stored = await plane.commit(put=[project, branch, endpoint, role, database, op_timeline, op_start])
     except Exception:
-        await asyncio.to_thread(shutil.rmtree, plane.layout.project_dir(pid), True)
+        await asyncio.to_thread(safefs.rmtree, plane.layout.project_dir(pid))
         raise
     database = stored[4]
     try:
@@ -155,24 +153,33 @@ async def first_start(control: Control, op: model.Operation, *, reason: str = "p
                                            total_duration_ms=int((time.monotonic() - started) * 1000))])
 
 
-def _allocate_uid(plane: ControlPlane) -> int:
-    used = plane.store.used_uids()
-    uid = plane.settings.compute_uid_base
-    while uid in used:
-        uid += 1
+def _allocate_uid(plane: ControlPlane, project_id: str) -> int:
+    """A uid no project ever had (ADR 0016: processes or files a deleted project left on the host
+    must never reach a new one)."""
+    s = plane.settings
+    uid = plane.store.allocate_uid(s.compute_uid_base, s.compute_uid_count, project_id, model.utcnow())
+    if uid is None:
+        raise StorageError(f"all {s.compute_uid_count} compute uids from {s.compute_uid_base} on have been given to "
+                           "projects (a uid is never reused); raise ARGON_COMPUTE_UID_COUNT or move "
+                           "ARGON_COMPUTE_UID_BASE to a free range", retryable=False)
     return uid
 
 
 def _make_branch_data(plane: ControlPlane, project_id: str, template: Path, pgdata: Path, uid: int | None) -> None:
+    """The project's tree, built while it is still root's (0700): its uid gets the project
+    directory last, so it never sees the tree before it is complete."""
     project_dir = plane.layout.project_dir(project_id)
     project_dir.mkdir(mode=0o700, parents=True, exist_ok=False)
-    pgdata.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if not plane.spares.claim(template, pgdata):  # a ready copy is a rename; else copy now
-        plane.backend.clone_tree(template, pgdata)
-    plane.layout.compute_log(project_id, pgdata.parent.name).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if uid is not None:
-        chown_tree(project_dir, OsUser(uid, uid))
-    os.chmod(pgdata, 0o700)
+    user = OsUser(uid, uid) if uid is not None else None
+    log_dir = plane.layout.compute_log(project_id, pgdata.parent.name).parent
+    for path in (pgdata.parent, log_dir):
+        safefs.makedirs(path)
+    plane.spares.take(template, pgdata, user)  # a ready copy is a rename; else copy now
+    with safefs.parent(pgdata) as (d, name):
+        d.chmod_dir(name, 0o700)
+    if user is not None:
+        for path in (log_dir, pgdata.parent, pgdata.parent.parent, project_dir):
+            safefs.chown(path, user)
 
 
 async def update_project(control: Control, project_id: str, *, name: str | None = None,
@@ -209,8 +216,15 @@ async def delete_project(control: Control, project_id: str) -> model.Project:
         for ep in endpoints:
             await control.computes.retire(ep.id, reason="project deleted", mode="immediate")
         await plane.commit(delete=[project])
-        await asyncio.to_thread(shutil.rmtree, plane.layout.project_dir(project_id), True)
+        if project.os_uid is not None and running_as_root():  # nothing may run as a deleted project's uid
+            killed = await asyncio.to_thread(kill_all, project.os_uid)
+            if killed:
+                log.warning("project %s: killed %d process(es) still running as its uid %d", project_id, killed,
+                            project.os_uid)
+        await asyncio.to_thread(safefs.rmtree, plane.layout.project_dir(project_id))
         for ep in endpoints:
-            await asyncio.to_thread(shutil.rmtree, plane.layout.socket_dir(ep.id), True)
+            await asyncio.to_thread(safefs.rmtree, plane.layout.socket_dir(ep.id))
+        if project.os_uid is not None:
+            await plane.db(plane.store.release_uid, project.os_uid, model.utcnow())
     log.info("project %s deleted", project_id)
     return project

@@ -14,18 +14,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import secrets
-import shutil
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from argon import model
+from argon import model, safefs
 from argon.compute.admin import connect_admin
+from argon.compute.osuser import OsUser, project_user
 from argon.control.plane import ControlPlane
-from argon.errors import StorageError
+from argon.errors import NotFound, StorageError
 from argon.storage import branching, wal
 from argon.storage import history as hs
 from argon.storage.spares import template_key
@@ -37,7 +36,15 @@ WAL_SNAPSHOT_TRIGGER = 256 * 1024 * 1024  # this much WAL since the newest snaps
 
 
 def branch_history(plane: ControlPlane, project_id: str, branch_id: str) -> hs.BranchHistory:
-    return hs.BranchHistory(plane.layout.branch_dir(project_id, branch_id) / "history")
+    try:
+        owner = project_user(plane.project(project_id).os_uid)
+    except NotFound:
+        owner = None
+    return hs.BranchHistory(plane.layout.branch_dir(project_id, branch_id) / "history", owner)
+
+
+def project_owner(project: model.Project) -> OsUser | None:
+    return project_user(project.os_uid)
 
 
 def enabled(project: model.Project) -> bool:
@@ -48,23 +55,25 @@ def _epoch_id() -> str:
     return f"e{int(time.time() * 1000):x}{secrets.token_hex(2)}"
 
 
-def _give(project: model.Project, *paths: Path) -> None:
-    if project.os_uid is not None:
-        for path in paths:
-            os.chown(path, project.os_uid, project.os_uid)
-
-
 def _make_wal_dir(history: hs.BranchHistory, project: model.Project, epoch_id: str) -> None:
-    archive_dir = history.wal_dir(epoch_id)
-    archive_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    _give(project, history.root, history.epoch_dir(epoch_id), archive_dir)
+    safefs.makedirs(history.wal_dir(epoch_id), owner=project_owner(project))
+
+
+def current_epoch(plane: ControlPlane, project_id: str, branch_id: str) -> hs.Epoch | None:
+    """The branch's current epoch; None without history, or when its manifest is unusable (the
+    compute's uid can write it: the branch then runs without point in time, and says so in the log)."""
+    try:
+        return branch_history(plane, project_id, branch_id).load().current
+    except hs.ManifestError as exc:
+        log.warning("branch %s runs without history: %s", branch_id, exc.user_message)
+        return None
 
 
 def archive_settings(plane: ControlPlane, project: model.Project, branch_id: str) -> dict[str, str]:
     """The compute's archiving GUCs: its WAL goes to the current epoch's archive, or nowhere."""
     if not enabled(project):
         return {"archive_mode": "off"}
-    current = branch_history(plane, project.id, branch_id).load().current
+    current = current_epoch(plane, project.id, branch_id)
     if current is None:
         return {"archive_mode": "off"}
     archive_dir = branch_history(plane, project.id, branch_id).wal_dir(current.id)
@@ -87,7 +96,6 @@ def start_from_template(plane: ControlPlane, project: model.Project, branch_id: 
     history = branch_history(plane, project.id, branch_id)
     history.save(hs.Manifest((epoch,)))
     _make_wal_dir(history, project, epoch.id)
-    _give(project, history.manifest_path)
 
 
 def materialize_base(plane: ControlPlane, project: model.Project, branch_id: str) -> None:
@@ -111,13 +119,16 @@ def template_snapshot(plane: ControlPlane, project: model.Project, history: hs.B
     """The directory of a snapshot, copying the template it stands for into the history first if
     it is template-backed (a new project's base) and not copied yet."""
     path = history.snapshot_dir(epoch.id, snap.name)
-    if path.exists():
+    if safefs.lexists(path):
         return path
     template = plane.templates.get(project.pg_version)
     if template is None or template_key(template) != snap.template:
         raise StorageError("the base of this branch's history was a template that has since been rebuilt; "
                            "history before the branch's first suspend is not available")
-    hs.copy_template(plane.backend, template, path)
+    user = project_owner(project)
+    safefs.makedirs(path.parent, owner=user)
+    # a root-owned template: copied where only root goes, then handed over (argon.storage.spares)
+    hs.copy_template(lambda source, tmp: plane.spares.copy(source, tmp, user), template, path)
     return path
 
 
@@ -132,16 +143,15 @@ def begin_epoch(plane: ControlPlane, project: model.Project, branch_id: str, pgd
     manifest = hs.Manifest() if fresh else history.load()
     install = plane.installs[project.pg_version]
     now = plane.clock()
-    snap, control = hs.describe_snapshot(install.bindir, pgdata, "base", now, consistent_lsn)
+    snap, control = hs.describe_snapshot(install.bindir, pgdata, "base", now, consistent_lsn, project_owner(project))
     label = wal.backup_label_fields(pgdata)
     epoch = hs.Epoch(id=_epoch_id(), started_at=now, start_lsn=snap.consistent_lsn,
                      timeline=label[1] if label else control.timeline, segsize=control.segsize, reason=reason,
                      snapshots=(snap,))
     base = history.snapshot_dir(epoch.id, "base")
     _make_wal_dir(history, project, epoch.id)
-    plane.backend.clone_tree(pgdata, base)
+    plane.backend.clone_tree(pgdata, base, owner=project_owner(project))
     history.save(manifest.with_epoch(epoch))
-    _give(project, history.manifest_path)
 
 
 def begin_epoch_from_parent(plane: ControlPlane, project: model.Project, branch_id: str, pgdata: Path,
@@ -162,7 +172,8 @@ def begin_epoch_from_parent(plane: ControlPlane, project: model.Project, branch_
     if pe is None or not pe.snapshots:
         return False
     install = plane.installs[project.pg_version]
-    control = wal.control_data(install.bindir, pgdata)
+    user = project_owner(project)
+    control = wal.control_data(install.bindir, pgdata, user)
     label = wal.backup_label_fields(pgdata)
     if label is not None:
         start, timeline = wal.parse_lsn(label[0]), label[1]
@@ -178,9 +189,9 @@ def begin_epoch_from_parent(plane: ControlPlane, project: model.Project, branch_
     snap = usable[-1]
     source = template_snapshot(plane, project, parent, pe, snap) if snap.template else \
         parent.snapshot_dir(pe.id, snap.name)
-    if not source.is_dir():
+    if not safefs.is_dir(source):
         return False
-    own = sorted((seg[1], name) for name in os.listdir(pgdata / "pg_wal")
+    own = sorted((seg[1], name) for name in safefs.listdir(pgdata / "pg_wal")
                  if (seg := wal.segment_start(name, pe.segsize)) is not None and seg[0] == timeline)
     if not own:
         return False
@@ -197,22 +208,21 @@ def begin_epoch_from_parent(plane: ControlPlane, project: model.Project, branch_
     archive_dir = history.wal_dir(epoch.id)
     archive, live = parent.wal_dir(pe.id), plane.layout.pgdata(project.id, parent_id) / "pg_wal"
     try:
-        wal.link_segments(needed, archive, live, archive_dir)
+        wal.link_segments(needed, archive, live, archive_dir, user)
         # The copy's own segments, as copied: its first start replays them and may recycle them
         # without archiving (they were not written there); the one it goes on writing is archived
-        # again, whole, when it is full.
-        for _lsn, name in own:
-            shutil.copy2(pgdata / "pg_wal" / name, archive_dir / name)
+        # again, whole, when it is full. Copied only when they are regular files of the uid (safefs).
+        with safefs.Dir(archive_dir) as to, safefs.Dir(pgdata / "pg_wal") as mine:
+            for _lsn, name in own:
+                mine.copy(name, to, name, owner=user)
         base = history.snapshot_dir(epoch.id, "base")
-        base.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        _give(project, base.parent)
-        hs.link_tree(source, base)
+        safefs.makedirs(base.parent, owner=user)
+        hs.link_tree(source, base, user)
     except OSError as exc:  # a segment gone from both places, or no hard links here
         log.info("branch %s: copying a history base (the parent's history could not be linked: %s)", branch_id, exc)
         hs.remove_tree(history.root)
         return False
     history.save(hs.Manifest((epoch,)))
-    _give(project, history.manifest_path)
     log.debug("branch %s: history base linked to %s/%s of %s, %d segment(s) of its WAL", branch_id, pe.id,
               snap.name, parent_id, len(needed))
     return True
@@ -226,16 +236,16 @@ def end_epoch(plane: ControlPlane, project: model.Project, branch_id: str, old_p
     history = branch_history(plane, project.id, branch_id)
     manifest = history.load()
     epoch = manifest.current
-    if epoch is None or not old_pgdata.exists():
+    if epoch is None or not safefs.is_dir(old_pgdata):
         return
     install = plane.installs[project.pg_version]
-    control = wal.control_data(install.bindir, old_pgdata)
+    control = wal.control_data(install.bindir, old_pgdata, project_owner(project))
     newest = epoch.snapshots[-1] if epoch.snapshots else None
     start = wal.parse_lsn(newest.redo_lsn) if newest else 0
     archive_dir = history.wal_dir(epoch.id)
-    archive_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    safefs.makedirs(archive_dir, owner=project_owner(project))
     plane.backend.copy_into(wal.wal_files(old_pgdata / "pg_wal", epoch.timeline, epoch.segsize, start), archive_dir,
-                            tolerate_vanished=True)
+                            tolerate_vanished=True, owner=project_owner(project))
     history.save(manifest.with_epoch(epoch.replace(ended_at=plane.clock(), end_lsn=control.checkpoint_lsn)))
 
 
@@ -311,15 +321,16 @@ def after_stop(plane: ControlPlane, project: model.Project, branch_id: str) -> N
         return
     pgdata = plane.layout.pgdata(project.id, branch_id)
     install = plane.installs[project.pg_version]
-    control = wal.control_data(install.bindir, pgdata)
+    control = wal.control_data(install.bindir, pgdata, project_owner(project))
     newest = epoch.snapshots[-1] if epoch.snapshots else None
     wal_since = wal.parse_lsn(control.checkpoint_lsn) - (wal.parse_lsn(newest.consistent_lsn) if newest else 0)
     if control.state == "shut down" and control.timeline == epoch.timeline and \
             _due(plane, project, epoch, wal_since):
         name = f"s{int(time.time() * 1000):x}"
         target = history.snapshot_dir(epoch.id, name)
-        branching.clone_stopped(plane.backend, pgdata, target, control)  # without recycled WAL
-        snap, _ = hs.describe_snapshot(install.bindir, target, name, plane.clock())
+        safefs.makedirs(target.parent, owner=project_owner(project))
+        branching.clone_stopped(plane.backend, pgdata, target, control, project_owner(project))  # without recycled WAL
+        snap, _ = hs.describe_snapshot(install.bindir, target, name, plane.clock(), owner=project_owner(project))
         epoch = epoch.replace(snapshots=(*epoch.snapshots, snap))
         manifest = manifest.with_epoch(epoch)
         history.save(manifest)
@@ -386,23 +397,23 @@ async def _snapshot_running(plane: ControlPlane, project: model.Project, branch_
             return
         name = f"s{int(time.time() * 1000):x}"
         target = history.snapshot_dir(epoch.id, name)
-        await asyncio.to_thread(target.parent.mkdir, 0o700, True, True)
+        await asyncio.to_thread(safefs.makedirs, target.parent, owner=project_owner(project))
         try:
             stop_lsn = await branching.clone_running(conn, plane.backend, plane.layout.pgdata(project.id, branch_id),
-                                                     target)
+                                                     target, project_owner(project))
         except BaseException:
-            await asyncio.to_thread(shutil.rmtree, target, True)
+            await asyncio.to_thread(safefs.rmtree, target)
             raise
     finally:
         await conn.close()
     install = plane.installs[project.pg_version]
 
     def record() -> None:
-        snap, _ = hs.describe_snapshot(install.bindir, target, name, plane.clock(), stop_lsn)
+        snap, _ = hs.describe_snapshot(install.bindir, target, name, plane.clock(), stop_lsn, project_owner(project))
         manifest = history.load()  # re-read: a stop may have added a snapshot meanwhile
         current = manifest.current
         if current is None or current.id != epoch.id:
-            shutil.rmtree(target, ignore_errors=True)
+            safefs.rmtree(target)
             return
         history.save(manifest.with_epoch(current.replace(snapshots=(*current.snapshots, snap))))
         log.info("online snapshot %s of branch %s taken at %s", name, branch_id, stop_lsn)

@@ -139,9 +139,13 @@ class Layout:
                 version_file.write_text(f"{LAYOUT_VERSION}\n")
             traversable = 0o711 if os.geteuid() == 0 else 0o700
             os.chmod(self.data_dir, traversable)
-            for path in (self.projects_dir, self.templates_dir, self.spares_dir, self.runtime_dir):
+            # Compute uids pass through projects/ to their own trees, `nobody` through templates/ to a
+            # template being built; spares are root's alone (they reach a project by rename).
+            modes = {self.projects_dir: traversable, self.templates_dir: traversable, self.spares_dir: 0o700,
+                     self.runtime_dir: 0o755}
+            for path, mode in modes.items():
                 path.mkdir(exist_ok=True)
-                os.chmod(path, traversable if path != self.runtime_dir else 0o755)
+                os.chmod(path, mode)
             for path in (self.secrets_dir, self.tls_dir):
                 path.mkdir(mode=0o700, exist_ok=True)
             self.run_dir.mkdir(parents=True, exist_ok=True)

@@ -9,8 +9,11 @@ disk holds, whichever branch a link is in.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from argon import safefs
 
 
 @dataclass(frozen=True)
@@ -19,14 +22,22 @@ class DiskUsage:
     allocated: int = 0  # allocated blocks (st_blocks * 512); a file with n links counts 1/n at each
 
 
+def _files(path: Path) -> Iterator[tuple[int, list[str]]]:
+    try:
+        yield from safefs.walk(path)
+    except (FileNotFoundError, NotADirectoryError, safefs.UnsafePath):
+        return
+
+
 def disk_usage(path: Path) -> DiskUsage:
-    """Walk `path` (files removed meanwhile are skipped: WAL recycling, a branch being deleted)."""
+    """Walk `path` (files removed meanwhile are skipped: WAL recycling, a branch being deleted). The
+    tree is the compute's uid's: never into a link (`argon.safefs`)."""
     size = allocated = 0
     seen: set[tuple[int, int]] = set()
-    for root, _dirs, files in os.walk(path):
+    for fd, files in _files(path):
         for name in files:
             try:
-                st = os.lstat(os.path.join(root, name))
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
             except OSError:
                 continue
             allocated += st.st_blocks * 512 // max(1, st.st_nlink)

@@ -9,13 +9,13 @@ after a time (`pg_waldump`). No policy; `argon.storage.history` (a branch's hist
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+
+from argon import safefs
 
 _SEGMENT = re.compile(r"^([0-9A-F]{8})([0-9A-F]{8})([0-9A-F]{8})(\.partial)?$")
 _HISTORY = re.compile(r"^[0-9A-F]{8}\.history$")
@@ -79,9 +79,11 @@ class ControlData:
     state: str
 
 
-def control_data(bindir: Path, pgdata: Path) -> ControlData:
+def control_data(bindir: Path, pgdata: Path, owner: safefs.Owner | None = None) -> ControlData:
+    """`pg_controldata` of a cluster, run as its owner (it reads the compute's files)."""
     out = subprocess.run([str(bindir / "pg_controldata"), str(pgdata)], capture_output=True, text=True,
-                         timeout=30, env={"LC_ALL": "C", "PATH": "/usr/bin:/bin"}, check=True).stdout
+                         timeout=30, env={"LC_ALL": "C", "PATH": "/usr/bin:/bin"}, check=True,
+                         **safefs.run_as(owner)).stdout
 
     def field(label: str) -> str:
         match = re.search(rf"^{re.escape(label)}:\s+(.+)$", out, re.M)
@@ -98,7 +100,7 @@ def control_data(bindir: Path, pgdata: Path) -> ControlData:
 def backup_label_fields(pgdata: Path) -> tuple[str, int] | None:
     """(start LSN, timeline) of an online backup's `backup_label`, None for a clean cluster."""
     try:
-        text = (pgdata / "backup_label").read_text()
+        text = safefs.read_file(pgdata / "backup_label", limit=65536).decode(errors="replace")
     except FileNotFoundError:
         return None
     start = re.search(r"^START WAL LOCATION: (\S+)", text, re.M)
@@ -114,7 +116,7 @@ def wal_files(directory: Path, timeline: int, segsize: int, from_lsn: int, until
     checkpoint Postgres renames old segments to future names (up to `max_wal_size` of them), which
     hold nothing a copy needs."""
     try:
-        names = os.listdir(directory)
+        names = safefs.listdir(directory)
     except FileNotFoundError:
         return []
     found = []
@@ -144,26 +146,28 @@ def tidy_after_recovery(pgdata: Path, control: ControlData) -> None:
     """After the recovery run's clean shutdown, drop the WAL it replayed: a clean cluster needs only
     the segment of its shutdown checkpoint (and the timeline history files)."""
     keep = segment_name(control.timeline, parse_lsn(control.checkpoint_lsn), control.segsize)
-    wal = pgdata / "pg_wal"
-    for name in os.listdir(wal):
-        if segment_start(name, control.segsize) is not None and name != keep:
-            (wal / name).unlink(missing_ok=True)
-    status = wal / "archive_status"
-    if status.is_dir():
-        for name in os.listdir(status):
-            (status / name).unlink(missing_ok=True)
-    for name in ("recovery.signal", "standby.signal", "backup_label.old", "recovery.done"):
-        (pgdata / name).unlink(missing_ok=True)
+    with safefs.Dir(pgdata / "pg_wal") as wal:
+        for name in wal.listdir():
+            if segment_start(name, control.segsize) is not None and name != keep:
+                wal.unlink(name)
+        if wal.is_dir("archive_status"):
+            with safefs.Dir(wal.path / "archive_status") as status:
+                for name in status.listdir():
+                    status.unlink(name)
+    with safefs.Dir(pgdata) as d:
+        for name in ("recovery.signal", "standby.signal", "backup_label.old", "recovery.done"):
+            d.unlink(name)
 
 
-def first_commit_after(bindir: Path, wal_dir: Path, start_lsn: str, timeline: int, after: datetime) -> str | None:
+def first_commit_after(bindir: Path, wal_dir: Path, start_lsn: str, timeline: int, after: datetime,
+                       owner: safefs.Owner | None = None) -> str | None:
     """The LSN of the first commit record at or after `start_lsn` whose commit time is later than
     `after` (µs precision), scanning the WAL in `wal_dir` with `pg_waldump`; None if there is none."""
     after_utc = after.astimezone(UTC).replace(tzinfo=None)
     cmd = [str(bindir / "pg_waldump"), "--path", str(wal_dir), "--start", start_lsn, "--timeline", str(timeline),
            "--rmgr", "Transaction"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env={"LC_ALL": "C", "TZ": "UTC", "PATH": "/usr/bin:/bin"})
+                            env={"LC_ALL": "C", "TZ": "UTC", "PATH": "/usr/bin:/bin"}, **safefs.run_as(owner))
     assert proc.stdout is not None
     try:
         for line in proc.stdout:
@@ -185,33 +189,37 @@ def prune_wal(wal_dir: Path, timeline: int, segsize: int, before_lsn: int) -> in
     """Delete archived segments wholly before `before_lsn`; returns the bytes freed."""
     freed = 0
     try:
-        names = os.listdir(wal_dir)
+        archive = safefs.Dir(wal_dir)
     except FileNotFoundError:
         return 0
-    for name in names:
-        path = wal_dir / name
-        if name.endswith(".part"):
-            continue
-        seg = segment_start(name, segsize)
-        if seg is not None and seg[1] + segsize <= before_lsn:
-            try:
-                freed += path.stat().st_blocks * 512
-                path.unlink()
-            except FileNotFoundError:
-                pass
+    with archive:
+        for name in archive.listdir():
+            if name.endswith(".part"):
+                continue
+            seg = segment_start(name, segsize)
+            if seg is not None and seg[1] + segsize <= before_lsn:
+                try:
+                    freed += archive.lstat(name).st_blocks * 512
+                    archive.unlink(name, missing_ok=False)
+                except FileNotFoundError:
+                    pass
     return freed
 
 
-def link_segments(names: list[str], archive: Path, live: Path, target: Path) -> None:
+def link_segments(names: list[str], archive: Path, live: Path, target: Path,
+                  owner: safefs.Owner | None = None) -> None:
     """Hard-link the segments `names` from `archive` into `target` (archived segments are never
     written in place again). One not archived yet is copied from the live `pg_wal` instead
     (Postgres reuses those files), and one archived and removed from there meanwhile is linked
-    after all. OSError when a segment is in neither place, or hard links are impossible here."""
-    for name in names:
-        try:
-            os.link(archive / name, target / name)
-        except FileNotFoundError:  # not archived yet: it is still in the live pg_wal...
+    after all. OSError when a segment is in neither place, or hard links are impossible here.
+    All of these are the compute's files: linked without following links, copied only when they
+    are regular files of the project's uid (`argon.safefs`)."""
+    with safefs.Dir(target) as to, safefs.Dir(archive) as arch, safefs.Dir(live) as lv:
+        for name in names:
             try:
-                shutil.copy2(live / name, target / name)
-            except FileNotFoundError:  # ...unless it was archived and removed just now
-                os.link(archive / name, target / name)
+                arch.link(name, to, name)
+            except FileNotFoundError:  # not archived yet: it is still in the live pg_wal...
+                try:
+                    lv.copy(name, to, name, owner=owner)
+                except FileNotFoundError:  # ...unless it was archived and removed just now
+                    arch.link(name, to, name)
