@@ -7,8 +7,9 @@ PY = $(VENV)/bin/python
 dev:  ## install for development
 	python3 -m venv $(VENV) && $(VENV)/bin/pip install -e '.[test]'
 
-check:  ## lint
+check:  ## lint: style, then the layer contracts in pyproject.toml
 	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/lint-imports
 
 test:  ## the whole suite (what CI runs)
 	$(PY) -m pytest

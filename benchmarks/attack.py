@@ -36,7 +36,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from benchmarks.core import REPO_ROOT, Client, Project, short_tmpdir, start_platform, summarize
+from benchmarks.core.common import REPO_ROOT, short_tmpdir, summarize
+from benchmarks.core.targets import Project, start_platform
+from benchmarks.core.worker import Client
 
 TARGET_RATIO = 2.0
 SILENT = 1000

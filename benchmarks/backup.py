@@ -179,7 +179,8 @@ def wait_backed_up(argon: ArgonProcess, branches: int, timeout: float = 3600) ->
         if len(rows) >= branches and all(r["lag_bytes"] == 0 and r["last_base_backup"] for r in rows):
             # ... and the newest snapshot of each branch is up: no base upload pending.
             pending = [p for p in argon.data.glob("projects/*/branches/*/history/*/snapshots/*")
-                       if p.name not in _shipped_bases(p.parent.parent / "backup-bases.json")]
+                       if p.name not in _shipped_bases(argon.data / "backup" / p.parts[-6] / p.parts[-4]
+                                                       / p.parts[-3] / "bases.json")]
             if not pending:
                 return
         if time.monotonic() > deadline:

@@ -40,7 +40,8 @@ from typing import Any
 
 import psycopg
 
-from benchmarks.core import PGBENCH, BenchError, short_tmpdir, start_platform
+from benchmarks.core.common import PGBENCH, BenchError, short_tmpdir
+from benchmarks.core.targets import start_platform
 
 MB = 1024 * 1024
 SCALE_PER_MB = 1 / 15.0  # pgbench: ~15 MB of data per scale unit

@@ -38,7 +38,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.core import BenchError, short_tmpdir, start_platform
+from benchmarks.core.common import BenchError, short_tmpdir
+from benchmarks.core.targets import start_platform
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SETUP = re.compile(r"Total database setup took ([0-9.]+)s")

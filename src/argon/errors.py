@@ -1,6 +1,8 @@
-"""The one error tree: every error has a kind (HTTP status, SQLSTATE) and a message fit for users.
+"""The one error tree: every error has a kind (which maps to an HTTP status) and a message fit for users.
 
-Internal details go to the log where the error is handled; only `user_message` reaches clients.
+Internal details go to the log where the error is handled; only `user_message` reaches clients
+(the API's body, a console page, or, through the proxy, an ErrorResponse's text: the proxy sends
+every error of its own with SQLSTATE XX000, as Neon's does; kinds carry no SQLSTATE).
 """
 
 from __future__ import annotations

@@ -25,22 +25,25 @@ import uvicorn
 
 from argon import model
 from argon.api.app import create_app
-from argon.api.routes_serverless import Serverless
 from argon.compute import extensions
 from argon.compute.binaries import PgInstall, discover
+from argon.compute.osuser import check_uid_range, claim_uid_range, host_ids, uid_range_conflicts
 from argon.compute.template import ensure_template, initdb_settings
-from argon.console.routes import sign_in_link
+from argon.console.routes import mount_console, sign_in_link
 from argon.control.apikeys import new_key
 from argon.control.plane import ControlPlane
 from argon.control.projects import template_setup_sql
+from argon.control.proxy_service import ProxyService
 from argon.control.reconcile import reconcile
 from argon.control.secrets import Secrets
+from argon.control.services import Control
 from argon.control.suspend import SuspendMonitor
 from argon.errors import ConfigError
 from argon.metadata.store import Store
 from argon.proxy.activity import ActivityRegistry
-from argon.proxy.http_sql import HttpSql
 from argon.proxy.server import ProxyServer
+from argon.proxy.serverless.http_sql import HttpSql
+from argon.proxy.serverless.routes import Serverless, mount_serverless
 from argon.proxy.tls import TlsConfig, ensure_certificates
 from argon.settings import Settings
 from argon.storage.clone import pick_backend
@@ -84,20 +87,29 @@ class Platform:
         self.layout = Layout(settings.data_dir, settings.run_dir)
         self.activity = ActivityRegistry()
         self.plane: ControlPlane | None = None
+        self.control: Control | None = None
         self.proxy: ProxyServer | None = None
         self.serverless: Serverless | None = None  # /sql and WebSockets on the HTTP port
         self.monitor: SuspendMonitor | None = None
         self._http: _QuietServer | None = None
         self._http_task: asyncio.Task[None] | None = None
         self._lock_fd: int | None = None  # the data directory's lock (Layout.lock)
+        self._uid_range_fd: int | None = None  # this host's claim on the compute uid range (root only)
         self.info = StartInfo()
 
     async def start(self) -> StartInfo:
         started = time.monotonic()
         s = self.settings
         raise_fd_limit()
+        host = host_ids() if os.geteuid() == 0 else None
+        if host is not None:  # per-project uids: they must be Argon's alone
+            refused = check_uid_range(s.compute_uid_base, s.compute_uid_count, host)
+            if refused:
+                raise ConfigError(refused)
         self.layout.init()
         self._lock_fd = self.layout.lock()
+        if host is not None:
+            self._uid_range_fd = claim_uid_range(s.compute_uid_base, s.compute_uid_count, self.layout.data_dir)
         self.layout.protect_metadata()
         installs = await asyncio.to_thread(discover, s.pg_bindirs, self.layout.runtime_dir)
         if not installs:
@@ -113,8 +125,13 @@ class Platform:
         secrets = Secrets(self.layout.secrets_dir)
         plane = ControlPlane(settings=s, layout=self.layout, store=store, installs=installs, backend=backend,
                              secrets=secrets, activity=self.activity)
-        self.plane = plane
-        await plane.load()
+        control = Control.build(plane)
+        self.plane, self.control = plane, control
+        await control.load()
+        for project in plane.projects() if host is not None else ():
+            if project.os_uid is not None and (clash := uid_range_conflicts(project.os_uid, 1, **host)):
+                log.warning("project %s runs as uid %d, which is not Argon's alone (%s): move its files to a free "
+                            "uid", project.id, project.os_uid, "; ".join(clash))
 
         for major, install in sorted(installs.items()):
             t0 = time.monotonic()
@@ -129,7 +146,7 @@ class Platform:
         for template in plane.templates.values():
             plane.spawn(asyncio.to_thread(plane.spares.refill, template), "preparing spare template copies")
 
-        plan = await reconcile(plane)
+        plan = await reconcile(control)
         self.info.reconciled = plan.summary()
 
         if s.tls_cert and s.tls_key:
@@ -140,7 +157,8 @@ class Platform:
             tls = TlsConfig(files.cert, files.key)
             self.info.ca_cert = files.ca_cert
 
-        self.proxy = ProxyServer(host=s.proxy_host, port=s.proxy_port, control=plane, activity=self.activity,
+        self.proxy = ProxyServer(host=s.proxy_host, port=s.proxy_port, control=ProxyService(control),
+                                 activity=self.activity,
                                  tls=tls, server_secret=secrets.server_key, plaintext=s.plaintext,
                                  domain=s.domain or s.cert_domain, forward_all_params=s.forward_all_params,
                                  relay=s.proxy_relay)
@@ -155,31 +173,30 @@ class Platform:
             s = self.settings = s.model_copy(update={"proxy_port": self.proxy.port})
             plane.settings = s
         self.serverless = Serverless(self.proxy, HttpSql(self.proxy))  # on the proxy's internal socket
-        app = create_app(plane, self.serverless)
+        app = create_app(control)
+        mount_serverless(app, self.serverless)
+        mount_console(app, control)  # last: its catch-all answers unknown pages
         await self._start_http(app)
         # Only now that everything listens: a key generated by a start that then failed would be
         # stored (as a hash) but never shown, and the next start would not generate another.
         if s.api_key:
-            await plane.api_keys.ensure(s.api_key, "ARGON_API_KEY")
+            await control.api_keys.ensure(s.api_key, "ARGON_API_KEY")
             self.info.api_key_source = "ARGON_API_KEY"
-        elif plane.api_keys.empty:
+        elif control.api_keys.empty:
             token = new_key()
-            await plane.api_keys.ensure(token, "generated at first start")
+            await control.api_keys.ensure(token, "generated at first start")
             self.info.api_key = token
             self.info.api_key_source = "generated now (shown once; stored only as a hash)"
         else:
             self.info.api_key_source = ("existing keys (create more with `argon api-keys create`; lost them all? "
                                         "start once with ARGON_API_KEY=<a new secret> to add one)")
-        self.monitor = SuspendMonitor(plane)
+        self.monitor = SuspendMonitor(control)
         self.monitor.start()
-        plane.metrics.start()
-        if s.backup_url:
-            from argon.control.backup import BackupService
-
-            plane.backup = BackupService(plane, s)
-            await plane.backup.start()
-            self.info.backup = plane.backup.status.url + (" (encrypted)" if plane.backup.codec.encrypted else
-                                                          " (NOT encrypted: set ARGON_BACKUP_KEY)")
+        control.metrics.start()
+        if control.backup is not None:
+            await control.backup.start()
+            self.info.backup = control.backup.status.url + (" (encrypted)" if control.backup.codec.encrypted else
+                                                            " (NOT encrypted: set ARGON_BACKUP_KEY)")
 
         self.info.api_url = f"http://{_display_host(s.http_host)}:{self.http_port}"
         self.info.sign_in_url = sign_in_link(app, self.info.api_url)
@@ -222,8 +239,8 @@ class Platform:
     async def stop(self) -> None:
         if self.monitor is not None:
             await self.monitor.stop()
-        if self.plane is not None:
-            await self.plane.metrics.stop()
+        if self.control is not None:
+            await self.control.metrics.stop()
         if self._http is not None and self._http_task is not None:
             self._http.should_exit = True
             with contextlib.suppress(Exception):
@@ -232,22 +249,23 @@ class Platform:
             await self.serverless.http_sql.close()
         if self.proxy is not None:
             await self.proxy.stop()
-        if self.plane is not None and self.plane.backup is not None:
-            await self.plane.backup.stop()
-        if self.plane is not None:
-            await self.plane.computes.stop_all()
-            if self.plane.backup is not None:
-                await self.plane.backup.flush()  # the computes' last WAL (their shutdown checkpoints)
-                self.plane.backup.close()
-            for ep in self.plane.endpoints():
-                if ep.current_state is model.ComputeState.ACTIVE:
-                    await self.plane.save(ep.replace(current_state=model.ComputeState.IDLE,
-                                                     suspended_at=model.utcnow()))
-            await self.plane.close()
-            self.plane.store.close()
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        if self.control is not None and self.control.backup is not None:
+            await self.control.backup.stop()
+        if self.control is not None:
+            plane = self.control.plane
+            await plane.computes.stop_all()
+            if self.control.backup is not None:
+                await self.control.backup.flush()  # the computes' last WAL (their shutdown checkpoints)
+                self.control.backup.close()
+            idle = [ep.replace(current_state=model.ComputeState.IDLE, suspended_at=model.utcnow())
+                    for ep in plane.endpoints() if ep.current_state is model.ComputeState.ACTIVE]
+            await plane.commit(put=idle)
+            await self.control.close()
+            plane.store.close()
+        for fd in (self._lock_fd, self._uid_range_fd):
+            if fd is not None:
+                os.close(fd)
+        self._lock_fd = self._uid_range_fd = None
 
 
 _FD_CEILING = 1 << 20  # some hard limits are ~2**30; programs that close every possible fd crawl with those

@@ -56,7 +56,11 @@ class Settings(BaseSettings):
     default_pg_version: int | None = Field(None, description="Postgres major for new projects (default: the newest found)")
     suspend_timeout: int = Field(300, ge=1, le=604800, description="Seconds of inactivity before a compute suspends, when an endpoint says 0")
     clone_backend: Literal["auto", "reflink", "copy"] = Field("auto", description="How branches and projects copy data")
-    compute_uid_base: int = Field(200000, ge=1000, description="When run as root: first OS uid for project computes")
+    compute_uid_base: int = Field(200000, ge=1000, le=2**31 - 2, description="When run as root: first OS uid for "
+                                  "project computes (each project gets its own, never given again)")
+    compute_uid_count: int = Field(100000, ge=1, le=2**31 - 1000, description="When run as root: how many uids from "
+                                   "ARGON_COMPUTE_UID_BASE on are Argon's (none may belong to a user, a group or a "
+                                   "/etc/subuid or /etc/subgid range)")
     spare_clusters: int = Field(2, ge=0, le=20, description="Template copies kept ready per Postgres version, "
                                 "so a new project is a rename (0 turns the pool off)")
     metrics_interval: float = Field(15.0, gt=0, le=3600, description="Seconds between monitoring samples of running "

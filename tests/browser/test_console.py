@@ -17,7 +17,7 @@ import psycopg
 import pytest
 from playwright.sync_api import Browser, Response, expect
 
-from argon.cli.commands import render_connection
+from argon.cli.connect import render_connection
 from tests.browser.helpers import browser_page, shot, sign_in_link, signed_in_page
 from tests.fixtures.platform import API_KEY, RunningPlatform, short_tmpdir
 

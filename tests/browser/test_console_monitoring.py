@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.browser, pytest.mark.pg]
 @pytest.fixture(scope="module")
 def manual_sampler(platform: RunningPlatform) -> Iterator[Any]:
     """The shared platform's sampler, paused: this module takes its samples itself, when it wants them."""
-    sampler = platform.plane.metrics
+    sampler = platform.control.metrics
     platform.call(sampler.stop())
     try:
         yield sampler

@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 from argon.errors import ArgonError
 from argon.proxy import routing
-from argon.proxy import sql_over_http as sql
+from argon.proxy.serverless import sql_over_http as sql
 from argon.wire import codec, scram
 from argon.wire.codec import ProtocolViolation
 

@@ -62,7 +62,7 @@ def own_chunk(platform: RunningPlatform, project_id: str, branch_id: str) -> str
     from argon.control.backup import branch_prefix
     from argon.storage.backup import bases as bb
 
-    service = platform.plane.backup
+    service = platform.control.backup
     key = next(o.key for o in service.store.list(branch_prefix(project_id, branch_id)) if "/bases/" in o.key)
     manifest = bb.read_manifest(service.store, service.codec, key)
     entry = next(e for e in manifest["files"] if e.get("chunks") or e.get("pack"))
@@ -216,7 +216,7 @@ def test_cli_backup_status_and_verify(shipping: tuple[RunningPlatform, str]) -> 
     from argon import model
 
     before = platform.api.get("/backup/usage").json()["usage"]
-    deleted = platform.call(platform.plane.backup.prune_once(model.utcnow() + timedelta(days=8)), timeout=300)
+    deleted = platform.call(platform.control.backup.prune_once(model.utcnow() + timedelta(days=8)), timeout=300)
     after = platform.api.get("/backup/usage").json()["usage"]
     assert deleted > 0 and after["objects"] < before["objects"] and after["metadata_bytes"] < before["metadata_bytes"]
     out = argon("backup", "verify", "--from", url, "--sample", "2")

@@ -195,7 +195,8 @@ def test_expired_branches_are_deleted_with_their_computes(platform: RunningPlatf
     from datetime import UTC, datetime, timedelta
 
     pid = project["project"]["id"]
-    soon = (datetime.now(UTC) + timedelta(seconds=3)).isoformat().replace("+00:00", "Z")
+    # far enough ahead that a slow POST on a loaded machine still sends a future time
+    soon = (datetime.now(UTC) + timedelta(seconds=8)).isoformat().replace("+00:00", "Z")
     created = branch(platform, pid, name="ephemeral", expires_at=soon)
     bid, ep = created["branch"]["id"], created["endpoints"][0]["id"]
     assert created["branch"]["expires_at"]
@@ -209,7 +210,7 @@ def test_expired_branches_are_deleted_with_their_computes(platform: RunningPlatf
     default = platform.api.patch(f"/projects/{pid}/branches/{project['branch']['id']}",
                                  json={"branch": {"expires_at": later}})
     assert default.status_code == 400
-    wait_for(lambda: platform.api.get(f"/projects/{pid}/branches/{bid}").status_code == 404, timeout=20)
+    wait_for(lambda: platform.api.get(f"/projects/{pid}/branches/{bid}").status_code == 404, timeout=40)
     assert platform.api.get(f"/projects/{pid}/endpoints/{ep}").status_code == 404
     wait_for(lambda: not platform.plane.layout.branch_dir(pid, bid).exists(), timeout=10)
     assert platform.api.get(f"/projects/{pid}/branches/{kept['branch']['id']}").status_code == 200

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from argon.compute.admin import connect_admin
+from argon.compute.admin import SessionClosed, connect_admin
 from argon.compute.binaries import PgInstall, discover
 from argon.compute.manager import ComputeManager, ComputeSpec
 from argon.compute.osuser import OsUser, chown_tree, running_as_root
@@ -127,3 +127,38 @@ def test_start_failure_says_why(env: tuple[Layout, dict[int, PgInstall]]) -> Non
             await ComputeManager().start(missing)
 
     asyncio.run(scenario())
+
+
+def test_admin_session_is_shared_and_closed_by_the_stop(env: tuple[Layout, dict[int, PgInstall]]) -> None:
+    """One platform session per compute, whoever asks; the stop closes it before the postmaster
+    stops, so the compute's log has no FATAL for it and nothing reconnects during the shutdown."""
+    layout, installs = env
+    install = installs[max(installs)]
+    template = ensure_template(install, layout.templates_dir, setup_sql=SETUP, argon_os_user=_me())
+    user = OsUser(200200, 200200) if running_as_root() else None
+    spec = _spec(layout, install, "adm", user)
+    _clone(layout, template, spec)
+    own = "SELECT count(*) FROM pg_stat_activity WHERE usename = 'cloud_admin' AND backend_type = 'client backend'"
+
+    async def scenario() -> None:
+        manager = ComputeManager()
+        assert manager.admin(spec.endpoint_id) is None
+        await manager.start(spec)
+        session = manager.admin(spec.endpoint_id)
+        assert session is not None and manager.admin(spec.endpoint_id) is session
+        rows = await asyncio.gather(*(session.fetchone(own, timeout=5) for _ in range(5)))
+        assert rows == [(1,)] * 5  # five callers, one session
+        await manager.stop(spec.endpoint_id)
+        assert session.closed and manager.admin(spec.endpoint_id) is None
+        with pytest.raises(SessionClosed):
+            await session.fetchone("SELECT 1", timeout=5)
+        for _ in range(3):  # each stop is a chance for the race: a backend still exiting at the shutdown
+            await manager.start(spec)
+            fresh = manager.admin(spec.endpoint_id)
+            assert fresh is not None and fresh is not session
+            assert await fresh.fetchone("SELECT 1", timeout=5) == (1,)
+            await manager.stop_all()
+
+    asyncio.run(scenario())
+    log = spec.log_file.read_text()
+    assert "shutting down" in log and "FATAL" not in log, log[-2000:]

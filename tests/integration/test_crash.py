@@ -17,7 +17,7 @@ import httpx
 import psycopg
 import pytest
 
-from tests.fixtures.platform import short_tmpdir
+from tests.fixtures.platform import short_tmpdir, uid_range
 
 pytestmark = [pytest.mark.pg, pytest.mark.slow]
 
@@ -35,7 +35,8 @@ class ArgonProcess:
         self.root = root
         self.env = {**os.environ, "ARGON_DATA_DIR": str(root / "data"), "ARGON_RUN_DIR": str(root / "run"),
                     "ARGON_HTTP_PORT": str(http_port), "ARGON_PROXY_PORT": str(proxy_port),
-                    "ARGON_API_KEY": KEY, "HOME": str(root / "home"), "ARGON_CONFIG_FILE": str(root / "none.toml")}
+                    "ARGON_API_KEY": KEY, "HOME": str(root / "home"), "ARGON_CONFIG_FILE": str(root / "none.toml"),
+                    **{f"ARGON_{k.upper()}": str(v) for k, v in uid_range().items()}}
         self.api = httpx.Client(base_url=f"http://127.0.0.1:{http_port}/api/v2",
                                 headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
         self.proc: subprocess.Popen[bytes] | None = None

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.fixtures.platform import API_KEY, RunningPlatform, short_tmpdir
+from tests.fixtures.platform import API_KEY, RunningPlatform, short_tmpdir, uid_range
 
 pytestmark = [pytest.mark.pg, pytest.mark.slow]
 
@@ -217,7 +217,7 @@ def test_after_a_restart_the_template_is_reused(tmp_path: Path) -> None:
     computes get uids of their own: a project deleted on another platform of this host must not
     share its uid with ours."""
     root = short_tmpdir("dj")
-    uids = {"compute_uid_base": 250000}
+    uids = uid_range()  # the same range for both starts
     try:
         first = RunningPlatform(root, **uids)
         try:

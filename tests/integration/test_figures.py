@@ -17,7 +17,7 @@ def test_storage_figures_follow_the_data(platform: RunningPlatform, project: dic
     ep = project["endpoints"][0]["id"]
 
     def figures() -> tuple[dict[str, Any], dict[str, Any]]:
-        platform.plane.figures.forget(bid)  # skip the few seconds of caching
+        platform.control.figures.forget(bid)  # skip the few seconds of caching
         b = platform.api.get(f"/projects/{pid}/branches/{bid}").json()["branch"]
         p = platform.api.get(f"/projects/{pid}").json()["project"]
         return b, p

@@ -3,9 +3,11 @@ the API's figures that come from them. A platform of its own samples every 0.3 s
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -92,7 +94,7 @@ def test_samples_are_real_and_the_api_figures_follow_them(sampled: RunningPlatfo
         assert lsns[-1] - lsns[0] >= 10_000_000  # the table's WAL
 
         # The API: measured sizes, WAL written before any checkpoint (the sampled LSN), consumption.
-        sampled.plane.figures.forget(bid)
+        sampled.control.figures.forget(bid)
         branch = sampled.api.get(f"/projects/{pid}/branches/{bid}").json()["branch"]
         assert branch["logical_size"] >= before_api["logical_size"] + 10_000_000
         assert branch["written_data_bytes"] >= before_api["written_data_bytes"] + 10_000_000
@@ -115,10 +117,56 @@ def test_samples_are_real_and_the_api_figures_follow_them(sampled: RunningPlatfo
     assert not [s for s in _samples(sampled, pid) if s.endpoint_id == ep and s.at > cut]
     idle = [s for s in _samples(sampled, pid) if s.endpoint_id is None and s.at > cut][-1]
     assert idle.logical_bytes == later.logical_bytes or abs((idle.logical_bytes or 0) - later.logical_bytes) < 2_000_000
-    assert ep not in sampled.plane.metrics._conns
-    # The sampler had a session open on the compute: it closed it before the stop, so the compute's
-    # log shows no FATAL "terminating connection" for the platform's own sampler.
+    assert sampled.plane.computes.admin(ep) is None
+    # The platform had its admin session open on the compute: the stop closed it first, so the
+    # compute's log shows no FATAL "terminating connection" for the platform's own sampler.
     logs = sampled.api.get(f"/projects/{pid}/endpoints/{ep}/logs").text
     assert "shutting down" in logs and "FATAL" not in logs, logs[-2000:]
     sampled.delete_project(pid)
     assert _samples(sampled, pid) == []
+
+
+def _on_disk(path: Path) -> tuple[int, int]:
+    """(allocated bytes under `path`, each inode once; allocated bytes of files with more than one link)."""
+    total = linked = 0
+    seen: set[int] = set()
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            st = os.lstat(os.path.join(root, name))
+            if st.st_ino in seen:
+                continue
+            seen.add(st.st_ino)
+            total += st.st_blocks * 512
+            linked += st.st_blocks * 512 if st.st_nlink > 1 else 0
+    return total, linked
+
+
+def test_linked_history_bases_are_counted_once(sampled: RunningPlatform) -> None:
+    """A branch's history base hard-linked to its parent's snapshot (ADR 0010) is one copy on disk: the
+    branches' storage samples (what data_storage_bytes_hour adds up) and the project's
+    synthetic_storage_size both add up to what the disk holds, not one copy per branch."""
+    if sampled.plane.backend.name != "copy":
+        pytest.skip("history bases are linked on the copy backend only")
+    created = sampled.create_project(name="linked")
+    pid, main = created["project"]["id"], created["branch"]["id"]
+    ep = created["endpoints"][0]["id"]
+    _wait_for("the first start", lambda: sampled.endpoint(pid, ep)["current_state"] == "active")
+    assert sampled.api.post(f"/projects/{pid}/endpoints/{ep}/suspend").status_code == 200
+    resp = sampled.api.post(f"/projects/{pid}/branches", json={"branch": {"name": "child"}})
+    assert resp.status_code == 201, resp.text
+    child = resp.json()["branch"]["id"]
+    marker = sampled.plane.clock()
+    disk, linked = _on_disk(sampled.plane.layout.project_dir(pid))
+    assert linked > 10_000_000  # the child's base shares the parent's snapshot
+
+    def latest() -> dict[str, int]:
+        rows = [s for s in _samples(sampled, pid) if s.endpoint_id is None and s.at > marker]
+        return {s.branch_id: s.storage_bytes or 0 for s in rows}
+
+    storage = _wait_for("storage samples of both branches", lambda: (got := latest()).keys() >= {main, child} and got)
+    assert abs(storage[main] + storage[child] - disk) < 1_000_000, (storage, disk, linked)
+    sampled.control.figures.forget(main)
+    sampled.control.figures.forget(child)
+    project = sampled.api.get(f"/projects/{pid}").json()["project"]
+    assert abs(project["synthetic_storage_size"] - disk) < 1_000_000, (project["synthetic_storage_size"], disk)
+    sampled.delete_project(pid)

@@ -18,7 +18,7 @@ import psycopg
 import pytest
 
 from argon import model
-from argon.storage.history import parse_lsn, segment_start
+from argon.storage.wal import parse_lsn, segment_start
 from tests.fixtures.platform import RunningPlatform
 from tests.integration.test_branches import branch, scalar, uri_of
 
@@ -257,7 +257,7 @@ def test_cli_branches_at_a_point_and_restore(platform: RunningPlatform, project:
 
 
 def test_online_snapshot_of_a_compute_that_never_suspends(platform: RunningPlatform, clock: list[timedelta]) -> None:
-    from argon.control.history import maintain
+    from argon.control.retention import maintain
 
     created = platform.create_project(name="busy", history_retention_seconds=3600)
     pid, bid = created["project"]["id"], created["branch"]["id"]
@@ -283,7 +283,7 @@ def test_online_snapshot_of_a_compute_that_never_suspends(platform: RunningPlatf
 
 def test_a_throw_away_cluster_at_a_point(platform: RunningPlatform, project: dict[str, Any]) -> None:
     from argon.compute.admin import connect_admin
-    from argon.control.history import cluster_at
+    from argon.control.pitr import cluster_at
 
     pid, bid = project["project"]["id"], project["branch"]["id"]
     marks = commits_with_marks(platform.dsn(project), 2)

@@ -163,7 +163,7 @@ def test_a_project_made_before_keeps_initdb_settings(platform: RunningPlatform) 
         plane = platform.plane
         project_id, branch_id = created["project"]["id"], created["branch"]["id"]
         endpoint_id = created["endpoints"][0]["id"]
-        platform.call(plane.stop_compute(endpoint_id, reason="test", mode="fast"))
+        platform.call(platform.control.computes.stop(endpoint_id, reason="test", mode="fast"))
         (plane.layout.pgdata(project_id, branch_id) / template.INITDB_SETTINGS).unlink()
         with psycopg.connect(platform.dsn(created)) as conn:
             assert conn.execute("show default_text_search_config").fetchone() == ("pg_catalog.english",)

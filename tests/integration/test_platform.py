@@ -7,6 +7,7 @@ import os
 import subprocess
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -296,3 +297,36 @@ def test_projects_are_isolated_by_os_user(platform: RunningPlatform) -> None:
     finally:
         platform.delete_project(pid_of(a))
         platform.delete_project(pid_of(b))
+
+
+def test_each_start_and_suspend_is_one_operation(platform: RunningPlatform) -> None:
+    """Operations are recorded by the use case that asked, once: the first start, an API start and
+    suspend, a disable, a wake through the proxy and a suspend on idle each add exactly one."""
+    created = platform.create_project(name="ops")
+    pid, eid = pid_of(created), ep_id(created)
+
+    def counts() -> Counter[str]:
+        platform.call(platform.plane.drain())  # operations of wakes are written in the background
+        ops = platform.api.get(f"/projects/{pid}/operations", params={"limit": 1000}).json()["operations"]
+        assert all(o["status"] == "finished" for o in ops), ops
+        return Counter(o["action"] for o in ops)
+
+    try:
+        wait_for(lambda: platform.endpoint(pid, eid)["current_state"] == "active")
+        assert counts() == {"create_timeline": 1, "start_compute": 1}
+        api = platform.api
+        assert api.post(f"/projects/{pid}/endpoints/{eid}/suspend").status_code == 200
+        assert api.post(f"/projects/{pid}/endpoints/{eid}/start").status_code == 200
+        assert counts() == {"create_timeline": 1, "start_compute": 2, "suspend_compute": 1}
+        out = api.patch(f"/projects/{pid}/endpoints/{eid}", json={"endpoint": {"disabled": True}}).json()
+        assert sorted(o["action"] for o in out["operations"]) == ["apply_config", "suspend_compute"]
+        assert counts() == {"create_timeline": 1, "start_compute": 2, "suspend_compute": 2, "apply_config": 1}
+        api.patch(f"/projects/{pid}/endpoints/{eid}", json={"endpoint": {"disabled": False}})
+        with psycopg.connect(platform.dsn(created)) as conn:  # a wake through the proxy
+            conn.execute("select 1")
+        assert counts() == {"create_timeline": 1, "start_compute": 3, "suspend_compute": 2, "apply_config": 2}
+        api.patch(f"/projects/{pid}/endpoints/{eid}", json={"endpoint": {"suspend_timeout_seconds": 1}})
+        wait_for(lambda: platform.endpoint(pid, eid)["current_state"] == "idle")  # the suspend monitor
+        assert counts() == {"create_timeline": 1, "start_compute": 3, "suspend_compute": 3, "apply_config": 3}
+    finally:
+        platform.delete_project(pid)

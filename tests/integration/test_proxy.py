@@ -129,6 +129,8 @@ def test_sni_routing_with_verify_full(proxy: ProxyHarness, certs: TlsFiles) -> N
     with connect(proxy, host=f"{EP}-pooler.{DOMAIN}", hostaddr="127.0.0.1", options=None,
                  sslmode="verify-full", sslrootcert=str(certs.ca_cert)) as conn:
         assert scalar(conn, "SELECT 1") == 1
+    # The pooled host is the same compute: the control plane is asked about its id, never `-pooler`.
+    assert not [ep for ep in proxy.control.wakes if ep.endswith("-pooler")]
 
 
 def test_sni_and_option_must_agree(proxy: ProxyHarness, certs: TlsFiles) -> None:

@@ -18,7 +18,7 @@ import pytest
 import websockets
 
 from argon.proxy.routing import NO_ENDPOINT
-from argon.proxy.sql_over_http import ERROR_KEYS
+from argon.proxy.serverless.sql_over_http import ERROR_KEYS
 from argon.wire import codec
 from tests.fixtures.platform import RunningPlatform
 

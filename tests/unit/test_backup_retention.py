@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from argon.storage.backup.retention import EpochObjects, plan, unreferenced_chunks
-from argon.storage.history import format_lsn, segment_name
+from argon.storage.wal import format_lsn, segment_name
 
 SEG = 1024 * 1024
 NOW = datetime(2026, 12, 1, tzinfo=UTC)

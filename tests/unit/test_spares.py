@@ -3,8 +3,13 @@ of an older template."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+import pytest
+
+from argon.compute.osuser import OsUser
+from argon.safefs import chown_tree
 from argon.storage.clone import CopyBackend
 from argon.storage.spares import SparePool, template_key
 
@@ -39,3 +44,26 @@ def test_size_zero_turns_the_pool_off(tmp_path: Path) -> None:
     pool = SparePool(tmp_path / "spares", CopyBackend, size=0)
     pool.refill(template)
     assert not (tmp_path / "spares").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving copies to a compute uid needs root")
+def test_a_copy_is_given_to_the_project_before_it_moves_in(tmp_path: Path) -> None:
+    template = _template(tmp_path, "x")
+    pool = SparePool(tmp_path / "spares", CopyBackend, size=1)
+    owner = OsUser(54321, 54321)
+    project = tmp_path / "project"
+    project.mkdir(mode=0o700)
+    os.chown(project, owner.uid, owner.gid)
+    pool.refill(template)
+    pool.take(template, project / "claimed", owner)  # the spare
+    pool.take(template, project / "fresh", owner)  # none ready: copied now, the same way
+    for path in [project / "claimed", *(project / "claimed").rglob("*"), project / "fresh",
+                 *(project / "fresh").rglob("*")]:
+        assert path.lstat().st_uid == owner.uid, path
+    assert oct((tmp_path / "spares").stat().st_mode & 0o777) == "0o700"
+    # A spare that is not root's (made when templates were nobody's) is never handed out.
+    pool.refill(template)
+    (stale,) = (tmp_path / "spares").iterdir()
+    chown_tree(stale, OsUser(65534, 65534))
+    assert not pool.claim(template, project / "third", owner)
+    assert not (project / "third").exists() and list((tmp_path / "spares").iterdir()) == []

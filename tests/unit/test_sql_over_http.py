@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from argon.proxy import sql_over_http as sql
-from argon.proxy.http_sql import _proxy_message
 from argon.proxy.routing import NO_ENDPOINT, endpoint_from_host, resolve
-from argon.proxy.websocket import tunnel_endpoint
+from argon.proxy.serverless import sql_over_http as sql
+from argon.proxy.serverless.http_sql import _proxy_message
+from argon.proxy.serverless.websocket import tunnel_endpoint
 
 EP = "ep-cool-darkness-123456"
 

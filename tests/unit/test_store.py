@@ -2,6 +2,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from argon import model
+from argon.metadata import schema
 from argon.metadata.store import Store
 
 
@@ -14,7 +15,7 @@ def _store(tmp_path: Path) -> Store:
 def test_migrations_are_idempotent_and_versioned(tmp_path: Path) -> None:
     store = _store(tmp_path)
     store.migrate()
-    assert store.schema_revision() == "0002"
+    assert store.schema_revision() == "0003"
 
 
 def test_round_trip_keeps_types(tmp_path: Path) -> None:
@@ -65,3 +66,37 @@ def test_api_keys_are_stored_hashed(tmp_path: Path) -> None:
     assert store.find_api_key("other") is None
     raw = (tmp_path / "argon.db").read_bytes()
     assert b"argon_secret_value" not in raw
+
+
+def test_compute_uids_are_never_given_twice(tmp_path: Path) -> None:
+    """A deleted project's uid stays taken (ADR 0016); the range ends where it says."""
+    store = _store(tmp_path)
+    now = model.utcnow()
+    first = store.allocate_uid(5000, 3, "p1", now)
+    p1 = model.Project(id="p1", name="a", region_id="local", pg_version=15, created_at=now, updated_at=now,
+                       os_uid=first)
+    store.put(p1)
+    second = store.allocate_uid(5000, 3, "p2", now)
+    store.delete_project_rows("p1")
+    store.release_uid(first, now)
+    third = store.allocate_uid(5000, 3, "p3", now)
+    assert (first, second, third) == (5000, 5001, 5002)
+    assert store.allocate_uid(5000, 3, "p4", now) is None  # used up: never back to 5000
+    assert store.allocate_uid(9000, 10, "p4", now) == 9000  # a range moved elsewhere starts at its base
+
+
+def test_migration_0003_records_the_uids_projects_hold(tmp_path: Path) -> None:
+    from alembic import command
+    from alembic.config import Config
+
+    store = Store.sqlite(tmp_path / "argon.db")
+    cfg = Config()
+    cfg.set_main_option("script_location", str(Path(schema.__file__).parent / "migrations"))
+    with store.engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0002")
+    now = model.utcnow()
+    store.put(model.Project(id="old", name="a", region_id="local", pg_version=15, created_at=now, updated_at=now,
+                            os_uid=200007))
+    store.migrate()
+    assert store.allocate_uid(200000, 100, "new", now) == 200008  # above what an older Argon gave out

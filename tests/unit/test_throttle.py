@@ -10,9 +10,9 @@ import time
 import pytest
 
 from argon.proxy.auth import Credentials, InternalTokens
-from argon.proxy.http_sql import Budget, SharedBytes, WorkLimits
 from argon.proxy.routing import Route
-from argon.proxy.sql_over_http import HttpSqlError
+from argon.proxy.serverless.http_sql import Budget, SharedBytes, WorkLimits
+from argon.proxy.serverless.sql_over_http import HttpSqlError
 from argon.proxy.throttle import PasswordChecks, Throttle, Throttled, client_key
 from argon.wire import scram
 

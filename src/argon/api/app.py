@@ -1,5 +1,5 @@
-"""The HTTP app: Neon's management API under /api/v2, the web console under / (`argon.console`), and
-the serverless driver's /sql and WebSockets (`routes_serverless`).
+"""The HTTP app: Neon's management API under /api/v2. The platform mounts the serverless driver's
+endpoints (`argon.proxy.serverless`) and the web console (`argon.console`) on it.
 
 Thin: parse -> `argon.control` use case -> `argon.api.views` shape. Errors map to Neon's
 `{"code", "message"}` bodies with the status of their kind, in one place (`_argon_error`).
@@ -24,10 +24,8 @@ from argon.api import (
     routes_projects,
     routes_roles,
     routes_schema,
-    routes_serverless,
 )
-from argon.console.routes import mount_console
-from argon.control.plane import ControlPlane
+from argon.control.services import Control
 from argon.errors import ArgonError, Unauthorized
 
 log = logging.getLogger(__name__)
@@ -37,12 +35,11 @@ def error_body(message: str, code: str = "") -> dict[str, Any]:
     return {"code": code, "message": message}
 
 
-def create_app(plane: ControlPlane, serverless: routes_serverless.Serverless | None = None) -> FastAPI:
+def create_app(control: Control) -> FastAPI:
     app = FastAPI(title="Argon API", version=__version__, docs_url="/api/v2/docs", redoc_url=None,
                   openapi_url="/api/v2/openapi.json",
                   description="Neon-compatible management API v2 of a self-hosted Argon server.")
-    app.state.plane = plane
-    app.state.serverless = serverless  # Neon's serverless driver: /sql and WebSockets
+    app.state.control = control
 
     @app.exception_handler(ArgonError)
     async def _argon_error(request: Request, exc: ArgonError) -> JSONResponse:
@@ -87,6 +84,4 @@ def create_app(plane: ControlPlane, serverless: routes_serverless.Serverless | N
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    app.include_router(routes_serverless.router)
-    mount_console(app)
     return app

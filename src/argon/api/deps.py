@@ -1,4 +1,4 @@
-"""Request dependencies: the control plane and Bearer API-key authentication."""
+"""Request dependencies: the control plane's services and Bearer API-key authentication."""
 
 from __future__ import annotations
 
@@ -6,25 +6,18 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from argon.control.plane import ControlPlane
-from argon.errors import Unauthorized
+from argon.control.services import Control
 
 
-def get_plane(request: Request) -> ControlPlane:
-    plane: ControlPlane = request.app.state.plane
-    return plane
+def get_control(request: Request) -> Control:
+    control: Control = request.app.state.control
+    return control
 
 
-def require_key(request: Request) -> ControlPlane:
-    plane = get_plane(request)
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise Unauthorized("authentication required: send 'Authorization: Bearer <API key>' "
-                           "(the key is printed by `argon up`; `argon api-keys create` makes more)")
-    if not plane.api_keys.check(token.strip()):
-        raise Unauthorized("invalid API key")
-    return plane
+def require_key(request: Request) -> Control:
+    control = get_control(request)
+    control.api_keys.authorize(request.headers.get("authorization", ""))
+    return control
 
 
-Plane = Annotated[ControlPlane, Depends(require_key)]
+Authorized = Annotated[Control, Depends(require_key)]

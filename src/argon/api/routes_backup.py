@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from argon.api.deps import Plane
+from argon.api.deps import Authorized
 from argon.errors import Precondition
 
 router = APIRouter(tags=["Backup"])
@@ -14,15 +14,15 @@ router = APIRouter(tags=["Backup"])
 
 @router.get("/backup", summary="Continuous backup to object storage: last WAL shipped, lag, last base backup, "
             "errors (Argon extension)")
-async def backup_status(plane: Plane) -> dict[str, Any]:
-    if plane.backup is None:
+async def backup_status(control: Authorized) -> dict[str, Any]:
+    if control.backup is None:
         return {"backup": {"enabled": False, "hint": "set ARGON_BACKUP_URL (s3://bucket/prefix or file:///path)"}}
-    return {"backup": plane.backup.status.view()}
+    return {"backup": control.backup.status.view()}
 
 
 @router.get("/backup/usage", summary="Bytes in the backup bucket per project, shared chunks and metadata "
             "(Argon extension; lists the bucket)")
-async def backup_usage(plane: Plane) -> dict[str, Any]:
-    if plane.backup is None:
+async def backup_usage(control: Authorized) -> dict[str, Any]:
+    if control.backup is None:
         raise Precondition("backup is off: set ARGON_BACKUP_URL (s3://bucket/prefix or file:///path)")
-    return {"usage": await plane.backup.usage()}
+    return {"usage": await control.backup.usage()}

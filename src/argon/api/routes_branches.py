@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict
 
 from argon import ids, model
 from argon.api import views
-from argon.api.deps import Plane
+from argon.api.deps import Authorized
 from argon.control import branches, connection
 from argon.control.endpoints import check_cu, check_suspend_timeout
 from argon.errors import UserError
@@ -56,10 +56,10 @@ class BranchUpdateBody(_Loose):
     branch: BranchUpdate
 
 
-def _settings(plane: Plane, project_id: str, spec: EndpointSpec) -> model.EndpointSettings:
+def _settings(control: Authorized, project_id: str, spec: EndpointSpec) -> model.EndpointSettings:
     if spec.type != "read_write":
         raise UserError("only read_write endpoints are supported on branches for now")
-    base = plane.project(project_id).default_endpoint_settings
+    base = control.plane.project(project_id).default_endpoint_settings
     lo = check_cu(spec.autoscaling_limit_min_cu, "autoscaling_limit_min_cu") \
         if spec.autoscaling_limit_min_cu is not None else base.autoscaling_limit_min_cu
     hi = check_cu(spec.autoscaling_limit_max_cu, "autoscaling_limit_max_cu") \
@@ -72,26 +72,28 @@ def _settings(plane: Plane, project_id: str, spec: EndpointSpec) -> model.Endpoi
 
 
 @router.get("/projects/{project_id}/branches")
-async def list_branches(plane: Plane, project_id: str) -> dict[str, Any]:
+async def list_branches(control: Authorized, project_id: str) -> dict[str, Any]:
+    plane = control.plane
     plane.project(project_id)
     # neonctl dereferences annotations[branch.id]: the object must be there, even empty.
-    await asyncio.to_thread(plane.figures.refresh, plane, project_id)
-    return {"branches": [views.branch_view(b, plane.figures.get(b.id), plane.metrics.branch_usage(project_id, b.id))
+    await asyncio.to_thread(control.figures.refresh, project_id)
+    return {"branches": [views.branch_view(b, control.figures.get(b.id), control.metrics.branch_usage(project_id, b.id))
                          for b in plane.branches(project_id)],
             "annotations": {}}
 
 
 @router.post("/projects/{project_id}/branches", status_code=201)
-async def create_branch(plane: Plane, project_id: str,
+async def create_branch(control: Authorized, project_id: str,
                         body: Annotated[BranchCreateBody | None, Body()] = None) -> JSONResponse:
+    plane = control.plane
     body = body or BranchCreateBody()
     spec = body.branch or BranchCreate()
     req = branches.BranchRequest(
         name=ids.check_display_name(spec.name, "branch") if spec.name else None,
         parent_id=spec.parent_id, parent_lsn=spec.parent_lsn, parent_timestamp=spec.parent_timestamp,
         protected=spec.protected, init_source=spec.init_source, expires_at=spec.expires_at,
-        endpoints=[_settings(plane, project_id, e) for e in (body.endpoints or [])])
-    created = await branches.create_branch(plane, project_id, req)
+        endpoints=[_settings(control, project_id, e) for e in (body.endpoints or [])])
+    created = await branches.create_branch(control, project_id, req)
     uris = []
     if created.endpoints and created.roles and created.databases:
         ep = created.endpoints[0]
@@ -119,32 +121,32 @@ async def create_branch(plane: Plane, project_id: str,
 
 
 @router.get("/projects/{project_id}/branches/{branch_id}")
-async def get_branch(plane: Plane, project_id: str, branch_id: str) -> dict[str, Any]:
-    branch = plane.branch(project_id, branch_id)
-    await asyncio.to_thread(plane.figures.refresh, plane, project_id)
-    return {"branch": views.branch_view(branch, plane.figures.get(branch_id),
-                                       plane.metrics.branch_usage(project_id, branch_id))}
+async def get_branch(control: Authorized, project_id: str, branch_id: str) -> dict[str, Any]:
+    branch = control.plane.branch(project_id, branch_id)
+    await asyncio.to_thread(control.figures.refresh, project_id)
+    return {"branch": views.branch_view(branch, control.figures.get(branch_id),
+                                       control.metrics.branch_usage(project_id, branch_id))}
 
 
 @router.patch("/projects/{project_id}/branches/{branch_id}")
-async def update_branch(plane: Plane, project_id: str, branch_id: str, body: BranchUpdateBody) -> dict[str, Any]:
+async def update_branch(control: Authorized, project_id: str, branch_id: str, body: BranchUpdateBody) -> dict[str, Any]:
     expiry: dict[str, Any] = {"expires_at": body.branch.expires_at} if "expires_at" in body.branch.model_fields_set \
         else {}
-    branch = await branches.update_branch(plane, project_id, branch_id, name=body.branch.name,
+    branch = await branches.update_branch(control, project_id, branch_id, name=body.branch.name,
                                           protected=body.branch.protected, **expiry)
     return {"branch": views.branch_view(branch), "operations": []}
 
 
 @router.delete("/projects/{project_id}/branches/{branch_id}")
-async def delete_branch(plane: Plane, project_id: str, branch_id: str) -> dict[str, Any]:
-    branch, ops = await branches.delete_branch(plane, project_id, branch_id)
+async def delete_branch(control: Authorized, project_id: str, branch_id: str) -> dict[str, Any]:
+    branch, ops = await branches.delete_branch(control, project_id, branch_id)
     return {"branch": views.branch_view(branch), "operations": [views.operation_view(o) for o in ops]}
 
 
 @router.post("/projects/{project_id}/branches/{branch_id}/set_as_default")
 @router.post("/projects/{project_id}/branches/{branch_id}/set_as_primary")  # the neon-api package's old path
-async def set_as_default(plane: Plane, project_id: str, branch_id: str) -> dict[str, Any]:
-    target = await branches.set_default_branch(plane, project_id, branch_id)
+async def set_as_default(control: Authorized, project_id: str, branch_id: str) -> dict[str, Any]:
+    target = await branches.set_default_branch(control, project_id, branch_id)
     return {"branch": views.branch_view(target), "operations": []}
 
 
@@ -156,14 +158,15 @@ class RestoreBody(_Loose):
 
 
 @router.post("/projects/{project_id}/branches/{branch_id}/restore")
-async def restore_branch(plane: Plane, project_id: str, branch_id: str, body: RestoreBody) -> dict[str, Any]:
+async def restore_branch(control: Authorized, project_id: str, branch_id: str, body: RestoreBody) -> dict[str, Any]:
     branch, ops = await branches.restore_branch(
-        plane, project_id, branch_id, body.source_branch_id, source_lsn=body.source_lsn,
+        control, project_id, branch_id, body.source_branch_id, source_lsn=body.source_lsn,
         source_timestamp=body.source_timestamp, preserve_under_name=body.preserve_under_name)
     return {"branch": views.branch_view(branch), "operations": [views.operation_view(o) for o in ops]}
 
 
 @router.get("/projects/{project_id}/branches/{branch_id}/endpoints")
-async def branch_endpoints(plane: Plane, project_id: str, branch_id: str) -> dict[str, Any]:
+async def branch_endpoints(control: Authorized, project_id: str, branch_id: str) -> dict[str, Any]:
+    plane = control.plane
     plane.branch(project_id, branch_id)
     return {"endpoints": [views.endpoint_view(plane.settings, e) for e in plane.endpoints(project_id, branch_id)]}

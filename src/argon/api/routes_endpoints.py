@@ -10,13 +10,14 @@ from pydantic import BaseModel, ConfigDict
 
 from argon import model
 from argon.api import views
-from argon.api.deps import Plane
+from argon.api.deps import Authorized
 from argon.control.endpoints import (
     EndpointPatch,
     check_cu,
     check_suspend_timeout,
     create_endpoint,
     delete_endpoint,
+    read_log,
     restart_endpoint,
     start_endpoint,
     suspend_endpoint,
@@ -42,18 +43,20 @@ class EndpointUpdateBody(BaseModel):
 
 
 @router.get("/projects/{project_id}/endpoints")
-async def list_endpoints(plane: Plane, project_id: str) -> dict[str, Any]:
+async def list_endpoints(control: Authorized, project_id: str) -> dict[str, Any]:
+    plane = control.plane
     plane.project(project_id)
     return {"endpoints": [views.endpoint_view(plane.settings, e) for e in plane.endpoints(project_id)]}
 
 
 @router.get("/projects/{project_id}/endpoints/{endpoint_id}")
-async def get_endpoint(plane: Plane, project_id: str, endpoint_id: str) -> dict[str, Any]:
+async def get_endpoint(control: Authorized, project_id: str, endpoint_id: str) -> dict[str, Any]:
+    plane = control.plane
     return {"endpoint": views.endpoint_view(plane.settings, plane.endpoint(project_id, endpoint_id))}
 
 
 @router.patch("/projects/{project_id}/endpoints/{endpoint_id}")
-async def patch_endpoint(plane: Plane, project_id: str, endpoint_id: str, body: EndpointUpdateBody) -> dict[str, Any]:
+async def patch_endpoint(control: Authorized, project_id: str, endpoint_id: str, body: EndpointUpdateBody) -> dict[str, Any]:
     spec = body.endpoint
     if spec.name is not None and not 1 <= len(spec.name) <= 64:
         raise UserError("endpoint name must be 1 to 64 characters")
@@ -65,59 +68,46 @@ async def patch_endpoint(plane: Plane, project_id: str, endpoint_id: str, body: 
         suspend_timeout_seconds=(check_suspend_timeout(spec.suspend_timeout_seconds)
                                  if spec.suspend_timeout_seconds is not None else None),
         disabled=spec.disabled, name=spec.name)
-    ep, ops = await update_endpoint(plane, project_id, endpoint_id, patch)
-    return {"endpoint": views.endpoint_view(plane.settings, ep), "operations": [views.operation_view(o) for o in ops]}
+    ep, ops = await update_endpoint(control, project_id, endpoint_id, patch)
+    return {"endpoint": views.endpoint_view(control.plane.settings, ep), "operations": [views.operation_view(o) for o in ops]}
 
 
 @router.post("/projects/{project_id}/endpoints/{endpoint_id}/start")
-async def start(plane: Plane, project_id: str, endpoint_id: str) -> dict[str, Any]:
-    ops = await start_endpoint(plane, project_id, endpoint_id)
+async def start(control: Authorized, project_id: str, endpoint_id: str) -> dict[str, Any]:
+    plane = control.plane
+    ops = await start_endpoint(control, project_id, endpoint_id)
     return {"endpoint": views.endpoint_view(plane.settings, plane.endpoint(project_id, endpoint_id)),
             "operations": [views.operation_view(o) for o in ops]}
 
 
 @router.post("/projects/{project_id}/endpoints/{endpoint_id}/suspend")
-async def suspend(plane: Plane, project_id: str, endpoint_id: str) -> dict[str, Any]:
-    ops = await suspend_endpoint(plane, project_id, endpoint_id)
+async def suspend(control: Authorized, project_id: str, endpoint_id: str) -> dict[str, Any]:
+    plane = control.plane
+    ops = await suspend_endpoint(control, project_id, endpoint_id)
     return {"endpoint": views.endpoint_view(plane.settings, plane.endpoint(project_id, endpoint_id)),
             "operations": [views.operation_view(o) for o in ops]}
 
 
 @router.post("/projects/{project_id}/endpoints/{endpoint_id}/restart")
-async def restart(plane: Plane, project_id: str, endpoint_id: str) -> dict[str, Any]:
-    ops = await restart_endpoint(plane, project_id, endpoint_id)
+async def restart(control: Authorized, project_id: str, endpoint_id: str) -> dict[str, Any]:
+    plane = control.plane
+    ops = await restart_endpoint(control, project_id, endpoint_id)
     return {"endpoint": views.endpoint_view(plane.settings, plane.endpoint(project_id, endpoint_id)),
             "operations": [views.operation_view(o) for o in ops]}
 
 
 @router.get("/projects/{project_id}/endpoints/{endpoint_id}/logs", response_class=PlainTextResponse,
             summary="The compute's PostgreSQL log (Argon extension)")
-async def logs(plane: Plane, project_id: str, endpoint_id: str,
+async def logs(control: Authorized, project_id: str, endpoint_id: str,
                tail: Annotated[int, Query(ge=1, le=100000)] = 200) -> PlainTextResponse:
-    ep = plane.endpoint(project_id, endpoint_id)
-    path = (plane.layout.replica_dir(project_id, ep.branch_id, ep.id) / "log" / "postgres.log"
-            if ep.type is model.EndpointType.READ_ONLY else plane.layout.compute_log(project_id, ep.branch_id))
-
-    def read() -> str:
-        try:
-            with open(path, "rb") as f:
-                f.seek(0, 2)
-                size = f.tell()
-                f.seek(max(0, size - 256 * tail))
-                lines = f.read().decode(errors="replace").splitlines()
-        except FileNotFoundError:
-            return ""
-        return "\n".join(lines[-tail:]) + ("\n" if lines else "")
-
-    import asyncio
-
-    return PlainTextResponse(await asyncio.to_thread(read))
+    return PlainTextResponse(await read_log(control, project_id, endpoint_id, tail))
 
 
 @router.get("/projects/{project_id}/endpoints/{endpoint_id}/events",
             summary="Wakes, suspends and cold-start durations (Argon extension)")
-async def events(plane: Plane, project_id: str, endpoint_id: str,
+async def events(control: Authorized, project_id: str, endpoint_id: str,
                  limit: Annotated[int, Query(ge=1, le=10000)] = 200) -> dict[str, Any]:
+    plane = control.plane
     plane.endpoint(project_id, endpoint_id)
     evs = await plane.db(plane.store.list_events, endpoint_id, limit)
     return {"events": [views.event_view(e) for e in evs]}
@@ -139,7 +129,8 @@ class EndpointCreateBody(BaseModel):
 
 
 @router.post("/projects/{project_id}/endpoints", status_code=201)
-async def create(plane: Plane, project_id: str, body: EndpointCreateBody) -> JSONResponse:
+async def create(control: Authorized, project_id: str, body: EndpointCreateBody) -> JSONResponse:
+    plane = control.plane
     spec = body.endpoint
     base = plane.project(project_id).default_endpoint_settings
     lo = (check_cu(spec.autoscaling_limit_min_cu, "autoscaling_limit_min_cu")
@@ -151,13 +142,13 @@ async def create(plane: Plane, project_id: str, body: EndpointCreateBody) -> JSO
     timeout = (check_suspend_timeout(spec.suspend_timeout_seconds) if spec.suspend_timeout_seconds is not None
                else base.suspend_timeout_seconds)
     name = spec.name if spec.name and 1 <= len(spec.name) <= 64 else None
-    ep, ops = await create_endpoint(plane, project_id, spec.branch_id, type_=spec.type,
+    ep, ops = await create_endpoint(control, project_id, spec.branch_id, type_=spec.type,
                                     settings=model.EndpointSettings(lo, hi, timeout), name=name)
     return JSONResponse({"endpoint": views.endpoint_view(plane.settings, ep),
                          "operations": [views.operation_view(o) for o in ops]}, status_code=201)
 
 
 @router.delete("/projects/{project_id}/endpoints/{endpoint_id}")
-async def delete(plane: Plane, project_id: str, endpoint_id: str) -> dict[str, Any]:
-    ep, ops = await delete_endpoint(plane, project_id, endpoint_id)
-    return {"endpoint": views.endpoint_view(plane.settings, ep), "operations": [views.operation_view(o) for o in ops]}
+async def delete(control: Authorized, project_id: str, endpoint_id: str) -> dict[str, Any]:
+    ep, ops = await delete_endpoint(control, project_id, endpoint_id)
+    return {"endpoint": views.endpoint_view(control.plane.settings, ep), "operations": [views.operation_view(o) for o in ops]}

@@ -15,13 +15,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from argon import ids, model
 from argon.api import views
-from argon.api.deps import Plane
+from argon.api.deps import Authorized
 from argon.control import connection
 from argon.control.endpoints import check_cu, check_suspend_timeout
-from argon.control.plane import ControlPlane
 from argon.control.projects import ProjectRequest, create_project, delete_project
 from argon.control.projects import update_project as change_project
 from argon.control.roles import get_role
+from argon.control.services import Control
 from argon.errors import ArgonError, NotFound, Precondition, UserError
 
 router = APIRouter(tags=["projects"])
@@ -97,31 +97,31 @@ def _cursor_decode(cursor: str) -> tuple[datetime, str]:
         raise UserError("invalid cursor: pass back the pagination.cursor of the previous page") from None
 
 
-def _storage_bytes(plane: ControlPlane, project_id: str) -> int:
-    return plane.figures.project_bytes(plane, project_id)
+def _storage_bytes(control: Control, project_id: str) -> int:
+    return control.figures.project_bytes(project_id)
 
 
-def _written_bytes(plane: ControlPlane, project_id: str) -> int:
-    return sum(plane.figures.get(b.id).written_data_bytes for b in plane.branches(project_id))
+def _written_bytes(control: Control, project_id: str) -> int:
+    return sum(control.figures.get(b.id).written_data_bytes for b in control.plane.branches(project_id))
 
 
-def _last_active(plane: ControlPlane, project_id: str) -> datetime | None:
-    times = [e.last_active for e in plane.endpoints(project_id) if e.last_active is not None]
+def _last_active(control: Control, project_id: str) -> datetime | None:
+    times = [e.last_active for e in control.plane.endpoints(project_id) if e.last_active is not None]
     return max(times) if times else None
 
 
-def project_view(plane: ControlPlane, p: model.Project, *, full: bool = True) -> dict[str, Any]:
-    return views.project_view(plane.settings, p, full=full, compute_last_active_at=_last_active(plane, p.id),
-                              storage_bytes=_storage_bytes(plane, p.id), written_bytes=_written_bytes(plane, p.id),
-                              usage=plane.metrics.project_usage(p))
+def project_view(control: Control, p: model.Project, *, full: bool = True) -> dict[str, Any]:
+    return views.project_view(control.plane.settings, p, full=full, compute_last_active_at=_last_active(control, p.id),
+                              storage_bytes=_storage_bytes(control, p.id), written_bytes=_written_bytes(control, p.id),
+                              usage=control.metrics.project_usage(p))
 
 
 @router.get("/projects")
-async def list_projects(plane: Plane, limit: Annotated[int, Query(ge=1, le=400)] = 10,
+async def list_projects(control: Authorized, limit: Annotated[int, Query(ge=1, le=400)] = 10,
                         cursor: str | None = None, search: str | None = None,
                         org_id: str | None = None) -> dict[str, Any]:
     after = _cursor_decode(cursor) if cursor else None
-    projects = plane.projects()
+    projects = control.plane.projects()
     if after is not None:
         projects = [p for p in projects if (p.created_at, p.id) > after]
     if search:
@@ -131,10 +131,10 @@ async def list_projects(plane: Plane, limit: Annotated[int, Query(ge=1, le=400)]
     def measure() -> None:
         for p in page:
             with contextlib.suppress(ArgonError):  # deleted meanwhile
-                plane.figures.refresh(plane, p.id)
+                control.figures.refresh(p.id)
 
     await asyncio.to_thread(measure)
-    out: dict[str, Any] = {"projects": [project_view(plane, p, full=False) for p in page],
+    out: dict[str, Any] = {"projects": [project_view(control, p, full=False) for p in page],
                            "applications": {}, "integrations": {}}
     last = page[-1] if page else None
     # A cursor is always present; the page after the last one comes back empty (neon-api.md §3.9).
@@ -143,12 +143,13 @@ async def list_projects(plane: Plane, limit: Annotated[int, Query(ge=1, le=400)]
 
 
 @router.get("/projects/shared")
-async def list_shared_projects(plane: Plane) -> dict[str, Any]:
+async def list_shared_projects(control: Authorized) -> dict[str, Any]:
     return {"projects": []}
 
 
 @router.post("/projects", status_code=201)
-async def create(plane: Plane, body: Annotated[ProjectCreateBody | None, Body()] = None) -> JSONResponse:
+async def create(control: Authorized, body: Annotated[ProjectCreateBody | None, Body()] = None) -> JSONResponse:
+    plane = control.plane
     spec = (body or ProjectCreateBody()).project
     branch = spec.branch or BranchSpec()
     req = ProjectRequest(
@@ -163,13 +164,13 @@ async def create(plane: Plane, body: Annotated[ProjectCreateBody | None, Body()]
         history_retention_seconds=(spec.history_retention_seconds if spec.history_retention_seconds is not None
                                    else model.DEFAULT_HISTORY_RETENTION),
     )
-    created = await create_project(plane, req)
+    created = await create_project(control, req)
     params = connection.parameters(plane.settings, endpoint_id=created.endpoint.id, role=created.role.name,
                                    password=created.password, database=created.database.name)
     pooled = connection.parameters(plane.settings, endpoint_id=created.endpoint.id, role=created.role.name,
                                    password=created.password, database=created.database.name, pooled=True)
     body_out = {
-        "project": project_view(plane, created.project),
+        "project": project_view(control, created.project),
         "connection_uris": [views.connection_details(params, pooled)],
         "roles": [views.role_view(created.role, created.password)],
         "databases": [views.database_view(created.database)],
@@ -181,33 +182,34 @@ async def create(plane: Plane, body: Annotated[ProjectCreateBody | None, Body()]
 
 
 @router.get("/projects/{project_id}")
-async def get_project(plane: Plane, project_id: str) -> dict[str, Any]:
-    project = plane.project(project_id)
-    await asyncio.to_thread(plane.figures.refresh, plane, project_id)
-    return {"project": project_view(plane, project)}
+async def get_project(control: Authorized, project_id: str) -> dict[str, Any]:
+    project = control.plane.project(project_id)
+    await asyncio.to_thread(control.figures.refresh, project_id)
+    return {"project": project_view(control, project)}
 
 
 @router.patch("/projects/{project_id}")
-async def update_project(plane: Plane, project_id: str, body: ProjectUpdateBody) -> dict[str, Any]:
+async def update_project(control: Authorized, project_id: str, body: ProjectUpdateBody) -> dict[str, Any]:
     spec = body.project
-    current = plane.project(project_id)
+    current = control.plane.project(project_id)
     settings = (_endpoint_settings(spec.default_endpoint_settings, current.default_endpoint_settings)
                 if spec.default_endpoint_settings is not None else None)
-    p, ops = await change_project(plane, project_id, name=spec.name, endpoint_settings=settings,
+    p, ops = await change_project(control, project_id, name=spec.name, endpoint_settings=settings,
                                   history_retention_seconds=spec.history_retention_seconds)
-    return {"project": project_view(plane, p), "operations": [views.operation_view(o) for o in ops]}
+    return {"project": project_view(control, p), "operations": [views.operation_view(o) for o in ops]}
 
 
 @router.delete("/projects/{project_id}")
-async def delete(plane: Plane, project_id: str) -> dict[str, Any]:
-    project = await delete_project(plane, project_id)
-    return {"project": project_view(plane, project)}
+async def delete(control: Authorized, project_id: str) -> dict[str, Any]:
+    project = await delete_project(control, project_id)
+    return {"project": project_view(control, project)}
 
 
 @router.get("/projects/{project_id}/available_extensions")
-async def available_extensions(plane: Plane, project_id: str) -> dict[str, Any]:
+async def available_extensions(control: Authorized, project_id: str) -> dict[str, Any]:
     """Argon's addition: the extensions the project's roles can create with `CREATE EXTENSION`, on the
     project's Postgres version, and the allow-listed ones this server's installation lacks."""
+    plane = control.plane
     project = plane.project(project_id)
     return views.extensions_view(project.pg_version, plane.extensions.get(project.pg_version))
 
@@ -216,8 +218,9 @@ async def available_extensions(plane: Plane, project_id: str) -> dict[str, Any]:
 
 
 @router.get("/projects/{project_id}/operations")
-async def list_operations(plane: Plane, project_id: str, limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+async def list_operations(control: Authorized, project_id: str, limit: Annotated[int, Query(ge=1, le=1000)] = 100,
                           cursor: str | None = None) -> dict[str, Any]:
+    plane = control.plane
     plane.project(project_id)
     before = _cursor_decode(cursor) if cursor else None
     ops = await plane.db(plane.store.list_operations, project_id, limit=limit, before=before)
@@ -227,7 +230,8 @@ async def list_operations(plane: Plane, project_id: str, limit: Annotated[int, Q
 
 
 @router.get("/projects/{project_id}/operations/{operation_id}")
-async def get_operation(plane: Plane, project_id: str, operation_id: str) -> dict[str, Any]:
+async def get_operation(control: Authorized, project_id: str, operation_id: str) -> dict[str, Any]:
+    plane = control.plane
     plane.project(project_id)
     op = await plane.db(plane.store.get_operation, operation_id)
     if op is None or op.project_id != project_id:
@@ -236,9 +240,10 @@ async def get_operation(plane: Plane, project_id: str, operation_id: str) -> dic
 
 
 @router.get("/projects/{project_id}/connection_uri")
-async def connection_uri(plane: Plane, project_id: str, database_name: str, role_name: str,
+async def connection_uri(control: Authorized, project_id: str, database_name: str, role_name: str,
                          branch_id: str | None = None, endpoint_id: str | None = None,
                          pooled: bool = False) -> dict[str, Any]:
+    plane = control.plane
     plane.project(project_id)
     if branch_id is None:
         branch_id = next(b.id for b in plane.branches(project_id) if b.default)
@@ -249,7 +254,7 @@ async def connection_uri(plane: Plane, project_id: str, database_name: str, role
             raise NotFound(f"branch {branch.id!r} has no read-write endpoint")
         endpoint_id = eps[0].id
     ep = plane.endpoint(project_id, endpoint_id)
-    role = await get_role(plane, project_id, ep.branch_id, role_name)
+    role = await get_role(control, project_id, ep.branch_id, role_name)
     if await plane.db(plane.store.get_database, ep.branch_id, database_name) is None:
         raise NotFound(f"database {database_name!r} not found on branch {ep.branch_id!r}")
     password = plane.secrets.decrypt(role.password_enc) if role.password_enc else None

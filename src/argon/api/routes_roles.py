@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict
 
 from argon import model
 from argon.api import views
-from argon.api.deps import Plane
+from argon.api.deps import Authorized
 from argon.control import roles
 from argon.errors import Precondition
 
@@ -53,35 +53,36 @@ def _ops(ops: list[model.Operation]) -> list[dict[str, Any]]:
 
 
 @router.get("/projects/{project_id}/branches/{branch_id}/roles")
-async def list_roles(plane: Plane, project_id: str, branch_id: str) -> dict[str, Any]:
-    await roles.sync_if_running(plane, project_id, branch_id)
+async def list_roles(control: Authorized, project_id: str, branch_id: str) -> dict[str, Any]:
+    plane = control.plane
+    await roles.sync_if_running(control, project_id, branch_id)
     items = await plane.db(plane.store.list_roles, branch_id)
     return {"roles": [views.role_view(r) for r in items if r.name != model.PLATFORM_ROLE]}
 
 
 @router.post("/projects/{project_id}/branches/{branch_id}/roles", status_code=201)
-async def create_role(plane: Plane, project_id: str, branch_id: str, body: RoleCreateBody) -> JSONResponse:
-    role, password, ops = await roles.create_role(plane, project_id, branch_id, body.role.name, body.role.no_login)
+async def create_role(control: Authorized, project_id: str, branch_id: str, body: RoleCreateBody) -> JSONResponse:
+    role, password, ops = await roles.create_role(control, project_id, branch_id, body.role.name, body.role.no_login)
     return JSONResponse({"role": views.role_view(role, password), "operations": _ops(ops)}, status_code=201)
 
 
 @router.get("/projects/{project_id}/branches/{branch_id}/roles/{role_name}")
-async def get_role(plane: Plane, project_id: str, branch_id: str, role_name: str) -> dict[str, Any]:
-    return {"role": views.role_view(await roles.get_role(plane, project_id, branch_id, role_name))}
+async def get_role(control: Authorized, project_id: str, branch_id: str, role_name: str) -> dict[str, Any]:
+    return {"role": views.role_view(await roles.get_role(control, project_id, branch_id, role_name))}
 
 
 @router.delete("/projects/{project_id}/branches/{branch_id}/roles/{role_name}")
-async def delete_role(plane: Plane, project_id: str, branch_id: str, role_name: str) -> dict[str, Any]:
-    role, ops = await roles.delete_role(plane, project_id, branch_id, role_name)
+async def delete_role(control: Authorized, project_id: str, branch_id: str, role_name: str) -> dict[str, Any]:
+    role, ops = await roles.delete_role(control, project_id, branch_id, role_name)
     return {"role": views.role_view(role), "operations": _ops(ops)}
 
 
 @router.get("/projects/{project_id}/branches/{branch_id}/roles/{role_name}/reveal_password")
 @router.post("/projects/{project_id}/branches/{branch_id}/roles/{role_name}/reveal_password",
              include_in_schema=False)  # Neon documents GET; the neon-api package sends POST
-async def reveal_password(plane: Plane, project_id: str, branch_id: str, role_name: str) -> dict[str, Any]:
-    role = await roles.get_role(plane, project_id, branch_id, role_name)
-    password = plane.secrets.decrypt(role.password_enc) if role.password_enc else None
+async def reveal_password(control: Authorized, project_id: str, branch_id: str, role_name: str) -> dict[str, Any]:
+    role = await roles.get_role(control, project_id, branch_id, role_name)
+    password = control.plane.secrets.decrypt(role.password_enc) if role.password_enc else None
     if password is None:
         raise Precondition(f"the password of role {role_name!r} is not known to Argon (it was set through SQL); "
                            "reset it with reset_password to get one that can be revealed")
@@ -89,37 +90,38 @@ async def reveal_password(plane: Plane, project_id: str, branch_id: str, role_na
 
 
 @router.post("/projects/{project_id}/branches/{branch_id}/roles/{role_name}/reset_password")
-async def reset_password(plane: Plane, project_id: str, branch_id: str, role_name: str) -> dict[str, Any]:
-    role, password, ops = await roles.reset_password(plane, project_id, branch_id, role_name)
+async def reset_password(control: Authorized, project_id: str, branch_id: str, role_name: str) -> dict[str, Any]:
+    role, password, ops = await roles.reset_password(control, project_id, branch_id, role_name)
     return {"role": views.role_view(role, password), "operations": _ops(ops)}
 
 
 @router.get("/projects/{project_id}/branches/{branch_id}/databases")
-async def list_databases(plane: Plane, project_id: str, branch_id: str) -> dict[str, Any]:
-    await roles.sync_if_running(plane, project_id, branch_id)
+async def list_databases(control: Authorized, project_id: str, branch_id: str) -> dict[str, Any]:
+    plane = control.plane
+    await roles.sync_if_running(control, project_id, branch_id)
     return {"databases": [views.database_view(d) for d in await plane.db(plane.store.list_databases, branch_id)]}
 
 
 @router.post("/projects/{project_id}/branches/{branch_id}/databases", status_code=201)
-async def create_database(plane: Plane, project_id: str, branch_id: str, body: DatabaseCreateBody) -> JSONResponse:
-    db, ops = await roles.create_database(plane, project_id, branch_id, body.database.name, body.database.owner_name)
+async def create_database(control: Authorized, project_id: str, branch_id: str, body: DatabaseCreateBody) -> JSONResponse:
+    db, ops = await roles.create_database(control, project_id, branch_id, body.database.name, body.database.owner_name)
     return JSONResponse({"database": views.database_view(db), "operations": _ops(ops)}, status_code=201)
 
 
 @router.get("/projects/{project_id}/branches/{branch_id}/databases/{database_name}")
-async def get_database(plane: Plane, project_id: str, branch_id: str, database_name: str) -> dict[str, Any]:
-    return {"database": views.database_view(await roles.get_database(plane, project_id, branch_id, database_name))}
+async def get_database(control: Authorized, project_id: str, branch_id: str, database_name: str) -> dict[str, Any]:
+    return {"database": views.database_view(await roles.get_database(control, project_id, branch_id, database_name))}
 
 
 @router.patch("/projects/{project_id}/branches/{branch_id}/databases/{database_name}")
-async def update_database(plane: Plane, project_id: str, branch_id: str, database_name: str,
+async def update_database(control: Authorized, project_id: str, branch_id: str, database_name: str,
                           body: DatabaseUpdateBody) -> dict[str, Any]:
-    db, ops = await roles.update_database(plane, project_id, branch_id, database_name,
+    db, ops = await roles.update_database(control, project_id, branch_id, database_name,
                                           new_name=body.database.name, owner_name=body.database.owner_name)
     return {"database": views.database_view(db), "operations": _ops(ops)}
 
 
 @router.delete("/projects/{project_id}/branches/{branch_id}/databases/{database_name}")
-async def delete_database(plane: Plane, project_id: str, branch_id: str, database_name: str) -> dict[str, Any]:
-    db, ops = await roles.delete_database(plane, project_id, branch_id, database_name)
+async def delete_database(control: Authorized, project_id: str, branch_id: str, database_name: str) -> dict[str, Any]:
+    db, ops = await roles.delete_database(control, project_id, branch_id, database_name)
     return {"database": views.database_view(db), "operations": _ops(ops)}

@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from argon.api.deps import Plane
+from argon.api.deps import Authorized
 from argon.control import schema
 from argon.errors import UserError
 
@@ -14,7 +14,7 @@ router = APIRouter(tags=["Branch"])
 
 
 @router.get("/projects/{project_id}/branches/{branch_id}/schema")
-async def get_branch_schema(plane: Plane, project_id: str, branch_id: str, db_name: str | None = None,
+async def get_branch_schema(control: Authorized, project_id: str, branch_id: str, db_name: str | None = None,
                             lsn: str | None = None, timestamp: str | None = None,
                             format: str = "sql") -> dict[str, Any]:
     """The database's schema as SQL (`pg_dump --schema-only`), at the branch's head or at an LSN or
@@ -25,4 +25,4 @@ async def get_branch_schema(plane: Plane, project_id: str, branch_id: str, db_na
         raise UserError("only format=sql is supported")
     if lsn and timestamp:
         raise UserError("give lsn or timestamp, not both")
-    return {"sql": await schema.branch_schema(plane, project_id, branch_id, db_name, lsn=lsn, timestamp=timestamp)}
+    return {"sql": await schema.branch_schema(control, project_id, branch_id, db_name, lsn=lsn, timestamp=timestamp)}

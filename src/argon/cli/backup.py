@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from argon.cli import commands
+from argon.cli.context import Context, pass_ctx
 from argon.cli.output import emit, table
 
 
@@ -24,8 +24,8 @@ def backup() -> None:
 
 
 @backup.command("status")
-@commands.pass_ctx
-def backup_status(ctx: commands.Context) -> None:
+@pass_ctx
+def backup_status(ctx: Context) -> None:
     """Where backups go, how far behind shipping is, the last base backup, errors; bucket size per project."""
     state = ctx.api.get("/backup")["backup"]
     if not state.get("enabled"):

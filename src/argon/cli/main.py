@@ -18,7 +18,7 @@ from argon import __version__
 from argon.cli import commands
 from argon.cli.backup import backup as backup_cli
 from argon.cli.client import CliError, write_cli_config
-from argon.cli.schema_diff import schema_diff
+from argon.cli.context import Context
 from argon.cli.storage import storage as storage_cli
 from argon.errors import ArgonError, ConfigError
 from argon.settings import Settings, load, read_config_file, unknown_names
@@ -65,7 +65,7 @@ def cli(ctx: click.Context, api_url: str | None, api_key: str | None, output: st
 
     Neon's own clients work too: NEON_API_HOST=http://127.0.0.1:4444/api/v2 neonctl projects list
     """
-    ctx.obj = commands.Context(api_url=api_url, api_key=api_key, output=output)
+    ctx.obj = Context(api_url=api_url, api_key=api_key, output=output)
 
 
 @cli.command()
@@ -196,7 +196,7 @@ def _print_banner(settings: Settings, info: Any) -> None:
 
 @cli.command()
 @click.pass_obj
-def console(ctx: commands.Context) -> None:
+def console(ctx: Context) -> None:
     """Print a one-time link that signs a browser into the web console (valid 15 minutes)."""
     url = ctx.api.post("/console/sign_in_links")["url"]
     click.echo(url)
@@ -217,7 +217,7 @@ def login(ctx: click.Context, url: str | None, key: str | None) -> None:
     """
     from argon.cli.client import ApiClient
 
-    parent: commands.Context = ctx.obj
+    parent: Context = ctx.obj
     url = (url or parent.api.api_url).rstrip("/")
     if not key:
         key = click.prompt("API key", hide_input=True).strip()
@@ -287,6 +287,12 @@ def config_check(**flags: Any) -> None:
         parent = parent.parent
     if not os.access(parent, os.W_OK):
         problems.append(f"data directory {settings.data_dir} is not writable")
+    if os.geteuid() == 0:
+        from argon.compute.osuser import check_uid_range
+
+        refused = check_uid_range(settings.compute_uid_base, settings.compute_uid_count)
+        if refused:
+            problems.append(refused)
     from argon.compute.binaries import discover
 
     try:
@@ -309,7 +315,6 @@ def config_check(**flags: Any) -> None:
 
 
 commands.register(cli)
-commands.branches.add_command(schema_diff)
 cli.add_command(storage_cli)
 cli.add_command(backup_cli)
 

@@ -13,15 +13,9 @@ from typing import Any
 
 import click
 
+from argon.cli.branches import branch_at
 from argon.cli.client import CliError
-from argon.cli.commands import (
-    Context,
-    _branch_at,
-    _default_project,
-    _resolve_branch,
-    pass_ctx,
-    project_option,
-)
+from argon.cli.context import Context, default_project, pass_ctx, project_option, resolve_branch
 from argon.cli.output import emit
 
 _COLORS = {"-": "red", "+": "green", "@": "magenta"}
@@ -63,7 +57,7 @@ def schema_diff(ctx: Context, base: str | None, compare: str | None, project_id:
     argon branches schema-diff main ^self@0/1A2B3C   main now (old) against main at that LSN
     argon branches schema-diff main dev@2026-11-24T12:00:00Z --database neondb
     """
-    pid = _default_project(ctx, project_id)
+    pid = default_project(ctx, project_id)
     all_branches: list[dict[str, Any]] = ctx.api.get(f"/projects/{pid}/branches")["branches"]
     default = next(b for b in all_branches if b.get("default"))
     if compare is None:
@@ -71,8 +65,8 @@ def schema_diff(ctx: Context, base: str | None, compare: str | None, project_id:
         if compare == "^parent" and not default.get("parent_id"):
             raise CliError(f"no branch given, and the default branch {default['name']} has no parent to compare "
                            "with: name a base branch and a branch to compare it with")
-    mine = _resolve_branch(ctx, pid, base) if base else default
-    other_id, point = _branch_at(ctx, pid, compare, self_id=mine["id"])
+    mine = resolve_branch(ctx, pid, base) if base else default
+    other_id, point = branch_at(ctx, pid, compare, self_id=mine["id"])
     other_id = other_id or mine["id"]
     other_name = next((b["name"] for b in all_branches if b["id"] == other_id), other_id)
     old: tuple[str, dict[str, str], str] = (mine["id"], {}, mine["name"])

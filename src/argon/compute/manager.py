@@ -1,19 +1,22 @@
 """The running computes of this Argon process, by endpoint id.
 
 Mechanism only: the control plane decides when a compute starts or stops; the manager renders its
-config, spawns or adopts the postmaster, waits for readiness and reports exits nobody asked for.
+config, spawns or adopts the postmaster, waits for readiness, keeps the platform's admin session
+on it (closed first when it stops) and reports exits nobody asked for.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from argon import safefs
 from argon.compute import postmaster
+from argon.compute.admin import AdminSession
 from argon.compute.binaries import PgInstall
 from argon.compute.osuser import OsUser, running_as_root
 from argon.compute.pgconf import write_config
@@ -36,37 +39,53 @@ class ComputeSpec:
 
 
 def prepare(spec: ComputeSpec) -> None:
-    """Config files and a 0700 socket dir owned by the compute's user."""
-    if not (spec.pgdata / "PG_VERSION").exists():
+    """Config files and a 0700 socket dir owned by the compute's user. The compute's uid owns the
+    data directory and may have replaced anything in it with a link: no file is written through
+    one, and no path resolved by following one (`argon.safefs`)."""
+    owner = spec.user if running_as_root() else None
+    try:
+        with safefs.Dir(spec.pgdata) as d:
+            complete = d.exists("PG_VERSION")
+    except FileNotFoundError:
+        complete = False
+    except OSError as exc:
+        raise ComputeStartError(f"the data directory {spec.pgdata} is unusable: {exc}") from None
+    if not complete:
         raise ComputeStartError(f"the data directory {spec.pgdata} is missing or incomplete")
-    postmaster.clear_stale_lock(spec.pgdata, spec.socket_dir)
-    write_config(spec.pgdata, spec.socket_dir, spec.gucs, spec.argon_os_user)
-    if spec.standby:
-        (spec.pgdata / "standby.signal").touch()
-    spec.socket_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(spec.socket_dir, 0o700)
-    spec.log_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if spec.user is not None and running_as_root():
+    try:
+        postmaster.clear_stale_lock(spec.pgdata, spec.socket_dir)
+        write_config(spec.pgdata, spec.socket_dir, spec.gucs, spec.argon_os_user, owner)
         if spec.standby:
-            os.chown(spec.pgdata / "standby.signal", spec.user.uid, spec.user.gid)
-        for path in (spec.pgdata / "postgresql.conf", spec.pgdata / "postgresql.auto.conf",
-                     spec.pgdata / "pg_hba.conf", spec.pgdata / "pg_ident.conf", spec.socket_dir,
-                     spec.log_file.parent):
-            os.chown(path, spec.user.uid, spec.user.gid)
-        if spec.log_file.exists():
-            os.chown(spec.log_file, spec.user.uid, spec.user.gid)
+            safefs.write_file(spec.pgdata / "standby.signal", b"", owner=owner)
+        for directory in (spec.socket_dir, spec.log_file.parent):
+            safefs.makedirs(directory, owner=owner)
+            with safefs.parent(directory) as (parent, name):
+                parent.chmod_dir(name, 0o700)
+                if owner is not None:
+                    parent.chown(name, owner)
+    except safefs.UnsafePath as exc:
+        raise ComputeStartError(f"refusing to start: {exc}") from None
 
 
 class ComputeManager:
+    """Running postmasters by endpoint id, each with its admin session (`argon.compute.admin`)."""
+
     def __init__(self, on_exit: Callable[[str, int | None], None] | None = None) -> None:
-        self._on_exit = on_exit
+        self.on_exit = on_exit  # called for an exit nobody asked for (crash, OOM kill, kill -9)
         self._running: dict[str, Postmaster] = {}
+        self._sessions: dict[str, AdminSession] = {}
 
     def get(self, endpoint_id: str) -> Postmaster | None:
         return self._running.get(endpoint_id)
 
     def running(self) -> list[str]:
         return [ep for ep, pm in self._running.items() if pm.alive]
+
+    def admin(self, endpoint_id: str) -> AdminSession | None:
+        """The platform's session on the running compute (opened on first use), None when it is not
+        running. Its stop closes it."""
+        pm = self._running.get(endpoint_id)
+        return self._sessions.get(endpoint_id) if pm is not None and pm.alive else None
 
     async def start(self, spec: ComputeSpec) -> Postmaster:
         current = self._running.get(spec.endpoint_id)
@@ -82,13 +101,15 @@ class ComputeManager:
             self._running.pop(spec.endpoint_id, None)
             pm.kill_group()
             raise
+        self._sessions[spec.endpoint_id] = AdminSession(spec.socket_dir)
         return pm
 
     def adopt(self, spec: ComputeSpec) -> Postmaster | None:
-        pm = postmaster.adopt(spec.pgdata, spec.log_file)
+        pm = postmaster.adopt(spec.pgdata, spec.log_file, spec.user)
         if pm is None:
             return None
         self._running[spec.endpoint_id] = pm
+        self._sessions[spec.endpoint_id] = AdminSession(spec.socket_dir)
         self._watch(spec.endpoint_id, pm)
         log.info("adopted the running compute of %s (pid %d)", spec.endpoint_id, pm.pid)
         return pm
@@ -97,15 +118,23 @@ class ComputeManager:
         def exited(done: Postmaster) -> None:
             if self._running.get(endpoint_id) is done:
                 del self._running[endpoint_id]
-            if not done.stop_requested and self._on_exit is not None:
-                self._on_exit(endpoint_id, done.returncode)
+                session = self._sessions.pop(endpoint_id, None)
+                if session is not None:
+                    with contextlib.suppress(RuntimeError):  # no loop: argon is shutting down
+                        asyncio.get_running_loop().create_task(session.close())
+            if not done.stop_requested and self.on_exit is not None:
+                self.on_exit(endpoint_id, done.returncode)
 
         pm.watch(exited)
 
     async def stop(self, endpoint_id: str, mode: str = "fast") -> None:
+        """Close the compute's admin session, then stop its postmaster."""
         pm = self._running.get(endpoint_id)
         if pm is None:
             return
+        session = self._sessions.pop(endpoint_id, None)
+        if session is not None:
+            await session.close()
         await pm.stop(mode)
         if self._running.get(endpoint_id) is pm:
             del self._running[endpoint_id]

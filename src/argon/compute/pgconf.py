@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
+from argon import safefs
 from argon.model import PLATFORM_ROLE
 
 BASE_SETTINGS: dict[str, str] = {
@@ -61,8 +62,12 @@ def render_ident(argon_os_user: str) -> str:
     return f"# Managed by Argon.\nargon {argon_os_user} {PLATFORM_ROLE}\n"
 
 
-def write_config(pgdata: Path, socket_dir: Path, gucs: Mapping[str, str], argon_os_user: str) -> None:
-    (pgdata / "postgresql.conf").write_text(render_conf(socket_dir, gucs))
-    (pgdata / "postgresql.auto.conf").write_text("# Managed by Argon (ALTER SYSTEM is for the platform only).\n")
-    (pgdata / "pg_hba.conf").write_text(render_hba())
-    (pgdata / "pg_ident.conf").write_text(render_ident(argon_os_user))
+def write_config(pgdata: Path, socket_dir: Path, gucs: Mapping[str, str], argon_os_user: str,
+                 owner: safefs.Owner | None = None) -> None:
+    """Write the four files, given to `owner`, the compute's user (`argon.safefs`: the compute's uid
+    owns `pgdata` and may have put links, FIFOs or hard links to root's files there)."""
+    with safefs.Dir(pgdata) as d:
+        d.write("postgresql.conf", render_conf(socket_dir, gucs), owner=owner)
+        d.write("postgresql.auto.conf", "# Managed by Argon (ALTER SYSTEM is for the platform only).\n", owner=owner)
+        d.write("pg_hba.conf", render_hba(), owner=owner)
+        d.write("pg_ident.conf", render_ident(argon_os_user), owner=owner)

@@ -18,8 +18,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from argon import safefs
 from argon.compute.binaries import PgInstall
-from argon.compute.osuser import OsUser, popen_kwargs
+from argon.compute.osuser import OsUser, popen_kwargs, running_as_root
 
 READY_TIMEOUT = 120.0  # crash recovery of a busy cluster can take a while
 STOP_TIMEOUT = 60.0
@@ -36,11 +37,11 @@ class ComputeStartError(Exception):
         self.user_message = user_message
 
 
-def log_tail(log_file: Path, offset: int = 0, lines: int = 8) -> str:
+def log_tail(log_file: Path, offset: int = 0, lines: int = 8, owner: OsUser | None = None) -> str:
+    """The last lines of a compute's log written after `offset` (the log is the compute's: never
+    read through a link it put there, nor a file of anyone else's)."""
     try:
-        with open(log_file, "rb") as f:
-            f.seek(offset)
-            data = f.read()[-8192:]
+        data = safefs.read_tail(log_file, limit=8192, start=offset, owner=owner)
     except OSError:
         return ""
     text = data.decode("utf-8", "replace").strip().splitlines()
@@ -48,8 +49,10 @@ def log_tail(log_file: Path, offset: int = 0, lines: int = 8) -> str:
 
 
 def _read_pid_file(pgdata: Path) -> list[str] | None:
+    """`postmaster.pid`'s lines. The compute's uid can write the file: it is read without following
+    a link, never blocking (a FIFO), and only its first 4 kB (it is about 100 bytes)."""
     try:
-        return (pgdata / "postmaster.pid").read_text().splitlines()
+        return safefs.read_file(pgdata / "postmaster.pid", limit=4096).decode().splitlines()
     except (OSError, UnicodeDecodeError):
         return None
 
@@ -66,8 +69,9 @@ def _pid_alive(pid: int) -> bool:
 
 class Postmaster:
     def __init__(self, pid: int, pgdata: Path, log_file: Path, proc: subprocess.Popen[bytes] | None = None,
-                 log_offset: int = 0) -> None:
+                 log_offset: int = 0, owner: OsUser | None = None) -> None:
         self.pid = pid
+        self.owner = owner  # the compute's user (root only): whose log this is
         self.pgdata = pgdata
         self.log_file = log_file
         self.proc = proc
@@ -127,7 +131,7 @@ class Postmaster:
         return bool(lines and len(lines) >= 8 and lines[0].strip() == str(self.pid) and lines[7].strip() in states)
 
     def _failure(self, what: str) -> ComputeStartError:
-        tail = log_tail(self.log_file, self.log_offset)
+        tail = log_tail(self.log_file, self.log_offset, owner=self.owner)
         hint = f":\n{tail}" if tail else ""
         return ComputeStartError(f"PostgreSQL {what}{hint}")
 
@@ -195,17 +199,26 @@ class Postmaster:
 
 
 def start(install: PgInstall, pgdata: Path, log_file: Path, user: OsUser | None) -> Postmaster:
-    """Spawn `postgres -D pgdata` (config already written); returns at once, see `wait_ready`."""
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_file, "ab") as log:
+    """Spawn `postgres -D pgdata` (config already written); returns at once, see `wait_ready`.
+    The log lies in the compute's own directory: opened by `safefs.open_append` (no link, FIFO or
+    someone else's file is ever handed to the compute), created for `user`."""
+    owner = user if running_as_root() else None
+    try:
+        safefs.makedirs(log_file.parent, owner=owner)
+        fd = safefs.open_append(log_file, owner=owner)
+    except OSError as exc:
+        raise ComputeStartError(f"cannot open the compute's log {log_file}: {exc}") from None
+    with os.fdopen(fd, "ab") as log:
         offset = log.tell()
         try:
+            # cwd "/": Popen changes directory before it drops to `user`, i.e. as root, and the compute's
+            # uid owns the path; postgres moves into its data directory itself.
             proc = subprocess.Popen([str(install.bin("postgres")), "-D", str(pgdata)], stdin=subprocess.DEVNULL,
                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=_ENV,
-                                    cwd=str(pgdata), **popen_kwargs(user))
+                                    cwd="/", **popen_kwargs(user))
         except OSError as exc:
             raise ComputeStartError(f"cannot run {install.bin('postgres')}: {exc.strerror or exc}") from None
-    return Postmaster(proc.pid, pgdata, log_file, proc=proc, log_offset=offset)
+    return Postmaster(proc.pid, pgdata, log_file, proc=proc, log_offset=offset, owner=owner)
 
 
 def _state(pid: int) -> str | None:
@@ -217,9 +230,22 @@ def _state(pid: int) -> str | None:
     return stat.rsplit(")", 1)[-1].split()[0]
 
 
-def _serves(pid: int, pgdata: Path) -> bool:
-    """Whether `pid` is a live postgres whose command line names `pgdata`."""
+def _uid(pid: int) -> int | None:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    line = next((x for x in status.splitlines() if x.startswith("Uid:")), None)
+    return int(line.split()[1]) if line else None
+
+
+def _serves(pid: int, pgdata: Path, uid: int | None = None) -> bool:
+    """Whether `pid` is a live postgres whose command line names `pgdata` (and, given `uid`, that
+    runs as it: the pid comes from `postmaster.pid`, which the compute's uid can write, and Argon
+    signals it as root; anyone can name a process `postgres -D <that path>`)."""
     if _state(pid) in (None, "Z", "X"):
+        return False
+    if uid is not None and _uid(pid) != uid:
         return False
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
@@ -243,14 +269,15 @@ def clear_stale_lock(pgdata: Path, socket_dir: Path | None = None, wait: float =
         if time.monotonic() > deadline:
             raise ComputeStartError(f"another postmaster (pid {pid}) is still running on {pgdata}")
         time.sleep(0.02)
-    (pgdata / "postmaster.pid").unlink(missing_ok=True)
+    safefs.unlink(pgdata / "postmaster.pid")
     if socket_dir is not None:
         for name in (".s.PGSQL.5432.lock", ".s.PGSQL.5432"):
-            (socket_dir / name).unlink(missing_ok=True)
+            safefs.unlink(socket_dir / name)
 
 
-def adopt(pgdata: Path, log_file: Path) -> Postmaster | None:
-    """The postmaster still serving `pgdata` from an earlier Argon process, if it is alive and ready."""
+def adopt(pgdata: Path, log_file: Path, user: OsUser | None = None) -> Postmaster | None:
+    """The postmaster still serving `pgdata` from an earlier Argon process, if it is alive, ready
+    and runs as the compute's user (as ourselves when unprivileged)."""
     lines = _read_pid_file(pgdata)
     if not lines or len(lines) < 8:
         return None
@@ -258,7 +285,9 @@ def adopt(pgdata: Path, log_file: Path) -> Postmaster | None:
         pid = int(lines[0])
     except ValueError:
         return None
-    if lines[7].strip() not in ("ready", "standby") or not _serves(pid, pgdata):
+    owner = user if running_as_root() else None
+    uid = owner.uid if owner is not None else os.geteuid()
+    if lines[7].strip() not in ("ready", "standby") or not _serves(pid, pgdata, uid):
         return None  # gone, a zombie, or the pid was reused by an unrelated process
-    pm = Postmaster(pid, pgdata, log_file)
+    pm = Postmaster(pid, pgdata, log_file, owner=owner)
     return pm if pm.pidfd is not None else None

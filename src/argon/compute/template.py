@@ -1,14 +1,20 @@
 """A pristine, initialised cluster per Postgres major version, so that projects never run initdb.
 
-Built once (about a second): `initdb` as a named user (`nobody` when Argon is root), our config,
-one start to run the setup SQL (the default owner role and database every project gets), a clean
-fast shutdown, then an atomic rename into place. A stamp records the version and the setup SQL,
-so a change to either rebuilds the template; existing projects are untouched.
+Built once (about a second): `initdb` as a named user (`nobody` when Argon is root: initdb needs a
+passwd entry), our config, one start to run the setup SQL (the default owner role and database
+every project gets), a clean fast shutdown, then an atomic rename into place. A stamp records the
+version and the setup SQL, so a change to either rebuilds the template; existing projects are
+untouched.
 
 The settings `initdb` wrote into `postgresql.conf` for this version and locale (text search
 configuration, `lc_*`, `datestyle`, WAL sizes, ...) are kept beside the stamp before Argon's own
 configuration replaces that file, and every compute of the version starts from them
 (`initdb_settings`), so a compute behaves like a plain cluster, projects made before included.
+
+As root the finished template belongs to root (0700): every project is a copy of it, so whoever
+could write it (any process running as `nobody`) could plant a superuser in every future project.
+The build happens in a directory of a random name under the root-owned templates dir; a template
+that is not root's (one built by an older Argon) is rebuilt.
 """
 
 from __future__ import annotations
@@ -18,15 +24,17 @@ import json
 import logging
 import os
 import re
-import shutil
+import secrets
+import stat
 import subprocess
 import tempfile
 from pathlib import Path
 
+from argon import safefs
 from argon.compute import postmaster
 from argon.compute.admin import connect_admin_sync
 from argon.compute.binaries import PgInstall
-from argon.compute.osuser import chown_tree, popen_kwargs, template_user
+from argon.compute.osuser import OsUser, popen_kwargs, template_user
 from argon.compute.pgconf import write_config
 from argon.compute.postmaster import ComputeStartError
 from argon.model import PLATFORM_ROLE
@@ -50,17 +58,31 @@ def _stamp(install: PgInstall, setup_sql: list[str]) -> str:
     return f"{install.version} {digest}\n"
 
 
+def _current(target: Path, stamp: str) -> bool:
+    """Whether `target` is a finished template of this stamp, owned by us (root as root)."""
+    try:
+        st = os.lstat(target)
+        if not stat.S_ISDIR(st.st_mode) or not all(safefs.lexists(target / name)
+                                                   for name in ("PG_VERSION", INITDB_SETTINGS)):
+            return False
+        if st.st_uid != os.geteuid():
+            log.warning("rebuilding the template %s: it belongs to uid %d, not to Argon's user", target, st.st_uid)
+            return False
+        return safefs.read_file(target / STAMP, limit=4096).decode(errors="replace") == stamp
+    except OSError:
+        return False
+
+
 def ensure_template(install: PgInstall, templates_dir: Path, *, setup_sql: list[str], argon_os_user: str) -> Path:
     """The template's pgdata for `install`, building it if missing or stale."""
     target = templates_dir / f"pg{install.major}"
     stamp = _stamp(install, setup_sql)
-    with_stamp = target / STAMP
-    if (with_stamp.exists() and with_stamp.read_text() == stamp and (target / "PG_VERSION").exists()
-            and (target / INITDB_SETTINGS).exists()):
+    if _current(target, stamp):
         return target
     log.info("building the PostgreSQL %s template", install.version)
-    staging = templates_dir / f".pg{install.major}.building"
-    shutil.rmtree(staging, ignore_errors=True)
+    for leftover in templates_dir.glob(f".pg{install.major}.building*"):
+        safefs.rmtree(leftover)
+    staging = templates_dir / f".pg{install.major}.building-{secrets.token_hex(8)}"
     user = template_user()
     work = Path(tempfile.mkdtemp(prefix="argon-tpl-", dir="/tmp"))  # short: the socket lives here
     try:
@@ -71,14 +93,12 @@ def ensure_template(install: PgInstall, templates_dir: Path, *, setup_sql: list[
         result = subprocess.run(
             [str(install.bin("initdb")), "-D", str(staging), "-U", PLATFORM_ROLE, *INITDB_ARGS],
             capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "LC_ALL": "C", "TZ": "UTC"},
-            cwd=str(work), **popen_kwargs(user))
+            cwd="/", **popen_kwargs(user))  # Popen's chdir runs as root, in a directory of nobody's
         if result.returncode != 0:
             raise ComputeStartError(f"initdb for PostgreSQL {install.version} failed: "
                                     f"{(result.stderr or result.stdout).strip()[-2000:]}")
-        _keep_initdb_settings(staging)
-        write_config(staging, work, initdb_settings(staging), argon_os_user)
-        if user is not None:
-            chown_tree(staging, user)
+        _keep_initdb_settings(staging, user)
+        write_config(staging, work, initdb_settings(staging), argon_os_user, user)
         log_file = work / "postgres.log"
         pm = postmaster.start(install, staging, log_file, user)
         try:
@@ -89,22 +109,21 @@ def ensure_template(install: PgInstall, templates_dir: Path, *, setup_sql: list[
         finally:
             pm.stop_sync("fast")
         for leftover in ("postmaster.pid", "postmaster.opts"):
-            (staging / leftover).unlink(missing_ok=True)
-        (staging / STAMP).write_text(stamp)
-        if user is not None:
-            os.chown(staging / STAMP, user.uid, user.gid)
-            os.chown(staging / INITDB_SETTINGS, user.uid, user.gid)
+            safefs.unlink(staging / leftover)
+        if user is not None:  # from now on nobody but root writes it
+            safefs.chown_tree(staging, OsUser(os.geteuid(), os.getegid()))
+        safefs.write_file(staging / STAMP, stamp)
         os.sync()
         old = templates_dir / f".pg{install.major}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        if target.exists():
+        safefs.rmtree(old)
+        if os.path.lexists(target):
             os.rename(target, old)
         os.rename(staging, target)
-        shutil.rmtree(old, ignore_errors=True)
+        safefs.rmtree(old)
         return target
     finally:
-        shutil.rmtree(work, ignore_errors=True)
-        shutil.rmtree(staging, ignore_errors=True)
+        safefs.rmtree(work)
+        safefs.rmtree(staging)
 
 
 # `name = value`, the value quoted ('...', '' for a quote) or bare up to a comment or blank.
@@ -125,16 +144,17 @@ def parse_conf(text: str) -> dict[str, str]:
     return settings
 
 
-def _keep_initdb_settings(pgdata: Path) -> None:
-    settings = parse_conf((pgdata / "postgresql.conf").read_text())
-    (pgdata / INITDB_SETTINGS).write_text(json.dumps(settings, indent=1, sort_keys=True) + "\n")
+def _keep_initdb_settings(pgdata: Path, owner: OsUser | None) -> None:
+    """(The build directory is `nobody`'s until the template is done: read and written by safefs.)"""
+    settings = parse_conf(safefs.read_file(pgdata / "postgresql.conf", limit=1 << 20).decode(errors="replace"))
+    safefs.write_file(pgdata / INITDB_SETTINGS, json.dumps(settings, indent=1, sort_keys=True) + "\n", owner=owner)
 
 
 def initdb_settings(template: Path) -> dict[str, str]:
     """What initdb wrote for the template's version and locale: every compute of that version
     starts from these (Argon's own settings then override what it means to change)."""
     try:
-        loaded = json.loads((template / INITDB_SETTINGS).read_text())
+        loaded = json.loads(safefs.read_file(template / INITDB_SETTINGS, limit=1 << 20))
     except (OSError, ValueError):
         return {}
     return {str(k): str(v) for k, v in loaded.items()} if isinstance(loaded, dict) else {}

@@ -1,4 +1,4 @@
-"""What the console's pages show, read from the control plane's view: compute state, the
+"""What the console's pages show, read from the control control's view: compute state, the
 Connection Details choices, and suspend-timeout choices.
 
 Kept apart from the routes so that each page's data is one function call, and so the compute
@@ -14,7 +14,7 @@ from argon import model
 from argon.console import display
 from argon.console.snippets import Snippet, snippets
 from argon.control import connection
-from argon.control.plane import ControlPlane
+from argon.control.services import Control
 
 SUSPEND_CHOICES = (0, 60, 300, 900, 3600, 86400, -1)  # seconds; 0 = platform default, -1 = never
 
@@ -31,20 +31,20 @@ class ComputeView:
         return {"state": self.state, "label": self.label, "last_active": self.last_active}
 
 
-def primary_endpoint(plane: ControlPlane, project_id: str, branch_id: str) -> model.Endpoint | None:
-    eps = [e for e in plane.endpoints(project_id, branch_id) if e.type is model.EndpointType.READ_WRITE]
+def primary_endpoint(control: Control, project_id: str, branch_id: str) -> model.Endpoint | None:
+    eps = [e for e in control.plane.endpoints(project_id, branch_id) if e.type is model.EndpointType.READ_WRITE]
     return eps[0] if eps else None
 
 
-def default_branch(plane: ControlPlane, project_id: str) -> model.Branch:
-    branches = plane.branches(project_id)
+def default_branch(control: Control, project_id: str) -> model.Branch:
+    branches = control.plane.branches(project_id)
     return next((b for b in branches if b.default), branches[0])
 
 
-def compute_view(plane: ControlPlane, ep: model.Endpoint | None) -> ComputeView:
+def compute_view(control: Control, ep: model.Endpoint | None) -> ComputeView:
     if ep is None:
         return ComputeView(None, "none", "No compute", "never")
-    busy = plane.endpoint_lock(ep.id).locked()
+    busy = control.plane.endpoint_lock(ep.id).locked()
     if ep.current_state is model.ComputeState.ACTIVE:
         state, label = "active", "Active"
     elif busy or ep.pending_state is model.ComputeState.ACTIVE:
@@ -55,9 +55,9 @@ def compute_view(plane: ControlPlane, ep: model.Endpoint | None) -> ComputeView:
                        display.compute_units(ep.autoscaling_limit_min_cu, ep.autoscaling_limit_max_cu))
 
 
-def project_compute(plane: ControlPlane, project_id: str) -> ComputeView:
+def project_compute(control: Control, project_id: str) -> ComputeView:
     """The state shown in the projects table: that of the default branch's compute."""
-    return compute_view(plane, primary_endpoint(plane, project_id, default_branch(plane, project_id).id))
+    return compute_view(control, primary_endpoint(control, project_id, default_branch(control, project_id).id))
 
 
 def suspend_choices(settings_default: int, current: int) -> list[tuple[int, str]]:
@@ -92,15 +92,16 @@ def _pick(options: list[str], wanted: str | None) -> str | None:
     return options[0] if options else None
 
 
-async def connection_widget(plane: ControlPlane, project_id: str, *, branch_id: str | None,
+async def connection_widget(control: Control, project_id: str, *, branch_id: str | None,
                             database: str | None, role: str | None, pooled: bool) -> ConnectionWidget:
+    plane = control.plane
     branches = plane.branches(project_id)
-    branch = next((b for b in branches if b.id == branch_id), None) or default_branch(plane, project_id)
+    branch = next((b for b in branches if b.id == branch_id), None) or default_branch(control, project_id)
     dbs = [d.name for d in await plane.db(plane.store.list_databases, branch.id)]
     all_roles = await plane.db(plane.store.list_roles, branch.id)
     roles = {r.name: r for r in all_roles if r.login and r.name != model.PLATFORM_ROLE}
     widget = ConnectionWidget(branches, branch, dbs, _pick(dbs, database), list(roles), _pick(list(roles), role),
-                              pooled, primary_endpoint(plane, project_id, branch.id))
+                              pooled, primary_endpoint(control, project_id, branch.id))
     if widget.endpoint is None:
         widget.problem = "This branch has no compute yet, so there is nothing to connect to."
     elif widget.database is None or widget.role is None:

@@ -12,7 +12,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Form, Request, Response
 
-from argon.console.web import ConsoleRoute, Plane, Posted, SignedIn, confirm, redirect, render
+from argon.console.web import ConsoleRoute, ControlDep, Posted, SignedIn, confirm, redirect, render
 from argon.errors import ArgonError
 
 router = APIRouter(route_class=ConsoleRoute, include_in_schema=False)
@@ -22,21 +22,21 @@ CRUMBS = (("Account", None), ("API keys", KEYS_URL))
 
 
 @router.get(KEYS_URL)
-async def api_keys_page(request: Request, session: SignedIn, plane: Plane) -> Response:
-    await plane.api_keys.flush()
+async def api_keys_page(request: Request, session: SignedIn, control: ControlDep) -> Response:
+    await control.api_keys.flush()
     name = session.pop_secret("api-key-name")
     token = session.pop_secret("api-key")
-    return render(request, "api_keys.html", session=session, keys=list(reversed(plane.api_keys.list())),
+    return render(request, "api_keys.html", session=session, keys=list(reversed(control.api_keys.list())),
                   new_key=token, new_key_name=name, error=None, values={})
 
 
 @router.post(KEYS_URL)
-async def create_key(request: Request, session: Posted, plane: Plane,
+async def create_key(request: Request, session: Posted, control: ControlDep,
                      name: Annotated[str, Form()] = "") -> Response:
     try:
-        key, token = await plane.api_keys.create(name)
+        key, token = await control.api_keys.create(name)
     except ArgonError as exc:
-        return render(request, "api_keys.html", session=session, status=400, keys=list(reversed(plane.api_keys.list())),
+        return render(request, "api_keys.html", session=session, status=400, keys=list(reversed(control.api_keys.list())),
                       new_key=None, new_key_name=None, error=exc.user_message, values={"name": name})
     session.secrets["api-key-name"] = key.name
     session.secrets["api-key"] = token
@@ -45,13 +45,13 @@ async def create_key(request: Request, session: Posted, plane: Plane,
 
 
 @router.get(KEYS_URL + "/{key_id}/revoke")
-async def revoke_form(request: Request, session: SignedIn, plane: Plane, key_id: int) -> Response:
-    key = plane.api_keys.get(key_id)
+async def revoke_form(request: Request, session: SignedIn, control: ControlDep, key_id: int) -> Response:
+    key = control.api_keys.get(key_id)
     notes = ["Scripts, CLIs and browsers using this key stop working at once, and browsers signed in with it "
              "are signed out."]
     if session.api_key_id == key.id:
         notes.append("That includes this browser.")
-    if len(plane.api_keys.list()) == 1:
+    if len(control.api_keys.list()) == 1:
         notes.append("It is the last key: the API and the CLI refuse every call until you create another one "
                      "here (or restart argon up, which makes a new one).")
     notes.append("This cannot be undone.")
@@ -61,8 +61,8 @@ async def revoke_form(request: Request, session: SignedIn, plane: Plane, key_id:
 
 
 @router.post(KEYS_URL + "/{key_id}/revoke")
-async def revoke(session: Posted, plane: Plane, key_id: int) -> Response:
-    key = plane.api_keys.get(key_id)
-    await plane.api_keys.revoke(key.id)
+async def revoke(session: Posted, control: ControlDep, key_id: int) -> Response:
+    key = control.api_keys.get(key_id)
+    await control.api_keys.revoke(key.id)
     session.flash("success", f"API key {key.name} was revoked.")
     return redirect(KEYS_URL)

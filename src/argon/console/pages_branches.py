@@ -2,10 +2,10 @@
 timestamp or an LSN; rename, set default, reset from parent, restore (from the parent's head or to
 the branch's own past), delete.
 
-Same shape as `routes`: a GET renders what the control plane holds, a POST (with the session's
+Same shape as `routes`: a GET renders what the control control holds, a POST (with the session's
 CSRF token) awaits one `argon.control` use case and redirects back with a flash. Every destructive
 action first shows a confirmation page, a plain form that works from the keyboard and without
-JavaScript. A form the control plane refuses (a bad LSN, a time outside the history window) comes
+JavaScript. A form the control control refuses (a bad LSN, a time outside the history window) comes
 back filled in, with the refusal as a human message.
 """
 
@@ -21,9 +21,19 @@ from fastapi import APIRouter, Form, Request, Response
 from argon import ids, model
 from argon.console import dashboard, display
 from argon.console.auth import Session
-from argon.console.web import ConsoleRoute, Field, Plane, Posted, SignedIn, act, confirm, redirect, render
+from argon.console.web import (
+    ConsoleRoute,
+    ControlDep,
+    Field,
+    Posted,
+    SignedIn,
+    act,
+    confirm,
+    redirect,
+    render,
+)
 from argon.control import branches
-from argon.control.plane import ControlPlane
+from argon.control.services import Control
 from argon.errors import ArgonError, UserError
 
 router = APIRouter(route_class=ConsoleRoute, include_in_schema=False)
@@ -38,9 +48,9 @@ class BranchRow:
     children: int
 
 
-def branch_tree(plane: ControlPlane, project_id: str) -> list[BranchRow]:
+def branch_tree(control: Control, project_id: str) -> list[BranchRow]:
     """The branches in tree order (each parent followed by its children, oldest first), with depths."""
-    all_branches = sorted(plane.branches(project_id), key=lambda b: (b.created_at, b.id))
+    all_branches = sorted(control.plane.branches(project_id), key=lambda b: (b.created_at, b.id))
     names = {b.id: b.name for b in all_branches}
     children: dict[str | None, list[model.Branch]] = defaultdict(list)
     for b in all_branches:
@@ -49,8 +59,8 @@ def branch_tree(plane: ControlPlane, project_id: str) -> list[BranchRow]:
 
     def walk(parent_id: str | None, depth: int) -> None:
         for b in children.get(parent_id, []):
-            ep = dashboard.primary_endpoint(plane, project_id, b.id)
-            rows.append(BranchRow(b, depth, names.get(b.parent_id or ""), dashboard.compute_view(plane, ep),
+            ep = dashboard.primary_endpoint(control, project_id, b.id)
+            rows.append(BranchRow(b, depth, names.get(b.parent_id or ""), dashboard.compute_view(control, ep),
                                   len(children.get(b.id, []))))
             walk(b.id, depth + 1)
 
@@ -110,26 +120,26 @@ def _page_values(values: dict[str, str] | None) -> dict[str, str]:
     return {"source": "head", "name": "", "timestamp": "", "lsn": "", "with_compute": "true", **(values or {})}
 
 
-def _branches_page(request: Request, session: Session, plane: ControlPlane, project: model.Project, *,
+def _branches_page(request: Request, session: Session, control: Control, project: model.Project, *,
                    values: dict[str, str] | None = None, error: str | None = None, status: int = 200) -> Response:
-    rows = branch_tree(plane, project.id)
+    rows = branch_tree(control, project.id)
     return render(request, "branches.html", session=session, project=project, rows=rows, tab="branches",
                   status=status, error=error, values=_page_values(values),
-                  default_parent=(values or {}).get("parent_id") or dashboard.default_branch(plane, project.id).id,
+                  default_parent=(values or {}).get("parent_id") or dashboard.default_branch(control, project.id).id,
                   history=history_note(project), now=model.utcnow())
 
 
 @router.get("/projects/{project_id}/branches")
-async def branches_page(request: Request, session: SignedIn, plane: Plane, project_id: str) -> Response:
-    return _branches_page(request, session, plane, plane.project(project_id))
+async def branches_page(request: Request, session: SignedIn, control: ControlDep, project_id: str) -> Response:
+    return _branches_page(request, session, control, control.plane.project(project_id))
 
 
 @router.post("/projects/{project_id}/branches")
-async def create_branch(request: Request, session: Posted, plane: Plane, project_id: str,
+async def create_branch(request: Request, session: Posted, control: ControlDep, project_id: str,
                         name: Annotated[str, Form()] = "", parent_id: Annotated[str, Form()] = "",
                         with_compute: Annotated[bool, Form()] = False, source: Annotated[str, Form()] = "head",
                         timestamp: Annotated[str, Form()] = "", lsn: Annotated[str, Form()] = "") -> Response:
-    project = plane.project(project_id)
+    project = control.plane.project(project_id)
     values = {"name": name, "parent_id": parent_id, "source": source, "timestamp": timestamp, "lsn": lsn,
               "with_compute": "true" if with_compute else ""}
     try:
@@ -138,16 +148,17 @@ async def create_branch(request: Request, session: Posted, plane: Plane, project
             name=ids.check_display_name(name.strip(), "branch") if name.strip() else None,
             parent_id=parent_id or None, parent_timestamp=point.timestamp, parent_lsn=point.lsn,
             endpoints=[project.default_endpoint_settings] if with_compute else [])
-        created = await branches.create_branch(plane, project_id, req)
+        created = await branches.create_branch(control, project_id, req)
     except ArgonError as exc:
-        return _branches_page(request, session, plane, project, values=values, error=exc.user_message, status=400)
+        return _branches_page(request, session, control, project, values=values, error=exc.user_message, status=400)
     at = {"time": f" as of {timestamp.replace('T', ' ')} UTC", "lsn": f" at LSN {point.lsn}"}.get(point.source, "")
     session.flash("success", f"Branch {created.branch.name} is ready{at}.")
     return redirect(_branches_url(project_id))
 
 
 @router.get("/projects/{project_id}/branches/{branch_id}/rename")
-async def rename_form(request: Request, session: SignedIn, plane: Plane, project_id: str, branch_id: str) -> Response:
+async def rename_form(request: Request, session: SignedIn, control: ControlDep, project_id: str, branch_id: str) -> Response:
+    plane = control.plane
     project, branch = plane.project(project_id), plane.branch(project_id, branch_id)
     return confirm(request, session, project, title=f"Rename {branch.name}",
                     message="The branch keeps its id, its compute and its connection strings.",
@@ -157,23 +168,24 @@ async def rename_form(request: Request, session: SignedIn, plane: Plane, project
 
 
 @router.post("/projects/{project_id}/branches/{branch_id}/rename")
-async def rename(session: Posted, plane: Plane, project_id: str, branch_id: str,
+async def rename(session: Posted, control: ControlDep, project_id: str, branch_id: str,
                  name: Annotated[str, Form()] = "") -> Response:
-    await act(session, branches.update_branch(plane, project_id, branch_id, name=name.strip()),
+    await act(session, branches.update_branch(control, project_id, branch_id, name=name.strip()),
               f"Branch renamed to {name.strip()}.")
     return redirect(_branches_url(project_id))
 
 
 @router.post("/projects/{project_id}/branches/{branch_id}/set_default")
-async def set_default(session: Posted, plane: Plane, project_id: str, branch_id: str) -> Response:
-    branch = plane.branch(project_id, branch_id)
-    await act(session, branches.set_default_branch(plane, project_id, branch_id),
+async def set_default(session: Posted, control: ControlDep, project_id: str, branch_id: str) -> Response:
+    branch = control.plane.branch(project_id, branch_id)
+    await act(session, branches.set_default_branch(control, project_id, branch_id),
               f"{branch.name} is now the default branch.")
     return redirect(_branches_url(project_id))
 
 
 @router.get("/projects/{project_id}/branches/{branch_id}/reset")
-async def reset_form(request: Request, session: SignedIn, plane: Plane, project_id: str, branch_id: str) -> Response:
+async def reset_form(request: Request, session: SignedIn, control: ControlDep, project_id: str, branch_id: str) -> Response:
+    plane = control.plane
     project, branch = plane.project(project_id), plane.branch(project_id, branch_id)
     if branch.parent_id is None:
         session.flash("error", f"{branch.name} has no parent to reset from.")
@@ -189,23 +201,23 @@ async def reset_form(request: Request, session: SignedIn, plane: Plane, project_
 
 
 @router.post("/projects/{project_id}/branches/{branch_id}/reset")
-async def reset(session: Posted, plane: Plane, project_id: str, branch_id: str,
+async def reset(session: Posted, control: ControlDep, project_id: str, branch_id: str,
                 preserve_under_name: Annotated[str, Form()] = "") -> Response:
-    branch = plane.branch(project_id, branch_id)
+    branch = control.plane.branch(project_id, branch_id)
     if branch.parent_id is None:
         session.flash("error", f"{branch.name} has no parent to reset from.")
         return redirect(_branches_url(project_id))
     keep = preserve_under_name.strip() or None
-    await act(session, branches.restore_branch(plane, project_id, branch_id, branch.parent_id,
+    await act(session, branches.restore_branch(control, project_id, branch_id, branch.parent_id,
                                                preserve_under_name=keep),
               f"{branch.name} was reset from its parent" + (f"; its old data is the branch {keep}." if keep else "."))
     return redirect(_branches_url(project_id))
 
 
-def _restore_page(request: Request, session: Session, plane: ControlPlane, project: model.Project,
+def _restore_page(request: Request, session: Session, control: Control, project: model.Project,
                   branch: model.Branch, *, values: dict[str, str] | None = None, error: str | None = None,
                   status: int = 200) -> Response:
-    parent = plane.branch(project.id, branch.parent_id) if branch.parent_id else None
+    parent = control.plane.branch(project.id, branch.parent_id) if branch.parent_id else None
     first = "parent" if parent else "time"
     return render(request, "restore.html", session=session, project=project, branch=branch, parent=parent,
                   status=status, error=error, history=history_note(project), now=model.utcnow(),
@@ -213,16 +225,18 @@ def _restore_page(request: Request, session: Session, plane: ControlPlane, proje
 
 
 @router.get("/projects/{project_id}/branches/{branch_id}/restore")
-async def restore_form(request: Request, session: SignedIn, plane: Plane, project_id: str,
+async def restore_form(request: Request, session: SignedIn, control: ControlDep, project_id: str,
                        branch_id: str) -> Response:
+    plane = control.plane
     project, branch = plane.project(project_id), plane.branch(project_id, branch_id)
-    return _restore_page(request, session, plane, project, branch)
+    return _restore_page(request, session, control, project, branch)
 
 
 @router.post("/projects/{project_id}/branches/{branch_id}/restore")
-async def restore(request: Request, session: Posted, plane: Plane, project_id: str, branch_id: str,
+async def restore(request: Request, session: Posted, control: ControlDep, project_id: str, branch_id: str,
                   source: Annotated[str, Form()] = "", timestamp: Annotated[str, Form()] = "",
                   lsn: Annotated[str, Form()] = "", preserve_under_name: Annotated[str, Form()] = "") -> Response:
+    plane = control.plane
     project, branch = plane.project(project_id), plane.branch(project_id, branch_id)
     values = {"source": source, "timestamp": timestamp, "lsn": lsn, "preserve_under_name": preserve_under_name}
     keep = preserve_under_name.strip() or None
@@ -236,10 +250,10 @@ async def restore(request: Request, session: Posted, plane: Plane, project_id: s
             source_id = branch.id
         else:
             raise UserError("Choose where to restore the branch from.")
-        await branches.restore_branch(plane, project_id, branch_id, source_id, source_timestamp=point.timestamp,
+        await branches.restore_branch(control, project_id, branch_id, source_id, source_timestamp=point.timestamp,
                                       source_lsn=point.lsn, preserve_under_name=keep)
     except ArgonError as exc:
-        return _restore_page(request, session, plane, project, branch, values=values, error=exc.user_message,
+        return _restore_page(request, session, control, project, branch, values=values, error=exc.user_message,
                              status=400)
     what = {"parent": "from its parent's current data", "time": f"to {timestamp.replace('T', ' ')} UTC",
             "lsn": f"to LSN {point.lsn}"}[point.source]
@@ -249,7 +263,8 @@ async def restore(request: Request, session: Posted, plane: Plane, project_id: s
 
 
 @router.get("/projects/{project_id}/branches/{branch_id}/delete")
-async def delete_form(request: Request, session: SignedIn, plane: Plane, project_id: str, branch_id: str) -> Response:
+async def delete_form(request: Request, session: SignedIn, control: ControlDep, project_id: str, branch_id: str) -> Response:
+    plane = control.plane
     project, branch = plane.project(project_id), plane.branch(project_id, branch_id)
     return confirm(request, session, project, title=f"Delete {branch.name}",
                     message=f"The branch {branch.name}, its compute and all its data are deleted. This cannot be "
@@ -259,7 +274,7 @@ async def delete_form(request: Request, session: SignedIn, plane: Plane, project
 
 
 @router.post("/projects/{project_id}/branches/{branch_id}/delete")
-async def delete(session: Posted, plane: Plane, project_id: str, branch_id: str) -> Response:
-    branch = plane.branch(project_id, branch_id)
-    await act(session, branches.delete_branch(plane, project_id, branch_id), f"Branch {branch.name} was deleted.")
+async def delete(session: Posted, control: ControlDep, project_id: str, branch_id: str) -> Response:
+    branch = control.plane.branch(project_id, branch_id)
+    await act(session, branches.delete_branch(control, project_id, branch_id), f"Branch {branch.name} was deleted.")
     return redirect(_branches_url(project_id))

@@ -1,7 +1,7 @@
 """The console's Monitoring tab: per endpoint, charts of the metrics sampler's samples and of the
 compute's wakes and suspends (the events table), over the last hour, day or week.
 
-The route reads the samples and events of the range through `plane.db` (the store's thread), turns
+The route reads the samples and events of the range through `control.plane.db` (the store's thread), turns
 them into series here (pure helpers, unit-tested) and lets `argon.console.charts` draw them.
 """
 
@@ -16,7 +16,7 @@ from markupsafe import Markup
 
 from argon import model
 from argon.console import charts
-from argon.console.web import ConsoleRoute, Plane, SignedIn, render
+from argon.console.web import ConsoleRoute, ControlDep, SignedIn, render
 from argon.control.metrics import STORAGE_EVERY, Usage
 from argon.metadata.store import MetricSample
 
@@ -124,8 +124,9 @@ def endpoint_panel(ep: model.Endpoint, branch_name: str, samples: list[MetricSam
 
 
 @router.get("/projects/{project_id}/monitoring")
-async def monitoring(request: Request, session: SignedIn, plane: Plane, project_id: str,
+async def monitoring(request: Request, session: SignedIn, control: ControlDep, project_id: str,
                      period: Annotated[str, Query(alias="range")] = "1h", endpoint: str | None = None) -> Response:
+    plane = control.plane
     project = plane.project(project_id)
     key = period if period in RANGES else "1h"
     end = model.utcnow()
@@ -140,7 +141,7 @@ async def monitoring(request: Request, session: SignedIn, plane: Plane, project_
                              [ev for ev in events if ev.endpoint_id == ep.id], start=start, end=end,
                              interval=plane.settings.metrics_interval, running=plane.is_running(ep.id))
               for ep in endpoints]
-    usage: Usage = plane.metrics.project_usage(project)
+    usage: Usage = control.metrics.project_usage(project)
     return render(request, "monitoring.html", session=session, project=project, tab="monitoring", panels=panels,
                   ranges=[(k, label) for k, (label, _) in RANGES.items()], range_key=key,
                   range_label=RANGES[key][0], usage=usage, interval=plane.settings.metrics_interval,

@@ -12,9 +12,9 @@ from fastapi import APIRouter, Form, Request, Response
 
 from argon import model
 from argon.console import dashboard
-from argon.console.web import ConsoleRoute, Plane, Posted, SignedIn, act, confirm, redirect, render
+from argon.console.web import ConsoleRoute, ControlDep, Posted, SignedIn, act, confirm, redirect, render
 from argon.control import roles
-from argon.control.plane import ControlPlane
+from argon.control.services import Control
 from argon.errors import ArgonError
 
 router = APIRouter(route_class=ConsoleRoute, include_in_schema=False)
@@ -24,17 +24,19 @@ def roles_url(project_id: str, branch_id: str) -> str:
     return f"/projects/{project_id}/roles?{urlencode({'branch': branch_id})}"
 
 
-def _branch_of(plane: ControlPlane, project_id: str, branch_id: str | None) -> model.Branch:
+def _branch_of(control: Control, project_id: str, branch_id: str | None) -> model.Branch:
+    plane = control.plane
     plane.project(project_id)
-    return plane.branch(project_id, branch_id) if branch_id else dashboard.default_branch(plane, project_id)
+    return plane.branch(project_id, branch_id) if branch_id else dashboard.default_branch(control, project_id)
 
 
 @router.get("/projects/{project_id}/roles")
-async def roles_page(request: Request, session: SignedIn, plane: Plane, project_id: str,
+async def roles_page(request: Request, session: SignedIn, control: ControlDep, project_id: str,
                      branch: str | None = None) -> Response:
+    plane = control.plane
     project = plane.project(project_id)
-    current = _branch_of(plane, project_id, branch)
-    await roles.sync_if_running(plane, project_id, current.id)
+    current = _branch_of(control, project_id, branch)
+    await roles.sync_if_running(control, project_id, current.id)
     role_list = [r for r in await plane.db(plane.store.list_roles, current.id) if r.name != model.PLATFORM_ROLE]
     databases = await plane.db(plane.store.list_databases, current.id)
     secret_role = session.pop_secret(f"role-name:{project_id}")
@@ -45,11 +47,11 @@ async def roles_page(request: Request, session: SignedIn, plane: Plane, project_
 
 
 @router.post("/projects/{project_id}/roles")
-async def create_role(session: Posted, plane: Plane, project_id: str, branch: Annotated[str, Form()],
+async def create_role(session: Posted, control: ControlDep, project_id: str, branch: Annotated[str, Form()],
                       name: Annotated[str, Form()] = "") -> Response:
-    current = _branch_of(plane, project_id, branch)
+    current = _branch_of(control, project_id, branch)
     try:
-        role, password, _ = await roles.create_role(plane, project_id, current.id, name.strip())
+        role, password, _ = await roles.create_role(control, project_id, current.id, name.strip())
     except ArgonError as exc:
         session.flash("error", exc.user_message)
     else:
@@ -65,10 +67,10 @@ def _role_confirm_fields(branch_id: str, name: str) -> dict[str, str]:
 
 
 @router.get("/projects/{project_id}/roles/reset_password")
-async def reset_password_form(request: Request, session: SignedIn, plane: Plane, project_id: str, branch: str,
+async def reset_password_form(request: Request, session: SignedIn, control: ControlDep, project_id: str, branch: str,
                               name: str) -> Response:
-    project, current = plane.project(project_id), _branch_of(plane, project_id, branch)
-    role = await roles.get_role(plane, project_id, current.id, name)
+    project, current = control.plane.project(project_id), _branch_of(control, project_id, branch)
+    role = await roles.get_role(control, project_id, current.id, name)
     return confirm(request, session, project, title=f"Reset the password of {role.name}",
                     message=f"A new password is generated for {role.name} on {current.name}. The old one stops "
                             "working at once: update every application that uses it.",
@@ -77,11 +79,11 @@ async def reset_password_form(request: Request, session: SignedIn, plane: Plane,
 
 
 @router.post("/projects/{project_id}/roles/reset_password")
-async def reset_password(session: Posted, plane: Plane, project_id: str, branch: Annotated[str, Form()],
+async def reset_password(session: Posted, control: ControlDep, project_id: str, branch: Annotated[str, Form()],
                          name: Annotated[str, Form()]) -> Response:
-    current = _branch_of(plane, project_id, branch)
+    current = _branch_of(control, project_id, branch)
     try:
-        role, password, _ = await roles.reset_password(plane, project_id, current.id, name)
+        role, password, _ = await roles.reset_password(control, project_id, current.id, name)
     except ArgonError as exc:
         session.flash("error", exc.user_message)
     else:
@@ -92,10 +94,10 @@ async def reset_password(session: Posted, plane: Plane, project_id: str, branch:
 
 
 @router.get("/projects/{project_id}/roles/delete")
-async def delete_role_form(request: Request, session: SignedIn, plane: Plane, project_id: str, branch: str,
+async def delete_role_form(request: Request, session: SignedIn, control: ControlDep, project_id: str, branch: str,
                            name: str) -> Response:
-    project, current = plane.project(project_id), _branch_of(plane, project_id, branch)
-    role = await roles.get_role(plane, project_id, current.id, name)
+    project, current = control.plane.project(project_id), _branch_of(control, project_id, branch)
+    role = await roles.get_role(control, project_id, current.id, name)
     return confirm(request, session, project, title=f"Delete the role {role.name}",
                     message=f"The role {role.name} is dropped on {current.name}; objects it owns in each database "
                             "go to that database's owner. This cannot be undone.",
@@ -104,27 +106,27 @@ async def delete_role_form(request: Request, session: SignedIn, plane: Plane, pr
 
 
 @router.post("/projects/{project_id}/roles/delete")
-async def delete_role(session: Posted, plane: Plane, project_id: str, branch: Annotated[str, Form()],
+async def delete_role(session: Posted, control: ControlDep, project_id: str, branch: Annotated[str, Form()],
                       name: Annotated[str, Form()]) -> Response:
-    current = _branch_of(plane, project_id, branch)
-    await act(session, roles.delete_role(plane, project_id, current.id, name), f"Role {name} was deleted.")
+    current = _branch_of(control, project_id, branch)
+    await act(session, roles.delete_role(control, project_id, current.id, name), f"Role {name} was deleted.")
     return redirect(roles_url(project_id, current.id))
 
 
 @router.post("/projects/{project_id}/databases")
-async def create_database(session: Posted, plane: Plane, project_id: str, branch: Annotated[str, Form()],
+async def create_database(session: Posted, control: ControlDep, project_id: str, branch: Annotated[str, Form()],
                           name: Annotated[str, Form()] = "", owner: Annotated[str, Form()] = "") -> Response:
-    current = _branch_of(plane, project_id, branch)
-    await act(session, roles.create_database(plane, project_id, current.id, name.strip(), owner),
+    current = _branch_of(control, project_id, branch)
+    await act(session, roles.create_database(control, project_id, current.id, name.strip(), owner),
               f"Database {name.strip()} was created.")
     return redirect(roles_url(project_id, current.id))
 
 
 @router.get("/projects/{project_id}/databases/delete")
-async def delete_database_form(request: Request, session: SignedIn, plane: Plane, project_id: str, branch: str,
+async def delete_database_form(request: Request, session: SignedIn, control: ControlDep, project_id: str, branch: str,
                                name: str) -> Response:
-    project, current = plane.project(project_id), _branch_of(plane, project_id, branch)
-    db = await roles.get_database(plane, project_id, current.id, name)
+    project, current = control.plane.project(project_id), _branch_of(control, project_id, branch)
+    db = await roles.get_database(control, project_id, current.id, name)
     return confirm(request, session, project, title=f"Delete the database {db.name}",
                     message=f"The database {db.name} and all its data are deleted from {current.name}; sessions "
                             "connected to it are ended. This cannot be undone.",
@@ -133,8 +135,8 @@ async def delete_database_form(request: Request, session: SignedIn, plane: Plane
 
 
 @router.post("/projects/{project_id}/databases/delete")
-async def delete_database(session: Posted, plane: Plane, project_id: str, branch: Annotated[str, Form()],
+async def delete_database(session: Posted, control: ControlDep, project_id: str, branch: Annotated[str, Form()],
                           name: Annotated[str, Form()]) -> Response:
-    current = _branch_of(plane, project_id, branch)
-    await act(session, roles.delete_database(plane, project_id, current.id, name), f"Database {name} was deleted.")
+    current = _branch_of(control, project_id, branch)
+    await act(session, roles.delete_database(control, project_id, current.id, name), f"Database {name} was deleted.")
     return redirect(roles_url(project_id, current.id))

@@ -14,7 +14,17 @@ from fastapi import APIRouter, Form, Request, Response
 
 from argon import model
 from argon.console import dashboard, display
-from argon.console.web import ConsoleRoute, Field, Plane, Posted, SignedIn, act, confirm, redirect, render
+from argon.console.web import (
+    ConsoleRoute,
+    ControlDep,
+    Field,
+    Posted,
+    SignedIn,
+    act,
+    confirm,
+    redirect,
+    render,
+)
 from argon.control.endpoints import CU_STEPS, check_cu, check_suspend_timeout
 from argon.control.projects import delete_project, update_project
 from argon.errors import UserError
@@ -65,7 +75,8 @@ def compute_defaults(min_cu: str, max_cu: str, suspend_timeout: str) -> model.En
 
 
 @router.get("/projects/{project_id}/settings")
-async def settings_page(request: Request, session: SignedIn, plane: Plane, project_id: str) -> Response:
+async def settings_page(request: Request, session: SignedIn, control: ControlDep, project_id: str) -> Response:
+    plane = control.plane
     project = plane.project(project_id)
     defaults = project.default_endpoint_settings
     amount, unit = retention_form_value(project.history_retention_seconds)
@@ -82,30 +93,30 @@ async def settings_page(request: Request, session: SignedIn, plane: Plane, proje
 
 
 @router.post("/projects/{project_id}/settings/name")
-async def rename(session: Posted, plane: Plane, project_id: str, name: Annotated[str, Form()] = "") -> Response:
-    plane.project(project_id)
-    await act(session, update_project(plane, project_id, name=name.strip()), f"Project renamed to {name.strip()}.")
+async def rename(session: Posted, control: ControlDep, project_id: str, name: Annotated[str, Form()] = "") -> Response:
+    control.plane.project(project_id)
+    await act(session, update_project(control, project_id, name=name.strip()), f"Project renamed to {name.strip()}.")
     return redirect(settings_url(project_id, "general"))
 
 
 @router.post("/projects/{project_id}/settings/compute")
-async def compute(session: Posted, plane: Plane, project_id: str, min_cu: Annotated[str, Form()] = "",
+async def compute(session: Posted, control: ControlDep, project_id: str, min_cu: Annotated[str, Form()] = "",
                   max_cu: Annotated[str, Form()] = "", suspend_timeout_seconds: Annotated[str, Form()] = "") -> Response:
-    plane.project(project_id)
+    control.plane.project(project_id)
     try:
         defaults = compute_defaults(min_cu, max_cu, suspend_timeout_seconds)
     except UserError as exc:
         session.flash("error", exc.user_message)
     else:
-        await act(session, update_project(plane, project_id, endpoint_settings=defaults),
+        await act(session, update_project(control, project_id, endpoint_settings=defaults),
                   "Defaults for new computes saved. Existing computes keep their settings.")
     return redirect(settings_url(project_id, "compute"))
 
 
 @router.post("/projects/{project_id}/settings/history")
-async def history(session: Posted, plane: Plane, project_id: str, amount: Annotated[str, Form()] = "",
+async def history(session: Posted, control: ControlDep, project_id: str, amount: Annotated[str, Form()] = "",
                   unit: Annotated[str, Form()] = "hours") -> Response:
-    plane.project(project_id)
+    control.plane.project(project_id)
     try:
         seconds = retention_seconds(amount, unit)
     except UserError as exc:
@@ -113,7 +124,7 @@ async def history(session: Posted, plane: Plane, project_id: str, amount: Annota
     else:
         note = ("No history is kept now: branches and restores at a point in time are off." if seconds == 0
                 else f"History is kept for {display.duration(seconds)}.")
-        await act(session, update_project(plane, project_id, history_retention_seconds=seconds), note)
+        await act(session, update_project(control, project_id, history_retention_seconds=seconds), note)
     return redirect(settings_url(project_id, "history"))
 
 
@@ -129,17 +140,17 @@ def _delete_form(request: Request, session: SignedIn, project: model.Project, *,
 
 
 @router.get("/projects/{project_id}/delete")
-async def delete_form(request: Request, session: SignedIn, plane: Plane, project_id: str) -> Response:
-    return _delete_form(request, session, plane.project(project_id))
+async def delete_form(request: Request, session: SignedIn, control: ControlDep, project_id: str) -> Response:
+    return _delete_form(request, session, control.plane.project(project_id))
 
 
 @router.post("/projects/{project_id}/delete")
-async def delete(request: Request, session: Posted, plane: Plane, project_id: str,
+async def delete(request: Request, session: Posted, control: ControlDep, project_id: str,
                  confirm_name: Annotated[str, Form()] = "") -> Response:
-    project = plane.project(project_id)
+    project = control.plane.project(project_id)
     if confirm_name.strip() != project.name:
         return _delete_form(request, session, project, typed=confirm_name,
                             error=f"The name you typed is not {project.name}; nothing was deleted.")
-    if await act(session, delete_project(plane, project_id), f"Project {project.name} was deleted."):
+    if await act(session, delete_project(control, project_id), f"Project {project.name} was deleted."):
         return redirect("/")
     return redirect(settings_url(project_id, "danger"))

@@ -19,9 +19,9 @@ from fastapi import APIRouter, Form, Request, Response
 from argon import model
 from argon.console import dashboard, sql
 from argon.console.auth import Session
-from argon.console.web import ConsoleRoute, Plane, Posted, SignedIn, render
+from argon.console.web import ConsoleRoute, ControlDep, Posted, SignedIn, render
 from argon.control import connection
-from argon.control.plane import ControlPlane
+from argon.control.services import Control
 from argon.errors import UserError
 
 router = APIRouter(route_class=ConsoleRoute, include_in_schema=False)
@@ -52,8 +52,9 @@ def duration_ms(ms: int) -> str:
 
 
 @router.get("/projects/{project_id}/operations")
-async def operations_page(request: Request, session: SignedIn, plane: Plane, project_id: str,
+async def operations_page(request: Request, session: SignedIn, control: ControlDep, project_id: str,
                           before: str | None = None) -> Response:
+    plane = control.plane
     project = plane.project(project_id)
     ops = await plane.db(plane.store.list_operations, project_id, limit=PAGE_SIZE + 1,
                          before=_uncursor(before) if before else None)
@@ -85,15 +86,16 @@ def _pick(options: list[str], wanted: str | None) -> str | None:
     return wanted if wanted in options else (options[0] if options else None)
 
 
-async def editor_choices(plane: ControlPlane, project_id: str, branch_id: str | None, database: str | None,
+async def editor_choices(control: Control, project_id: str, branch_id: str | None, database: str | None,
                          role: str | None) -> EditorChoices:
+    plane = control.plane
     all_branches = plane.branches(project_id)
-    branch = next((b for b in all_branches if b.id == branch_id), None) or dashboard.default_branch(plane, project_id)
+    branch = next((b for b in all_branches if b.id == branch_id), None) or dashboard.default_branch(control, project_id)
     dbs = [d.name for d in await plane.db(plane.store.list_databases, branch.id)]
     roles = {r.name: r for r in await plane.db(plane.store.list_roles, branch.id)
              if r.login and r.name != model.PLATFORM_ROLE}
     choices = EditorChoices(all_branches, branch, dbs, _pick(dbs, database), list(roles), _pick(list(roles), role),
-                            dashboard.primary_endpoint(plane, project_id, branch.id))
+                            dashboard.primary_endpoint(control, project_id, branch.id))
     if choices.endpoint is None:
         choices.problem = "This branch has no compute, so there is nothing to run queries on."
     elif choices.database is None or choices.role is None:
@@ -108,7 +110,7 @@ async def editor_choices(plane: ControlPlane, project_id: str, branch_id: str | 
     return choices
 
 
-def _editor(request: Request, session: Session, plane: ControlPlane, project: model.Project,
+def _editor(request: Request, session: Session, control: Control, project: model.Project,
             choices: EditorChoices, query: str, outcome: sql.QueryResult | sql.QueryError | None = None,
             status: int = 200) -> Response:
     return render(request, "sql.html", session=session, project=project, tab="sql", choices=choices, query=query,
@@ -118,28 +120,29 @@ def _editor(request: Request, session: Session, plane: ControlPlane, project: mo
 
 
 @router.get("/projects/{project_id}/sql")
-async def sql_page(request: Request, session: SignedIn, plane: Plane, project_id: str, branch: str | None = None,
+async def sql_page(request: Request, session: SignedIn, control: ControlDep, project_id: str, branch: str | None = None,
                    database: str | None = None, role: str | None = None, history: int | None = None) -> Response:
-    project = plane.project(project_id)
-    choices = await editor_choices(plane, project_id, branch, database, role)
+    project = control.plane.project(project_id)
+    choices = await editor_choices(control, project_id, branch, database, role)
     past = session.history.get(project_id, [])
     query = past[history] if history is not None and 0 <= history < len(past) else ""
-    return _editor(request, session, plane, project, choices, query)
+    return _editor(request, session, control, project, choices, query)
 
 
 @router.post("/projects/{project_id}/sql")
-async def run_sql(request: Request, session: Posted, plane: Plane, project_id: str,
+async def run_sql(request: Request, session: Posted, control: ControlDep, project_id: str,
                   branch: Annotated[str, Form()] = "", database: Annotated[str, Form()] = "",
                   role: Annotated[str, Form()] = "", query: Annotated[str, Form()] = "") -> Response:
+    plane = control.plane
     project = plane.project(project_id)
-    choices = await editor_choices(plane, project_id, branch, database, role)
+    choices = await editor_choices(control, project_id, branch, database, role)
     if not query.strip():
-        return _editor(request, session, plane, project, choices, query,
+        return _editor(request, session, control, project, choices, query,
                        sql.QueryError("Write a query to run."), status=400)
     if choices.problem or choices.password is None or choices.endpoint is None:
-        return _editor(request, session, plane, project, choices, query, status=409)
+        return _editor(request, session, control, project, choices, query, status=409)
     session.remember_query(project_id, query)
     params = connection.parameters(plane.settings, endpoint_id=choices.endpoint.id, role=choices.role or "",
                                    password=choices.password, database=choices.database or "")
     outcome = await sql.run(plane.settings, params, query)
-    return _editor(request, session, plane, project, choices, query, outcome)
+    return _editor(request, session, control, project, choices, query, outcome)

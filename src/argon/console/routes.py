@@ -1,6 +1,6 @@
 """The web console's routes: sign-in, the projects list, New Project, a project's dashboard.
 
-A thin layer like the API: each route reads the control plane's in-memory view or awaits an
+A thin layer like the API: each route reads the control control's in-memory view or awaits an
 `argon.control` use case, then renders a template or redirects (POST, then 303 to a page). There
 is no HTTP call to our own API. `mount_console` adds these routes to the app, plus the one API
 route the CLI needs (`POST /api/v2/console/sign_in_links`, Bearer-authenticated like the rest).
@@ -16,7 +16,6 @@ from fastapi import APIRouter, FastAPI, Form, Query, Request, Response
 from fastapi.responses import JSONResponse
 
 from argon import ids, model
-from argon.api.deps import Plane as ApiPlane
 from argon.console import (
     dashboard,
     pages_account,
@@ -28,9 +27,10 @@ from argon.console import (
 )
 from argon.console.auth import COOKIE_NAME, ConsoleAuth, Session, cookie_attributes
 from argon.console.web import (
+    Authorized,
     ConsoleRoute,
+    ControlDep,
     CsrfRejected,
-    Plane,
     Posted,
     SignedIn,
     act,
@@ -40,8 +40,8 @@ from argon.console.web import (
     render,
 )
 from argon.control.endpoints import EndpointPatch, start_endpoint, suspend_endpoint, update_endpoint
-from argon.control.plane import ControlPlane
 from argon.control.projects import ProjectRequest, available_regions, create_project
+from argon.control.services import Control
 from argon.errors import ArgonError, NotFound
 
 router = APIRouter(route_class=ConsoleRoute, include_in_schema=False)
@@ -52,11 +52,12 @@ STATIC_DIR = Path(__file__).parent / "static"
 STATIC_TYPES = {"console.css": "text/css; charset=utf-8", "console.js": "text/javascript; charset=utf-8"}
 
 
-def mount_console(app: FastAPI) -> None:
-    """Serve the console at / next to the API. Call last: its catch-all answers unknown pages."""
+def mount_console(app: FastAPI, control: Control) -> None:
+    """Serve the console at / on the app (the platform mounts it next to the API). Call last: its
+    catch-all answers unknown pages."""
+    app.state.control = control
     auth = app.state.console_auth = ConsoleAuth()
-    plane: ControlPlane = app.state.plane
-    plane.api_keys.on_revoke.append(auth.close_sessions_of_key)  # a revoked key signs its browsers out
+    control.api_keys.on_revoke.append(auth.close_sessions_of_key)  # a revoked key signs its browsers out
     app.include_router(api_router, prefix="/api/v2")
     app.include_router(pages_account.router)
     app.include_router(pages_branches.router)
@@ -74,7 +75,7 @@ def sign_in_link(app: FastAPI, base_url: str) -> str:
 
 
 @api_router.post("/console/sign_in_links", status_code=201)
-async def create_sign_in_link(plane: ApiPlane, request: Request) -> dict[str, str]:
+async def create_sign_in_link(control: Authorized, request: Request) -> dict[str, str]:
     return {"url": console_auth(request).issue_link(str(request.base_url))}
 
 
@@ -119,13 +120,13 @@ async def login(request: Request, token: str | None = None,
 
 
 @router.post("/login")
-async def login_with_key(request: Request, plane: Plane, api_key: Annotated[str, Form()] = "",
+async def login_with_key(request: Request, control: ControlDep, api_key: Annotated[str, Form()] = "",
                          csrf_token: Annotated[str, Form()] = "",
                          target: Annotated[str, Form(alias="next")] = "/") -> Response:
     cookie = request.cookies.get(LOGIN_CSRF_COOKIE, "")
     if not cookie or not secrets.compare_digest(cookie.encode(), csrf_token.encode()):
         raise CsrfRejected
-    key = plane.api_keys.find(api_key.strip())
+    key = control.api_keys.find(api_key.strip())
     if key is None:
         return _login_page(request, status=401, target=target,
                            error="That API key is not valid. Keys start with argon_: “argon up” prints the "
@@ -145,9 +146,9 @@ async def logout(request: Request, session: Posted) -> Response:
 
 
 @router.get("/")
-async def projects(request: Request, session: SignedIn, plane: Plane) -> Response:
-    rows = [(p, dashboard.project_compute(plane, p.id)) for p in reversed(plane.projects())]
-    backup = plane.backup.status.view() if plane.backup is not None else None
+async def projects(request: Request, session: SignedIn, control: ControlDep) -> Response:
+    rows = [(p, dashboard.project_compute(control, p.id)) for p in reversed(control.plane.projects())]
+    backup = control.backup.status.view() if control.backup is not None else None
     return render(request, "projects.html", session=session, rows=rows, backup=backup)
 
 
@@ -156,8 +157,9 @@ async def projects_alias(session: SignedIn) -> Response:
     return redirect("/")
 
 
-def _new_project_page(request: Request, session: Session, plane: Plane, *, values: dict[str, str],
+def _new_project_page(request: Request, session: Session, control: ControlDep, *, values: dict[str, str],
                       error: str | None = None, status: int = 200) -> Response:
+    plane = control.plane
     versions = sorted(plane.installs, reverse=True)
     return render(request, "new_project.html", session=session, status=status, error=error, values=values,
                   versions=[(v, plane.installs[v].version) for v in versions], regions=available_regions(),
@@ -165,21 +167,21 @@ def _new_project_page(request: Request, session: Session, plane: Plane, *, value
 
 
 @router.get("/projects/new")
-async def new_project(request: Request, session: SignedIn, plane: Plane) -> Response:
-    return _new_project_page(request, session, plane, values={})
+async def new_project(request: Request, session: SignedIn, control: ControlDep) -> Response:
+    return _new_project_page(request, session, control, values={})
 
 
 @router.post("/projects/new")
-async def submit_new_project(request: Request, session: Posted, plane: Plane, name: Annotated[str, Form()] = "",
+async def submit_new_project(request: Request, session: Posted, control: ControlDep, name: Annotated[str, Form()] = "",
                  pg_version: Annotated[str, Form()] = "", region: Annotated[str, Form()] = "") -> Response:
     values = {"name": name, "pg_version": pg_version, "region": region}
     try:
         req = ProjectRequest(name=ids.check_display_name(name.strip(), "project") if name.strip() else None,
                              pg_version=int(pg_version) if pg_version.isdigit() else None,
                              region_id=region or None)
-        created = await create_project(plane, req)
+        created = await create_project(control, req)
     except ArgonError as exc:
-        return _new_project_page(request, session, plane, values=values, error=exc.user_message, status=400)
+        return _new_project_page(request, session, control, values=values, error=exc.user_message, status=400)
     session.secrets[f"password:{created.project.id}"] = created.password
     session.flash("success", f"Project {created.project.name} is ready.")
     return redirect(f"/projects/{created.project.id}")
@@ -189,13 +191,14 @@ async def submit_new_project(request: Request, session: Posted, plane: Plane, na
 
 
 @router.get("/projects/{project_id}")
-async def project_dashboard(request: Request, session: SignedIn, plane: Plane, project_id: str,
+async def project_dashboard(request: Request, session: SignedIn, control: ControlDep, project_id: str,
                             branch: str | None = None, database: str | None = None, role: str | None = None,
                             pooled: bool = False, snippet: str = "uri") -> Response:
+    plane = control.plane
     project = plane.project(project_id)
-    widget = await dashboard.connection_widget(plane, project_id, branch_id=branch, database=database, role=role,
+    widget = await dashboard.connection_widget(control, project_id, branch_id=branch, database=database, role=role,
                                                pooled=pooled)
-    compute = dashboard.compute_view(plane, widget.endpoint)
+    compute = dashboard.compute_view(control, widget.endpoint)
     timeouts = dashboard.suspend_choices(plane.settings.suspend_timeout,
                                          widget.endpoint.suspend_timeout_seconds if widget.endpoint else 0)
     selected = snippet if any(s.key == snippet for s in widget.snippets) else "uri"
@@ -205,10 +208,10 @@ async def project_dashboard(request: Request, session: SignedIn, plane: Plane, p
 
 
 @router.get("/projects/{project_id}/compute.json")
-async def compute_state(session: SignedIn, plane: Plane, project_id: str, branch: str | None = None) -> Response:
-    plane.project(project_id)
-    branch_id = branch or dashboard.default_branch(plane, project_id).id
-    view = dashboard.compute_view(plane, dashboard.primary_endpoint(plane, project_id, branch_id))
+async def compute_state(session: SignedIn, control: ControlDep, project_id: str, branch: str | None = None) -> Response:
+    control.plane.project(project_id)
+    branch_id = branch or dashboard.default_branch(control, project_id).id
+    view = dashboard.compute_view(control, dashboard.primary_endpoint(control, project_id, branch_id))
     return JSONResponse(view.as_json())
 
 
@@ -216,32 +219,33 @@ def _dashboard_url(project_id: str, branch_id: str) -> str:
     return f"/projects/{project_id}?branch={branch_id}#compute"
 
 
-def _endpoint_of(plane: Plane, project_id: str, endpoint_id: str) -> model.Endpoint:
+def _endpoint_of(control: ControlDep, project_id: str, endpoint_id: str) -> model.Endpoint:
+    plane = control.plane
     plane.project(project_id)
     return plane.endpoint(project_id, endpoint_id)
 
 
 @router.post("/projects/{project_id}/endpoints/{endpoint_id}/start")
-async def start(session: Posted, plane: Plane, project_id: str, endpoint_id: str) -> Response:
-    ep = _endpoint_of(plane, project_id, endpoint_id)
-    await act(session, start_endpoint(plane, project_id, endpoint_id), "The compute is running.")
+async def start(session: Posted, control: ControlDep, project_id: str, endpoint_id: str) -> Response:
+    ep = _endpoint_of(control, project_id, endpoint_id)
+    await act(session, start_endpoint(control, project_id, endpoint_id), "The compute is running.")
     return redirect(_dashboard_url(project_id, ep.branch_id))
 
 
 @router.post("/projects/{project_id}/endpoints/{endpoint_id}/suspend")
-async def suspend(session: Posted, plane: Plane, project_id: str, endpoint_id: str) -> Response:
-    ep = _endpoint_of(plane, project_id, endpoint_id)
-    await act(session, suspend_endpoint(plane, project_id, endpoint_id),
+async def suspend(session: Posted, control: ControlDep, project_id: str, endpoint_id: str) -> Response:
+    ep = _endpoint_of(control, project_id, endpoint_id)
+    await act(session, suspend_endpoint(control, project_id, endpoint_id),
                "The compute is suspended; the next connection wakes it.")
     return redirect(_dashboard_url(project_id, ep.branch_id))
 
 
 @router.post("/projects/{project_id}/endpoints/{endpoint_id}/settings")
-async def update_settings(session: Posted, plane: Plane, project_id: str, endpoint_id: str,
+async def update_settings(session: Posted, control: ControlDep, project_id: str, endpoint_id: str,
                           suspend_timeout_seconds: Annotated[int, Form()]) -> Response:
-    ep = _endpoint_of(plane, project_id, endpoint_id)
+    ep = _endpoint_of(control, project_id, endpoint_id)
     patch = EndpointPatch(suspend_timeout_seconds=suspend_timeout_seconds)
-    await act(session, update_endpoint(plane, project_id, endpoint_id, patch), "Suspend timeout saved.")
+    await act(session, update_endpoint(control, project_id, endpoint_id, patch), "Suspend timeout saved.")
     return redirect(_dashboard_url(project_id, ep.branch_id))
 
 

@@ -26,7 +26,7 @@ from starlette.types import Scope
 from argon import __version__, model
 from argon.console.auth import COOKIE_NAME, CSRF_FIELD, ConsoleAuth, Session
 from argon.console.display import FILTERS
-from argon.control.plane import ControlPlane
+from argon.control.services import Control
 from argon.errors import ArgonError
 
 log = logging.getLogger(__name__)
@@ -57,9 +57,16 @@ def console_auth(request: Request) -> ConsoleAuth:
     return auth
 
 
-def get_plane(request: Request) -> ControlPlane:
-    plane: ControlPlane = request.app.state.plane
-    return plane
+def get_control(request: Request) -> Control:
+    control: Control = request.app.state.control
+    return control
+
+
+def authorized(request: Request) -> Control:
+    """The console's one API route (sign-in links for the CLI) takes the API's Bearer key."""
+    control = get_control(request)
+    control.api_keys.authorize(request.headers.get("authorization", ""))
+    return control
 
 
 def current_session(request: Request) -> Session:
@@ -81,7 +88,8 @@ async def posted_session(request: Request) -> Session:
 
 SignedIn = Annotated[Session, Depends(current_session)]
 Posted = Annotated[Session, Depends(posted_session)]
-Plane = Annotated[ControlPlane, Depends(get_plane)]
+ControlDep = Annotated[Control, Depends(get_control)]
+Authorized = Annotated[Control, Depends(authorized)]
 
 
 def render(request: Request, template: str, *, session: Session | None = None, status: int = 200,

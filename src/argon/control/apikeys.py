@@ -15,14 +15,11 @@ import secrets
 import threading
 from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING
 
 from argon import ids, model
-from argon.errors import NotFound
+from argon.control.plane import ControlPlane
+from argon.errors import NotFound, Unauthorized
 from argon.metadata.store import Store
-
-if TYPE_CHECKING:
-    from argon.control.plane import ControlPlane
 
 KEY_PREFIX = "argon_"
 USE_WRITE_EVERY = timedelta(seconds=60)  # last_used_at is written at most this often per key
@@ -63,6 +60,18 @@ class ApiKeys:
 
     def check(self, token: str) -> bool:
         return self.find(token) is not None
+
+    def authorize(self, header: str) -> model.ApiKey:
+        """The key an `Authorization: Bearer <key>` header names (the API's, the console's); raises
+        `Unauthorized` with what to do otherwise."""
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthorized("authentication required: send 'Authorization: Bearer <API key>' "
+                               "(the key is printed by `argon up`; `argon api-keys create` makes more)")
+        key = self.find(token.strip())
+        if key is None:
+            raise Unauthorized("invalid API key")
+        return key
 
     @property
     def empty(self) -> bool:

@@ -1,4 +1,4 @@
-"""Continuous backup policy (ADR 0016): which branches ship what, when, and what the user sees.
+"""Continuous backup policy (ADR 0018): which branches ship what, when, and what the user sees.
 
 Three loops inside `argon up`, each doing its I/O in threads:
 
@@ -34,15 +34,17 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from argon import model
-from argon.compute.admin import connect_admin
-from argon.errors import ArgonError, ErrorKind
+from argon import model, safefs
+from argon.control import retention
+from argon.errors import ArgonError
 from argon.storage import history as hs
+from argon.storage import wal
 from argon.storage.backup import bases as bb
 from argon.storage.backup import retention as br
 from argon.storage.backup import wal as bw
 from argon.storage.backup.objects import Codec
 from argon.storage.backup.store import MissingObject, ObjectStore, open_store
+from argon.storage.spares import template_key
 
 if TYPE_CHECKING:
     from argon.control.plane import ControlPlane
@@ -113,29 +115,16 @@ class BranchBackup:
 
     def view(self) -> dict[str, Any]:
         return {"project_id": self.project_id, "branch_id": self.branch_id,
-                "last_wal_shipped_lsn": hs.format_lsn(self.shipped_lsn) if self.shipped_lsn else None,
+                "last_wal_shipped_lsn": wal.format_lsn(self.shipped_lsn) if self.shipped_lsn else None,
                 "last_wal_shipped_at": _iso(self.last_shipped_at), "lag_bytes": self.lag_bytes(),
                 "lag_seconds": round(self.lag_seconds(), 3), "last_base_backup": self.last_base or None,
                 "last_base_backup_at": _iso(self.last_base_at), "writes_refused": self.writes_refused}
 
 
-class UnsafePath(ArgonError):
-    kind = ErrorKind.STORAGE
-
-
-def _own_path(path: Path, base: Path) -> bool:
-    """`path` (under `base`, the data directory) is a directory reached through no symlink below
-    `base` (or missing: nothing to read then). Files inside are opened with O_NOFOLLOW."""
-    if not os.path.lexists(path):
-        return True
-    expected = os.path.join(os.path.realpath(base), os.path.relpath(path, base))
-    return os.path.realpath(path) == expected and path.is_dir()
-
-
 def _first_lsn(epoch: hs.Epoch) -> int:
     """Where the epoch's WAL in the bucket must begin: its start, or earlier where a base's replay
     starts earlier (a branch's base is its parent's snapshot, ADR 0010)."""
-    return min([hs.parse_lsn(epoch.start_lsn), *(hs.parse_lsn(s.redo_lsn) for s in epoch.snapshots)])
+    return min([wal.parse_lsn(epoch.start_lsn), *(wal.parse_lsn(s.redo_lsn) for s in epoch.snapshots)])
 
 
 def _iso(at: datetime | None) -> str | None:
@@ -168,14 +157,15 @@ class BackupStatus:
 
 
 class BackupService:
-    def __init__(self, plane: ControlPlane, settings: Settings) -> None:
+    def __init__(self, plane: ControlPlane) -> None:
         self.plane = plane
-        self.settings = settings
+        self.settings = settings = plane.settings
         self.store, self.codec = open_bucket(settings)
         self.index = bb.ChunkIndex(self.store)
         self.interval = settings.backup_interval
         self.status = BackupStatus(url=settings.backup_url or "", encrypted=self.codec.encrypted)
         self._tasks: list[asyncio.Task[None]] = []
+        self._nudged: dict[str, asyncio.Event] = {}  # loop -> set to run it now
         self._meta_seen: tuple[float, ...] = ()
         self._epoch_records: dict[str, str] = {}  # epoch prefix -> the epoch.json last uploaded
         self._errors: dict[str, str] = {}  # loop -> its last error
@@ -215,8 +205,16 @@ class BackupService:
             except Exception as exc:
                 log.warning("final backup %s pass failed: %s", what, getattr(exc, "user_message", exc))
 
+    def nudge(self) -> None:
+        """Ship now rather than at the next tick: a compute stopped (its shutdown checkpoint's WAL,
+        maybe a new snapshot) or a branch was created (its base)."""
+        for event in self._nudged.values():
+            event.set()
+
     async def _run(self, what: str, step: Any, interval: float) -> None:
+        nudged = self._nudged.setdefault(what, asyncio.Event())
         while True:
+            nudged.clear()
             try:
                 await step()
             except asyncio.CancelledError:
@@ -225,7 +223,8 @@ class BackupService:
                 self._fail(what, exc)
             else:
                 self._ok(what)
-            await asyncio.sleep(interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(nudged.wait(), interval)
 
     def _fail(self, what: str, exc: Exception) -> None:
         message = exc.user_message if isinstance(exc, ArgonError) else f"{type(exc).__name__}: {exc}"
@@ -279,16 +278,15 @@ class BackupService:
             instance = f"{ep.id}:{pm.pid if pm is not None else '?'}"
             if refuse == (branch.id in self._refused and instance in self._refused_on):
                 continue
+            session = self.plane.computes.admin(ep.id)
             try:
-                conn = await connect_admin(self.plane.layout.socket_dir(ep.id))
-                try:
-                    if refuse:
-                        await conn.execute("ALTER SYSTEM SET default_transaction_read_only = on")
-                    else:
-                        await conn.execute("ALTER SYSTEM RESET default_transaction_read_only")
-                    await conn.execute("SELECT pg_reload_conf()")
-                finally:
-                    await conn.close()
+                if session is None:
+                    continue
+                if refuse:
+                    await session.fetchall("ALTER SYSTEM SET default_transaction_read_only = on", timeout=10)
+                else:
+                    await session.fetchall("ALTER SYSTEM RESET default_transaction_read_only", timeout=10)
+                await session.fetchone("SELECT pg_reload_conf()", timeout=10)
             except Exception as exc:
                 log.warning("backup: could not %s writes on branch %s: %s", "refuse" if refuse else "allow",
                             branch.id, exc)
@@ -322,35 +320,32 @@ class BackupService:
             raise errors[0]
 
     def _ship_branch(self, project: model.Project, branch: model.Branch) -> None:
-        history = hs.BranchHistory(self.plane.layout.branch_dir(project.id, branch.id) / "history")
+        history = retention.branch_history(self.plane, project.id, branch.id)
         manifest = history.load()
         if not manifest.epochs:
             return
         status = self.status.branches.setdefault(branch.id, BranchBackup(project.id, branch.id))
+        # A compute's uid owns its pgdata and history: every file there is read through safefs, of
+        # that uid only (a link it planted to another project's WAL or root's files is refused).
         live = self.plane.layout.pgdata(project.id, branch.id) / "pg_wal"
-        if not _own_path(live, self.plane.layout.data_dir):
-            # A compute's uid owns its pgdata: a pg_wal symlinked elsewhere (another project's?) is
-            # never read by us, as root, into this project's backup.
-            raise UnsafePath(f"branch {branch.id}: {live} is not a plain directory; its WAL is not shipped")
+        owner = retention.project_owner(project)
         for epoch in manifest.epochs:
             prefix = epoch_prefix(project.id, branch.id, epoch.id)
             self._put_epoch_record(prefix, epoch)
-            state_path = history.epoch_dir(epoch.id) / "backup.json"
-            if not state_path.parent.is_dir():
+            if not safefs.is_dir(history.epoch_dir(epoch.id)):
                 continue
-            if not _own_path(history.wal_dir(epoch.id), self.plane.layout.data_dir):
-                raise UnsafePath(f"branch {branch.id}: {history.wal_dir(epoch.id)} is not a plain directory")
+            state_path = self._state_path(project.id, branch.id, epoch.id, "wal.json")
             state = bw.ShipState.load(state_path)
             current = epoch is manifest.current
             try:
                 result = bw.ship_epoch(self.store, self.codec, prefix, history.wal_dir(epoch.id),
                                        live if current else None, epoch.timeline, epoch.segsize, state,
-                                       _first_lsn(epoch), lambda s, p=state_path: s.save(p))
+                                       _first_lsn(epoch), lambda s, p=state_path: s.save(p), owner=owner)
             except Exception:
                 if current:  # the store is unreachable: what is written keeps counting as lag
                     status.head_lsn = max(status.head_lsn, bw.live_head(live, epoch.timeline, epoch.segsize, state))
                     status.shipped_lsn = max(status.shipped_lsn, state.shipped_end + (
-                        state.partial_len if state.partial_name == hs.segment_name(
+                        state.partial_len if state.partial_name == wal.segment_name(
                             epoch.timeline, state.shipped_end, epoch.segsize) else 0))
                     if status.head_lsn > status.shipped_lsn:
                         status.behind_since = status.behind_since or time.monotonic()
@@ -366,6 +361,17 @@ class BackupService:
                     status.behind_since = status.behind_since or time.monotonic()
                 else:
                     status.behind_since = None
+
+    def _state_path(self, project_id: str, branch_id: str, epoch_id: str, name: str) -> Path:
+        """Root's record of what of an epoch is in the bucket (`Layout.branch_backup_state`)."""
+        directory = self.plane.layout.branch_backup_state(project_id, branch_id) / epoch_id
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return directory / name
+
+    def shipped_end(self, project_id: str, branch_id: str, epoch_id: str) -> int:
+        """The end LSN of the complete WAL segments of an epoch that are in the bucket (0: none)."""
+        path = self.plane.layout.branch_backup_state(project_id, branch_id) / epoch_id / "wal.json"
+        return bw.ShipState.load(path).shipped_end
 
     def _put_epoch_record(self, prefix: str, epoch: hs.Epoch) -> None:
         record = json.dumps(epoch.to_json(), sort_keys=True)
@@ -383,9 +389,10 @@ class BackupService:
                 await asyncio.to_thread(self._ship_bases, project, branch)
 
     def _ship_bases(self, project: model.Project, branch: model.Branch) -> None:
-        history = hs.BranchHistory(self.plane.layout.branch_dir(project.id, branch.id) / "history")
+        history = retention.branch_history(self.plane, project.id, branch.id)
+        owner = retention.project_owner(project)
         for epoch in history.load().epochs:
-            state_path = history.epoch_dir(epoch.id) / "backup-bases.json"
+            state_path = self._state_path(project.id, branch.id, epoch.id, "bases.json")
             try:
                 done = set(json.loads(state_path.read_text()))
             except (FileNotFoundError, ValueError):
@@ -393,18 +400,20 @@ class BackupService:
             for snap in epoch.snapshots:
                 if snap.name in done:
                     continue
-                source = history.snapshot_dir(epoch.id, snap.name)
-                if snap.template is not None and not source.is_dir():
-                    source = self.plane.templates.get(project.pg_version) or source
-                if not source.is_dir():
-                    continue  # pruned, or a template since rebuilt: nothing to ship
-                if not _own_path(source, self.plane.layout.data_dir if source.is_relative_to(self.plane.layout.data_dir) else source):
-                    raise UnsafePath(f"branch {branch.id}: snapshot {source} is not a plain directory")
+                source, source_owner = history.snapshot_dir(epoch.id, snap.name), owner
+                if snap.template is not None and not safefs.is_dir(source):
+                    template = self.plane.templates.get(project.pg_version)
+                    if template is None or template_key(template) != snap.template:
+                        continue  # a template since rebuilt: nothing to ship
+                    source, source_owner = template, None  # root's own pristine template
+                if not safefs.is_dir(source):
+                    continue  # pruned meanwhile
                 key = f"{epoch_prefix(project.id, branch.id, epoch.id)}bases/{snap.name}.json"
                 record = {**snap.to_json(), "epoch": epoch.id, "timeline": epoch.timeline, "segsize": epoch.segsize,
                           "template": None}
                 started = time.monotonic()
-                stats = bb.upload_snapshot(self.store, self.codec, self.index, source, key, record)
+                stats = bb.upload_snapshot(self.store, self.codec, self.index, source, key, record,
+                                           owner=source_owner)
                 log.info("backup: base %s/%s of branch %s shipped: %d files, %.1f MB, %d new chunks (%.1f MB) "
                          "in %.1f s", epoch.id, snap.name, branch.id, stats.files, stats.bytes / 1e6,
                          stats.chunks_uploaded, stats.bytes_uploaded / 1e6, time.monotonic() - started)

@@ -6,7 +6,8 @@ Policy only; the copy itself is `argon.storage.branching`. A new branch inherits
 moment of the request. The parent's endpoint lock is held while its cluster is copied: a stopped
 parent cannot start under the copy, a running one cannot be suspended in the middle of the backup.
 Point-in-time branches (`parent_lsn`, `parent_timestamp`) and restores to a past point are rebuilt
-from the parent's history (`argon.control.history`); every new data state starts a history epoch.
+from the parent's history (`argon.control.pitr`); every new data state starts a history epoch
+(`argon.control.retention`).
 """
 
 from __future__ import annotations
@@ -14,27 +15,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import shutil
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from argon import ids, model
+from argon import ids, model, safefs
 from argon.compute.admin import connect_admin
-from argon.compute.osuser import OsUser, chown_tree
-from argon.control import history
+from argon.compute.osuser import project_user
+from argon.control import pitr, retention
+from argon.control.plane import ControlPlane
+from argon.control.projects import first_start
 from argon.control.replicas import remove_replicas
 from argon.control.schema import schema_only_copy
+from argon.control.services import Control
 from argon.errors import Conflict, NotFound, Precondition, UserError
-from argon.storage import branching
-from argon.storage import history as hs
-
-if TYPE_CHECKING:
-    from argon.control.plane import ControlPlane
+from argon.storage import branching, wal
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +74,9 @@ def check_expiry(expires_at: datetime | None) -> datetime | None:
     return expires_at
 
 
-async def delete_expired(plane: ControlPlane) -> list[str]:
+async def delete_expired(control: Control) -> list[str]:
     """Delete branches whose `expires_at` has passed, with their computes (run by the monitor)."""
+    plane = control.plane
     now = model.utcnow()
     deleted = []
     for project in plane.projects():
@@ -86,7 +84,7 @@ async def delete_expired(plane: ControlPlane) -> list[str]:
             if b.expires_at is None or b.expires_at > now:
                 continue
             try:
-                await delete_branch(plane, project.id, b.id, expired=True)
+                await delete_branch(control, project.id, b.id, expired=True)
                 deleted.append(b.id)
             except Exception as exc:  # e.g. it gained children: keep it, say why once per look
                 log.warning("expired branch %s of %s not deleted: %s", b.id, project.id,
@@ -104,39 +102,40 @@ def default_branch(plane: ControlPlane, project_id: str) -> model.Branch:
 @contextlib.asynccontextmanager
 async def _parent_quiet(plane: ControlPlane, parent: model.Branch) -> AsyncIterator[model.Endpoint | None]:
     """Hold the lock of the parent's read-write endpoint (if any) while its cluster is copied."""
-    rw = [e for e in plane.endpoints(parent.project_id, parent.id) if e.type is model.EndpointType.READ_WRITE]
-    if not rw:
+    primary = plane.primary(parent.project_id, parent.id)
+    if primary is None:
         yield None
         return
-    async with plane.endpoint_lock(rw[0].id):
-        yield rw[0]
+    async with plane.endpoint_lock(primary.id):
+        yield primary
 
 
 def _make_branch_dir(plane: ControlPlane, project: model.Project, branch_id: str) -> None:
-    path = plane.layout.branch_dir(project.id, branch_id)
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if project.os_uid is not None:
-        os.chown(path, project.os_uid, project.os_uid)
+    user = project_user(project.os_uid)
+    safefs.makedirs(plane.layout.branch_dir(project.id, branch_id), owner=user)
+    safefs.makedirs(plane.layout.compute_log(project.id, branch_id).parent, owner=user)
 
 
 async def _copy_parent(plane: ControlPlane, project: model.Project, parent: model.Branch, target: Path) -> str | None:
     """Copy the head of `parent` into `target` (a new directory); returns the LSN it reflects."""
     source = plane.layout.pgdata(project.id, parent.id)
+    user = project_user(project.os_uid)  # the copy runs as the project's uid (argon.storage.clone)
     await asyncio.to_thread(_make_branch_dir, plane, project, target.parent.name)
     async with _parent_quiet(plane, parent) as ep:
         if ep is not None and plane.is_running(ep.id):
             conn = await connect_admin(plane.layout.socket_dir(ep.id))
             try:
-                return await branching.clone_running(conn, plane.backend, source, target)
+                return await branching.clone_running(conn, plane.backend, source, target, user)
             finally:
                 await conn.close()
         install = plane.installs.get(project.pg_version)
-        control = await asyncio.to_thread(hs.control_data, install.bindir, source) if install else None
-        await asyncio.to_thread(branching.clone_stopped, plane.backend, source, target, control)
-        return control.checkpoint_lsn if control else None
+        stopped = await asyncio.to_thread(wal.control_data, install.bindir, source, user) if install else None
+        await asyncio.to_thread(branching.clone_stopped, plane.backend, source, target, stopped, user)
+        return stopped.checkpoint_lsn if stopped else None
 
 
-async def create_branch(plane: ControlPlane, project_id: str, req: BranchRequest) -> CreatedBranch:
+async def create_branch(control: Control, project_id: str, req: BranchRequest) -> CreatedBranch:
+    plane = control.plane
     started = time.monotonic()
     project = plane.project(project_id)
     if req.parent_lsn and req.parent_timestamp:
@@ -160,27 +159,23 @@ async def create_branch(plane: ControlPlane, project_id: str, req: BranchRequest
         try:
             if req.init_source == "schema-only":
                 await asyncio.to_thread(_make_branch_dir, plane, project, bid)
-                await schema_only_copy(plane, project, parent, pgdata)
+                await schema_only_copy(control, project, parent, pgdata)
                 lsn = None
             elif req.parent_lsn or req.parent_timestamp:
                 await asyncio.to_thread(_make_branch_dir, plane, project, bid)
-                point = await history.materialize(plane, project, parent, pgdata, lsn=req.parent_lsn,
+                point = await pitr.materialize(plane, project, parent, pgdata, lsn=req.parent_lsn,
                                                   timestamp=req.parent_timestamp)
                 lsn, parent_at = point.lsn, point.at
             else:
                 lsn = await _copy_parent(plane, project, parent, pgdata)
-                linked = await asyncio.to_thread(history.begin_epoch_from_parent, plane, project, bid, pgdata,
+                linked = await asyncio.to_thread(retention.begin_epoch_from_parent, plane, project, bid, pgdata,
                                                  parent.id, consistent_lsn=lsn)
             if not linked:
-                await asyncio.to_thread(history.begin_epoch, plane, project, bid, pgdata, reason="branch created",
+                await asyncio.to_thread(retention.begin_epoch, plane, project, bid, pgdata, reason="branch created",
                                         consistent_lsn=lsn, fresh=True)
         except BaseException:
-            await asyncio.to_thread(shutil.rmtree, plane.layout.branch_dir(project_id, bid), True)
+            await asyncio.to_thread(safefs.rmtree, plane.layout.branch_dir(project_id, bid))
             raise
-        await asyncio.to_thread(plane.layout.compute_log(project_id, bid).parent.mkdir, 0o700, True, True)
-        if project.os_uid is not None:
-            await asyncio.to_thread(chown_tree, plane.layout.branch_dir(project_id, bid),
-                                    OsUser(project.os_uid, project.os_uid))
         now = model.utcnow()
         branch = model.Branch(id=bid, project_id=project_id, name=name, created_at=now, updated_at=now,
                               parent_id=parent.id, parent_lsn=lsn, parent_timestamp=parent_at or now, protected=req.protected,
@@ -199,45 +194,31 @@ async def create_branch(plane: ControlPlane, project_id: str, req: BranchRequest
                                 action=model.OperationAction.START_COMPUTE, status=model.OperationStatus.RUNNING,
                                 created_at=now, updated_at=now, branch_id=bid, endpoint_id=e.id) for e in endpoints]
 
-        def write() -> list[model.Database]:
-            with plane.store.transaction():
-                for obj in (branch, *roles):
-                    plane.store.put(obj)
-                dbs = []
-                for d in parent_dbs:  # one at a time: the next id is only taken once the previous row is in
-                    db = model.Database(**{**d.__dict__, "id": plane.store.next_database_id(), "branch_id": bid,
-                                           "created_at": now, "updated_at": now})
-                    plane.store.put(db)
-                    dbs.append(db)
-                for obj in (*endpoints, *ops):
-                    plane.store.put(obj)
-                return dbs
-
+        databases = [model.Database(**{**d.__dict__, "id": 0, "branch_id": bid, "created_at": now, "updated_at": now})
+                     for d in parent_dbs]  # their ids are taken in the transaction
         try:
-            databases = await plane.db(write)
+            stored = await plane.commit(put=[branch, *roles, *databases, *endpoints, *ops])
         except BaseException:
-            await asyncio.to_thread(shutil.rmtree, plane.layout.branch_dir(project_id, bid), True)
+            await asyncio.to_thread(safefs.rmtree, plane.layout.branch_dir(project_id, bid))
             raise
-        for obj in (branch, *roles, *endpoints):
-            plane.remember(obj)
+        databases = [d for d in stored if isinstance(d, model.Database)]
     log.info("branch %s (%s) of %s created from %s at %s in %.0f ms", bid, name, project_id, parent.id, lsn,
              (time.monotonic() - started) * 1000)
-    from argon.control.projects import first_start
-
     for op in ops[1:]:
-        plane.mark_needs_spec(op.endpoint_id or "")
-        plane.spawn(first_start(plane, op, reason="branch created"), f"first start of {op.endpoint_id}")
+        control.computes.mark_needs_spec(op.endpoint_id or "")
+        plane.spawn(first_start(control, op, reason="branch created"), f"first start of {op.endpoint_id}")
     return CreatedBranch(branch, endpoints, roles, databases, ops)
 
 
 _KEEP = object()  # update_branch: "leave expires_at as it is" (None clears it)
 
 
-async def update_branch(plane: ControlPlane, project_id: str, branch_id: str, *, name: str | None = None,
+async def update_branch(control: Control, project_id: str, branch_id: str, *, name: str | None = None,
                         protected: bool | None = None, expires_at: datetime | object | None = _KEEP
                         ) -> model.Branch:
     """Rename, protect or unprotect a branch, or set or clear its expiry (the API's PATCH, the console's
     rename). Unchanged values are no-ops; a name already taken is a conflict."""
+    plane = control.plane
     async with plane.project_lock(project_id):
         branch = plane.branch(project_id, branch_id)
         changes: dict[str, object] = {}
@@ -254,12 +235,13 @@ async def update_branch(plane: ControlPlane, project_id: str, branch_id: str, *,
             changes["expires_at"] = check_expiry(expires_at if isinstance(expires_at, datetime) else None)
         if changes:
             branch = branch.replace(**changes)
-            await plane.save(branch)
+            await plane.commit(put=[branch])
     return branch
 
 
-async def set_default_branch(plane: ControlPlane, project_id: str, branch_id: str) -> model.Branch:
+async def set_default_branch(control: Control, project_id: str, branch_id: str) -> model.Branch:
     """Make a branch the project's default (the one `connection_uri` and new branches use)."""
+    plane = control.plane
     async with plane.project_lock(project_id):
         target = plane.branch(project_id, branch_id)
         changed = [b.replace(default=False) for b in plane.branches(project_id) if b.default and b.id != branch_id]
@@ -267,12 +249,13 @@ async def set_default_branch(plane: ControlPlane, project_id: str, branch_id: st
             target = target.replace(default=True)
             changed.append(target)
         if changed:
-            await plane.save(*changed)
+            await plane.commit(put=changed)
     return target
 
 
-async def delete_branch(plane: ControlPlane, project_id: str, branch_id: str, *,
+async def delete_branch(control: Control, project_id: str, branch_id: str, *,
                         expired: bool = False) -> tuple[model.Branch, list[model.Operation]]:
+    plane = control.plane
     async with plane.project_lock(project_id):
         branch = plane.branch(project_id, branch_id)
         if expired and (branch.expires_at is None or branch.expires_at > model.utcnow()):
@@ -285,26 +268,26 @@ async def delete_branch(plane: ControlPlane, project_id: str, branch_id: str, *,
         if children:
             raise Precondition(f"branch {branch.name!r} has child branches ({', '.join(children)}); delete them first")
         ops = []
-        for ep in plane.endpoints(project_id, branch_id):
-            await plane.stop_compute(ep.id, reason="branch deleted", mode="immediate", record=False)
-            await plane.db(plane.store.delete, ep)
-            plane.forget_endpoint(ep.id)
-            await asyncio.to_thread(shutil.rmtree, plane.layout.socket_dir(ep.id), True)
-        await plane.db(plane.store.delete_branch_rows, branch_id)
-        plane.forget_branch(branch_id)
-        await asyncio.to_thread(shutil.rmtree, plane.layout.branch_dir(project_id, branch_id), True)
+        endpoints = plane.endpoints(project_id, branch_id)
+        for ep in endpoints:
+            await control.computes.retire(ep.id, reason="branch deleted", mode="immediate")
+        await plane.commit(delete=[branch])  # its endpoints, roles and databases with it
+        for ep in endpoints:
+            await asyncio.to_thread(safefs.rmtree, plane.layout.socket_dir(ep.id))
+        await asyncio.to_thread(safefs.rmtree, plane.layout.branch_dir(project_id, branch_id))
         ops.append(await plane.record(project_id, model.OperationAction.DELETE_TIMELINE, branch_id=branch_id))
     log.info("branch %s of %s deleted%s", branch_id, project_id, " (expired)" if expired else "")
     return branch.replace(state=model.BranchState.ARCHIVED), ops
 
 
-async def restore_branch(plane: ControlPlane, project_id: str, branch_id: str, source_branch_id: str, *,
+async def restore_branch(control: Control, project_id: str, branch_id: str, source_branch_id: str, *,
                          source_lsn: str | None = None, source_timestamp: str | None = None,
                          preserve_under_name: str | None = None) -> tuple[model.Branch, list[model.Operation]]:
     """Replace a branch's data with the head of another branch ("reset from parent"), keeping its id,
     endpoint and connection string. Its compute is stopped (connected clients get Postgres' own
     "terminating connection" error) and starts on the next connection with the new data.
     `preserve_under_name` keeps the old data as a new branch, which becomes the restored one's parent."""
+    plane = control.plane
     started = time.monotonic()
     project = plane.project(project_id)
     if source_lsn and source_timestamp:
@@ -325,19 +308,19 @@ async def restore_branch(plane: ControlPlane, project_id: str, branch_id: str, s
         async with contextlib.AsyncExitStack() as stack:
             for ep in endpoints:
                 await stack.enter_async_context(plane.endpoint_lock(ep.id))
-                await plane.stop_compute_locked(ep.id, reason="branch restored", record=False)
+                await control.computes.stop_locked(ep.id, reason="branch restored")
             pgdata = plane.layout.pgdata(project_id, branch_id)
             fresh = pgdata.with_name("pgdata.restoring")
-            await asyncio.to_thread(shutil.rmtree, fresh, True)
+            await asyncio.to_thread(safefs.rmtree, fresh)
             try:
                 if source_lsn or source_timestamp:
-                    point = await history.materialize(plane, project, source, fresh, lsn=source_lsn,
+                    point = await pitr.materialize(plane, project, source, fresh, lsn=source_lsn,
                                                       timestamp=source_timestamp)
                     lsn = point.lsn
                 else:
                     lsn = await _copy_parent(plane, project, source, fresh)
             except BaseException:
-                await asyncio.to_thread(shutil.rmtree, fresh, True)
+                await asyncio.to_thread(safefs.rmtree, fresh)
                 raise
             now = model.utcnow()
             ops: list[model.Operation] = []
@@ -348,22 +331,19 @@ async def restore_branch(plane: ControlPlane, project_id: str, branch_id: str, s
                 backup = model.Branch(id=ids.branch_id(), project_id=project_id, name=preserve_under_name,
                                       created_at=now, updated_at=now, parent_id=target.parent_id,
                                       parent_lsn=target.parent_lsn, parent_timestamp=target.parent_timestamp)
-                backup_dir = plane.layout.branch_dir(project_id, backup.id)
-                await asyncio.to_thread(backup_dir.mkdir, 0o700, True, True)
-                if project.os_uid is not None:
-                    await asyncio.to_thread(os.chown, backup_dir, project.os_uid, project.os_uid)
-                await asyncio.to_thread(history.end_epoch, plane, project, branch_id, pgdata)
-                await asyncio.to_thread(os.rename, pgdata, plane.layout.pgdata(project_id, backup.id))
-                await asyncio.to_thread(history.begin_epoch, plane, project, backup.id,
+                await asyncio.to_thread(_make_branch_dir, plane, project, backup.id)
+                await asyncio.to_thread(retention.end_epoch, plane, project, branch_id, pgdata)
+                await asyncio.to_thread(safefs.rename, pgdata, plane.layout.pgdata(project_id, backup.id))
+                await asyncio.to_thread(retention.begin_epoch, plane, project, backup.id,
                                         plane.layout.pgdata(project_id, backup.id),
                                         reason=f"kept when {target.name} was restored", fresh=True)
             else:
-                await asyncio.to_thread(history.end_epoch, plane, project, branch_id, pgdata)
-                await asyncio.to_thread(shutil.rmtree, pgdata, True)
-            await asyncio.to_thread(os.rename, fresh, pgdata)
+                await asyncio.to_thread(retention.end_epoch, plane, project, branch_id, pgdata)
+                await asyncio.to_thread(safefs.rmtree, pgdata)
+            await asyncio.to_thread(safefs.rename, fresh, pgdata)
             await asyncio.to_thread(remove_replicas, plane, project_id, branch_id)  # they copy the new data
             # The restored branch keeps its older epochs: it can go back to before this restore.
-            await asyncio.to_thread(history.begin_epoch, plane, project, branch_id, pgdata,
+            await asyncio.to_thread(retention.begin_epoch, plane, project, branch_id, pgdata,
                                     reason="restored from own past" if source.id == branch_id else
                                     f"restored from {source.name}", consistent_lsn=lsn)
             parent = backup.id if backup else target.parent_id if source.id == branch_id else source.id
@@ -372,37 +352,16 @@ async def restore_branch(plane: ControlPlane, project_id: str, branch_id: str, s
             new_roles = [r.replace(branch_id=branch_id) for r in await plane.db(plane.store.list_roles, source.id)]
             src_dbs = await plane.db(plane.store.list_databases, source.id)
 
-            def write() -> None:
-                with plane.store.transaction():
-                    for role in old_roles:
-                        plane.store.delete(role)
-                    for db in old_dbs:
-                        plane.store.delete(db)
-                    if backup is not None:
-                        plane.store.put(backup)
-                        for role in old_roles:
-                            plane.store.put(role.replace(branch_id=backup.id))
-                        for db in old_dbs:
-                            plane.store.put(model.Database(**{**db.__dict__, "id": plane.store.next_database_id(),
-                                                              "branch_id": backup.id}))
-                    plane.store.put(restored)
-                    for role in new_roles:
-                        plane.store.put(role)
-                    for db in src_dbs:
-                        plane.store.put(model.Database(**{**db.__dict__, "id": plane.store.next_database_id(),
-                                                          "branch_id": branch_id, "created_at": now,
-                                                          "updated_at": now}))
-
-            await plane.db(write)
-            plane.forget_branch(branch_id)
-            for obj in (restored, *new_roles):
-                plane.remember(obj)
+            put: list[object] = []
             if backup is not None:
-                plane.remember(backup)
-                for role in old_roles:
-                    plane.remember(role.replace(branch_id=backup.id))
+                put += [backup, *(role.replace(branch_id=backup.id) for role in old_roles)]
+                put += [model.Database(**{**db.__dict__, "id": 0, "branch_id": backup.id}) for db in old_dbs]
+            put += [restored, *new_roles]
+            put += [model.Database(**{**db.__dict__, "id": 0, "branch_id": branch_id, "created_at": now,
+                                      "updated_at": now}) for db in src_dbs]
+            await plane.commit(delete=[*old_roles, *old_dbs], put=put)
             for ep in endpoints:
-                plane.mark_needs_spec(ep.id)
+                control.computes.mark_needs_spec(ep.id)
         ops.append(await plane.record(project_id, model.OperationAction.CREATE_TIMELINE, branch_id=branch_id,
                                       started=started))
     log.info("branch %s of %s restored from %s at %s%s in %.0f ms", branch_id, project_id, source.id, lsn,

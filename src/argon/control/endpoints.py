@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from argon import model
+from argon import ids, model, safefs
+from argon.compute.osuser import project_user
+from argon.control.services import Control
 from argon.errors import UserError
-
-if TYPE_CHECKING:
-    from argon.control.plane import ControlPlane
 
 CU_STEPS = (0.25, 0.5, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 14, 16)
 
@@ -41,8 +40,9 @@ def check_suspend_timeout(value: object) -> int:
     return value
 
 
-async def update_endpoint(plane: ControlPlane, project_id: str, endpoint_id: str,
+async def update_endpoint(control: Control, project_id: str, endpoint_id: str,
                           patch: EndpointPatch) -> tuple[model.Endpoint, list[model.Operation]]:
+    plane = control.plane
     async with plane.project_lock(project_id):
         ep = plane.endpoint(project_id, endpoint_id)
         started = time.monotonic()
@@ -53,60 +53,64 @@ async def update_endpoint(plane: ControlPlane, project_id: str, endpoint_id: str
         if lo > hi:
             raise UserError("autoscaling_limit_min_cu must not be greater than autoscaling_limit_max_cu")
         restart = plane.is_running(ep.id) and hi != ep.autoscaling_limit_max_cu
-        updated = ep.replace(**changes)
-        await plane.save(updated)
+        await plane.commit(put=[ep.replace(**changes)])
         ops = [await plane.record(project_id, model.OperationAction.APPLY_CONFIG, branch_id=ep.branch_id,
                                   endpoint_id=ep.id, started=started)]
         if patch.disabled:
-            if await plane.stop_compute(ep.id, reason="endpoint disabled"):
+            if await control.computes.stop(ep.id, reason="endpoint disabled"):
                 ops.append(await plane.record(project_id, model.OperationAction.SUSPEND_COMPUTE,
                                               branch_id=ep.branch_id, endpoint_id=ep.id))
         elif restart:
             # A new size means new shared_buffers / max_connections: restart now (Neon does too).
-            ops += await restart_endpoint(plane, project_id, endpoint_id)
+            ops += await restart_endpoint(control, project_id, endpoint_id)
         return plane.endpoint(project_id, endpoint_id), ops
 
 
-async def start_endpoint(plane: ControlPlane, project_id: str, endpoint_id: str) -> list[model.Operation]:
-    ep = plane.endpoint(project_id, endpoint_id)
-    if ep.disabled:
-        raise UserError("endpoint is disabled; enable it (disabled: false) before starting it")
+async def wake(control: Control, endpoint_id: str, *, reason: str) -> list[model.Operation]:
+    """Start the endpoint's compute if it is not running; a start is an operation (one, recorded here)."""
+    plane = control.plane
     started = time.monotonic()
-    was_running = plane.is_running(endpoint_id)
-    await plane.ensure_running(endpoint_id, reason="API start")
-    if was_running:
+    address = await control.computes.ensure_running(endpoint_id, reason=reason)
+    if not address.cold_start:
         return []
-    return [await plane.record(project_id, model.OperationAction.START_COMPUTE, branch_id=ep.branch_id,
+    ep = plane.endpoint(None, endpoint_id)
+    return [await plane.record(ep.project_id, model.OperationAction.START_COMPUTE, branch_id=ep.branch_id,
                                endpoint_id=ep.id, started=started)]
 
 
-async def suspend_endpoint(plane: ControlPlane, project_id: str, endpoint_id: str) -> list[model.Operation]:
+async def start_endpoint(control: Control, project_id: str, endpoint_id: str) -> list[model.Operation]:
+    ep = control.plane.endpoint(project_id, endpoint_id)
+    if ep.disabled:
+        raise UserError("endpoint is disabled; enable it (disabled: false) before starting it")
+    return await wake(control, endpoint_id, reason="API start")
+
+
+async def suspend_endpoint(control: Control, project_id: str, endpoint_id: str) -> list[model.Operation]:
+    plane = control.plane
     ep = plane.endpoint(project_id, endpoint_id)
     started = time.monotonic()
-    if not await plane.stop_compute(endpoint_id, reason="API suspend", record=False):
+    if not await control.computes.stop(endpoint_id, reason="API suspend"):
         return []
     return [await plane.record(project_id, model.OperationAction.SUSPEND_COMPUTE, branch_id=ep.branch_id,
                                endpoint_id=ep.id, started=started)]
 
 
-async def restart_endpoint(plane: ControlPlane, project_id: str, endpoint_id: str) -> list[model.Operation]:
-    ops = await suspend_endpoint(plane, project_id, endpoint_id)
-    return ops + await start_endpoint(plane, project_id, endpoint_id)
+async def restart_endpoint(control: Control, project_id: str, endpoint_id: str) -> list[model.Operation]:
+    ops = await suspend_endpoint(control, project_id, endpoint_id)
+    return ops + await start_endpoint(control, project_id, endpoint_id)
 
 
-async def create_endpoint(plane: ControlPlane, project_id: str, branch_id: str, *, type_: str,
+async def create_endpoint(control: Control, project_id: str, branch_id: str, *, type_: str,
                           settings: model.EndpointSettings | None = None,
                           name: str | None = None) -> tuple[model.Endpoint, list[model.Operation]]:
-    from argon import ids
-
+    plane = control.plane
     if type_ not in ("read_write", "read_only"):
         raise UserError("endpoint type must be read_write or read_only")
     kind = model.EndpointType(type_)
     async with plane.project_lock(project_id):
         project = plane.project(project_id)
         plane.branch(project_id, branch_id)
-        if kind is model.EndpointType.READ_WRITE and any(
-                e.type is model.EndpointType.READ_WRITE for e in plane.endpoints(project_id, branch_id)):
+        if kind is model.EndpointType.READ_WRITE and plane.primary(project_id, branch_id) is not None:
             raise UserError(f"branch {branch_id!r} already has a read_write endpoint; a branch can have only one")
         s = settings or project.default_endpoint_settings
         now = model.utcnow()
@@ -114,28 +118,43 @@ async def create_endpoint(plane: ControlPlane, project_id: str, branch_id: str, 
                             updated_at=now, autoscaling_limit_min_cu=s.autoscaling_limit_min_cu,
                             autoscaling_limit_max_cu=s.autoscaling_limit_max_cu,
                             suspend_timeout_seconds=s.suspend_timeout_seconds, name=name, type=kind)
-        await plane.save(ep)
+        await plane.commit(put=[ep])
         if kind is model.EndpointType.READ_WRITE:
-            plane.mark_needs_spec(ep.id)  # a replica's roles come from its primary's WAL
+            control.computes.mark_needs_spec(ep.id)  # a replica's roles come from its primary's WAL
         op = await plane.record(project_id, model.OperationAction.CREATE_COMPUTE, branch_id=branch_id,
                                 endpoint_id=ep.id)
         return ep, [op]
 
 
-async def delete_endpoint(plane: ControlPlane, project_id: str,
+async def delete_endpoint(control: Control, project_id: str,
                           endpoint_id: str) -> tuple[model.Endpoint, list[model.Operation]]:
-    import asyncio
-    import shutil
-
+    plane = control.plane
     async with plane.project_lock(project_id):
         ep = plane.endpoint(project_id, endpoint_id)
         ops = []
-        if await plane.stop_compute(endpoint_id, reason="endpoint deleted", record=False):
+        if await control.computes.retire(endpoint_id, reason="endpoint deleted"):
             ops.append(await plane.record(project_id, model.OperationAction.SUSPEND_COMPUTE, branch_id=ep.branch_id,
                                           endpoint_id=ep.id))
-        await plane.db(plane.store.delete, ep)
-        plane.forget_endpoint(endpoint_id)
-        await asyncio.to_thread(shutil.rmtree, plane.layout.socket_dir(endpoint_id), True)
+        await plane.commit(delete=[ep])
+        await asyncio.to_thread(safefs.rmtree, plane.layout.socket_dir(endpoint_id))
         if ep.type is model.EndpointType.READ_ONLY:
-            await asyncio.to_thread(shutil.rmtree, plane.layout.replica_dir(project_id, ep.branch_id, ep.id), True)
+            await asyncio.to_thread(safefs.rmtree, plane.layout.replica_dir(project_id, ep.branch_id, ep.id))
         return ep, ops
+
+
+async def read_log(control: Control, project_id: str, endpoint_id: str, tail: int) -> str:
+    """The last `tail` lines of a compute's Postgres log. The log is the compute's own file: never
+    read through a link it put there, nor if it belongs to another user."""
+    plane = control.plane
+    ep = plane.endpoint(project_id, endpoint_id)
+    path = (plane.layout.replica_dir(project_id, ep.branch_id, ep.id) / "log" / "postgres.log"
+            if ep.type is model.EndpointType.READ_ONLY else plane.layout.compute_log(project_id, ep.branch_id))
+    owner = project_user(plane.project(project_id).os_uid)
+    try:
+        data = await asyncio.to_thread(safefs.read_tail, path, limit=256 * tail, owner=owner)
+    except FileNotFoundError:
+        return ""
+    except OSError as exc:
+        raise UserError(f"the compute's log cannot be read: {exc}") from None
+    lines = data.decode(errors="replace").splitlines()
+    return "\n".join(lines[-tail:]) + ("\n" if lines else "")

@@ -11,18 +11,16 @@
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING
 
-from argon import model
-from argon.storage import history as hs
-
-if TYPE_CHECKING:
-    from argon.control.plane import ControlPlane
+from argon.compute.osuser import project_user
+from argon.control import retention
+from argon.control.metrics import MetricsSampler
+from argon.control.plane import ControlPlane
+from argon.storage import wal
+from argon.storage.usage import disk_usage
 
 TTL = 15.0
 
@@ -34,30 +32,10 @@ class BranchFigures:
     allocated_bytes: int = 0
 
 
-def _walk(path: Path) -> tuple[int, int]:
-    """(sum of file sizes, each inode once; allocated bytes) under `path`. A file with n hard links
-    (a branch's history base linked to its parent's snapshot) counts 1/n of its blocks at each link,
-    so the branches of a project add up to what the disk holds."""
-    size = allocated = 0
-    seen: set[tuple[int, int]] = set()
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            try:
-                st = os.lstat(os.path.join(root, name))
-            except OSError:
-                continue
-            allocated += st.st_blocks * 512 // max(1, st.st_nlink)
-            if st.st_nlink > 1:
-                key = (st.st_dev, st.st_ino)
-                if key in seen:
-                    continue
-                seen.add(key)
-            size += st.st_size
-    return size, allocated
-
-
 class Figures:
-    def __init__(self) -> None:
+    def __init__(self, plane: ControlPlane, metrics: MetricsSampler) -> None:
+        self.plane = plane
+        self.metrics = metrics
         self._branches: dict[str, tuple[float, BranchFigures]] = {}
         self._lock = threading.Lock()
 
@@ -65,11 +43,12 @@ class Figures:
         entry = self._branches.get(branch_id)
         return entry[1] if entry else BranchFigures()
 
-    def project_bytes(self, plane: ControlPlane, project_id: str) -> int:
-        return sum(self.get(b.id).allocated_bytes for b in plane.branches(project_id))
+    def project_bytes(self, project_id: str) -> int:
+        return sum(self.get(b.id).allocated_bytes for b in self.plane.branches(project_id))
 
-    def refresh(self, plane: ControlPlane, project_id: str) -> None:
+    def refresh(self, project_id: str) -> None:
         """Measure the project's branches whose figures are older than the TTL (call in a thread)."""
+        plane = self.plane
         now = time.monotonic()
         project = plane.project(project_id)
         install = plane.installs.get(project.pg_version)
@@ -78,32 +57,32 @@ class Figures:
             if entry and now - entry[0] < TTL:
                 continue
             pgdata = plane.layout.pgdata(project_id, branch.id)
-            logical, _ = _walk(pgdata / "base")
-            _, allocated = _walk(plane.layout.branch_dir(project_id, branch.id))
+            logical = disk_usage(pgdata / "base").size
+            allocated = disk_usage(plane.layout.branch_dir(project_id, branch.id)).allocated
             written = 0
             try:
-                manifest = hs.BranchHistory(plane.layout.branch_dir(project_id, branch.id) / "history").load()
+                manifest = retention.branch_history(plane, project_id, branch.id).load()
                 for epoch in manifest.epochs:
                     if epoch.end_lsn:
-                        end = hs.parse_lsn(epoch.end_lsn)
+                        end = wal.parse_lsn(epoch.end_lsn)
                     elif install is not None:
-                        end = hs.parse_lsn(hs.control_data(install.bindir, pgdata).checkpoint_lsn)
-                        end = max([end, *self._sampled_lsns(plane, project_id, branch.id)])
+                        end = wal.parse_lsn(wal.control_data(install.bindir, pgdata,
+                                                             project_user(project.os_uid)).checkpoint_lsn)
+                        end = max([end, *self._sampled_lsns(project_id, branch.id)])
                     else:
                         continue
-                    written += max(0, end - hs.parse_lsn(epoch.start_lsn))
+                    written += max(0, end - wal.parse_lsn(epoch.start_lsn))
             except Exception:  # a branch being rebuilt right now: measure next time
                 written = self.get(branch.id).written_data_bytes
             with self._lock:
                 self._branches[branch.id] = (now, BranchFigures(logical, written, allocated))
 
-    @staticmethod
-    def _sampled_lsns(plane: ControlPlane, project_id: str, branch_id: str) -> list[int]:
+    def _sampled_lsns(self, project_id: str, branch_id: str) -> list[int]:
         """The WAL position the metrics sampler saw on the branch's running primary (newer than the
         last checkpoint the control file knows)."""
-        lsns = (plane.metrics.current_lsn(e.id) for e in plane.endpoints(project_id, branch_id)
-                if e.type is model.EndpointType.READ_WRITE)
-        return [lsn for lsn in lsns if lsn is not None]
+        primary = self.plane.primary(project_id, branch_id)
+        lsn = self.metrics.current_lsn(primary.id) if primary is not None else None
+        return [lsn] if lsn is not None else []
 
     def forget(self, branch_id: str) -> None:
         self._branches.pop(branch_id, None)

@@ -1,13 +1,15 @@
 """The metrics sampler: what the console's Monitoring tab charts and the API's consumption figures add up.
 
 Every `metrics_interval` seconds (default 15) each running compute gets one look, on the platform's
-admin session in its `postgres` database (kept open between looks, never in a user database, and
-never waking anything): client connections (`pg_stat_activity`, the platform's own role left out),
+admin session in its `postgres` database (the compute layer's `AdminSession`, shared with the
+proxy's verifier lookups and closed by the compute's stop; never in a user database, and never
+waking anything): client connections (`pg_stat_activity`, the platform's own role left out),
 commits + rollbacks over all databases (`pg_stat_database`; queries/s is the rate between two looks,
 minus the sampler's own statements), and the WAL position. The compute's CPU time and running time
 come from `/proc` (the postmaster with its reaped and live children), stored as the amount used
 since the previous look. Every `STORAGE_EVERY`th look, every branch, idle ones too, gets its size on
-disk (allocated blocks of its directory, each hard-linked inode once; walked in a thread) and its
+disk (allocated blocks of its directory, a file with n hard links 1/n at each, as the API's figures
+count it: `argon.storage.usage`; walked in a thread) and its
 logical size (`pg_database_size` of every database while its compute runs, else the last value).
 
 Samples go to the metadata store through `plane.db` (never on the event loop), and rows older than
@@ -25,16 +27,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-import psycopg
-
-from argon import model
-from argon.compute.admin import connect_admin
+from argon import model, safefs
+from argon.control.plane import ControlPlane
 from argon.metadata.store import MetricSample, MetricTotals
-
-if TYPE_CHECKING:
-    from argon.control.plane import ControlPlane
+from argon.storage.usage import disk_usage
 
 log = logging.getLogger(__name__)
 
@@ -119,27 +116,6 @@ def proc_times(pid: int) -> ProcTimes | None:
     return ProcTimes(pid=pid, cpu_seconds=ticks / tick, uptime_seconds=max(0.0, uptime - started))
 
 
-def allocated_bytes(path: Path) -> tuple[int, int]:
-    """(allocated bytes, apparent bytes of `base/`-like content) of a tree: st_blocks * 512, each
-    hard-linked inode once. The second figure is the sum of file sizes."""
-    allocated = apparent = 0
-    seen: set[tuple[int, int]] = set()
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            try:
-                st = os.lstat(os.path.join(root, name))
-            except OSError:
-                continue  # removed while we walk (WAL recycling, a branch being deleted)
-            if st.st_nlink > 1:
-                key = (st.st_dev, st.st_ino)
-                if key in seen:
-                    continue
-                seen.add(key)
-            allocated += st.st_blocks * 512
-            apparent += st.st_size
-    return allocated, apparent
-
-
 @dataclass(frozen=True)
 class Usage:
     """Consumption over the retention window (`period_start` to `period_end`), as far as it is measured."""
@@ -180,7 +156,6 @@ class MetricsSampler:
     def __init__(self, plane: ControlPlane) -> None:
         self.plane = plane
         self._task: asyncio.Task[None] | None = None
-        self._conns: dict[str, psycopg.AsyncConnection] = {}  # endpoint -> admin session in `postgres`
         self._last: dict[str, _Last] = {}
         self._logical: dict[str, int] = {}  # branch -> last logical size
         self._totals = MetricTotals({}, {}, {})
@@ -204,8 +179,6 @@ class MetricsSampler:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        for endpoint_id in list(self._conns):
-            await self._close(endpoint_id)
 
     async def _loop(self) -> None:
         with contextlib.suppress(Exception):
@@ -233,8 +206,6 @@ class MetricsSampler:
                 for look in looks]
         for ep_id in [e for e in self._last if not plane.is_running(e)]:
             del self._last[ep_id]
-        for ep_id in [e for e in self._conns if not plane.is_running(e)]:
-            await self._close(ep_id)
         if storage:
             for look in looks:
                 if look.logical is not None:
@@ -261,24 +232,19 @@ class MetricsSampler:
         plane = self.plane
         if not plane.is_running(ep.id) or plane.endpoint_lock(ep.id).locked():
             return None  # idle, or a start/stop under way: never wake anything, never get in the way
+        session = plane.computes.admin(ep.id)
+        if session is None:
+            return None
         try:
-            conn = self._conns.get(ep.id)
-            if conn is None or conn.closed:
-                conn = await asyncio.wait_for(connect_admin(plane.layout.socket_dir(ep.id)), QUERY_TIMEOUT)
-                self._conns[ep.id] = conn
-            cur = await asyncio.wait_for(conn.execute(COMPUTE_SQL, {"platform": model.PLATFORM_ROLE}),
-                                         QUERY_TIMEOUT)
-            row = await cur.fetchone()
+            row = await session.fetchone(COMPUTE_SQL, {"platform": model.PLATFORM_ROLE}, timeout=QUERY_TIMEOUT)
             assert row is not None
             look = _Look(ep, connections=int(row[0]), xacts=int(row[1]), lsn=int(row[2]))
             if logical and ep.type is model.EndpointType.READ_WRITE:
-                cur = await asyncio.wait_for(conn.execute(LOGICAL_SQL), QUERY_TIMEOUT)
-                size = await cur.fetchone()
+                size = await session.fetchone(LOGICAL_SQL, timeout=QUERY_TIMEOUT)
                 look.logical = int(size[0]) if size else None
             return look
         except Exception as exc:  # stopping, restarting, overloaded: the next look will do
             log.debug("metrics: no sample of %s: %s", ep.id, exc)
-            await self._close(ep.id)
             return None
 
     def _proc_times(self, endpoint_ids: Iterable[str]) -> dict[str, ProcTimes]:
@@ -319,25 +285,14 @@ class MetricsSampler:
         """Every branch's storage (runs in a thread: a directory walk per branch)."""
         rows = []
         for project_id, branch_id, branch_dir, base, logical in targets:
-            if not branch_dir.exists():
+            if not safefs.is_dir(branch_dir):
                 continue  # deleted meanwhile
-            allocated, _ = allocated_bytes(branch_dir)
+            allocated = disk_usage(branch_dir).allocated
             if logical is None:  # never seen running: the files pg_database_size adds up
-                logical = allocated_bytes(base)[1]
+                logical = disk_usage(base).size
             rows.append(MetricSample(at=now, project_id=project_id, branch_id=branch_id,
                                      storage_bytes=allocated, logical_bytes=logical))
         return rows
-
-    async def release(self, endpoint_id: str) -> None:
-        """Close our connection to a compute that is about to stop, so its log shows no FATAL
-        "terminating connection" for the platform's own sampler at every suspend."""
-        await self._close(endpoint_id)
-
-    async def _close(self, endpoint_id: str) -> None:
-        conn = self._conns.pop(endpoint_id, None)
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                await conn.close()
 
     # What the API reads ------------------------------------------------------------------------------------
 

@@ -10,22 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from argon import ids, model
-from argon.compute.osuser import OsUser, running_as_root
-from argon.control import history
+from argon import ids, model, safefs
+from argon.compute.osuser import OsUser, kill_all, running_as_root
+from argon.control import retention
+from argon.control.plane import ControlPlane
+from argon.control.services import Control
+from argon.control.spec import role_attributes
 from argon.errors import StorageError, UserError
-from argon.storage.clone import chown_tree
 from argon.wire.scram import ScramSecret
-
-if TYPE_CHECKING:
-    from argon.control.plane import ControlPlane
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +53,6 @@ class CreatedProject:
 
 def template_setup_sql(pg_version: int) -> list[str]:
     """What every template carries, so that a default project needs only its password set."""
-    from argon.control.spec import role_attributes
-
     attrs = role_attributes(pg_version).as_string(None)  # type: ignore[arg-type]
     owner = model.DEFAULT_DATABASE_NAME + DEFAULT_ROLE_SUFFIX
     return [
@@ -71,7 +65,8 @@ def available_regions() -> list[str]:
     return [model.REGION_ID]
 
 
-async def create_project(plane: ControlPlane, req: ProjectRequest) -> CreatedProject:
+async def create_project(control: Control, req: ProjectRequest) -> CreatedProject:
+    plane = control.plane
     started = time.monotonic()
     versions = sorted(plane.installs)
     version = req.pg_version or plane.settings.default_pg_version or (versions[-1] if versions else None)
@@ -90,12 +85,12 @@ async def create_project(plane: ControlPlane, req: ProjectRequest) -> CreatedPro
         raise UserError(f"PostgreSQL {version} has no template yet; try again in a moment")
 
     pid, bid, eid = ids.project_id(), ids.branch_id(), ids.endpoint_id()
-    uid = await plane.db(_allocate_uid, plane) if running_as_root() else None
+    uid = await plane.db(_allocate_uid, plane, pid) if running_as_root() else None
     pgdata = plane.layout.pgdata(pid, bid)
     try:
         await asyncio.to_thread(_make_branch_data, plane, pid, template, pgdata, uid)
     except BaseException as exc:
-        await asyncio.to_thread(shutil.rmtree, plane.layout.project_dir(pid), True)  # never a half project
+        await asyncio.to_thread(safefs.rmtree, plane.layout.project_dir(pid))  # never a half project
         if isinstance(exc, OSError):
             raise StorageError(f"could not create the project's data directory: {exc.strerror or exc}. "
                                "Check free disk space and permissions of the data directory.") from exc
@@ -115,82 +110,85 @@ async def create_project(plane: ControlPlane, req: ProjectRequest) -> CreatedPro
     role = model.Role(branch_id=bid, name=role_name, created_at=now, updated_at=now, verifier=verifier,
                       password_enc=plane.secrets.encrypt(password))
     database = model.Database(id=0, branch_id=bid, name=database_name, owner_name=role_name,
-                              created_at=now, updated_at=now)
+                              created_at=now, updated_at=now)  # its id is taken in the transaction
     op_timeline = model.Operation(id=ids.operation_id(), project_id=pid, action=model.OperationAction.CREATE_TIMELINE,
                                   status=model.OperationStatus.FINISHED, created_at=now, updated_at=now, branch_id=bid,
                                   total_duration_ms=int((time.monotonic() - started) * 1000))
     op_start = model.Operation(id=ids.operation_id(), project_id=pid, action=model.OperationAction.START_COMPUTE,
                                status=model.OperationStatus.RUNNING, created_at=now, updated_at=now, branch_id=bid,
                                endpoint_id=eid)
-
-    def write() -> model.Database:
-        with plane.store.transaction():
-            db = model.Database(**{**database.__dict__, "id": plane.store.next_database_id()})
-            for obj in (project, branch, endpoint, role, db, op_timeline, op_start):
-                plane.store.put(obj)
-            return db
-
     try:
-        database = await plane.db(write)
+        stored = await plane.commit(put=[project, branch, endpoint, role, database, op_timeline, op_start])
     except Exception:
-        await asyncio.to_thread(shutil.rmtree, plane.layout.project_dir(pid), True)
+        await asyncio.to_thread(safefs.rmtree, plane.layout.project_dir(pid))
         raise
-    for obj in (project, branch, endpoint, role):
-        plane.remember(obj)
+    database = stored[4]
     try:
-        await asyncio.to_thread(history.start_from_template, plane, project, bid, template)
-        plane.spawn(history.materialize_base_soon(plane, project, bid), f"history base of {bid}")
+        await asyncio.to_thread(retention.start_from_template, plane, project, bid, template)
+        plane.spawn(retention.materialize_base_soon(plane, project, bid), f"history base of {bid}")
     except Exception as exc:  # the project works without it; point in time starts at the first suspend
         log.warning("could not start the history of project %s: %s", pid, exc)
-    plane.mark_needs_spec(eid)
+    control.computes.mark_needs_spec(eid)
     log.info("project %s (%s) created with endpoint %s in %.0f ms", pid, project.name, eid,
              (time.monotonic() - started) * 1000)
     # Like Neon, a new project's compute starts right away, so the first connection finds it warm.
-    plane.spawn(first_start(plane, op_start), f"first start of {eid}")
+    plane.spawn(first_start(control, op_start), f"first start of {eid}")
     plane.spawn(asyncio.to_thread(plane.spares.refill, template), "refilling the spare template copies")
     return CreatedProject(project, branch, endpoint, role, password, database, [op_timeline, op_start])
 
 
-async def first_start(plane: ControlPlane, op: model.Operation, *, reason: str = "project created") -> None:
-    """Start a new endpoint's compute right away (like Neon), so the first connection finds it warm."""
+async def first_start(control: Control, op: model.Operation, *, reason: str = "project created") -> None:
+    """Start a new endpoint's compute right away (like Neon), so the first connection finds it warm;
+    `op` is its `start_compute` operation, written as running with the endpoint and finished here."""
+    plane = control.plane
     started = time.monotonic()
     assert op.endpoint_id is not None
     try:
-        await plane.ensure_running(op.endpoint_id, reason=reason)
+        await control.computes.ensure_running(op.endpoint_id, reason=reason)
         status, error = model.OperationStatus.FINISHED, None
     except Exception as exc:
         status, error = model.OperationStatus.FAILED, getattr(exc, "user_message", str(exc))
-    if op.project_id in plane._projects:
-        await plane.db(plane.store.put, op.replace(status=status, error=error,
-                                                   total_duration_ms=int((time.monotonic() - started) * 1000)))
+    if plane.has_project(op.project_id):
+        await plane.commit(put=[op.replace(status=status, error=error,
+                                           total_duration_ms=int((time.monotonic() - started) * 1000))])
 
 
-def _allocate_uid(plane: ControlPlane) -> int:
-    used = plane.store.used_uids()
-    uid = plane.settings.compute_uid_base
-    while uid in used:
-        uid += 1
+def _allocate_uid(plane: ControlPlane, project_id: str) -> int:
+    """A uid no project ever had (ADR 0016: processes or files a deleted project left on the host
+    must never reach a new one)."""
+    s = plane.settings
+    uid = plane.store.allocate_uid(s.compute_uid_base, s.compute_uid_count, project_id, model.utcnow())
+    if uid is None:
+        raise StorageError(f"all {s.compute_uid_count} compute uids from {s.compute_uid_base} on have been given to "
+                           "projects (a uid is never reused); raise ARGON_COMPUTE_UID_COUNT or move "
+                           "ARGON_COMPUTE_UID_BASE to a free range", retryable=False)
     return uid
 
 
 def _make_branch_data(plane: ControlPlane, project_id: str, template: Path, pgdata: Path, uid: int | None) -> None:
+    """The project's tree, built while it is still root's (0700): its uid gets the project
+    directory last, so it never sees the tree before it is complete."""
     project_dir = plane.layout.project_dir(project_id)
     project_dir.mkdir(mode=0o700, parents=True, exist_ok=False)
-    pgdata.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if not plane.spares.claim(template, pgdata):  # a ready copy is a rename; else copy now
-        plane.backend.clone_tree(template, pgdata)
-    plane.layout.compute_log(project_id, pgdata.parent.name).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if uid is not None:
-        chown_tree(project_dir, OsUser(uid, uid))
-    os.chmod(pgdata, 0o700)
+    user = OsUser(uid, uid) if uid is not None else None
+    log_dir = plane.layout.compute_log(project_id, pgdata.parent.name).parent
+    for path in (pgdata.parent, log_dir):
+        safefs.makedirs(path)
+    plane.spares.take(template, pgdata, user)  # a ready copy is a rename; else copy now
+    with safefs.parent(pgdata) as (d, name):
+        d.chmod_dir(name, 0o700)
+    if user is not None:
+        for path in (log_dir, pgdata.parent, pgdata.parent.parent, project_dir):
+            safefs.chown(path, user)
 
 
-async def update_project(plane: ControlPlane, project_id: str, *, name: str | None = None,
+async def update_project(control: Control, project_id: str, *, name: str | None = None,
                          endpoint_settings: model.EndpointSettings | None = None,
                          history_retention_seconds: int | None = None) -> tuple[model.Project, list[model.Operation]]:
     """Rename a project, change the defaults of its new computes or its history retention."""
     if history_retention_seconds is not None and not 0 <= history_retention_seconds <= model.MAX_HISTORY_RETENTION:
         raise UserError(f"history_retention_seconds must be between 0 and {model.MAX_HISTORY_RETENTION}")
+    plane = control.plane
     async with plane.project_lock(project_id):
         p = plane.project(project_id)
         changes: dict[str, object] = {}
@@ -203,23 +201,30 @@ async def update_project(plane: ControlPlane, project_id: str, *, name: str | No
         ops = []
         if changes:
             p = p.replace(**changes)
-            await plane.save(p)
+            await plane.commit(put=[p])
             action = (model.OperationAction.APPLY_STORAGE_CONFIG if "history_retention_seconds" in changes
                       else model.OperationAction.APPLY_CONFIG)
             ops.append(await plane.record(project_id, action))
     return p, ops
 
 
-async def delete_project(plane: ControlPlane, project_id: str) -> model.Project:
+async def delete_project(control: Control, project_id: str) -> model.Project:
+    plane = control.plane
     project = plane.project(project_id)
     async with plane.project_lock(project_id):
         endpoints = plane.endpoints(project_id)
         for ep in endpoints:
-            await plane.stop_compute(ep.id, reason="project deleted", mode="immediate", record=False)
-        await plane.db(plane.store.delete_project_rows, project_id)
-        plane.forget_project(project_id)
-        await asyncio.to_thread(shutil.rmtree, plane.layout.project_dir(project_id), True)
+            await control.computes.retire(ep.id, reason="project deleted", mode="immediate")
+        await plane.commit(delete=[project])
+        if project.os_uid is not None and running_as_root():  # nothing may run as a deleted project's uid
+            killed = await asyncio.to_thread(kill_all, project.os_uid)
+            if killed:
+                log.warning("project %s: killed %d process(es) still running as its uid %d", project_id, killed,
+                            project.os_uid)
+        await asyncio.to_thread(safefs.rmtree, plane.layout.project_dir(project_id))
         for ep in endpoints:
-            await asyncio.to_thread(shutil.rmtree, plane.layout.socket_dir(ep.id), True)
+            await asyncio.to_thread(safefs.rmtree, plane.layout.socket_dir(ep.id))
+        if project.os_uid is not None:
+            await plane.db(plane.store.release_uid, project.os_uid, model.utcnow())
     log.info("project %s deleted", project_id)
     return project

@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import shutil
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from pathlib import Path
 
-from argon import model
-
-if TYPE_CHECKING:
-    from argon.control.plane import ControlPlane
+from argon import model, safefs
+from argon.control.plane import ControlPlane
+from argon.control.services import Control
 
 log = logging.getLogger(__name__)
 
@@ -80,26 +77,33 @@ def decide(snap: Snapshot) -> Plan:
     return plan
 
 
-async def reconcile(plane: ControlPlane) -> Plan:
-    adoptable: set[str] = set()
-    for ep in plane.endpoints():
-        try:
-            spec = plane.compute_spec(ep)
-        except Exception:
-            continue
-        if plane.computes.adopt(spec) is not None:
-            adoptable.add(ep.id)
-    ops = await plane.db(plane.store.unfinished_operations)
-    projects_dir = plane.layout.projects_dir
-    dirs = frozenset(p.name for p in projects_dir.iterdir() if p.is_dir()) if projects_dir.is_dir() else frozenset()
+def look_on_disk(projects_dir: Path) -> tuple[frozenset[str], set[tuple[str, str]], dict[tuple[str, str], frozenset[str]]]:
+    """Project directories, their branch directories and the names in each. Only real directories
+    count: a link a compute's uid put in its tree is neither listed nor followed."""
+    if not safefs.is_dir(projects_dir):
+        return frozenset(), set(), {}
+    with safefs.Dir(projects_dir) as top:
+        dirs = frozenset(name for name in top.listdir() if top.is_dir(name))
     branch_dirs: set[tuple[str, str]] = set()
     entries: dict[tuple[str, str], frozenset[str]] = {}
     for project in dirs:
         root = projects_dir / project / "branches"
-        for b in (root.iterdir() if root.is_dir() else ()):
-            if b.is_dir():
-                branch_dirs.add((project, b.name))
-                entries[(project, b.name)] = frozenset(os.listdir(b))
+        if not safefs.is_dir(root):
+            continue
+        with safefs.Dir(root) as branches:
+            for name in branches.listdir():
+                if branches.is_dir(name):
+                    branch_dirs.add((project, name))
+                    entries[(project, name)] = frozenset(safefs.listdir(root / name))
+    return dirs, branch_dirs, entries
+
+
+async def reconcile(control: Control) -> Plan:
+    plane = control.plane
+    adoptable = {ep.id for ep in plane.endpoints() if control.computes.adopt(ep)}
+    ops = await plane.db(plane.store.unfinished_operations)
+    projects_dir = plane.layout.projects_dir
+    dirs, branch_dirs, entries = await asyncio.to_thread(look_on_disk, projects_dir)
     snap = Snapshot(endpoints={e.id: e.current_state for e in plane.endpoints()}, adoptable=frozenset(adoptable),
                     unfinished_ops=tuple(o.id for o in ops), project_ids=frozenset(p.id for p in plane.projects()),
                     project_dirs=dirs, branch_ids=frozenset(b.id for p in plane.projects() for b in plane.branches(p.id)),
@@ -109,29 +113,36 @@ async def reconcile(plane: ControlPlane) -> Plan:
     now = model.utcnow()
     for ep_id in plan.adopt:
         ep = plane.endpoint(None, ep_id)
-        # The compute kept running while argon was away: its roles may have changed, so re-sync on demand.
-        await plane.save(ep.replace(current_state=model.ComputeState.ACTIVE, last_active=now))
+        # The compute kept running while argon was away (adopted above): its roles are synced at its stop.
+        await plane.commit(put=[ep.replace(current_state=model.ComputeState.ACTIVE, last_active=now)])
         plane.activity.touch(ep_id)
-        await plane.db(plane.store.add_event, model.Event(endpoint_id=ep_id, kind=model.EventKind.ADOPTED, at=now))
-        plane._needs_spec.discard(ep_id)
+        await plane.add_event(ep_id, model.EventKind.ADOPTED, at=now)
     for ep_id in plan.mark_idle:
         ep = plane.endpoint(None, ep_id)
-        await plane.save(ep.replace(current_state=model.ComputeState.IDLE, suspended_at=now))
+        await plane.commit(put=[ep.replace(current_state=model.ComputeState.IDLE, suspended_at=now)])
     by_id = {o.id: o for o in ops}
     for op_id in plan.fail_ops:
-        await plane.db(plane.store.put, by_id[op_id].replace(
+        await plane.commit(put=[by_id[op_id].replace(
             status=model.OperationStatus.FAILED, failures_count=by_id[op_id].failures_count + 1,
-            error="interrupted: argon stopped while this operation ran"))
+            error="interrupted: argon stopped while this operation ran")])
+    await tidy_disk(control, plan)
+    log.info("reconciled: %s", plan.summary())
+    return plan
+
+
+async def tidy_disk(control: Control, plan: Plan) -> None:
+    """The plan's directory removals and restore swaps. Below a project's directory everything is its
+    compute's uid's: never through a link it put there (`argon.safefs`)."""
+    plane: ControlPlane = control.plane
+    projects_dir = plane.layout.projects_dir
     for name in plan.remove_dirs:
-        await asyncio.to_thread(shutil.rmtree, projects_dir / name, True)
+        await asyncio.to_thread(safefs.rmtree, projects_dir / name)
     for path in plan.remove_branch_paths:
         project, branch, *rest = path.split("/")
-        await asyncio.to_thread(shutil.rmtree, projects_dir / project / "branches" / branch / "/".join(rest), True)
+        await asyncio.to_thread(safefs.rmtree, projects_dir.joinpath(project, "branches", branch, *rest))
     for path in plan.finish_restores:
         project, branch = path.split("/")
         bdir = projects_dir / project / "branches" / branch
-        await asyncio.to_thread(os.rename, bdir / "pgdata.restoring", bdir / "pgdata")
+        await asyncio.to_thread(safefs.rename, bdir / "pgdata.restoring", bdir / "pgdata")
         for ep in plane.endpoints(project, branch):
-            plane.mark_needs_spec(ep.id)
-    log.info("reconciled: %s", plan.summary())
-    return plan
+            control.computes.mark_needs_spec(ep.id)

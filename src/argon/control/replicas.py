@@ -13,36 +13,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from argon import model
+from argon import model, safefs
 from argon.compute.admin import connect_admin
 from argon.compute.binaries import PgInstall
 from argon.compute.manager import ComputeSpec
-from argon.compute.osuser import OsUser, chown_tree
+from argon.compute.osuser import OsUser, project_user
 from argon.compute.params import gucs_for_cu
-from argon.storage import branching
-from argon.storage import history as hs
-
-if TYPE_CHECKING:
-    from argon.control.plane import ControlPlane
+from argon.control.plane import ControlPlane
+from argon.control.retention import branch_history, current_epoch, enabled
+from argon.storage import branching, wal
 
 log = logging.getLogger(__name__)
 
 SOURCE_FILE = "replica_of"  # which epoch of the branch the replica's copy comes from
 
 
-def _primary(plane: ControlPlane, ep: model.Endpoint) -> model.Endpoint | None:
-    return next((e for e in plane.endpoints(ep.project_id, ep.branch_id) if e.type is model.EndpointType.READ_WRITE),
-                None)
-
-
 def _epoch_id(plane: ControlPlane, project: model.Project, branch_id: str) -> str:
-    from argon.control.history import branch_history
-
-    current = branch_history(plane, project.id, branch_id).load().current
+    current = current_epoch(plane, project.id, branch_id)
     return current.id if current else "none"
 
 
@@ -51,11 +40,9 @@ def _quote(path: Path) -> str:
 
 
 def restore_command(plane: ControlPlane, project: model.Project, branch_id: str) -> str:
-    from argon.control.history import branch_history, enabled
-
     sources = []
     history = branch_history(plane, project.id, branch_id)
-    current = history.load().current if enabled(project) else None
+    current = current_epoch(plane, project.id, branch_id) if enabled(project) else None
     if current is not None:
         sources.append(history.wal_dir(current.id))
     sources.append(plane.layout.pgdata(project.id, branch_id) / "pg_wal")
@@ -65,7 +52,7 @@ def restore_command(plane: ControlPlane, project: model.Project, branch_id: str)
 def replica_spec(plane: ControlPlane, project: model.Project, ep: model.Endpoint, install: PgInstall,
                  user: OsUser | None) -> ComputeSpec:
     root = plane.layout.replica_dir(project.id, ep.branch_id, ep.id)
-    primary = _primary(plane, ep)
+    primary = plane.primary(ep.project_id, ep.branch_id)
     # A hot standby refuses to start with fewer connections or workers than its primary.
     cu = max(ep.autoscaling_limit_max_cu, primary.autoscaling_limit_max_cu if primary else 0)
     gucs = plane.compute_gucs(project.pg_version, gucs_for_cu(cu) | dict(ep.pg_settings) | {
@@ -84,43 +71,55 @@ async def ensure_replica_data(plane: ControlPlane, ep: model.Endpoint) -> None:
     """Make (or remake, after a restore of the branch) the replica's copy of the branch. Called with
     the replica's endpoint lock held; never takes the primary's lock (a restore holds both)."""
     project = plane.project(ep.project_id)
+    user = project_user(project.os_uid)  # the replica's files are the project's: copied as its uid
     root = plane.layout.replica_dir(project.id, ep.branch_id, ep.id)
     epoch = await asyncio.to_thread(_epoch_id, plane, project, ep.branch_id)
-    marker = root / SOURCE_FILE
-    if (root / "pgdata" / "PG_VERSION").exists() and marker.exists() and marker.read_text() == epoch:
+    if await asyncio.to_thread(_current, root, epoch, user):
         return
-    await asyncio.to_thread(shutil.rmtree, root, True)
-    await asyncio.to_thread(root.mkdir, 0o700, True)
+    await asyncio.to_thread(safefs.rmtree, root)
+    await asyncio.to_thread(safefs.makedirs, root, owner=user)
     source = plane.layout.pgdata(project.id, ep.branch_id)
     target = root / "pgdata"
-    primary = _primary(plane, ep)
+    primary = plane.primary(ep.project_id, ep.branch_id)
     for attempt in range(3):
         if primary is not None and plane.is_running(primary.id):
             conn = await connect_admin(plane.layout.socket_dir(primary.id))
             try:
-                await branching.clone_running(conn, plane.backend, source, target)
+                await branching.clone_running(conn, plane.backend, source, target, user)
             finally:
                 await conn.close()
             break
-        control = await asyncio.to_thread(hs.control_data, plane.installs[project.pg_version].bindir, source)
-        await asyncio.to_thread(branching.clone_stopped, plane.backend, source, target, control)
+        control = await asyncio.to_thread(wal.control_data, plane.installs[project.pg_version].bindir, source, user)
+        await asyncio.to_thread(branching.clone_stopped, plane.backend, source, target, control, user)
         if primary is None or not plane.is_running(primary.id):
             break  # it stayed stopped throughout the copy: a consistent copy
         log.info("the primary of %s started while it was copied; copying it again online", ep.id)
-        await asyncio.to_thread(shutil.rmtree, target, True)
+        await asyncio.to_thread(safefs.rmtree, target)
         if attempt == 2:
             raise RuntimeError("the primary kept starting and stopping while its replica was copied")
-    (target / "standby.signal").touch()
-    for name in ("recovery.signal", "backup_label.old"):
-        (target / name).unlink(missing_ok=True)
-    await asyncio.to_thread(marker.write_text, epoch)
-    (root / "log").mkdir(mode=0o700, exist_ok=True)
-    if project.os_uid is not None:
-        await asyncio.to_thread(chown_tree, root, OsUser(project.os_uid, project.os_uid))
+
+    def finish() -> None:
+        with safefs.Dir(target) as d:
+            d.write("standby.signal", b"", owner=user)
+            for name in ("recovery.signal", "backup_label.old"):
+                d.unlink(name)
+        safefs.write_file(root / SOURCE_FILE, epoch, owner=user)
+        safefs.makedirs(root / "log", owner=user)
+
+    await asyncio.to_thread(finish)
     log.info("replica %s copied from branch %s", ep.id, ep.branch_id)
+
+
+def _current(root: Path, epoch: str, user: OsUser | None) -> bool:
+    """Whether the replica's copy is of the branch's current epoch (its marker says so)."""
+    try:
+        marker = safefs.read_file(root / SOURCE_FILE, limit=256, owner=user).decode(errors="replace")
+    except OSError:
+        return False
+    return marker == epoch and safefs.lexists(root / "pgdata" / "PG_VERSION")
 
 
 def remove_replicas(plane: ControlPlane, project_id: str, branch_id: str) -> None:
     """After the branch's data was replaced: every replica copies it again at its next start."""
-    shutil.rmtree(plane.layout.branch_dir(project_id, branch_id) / "replicas", ignore_errors=True)
+    safefs.rmtree(plane.layout.branch_dir(project_id, branch_id) / "replicas")
 

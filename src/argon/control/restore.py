@@ -29,7 +29,7 @@ from typing import Any
 
 import psycopg
 
-from argon import model
+from argon import model, safefs
 from argon.compute import postmaster
 from argon.compute.admin import connect_admin
 from argon.compute.binaries import PgInstall, discover
@@ -42,6 +42,7 @@ from argon.errors import ArgonError, ConfigError, StorageError, UserError
 from argon.metadata.store import Store
 from argon.settings import Settings
 from argon.storage import history as hs
+from argon.storage import wal
 from argon.storage.backup import bases as bb
 from argon.storage.backup import wal as bw
 from argon.storage.backup.objects import Codec
@@ -107,7 +108,7 @@ def choose(store: ObjectStore, codec: Codec, project_id: str, branch_id: str, at
         usable = [(k, r) for k, r in records if at is None or _when(r["taken_at"]) <= at]
         if not usable:
             continue
-        key, record = max(usable, key=lambda kr: (_when(kr[1]["taken_at"]), hs.parse_lsn(kr[1]["consistent_lsn"])))
+        key, record = max(usable, key=lambda kr: (_when(kr[1]["taken_at"]), wal.parse_lsn(kr[1]["consistent_lsn"])))
         return Candidate(epoch=epoch, base_key=key, base=record)
     return None
 
@@ -230,7 +231,7 @@ async def _restore_branch(store: ObjectStore, codec: Codec, layout: Layout, back
         await asyncio.to_thread(bb.download_snapshot, store, codec, manifest, tmp, progress=progress)
         prefix = f"{branch_prefix(project.id, branch.id)}{epoch['id']}/"
         end = await asyncio.to_thread(bw.fetch_epoch_wal, store, codec, prefix, tmp / "pg_wal", int(epoch["timeline"]),
-                                      int(epoch["segsize"]), hs.parse_lsn(record["redo_lsn"]), progress=progress)
+                                      int(epoch["segsize"]), wal.parse_lsn(record["redo_lsn"]), progress=progress)
         item.bytes = moved[0]
         (tmp / "pg_wal" / "archive_status").mkdir(exist_ok=True)
         for name in ("postmaster.pid", "postmaster.opts"):
@@ -238,13 +239,13 @@ async def _restore_branch(store: ObjectStore, codec: Codec, layout: Layout, back
         (tmp / "recovery.signal").write_text("")
         target_lsn: str | None = None
         if at is not None:
-            target_lsn = await asyncio.to_thread(hs.first_commit_after, install.bindir, tmp / "pg_wal",
+            target_lsn = await asyncio.to_thread(wal.first_commit_after, install.bindir, tmp / "pg_wal",
                                                  record["consistent_lsn"], int(epoch["timeline"]), at)
-        settings = hs.recovery_settings(target_lsn)
-        if target_lsn is not None and hs.parse_lsn(target_lsn) <= hs.parse_lsn(record["consistent_lsn"]):
+        settings = wal.recovery_settings(target_lsn)
+        if target_lsn is not None and wal.parse_lsn(target_lsn) <= wal.parse_lsn(record["consistent_lsn"]):
             settings = {k: v for k, v in settings.items() if not k.startswith("recovery_target_lsn")
                         and k != "recovery_target_inclusive"} | {"recovery_target": "immediate"}
-        say(f"{label}: replaying WAL up to {target_lsn or hs.format_lsn(end)}")
+        say(f"{label}: replaying WAL up to {target_lsn or wal.format_lsn(end)}")
         user = OsUser(project.os_uid, project.os_uid) if project.os_uid is not None and running_as_root() else None
         if user is not None:
             await asyncio.to_thread(chown_tree, layout.project_dir(project.id), user)
@@ -277,7 +278,7 @@ def _begin_history(install: PgInstall, backend: Any, branch_dir: Path, pgdata: P
 
 
 async def recover(install: PgInstall, layout: Layout, target: Path, settings: dict[str, str], user: OsUser | None,
-                  log_file: Path) -> hs.ControlData:
+                  log_file: Path) -> wal.ControlData:
     """One recovery run of an assembled cluster: start it, wait until it promoted, stop it cleanly."""
     from argon.control.plane import argon_os_user
 
@@ -315,9 +316,10 @@ async def recover(install: PgInstall, layout: Layout, target: Path, settings: di
         if pm.alive:
             pm.kill_group()
         await asyncio.to_thread(shutil.rmtree, socket_dir, True)
-    control = await asyncio.to_thread(hs.control_data, install.bindir, target)
-    await asyncio.to_thread(hs.tidy_after_recovery, target, control)
-    (target / "postgresql.auto.conf").write_text("")
+    # The cluster ran as the project's uid: read and write it as safefs does (ADR 0016).
+    control = await asyncio.to_thread(wal.control_data, install.bindir, target, user)
+    await asyncio.to_thread(wal.tidy_after_recovery, target, control)
+    await asyncio.to_thread(safefs.write_file, target / "postgresql.auto.conf", "", owner=user, atomic=True)
     return control
 
 

@@ -11,19 +11,18 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
 
 import psycopg
 from psycopg import sql
 
 from argon import ids, model
 from argon.compute.admin import connect_admin
+from argon.control.endpoints import wake
+from argon.control.plane import ControlPlane
+from argon.control.services import Control
 from argon.control.spec import role_attributes, sync_from_compute
 from argon.errors import Conflict, NotFound, UserError
 from argon.wire.scram import ScramSecret
-
-if TYPE_CHECKING:
-    from argon.control.plane import ControlPlane
 
 log = logging.getLogger(__name__)
 
@@ -43,17 +42,18 @@ def _check_db_name(name: object) -> str:
     return value
 
 
-async def _primary_endpoint(plane: ControlPlane, project_id: str, branch_id: str) -> model.Endpoint:
+def _primary_endpoint(plane: ControlPlane, project_id: str, branch_id: str) -> model.Endpoint:
     plane.branch(project_id, branch_id)
-    eps = [e for e in plane.endpoints(project_id, branch_id) if e.type is model.EndpointType.READ_WRITE]
-    if not eps:
+    ep = plane.primary(project_id, branch_id)
+    if ep is None:
         raise Conflict(f"branch {branch_id!r} has no read-write endpoint to apply the change on; create one first")
-    return eps[0]
+    return ep
 
 
-async def _execute(plane: ControlPlane, ep: model.Endpoint, statements: list[sql.Composable],
+async def _execute(control: Control, ep: model.Endpoint, statements: list[sql.Composable],
                    dbname: str = "postgres") -> None:
-    await plane.ensure_running(ep.id, reason="apply config")
+    plane = control.plane
+    await wake(control, ep.id, reason="apply config")
     plane.activity.touch(ep.id)
     conn = await connect_admin(plane.layout.socket_dir(ep.id), dbname)
     try:
@@ -67,11 +67,12 @@ async def _execute(plane: ControlPlane, ep: model.Endpoint, statements: list[sql
         await conn.close()
 
 
-async def create_role(plane: ControlPlane, project_id: str, branch_id: str, name: object,
+async def create_role(control: Control, project_id: str, branch_id: str, name: object,
                       no_login: bool = False) -> tuple[model.Role, str | None, list[model.Operation]]:
+    plane = control.plane
     role_name = _check_role_name(name)
     async with plane.project_lock(project_id):
-        ep = await _primary_endpoint(plane, project_id, branch_id)
+        ep = _primary_endpoint(plane, project_id, branch_id)
         if await plane.db(plane.store.get_role, branch_id, role_name) is not None:
             raise Conflict(f"role {role_name!r} already exists on branch {branch_id!r}")
         started = time.monotonic()
@@ -83,17 +84,18 @@ async def create_role(plane: ControlPlane, project_id: str, branch_id: str, name
                 sql.Identifier(role_name), role_attributes(project.pg_version), sql.Literal(verifier))
         else:
             stmt = sql.SQL("CREATE ROLE {} WITH NOLOGIN").format(sql.Identifier(role_name))
-        await _execute(plane, ep, [stmt])
+        await _execute(control, ep, [stmt])
         now = model.utcnow()
         role = model.Role(branch_id=branch_id, name=role_name, created_at=now, updated_at=now, verifier=verifier,
                           password_enc=plane.secrets.encrypt(password) if password else None, login=not no_login)
-        await plane.save(role)
+        await plane.commit(put=[role])
         op = await plane.record(project_id, model.OperationAction.APPLY_CONFIG, branch_id=branch_id,
                                 endpoint_id=ep.id, started=started)
         return role, password, [op]
 
 
-async def get_role(plane: ControlPlane, project_id: str, branch_id: str, name: str) -> model.Role:
+async def get_role(control: Control, project_id: str, branch_id: str, name: str) -> model.Role:
+    plane = control.plane
     plane.branch(project_id, branch_id)
     role = await plane.db(plane.store.get_role, branch_id, name)
     if role is None or role.name == model.PLATFORM_ROLE:
@@ -101,78 +103,75 @@ async def get_role(plane: ControlPlane, project_id: str, branch_id: str, name: s
     return role
 
 
-async def reset_password(plane: ControlPlane, project_id: str, branch_id: str,
+async def reset_password(control: Control, project_id: str, branch_id: str,
                          name: str) -> tuple[model.Role, str, list[model.Operation]]:
+    plane = control.plane
     async with plane.project_lock(project_id):
-        role = await get_role(plane, project_id, branch_id, name)
-        ep = await _primary_endpoint(plane, project_id, branch_id)
+        role = await get_role(control, project_id, branch_id, name)
+        ep = _primary_endpoint(plane, project_id, branch_id)
         started = time.monotonic()
         password = ids.password()
         verifier = ScramSecret.from_password(password).to_string()
-        await _execute(plane, ep, [sql.SQL("ALTER ROLE {} WITH LOGIN PASSWORD {}").format(
+        await _execute(control, ep, [sql.SQL("ALTER ROLE {} WITH LOGIN PASSWORD {}").format(
             sql.Identifier(role.name), sql.Literal(verifier))])
         role = role.replace(verifier=verifier, password_enc=plane.secrets.encrypt(password), login=True)
-        await plane.save(role)  # the proxy checks the new verifier from now on; the old password fails
+        await plane.commit(put=[role])  # the proxy checks the new verifier from now on; the old password fails
         op = await plane.record(project_id, model.OperationAction.APPLY_CONFIG, branch_id=branch_id,
                                 endpoint_id=ep.id, started=started)
         return role, password, [op]
 
 
-async def delete_role(plane: ControlPlane, project_id: str, branch_id: str,
+async def delete_role(control: Control, project_id: str, branch_id: str,
                       name: str) -> tuple[model.Role, list[model.Operation]]:
+    plane = control.plane
     async with plane.project_lock(project_id):
-        role = await get_role(plane, project_id, branch_id, name)
+        role = await get_role(control, project_id, branch_id, name)
         owned = [d.name for d in await plane.db(plane.store.list_databases, branch_id) if d.owner_name == role.name]
         if owned:
             raise Conflict(f"role {role.name!r} owns database(s) {', '.join(owned)}; delete them or change "
                            "their owner first")
-        ep = await _primary_endpoint(plane, project_id, branch_id)
+        ep = _primary_endpoint(plane, project_id, branch_id)
         started = time.monotonic()
         databases = [d.name for d in await plane.db(plane.store.list_databases, branch_id)]
         ident = sql.Identifier(role.name)
         # Objects the role owns inside databases go to each database's owner first, as Neon does.
-        await plane.ensure_running(ep.id, reason="apply config")
+        await wake(control, ep.id, reason="apply config")
         for db in databases:
             owner = next(d.owner_name for d in await plane.db(plane.store.list_databases, branch_id) if d.name == db)
-            await _execute(plane, ep, [sql.SQL("REASSIGN OWNED BY {} TO {}").format(ident, sql.Identifier(owner)),
+            await _execute(control, ep, [sql.SQL("REASSIGN OWNED BY {} TO {}").format(ident, sql.Identifier(owner)),
                                        sql.SQL("DROP OWNED BY {}").format(ident)], dbname=db)
-        await _execute(plane, ep, [sql.SQL("DROP ROLE IF EXISTS {}").format(ident)])
-        await plane.db(plane.store.delete, role)
-        plane.remember(role.replace(verifier=None))
+        await _execute(control, ep, [sql.SQL("DROP ROLE IF EXISTS {}").format(ident)])
+        await plane.commit(delete=[role])
         op = await plane.record(project_id, model.OperationAction.APPLY_CONFIG, branch_id=branch_id,
                                 endpoint_id=ep.id, started=started)
         return role, [op]
 
 
-async def create_database(plane: ControlPlane, project_id: str, branch_id: str, name: object,
+async def create_database(control: Control, project_id: str, branch_id: str, name: object,
                           owner_name: object) -> tuple[model.Database, list[model.Operation]]:
+    plane = control.plane
     db_name = _check_db_name(name)
     if not isinstance(owner_name, str) or not owner_name:
         raise UserError("owner_name is required: the role that will own the database")
     async with plane.project_lock(project_id):
-        ep = await _primary_endpoint(plane, project_id, branch_id)
+        ep = _primary_endpoint(plane, project_id, branch_id)
         if await plane.db(plane.store.get_database, branch_id, db_name) is not None:
             raise Conflict(f"database {db_name!r} already exists on branch {branch_id!r}")
-        await get_role(plane, project_id, branch_id, owner_name)
+        await get_role(control, project_id, branch_id, owner_name)
         started = time.monotonic()
-        await _execute(plane, ep, [sql.SQL("CREATE DATABASE {} OWNER {}").format(
+        await _execute(control, ep, [sql.SQL("CREATE DATABASE {} OWNER {}").format(
             sql.Identifier(db_name), sql.Identifier(owner_name))])
         now = model.utcnow()
 
-        def write() -> model.Database:
-            with plane.store.transaction():
-                db = model.Database(id=plane.store.next_database_id(), branch_id=branch_id, name=db_name,
-                                    owner_name=owner_name, created_at=now, updated_at=now)
-                plane.store.put(db)
-                return db
-
-        db = await plane.db(write)
+        [db] = await plane.commit(put=[model.Database(id=0, branch_id=branch_id, name=db_name,
+                                                      owner_name=owner_name, created_at=now, updated_at=now)])
         op = await plane.record(project_id, model.OperationAction.APPLY_CONFIG, branch_id=branch_id,
                                 endpoint_id=ep.id, started=started)
         return db, [op]
 
 
-async def get_database(plane: ControlPlane, project_id: str, branch_id: str, name: str) -> model.Database:
+async def get_database(control: Control, project_id: str, branch_id: str, name: str) -> model.Database:
+    plane = control.plane
     plane.branch(project_id, branch_id)
     db = await plane.db(plane.store.get_database, branch_id, name)
     if db is None:
@@ -180,19 +179,20 @@ async def get_database(plane: ControlPlane, project_id: str, branch_id: str, nam
     return db
 
 
-async def update_database(plane: ControlPlane, project_id: str, branch_id: str, name: str, *,
+async def update_database(control: Control, project_id: str, branch_id: str, name: str, *,
                           new_name: object = None, owner_name: object = None
                           ) -> tuple[model.Database, list[model.Operation]]:
+    plane = control.plane
     async with plane.project_lock(project_id):
-        db = await get_database(plane, project_id, branch_id, name)
-        ep = await _primary_endpoint(plane, project_id, branch_id)
+        db = await get_database(control, project_id, branch_id, name)
+        ep = _primary_endpoint(plane, project_id, branch_id)
         started = time.monotonic()
         statements: list[sql.Composable] = []
         changes: dict[str, str] = {}
         if owner_name is not None and owner_name != db.owner_name:
             if not isinstance(owner_name, str):
                 raise UserError("owner_name must be a role name")
-            await get_role(plane, project_id, branch_id, owner_name)
+            await get_role(control, project_id, branch_id, owner_name)
             statements.append(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(
                 sql.Identifier(db.name), sql.Identifier(owner_name)))
             changes["owner_name"] = owner_name
@@ -205,30 +205,32 @@ async def update_database(plane: ControlPlane, project_id: str, branch_id: str, 
             changes["name"] = target
         if not statements:
             return db, []
-        await _execute(plane, ep, statements)
+        await _execute(control, ep, statements)
         updated = model.Database(**{**db.__dict__, **changes, "updated_at": model.utcnow()})
-        await plane.db(plane.store.put, updated)
+        await plane.commit(put=[updated])
         op = await plane.record(project_id, model.OperationAction.APPLY_CONFIG, branch_id=branch_id,
                                 endpoint_id=ep.id, started=started)
         return updated, [op]
 
 
-async def delete_database(plane: ControlPlane, project_id: str, branch_id: str,
+async def delete_database(control: Control, project_id: str, branch_id: str,
                           name: str) -> tuple[model.Database, list[model.Operation]]:
+    plane = control.plane
     async with plane.project_lock(project_id):
-        db = await get_database(plane, project_id, branch_id, name)
-        ep = await _primary_endpoint(plane, project_id, branch_id)
+        db = await get_database(control, project_id, branch_id, name)
+        ep = _primary_endpoint(plane, project_id, branch_id)
         started = time.monotonic()
         # WITH (FORCE) ends sessions still on it (PG13+): deleting through the API means it.
-        await _execute(plane, ep, [sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(db.name))])
-        await plane.db(plane.store.delete, db)
+        await _execute(control, ep, [sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(db.name))])
+        await plane.commit(delete=[db])
         op = await plane.record(project_id, model.OperationAction.APPLY_CONFIG, branch_id=branch_id,
                                 endpoint_id=ep.id, started=started)
         return db, [op]
 
 
-async def sync_if_running(plane: ControlPlane, project_id: str, branch_id: str) -> None:
+async def sync_if_running(control: Control, project_id: str, branch_id: str) -> None:
     """Before answering a list: if the branch's compute runs, take in what changed through SQL."""
+    plane = control.plane
     plane.branch(project_id, branch_id)
     running = [e for e in plane.endpoints(project_id, branch_id) if plane.is_running(e.id)]
     if not running:

@@ -9,18 +9,18 @@ Identifiers and literals reach SQL only through psycopg's `sql` composition (alw
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 from psycopg import sql
 
 from argon import model
 from argon.compute.admin import connect_admin
 from argon.compute.manager import ComputeSpec
-
-if TYPE_CHECKING:
-    from argon.control.plane import ControlPlane
+from argon.control.plane import ControlPlane
 
 log = logging.getLogger(__name__)
+
+VERIFIER_TIMEOUT = 2.0  # seconds for reading one verifier on the admin session
+SYNC_TIMEOUT = 10.0  # seconds for reading a compute's roles or databases
 
 
 def role_attributes(pg_version: int) -> sql.Composable:
@@ -60,28 +60,27 @@ async def apply_spec(plane: ControlPlane, ep: model.Endpoint, spec: ComputeSpec)
 
 
 async def sync_verifier(plane: ControlPlane, ep: model.Endpoint, role_name: str) -> None:
-    """Read one role's verifier from a running compute (it may have been changed through SQL)."""
-    conn = await connect_admin(plane.layout.socket_dir(ep.id))
-    try:
-        cur = await conn.execute("SELECT rolpassword, rolcanlogin FROM pg_authid WHERE rolname = %s", (role_name,))
-        row = await cur.fetchone()
-    finally:
-        await conn.close()
+    """Read one role's verifier from a running compute (it may have been changed through SQL), on
+    the compute's admin session."""
+    session = plane.computes.admin(ep.id)
+    if session is None:
+        return
+    row = await session.fetchone("SELECT rolpassword, rolcanlogin FROM pg_authid WHERE rolname = %s", (role_name,),
+                                 timeout=VERIFIER_TIMEOUT)
     role = await plane.db(plane.store.get_role, ep.branch_id, role_name)
     if row is None or not row[0] or not str(row[0]).startswith("SCRAM-SHA-256$"):
         if role is not None and role.verifier:
-            plane.remember(role.replace(verifier=None))
+            await plane.commit(put=[role.replace(verifier=None)])  # no SCRAM login any more
         return
     verifier, can_login = str(row[0]), bool(row[1])
     now = model.utcnow()
     if role is None:
         # A role made through SQL: the proxy can let it in from now on; its password is unknown to us.
-        role = model.Role(branch_id=ep.branch_id, name=role_name, created_at=now, updated_at=now,
-                          verifier=verifier, login=can_login)
-        await plane.save(role)
+        await plane.commit(put=[model.Role(branch_id=ep.branch_id, name=role_name, created_at=now, updated_at=now,
+                                           verifier=verifier, login=can_login)])
     elif role.verifier != verifier:
         # Changed through SQL: the stored plaintext (if any) is stale now.
-        await plane.save(role.replace(verifier=verifier, password_enc=None, login=can_login))
+        await plane.commit(put=[role.replace(verifier=verifier, password_enc=None, login=can_login)])
 
 
 _ROLES_SQL = ("SELECT rolname, rolpassword, rolcanlogin FROM pg_authid "
@@ -95,13 +94,12 @@ async def sync_from_compute(plane: ControlPlane, ep: model.Endpoint) -> bool:
     created, changed or dropped through SQL (Django's test databases, ALTER ROLE ... PASSWORD) shows
     up in the API. Platform-internal roles (`cloud_admin`, `pg_*`) and `postgres` stay hidden.
     Returns whether anything changed. The caller keeps API mutations of the project out meanwhile."""
-    conn = await connect_admin(plane.layout.socket_dir(ep.id))
-    try:
-        live_roles = {name: (pw, login) for name, pw, login in
-                      await (await conn.execute(_ROLES_SQL, (model.PLATFORM_ROLE,))).fetchall()}
-        live_dbs = dict(await (await conn.execute(_DATABASES_SQL)).fetchall())
-    finally:
-        await conn.close()
+    session = plane.computes.admin(ep.id)
+    if session is None:
+        return False
+    live_roles = {name: (pw, login) for name, pw, login in
+                  await session.fetchall(_ROLES_SQL, (model.PLATFORM_ROLE,), timeout=SYNC_TIMEOUT)}
+    live_dbs = dict(await session.fetchall(_DATABASES_SQL, timeout=SYNC_TIMEOUT))
     roles = {r.name: r for r in await plane.db(plane.store.list_roles, ep.branch_id)}
     dbs = {d.name: d for d in await plane.db(plane.store.list_databases, ep.branch_id)}
     now = model.utcnow()
@@ -123,23 +121,10 @@ async def sync_from_compute(plane: ControlPlane, ep: model.Endpoint) -> bool:
     if not (put_roles or gone_roles or gone_dbs or changed_dbs or new_dbs):
         return False
 
-    def write() -> None:
-        with plane.store.transaction():
-            for obj in (*gone_roles, *gone_dbs):
-                plane.store.delete(obj)
-            for role in put_roles:
-                plane.store.put(role)
-            for d in changed_dbs:
-                plane.store.put(model.Database(**{**d.__dict__, "owner_name": live_dbs[d.name], "updated_at": now}))
-            for name in new_dbs:
-                plane.store.put(model.Database(id=plane.store.next_database_id(), branch_id=ep.branch_id, name=name,
-                                               owner_name=live_dbs[name], created_at=now, updated_at=now))
-
-    await plane.db(write)
-    for role in put_roles:
-        plane.remember(role)
-    for role in gone_roles:
-        plane.remember(role.replace(verifier=None))
+    changed = [model.Database(**{**d.__dict__, "owner_name": live_dbs[d.name], "updated_at": now}) for d in changed_dbs]
+    created = [model.Database(id=0, branch_id=ep.branch_id, name=name, owner_name=live_dbs[name], created_at=now,
+                              updated_at=now) for name in new_dbs]
+    await plane.commit(delete=[*gone_roles, *gone_dbs], put=[*put_roles, *changed, *created])
     await plane.record(ep.project_id, model.OperationAction.SYNC_DBS_AND_ROLES_FROM_COMPUTE, branch_id=ep.branch_id,
                        endpoint_id=ep.id)
     log.info("synced %s from its compute: roles +%d/-%d, databases +%d/-%d", ep.branch_id, len(put_roles),

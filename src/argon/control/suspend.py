@@ -15,18 +15,18 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from argon.compute.admin import connect_admin
+from argon import model
+from argon.control.branches import delete_expired
+from argon.control.retention import maintain
+from argon.control.services import Control
 from argon.proxy.activity import EndpointActivity
-
-if TYPE_CHECKING:
-    from argon.control.plane import ControlPlane
 
 log = logging.getLogger(__name__)
 
 CHECK_INTERVAL = 0.5  # seconds between looks; Neon's compute monitor uses the same period
 EXPIRY_EVERY = 4  # look for expired branches every 2 s
+BUSY_TIMEOUT = 10.0  # seconds for the pg_stat_activity look before a suspend
 HISTORY_EVERY = 120  # ticks (one minute): snapshots of computes that never suspend, pruning
 
 # Work in Postgres that keeps a compute awake although no client sends bytes.
@@ -66,8 +66,9 @@ def decide(*, now: float, timeout: float | None, activity: EndpointActivity, run
 
 
 class SuspendMonitor:
-    def __init__(self, plane: ControlPlane) -> None:
-        self.plane = plane
+    def __init__(self, control: Control) -> None:
+        self.control = control
+        self.plane = control.plane
         self._task: asyncio.Task[None] | None = None
         self._running_since: dict[str, float] = {}
         self._history: asyncio.Task[None] | None = None
@@ -82,8 +83,6 @@ class SuspendMonitor:
                 await self._task
 
     async def _loop(self) -> None:
-        from argon.control.branches import delete_expired
-
         ticks = 0
         while True:
             await asyncio.sleep(CHECK_INTERVAL)
@@ -91,10 +90,8 @@ class SuspendMonitor:
             try:
                 await self.check_all()
                 if ticks % EXPIRY_EVERY == 0:
-                    await delete_expired(self.plane)
+                    await delete_expired(self.control)
                 if ticks % HISTORY_EVERY == 0 and (self._history is None or self._history.done()):
-                    from argon.control.history import maintain
-
                     self._history = self.plane.spawn(maintain(self.plane), "history snapshots and pruning")
             except Exception:  # the monitor must survive anything one compute does
                 log.exception("suspend check failed")
@@ -128,17 +125,21 @@ class SuspendMonitor:
             if plane.activity.snapshot(endpoint_id).busy:
                 return False
             self._running_since.pop(endpoint_id, None)
-            return await plane.stop_compute_locked(endpoint_id, reason=reason)
+            started = time.monotonic()
+            if not await self.control.computes.stop_locked(endpoint_id, reason=reason):
+                return False
+        ep = plane.endpoint(None, endpoint_id)
+        await plane.record(ep.project_id, model.OperationAction.SUSPEND_COMPUTE, branch_id=ep.branch_id,
+                           endpoint_id=endpoint_id, started=started)
+        return True
 
     async def _busy_in_postgres(self, endpoint_id: str) -> int:
+        session = self.plane.computes.admin(endpoint_id)
         try:
-            conn = await connect_admin(self.plane.layout.socket_dir(endpoint_id))
+            if session is None:
+                raise RuntimeError("no admin session")
+            row = await session.fetchone(BUSY_BACKENDS_SQL, timeout=BUSY_TIMEOUT)
         except Exception as exc:
             log.warning("cannot check activity of %s (%s); suspending anyway", endpoint_id, exc)
             return 0
-        try:
-            cur = await conn.execute(BUSY_BACKENDS_SQL)
-            row = await cur.fetchone()
-            return int(row[0]) if row else 0
-        finally:
-            await conn.close()
+        return int(row[0]) if row else 0

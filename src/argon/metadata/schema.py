@@ -176,3 +176,14 @@ metric_samples = Table(
     Column("logical_bytes", BigInteger),
     Index("ix_metric_samples_branch_at", "branch_id", "at"),
 )
+
+# Every OS uid ever given to a project's computes (when Argon runs as root). A uid is never given
+# again, even after its project is deleted: a process or file it left anywhere on the host must not
+# reach a new project (ADR 0016).
+compute_uids = Table(
+    "compute_uids", metadata,
+    Column("uid", Integer, primary_key=True, autoincrement=False),
+    Column("project_id", String(64), nullable=False),
+    Column("allocated_at", UTCDateTime, nullable=False),
+    Column("released_at", UTCDateTime),
+)

@@ -1,4 +1,4 @@
-"""The metadata store: the model's persistence (desired state), SQLite by default, PostgreSQL by URL.
+"""The metadata store: the model's persistence (desired state), in SQLite (`<data>/argon.db`).
 
 Synchronous SQLAlchemy Core. The control plane calls it from one dedicated worker thread
 (`argon.control.plane`), so SQLite is never touched on the event loop and writes are serialised.
@@ -225,6 +225,26 @@ class Store:
     def used_uids(self) -> set[int]:
         with self._conn() as conn:
             return {r[0] for r in conn.execute(select(schema.projects.c.os_uid)) if r[0] is not None}
+
+    def allocate_uid(self, base: int, count: int, project_id: str, now: datetime) -> int | None:
+        """The next uid of [base, base + count), above every uid of the range ever given to a project
+        (and every one a project holds: data from before uids were recorded), recorded as given to
+        `project_id`; None when the range is used up. A uid is never given twice (ADR 0016)."""
+        t = schema.compute_uids
+        with self.transaction(), self._conn() as conn:
+            recorded = conn.execute(select(func.max(t.c.uid)).where(t.c.uid >= base, t.c.uid < base + count)).scalar()
+            held = [u for u in self.used_uids() if base <= u < base + count]
+            uid = max([base, *([recorded + 1] if recorded is not None else []), *(u + 1 for u in held)])
+            if uid >= base + count:
+                return None
+            conn.execute(t.insert().values(uid=uid, project_id=project_id, allocated_at=now))
+            return uid
+
+    def release_uid(self, uid: int, now: datetime) -> None:
+        """Note that `uid`'s project is gone (the uid stays taken)."""
+        t = schema.compute_uids
+        with self._conn() as conn:
+            conn.execute(t.update().where(t.c.uid == uid).values(released_at=now))
 
     # Branches, endpoints ---------------------------------------------------------------------------------
 

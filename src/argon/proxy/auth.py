@@ -145,9 +145,11 @@ async def authenticate(ctx: AuthContext, stream: MessageStream, route: Route, se
     return await _scram(ctx, stream, route, served, peer_ip)
 
 
-async def _secret(ctx: AuthContext, endpoint_id: str, user: str) -> tuple[scram.ScramSecret, str | None]:
+async def _secret(ctx: AuthContext, route: Route) -> tuple[scram.ScramSecret, str | None]:
     """The role's verifier, or a mock one when the endpoint or role is unknown or the verifier unusable."""
-    text = await ctx.control.get_role_secret(endpoint_id, user)
+    endpoint_id, user = route.endpoint_id, route.user
+    assert endpoint_id is not None and route.compute_id is not None
+    text = await ctx.control.get_role_secret(route.compute_id, user)
     if text:
         try:
             secret = scram.ScramSecret.parse(text)
@@ -171,7 +173,7 @@ async def _read_password_message(stream: MessageStream) -> bytes:
 async def _scram(ctx: AuthContext, stream: MessageStream, route: Route, served: ServedCert | None,
                  peer_ip: str) -> Credentials:
     assert route.endpoint_id is not None and route.compute_id is not None
-    secret, text = await _secret(ctx, route.endpoint_id, route.user)
+    secret, text = await _secret(ctx, route)
     binding = served.end_point if served is not None else None
     server = scram.ScramServer(secret, channel_binding=binding, mock=text is None)
     stream.write(codec.auth_sasl(server.mechanisms))
@@ -224,7 +226,7 @@ async def _token(ctx: AuthContext, stream: MessageStream, route: Route) -> Crede
 async def check_password(ctx: AuthContext, route: Route, password: str, peer_ip: str) -> Credentials:
     """A cleartext password against the role's verifier (SQL over HTTP checks every request this way)."""
     assert route.endpoint_id is not None and route.compute_id is not None
-    secret, text = await _secret(ctx, route.endpoint_id, route.user)
+    secret, text = await _secret(ctx, route)
     async with ctx.throttle.attempt(peer_ip, route.compute_id, route.user):
         client_key = await ctx.password_checks.run(route.compute_id, scram.derive_client_key, secret, password)
         if client_key is None or text is None:
@@ -257,9 +259,9 @@ async def _failed(ctx: AuthContext, route: Route, peer_ip: str) -> None:
     assert route.endpoint_id is not None and route.compute_id is not None
     delay = ctx.throttle.record_failure(peer_ip, route.compute_id, route.user)
     # The client cannot tell an unknown endpoint from a wrong password (no enumeration); the operator can.
-    why = "" if ctx.control.endpoint_exists(route.endpoint_id) else " (no such endpoint)"
+    why = "" if ctx.control.endpoint_exists(route.compute_id) else " (no such endpoint)"
     log.info("password authentication failed for role %s on %s%s from %s%s", route.user, route.endpoint_id, why,
              peer_ip, f" (throttled {delay:.2f} s)" if delay else "")
     if delay:
         await asyncio.sleep(delay)
-    ctx.refresh_later(route.endpoint_id, route.user)
+    ctx.refresh_later(route.compute_id, route.user)

@@ -2,8 +2,10 @@
 
 The proxy never touches the metadata store. It asks a `ControlClient` for a role's SCRAM secret
 (answered from memory, so no SQLite on the hot path) and to wake an endpoint; it reports session
-activity through `ActivityRegistry`, which the suspend policy reads. `argon up` wires the in-process
-implementation (`argon.control.plane.ControlPlane`); tests use `FakeControl` beside it.
+activity through `ActivityRegistry`, which the suspend policy reads. Endpoints are named by their
+compute id: a pooled host's `-pooler` suffix is stripped when the proxy routes (`Route.compute_id`).
+`argon up` wires the in-process implementation (`argon.control.proxy_service.ProxyService`); tests
+use `FakeControl` beside it.
 """
 
 from __future__ import annotations

@@ -4,8 +4,10 @@ Pure functions, Neon's rules and texts (reference/neon-proxy.md §1.1, §1.4): t
 is the endpoint id when the rest of the name equals the configured domain (labels `api` and
 `apiauth` excepted); `options=endpoint=<id>` (or the deprecated `project=`) names it for clients
 without SNI; both present must agree; with neither, the proxy asks for a cleartext password of the
-form `endpoint=<id>;<password>` (or `$` as separator). A `-pooler` suffix stays in the id (the
-control plane strips it); `Route.pooler` records that it was asked for.
+form `endpoint=<id>;<password>` (or `$` as separator). A `-pooler` suffix stays in the endpoint id
+(`Route.pooler` records that it was asked for) and is stripped here, once: `Route.compute_id` names
+the compute that serves the route, which is what the proxy asks the control plane about and what
+activity and throttling count (ADR 0007: the pooled host is a session alias).
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ class Route:
 
     @property
     def compute_id(self) -> str | None:
-        """The endpoint whose compute serves this route (`-pooler` stripped): activity, throttling."""
+        """The endpoint whose compute serves this route (`-pooler` stripped): the control plane's
+        lookups and wakes, activity, throttling."""
         return None if self.endpoint_id is None else self.endpoint_id.removesuffix(POOLER_SUFFIX)
 
     def with_endpoint(self, endpoint_id: str) -> Route:

@@ -301,8 +301,10 @@ class Session:
         params = codec.filter_startup_params(startup.params, forward_all=ctx.forward_all_params)
         password_retry = True
         delay = 0.05
+        compute_id = creds.route.compute_id
+        assert compute_id is not None
         for attempt in range(1, CONNECT_ATTEMPTS + 1):
-            address = await self._wake(endpoint_id)
+            address = await self._wake(compute_id)
             try:
                 return await asyncio.wait_for(self._login(address.socket_path, params, creds), CONNECT_TIMEOUT)
             except (ConnectionRefusedError, FileNotFoundError, ConnectionClosed, ConnectionResetError) as exc:
@@ -331,10 +333,10 @@ class Session:
     async def _refreshed(self, creds: Credentials) -> Credentials | None:
         """After the compute refused keys the proxy accepted: re-read the verifier and retry once if
         that can help (same verifier now, or a new one the known cleartext password matches)."""
-        endpoint_id = creds.route.endpoint_id
-        assert endpoint_id is not None
+        compute_id = creds.route.compute_id
+        assert compute_id is not None
         try:
-            text = await self.ctx.control.refresh_role_secret(endpoint_id, creds.route.user)
+            text = await self.ctx.control.refresh_role_secret(compute_id, creds.route.user)
         except Exception:
             log.debug("verifier refresh failed", exc_info=True)
             return None
@@ -344,14 +346,14 @@ class Session:
             return creds
         return await recheck_password(self.ctx.auth, creds, text)
 
-    async def _wake(self, endpoint_id: str) -> ComputeAddress:
-        self.ctx.activity.touch(endpoint_id.removesuffix(routing.POOLER_SUFFIX))
+    async def _wake(self, compute_id: str) -> ComputeAddress:
+        self.ctx.activity.touch(compute_id)
         try:
-            return await self.ctx.control.wake(endpoint_id)
+            return await self.ctx.control.wake(compute_id)
         except ArgonError:
             raise
         except Exception:
-            log.exception("waking %s failed", endpoint_id)
+            log.exception("waking %s failed", compute_id)
             raise ArgonError("Control plane request failed") from None
 
     async def _login(self, socket_path: str, params: dict[str, str], creds: Credentials) -> ComputeLogin:

@@ -20,20 +20,23 @@ copied as an online base backup, on one admin session kept open throughout:
 Replication slots are never inherited. A stopped cluster's copy likewise takes only the WAL its
 first start reads: from its last checkpoint's redo point (to that checkpoint, after a clean
 shutdown; to the end, after a crash).
+
+Source and copy belong to the project's uid (`owner`), which can put links anywhere in them: the
+copy runs as that uid, and what root does itself (directories, `backup_label`, the tidying) goes
+through `argon.safefs`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import secrets
-import shutil
 from pathlib import Path
 
 import psycopg
 
-from argon.storage import history as hs
+from argon import safefs
+from argon.storage import wal
 from argon.storage.clone import CloneBackend
 
 # Copied in step 3; everything else at the top level of a cluster is runtime state or WAL.
@@ -45,49 +48,51 @@ _EMPTY_DIRS = ("pg_wal", "pg_replslot", "pg_stat_tmp", "pg_dynshmem", "pg_notify
 _RUNTIME_FILES = ("postmaster.pid", "postmaster.opts", "backup_label.old")
 
 
-def _prepare_target(source: Path, target: Path) -> None:
-    target.mkdir(mode=0o700)
-    st = source.stat()
-    if os.geteuid() == 0:
-        os.chown(target, st.st_uid, st.st_gid)
-    for name in _EMPTY_DIRS:
-        path = target / name
-        path.mkdir(mode=0o700, exist_ok=True)
-        if os.geteuid() == 0:
-            os.chown(path, st.st_uid, st.st_gid)
+def _prepare_target(target: Path, owner: safefs.Owner | None) -> None:
+    with safefs.parent(target) as (parent, name):
+        parent.mkdir(name, owner=owner, exist_ok=False)
+    with safefs.Dir(target) as d:
+        for name in _EMPTY_DIRS:
+            if "/" in name:
+                with safefs.Dir(target / name.rsplit("/", 1)[0]) as sub:
+                    sub.mkdir(name.rsplit("/", 1)[1], owner=owner)
+            else:
+                d.mkdir(name, owner=owner)
 
 
 def _tidy(target: Path) -> None:
-    for name in _RUNTIME_FILES:
-        (target / name).unlink(missing_ok=True)
-    for slot in (target / "pg_replslot").iterdir():
-        shutil.rmtree(slot, ignore_errors=True)
+    with safefs.Dir(target) as d:
+        for name in _RUNTIME_FILES:
+            d.unlink(name)
+    with safefs.Dir(target / "pg_replslot") as slots:
+        for slot in slots.listdir():
+            slots.remove(slot)
 
 
-def clone_stopped(backend: CloneBackend, source: Path, target: Path, control: hs.ControlData | None = None) -> None:
-    """Copy a stopped cluster. Given its `pg_controldata` (`hs.control_data`), pg_wal gets only the
+def clone_stopped(backend: CloneBackend, source: Path, target: Path, control: wal.ControlData | None = None,
+                  owner: safefs.Owner | None = None) -> None:
+    """Copy a stopped cluster. Given its `pg_controldata` (`wal.control_data`), pg_wal gets only the
     segments its first start needs; without, the whole tree is copied."""
     if control is None:
-        backend.clone_tree(source, target)
+        backend.clone_tree(source, target, owner=owner)
         _tidy(target)
         return
     clean = control.state == "shut down"
-    wal = hs.wal_files(source / "pg_wal", control.timeline, control.segsize, hs.parse_lsn(control.redo_lsn),
-                       hs.parse_lsn(control.checkpoint_lsn) if clean else None)
-    _copy_data(backend, source, target)
-    backend.copy_into(wal, target / "pg_wal")
+    segments = wal.wal_files(source / "pg_wal", control.timeline, control.segsize, wal.parse_lsn(control.redo_lsn),
+                             wal.parse_lsn(control.checkpoint_lsn) if clean else None)
+    _copy_data(backend, source, target, owner)
+    backend.copy_into(segments, target / "pg_wal", owner=owner)
     _tidy(target)
 
 
-def _copy_data(backend: CloneBackend, source: Path, target: Path) -> None:
-    _prepare_target(source, target)
-    entries = [source / name for name in sorted(os.listdir(source)) if name not in _SKIP_TOP]
-    backend.copy_into(entries, target, tolerate_vanished=True)
+def _copy_data(backend: CloneBackend, source: Path, target: Path, owner: safefs.Owner | None) -> None:
+    _prepare_target(target, owner)
+    entries = [source / name for name in sorted(safefs.listdir(source)) if name not in _SKIP_TOP]
+    backend.copy_into(entries, target, tolerate_vanished=True, owner=owner)
 
 
-
-
-async def clone_running(conn: psycopg.AsyncConnection, backend: CloneBackend, source: Path, target: Path) -> str:
+async def clone_running(conn: psycopg.AsyncConnection, backend: CloneBackend, source: Path, target: Path,
+                        owner: safefs.Owner | None = None) -> str:
     """Copy the cluster served by `conn`'s compute (an admin session, autocommit); returns the stop LSN."""
     slot = f"argon_clone_{secrets.token_hex(6)}"
     await conn.execute("SELECT pg_create_physical_replication_slot(%s, true, true)", (slot,))
@@ -98,9 +103,9 @@ async def clone_running(conn: psycopg.AsyncConnection, backend: CloneBackend, so
                                  (f"argon branch {target.parent.name}",))
         started = await cur.fetchone()
         assert started is not None
-        start, timeline, segsize = hs.parse_lsn(started[0]), int(started[1]), int(started[2])
+        start, timeline, segsize = wal.parse_lsn(started[0]), int(started[1]), int(started[2])
         try:
-            await asyncio.to_thread(_copy_data, backend, source, target)
+            await asyncio.to_thread(_copy_data, backend, source, target, owner)
         except BaseException:
             with contextlib.suppress(psycopg.Error):  # e.g. a full disk fails this too; the copy's error counts
                 await conn.execute("SELECT pg_backup_stop(false)")
@@ -112,8 +117,8 @@ async def clone_running(conn: psycopg.AsyncConnection, backend: CloneBackend, so
         cur = await conn.execute("SELECT pg_current_wal_insert_lsn()::text")
         insert = await cur.fetchone()
         assert insert is not None
-        wal = hs.wal_files(source / "pg_wal", timeline, segsize, start, hs.parse_lsn(insert[0]))
-        await asyncio.to_thread(backend.copy_into, wal, target / "pg_wal", tolerate_vanished=True)
+        segments = wal.wal_files(source / "pg_wal", timeline, segsize, start, wal.parse_lsn(insert[0]))
+        await asyncio.to_thread(backend.copy_into, segments, target / "pg_wal", tolerate_vanished=True, owner=owner)
         failed = False
     finally:
         try:
@@ -123,15 +128,11 @@ async def clone_running(conn: psycopg.AsyncConnection, backend: CloneBackend, so
                 raise
 
     def finish() -> None:
-        (target / "backup_label").write_text(label)
-        if spcmap:
-            (target / "tablespace_map").write_text(spcmap)
+        with safefs.Dir(target) as d:
+            d.write("backup_label", label, owner=owner)
+            if spcmap:
+                d.write("tablespace_map", spcmap, owner=owner)
         _tidy(target)
-        if os.geteuid() == 0:
-            st = source.stat()
-            for name in ("backup_label", "tablespace_map"):
-                if (target / name).exists():
-                    os.chown(target / name, st.st_uid, st.st_gid)
 
     await asyncio.to_thread(finish)
     return str(lsn)

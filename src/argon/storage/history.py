@@ -14,60 +14,36 @@ of `branching.clone_running`). Rebuilding the cluster at a target = clone the ne
 before it, lay the epoch's WAL (archive, then the live `pg_wal`, which holds the not yet archived
 tail) into its `pg_wal`, and let Postgres recover to an LSN and promote.
 
-Mechanism only (paths, the manifest, WAL files, `pg_waldump`); which snapshot to keep, when to take
-one and what a user may ask for is `argon.control.history`.
+Mechanism only (paths, the manifest, copies and links; WAL files and LSNs are `argon.storage.wal`);
+which snapshot to keep, when to take one and what a user may ask for is `argon.control.retention`
+and `argon.control.pitr`.
+
+All of it lies in the project's tree, which its compute's uid can write: files are read and
+written through `argon.safefs`, copies and Postgres tools run as that uid (`owner`), and the
+manifest is validated as it is read (names that are single path components, sane numbers), so a
+tampered manifest can break only this branch's own history, never point root anywhere else.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
-import shutil
+import secrets
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
+from argon import safefs
+from argon.errors import StorageError
+from argon.storage import wal
 from argon.storage.clone import CloneBackend
 
 MANIFEST_VERSION = 1
-_SEGMENT = re.compile(r"^([0-9A-F]{8})([0-9A-F]{8})([0-9A-F]{8})(\.partial)?$")
-_HISTORY = re.compile(r"^[0-9A-F]{8}\.history$")
-_LSN = re.compile(r"^([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})$")
-_COMMIT = re.compile(r"lsn: ([0-9A-F]+/[0-9A-F]+),.*desc: COMMIT(?:_PREPARED)? (?:\d+: )?"
-                     r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?) UTC")
-
-
-# --- LSNs and segment names -----------------------------------------------------------------------
-
-def parse_lsn(text: str) -> int:
-    """`'0/16B3748'` -> 23803720; ValueError for anything else."""
-    match = _LSN.match(text.strip())
-    if not match:
-        raise ValueError(f"{text!r} is not an LSN (expected the form 0/16B3748)")
-    return (int(match.group(1), 16) << 32) | int(match.group(2), 16)
-
-
-def format_lsn(value: int) -> str:
-    return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
-
-
-def segment_start(name: str, segsize: int) -> tuple[int, int] | None:
-    """(timeline, start LSN) of a WAL segment file name, None if it is not one."""
-    match = _SEGMENT.match(name)
-    if not match:
-        return None
-    per_id = 0x100000000 // segsize
-    segno = int(match.group(2), 16) * per_id + int(match.group(3), 16)
-    return int(match.group(1), 16), segno * segsize
-
-
-def segment_name(tli: int, lsn: int, segsize: int) -> str:
-    per_id = 0x100000000 // segsize
-    segno = lsn // segsize
-    return f"{tli:08X}{segno // per_id:08X}{segno % per_id:08X}"
+MANIFEST_LIMIT = 16 * 1024 * 1024  # bytes; a real one is a few kB
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # epoch ids and snapshot names: one path component
 
 
 # --- The manifest ------------------------------------------------------------------------------------
@@ -85,7 +61,10 @@ class Snapshot:
 
     @classmethod
     def from_json(cls, raw: dict[str, object]) -> Snapshot:
-        return cls(**{**raw, "taken_at": datetime.fromisoformat(str(raw["taken_at"]))})  # type: ignore[arg-type]
+        template = raw.get("template")
+        snap = cls(name=_check_name(raw["name"]), taken_at=_time(raw["taken_at"]), redo_lsn=_lsn(raw["redo_lsn"]),
+                   consistent_lsn=_lsn(raw["consistent_lsn"]), template=None if template is None else str(template))
+        return snap
 
 
 @dataclass(frozen=True)
@@ -108,13 +87,13 @@ class Epoch:
 
     @classmethod
     def from_json(cls, raw: dict[str, object]) -> Epoch:
-        ended = raw.get("ended_at")
-        return cls(id=str(raw["id"]), started_at=datetime.fromisoformat(str(raw["started_at"])),
-                   start_lsn=str(raw["start_lsn"]), timeline=int(raw["timeline"]),  # type: ignore[call-overload]
-                   segsize=int(raw["segsize"]), reason=str(raw.get("reason", "")),  # type: ignore[call-overload]
-                   snapshots=tuple(Snapshot.from_json(s) for s in raw.get("snapshots", [])),  # type: ignore[union-attr]
-                   ended_at=datetime.fromisoformat(str(ended)) if ended else None,
-                   end_lsn=raw.get("end_lsn"))  # type: ignore[arg-type]
+        ended, end_lsn, snapshots = raw.get("ended_at"), raw.get("end_lsn"), raw.get("snapshots", [])
+        if not isinstance(snapshots, list):
+            raise ValueError("snapshots is not a list")
+        return cls(id=_check_name(raw["id"]), started_at=_time(raw["started_at"]), start_lsn=_lsn(raw["start_lsn"]),
+                   timeline=_int(raw["timeline"], 1, 0xFFFFFFFF), segsize=_segsize(raw["segsize"]),
+                   reason=str(raw.get("reason", ""))[:200], snapshots=tuple(Snapshot.from_json(s) for s in snapshots),
+                   ended_at=_time(ended) if ended else None, end_lsn=_lsn(end_lsn) if end_lsn else None)
 
     def replace(self, **changes: object) -> Epoch:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
@@ -138,138 +117,95 @@ class Manifest:
         return Manifest(tuple(e for e in self.epochs if e.id != epoch_id))
 
 
-class BranchHistory:
-    """The history directory of one branch."""
+def _check_name(value: object) -> str:
+    if not isinstance(value, str) or not _NAME.match(value):
+        raise ValueError(f"{value!r} is not an epoch or snapshot name")
+    return value
 
-    def __init__(self, root: Path) -> None:
+
+def _time(value: object) -> datetime:
+    parsed = datetime.fromisoformat(str(value))
+    if parsed.tzinfo is None:
+        raise ValueError(f"{value!r} has no time zone")
+    return parsed
+
+
+def _lsn(value: object) -> str:
+    wal.parse_lsn(str(value))
+    return str(value)
+
+
+def _int(value: object, low: int, high: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ValueError(f"{value!r} is not an integer between {low} and {high}")
+    return value
+
+
+def _segsize(value: object) -> int:
+    size = _int(value, 1 << 20, 1 << 30)
+    if size & (size - 1):
+        raise ValueError(f"{value!r} is not a WAL segment size")
+    return size
+
+
+class ManifestError(StorageError):
+    """A manifest that is not one Argon wrote (damaged, or tampered with by the compute's uid)."""
+
+
+class BranchHistory:
+    """The history directory of one branch (files of the project's uid, `owner`)."""
+
+    def __init__(self, root: Path, owner: safefs.Owner | None = None) -> None:
         self.root = root
+        self.owner = owner
 
     @property
     def manifest_path(self) -> Path:
         return self.root / "manifest.json"
 
     def exists(self) -> bool:
-        return self.manifest_path.exists()
+        return safefs.lexists(self.manifest_path)
 
     def load(self) -> Manifest:
         try:
-            raw = json.loads(self.manifest_path.read_text())
+            raw = json.loads(safefs.read_file(self.manifest_path, limit=MANIFEST_LIMIT))
         except FileNotFoundError:
             return Manifest()
-        return Manifest(tuple(Epoch.from_json(e) for e in raw.get("epochs", [])))
+        except (OSError, ValueError) as exc:
+            raise ManifestError(f"the history manifest {self.manifest_path} is unusable: {exc}") from None
+        try:
+            epochs = raw.get("epochs", [])
+            if not isinstance(epochs, list):
+                raise ValueError("epochs is not a list")
+            return Manifest(tuple(Epoch.from_json(e) for e in epochs))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ManifestError(f"the history manifest {self.manifest_path} is unusable: {exc!r}") from None
 
     def save(self, manifest: Manifest) -> None:
         """Atomically (write a temp file, fsync, rename): a crash leaves the old or the new manifest."""
-        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        tmp = self.manifest_path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            json.dump({"version": MANIFEST_VERSION, "epochs": [e.to_json() for e in manifest.epochs]}, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.manifest_path)
+        safefs.makedirs(self.root, owner=self.owner)
+        text = json.dumps({"version": MANIFEST_VERSION, "epochs": [e.to_json() for e in manifest.epochs]}, indent=1)
+        safefs.write_file(self.manifest_path, text, owner=self.owner, atomic=True)
 
     def epoch_dir(self, epoch_id: str) -> Path:
-        return self.root / epoch_id
+        return self.root / _check_name(epoch_id)
 
     def wal_dir(self, epoch_id: str) -> Path:
         return self.epoch_dir(epoch_id) / "wal"
 
     def snapshot_dir(self, epoch_id: str, name: str) -> Path:
-        return self.epoch_dir(epoch_id) / "snapshots" / name
-
-
-# --- Archiving -----------------------------------------------------------------------------------------
-
-def archive_command(wal_dir: Path) -> str:
-    """Copy a finished segment into `wal_dir` under a temporary name, then rename: the archive never
-    holds a half-written segment. Re-archiving the same segment after a crash overwrites it with
-    the same bytes."""
-    target = _shell_quote(str(wal_dir).replace("%", "%%"))
-    return f"cp %p {target}/%f.part && mv -f {target}/%f.part {target}/%f"
-
-
-def _shell_quote(text: str) -> str:
-    return "'" + text.replace("'", "'\"'\"'") + "'"
-
-
-# --- Reading clusters ----------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class ControlData:
-    checkpoint_lsn: str
-    redo_lsn: str
-    timeline: int
-    segsize: int
-    state: str
-
-
-def control_data(bindir: Path, pgdata: Path) -> ControlData:
-    out = subprocess.run([str(bindir / "pg_controldata"), str(pgdata)], capture_output=True, text=True,
-                         timeout=30, env={"LC_ALL": "C", "PATH": "/usr/bin:/bin"}, check=True).stdout
-
-    def field(label: str) -> str:
-        match = re.search(rf"^{re.escape(label)}:\s+(.+)$", out, re.M)
-        if not match:
-            raise ValueError(f"pg_controldata of {pgdata} has no {label!r}")
-        return match.group(1).strip()
-
-    return ControlData(checkpoint_lsn=field("Latest checkpoint location"),
-                       redo_lsn=field("Latest checkpoint's REDO location"),
-                       timeline=int(field("Latest checkpoint's TimeLineID")),
-                       segsize=int(field("Bytes per WAL segment")), state=field("Database cluster state"))
-
-
-def backup_label_fields(pgdata: Path) -> tuple[str, int] | None:
-    """(start LSN, timeline) of an online backup's `backup_label`, None for a clean cluster."""
-    try:
-        text = (pgdata / "backup_label").read_text()
-    except FileNotFoundError:
-        return None
-    start = re.search(r"^START WAL LOCATION: (\S+)", text, re.M)
-    tli = re.search(r"^START TIMELINE: (\d+)", text, re.M)
-    if not start:
-        raise ValueError(f"unreadable backup_label in {pgdata}")
-    return start.group(1), int(tli.group(1)) if tli else 1
-
-
-def wal_files(directory: Path, timeline: int, segsize: int, from_lsn: int, until_lsn: int | None = None) -> list[Path]:
-    """Segments of `timeline` holding WAL at or after `from_lsn` (and, with `until_lsn`, starting at
-    or before it), and all timeline history files. The bound leaves out recycled segments: after a
-    checkpoint Postgres renames old segments to future names (up to `max_wal_size` of them), which
-    hold nothing a copy needs."""
-    try:
-        names = os.listdir(directory)
-    except FileNotFoundError:
-        return []
-    found = []
-    for name in sorted(names):
-        if _HISTORY.match(name):
-            found.append(directory / name)
-            continue
-        seg = segment_start(name, segsize)
-        if seg is not None and seg[0] == timeline and seg[1] + segsize > from_lsn and not name.endswith(".partial") \
-                and (until_lsn is None or seg[1] <= until_lsn):
-            found.append(directory / name)
-    return found
-
-
-def archived_bytes(directory: Path) -> int:
-    total = 0
-    with os.scandir(directory) as it:
-        for entry in it:
-            if entry.is_file(follow_symlinks=False):
-                total += entry.stat(follow_symlinks=False).st_blocks * 512
-    return total
+        return self.epoch_dir(epoch_id) / "snapshots" / _check_name(name)
 
 
 # --- Snapshots and rebuilding ------------------------------------------------------------------------------
 
 def describe_snapshot(bindir: Path, pgdata: Path, name: str, taken_at: datetime,
-                      consistent_lsn: str | None = None) -> tuple[Snapshot, ControlData]:
+                      consistent_lsn: str | None = None,
+                      owner: safefs.Owner | None = None) -> tuple[Snapshot, wal.ControlData]:
     """A Snapshot record for the cluster copy at `pgdata` (clean, or an online backup whose stop LSN
     is `consistent_lsn`)."""
-    control = control_data(bindir, pgdata)
-    label = backup_label_fields(pgdata)
+    control = wal.control_data(bindir, pgdata, owner)
+    label = wal.backup_label_fields(pgdata)
     if label is not None:
         redo = label[0]
         consistent = consistent_lsn or control.checkpoint_lsn
@@ -278,100 +214,58 @@ def describe_snapshot(bindir: Path, pgdata: Path, name: str, taken_at: datetime,
     return Snapshot(name=name, taken_at=taken_at, redo_lsn=redo, consistent_lsn=consistent), control
 
 
-def assemble(backend: CloneBackend, snapshot: Path, wal_sources: list[list[Path]], target: Path) -> None:
+def assemble(backend: CloneBackend, snapshot: Path, wal_sources: list[list[Path]], target: Path,
+             owner: safefs.Owner | None = None) -> None:
     """Copy `snapshot` to `target` (new) and lay WAL into its pg_wal: each list of `wal_sources` in
     order, later ones overwriting earlier ones (the archive first, then the live pg_wal, whose
     current segment is newer than anything archived)."""
-    backend.clone_tree(snapshot, target)
-    (target / "pg_wal" / "archive_status").mkdir(parents=True, exist_ok=True)
+    backend.clone_tree(snapshot, target, owner=owner)
+    safefs.makedirs(target / "pg_wal" / "archive_status", owner=owner)
     for files in wal_sources:
-        backend.copy_into(files, target / "pg_wal", tolerate_vanished=True)
-    for name in ("postmaster.pid", "postmaster.opts"):
-        (target / name).unlink(missing_ok=True)
-    (target / "recovery.signal").write_text("")
+        backend.copy_into(files, target / "pg_wal", tolerate_vanished=True, owner=owner)
+    with safefs.Dir(target) as d:
+        for name in ("postmaster.pid", "postmaster.opts"):
+            d.unlink(name)
+        d.write("recovery.signal", b"", owner=owner)
 
 
-def recovery_settings(target_lsn: str | None) -> dict[str, str]:
-    """GUCs for one recovery run: to an LSN (stopping *before* the first record that starts at or
-    after it), or, with None, to the end of the WAL laid out. Always promote: a new timeline."""
-    settings = {"restore_command": "false",  # required with recovery.signal; the WAL is in pg_wal already
-                "recovery_target_action": "promote", "recovery_target_timeline": "latest",
-                "archive_mode": "off", "hot_standby": "on"}
-    if target_lsn is not None:
-        settings |= {"recovery_target_lsn": target_lsn, "recovery_target_inclusive": "off"}
-    return settings
+def assemble_epoch(backend: CloneBackend, snapshot: Path, epoch: Epoch, archive: Path, live: Path | None,
+                   start_lsn: int, target: Path, owner: safefs.Owner | None = None) -> None:
+    """`assemble` for one epoch: its archived WAL from `start_lsn` on, then the live `pg_wal`'s (when
+    the epoch is the branch's current one); a segment archived and removed from `pg_wal` while we
+    copied is taken from the archive afterwards."""
+    sources = [wal.wal_files(archive, epoch.timeline, epoch.segsize, start_lsn)]
+    if live is not None:
+        sources.append(wal.wal_files(live, epoch.timeline, epoch.segsize, start_lsn))
+    assemble(backend, snapshot, sources, target, owner)
+    have = set(safefs.listdir(target / "pg_wal"))
+    late = [p for p in wal.wal_files(archive, epoch.timeline, epoch.segsize, start_lsn) if p.name not in have]
+    backend.copy_into(late, target / "pg_wal", tolerate_vanished=True, owner=owner)
 
 
-def tidy_after_recovery(pgdata: Path, control: ControlData) -> None:
-    """After the recovery run's clean shutdown, drop the WAL it replayed: a clean cluster needs only
-    the segment of its shutdown checkpoint (and the timeline history files)."""
-    keep = segment_name(control.timeline, parse_lsn(control.checkpoint_lsn), control.segsize)
-    wal = pgdata / "pg_wal"
-    for name in os.listdir(wal):
-        if segment_start(name, control.segsize) is not None and name != keep:
-            (wal / name).unlink(missing_ok=True)
-    status = wal / "archive_status"
-    if status.is_dir():
-        for name in os.listdir(status):
-            (status / name).unlink(missing_ok=True)
-    for name in ("recovery.signal", "standby.signal", "backup_label.old", "recovery.done"):
-        (pgdata / name).unlink(missing_ok=True)
-
-
-def first_commit_after(bindir: Path, wal_dir: Path, start_lsn: str, timeline: int, after: datetime) -> str | None:
-    """The LSN of the first commit record at or after `start_lsn` whose commit time is later than
-    `after` (µs precision), scanning the WAL in `wal_dir` with `pg_waldump`; None if there is none."""
-    after_utc = after.astimezone(UTC).replace(tzinfo=None)
-    cmd = [str(bindir / "pg_waldump"), "--path", str(wal_dir), "--start", start_lsn, "--timeline", str(timeline),
-           "--rmgr", "Transaction"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env={"LC_ALL": "C", "TZ": "UTC", "PATH": "/usr/bin:/bin"})
-    assert proc.stdout is not None
+def copy_template(copy: Callable[[Path, Path], None], template: Path, path: Path) -> None:
+    """A template-backed snapshot made real: `template` copied (by `copy(template, tmp)`: a
+    root-owned template is copied where only root goes, `argon.storage.spares`) to `path` under a
+    temporary name, then renamed (another copy may win the rename: then it is the one kept)."""
+    tmp = path.with_name(f".tmp-{path.name}-{secrets.token_hex(3)}")
+    copy(template, tmp)
     try:
-        for line in proc.stdout:
-            match = _COMMIT.search(line)
-            if not match:
-                continue
-            committed = datetime.fromisoformat(match.group(2))
-            if committed > after_utc:
-                return match.group(1)
-        return None
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        proc.stdout.close()
+        safefs.rename(tmp, path)
+    except OSError:  # another copy won
+        safefs.rmtree(tmp)
 
 
-def link_tree(source: Path, target: Path) -> None:
+def link_tree(source: Path, target: Path, owner: safefs.Owner | None = None) -> None:
     """`target` (new) as a tree of hard links to `source`'s files: free on any file system. Only for
     trees nobody writes in place again (snapshots); removing either side leaves the other whole."""
-    result = subprocess.run(["cp", "-a", "--link", "--", str(source), str(target)], capture_output=True, text=True)
+    result = subprocess.run(["cp", "-a", "--link", "--", str(source), str(target)], capture_output=True, text=True,
+                            env={"LC_ALL": "C", "PATH": "/usr/bin:/bin"}, **safefs.run_as(owner))
     if result.returncode != 0:
-        shutil.rmtree(target, ignore_errors=True)
+        safefs.rmtree(target)
         raise OSError(result.stderr.strip() or "cp --link failed")
 
 
 def remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
+    safefs.rmtree(path)
 
 
-def prune_wal(wal_dir: Path, timeline: int, segsize: int, before_lsn: int) -> int:
-    """Delete archived segments wholly before `before_lsn`; returns the bytes freed."""
-    freed = 0
-    try:
-        names = os.listdir(wal_dir)
-    except FileNotFoundError:
-        return 0
-    for name in names:
-        path = wal_dir / name
-        if name.endswith(".part"):
-            continue
-        seg = segment_start(name, segsize)
-        if seg is not None and seg[1] + segsize <= before_lsn:
-            try:
-                freed += path.stat().st_blocks * 512
-                path.unlink()
-            except FileNotFoundError:
-                pass
-    return freed

@@ -95,6 +95,15 @@ class Layout:
     def compute_log(self, project_id: str, branch_id: str) -> Path:
         return self.branch_dir(project_id, branch_id) / "log" / "postgres.log"
 
+    @property
+    def backup_state_dir(self) -> Path:
+        """What of each branch's history is in the backup bucket: root's, outside the projects'
+        trees (a compute's uid must not be able to say its WAL was shipped)."""
+        return self.data_dir / "backup"
+
+    def branch_backup_state(self, project_id: str, branch_id: str) -> Path:
+        return self.backup_state_dir / project_id / branch_id
+
     def socket_dir(self, endpoint_id: str) -> Path:
         return self.run_dir / endpoint_id
 
@@ -147,9 +156,13 @@ class Layout:
                 version_file.write_text(f"{LAYOUT_VERSION}\n")
             traversable = 0o711 if os.geteuid() == 0 else 0o700
             os.chmod(self.data_dir, traversable)
-            for path in (self.projects_dir, self.templates_dir, self.spares_dir, self.runtime_dir):
+            # Compute uids pass through projects/ to their own trees, `nobody` through templates/ to a
+            # template being built; spares are root's alone (they reach a project by rename).
+            modes = {self.projects_dir: traversable, self.templates_dir: traversable, self.spares_dir: 0o700,
+                     self.runtime_dir: 0o755}
+            for path, mode in modes.items():
                 path.mkdir(exist_ok=True)
-                os.chmod(path, traversable if path != self.runtime_dir else 0o755)
+                os.chmod(path, mode)
             for path in (self.secrets_dir, self.tls_dir):
                 path.mkdir(mode=0o700, exist_ok=True)
             self.run_dir.mkdir(parents=True, exist_ok=True)

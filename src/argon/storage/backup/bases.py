@@ -18,14 +18,16 @@ import json
 import os
 import stat
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from argon import safefs
 from argon.storage.backup.objects import Codec, CorruptObject
 from argon.storage.backup.store import ObjectStore
+from argon.storage.backup.wal import open_regular, read_regular
 
 CHUNK = 4 * 1024 * 1024
 SMALL = 256 * 1024  # files up to this size are packed together into chunks
@@ -73,30 +75,29 @@ class UploadStats:
 
 
 def upload_snapshot(store: ObjectStore, codec: Codec, index: ChunkIndex, source: Path, manifest_key: str,
-                    record: dict[str, Any], *, workers: int = 4) -> UploadStats:
-    """Upload the cluster copy at `source` as a base backup; the manifest (with `record`) goes last."""
+                    record: dict[str, Any], *, workers: int = 4, owner: safefs.Owner | None = None) -> UploadStats:
+    """Upload the cluster copy at `source` as a base backup; the manifest (with `record`) goes last.
+    The tree is walked and read through `argon.safefs` (a tenant's link is never followed), files of
+    `owner` only."""
     stats = UploadStats()
     dirs: list[dict[str, Any]] = []
     files: list[tuple[str, Path, int, int]] = []
-    for dirpath, dirnames, filenames in os.walk(source):
-        dirnames.sort()
-        rel_dir = Path(dirpath).relative_to(source)
-        dirs.append({"path": rel_dir.as_posix(), "mode": stat.S_IMODE(os.lstat(dirpath).st_mode)})
+    for rel_dir, fd, filenames in _walk(source):
+        dirs.append({"path": rel_dir.as_posix(), "mode": stat.S_IMODE(os.fstat(fd).st_mode)})
         for name in sorted(filenames):
             if rel_dir == Path(".") and name in SKIP:
                 continue
-            path = Path(dirpath) / name
-            st = os.lstat(path)
+            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
             if not stat.S_ISREG(st.st_mode):
                 continue  # sockets, symlinks: a snapshot holds none that recovery needs
-            files.append(((rel_dir / name).as_posix(), path, stat.S_IMODE(st.st_mode), st.st_size))
+            files.append(((rel_dir / name).as_posix(), source / rel_dir / name, stat.S_IMODE(st.st_mode), st.st_size))
     lock = threading.Lock()
 
     def one(item: tuple[str, Path, int, int]) -> dict[str, Any]:
         rel, path, mode, _size = item
         ids: list[str] = []
         size = 0
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = open_regular(path, owner)
         try:
             while True:
                 data = os.read(fd, CHUNK)
@@ -142,7 +143,7 @@ def upload_snapshot(store: ObjectStore, codec: Codec, index: ChunkIndex, source:
         packs are cut at the same places for the same tree, so they deduplicate too."""
         blobs = []
         for _rel, path, _mode, _size in group:
-            blobs.append(read_file(path))
+            blobs.append(read_regular(path, owner=owner))
         cid = put_chunk(b"".join(blobs))
         out, offset = [], 0
         for (rel, _path, mode, _size), data in zip(group, blobs, strict=True):
@@ -169,15 +170,31 @@ def upload_snapshot(store: ObjectStore, codec: Codec, index: ChunkIndex, source:
     return stats
 
 
-def read_file(path: Path) -> bytes:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        parts = []
-        while data := os.read(fd, CHUNK):
-            parts.append(data)
-        return b"".join(parts)
-    finally:
-        os.close(fd)
+def _walk(source: Path) -> Iterator[tuple[Path, int, list[str]]]:
+    """(path relative to `source`, dir fd, file names) of every directory of the tree, depth first
+    and sorted, never entering a link (as `safefs.walk`, with the relative paths)."""
+    with safefs.Dir(source) as top:
+        yield from _walk_in(Path("."), top.fd)
+
+
+def _walk_in(rel: Path, fd: int) -> Iterator[tuple[Path, int, list[str]]]:
+    with os.scandir(fd) as it:
+        entries = sorted(it, key=lambda e: e.name)
+    yield rel, fd, [e.name for e in entries if not e.is_dir(follow_symlinks=False)]
+    if len(rel.parts) >= safefs.MAX_DEPTH:
+        return
+    for entry in entries:
+        if not entry.is_dir(follow_symlinks=False):
+            continue
+        try:
+            sub = os.open(entry.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                          dir_fd=fd)
+        except OSError:
+            continue  # swapped for a link or gone meanwhile
+        try:
+            yield from _walk_in(rel / entry.name, sub)
+        finally:
+            os.close(sub)
 
 
 def read_manifest(store: ObjectStore, codec: Codec, key: str) -> dict[str, Any]:

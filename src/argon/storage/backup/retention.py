@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from argon.storage.history import parse_lsn, segment_start
+from argon.storage.wal import parse_lsn, segment_start
 
 
 @dataclass

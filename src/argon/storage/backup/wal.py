@@ -19,6 +19,7 @@ O_NOFOLLOW and must be regular files.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -30,9 +31,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from argon import safefs
 from argon.storage.backup.objects import Codec
 from argon.storage.backup.store import MissingObject, ObjectStore
-from argon.storage.history import segment_name, segment_start
+from argon.storage.wal import segment_name, segment_start
 
 PAGE = 8192  # XLOG_BLCKSZ
 _PAGE_HEADER = struct.Struct("<HHIQ")  # xlp_magic, xlp_info, xlp_tli, xlp_pageaddr
@@ -43,12 +45,30 @@ class WalGap(Exception):
     """A segment the restore needs is in neither the bucket nor anywhere else."""
 
 
-def read_regular(path: Path, limit: int | None = None) -> bytes:
-    """The bytes of `path` (at most `limit`), refusing symlinks and anything but a regular file."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+def open_regular(path: Path, owner: safefs.Owner | None = None) -> int:
+    """An fd of the regular file at `path`, reached without following a link a tenant could have
+    planted on the way (`argon.safefs`), never a FIFO or device; with `owner`, only a file of that
+    user (not a hard link to someone else's)."""
+    with safefs.Dir(path.parent) as d:
+        try:
+            fd = os.open(path.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=d.fd)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise safefs.UnsafePath(path, "a symlink where Argon expects a file") from None
+            raise
+    st = os.fstat(fd)
+    problem = ("not a regular file" if not stat.S_ISREG(st.st_mode) else
+               "a file of another user" if owner is not None and st.st_uid != owner.uid else "")
+    if problem:
+        os.close(fd)
+        raise safefs.UnsafePath(path, problem)
+    return fd
+
+
+def read_regular(path: Path, limit: int | None = None, owner: safefs.Owner | None = None) -> bytes:
+    """The bytes of `path` (at most `limit`), as `open_regular` opens it."""
+    fd = open_regular(path, owner)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(f"{path} is not a regular file")
         chunks = []
         remaining = limit if limit is not None else 1 << 62
         while remaining > 0:
@@ -60,6 +80,19 @@ def read_regular(path: Path, limit: int | None = None) -> bytes:
         return b"".join(chunks)
     finally:
         os.close(fd)
+
+
+def _listdir(path: Path) -> list[str]:
+    """The names in the directory `path` ([] if it is not there), reached safely."""
+    try:
+        return safefs.listdir(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _mtime(path: Path) -> int:
+    with safefs.parent(path) as (d, name):
+        return d.lstat(name).st_mtime_ns
 
 
 def valid_prefix(data: bytes, seg_start: int) -> int:
@@ -75,12 +108,8 @@ def valid_prefix(data: bytes, seg_start: int) -> int:
 
 def live_segments(pg_wal: Path, timeline: int, segsize: int) -> list[tuple[int, str]]:
     """(start LSN, name) of the segment files of `timeline` in `pg_wal`, ascending."""
-    try:
-        names = os.listdir(pg_wal)
-    except FileNotFoundError:
-        return []
     out = []
-    for name in names:
+    for name in _listdir(pg_wal):
         seg = segment_start(name, segsize)
         if seg is not None and seg[0] == timeline and not name.endswith(".partial"):
             out.append((seg[1], name))
@@ -129,22 +158,25 @@ class ShipResult:
 
 
 def ship_epoch(store: ObjectStore, codec: Codec, prefix: str, archive: Path, live: Path | None, timeline: int,
-               segsize: int, state: ShipState, start_lsn: int, save: Callable[[ShipState], None]) -> ShipResult:
+               segsize: int, state: ShipState, start_lsn: int, save: Callable[[ShipState], None], *,
+               owner: safefs.Owner | None = None) -> ShipResult:
     """Upload what is new in one epoch: complete segments in order (from the archive, or from `live`
     pg_wal when full there), then the valid prefix of the live segment. `start_lsn`: the epoch's WAL
-    starts in this segment (nothing before it is the epoch's)."""
+    starts in this segment (nothing before it is the epoch's). Files are read as `read_regular`
+    does, of `owner` (the project's user) only."""
     result = ShipResult()
+    names = _listdir(archive)
     first = start_lsn // segsize * segsize
     next_lsn = max(state.shipped_end, first)
 
-    for name in sorted(os.listdir(archive)) if archive.is_dir() else []:
+    for name in sorted(names):
         if _HISTORY.match(name) and name not in state.history_files:
-            store.put(f"{prefix}wal/{name}", codec.seal(f"{prefix}wal/{name}", read_regular(archive / name)))
+            store.put(f"{prefix}wal/{name}", codec.seal(f"{prefix}wal/{name}", read_regular(archive / name, owner=owner)))
             state.history_files = (*state.history_files, name)
             save(state)
 
     archived = {}
-    for name in os.listdir(archive) if archive.is_dir() else []:
+    for name in names:
         seg = segment_start(name, segsize)
         if seg is not None and seg[0] == timeline and not name.endswith(".partial"):
             archived[seg[1]] = archive / name
@@ -158,7 +190,7 @@ def ship_epoch(store: ObjectStore, codec: Codec, prefix: str, archive: Path, liv
             # pg_wal decides while it has the file: the archive may hold an older copy of a segment
             # the compute goes on writing (a branch's copied segments, ADR 0010).
             try:
-                candidate = read_regular(live / live_files[next_lsn])  # type: ignore[operator]
+                candidate = read_regular(live / live_files[next_lsn], owner=owner)  # type: ignore[operator]
                 in_live = True
                 # Finished once the next segment has begun: full, or ended early by a WAL switch
                 # (whose rest Postgres never writes).
@@ -168,7 +200,7 @@ def ship_epoch(store: ObjectStore, codec: Codec, prefix: str, archive: Path, liv
                 pass
         if data is None and not in_live and next_lsn in archived:
             with contextlib.suppress(FileNotFoundError):
-                data = read_regular(archived[next_lsn])
+                data = read_regular(archived[next_lsn], owner=owner)
         if data is None:
             later = [lsn for lsn in archived if lsn > next_lsn]
             if later and not in_live:
@@ -192,11 +224,11 @@ def ship_epoch(store: ObjectStore, codec: Codec, prefix: str, archive: Path, liv
     result.head = state.shipped_end
     if live is None:
         return result
-    result.head = max(result.head, live_head(live, timeline, segsize, state))
+    result.head = max(result.head, live_head(live, timeline, segsize, state, owner))
     name = segment_name(timeline, next_lsn, segsize)
     path = live / name
     try:
-        mtime = os.stat(path, follow_symlinks=False).st_mtime_ns
+        mtime = _mtime(path)
     except FileNotFoundError:
         return result
     if state.partial_name == name and state.partial_mtime == mtime:
@@ -204,7 +236,7 @@ def ship_epoch(store: ObjectStore, codec: Codec, prefix: str, archive: Path, liv
         result.head = max(result.head, result.shipped)
         return result
     try:
-        data = read_regular(path, segsize)
+        data = read_regular(path, segsize, owner)
     except FileNotFoundError:
         return result
     length = valid_prefix(data, next_lsn)
@@ -223,18 +255,18 @@ def ship_epoch(store: ObjectStore, codec: Codec, prefix: str, archive: Path, liv
     return result
 
 
-def live_head(live: Path, timeline: int, segsize: int, state: ShipState) -> int:
+def live_head(live: Path, timeline: int, segsize: int, state: ShipState, owner: safefs.Owner | None = None) -> int:
     """The end of the WAL written in `live` (the newest segment that has begun, plus its valid
     prefix), measured again only when that file changed."""
     for start, name in reversed(live_segments(live, timeline, segsize)):
         try:
-            mtime = os.stat(live / name, follow_symlinks=False).st_mtime_ns
+            mtime = _mtime(live / name)
             if state.head_name == name and state.head_mtime == mtime:
                 return state.head_lsn
-            head = read_regular(live / name, PAGE)
+            head = read_regular(live / name, PAGE, owner)
             if valid_prefix(head, start) == 0:
                 continue  # a recycled file under a future name
-            length = valid_prefix(read_regular(live / name, segsize), start)
+            length = valid_prefix(read_regular(live / name, segsize, owner), start)
         except (FileNotFoundError, OSError):
             continue
         state.head_name, state.head_mtime, state.head_lsn = name, mtime, start + length

@@ -1,9 +1,9 @@
 """Neon's serverless driver endpoints on the HTTP port: `POST /sql` and WebSockets on /v2, /v1, /sql.
 
-Thin: read the body within the limit, hand it to `argon.proxy.http_sql`, write its JSON; hand
-WebSockets to `argon.proxy.websocket`. If the HTTP client goes away mid-query, the query is
-cancelled (its backend is then dropped). Both exist only when the platform wires a proxy
-(`app.state.serverless`); otherwise /sql answers 503 and WebSockets are refused.
+Thin: read the body within the limit, hand it to `http_sql`, write its JSON; hand WebSockets to
+`websocket`. If the HTTP client goes away mid-query, the query is cancelled (its backend is then
+dropped). The platform mounts them on its HTTP app (`mount_serverless`) with the proxy they
+relay to; on an app without one, /sql answers 503 and WebSockets are refused.
 """
 
 from __future__ import annotations
@@ -13,14 +13,14 @@ import contextlib
 import uuid
 from dataclasses import dataclass
 
-from fastapi import APIRouter, Request, WebSocket
+from fastapi import APIRouter, FastAPI, Request, WebSocket
 from fastapi.responses import Response
 
-from argon.proxy import sql_over_http as sql
-from argon.proxy import websocket
-from argon.proxy.http_sql import HttpSql
-from argon.proxy.http_sql import Response as SqlResponse
 from argon.proxy.server import ProxyServer
+from argon.proxy.serverless import sql_over_http as sql
+from argon.proxy.serverless import websocket
+from argon.proxy.serverless.http_sql import HttpSql
+from argon.proxy.serverless.http_sql import Response as SqlResponse
 
 router = APIRouter(include_in_schema=False)
 
@@ -31,6 +31,11 @@ class Serverless:
 
     proxy: ProxyServer
     http_sql: HttpSql
+
+
+def mount_serverless(app: FastAPI, serverless: Serverless) -> None:
+    app.state.serverless = serverless
+    app.include_router(router)
 
 
 def _service(request: Request | WebSocket) -> Serverless | None:

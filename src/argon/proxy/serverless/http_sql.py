@@ -37,10 +37,10 @@ import psycopg
 from psycopg import generators, pq
 
 from argon.errors import ArgonError
-from argon.proxy import sql_over_http as sql
 from argon.proxy.auth import Credentials, check_password
 from argon.proxy.routing import Route
 from argon.proxy.server import ProxyServer
+from argon.proxy.serverless import sql_over_http as sql
 from argon.proxy.session import INSECURE, plaintext_allowed
 from argon.proxy.throttle import Gates, Throttled
 
@@ -370,7 +370,7 @@ def _take_rows(res: pq.abc.PGresult, fields: list[sql.Field], *, raw: bool, enco
 
 
 class HttpSql:
-    """POST /sql on the platform's HTTP port (wired by `argon.api.routes_serverless`)."""
+    """POST /sql on the platform's HTTP port (wired by `argon.proxy.serverless.routes`)."""
 
     def __init__(self, proxy: ProxyServer, *, max_response: int = sql.MAX_RESPONSE_BYTES,
                  idle_timeout: float = IDLE_TIMEOUT, limits: WorkLimits | None = None,

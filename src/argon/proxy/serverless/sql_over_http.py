@@ -4,7 +4,7 @@ Facts from reference/neon-proxy.md §5: the `Neon-Connection-String` header name
 database and endpoint; the body is one query or a batch; params become Postgres text (JSON arrays
 become array literals); results carry field metadata and rows, converted by type unless
 `Neon-Raw-Text-Output: true`; every error is one JSON object with the same 17 keys. The I/O half
-(password check, backend pool, execution) is `argon.proxy.http_sql`.
+(password check, backend pool, execution) is `argon.proxy.serverless.http_sql`.
 """
 
 from __future__ import annotations

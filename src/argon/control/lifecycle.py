@@ -1,0 +1,241 @@
+"""The lifecycle of computes: when and how an endpoint's compute starts and stops.
+
+Mechanism (config files, the postmaster, its admin session) is `argon.compute`; this module decides
+around it. A start is single-flight per endpoint (the endpoint lock): the branch's history gets its
+base first if it has none, a replica gets its copy of the branch, the platform's roles and
+databases are applied if they changed while the compute was stopped, and the endpoint becomes
+active in the view at once (the store and the `wake` event follow in the background, off the
+connection's path). A stop syncs roles and databases made through SQL, stops the postmaster (its
+admin session first), snapshots and prunes the history, and marks the endpoint idle. A compute
+that exits unasked is marked idle; the next connection starts it again.
+
+Operations are not recorded here: the use case that asked for a start or a stop records it, once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from argon import model, safefs
+from argon.compute.manager import ComputeSpec
+from argon.compute.osuser import OsUser
+from argon.compute.params import gucs_for_cu
+from argon.compute.postmaster import ComputeStartError
+from argon.control import replicas, retention, spec
+from argon.control.plane import ControlPlane
+from argon.errors import ArgonError, ComputeError, NotFound
+from argon.proxy.control_client import ComputeAddress
+
+if TYPE_CHECKING:
+    from argon.control.backup import BackupService
+
+log = logging.getLogger(__name__)
+
+
+class Lifecycle:
+    def __init__(self, plane: ControlPlane, backup: BackupService | None = None) -> None:
+        self.plane = plane
+        self.backup = backup  # told when a compute stopped: its last WAL and new snapshot ship now
+        self._needs_spec: set[str] = set()  # endpoints whose next start must apply roles and databases
+        self._stopping: set[str] = set()  # stops we asked for: their exits are no crash
+        plane.computes.on_exit = self._exited
+
+    # State ------------------------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """At start-up: every endpoint's next start applies the platform's spec (it may have changed)."""
+        self._needs_spec.update(ep.id for ep in self.plane.endpoints())
+
+    def mark_needs_spec(self, endpoint_id: str) -> None:
+        """The endpoint's next start must apply the platform's roles and databases."""
+        self._needs_spec.add(endpoint_id)
+
+    def is_running(self, endpoint_id: str) -> bool:
+        return self.plane.is_running(endpoint_id)
+
+    def settled(self, endpoint_id: str) -> bool:
+        """Running with the platform's spec applied, and no start or stop under way: what the compute
+        says (its `pg_authid`) is what the platform means."""
+        return (endpoint_id not in self._needs_spec and not self.plane.endpoint_lock(endpoint_id).locked()
+                and self.plane.is_running(endpoint_id))
+
+    def spec(self, ep: model.Endpoint) -> ComputeSpec:
+        """What the compute of `ep` runs with: its data, socket, log, OS user and settings."""
+        plane = self.plane
+        project = plane.project(ep.project_id)
+        install = plane.installs.get(project.pg_version)
+        if install is None:
+            raise ComputeError(f"PostgreSQL {project.pg_version} binaries are not available on this machine; "
+                               f"install them or set ARGON_PG_BINDIRS", retryable=False)
+        user = OsUser(project.os_uid, project.os_uid) if project.os_uid is not None else None
+        if ep.type is model.EndpointType.READ_ONLY:
+            return replicas.replica_spec(plane, project, ep, install, user)
+        gucs = plane.compute_gucs(project.pg_version, gucs_for_cu(ep.autoscaling_limit_max_cu) | dict(ep.pg_settings)
+                                  | retention.archive_settings(plane, project, ep.branch_id))
+        return ComputeSpec(endpoint_id=ep.id, install=install, pgdata=plane.layout.pgdata(project.id, ep.branch_id),
+                           socket_dir=plane.layout.socket_dir(ep.id),
+                           log_file=plane.layout.compute_log(project.id, ep.branch_id),
+                           user=user, gucs=gucs, argon_os_user=plane.os_user)
+
+    def adopt(self, ep: model.Endpoint) -> bool:
+        """Take over the compute a previous argon left running, if its identity checks out (start-up
+        reconciliation). It kept its own roles: no spec to apply; they are synced at its next stop."""
+        try:
+            compute = self.spec(ep)
+        except Exception:  # no binaries for it, an unreadable history: it is started afresh when needed
+            return False
+        if self.plane.computes.adopt(compute) is None:
+            return False
+        self._needs_spec.discard(ep.id)
+        return True
+
+    # Start ------------------------------------------------------------------------------------------
+
+    async def ensure_running(self, endpoint_id: str, *, reason: str = "wake") -> ComputeAddress:
+        """Start the endpoint's compute if needed. Single-flight: concurrent callers share one start,
+        and a caller arriving during a suspend waits for it, then starts the compute again."""
+        plane = self.plane
+        ep = plane.endpoint(None, endpoint_id)
+        if ep.disabled:
+            raise ArgonError("Control plane request failed: endpoint is disabled", kind=NotFound.kind)
+        socket = str(plane.layout.socket_path(endpoint_id))
+        lock = plane.endpoint_lock(endpoint_id)
+        if not lock.locked() and plane.is_running(endpoint_id) and endpoint_id not in self._needs_spec:
+            return ComputeAddress(socket_path=socket)  # the hot path: up, spec applied, nothing in flight
+        async with lock:
+            if plane.is_running(endpoint_id) and endpoint_id not in self._needs_spec:
+                return ComputeAddress(socket_path=socket)
+            ep = plane.endpoint(None, endpoint_id)
+            started = time.monotonic()
+            try:
+                await self._ensure_history(ep)
+                if ep.type is model.EndpointType.READ_ONLY:
+                    await replicas.ensure_replica_data(plane, ep)
+                compute = self.spec(ep)
+                await plane.computes.start(compute)
+                if endpoint_id in self._needs_spec:
+                    await spec.apply_spec(plane, ep, compute)
+                    self._needs_spec.discard(endpoint_id)
+            except ComputeStartError as exc:
+                log.error("compute %s failed to start: %s", endpoint_id, exc.user_message)
+                with contextlib.suppress(Exception):
+                    await plane.computes.stop(endpoint_id, mode="immediate")
+                plane.spawn(self._after_failed_start(ep, exc.user_message), "recording a failed start")
+                raise ComputeError("Couldn't connect to compute node") from exc
+            elapsed = time.monotonic() - started
+            now = model.utcnow()
+            ep = ep.replace(current_state=model.ComputeState.ACTIVE, pending_state=None, started_at=now,
+                            last_active=now)
+            plane.commit_soon(put=[ep], what="recording a start")
+            plane.activity.touch(endpoint_id)
+            log.info("compute %s started in %.0f ms (%s)", endpoint_id, elapsed * 1000, reason)
+            plane.spawn(plane.add_event(ep.id, model.EventKind.WAKE, duration_ms=elapsed * 1000, detail=reason),
+                        "recording a wake")
+            return ComputeAddress(socket_path=socket, cold_start=True)
+
+    async def _after_failed_start(self, ep: model.Endpoint, message: str) -> None:
+        """The start failed: its event, and a failed `start_compute` operation (nobody else can record
+        it: the caller only sees the error)."""
+        await self.plane.add_event(ep.id, model.EventKind.START_FAILED, detail=message[-2000:])
+        await self.plane.record(ep.project_id, model.OperationAction.START_COMPUTE, branch_id=ep.branch_id,
+                                endpoint_id=ep.id, status=model.OperationStatus.FAILED, error=message[-2000:])
+
+    async def _ensure_history(self, ep: model.Endpoint) -> None:
+        """A branch without history (data from before history existed, or retention raised from 0)
+        gets its base snapshot before its compute starts."""
+        plane = self.plane
+        project = plane.project(ep.project_id)
+        if not retention.enabled(project) or ep.type is not model.EndpointType.READ_WRITE:
+            return
+        if retention.branch_history(plane, project.id, ep.branch_id).exists():
+            return
+        pgdata = plane.layout.pgdata(project.id, ep.branch_id)
+        if project.pg_version not in plane.installs or not safefs.lexists(pgdata / "PG_VERSION"):
+            return
+        try:
+            await asyncio.to_thread(retention.begin_epoch, plane, project, ep.branch_id, pgdata,
+                                    reason="history started", fresh=True)
+        except Exception as exc:  # history is a feature, starting the compute is the job
+            log.warning("could not start the history of branch %s: %s", ep.branch_id, exc)
+
+    # Stop -------------------------------------------------------------------------------------------
+
+    async def stop(self, endpoint_id: str, *, reason: str, mode: str = "fast") -> bool:
+        """Suspend: stop the compute (if running) and mark the endpoint idle. Returns True if it ran."""
+        async with self.plane.endpoint_lock(endpoint_id):
+            return await self.stop_locked(endpoint_id, reason=reason, mode=mode)
+
+    async def stop_locked(self, endpoint_id: str, *, reason: str, mode: str = "fast") -> bool:
+        """`stop`, for a caller that holds the endpoint lock already."""
+        plane = self.plane
+        ep = plane.endpoint(None, endpoint_id)
+        was_running = plane.is_running(endpoint_id)
+        started = time.monotonic()
+        if was_running:
+            if ep.type is model.EndpointType.READ_WRITE:  # a replica holds no changes of its own
+                await self._sync_before_stop(ep)
+            self._stopping.add(endpoint_id)
+            try:
+                await plane.computes.stop(endpoint_id, mode=mode)  # closes its admin session first
+            finally:
+                self._stopping.discard(endpoint_id)
+            if mode != "immediate":
+                await self._after_stop_history(ep)
+            if self.backup is not None:
+                self.backup.nudge()
+        if ep.current_state is model.ComputeState.ACTIVE or was_running:
+            now = model.utcnow()
+            await plane.commit(put=[ep.replace(current_state=model.ComputeState.IDLE, pending_state=None,
+                                               suspended_at=now)])
+            if was_running:
+                log.info("compute %s suspended (%s)", endpoint_id, reason)
+                await plane.add_event(ep.id, model.EventKind.SUSPEND, at=now,
+                                      duration_ms=(time.monotonic() - started) * 1000, detail=reason)
+        return was_running
+
+    async def retire(self, endpoint_id: str, *, reason: str, mode: str = "fast") -> bool:
+        """The endpoint is being deleted: stop its compute and forget what the lifecycle knew of it."""
+        ran = await self.stop(endpoint_id, reason=reason, mode=mode)
+        self._needs_spec.discard(endpoint_id)
+        return ran
+
+    async def _sync_before_stop(self, ep: model.Endpoint) -> None:
+        """Pick up roles and databases changed through SQL before the compute goes away; skipped when an
+        API mutation of the project is in flight (it knows what it changes, and holds the project lock)."""
+        if self.plane.project_busy(ep.project_id):
+            return
+        try:
+            await spec.sync_from_compute(self.plane, ep)
+        except Exception as exc:  # never block a suspend on this
+            log.warning("could not sync roles and databases of %s before stopping it: %s", ep.id, exc)
+
+    async def _after_stop_history(self, ep: model.Endpoint) -> None:
+        plane = self.plane
+        if not plane.has_project(ep.project_id) or ep.type is not model.EndpointType.READ_WRITE:
+            return
+        project = plane.project(ep.project_id)
+        try:
+            await asyncio.to_thread(retention.after_stop, plane, project, ep.branch_id)
+        except Exception as exc:
+            log.warning("could not snapshot or prune the history of branch %s: %s", ep.branch_id, exc)
+
+    def _exited(self, endpoint_id: str, returncode: int | None) -> None:
+        """A compute exited without being asked to (crash, OOM kill, kill -9): mark it idle; the next
+        connection starts it again."""
+        ep = self.plane.find_endpoint(endpoint_id)
+        if endpoint_id in self._stopping or ep is None:
+            return
+        log.warning("compute %s exited unexpectedly (status %s); it will start again on the next connection",
+                    endpoint_id, returncode)
+        if ep.current_state is model.ComputeState.ACTIVE:
+            now = model.utcnow()
+            with contextlib.suppress(RuntimeError):  # no running loop: argon is shutting down
+                self.plane.commit_soon(put=[ep.replace(current_state=model.ComputeState.IDLE, suspended_at=now)],
+                                       what="recording a compute exit")
+                self.plane.spawn(self.plane.add_event(ep.id, model.EventKind.SUSPEND, at=now,
+                                                      detail=f"exited unexpectedly ({returncode})"),
+                                 "recording a compute exit")

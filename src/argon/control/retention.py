@@ -1,0 +1,421 @@
+"""History retention: when a branch's history epochs begin and end, when snapshots are taken, and
+what is pruned once it falls out of the project's `history_retention_seconds`.
+
+Every branch's compute archives its WAL into the current *epoch* of its history (ADR 0008); an
+epoch starts whenever the branch gets new data and begins with a base snapshot. More snapshots are
+taken at a clean stop when one is due (`snapshot_due`), or online for computes that never suspend
+(`maintain`, every minute); pruning keeps, per epoch, the newest snapshot older than the window and
+everything newer (`plan_pruning`). The decisions are pure functions; the mechanism (manifest,
+copies, links, WAL files) is `argon.storage.history` and `argon.storage.wal`. A point in time is
+rebuilt from what is kept here by `argon.control.pitr`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from argon import model, safefs
+from argon.compute.admin import connect_admin
+from argon.compute.osuser import OsUser, project_user
+from argon.control.plane import ControlPlane
+from argon.errors import NotFound, StorageError
+from argon.storage import branching, wal
+from argon.storage import history as hs
+from argon.storage.spares import template_key
+from argon.storage.usage import disk_usage
+
+log = logging.getLogger(__name__)
+
+WAL_SNAPSHOT_TRIGGER = 256 * 1024 * 1024  # this much WAL since the newest snapshot: take one at the next stop
+
+
+def branch_history(plane: ControlPlane, project_id: str, branch_id: str) -> hs.BranchHistory:
+    try:
+        owner = project_user(plane.project(project_id).os_uid)
+    except NotFound:
+        owner = None
+    return hs.BranchHistory(plane.layout.branch_dir(project_id, branch_id) / "history", owner)
+
+
+def project_owner(project: model.Project) -> OsUser | None:
+    return project_user(project.os_uid)
+
+
+def enabled(project: model.Project) -> bool:
+    return project.history_retention_seconds > 0
+
+
+def _epoch_id() -> str:
+    return f"e{int(time.time() * 1000):x}{secrets.token_hex(2)}"
+
+
+def _make_wal_dir(history: hs.BranchHistory, project: model.Project, epoch_id: str) -> None:
+    safefs.makedirs(history.wal_dir(epoch_id), owner=project_owner(project))
+
+
+def current_epoch(plane: ControlPlane, project_id: str, branch_id: str) -> hs.Epoch | None:
+    """The branch's current epoch; None without history, or when its manifest is unusable (the
+    compute's uid can write it: the branch then runs without point in time, and says so in the log)."""
+    try:
+        return branch_history(plane, project_id, branch_id).load().current
+    except hs.ManifestError as exc:
+        log.warning("branch %s runs without history: %s", branch_id, exc.user_message)
+        return None
+
+
+def archive_settings(plane: ControlPlane, project: model.Project, branch_id: str) -> dict[str, str]:
+    """The compute's archiving GUCs: its WAL goes to the current epoch's archive, or nowhere."""
+    if not enabled(project):
+        return {"archive_mode": "off"}
+    current = current_epoch(plane, project.id, branch_id)
+    if current is None:
+        return {"archive_mode": "off"}
+    archive_dir = branch_history(plane, project.id, branch_id).wal_dir(current.id)
+    return {"archive_mode": "on", "archive_command": wal.archive_command(archive_dir), "archive_timeout": "0"}
+
+
+# --- Epochs ---------------------------------------------------------------------------------------------
+
+def start_from_template(plane: ControlPlane, project: model.Project, branch_id: str, template: Path) -> None:
+    """A new project's first epoch: its cluster is a byte copy of the pristine template, so the
+    template is the base snapshot (copied into the history in the background, see `materialize_base`)."""
+    if not enabled(project):
+        return
+    install = plane.installs[project.pg_version]
+    snap, control = hs.describe_snapshot(install.bindir, template, "base", project.created_at)
+    snap = hs.Snapshot(name=snap.name, taken_at=snap.taken_at, redo_lsn=snap.redo_lsn,
+                       consistent_lsn=snap.consistent_lsn, template=template_key(template))
+    epoch = hs.Epoch(id=_epoch_id(), started_at=project.created_at, start_lsn=control.checkpoint_lsn,
+                     timeline=control.timeline, segsize=control.segsize, reason="project created", snapshots=(snap,))
+    history = branch_history(plane, project.id, branch_id)
+    history.save(hs.Manifest((epoch,)))
+    _make_wal_dir(history, project, epoch.id)
+
+
+def materialize_base(plane: ControlPlane, project: model.Project, branch_id: str) -> None:
+    """Copy template-backed snapshots into the history (idempotent; a copy in progress is a temp dir)."""
+    history = branch_history(plane, project.id, branch_id)
+    for epoch in history.load().epochs:
+        for snap in epoch.snapshots:
+            if snap.template is not None:
+                template_snapshot(plane, project, history, epoch, snap)
+
+
+async def materialize_base_soon(plane: ControlPlane, project: model.Project, branch_id: str) -> None:
+    """`materialize_base` in the background, under the project lock (a delete must not race it)."""
+    async with plane.project_lock(project.id):
+        if any(p.id == project.id for p in plane.projects()):
+            await asyncio.to_thread(materialize_base, plane, project, branch_id)
+
+
+def template_snapshot(plane: ControlPlane, project: model.Project, history: hs.BranchHistory, epoch: hs.Epoch,
+                      snap: hs.Snapshot) -> Path:
+    """The directory of a snapshot, copying the template it stands for into the history first if
+    it is template-backed (a new project's base) and not copied yet."""
+    path = history.snapshot_dir(epoch.id, snap.name)
+    if safefs.lexists(path):
+        return path
+    template = plane.templates.get(project.pg_version)
+    if template is None or template_key(template) != snap.template:
+        raise StorageError("the base of this branch's history was a template that has since been rebuilt; "
+                           "history before the branch's first suspend is not available")
+    user = project_owner(project)
+    safefs.makedirs(path.parent, owner=user)
+    # a root-owned template: copied where only root goes, then handed over (argon.storage.spares)
+    hs.copy_template(lambda source, tmp: plane.spares.copy(source, tmp, user), template, path)
+    return path
+
+
+def begin_epoch(plane: ControlPlane, project: model.Project, branch_id: str, pgdata: Path, *, reason: str,
+                consistent_lsn: str | None = None, fresh: bool = False) -> None:
+    """The branch's data was just replaced by the (not yet started) cluster at `pgdata`: end the
+    current epoch, if any, and start a new one whose base is a copy of `pgdata`. `fresh`: forget
+    the older epochs (the branch is new, or its old history moved to a preserved branch)."""
+    if not enabled(project):
+        return
+    history = branch_history(plane, project.id, branch_id)
+    manifest = hs.Manifest() if fresh else history.load()
+    install = plane.installs[project.pg_version]
+    now = plane.clock()
+    snap, control = hs.describe_snapshot(install.bindir, pgdata, "base", now, consistent_lsn, project_owner(project))
+    label = wal.backup_label_fields(pgdata)
+    epoch = hs.Epoch(id=_epoch_id(), started_at=now, start_lsn=snap.consistent_lsn,
+                     timeline=label[1] if label else control.timeline, segsize=control.segsize, reason=reason,
+                     snapshots=(snap,))
+    base = history.snapshot_dir(epoch.id, "base")
+    _make_wal_dir(history, project, epoch.id)
+    plane.backend.clone_tree(pgdata, base, owner=project_owner(project))
+    history.save(manifest.with_epoch(epoch))
+
+
+def begin_epoch_from_parent(plane: ControlPlane, project: model.Project, branch_id: str, pgdata: Path,
+                            parent_id: str, *, consistent_lsn: str | None) -> bool:
+    """A new branch's first epoch without a second copy of its data, on the copy backend: the new
+    cluster at `pgdata` is the parent's data at the copy, i.e. the parent's newest snapshot before it
+    plus the parent's WAL since. So the base is that snapshot, hard-linked (snapshots and archived
+    segments are never written in place), and the parent's archived segments up to the first one
+    the copy holds are hard-linked into the new epoch's archive (segments still in the parent's
+    live pg_wal are copied: Postgres reuses those files), followed by copies of the copy's own.
+    Recovery from the base then replays the parent's WAL into the branch's own, which continues on
+    the same timeline. Returns False, having made nothing, when the parent's history cannot serve
+    (the caller then copies a base)."""
+    if not enabled(project) or plane.backend.name == "reflink":  # a reflink base costs nothing anyway
+        return False
+    parent = branch_history(plane, project.id, parent_id)
+    pe = parent.load().current
+    if pe is None or not pe.snapshots:
+        return False
+    install = plane.installs[project.pg_version]
+    user = project_owner(project)
+    control = wal.control_data(install.bindir, pgdata, user)
+    label = wal.backup_label_fields(pgdata)
+    if label is not None:
+        start, timeline = wal.parse_lsn(label[0]), label[1]
+    elif control.state == "shut down":
+        start, timeline = wal.parse_lsn(control.redo_lsn), control.timeline
+    else:
+        return False  # a crashed parent's copy: its WAL's end is unknown here
+    if timeline != pe.timeline or control.segsize != pe.segsize:
+        return False
+    usable = [s for s in pe.snapshots if wal.parse_lsn(s.consistent_lsn) <= start]
+    if not usable:
+        return False
+    snap = usable[-1]
+    source = template_snapshot(plane, project, parent, pe, snap) if snap.template else \
+        parent.snapshot_dir(pe.id, snap.name)
+    if not safefs.is_dir(source):
+        return False
+    own = sorted((seg[1], name) for name in safefs.listdir(pgdata / "pg_wal")
+                 if (seg := wal.segment_start(name, pe.segsize)) is not None and seg[0] == timeline)
+    if not own:
+        return False
+    first_own = own[0][0]
+    needed = [wal.segment_name(timeline, lsn, pe.segsize)
+              for lsn in range(wal.parse_lsn(snap.redo_lsn) // pe.segsize * pe.segsize, first_own, pe.segsize)]
+    history = branch_history(plane, project.id, branch_id)
+    now = plane.clock()
+    epoch = hs.Epoch(id=_epoch_id(), started_at=now, start_lsn=consistent_lsn or control.checkpoint_lsn,
+                     timeline=timeline, segsize=pe.segsize, reason="branch created",
+                     snapshots=(hs.Snapshot(name="base", taken_at=now, redo_lsn=snap.redo_lsn,
+                                            consistent_lsn=snap.consistent_lsn),))
+    _make_wal_dir(history, project, epoch.id)
+    archive_dir = history.wal_dir(epoch.id)
+    archive, live = parent.wal_dir(pe.id), plane.layout.pgdata(project.id, parent_id) / "pg_wal"
+    try:
+        wal.link_segments(needed, archive, live, archive_dir, user)
+        # The copy's own segments, as copied: its first start replays them and may recycle them
+        # without archiving (they were not written there); the one it goes on writing is archived
+        # again, whole, when it is full. Copied only when they are regular files of the uid (safefs).
+        with safefs.Dir(archive_dir) as to, safefs.Dir(pgdata / "pg_wal") as mine:
+            for _lsn, name in own:
+                mine.copy(name, to, name, owner=user)
+        base = history.snapshot_dir(epoch.id, "base")
+        safefs.makedirs(base.parent, owner=user)
+        hs.link_tree(source, base, user)
+    except OSError as exc:  # a segment gone from both places, or no hard links here
+        log.info("branch %s: copying a history base (the parent's history could not be linked: %s)", branch_id, exc)
+        hs.remove_tree(history.root)
+        return False
+    history.save(hs.Manifest((epoch,)))
+    log.debug("branch %s: history base linked to %s/%s of %s, %d segment(s) of its WAL", branch_id, pe.id,
+              snap.name, parent_id, len(needed))
+    return True
+
+
+def end_epoch(plane: ControlPlane, project: model.Project, branch_id: str, old_pgdata: Path) -> None:
+    """Before a branch's stopped cluster is replaced: keep its not yet archived WAL tail in the
+    epoch's archive and record where the epoch ended."""
+    if not enabled(project):
+        return
+    history = branch_history(plane, project.id, branch_id)
+    manifest = history.load()
+    epoch = manifest.current
+    if epoch is None or not safefs.is_dir(old_pgdata):
+        return
+    install = plane.installs[project.pg_version]
+    control = wal.control_data(install.bindir, old_pgdata, project_owner(project))
+    newest = epoch.snapshots[-1] if epoch.snapshots else None
+    start = wal.parse_lsn(newest.redo_lsn) if newest else 0
+    archive_dir = history.wal_dir(epoch.id)
+    safefs.makedirs(archive_dir, owner=project_owner(project))
+    plane.backend.copy_into(wal.wal_files(old_pgdata / "pg_wal", epoch.timeline, epoch.segsize, start), archive_dir,
+                            tolerate_vanished=True, owner=project_owner(project))
+    history.save(manifest.with_epoch(epoch.replace(ended_at=plane.clock(), end_lsn=control.checkpoint_lsn)))
+
+
+# --- Decisions (pure) ------------------------------------------------------------------------------------
+
+def snapshot_due(epoch: hs.Epoch, wal_since: int, *, now: datetime, retention_seconds: int, cheap: bool) -> bool:
+    """Whether a snapshot should be taken now, `wal_since` bytes of WAL after the epoch's newest.
+    `cheap`: snapshots are reflinks (next to free) rather than copies of the cluster."""
+    if wal_since < epoch.segsize:
+        return False  # (almost) nothing written since the newest snapshot
+    if wal_since >= WAL_SNAPSHOT_TRIGGER:
+        return True
+    age = (now - epoch.snapshots[-1].taken_at).total_seconds() if epoch.snapshots else float("inf")
+    # A reflink snapshot costs next to nothing: take one every 1/24 of the window (hourly for a
+    # day). A plain copy costs the cluster's size: every half window, so about three are kept.
+    interval = retention_seconds / (24 if cheap else 2)
+    return age >= max(60.0, interval)
+
+
+@dataclass(frozen=True)
+class Pruning:
+    """What `plan_pruning` keeps and drops."""
+
+    manifest: hs.Manifest  # the history that remains
+    epochs: tuple[str, ...] = ()  # epochs removed whole
+    snapshots: tuple[tuple[str, str], ...] = ()  # (epoch, snapshot) removed
+    wal: tuple[tuple[hs.Epoch, int], ...] = ()  # (kept epoch, LSN): its archived segments wholly before go
+
+    @property
+    def empty(self) -> bool:
+        return not (self.epochs or self.snapshots)
+
+
+def plan_pruning(manifest: hs.Manifest, window: datetime) -> Pruning:
+    """What no target inside the retention window (from `window` on) needs. An older epoch that ended
+    before the window goes whole; in every epoch the newest snapshot taken before the window stays
+    (a target right at the window's start replays from it) and older ones go, with the archived WAL
+    before the first snapshot kept."""
+    epochs: list[str] = []
+    snapshots: list[tuple[str, str]] = []
+    cuts: list[tuple[hs.Epoch, int]] = []
+    for epoch in manifest.epochs[:-1]:
+        if epoch.ended_at is not None and epoch.ended_at < window:
+            epochs.append(epoch.id)
+            manifest = manifest.without(epoch.id)
+    for epoch in manifest.epochs:
+        drop = [s for s in epoch.snapshots if s.taken_at < window][:-1]
+        if drop:
+            epoch = epoch.replace(snapshots=tuple(s for s in epoch.snapshots if s not in drop))
+            manifest = manifest.with_epoch(epoch)
+            snapshots += [(epoch.id, s.name) for s in drop]
+        if epoch.snapshots:
+            cuts.append((epoch, wal.parse_lsn(epoch.snapshots[0].redo_lsn)))
+    return Pruning(manifest, tuple(epochs), tuple(snapshots), tuple(cuts))
+
+
+# --- Snapshots at suspend, pruning ----------------------------------------------------------------------
+
+def _due(plane: ControlPlane, project: model.Project, epoch: hs.Epoch, wal_since: int) -> bool:
+    return snapshot_due(epoch, wal_since, now=plane.clock(), retention_seconds=project.history_retention_seconds,
+                        cheap=plane.backend.name == "reflink")
+
+
+def after_stop(plane: ControlPlane, project: model.Project, branch_id: str) -> None:
+    """Called with the endpoint lock held, right after a clean stop: take a snapshot when one is due,
+    then prune what fell out of the retention window."""
+    if not enabled(project):
+        return
+    history = branch_history(plane, project.id, branch_id)
+    manifest = history.load()
+    epoch = manifest.current
+    if epoch is None:
+        return
+    pgdata = plane.layout.pgdata(project.id, branch_id)
+    install = plane.installs[project.pg_version]
+    control = wal.control_data(install.bindir, pgdata, project_owner(project))
+    newest = epoch.snapshots[-1] if epoch.snapshots else None
+    wal_since = wal.parse_lsn(control.checkpoint_lsn) - (wal.parse_lsn(newest.consistent_lsn) if newest else 0)
+    if control.state == "shut down" and control.timeline == epoch.timeline and \
+            _due(plane, project, epoch, wal_since):
+        name = f"s{int(time.time() * 1000):x}"
+        target = history.snapshot_dir(epoch.id, name)
+        safefs.makedirs(target.parent, owner=project_owner(project))
+        branching.clone_stopped(plane.backend, pgdata, target, control, project_owner(project))  # without recycled WAL
+        snap, _ = hs.describe_snapshot(install.bindir, target, name, plane.clock(), owner=project_owner(project))
+        epoch = epoch.replace(snapshots=(*epoch.snapshots, snap))
+        manifest = manifest.with_epoch(epoch)
+        history.save(manifest)
+        log.info("snapshot %s of branch %s taken at %s", name, branch_id, snap.consistent_lsn)
+    prune(plane, project, branch_id)
+
+
+def prune(plane: ControlPlane, project: model.Project, branch_id: str) -> int:
+    """Drop epochs, snapshots and archived WAL no target inside the retention window needs
+    (`plan_pruning`): the manifest first, then the files. Returns the bytes freed."""
+    history = branch_history(plane, project.id, branch_id)
+    manifest = history.load()
+    if not manifest.epochs:
+        return 0
+    plan = plan_pruning(manifest, plane.clock() - timedelta(seconds=project.history_retention_seconds))
+    freed = 0
+    if not plan.empty:
+        gone = [history.epoch_dir(e) for e in plan.epochs] + [history.snapshot_dir(e, s) for e, s in plan.snapshots]
+        freed += sum(disk_usage(path).allocated for path in gone)
+        history.save(plan.manifest)
+        for path in gone:
+            hs.remove_tree(path)
+    for epoch, before in plan.wal:
+        freed += wal.prune_wal(history.wal_dir(epoch.id), epoch.timeline, epoch.segsize, before)
+    if freed:
+        log.info("pruned %.1f MB of history of branch %s", freed / 1e6, branch_id)
+    return freed
+
+
+async def maintain(plane: ControlPlane) -> None:
+    """Every minute (the monitor): computes that never suspend get their snapshots online, and every
+    branch's history is pruned. Under the project lock, so no restore changes epochs meanwhile."""
+    for project in plane.projects():
+        if not enabled(project):
+            continue
+        for branch in plane.branches(project.id):
+            try:
+                async with plane.project_lock(project.id):
+                    if not plane.has_project(project.id):
+                        break
+                    await _snapshot_running(plane, project, branch.id)
+                    await asyncio.to_thread(prune, plane, project, branch.id)
+            except Exception as exc:
+                log.warning("history maintenance of branch %s failed: %s", branch.id,
+                            getattr(exc, "user_message", exc))
+
+
+async def _snapshot_running(plane: ControlPlane, project: model.Project, branch_id: str) -> None:
+    """An online snapshot (the clone protocol) of a running compute, when one is due. The compute
+    keeps serving; if it stops meanwhile, the backup is aborted and nothing is recorded."""
+    ep = plane.primary(project.id, branch_id)
+    if ep is None or not plane.is_running(ep.id):
+        return
+    history = branch_history(plane, project.id, branch_id)
+    epoch = (await asyncio.to_thread(history.load)).current
+    if epoch is None or not epoch.snapshots:
+        return
+    conn = await connect_admin(plane.layout.socket_dir(ep.id))
+    try:
+        cur = await conn.execute("SELECT pg_current_wal_lsn()::text")
+        row = await cur.fetchone()
+        wal_since = wal.parse_lsn(row[0] if row else "0/0") - wal.parse_lsn(epoch.snapshots[-1].consistent_lsn)
+        if not _due(plane, project, epoch, wal_since):
+            return
+        name = f"s{int(time.time() * 1000):x}"
+        target = history.snapshot_dir(epoch.id, name)
+        await asyncio.to_thread(safefs.makedirs, target.parent, owner=project_owner(project))
+        try:
+            stop_lsn = await branching.clone_running(conn, plane.backend, plane.layout.pgdata(project.id, branch_id),
+                                                     target, project_owner(project))
+        except BaseException:
+            await asyncio.to_thread(safefs.rmtree, target)
+            raise
+    finally:
+        await conn.close()
+    install = plane.installs[project.pg_version]
+
+    def record() -> None:
+        snap, _ = hs.describe_snapshot(install.bindir, target, name, plane.clock(), stop_lsn, project_owner(project))
+        manifest = history.load()  # re-read: a stop may have added a snapshot meanwhile
+        current = manifest.current
+        if current is None or current.id != epoch.id:
+            safefs.rmtree(target)
+            return
+        history.save(manifest.with_epoch(current.replace(snapshots=(*current.snapshots, snap))))
+        log.info("online snapshot %s of branch %s taken at %s", name, branch_id, stop_lsn)
+
+    await asyncio.to_thread(record)

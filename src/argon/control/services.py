@@ -1,0 +1,59 @@
+"""The control plane's services, composed once: what the use cases, the API, the console and the
+platform hold.
+
+- `plane`: the in-memory view and the store plumbing (`argon.control.plane`);
+- `computes`: the lifecycle of computes, start and stop (`argon.control.lifecycle`);
+- `metrics`: the sampler and the consumption figures (`argon.control.metrics`);
+- `figures`: the storage figures (`argon.control.figures`);
+- `api_keys`: the API's keys (`argon.control.apikeys`);
+- `backup`: continuous backup to object storage, when configured (`argon.control.backup`).
+
+The use cases (`projects`, `branches`, `endpoints`, `roles`, `schema`, the suspend monitor, the
+reconciler) take a `Control`; the services below them take only what they need, so calls go one
+way: use cases -> services -> plane -> compute, storage, metadata.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from argon.control.apikeys import ApiKeys
+from argon.control.figures import Figures
+from argon.control.lifecycle import Lifecycle
+from argon.control.metrics import MetricsSampler
+from argon.control.plane import ControlPlane
+
+if TYPE_CHECKING:
+    from argon.control.backup import BackupService
+
+
+@dataclass(frozen=True)
+class Control:
+    plane: ControlPlane
+    computes: Lifecycle
+    metrics: MetricsSampler
+    figures: Figures
+    api_keys: ApiKeys
+    backup: BackupService | None = None  # continuous backup, when ARGON_BACKUP_URL is set
+
+    @classmethod
+    def build(cls, plane: ControlPlane) -> Control:
+        metrics = MetricsSampler(plane)
+        backup = None
+        if plane.settings.backup_url:
+            from argon.control.backup import BackupService
+
+            backup = BackupService(plane)
+        return cls(plane=plane, computes=Lifecycle(plane, backup), metrics=metrics, figures=Figures(plane, metrics),
+                   api_keys=ApiKeys(plane), backup=backup)
+
+    async def load(self) -> None:
+        """Fill the view from the store (at start-up)."""
+        await self.plane.load()
+        self.computes.load()
+        await self.api_keys.load()
+
+    async def close(self) -> None:
+        await self.metrics.stop()
+        await self.plane.close()
