@@ -103,3 +103,20 @@ def test_a_target_before_the_snapshot_is_consistent_stops_at_consistency() -> No
     early = pitr.recovery_target(s, "0/1700000")
     assert early["recovery_target"] == "immediate" and "recovery_target_lsn" not in early
     assert "recovery_target_lsn" not in pitr.recovery_target(s, None)  # to the end of the WAL
+
+
+def test_pruning_never_plans_away_wal_the_backup_bucket_does_not_have() -> None:
+    """With continuous backup (ADR 0018), an old epoch goes only once its WAL is shipped past its
+    end, and a kept epoch's archive is cut no later than what is shipped."""
+    old = epoch("e1", T0, "0/1000000", snap("base", T0, "0/1000000"), ended=T0 + timedelta(hours=1))
+    current = epoch("e2", T0 + timedelta(hours=1), "0/A000000", snap("base", T0 + timedelta(hours=1), "0/A000000"),
+                    snap("s1", T0 + timedelta(hours=10), "0/B000000"))
+    window = T0 + timedelta(hours=20)
+    manifest = hs.Manifest((old, current))
+    unshipped = retention.plan_pruning(manifest, window, {"e1": 0x8000000, "e2": 0xA400000})
+    assert unshipped.epochs == ()  # e1 ends at 0/9000000: not all in the bucket yet
+    assert [(e.id, cut) for e, cut in unshipped.wal] == [("e1", 0x1000000), ("e2", 0xA400000)]
+    shipped = retention.plan_pruning(manifest, window, {"e1": 0x9100000, "e2": 0xC000000})
+    assert shipped.epochs == ("e1",)
+    assert [(e.id, cut) for e, cut in shipped.wal] == [("e2", 0xB000000)]
+    assert retention.plan_pruning(manifest, window).epochs == ("e1",)  # no backup: as before

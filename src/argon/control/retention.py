@@ -16,6 +16,7 @@ import asyncio
 import logging
 import secrets
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -27,6 +28,7 @@ from argon.control.plane import ControlPlane
 from argon.errors import NotFound, StorageError
 from argon.storage import branching, wal
 from argon.storage import history as hs
+from argon.storage.backup.wal import ShipState
 from argon.storage.spares import template_key
 from argon.storage.usage import disk_usage
 
@@ -279,16 +281,23 @@ class Pruning:
         return not (self.epochs or self.snapshots)
 
 
-def plan_pruning(manifest: hs.Manifest, window: datetime) -> Pruning:
+def plan_pruning(manifest: hs.Manifest, window: datetime, shipped: Mapping[str, int] | None = None) -> Pruning:
     """What no target inside the retention window (from `window` on) needs. An older epoch that ended
     before the window goes whole; in every epoch the newest snapshot taken before the window stays
     (a target right at the window's start replays from it) and older ones go, with the archived WAL
-    before the first snapshot kept."""
+    before the first snapshot kept. `shipped` (with continuous backup, ADR 0018): per epoch, the end
+    of its WAL in the bucket; no WAL the bucket does not have yet is planned away (an epoch goes only
+    once its WAL is shipped past its end, a kept epoch's archive is cut no later than that)."""
     epochs: list[str] = []
     snapshots: list[tuple[str, str]] = []
     cuts: list[tuple[hs.Epoch, int]] = []
+
+    def shipped_to(epoch: hs.Epoch, lsn: int) -> bool:
+        return shipped is None or shipped.get(epoch.id, 0) > lsn
+
     for epoch in manifest.epochs[:-1]:
-        if epoch.ended_at is not None and epoch.ended_at < window:
+        if epoch.ended_at is not None and epoch.ended_at < window and \
+                shipped_to(epoch, wal.parse_lsn(epoch.end_lsn or epoch.start_lsn)):
             epochs.append(epoch.id)
             manifest = manifest.without(epoch.id)
     for epoch in manifest.epochs:
@@ -298,7 +307,8 @@ def plan_pruning(manifest: hs.Manifest, window: datetime) -> Pruning:
             manifest = manifest.with_epoch(epoch)
             snapshots += [(epoch.id, s.name) for s in drop]
         if epoch.snapshots:
-            cuts.append((epoch, wal.parse_lsn(epoch.snapshots[0].redo_lsn)))
+            cut = wal.parse_lsn(epoch.snapshots[0].redo_lsn)
+            cuts.append((epoch, cut if shipped is None else min(cut, shipped.get(epoch.id, 0))))
     return Pruning(manifest, tuple(epochs), tuple(snapshots), tuple(cuts))
 
 
@@ -345,7 +355,11 @@ def prune(plane: ControlPlane, project: model.Project, branch_id: str) -> int:
     manifest = history.load()
     if not manifest.epochs:
         return 0
-    plan = plan_pruning(manifest, plane.clock() - timedelta(seconds=project.history_retention_seconds))
+    shipped = None
+    if plane.settings.backup_url:  # never delete WAL the bucket does not have yet
+        state = plane.layout.branch_backup_state(project.id, branch_id)
+        shipped = {e.id: ShipState.load(state / e.id / "wal.json").shipped_end for e in manifest.epochs}
+    plan = plan_pruning(manifest, plane.clock() - timedelta(seconds=project.history_retention_seconds), shipped)
     freed = 0
     if not plan.empty:
         gone = [history.epoch_dir(e) for e in plan.epochs] + [history.snapshot_dir(e, s) for e, s in plan.snapshots]
