@@ -226,3 +226,72 @@ def test_cli_backup_status_and_verify(shipping: tuple[RunningPlatform, str]) -> 
     out = argon("backup", "verify", "--from", url, extra={"ARGON_BACKUP_KEY": "wrong"})
     assert out.returncode == 1 and "ARGON_BACKUP_KEY is not the key" in out.stderr and "Traceback" not in out.stderr
     platform.delete_project(created["project"]["id"])
+
+
+def test_a_deleted_projects_objects_go_one_window_after_its_deletion(shipping: tuple[RunningPlatform, str]) -> None:
+    from datetime import timedelta
+
+    from argon import model
+    from argon.control.backup import branch_prefix
+
+    platform, _url = shipping
+    created = platform.create_project(name="deleted later")
+    pid, bid = created["project"]["id"], created["branch"]["id"]
+    wait_shipped(platform, branches=1, since=created["project"]["created_at"])
+    service = platform.control.backup
+    assert service is not None
+    prefix = branch_prefix(pid, bid)
+    state = platform.settings.data_dir / "backup" / pid / bid
+    assert state.is_dir() and service.store.list(prefix)
+    platform.delete_project(pid)
+    deadline = time.monotonic() + 60
+    while platform.api.get(f"/projects/{pid}").status_code != 404:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    now = model.utcnow()
+    platform.call(service.prune_once(now), timeout=120)  # notices the deletion: the window starts now
+    assert f"{prefix}deleted.json" in {o.key for o in service.store.list(prefix)}
+    assert any("/wal/" in o.key for o in service.store.list(prefix))  # a restore before the deletion needs them
+    assert not state.exists()
+    platform.call(service.prune_once(now + timedelta(days=6)), timeout=120)
+    assert any("/wal/" in o.key for o in service.store.list(prefix))
+    platform.call(service.prune_once(now + timedelta(days=8)), timeout=120)
+    assert service.store.list(prefix) == []
+
+
+def test_branch_at_a_time_older_than_the_local_history_comes_from_the_bucket(
+        shipping: tuple[RunningPlatform, str]) -> None:
+    from datetime import timedelta
+
+    from argon import model
+
+    platform, _url = shipping
+    created = platform.create_project(name="deep history")
+    pid = created["project"]["id"]
+    with psycopg.connect(platform.dsn(created), autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (id int)")
+        conn.execute("INSERT INTO t SELECT generate_series(1, 100)")
+        then = conn.execute("SELECT clock_timestamp()").fetchone()[0]  # type: ignore[index]
+        time.sleep(0.05)
+        conn.execute("INSERT INTO t SELECT generate_series(101, 150)")
+    wait_shipped(platform, branches=1, since=model.utcnow().isoformat())
+    plane = platform.plane
+    retained = timedelta(seconds=created["project"]["history_retention_seconds"])
+    try:
+        # Later than the project's own history window: the local history refuses it, the bucket has it.
+        plane.clock = lambda: model.utcnow() + retained + timedelta(hours=1)
+        resp = platform.api.post(f"/projects/{pid}/branches", json={
+            "branch": {"name": "from-bucket", "parent_timestamp": then.astimezone(UTC).isoformat()},
+            "endpoints": [{"type": "read_write"}]})
+        assert resp.status_code == 201, resp.text
+        dsn = platform.dsn(created).replace(created["endpoints"][0]["id"], resp.json()["endpoints"][0]["id"])
+        with psycopg.connect(dsn) as conn:
+            assert conn.execute("SELECT count(*), max(id) FROM t").fetchone() == (100, 100)
+        # Older than ARGON_BACKUP_RETENTION too: a clear 400.
+        plane.clock = lambda: model.utcnow() + timedelta(days=8)
+        resp = platform.api.post(f"/projects/{pid}/branches", json={
+            "branch": {"name": "too-old", "parent_timestamp": then.astimezone(UTC).isoformat()}})
+        assert resp.status_code == 400 and "ARGON_BACKUP_RETENTION" in resp.json()["message"], resp.text
+    finally:
+        plane.clock = model.utcnow
+        platform.delete_project(pid)

@@ -47,3 +47,17 @@ def test_plan_keeps_exactly_what_the_window_needs() -> None:
 def test_unreferenced_chunks() -> None:
     manifests = [{"files": [{"chunks": ["a", "b"]}, {"chunks": []}]}, {"files": [{"chunks": ["b", "c"]}]}]
     assert unreferenced_chunks({"a", "b", "c", "d", "e"}, manifests) == {"d", "e"}
+
+
+def test_a_deleted_branch_goes_whole_once_its_deletion_is_older_than_the_window() -> None:
+    def objects(prefix: str) -> EpochObjects:
+        return EpochObjects(prefix, {"started_at": at(1), "ended_at": None, "segsize": SEG},
+                            {f"{prefix}bases/base.json": base(1, 1)}, wal(prefix, 1, 2))
+
+    long_ago, recently, live = objects("branches/p/old/e1/"), objects("branches/p/new/e1/"), objects("branches/p/b/e1/")
+    unsent = EpochObjects("branches/p/old/e2/", None, {}, wal("branches/p/old/e2/", 7))
+    deleted = {"branches/p/old/": NOW - timedelta(days=8), "branches/p/new/": NOW - timedelta(days=1)}
+    doomed = set(plan([long_ago, recently, live, unsent], {}, CUTOFF, deleted))
+    assert doomed == {"branches/p/old/deleted.json", "branches/p/old/e1/bases/base.json",
+                      *wal("branches/p/old/e1/", 1, 2), "branches/p/old/e1/epoch.json",
+                      *wal("branches/p/old/e2/", 7), "branches/p/old/e2/epoch.json"}

@@ -118,8 +118,8 @@ def up(**flags: Any) -> None:
 @cli.command()
 @click.option("--from", "source", metavar="URL", help="The backup to restore: s3://bucket/prefix or file:///path "
               "(default: ARGON_BACKUP_URL)")
-@click.option("--at", "at", metavar="TIME", help="Restore the state as of this time (RFC 3339, e.g. "
-              "2026-11-24T13:00:00Z); default: everything the bucket holds")
+@click.option("--at", "--to", "at", metavar="TIME", help="Restore the state as of this time (RFC 3339, e.g. "
+              "2026-11-24T13:00:00Z; anywhere in ARGON_BACKUP_RETENTION); default: everything the bucket holds")
 @_setting_options
 def restore(source: str | None, at: str | None, **flags: Any) -> None:
     """Disaster recovery: fill an empty data directory from a backup, then run `argon up`.

@@ -24,10 +24,13 @@ import io
 import json
 import logging
 import os
+import secrets
+import shutil
 import sqlite3
 import tarfile
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -35,15 +38,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from argon import model, safefs
-from argon.control import retention
-from argon.errors import ArgonError
+from argon.control import pitr, retention
+from argon.errors import ArgonError, UserError
 from argon.storage import history as hs
 from argon.storage import wal
 from argon.storage.backup import bases as bb
 from argon.storage.backup import retention as br
 from argon.storage.backup import wal as bw
 from argon.storage.backup.objects import Codec
-from argon.storage.backup.store import MissingObject, ObjectStore, open_store
+from argon.storage.backup.store import MissingObject, ObjectInfo, ObjectStore, open_store
 from argon.storage.spares import template_key
 
 if TYPE_CHECKING:
@@ -91,6 +94,69 @@ def check_bucket(store: ObjectStore, codec: Codec, *, create: bool) -> bool:
         return False
     codec.check_bucket_info(raw, store.url)
     return True
+
+
+@dataclass(frozen=True)
+class Candidate:
+    epoch: dict[str, Any]
+    base_key: str
+    base: dict[str, Any]  # the base's record (Snapshot fields + timeline, segsize)
+
+
+def _when(text: str) -> datetime:
+    return datetime.fromisoformat(text)
+
+
+def choose(store: ObjectStore, codec: Codec, project_id: str, branch_id: str, at: datetime | None) -> Candidate | None:
+    """The newest epoch started at or before `at` with a base backup at or before `at`, and that base."""
+    prefix = branch_prefix(project_id, branch_id)
+    keys = [o.key for o in store.list(prefix)]
+    epochs = []
+    for key in keys:
+        if key.endswith("/epoch.json"):
+            raw = json.loads(codec.open(key, store.get(key)))
+            epochs.append((key[:-len("epoch.json")], raw))
+    epochs.sort(key=lambda e: _when(e[1]["started_at"]))
+    for epoch_prefix, epoch in reversed(epochs):
+        if at is not None and _when(epoch["started_at"]) > at:
+            continue
+        base_keys = [k for k in keys if k.startswith(f"{epoch_prefix}bases/") and k.endswith(".json")]
+        records = []
+        for key in base_keys:
+            manifest = bb.read_manifest(store, codec, key)
+            records.append((key, manifest["record"]))
+        usable = [(k, r) for k, r in records if at is None or _when(r["taken_at"]) <= at]
+        if not usable:
+            continue
+        key, record = max(usable, key=lambda kr: (_when(kr[1]["taken_at"]), wal.parse_lsn(kr[1]["consistent_lsn"])))
+        return Candidate(epoch=epoch, base_key=key, base=record)
+    return None
+
+
+def prepare_recovery(store: ObjectStore, codec: Codec, candidate: Candidate, manifest: dict[str, Any],
+                     project_id: str, branch_id: str, target: Path, bindir: Path, at: datetime | None,
+                     progress: Callable[[int], None] | None = None) -> tuple[dict[str, str], str | None, int]:
+    """Lay out, in the new directory `target` (root's), the candidate's base backup and its epoch's
+    WAL from the bucket, ready for one recovery run to `at` (None: to the end of the WAL in the
+    bucket). Returns the recovery settings, the target LSN (None: the end) and the WAL's end."""
+    epoch, record = candidate.epoch, candidate.base
+    bb.download_snapshot(store, codec, manifest, target, progress=progress)
+    prefix = f"{branch_prefix(project_id, branch_id)}{epoch['id']}/"
+    end = bw.fetch_epoch_wal(store, codec, prefix, target / "pg_wal", int(epoch["timeline"]), int(epoch["segsize"]),
+                             wal.parse_lsn(record["redo_lsn"]), progress=progress)
+    (target / "pg_wal" / "archive_status").mkdir(exist_ok=True)
+    for name in ("postmaster.pid", "postmaster.opts"):
+        (target / name).unlink(missing_ok=True)
+    (target / "recovery.signal").write_text("")
+    target_lsn: str | None = None
+    if at is not None:
+        target_lsn = wal.first_commit_after(bindir, target / "pg_wal", record["consistent_lsn"],
+                                           int(epoch["timeline"]), at)
+    settings = wal.recovery_settings(target_lsn)
+    if target_lsn is not None and wal.parse_lsn(target_lsn) <= wal.parse_lsn(record["consistent_lsn"]):
+        settings = {k: v for k, v in settings.items() if not k.startswith("recovery_target_lsn")
+                    and k != "recovery_target_inclusive"} | {"recovery_target": "immediate"}
+    return settings, target_lsn, end
 
 
 @dataclass
@@ -424,25 +490,79 @@ class BackupService:
                 status = self.status.branches.setdefault(branch.id, BranchBackup(project.id, branch.id))
                 status.last_base, status.last_base_at = f"{epoch.id}/{snap.name}", model.utcnow()
 
+    # --- Point in time beyond the local history -------------------------------------------------------
+
+    async def materialize(self, project: model.Project, branch: model.Branch, target: Path,
+                          when: datetime) -> pitr.PointInTime:
+        """`pitr.materialize` from the bucket, for a time the local history no longer reaches (ADR
+        0018): the newest base at or before `when` and its epoch's WAL are laid out in a scratch
+        directory of root's, handed to the project's uid, moved to `target`, and recovered there
+        to `when` by the same scratch postmaster as a local point in time."""
+        window = self.plane.clock() - timedelta(seconds=self.settings.backup_retention_seconds)
+        if when < window:
+            raise UserError(f"timestamp {when.isoformat()} is older than the backup's retention window "
+                            f"(ARGON_BACKUP_RETENTION={self.settings.backup_retention}, back to "
+                            f"{window.isoformat(timespec='seconds')})")
+        candidate = await asyncio.to_thread(choose, self.store, self.codec, project.id, branch.id, when)
+        if candidate is None:
+            raise UserError(f"neither the local history nor the backup of branch {branch.name!r} reaches back to "
+                            f"{when.isoformat()}")
+        install = self.plane.installs[project.pg_version]
+        scratch = self.plane.layout.backup_state_dir / f"tmp-{secrets.token_hex(4)}"
+        started = time.monotonic()
+        try:
+            await asyncio.to_thread(self.plane.layout.backup_state_dir.mkdir, mode=0o700, exist_ok=True)
+            manifest = await asyncio.to_thread(bb.read_manifest, self.store, self.codec, candidate.base_key)
+            settings, target_lsn, _end = await asyncio.to_thread(
+                prepare_recovery, self.store, self.codec, candidate, manifest, project.id, branch.id, scratch,
+                install.bindir, when)
+            user = retention.project_owner(project)
+            if user is not None:
+                await asyncio.to_thread(safefs.chown_tree, scratch, user)
+            await asyncio.to_thread(safefs.rename, scratch, target)
+        except BaseException:
+            await asyncio.to_thread(safefs.rmtree, scratch)
+            raise
+        try:
+            control = await pitr.recover(self.plane, project, branch.id, target, settings)
+        except BaseException:
+            await asyncio.to_thread(safefs.rmtree, target)
+            raise
+        log.info("rebuilt branch %s at %s from the backup (base %s/%s) in %.1f s", branch.id, when.isoformat(),
+                 candidate.epoch["id"], candidate.base["name"], time.monotonic() - started)
+        return pitr.PointInTime(lsn=target_lsn or control.redo_lsn, at=when)
+
     # --- Retention -----------------------------------------------------------------------------------
 
     async def prune_once(self, now: datetime | None = None) -> int:
-        """Delete what fell out of ARGON_BACKUP_RETENTION; returns the number of objects deleted."""
-        cutoff = (now or model.utcnow()) - timedelta(seconds=self.settings.backup_retention_seconds)
+        """Delete what fell out of ARGON_BACKUP_RETENTION; returns the number of objects deleted.
+        Branches deleted since the last run get their `deleted.json` marker (the window after a
+        deletion starts then) and their local ship state goes."""
+        now = now or model.utcnow()
+        cutoff = now - timedelta(seconds=self.settings.backup_retention_seconds)
         async with self._bases_lock:  # no base upload in flight: its chunks would look unreferenced
-            return await asyncio.to_thread(self._prune, cutoff)
+            listing = await asyncio.to_thread(self.store.list, "")
+            # The branches that exist, after the listing: a branch created meanwhile is in both.
+            live = {branch_prefix(p.id, b.id) for p in self.plane.projects() for b in self.plane.branches(p.id)}
+            return await asyncio.to_thread(self._prune, listing, cutoff, now, live)
 
-    def _prune(self, cutoff: datetime) -> int:
-        listing = self.store.list("")
+    def _prune(self, listing: list[ObjectInfo], cutoff: datetime, now: datetime, live: set[str]) -> int:
         epochs: dict[str, br.EpochObjects] = {}
         metadata: dict[str, datetime] = {}
         chunk_ids: set[str] = set()
+        in_bucket: set[str] = set()
+        deleted: dict[str, datetime] = {}
         for o in listing:
             parts = o.key.split("/")
+            if parts[0] == "branches" and len(parts) >= 4:
+                in_bucket.add("/".join(parts[:3]) + "/")
             if parts[0] == "chunks" and len(parts) == 3:
                 chunk_ids.add(parts[2])
             elif parts[0] == "meta" and (t := meta_time(o.key)) is not None:
                 metadata[o.key] = t
+            elif parts[0] == "branches" and len(parts) == 4 and parts[3] == "deleted.json":
+                record = json.loads(self.codec.open(o.key, self.store.get(o.key)))
+                deleted["/".join(parts[:3]) + "/"] = datetime.fromisoformat(record["deleted_at"])
             elif parts[0] == "branches" and len(parts) >= 5:
                 prefix = "/".join(parts[:4]) + "/"
                 epoch = epochs.setdefault(prefix, br.EpochObjects(prefix))
@@ -452,7 +572,17 @@ class BackupService:
                     epoch.bases[o.key] = bb.read_manifest(self.store, self.codec, o.key)["record"]
                 elif parts[4] == "wal":
                     epoch.wal.append(o.key)
-        doomed = br.plan(list(epochs.values()), metadata, cutoff)
+        revived = sorted(set(deleted) & live)  # a marker for a branch that exists (restored meanwhile)
+        self.store.delete([f"{prefix}deleted.json" for prefix in revived])
+        for prefix in revived:
+            del deleted[prefix]
+        for prefix in sorted(in_bucket - live - set(deleted)):
+            key = f"{prefix}deleted.json"
+            self.store.put(key, self.codec.seal(key, json.dumps({"deleted_at": now.isoformat()}).encode()))
+            deleted[prefix] = now
+            log.info("backup: branch %s was deleted; its objects go after the retention window", prefix)
+        self._forget_deleted(live)
+        doomed = br.plan(list(epochs.values()), metadata, cutoff, deleted)
         self.store.delete(doomed)
         gone = set(doomed)
         manifests = [bb.read_manifest(self.store, self.codec, key) for e in epochs.values() for key in e.bases
@@ -464,6 +594,16 @@ class BackupService:
             log.info("backup retention: deleted %d object(s) and %d unused chunk(s) older than %s", len(doomed),
                      len(unused), cutoff.isoformat(timespec="seconds"))
         return len(doomed) + len(unused)
+
+    def _forget_deleted(self, live: set[str]) -> None:
+        """Root's ship state of branches that no longer exist."""
+        top = self.plane.layout.backup_state_dir
+        for project in _subdirs(top):
+            for branch in _subdirs(top / project):
+                if branch_prefix(project, branch) not in live:
+                    shutil.rmtree(top / project / branch, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                (top / project).rmdir()  # empty now
 
     # --- Usage ---------------------------------------------------------------------------------------
 
@@ -511,6 +651,13 @@ class BackupService:
         await asyncio.to_thread(self.store.put, key, self.codec.seal(key, blob))
         self._meta_seen = signature
         self.status.last_metadata_at = at
+
+
+def _subdirs(path: Path) -> list[str]:
+    try:
+        return [e.name for e in os.scandir(path) if e.is_dir(follow_symlinks=False)]
+    except FileNotFoundError:
+        return []
 
 
 def metadata_archive(db: Path, secrets_dir: Path, tls_dir: Path) -> bytes:

@@ -134,6 +134,19 @@ async def _copy_parent(plane: ControlPlane, project: model.Project, parent: mode
         return stopped.checkpoint_lsn if stopped else None
 
 
+async def point_in_time(control: Control, project: model.Project, branch: model.Branch, target: Path, *,
+                        lsn: str | None, timestamp: str | datetime | None) -> pitr.PointInTime:
+    """`branch` as of `lsn`/`timestamp` in `target`: from the local history, or, for a time it no
+    longer reaches, from the backup bucket (ADR 0018; timestamps only)."""
+    try:
+        return await pitr.materialize(control.plane, project, branch, target, lsn=lsn, timestamp=timestamp)
+    except pitr.BeyondLocalHistory:
+        if control.backup is None or timestamp is None:
+            raise
+        log.info("branch %s at %s: beyond the local history, rebuilding it from the backup", branch.id, timestamp)
+        return await control.backup.materialize(project, branch, target, pitr.parse_timestamp(timestamp))
+
+
 async def create_branch(control: Control, project_id: str, req: BranchRequest) -> CreatedBranch:
     plane = control.plane
     started = time.monotonic()
@@ -163,8 +176,8 @@ async def create_branch(control: Control, project_id: str, req: BranchRequest) -
                 lsn = None
             elif req.parent_lsn or req.parent_timestamp:
                 await asyncio.to_thread(_make_branch_dir, plane, project, bid)
-                point = await pitr.materialize(plane, project, parent, pgdata, lsn=req.parent_lsn,
-                                                  timestamp=req.parent_timestamp)
+                point = await point_in_time(control, project, parent, pgdata, lsn=req.parent_lsn,
+                                            timestamp=req.parent_timestamp)
                 lsn, parent_at = point.lsn, point.at
             else:
                 lsn = await _copy_parent(plane, project, parent, pgdata)
@@ -314,8 +327,8 @@ async def restore_branch(control: Control, project_id: str, branch_id: str, sour
             await asyncio.to_thread(safefs.rmtree, fresh)
             try:
                 if source_lsn or source_timestamp:
-                    point = await pitr.materialize(plane, project, source, fresh, lsn=source_lsn,
-                                                      timestamp=source_timestamp)
+                    point = await point_in_time(control, project, source, fresh, lsn=source_lsn,
+                                                timestamp=source_timestamp)
                     lsn = point.lsn
                 else:
                     lsn = await _copy_parent(plane, project, source, fresh)

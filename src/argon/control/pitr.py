@@ -75,6 +75,11 @@ def parse_lsn(value: str) -> int:
         raise UserError(f"{value!r} is not an LSN; use the form 0/16B3748 (pg_current_wal_lsn())") from None
 
 
+class BeyondLocalHistory(UserError):
+    """The target lies before what the local history keeps; with continuous backup, the bucket may
+    still reach it (`BackupService.materialize`, ADR 0018)."""
+
+
 def check_time(when: datetime, *, now: datetime, retention_seconds: int) -> None:
     """A timestamp target must not lie in the future (a second of clock skew allowed) nor before the
     retention window."""
@@ -82,7 +87,7 @@ def check_time(when: datetime, *, now: datetime, retention_seconds: int) -> None
     if when > now + timedelta(seconds=1):
         raise UserError(f"timestamp {when.isoformat()} is in the future")
     if when < window:
-        raise UserError(f"timestamp {when.isoformat()} is outside the project's history retention window "
+        raise BeyondLocalHistory(f"timestamp {when.isoformat()} is outside the project's history retention window "
                         f"({retention_seconds} s, back to {window.isoformat(timespec='seconds')})")
 
 
@@ -106,9 +111,9 @@ def choose(manifest: hs.Manifest, branch_name: str, when: datetime | None,
         epoch = epochs[-1]
         snaps = [s for s in epoch.snapshots if wal.parse_lsn(s.consistent_lsn) <= point]
     if not snaps:
-        raise UserError("that point is no longer in the branch's retained history (older history was pruned)")
+        raise BeyondLocalHistory("that point is no longer in the branch's retained history (older history was pruned)")
     if when is not None and when < epoch.started_at:
-        raise UserError(f"branch {branch_name!r} has no data before {epoch.started_at.isoformat()}")
+        raise BeyondLocalHistory(f"branch {branch_name!r} has no data before {epoch.started_at.isoformat()}")
     return epoch, snaps[-1]
 
 
@@ -182,7 +187,7 @@ async def materialize(plane: ControlPlane, project: model.Project, branch: model
         else:
             assert point is not None
             target_lsn = lsn if end_lsn is None or point <= end_lsn else None
-        control = await _recover(plane, project, branch.id, target, recovery_target(snap, target_lsn))
+        control = await recover(plane, project, branch.id, target, recovery_target(snap, target_lsn))
     except BaseException:
         await asyncio.to_thread(safefs.rmtree, target)
         raise
@@ -192,7 +197,7 @@ async def materialize(plane: ControlPlane, project: model.Project, branch: model
     return PointInTime(lsn=lsn or reached, at=when or now)
 
 
-async def _recover(plane: ControlPlane, project: model.Project, branch_id: str, target: Path,
+async def recover(plane: ControlPlane, project: model.Project, branch_id: str, target: Path,
                    settings: dict[str, str]) -> wal.ControlData:
     """One recovery run of the assembled cluster: start it, wait until it promoted, stop it cleanly."""
     install = plane.installs[project.pg_version]

@@ -37,14 +37,13 @@ from argon.compute.manager import ComputeSpec, prepare
 from argon.compute.osuser import OsUser, chown_tree, running_as_root
 from argon.compute.params import gucs_for_cu
 from argon.compute.postmaster import ComputeStartError
-from argon.control.backup import branch_prefix, check_bucket, meta_time, open_bucket
+from argon.control.backup import check_bucket, choose, meta_time, open_bucket, prepare_recovery
 from argon.errors import ArgonError, ConfigError, StorageError, UserError
 from argon.metadata.store import Store
 from argon.settings import Settings
 from argon.storage import history as hs
 from argon.storage import wal
 from argon.storage.backup import bases as bb
-from argon.storage.backup import wal as bw
 from argon.storage.backup.objects import Codec
 from argon.storage.backup.store import ObjectStore
 from argon.storage.clone import pick_backend
@@ -74,43 +73,6 @@ class RestoreReport:
     projects: int = 0
     branches: list[BranchRestore] = field(default_factory=list)
     seconds: float = 0.0
-
-
-@dataclass(frozen=True)
-class Candidate:
-    epoch: dict[str, Any]
-    base_key: str
-    base: dict[str, Any]  # the base's record (Snapshot fields + timeline, segsize)
-
-
-def _when(text: str) -> datetime:
-    return datetime.fromisoformat(text)
-
-
-def choose(store: ObjectStore, codec: Codec, project_id: str, branch_id: str, at: datetime | None) -> Candidate | None:
-    """The newest epoch started at or before `at` with a base backup at or before `at`, and that base."""
-    prefix = branch_prefix(project_id, branch_id)
-    keys = [o.key for o in store.list(prefix)]
-    epochs = []
-    for key in keys:
-        if key.endswith("/epoch.json"):
-            raw = json.loads(codec.open(key, store.get(key)))
-            epochs.append((key[:-len("epoch.json")], raw))
-    epochs.sort(key=lambda e: _when(e[1]["started_at"]))
-    for epoch_prefix, epoch in reversed(epochs):
-        if at is not None and _when(epoch["started_at"]) > at:
-            continue
-        base_keys = [k for k in keys if k.startswith(f"{epoch_prefix}bases/") and k.endswith(".json")]
-        records = []
-        for key in base_keys:
-            manifest = bb.read_manifest(store, codec, key)
-            records.append((key, manifest["record"]))
-        usable = [(k, r) for k, r in records if at is None or _when(r["taken_at"]) <= at]
-        if not usable:
-            continue
-        key, record = max(usable, key=lambda kr: (_when(kr[1]["taken_at"]), wal.parse_lsn(kr[1]["consistent_lsn"])))
-        return Candidate(epoch=epoch, base_key=key, base=record)
-    return None
 
 
 def newest_metadata(store: ObjectStore, at: datetime | None) -> str:
@@ -228,23 +190,9 @@ async def _restore_branch(store: ObjectStore, codec: Codec, layout: Layout, back
 
     try:
         say(f"{label}: base backup {epoch['id']}/{record['name']} ({size / 1e6:.1f} MB)")
-        await asyncio.to_thread(bb.download_snapshot, store, codec, manifest, tmp, progress=progress)
-        prefix = f"{branch_prefix(project.id, branch.id)}{epoch['id']}/"
-        end = await asyncio.to_thread(bw.fetch_epoch_wal, store, codec, prefix, tmp / "pg_wal", int(epoch["timeline"]),
-                                      int(epoch["segsize"]), wal.parse_lsn(record["redo_lsn"]), progress=progress)
+        settings, target_lsn, end = await asyncio.to_thread(prepare_recovery, store, codec, candidate, manifest,
+                                                            project.id, branch.id, tmp, install.bindir, at, progress)
         item.bytes = moved[0]
-        (tmp / "pg_wal" / "archive_status").mkdir(exist_ok=True)
-        for name in ("postmaster.pid", "postmaster.opts"):
-            (tmp / name).unlink(missing_ok=True)
-        (tmp / "recovery.signal").write_text("")
-        target_lsn: str | None = None
-        if at is not None:
-            target_lsn = await asyncio.to_thread(wal.first_commit_after, install.bindir, tmp / "pg_wal",
-                                                 record["consistent_lsn"], int(epoch["timeline"]), at)
-        settings = wal.recovery_settings(target_lsn)
-        if target_lsn is not None and wal.parse_lsn(target_lsn) <= wal.parse_lsn(record["consistent_lsn"]):
-            settings = {k: v for k, v in settings.items() if not k.startswith("recovery_target_lsn")
-                        and k != "recovery_target_inclusive"} | {"recovery_target": "immediate"}
         say(f"{label}: replaying WAL up to {target_lsn or wal.format_lsn(end)}")
         user = OsUser(project.os_uid, project.os_uid) if project.os_uid is not None and running_as_root() else None
         if user is not None:

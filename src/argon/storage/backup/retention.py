@@ -3,7 +3,9 @@
 Per branch epoch: an epoch that ended before the cutoff goes whole; in the others, the newest base
 taken at or before the cutoff stays with everything newer (so every point in the window can be
 rebuilt), older bases go, and WAL segments wholly before the oldest kept base's redo point go.
-Metadata: the newest copy at or before the cutoff and all newer ones stay. Chunks no remaining
+A deleted branch's objects stay for the window after its deletion (a restore to a time before it
+brings the branch back), then go whole with its `deleted.json` marker. Metadata: the newest copy
+at or before the cutoff and all newer ones stay. Chunks no remaining
 base manifest names go last (the caller holds off base uploads meanwhile: a chunk uploaded for a
 manifest not written yet would look unreferenced).
 """
@@ -29,10 +31,17 @@ def _when(text: str) -> datetime:
     return datetime.fromisoformat(text)
 
 
-def plan(epochs: list[EpochObjects], metadata: dict[str, datetime], cutoff: datetime) -> list[str]:
-    """Keys to delete (chunks aside)."""
+def plan(epochs: list[EpochObjects], metadata: dict[str, datetime], cutoff: datetime,
+         deleted: dict[str, datetime] | None = None) -> list[str]:
+    """Keys to delete (chunks aside). `deleted`: branch prefix (`branches/<p>/<b>/`) -> when the
+    branch was found deleted."""
     doomed: list[str] = []
+    gone = {prefix for prefix, at in (deleted or {}).items() if at < cutoff}
+    doomed += [f"{prefix}deleted.json" for prefix in sorted(gone)]
     for epoch in epochs:
+        if epoch.prefix.rsplit("/", 2)[0] + "/" in gone:
+            doomed += [*epoch.bases, *epoch.wal, f"{epoch.prefix}epoch.json"]
+            continue
         record = epoch.record
         if record is None:
             continue  # an epoch whose record is not up yet: leave it alone
