@@ -43,7 +43,7 @@ from typing import Any
 
 import psycopg
 
-from benchmarks.core import PGBENCH, REPO_ROOT, short_tmpdir
+from benchmarks.core.common import PGBENCH, REPO_ROOT, short_tmpdir
 
 sys.path.insert(0, str(REPO_ROOT))
 
@@ -179,7 +179,7 @@ def wait_backed_up(argon: ArgonProcess, branches: int, timeout: float = 3600) ->
         if len(rows) >= branches and all(r["lag_bytes"] == 0 and r["last_base_backup"] for r in rows):
             # ... and the newest snapshot of each branch is up: no base upload pending.
             pending = [p for p in argon.data.glob("projects/*/branches/*/history/*/snapshots/*")
-                       if p.name not in _shipped_bases(argon.data / "backup" / p.parts[-6] / p.parts[-4]
+                       if p.name not in _shipped_bases(argon.data / "backup" / p.parts[-7] / p.parts[-5]
                                                        / p.parts[-3] / "bases.json")]
             if not pending:
                 return
@@ -241,13 +241,14 @@ def basebackup_baseline(run: Path, data: Path, scale: int) -> dict[str, float]:
     """The same pgbench data in a plain cluster on this machine: `pg_basebackup -X stream` of it,
     then the copy's start (WAL replay from the backup) to its first query."""
     from argon.compute.binaries import discover
-    from benchmarks.core import RawPostgres, _as_postgres_user, _own_dir, free_port
+    from benchmarks.core.common import as_postgres_user, free_port, own_dir
+    from benchmarks.core.targets import RawPostgres
 
     install = discover({}, data / "runtime")[18]
     raw = RawPostgres(install.bindir, run / "raw", {"shared_buffers": "128MB"})
     raw.init()
     raw.spawn()
-    copy_dir = _own_dir(run / "copy")
+    copy_dir = own_dir(run / "copy")
     copy_proc = None
     try:
         wait_sql(raw.dsn)
@@ -255,13 +256,13 @@ def basebackup_baseline(run: Path, data: Path, scale: int) -> dict[str, float]:
                        capture_output=True, timeout=3600)
         t0 = time.monotonic()
         subprocess.run([str(install.bin("pg_basebackup")), "-d", raw.dsn, "-D", str(copy_dir / "data"), "-X", "stream",
-                        "-c", "fast"], check=True, capture_output=True, timeout=7200, **_as_postgres_user())
+                        "-c", "fast"], check=True, capture_output=True, timeout=7200, **as_postgres_user())
         copied = time.monotonic() - t0
         port = free_port()
         copy_proc = subprocess.Popen([str(install.bin("postgres")), "-D", str(copy_dir / "data"), "-c", f"port={port}",
                                       "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={copy_dir}"],
                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     start_new_session=True, **_as_postgres_user())
+                                     start_new_session=True, **as_postgres_user())
         wait_sql(f"host=127.0.0.1 port={port} user=bench dbname=postgres sslmode=disable", "SELECT count(*) FROM pgbench_branches")
         return {"pg_basebackup_s": copied, "pg_basebackup_first_query_s": time.monotonic() - t0}
     finally:
