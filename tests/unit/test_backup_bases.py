@@ -73,3 +73,31 @@ def test_a_manifest_cannot_write_outside_the_target(tmp_path: Path) -> None:
         with pytest.raises(CorruptObject, match="outside the cluster"):
             bb.download_snapshot(store, Codec(None), manifest, tmp_path / "out")
     assert not (tmp_path / "escape").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a tenant's uid other than ours needs root")
+def test_a_snapshot_is_read_without_following_a_tenants_links(tmp_path: Path) -> None:
+    """As root, a base upload never enters a directory link the compute's uid planted in its
+    snapshot, and refuses a file of another user there (a hard link to root's)."""
+    from argon.compute.osuser import OsUser
+    from argon.safefs import UnsafePath
+
+    tenant = OsUser(65534, 65534)
+    secret = tmp_path / "root-only"
+    secret.mkdir()
+    (secret / "key").write_bytes(b"root's secret")
+    source = tmp_path / "snap"
+    (source / "base").mkdir(parents=True)
+    (source / "base" / "1").write_bytes(b"data")
+    (source / "linked").symlink_to(secret)
+    for path in (source, source / "base", source / "base" / "1"):
+        os.lchown(path, tenant.uid, tenant.gid)
+    (tmp_path / "bucket").mkdir()
+    store = FileStore(tmp_path / "bucket")
+    codec = Codec(None)
+    bb.upload_snapshot(store, codec, bb.ChunkIndex(store), source, "b/1.json", {}, owner=tenant)
+    manifest = bb.read_manifest(store, codec, "b/1.json")
+    assert sorted(e["path"] for e in manifest["files"]) == ["base/1"]  # the link is not a file, not entered
+    os.link(secret / "key", source / "base" / "2")
+    with pytest.raises(UnsafePath, match="another user"):
+        bb.upload_snapshot(store, codec, bb.ChunkIndex(store), source, "b/2.json", {}, owner=tenant)
