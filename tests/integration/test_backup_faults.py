@@ -150,7 +150,7 @@ def test_kill_9_of_argon_up_and_of_a_compute_mid_shipping_leaves_no_gap(s3_serve
         writer.join(60)
         killed_at = acked[-1]
 
-        second = ArgonProcess(root, root / "data", url, s3_server.endpoint)  # same data dir, same bucket
+        second = ArgonProcess(root, root / "data", url, s3_server.endpoint, uids=first.uids)  # same data dir, bucket
         try:
             uri = uri.replace(f":{first.proxy_port}/", f":{second.proxy_port}/")
             _write(uri, 1.5, 100000, acked)
