@@ -318,7 +318,9 @@ class BackupService:
         try:
             await asyncio.to_thread(self._ship_wal, branches)
         finally:  # an unreachable store is exactly when the lag limit matters
-            keep = {b.id for _p, b in branches}
+            # The branches that exist now: one created during this pass (its base maybe shipped
+            # meanwhile) keeps its row.
+            keep = {b.id for _p, b in self._branches()}
             for gone in [k for k in self.status.branches if k not in keep]:
                 del self.status.branches[gone]
             await self._enforce_max_lag(branches)
