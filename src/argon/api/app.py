@@ -15,8 +15,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from argon import __version__
+from argon import __version__, logs
 from argon.api import (
+    ops,
     routes_account,
     routes_branches,
     routes_endpoints,
@@ -26,19 +27,28 @@ from argon.api import (
 )
 from argon.control.services import Control
 from argon.errors import ArgonError, Unauthorized
+from argon.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
 
 def error_body(message: str, code: str = "") -> dict[str, Any]:
-    return {"code": code, "message": message}
+    body = {"code": code, "message": message}
+    request_id = logs.current().get("request_id")
+    if request_id:
+        body["request_id"] = request_id  # Neon's GeneralError has it too
+    return body
 
 
-def create_app(control: Control) -> FastAPI:
+def create_app(control: Control, telemetry: Telemetry | None = None, checks: list[ops.Check] | None = None) -> FastAPI:
+    """`telemetry`: the registry /metrics serves (one of its own when not given); `checks`: what /readyz
+    asks (the platform's: metadata, proxy, reconcile)."""
+    telemetry = telemetry or Telemetry()
     app = FastAPI(title="Argon API", version=__version__, docs_url="/api/v2/docs", redoc_url=None,
                   openapi_url="/api/v2/openapi.json",
                   description="Neon-compatible management API v2 of a self-hosted Argon server.")
     app.state.control = control
+    app.add_middleware(ops.Observe, telemetry=telemetry)
 
     @app.exception_handler(ArgonError)
     async def _argon_error(request: Request, exc: ArgonError) -> JSONResponse:
@@ -78,8 +88,6 @@ def create_app(control: Control) -> FastAPI:
     for module in (routes_projects, routes_branches, routes_roles, routes_endpoints, routes_account, routes_schema):
         app.include_router(module.router, prefix="/api/v2")
 
-    @app.get("/healthz", include_in_schema=False)
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
-
+    app.include_router(ops.router(telemetry, authorize_key=control.api_keys.authorize,
+                                  metrics_token=control.plane.settings.metrics_token, checks=checks or []))
     return app

@@ -6,7 +6,6 @@ Every command that talks to a server goes through the HTTP API, like any other c
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import signal
 import sys
@@ -14,7 +13,7 @@ from typing import Any
 
 import click
 
-from argon import __version__
+from argon import __version__, logs
 from argon.cli import commands
 from argon.cli.client import CliError, write_cli_config
 from argon.cli.context import Context
@@ -78,10 +77,7 @@ def up(**flags: Any) -> None:
     from argon.platform import Platform
 
     settings = load(**flags)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S", stream=sys.stderr)
-    for noisy in ("uvicorn", "uvicorn.error", "alembic"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logs.configure(settings.log_format, settings.log_level, sys.stderr)
     try:
         import uvloop
 
@@ -231,7 +227,7 @@ def config_check(**flags: Any) -> None:
         value = getattr(settings, name)
         source = ("flag" if flags.get(name) is not None else "env" if f"ARGON_{name.upper()}" in os.environ
                   else "file" if name in in_file else "default")
-        if name == "api_key" and value:
+        if name in ("api_key", "metrics_token") and value:
             value = value[:8] + "..."
         click.echo(f"{name:22} {value!s:50} ({source})")
     parent = settings.data_dir if settings.data_dir.exists() else settings.data_dir.parent

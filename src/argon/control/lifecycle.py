@@ -19,7 +19,7 @@ import contextlib
 import logging
 import time
 
-from argon import model, safefs
+from argon import logs, model, safefs
 from argon.compute.manager import ComputeSpec
 from argon.compute.osuser import OsUser
 from argon.compute.params import gucs_for_cu
@@ -28,6 +28,7 @@ from argon.control import replicas, retention, spec
 from argon.control.plane import ControlPlane
 from argon.errors import ArgonError, ComputeError, NotFound
 from argon.proxy.control_client import ComputeAddress
+from argon.telemetry import compute_labels
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,11 @@ class Lifecycle:
         lock = plane.endpoint_lock(endpoint_id)
         if not lock.locked() and plane.is_running(endpoint_id) and endpoint_id not in self._needs_spec:
             return ComputeAddress(socket_path=socket)  # the hot path: up, spec applied, nothing in flight
+        with logs.bound(project_id=ep.project_id, branch_id=ep.branch_id, endpoint_id=endpoint_id):
+            return await self._start(endpoint_id, socket, lock, reason)
+
+    async def _start(self, endpoint_id: str, socket: str, lock: asyncio.Lock, reason: str) -> ComputeAddress:
+        plane = self.plane
         async with lock:
             if plane.is_running(endpoint_id) and endpoint_id not in self._needs_spec:
                 return ComputeAddress(socket_path=socket)
@@ -116,12 +122,15 @@ class Lifecycle:
                     await spec.apply_spec(plane, ep, compute)
                     self._needs_spec.discard(endpoint_id)
             except ComputeStartError as exc:
+                plane.telemetry.start_failures.labels(*compute_labels(ep)).inc()
                 log.error("compute %s failed to start: %s", endpoint_id, exc.user_message)
                 with contextlib.suppress(Exception):
                     await plane.computes.stop(endpoint_id, mode="immediate")
                 plane.spawn(self._after_failed_start(ep, exc.user_message), "recording a failed start")
                 raise ComputeError("Couldn't connect to compute node") from exc
             elapsed = time.monotonic() - started
+            plane.telemetry.wakes.labels(*compute_labels(ep)).inc()
+            plane.telemetry.cold_start.observe(elapsed)
             now = model.utcnow()
             ep = ep.replace(current_state=model.ComputeState.ACTIVE, pending_state=None, started_at=now,
                             last_active=now)
@@ -168,6 +177,12 @@ class Lifecycle:
         """`stop`, for a caller that holds the endpoint lock already."""
         plane = self.plane
         ep = plane.endpoint(None, endpoint_id)
+        with logs.bound(project_id=ep.project_id, branch_id=ep.branch_id, endpoint_id=endpoint_id):
+            return await self._stop_locked(ep, reason=reason, mode=mode)
+
+    async def _stop_locked(self, ep: model.Endpoint, *, reason: str, mode: str) -> bool:
+        plane = self.plane
+        endpoint_id = ep.id
         was_running = plane.is_running(endpoint_id)
         started = time.monotonic()
         if was_running:
@@ -185,6 +200,7 @@ class Lifecycle:
             await plane.commit(put=[ep.replace(current_state=model.ComputeState.IDLE, pending_state=None,
                                                suspended_at=now)])
             if was_running:
+                plane.telemetry.suspends.labels(*compute_labels(ep)).inc()
                 log.info("compute %s suspended (%s)", endpoint_id, reason)
                 await plane.add_event(ep.id, model.EventKind.SUSPEND, at=now,
                                       duration_ms=(time.monotonic() - started) * 1000, detail=reason)
@@ -224,6 +240,7 @@ class Lifecycle:
             return
         log.warning("compute %s exited unexpectedly (status %s); it will start again on the next connection",
                     endpoint_id, returncode)
+        self.plane.telemetry.suspends.labels(*compute_labels(ep)).inc()
         if ep.current_state is model.ComputeState.ACTIVE:
             now = model.utcnow()
             with contextlib.suppress(RuntimeError):  # no running loop: argon is shutting down

@@ -75,5 +75,15 @@ class ActivityRegistry:
             last = recorded if last is None else max(last, recorded)
         return EndpointActivity(sessions=len(sessions), busy=sum(1 for s in sessions if s.busy), last_activity=last)
 
+    def counts(self) -> tuple[int, int]:
+        """Sessions open (logged in, or logging into their compute) and how many of them are busy."""
+        sessions = busy = 0
+        for members in self._sessions.values():
+            for s in members:
+                s.refresh()
+                sessions += 1
+                busy += s.busy
+        return sessions, busy
+
     def forget(self, endpoint_id: str) -> None:
         self._last.pop(endpoint_id, None)

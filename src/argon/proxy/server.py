@@ -47,6 +47,7 @@ from argon.proxy.native import make_relays
 from argon.proxy.session import PRE_AUTH_TIMEOUT, Session, SessionContext, Tunnel
 from argon.proxy.throttle import PasswordChecks, Throttle, client_key
 from argon.proxy.tls import TlsConfig
+from argon.telemetry import Telemetry
 from argon.wire import codec
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ class ProxyServer:
                  tls: TlsConfig | None, server_secret: bytes, plaintext: PlaintextPolicy = "loopback",
                  domain: str | None = None, forward_all_params: bool = False,
                  throttle: Throttle | None = None, relay: RelayMode = "auto", limits: Limits | None = None,
-                 internal_socket: bool = True) -> None:
+                 internal_socket: bool = True, telemetry: Telemetry | None = None) -> None:
         if plaintext not in ("loopback", "always", "never"):
             raise ValueError(f"plaintext must be loopback, always or never, not {plaintext!r}")
         if relay not in ("auto", "native", "python"):
@@ -101,7 +102,8 @@ class ProxyServer:
                                   plaintext=plaintext, domain=domain.lower().rstrip(".") if domain else None,
                                   forward_all_params=forward_all_params, cancels=self.cancels,
                                   throttle=throttle or Throttle(), password_checks=PasswordChecks(),
-                                  pre_auth_timeout=self.limits.pre_auth_timeout)
+                                  pre_auth_timeout=self.limits.pre_auth_timeout,
+                                  telemetry=telemetry or Telemetry())
         self._want_internal = internal_socket
         self._sock: socket.socket | None = None
         self._internal: socket.socket | None = None
@@ -128,6 +130,11 @@ class ProxyServer:
     def relay_name(self) -> str:
         """What relays plaintext sessions after login: "native" (the C thread) or "python"."""
         return "native" if self.ctx.relays is not None else "python"
+
+    @property
+    def accepting(self) -> bool:
+        """Listening, with the accept loop running (what /readyz asks)."""
+        return self._sock is not None and any(t.get_name() == "proxy-accept" and not t.done() for t in self._tasks)
 
     @property
     def sessions(self) -> int:

@@ -17,9 +17,10 @@ import socket
 import struct
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
+from argon import logs
 from argon.errors import ArgonError
 from argon.proxy import routing
 from argon.proxy.activity import ActivityRegistry, SessionActivity
@@ -35,8 +36,9 @@ from argon.proxy.control_client import ComputeAddress, ControlClient
 from argon.proxy.handshake import ConnectionClosed, MessageStream, negotiate
 from argon.proxy.native import NativeRelays, NativeSession
 from argon.proxy.pipe import Relay
-from argon.proxy.throttle import PasswordChecks, Throttle
+from argon.proxy.throttle import PasswordChecks, Throttle, Throttled
 from argon.proxy.tls import ServedCert, TlsConfig
+from argon.telemetry import Telemetry
 from argon.wire import codec, scram
 from argon.wire.codec import CancelRequest, ProtocolViolation, StartupMessage
 
@@ -79,6 +81,7 @@ class SessionContext:
     password_checks: PasswordChecks
     relays: NativeRelays | None = None  # the C relay thread, when it runs
     pre_auth_timeout: float = PRE_AUTH_TIMEOUT
+    telemetry: Telemetry = field(default_factory=Telemetry)
 
     def __post_init__(self) -> None:
         self.auth = AuthContext(self.control, self.server_secret, self.throttle, self.password_checks)
@@ -124,6 +127,21 @@ def plaintext_allowed(policy: str, peer_ip: str) -> bool:
             ip = ip.ipv4_mapped
         return ip.is_loopback
     return False
+
+
+def login_outcome(exc: BaseException) -> str:
+    """The `outcome` label of a login that raised `exc` (argon_proxy_logins_total)."""
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, Throttled):
+        return "throttled"
+    if isinstance(exc, AuthFailed):
+        return "failed"
+    if isinstance(exc, ProtocolViolation):
+        return "protocol_error"
+    if isinstance(exc, (ConnectionClosed, ConnectionError, OSError, asyncio.CancelledError)):
+        return "abandoned"
+    return "error"
 
 
 def _frame(msg_type: str, payload: bytes) -> bytes:
@@ -194,6 +212,7 @@ class Session:
 
     async def run(self) -> None:
         stream: MessageStream | None = None
+        logs.bind(client_addr=self.peer_ip)  # this task's own context: every line it writes names the client
         self._guard_bytes()
         try:
             tunnel = self.tunnel
@@ -205,6 +224,7 @@ class Session:
                 return
             secure = hello.tls or (tunnel is not None and tunnel.secure)
             if self.ctx.tls is not None and not secure and not plaintext_allowed(self.ctx.plaintext, self.peer_ip):
+                self.ctx.telemetry.logins.labels("insecure").inc()
                 raise AuthFailed(INSECURE)
             await self._serve(stream, hello.packet, hello.served)
         except (TimeoutError, ConnectionClosed, ConnectionError, OSError) as exc:
@@ -237,12 +257,16 @@ class Session:
         tunnel = self.tunnel
         route = routing.resolve(startup.params, served.server_name if served else None, ctx.domain,
                                 host_endpoint=tunnel.endpoint_id if tunnel else None)
+        logs.bind(endpoint_id=route.endpoint_id)
         try:
             async with asyncio.timeout_at(self._deadline):
                 creds = await authenticate(ctx.auth, stream, route, served, self.peer_ip,
                                            cleartext=tunnel is not None, internal=tunnel is not None and tunnel.internal)
-        except TimeoutError:
-            raise AuthFailed("Authentication timed out") from None
+        except BaseException as exc:
+            ctx.telemetry.logins.labels(login_outcome(exc)).inc()
+            if isinstance(exc, TimeoutError):
+                raise AuthFailed("Authentication timed out") from None
+            raise
         self._authenticated()
         endpoint_id = creds.route.endpoint_id
         assert endpoint_id is not None and creds.route.compute_id is not None
@@ -254,10 +278,12 @@ class Session:
             try:
                 login = await self._connect(startup, creds)
             except ArgonError as exc:
+                ctx.telemetry.logins.labels("compute_error").inc()
                 self._fail(stream, exc.user_message, creds.pending)
                 log.info("session for %s@%s from %s failed: %s", creds.route.user, endpoint_id, self.peer_ip,
                          exc.user_message)
                 return
+            ctx.telemetry.logins.labels("success").inc()
             activity.in_query = False
             activity.last_activity = time.monotonic()
             relay = await self._relay(stream, login, creds.pending + login.greeting, activity)
@@ -265,6 +291,8 @@ class Session:
                 await relay.done
             finally:
                 relay.close()
+                ctx.telemetry.session_ended(time.monotonic() - self.started, relay.bytes_from_client,
+                                            relay.bytes_from_compute)
                 log.info("session ended: endpoint=%s user=%s peer=%s duration=%.1fs bytes_in=%d bytes_out=%d",
                          endpoint_id, creds.route.user, self.peer_ip, time.monotonic() - self.started,
                          relay.bytes_from_client, relay.bytes_from_compute)
