@@ -87,9 +87,16 @@ class Observe:
 def route_template(scope: dict[str, Any]) -> str:
     """The request's path with its parameters named (`/api/v2/projects/{project_id}`): a label with a
     bounded number of values. "unmatched" when no route took the request."""
-    if scope.get("route") is None and scope.get("endpoint") is None:
+    route = scope.get("route")
+    if route is None and scope.get("endpoint") is None:
         return "unmatched"
     path = scope.get("path", "")
+    fmt = getattr(route, "path_format", None)
+    if isinstance(fmt, str) and ":path}" not in str(getattr(route, "path", "")):
+        # The route's own template, after the prefix it was included under (what the path has more).
+        parts, own = path.split("/"), fmt.split("/")
+        if len(parts) >= len(own):
+            return "/".join(parts[:len(parts) - len(own) + 1]) + fmt
     params = scope.get("path_params") or {}
     for name, value in sorted(params.items(), key=lambda kv: -len(str(kv[1]))):
         value = str(value)

@@ -6,6 +6,7 @@ Every command that talks to a server goes through the HTTP API, like any other c
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import sys
@@ -17,6 +18,8 @@ from argon import __version__, logs
 from argon.cli import commands
 from argon.cli.client import CliError, write_cli_config
 from argon.cli.context import Context
+from argon.cli.service import notify
+from argon.cli.service import service as service_cli
 from argon.cli.storage import storage as storage_cli
 from argon.errors import ArgonError, ConfigError
 from argon.settings import Settings, load, read_config_file, unknown_names
@@ -77,7 +80,8 @@ def up(**flags: Any) -> None:
     from argon.platform import Platform
 
     settings = load(**flags)
-    logs.configure(settings.log_format, settings.log_level, sys.stderr)
+    fmt = logs.configure(settings.log_format, settings.log_level, sys.stderr)
+    log = logging.getLogger("argon.up")
     try:
         import uvloop
 
@@ -85,8 +89,11 @@ def up(**flags: Any) -> None:
     except ImportError:  # pragma: no cover - uvloop is optional (e.g. on Windows)
         pass
 
-    def progress(msg: str) -> None:
-        click.secho(msg, dim=True, err=True)
+    def progress(msg: str) -> None:  # stderr is the log: in JSON, every line of it is a JSON object
+        if fmt == "json":
+            log.info("%s", msg)
+        else:
+            click.secho(msg, dim=True, err=True)
 
     async def run() -> None:
         platform = Platform(settings, progress=progress)
@@ -100,12 +107,14 @@ def up(**flags: Any) -> None:
             await platform.stop()
             raise
         _print_banner(settings, info)
+        notify(f"READY=1\nSTATUS=serving: API {info.api_url}, proxy {info.proxy_address}")
         try:
             await stop.wait()
         finally:
-            click.secho("\nStopping: computes get a fast shutdown...", err=True)
+            notify("STOPPING=1")
+            progress("Stopping: computes get a fast shutdown...")
             await platform.stop()
-            click.secho("Stopped.", err=True)
+            progress("Stopped.")
 
     asyncio.run(run())
 
@@ -117,8 +126,11 @@ def _print_banner(settings: Settings, info: Any) -> None:
     config_path = write_cli_config(info.api_url, key)
     b = lambda s: click.style(s, bold=True)  # noqa: E731
     click.echo(b("Argon is up.") + f" (ready in {info.startup_ms:.0f} ms)")
-    click.echo(f"  Console           {b(info.sign_in_url)}")
-    click.echo("                    (one-time sign-in link, valid 15 minutes; `argon console` prints a new one)")
+    if sys.stdout.isatty():  # a sign-in link is a credential: never into a service's journal or a log file
+        click.echo(f"  Console           {b(info.sign_in_url)}")
+        click.echo("                    (one-time sign-in link, valid 15 minutes; `argon console` prints a new one)")
+    else:
+        click.echo(f"  Console           {info.api_url}/   (`argon console` prints a one-time sign-in link)")
     click.echo(f"  API               {info.api_url}/api/v2   (docs: {info.api_url}/api/v2/docs)")
     click.echo(f"  Postgres proxy    {info.proxy_address}   (TLS on; plaintext: {settings.plaintext}; "
                f"relay: {info.proxy_relay})")
@@ -264,6 +276,7 @@ def config_check(**flags: Any) -> None:
 
 commands.register(cli)
 cli.add_command(storage_cli)
+cli.add_command(service_cli)
 
 
 def main() -> None:
