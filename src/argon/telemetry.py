@@ -70,10 +70,9 @@ class Telemetry:
         self.sessions = Counter("argon_proxy_sessions", "Relayed sessions that ended", registry=r)
         self.session_seconds = Histogram("argon_proxy_session_duration_seconds", "Duration of relayed sessions",
                                          buckets=(0.1, 1, 10, 60, 300, 1800, 3600, 6 * 3600, 24 * 3600), registry=r)
-        self.relayed_bytes = Counter("argon_proxy_relayed_bytes", "Bytes relayed, counted when a session ends",
-                                     ("direction",), registry=r)
-        self._from_client = self.relayed_bytes.labels("from_client")
-        self._from_compute = self.relayed_bytes.labels("from_compute")
+        # Bytes the Python relay moved (its sessions', at their end); the C relay keeps its own totals,
+        # live, and `argon.proxy.exposition` reports the sum as argon_proxy_relayed_bytes_total.
+        self.python_relayed = [0, 0]  # from clients, from computes
         # HTTP (argon.api.ops: the API, the console and the serverless driver's routes)
         self.http_requests = Counter("argon_http_requests", "HTTP requests, by route template, method and status",
                                      ("route", "method", "status"), registry=r)
@@ -85,11 +84,11 @@ class Telemetry:
         """Report state at scrape time: `collect` yields metric families (prometheus_client.core)."""
         self.registry.register(_Callback(collect))
 
-    def session_ended(self, seconds: float, from_client: int, from_compute: int) -> None:
+    def session_ended(self, seconds: float, python_from_client: int = 0, python_from_compute: int = 0) -> None:
         self.sessions.inc()
         self.session_seconds.observe(seconds)
-        self._from_client.inc(from_client)
-        self._from_compute.inc(from_compute)
+        self.python_relayed[0] += python_from_client
+        self.python_relayed[1] += python_from_compute
 
     def forget_compute(self, labels: tuple[str, str, str]) -> None:
         """An endpoint was deleted: its counters go (Prometheus sees the series end)."""

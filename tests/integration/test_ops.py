@@ -106,6 +106,17 @@ def test_metrics_count_what_happened(platform: RunningPlatform, project: dict[st
     assert value(after, "argon_compute_up", type="read_write", **labels) == 1
 
 
+def test_the_c_relay_counts_bytes_of_open_sessions(platform: RunningPlatform, project: dict[str, Any]) -> None:
+    before = value(scrape(platform), "argon_proxy_relayed_bytes_total", direction="from_compute")
+    with psycopg.connect(platform.dsn(project)) as conn:
+        conn.execute("select repeat('y', 200000)").fetchone()
+        relays = platform.platform.proxy.ctx.relays
+        if relays is None or relays.sessions == 0:
+            pytest.skip("this session is relayed in Python, which counts its bytes when it ends")
+        during = value(scrape(platform), "argon_proxy_relayed_bytes_total", direction="from_compute")
+        assert during - before >= 200000  # counted while the session is open
+
+
 def test_per_compute_metrics_never_wake_a_suspended_compute(platform: RunningPlatform,
                                                             project: dict[str, Any]) -> None:
     labels = ids(project)

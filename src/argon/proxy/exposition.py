@@ -2,7 +2,8 @@
 
 Read from what the server keeps anyway (its admission counts, the session activity the suspend
 policy reads, the C relay thread's `stats()`), so the relay's hot path does no extra work for
-metrics. Logins and relayed bytes are counted in `argon.telemetry` where a session ends.
+metrics. Logins are counted in `argon.telemetry`; relayed bytes are the C relay's live totals plus
+what the Python relay counted for its sessions when they ended.
 """
 
 from __future__ import annotations
@@ -34,12 +35,18 @@ def collect(server: ProxyServer) -> Iterator[Metric]:
         dropped.add_metric([reason], n)
     yield dropped
     relays = server.ctx.relays
+    stats = relays.core.stats() if relays is not None else (0, 0, 0, 0)
+    python = server.ctx.telemetry.python_relayed
+    relayed = CounterMetricFamily("argon_proxy_relayed_bytes", "Bytes relayed after login: the C relay's as they "
+                                  "pass, the Python relay's when its session ends", labels=["direction"])
+    relayed.add_metric(["from_client"], python[0] + stats[2])
+    relayed.add_metric(["from_compute"], python[1] + stats[3])
+    yield relayed
     native = GaugeMetricFamily("argon_proxy_native_relay_sessions", "Sessions relayed on the C thread")
     buffered = GaugeMetricFamily("argon_proxy_relay_buffered_bytes", "Bytes the C relay holds, read from one side "
                                  "and not yet written to the other")
     if relays is not None:
-        count, held = relays.core.stats()[:2]
-        native.add_metric([], count)
-        buffered.add_metric([], held)
+        native.add_metric([], stats[0])
+        buffered.add_metric([], stats[1])
     yield native
     yield buffered

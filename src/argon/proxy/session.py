@@ -291,8 +291,11 @@ class Session:
                 await relay.done
             finally:
                 relay.close()
-                ctx.telemetry.session_ended(time.monotonic() - self.started, relay.bytes_from_client,
-                                            relay.bytes_from_compute)
+                if isinstance(relay, NativeSession):  # the C thread's totals counted its bytes as they passed
+                    ctx.telemetry.session_ended(time.monotonic() - self.started)
+                else:
+                    ctx.telemetry.session_ended(time.monotonic() - self.started, relay.bytes_from_client,
+                                                relay.bytes_from_compute)
                 log.info("session ended: endpoint=%s user=%s peer=%s duration=%.1fs bytes_in=%d bytes_out=%d",
                          endpoint_id, creds.route.user, self.peer_ip, time.monotonic() - self.started,
                          relay.bytes_from_client, relay.bytes_from_compute)
