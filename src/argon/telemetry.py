@@ -96,8 +96,27 @@ class Telemetry:
             with contextlib.suppress(KeyError):
                 counter.remove(*labels)
 
+    def collect(self) -> list[Metric]:
+        """Every family's samples now (on the event loop: the collectors read the view)."""
+        return list(self.registry.collect())
+
+    @staticmethod
+    def render(families: list[Metric]) -> bytes:
+        """The text format of collected families (pure: a worker thread may do it)."""
+        return generate_latest(_Collected(families))  # type: ignore[arg-type]
+
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        return self.render(self.collect())
+
+
+class _Collected:
+    """Families already collected, in the shape `generate_latest` reads."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> list[Metric]:
+        return self.families
 
 
 def compute_labels(ep: Any) -> tuple[str, str, str]:

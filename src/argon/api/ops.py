@@ -51,6 +51,7 @@ class Observe:
     def __init__(self, app: Any, telemetry: Telemetry) -> None:
         self.app = app
         self.telemetry = telemetry
+        self._series: dict[tuple[str, str, int], tuple[Any, Any]] = {}  # labels -> (counter, histogram) children
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -78,10 +79,15 @@ class Observe:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            template = route_template(scope)
-            method = scope.get("method", "")
-            self.telemetry.http_requests.labels(template, method, str(status)).inc()
-            self.telemetry.http_seconds.labels(template, method).observe(time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            key = (route_template(scope), scope.get("method", ""), status)
+            series = self._series.get(key)
+            if series is None:  # a bounded set: route templates x methods x statuses
+                t = self.telemetry
+                series = self._series[key] = (t.http_requests.labels(key[0], key[1], str(status)),
+                                              t.http_seconds.labels(key[0], key[1]))
+            series[0].inc()
+            series[1].observe(elapsed)
 
 
 def route_template(scope: dict[str, Any]) -> str:
@@ -136,7 +142,8 @@ def router(telemetry: Telemetry, *, authorize_key: Callable[[str], object], metr
             except Unauthorized:
                 raise Unauthorized("authentication required: send 'Authorization: Bearer <token>' with "
                                    "ARGON_METRICS_TOKEN or an API key") from None
-        body = telemetry.exposition()  # on the loop: the collectors read the view, which is not thread-safe
+        families = telemetry.collect()  # on the loop: the collectors read the view, which is not thread-safe
+        body = await asyncio.to_thread(telemetry.render, families)  # the text off it (most of the work)
         return Response(body, media_type=CONTENT_TYPE)
 
     @r.get("/healthz")

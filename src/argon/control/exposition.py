@@ -22,10 +22,9 @@ from argon.telemetry import COMPUTE_LABELS, compute_labels
 
 def collect(control: Control) -> Iterator[Metric]:
     plane, sampler = control.plane, control.metrics
-    projects = plane.projects()
-    yield _gauge("argon_projects", "Projects", [((), len(projects))])
+    yield _gauge("argon_projects", "Projects", [((), len(plane.projects()))])
 
-    branches = [b for p in projects for b in plane.branches(p.id)]
+    branches = plane.all_branches()
     by_state = Counter(b.state.value for b in branches)
     yield _gauge("argon_branches", "Branches, by state", [((s,), n) for s, n in sorted(by_state.items())],
                  ("state",))

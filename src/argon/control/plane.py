@@ -261,6 +261,10 @@ class ControlPlane:
             raise NotFound(f"branch {branch_id!r} not found in project {project_id!r}")
         return branch
 
+    def all_branches(self) -> list[model.Branch]:
+        """Every project's branches, in no particular order (one pass, for whole-platform figures)."""
+        return list(self._branches.values())
+
     def branches(self, project_id: str) -> list[model.Branch]:
         return sorted((b for b in self._branches.values() if b.project_id == project_id),
                       key=lambda b: (b.created_at, b.id))
