@@ -5,9 +5,9 @@
 Side by side in one run, interleaved rounds:
 - a request to a trivial FastAPI route with and without `argon.api.ops.Observe` (request id, log
   context, one counter and one histogram), through httpx's in-process ASGI transport;
-- `Telemetry.exposition()` with the control plane's collector over a view of 10, 100 and 1,000
-  running computes (a stand-in view and sampler with the real collector: what one scrape costs the
-  event loop), and the size of the text;
+- a scrape with the control plane's collector over a view of 10, 100 and 1,000 running computes (a
+  stand-in view and sampler with the real collector): the collection, which runs on the event loop,
+  and the text, which /metrics writes in a thread; and the size of the text;
 - one log line through the JSON formatter, the text formatter and logging's plain one.
 Prints a table, then the JSON.
 """
@@ -129,13 +129,16 @@ def scrape(sizes: tuple[int, ...], repeats: int) -> list[dict[str, Any]]:
         for e in eps:
             telemetry.wakes.labels(e.project_id, e.branch_id, e.id).inc()
         body = telemetry.exposition()
-        times = []
+        on_loop, off_loop = [], []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            telemetry.exposition()
-            times.append((time.perf_counter() - t0) * 1000)
-        rows.append({"computes": n, "scrape_ms_p50": statistics.median(times), "scrape_ms_max": max(times),
-                     "bytes": len(body)})
+            families = telemetry.collect()
+            t1 = time.perf_counter()
+            telemetry.render(families)
+            on_loop.append((t1 - t0) * 1000)
+            off_loop.append((time.perf_counter() - t1) * 1000)
+        rows.append({"computes": n, "collect_ms_p50": statistics.median(on_loop), "collect_ms_max": max(on_loop),
+                     "render_ms_p50": statistics.median(off_loop), "bytes": len(body)})
     return rows
 
 
@@ -166,9 +169,10 @@ def main() -> None:
     m = result["middleware"]
     print(f"HTTP request, p50 over {m['requests_each']} each: plain {m['plain_us_p50']:.0f} us, with Observe "
           f"{m['observed_us_p50']:.0f} us (+{m['added_us_p50']:.0f} us, {m['ratio']:.2f}x)")
-    print(f"{'computes':>9} {'scrape p50 ms':>14} {'max ms':>8} {'bytes':>10}")
+    print(f"{'computes':>9} {'collect p50 ms (loop)':>22} {'max ms':>8} {'render p50 ms (thread)':>23} {'bytes':>10}")
     for row in result["scrape"]:
-        print(f"{row['computes']:>9} {row['scrape_ms_p50']:>14.1f} {row['scrape_ms_max']:>8.1f} {row['bytes']:>10}")
+        print(f"{row['computes']:>9} {row['collect_ms_p50']:>22.1f} {row['collect_ms_max']:>8.1f} "
+              f"{row['render_ms_p50']:>23.1f} {row['bytes']:>10}")
     lines = result["log_line"]
     print(f"log line: plain {lines['plain_us']:.1f} us, text {lines['text_us']:.1f} us, json {lines['json_us']:.1f} us")
     text = json.dumps(result, indent=2)
