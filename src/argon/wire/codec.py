@@ -373,6 +373,11 @@ def endpoint_from_options(options: str) -> str | None:
     return found.get("endpoint", found.get("project"))
 
 
+def is_routing_word(word: str) -> bool:
+    """An `options` word meant for the proxy (`endpoint=`, `project=`, `neon_*:`), never for Postgres."""
+    return bool(_ROUTING_WORD.fullmatch(word) or _NEON_OPTION.fullmatch(word))
+
+
 def _strip_routing_words(options: str) -> str:
     """`options` without the words meant for the proxy (`endpoint=`, `project=`, `neon_*:`)."""
     words = split_options(options)
