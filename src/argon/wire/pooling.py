@@ -271,6 +271,10 @@ class PoolStats:
     last_activity: float
 
 
+def _since(client: Client, now: float) -> float:
+    return now if client.waiting_since is None else client.waiting_since
+
+
 class PoolCore:
     """The pooler's state; subclass and implement the hooks (see the module docstring)."""
 
@@ -434,7 +438,7 @@ class PoolCore:
         `query_wait_timeout`; a server idle longer than `idle_timeout` is closed."""
         now = self.now()
         for pool in list(self.pools.values()):
-            while pool.waiting and now - (pool.waiting[0].waiting_since or now) > self.wait_timeout:
+            while pool.waiting and now - _since(pool.waiting[0], now) > self.wait_timeout:
                 self._fail_client(pool.waiting[0], codec.error_response("query_wait_timeout", "08P01", "FATAL"))
             for server in [s for s in pool.idle if now - s.idle_since > self.idle_timeout]:
                 self._close_server(server)
@@ -634,10 +638,11 @@ class PoolCore:
             return 0
         name = bytes(buf[portal_end + 1:name_end])
         stmt = client.prepared.get(name) if name else None
-        server.queue.append(Request(_B, FORWARD))
         if stmt is None:  # the unnamed statement, or a name the client never prepared: Postgres answers
+            server.queue.append(Request(_B, FORWARD))
             return self._forward(client, server, buf, pos, total)
         self._ensure(server, stmt)
+        server.queue.append(Request(_B, FORWARD))
         if stmt.stateful:
             server.dirty = True
         head = (b"B" + _u32.pack(total - 1 - len(name) + len(stmt.name)) + bytes(buf[pos + 5:portal_end + 1])
