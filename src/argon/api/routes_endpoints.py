@@ -35,6 +35,17 @@ class EndpointUpdate(BaseModel):
     suspend_timeout_seconds: int | None = None
     disabled: bool | None = None
     name: str | None = None
+    pooler_enabled: bool | None = None
+    pooler_mode: str | None = None
+
+
+def check_pooler(enabled: bool | None, mode: str | None) -> None:
+    """The pooled host always exists and pools transactions (ADR 0015): only those values are taken."""
+    if enabled is False:
+        raise UserError("pooler_enabled cannot be false: every endpoint has a pooled host (<endpoint>-pooler); "
+                        "connect to the endpoint's own host for a direct session")
+    if mode is not None and mode != "transaction":
+        raise UserError(f"pooler_mode must be transaction, not {mode!r}")
 
 
 class EndpointUpdateBody(BaseModel):
@@ -60,6 +71,7 @@ async def patch_endpoint(control: Authorized, project_id: str, endpoint_id: str,
     spec = body.endpoint
     if spec.name is not None and not 1 <= len(spec.name) <= 64:
         raise UserError("endpoint name must be 1 to 64 characters")
+    check_pooler(spec.pooler_enabled, spec.pooler_mode)
     patch = EndpointPatch(
         autoscaling_limit_min_cu=(check_cu(spec.autoscaling_limit_min_cu, "autoscaling_limit_min_cu")
                                   if spec.autoscaling_limit_min_cu is not None else None),
@@ -103,6 +115,13 @@ async def logs(control: Authorized, project_id: str, endpoint_id: str,
     return PlainTextResponse(await read_log(control, project_id, endpoint_id, tail))
 
 
+@router.get("/projects/{project_id}/endpoints/{endpoint_id}/pooler",
+            summary="The endpoint's transaction pools, as PgBouncer's SHOW POOLS (Argon extension)")
+async def pooler(plane: Plane, project_id: str, endpoint_id: str) -> dict[str, Any]:
+    plane.endpoint(project_id, endpoint_id)
+    return {"pools": [views.pool_view(p.database, p.role, p.stats) for p in plane.activity.pools(endpoint_id)]}
+
+
 @router.get("/projects/{project_id}/endpoints/{endpoint_id}/events",
             summary="Wakes, suspends and cold-start durations (Argon extension)")
 async def events(control: Authorized, project_id: str, endpoint_id: str,
@@ -121,6 +140,8 @@ class EndpointCreate(BaseModel):
     autoscaling_limit_max_cu: float | None = None
     suspend_timeout_seconds: int | None = None
     name: str | None = None
+    pooler_enabled: bool | None = None
+    pooler_mode: str | None = None
 
 
 class EndpointCreateBody(BaseModel):
@@ -132,6 +153,7 @@ class EndpointCreateBody(BaseModel):
 async def create(control: Authorized, project_id: str, body: EndpointCreateBody) -> JSONResponse:
     plane = control.plane
     spec = body.endpoint
+    check_pooler(spec.pooler_enabled, spec.pooler_mode)
     base = plane.project(project_id).default_endpoint_settings
     lo = (check_cu(spec.autoscaling_limit_min_cu, "autoscaling_limit_min_cu")
           if spec.autoscaling_limit_min_cu is not None else base.autoscaling_limit_min_cu)
