@@ -2,9 +2,26 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
-from argon.wire.sql_scan import changes_session
+from argon.wire import sql_scan
+
+try:
+    from argon.proxy import _pooler
+except ImportError:  # built without a C compiler
+    _pooler = None
+
+IMPLEMENTATIONS = [pytest.param(sql_scan.changes_session, id="python")]
+if _pooler is not None:
+    IMPLEMENTATIONS.append(pytest.param(_pooler.changes_session, id="c"))
+
+
+@pytest.fixture(params=IMPLEMENTATIONS)
+def changes_session(request: pytest.FixtureRequest) -> object:
+    """The Python lexer and its C port (the C pooler's) must agree on every case."""
+    return request.param
 
 STATEFUL = [
     "SET search_path = foo",
@@ -73,21 +90,21 @@ STATELESS = [
 
 
 @pytest.mark.parametrize("sql", STATEFUL)
-def test_statements_that_leave_session_state(sql: str) -> None:
+def test_statements_that_leave_session_state(sql: str, changes_session: Any) -> None:
     assert changes_session(sql.encode())
 
 
 @pytest.mark.parametrize("sql", STATELESS)
-def test_statements_that_do_not(sql: str) -> None:
+def test_statements_that_do_not(sql: str, changes_session: Any) -> None:
     assert not changes_session(sql.encode())
 
 
-def test_a_very_long_statement_is_judged_stateful_past_the_token_limit() -> None:
+def test_a_very_long_statement_is_judged_stateful_past_the_token_limit(changes_session: Any) -> None:
     sql = "SELECT " + ", ".join(["1"] * 5000) + "; SET LOCAL a = b"
     assert changes_session(sql.encode())
     assert not changes_session(("SELECT " + ", ".join(["1"] * 100) + "; SET LOCAL a = b").encode())
 
 
-def test_non_utf8_bytes_do_not_break_the_lexer() -> None:
+def test_non_utf8_bytes_do_not_break_the_lexer(changes_session: Any) -> None:
     assert not changes_session(b"SELECT '\xff\xfe'")
     assert changes_session(b"SET search_path = \xff")

@@ -493,6 +493,12 @@ class PoolCore:
                 if tag == _X:
                     self._fail_client(client, None)
                     return
+                if tag in (_C, _D) and (total < 7 or buf[pos + total - 1] != 0):
+                    self._fail_client(client, codec.error_response("invalid message format", "08P01", "FATAL"))
+                    return
+                if tag == _P and total < 9:
+                    self._fail_client(client, codec.error_response("invalid Parse message", "08P01", "FATAL"))
+                    return
                 if client.server is None:
                     local = self._without_server(client, tag, buf, pos, total, whole)
                     if local:

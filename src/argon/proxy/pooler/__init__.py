@@ -387,10 +387,11 @@ class Pooler:
                         and (stats is None or stats.sv_active + stats.sv_used + stats.sv_login == 0)):
                     self._drop(key, entry)
 
-    def _drop(self, key: tuple[str, str, str], entry: PoolEntry) -> None:
+    def _drop(self, key: tuple[str, str, str], entry: PoolEntry, *, engine: bool = True) -> None:
         del self._pools[key]
         self._by_id.pop(entry.id, None)
-        self.engine.drop(entry.id)
+        if engine:
+            self.engine.drop(entry.id)
         if entry.activity is not None:
             entry.activity.probe = None
             self.activity.close(entry.activity)
@@ -401,9 +402,9 @@ class Pooler:
         for entry in list(self._pools.values()):
             for task in list(entry.opening):
                 task.cancel()
-        await self.engine.close()
+        await self.engine.close()  # every pooled connection ends with it
         for key, entry in list(self._pools.items()):
-            self._drop(key, entry)
+            self._drop(key, entry, engine=False)
         for _, key, _ in list(self._clients.values()):
             self.cancels.unregister(key)
         self._clients.clear()
