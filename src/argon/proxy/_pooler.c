@@ -903,7 +903,8 @@ typedef struct Conn {
     Buf out;            /* bytes for this socket not sent yet (ciphertext for a TLS client) */
     Buf in;             /* bytes read from this socket not processed yet */
     uint64_t id;
-    struct Conn *tnext; /* touched list, then dead list */
+    struct Conn *tnext; /* the touched list */
+    struct Conn *dnext; /* the dead list (a closed connection may still be on the touched list) */
 } Conn;
 
 typedef struct Client {
@@ -913,7 +914,7 @@ typedef struct Client {
     struct Pool *pool;
     struct Server *server;
     uint32_t stream; /* body bytes of the current message still to pass through */
-    uint8_t copy_in, waiting;
+    uint8_t copy_in, waiting, terminating; /* terminating: sent Terminate while answers were still due */
     CMap *prepared;
     Str *params[NPARAMS];
     double waiting_since;
@@ -1691,6 +1692,12 @@ static size_t client_process(Engine *e, Client *cl, const uint8_t *buf, size_t l
             break;
         }
         if (tag == 'X') {
+            if (cl->server != NULL && cl->server->queue.count) { /* answers first, as Postgres does */
+                cl->terminating = 1;
+                pos += total;
+                touch(e, &cl->c);
+                break;
+            }
             fail_client(e, cl, NULL, 0);
             break;
         }
@@ -1956,8 +1963,11 @@ static void server_message(Engine *e, Server *sv, uint8_t tag, const uint8_t *m,
     if (fwd)
         send_client(e, cl, m, n);
     flush_fakes(e, sv, cl);
-    if (tag == 'Z')
+    if (tag == 'Z') {
         maybe_release(e, sv);
+        if (cl != NULL && cl->terminating && (cl->server == NULL || sv->queue.count == 0))
+            fail_client(e, cl, NULL, 0); /* its answers are out; a transaction still open rolls back */
+    }
 }
 
 static size_t server_process(Engine *e, Server *sv, const uint8_t *buf, size_t len) {
@@ -2049,7 +2059,7 @@ static void conn_close(Engine *e, Conn *c) {
     discard_input(c->fd);
     close(c->fd);
     cm_del(&conns, c);
-    c->tnext = e->dead;
+    c->dnext = e->dead;
     e->dead = c;
 }
 
@@ -2288,7 +2298,7 @@ static Conn *peer_of(Conn *c) {
 static int may_read(Conn *c) {
     if (c->closed || c->eof)
         return 0;
-    if (c->kind == CONN_CLIENT && ((Client *)c)->waiting)
+    if (c->kind == CONN_CLIENT && (((Client *)c)->waiting || ((Client *)c)->terminating))
         return 0;
     Conn *peer = peer_of(c);
     if (peer != NULL && buf_avail(&peer->out) > 0)
@@ -2633,7 +2643,7 @@ static int on_wake(Engine *e) {
 static void free_dead(Engine *e) {
     while (e->dead != NULL) {
         Conn *c = e->dead;
-        e->dead = c->tnext;
+        e->dead = c->dnext;
         buf_free(&c->out);
         buf_free(&c->in);
         if (c->kind == CONN_CLIENT)

@@ -193,6 +193,7 @@ class Client:
         "prepared",
         "server",
         "stream",
+        "terminating",
         "waiting_since",
     )
 
@@ -207,6 +208,7 @@ class Client:
         self.copy_in = False  # the server asked for COPY data and the client has not ended it
         self.waiting_since: float | None = None
         self.closed = False
+        self.terminating = False  # sent Terminate while answers were still due: closed once they are out
         self.bytes_in = 0
         self.bytes_out = 0
 
@@ -491,6 +493,11 @@ class PoolCore:
                         return
                     break
                 if tag == _X:
+                    if client.server is not None and client.server.queue:  # answers first, as Postgres does
+                        client.terminating = True
+                        pos += total
+                        self.client_reading(client, False)
+                        break
                     self._fail_client(client, None)
                     return
                 if tag in (_C, _D) and (total < 7 or buf[pos + total - 1] != 0):
@@ -868,6 +875,8 @@ class PoolCore:
                 self.send_client(client, _FAKES[request.tag])
         if tag == _READY:
             self._maybe_release(server)
+            if client is not None and client.terminating and (client.server is None or not server.queue):
+                self._fail_client(client, None)  # its answers are out; a transaction still open rolls back
 
     def _own_query_message(self, server: Server, tag: int, message: bytes) -> None:
         """A response to the pooler's own query (SET of tracked parameters, DISCARD ALL): never forwarded."""

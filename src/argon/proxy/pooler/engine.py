@@ -241,7 +241,7 @@ class PythonEngine(PoolCore):
     def _held_back(self, obj: Client | Server) -> bool:
         """Whether `obj` must not be read: a waiting client, or the other side cannot take more."""
         if isinstance(obj, Client):
-            if obj.waiting_since is not None:
+            if obj.waiting_since is not None or obj.terminating:
                 return True
             peer: Client | Server | None = obj.server
         else:
