@@ -726,18 +726,52 @@ static int statement_changes(Tok *t, int n, Tok **words) {
     return 0;
 }
 
-static const char *const TRIGGERS[] = {"set", "listen", "prepare", "deallocate", "hold", "temp", "load", "advisory",
-                                       "dblink"};
+static int word_here(const uint8_t *p, size_t left, const char *word) {
+    size_t n = strlen(word);
+    if (left < n)
+        return 0;
+    for (size_t i = 1; i < n; i++)
+        if ((p[i] | 0x20) != (uint8_t)word[i])
+            return 0;
+    return 1;
+}
 
+/* Whether any word a rule needs appears (any case): most statements have none and are not lexed. */
 static int has_trigger(const uint8_t *sql, size_t n) {
     for (size_t i = 0; i < n; i++) {
-        uint8_t c = sql[i] | 0x20;
-        if (c != 's' && c != 'l' && c != 'p' && c != 'd' && c != 'h' && c != 't' && c != 'a')
-            continue;
-        for (size_t w = 0; w < sizeof TRIGGERS / sizeof *TRIGGERS; w++) {
-            size_t len = strlen(TRIGGERS[w]);
-            if (i + len <= n && strncasecmp((const char *)sql + i, TRIGGERS[w], len) == 0)
+        const uint8_t *p = sql + i;
+        size_t left = n - i;
+        switch (p[0] | 0x20) {
+        case 's':
+            if (word_here(p, left, "set"))
                 return 1;
+            break;
+        case 'l':
+            if (word_here(p, left, "listen") || word_here(p, left, "load"))
+                return 1;
+            break;
+        case 'p':
+            if (word_here(p, left, "prepare"))
+                return 1;
+            break;
+        case 'd':
+            if (word_here(p, left, "deallocate") || word_here(p, left, "dblink"))
+                return 1;
+            break;
+        case 'h':
+            if (word_here(p, left, "hold"))
+                return 1;
+            break;
+        case 't':
+            if (word_here(p, left, "temp"))
+                return 1;
+            break;
+        case 'a':
+            if (word_here(p, left, "advisory"))
+                return 1;
+            break;
+        default:
+            break;
         }
     }
     return 0;
@@ -760,14 +794,11 @@ static long skip_quoted(const uint8_t *s, size_t n, size_t i, uint8_t quote, int
     return -1;
 }
 
-static int changes_session(const uint8_t *sql, size_t n) {
+/* `toks` and `words` hold MAX_TOKENS_PER_STATEMENT + 2 entries (the engine keeps one pair). */
+static int changes_session_in(const uint8_t *sql, size_t n, Tok *toks, Tok **words) {
     if (!has_trigger(sql, n))
         return 0;
-    Tok *toks = malloc((MAX_TOKENS_PER_STATEMENT + 2) * sizeof *toks);
-    Tok **words = malloc((MAX_TOKENS_PER_STATEMENT + 2) * sizeof *words);
     int result = 1;
-    if (toks == NULL || words == NULL)
-        goto out;
     int nt = 0;
     size_t i = 0;
     while (i < n) {
@@ -851,6 +882,15 @@ static int changes_session(const uint8_t *sql, size_t n) {
     }
     result = nt > 0 && statement_changes(toks, nt, words);
 out:
+    return result;
+}
+
+static int changes_session(const uint8_t *sql, size_t n) {
+    if (!has_trigger(sql, n))
+        return 0;
+    Tok *toks = malloc((MAX_TOKENS_PER_STATEMENT + 2) * sizeof *toks);
+    Tok **words = malloc((MAX_TOKENS_PER_STATEMENT + 2) * sizeof *words);
+    int result = toks == NULL || words == NULL ? 1 : changes_session_in(sql, n, toks, words);
     free(toks);
     free(words);
     return result;
@@ -995,6 +1035,8 @@ typedef struct Engine {
     Conn *dead;
     double now, last_tick, wait_timeout, idle_timeout;
     int max_prepared;
+    Tok *toks; /* the lexer's workspace (sql_scan) */
+    Tok **words;
 } Engine;
 
 static void emit(Engine *e, int type, uint64_t a, uint64_t b, uint64_t c, uint64_t d);
@@ -1457,7 +1499,7 @@ static long parse_message(Engine *e, Client *cl, Server *sv, const uint8_t *buf,
             sv->dirty = 1;
         } else {
             const uint8_t *q = buf + pos + 6, *end = memchr(q, 0, total - 6);
-            if (changes_session(q, end != NULL ? (size_t)(end - q) : total - 6))
+            if (changes_session_in(q, end != NULL ? (size_t)(end - q) : total - 6, e->toks, e->words))
                 sv->dirty = 1;
         }
         if (push(e, sv, 'P', FORWARD) == NULL)
@@ -1581,7 +1623,7 @@ static long client_message(Engine *e, Client *cl, uint8_t tag, const uint8_t *bu
     switch (tag) {
     case 'Q':
         cl->pool->query_count++;
-        if (!whole || changes_session(buf + pos + 5, total - 6))
+        if (!whole || changes_session_in(buf + pos + 5, total - 6, e->toks, e->words))
             sv->dirty = 1;
         if (push(e, sv, 'Q', FORWARD) == NULL)
             return -1;
@@ -3086,7 +3128,9 @@ static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kwds) 
     e->max_prepared = 1000;
     e->buf = malloc(READ_CHUNK);
     e->tlsbuf = malloc(READ_CHUNK);
-    if (e->buf == NULL || e->tlsbuf == NULL) {
+    e->toks = malloc((MAX_TOKENS_PER_STATEMENT + 2) * sizeof *e->toks);
+    e->words = malloc((MAX_TOKENS_PER_STATEMENT + 2) * sizeof *e->words);
+    if (e->buf == NULL || e->tlsbuf == NULL || e->toks == NULL || e->words == NULL) {
         Py_DECREF(e);
         return PyErr_NoMemory();
     }
@@ -3125,6 +3169,8 @@ static void Engine_dealloc(Engine *e) {
         close(e->event_fd);
     free(e->buf);
     free(e->tlsbuf);
+    free(e->toks);
+    free(e->words);
     free(e->events);
     free(e->pools);
     free(e->registry.buckets);
