@@ -31,8 +31,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hashlib
-import hmac
 import json
 import os
 import re
@@ -40,11 +38,10 @@ import resource
 import selectors
 import shutil
 import signal
-import ssl
 import statistics
-import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -93,118 +90,6 @@ def seconds_for(clients: int, quick: bool) -> int:
 # The client process --------------------------------------------------------------------------------
 
 
-def _msg(tag: bytes, body: bytes) -> bytes:
-    return tag + struct.pack("!I", len(body) + 4) + body
-
-
-class _Idle:
-    """A minimal Postgres client for holding many idle connections: TLS after SSLRequest, SCRAM with
-    the salted password computed once for all of them (or trust), then nothing until told to go."""
-
-    salted: dict[tuple[bytes, int], bytes] = {}
-
-    def __init__(self, host: str, port: int, user: str, password: str, dbname: str, options: str,
-                 tls: bool) -> None:
-        self.host, self.port, self.user, self.password, self.dbname = host, port, user, password, dbname
-        self.options, self.tls = options, tls
-        self.writer: asyncio.StreamWriter | None = None
-
-    async def open(self) -> None:
-        reader, writer = await asyncio.open_connection(self.host, self.port)
-        if self.tls:
-            writer.write(struct.pack("!II", 8, 80877103))
-            await writer.drain()
-            if await reader.readexactly(1) != b"S":
-                raise BenchError("TLS refused")
-            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-            await writer.start_tls(ctx)
-        params = {"user": self.user, "database": self.dbname}
-        if self.options:
-            params["options"] = self.options
-        body = struct.pack("!I", 196608) + b"".join(k.encode() + b"\0" + v.encode() + b"\0" for k, v in params.items())
-        body += b"\0"
-        writer.write(struct.pack("!I", len(body) + 4) + body)
-        await writer.drain()
-        nonce = os.urandom(18).hex()
-        first_bare = f"n=,r={nonce}".encode()
-        expected_server_sig = b""
-        while True:
-            tag = await reader.readexactly(1)
-            length = struct.unpack("!I", await reader.readexactly(4))[0]
-            payload = await reader.readexactly(length - 4)
-            if tag == b"R":
-                code = struct.unpack_from("!I", payload)[0]
-                if code == 10:
-                    mech = b"SCRAM-SHA-256"
-                    data = b"n,," + first_bare
-                    writer.write(_msg(b"p", mech + b"\0" + struct.pack("!I", len(data)) + data))
-                elif code == 11:
-                    server_first = payload[4:]
-                    attrs = dict(a.split(b"=", 1) for a in server_first.split(b","))
-                    import base64
-
-                    salt, iters = base64.b64decode(attrs[b"s"]), int(attrs[b"i"])
-                    key = (salt, iters)
-                    if key not in self.salted:
-                        self.salted[key] = hashlib.pbkdf2_hmac("sha256", self.password.encode(), salt, iters)
-                    salted = self.salted[key]
-                    client_key = hmac.new(salted, b"Client Key", hashlib.sha256).digest()
-                    stored = hashlib.sha256(client_key).digest()
-                    final_bare = b"c=biws,r=" + attrs[b"r"]
-                    auth = first_bare + b"," + server_first + b"," + final_bare
-                    sig = hmac.new(stored, auth, hashlib.sha256).digest()
-                    proof = bytes(a ^ b for a, b in zip(client_key, sig, strict=True))
-                    server_key = hmac.new(salted, b"Server Key", hashlib.sha256).digest()
-                    expected_server_sig = hmac.new(server_key, auth, hashlib.sha256).digest()
-                    writer.write(_msg(b"p", final_bare + b",p=" + base64.b64encode(proof)))
-                elif code == 12:
-                    import base64
-
-                    if base64.b64decode(payload[4:].split(b"v=", 1)[1]) != expected_server_sig:
-                        raise BenchError("bad server signature")
-                elif code != 0:
-                    raise BenchError(f"authentication method {code}")
-                await writer.drain()
-            elif tag == b"E":
-                raise BenchError(payload.decode(errors="replace"))
-            elif tag == b"Z":
-                self.writer = writer
-                return
-
-    def close(self) -> None:
-        if self.writer is not None:
-            with contextlib.suppress(Exception):
-                self.writer.write(_msg(b"X", b""))
-                self.writer.close()
-
-
-async def _hold_idle(cmd: dict[str, Any]) -> None:
-    """Open `n` idle clients (at most 32 logging in at once), report, wait for a line on stdin, close."""
-    clients = [_Idle(cmd["host"], cmd["port"], cmd["user"], cmd["password"], cmd["dbname"], cmd.get("options", ""),
-                     cmd["tls"]) for _ in range(cmd["n"])]
-    gate = asyncio.Semaphore(32)
-    failures: list[str] = []
-
-    async def one(c: _Idle) -> None:
-        async with gate:
-            try:
-                await c.open()
-            except Exception as exc:
-                failures.append(repr(exc))
-
-    t0 = time.perf_counter()
-    await asyncio.gather(*(one(c) for c in clients))
-    opened = sum(1 for c in clients if c.writer is not None)
-    print(json.dumps({"ok": not failures, "opened": opened, "seconds": round(time.perf_counter() - t0, 1),
-                      "error": failures[0] if failures else None}), flush=True)
-    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
-    for c in clients:
-        c.close()
-    await asyncio.sleep(0.5)
-
-
 def worker_main() -> None:
     """`--worker`: JSON commands on stdin, one JSON line each. `hold_idle` is a process of its own."""
     import psycopg
@@ -218,7 +103,9 @@ def worker_main() -> None:
         try:
             op = cmd["op"]
             if op == "hold_idle":
-                asyncio.run(_hold_idle(cmd))
+                from tests.fixtures.idle_clients import hold_idle
+
+                asyncio.run(hold_idle(cmd))
                 return
             if op == "open":  # a connection kept for later
                 held[cmd["name"]] = psycopg.connect(cmd["dsn"], autocommit=True, connect_timeout=60)
@@ -286,10 +173,11 @@ class Worker:
 
 class TxBouncer:
     """PgBouncer 1.18 in transaction mode in front of the compute's Unix socket, as the compute's OS
-    user, SCRAM to the compute as the owner role; clients over TCP with trust, TLS required when
-    `tls` = (certificate, key)."""
+    user. Clients authenticate with SCRAM against the role's verifier (what the proxy checks too,
+    so neither side runs PBKDF2; pgbench's libpq does, for both), and PgBouncer logs into the
+    compute with the client's keys, as Neon's does; TLS required when `tls` = (certificate, key)."""
 
-    def __init__(self, root: Path, socket_dir: Path, user: str, password: str, uid: int, gid: int,
+    def __init__(self, root: Path, socket_dir: Path, user: str, verifier: str, uid: int, gid: int,
                  tls: tuple[Path, Path] | None) -> None:
         self.dir = _own_dir(root, uid, gid)
         self.uid, self.gid, self.user, self.tls = uid, gid, user, tls is not None
@@ -304,14 +192,14 @@ class TxBouncer:
             owned += ["server.crt", "server.key"]
             tls_conf = (f"client_tls_sslmode = require\nclient_tls_cert_file = {self.dir / 'server.crt'}\n"
                         f"client_tls_key_file = {self.dir / 'server.key'}\n")
-        (self.dir / "userlist.txt").write_text(f'"{user}" "{password}"\n')
+        (self.dir / "userlist.txt").write_text(f'"{user}" "{verifier}"\n')
         os.chmod(self.dir / "userlist.txt", 0o600)
         (self.dir / "pgbouncer.ini").write_text(
             "[databases]\n"
             f"* = host={socket_dir} port=5432\n"
             "[pgbouncer]\n"
             f"listen_addr = 127.0.0.1\nlisten_port = {self.port}\nunix_socket_dir =\n"
-            f"auth_type = trust\nauth_file = {self.dir / 'userlist.txt'}\n"
+            f"auth_type = scram-sha-256\nauth_file = {self.dir / 'userlist.txt'}\n"
             f"pool_mode = transaction\nmax_client_conn = {IDLE_CLIENTS + 500}\ndefault_pool_size = {POOL_SIZE}\n"
             "server_idle_timeout = 2\nignore_startup_parameters = extra_float_digits\n"
             f"{tls_conf}logfile = {self.dir / 'pgbouncer.log'}\n")
@@ -320,6 +208,7 @@ class TxBouncer:
                 os.chown(self.dir / name, uid, gid)
 
     def dsn(self, dbname: str) -> str:
+        """libpq takes the password from PGPASSWORD (set by the run)."""
         return (f"host=127.0.0.1 port={self.port} user={self.user} dbname={dbname} "
                 f"sslmode={'require' if self.tls else 'disable'}")
 
@@ -360,27 +249,58 @@ def rss_mb(pid: int | str = "self") -> float:
     return _kb_field(f"/proc/{pid}/status", "VmRSS") / 1024
 
 
-def pgbench(target: str, script: str, clients: int, seconds: int, cpu: Callable[[], float],
+def established(port: int) -> int:
+    """TCP connections to `port` on this machine that are established (/proc/net/tcp, IPv4)."""
+    hexport = f":{port:04X} "
+    count = 0
+    with open("/proc/net/tcp") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            if fields[1].endswith(hexport[:-1]) and fields[3] == "01":
+                count += 1
+    return count
+
+
+def pgbench(target: str, port: int, script: str, clients: int, seconds: int, cpu: Callable[[], float],
             env: dict[str, str]) -> dict[str, Any]:
     """One pgbench run in a session of its own (a CPU-share group of its own, as each server has):
-    TPS, the pooler's CPU per transaction, and how busy the rest of the machine was."""
+    TPS, the pooler's CPU per transaction, and how busy the rest of the machine was. The CPU is
+    counted from the moment all clients are connected (pgbench's TPS leaves the connecting out too:
+    2,000 TLS + SCRAM logins would otherwise weigh on a few thousand transactions)."""
     args = [PGBENCH, "-n", "-c", str(clients), "-j", "2", "-T", str(seconds), "-M", "simple"]
     if script == "select":
         args.append("-S")
     args.append(target)
     time.sleep(0.3)
-    before, sys_before = cpu(), system_cpu_ticks()
     t0 = time.perf_counter()
     proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True, env=env)
+    connected: list[tuple[float, float, tuple[int, int]]] = []
+
+    def watch() -> None:  # the moment the last client is connected
+        while proc.poll() is None:
+            if established(port) >= clients:
+                connected.append((time.perf_counter(), cpu(), system_cpu_ticks()))
+                return
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
     try:
         out, _ = proc.communicate(timeout=seconds + 180)
     except subprocess.TimeoutExpired:
         proc.kill()
         out, _ = proc.communicate()
         raise BenchError(f"pgbench did not finish: {out[-500:]}") from None
-    wall = time.perf_counter() - t0
-    used, sys_after = cpu() - before, system_cpu_ticks()
+    t_end, cpu_end, sys_after = time.perf_counter(), cpu(), system_cpu_ticks()
+    watcher.join()
+    wall = t_end - t0
+    if not connected:
+        raise BenchError(f"pgbench never had its {clients} clients connected: {out.strip()[-500:]}")
+    t_conn, cpu_conn, sys_before = connected[0]
+    window = max(t_end - t_conn, 0.001)
+    used = cpu_end - cpu_conn
     if proc.returncode != 0:
         raise BenchError(f"pgbench exited with {proc.returncode}: {out.strip()[-800:]}")
     tps = re.search(r"tps = ([\d.]+) \(without initial connection time\)", out)
@@ -390,10 +310,12 @@ def pgbench(target: str, script: str, clients: int, seconds: int, cpu: Callable[
     if tps is None or txns is None or int(txns.group(1)) == 0:
         raise BenchError(f"no transactions in pgbench's output: {out.strip()[-800:]}")
     busy, total = sys_after[0] - sys_before[0], sys_after[1] - sys_before[1]
-    return {"tps": round(float(tps.group(1)), 1), "transactions": int(txns.group(1)),
+    rate = float(tps.group(1))
+    return {"tps": round(rate, 1), "transactions": int(txns.group(1)),
             "failed": int(failed.group(1)) if failed else 0,
             "connect_ms": float(conn.group(1)) if conn else None, "seconds": round(wall, 1),
-            "pooler_cpu_us_per_txn": round(used / int(txns.group(1)) * 1e6, 1),
+            "measured_seconds": round(window, 1),
+            "pooler_cpu_us_per_txn": round(used / (rate * window) * 1e6, 1) if rate else None,
             "machine_busy_percent": round(busy / total * 100, 1) if total else None}
 
 
@@ -460,10 +382,15 @@ class Run:
         socket = Path(self.rp.plane.layout.socket_path(eid))
         owner = socket.stat()
         parts = urlsplit(self.project.uri)
+        user = unquote(parts.username or "")
+        os.environ["PGPASSWORD"] = unquote(parts.password or "")  # pgbench's password, for both poolers
+        verifier = self.rp.call(self.rp.plane.get_role_secret(eid, user))
+        if not verifier:
+            raise BenchError(f"no verifier for {user}")
         tls_dir = Path(self.rp.plane.layout.tls_dir)
         for mode, tls in (("plaintext", None), ("tls", (tls_dir / "server.crt", tls_dir / "server.key"))):
-            bouncer = TxBouncer(self.root / f"pgb-{mode}", socket.parent, unquote(parts.username or ""),
-                                unquote(parts.password or ""), owner.st_uid, owner.st_gid, tls)
+            bouncer = TxBouncer(self.root / f"pgb-{mode}", socket.parent, user, verifier, owner.st_uid,
+                                owner.st_gid, tls)
             bouncer.start(self.dbname)
             self.bouncers[mode] = bouncer
         import psycopg
@@ -514,16 +441,16 @@ class Run:
     def pair(self, script: str, clients: int, transport: str, seconds: int, env: dict[str, str]) -> dict[str, Any]:
         tls = transport == "tls"
         bouncer = self.bouncers[transport]
-        sides: dict[str, tuple[str, Callable[[], float]]] = {
-            "argon": (self.uri(True, tls), self_cpu_seconds),
-            "pgbouncer": (bouncer.dsn(self.dbname), lambda: own_cpu_seconds(bouncer.pid)),
+        sides: dict[str, tuple[str, int, Callable[[], float]]] = {
+            "argon": (self.uri(True, tls), self.rp.platform.proxy.port, self_cpu_seconds),
+            "pgbouncer": (bouncer.dsn(self.dbname), bouncer.port, lambda: own_cpu_seconds(bouncer.pid)),
         }
         runs: dict[str, list[dict[str, Any]]] = {"argon": [], "pgbouncer": []}
         for round_ in range(self.rounds):
             order = ["argon", "pgbouncer"] if round_ % 2 == 0 else ["pgbouncer", "argon"]
             for name in order:
-                target, cpu = sides[name]
-                runs[name].append(pgbench(target, script, clients, seconds, cpu, env))
+                target, port, cpu = sides[name]
+                runs[name].append(pgbench(target, port, script, clients, seconds, cpu, env))
                 self.say(f"  {name:9} round {round_ + 1}: {runs[name][-1]['tps']:.0f} TPS, "
                          f"{runs[name][-1]['pooler_cpu_us_per_txn']} us CPU/txn, machine busy "
                          f"{runs[name][-1]['machine_busy_percent']}%")

@@ -383,3 +383,27 @@ def test_login_needs_no_server_once_the_pool_knows_the_compute(proxy: ProxyHarne
     finally:
         for conn in idle:
             conn.close()
+
+
+@pytest.mark.slow
+def test_a_thousand_idle_clients_hold_no_server(proxy: ProxyHarness, scratch_pg: ScratchPostgres) -> None:  # noqa: F811
+    """The suite's small version of the benchmark's 10,000: idle pooled clients cost the compute
+    nothing (the pool's two server connections at most) and each stays usable."""
+    from tests.fixtures.idle_clients import open_clients
+
+    async def main() -> tuple[int, list[bytes], int]:
+        clients, failures = await open_clients({
+            "host": "127.0.0.1", "port": proxy.port, "user": "u3", "password": ROLES["u3"], "dbname": "u3",
+            "options": f"endpoint={POOLED}", "tls": SSLMODES[id(proxy)] == "require", "n": 1000})
+        assert not failures, failures[:3]
+        held = await asyncio.get_running_loop().run_in_executor(None, lambda: backends(scratch_pg, "u3"))
+        answers = await asyncio.gather(*(c.ping() for c in clients[::50]))
+        for c in clients:
+            c.close()
+        await asyncio.sleep(0.2)
+        return len(clients), answers, held
+
+    opened, answers, held = asyncio.run(main())
+    assert opened == 1000 and held <= 2
+    assert all(a == b"TDCZ" for a in answers), answers
+    wait_for(lambda: pool_stats(proxy, "u3").cl_idle + pool_stats(proxy, "u3").cl_active == 0, timeout=20)

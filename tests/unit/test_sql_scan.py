@@ -108,3 +108,18 @@ def test_a_very_long_statement_is_judged_stateful_past_the_token_limit(changes_s
 def test_non_utf8_bytes_do_not_break_the_lexer(changes_session: Any) -> None:
     assert not changes_session(b"SELECT '\xff\xfe'")
     assert changes_session(b"SET search_path = \xff")
+
+
+@pytest.mark.parametrize("sql", [
+    "UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = 2",
+    "INSERT INTO t (a) VALUES ('SET x'); UPDATE t SET a = 2",
+    "SELECT settings FROM configs",
+])
+def test_set_in_the_middle_of_a_statement_needs_no_lexing(sql: str) -> None:
+    assert not sql_scan._needs_lexing(sql.encode())
+
+
+@pytest.mark.parametrize("sql", ["SET x = 1", "  (set x = 1)", "SELECT 1;\n set x = 1", "/* c */ UPDATE t SET a = 1",
+                                 "-- c\nSET x = 1", "SELECT set_config('a', 'b', false)"])
+def test_text_that_may_set_something_is_lexed(sql: str) -> None:
+    assert sql_scan._needs_lexing(sql.encode())

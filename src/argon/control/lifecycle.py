@@ -189,10 +189,14 @@ class Lifecycle:
             if ep.type is model.EndpointType.READ_WRITE:  # a replica holds no changes of its own
                 await self._sync_before_stop(ep)
             self._stopping.add(endpoint_id)
+            # the transaction pools close their idle server connections first, so no pooled client
+            # is handed one that is about to die; they wake the compute again once it is down (ADR 0017)
+            await plane.activity.quiesce(endpoint_id, force=True)
             try:
                 await plane.computes.stop(endpoint_id, mode=mode)  # closes its admin session first
             finally:
                 self._stopping.discard(endpoint_id)
+                plane.activity.resume(endpoint_id)
             if mode != "immediate":
                 await self._after_stop_history(ep)
         if ep.current_state is model.ComputeState.ACTIVE or was_running:

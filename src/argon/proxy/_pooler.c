@@ -736,15 +736,30 @@ static int word_here(const uint8_t *p, size_t left, const char *word) {
     return 1;
 }
 
-/* Whether any word a rule needs appears (any case): most statements have none and are not lexed. */
+static int is_word_char(uint8_t c) {
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_';
+}
+
+/* Whether a rule could apply (sql_scan._needs_lexing): one of the words a rule needs appears (any
+   case), or `set` where a statement starts (`UPDATE ... SET` needs nothing), or `set` anywhere in
+   text with comments (a comment can hide where a statement starts). */
 static int has_trigger(const uint8_t *sql, size_t n) {
+    int set_anywhere = 0, set_leading = 0, comments = 0, at_start = 1;
     for (size_t i = 0; i < n; i++) {
         const uint8_t *p = sql + i;
         size_t left = n - i;
-        switch (p[0] | 0x20) {
+        uint8_t c = p[0];
+        if ((c == '-' && left > 1 && p[1] == '-') || (c == '/' && left > 1 && p[1] == '*'))
+            comments = 1;
+        switch (c | 0x20) {
         case 's':
-            if (word_here(p, left, "set"))
-                return 1;
+            if (word_here(p, left, "set")) {
+                if (word_here(p, left, "set_config"))
+                    return 1;
+                set_anywhere = 1;
+                if (at_start && (left == 3 || !is_word_char(p[3])))
+                    set_leading = 1;
+            }
             break;
         case 'l':
             if (word_here(p, left, "listen") || word_here(p, left, "load"))
@@ -773,8 +788,12 @@ static int has_trigger(const uint8_t *sql, size_t n) {
         default:
             break;
         }
+        if (c == ';')
+            at_start = 1;
+        else if (!(at_start && (is_space(c) || c == '(')))
+            at_start = 0;
     }
-    return 0;
+    return set_leading || (set_anywhere && comments);
 }
 
 /* Skip a quoted token's body starting after its opening quote; the index after it, or -1. */
@@ -910,6 +929,7 @@ typedef struct {
     int (*BIO_read)(void *bio, void *data, int len);
     long (*BIO_ctrl)(void *bio, int cmd, long larg, void *parg);
     void (*ERR_clear_error)(void);
+    long (*SSL_ctrl)(void *ssl, int cmd, long larg, void *parg);
 } OpenSSL;
 
 static OpenSSL ossl;
@@ -919,6 +939,8 @@ static int ossl_loaded;
 #define SSL_ERROR_WANT_WRITE 3
 #define SSL_ERROR_ZERO_RETURN 6
 #define BIO_CTRL_PENDING 10
+#define SSL_CTRL_MODE 33
+#define SSL_MODE_RELEASE_BUFFERS 0x10L
 
 typedef struct {
     PyObject_HEAD
@@ -996,7 +1018,7 @@ typedef struct {
 } Event;
 
 enum { CMD_ADD_POOL = 1, CMD_RESIZE, CMD_DROP_POOL, CMD_ADD_CLIENT, CMD_ADD_SERVER, CMD_FAILED, CMD_CANCEL,
-       CMD_UNHOLD, CMD_PAUSE, CMD_RESUME, CMD_CLOSE_CLIENT, CMD_LIMITS };
+       CMD_UNHOLD, CMD_PAUSE, CMD_PAUSE_FORCE, CMD_RESUME, CMD_CLOSE_CLIENT, CMD_LIMITS };
 
 typedef struct Command {
     struct Command *next;
@@ -2237,13 +2259,17 @@ static void tick(Engine *e) {
     }
 }
 
-static int pause_pool(Engine *e, Pool *p) {
-    if (p->opening || p->nactive || p->nused)
+/* Quiesce a pool before its compute stops (pooling.py's pause): 1 if a server is in use or being
+   opened (and, unless `force`, nothing changed); else, or with `force`, nothing is handed out any
+   more and the idle servers are closed. */
+static int pause_pool(Engine *e, Pool *p, int force) {
+    int busy = p->opening || p->nactive || p->nused;
+    if (busy && !force)
         return 1;
     p->paused = 1;
     while (p->idle != NULL)
         close_server(e, p->idle);
-    return 0;
+    return busy;
 }
 
 static void resume_pool(Engine *e, Pool *p) {
@@ -2501,6 +2527,8 @@ static void add_client(Engine *e, Command *cmd) {
     cl->c.kind = CONN_CLIENT;
     cl->c.id = cmd->id;
     cl->ssl = cmd->ssl;
+    if (cl->ssl != NULL) /* an idle client keeps no record buffers (OpenSSL frees them when empty) */
+        ossl.SSL_ctrl(cl->ssl, SSL_CTRL_MODE, SSL_MODE_RELEASE_BUFFERS, NULL);
     cl->pool = p;
     set_params(e, cl->params, cmd);
     cl->pnext = p->clients;
@@ -2643,8 +2671,10 @@ static void run_command(Engine *e, Command *cmd) {
         break;
     }
     case CMD_PAUSE:
+    case CMD_PAUSE_FORCE:
         p = pool_find(e, cmd->pool);
-        emit(e, EV_PAUSED, cmd->token, p != NULL ? (uint64_t)pause_pool(e, p) : 0, 0, 0);
+        emit(e, EV_PAUSED, cmd->token, p != NULL ? (uint64_t)pause_pool(e, p, cmd->type == CMD_PAUSE_FORCE) : 0,
+             0, 0);
         break;
     case CMD_RESUME:
         if ((p = pool_find(e, cmd->pool)) != NULL)
@@ -2880,6 +2910,10 @@ static PyObject *Engine_unhold(Engine *e, PyObject *args) {
 
 static PyObject *Engine_pause(Engine *e, PyObject *args) {
     return Engine_simple(e, args, CMD_PAUSE, 1);
+}
+
+static PyObject *Engine_pause_force(Engine *e, PyObject *args) {
+    return Engine_simple(e, args, CMD_PAUSE_FORCE, 1);
 }
 
 static PyObject *Engine_resume(Engine *e, PyObject *args) {
@@ -3192,6 +3226,8 @@ static PyMethodDef Engine_methods[] = {
      "cancel(client_id, token): hold the server the client uses; answered by an EV_CANCEL event"},
     {"unhold", (PyCFunction)Engine_unhold, METH_VARARGS, "unhold(server_id): the cancel was delivered"},
     {"pause", (PyCFunction)Engine_pause, METH_VARARGS, "pause(pool_id, token): quiesce; answered by EV_PAUSED"},
+    {"pause_force", (PyCFunction)Engine_pause_force, METH_VARARGS,
+     "pause_force(pool_id, token): quiesce even if a server is in use (the stop happens anyway)"},
     {"resume", (PyCFunction)Engine_resume, METH_VARARGS, "resume(pool_id)"},
     {"close_client", (PyCFunction)Engine_close_client, METH_VARARGS, "close_client(client_id)"},
     {"limits", (PyCFunction)Engine_limits, METH_VARARGS, "limits(wait_timeout, idle_timeout, max_prepared)"},
@@ -3227,7 +3263,7 @@ static PyObject *load_openssl(PyObject *Py_UNUSED(module), PyObject *arg) {
 #define SYM(name) (*(void **)&o.name = dlsym(h, #name)) != NULL
     int ok = SYM(SSL_read) && SYM(SSL_write) && SYM(SSL_get_error) && SYM(SSL_get_rbio) && SYM(SSL_get_wbio) &&
              SYM(SSL_get_ex_data) && SYM(SSL_shutdown) && SYM(BIO_write) && SYM(BIO_read) && SYM(BIO_ctrl) &&
-             SYM(ERR_clear_error);
+             SYM(ERR_clear_error) && SYM(SSL_ctrl);
 #undef SYM
     if (!ok)
         Py_RETURN_FALSE;

@@ -47,7 +47,7 @@ class EndpointActivity:
 
 
 class Quiescer(Protocol):
-    async def quiesce(self, endpoint_id: str) -> bool:
+    async def quiesce(self, endpoint_id: str, force: bool = False) -> bool:
         """True once nothing of `endpoint_id` is in use and nothing will be until `resume`."""
 
     def resume(self, endpoint_id: str) -> None: ...
@@ -68,12 +68,13 @@ class ActivityRegistry:
         if quiescer in self._quiescers:
             self._quiescers.remove(quiescer)
 
-    async def quiesce(self, endpoint_id: str) -> bool:
+    async def quiesce(self, endpoint_id: str, *, force: bool = False) -> bool:
         """Before a compute stops: True if every quiescer let go of it (then call `resume` after the
-        stop); False if one is busy (nothing stays quiesced)."""
+        stop); False if one is busy (nothing stays quiesced). `force`: the stop happens anyway (what
+        is in use ends with the compute); the rest is let go of all the same."""
         done: list[Quiescer] = []
         for quiescer in self._quiescers:
-            if not await quiescer.quiesce(endpoint_id):
+            if not await quiescer.quiesce(endpoint_id, force) and not force:
                 for other in done:
                     other.resume(endpoint_id)
                 return False

@@ -420,15 +420,18 @@ class PoolCore:
         if server.holds == 0 and server.state == HELD:
             self._idle(server)
 
-    def pause(self, pool: Pool) -> bool:
+    def pause(self, pool: Pool, *, force: bool = False) -> bool:
         """Quiesce a pool before its compute stops: True (and nothing changed) if a server is in use
-        or being opened; else no server is handed out any more and the idle ones are closed."""
-        if pool.opening or any(s.state != IDLE for s in pool.servers):
+        or being opened; else no server is handed out any more and the idle ones are closed. With
+        `force` (a stop that happens anyway) it pauses and closes the idle ones in any case, and
+        says whether a server was in use (those end with the compute)."""
+        busy = bool(pool.opening or any(s.state != IDLE for s in pool.servers))
+        if busy and not force:
             return True
         pool.paused = True
         for server in list(pool.idle):
             self._close_server(server)
-        return False
+        return busy
 
     def resume(self, pool: Pool) -> None:
         pool.paused = False

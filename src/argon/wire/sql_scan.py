@@ -18,6 +18,8 @@ this function; both are tested against the same cases.
 
 from __future__ import annotations
 
+import re
+
 TRACKED_NAMES = frozenset({"client_encoding", "datestyle", "timezone", "standard_conforming_strings",
                            "application_name"})
 _SESSION_FUNCTIONS = frozenset({b"pg_advisory_lock", b"pg_advisory_lock_shared", b"pg_try_advisory_lock",
@@ -184,13 +186,26 @@ def _calls_session_function(tokens: list[tuple[int, bytes]]) -> bool:
 
 
 # Every rule needs one of these words: text without any of them is decided without lexing.
-_TRIGGERS = (b"set", b"listen", b"prepare", b"deallocate", b"hold", b"temp", b"load", b"advisory", b"dblink")
+_TRIGGERS = (b"listen", b"prepare", b"deallocate", b"hold", b"temp", b"load", b"advisory", b"dblink", b"set_config")
+_LEADING_SET = re.compile(rb"(?:^|;)[\s(]*set\b")
+
+
+def _needs_lexing(sql: bytes) -> bool:
+    """Whether a rule could apply. `set` matters where a statement starts (`UPDATE ... SET` is the
+    common case and needs nothing) or in `set_config`; text with comments is always lexed (a
+    comment can hide where a statement starts). An unterminated quote in text that needs no
+    lexing is a syntax error: nothing runs."""
+    lowered = sql.lower()
+    if any(word in lowered for word in _TRIGGERS):
+        return True
+    if b"set" not in lowered:
+        return False
+    return b"--" in sql or b"/*" in sql or _LEADING_SET.search(lowered) is not None
 
 
 def changes_session(sql: bytes) -> bool:
     """Whether any statement in `sql` may leave state in the session beyond its transaction."""
-    lowered = sql.lower()
-    if not any(word in lowered for word in _TRIGGERS):  # (an unterminated quote there is a syntax error)
+    if not _needs_lexing(sql):
         return False
     try:
         statements = _tokens(sql)

@@ -93,6 +93,8 @@ def pooler_engine(relay_mode: str) -> str:
 class PooledCancel:
     """The cancel key of a pooled client: the engine names the server it holds (and holds it)."""
 
+    __slots__ = ("client_id", "pooler")
+
     def __init__(self, pooler: Pooler, client_id: int) -> None:
         self.pooler = pooler
         self.client_id = client_id
@@ -348,12 +350,16 @@ class Pooler:
 
     # The suspend handshake -----------------------------------------------------------------------
 
-    async def quiesce(self, compute_id: str) -> bool:
+    async def quiesce(self, compute_id: str, force: bool = False) -> bool:
         """Before `compute_id` stops: True once its pools hand out no server and hold none; False
-        (nothing changed) if one is in use."""
+        (nothing changed) if one is in use. With `force` (the stop happens anyway: an API suspend,
+        a restart) the pools pause and close their idle servers in any case; True."""
         entries = [e for e in self._pools.values() if e.compute_id == compute_id]
         paused: list[PoolEntry] = []
         for entry in entries:
+            if force:
+                await self.engine.quiesce(entry.id, True)
+                continue
             if entry.opening or await self.engine.quiesce(entry.id):
                 for done in paused:
                     self.engine.unquiesce(done.id)

@@ -150,9 +150,9 @@ class PythonEngine(PoolCore):
         if server is not None:
             self.unhold(server)
 
-    async def quiesce(self, pool_id: int) -> bool:
+    async def quiesce(self, pool_id: int, force: bool = False) -> bool:
         pool = self.pools.get(pool_id)
-        return pool is not None and self.pause(pool)
+        return pool is not None and self.pause(pool, force=force)
 
     def unquiesce(self, pool_id: int) -> None:
         pool = self.pools.get(pool_id)

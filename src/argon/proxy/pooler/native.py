@@ -153,8 +153,8 @@ class NativeEngine:
     def release_hold(self, server_id: int) -> None:
         self.core.unhold(server_id)
 
-    async def quiesce(self, pool_id: int) -> bool:
-        return bool(await self._ask(self.core.pause, pool_id))
+    async def quiesce(self, pool_id: int, force: bool = False) -> bool:
+        return bool(await self._ask(self.core.pause_force if force else self.core.pause, pool_id))
 
     def unquiesce(self, pool_id: int) -> None:
         self.core.resume(pool_id)
