@@ -1,5 +1,5 @@
 """The compiled parts: the proxy's relay after login (argon/proxy/_relay.c, ADR 0012) and the
-transaction pooler's engine (argon/proxy/_pooler.c, ADR 0016).
+transaction pooler's engine (argon/proxy/_pooler.c, ADR 0017).
 
 Optional: without a C compiler the build skips them and the proxy relays and pools in Python.
 """

@@ -1,4 +1,4 @@
-"""The transaction pooler on `-pooler` hosts (ADR 0016), each engine (C and Python), plaintext and
+"""The transaction pooler on `-pooler` hosts (ADR 0017), each engine (C and Python), plaintext and
 TLS, with real clients through a real proxy to a real Postgres: psql, psycopg 3 (auto-prepare),
 asyncpg (prepares everything), pgbench in every query mode, and PgBouncer's transaction-mode
 caveats. Pools here have two server connections (`pool_size=2`) so clients really share them.

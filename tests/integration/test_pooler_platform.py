@@ -1,5 +1,5 @@
 """The pooled host on a whole platform: what the API says about it, its pools as the API shows
-them, and pooled clients that outlive suspends (ADR 0016)."""
+them, and pooled clients that outlive suspends (ADR 0017)."""
 
 from __future__ import annotations
 

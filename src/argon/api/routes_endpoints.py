@@ -40,7 +40,7 @@ class EndpointUpdate(BaseModel):
 
 
 def check_pooler(enabled: bool | None, mode: str | None) -> None:
-    """The pooled host always exists and pools transactions (ADR 0016): only those values are taken."""
+    """The pooled host always exists and pools transactions (ADR 0017): only those values are taken."""
     if enabled is False:
         raise UserError("pooler_enabled cannot be false: every endpoint has a pooled host (<endpoint>-pooler); "
                         "connect to the endpoint's own host for a direct session")

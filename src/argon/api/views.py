@@ -116,7 +116,7 @@ def endpoint_view(settings: Settings, e: model.Endpoint) -> dict[str, Any]:
         "type": e.type.value,
         "current_state": e.current_state.value,
         "settings": {"pg_settings": dict(e.pg_settings)},
-        "pooler_enabled": True,  # the -pooler host is a transaction pooler (ADR 0016)
+        "pooler_enabled": True,  # the -pooler host is a transaction pooler (ADR 0017)
         "pooler_mode": "transaction",
         "disabled": e.disabled,
         "passwordless_access": False,

@@ -1,6 +1,6 @@
 """The console's Monitoring tab: per endpoint, charts of the metrics sampler's samples and of the
 compute's wakes and suspends (the events table), over the last hour, day or week, and the live
-state of its transaction pools (ADR 0016).
+state of its transaction pools (ADR 0017).
 
 The route reads the samples and events of the range through `control.plane.db` (the store's thread), turns
 them into series here (pure helpers, unit-tested) and lets `argon.console.charts` draw them.

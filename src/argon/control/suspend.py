@@ -127,7 +127,7 @@ class SuspendMonitor:
             if plane.activity.snapshot(endpoint_id).busy:
                 return False
             # the transaction pools hand out no server from here and close their idle ones, so the stop
-            # reaches no pooled client; a pool whose server is in use calls the suspend off (ADR 0016)
+            # reaches no pooled client; a pool whose server is in use calls the suspend off (ADR 0017)
             if not await plane.activity.quiesce(endpoint_id):
                 return False
             self._running_since.pop(endpoint_id, None)

@@ -1,5 +1,5 @@
 /*
- * The transaction pooler's engine in C (ADR 0016): one epoll thread that holds every pooled client
+ * The transaction pooler's engine in C (ADR 0017): one epoll thread that holds every pooled client
  * and server connection and moves their bytes, making the pooling decisions on the way.
  *
  * Behaviour: this file is a port of argon/wire/pooling.py (and of argon/wire/sql_scan.py), which

@@ -7,7 +7,7 @@ the one event loop. A session relayed on the C thread (`native`) keeps its state
 copies it in when `snapshot()` looks. A transaction pool counts as one session of its endpoint
 (busy while a server connection is in use), and registers as a *quiescer*: before the suspend
 policy stops a compute it asks `quiesce()`, and the pool either stops handing out server
-connections and closes its idle ones, or says it is busy (ADR 0016).
+connections and closes its idle ones, or says it is busy (ADR 0017).
 """
 
 from __future__ import annotations

@@ -84,7 +84,7 @@ class SessionContext:
     relays: NativeRelays | None = None  # the C relay thread, when it runs
     pre_auth_timeout: float = PRE_AUTH_TIMEOUT
     telemetry: Telemetry = field(default_factory=Telemetry)
-    pooler: Pooler | None = None  # the transaction pooler behind `-pooler` hosts (ADR 0016)
+    pooler: Pooler | None = None  # the transaction pooler behind `-pooler` hosts (ADR 0017)
 
     def __post_init__(self) -> None:
         self.auth = AuthContext(self.control, self.server_secret, self.throttle, self.password_checks)

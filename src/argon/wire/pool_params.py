@@ -1,4 +1,4 @@
-"""What a pooled client may ask for at startup, and the parameters that follow it (ADR 0016).
+"""What a pooled client may ask for at startup, and the parameters that follow it (ADR 0017).
 
 PgBouncer tracks five parameters per client (`client_encoding`, `DateStyle`, `TimeZone`,
 `standard_conforming_strings`, `application_name`): the client's value comes from its startup

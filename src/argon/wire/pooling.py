@@ -1,4 +1,4 @@
-"""The transaction pooler's behaviour as a pure state machine (ADR 0016): bytes in, bytes out.
+"""The transaction pooler's behaviour as a pure state machine (ADR 0017): bytes in, bytes out.
 
 `PoolCore` owns pools of server connections per (compute, database, role), the clients that use
 them and the protocol state of both. The I/O layer (the asyncio engine, `argon.proxy.pooler.engine`)

@@ -1,4 +1,4 @@
-"""Whether SQL text can leave session state behind on a pooled server connection (ADR 0016).
+"""Whether SQL text can leave session state behind on a pooled server connection (ADR 0017).
 
 The transaction pooler runs `DISCARD ALL` on a server connection after a transaction whose
 statements may have created state that outlives the transaction: a session `SET` or

@@ -1,4 +1,4 @@
-"""The transaction pooler behind `<endpoint>-pooler` hosts (ADR 0016).
+"""The transaction pooler behind `<endpoint>-pooler` hosts (ADR 0017).
 
 `Pooler` is what a `Session` hands a pooled client to once it has authenticated: it keeps one pool
 per (compute, database, role), answers the client's login from the pool's kept greeting (waking

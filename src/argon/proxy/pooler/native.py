@@ -1,4 +1,4 @@
-"""The C engine of the transaction pooler (`_pooler`, ADR 0016), behind the interface of
+"""The C engine of the transaction pooler (`_pooler`, ADR 0017), behind the interface of
 `engine.PythonEngine`.
 
 Sockets are handed over as the relay's are (`native.NativeRelays.take_over`): the transport's fd
