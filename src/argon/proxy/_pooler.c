@@ -730,9 +730,11 @@ static int word_here(const uint8_t *p, size_t left, const char *word) {
     size_t n = strlen(word);
     if (left < n)
         return 0;
-    for (size_t i = 1; i < n; i++)
-        if ((p[i] | 0x20) != (uint8_t)word[i])
+    for (size_t i = 1; i < n; i++) {
+        uint8_t c = p[i] >= 'A' && p[i] <= 'Z' ? (uint8_t)(p[i] | 0x20) : p[i]; /* not '_' | 0x20 */
+        if (c != (uint8_t)word[i])
             return 0;
+    }
     return 1;
 }
 
