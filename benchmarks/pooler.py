@@ -430,6 +430,14 @@ class Run:
     def throughput(self) -> None:
         env = dict(os.environ)
         out = self.results.setdefault("throughput", {})
+        # Uncounted warm-up through each: the pools open their server connections, the compute's
+        # pages and its backends' caches fill (the first runs were 20-30% slower than the later ones).
+        for transport in TRANSPORTS:
+            tls = transport == "tls"
+            bouncer = self.bouncers[transport]
+            targets = ((self.uri(True, tls), self.rp.platform.proxy.port), (bouncer.dsn(self.dbname), bouncer.port))
+            for target, port in targets:
+                pgbench(target, port, "tpcb", 8, 4 if self.quick else 8, lambda: 0.0, env)
         for clients in self.counts:
             seconds = seconds_for(clients, self.quick)
             for script in SCRIPTS:
