@@ -385,6 +385,17 @@ def test_login_needs_no_server_once_the_pool_knows_the_compute(proxy: ProxyHarne
             conn.close()
 
 
+def test_the_password_hack_names_the_pooled_host(proxy: ProxyHarness) -> None:
+    """A client that can send neither SNI nor options (`endpoint=<id>-pooler;<password>`) is pooled."""
+    before = pool_stats(proxy, "u2")
+    parts = {k: v for k, v in (p.split("=", 1) for p in dsn(proxy, "u2").split(" ")) if k != "options"}
+    parts["password"] = f"'endpoint={POOLED};{ROLES['u2']}'"
+    with psycopg.connect(" ".join(f"{k}={v}" for k, v in parts.items()), autocommit=True) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+        after = pool_stats(proxy, "u2")
+        assert after.cl_idle + after.cl_active == (before.cl_idle + before.cl_active if before else 0) + 1
+
+
 @pytest.mark.slow
 def test_a_thousand_idle_clients_hold_no_server(proxy: ProxyHarness, scratch_pg: ScratchPostgres) -> None:  # noqa: F811
     """The suite's small version of the benchmark's 10,000: idle pooled clients cost the compute
