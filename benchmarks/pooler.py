@@ -484,7 +484,8 @@ class Run:
         assert self.project is not None
         parts = urlsplit(self.project.uri)
         user, password = unquote(parts.username or ""), unquote(parts.password or "")
-        for transport in TRANSPORTS:
+        # plaintext first: the proxy's heap keeps what TLS clients made it grow, and would hide theirs
+        for transport in ("plaintext", "tls"):
             tls = transport == "tls"
             for name in ("argon", "pgbouncer"):
                 with self.section(f"{self.idle_clients} idle clients, {name} {transport}"):
