@@ -127,6 +127,11 @@ def test_connection_string_forms_and_endpoint_commands(platform: RunningPlatform
     assert "-pooler" in pooled
     psql = subprocess.run(["psql", "-X", "-At", "-c", "select 1", pooled], capture_output=True, text=True, timeout=60)
     assert psql.stdout.strip() == "1", psql.stderr
+    ep = project["endpoints"][0]["id"]
+    pools = argon(platform, "endpoints", "pooler", ep, "--project-id", pid).stdout
+    assert "neondb_owner" in pools and "transaction" in pools and "Clients active" in pools
+    pool = json.loads(argon(platform, "-o", "json", "endpoints", "pooler", ep, "--project-id", pid).stdout)["pools"][0]
+    assert pool["cl_active"] == pool["cl_waiting"] == 0 and pool["total_xact_count"] >= 1
     as_json = json.loads(argon(platform, "connection-string", "--project-id", pid, "--output", "json").stdout)
     assert as_json["parameters"]["dbname"] == "neondb" and as_json["role"] == "neondb_owner"
     renamed = json.loads(argon(platform, "-o", "json", "projects", "update", pid, "--name", "renamed",
