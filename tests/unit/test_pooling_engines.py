@@ -44,8 +44,8 @@ TZ, APP = 2, 4
 class PyDriver:
     """The pure core; objects are the core's own."""
 
-    def __init__(self, max_prepared: int = 1000, wait_timeout: float = 120) -> None:
-        self.core = Script(max_prepared=max_prepared, wait_timeout=wait_timeout)
+    def __init__(self, max_prepared: int = 1000, wait_timeout: float = 120, statement_budget: int = 32 << 20) -> None:
+        self.core = Script(max_prepared=max_prepared, wait_timeout=wait_timeout, statement_budget=statement_budget)
         self.pools: dict[int, Any] = {}
 
     def pool(self, pool_id: int, size: int) -> int:
@@ -118,10 +118,10 @@ class CDriver:
 
     QUIET = 0.05
 
-    def __init__(self, max_prepared: int = 1000, wait_timeout: float = 120) -> None:
+    def __init__(self, max_prepared: int = 1000, wait_timeout: float = 120, statement_budget: int = 32 << 20) -> None:
         assert _pooler is not None
         self.engine = _pooler.Engine()
-        self.engine.limits(wait_timeout, 600.0, max_prepared)
+        self.engine.limits(wait_timeout, 600.0, max_prepared, statement_budget)
         self.ids = 0
         self.conns: list[_Conn] = []
         self.events: list[tuple[int, int, int, int, int]] = []
@@ -376,6 +376,29 @@ def test_a_name_prepared_twice_closes_the_client(make: Any) -> None:
     err = d.error_of(c)
     assert b"42P05" in err and b'prepared statement "a" already exists' in err
     assert d.client_closed(c)
+
+
+def test_each_pool_has_a_statement_budget_of_its_own(make: Any) -> None:
+    """A pool (one tenant's database and role) that spends its prepared statement budget fails its own
+    client; another pool's clients still prepare (the registry is shared, its budget is not)."""
+    d = make(statement_budget=1500)
+    d.pool(1, 1)
+    d.pool(2, 1)
+    s1, s2 = d.server(1, requested=False), d.server(2, requested=False)
+    a, b = d.client(1), d.client(2)
+    big = "SELECT 1 -- " + "x" * 900
+    d.send(a, parse("p1", big) + SYNC)
+    assert frames(d.sent(s1, parse("argon_1", big) + SYNC)) == [parse("argon_1", big), SYNC]
+    d.reply(s1, PARSE_OK + ready())
+    assert d.got(a, PARSE_OK + ready()) == PARSE_OK + ready()
+    d.send(a, parse("p2", big.replace("1", "2", 1)) + SYNC)  # two texts do not fit pool 1's 1,500 bytes
+    err = d.error_of(a)
+    assert b"53200" in err and b"prepared statement memory is full" in err
+    assert d.client_closed(a)
+    d.send(b, parse("p1", big) + SYNC)  # pool 2 has its own budget (and its own statement)
+    assert frames(d.sent(s2, parse("argon_2", big) + SYNC)) == [parse("argon_2", big), SYNC]
+    d.reply(s2, PARSE_OK + ready())
+    assert d.got(b, PARSE_OK + ready()) == PARSE_OK + ready()
 
 
 def test_tracked_parameters_are_set_first_and_hidden(make: Any) -> None:

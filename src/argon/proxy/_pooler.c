@@ -58,6 +58,7 @@
 #define SERVER_BUFFER_LIMIT (16u << 20)
 #define MAX_CLIENT_STATEMENTS 10000
 #define REGISTRY_BUDGET ((size_t)256 << 20)
+#define POOL_STATEMENT_BUDGET ((size_t)32 << 20) /* per pool: one tenant cannot spend the others' share */
 #define MAX_TOKENS_PER_STATEMENT 4096
 
 enum { FORWARD, SKIP, FAKE };
@@ -241,7 +242,7 @@ static void str_put(StrTable *t, Str *s) {
 
 typedef struct Stmt {
     struct Stmt *next; /* hash chain */
-    uint64_t hash, id;
+    uint64_t hash, id, pool; /* a statement belongs to one pool, whose budget it is charged to */
     uint32_t refs, key_len;
     uint8_t stateful, name_len;
     char name[24]; /* argon_<id> */
@@ -252,12 +253,16 @@ typedef struct {
     Stmt **buckets;
     size_t nbuckets, count, bytes;
     uint64_t next_id;
+    void *owner; /* the engine: `uncharge` gives a freed statement's bytes back to its pool, if it still exists */
+    void (*uncharge)(void *owner, uint64_t pool, size_t n);
 } Registry;
 
 static int changes_session(const uint8_t *sql, size_t n);
 
-static Stmt *reg_acquire(Registry *r, const uint8_t *key, size_t n) {
-    uint64_t h = hash_bytes(key, n);
+/* The statement of `pool` for `key`; NULL when the registry's or the pool's budget is spent (`*charged`
+   is the pool's count, `budget` its limit). Pools share no statement: their servers are disjoint. */
+static Stmt *reg_acquire(Registry *r, uint64_t pool, size_t *charged, size_t budget, const uint8_t *key, size_t n) {
+    uint64_t h = hash_bytes(key, n) ^ (pool * 0x9E3779B97F4A7C15ULL);
     if (r->nbuckets == 0 || r->count > r->nbuckets) {
         size_t nb = r->nbuckets ? r->nbuckets * 2 : 256;
         Stmt **grown = calloc(nb, sizeof *grown);
@@ -278,17 +283,18 @@ static Stmt *reg_acquire(Registry *r, const uint8_t *key, size_t n) {
     }
     Stmt **slot = &r->buckets[h & (r->nbuckets - 1)];
     for (Stmt *s = *slot; s != NULL; s = s->next) {
-        if (s->hash == h && s->key_len == n && memcmp(s->key, key, n) == 0) {
+        if (s->hash == h && s->pool == pool && s->key_len == n && memcmp(s->key, key, n) == 0) {
             s->refs++;
             return s;
         }
     }
-    if (r->bytes + n > REGISTRY_BUDGET)
+    if (r->bytes + n > REGISTRY_BUDGET || *charged + n > budget)
         return NULL;
     Stmt *s = malloc(sizeof *s + n);
     if (s == NULL)
         return NULL;
     s->hash = h;
+    s->pool = pool;
     s->id = ++r->next_id;
     s->refs = 1;
     s->key_len = (uint32_t)n;
@@ -304,6 +310,7 @@ static Stmt *reg_acquire(Registry *r, const uint8_t *key, size_t n) {
     *slot = s;
     r->count++;
     r->bytes += n;
+    *charged += n;
     return s;
 }
 
@@ -316,6 +323,8 @@ static void reg_release(Registry *r, Stmt *s) {
     *slot = s->next;
     r->count--;
     r->bytes -= s->key_len;
+    if (r->uncharge != NULL)
+        r->uncharge(r->owner, s->pool, s->key_len);
     free(s);
 }
 
@@ -1011,6 +1020,7 @@ typedef struct Pool {
     double last_activity;
     uint64_t xact_count, query_count, wait_count;
     double wait_time;
+    size_t stmt_bytes; /* the texts of this pool's statements in the registry */
     struct Pool *next; /* in the engine's pool table bucket */
 } Pool;
 
@@ -1036,6 +1046,7 @@ typedef struct Command {
     size_t param_len[NPARAMS];
     double wait_timeout, idle_timeout;
     int max_prepared;
+    Py_ssize_t statement_budget;
 } Command;
 
 typedef struct Engine {
@@ -1059,6 +1070,7 @@ typedef struct Engine {
     Conn *dead;
     double now, last_tick, wait_timeout, idle_timeout;
     int max_prepared;
+    size_t pool_statement_budget;
     Tok *toks; /* the lexer's workspace (sql_scan) */
     Tok **words;
 } Engine;
@@ -1215,6 +1227,13 @@ static Pool *pool_find(Engine *e, uint64_t id) {
         if (p->id == id)
             return p;
     return NULL;
+}
+
+/* The registry's `uncharge` (on the engine's thread, the only writer of the pool table). */
+static void pool_uncharge(void *owner, uint64_t id, size_t n) {
+    Pool *p = pool_find((Engine *)owner, id);
+    if (p != NULL)
+        p->stmt_bytes = p->stmt_bytes > n ? p->stmt_bytes - n : 0;
 }
 
 static void set_state(Server *sv, uint8_t state) {
@@ -1554,7 +1573,8 @@ static long parse_message(Engine *e, Client *cl, Server *sv, const uint8_t *buf,
         fail_client_text(e, cl, "53400", "too many prepared statements for the pooler");
         return -1;
     }
-    Stmt *stmt = reg_acquire(&e->registry, end + 1, klen);
+    Pool *pool = cl->pool;
+    Stmt *stmt = reg_acquire(&e->registry, pool->id, &pool->stmt_bytes, e->pool_statement_budget, end + 1, klen);
     if (stmt == NULL) {
         fail_client_text(e, cl, "53200", "the pooler's prepared statement memory is full");
         return -1;
@@ -2692,6 +2712,8 @@ static void run_command(Engine *e, Command *cmd) {
         e->wait_timeout = cmd->wait_timeout;
         e->idle_timeout = cmd->idle_timeout;
         e->max_prepared = cmd->max_prepared > 0 ? cmd->max_prepared : 1;
+        if (cmd->statement_budget > 0)
+            e->pool_statement_budget = (size_t)cmd->statement_budget;
         break;
     default:
         break;
@@ -3036,7 +3058,8 @@ static PyObject *Engine_failed(Engine *e, PyObject *args) {
 static PyObject *Engine_limits(Engine *e, PyObject *args) {
     double wait_timeout, idle_timeout;
     int max_prepared;
-    if (!PyArg_ParseTuple(args, "ddi", &wait_timeout, &idle_timeout, &max_prepared))
+    Py_ssize_t statement_budget = 0;
+    if (!PyArg_ParseTuple(args, "ddi|n", &wait_timeout, &idle_timeout, &max_prepared, &statement_budget))
         return NULL;
     Command *cmd = new_command(e, CMD_LIMITS);
     if (cmd == NULL)
@@ -3044,6 +3067,7 @@ static PyObject *Engine_limits(Engine *e, PyObject *args) {
     cmd->wait_timeout = wait_timeout;
     cmd->idle_timeout = idle_timeout;
     cmd->max_prepared = max_prepared;
+    cmd->statement_budget = statement_budget;
     push_command(e, cmd);
     Py_RETURN_NONE;
 }
@@ -3162,6 +3186,9 @@ static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kwds) 
     e->wait_timeout = 120.0;
     e->idle_timeout = 600.0;
     e->max_prepared = 1000;
+    e->pool_statement_budget = POOL_STATEMENT_BUDGET;
+    e->registry.owner = e;
+    e->registry.uncharge = pool_uncharge;
     e->buf = malloc(READ_CHUNK);
     e->tlsbuf = malloc(READ_CHUNK);
     e->toks = malloc((MAX_TOKENS_PER_STATEMENT + 2) * sizeof *e->toks);
@@ -3232,7 +3259,7 @@ static PyMethodDef Engine_methods[] = {
      "pause_force(pool_id, token): quiesce even if a server is in use (the stop happens anyway)"},
     {"resume", (PyCFunction)Engine_resume, METH_VARARGS, "resume(pool_id)"},
     {"close_client", (PyCFunction)Engine_close_client, METH_VARARGS, "close_client(client_id)"},
-    {"limits", (PyCFunction)Engine_limits, METH_VARARGS, "limits(wait_timeout, idle_timeout, max_prepared)"},
+    {"limits", (PyCFunction)Engine_limits, METH_VARARGS, "limits(wait_timeout, idle_timeout, max_prepared[, statement_budget per pool])"},
     {"events", (PyCFunction)Engine_events, METH_NOARGS, events_doc},
     {"stats", (PyCFunction)Engine_stats, METH_VARARGS, stats_doc},
     {"counts", (PyCFunction)Engine_counts, METH_NOARGS, "counts() -> (clients, servers) open or being added"},

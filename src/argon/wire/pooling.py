@@ -21,8 +21,8 @@ Rules, after PgBouncer >= 1.21 in transaction mode:
   client's tracked parameters, a DISCARD ALL), or FAKE it (a request the pooler answers itself:
   a Parse the server already holds, a Close of a client's name). After an ErrorResponse, Postgres
   skips to the next Sync, and so does the queue.
-- Prepared statements: a registry of distinct (query, parameter types) with server names
-  `argon_<n>`; per client its names; per server an LRU of at most `max_prepared` statements.
+- Prepared statements: a registry of distinct (pool, query, parameter types) with server names
+  `argon_<n>`, a budget per pool and one for all; per client its names; per server an LRU of at most `max_prepared` statements.
 - A transaction whose statements may leave session state (`sql_scan.changes_session`) marks its
   server, which runs DISCARD ALL before it serves anyone again.
 """
@@ -50,6 +50,7 @@ SERVER_BUFFER_LIMIT = 16 << 20  # a server message read whole (not DataRow/CopyD
 MAX_PREPARED = 1000  # per server connection (Neon's max_prepared_statements)
 MAX_CLIENT_STATEMENTS = 10_000  # named statements one client may hold
 REGISTRY_BUDGET = 256 << 20  # bytes of distinct statement texts, all pools together
+POOL_STATEMENT_BUDGET = 32 << 20  # of which one pool may hold: one tenant cannot spend the others' share
 WAIT_TIMEOUT = 120.0  # query_wait_timeout (Neon's PgBouncer)
 IDLE_TIMEOUT = 600.0  # server_idle_timeout (PgBouncer's default)
 STATEMENT_PREFIX = b"argon_"
@@ -85,11 +86,12 @@ _CLEARS_STATEMENTS = (b"DEALLOCATE ALL", b"DISCARD ALL")
 class Statement:
     """One distinct (query, parameter types): `key` is a Parse message's body after its name."""
 
-    __slots__ = ("id", "key", "name", "refs", "stateful")
+    __slots__ = ("id", "key", "name", "pool", "refs", "stateful")
 
-    def __init__(self, id_: int, key: bytes) -> None:
+    def __init__(self, id_: int, key: bytes, pool: Pool) -> None:
         self.id = id_
         self.key = key
+        self.pool = pool  # whose budget it is charged to
         self.name = STATEMENT_PREFIX + str(id_).encode()
         self.refs = 0
         self.stateful = changes_session(key.split(b"\0", 1)[0][:SCAN_LIMIT]) if len(key) <= SCAN_LIMIT else True
@@ -99,27 +101,31 @@ class Statement:
 
 
 class Registry:
-    """Statements by key, counted by their users (client names, server LRUs, requests in flight)."""
+    """Statements by (pool, key), counted by their users (client names, server LRUs, requests in
+    flight). Pools share none (their servers are disjoint); each pool's texts count against its own
+    budget as well as the registry's."""
 
-    def __init__(self, budget: int = REGISTRY_BUDGET) -> None:
+    def __init__(self, budget: int = REGISTRY_BUDGET, pool_budget: int = POOL_STATEMENT_BUDGET) -> None:
         self.budget = budget
+        self.pool_budget = pool_budget
         self.bytes = 0
-        self._by_key: dict[bytes, Statement] = {}
+        self._by_key: dict[tuple[int, bytes], Statement] = {}
         self._next = 0
 
     def __len__(self) -> int:
         return len(self._by_key)
 
-    def acquire(self, key: bytes) -> Statement | None:
-        """The statement for `key` with one more reference; None when the budget is spent."""
-        stmt = self._by_key.get(key)
+    def acquire(self, pool: Pool, key: bytes) -> Statement | None:
+        """The statement of `pool` for `key` with one more reference; None when a budget is spent."""
+        stmt = self._by_key.get((pool.id, key))
         if stmt is None:
-            if self.bytes + len(key) > self.budget:
+            if self.bytes + len(key) > self.budget or pool.statement_bytes + len(key) > self.pool_budget:
                 return None
             self._next += 1
-            stmt = Statement(self._next, key)
-            self._by_key[key] = stmt
+            stmt = Statement(self._next, key, pool)
+            self._by_key[(pool.id, key)] = stmt
             self.bytes += len(key)
+            pool.statement_bytes += len(key)
         stmt.refs += 1
         return stmt
 
@@ -129,8 +135,9 @@ class Registry:
     def release(self, stmt: Statement) -> None:
         stmt.refs -= 1
         if stmt.refs == 0:
-            del self._by_key[stmt.key]
+            del self._by_key[(stmt.pool.id, stmt.key)]
             self.bytes -= len(stmt.key)
+            stmt.pool.statement_bytes -= len(stmt.key)
 
 
 class Request:
@@ -158,6 +165,7 @@ class Pool:
         "query_count",
         "servers",
         "size",
+        "statement_bytes",
         "wait_count",
         "wait_time",
         "waiting",
@@ -173,6 +181,7 @@ class Pool:
         self.clients: set[Client] = set()
         self.opening = 0  # server connections asked for and not yet added or failed
         self.paused = False
+        self.statement_bytes = 0  # the texts of its statements in the registry
         self.last_activity = 0.0
         self.xact_count = 0
         self.query_count = 0
@@ -281,11 +290,11 @@ class PoolCore:
     """The pooler's state; subclass and implement the hooks (see the module docstring)."""
 
     def __init__(self, *, max_prepared: int = MAX_PREPARED, wait_timeout: float = WAIT_TIMEOUT,
-                 idle_timeout: float = IDLE_TIMEOUT, registry: Registry | None = None) -> None:
+                 idle_timeout: float = IDLE_TIMEOUT, statement_budget: int = POOL_STATEMENT_BUDGET) -> None:
         self.max_prepared = max_prepared
         self.wait_timeout = wait_timeout
         self.idle_timeout = idle_timeout
-        self.registry = registry if registry is not None else Registry()
+        self.registry = Registry(pool_budget=statement_budget)
         self.pools: dict[int, Pool] = {}
 
     # Hooks -------------------------------------------------------------------------------------
@@ -628,7 +637,7 @@ class PoolCore:
             self._fail_client(client, codec.error_response("too many prepared statements for the pooler", "53400",
                                                            "FATAL"))
             return -1
-        stmt = self.registry.acquire(key)
+        stmt = self.registry.acquire(client.pool, key)
         if stmt is None:
             self._fail_client(client, codec.error_response("the pooler's prepared statement memory is full",
                                                            "53200", "FATAL"))
