@@ -50,28 +50,20 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from benchmarks.core import (
+from benchmarks.core.common import (
     NCPU,
     PGBENCH,
     PGBOUNCER,
     REPO_ROOT,
     BenchError,
-    Project,
-    _as_user,
-    _kb_field,
-    _own_dir,
-    _stop_pid,
+    as_user,
     free_port,
-    own_cpu_seconds,
-    self_cpu_seconds,
+    own_dir,
     short_tmpdir,
-    start_platform,
     summarize,
-    system_cpu_ticks,
-    tls_session,
-    tool_version,
-    with_sslmode,
 )
+from benchmarks.core.procfs import kb_field, own_cpu_seconds, self_cpu_seconds, stop_pid, system_cpu_ticks
+from benchmarks.core.targets import Project, start_platform, tls_session, tool_version, with_sslmode
 
 CLIENT_COUNTS = (8, 64, 512, 2000)
 SCRIPTS = ("tpcb", "select")  # pgbench's built-in TPC-B-like script, and -S
@@ -184,7 +176,7 @@ class TxBouncer:
 
     def __init__(self, root: Path, socket_dir: Path, user: str, verifier: str, uid: int, gid: int,
                  tls: tuple[Path, Path] | None) -> None:
-        self.dir = _own_dir(root, uid, gid)
+        self.dir = own_dir(root, uid, gid)
         self.uid, self.gid, self.user, self.tls = uid, gid, user, tls is not None
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -227,7 +219,7 @@ class TxBouncer:
         with open(self.dir / "stderr.log", "ab") as err:
             self.proc = subprocess.Popen([PGBOUNCER, str(self.dir / "pgbouncer.ini")], cwd=self.dir,
                                          stdin=subprocess.DEVNULL, stdout=err, stderr=err, start_new_session=True,
-                                         **_as_user(self.uid, self.gid))
+                                         **as_user(self.uid, self.gid))
         deadline = time.monotonic() + 20
         import psycopg
 
@@ -243,7 +235,7 @@ class TxBouncer:
                 time.sleep(0.05)
 
     def stop(self) -> None:
-        _stop_pid(self.proc, signal.SIGTERM)
+        stop_pid(self.proc, signal.SIGTERM)
         self.proc = None
 
 
@@ -251,7 +243,7 @@ class TxBouncer:
 
 
 def rss_mb(pid: int | str = "self") -> float:
-    return _kb_field(f"/proc/{pid}/status", "VmRSS") / 1024
+    return kb_field(f"/proc/{pid}/status", "VmRSS") / 1024
 
 
 def established(port: int) -> int:

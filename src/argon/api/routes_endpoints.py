@@ -117,7 +117,8 @@ async def logs(control: Authorized, project_id: str, endpoint_id: str,
 
 @router.get("/projects/{project_id}/endpoints/{endpoint_id}/pooler",
             summary="The endpoint's transaction pools, as PgBouncer's SHOW POOLS (Argon extension)")
-async def pooler(plane: Plane, project_id: str, endpoint_id: str) -> dict[str, Any]:
+async def pooler(control: Authorized, project_id: str, endpoint_id: str) -> dict[str, Any]:
+    plane = control.plane
     plane.endpoint(project_id, endpoint_id)
     return {"pools": [views.pool_view(p.database, p.role, p.stats) for p in plane.activity.pools(endpoint_id)]}
 

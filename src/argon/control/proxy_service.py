@@ -1,7 +1,7 @@
 """What the proxy asks the control plane (its `ControlClient` seam): role verifiers and wakes.
 
 Endpoints arrive as compute ids: the proxy strips a pooled host's `-pooler` suffix when it routes
-(`argon.proxy.routing`; ADR 0007). A verifier is read live from the compute's `pg_authid` while it runs
+(`argon.proxy.routing`; ADR 0017). A verifier is read live from the compute's `pg_authid` while it runs
 settled (one indexed lookup on the compute's admin session, ~0.2 ms), so a password changed
 through SQL works at once; otherwise the copy synced when the compute last stopped serves. Looking
 a verifier up changes nothing; `refresh_role_secret` (after a failed login) syncs it into the
