@@ -85,6 +85,14 @@ def pool_stats(proxy: ProxyHarness, user: str) -> Any:
     return proxy.call(get())
 
 
+def sessions(proxy: ProxyHarness) -> int:
+    """The endpoint's client connections as the suspend policy sees them."""
+    async def get() -> int:
+        return proxy.activity.snapshot(EP).sessions
+
+    return proxy.call(get())
+
+
 def wait_for(predicate: Any, timeout: float = 10) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -380,9 +388,11 @@ def test_login_needs_no_server_once_the_pool_knows_the_compute(proxy: ProxyHarne
         assert control.wakes[EP] == wakes  # answered from the kept greeting
         assert backends(scratch_pg, "u1") <= 2
         assert pool_stats(proxy, "u1").cl_idle >= 20
+        assert sessions(proxy) >= 20  # a pool stands for its clients
     finally:
         for conn in idle:
             conn.close()
+    wait_for(lambda: sessions(proxy) == 0)  # the pools live on, with no client
 
 
 def test_the_password_hack_names_the_pooled_host(proxy: ProxyHarness) -> None:

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 
 class SessionActivity:
-    __slots__ = ("endpoint_id", "in_query", "in_transaction", "last_activity", "probe")
+    __slots__ = ("clients", "endpoint_id", "in_query", "in_transaction", "last_activity", "probe")
 
     def __init__(self, endpoint_id: str) -> None:
         self.endpoint_id = endpoint_id
@@ -28,6 +28,7 @@ class SessionActivity:
         self.in_transaction = False  # the last ReadyForQuery said 'T' or 'E'
         self.last_activity = time.monotonic()
         self.probe: Callable[[SessionActivity], None] | None = None
+        self.clients = 1  # client connections it stands for (a transaction pool: its clients, set by its probe)
 
     def refresh(self) -> None:
         if self.probe is not None:
@@ -115,7 +116,7 @@ class ActivityRegistry:
         recorded = self._last.get(endpoint_id)
         if recorded is not None:
             last = recorded if last is None else max(last, recorded)
-        return EndpointActivity(sessions=len(sessions), busy=sum(1 for s in sessions if s.busy), last_activity=last)
+        return EndpointActivity(sessions=sum(s.clients for s in sessions), busy=sum(1 for s in sessions if s.busy), last_activity=last)
 
     def counts(self) -> tuple[int, int]:
         """Sessions open (logged in, or logging into their compute) and how many of them are busy."""

@@ -199,6 +199,8 @@ class Pooler:
         return entry
 
     def _probe(self, activity: SessionActivity, pool_id: int) -> None:
+        entry = self._by_id.get(pool_id)
+        activity.clients = entry.clients if entry is not None else 0
         in_query, in_transaction, last = self.engine.busy(pool_id)
         activity.in_query, activity.in_transaction = in_query, in_transaction
         if last:
