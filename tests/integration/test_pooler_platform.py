@@ -54,6 +54,7 @@ def test_pools_as_the_api_shows_them(platform: RunningPlatform, project: dict[st
             conn.close()
 
 
+@pytest.mark.slow
 def test_idle_pooled_clients_outlive_suspends(platform: RunningPlatform, project: dict[str, Any]) -> None:
     pid, eid = project["project"]["id"], project["endpoints"][0]["id"]
     platform.api.patch(f"/projects/{pid}/endpoints/{eid}", json={"endpoint": {"suspend_timeout_seconds": 1}})
