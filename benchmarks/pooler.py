@@ -381,7 +381,7 @@ class Run:
         parts = urlsplit(self.project.uri)
         user = unquote(parts.username or "")
         os.environ["PGPASSWORD"] = unquote(parts.password or "")  # pgbench's password, for both poolers
-        verifier = self.rp.call(self.rp.plane.get_role_secret(eid, user))
+        verifier = self.rp.call(self.rp.platform.proxy.ctx.control.get_role_secret(eid, user))  # the proxy's seam
         if not verifier:
             raise BenchError(f"no verifier for {user}")
         tls_dir = Path(self.rp.plane.layout.tls_dir)
