@@ -58,6 +58,7 @@ projects = Table(
     Column("default_endpoint_settings", JSON, nullable=False),
     Column("os_uid", Integer, nullable=True, unique=True),
     Column("store_passwords", Boolean, nullable=False),
+    Column("settings", JSON, nullable=False),
 )
 
 branches = Table(
