@@ -78,7 +78,8 @@ async def create_project(control: Control, req: ProjectRequest) -> CreatedProjec
         raise UserError(f"PostgreSQL {version} is not available on this server; available versions: {offered}")
     region = req.region_id or model.REGION_ID
     if region not in available_regions():
-        raise UserError(f"region {region!r} does not exist; available regions: {', '.join(available_regions())}")
+        raise UserError(f"region_id {region!r} is not a region of this server; available regions: "
+                        f"{', '.join(available_regions())}")
     role_name = ids.check_pg_name(req.role_name or req.database_name + DEFAULT_ROLE_SUFFIX, "role")
     database_name = ids.check_pg_name(req.database_name, "database")
     if role_name == model.PLATFORM_ROLE or role_name.startswith("pg_"):
