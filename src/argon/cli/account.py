@@ -24,8 +24,8 @@ def status(ctx: Context) -> None:
                       if e["current_state"] == "active")
     data = {"api_url": ctx.api.api_url, "versions": versions, "projects": len(projects), "active_computes": active,
             "clone_backend": info.get("clone_backend")}
-    if ctx.output == "json":
-        emit(data, "json")
+    if ctx.output != "table":
+        emit(data, ctx.output)
         return
     click.echo(f"Argon at {ctx.api.api_url}: {len(projects)} project(s), {active} active compute(s); PostgreSQL "
                + ", ".join(v["version"] for v in versions) + f"; clone backend {info.get('clone_backend')}")
@@ -60,8 +60,8 @@ def api_keys_list(ctx: Context) -> None:
 def api_keys_create(ctx: Context, name: str) -> None:
     """Create a key and print it once: it cannot be shown again."""
     out = ctx.api.post("/api_keys", {"key_name": name})
-    if ctx.output == "json":
-        emit(out, "json")
+    if ctx.output != "table":
+        emit(out, ctx.output)
         return
     click.echo(f"Created API key {out['name']} (id {out['id']}). Save it now, it is not shown again:")
     click.echo("  " + str(out["key"]))
@@ -73,7 +73,7 @@ def api_keys_create(ctx: Context, name: str) -> None:
 def api_keys_revoke(ctx: Context, key_id: int) -> None:
     """Revoke a key by id (see `argon api-keys list`); it stops working at once."""
     out = ctx.api.delete(f"/api_keys/{key_id}")
-    if ctx.output == "json":
-        emit(out, "json")
+    if ctx.output != "table":
+        emit(out, ctx.output)
     else:
         click.echo(f"Revoked API key {out['name']} (id {out['id']}).")
