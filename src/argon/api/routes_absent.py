@@ -3,8 +3,9 @@
 neonctl 5's project workflow (`link`, `checkout`, `env pull`, `status`) lists a branch's object
 storage buckets, functions, their triggers and its credentials before anything else; with these
 answering Neon's shapes, empty, those commands work. Creating one is refused, naming what is missing.
-Branch credentials (tokens for the AI Gateway and object storage) answer 404 even to a list: that
-is how neonctl learns a region has no AI Gateway (an empty list makes it mint a gateway token).
+Branch credentials (tokens for the AI Gateway and object storage) answer 404 "... not available"
+even to a list: that is how neonctl learns a region has no AI Gateway (an empty list makes it mint
+a gateway token).
 Project permissions (sharing a project with another Neon account by e-mail) list empty too: an
 Argon server has one account, and its API keys are how access is shared (`/api_keys`).
 """
@@ -53,7 +54,8 @@ for _kind, _what in _ABSENT.items():
 @router.post(f"{_BRANCH}/credentials")
 async def credentials(control: Authorized, project_id: str, branch_id: str) -> dict[str, Any]:
     _branch(control, project_id, branch_id)
-    raise NotFound("Argon has no branch credentials (AI Gateway and object storage tokens)")
+    # neonctl treats a 404 whose message says "not available" as a region without these features.
+    raise NotFound("branch credentials (AI Gateway and object storage tokens) are not available on Argon")
 
 
 @router.get("/projects/{project_id}/permissions")
