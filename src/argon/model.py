@@ -285,6 +285,7 @@ class ApiKey:
     created_at: datetime
     last_used_at: datetime | None = None
     revoked: bool = False
+    project_id: str | None = None  # a project-scoped key reaches only that project's resources
 
 
 @dataclass(frozen=True)

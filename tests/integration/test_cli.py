@@ -230,3 +230,31 @@ def test_neonctl_command_lines_replay_with_argon(platform: RunningPlatform, proj
     assert psql.stdout.strip() == "app@appdb", psql.stderr
     ro = yaml.safe_load(run("branches create --name ro --type read_only --project-id $P -o yaml"))
     assert ro["endpoints"][0]["type"] == "read_only"
+
+
+def test_project_scoped_api_key(platform: RunningPlatform, project: dict[str, Any]) -> None:
+    """A key for one project (what CI and Terraform get): that project's resources, nothing else."""
+    import httpx
+
+    pid = project["project"]["id"]
+    made = json.loads(argon(platform, "-o", "json", "api-keys", "create", "--name", "gha", "--project-id", pid).stdout)
+    assert made["project_id"] == pid
+    scoped = httpx.Client(base_url=platform.api_url + "/api/v2", headers={"Authorization": f"Bearer {made['key']}"},
+                          timeout=60)
+    other = platform.create_project(name="not-yours")
+    try:
+        assert scoped.get(f"/projects/{pid}").status_code == 200
+        assert scoped.post(f"/projects/{pid}/branches", json={"branch": {"name": "ci"}}).status_code == 201
+        assert scoped.get("/users/me").status_code == 200
+        for method, path in (("GET", f"/projects/{other['project']['id']}"), ("GET", "/projects"),
+                             ("POST", "/projects"), ("DELETE", f"/projects/{pid}"), ("GET", "/api_keys"),
+                             ("POST", f"/projects/{pid}/recover")):
+            resp = scoped.request(method, path)
+            assert resp.status_code == 403 and f"limited to project {pid}" in resp.json()["message"], (path, resp.text)
+        branches = json.loads(argon(platform, "-o", "json", "branches", "list", "--project-id", pid,
+                                    key=made["key"]).stdout)["branches"]
+        assert {b["name"] for b in branches} == {"main", "ci"}
+    finally:
+        scoped.close()
+        platform.delete_project(other["project"]["id"])
+        argon(platform, "api-keys", "revoke", str(made["id"]))

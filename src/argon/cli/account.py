@@ -31,7 +31,8 @@ def status(ctx: Context) -> None:
                + ", ".join(v["version"] for v in versions) + f"; clone backend {info.get('clone_backend')}")
 
 
-API_KEY_COLUMNS = [("id", "Id"), ("name", "Name"), ("created_at", "Created"), ("last_used_at", "Last used")]
+API_KEY_COLUMNS = [("id", "Id"), ("name", "Name"), ("project_id", "Project"), ("created_at", "Created"),
+                   ("last_used_at", "Last used")]
 
 
 @click.group("api-keys")
@@ -41,6 +42,7 @@ def api_keys() -> None:
     \b
     Examples:
       argon api-keys create --name ci     # prints argon_..., use it as ARGON_API_KEY or NEON_API_KEY
+      argon api-keys create --name gha --project-id <id>   # a key that reaches only that project
       argon api-keys list
       argon api-keys revoke 3             # by id; requests with that key fail at once
     """
@@ -56,10 +58,11 @@ def api_keys_list(ctx: Context) -> None:
 
 @api_keys.command("create")
 @click.option("--name", required=True, help="What or who uses it, e.g. ci or laptop")
+@click.option("--project-id", help="Limit the key to this project (its branches, computes, roles, databases)")
 @pass_ctx
-def api_keys_create(ctx: Context, name: str) -> None:
+def api_keys_create(ctx: Context, name: str, project_id: str | None) -> None:
     """Create a key and print it once: it cannot be shown again."""
-    out = ctx.api.post("/api_keys", {"key_name": name})
+    out = ctx.api.post("/api_keys", {"key_name": name, **({"project_id": project_id} if project_id else {})})
     if ctx.output != "table":
         emit(out, ctx.output)
         return

@@ -182,8 +182,12 @@ def _print_banner(settings: Settings, info: Any) -> None:
     if info.ca_cert:
         click.echo(f"  TLS CA            {info.ca_cert}   (for sslmode=verify-full: sslrootcert=<this file>)")
     domain = settings.domain
-    click.echo(f"  Endpoint hosts    <endpoint-id>.{domain}" if domain else
-               "  Endpoint hosts    local form: host 127.0.0.1 + options=endpoint=<id> (set ARGON_DOMAIN for SNI)")
+    if domain:
+        click.echo(f"  Endpoint hosts    <endpoint-id>.{domain}")
+    else:
+        click.echo("  Endpoint hosts    local form: host 127.0.0.1 + options=endpoint=<id>. For the Neon form "
+                   f"(<endpoint-id>.{settings.cert_domain}, what neonctl prints) set ARGON_DOMAIN to a wildcard "
+                   "domain pointing here, or PGHOSTADDR=127.0.0.1 for libpq clients on this machine")
     if config_path:
         click.echo(f"  CLI config        {config_path}")
     click.echo(f"  Reconciled        {info.reconciled}")

@@ -145,6 +145,7 @@ api_keys = Table(
     Column("created_at", UTCDateTime, nullable=False),
     Column("last_used_at", UTCDateTime),
     Column("revoked", Boolean, nullable=False),
+    Column("project_id", String(64), nullable=True),
 )
 
 events = Table(
