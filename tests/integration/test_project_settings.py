@@ -249,3 +249,36 @@ def test_logical_replication_to_another_project(platform: RunningPlatform) -> No
     finally:
         platform.delete_project(sub_id)
         platform.delete_project(pub_id)
+
+
+def test_what_neon_clients_read_that_argon_lacks(platform: RunningPlatform, project: dict[str, Any]) -> None:
+    """Resources Argon has no equivalent of list empty or say 'not available'; counts, recovery,
+    preload libraries and the schema comparison answer Neon's shapes."""
+    api, pid, main = platform.api, project["project"]["id"], project["branch"]["id"]
+    branch = f"/projects/{pid}/branches/{main}"
+    for kind in ("buckets", "functions", "triggers"):
+        assert api.get(f"{branch}/{kind}").json() == {kind: []}
+        refused = api.post(f"{branch}/{kind}", json={"name": "x"})
+        assert refused.status_code == 400 and "Argon has no" in refused.json()["message"]
+    credentials = api.get(f"{branch}/credentials")
+    assert credentials.status_code == 404 and "not available" in credentials.json()["message"]
+    assert api.get(f"/projects/{pid}/permissions").json() == {"project_permissions": []}
+    assert api.post(f"/projects/{pid}/permissions", json={"email": "a@example.com"}).status_code == 400
+    assert api.get(f"/projects/{pid}/branches/count").json() == {"count": 1}
+    assert api.post(f"/projects/{pid}/recover").status_code == 400  # not deleted
+    assert api.post(f"{branch}/recover").status_code == 400
+    assert api.post(f"/projects/{pid}/branches/br-gone-branch-00000000/recover").status_code == 404
+    assert api.get("/projects", params={"recoverable": "true"}).json()["projects"] == []
+    libraries = {lib["library_name"] for lib in api.get(f"/projects/{pid}/available_preload_libraries").json()["libraries"]}
+    assert "pg_stat_statements" in libraries
+
+    child = api.post(f"/projects/{pid}/branches", json={"branch": {"name": "changed"},
+                                                      "endpoints": [{"type": "read_write"}]}).json()
+    with psycopg.connect(platform.dsn(child), autocommit=True) as conn:
+        conn.execute("create table only_on_child (id int)")
+    diff = api.get(f"/projects/{pid}/branches/{child['branch']['id']}/compare_schema", params={"db_name": "neondb"})
+    assert diff.status_code == 200, diff.text
+    assert "+CREATE TABLE public.only_on_child" in diff.json()["diff"], diff.json()
+    same = api.get(f"/projects/{pid}/branches/{child['branch']['id']}/compare_schema",
+                   params={"db_name": "neondb", "base_branch_id": child["branch"]["id"]})
+    assert same.json() == {"diff": ""}

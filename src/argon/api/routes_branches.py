@@ -16,7 +16,7 @@ from argon.api.deps import Authorized
 from argon.api.fields import Strict
 from argon.control import branches, connection
 from argon.control.endpoints import check_cu, check_suspend_timeout
-from argon.errors import UserError
+from argon.errors import NotFound, UserError
 
 router = APIRouter(tags=["Branch"])
 
@@ -178,6 +178,16 @@ class RestoreBody(Strict):
     source_lsn: str | None = None
     source_timestamp: str | None = None
     preserve_under_name: str | None = None
+
+
+@router.post("/projects/{project_id}/branches/{branch_id}/recover")
+async def recover_branch(control: Authorized, project_id: str, branch_id: str) -> dict[str, Any]:
+    plane = control.plane
+    plane.project(project_id)
+    if any(b.id == branch_id for b in plane.branches(project_id)):
+        raise UserError(f"branch {branch_id!r} is not deleted; there is nothing to recover")
+    raise NotFound(f"branch {branch_id!r} not found; Argon deletes a branch's data at once, so a deleted branch "
+                   "cannot be recovered")
 
 
 @router.post("/projects/{project_id}/branches/{branch_id}/restore")

@@ -247,6 +247,18 @@ async def recover(control: Authorized, project_id: str) -> dict[str, Any]:
                    "project cannot be recovered")
 
 
+@router.get("/projects/{project_id}/available_preload_libraries")
+async def available_preload_libraries(control: Authorized, project_id: str) -> dict[str, Any]:
+    """The libraries a project's computes preload: those its allow-listed extensions need, all of them
+    always (so `use_defaults: true` is the only setting; ADR 0015)."""
+    plane = control.plane
+    project = plane.project(project_id)
+    support = plane.extensions.get(project.pg_version)
+    offered = support.offered if support is not None else ()
+    return {"libraries": [{"library_name": o.name, "description": o.comment, "is_default": True,
+                           "is_experimental": False, "version": o.default_version} for o in offered if o.preloaded]}
+
+
 @router.get("/projects/{project_id}/available_extensions")
 async def available_extensions(control: Authorized, project_id: str) -> dict[str, Any]:
     """Argon's addition: the extensions the project's roles can create with `CREATE EXTENSION`, on the
