@@ -112,6 +112,7 @@ def websocket_login(http_port: int, endpoint: str, user: str, password: str) -> 
                 data += ws.recv(timeout=20)  # type: ignore[operator]
 
 
+@pytest.mark.slow
 def test_allowed_ips_on_every_path(platform: RunningPlatform) -> None:
     created = platform.create_project(name="allow")
     pid, ep = created["project"]["id"], created["endpoints"][0]["id"]
@@ -251,6 +252,7 @@ def test_logical_replication_to_another_project(platform: RunningPlatform) -> No
         platform.delete_project(pub_id)
 
 
+@pytest.mark.slow
 def test_what_neon_clients_read_that_argon_lacks(platform: RunningPlatform, project: dict[str, Any]) -> None:
     """Resources Argon has no equivalent of list empty or say 'not available'; counts, recovery,
     preload libraries and the schema comparison answer Neon's shapes."""
