@@ -251,6 +251,8 @@ def test_project_scoped_api_key(platform: RunningPlatform, project: dict[str, An
                              ("POST", f"/projects/{pid}/recover")):
             resp = scoped.request(method, path)
             assert resp.status_code == 403 and f"limited to project {pid}" in resp.json()["message"], (path, resp.text)
+        metrics = httpx.get(platform.api_url + "/metrics", headers={"Authorization": f"Bearer {made['key']}"})
+        assert metrics.status_code == 403, metrics.text  # every project's figures: not for a scoped key
         branches = json.loads(argon(platform, "-o", "json", "branches", "list", "--project-id", pid,
                                     key=made["key"]).stdout)["branches"]
         assert {b["name"] for b in branches} == {"main", "ci"}
