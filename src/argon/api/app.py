@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from argon import __version__, logs
 from argon.api import (
     ops,
+    routes_absent,
     routes_account,
     routes_branches,
     routes_endpoints,
@@ -68,7 +69,10 @@ def create_app(control: Control, telemetry: Telemetry | None = None, checks: lis
                              + (f" at character {at[0]}" if at else ""))
                 continue
             loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-            parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
+            msg = str(err.get("msg")).removeprefix("Value error, ")
+            if err.get("type") == "extra_forbidden":
+                msg = "Argon does not support this field (it would have no effect), so the request is refused"
+            parts.append(f"{loc}: {msg}" if loc else msg)
         return JSONResponse(error_body("invalid request: " + "; ".join(parts)), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
@@ -85,9 +89,15 @@ def create_app(control: Control, telemetry: Telemetry | None = None, checks: lis
         log.exception("%s %s: unexpected error", request.method, request.url.path)
         return JSONResponse(error_body("internal error; the server log has the details"), status_code=500)
 
-    for module in (routes_projects, routes_branches, routes_roles, routes_endpoints, routes_account, routes_schema):
+    for module in (routes_projects, routes_branches, routes_roles, routes_endpoints, routes_account, routes_schema,
+                   routes_absent):
         app.include_router(module.router, prefix="/api/v2")
 
-    app.include_router(ops.router(telemetry, authorize_key=control.api_keys.authorize,
+    def authorize_metrics(header: str) -> object:
+        key = control.api_keys.authorize(header)
+        control.api_keys.allows(key, "GET", "/metrics")  # a project-scoped key sees only its project: 403
+        return key
+
+    app.include_router(ops.router(telemetry, authorize_key=authorize_metrics,
                                   metrics_token=control.plane.settings.metrics_token, checks=checks or []))
     return app

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query
 from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import field_validator
 
 from argon import model
-from argon.api import views
+from argon.api import fields, views
 from argon.api.deps import Authorized
+from argon.api.fields import Strict
 from argon.control.endpoints import (
     EndpointPatch,
     check_cu,
@@ -28,28 +29,46 @@ from argon.errors import UserError
 router = APIRouter(tags=["endpoints"])
 
 
-class EndpointUpdate(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class _EndpointFields(Strict):
+    """What both create and update take."""
+
     autoscaling_limit_min_cu: float | None = None
     autoscaling_limit_max_cu: float | None = None
     suspend_timeout_seconds: int | None = None
     disabled: bool | None = None
     name: str | None = None
+    provisioner: str | None = None
+    settings: fields.EndpointSettingsData | None = None
     pooler_enabled: bool | None = None
-    pooler_mode: str | None = None
+    pooler_mode: Literal["transaction"] | None = None
+    passwordless_access: bool | None = None
+
+    _provisioner = field_validator("provisioner")(fields.check_provisioner)
+
+    @field_validator("pooler_enabled")
+    @classmethod
+    def _pooler(cls, v: bool | None) -> bool | None:
+        return fields.only(v, True, "the pooled host (<endpoint>-pooler) is always available; it cannot be turned off")
+
+    @field_validator("passwordless_access")
+    @classmethod
+    def _passwordless(cls, v: bool | None) -> bool | None:
+        return fields.only(v, False, "every Argon login checks a password")
 
 
-def check_pooler(enabled: bool | None, mode: str | None) -> None:
-    """The pooled host always exists and pools transactions (ADR 0017): only those values are taken."""
-    if enabled is False:
-        raise UserError("pooler_enabled cannot be false: every endpoint has a pooled host (<endpoint>-pooler); "
-                        "connect to the endpoint's own host for a direct session")
-    if mode is not None and mode != "transaction":
-        raise UserError(f"pooler_mode must be transaction, not {mode!r}")
+class EndpointUpdate(_EndpointFields):
+    branch_id: str | None = None
+
+    @field_validator("branch_id")
+    @classmethod
+    def _move(cls, v: str | None) -> str | None:
+        if v is not None:
+            raise ValueError("moving an endpoint to another branch is not supported (Neon deprecates it too); "
+                             "create an endpoint on that branch")
+        return v
 
 
-class EndpointUpdateBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class EndpointUpdateBody(Strict):
     endpoint: EndpointUpdate
 
 
@@ -71,7 +90,6 @@ async def patch_endpoint(control: Authorized, project_id: str, endpoint_id: str,
     spec = body.endpoint
     if spec.name is not None and not 1 <= len(spec.name) <= 64:
         raise UserError("endpoint name must be 1 to 64 characters")
-    check_pooler(spec.pooler_enabled, spec.pooler_mode)
     patch = EndpointPatch(
         autoscaling_limit_min_cu=(check_cu(spec.autoscaling_limit_min_cu, "autoscaling_limit_min_cu")
                                   if spec.autoscaling_limit_min_cu is not None else None),
@@ -133,20 +151,18 @@ async def events(control: Authorized, project_id: str, endpoint_id: str,
     return {"events": [views.event_view(e) for e in evs]}
 
 
-class EndpointCreate(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class EndpointCreate(_EndpointFields):
     branch_id: str
     type: str = "read_write"
-    autoscaling_limit_min_cu: float | None = None
-    autoscaling_limit_max_cu: float | None = None
-    suspend_timeout_seconds: int | None = None
-    name: str | None = None
-    pooler_enabled: bool | None = None
-    pooler_mode: str | None = None
+    region_id: str | None = None
+
+    @field_validator("region_id")
+    @classmethod
+    def _region(cls, v: str | None) -> str | None:
+        return fields.only(v, model.REGION_ID, f"only the project's region, {model.REGION_ID!r}, is permitted")
 
 
-class EndpointCreateBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class EndpointCreateBody(Strict):
     endpoint: EndpointCreate
 
 
@@ -154,7 +170,6 @@ class EndpointCreateBody(BaseModel):
 async def create(control: Authorized, project_id: str, body: EndpointCreateBody) -> JSONResponse:
     plane = control.plane
     spec = body.endpoint
-    check_pooler(spec.pooler_enabled, spec.pooler_mode)
     base = plane.project(project_id).default_endpoint_settings
     lo = (check_cu(spec.autoscaling_limit_min_cu, "autoscaling_limit_min_cu")
           if spec.autoscaling_limit_min_cu is not None else base.autoscaling_limit_min_cu)
@@ -166,7 +181,8 @@ async def create(control: Authorized, project_id: str, body: EndpointCreateBody)
                else base.suspend_timeout_seconds)
     name = spec.name if spec.name and 1 <= len(spec.name) <= 64 else None
     ep, ops = await create_endpoint(control, project_id, spec.branch_id, type_=spec.type,
-                                    settings=model.EndpointSettings(lo, hi, timeout), name=name)
+                                    settings=model.EndpointSettings(lo, hi, timeout), name=name,
+                                    disabled=bool(spec.disabled))
     return JSONResponse({"endpoint": views.endpoint_view(plane.settings, ep),
                          "operations": [views.operation_view(o) for o in ops]}, status_code=201)
 

@@ -81,8 +81,8 @@ def endpoints_delete(ctx: Context, endpoint_id: str, project_id: str | None) -> 
     """Delete an endpoint (its compute stops; the branch and its data stay)."""
     pid = endpoint_project(ctx, project_id, endpoint_id)
     out = ctx.api.delete(f"/projects/{pid}/endpoints/{endpoint_id}")
-    if ctx.output == "json":
-        emit(out, "json")
+    if ctx.output != "table":
+        emit(out, ctx.output)
     else:
         click.echo(f"Deleted endpoint {out['endpoint']['id']}; branch {out['endpoint']['branch_id']} keeps its data.")
 

@@ -37,7 +37,41 @@ def _setting_options(func: Any) -> Any:
     return func
 
 
+_OWN_OUTPUT = {"connection-string", "cs", "psql", "up"}  # commands with their own -o (or none)
+
+
+def hoist_output(args: list[str]) -> list[str]:
+    """neonctl takes `-o json|yaml|table` anywhere on the line; Argon's is a global option: move it
+    in front of the command, so a neonctl command line replays as is (`--` ends the search)."""
+    first = next((a for a in args if not a.startswith("-")), None)
+    if first in _OWN_OUTPUT:
+        return args
+    moved: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            rest += args[i:]
+            break
+        if arg in ("-o", "--output") and i + 1 < len(args):
+            moved += [arg, args[i + 1]]
+            i += 2
+            continue
+        if arg.startswith("--output="):
+            moved.append(arg)
+        else:
+            rest.append(arg)
+        i += 1
+    return moved + rest
+
+
 class ArgonGroup(click.Group):
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if ctx.parent is None:
+            args = hoist_output(args)
+        return super().parse_args(ctx, args)
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
@@ -52,8 +86,8 @@ class ArgonGroup(click.Group):
 @click.option("--api-url", envvar="ARGON_API_URL", help="Argon API base URL (default: from `argon up`'s CLI config, "
               "else http://127.0.0.1:4444) [env ARGON_API_URL]")
 @click.option("--api-key", envvar="ARGON_API_KEY", help="API key [env ARGON_API_KEY]")
-@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True,
-              help="Tables for people, JSON for scripts")
+@click.option("-o", "--output", type=click.Choice(["table", "json", "yaml"]), default="table", show_default=True,
+              help="Tables for people, JSON or YAML for scripts")
 @click.pass_context
 def cli(ctx: click.Context, api_url: str | None, api_key: str | None, output: str) -> None:
     """Argon: serverless PostgreSQL you run yourself.
@@ -148,8 +182,12 @@ def _print_banner(settings: Settings, info: Any) -> None:
     if info.ca_cert:
         click.echo(f"  TLS CA            {info.ca_cert}   (for sslmode=verify-full: sslrootcert=<this file>)")
     domain = settings.domain
-    click.echo(f"  Endpoint hosts    <endpoint-id>.{domain}" if domain else
-               "  Endpoint hosts    local form: host 127.0.0.1 + options=endpoint=<id> (set ARGON_DOMAIN for SNI)")
+    if domain:
+        click.echo(f"  Endpoint hosts    <endpoint-id>.{domain}")
+    else:
+        click.echo("  Endpoint hosts    local form: host 127.0.0.1 + options=endpoint=<id>. For the Neon form "
+                   f"(<endpoint-id>.{settings.cert_domain}, what neonctl prints) set ARGON_DOMAIN to a wildcard "
+                   "domain pointing here, or PGHOSTADDR=127.0.0.1 for libpq clients on this machine")
     if config_path:
         click.echo(f"  CLI config        {config_path}")
     click.echo(f"  Reconciled        {info.reconciled}")

@@ -70,8 +70,9 @@ class Lifecycle:
         user = OsUser(project.os_uid, project.os_uid) if project.os_uid is not None else None
         if ep.type is model.EndpointType.READ_ONLY:
             return replicas.replica_spec(plane, project, ep, install, user)
+        logical = {"wal_level": "logical"} if project.settings.enable_logical_replication else {}
         gucs = plane.compute_gucs(project.pg_version, gucs_for_cu(ep.autoscaling_limit_max_cu) | dict(ep.pg_settings)
-                                  | retention.archive_settings(plane, project, ep.branch_id))
+                                  | retention.archive_settings(plane, project, ep.branch_id) | logical)
         return ComputeSpec(endpoint_id=ep.id, install=install, pgdata=plane.layout.pgdata(project.id, ep.branch_id),
                            socket_dir=plane.layout.socket_dir(ep.id),
                            log_file=plane.layout.compute_log(project.id, ep.branch_id),

@@ -84,5 +84,15 @@ class ProxyService:
                                      endpoint_id=ep.id, started=started), "recording a start")
         return address
 
+    def allowed_ips(self, endpoint_id: str) -> tuple[str, ...]:
+        plane = self.control.plane
+        ep = plane.find_endpoint(endpoint_id)
+        if ep is None:
+            return ()
+        try:
+            return plane.project(ep.project_id).settings.guards(plane.branch(ep.project_id, ep.branch_id))
+        except NotFound:  # deleted meanwhile
+            return ()
+
     def endpoint_exists(self, endpoint_id: str) -> bool:
         return self.control.plane.find_endpoint(endpoint_id) is not None
