@@ -13,6 +13,7 @@ import enum
 class ErrorKind(enum.Enum):
     USER = "user"  # bad input
     UNAUTHORIZED = "unauthorized"
+    FORBIDDEN = "forbidden"  # a valid key, outside what it may reach (a project-scoped key)
     NOT_FOUND = "not_found"
     CONFLICT = "conflict"
     PRECONDITION = "precondition"
@@ -26,6 +27,7 @@ class ErrorKind(enum.Enum):
 HTTP_STATUS = {
     ErrorKind.USER: 400,
     ErrorKind.UNAUTHORIZED: 401,
+    ErrorKind.FORBIDDEN: 403,
     ErrorKind.NOT_FOUND: 404,
     ErrorKind.CONFLICT: 409,
     ErrorKind.PRECONDITION: 412,
@@ -64,6 +66,10 @@ class UserError(ArgonError):
 
 class Unauthorized(ArgonError):
     kind = ErrorKind.UNAUTHORIZED
+
+
+class Forbidden(ArgonError):
+    kind = ErrorKind.FORBIDDEN
 
 
 class NotFound(ArgonError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import ipaddress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -99,6 +100,69 @@ class EndpointSettings:
     suspend_timeout_seconds: int = 0
 
 
+IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def parse_allowed_ip(entry: str) -> tuple[IpAddress, IpAddress]:
+    """One `allowed_ips` entry as the first and last address it admits: a single address
+    (`203.0.113.7`), a range (`203.0.113.1-203.0.113.9`) or a CIDR network (`203.0.113.0/24`), as
+    Neon takes them. Raises ValueError with a sentence for the user."""
+    text = entry.strip()
+    try:
+        if "/" in text:
+            net = ipaddress.ip_network(text, strict=False)
+            return net[0], net[-1]
+        if "-" in text:
+            a, b = (ipaddress.ip_address(part.strip()) for part in text.split("-", 1))
+            if a.version != b.version or a > b:
+                raise ValueError
+            return a, b
+        one = ipaddress.ip_address(text)
+        return one, one
+    except ValueError:
+        raise ValueError(f"{entry!r} is not an IP address, a range (a-b) or a CIDR network") from None
+
+
+def ip_allowed(entries: tuple[str, ...], peer_ip: str) -> bool:
+    """Whether `peer_ip` is admitted by an allow-list (an empty list admits everyone). An IPv4
+    address mapped into IPv6 (`::ffff:a.b.c.d`) counts as the IPv4 address; a zone id is dropped."""
+    if not entries:
+        return True
+    try:
+        ip = ipaddress.ip_address(peer_ip.split("%", 1)[0])
+    except ValueError:
+        return False  # not an address (a Unix socket peer): no entry can name it
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    for entry in entries:
+        lo, hi = parse_allowed_ip(entry)
+        if lo.version == ip.version and lo <= ip <= hi:  # type: ignore[operator]
+            return True
+    return False
+
+
+@dataclass(frozen=True)
+class ProjectSettings:
+    """Neon's `project.settings` that Argon acts on (the API refuses the others with a 400).
+
+    `allowed_ips`: single addresses, `a-b` ranges or CIDR networks the proxy lets in (empty = all);
+    with `protected_branches_only` the list guards only the endpoints of protected branches.
+    `enable_logical_replication`: computes run with `wal_level = logical` (once on, never off)."""
+
+    allowed_ips: tuple[str, ...] = ()
+    protected_branches_only: bool = False
+    enable_logical_replication: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "allowed_ips", tuple(self.allowed_ips))  # JSON gives a list
+
+    def guards(self, branch: Branch) -> tuple[str, ...]:
+        """The allow-list in force for the endpoints of `branch` (empty: everyone may connect)."""
+        if self.protected_branches_only and not branch.protected:
+            return ()
+        return self.allowed_ips
+
+
 @dataclass(frozen=True)
 class Project:
     id: str
@@ -111,6 +175,7 @@ class Project:
     default_endpoint_settings: EndpointSettings = field(default_factory=EndpointSettings)
     os_uid: int | None = None  # the OS user its computes run as (None: argon's own user)
     store_passwords: bool = True
+    settings: ProjectSettings = field(default_factory=ProjectSettings)
 
     def replace(self, **changes: Any) -> Project:
         return dataclasses.replace(self, updated_at=utcnow(), **changes)
@@ -220,6 +285,7 @@ class ApiKey:
     created_at: datetime
     last_used_at: datetime | None = None
     revoked: bool = False
+    project_id: str | None = None  # a project-scoped key reaches only that project's resources
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@
 Order at start: data directory layout and its lock -> Postgres discovery -> metadata (migrations) ->
 secrets -> control plane view -> templates -> reconcile (adopt computes left running) -> TLS ->
 proxy -> HTTP -> API key -> suspend monitor and metrics sampler. `stop()` undoes it in reverse, computes last
-(fast shutdown).
+(fast shutdown). One `Telemetry` registry is shared by every piece (/metrics); `/readyz` answers from
+`ready_checks()`.
 Each piece talks to the others through the seams in `argon.proxy.control_client` and
 `argon.control.plane`, so they can later run as separate processes.
 """
@@ -23,13 +24,15 @@ from pathlib import Path
 
 import uvicorn
 
-from argon import model
+from argon import __version__, model
 from argon.api.app import create_app
+from argon.api.ops import Check
 from argon.compute import extensions
 from argon.compute.binaries import PgInstall, discover
 from argon.compute.osuser import check_uid_range, claim_uid_range, host_ids, uid_range_conflicts
 from argon.compute.template import ensure_template, initdb_settings
 from argon.console.routes import mount_console, sign_in_link
+from argon.control import exposition as control_exposition
 from argon.control.apikeys import new_key
 from argon.control.plane import ControlPlane
 from argon.control.projects import template_setup_sql
@@ -40,6 +43,7 @@ from argon.control.services import Control
 from argon.control.suspend import SuspendMonitor
 from argon.errors import ConfigError
 from argon.metadata.store import Store
+from argon.proxy import exposition as proxy_exposition
 from argon.proxy.activity import ActivityRegistry
 from argon.proxy.server import ProxyServer
 from argon.proxy.serverless.http_sql import HttpSql
@@ -48,6 +52,7 @@ from argon.proxy.tls import TlsConfig, ensure_certificates
 from argon.settings import Settings
 from argon.storage.clone import pick_backend
 from argon.storage.layout import Layout
+from argon.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +91,10 @@ class Platform:
         self.progress = progress or (lambda msg: log.info("%s", msg))
         self.layout = Layout(settings.data_dir, settings.run_dir)
         self.activity = ActivityRegistry()
+        self.telemetry = Telemetry()
+        self.telemetry.info.labels(__version__).set(1)
+        self._reconciled = False
+        self._stopping = False
         self.plane: ControlPlane | None = None
         self.control: Control | None = None
         self.proxy: ProxyServer | None = None
@@ -124,8 +133,9 @@ class Platform:
         await asyncio.to_thread(store.migrate)
         secrets = Secrets(self.layout.secrets_dir)
         plane = ControlPlane(settings=s, layout=self.layout, store=store, installs=installs, backend=backend,
-                             secrets=secrets, activity=self.activity)
+                             secrets=secrets, activity=self.activity, telemetry=self.telemetry)
         control = Control.build(plane)
+        self.telemetry.register(lambda: control_exposition.collect(control))
         self.plane, self.control = plane, control
         await control.load()
         for project in plane.projects() if host is not None else ():
@@ -148,6 +158,7 @@ class Platform:
 
         plan = await reconcile(control)
         self.info.reconciled = plan.summary()
+        self._reconciled = True
 
         if s.tls_cert and s.tls_key:
             tls = TlsConfig(s.tls_cert, s.tls_key)
@@ -161,7 +172,9 @@ class Platform:
                                  activity=self.activity,
                                  tls=tls, server_secret=secrets.server_key, plaintext=s.plaintext,
                                  domain=s.domain or s.cert_domain, forward_all_params=s.forward_all_params,
-                                 relay=s.proxy_relay)
+                                 relay=s.proxy_relay, telemetry=self.telemetry)
+        proxy = self.proxy
+        self.telemetry.register(lambda: proxy_exposition.collect(proxy))
         try:
             await self.proxy.start()
         except OSError as exc:
@@ -173,7 +186,7 @@ class Platform:
             s = self.settings = s.model_copy(update={"proxy_port": self.proxy.port})
             plane.settings = s
         self.serverless = Serverless(self.proxy, HttpSql(self.proxy))  # on the proxy's internal socket
-        app = create_app(control)
+        app = create_app(control, self.telemetry, self.ready_checks())
         mount_serverless(app, self.serverless)
         mount_console(app, control)  # last: its catch-all answers unknown pages
         await self._start_http(app)
@@ -222,8 +235,8 @@ class Platform:
         sock.listen(128)
         sock.setblocking(False)
         self._http_sock = sock
-        config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False,
-                                timeout_graceful_shutdown=3)
+        config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False, log_config=None,
+                                timeout_graceful_shutdown=3)  # log_config=None: its lines go through ours
         self._http = _QuietServer(config)
         self._http_task = asyncio.get_running_loop().create_task(self._http.serve(sockets=[sock]))
         while not self._http.started:
@@ -236,7 +249,30 @@ class Platform:
     def http_port(self) -> int:
         return int(self._http_sock.getsockname()[1])
 
+    def ready_checks(self) -> list[Check]:
+        """What `/readyz` asks: the metadata answers, the proxy accepts, start-up reconciliation is done,
+        and the platform is not stopping."""
+
+        async def metadata() -> str | None:
+            if self.plane is None:
+                return "not open yet"
+            await self.plane.db(self.plane.store.schema_revision)
+            return None
+
+        async def proxy() -> str | None:
+            return None if self.proxy is not None and self.proxy.accepting else "not accepting connections"
+
+        async def reconciled() -> str | None:
+            return None if self._reconciled else "start-up reconciliation is not done"
+
+        async def running() -> str | None:
+            return "shutting down" if self._stopping else None
+
+        return [Check("metadata", metadata), Check("proxy", proxy), Check("reconcile", reconciled),
+                Check("lifecycle", running)]
+
     async def stop(self) -> None:
+        self._stopping = True
         if self.monitor is not None:
             await self.monitor.stop()
         if self.control is not None:

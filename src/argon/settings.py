@@ -84,6 +84,11 @@ class Settings(BaseSettings):
                                 "is unreachable; past it, writes are refused with a clear error until it catches up")
     forward_all_params: bool = Field(False, description="Forward every startup parameter to computes (default: Neon's filtered set)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity")
+    log_format: Literal["auto", "text", "json"] = Field(
+        "auto", description="Log lines as text (for people) or one JSON object per line (for log pipelines); "
+        "auto: text on a terminal, JSON otherwise")
+    metrics_token: str | None = Field(None, description="A bearer token that may read /metrics and nothing else "
+                                      "(Prometheus' credentials); any API key may read it too")
     config_file: Path | None = Field(None, description="TOML file with any of these settings (default ~/.config/argon/config.toml)")
 
     @field_validator("pg_bindirs", mode="before")

@@ -121,3 +121,28 @@ def test_monitoring_tab_empty_state_of_an_idle_compute(chromium: Browser, platfo
         page.context.close()
     finally:
         platform.delete_project(pid)
+
+
+def test_monitoring_tab_shows_the_transaction_pools(chromium: Browser, platform: RunningPlatform) -> None:
+    created = platform.create_project(name="pooled")
+    pid, ep = created["project"]["id"], created["endpoints"][0]["id"]
+    pooled = platform.dsn(created).replace(f"endpoint%3D{ep}", f"endpoint%3D{ep}-pooler")
+    conns = [psycopg.connect(pooled, autocommit=True) for _ in range(3)]
+    try:
+        for conn in conns:
+            conn.execute("SELECT 1")
+        page = signed_in_page(chromium, platform)
+        _open_monitoring(page, pid)
+        table = page.get_by_role("table", name=f"Transaction pools of {ep}-pooler")
+        expect(table).to_be_visible()
+        row = table.locator("tbody tr").first
+        expect(row).to_contain_text("neondb")
+        expect(row).to_contain_text("neondb_owner")
+        assert row.locator("td").nth(4).inner_text() == "3"  # three idle clients
+        assert row.locator("td").nth(7).inner_text() == "93"  # the pool size for 0.25 CU
+        shot(page, "monitoring-pools")
+        page.context.close()
+    finally:
+        for conn in conns:
+            conn.close()
+        platform.delete_project(pid)

@@ -127,6 +127,11 @@ def test_connection_string_forms_and_endpoint_commands(platform: RunningPlatform
     assert "-pooler" in pooled
     psql = subprocess.run(["psql", "-X", "-At", "-c", "select 1", pooled], capture_output=True, text=True, timeout=60)
     assert psql.stdout.strip() == "1", psql.stderr
+    ep = project["endpoints"][0]["id"]
+    pools = argon(platform, "endpoints", "pooler", ep, "--project-id", pid).stdout
+    assert "neondb_owner" in pools and "transaction" in pools and "Clients active" in pools
+    pool = json.loads(argon(platform, "-o", "json", "endpoints", "pooler", ep, "--project-id", pid).stdout)["pools"][0]
+    assert pool["cl_active"] == pool["cl_waiting"] == 0 and pool["total_xact_count"] >= 1
     as_json = json.loads(argon(platform, "connection-string", "--project-id", pid, "--output", "json").stdout)
     assert as_json["parameters"]["dbname"] == "neondb" and as_json["role"] == "neondb_owner"
     renamed = json.loads(argon(platform, "-o", "json", "projects", "update", pid, "--name", "renamed",
@@ -204,3 +209,67 @@ def test_config_check_reports_without_a_traceback(tmp_path: Any) -> None:
     wrong = subprocess.run([sys.executable, "-m", "argon", "config", "check"], capture_output=True, text=True,
                            timeout=120, env={**env, "ARGON_BACKUP_URL": "ftp://x", "ARGON_BACKUP_RETENTION": "soon"})
     assert wrong.returncode != 0 and "ARGON_BACKUP_URL" in wrong.stderr and "ARGON_BACKUP_RETENTION" in wrong.stderr
+
+
+@pytest.mark.slow
+def test_neonctl_command_lines_replay_with_argon(platform: RunningPlatform, project: dict[str, Any]) -> None:
+    """neonctl's spellings: --role-name, --database-name, --owner-name, --name, a positional branch,
+    `cs`, branches get/rename/add-compute/set-expiration, --cu, --expires-at, --type, `-o yaml` anywhere."""
+    from datetime import UTC, datetime, timedelta
+
+    import yaml
+
+    pid = project["project"]["id"]
+    soon = (datetime.now(UTC) + timedelta(days=3)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    def run(line: str) -> str:
+        return argon(platform, *line.replace("$P", pid).split()).stdout
+
+    created = yaml.safe_load(run(f"branches create --name dev --cu 0.5-1 --expires-at {soon} --project-id $P -o yaml"))
+    assert created["branch"]["name"] == "dev" and created["branch"]["expires_at"] == soon
+    assert created["endpoints"][0]["autoscaling_limit_max_cu"] == 1
+    assert "dev" in run("branches get dev --project-id $P")
+    renamed = json.loads(run("branches rename dev dev2 --project-id $P -o json"))
+    assert renamed["branch"]["name"] == "dev2"
+    cleared = json.loads(run("branches set-expiration dev2 --project-id $P -o json"))
+    assert cleared["branch"]["expires_at"] is None
+    replica = json.loads(run("branches add-compute dev2 --project-id $P -o json"))
+    assert replica["endpoint"]["type"] == "read_only"
+    run("roles create --name app --branch dev2 --project-id $P")
+    run("databases create --name appdb --owner-name app --branch dev2 --project-id $P")
+    uri = run("cs dev2 --role-name app --database-name appdb --project-id $P").strip()
+    psql = subprocess.run(["psql", "-X", "-At", "-c", "select current_user || '@' || current_database()", uri],
+                          capture_output=True, text=True, timeout=60)
+    assert psql.stdout.strip() == "app@appdb", psql.stderr
+    ro = yaml.safe_load(run("branches create --name ro --type read_only --project-id $P -o yaml"))
+    assert ro["endpoints"][0]["type"] == "read_only"
+
+
+def test_project_scoped_api_key(platform: RunningPlatform, project: dict[str, Any]) -> None:
+    """A key for one project (what CI and Terraform get): that project's resources, nothing else."""
+    import httpx
+
+    pid = project["project"]["id"]
+    made = json.loads(argon(platform, "-o", "json", "api-keys", "create", "--name", "gha", "--project-id", pid).stdout)
+    assert made["project_id"] == pid
+    scoped = httpx.Client(base_url=platform.api_url + "/api/v2", headers={"Authorization": f"Bearer {made['key']}"},
+                          timeout=60)
+    other = platform.create_project(name="not-yours")
+    try:
+        assert scoped.get(f"/projects/{pid}").status_code == 200
+        assert scoped.post(f"/projects/{pid}/branches", json={"branch": {"name": "ci"}}).status_code == 201
+        assert scoped.get("/users/me").status_code == 200
+        for method, path in (("GET", f"/projects/{other['project']['id']}"), ("GET", "/projects"),
+                             ("POST", "/projects"), ("DELETE", f"/projects/{pid}"), ("GET", "/api_keys"),
+                             ("POST", f"/projects/{pid}/recover")):
+            resp = scoped.request(method, path)
+            assert resp.status_code == 403 and f"limited to project {pid}" in resp.json()["message"], (path, resp.text)
+        metrics = httpx.get(platform.api_url + "/metrics", headers={"Authorization": f"Bearer {made['key']}"})
+        assert metrics.status_code == 403, metrics.text  # every project's figures: not for a scoped key
+        branches = json.loads(argon(platform, "-o", "json", "branches", "list", "--project-id", pid,
+                                    key=made["key"]).stdout)["branches"]
+        assert {b["name"] for b in branches} == {"main", "ci"}
+    finally:
+        scoped.close()
+        platform.delete_project(other["project"]["id"])
+        argon(platform, "api-keys", "revoke", str(made["id"]))

@@ -60,3 +60,22 @@ def test_persistent_connections_survive_a_suspend(platform: RunningPlatform, pro
                  env={"ARGON_CONN_MAX_AGE": "600", "ARGON_CONN_HEALTH_CHECKS": "1"})
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.startswith("ok")
+
+
+@pytest.mark.parametrize("prepared", [False, True], ids=["django-defaults", "server-side-prepared"])
+def test_persistent_connections_on_the_pooled_host_never_see_a_suspend(platform: RunningPlatform,
+                                                                        project: dict[str, Any], prepared: bool) -> None:
+    """Issue 16, item 3: CONN_MAX_AGE = None, no health checks, three suspends; the same connection
+    serves every request and never sees an error. Django as it comes (it turns psycopg's prepared
+    statements off), and with server-side binding and psycopg's auto-prepare on."""
+    assert manage(project, "migrate", "--noinput").returncode == 0
+    pid, eid = project["project"]["id"], project["endpoints"][0]["id"]
+    platform.api.patch(f"/projects/{pid}/endpoints/{eid}", json={"endpoint": {"suspend_timeout_seconds": 1}})
+    database = django_database(project)
+    database["OPTIONS"]["options"] = f"endpoint={eid}-pooler"
+    if prepared:
+        database["OPTIONS"].update(prepare_threshold=5, server_side_binding=True)
+    env = {"ARGON_CONN_MAX_AGE": "None", "ARGON_DJANGO_DATABASE": json.dumps(database)}
+    out = manage(project, platform.api_url, API_KEY, pid, eid, "3", script="pooled_across_suspends.py", env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.startswith("ok 4")

@@ -198,3 +198,43 @@ def test_neon_api_python_package(platform: RunningPlatform) -> None:
             assert conn.execute("select current_user").fetchone() == ("pyrole",)
     finally:
         neon.project_delete(pid)
+
+
+def test_neonctl_project_workflow(platform: RunningPlatform, neonctl: Path, tmp_path: Path) -> None:
+    """neonctl 5's project workflow (link, checkout, env pull, status) in a directory of its own, the
+    settings it writes (ip-allow, logical replication), and the reads it makes of what Argon lacks."""
+    created = run_neonctl(platform, neonctl, "projects", "create", "--name", "workflow")
+    pid = created["project"]["id"]
+    env = {**os.environ, "NEON_API_HOST": platform.api_url + "/api/v2", "NEON_API_KEY": API_KEY, "CI": "true",
+           "NEON_CONFIG_DIR": str(platform.root / "neonctl-config")}
+
+    def plain(*args: str) -> subprocess.CompletedProcess[str]:
+        out = subprocess.run([str(neonctl), *args, "--no-analytics"], capture_output=True, text=True, timeout=120,
+                             env=env, cwd=tmp_path)
+        assert out.returncode == 0, f"neonctl {' '.join(args)}:\n{out.stdout}\n{out.stderr}"
+        return out
+
+    try:
+        plain("link", "--project-id", pid)
+        assert json.loads((tmp_path / ".neon").read_text())["projectId"] == pid
+        run_neonctl(platform, neonctl, "branches", "create", "--name", "feature", "--project-id", pid)
+        plain("checkout", "feature")
+        pulled = plain("env", "pull")
+        assert "DATABASE_URL" in pulled.stderr + pulled.stdout
+        url = next(line.split("=", 1)[1].strip().strip('"') for line in (tmp_path / ".env.local").read_text().splitlines()
+                   if line.startswith("DATABASE_URL="))
+        with psycopg.connect(url, connect_timeout=30) as conn:
+            assert conn.execute("select current_database()").fetchone() == ("neondb",)
+        status = plain("status").stdout
+        assert pid in status and "feature" in status
+        assert run_neonctl(platform, neonctl, "projects", "list", "--recoverable-only") == []
+        ro = run_neonctl(platform, neonctl, "branches", "create", "--name", "reader", "--type", "read_only",
+                         "--project-id", pid)
+        assert ro["endpoints"][0]["type"] == "read_only"
+        allowed = run_neonctl(platform, neonctl, "ip-allow", "add", "127.0.0.1", "192.0.2.0/24", "--project-id", pid)
+        assert allowed["IP_addresses"] == ["127.0.0.1", "192.0.2.0/24"], allowed
+        got = platform.api.get(f"/projects/{pid}").json()["project"]["settings"]["allowed_ips"]
+        assert got == {"ips": ["127.0.0.1", "192.0.2.0/24"], "protected_branches_only": False}
+        assert platform.api.get(f"/projects/{pid}/branches/count").json() == {"count": 3}
+    finally:
+        run_neonctl(platform, neonctl, "projects", "delete", pid)

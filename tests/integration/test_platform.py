@@ -212,7 +212,7 @@ def test_api_errors_are_neon_shaped(platform: RunningPlatform) -> None:
     import httpx
 
     anon = httpx.get(platform.api_url + "/api/v2/projects")
-    assert anon.status_code == 401 and set(anon.json()) == {"code", "message"}
+    assert anon.status_code == 401 and set(anon.json()) == {"code", "message", "request_id"}  # Neon's GeneralError
     bad_key = httpx.get(platform.api_url + "/api/v2/projects", headers={"Authorization": "Bearer nope"})
     assert bad_key.status_code == 401
     assert platform.api.get("/projects/no-such-project").status_code == 404

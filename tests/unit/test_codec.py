@@ -344,9 +344,12 @@ def test_filter_keeps_gucs_and_drops_client_side_keywords() -> None:
     assert forwarded == params
 
 
-def test_filter_refuses_replication_unless_forwarding_everything() -> None:
-    with pytest.raises(ProtocolViolation, match="replication connections are not supported"):
-        codec.filter_startup_params({"user": "a", "replication": "database"}, forward_all=False)
+def test_filter_refuses_physical_replication_unless_forwarding_everything() -> None:
+    for physical in ("true", "on", "1", "yes"):
+        with pytest.raises(ProtocolViolation, match="physical replication connections are not supported"):
+            codec.filter_startup_params({"user": "a", "replication": physical}, forward_all=False)
+    logical = {"user": "a", "replication": "database"}  # a subscriber's walsender connection
+    assert codec.filter_startup_params(logical, forward_all=False) == logical
     assert codec.filter_startup_params({"replication": "true"}, forward_all=True) == {"replication": "true"}
     assert codec.filter_startup_params({"replication": "off"}, forward_all=False) == {"replication": "off"}
 

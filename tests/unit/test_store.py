@@ -15,7 +15,7 @@ def _store(tmp_path: Path) -> Store:
 def test_migrations_are_idempotent_and_versioned(tmp_path: Path) -> None:
     store = _store(tmp_path)
     store.migrate()
-    assert store.schema_revision() == "0003"
+    assert store.schema_revision() == "0004"
 
 
 def test_round_trip_keeps_types(tmp_path: Path) -> None:
@@ -100,3 +100,27 @@ def test_migration_0003_records_the_uids_projects_hold(tmp_path: Path) -> None:
                             os_uid=200007))
     store.migrate()
     assert store.allocate_uid(200000, 100, "new", now) == 200008  # above what an older Argon gave out
+
+
+def test_migration_0004_adds_project_settings_and_key_scopes(tmp_path: Path) -> None:
+    """A store an older Argon wrote (no `projects.settings`, no `api_keys.project_id`) gets both;
+    its projects read back with the default settings."""
+    import sqlite3
+
+    store = Store.sqlite(tmp_path / "argon.db")
+    store.migrate()
+    now = model.utcnow()
+    store.put(model.Project(id="old", name="a", region_id="local", pg_version=15, created_at=now, updated_at=now))
+    store.close()
+    db = sqlite3.connect(tmp_path / "argon.db")
+    db.execute("ALTER TABLE projects DROP COLUMN settings")
+    db.execute("ALTER TABLE api_keys DROP COLUMN project_id")
+    db.execute("UPDATE alembic_version SET version_num = '0003'")
+    db.commit()
+    db.close()
+    store = Store.sqlite(tmp_path / "argon.db")
+    store.migrate()
+    assert store.schema_revision() == "0004"
+    project = store.get_project("old")
+    assert project is not None and project.settings == model.ProjectSettings()
+    assert store.add_api_key("ci", "argon_k", project_id="old").project_id == "old"

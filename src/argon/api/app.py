@@ -15,8 +15,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from argon import __version__
+from argon import __version__, logs
 from argon.api import (
+    ops,
+    routes_absent,
     routes_account,
     routes_backup,
     routes_branches,
@@ -27,19 +29,28 @@ from argon.api import (
 )
 from argon.control.services import Control
 from argon.errors import ArgonError, Unauthorized
+from argon.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
 
 def error_body(message: str, code: str = "") -> dict[str, Any]:
-    return {"code": code, "message": message}
+    body = {"code": code, "message": message}
+    request_id = logs.current().get("request_id")
+    if request_id:
+        body["request_id"] = request_id  # Neon's GeneralError has it too
+    return body
 
 
-def create_app(control: Control) -> FastAPI:
+def create_app(control: Control, telemetry: Telemetry | None = None, checks: list[ops.Check] | None = None) -> FastAPI:
+    """`telemetry`: the registry /metrics serves (one of its own when not given); `checks`: what /readyz
+    asks (the platform's: metadata, proxy, reconcile)."""
+    telemetry = telemetry or Telemetry()
     app = FastAPI(title="Argon API", version=__version__, docs_url="/api/v2/docs", redoc_url=None,
                   openapi_url="/api/v2/openapi.json",
                   description="Neon-compatible management API v2 of a self-hosted Argon server.")
     app.state.control = control
+    app.add_middleware(ops.Observe, telemetry=telemetry)
 
     @app.exception_handler(ArgonError)
     async def _argon_error(request: Request, exc: ArgonError) -> JSONResponse:
@@ -59,7 +70,10 @@ def create_app(control: Control) -> FastAPI:
                              + (f" at character {at[0]}" if at else ""))
                 continue
             loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-            parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
+            msg = str(err.get("msg")).removeprefix("Value error, ")
+            if err.get("type") == "extra_forbidden":
+                msg = "Argon does not support this field (it would have no effect), so the request is refused"
+            parts.append(f"{loc}: {msg}" if loc else msg)
         return JSONResponse(error_body("invalid request: " + "; ".join(parts)), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
@@ -77,11 +91,14 @@ def create_app(control: Control) -> FastAPI:
         return JSONResponse(error_body("internal error; the server log has the details"), status_code=500)
 
     for module in (routes_projects, routes_branches, routes_roles, routes_endpoints, routes_account, routes_schema,
-                   routes_backup):
+                   routes_backup, routes_absent):
         app.include_router(module.router, prefix="/api/v2")
 
-    @app.get("/healthz", include_in_schema=False)
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
+    def authorize_metrics(header: str) -> object:
+        key = control.api_keys.authorize(header)
+        control.api_keys.allows(key, "GET", "/metrics")  # a project-scoped key sees only its project: 403
+        return key
 
+    app.include_router(ops.router(telemetry, authorize_key=authorize_metrics,
+                                  metrics_token=control.plane.settings.metrics_token, checks=checks or []))
     return app

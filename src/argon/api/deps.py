@@ -16,7 +16,8 @@ def get_control(request: Request) -> Control:
 
 def require_key(request: Request) -> Control:
     control = get_control(request)
-    control.api_keys.authorize(request.headers.get("authorization", ""))
+    key = control.api_keys.authorize(request.headers.get("authorization", ""))
+    control.api_keys.allows(key, request.method, request.url.path)
     return control
 
 

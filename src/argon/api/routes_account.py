@@ -6,10 +6,11 @@ from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from argon.api import views
 from argon.api.deps import Authorized
+from argon.api.fields import Strict
 from argon.control.projects import available_regions
 from argon.errors import NotFound
 
@@ -47,23 +48,23 @@ async def versions(control: Authorized) -> dict[str, Any]:
             "clone_backend": plane.backend.name}
 
 
-class ApiKeyCreate(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class ApiKeyCreate(Strict):
     key_name: str = Field(min_length=1, max_length=256)
+    project_id: str | None = None  # Argon takes Neon's org-key field here: a key for one project
 
 
 @router.get("/api_keys")
 async def list_keys(control: Authorized) -> list[dict[str, Any]]:
     return [{"id": k.id, "name": k.name, "created_at": views.ts(k.created_at),
              "created_by": {"id": "local", "name": "admin"}, "last_used_from_addr": "",
-             "last_used_at": views.ts(k.last_used_at)} for k in control.api_keys.list()]
+             "last_used_at": views.ts(k.last_used_at), "project_id": k.project_id} for k in control.api_keys.list()]
 
 
 @router.post("/api_keys")
 async def create_key(control: Authorized, body: ApiKeyCreate) -> JSONResponse:
-    key, token = await control.api_keys.create(body.key_name)
+    key, token = await control.api_keys.create(body.key_name, body.project_id)
     return JSONResponse({"id": key.id, "key": token, "name": key.name, "created_at": views.ts(key.created_at),
-                         "created_by": {"id": "local", "name": "admin"}})
+                         "created_by": {"id": "local", "name": "admin"}, "project_id": key.project_id})
 
 
 @router.delete("/api_keys/{key_id}")

@@ -4,27 +4,24 @@ from __future__ import annotations
 
 import asyncio
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import field_validator
 
 from argon import ids, model
-from argon.api import views
+from argon.api import fields, views
 from argon.api.deps import Authorized
+from argon.api.fields import Strict
 from argon.control import branches, connection
 from argon.control.endpoints import check_cu, check_suspend_timeout
-from argon.errors import UserError
+from argon.errors import NotFound, UserError
 
 router = APIRouter(tags=["Branch"])
 
 
-class _Loose(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # unknown fields are ignored, as Neon does
-
-
-class BranchCreate(_Loose):
+class BranchCreate(Strict):
     name: str | None = None
     parent_id: str | None = None
     parent_lsn: str | None = None
@@ -32,33 +29,49 @@ class BranchCreate(_Loose):
     protected: bool = False
     init_source: str = "parent-data"
     expires_at: datetime | None = None
+    archived: bool | None = None
+
+    @field_validator("archived")
+    @classmethod
+    def _archived(cls, v: bool | None) -> bool | None:
+        return fields.only(v, False, "Argon does not archive branches (an idle branch costs only its disk)")
 
 
-class EndpointSpec(_Loose):
-    type: str = "read_write"
+class EndpointSpec(Strict):
+    type: Literal["read_write", "read_only"] = "read_write"
     autoscaling_limit_min_cu: float | None = None
     autoscaling_limit_max_cu: float | None = None
     suspend_timeout_seconds: int | None = None
+    provisioner: str | None = None
+    settings: fields.EndpointSettingsData | None = None
+
+    _provisioner = field_validator("provisioner")(fields.check_provisioner)
 
 
-class BranchCreateBody(_Loose):
+class BranchCreateBody(Strict):
     branch: BranchCreate | None = None
     endpoints: list[EndpointSpec] | None = None
+    annotation_value: dict[str, str] | None = None  # neonctl sends {} with every create
+
+    @field_validator("annotation_value")
+    @classmethod
+    def _annotations(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        if v:
+            raise ValueError("Argon keeps no branch annotations")
+        return v
 
 
-class BranchUpdate(_Loose):
+class BranchUpdate(Strict):
     name: str | None = None
     protected: bool | None = None
     expires_at: datetime | None = None  # explicit null clears it (Neon)
 
 
-class BranchUpdateBody(_Loose):
+class BranchUpdateBody(Strict):
     branch: BranchUpdate
 
 
 def _settings(control: Authorized, project_id: str, spec: EndpointSpec) -> model.EndpointSettings:
-    if spec.type != "read_write":
-        raise UserError("only read_write endpoints are supported on branches for now")
     base = control.plane.project(project_id).default_endpoint_settings
     lo = check_cu(spec.autoscaling_limit_min_cu, "autoscaling_limit_min_cu") \
         if spec.autoscaling_limit_min_cu is not None else base.autoscaling_limit_min_cu
@@ -82,6 +95,15 @@ async def list_branches(control: Authorized, project_id: str) -> dict[str, Any]:
             "annotations": {}}
 
 
+@router.get("/projects/{project_id}/branches/count")
+async def count_branches(control: Authorized, project_id: str, search: str | None = None) -> dict[str, Any]:
+    control.plane.project(project_id)
+    branches_ = control.plane.branches(project_id)
+    if search:
+        branches_ = [b for b in branches_ if search.lower() in b.name.lower() or search in b.id]
+    return {"count": len(branches_)}
+
+
 @router.post("/projects/{project_id}/branches", status_code=201)
 async def create_branch(control: Authorized, project_id: str,
                         body: Annotated[BranchCreateBody | None, Body()] = None) -> JSONResponse:
@@ -92,7 +114,8 @@ async def create_branch(control: Authorized, project_id: str,
         name=ids.check_display_name(spec.name, "branch") if spec.name else None,
         parent_id=spec.parent_id, parent_lsn=spec.parent_lsn, parent_timestamp=spec.parent_timestamp,
         protected=spec.protected, init_source=spec.init_source, expires_at=spec.expires_at,
-        endpoints=[_settings(control, project_id, e) for e in (body.endpoints or [])])
+        endpoints=[_settings(control, project_id, e) for e in (body.endpoints or [])],
+        endpoint_type=model.EndpointType(body.endpoints[0].type) if body.endpoints else model.EndpointType.READ_WRITE)
     created = await branches.create_branch(control, project_id, req)
     uris = []
     if created.endpoints and created.roles and created.databases:
@@ -150,11 +173,21 @@ async def set_as_default(control: Authorized, project_id: str, branch_id: str) -
     return {"branch": views.branch_view(target), "operations": []}
 
 
-class RestoreBody(_Loose):
+class RestoreBody(Strict):
     source_branch_id: str
     source_lsn: str | None = None
     source_timestamp: str | None = None
     preserve_under_name: str | None = None
+
+
+@router.post("/projects/{project_id}/branches/{branch_id}/recover")
+async def recover_branch(control: Authorized, project_id: str, branch_id: str) -> dict[str, Any]:
+    plane = control.plane
+    plane.project(project_id)
+    if any(b.id == branch_id for b in plane.branches(project_id)):
+        raise UserError(f"branch {branch_id!r} is not deleted; there is nothing to recover")
+    raise NotFound(f"branch {branch_id!r} not found; Argon deletes a branch's data at once, so a deleted branch "
+                   "cannot be recovered")
 
 
 @router.post("/projects/{project_id}/branches/{branch_id}/restore")

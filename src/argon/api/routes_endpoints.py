@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query
 from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import field_validator
 
 from argon import model
-from argon.api import views
+from argon.api import fields, views
 from argon.api.deps import Authorized
+from argon.api.fields import Strict
 from argon.control.endpoints import (
     EndpointPatch,
     check_cu,
@@ -28,17 +29,46 @@ from argon.errors import UserError
 router = APIRouter(tags=["endpoints"])
 
 
-class EndpointUpdate(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class _EndpointFields(Strict):
+    """What both create and update take."""
+
     autoscaling_limit_min_cu: float | None = None
     autoscaling_limit_max_cu: float | None = None
     suspend_timeout_seconds: int | None = None
     disabled: bool | None = None
     name: str | None = None
+    provisioner: str | None = None
+    settings: fields.EndpointSettingsData | None = None
+    pooler_enabled: bool | None = None
+    pooler_mode: Literal["transaction"] | None = None
+    passwordless_access: bool | None = None
+
+    _provisioner = field_validator("provisioner")(fields.check_provisioner)
+
+    @field_validator("pooler_enabled")
+    @classmethod
+    def _pooler(cls, v: bool | None) -> bool | None:
+        return fields.only(v, True, "the pooled host (<endpoint>-pooler) is always available; it cannot be turned off")
+
+    @field_validator("passwordless_access")
+    @classmethod
+    def _passwordless(cls, v: bool | None) -> bool | None:
+        return fields.only(v, False, "every Argon login checks a password")
 
 
-class EndpointUpdateBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class EndpointUpdate(_EndpointFields):
+    branch_id: str | None = None
+
+    @field_validator("branch_id")
+    @classmethod
+    def _move(cls, v: str | None) -> str | None:
+        if v is not None:
+            raise ValueError("moving an endpoint to another branch is not supported (Neon deprecates it too); "
+                             "create an endpoint on that branch")
+        return v
+
+
+class EndpointUpdateBody(Strict):
     endpoint: EndpointUpdate
 
 
@@ -103,6 +133,14 @@ async def logs(control: Authorized, project_id: str, endpoint_id: str,
     return PlainTextResponse(await read_log(control, project_id, endpoint_id, tail))
 
 
+@router.get("/projects/{project_id}/endpoints/{endpoint_id}/pooler",
+            summary="The endpoint's transaction pools, as PgBouncer's SHOW POOLS (Argon extension)")
+async def pooler(control: Authorized, project_id: str, endpoint_id: str) -> dict[str, Any]:
+    plane = control.plane
+    plane.endpoint(project_id, endpoint_id)
+    return {"pools": [views.pool_view(p.database, p.role, p.stats) for p in plane.activity.pools(endpoint_id)]}
+
+
 @router.get("/projects/{project_id}/endpoints/{endpoint_id}/events",
             summary="Wakes, suspends and cold-start durations (Argon extension)")
 async def events(control: Authorized, project_id: str, endpoint_id: str,
@@ -113,18 +151,18 @@ async def events(control: Authorized, project_id: str, endpoint_id: str,
     return {"events": [views.event_view(e) for e in evs]}
 
 
-class EndpointCreate(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class EndpointCreate(_EndpointFields):
     branch_id: str
     type: str = "read_write"
-    autoscaling_limit_min_cu: float | None = None
-    autoscaling_limit_max_cu: float | None = None
-    suspend_timeout_seconds: int | None = None
-    name: str | None = None
+    region_id: str | None = None
+
+    @field_validator("region_id")
+    @classmethod
+    def _region(cls, v: str | None) -> str | None:
+        return fields.only(v, model.REGION_ID, f"only the project's region, {model.REGION_ID!r}, is permitted")
 
 
-class EndpointCreateBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class EndpointCreateBody(Strict):
     endpoint: EndpointCreate
 
 
@@ -143,7 +181,8 @@ async def create(control: Authorized, project_id: str, body: EndpointCreateBody)
                else base.suspend_timeout_seconds)
     name = spec.name if spec.name and 1 <= len(spec.name) <= 64 else None
     ep, ops = await create_endpoint(control, project_id, spec.branch_id, type_=spec.type,
-                                    settings=model.EndpointSettings(lo, hi, timeout), name=name)
+                                    settings=model.EndpointSettings(lo, hi, timeout), name=name,
+                                    disabled=bool(spec.disabled))
     return JSONResponse({"endpoint": views.endpoint_view(plane.settings, ep),
                          "operations": [views.operation_view(o) for o in ops]}, status_code=201)
 

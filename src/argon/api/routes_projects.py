@@ -11,11 +11,12 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Query
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field, field_validator
 
 from argon import ids, model
-from argon.api import views
+from argon.api import fields, views
 from argon.api.deps import Authorized
+from argon.api.fields import Strict
 from argon.control import connection
 from argon.control.endpoints import check_cu, check_suspend_timeout
 from argon.control.projects import ProjectRequest, create_project, delete_project
@@ -27,23 +28,32 @@ from argon.errors import ArgonError, NotFound, Precondition, UserError
 router = APIRouter(tags=["projects"])
 
 
-class _Loose(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-
-class BranchSpec(_Loose):
+class BranchSpec(Strict):
     name: str | None = None
     role_name: str | None = None
     database_name: str | None = None
+    annotations: dict[str, str] | None = None
+
+    @field_validator("annotations")
+    @classmethod
+    def _annotations(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        if v:
+            raise ValueError("Argon keeps no branch annotations")
+        return v
 
 
-class DefaultEndpointSettings(_Loose):
+class DefaultEndpointSettings(Strict):
     autoscaling_limit_min_cu: float | None = None
     autoscaling_limit_max_cu: float | None = None
     suspend_timeout_seconds: int | None = None
+    pg_settings: dict[str, Any] | None = None
+    pgbouncer_settings: dict[str, Any] | None = None
+
+    _pg = field_validator("pg_settings")(fields.check_pg_settings)
+    _bouncer = field_validator("pgbouncer_settings")(fields.check_pgbouncer_settings)
 
 
-class ProjectCreate(_Loose):
+class ProjectCreate(Strict):
     name: str | None = Field(None, max_length=256)
     region_id: str | None = None
     pg_version: int | None = None
@@ -52,19 +62,39 @@ class ProjectCreate(_Loose):
     history_retention_seconds: int | None = Field(None, ge=0, le=model.MAX_HISTORY_RETENTION)
     autoscaling_limit_min_cu: float | None = None  # deprecated top-level forms Neon still accepts
     autoscaling_limit_max_cu: float | None = None
+    settings: fields.ProjectSettingsData | None = None
+    provisioner: str | None = None
+    store_passwords: bool | None = None
+    org_id: str | None = None
+
+    _provisioner = field_validator("provisioner")(fields.check_provisioner)
+
+    @field_validator("store_passwords")
+    @classmethod
+    def _store(cls, v: bool | None) -> bool | None:
+        return fields.only(v, True, "Argon stores role passwords (encrypted) so that connection strings can be "
+                                    "shown again; store_passwords: false is not supported")
+
+    @field_validator("org_id")
+    @classmethod
+    def _org(cls, v: str | None) -> str | None:
+        if v:
+            raise ValueError("Argon has no organizations (GET /users/me/organizations is empty); omit org_id")
+        return v
 
 
-class ProjectCreateBody(_Loose):
+class ProjectCreateBody(Strict):
     project: ProjectCreate = Field(default_factory=ProjectCreate)
 
 
-class ProjectUpdate(_Loose):
+class ProjectUpdate(Strict):
     name: str | None = Field(None, max_length=256)
     default_endpoint_settings: DefaultEndpointSettings | None = None
     history_retention_seconds: int | None = Field(None, ge=0, le=model.MAX_HISTORY_RETENTION)
+    settings: fields.ProjectSettingsData | None = None
 
 
-class ProjectUpdateBody(_Loose):
+class ProjectUpdateBody(Strict):
     project: ProjectUpdate
 
 
@@ -119,9 +149,11 @@ def project_view(control: Control, p: model.Project, *, full: bool = True) -> di
 @router.get("/projects")
 async def list_projects(control: Authorized, limit: Annotated[int, Query(ge=1, le=400)] = 10,
                         cursor: str | None = None, search: str | None = None,
-                        org_id: str | None = None) -> dict[str, Any]:
+                        org_id: str | None = None, recoverable: bool = False) -> dict[str, Any]:
     after = _cursor_decode(cursor) if cursor else None
-    projects = control.plane.projects()
+    # Argon deletes a project's data at once: no deleted project is recoverable (neonctl's
+    # `projects list --recoverable-only` asks with recoverable=true).
+    projects = [] if recoverable else control.plane.projects()
     if after is not None:
         projects = [p for p in projects if (p.created_at, p.id) > after]
     if search:
@@ -163,6 +195,7 @@ async def create(control: Authorized, body: Annotated[ProjectCreateBody | None, 
                                     spec.autoscaling_limit_min_cu, spec.autoscaling_limit_max_cu),
         history_retention_seconds=(spec.history_retention_seconds if spec.history_retention_seconds is not None
                                    else model.DEFAULT_HISTORY_RETENTION),
+        project_settings=spec.settings.apply(model.ProjectSettings()) if spec.settings else model.ProjectSettings(),
     )
     created = await create_project(control, req)
     params = connection.parameters(plane.settings, endpoint_id=created.endpoint.id, role=created.role.name,
@@ -195,7 +228,8 @@ async def update_project(control: Authorized, project_id: str, body: ProjectUpda
     settings = (_endpoint_settings(spec.default_endpoint_settings, current.default_endpoint_settings)
                 if spec.default_endpoint_settings is not None else None)
     p, ops = await change_project(control, project_id, name=spec.name, endpoint_settings=settings,
-                                  history_retention_seconds=spec.history_retention_seconds)
+                                  history_retention_seconds=spec.history_retention_seconds,
+                                  settings=spec.settings.apply if spec.settings else None)
     return {"project": project_view(control, p), "operations": [views.operation_view(o) for o in ops]}
 
 
@@ -203,6 +237,26 @@ async def update_project(control: Authorized, project_id: str, body: ProjectUpda
 async def delete(control: Authorized, project_id: str) -> dict[str, Any]:
     project = await delete_project(control, project_id)
     return {"project": project_view(control, project)}
+
+
+@router.post("/projects/{project_id}/recover")
+async def recover(control: Authorized, project_id: str) -> dict[str, Any]:
+    if control.plane.has_project(project_id):
+        raise UserError(f"project {project_id!r} is not deleted; there is nothing to recover")
+    raise NotFound(f"project {project_id!r} not found; Argon deletes a project's data at once, so a deleted "
+                   "project cannot be recovered")
+
+
+@router.get("/projects/{project_id}/available_preload_libraries")
+async def available_preload_libraries(control: Authorized, project_id: str) -> dict[str, Any]:
+    """The libraries a project's computes preload: those its allow-listed extensions need, all of them
+    always (so `use_defaults: true` is the only setting; ADR 0015)."""
+    plane = control.plane
+    project = plane.project(project_id)
+    support = plane.extensions.get(project.pg_version)
+    offered = support.offered if support is not None else ()
+    return {"libraries": [{"library_name": o.name, "description": o.comment, "is_default": True,
+                           "is_experimental": False, "version": o.default_version} for o in offered if o.preloaded]}
 
 
 @router.get("/projects/{project_id}/available_extensions")

@@ -6,45 +6,41 @@ from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict
 
 from argon import model
 from argon.api import views
 from argon.api.deps import Authorized
+from argon.api.fields import Strict
 from argon.control import roles
 from argon.errors import Precondition
 
 router = APIRouter(tags=["roles and databases"])
 
 
-class _Loose(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-
-class RoleCreate(_Loose):
+class RoleCreate(Strict):
     name: str
     no_login: bool = False
 
 
-class RoleCreateBody(_Loose):
+class RoleCreateBody(Strict):
     role: RoleCreate
 
 
-class DatabaseCreate(_Loose):
+class DatabaseCreate(Strict):
     name: str
     owner_name: str
 
 
-class DatabaseCreateBody(_Loose):
+class DatabaseCreateBody(Strict):
     database: DatabaseCreate
 
 
-class DatabaseUpdate(_Loose):
+class DatabaseUpdate(Strict):
     name: str | None = None
     owner_name: str | None = None
 
 
-class DatabaseUpdateBody(_Loose):
+class DatabaseUpdateBody(Strict):
     database: DatabaseUpdate
 
 

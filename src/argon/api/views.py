@@ -45,8 +45,9 @@ def project_view(settings: Settings, p: model.Project, *, full: bool = True,
             "autoscaling_limit_max_cu": p.default_endpoint_settings.autoscaling_limit_max_cu,
             "suspend_timeout_seconds": p.default_endpoint_settings.suspend_timeout_seconds,
         },
-        "settings": {"allowed_ips": {"ips": [], "protected_branches_only": False},
-                     "enable_logical_replication": False},
+        "settings": {"allowed_ips": {"ips": list(p.settings.allowed_ips),
+                                     "protected_branches_only": p.settings.protected_branches_only},
+                     "enable_logical_replication": p.settings.enable_logical_replication},
         "pg_version": p.pg_version,
         "proxy_host": settings.cert_domain,
         "branch_logical_size_limit": 0,
@@ -116,7 +117,7 @@ def endpoint_view(settings: Settings, e: model.Endpoint) -> dict[str, Any]:
         "type": e.type.value,
         "current_state": e.current_state.value,
         "settings": {"pg_settings": dict(e.pg_settings)},
-        "pooler_enabled": False,
+        "pooler_enabled": True,  # the -pooler host is a transaction pooler (ADR 0017)
         "pooler_mode": "transaction",
         "disabled": e.disabled,
         "passwordless_access": False,
@@ -196,4 +197,18 @@ def extensions_view(pg_version: int, support: ExtensionSupport | None) -> dict[s
         "extensions": [{"name": o.name, "default_version": o.default_version, "comment": o.comment,
                         "trusted_by": o.trusted_by, "preloaded": o.preloaded} for o in offered],
         "not_available": list(support.missing) if support is not None else [],
+    }
+
+
+def pool_view(database: str, role: str, stats: Any) -> dict[str, Any]:
+    """One transaction pool, with PgBouncer's SHOW POOLS / SHOW STATS names (wait times in µs)."""
+    return {
+        "database": database, "user": role, "pool_mode": "transaction", "pool_size": stats.size,
+        "cl_active": stats.cl_active, "cl_waiting": stats.cl_waiting, "cl_idle": stats.cl_idle,
+        "sv_active": stats.sv_active, "sv_idle": stats.sv_idle, "sv_used": stats.sv_used, "sv_login": stats.sv_login,
+        "maxwait": int(stats.maxwait), "maxwait_us": int(stats.maxwait * 1e6) % 1_000_000,
+        "total_xact_count": stats.xact_count, "total_query_count": stats.query_count,
+        "total_wait_time": int(stats.wait_time * 1e6),
+        "avg_wait_time": int(stats.wait_time * 1e6 / stats.wait_count) if stats.wait_count else 0,
+        "paused": stats.paused,
     }

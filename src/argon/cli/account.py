@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
+from argon.cli.client import CliError
 from argon.cli.context import (
     Context,
     pass_ctx,
@@ -22,15 +25,20 @@ def status(ctx: Context) -> None:
     for p in projects:
         active += sum(1 for e in ctx.api.get(f"/projects/{p['id']}/endpoints")["endpoints"]
                       if e["current_state"] == "active")
-    backup = ctx.api.get("/backup")["backup"]
+    try:
+        backup: dict[str, Any] | None = ctx.api.get("/backup")["backup"]
+    except CliError:  # a project-scoped key does not see the server's backup state
+        backup = None
     data = {"api_url": ctx.api.api_url, "versions": versions, "projects": len(projects), "active_computes": active,
             "clone_backend": info.get("clone_backend"), "backup": backup}
-    if ctx.output == "json":
-        emit(data, "json")
+    if ctx.output != "table":
+        emit(data, ctx.output)
         return
     click.echo(f"Argon at {ctx.api.api_url}: {len(projects)} project(s), {active} active compute(s); PostgreSQL "
                + ", ".join(v["version"] for v in versions) + f"; clone backend {info.get('clone_backend')}")
-    if not backup.get("enabled"):
+    if backup is None:
+        pass
+    elif not backup.get("enabled"):
         click.echo("Backup: off (set ARGON_BACKUP_URL)")
     else:
         line = (f"Backup: {backup['state']} to {backup['url']}; last WAL shipped {backup['last_wal_shipped_at'] or '-'}, "
@@ -41,7 +49,8 @@ def status(ctx: Context) -> None:
             click.secho(f"  {backup['error']}", fg="red")
 
 
-API_KEY_COLUMNS = [("id", "Id"), ("name", "Name"), ("created_at", "Created"), ("last_used_at", "Last used")]
+API_KEY_COLUMNS = [("id", "Id"), ("name", "Name"), ("project_id", "Project"), ("created_at", "Created"),
+                   ("last_used_at", "Last used")]
 
 
 @click.group("api-keys")
@@ -51,6 +60,7 @@ def api_keys() -> None:
     \b
     Examples:
       argon api-keys create --name ci     # prints argon_..., use it as ARGON_API_KEY or NEON_API_KEY
+      argon api-keys create --name gha --project-id <id>   # a key that reaches only that project
       argon api-keys list
       argon api-keys revoke 3             # by id; requests with that key fail at once
     """
@@ -66,12 +76,13 @@ def api_keys_list(ctx: Context) -> None:
 
 @api_keys.command("create")
 @click.option("--name", required=True, help="What or who uses it, e.g. ci or laptop")
+@click.option("--project-id", help="Limit the key to this project (its branches, computes, roles, databases)")
 @pass_ctx
-def api_keys_create(ctx: Context, name: str) -> None:
+def api_keys_create(ctx: Context, name: str, project_id: str | None) -> None:
     """Create a key and print it once: it cannot be shown again."""
-    out = ctx.api.post("/api_keys", {"key_name": name})
-    if ctx.output == "json":
-        emit(out, "json")
+    out = ctx.api.post("/api_keys", {"key_name": name, **({"project_id": project_id} if project_id else {})})
+    if ctx.output != "table":
+        emit(out, ctx.output)
         return
     click.echo(f"Created API key {out['name']} (id {out['id']}). Save it now, it is not shown again:")
     click.echo("  " + str(out["key"]))
@@ -83,7 +94,7 @@ def api_keys_create(ctx: Context, name: str) -> None:
 def api_keys_revoke(ctx: Context, key_id: int) -> None:
     """Revoke a key by id (see `argon api-keys list`); it stops working at once."""
     out = ctx.api.delete(f"/api_keys/{key_id}")
-    if ctx.output == "json":
-        emit(out, "json")
+    if ctx.output != "table":
+        emit(out, ctx.output)
     else:
         click.echo(f"Revoked API key {out['name']} (id {out['id']}).")

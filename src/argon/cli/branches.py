@@ -71,6 +71,21 @@ def branch_at(ctx: Context, pid: str, text: str, *, self_id: str | None = None) 
     return resolve_branch(ctx, pid, name)["id"], point
 
 
+def compute_units(text: str | None) -> dict[str, float]:
+    """neonctl's `--cu`: `2` (fixed) or `0.5-3` (autoscaling limits)."""
+    if not text:
+        return {}
+    low, _, high = text.partition("-")
+    try:
+        lo, hi = float(low), float(high or low)
+    except ValueError:
+        raise CliError(f"--cu {text!r}: give compute units as 2 or as a range 0.5-3") from None
+    return {"autoscaling_limit_min_cu": lo, "autoscaling_limit_max_cu": hi}
+
+
+cu_option = click.option("--cu", help="Compute size in compute units: 2, or autoscaling limits 0.5-3")
+
+
 @branches.command("create")
 @project_option
 @click.option("--name", help="Branch name (default: its id)")
@@ -80,9 +95,15 @@ def branch_at(ctx: Context, pid: str, text: str, *, self_id: str | None = None) 
 @click.option("--no-compute", is_flag=True, help="Create the branch without an endpoint")
 @click.option("--protected", is_flag=True, help="Protect the branch from deletion")
 @click.option("--schema-only", is_flag=True, help="Copy the parent's roles and schema, not its rows")
+@click.option("--type", "endpoint_type", type=click.Choice(["read_write", "read_only"]), default="read_write",
+              show_default=True, help="The compute's type (read_only: a read replica of the branch)")
+@cu_option
+@click.option("--suspend-timeout", type=int, help="Seconds idle before the compute suspends (-1: never)")
+@click.option("--expires-at", help="Delete the branch at this time (RFC 3339, e.g. 2026-12-31T23:59:59Z)")
 @pass_ctx
 def branches_create(ctx: Context, project_id: str | None, name: str | None, parent: str | None,
-                    no_compute: bool, protected: bool, schema_only: bool) -> None:
+                    no_compute: bool, protected: bool, schema_only: bool, endpoint_type: str, cu: str | None,
+                    suspend_timeout: int | None, expires_at: str | None) -> None:
     """Branch the parent's data (copy-on-write where the filesystem can) and give it a compute.
 
     \b
@@ -102,10 +123,14 @@ def branches_create(ctx: Context, project_id: str | None, name: str | None, pare
         if parent_id:
             spec["parent_id"] = parent_id
         spec.update({f"parent_{k}": v for k, v in point.items()})
-    out = ctx.api.post(f"/projects/{pid}/branches",
-                       {"branch": spec, "endpoints": [] if no_compute else [{"type": "read_write"}]})
-    if ctx.output == "json":
-        emit(out, "json")
+    if expires_at:
+        spec["expires_at"] = expires_at
+    endpoint: dict[str, Any] = {"type": endpoint_type, **compute_units(cu)}
+    if suspend_timeout is not None:
+        endpoint["suspend_timeout_seconds"] = suspend_timeout
+    out = ctx.api.post(f"/projects/{pid}/branches", {"branch": spec, "endpoints": [] if no_compute else [endpoint]})
+    if ctx.output != "table":
+        emit(out, ctx.output)
         return
     b = out["branch"]
     click.echo(f"Created branch {click.style(b['name'], bold=True)} ({b['id']}) from {b['parent_id']}.")
@@ -121,8 +146,8 @@ def branches_delete(ctx: Context, branch: str, project_id: str | None) -> None:
     """Delete a branch, its computes and its data."""
     pid = default_project(ctx, project_id)
     b = ctx.api.delete(f"/projects/{pid}/branches/{resolve_branch(ctx, pid, branch)['id']}")["branch"]
-    if ctx.output == "json":
-        emit({"branch": b}, "json")
+    if ctx.output != "table":
+        emit({"branch": b}, ctx.output)
     else:
         click.echo(f"Deleted branch {b['name']} ({b['id']}).")
 
@@ -146,8 +171,8 @@ def branches_reset(ctx: Context, branch: str, project_id: str | None, from_paren
     if preserve_under_name:
         body["preserve_under_name"] = preserve_under_name
     b = ctx.api.post(f"/projects/{pid}/branches/{target['id']}/restore", body)["branch"]
-    if ctx.output == "json":
-        emit({"branch": b}, "json")
+    if ctx.output != "table":
+        emit({"branch": b}, ctx.output)
         return
     click.echo(f"Reset branch {b['name']} ({b['id']}) to its parent's data.")
     if preserve_under_name:
@@ -178,8 +203,8 @@ def branches_restore(ctx: Context, branch: str, source: str, project_id: str | N
     if preserve_under_name:
         body["preserve_under_name"] = preserve_under_name
     b = ctx.api.post(f"/projects/{pid}/branches/{target['id']}/restore", body)["branch"]
-    if ctx.output == "json":
-        emit({"branch": b}, "json")
+    if ctx.output != "table":
+        emit({"branch": b}, ctx.output)
         return
     where = f" at {next(iter(point.values()))}" if point else ""
     click.echo(f"Restored branch {b['name']} ({b['id']}) from {source_id or target['id']}{where}.")
@@ -197,3 +222,59 @@ def branches_set_default(ctx: Context, branch: str, project_id: str | None) -> N
     b = ctx.api.post(f"/projects/{pid}/branches/{resolve_branch(ctx, pid, branch)['id']}/set_as_default",
                      {})["branch"]
     emit({"branch": b}, ctx.output, columns=BRANCH_COLUMNS, rows=[b])
+
+
+@branches.command("get")
+@click.argument("branch")
+@project_option
+@pass_ctx
+def branches_get(ctx: Context, branch: str, project_id: str | None) -> None:
+    """Show a branch (by name or id)."""
+    pid = default_project(ctx, project_id)
+    b = ctx.api.get(f"/projects/{pid}/branches/{resolve_branch(ctx, pid, branch)['id']}")["branch"]
+    emit({"branch": b} if ctx.output != "table" else b, ctx.output, columns=BRANCH_COLUMNS, rows=[b])
+
+
+@branches.command("rename")
+@click.argument("branch")
+@click.argument("new_name")
+@project_option
+@pass_ctx
+def branches_rename(ctx: Context, branch: str, new_name: str, project_id: str | None) -> None:
+    """Rename a branch (its id and connection strings stay)."""
+    pid = default_project(ctx, project_id)
+    b = ctx.api.patch(f"/projects/{pid}/branches/{resolve_branch(ctx, pid, branch)['id']}",
+                      {"branch": {"name": new_name}})["branch"]
+    emit({"branch": b}, ctx.output, columns=BRANCH_COLUMNS, rows=[b])
+
+
+@branches.command("set-expiration")
+@click.argument("branch")
+@click.option("--expires-at", help="When to delete the branch (RFC 3339); without it the expiration is removed")
+@project_option
+@pass_ctx
+def branches_set_expiration(ctx: Context, branch: str, expires_at: str | None, project_id: str | None) -> None:
+    """Set or remove the time a branch is deleted at."""
+    pid = default_project(ctx, project_id)
+    b = ctx.api.patch(f"/projects/{pid}/branches/{resolve_branch(ctx, pid, branch)['id']}",
+                      {"branch": {"expires_at": expires_at}})["branch"]
+    emit({"branch": b}, ctx.output, columns=[*BRANCH_COLUMNS, ("expires_at", "Expires")], rows=[b])
+
+
+@branches.command("add-compute")
+@click.argument("branch")
+@click.option("--type", "endpoint_type", type=click.Choice(["read_write", "read_only"]), default="read_only",
+              show_default=True, help="The compute's type")
+@cu_option
+@project_option
+@pass_ctx
+def branches_add_compute(ctx: Context, branch: str, endpoint_type: str, cu: str | None,
+                         project_id: str | None) -> None:
+    """Add a compute to a branch (by default a read replica), as neonctl does."""
+    pid = default_project(ctx, project_id)
+    b = resolve_branch(ctx, pid, branch)
+    out = ctx.api.post(f"/projects/{pid}/endpoints",
+                       {"endpoint": {"branch_id": b["id"], "type": endpoint_type, **compute_units(cu)}})
+    ep = out["endpoint"]
+    emit(out if ctx.output != "table" else ep, ctx.output, columns=[("id", "Id"), ("type", "Type"), ("host", "Host")],
+         rows=[ep])

@@ -15,3 +15,4 @@ def register(cli: click.Group) -> None:
                     projects.operations, connect.connection_string, connect.psql, endpoints.logs, endpoints.events,
                     account.status, account.api_keys):
         cli.add_command(command)
+    cli.add_command(connect.connection_string, "cs")  # neonctl's alias

@@ -10,6 +10,7 @@ from typing import Any
 from urllib.parse import quote
 
 import click
+import yaml
 
 from argon.cli.client import CliError
 from argon.cli.context import (
@@ -79,20 +80,24 @@ def render_connection(info: dict[str, Any], fmt: str) -> str:
             options["options"] = p["options"]
         return django_databases(database=p["dbname"], role=p["user"], password=p["password"], host=p["host"],
                                 port=p["port"], options=options)
+    if fmt == "yaml":
+        return yaml.safe_dump(info | {"parameters": p}, sort_keys=False).rstrip("\n")
     return json.dumps(info | {"parameters": p}, indent=2)
 
 
 @click.command("connection-string")
+@click.argument("branch_arg", metavar="[BRANCH]", required=False)
 @project_option
 @click.option("--branch", help="Branch name or id (default: the default branch)")
-@click.option("--role", help="Role name (default: the branch's only role)")
-@click.option("--database", help="Database name (default: the branch's only database)")
+@click.option("--role", "--role-name", "role", help="Role name (default: the branch's only role)")
+@click.option("--database", "--database-name", "database",
+              help="Database name (default: the branch's only database)")
 @click.option("--pooled", is_flag=True, help="Use the pooler host")
-@click.option("--format", "--output", "-o", "fmt", type=click.Choice(["uri", "json", "django", "env"]),
-              default=None, help="A URI (default), JSON, a Django DATABASES snippet, or a .env line")
+@click.option("--format", "--output", "-o", "fmt", type=click.Choice(["uri", "json", "yaml", "django", "env"]),
+              default=None, help="A URI (default), JSON, YAML, a Django DATABASES snippet, or a .env line")
 @pass_ctx
-def connection_string(ctx: Context, project_id: str | None, branch: str | None, role: str | None,
-                      database: str | None, pooled: bool, fmt: str) -> None:
+def connection_string(ctx: Context, branch_arg: str | None, project_id: str | None, branch: str | None,
+                      role: str | None, database: str | None, pooled: bool, fmt: str) -> None:
     """Print how to connect to a branch's database.
 
     \b
@@ -100,16 +105,17 @@ def connection_string(ctx: Context, project_id: str | None, branch: str | None, 
     argon connection-string --branch dev --pooled    dev, through the pooled host name
     argon connection-string -o django                a DATABASES snippet for settings.py
     argon connection-string -o env >> .env           DATABASE_URL=...
+    argon cs dev --role-name app --database-name appdb   neonctl's spelling works too
     """
-    info = _connection(ctx, project_id, branch, role, database, pooled)
-    click.echo(render_connection(info, fmt or ("json" if ctx.output == "json" else "uri")))
+    info = _connection(ctx, project_id, branch or branch_arg, role, database, pooled)
+    click.echo(render_connection(info, fmt or (ctx.output if ctx.output != "table" else "uri")))
 
 
 @click.command("psql", context_settings={"ignore_unknown_options": True})
 @project_option
 @click.option("--branch", help="Branch name or id")
-@click.option("--role", help="Role name")
-@click.option("--database", help="Database name")
+@click.option("--role", "--role-name", "role", help="Role name")
+@click.option("--database", "--database-name", "database", help="Database name")
 @click.argument("psql_args", nargs=-1, type=click.UNPROCESSED)
 @pass_ctx
 def psql(ctx: Context, project_id: str | None, branch: str | None, role: str | None, database: str | None,

@@ -81,8 +81,8 @@ def endpoints_delete(ctx: Context, endpoint_id: str, project_id: str | None) -> 
     """Delete an endpoint (its compute stops; the branch and its data stay)."""
     pid = endpoint_project(ctx, project_id, endpoint_id)
     out = ctx.api.delete(f"/projects/{pid}/endpoints/{endpoint_id}")
-    if ctx.output == "json":
-        emit(out, "json")
+    if ctx.output != "table":
+        emit(out, ctx.output)
     else:
         click.echo(f"Deleted endpoint {out['endpoint']['id']}; branch {out['endpoint']['branch_id']} keeps its data.")
 
@@ -112,6 +112,24 @@ def endpoints_start(ctx: Context, endpoint_id: str, project_id: str | None) -> N
 def endpoints_suspend(ctx: Context, endpoint_id: str, project_id: str | None) -> None:
     """Suspend a compute now (its data stays; the next connection wakes it)."""
     _endpoint_action(ctx, project_id, endpoint_id, "suspend")
+
+
+POOL_COLUMNS = [("database", "Database"), ("user", "Role"), ("pool_mode", "Mode"), ("cl_active", "Clients active"),
+                ("cl_waiting", "Waiting"), ("cl_idle", "Idle"), ("sv_active", "Servers active"), ("sv_idle", "Idle"),
+                ("pool_size", "Pool size"), ("maxwait", "Max wait (s)"), ("total_xact_count", "Transactions")]
+
+
+@endpoints.command("pooler")
+@click.argument("endpoint_id")
+@endpoint_project_option
+@pass_ctx
+def endpoints_pooler(ctx: Context, endpoint_id: str, project_id: str | None) -> None:
+    """The transaction pools of an endpoint's pooled host (<endpoint>-pooler), as PgBouncer's SHOW
+    POOLS: per database and role, the client connections active, waiting and idle, the server
+    connections active and idle. A pool exists while it has clients (and a minute after)."""
+    pid = endpoint_project(ctx, project_id, endpoint_id)
+    out = ctx.api.get(f"/projects/{pid}/endpoints/{endpoint_id}/pooler")
+    emit(out, ctx.output, columns=POOL_COLUMNS, rows=out["pools"])
 
 
 @endpoints.command("update")

@@ -14,11 +14,13 @@ from typing import Any
 
 import click
 
-from argon import __version__
+from argon import __version__, logs
 from argon.cli import commands
 from argon.cli.backup import backup as backup_cli
 from argon.cli.client import CliError, write_cli_config
 from argon.cli.context import Context
+from argon.cli.service import notify
+from argon.cli.service import service as service_cli
 from argon.cli.storage import storage as storage_cli
 from argon.errors import ArgonError, ConfigError
 from argon.settings import Settings, load, read_config_file, unknown_names
@@ -36,7 +38,41 @@ def _setting_options(func: Any) -> Any:
     return func
 
 
+_OWN_OUTPUT = {"connection-string", "cs", "psql", "up"}  # commands with their own -o (or none)
+
+
+def hoist_output(args: list[str]) -> list[str]:
+    """neonctl takes `-o json|yaml|table` anywhere on the line; Argon's is a global option: move it
+    in front of the command, so a neonctl command line replays as is (`--` ends the search)."""
+    first = next((a for a in args if not a.startswith("-")), None)
+    if first in _OWN_OUTPUT:
+        return args
+    moved: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            rest += args[i:]
+            break
+        if arg in ("-o", "--output") and i + 1 < len(args):
+            moved += [arg, args[i + 1]]
+            i += 2
+            continue
+        if arg.startswith("--output="):
+            moved.append(arg)
+        else:
+            rest.append(arg)
+        i += 1
+    return moved + rest
+
+
 class ArgonGroup(click.Group):
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if ctx.parent is None:
+            args = hoist_output(args)
+        return super().parse_args(ctx, args)
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
@@ -51,8 +87,8 @@ class ArgonGroup(click.Group):
 @click.option("--api-url", envvar="ARGON_API_URL", help="Argon API base URL (default: from `argon up`'s CLI config, "
               "else http://127.0.0.1:4444) [env ARGON_API_URL]")
 @click.option("--api-key", envvar="ARGON_API_KEY", help="API key [env ARGON_API_KEY]")
-@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True,
-              help="Tables for people, JSON for scripts")
+@click.option("-o", "--output", type=click.Choice(["table", "json", "yaml"]), default="table", show_default=True,
+              help="Tables for people, JSON or YAML for scripts")
 @click.pass_context
 def cli(ctx: click.Context, api_url: str | None, api_key: str | None, output: str) -> None:
     """Argon: serverless PostgreSQL you run yourself.
@@ -79,10 +115,8 @@ def up(**flags: Any) -> None:
     from argon.platform import Platform
 
     settings = load(**flags)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S", stream=sys.stderr)
-    for noisy in ("uvicorn", "uvicorn.error", "alembic"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    fmt = logs.configure(settings.log_format, settings.log_level, sys.stderr)
+    log = logging.getLogger("argon.up")
     try:
         import uvloop
 
@@ -90,8 +124,11 @@ def up(**flags: Any) -> None:
     except ImportError:  # pragma: no cover - uvloop is optional (e.g. on Windows)
         pass
 
-    def progress(msg: str) -> None:
-        click.secho(msg, dim=True, err=True)
+    def progress(msg: str) -> None:  # stderr is the log: in JSON, every line of it is a JSON object
+        if fmt == "json":
+            log.info("%s", msg)
+        else:
+            click.secho(msg, dim=True, err=True)
 
     async def run() -> None:
         platform = Platform(settings, progress=progress)
@@ -105,12 +142,14 @@ def up(**flags: Any) -> None:
             await platform.stop()
             raise
         _print_banner(settings, info)
+        notify(f"READY=1\nSTATUS=serving: API {info.api_url}, proxy {info.proxy_address}")
         try:
             await stop.wait()
         finally:
-            click.secho("\nStopping: computes get a fast shutdown...", err=True)
+            notify("STOPPING=1")
+            progress("Stopping: computes get a fast shutdown...")
             await platform.stop()
-            click.secho("Stopped.", err=True)
+            progress("Stopped.")
 
     asyncio.run(run())
 
@@ -163,8 +202,11 @@ def _print_banner(settings: Settings, info: Any) -> None:
     config_path = write_cli_config(info.api_url, key)
     b = lambda s: click.style(s, bold=True)  # noqa: E731
     click.echo(b("Argon is up.") + f" (ready in {info.startup_ms:.0f} ms)")
-    click.echo(f"  Console           {b(info.sign_in_url)}")
-    click.echo("                    (one-time sign-in link, valid 15 minutes; `argon console` prints a new one)")
+    if sys.stdout.isatty():  # a sign-in link is a credential: never into a service's journal or a log file
+        click.echo(f"  Console           {b(info.sign_in_url)}")
+        click.echo("                    (one-time sign-in link, valid 15 minutes; `argon console` prints a new one)")
+    else:
+        click.echo(f"  Console           {info.api_url}/   (`argon console` prints a one-time sign-in link)")
     click.echo(f"  API               {info.api_url}/api/v2   (docs: {info.api_url}/api/v2/docs)")
     click.echo(f"  Postgres proxy    {info.proxy_address}   (TLS on; plaintext: {settings.plaintext}; "
                f"relay: {info.proxy_relay})")
@@ -182,8 +224,12 @@ def _print_banner(settings: Settings, info: Any) -> None:
     if info.ca_cert:
         click.echo(f"  TLS CA            {info.ca_cert}   (for sslmode=verify-full: sslrootcert=<this file>)")
     domain = settings.domain
-    click.echo(f"  Endpoint hosts    <endpoint-id>.{domain}" if domain else
-               "  Endpoint hosts    local form: host 127.0.0.1 + options=endpoint=<id> (set ARGON_DOMAIN for SNI)")
+    if domain:
+        click.echo(f"  Endpoint hosts    <endpoint-id>.{domain}")
+    else:
+        click.echo("  Endpoint hosts    local form: host 127.0.0.1 + options=endpoint=<id>. For the Neon form "
+                   f"(<endpoint-id>.{settings.cert_domain}, what neonctl prints) set ARGON_DOMAIN to a wildcard "
+                   "domain pointing here, or PGHOSTADDR=127.0.0.1 for libpq clients on this machine")
     if info.backup:
         click.echo(f"  Backup            {info.backup}   (argon backup status)")
     elif not settings.backup_url:
@@ -277,7 +323,7 @@ def config_check(**flags: Any) -> None:
         value = getattr(settings, name)
         source = ("flag" if flags.get(name) is not None else "env" if f"ARGON_{name.upper()}" in os.environ
                   else "file" if name in in_file else "default")
-        if name == "api_key" and value:
+        if name in ("api_key", "metrics_token") and value:
             value = value[:8] + "..."
         if name == "backup_key" and value:
             value = "(set; not shown)"
@@ -317,6 +363,7 @@ def config_check(**flags: Any) -> None:
 commands.register(cli)
 cli.add_command(storage_cli)
 cli.add_command(backup_cli)
+cli.add_command(service_cli)
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Tables for people, JSON for scripts."""
+"""Tables for people, JSON or YAML for scripts (neonctl's `-o json|yaml|table`)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,16 @@ from collections.abc import Sequence
 from typing import Any
 
 import click
+import yaml
 
 
 def emit(data: Any, output: str, *, columns: Sequence[tuple[str, str]] | None = None,
          rows: Sequence[dict[str, Any]] | None = None) -> None:
     if output == "json":
         click.echo(json.dumps(data, indent=2))
+        return
+    if output == "yaml":
+        click.echo(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), nl=False)
         return
     if columns is None or rows is None:
         click.echo(json.dumps(data, indent=2))

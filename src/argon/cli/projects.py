@@ -6,6 +6,7 @@ from typing import Any
 
 import click
 
+from argon.cli.branches import compute_units, cu_option
 from argon.cli.client import CliError
 from argon.cli.context import (
     Context,
@@ -40,9 +41,11 @@ def projects_list(ctx: Context) -> None:
 @click.option("--database", "database_name", help="Name of the first database (default neondb)")
 @click.option("--role", "role_name", help="Name of the owner role (default <database>_owner)")
 @click.option("--suspend-timeout", type=int, help="Seconds idle before suspending (0 = default 300, -1 = never)")
+@cu_option
 @pass_ctx
 def projects_create(ctx: Context, name: str | None, pg_version: int | None, region_id: str | None,
-                    database_name: str | None, role_name: str | None, suspend_timeout: int | None) -> None:
+                    database_name: str | None, role_name: str | None, suspend_timeout: int | None,
+                    cu: str | None) -> None:
     """Create a project: branch main, database neondb, role neondb_owner, a read-write endpoint."""
     project: dict[str, Any] = {"branch": {}}
     for key, value in (("name", name), ("pg_version", pg_version), ("region_id", region_id)):
@@ -52,11 +55,14 @@ def projects_create(ctx: Context, name: str | None, pg_version: int | None, regi
         project["branch"]["database_name"] = database_name
     if role_name:
         project["branch"]["role_name"] = role_name
+    settings: dict[str, Any] = compute_units(cu)
     if suspend_timeout is not None:
-        project["default_endpoint_settings"] = {"suspend_timeout_seconds": suspend_timeout}
+        settings["suspend_timeout_seconds"] = suspend_timeout
+    if settings:
+        project["default_endpoint_settings"] = settings
     out = ctx.api.post("/projects", {"project": project})
-    if ctx.output == "json":
-        emit(out, "json")
+    if ctx.output != "table":
+        emit(out, ctx.output)
         return
     p = out["project"]
     click.echo(f"Created project {click.style(p['id'], bold=True)} ({p['name']}, PostgreSQL {p['pg_version']}).")
@@ -103,8 +109,8 @@ def projects_update(ctx: Context, project_id: str, name: str | None, retention: 
 def projects_delete(ctx: Context, project_id: str) -> None:
     """Delete a project, its computes and all its data."""
     p = ctx.api.delete(f"/projects/{project_id}")["project"]
-    if ctx.output == "json":
-        emit({"project": p}, "json")
+    if ctx.output != "table":
+        emit({"project": p}, ctx.output)
     else:
         click.echo(f"Deleted project {p['id']} ({p['name']}).")
 

@@ -6,6 +6,7 @@ from urllib.parse import quote
 
 import click
 
+from argon.cli.client import CliError
 from argon.cli.context import (
     Context,
     branch_option,
@@ -36,16 +37,29 @@ def roles_list(ctx: Context, project_id: str | None, branch: str | None) -> None
     emit({"roles": items}, ctx.output, columns=ROLE_COLUMNS, rows=items)
 
 
+def _name(positional: str | None, option: str | None) -> str:
+    """NAME as an argument (Argon) or `--name` (neonctl)."""
+    if positional and option and positional != option:
+        raise CliError(f"two names given: {positional!r} and --name {option!r}")
+    name = positional or option
+    if not name:
+        raise CliError("give the name (as an argument or with --name)")
+    return name
+
+
 @roles.command("create")
-@click.argument("name")
+@click.argument("name", required=False)
+@click.option("--name", "name_option", help="The role's name (neonctl's spelling of the argument)")
 @project_option
 @branch_option
 @pass_ctx
-def roles_create(ctx: Context, name: str, project_id: str | None, branch: str | None) -> None:
+def roles_create(ctx: Context, name: str | None, name_option: str | None, project_id: str | None,
+                 branch: str | None) -> None:
     """Create a role that can log in and create databases (not a superuser)."""
+    name = _name(name, name_option)
     out = ctx.api.post(branch_path(ctx, project_id, branch) + "/roles", {"role": {"name": name}})
-    if ctx.output == "json":
-        emit(out, "json")
+    if ctx.output != "table":
+        emit(out, ctx.output)
         return
     click.echo(f"Created role {out['role']['name']}; its password "
                f"(`argon connection-string --role {name}` prints it again):")
@@ -60,8 +74,8 @@ def roles_create(ctx: Context, name: str, project_id: str | None, branch: str | 
 def roles_reset_password(ctx: Context, name: str, project_id: str | None, branch: str | None) -> None:
     """Give a role a new generated password; the old one stops working at once."""
     out = ctx.api.post(branch_path(ctx, project_id, branch) + f"/roles/{quote(name, safe='')}/reset_password")
-    if ctx.output == "json":
-        emit(out, "json")
+    if ctx.output != "table":
+        emit(out, ctx.output)
         return
     click.echo(f"New password of {name}: {out['role'].get('password')}")
 
@@ -74,8 +88,8 @@ def roles_reset_password(ctx: Context, name: str, project_id: str | None, branch
 def roles_delete(ctx: Context, name: str, project_id: str | None, branch: str | None) -> None:
     """Drop a role."""
     out = ctx.api.delete(branch_path(ctx, project_id, branch) + f"/roles/{quote(name, safe='')}")
-    if ctx.output == "json":
-        emit(out, "json")
+    if ctx.output != "table":
+        emit(out, ctx.output)
     else:
         click.echo(f"Deleted role {name}.")
 
@@ -96,17 +110,20 @@ def databases_list(ctx: Context, project_id: str | None, branch: str | None) -> 
 
 
 @databases.command("create")
-@click.argument("name")
-@click.option("--owner", required=True, help="Role that owns the database")
+@click.argument("name", required=False)
+@click.option("--name", "name_option", help="The database's name (neonctl's spelling of the argument)")
+@click.option("--owner", "--owner-name", "owner", required=True, help="Role that owns the database")
 @project_option
 @branch_option
 @pass_ctx
-def databases_create(ctx: Context, name: str, owner: str, project_id: str | None, branch: str | None) -> None:
+def databases_create(ctx: Context, name: str | None, name_option: str | None, owner: str, project_id: str | None,
+                     branch: str | None) -> None:
     """Create a database owned by a role."""
+    name = _name(name, name_option)
     out = ctx.api.post(branch_path(ctx, project_id, branch) + "/databases",
                        {"database": {"name": name, "owner_name": owner}})
-    if ctx.output == "json":
-        emit(out, "json")
+    if ctx.output != "table":
+        emit(out, ctx.output)
     else:
         click.echo(f"Created database {name} (owner {owner}).")
 
@@ -119,7 +136,7 @@ def databases_create(ctx: Context, name: str, owner: str, project_id: str | None
 def databases_delete(ctx: Context, name: str, project_id: str | None, branch: str | None) -> None:
     """Drop a database (its sessions are ended first)."""
     out = ctx.api.delete(branch_path(ctx, project_id, branch) + f"/databases/{quote(name, safe='')}")
-    if ctx.output == "json":
-        emit(out, "json")
+    if ctx.output != "table":
+        emit(out, ctx.output)
     else:
         click.echo(f"Deleted database {name}.")

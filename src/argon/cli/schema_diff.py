@@ -89,5 +89,5 @@ def schema_diff(ctx: Context, base: str | None, compare: str | None, project_id:
             click.echo(click.style(line, fg=_COLORS.get(line[:1])))
         if len(lines) <= 2:
             click.echo(f"No differences in {db}.", err=True)
-    if ctx.output == "json":
-        emit({"schema_diffs": results}, "json")
+    if ctx.output != "table":
+        emit({"schema_diffs": results}, ctx.output)

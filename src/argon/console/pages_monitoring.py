@@ -1,5 +1,6 @@
 """The console's Monitoring tab: per endpoint, charts of the metrics sampler's samples and of the
-compute's wakes and suspends (the events table), over the last hour, day or week.
+compute's wakes and suspends (the events table), over the last hour, day or week, and the live
+state of its transaction pools (ADR 0017).
 
 The route reads the samples and events of the range through `control.plane.db` (the store's thread), turns
 them into series here (pure helpers, unit-tested) and lets `argon.console.charts` draw them.
@@ -142,7 +143,9 @@ async def monitoring(request: Request, session: SignedIn, control: ControlDep, p
                              interval=plane.settings.metrics_interval, running=plane.is_running(ep.id))
               for ep in endpoints]
     usage: Usage = control.metrics.project_usage(project)
+    pools = {ep.id: plane.activity.pools(ep.id) for ep in endpoints}  # live, as PgBouncer's SHOW POOLS
     return render(request, "monitoring.html", session=session, project=project, tab="monitoring", panels=panels,
+                  pools=pools,
                   ranges=[(k, label) for k, (label, _) in RANGES.items()], range_key=key,
                   range_label=RANGES[key][0], usage=usage, interval=plane.settings.metrics_interval,
                   storage_every=plane.settings.metrics_interval * STORAGE_EVERY, selected=endpoint,

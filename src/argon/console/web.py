@@ -27,7 +27,7 @@ from argon import __version__, model
 from argon.console.auth import COOKIE_NAME, CSRF_FIELD, ConsoleAuth, Session
 from argon.console.display import FILTERS
 from argon.control.services import Control
-from argon.errors import ArgonError
+from argon.errors import ArgonError, Forbidden
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,9 @@ def get_control(request: Request) -> Control:
 def authorized(request: Request) -> Control:
     """The console's one API route (sign-in links for the CLI) takes the API's Bearer key."""
     control = get_control(request)
-    control.api_keys.authorize(request.headers.get("authorization", ""))
+    key = control.api_keys.authorize(request.headers.get("authorization", ""))
+    if key.project_id is not None:  # the console shows every project
+        raise Forbidden(f"this API key is limited to project {key.project_id}; the console needs an unscoped key")
     return control
 
 

@@ -18,11 +18,14 @@ from datetime import datetime, timedelta
 
 from argon import ids, model
 from argon.control.plane import ControlPlane
-from argon.errors import NotFound, Unauthorized
+from argon.errors import Forbidden, NotFound, Unauthorized
 from argon.metadata.store import Store
 
 KEY_PREFIX = "argon_"
 USE_WRITE_EVERY = timedelta(seconds=60)  # last_used_at is written at most this often per key
+
+
+_ACCOUNT_READS = frozenset({"/api/v2/users/me", "/api/v2/users/me/organizations", "/api/v2/auth", "/api/v2/regions"})
 
 
 def new_key() -> str:
@@ -73,6 +76,23 @@ class ApiKeys:
             raise Unauthorized("invalid API key")
         return key
 
+    @staticmethod
+    def allows(key: model.ApiKey, method: str, path: str) -> None:
+        """Raise Forbidden unless `key` may make this API request. An unscoped key may do anything; a
+        project-scoped one (Neon's project-scoped keys, for CI and Terraform) reaches its project's
+        resources, but not the project's deletion or recovery, other projects, the project list, or
+        the keys; and the account reads clients make first (users/me, auth, organizations, regions)."""
+        if key.project_id is None:
+            return
+        base = f"/api/v2/projects/{key.project_id}"
+        if path.startswith(base + "/") and path != base + "/recover":
+            return
+        if path == base and method != "DELETE":
+            return
+        if method == "GET" and path in _ACCOUNT_READS:
+            return
+        raise Forbidden(f"this API key is limited to project {key.project_id}: {method} {path} is outside it")
+
     @property
     def empty(self) -> bool:
         return not self._hashes
@@ -83,10 +103,14 @@ class ApiKeys:
             self._hashes[key.key_hash] = key
             self._written[key.id] = None
 
-    async def create(self, name: str) -> tuple[model.ApiKey, str]:
+    async def create(self, name: str, project_id: str | None = None) -> tuple[model.ApiKey, str]:
+        """A new key (its token is returned once); with `project_id`, one that reaches only that
+        project (`allows`)."""
         name = ids.check_display_name(name.strip(), "API key")
+        if project_id is not None:
+            self.plane.project(project_id)  # 404 for an unknown project
         token = new_key()
-        key = await self.plane.db(self.plane.store.add_api_key, name, token)
+        key = await self.plane.db(self.plane.store.add_api_key, name, token, project_id)
         self._hashes[key.key_hash] = key
         self._written[key.id] = None
         return key, token

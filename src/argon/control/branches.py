@@ -46,6 +46,7 @@ class BranchRequest:
     init_source: str = "parent-data"
     expires_at: datetime | None = None
     endpoints: list[model.EndpointSettings] = field(default_factory=list)
+    endpoint_type: model.EndpointType = model.EndpointType.READ_WRITE  # of the one endpoint asked for
 
 
 @dataclass(frozen=True)
@@ -159,7 +160,7 @@ async def create_branch(control: Control, project_id: str, req: BranchRequest) -
         raise UserError("a schema-only branch copies the parent's current schema; omit parent_lsn and "
                         "parent_timestamp")
     if len(req.endpoints) > 1:
-        raise UserError("a branch can have only one read_write endpoint")
+        raise UserError("create a branch with one endpoint; add more with POST /projects/{project_id}/endpoints")
     async with plane.project_lock(project_id):
         parent = plane.branch(project_id, req.parent_id) if req.parent_id else default_branch(plane, project_id)
         bid = ids.branch_id()
@@ -198,7 +199,8 @@ async def create_branch(control: Control, project_id: str, req: BranchRequest) -
         endpoints = [model.Endpoint(id=ids.endpoint_id(), project_id=project_id, branch_id=bid, created_at=now,
                                     updated_at=now, autoscaling_limit_min_cu=s.autoscaling_limit_min_cu,
                                     autoscaling_limit_max_cu=s.autoscaling_limit_max_cu,
-                                    suspend_timeout_seconds=s.suspend_timeout_seconds) for s in req.endpoints]
+                                    suspend_timeout_seconds=s.suspend_timeout_seconds, type=req.endpoint_type)
+                     for s in req.endpoints]
         ops = [model.Operation(id=ids.operation_id(), project_id=project_id,
                                action=model.OperationAction.CREATE_BRANCH, status=model.OperationStatus.FINISHED,
                                created_at=now, updated_at=now, branch_id=bid,
@@ -218,7 +220,8 @@ async def create_branch(control: Control, project_id: str, req: BranchRequest) -
     log.info("branch %s (%s) of %s created from %s at %s in %.0f ms", bid, name, project_id, parent.id, lsn,
              (time.monotonic() - started) * 1000)
     for op in ops[1:]:
-        control.computes.mark_needs_spec(op.endpoint_id or "")
+        if req.endpoint_type is model.EndpointType.READ_WRITE:  # a replica's roles come from the branch's WAL
+            control.computes.mark_needs_spec(op.endpoint_id or "")
         plane.spawn(first_start(control, op, reason="branch created"), f"first start of {op.endpoint_id}")
     return CreatedBranch(branch, endpoints, roles, databases, ops)
 

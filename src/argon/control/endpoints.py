@@ -102,7 +102,7 @@ async def restart_endpoint(control: Control, project_id: str, endpoint_id: str) 
 
 async def create_endpoint(control: Control, project_id: str, branch_id: str, *, type_: str,
                           settings: model.EndpointSettings | None = None,
-                          name: str | None = None) -> tuple[model.Endpoint, list[model.Operation]]:
+                          name: str | None = None, disabled: bool = False) -> tuple[model.Endpoint, list[model.Operation]]:
     plane = control.plane
     if type_ not in ("read_write", "read_only"):
         raise UserError("endpoint type must be read_write or read_only")
@@ -117,7 +117,8 @@ async def create_endpoint(control: Control, project_id: str, branch_id: str, *, 
         ep = model.Endpoint(id=ids.endpoint_id(), project_id=project_id, branch_id=branch_id, created_at=now,
                             updated_at=now, autoscaling_limit_min_cu=s.autoscaling_limit_min_cu,
                             autoscaling_limit_max_cu=s.autoscaling_limit_max_cu,
-                            suspend_timeout_seconds=s.suspend_timeout_seconds, name=name, type=kind)
+                            suspend_timeout_seconds=s.suspend_timeout_seconds, name=name, type=kind,
+                            disabled=disabled)
         await plane.commit(put=[ep])
         if kind is model.EndpointType.READ_WRITE:
             control.computes.mark_needs_spec(ep.id)  # a replica's roles come from its primary's WAL

@@ -20,7 +20,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from argon import model, safefs
+from argon import logs, model, safefs
 from argon.compute.manager import ComputeSpec
 from argon.compute.osuser import OsUser
 from argon.compute.params import gucs_for_cu
@@ -29,6 +29,7 @@ from argon.control import replicas, retention, spec
 from argon.control.plane import ControlPlane
 from argon.errors import ArgonError, ComputeError, NotFound
 from argon.proxy.control_client import ComputeAddress
+from argon.telemetry import compute_labels
 
 if TYPE_CHECKING:
     from argon.control.backup import BackupService
@@ -74,8 +75,9 @@ class Lifecycle:
         user = OsUser(project.os_uid, project.os_uid) if project.os_uid is not None else None
         if ep.type is model.EndpointType.READ_ONLY:
             return replicas.replica_spec(plane, project, ep, install, user)
+        logical = {"wal_level": "logical"} if project.settings.enable_logical_replication else {}
         gucs = plane.compute_gucs(project.pg_version, gucs_for_cu(ep.autoscaling_limit_max_cu) | dict(ep.pg_settings)
-                                  | retention.archive_settings(plane, project, ep.branch_id))
+                                  | retention.archive_settings(plane, project, ep.branch_id) | logical)
         return ComputeSpec(endpoint_id=ep.id, install=install, pgdata=plane.layout.pgdata(project.id, ep.branch_id),
                            socket_dir=plane.layout.socket_dir(ep.id),
                            log_file=plane.layout.compute_log(project.id, ep.branch_id),
@@ -106,6 +108,11 @@ class Lifecycle:
         lock = plane.endpoint_lock(endpoint_id)
         if not lock.locked() and plane.is_running(endpoint_id) and endpoint_id not in self._needs_spec:
             return ComputeAddress(socket_path=socket)  # the hot path: up, spec applied, nothing in flight
+        with logs.bound(project_id=ep.project_id, branch_id=ep.branch_id, endpoint_id=endpoint_id):
+            return await self._start(endpoint_id, socket, lock, reason)
+
+    async def _start(self, endpoint_id: str, socket: str, lock: asyncio.Lock, reason: str) -> ComputeAddress:
+        plane = self.plane
         async with lock:
             if plane.is_running(endpoint_id) and endpoint_id not in self._needs_spec:
                 return ComputeAddress(socket_path=socket)
@@ -121,12 +128,15 @@ class Lifecycle:
                     await spec.apply_spec(plane, ep, compute)
                     self._needs_spec.discard(endpoint_id)
             except ComputeStartError as exc:
+                plane.telemetry.start_failures.labels(*compute_labels(ep)).inc()
                 log.error("compute %s failed to start: %s", endpoint_id, exc.user_message)
                 with contextlib.suppress(Exception):
                     await plane.computes.stop(endpoint_id, mode="immediate")
                 plane.spawn(self._after_failed_start(ep, exc.user_message), "recording a failed start")
                 raise ComputeError("Couldn't connect to compute node") from exc
             elapsed = time.monotonic() - started
+            plane.telemetry.wakes.labels(*compute_labels(ep)).inc()
+            plane.telemetry.cold_start.observe(elapsed)
             now = model.utcnow()
             ep = ep.replace(current_state=model.ComputeState.ACTIVE, pending_state=None, started_at=now,
                             last_active=now)
@@ -173,16 +183,26 @@ class Lifecycle:
         """`stop`, for a caller that holds the endpoint lock already."""
         plane = self.plane
         ep = plane.endpoint(None, endpoint_id)
+        with logs.bound(project_id=ep.project_id, branch_id=ep.branch_id, endpoint_id=endpoint_id):
+            return await self._stop_locked(ep, reason=reason, mode=mode)
+
+    async def _stop_locked(self, ep: model.Endpoint, *, reason: str, mode: str) -> bool:
+        plane = self.plane
+        endpoint_id = ep.id
         was_running = plane.is_running(endpoint_id)
         started = time.monotonic()
         if was_running:
             if ep.type is model.EndpointType.READ_WRITE:  # a replica holds no changes of its own
                 await self._sync_before_stop(ep)
             self._stopping.add(endpoint_id)
+            # the transaction pools close their idle server connections first, so no pooled client
+            # is handed one that is about to die; they wake the compute again once it is down (ADR 0017)
+            await plane.activity.quiesce(endpoint_id, force=True)
             try:
                 await plane.computes.stop(endpoint_id, mode=mode)  # closes its admin session first
             finally:
                 self._stopping.discard(endpoint_id)
+                plane.activity.resume(endpoint_id)
             if mode != "immediate":
                 await self._after_stop_history(ep)
             if self.backup is not None:
@@ -192,6 +212,7 @@ class Lifecycle:
             await plane.commit(put=[ep.replace(current_state=model.ComputeState.IDLE, pending_state=None,
                                                suspended_at=now)])
             if was_running:
+                plane.telemetry.suspends.labels(*compute_labels(ep)).inc()
                 log.info("compute %s suspended (%s)", endpoint_id, reason)
                 await plane.add_event(ep.id, model.EventKind.SUSPEND, at=now,
                                       duration_ms=(time.monotonic() - started) * 1000, detail=reason)
@@ -231,6 +252,7 @@ class Lifecycle:
             return
         log.warning("compute %s exited unexpectedly (status %s); it will start again on the next connection",
                     endpoint_id, returncode)
+        self.plane.telemetry.suspends.labels(*compute_labels(ep)).inc()
         if ep.current_state is model.ComputeState.ACTIVE:
             now = model.utcnow()
             with contextlib.suppress(RuntimeError):  # no running loop: argon is shutting down

@@ -45,7 +45,9 @@ SELECT (SELECT count(*) FROM pg_stat_activity
         WHERE backend_type = 'client backend' AND coalesce(usename, '') <> %(platform)s)::int,
        (SELECT coalesce(sum(xact_commit + xact_rollback), 0) FROM pg_stat_database)::bigint,
        ((CASE WHEN pg_is_in_recovery() THEN coalesce(pg_last_wal_replay_lsn(), '0/0'::pg_lsn)
-              ELSE pg_current_wal_lsn() END) - '0/0'::pg_lsn)::bigint
+              ELSE pg_current_wal_lsn() END) - '0/0'::pg_lsn)::bigint,
+       (SELECT coalesce(sum(blks_hit), 0) FROM pg_stat_database)::bigint,
+       (SELECT coalesce(sum(blks_read), 0) FROM pg_stat_database)::bigint
 """
 LOGICAL_SQL = "SELECT coalesce(sum(pg_database_size(oid)), 0)::bigint FROM pg_database"
 
@@ -136,6 +138,9 @@ class _Last:
     proc: ProcTimes | None
     lsn: int
     wall: datetime
+    connections: int = 0
+    blocks_hit: int = 0
+    blocks_read: int = 0
 
 
 @dataclass
@@ -144,6 +149,8 @@ class _Look:
     connections: int
     xacts: int
     lsn: int
+    blocks_hit: int = 0
+    blocks_read: int = 0
     logical: int | None = None
     proc: ProcTimes | None = None
     at: float = field(default_factory=time.monotonic)
@@ -158,6 +165,7 @@ class MetricsSampler:
         self._task: asyncio.Task[None] | None = None
         self._last: dict[str, _Last] = {}
         self._logical: dict[str, int] = {}  # branch -> last logical size
+        self._allocated: dict[str, tuple[str, int]] = {}  # branch -> (project, bytes on disk), last measured
         self._totals = MetricTotals({}, {}, {})
         self._window: tuple[datetime, datetime] | None = None
         self.ticks = 0
@@ -215,6 +223,7 @@ class MetricsSampler:
             known = {t[1] for t in targets}
             self._logical = {b: v for b, v in self._logical.items() if b in known}
             self._logical.update({r.branch_id: r.logical_bytes for r in measured if r.logical_bytes is not None})
+            self._allocated = {r.branch_id: (r.project_id, r.storage_bytes or 0) for r in measured}
             rows += measured
         await plane.db(plane.store.add_metric_samples, rows)
         pruned = 0
@@ -238,7 +247,8 @@ class MetricsSampler:
         try:
             row = await session.fetchone(COMPUTE_SQL, {"platform": model.PLATFORM_ROLE}, timeout=QUERY_TIMEOUT)
             assert row is not None
-            look = _Look(ep, connections=int(row[0]), xacts=int(row[1]), lsn=int(row[2]))
+            look = _Look(ep, connections=int(row[0]), xacts=int(row[1]), lsn=int(row[2]), blocks_hit=int(row[3]),
+                         blocks_read=int(row[4]))
             if logical and ep.type is model.EndpointType.READ_WRITE:
                 size = await session.fetchone(LOGICAL_SQL, timeout=QUERY_TIMEOUT)
                 look.logical = int(size[0]) if size else None
@@ -268,7 +278,9 @@ class MetricsSampler:
             active = counter_delta(before.uptime_seconds if before else None, proc.uptime_seconds, same_run=same)
             if last is None and proc.uptime_seconds <= self.interval * 2:
                 cpu, active = proc.cpu_seconds, proc.uptime_seconds  # started since the previous look
-        self._last[ep.id] = _Last(at=look.at, xacts=look.xacts, proc=proc, lsn=look.lsn, wall=now)
+        self._last[ep.id] = _Last(at=look.at, xacts=look.xacts, proc=proc, lsn=look.lsn, wall=now,
+                                  connections=look.connections, blocks_hit=look.blocks_hit,
+                                  blocks_read=look.blocks_read)
         return MetricSample(at=now, project_id=ep.project_id, branch_id=ep.branch_id, endpoint_id=ep.id,
                             connections=look.connections, xacts=look.xacts, qps=qps, wal_lsn=look.lsn,
                             cpu_seconds=cpu, active_seconds=active)
@@ -306,6 +318,18 @@ class MetricsSampler:
 
     def logical_size(self, branch_id: str) -> int | None:
         return self._logical.get(branch_id)
+
+    def latest(self, endpoint_id: str) -> _Last | None:
+        """The newest look at a compute that still runs the same postmaster (what /metrics reports)."""
+        last = self._last.get(endpoint_id)
+        pm = self.plane.computes.get(endpoint_id)
+        if last is None or pm is None or not pm.alive or (last.proc is not None and last.proc.pid != pm.pid):
+            return None
+        return last
+
+    def allocated(self) -> dict[str, tuple[str, int]]:
+        """Every branch's bytes on disk at the last storage look: branch -> (project, bytes)."""
+        return self._allocated
 
     def usage(self, endpoint_ids: Iterable[str], branch_ids: Iterable[str], *, since: datetime) -> Usage:
         """Consumption of these endpoints and branches over the retention window, or since `since` (their

@@ -44,6 +44,7 @@ from argon.settings import Settings
 from argon.storage.clone import CloneBackend
 from argon.storage.layout import Layout
 from argon.storage.spares import SparePool
+from argon.telemetry import Telemetry, compute_labels
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -61,7 +62,7 @@ def argon_os_user() -> str:
 class ControlPlane:
     def __init__(self, *, settings: Settings, layout: Layout, store: Store, installs: dict[int, PgInstall],
                  backend: CloneBackend, secrets: Secrets, activity: ActivityRegistry,
-                 computes: ComputeManager | None = None) -> None:
+                 computes: ComputeManager | None = None, telemetry: Telemetry | None = None) -> None:
         self.settings = settings
         self.layout = layout
         self.store = store
@@ -71,6 +72,7 @@ class ControlPlane:
         self.activity = activity
         self.spares = SparePool(layout.spares_dir, backend, settings.spare_clusters)
         self.computes = computes or ComputeManager()  # what runs; the lifecycle decides when
+        self.telemetry = telemetry or Telemetry()  # counters the use cases and the lifecycle update
         self.os_user = argon_os_user()
         self.templates: dict[int, Path] = {}  # Postgres major -> pristine template pgdata
         self.initdb_settings: dict[int, dict[str, str]] = {}  # Postgres major -> what initdb wrote (template.py)
@@ -153,6 +155,7 @@ class ControlPlane:
             return stored
 
         stored = await self.db(write)
+        self._count_operations(stored)
         for obj in deletes:
             self._unsee(obj)
         for obj in stored:
@@ -164,6 +167,7 @@ class ControlPlane:
         must not wait for a disk write, and for callbacks that cannot wait at all. Writes reach the
         store in the order they were made (one store thread)."""
         puts = list(put)
+        self._count_operations(puts)
         for obj in puts:
             self._see(obj)
 
@@ -178,6 +182,12 @@ class ControlPlane:
             await written
 
         self.spawn(wait(), what)
+
+    def _count_operations(self, objs: Iterable[Any]) -> None:
+        """An operation written in a final status is counted once, by action and outcome."""
+        for obj in objs:
+            if isinstance(obj, model.Operation) and obj.status.terminal:
+                self.telemetry.operations.labels(obj.action.value, obj.status.value).inc()
 
     def _see(self, obj: Any) -> None:
         if isinstance(obj, model.Project):
@@ -204,6 +214,7 @@ class ControlPlane:
             for ep in [e for e in self._endpoints.values() if e.branch_id == obj.id]:
                 self._unsee(ep)
         elif isinstance(obj, model.Endpoint):
+            self.telemetry.forget_compute(compute_labels(obj))
             self._endpoints.pop(obj.id, None)
             self._endpoint_locks.pop(obj.id, None)
             self.activity.forget(obj.id)
@@ -221,6 +232,7 @@ class ControlPlane:
                              created_at=now, updated_at=now, branch_id=branch_id, endpoint_id=endpoint_id,
                              error=error, failures_count=1 if error else 0, total_duration_ms=duration)
         await self.db(self.store.put, op)
+        self._count_operations([op])
         return op
 
     async def add_event(self, endpoint_id: str, kind: model.EventKind, *, at: datetime | None = None,
@@ -248,6 +260,10 @@ class ControlPlane:
         if branch is None or branch.project_id != project_id:
             raise NotFound(f"branch {branch_id!r} not found in project {project_id!r}")
         return branch
+
+    def all_branches(self) -> list[model.Branch]:
+        """Every project's branches, in no particular order (one pass, for whole-platform figures)."""
+        return list(self._branches.values())
 
     def branches(self, project_id: str) -> list[model.Branch]:
         return sorted((b for b in self._branches.values() if b.project_id == project_id),

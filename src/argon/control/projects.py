@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from argon import ids, model, safefs
 from argon.compute.osuser import OsUser, kill_all, running_as_root
 from argon.control import retention
+from argon.control.endpoints import restart_endpoint
 from argon.control.plane import ControlPlane
 from argon.control.services import Control
 from argon.control.spec import role_attributes
@@ -38,6 +40,7 @@ class ProjectRequest:
     role_name: str | None = None
     settings: model.EndpointSettings = field(default_factory=model.EndpointSettings)
     history_retention_seconds: int = model.DEFAULT_HISTORY_RETENTION
+    project_settings: model.ProjectSettings = field(default_factory=model.ProjectSettings)
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,8 @@ async def create_project(control: Control, req: ProjectRequest) -> CreatedProjec
         raise UserError(f"PostgreSQL {version} is not available on this server; available versions: {offered}")
     region = req.region_id or model.REGION_ID
     if region not in available_regions():
-        raise UserError(f"region {region!r} does not exist; available regions: {', '.join(available_regions())}")
+        raise UserError(f"region_id {region!r} is not a region of this server; available regions: "
+                        f"{', '.join(available_regions())}")
     role_name = ids.check_pg_name(req.role_name or req.database_name + DEFAULT_ROLE_SUFFIX, "role")
     database_name = ids.check_pg_name(req.database_name, "database")
     if role_name == model.PLATFORM_ROLE or role_name.startswith("pg_"):
@@ -101,7 +105,7 @@ async def create_project(control: Control, req: ProjectRequest) -> CreatedProjec
     now = model.utcnow()
     project = model.Project(id=pid, name=req.name or pid, region_id=region, pg_version=version, created_at=now,
                             updated_at=now, history_retention_seconds=req.history_retention_seconds,
-                            default_endpoint_settings=req.settings, os_uid=uid)
+                            default_endpoint_settings=req.settings, os_uid=uid, settings=req.project_settings)
     branch = model.Branch(id=bid, project_id=pid, name=req.branch_name, created_at=now, updated_at=now, default=True)
     endpoint = model.Endpoint(id=eid, project_id=pid, branch_id=bid, created_at=now, updated_at=now,
                               autoscaling_limit_min_cu=req.settings.autoscaling_limit_min_cu,
@@ -184,8 +188,12 @@ def _make_branch_data(plane: ControlPlane, project_id: str, template: Path, pgda
 
 async def update_project(control: Control, project_id: str, *, name: str | None = None,
                          endpoint_settings: model.EndpointSettings | None = None,
-                         history_retention_seconds: int | None = None) -> tuple[model.Project, list[model.Operation]]:
-    """Rename a project, change the defaults of its new computes or its history retention."""
+                         history_retention_seconds: int | None = None,
+                         settings: Callable[[model.ProjectSettings], model.ProjectSettings] | None = None,
+                         ) -> tuple[model.Project, list[model.Operation]]:
+    """Rename a project, change the defaults of its new computes, its history retention or its
+    settings (`settings` makes the new ones from the current ones, under the project's lock). Enabling logical replication restarts the running computes with `wal_level = logical`
+    (Neon suspends them): the operations list says so, one `suspend_compute` + `start_compute` each."""
     if history_retention_seconds is not None and not 0 <= history_retention_seconds <= model.MAX_HISTORY_RETENTION:
         raise UserError(f"history_retention_seconds must be between 0 and {model.MAX_HISTORY_RETENTION}")
     plane = control.plane
@@ -198,14 +206,33 @@ async def update_project(control: Control, project_id: str, *, name: str | None 
             changes["default_endpoint_settings"] = endpoint_settings
         if history_retention_seconds is not None and history_retention_seconds != p.history_retention_seconds:
             changes["history_retention_seconds"] = history_retention_seconds
+        new_settings = settings(p.settings) if settings is not None else p.settings
+        if new_settings != p.settings:
+            changes["settings"] = new_settings
         ops = []
         if changes:
+            logical = new_settings.enable_logical_replication and not p.settings.enable_logical_replication
             p = p.replace(**changes)
             await plane.commit(put=[p])
             action = (model.OperationAction.APPLY_STORAGE_CONFIG if "history_retention_seconds" in changes
                       else model.OperationAction.APPLY_CONFIG)
             ops.append(await plane.record(project_id, action))
+            if logical:
+                ops += await _restart_for_logical_replication(control, p)
     return p, ops
+
+
+async def _restart_for_logical_replication(control: Control, project: model.Project) -> list[model.Operation]:
+    """`wal_level = logical` and the roles' replication privileges at each read-write compute's next
+    start: now for the running ones (restarted), at their wake for the others."""
+    ops: list[model.Operation] = []
+    for ep in control.plane.endpoints(project.id):
+        if ep.type is not model.EndpointType.READ_WRITE:
+            continue  # a replica replays its primary's WAL; its own wal_level does not matter
+        control.computes.mark_needs_spec(ep.id)
+        if control.plane.is_running(ep.id):
+            ops += await restart_endpoint(control, project.id, ep.id)
+    return ops
 
 
 async def delete_project(control: Control, project_id: str) -> model.Project:

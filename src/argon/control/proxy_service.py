@@ -1,7 +1,7 @@
 """What the proxy asks the control plane (its `ControlClient` seam): role verifiers and wakes.
 
 Endpoints arrive as compute ids: the proxy strips a pooled host's `-pooler` suffix when it routes
-(`argon.proxy.routing`; ADR 0007). A verifier is read live from the compute's `pg_authid` while it runs
+(`argon.proxy.routing`; ADR 0017). A verifier is read live from the compute's `pg_authid` while it runs
 settled (one indexed lookup on the compute's admin session, ~0.2 ms), so a password changed
 through SQL works at once; otherwise the copy synced when the compute last stopped serves. Looking
 a verifier up changes nothing; `refresh_role_secret` (after a failed login) syncs it into the
@@ -83,6 +83,16 @@ class ProxyService:
             plane.spawn(plane.record(ep.project_id, model.OperationAction.START_COMPUTE, branch_id=ep.branch_id,
                                      endpoint_id=ep.id, started=started), "recording a start")
         return address
+
+    def allowed_ips(self, endpoint_id: str) -> tuple[str, ...]:
+        plane = self.control.plane
+        ep = plane.find_endpoint(endpoint_id)
+        if ep is None:
+            return ()
+        try:
+            return plane.project(ep.project_id).settings.guards(plane.branch(ep.project_id, ep.branch_id))
+        except NotFound:  # deleted meanwhile
+            return ()
 
     def endpoint_exists(self, endpoint_id: str) -> bool:
         return self.control.plane.find_endpoint(endpoint_id) is not None

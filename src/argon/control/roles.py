@@ -79,12 +79,17 @@ async def create_role(control: Control, project_id: str, branch_id: str, name: o
         project = plane.project(project_id)
         password = None if no_login else ids.password()
         verifier = ScramSecret.from_password(password).to_string() if password else None
+        logical = project.settings.enable_logical_replication
         if verifier:
             stmt = sql.SQL("CREATE ROLE {} WITH {} PASSWORD {}").format(
-                sql.Identifier(role_name), role_attributes(project.pg_version), sql.Literal(verifier))
+                sql.Identifier(role_name), role_attributes(project.pg_version, replication=logical),
+                sql.Literal(verifier))
         else:
             stmt = sql.SQL("CREATE ROLE {} WITH NOLOGIN").format(sql.Identifier(role_name))
-        await _execute(control, ep, [stmt])
+        statements = [stmt]
+        if verifier and logical and project.pg_version >= 16:
+            statements.append(sql.SQL("GRANT pg_create_subscription TO {}").format(sql.Identifier(role_name)))
+        await _execute(control, ep, statements)
         now = model.utcnow()
         role = model.Role(branch_id=branch_id, name=role_name, created_at=now, updated_at=now, verifier=verifier,
                           password_enc=plane.secrets.encrypt(password) if password else None, login=not no_login)

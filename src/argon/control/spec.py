@@ -9,8 +9,9 @@ Identifiers and literals reach SQL only through psycopg's `sql` composition (alw
 from __future__ import annotations
 
 import logging
+from typing import Any
 
-from psycopg import sql
+from psycopg import AsyncConnection, sql
 
 from argon import model
 from argon.compute.admin import connect_admin
@@ -23,13 +24,28 @@ VERIFIER_TIMEOUT = 2.0  # seconds for reading one verifier on the admin session
 SYNC_TIMEOUT = 10.0  # seconds for reading a compute's roles or databases
 
 
-def role_attributes(pg_version: int) -> sql.Composable:
+def role_attributes(pg_version: int, *, replication: bool = False) -> sql.Composable:
     """What API-made roles may do: create databases always; create roles only where that cannot lead
-    to pg_execute_server_program (PG16+ ADMIN OPTION model; on PG15 CREATEROLE can grant it)."""
+    to pg_execute_server_program (PG16+ ADMIN OPTION model; on PG15 CREATEROLE can grant it); with
+    logical replication enabled, publish (REPLICATION: walsenders for their own cluster only; the
+    proxy forwards logical replication connections alone, and pg_hba has no physical line)."""
     attrs = "LOGIN CREATEDB"
     if pg_version >= 16:
         attrs += " CREATEROLE"
+    if replication:
+        attrs += " REPLICATION"
     return sql.SQL(attrs)
+
+
+async def grant_replication(conn: AsyncConnection[Any], pg_version: int, roles: list[str]) -> None:
+    """Logical replication's privileges for the platform's roles, as Neon gives its roles: REPLICATION
+    (publish) and, on 16+, pg_create_subscription (subscribe; on 15 only a superuser can)."""
+    cur = await conn.execute("SELECT rolname, rolreplication FROM pg_authid WHERE rolname = ANY(%s)", (roles,))
+    for name, replication in await cur.fetchall():
+        if not replication:
+            await conn.execute(sql.SQL("ALTER ROLE {} WITH REPLICATION").format(sql.Identifier(name)))
+        if pg_version >= 16:
+            await conn.execute(sql.SQL("GRANT pg_create_subscription TO {}").format(sql.Identifier(name)))
 
 
 async def apply_spec(plane: ControlPlane, ep: model.Endpoint, spec: ComputeSpec) -> None:
@@ -48,6 +64,8 @@ async def apply_spec(plane: ControlPlane, ep: model.Endpoint, spec: ComputeSpec)
             elif role.verifier and existing_roles[role.name] != role.verifier:
                 await conn.execute(sql.SQL("ALTER ROLE {} WITH LOGIN PASSWORD {}").format(
                     sql.Identifier(role.name), sql.Literal(role.verifier)))
+        if project.settings.enable_logical_replication:
+            await grant_replication(conn, project.pg_version, [r.name for r in roles])
         cur = await conn.execute("SELECT datname FROM pg_database")
         existing_dbs = {name for (name,) in await cur.fetchall()}
         for db in databases:

@@ -5,7 +5,9 @@ byte moved for `suspend_timeout_seconds`. Before stopping, under the endpoint lo
 `pg_stat_activity` catches work that sends no bytes (a long CREATE INDEX, autovacuum, walsenders,
 background workers); then the proxy's sessions are checked again, so a client that arrived
 meanwhile is served, not killed. Idle client connections receive Postgres's own
-`terminating connection due to administrator command` (57P01) from the fast shutdown.
+`terminating connection due to administrator command` (57P01) from the fast shutdown; pooled
+clients hold no server connection while idle, and the pools' idle ones are closed first
+(`ActivityRegistry.quiesce`), so a suspend closes nothing a pooled client can see.
 """
 
 from __future__ import annotations
@@ -124,10 +126,17 @@ class SuspendMonitor:
                 return False
             if plane.activity.snapshot(endpoint_id).busy:
                 return False
+            # the transaction pools hand out no server from here and close their idle ones, so the stop
+            # reaches no pooled client; a pool whose server is in use calls the suspend off (ADR 0017)
+            if not await plane.activity.quiesce(endpoint_id):
+                return False
             self._running_since.pop(endpoint_id, None)
             started = time.monotonic()
-            if not await self.control.computes.stop_locked(endpoint_id, reason=reason):
-                return False
+            try:
+                if not await self.control.computes.stop_locked(endpoint_id, reason=reason):
+                    return False
+            finally:
+                plane.activity.resume(endpoint_id)
         ep = plane.endpoint(None, endpoint_id)
         await plane.record(ep.project_id, model.OperationAction.SUSPEND_COMPUTE, branch_id=ep.branch_id,
                            endpoint_id=endpoint_id, started=started)

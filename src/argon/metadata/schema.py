@@ -58,6 +58,7 @@ projects = Table(
     Column("default_endpoint_settings", JSON, nullable=False),
     Column("os_uid", Integer, nullable=True, unique=True),
     Column("store_passwords", Boolean, nullable=False),
+    Column("settings", JSON, nullable=False),
 )
 
 branches = Table(
@@ -144,6 +145,7 @@ api_keys = Table(
     Column("created_at", UTCDateTime, nullable=False),
     Column("last_used_at", UTCDateTime),
     Column("revoked", Boolean, nullable=False),
+    Column("project_id", String(64), nullable=True),
 )
 
 events = Table(

@@ -345,11 +345,11 @@ class Store:
         """API keys are high-entropy random strings, so a plain SHA-256 is a sufficient at-rest hash."""
         return hashlib.sha256(key.encode()).hexdigest()
 
-    def add_api_key(self, name: str, key: str) -> model.ApiKey:
+    def add_api_key(self, name: str, key: str, project_id: str | None = None) -> model.ApiKey:
         with self._conn() as conn:
             current = conn.execute(select(func.max(schema.api_keys.c.id))).scalar()
             api_key = model.ApiKey(id=int(current or 0) + 1, name=name, key_hash=self.hash_key(key),
-                                   created_at=model.utcnow())
+                                   created_at=model.utcnow(), project_id=project_id)
             conn.execute(schema.api_keys.insert().values(**_to_row(api_key)))
         return api_key
 

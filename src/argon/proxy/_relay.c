@@ -132,6 +132,7 @@ typedef struct {
     uint64_t *closing; /* the thread's copy of `closes`, swapped with it under the lock */
     size_t closing_cap;
     size_t buffered; /* bytes waiting in every session's out buffers (atomic; for stats()) */
+    uint64_t relayed[2]; /* bytes read from clients [CLIENT] and computes [COMPUTE], all sessions (atomic) */
     pthread_mutex_t lock;
     /* protected by lock */
     Session **table; /* open sessions by slot; id = generation << 24 | slot */
@@ -428,6 +429,7 @@ static int tls_receive(RelayObject *r, Session *s) {
         int n = ossl.SSL_read(s->ssl, r->tlsbuf, READ_CHUNK);
         if (n > 0) {
             s->side[CLIENT].bytes += (uint64_t)n;
+            __atomic_fetch_add(&r->relayed[CLIENT], (uint64_t)n, __ATOMIC_RELAXED);
             scan(s, CLIENT, (const uint8_t *)r->tlsbuf, (size_t)n);
             if (deliver(r, s, COMPUTE, r->tlsbuf, (size_t)n) < 0)
                 return -1;
@@ -468,6 +470,7 @@ static void on_event(RelayObject *r, Session *s, int k, uint32_t events, Session
                 }
             } else {
                 side->bytes += (uint64_t)n;
+                __atomic_fetch_add(&r->relayed[k], (uint64_t)n, __ATOMIC_RELAXED);
                 scan(s, k, (const uint8_t *)buf, (size_t)n);
                 rc = s->ssl != NULL ? tls_send(r, s, buf, (size_t)n) : deliver(r, s, 1 - k, buf, (size_t)n);
             }
@@ -929,14 +932,17 @@ static PyObject *Relay_fileno(RelayObject *r, PyObject *Py_UNUSED(ignored)) {
 }
 
 PyDoc_STRVAR(stats_doc,
-             "stats() -> (sessions, buffered): open sessions, and the bytes waiting in their out buffers\n"
-             "(read from one side, not yet written to the other).");
+             "stats() -> (sessions, buffered, from_clients, from_computes): open sessions, the bytes waiting\n"
+             "in their out buffers (read from one side, not yet written to the other), and the bytes read\n"
+             "from clients and from computes by every session so far, open ones included.");
 
 static PyObject *Relay_stats(RelayObject *r, PyObject *Py_UNUSED(ignored)) {
     pthread_mutex_lock(&r->lock);
     size_t live = r->live;
     pthread_mutex_unlock(&r->lock);
-    return Py_BuildValue("(nn)", (Py_ssize_t)live, (Py_ssize_t)__atomic_load_n(&r->buffered, __ATOMIC_RELAXED));
+    return Py_BuildValue("(nnKK)", (Py_ssize_t)live, (Py_ssize_t)__atomic_load_n(&r->buffered, __ATOMIC_RELAXED),
+                         (unsigned long long)__atomic_load_n(&r->relayed[CLIENT], __ATOMIC_RELAXED),
+                         (unsigned long long)__atomic_load_n(&r->relayed[COMPUTE], __ATOMIC_RELAXED));
 }
 
 static PyObject *Relay_shutdown(RelayObject *r, PyObject *Py_UNUSED(ignored)) {

@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field, replace
 
 from argon.errors import UserError
+from argon.model import ip_allowed
 from argon.proxy.control_client import ControlClient
 from argon.proxy.handshake import MessageStream
 from argon.proxy.routing import Route, parse_password_hack
@@ -45,6 +46,18 @@ class AuthFailed(UserError):
 
 def password_failed(user: str) -> AuthFailed:
     return AuthFailed(f"password authentication failed for user '{user}'")
+
+
+def check_access(ctx: AuthContext, route: Route, peer_ip: str) -> None:
+    """The project's IP allow-list, once the endpoint is known and before any secret is looked up or
+    compute woken (Neon's order); every path passes here: TCP and TLS, the pooled host, the
+    password hack, WebSockets and SQL over HTTP. Neon's text, but pointing at Argon's setting."""
+    assert route.compute_id is not None
+    if not ip_allowed(ctx.control.allowed_ips(route.compute_id), peer_ip):
+        log.info("refused %s on %s: not in the project's allowed_ips", peer_ip, route.endpoint_id)
+        raise AuthFailed(f"This IP address {peer_ip} is not allowed to connect to this endpoint. Please add it to "
+                         "the project's allowed IPs (settings.allowed_ips). Make sure to check for IPv4 or IPv6 "
+                         "addresses.")
 
 
 @dataclass
@@ -173,6 +186,7 @@ async def _read_password_message(stream: MessageStream) -> bytes:
 async def _scram(ctx: AuthContext, stream: MessageStream, route: Route, served: ServedCert | None,
                  peer_ip: str) -> Credentials:
     assert route.endpoint_id is not None and route.compute_id is not None
+    check_access(ctx, route, peer_ip)
     secret, text = await _secret(ctx, route)
     binding = served.end_point if served is not None else None
     server = scram.ScramServer(secret, channel_binding=binding, mock=text is None)
@@ -226,6 +240,7 @@ async def _token(ctx: AuthContext, stream: MessageStream, route: Route) -> Crede
 async def check_password(ctx: AuthContext, route: Route, password: str, peer_ip: str) -> Credentials:
     """A cleartext password against the role's verifier (SQL over HTTP checks every request this way)."""
     assert route.endpoint_id is not None and route.compute_id is not None
+    check_access(ctx, route, peer_ip)
     secret, text = await _secret(ctx, route)
     async with ctx.throttle.attempt(peer_ip, route.compute_id, route.user):
         client_key = await ctx.password_checks.run(route.compute_id, scram.derive_client_key, secret, password)

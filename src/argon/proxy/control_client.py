@@ -39,5 +39,9 @@ class ControlClient(Protocol):
         during a wake or a suspend wait here. Raises `argon.errors.ArgonError` whose
         `user_message` is sent to the client (e.g. endpoint disabled)."""
 
+    def allowed_ips(self, endpoint_id: str) -> tuple[str, ...]:
+        """The project's IP allow-list in force for this endpoint (`argon.model.ip_allowed` reads it);
+        empty when everyone may connect, or the endpoint is unknown. Served from memory."""
+
     def endpoint_exists(self, endpoint_id: str) -> bool:
         """Cheap check used only for metrics/logging; auth must not depend on it."""

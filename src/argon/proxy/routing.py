@@ -7,7 +7,7 @@ without SNI; both present must agree; with neither, the proxy asks for a clearte
 form `endpoint=<id>;<password>` (or `$` as separator). A `-pooler` suffix stays in the endpoint id
 (`Route.pooler` records that it was asked for) and is stripped here, once: `Route.compute_id` names
 the compute that serves the route, which is what the proxy asks the control plane about and what
-activity and throttling count (ADR 0007: the pooled host is a session alias).
+activity and throttling count; the session then goes to the transaction pooler (ADR 0017).
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from argon.errors import ConfigError
 from argon.proxy.activity import ActivityRegistry
@@ -44,9 +44,11 @@ from argon.proxy.auth import Credentials
 from argon.proxy.cancel import CancelMap
 from argon.proxy.control_client import ControlClient
 from argon.proxy.native import make_relays
+from argon.proxy.pooler import Pooler, pooler_engine
 from argon.proxy.session import PRE_AUTH_TIMEOUT, Session, SessionContext, Tunnel
 from argon.proxy.throttle import PasswordChecks, Throttle, client_key
 from argon.proxy.tls import TlsConfig
+from argon.telemetry import Telemetry
 from argon.wire import codec
 
 log = logging.getLogger(__name__)
@@ -87,7 +89,8 @@ class ProxyServer:
                  tls: TlsConfig | None, server_secret: bytes, plaintext: PlaintextPolicy = "loopback",
                  domain: str | None = None, forward_all_params: bool = False,
                  throttle: Throttle | None = None, relay: RelayMode = "auto", limits: Limits | None = None,
-                 internal_socket: bool = True) -> None:
+                 internal_socket: bool = True, telemetry: Telemetry | None = None,
+                 pooler: dict[str, Any] | None = None) -> None:
         if plaintext not in ("loopback", "always", "never"):
             raise ValueError(f"plaintext must be loopback, always or never, not {plaintext!r}")
         if relay not in ("auto", "native", "python"):
@@ -101,8 +104,10 @@ class ProxyServer:
                                   plaintext=plaintext, domain=domain.lower().rstrip(".") if domain else None,
                                   forward_all_params=forward_all_params, cancels=self.cancels,
                                   throttle=throttle or Throttle(), password_checks=PasswordChecks(),
-                                  pre_auth_timeout=self.limits.pre_auth_timeout)
+                                  pre_auth_timeout=self.limits.pre_auth_timeout,
+                                  telemetry=telemetry or Telemetry())
         self._want_internal = internal_socket
+        self._pooler_options = pooler or {}  # Pooler keyword arguments (pool_size, max_clients: tests, benchmarks)
         self._sock: socket.socket | None = None
         self._internal: socket.socket | None = None
         self.internal_dir: str | None = None  # where the internal socket is (libpq's `host`), once started
@@ -130,12 +135,23 @@ class ProxyServer:
         return "native" if self.ctx.relays is not None else "python"
 
     @property
+    def accepting(self) -> bool:
+        """Listening, with the accept loop running (what /readyz asks)."""
+        return self._sock is not None and any(t.get_name() == "proxy-accept" and not t.done() for t in self._tasks)
+
+    @property
     def sessions(self) -> int:
         return len(self._sessions)
 
     @property
     def unauthenticated(self) -> int:
         return self._strangers
+
+    @property
+    def pooled_fds(self) -> int:
+        """Descriptors held by the transaction pooler: its clients and its server connections."""
+        pooler = self.ctx.pooler
+        return 0 if pooler is None else pooler.clients + pooler.servers
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -157,6 +173,8 @@ class ProxyServer:
         self.fd_budget = fd_budget(self.limits.fd_reserve)
         self.max_unauthenticated = self.limits.max_unauthenticated or max(64, min(4096, self.fd_budget // 4))
         self.ctx.relays = make_relays(self.relay_mode)
+        self.ctx.pooler = Pooler(control=self.ctx.control, activity=self.ctx.activity, cancels=self.cancels,
+                                 engine=pooler_engine(self.relay_mode), **self._pooler_options)
         self._tasks.append(loop.create_task(self._accept_loop(sock, internal=False), name="proxy-accept"))
         if self._want_internal:
             self._start_internal()
@@ -207,6 +225,9 @@ class ProxyServer:
             task.cancel()
         if self._sessions:
             await asyncio.wait(list(self._sessions), timeout=10)
+        if self.ctx.pooler is not None:
+            await self.ctx.pooler.close()
+            self.ctx.pooler = None
         if self.ctx.relays is not None:
             self.ctx.relays.close()
             self.ctx.relays = None
@@ -226,7 +247,7 @@ class ProxyServer:
                 return self._refuse(sock, peer_ip, "unauthenticated connections per client")
             if self._strangers >= self.max_unauthenticated:
                 self._evict_oldest_stranger("unauthenticated connections")
-        if self._fds + fds > self.fd_budget and not self._evict_oldest_stranger("descriptor budget"):
+        if self._fds + self.pooled_fds + fds > self.fd_budget and not self._evict_oldest_stranger("descriptor budget"):
             return self._refuse(sock, peer_ip, "descriptor budget")
         if not internal:
             self._strangers += 1

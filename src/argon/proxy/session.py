@@ -17,11 +17,12 @@ import socket
 import struct
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
 
+from argon import logs
 from argon.errors import ArgonError
-from argon.proxy import routing
+from argon.proxy import backend, routing
 from argon.proxy.activity import ActivityRegistry, SessionActivity
 from argon.proxy.auth import (
     AuthContext,
@@ -30,15 +31,20 @@ from argon.proxy.auth import (
     authenticate,
     recheck_password,
 )
+from argon.proxy.backend import CANNOT_CONNECT, ComputeRejected
 from argon.proxy.cancel import CancelMap, CancelTarget
 from argon.proxy.control_client import ComputeAddress, ControlClient
 from argon.proxy.handshake import ConnectionClosed, MessageStream, negotiate
 from argon.proxy.native import NativeRelays, NativeSession
 from argon.proxy.pipe import Relay
-from argon.proxy.throttle import PasswordChecks, Throttle
+from argon.proxy.throttle import PasswordChecks, Throttle, Throttled
 from argon.proxy.tls import ServedCert, TlsConfig
+from argon.telemetry import Telemetry
 from argon.wire import codec, scram
 from argon.wire.codec import CancelRequest, ProtocolViolation, StartupMessage
+
+if TYPE_CHECKING:
+    from argon.proxy.pooler import Pooler
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +64,6 @@ _BYTES_CHECK_INTERVAL = 0.1
 CONNECT_ATTEMPTS = 5
 CONNECT_TIMEOUT = 10.0  # per compute login (socket + SCRAM + greeting)
 INSECURE = "connection is insecure (try using `sslmode=require`)"
-CANNOT_CONNECT = "Couldn't connect to compute node"
-_MAX_BACKEND_MESSAGE = 1 << 20
 _RETRY_SQLSTATES = frozenset({"57P03"})  # the database system is starting up / shutting down
 
 
@@ -79,18 +83,11 @@ class SessionContext:
     password_checks: PasswordChecks
     relays: NativeRelays | None = None  # the C relay thread, when it runs
     pre_auth_timeout: float = PRE_AUTH_TIMEOUT
+    telemetry: Telemetry = field(default_factory=Telemetry)
+    pooler: Pooler | None = None  # the transaction pooler behind `-pooler` hosts (ADR 0017)
 
     def __post_init__(self) -> None:
         self.auth = AuthContext(self.control, self.server_secret, self.throttle, self.password_checks)
-
-
-class ComputeRejected(Exception):
-    """The compute answered the login with an ErrorResponse."""
-
-    def __init__(self, fields: dict[str, str]) -> None:
-        super().__init__(fields.get("M", ""))
-        self.sqlstate = fields.get("C", "")
-        self.message = fields.get("M", "") or CANNOT_CONNECT
 
 
 @dataclass
@@ -124,6 +121,21 @@ def plaintext_allowed(policy: str, peer_ip: str) -> bool:
             ip = ip.ipv4_mapped
         return ip.is_loopback
     return False
+
+
+def login_outcome(exc: BaseException) -> str:
+    """The `outcome` label of a login that raised `exc` (argon_proxy_logins_total)."""
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, Throttled):
+        return "throttled"
+    if isinstance(exc, AuthFailed):
+        return "failed"
+    if isinstance(exc, ProtocolViolation):
+        return "protocol_error"
+    if isinstance(exc, (ConnectionClosed, ConnectionError, OSError, asyncio.CancelledError)):
+        return "abandoned"
+    return "error"
 
 
 def _frame(msg_type: str, payload: bytes) -> bytes:
@@ -194,6 +206,7 @@ class Session:
 
     async def run(self) -> None:
         stream: MessageStream | None = None
+        logs.bind(client_addr=self.peer_ip)  # this task's own context: every line it writes names the client
         self._guard_bytes()
         try:
             tunnel = self.tunnel
@@ -205,6 +218,7 @@ class Session:
                 return
             secure = hello.tls or (tunnel is not None and tunnel.secure)
             if self.ctx.tls is not None and not secure and not plaintext_allowed(self.ctx.plaintext, self.peer_ip):
+                self.ctx.telemetry.logins.labels("insecure").inc()
                 raise AuthFailed(INSECURE)
             await self._serve(stream, hello.packet, hello.served)
         except (TimeoutError, ConnectionClosed, ConnectionError, OSError) as exc:
@@ -237,16 +251,31 @@ class Session:
         tunnel = self.tunnel
         route = routing.resolve(startup.params, served.server_name if served else None, ctx.domain,
                                 host_endpoint=tunnel.endpoint_id if tunnel else None)
+        logs.bind(endpoint_id=route.endpoint_id)
         try:
             async with asyncio.timeout_at(self._deadline):
                 creds = await authenticate(ctx.auth, stream, route, served, self.peer_ip,
                                            cleartext=tunnel is not None, internal=tunnel is not None and tunnel.internal)
-        except TimeoutError:
-            raise AuthFailed("Authentication timed out") from None
+        except BaseException as exc:
+            ctx.telemetry.logins.labels(login_outcome(exc)).inc()
+            if isinstance(exc, TimeoutError):
+                raise AuthFailed("Authentication timed out") from None
+            raise
         self._authenticated()
         endpoint_id = creds.route.endpoint_id
         assert endpoint_id is not None and creds.route.compute_id is not None
         self.endpoint_id = endpoint_id
+        if creds.route.pooler and ctx.pooler is not None and not (tunnel is not None and tunnel.internal):
+            try:
+                await ctx.pooler.serve(stream, startup, creds)
+            except ArgonError as exc:
+                ctx.telemetry.logins.labels("compute_error").inc()
+                self._fail(stream, exc.user_message, creds.pending)
+                log.info("pooled session for %s@%s from %s failed: %s", creds.route.user, endpoint_id, self.peer_ip,
+                         exc.user_message)
+                return
+            ctx.telemetry.logins.labels("success").inc()
+            return
         activity = ctx.activity.open(creds.route.compute_id)
         activity.in_query = True  # logging in counts as busy: no suspend under our feet
         login: ComputeLogin | None = None
@@ -254,10 +283,12 @@ class Session:
             try:
                 login = await self._connect(startup, creds)
             except ArgonError as exc:
+                ctx.telemetry.logins.labels("compute_error").inc()
                 self._fail(stream, exc.user_message, creds.pending)
                 log.info("session for %s@%s from %s failed: %s", creds.route.user, endpoint_id, self.peer_ip,
                          exc.user_message)
                 return
+            ctx.telemetry.logins.labels("success").inc()
             activity.in_query = False
             activity.last_activity = time.monotonic()
             relay = await self._relay(stream, login, creds.pending + login.greeting, activity)
@@ -265,6 +296,11 @@ class Session:
                 await relay.done
             finally:
                 relay.close()
+                if isinstance(relay, NativeSession):  # the C thread's totals counted its bytes as they passed
+                    ctx.telemetry.session_ended(time.monotonic() - self.started)
+                else:
+                    ctx.telemetry.session_ended(time.monotonic() - self.started, relay.bytes_from_client,
+                                                relay.bytes_from_compute)
                 log.info("session ended: endpoint=%s user=%s peer=%s duration=%.1fs bytes_in=%d bytes_out=%d",
                          endpoint_id, creds.route.user, self.peer_ip, time.monotonic() - self.started,
                          relay.bytes_from_client, relay.bytes_from_compute)
@@ -357,44 +393,7 @@ class Session:
             raise ArgonError("Control plane request failed") from None
 
     async def _login(self, socket_path: str, params: dict[str, str], creds: Credentials) -> ComputeLogin:
-        loop = asyncio.get_running_loop()
-        transport, stream = await loop.create_unix_connection(MessageStream, socket_path)
-        try:
-            return await self._exchange(stream, params, creds, socket_path)
-        except BaseException:
-            transport.abort()
-            raise
-
-    async def _exchange(self, stream: MessageStream, params: dict[str, str], creds: Credentials,
-                        socket_path: str) -> ComputeLogin:
-        stream.write(codec.startup_message(params))
-        client = scram.ClientKeyAuth(creds.client_key, creds.server_key)
-        parts: list[bytes] = []
-        real_key: tuple[int, int] | None = None
-        while True:
-            msg_type, payload = await stream.read_message(_MAX_BACKEND_MESSAGE)
-            if msg_type == "R":
-                code, rest = codec.parse_authentication(payload)
-                if code == 10:
-                    stream.write(codec.sasl_initial_response(client.mechanism, client.client_first()))
-                elif code == 11:
-                    stream.write(codec.sasl_response(client.client_final(rest)))
-                elif code == 12:
-                    client.verify_server_final(rest)
-                elif code != 0:
-                    log.warning("compute asked for authentication method %d; only SCRAM is supported", code)
-                    raise ArgonError(CANNOT_CONNECT)
-            elif msg_type == "E":
-                raise ComputeRejected(codec.parse_error_fields(payload))
-            elif msg_type in ("S", "N"):
-                parts.append(_frame(msg_type, payload))
-            elif msg_type == "K":
-                real_key = codec.parse_backend_key_data(payload)
-            elif msg_type == "Z":
-                if real_key is None:
-                    raise ArgonError(CANNOT_CONNECT)
-                key = self.ctx.cancels.register(CancelTarget(socket_path, *real_key))
-                parts.append(codec.backend_key_data(*key))
-                parts.append(_frame(msg_type, payload))
-                return ComputeLogin(stream, b"".join(parts), key)
-            # anything else before ReadyForQuery (NegotiateProtocolVersion...) is not for the client
+        login = await backend.login(socket_path, params, creds.client_key, creds.server_key)
+        key = self.ctx.cancels.register(CancelTarget(socket_path, *login.backend_key))
+        greeting = b"".join(login.messages) + codec.backend_key_data(*key) + _frame("Z", login.status)
+        return ComputeLogin(login.stream, greeting, key)

@@ -373,6 +373,11 @@ def endpoint_from_options(options: str) -> str | None:
     return found.get("endpoint", found.get("project"))
 
 
+def is_routing_word(word: str) -> bool:
+    """An `options` word meant for the proxy (`endpoint=`, `project=`, `neon_*:`), never for Postgres."""
+    return bool(_ROUTING_WORD.fullmatch(word) or _NEON_OPTION.fullmatch(word))
+
+
 def _strip_routing_words(options: str) -> str:
     """`options` without the words meant for the proxy (`endpoint=`, `project=`, `neon_*:`)."""
     words = split_options(options)
@@ -390,7 +395,9 @@ def filter_startup_params(params: dict[str, str], *, forward_all: bool) -> dict[
     """The startup parameters the proxy sends to the compute.
 
     Always: the routing words leave `options` (dropped when nothing is left) and `_pq_.*` protocol
-    options go. Unless `forward_all`: a replication connection is refused, and only parameters
+    options go. Unless `forward_all`: a physical replication connection is refused (a logical one,
+    `replication=database`, is what a subscriber opens: Postgres lets in only roles with
+    REPLICATION, which the platform gives with logical replication enabled), and only parameters
     Postgres will accept are kept (`FORWARDED`, or a GUC-like name that is no client-side keyword).
     """
     out: dict[str, str] = {}
@@ -402,8 +409,9 @@ def filter_startup_params(params: dict[str, str], *, forward_all: bool) -> dict[
             if not value.strip(_SPACE):
                 continue
         elif not forward_all:
-            if name == "replication" and value.lower() not in _FALSE:
-                raise ProtocolViolation("replication connections are not supported")
+            if name == "replication" and value.lower() not in _FALSE and value.lower() != "database":
+                raise ProtocolViolation("physical replication connections are not supported; logical replication "
+                                        "(replication=database) is")
             if not _forwardable(name):
                 continue
         out[name] = value

@@ -31,7 +31,8 @@ else:
             "HOST": _db["HOST"],
             "PORT": _db["PORT"],
             "OPTIONS": _db.get("OPTIONS", {}),
-            "CONN_MAX_AGE": int(os.environ.get("ARGON_CONN_MAX_AGE", "0")),
+            "CONN_MAX_AGE": (None if os.environ.get("ARGON_CONN_MAX_AGE") == "None"
+                             else int(os.environ.get("ARGON_CONN_MAX_AGE", "0"))),
             "CONN_HEALTH_CHECKS": os.environ.get("ARGON_CONN_HEALTH_CHECKS") == "1",
         }
     }

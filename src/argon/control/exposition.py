@@ -1,0 +1,117 @@
+"""What the control plane reports at scrape time: the view's counts and each compute's last look.
+
+Nothing here touches a compute or the disk: projects, branches and endpoints come from the
+in-memory view, per-compute Postgres figures from the metrics sampler's newest look (taken every
+`ARGON_METRICS_INTERVAL` seconds on running computes only, so a scrape never wakes anything and a
+suspended compute simply has no per-compute series), and disk from its last storage walk. Every
+family is always present (with no samples when there is nothing to report), so a dashboard's
+queries name metrics that exist from the first scrape.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from argon import model
+from argon.control.services import Control
+from argon.telemetry import COMPUTE_LABELS, compute_labels
+
+
+def collect(control: Control) -> Iterator[Metric]:
+    plane, sampler = control.plane, control.metrics
+    yield _gauge("argon_projects", "Projects", [((), len(plane.projects()))])
+
+    branches = plane.all_branches()
+    by_state = Counter(b.state.value for b in branches)
+    yield _gauge("argon_branches", "Branches, by state", [((s,), n) for s, n in sorted(by_state.items())],
+                 ("state",))
+
+    endpoints = plane.endpoints()
+    by_kind = Counter((e.current_state.value, e.type.value) for e in endpoints)
+    yield _gauge("argon_endpoints", "Endpoints, by state (init, active, idle) and type",
+                 [(k, n) for k, n in sorted(by_kind.items())], ("state", "type"))
+    yield _gauge("argon_compute_up", "1 while the endpoint's compute runs, 0 while it is suspended",
+                 [((*compute_labels(e), e.type.value), 1 if plane.is_running(e.id) else 0) for e in endpoints],
+                 (*COMPUTE_LABELS, "type"))
+
+    allocated = sampler.allocated()
+    per_project: Counter[str] = Counter()
+    for project_id, size in allocated.values():
+        per_project[project_id] += size
+    yield _gauge("argon_project_disk_bytes", "Bytes a project's directory holds on disk (data, history; "
+                 "measured every 5th metrics interval)", [((p,), n) for p, n in sorted(per_project.items())],
+                 ("project_id",))
+    yield _gauge("argon_branch_disk_bytes", "Bytes a branch's directory holds on disk",
+                 [((p, b), n) for b, (p, n) in sorted(allocated.items())], ("project_id", "branch_id"))
+    logical = [((b.project_id, b.id), size) for b in branches
+               if (size := sampler.logical_size(b.id)) is not None]
+    yield _gauge("argon_branch_logical_size_bytes", "Size of a branch's databases (pg_database_size, or its "
+                 "files while suspended)", logical, ("project_id", "branch_id"))
+
+    yield from _computes(control, endpoints)
+
+
+def _computes(control: Control, endpoints: list[model.Endpoint]) -> Iterator[Metric]:
+    plane, sampler = control.plane, control.metrics
+    labels = COMPUTE_LABELS
+    connections = GaugeMetricFamily("argon_compute_connections", "Client connections on a compute "
+                                    "(pg_stat_activity, the platform's own left out)", labels=labels)
+    xacts = CounterMetricFamily("argon_compute_transactions", "Commits and rollbacks on a compute since it "
+                                "started (pg_stat_database)", labels=labels)
+    hits = CounterMetricFamily("argon_compute_blocks_hit", "Block reads served from shared buffers",
+                               labels=labels)
+    reads = CounterMetricFamily("argon_compute_blocks_read", "Block reads that went to the OS", labels=labels)
+    ratio = GaugeMetricFamily("argon_compute_cache_hit_ratio", "blocks hit / (hit + read) since the compute "
+                              "started", labels=labels)
+    size = GaugeMetricFamily("argon_compute_database_size_bytes", "Sum of pg_database_size on a running "
+                             "read-write compute", labels=labels)
+    wal = GaugeMetricFamily("argon_compute_wal_position_bytes", "WAL position (written, or replayed on a "
+                            "replica) as a byte offset", labels=labels)
+    lag = GaugeMetricFamily("argon_compute_replication_lag_bytes", "WAL a read replica has still to replay "
+                            "behind its running primary", labels=labels)
+    cpu = CounterMetricFamily("argon_compute_cpu_seconds", "CPU time of a compute's processes since it started",
+                              labels=labels)
+    uptime = GaugeMetricFamily("argon_compute_uptime_seconds", "Seconds since the compute started", labels=labels)
+    sampled = GaugeMetricFamily("argon_compute_last_sample_timestamp_seconds", "When the figures above were "
+                                "read (Unix time)", labels=labels)
+    primaries: dict[str, int] = {}
+    looks = []
+    for ep in endpoints:
+        last = sampler.latest(ep.id) if plane.is_running(ep.id) else None
+        if last is None:
+            continue
+        looks.append((ep, last))
+        if ep.type is model.EndpointType.READ_WRITE:
+            primaries[ep.branch_id] = last.lsn
+    for ep, last in looks:
+        values = list(compute_labels(ep))
+        connections.add_metric(values, last.connections)
+        xacts.add_metric(values, last.xacts)
+        hits.add_metric(values, last.blocks_hit)
+        reads.add_metric(values, last.blocks_read)
+        total = last.blocks_hit + last.blocks_read
+        if total:
+            ratio.add_metric(values, last.blocks_hit / total)
+        wal.add_metric(values, last.lsn)
+        sampled.add_metric(values, last.wall.timestamp())
+        if ep.type is model.EndpointType.READ_WRITE:
+            logical = sampler.logical_size(ep.branch_id)
+            if logical is not None:
+                size.add_metric(values, logical)
+        elif ep.branch_id in primaries:
+            lag.add_metric(values, max(0, primaries[ep.branch_id] - last.lsn))
+        if last.proc is not None:
+            cpu.add_metric(values, last.proc.cpu_seconds)
+            uptime.add_metric(values, last.proc.uptime_seconds)
+    yield from (connections, xacts, hits, reads, ratio, size, wal, lag, cpu, uptime, sampled)
+
+
+def _gauge(name: str, doc: str, samples: list[tuple[tuple[str, ...], float]],
+           labels: tuple[str, ...] = ()) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, doc, labels=list(labels))
+    for values, value in samples:
+        family.add_metric(list(values), value)
+    return family
