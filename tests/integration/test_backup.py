@@ -242,6 +242,11 @@ def test_a_deleted_projects_objects_go_one_window_after_its_deletion(shipping: t
     assert service is not None
     prefix = branch_prefix(pid, bid)
     state = platform.settings.data_dir / "backup" / pid / bid
+    deadline = time.monotonic() + 60  # this branch's own row (wait_shipped counts rows of any branch)
+    while not any(r["branch_id"] == bid and r["last_base_backup"]
+                  for r in platform.api.get("/backup").json()["backup"]["branches"]):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
     assert state.is_dir() and service.store.list(prefix)
     platform.delete_project(pid)
     deadline = time.monotonic() + 60
