@@ -70,6 +70,15 @@ class Settings(BaseSettings):
     proxy_relay: Literal["auto", "native", "python"] = Field(
         "auto", description="How the proxy relays bytes after login: native (a C thread, built at install when a "
         "C compiler is present), python, or auto (native when built)")
+    compute_limits: Literal["auto", "off"] = Field(
+        "auto", description="Enforce each compute's CPU and memory (its compute units) with cgroups: auto (when "
+        "run as root on a host with the cpu and memory controllers, v2 or v1) or off")
+    compute_memory_per_cu: float = Field(4.0, gt=0, le=1024, description="GiB of memory one compute unit may use "
+                                         "(Neon's is 4; lower it on a small machine)")
+    autoscaling_interval: float = Field(1.0, gt=0, le=60, description="Seconds between autoscaling looks at each "
+                                        "running compute's CPU and memory")
+    autoscaling_quiet_seconds: float = Field(30.0, gt=0, le=3600, description="Seconds a compute must need less "
+                                             "before autoscaling moves it down")
     forward_all_params: bool = Field(False, description="Forward every startup parameter to computes (default: Neon's filtered set)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity")
     log_format: Literal["auto", "text", "json"] = Field(

@@ -23,12 +23,14 @@ def status(ctx: Context) -> None:
         active += sum(1 for e in ctx.api.get(f"/projects/{p['id']}/endpoints")["endpoints"]
                       if e["current_state"] == "active")
     data = {"api_url": ctx.api.api_url, "versions": versions, "projects": len(projects), "active_computes": active,
-            "clone_backend": info.get("clone_backend")}
+            "clone_backend": info.get("clone_backend"), "compute_limits": info.get("compute_limits")}
     if ctx.output != "table":
         emit(data, ctx.output)
         return
     click.echo(f"Argon at {ctx.api.api_url}: {len(projects)} project(s), {active} active compute(s); PostgreSQL "
                + ", ".join(v["version"] for v in versions) + f"; clone backend {info.get('clone_backend')}")
+    if info.get("compute_limits"):
+        click.echo(f"Compute limits: {info['compute_limits']}")
 
 
 API_KEY_COLUMNS = [("id", "Id"), ("name", "Name"), ("project_id", "Project"), ("created_at", "Created"),

@@ -190,6 +190,7 @@ def _print_banner(settings: Settings, info: Any) -> None:
                    "domain pointing here, or PGHOSTADDR=127.0.0.1 for libpq clients on this machine")
     if config_path:
         click.echo(f"  CLI config        {config_path}")
+    click.echo(f"  Compute limits    {info.limits}")
     click.echo(f"  Reconciled        {info.reconciled}")
     click.echo("Try:  argon projects create --name demo   then   argon psql --project-id <id>")
 

@@ -5,7 +5,8 @@ platform hold.
 - `computes`: the lifecycle of computes, start and stop (`argon.control.lifecycle`);
 - `metrics`: the sampler and the consumption figures (`argon.control.metrics`);
 - `figures`: the storage figures (`argon.control.figures`);
-- `api_keys`: the API's keys (`argon.control.apikeys`).
+- `api_keys`: the API's keys (`argon.control.apikeys`);
+- `autoscaler`: compute units enforced and autoscaled (`argon.control.autoscale`).
 
 The use cases (`projects`, `branches`, `endpoints`, `roles`, `schema`, the suspend monitor, the
 reconciler) take a `Control`; the services below them take only what they need, so calls go one
@@ -17,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from argon.control.apikeys import ApiKeys
+from argon.control.autoscale import Autoscaler
 from argon.control.figures import Figures
 from argon.control.lifecycle import Lifecycle
 from argon.control.metrics import MetricsSampler
@@ -30,12 +32,13 @@ class Control:
     metrics: MetricsSampler
     figures: Figures
     api_keys: ApiKeys
+    autoscaler: Autoscaler
 
     @classmethod
     def build(cls, plane: ControlPlane) -> Control:
         metrics = MetricsSampler(plane)
         return cls(plane=plane, computes=Lifecycle(plane), metrics=metrics, figures=Figures(plane, metrics),
-                   api_keys=ApiKeys(plane))
+                   api_keys=ApiKeys(plane), autoscaler=Autoscaler(plane))
 
     async def load(self) -> None:
         """Fill the view from the store (at start-up)."""
@@ -45,4 +48,5 @@ class Control:
 
     async def close(self) -> None:
         await self.metrics.stop()
+        await self.autoscaler.stop()
         await self.plane.close()

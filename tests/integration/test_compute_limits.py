@@ -1,0 +1,167 @@
+"""Compute units enforced by the kernel (cgroups, v2 or v1) on the shared platform: the cgroup follows
+the compute, a PATCH resizes it live, an OOM stays inside one compute, and autoscaling moves a
+compute under pgbench. Skipped, with the reason the platform gives, where limits are not enforced
+(not root, no controllers): there `argon up` runs as before, which the rest of the suite covers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from argon.compute.cgroups import Cgroups
+from tests.fixtures.platform import RunningPlatform
+
+pytestmark = pytest.mark.pg
+
+
+@pytest.fixture
+def groups(platform: RunningPlatform) -> Cgroups:
+    found = platform.plane.computes.cgroups
+    if found is None:
+        pytest.skip(f"compute limits not enforced here: {platform.plane.computes.limits_note}")
+    return found
+
+
+def _wait(what: str, check: Callable[[], Any], timeout: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def sized(platform: RunningPlatform) -> Iterator[Callable[..., dict[str, Any]]]:
+    made: list[str] = []
+
+    def make(lo: float, hi: float) -> dict[str, Any]:
+        created = platform.create_project(name="cu", default_endpoint_settings={
+            "autoscaling_limit_min_cu": lo, "autoscaling_limit_max_cu": hi})
+        made.append(created["project"]["id"])
+        with psycopg.connect(platform.dsn(created), connect_timeout=30) as conn:
+            conn.execute("SELECT 1")
+        return created
+
+    yield make
+    for pid in made:
+        platform.delete_project(pid)
+
+
+def _ids(created: dict[str, Any]) -> tuple[str, str]:
+    return created["project"]["id"], created["endpoints"][0]["id"]
+
+
+def _events(platform: RunningPlatform, project_id: str, endpoint_id: str) -> list[dict[str, Any]]:
+    resp = platform.api.get(f"/projects/{project_id}/endpoints/{endpoint_id}/events")
+    assert resp.status_code == 200, resp.text
+    return list(resp.json()["events"])
+
+
+def test_cgroup_follows_the_compute_and_resizes_live(platform: RunningPlatform, groups: Cgroups,
+                                                     sized: Callable[..., dict[str, Any]]) -> None:
+    created = sized(0.25, 0.25)
+    project_id, endpoint_id = _ids(created)
+    limits = groups.limits(endpoint_id)
+    assert limits is not None and limits.cpus == 0.25
+    assert limits.memory_bytes == int(0.25 * platform.settings.compute_memory_per_cu * 2**30)
+    pm = platform.plane.computes.get(endpoint_id)
+    assert pm is not None and pm.pid in groups.pids(endpoint_id)
+
+    with psycopg.connect(platform.dsn(created), autocommit=True) as conn:
+        backend = conn.execute("SELECT pg_backend_pid()").fetchone()
+        assert backend is not None and backend[0] in groups.pids(endpoint_id)  # forked inside
+        resp = platform.api.patch(f"/projects/{project_id}/endpoints/{endpoint_id}",
+                                  json={"endpoint": {"autoscaling_limit_min_cu": 1, "autoscaling_limit_max_cu": 2}})
+        assert resp.status_code == 200, resp.text
+        applied = resp.json()["applied"]
+        assert applied["now"] == ["autoscaling_limit_min_cu", "autoscaling_limit_max_cu"]
+        assert "shared_buffers" in applied["next_start"] and "max_connections" in applied["next_start"]
+        assert resp.json()["operations"][0]["action"] == "apply_config"  # no suspend, no start
+        now = groups.limits(endpoint_id)
+        assert now is not None and now.cpus == 1.0 and now.memory_bytes == 4 * limits.memory_bytes
+        assert conn.execute("SELECT pg_backend_pid()").fetchone() == backend  # same session: no restart
+        assert conn.execute("SHOW shared_buffers").fetchone() == ("32MB",)  # follows at the next start
+    kinds = [e["kind"] for e in _events(platform, project_id, endpoint_id)]
+    assert "autoscale" in kinds
+
+    resp = platform.api.post(f"/projects/{project_id}/endpoints/{endpoint_id}/suspend")
+    assert resp.status_code == 200, resp.text
+    assert endpoint_id not in groups.names()  # removed with the compute
+    with psycopg.connect(platform.dsn(created), autocommit=True) as conn:
+        assert conn.execute("SHOW shared_buffers").fetchone() == ("256MB",)
+        after = groups.limits(endpoint_id)
+        assert after is not None and after.cpus == 1.0  # a new start begins at the new minimum
+
+
+@pytest.mark.slow
+def test_out_of_memory_stays_in_its_compute(platform: RunningPlatform, groups: Cgroups,
+                                            sized: Callable[..., dict[str, Any]]) -> None:
+    victim, neighbour = sized(0.25, 0.25), sized(0.25, 0.25)
+    project_id, endpoint_id = _ids(victim)
+    limit = 0.25 * platform.settings.compute_memory_per_cu * 2**30
+    chunk = int(min(limit * 0.6, 900 * 2**20))  # two of these and their concatenation exceed the limit
+    with psycopg.connect(platform.dsn(neighbour), autocommit=True) as other:
+        other_pid = other.execute("SELECT pg_backend_pid()").fetchone()
+        with psycopg.connect(platform.dsn(victim), autocommit=True) as conn, pytest.raises(psycopg.OperationalError):
+            conn.execute(f"SELECT length(a || b) FROM (SELECT repeat('x', {chunk}) a, repeat('y', {chunk}) b) s")
+        assert other.execute("SELECT pg_backend_pid()").fetchone() == other_pid  # untouched
+    event = _wait("the oom_kill event", lambda: next(
+        (e for e in _events(platform, project_id, endpoint_id) if e["kind"] == "oom_kill"), None))
+    assert "out of memory at its limit of 1.00 GiB" in event["detail"] and "no other compute" in event["detail"]
+    def reconnect() -> bool:  # Postgres restarts its sessions after a moment of crash recovery
+        try:
+            with psycopg.connect(platform.dsn(victim), connect_timeout=10) as conn:
+                return conn.execute("SELECT 1").fetchone() == (1,)
+        except psycopg.OperationalError:
+            return False
+
+    started = time.monotonic()
+    _wait("a new session on the compute", reconnect, timeout=30)
+    print(f"reconnected after {time.monotonic() - started:.1f} s")
+    assert platform.plane.is_running(endpoint_id)
+
+
+@pytest.mark.slow
+def test_autoscaling_under_pgbench(platform: RunningPlatform, groups: Cgroups,
+                                   sized: Callable[..., dict[str, Any]]) -> None:
+    pgbench = shutil.which("pgbench") or "/usr/lib/postgresql/15/bin/pgbench"
+    if not os.path.exists(pgbench):
+        pytest.skip("pgbench is not installed")
+    settings = platform.plane.settings
+    platform.plane.settings = settings.model_copy(update={"autoscaling_quiet_seconds": 2.0})
+    try:
+        created = sized(0.25, 2)
+        project_id, endpoint_id = _ids(created)
+        autoscaler = platform.control.autoscaler
+        assert autoscaler.current_cu(endpoint_id) == 0.25
+        p = platform.params(created)
+        env = {**os.environ, "PGHOST": p["host"], "PGPORT": p["port"], "PGUSER": p["user"],
+               "PGPASSWORD": p["password"], "PGDATABASE": p["dbname"], "PGSSLMODE": "disable",
+               "PGOPTIONS": f"endpoint={endpoint_id}"}
+        script = platform.root / "cpu.sql"
+        script.write_text("SELECT sum(g) FROM generate_series(1, 200000) g;\n")
+        started = time.monotonic()
+        bench = subprocess.Popen([pgbench, "-n", "-c", "4", "-T", "8", "-f", str(script)], env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            _wait("a scale-up", lambda: (autoscaler.current_cu(endpoint_id) or 0) >= 1, timeout=8)
+            up = time.monotonic() - started
+        finally:
+            out, _ = bench.communicate(timeout=60)
+        assert bench.returncode == 0, out
+        _wait("the scale-down", lambda: autoscaler.current_cu(endpoint_id) == 0.25, timeout=20)
+        details = [e["detail"] for e in _events(platform, project_id, endpoint_id) if e["kind"] == "autoscale"]
+        assert any("-> 0.5 CU" in d or "-> 1 CU" in d for d in details), details
+        assert any(d.endswith("CU") is False and "-> 0.25 CU" in d for d in details), details
+        assert up < 8
+    finally:
+        platform.plane.settings = settings
