@@ -5,7 +5,9 @@ compute under pgbench. Skipped, with the reason the platform gives, where limits
 
 from __future__ import annotations
 
+import asyncio
 import os
+import secrets
 import shutil
 import subprocess
 import time
@@ -15,8 +17,12 @@ from typing import Any
 import psycopg
 import pytest
 
-from argon.compute.cgroups import Cgroups
-from tests.fixtures.platform import RunningPlatform
+from argon.compute.cgroups import Cgroups, Limits
+from argon.compute.manager import ComputeManager, ComputeSpec
+from argon.compute.osuser import OsUser, chown_tree
+from argon.storage.clone import pick_backend
+from argon.storage.layout import Layout
+from tests.fixtures.platform import RunningPlatform, short_tmpdir
 
 pytestmark = pytest.mark.pg
 
@@ -165,3 +171,61 @@ def test_autoscaling_under_pgbench(platform: RunningPlatform, groups: Cgroups,
         assert up < 8
     finally:
         platform.plane.settings = settings
+
+
+def test_temp_files_are_capped_per_cu(platform: RunningPlatform, sized: Callable[..., dict[str, Any]]) -> None:
+    """Enforced by Postgres itself, with or without cgroups: the tenant cannot lift it."""
+    settings = platform.plane.settings
+    platform.plane.settings = settings.model_copy(update={"compute_temp_files_per_cu": 4 / 1024})  # 1 MB at 0.25 CU
+    try:
+        created = sized(0.25, 0.25)
+    finally:
+        platform.plane.settings = settings
+    with psycopg.connect(platform.dsn(created), autocommit=True) as conn:
+        assert conn.execute("SHOW temp_file_limit").fetchone() == ("1MB",)
+        conn.execute("SET work_mem = '64kB'")
+        with pytest.raises(psycopg.errors.ConfigurationLimitExceeded, match="temp_file_limit"):
+            conn.execute("SELECT count(*) FROM (SELECT g FROM generate_series(1, 300000) g ORDER BY g DESC) s")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("SET temp_file_limit = -1")
+        assert conn.execute("SELECT 1").fetchone() == (1,)  # the session goes on
+
+
+def test_a_restarted_argon_adopts_the_cgroup_and_its_size(platform: RunningPlatform, groups: Cgroups) -> None:
+    """Adoption (as after a crash of `argon up`): the new manager keeps the size the compute had,
+    not the one it would start with; the stop removes the cgroup."""
+    major = max(platform.plane.templates)
+    root = short_tmpdir("ad")
+    layout = Layout(root / "data", root / "run")
+    layout.init()
+    name = f"ep-adopt-{secrets.token_hex(4)}"
+    user = OsUser(299000, 299000) if os.geteuid() == 0 else None
+    spec = ComputeSpec(endpoint_id=name, install=platform.plane.installs[major], pgdata=layout.pgdata("p-ad", "br"),
+                       socket_dir=layout.socket_dir(name), log_file=layout.compute_log("p-ad", "br"), user=user,
+                       gucs={"max_connections": "20"}, argon_os_user=platform.plane.os_user,
+                       limits=Limits(cpus=0.25, memory_bytes=2**30))
+    pick_backend(layout.data_dir).clone_tree(platform.plane.templates[major], spec.pgdata)
+    if user is not None:
+        chown_tree(layout.project_dir("p-ad"), user)
+
+    async def scenario() -> None:
+        first = ComputeManager(cgroups=groups)
+        pm = await first.start(spec)
+        try:
+            assert groups.limits(name) == spec.limits and pm.pid in groups.pids(name)
+            assert first.set_limits(name, Limits(cpus=1, memory_bytes=2**31))
+            later = ComputeManager(cgroups=groups)
+            assert later.adopt(spec) is not None
+            assert later.limits(name) == Limits(cpus=1, memory_bytes=2**31)  # kept its size
+            assert groups.limits(name) == Limits(cpus=1, memory_bytes=2**31)
+            assert pm.pid in groups.pids(name)
+            await later.stop(name)
+            assert name not in groups.names()
+        finally:
+            pm.kill_group()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        groups.remove(name)
+        shutil.rmtree(root, ignore_errors=True)

@@ -23,6 +23,8 @@ OOM score is 0, the postmaster's -1000): Postgres restarts its sessions, other c
 platform see nothing, and the autoscaler records an `oom_kill` event with the limit in force.
 
 A PATCH of the limits clamps a running compute's size into the new range at once (`apply_bounds`).
+Each compute's temporary files are capped too (`temp_file_limit`, per CU of its maximum), after
+the user's `pg_settings`, so they cannot lift it.
 """
 
 from __future__ import annotations
@@ -47,6 +49,14 @@ THROTTLED_SHARE = 0.1  # throttled for more than 10 % of a look: it wants more t
 
 def limits_for(cu: float, memory_per_cu_gib: float) -> Limits:
     return Limits(cpus=cu, memory_bytes=int(cu * memory_per_cu_gib * 2**30))
+
+
+def temp_file_limit(max_cu: float, temp_files_per_cu_gib: float) -> str:
+    """Postgres's `temp_file_limit` for a compute of at most `max_cu` (-1: none). The tenant cannot
+    raise it (superuser only), so one query cannot fill the platform's filesystem with temp files."""
+    if temp_files_per_cu_gib <= 0:
+        return "-1"
+    return f"{max(1024, int(max_cu * temp_files_per_cu_gib * 2**20))}kB"
 
 
 def cu_of(limits: Limits) -> float:

@@ -65,6 +65,8 @@ async def update_endpoint(control: Control, project_id: str, endpoint_id: str,
             raise UserError("autoscaling_limit_min_cu must not be greater than autoscaling_limit_max_cu")
         running = plane.is_running(ep.id)
         sized = {k: v for k, v in gucs_for_cu(hi).items() if gucs_for_cu(ep.autoscaling_limit_max_cu).get(k) != v}
+        if hi != ep.autoscaling_limit_max_cu:
+            sized["temp_file_limit"] = "follows the maximum"
         new = ep.replace(**changes)
         await plane.commit(put=[new])
         ops = [await plane.record(project_id, model.OperationAction.APPLY_CONFIG, branch_id=ep.branch_id,

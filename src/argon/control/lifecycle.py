@@ -26,7 +26,7 @@ from argon.compute.osuser import OsUser
 from argon.compute.params import gucs_for_cu
 from argon.compute.postmaster import ComputeStartError
 from argon.control import replicas, retention, spec
-from argon.control.autoscale import limits_for
+from argon.control.autoscale import limits_for, temp_file_limit
 from argon.control.plane import ControlPlane
 from argon.errors import ArgonError, ComputeError, NotFound
 from argon.proxy.control_client import ComputeAddress
@@ -71,15 +71,18 @@ class Lifecycle:
                                f"install them or set ARGON_PG_BINDIRS", retryable=False)
         user = OsUser(project.os_uid, project.os_uid) if project.os_uid is not None else None
         limits = limits_for(ep.autoscaling_limit_min_cu, plane.settings.compute_memory_per_cu)  # starts at its min
+        capped = {"temp_file_limit": temp_file_limit(ep.autoscaling_limit_max_cu,
+                                                      plane.settings.compute_temp_files_per_cu)}
         if ep.type is model.EndpointType.READ_ONLY:
-            return dataclasses.replace(replicas.replica_spec(plane, project, ep, install, user), limits=limits)
+            replica = replicas.replica_spec(plane, project, ep, install, user)
+            return dataclasses.replace(replica, limits=limits, gucs={**replica.gucs, **capped})
         logical = {"wal_level": "logical"} if project.settings.enable_logical_replication else {}
         gucs = plane.compute_gucs(project.pg_version, gucs_for_cu(ep.autoscaling_limit_max_cu) | dict(ep.pg_settings)
                                   | retention.archive_settings(plane, project, ep.branch_id) | logical)
         return ComputeSpec(endpoint_id=ep.id, install=install, pgdata=plane.layout.pgdata(project.id, ep.branch_id),
                            socket_dir=plane.layout.socket_dir(ep.id),
                            log_file=plane.layout.compute_log(project.id, ep.branch_id),
-                           user=user, gucs=gucs, argon_os_user=plane.os_user, limits=limits)
+                           user=user, gucs={**gucs, **capped}, argon_os_user=plane.os_user, limits=limits)
 
     def adopt(self, ep: model.Endpoint) -> bool:
         """Take over the compute a previous argon left running, if its identity checks out (start-up
