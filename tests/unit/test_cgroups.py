@@ -113,8 +113,9 @@ def test_v2_driver_writes_limits_and_reads_usage(tmp_path: Path) -> None:
     (d / "cpu.stat").write_text("usage_usec 1500000\nuser_usec 1\nnr_throttled 2\nthrottled_usec 250000\n")
     (d / "memory.current").write_text("12345\n")
     (d / "memory.events").write_text("low 0\nhigh 0\nmax 4\noom 1\noom_kill 1\n")
+    (d / "memory.stat").write_text("anon 1000\nfile 11000\nshmem 300\n")
     assert groups.usage("ep-a-1") == cgroups.Usage(cpu_usec=1500000, throttled_usec=250000, memory_bytes=12345,
-                                                    oom_kills=1)
+                                                    oom_kills=1, resident_bytes=1300)
     assert groups.names() == ["ep-a-1"]
 
 
@@ -134,8 +135,10 @@ def test_v1_driver_writes_each_hierarchy(tmp_path: Path) -> None:
     (parents["cpu"] / "ep-b-2" / "cpu.stat").write_text("nr_periods 10\nnr_throttled 4\nthrottled_time 7000000\n")
     (parents["memory"] / "ep-b-2" / "memory.usage_in_bytes").write_text("999\n")
     (parents["memory"] / "ep-b-2" / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 2\n")
+    (parents["memory"] / "ep-b-2" / "memory.stat").write_text("cache 500\nrss 10\nshmem 5\ntotal_cache 600\n"
+                                                              "total_rss 20\ntotal_shmem 7\n")
     assert groups.usage("ep-b-2") == cgroups.Usage(cpu_usec=3000000, throttled_usec=7000, memory_bytes=999,
-                                                    oom_kills=2)
+                                                    oom_kills=2, resident_bytes=27)
 
 
 def test_names_are_checked_and_links_not_followed(tmp_path: Path) -> None:

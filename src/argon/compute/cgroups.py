@@ -55,8 +55,9 @@ class Usage:
 
     cpu_usec: int
     throttled_usec: int
-    memory_bytes: int
+    memory_bytes: int  # everything charged to it, page cache included
     oom_kills: int
+    resident_bytes: int = 0  # anonymous and shared memory: what the kernel cannot drop (there is no swap)
 
 
 # Pure parsing ---------------------------------------------------------------------------------------
@@ -276,15 +277,19 @@ class Cgroups:
             if self.version == "v2":
                 cpu = parse_flat_keyed(_read(dirs[""] / "cpu.stat"))
                 events = parse_flat_keyed(_read(dirs[""] / "memory.events"))
+                stat = parse_flat_keyed(_read(dirs[""] / "memory.stat"))
                 return Usage(cpu_usec=cpu.get("usage_usec", 0), throttled_usec=cpu.get("throttled_usec", 0),
                              memory_bytes=int(_read(dirs[""] / "memory.current")),
-                             oom_kills=events.get("oom_kill", 0))
+                             oom_kills=events.get("oom_kill", 0),
+                             resident_bytes=stat.get("anon", 0) + stat.get("shmem", 0))
             cpu = parse_flat_keyed(_read(dirs["cpu"] / "cpu.stat"))
             oom = parse_flat_keyed(_read(dirs["memory"] / "memory.oom_control"))
+            stat = parse_flat_keyed(_read(dirs["memory"] / "memory.stat"))
             return Usage(cpu_usec=int(_read(dirs["cpuacct"] / "cpuacct.usage")) // 1000,
                          throttled_usec=cpu.get("throttled_time", 0) // 1000,
                          memory_bytes=int(_read(dirs["memory"] / "memory.usage_in_bytes")),
-                         oom_kills=oom.get("oom_kill", 0))
+                         oom_kills=oom.get("oom_kill", 0),
+                         resident_bytes=stat.get("total_rss", 0) + stat.get("total_shmem", 0))
         except (OSError, ValueError):
             return None
 

@@ -10,7 +10,8 @@ an `autoscale` event. The policy:
   `CPU_TARGET`: a compute using 0.25 CPU wants 0.36 CU. A compute the kernel throttled for more than
   `THROTTLED_SHARE` of the look was held at its quota and may want more than it could use: it wants
   at least the next step up.
-- Memory demand is its memory (Postgres's pages and the page cache it caused) over
+- Memory demand is its resident memory (anonymous and shared: backends' work memory, the shared
+  buffers it touched; not the page cache, which the kernel reclaims at the limit) over
   `MEMORY_TARGET` of a compute unit's memory.
 - The goal is the smallest CU step (`CU_STEPS`, the sizes the API accepts) covering both, kept within
   the endpoint's min and max.
@@ -70,14 +71,14 @@ class Look:
 
     cpus: float  # CPU seconds per second
     throttled: float  # share of the look it was throttled (0..1)
-    memory_bytes: int
+    memory_bytes: int  # resident (anonymous + shared), not the page cache
 
     @classmethod
     def between(cls, before: Usage, after: Usage, seconds: float) -> Look:
         seconds = max(seconds, 1e-3)
         return cls(cpus=max(0, after.cpu_usec - before.cpu_usec) / 1e6 / seconds,
                    throttled=min(1.0, max(0, after.throttled_usec - before.throttled_usec) / 1e6 / seconds),
-                   memory_bytes=after.memory_bytes)
+                   memory_bytes=after.resident_bytes)
 
 
 def step_at_least(cu: float) -> float:
