@@ -16,7 +16,8 @@ platform, in this process, with `autoscaling_quiet_seconds` of 5 (the default is
    of the alone TPS with the limit;
 3. autoscaling: a 0.25..2 CU compute under `pgbench -c 4`: seconds from load start to 1 CU and to
    2 CU, from load end back to 0.25 CU (the quiet period included), and its TPS against a compute
-   fixed at 2 CU under the same load.
+   fixed at 2 CU under the same load;
+4. cold start: suspend, then connect and `SELECT 1` through the proxy, at 0.25 CU and at 16 CU.
 
 Prints progress on stderr, then a table and the JSON on stdout. Everything it starts is stopped in
 `finally` blocks (the platform by its own stop; pgbench by PID).
@@ -151,6 +152,27 @@ class Bench:
         out["verdict >= 90% with limits"] = out["noisy at 0.25 CU"]["ratio to alone"] >= 0.9
         return out
 
+    def cold_start(self, rounds: int = 7) -> dict[str, Any]:
+        """Suspend, then time a new connection's first `SELECT 1` (the wake included): at 0.25 CU
+        the start-up itself runs under the quota."""
+        out: dict[str, Any] = {}
+        for label, cu in (("0.25 CU", 0.25), ("16 CU (no limit here)", 16)):
+            created = self.compute(f"cold{cu:g}", cu, cu)
+            pid, eid = created["project"]["id"], created["endpoints"][0]["id"]
+            times = []
+            for _ in range(rounds):
+                resp = self.rp.api.post(f"/projects/{pid}/endpoints/{eid}/suspend")
+                if resp.status_code != 200:
+                    raise BenchError(f"suspend failed: {resp.text[:300]}")
+                t0 = time.monotonic()
+                with psycopg.connect(self.rp.dsn(created), connect_timeout=60) as conn:
+                    conn.execute("SELECT 1")
+                times.append((time.monotonic() - t0) * 1000)
+            times.sort()
+            out[label] = {"median ms": round(times[len(times) // 2], 1), "max ms": round(times[-1], 1)}
+            say(f"cold start at {label}: median {out[label]['median ms']} ms")
+        return out
+
     def autoscaling(self) -> dict[str, Any]:
         scaled, fixed = self.compute("scaled", 0.25, 2), self.compute("fixed", 2, 2)
         out: dict[str, Any] = {}
@@ -207,6 +229,7 @@ def main() -> int:
         results["share"] = bench.share()
         results["neighbour"] = bench.neighbour()
         results["autoscaling"] = bench.autoscaling()
+        results["cold start"] = bench.cold_start()
     except BenchError as exc:
         results["error"] = str(exc)
     finally:

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -20,6 +21,7 @@ import pytest
 from argon.compute.cgroups import Cgroups, Limits
 from argon.compute.manager import ComputeManager, ComputeSpec
 from argon.compute.osuser import OsUser, chown_tree
+from argon.settings import Settings
 from argon.storage.clone import pick_backend
 from argon.storage.layout import Layout
 from tests.fixtures.platform import RunningPlatform, short_tmpdir
@@ -74,6 +76,8 @@ def _events(platform: RunningPlatform, project_id: str, endpoint_id: str) -> lis
 
 def test_cgroup_follows_the_compute_and_resizes_live(platform: RunningPlatform, groups: Cgroups,
                                                      sized: Callable[..., dict[str, Any]]) -> None:
+    assert platform.api.get("/versions").json()["compute_limits"].startswith(
+        f"CPU and memory per compute unit (1 CPU, {platform.settings.compute_memory_per_cu:g} GiB), cgroup v")
     created = sized(0.25, 0.25)
     project_id, endpoint_id = _ids(created)
     limits = groups.limits(endpoint_id)
@@ -229,3 +233,18 @@ def test_a_restarted_argon_adopts_the_cgroup_and_its_size(platform: RunningPlatf
     finally:
         groups.remove(name)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_limits_off_or_unavailable_are_said_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from argon.platform import compute_limits
+
+    note, found = compute_limits(Settings(data_dir=tmp_path, compute_limits="off"))
+    assert found is None and note.startswith("off (ARGON_COMPUTE_LIMITS=off)")
+    note, found = compute_limits(Settings(data_dir=tmp_path))
+    if os.geteuid() != 0:  # the unprivileged run: said once, as a warning, and nothing enforced
+        assert found is None and note == "not enforced: not running as root: computes run without CPU and memory limits"
+        assert "compute limits are not enforced" in caplog.text
+    elif found is not None:
+        assert note.startswith("CPU and memory per compute unit") and all(p.is_dir() for p in found.parents.values())
+        for parent in set(found.parents.values()):
+            parent.rmdir()  # this data directory's parent, empty

@@ -156,8 +156,10 @@ def test_names_are_checked_and_links_not_followed(tmp_path: Path) -> None:
     assert elsewhere.read_text() == "untouched"
 
 
-def test_session_members(tmp_path: Path) -> None:
-    for pid, sid in ((10, 10), (11, 10), (12, 99)):
-        (tmp_path / str(pid)).mkdir()
-        (tmp_path / str(pid) / "stat").write_text(f"{pid} (post gres) S 1 {sid} {sid} 0 -1\n")
-    assert sorted(cgroups.session_members(10, tmp_path)) == [10, 11]
+def test_descendants(tmp_path: Path) -> None:
+    for pid, tid, kids in ((10, 10, "11 12 "), (10, 13, "14"), (11, 11, "15"), (12, 12, ""), (14, 14, ""),
+                           (15, 15, ""), (99, 99, "100")):
+        (tmp_path / str(pid) / "task" / str(tid)).mkdir(parents=True)
+        (tmp_path / str(pid) / "task" / str(tid) / "children").write_text(kids)
+    assert sorted(cgroups.descendants(10, tmp_path)) == [11, 12, 14, 15]  # every thread's, recursively
+    assert cgroups.descendants(7, tmp_path) == []
