@@ -161,6 +161,9 @@ class Platform:
 
         plan = await reconcile(control)
         self.info.reconciled = plan.summary()
+        tidied = await asyncio.to_thread(plane.computes.tidy_cgroups)
+        if tidied:
+            log.info("removed %d cgroup(s) of computes that no longer run", len(tidied))
         self._reconciled = True
 
         if s.tls_cert and s.tls_key:
@@ -289,6 +292,8 @@ class Platform:
         if self.control is not None:
             plane = self.control.plane
             await plane.computes.stop_all()
+            if plane.computes.cgroups is not None:
+                await asyncio.to_thread(plane.computes.cgroups.remove_parents)
             idle = [ep.replace(current_state=model.ComputeState.IDLE, suspended_at=model.utcnow())
                     for ep in plane.endpoints() if ep.current_state is model.ComputeState.ACTIVE]
             await plane.commit(put=idle)

@@ -197,7 +197,11 @@ def test_temp_files_are_capped_per_cu(platform: RunningPlatform, sized: Callable
 
 def test_a_restarted_argon_adopts_the_cgroup_and_its_size(platform: RunningPlatform, groups: Cgroups) -> None:
     """Adoption (as after a crash of `argon up`): the new manager keeps the size the compute had,
-    not the one it would start with; the stop removes the cgroup."""
+    not the one it would start with; the stop removes the cgroup; leftovers are tidied at start-up.
+    Under a parent of its own, so the tidying cannot reach the shared platform's computes."""
+    groups = Cgroups(groups.version, {ctl: p.parent / f"argon-test-{secrets.token_hex(4)}"
+                                      for ctl, p in groups.parents.items()})
+    groups.ensure_parents()
     major = max(platform.plane.templates)
     root = short_tmpdir("ad")
     layout = Layout(root / "data", root / "run")
@@ -225,6 +229,8 @@ def test_a_restarted_argon_adopts_the_cgroup_and_its_size(platform: RunningPlatf
             assert pm.pid in groups.pids(name)
             await later.stop(name)
             assert name not in groups.names()
+            groups.create(name, Limits(cpus=1, memory_bytes=2**30))  # as a start that failed half-way leaves it
+            assert later.tidy_cgroups() == [name] and name not in groups.names()
         finally:
             pm.kill_group()
 
@@ -232,6 +238,8 @@ def test_a_restarted_argon_adopts_the_cgroup_and_its_size(platform: RunningPlatf
         asyncio.run(scenario())
     finally:
         groups.remove(name)
+        for parent in set(groups.parents.values()):
+            parent.rmdir()
         shutil.rmtree(root, ignore_errors=True)
 
 

@@ -312,6 +312,13 @@ class Cgroups:
                     time.sleep(0.02)
         return True
 
+    def remove_parents(self) -> None:
+        """At shutdown: remove the instance's parents if no compute cgroup is left under them (a
+        compute left running keeps them; the next start finds them)."""
+        for parent in set(self.parents.values()):
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+
     def names(self) -> list[str]:
         """The compute cgroups that exist under this instance's parent."""
         parent = next(iter(self.parents.values()))

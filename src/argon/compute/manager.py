@@ -179,6 +179,14 @@ class ComputeManager:
             return None
         return self.cgroups.usage(endpoint_id)
 
+    def tidy_cgroups(self) -> list[str]:
+        """At start-up, after adoption: remove the cgroups no running compute owns (left by a crash of
+        Argon, or by a start that failed half-way). Returns their names."""
+        if self.cgroups is None:
+            return []
+        stale = [name for name in self.cgroups.names() if name not in self._running]
+        return [name for name in stale if self.cgroups.remove(name, wait=0.2)]
+
     def _release(self, endpoint_id: str) -> None:
         """The compute is gone: remove its cgroup (in a thread: it may wait for a straggler)."""
         if self._limits.pop(endpoint_id, None) is None or self.cgroups is None:
