@@ -106,8 +106,13 @@ def test_cgroup_follows_the_compute_and_resizes_live(platform: RunningPlatform, 
     resp = platform.api.post(f"/projects/{project_id}/endpoints/{endpoint_id}/suspend")
     assert resp.status_code == 200, resp.text
     assert endpoint_id not in groups.names()  # removed with the compute
+    resp = platform.api.patch(f"/projects/{project_id}/endpoints/{endpoint_id}",
+                              json={"endpoint": {"autoscaling_limit_max_cu": 1}})
+    assert resp.json()["applied"] == {"now": [], "next_start": [  # suspended: everything at its next start
+        "autoscaling_limit_min_cu", "autoscaling_limit_max_cu", "effective_cache_size", "max_connections",
+        "shared_buffers", "temp_file_limit"]}
     with psycopg.connect(platform.dsn(created), autocommit=True) as conn:
-        assert conn.execute("SHOW shared_buffers").fetchone() == ("256MB",)
+        assert conn.execute("SHOW shared_buffers").fetchone() == ("128MB",)
         after = groups.limits(endpoint_id)
         assert after is not None and after.cpus == 1.0  # a new start begins at the new minimum
 

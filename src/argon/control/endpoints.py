@@ -64,9 +64,10 @@ async def update_endpoint(control: Control, project_id: str, endpoint_id: str,
         if lo > hi:
             raise UserError("autoscaling_limit_min_cu must not be greater than autoscaling_limit_max_cu")
         running = plane.is_running(ep.id)
-        sized = {k: v for k, v in gucs_for_cu(hi).items() if gucs_for_cu(ep.autoscaling_limit_max_cu).get(k) != v}
+        old, new_gucs = gucs_for_cu(ep.autoscaling_limit_max_cu), gucs_for_cu(hi)
+        sized = sorted(k for k, v in new_gucs.items() if old.get(k) != v)  # need a restart
         if hi != ep.autoscaling_limit_max_cu:
-            sized["temp_file_limit"] = "follows the maximum"
+            sized.append("temp_file_limit")
         new = ep.replace(**changes)
         await plane.commit(put=[new])
         ops = [await plane.record(project_id, model.OperationAction.APPLY_CONFIG, branch_id=ep.branch_id,
@@ -77,10 +78,11 @@ async def update_endpoint(control: Control, project_id: str, endpoint_id: str,
             if await control.computes.stop(ep.id, reason="endpoint disabled"):
                 ops.append(await plane.record(project_id, model.OperationAction.SUSPEND_COMPUTE,
                                               branch_id=ep.branch_id, endpoint_id=ep.id))
-        elif running and (lo, hi) != (ep.autoscaling_limit_min_cu, ep.autoscaling_limit_max_cu):
+        elif (lo, hi) != (ep.autoscaling_limit_min_cu, ep.autoscaling_limit_max_cu):
             limits = ("autoscaling_limit_min_cu", "autoscaling_limit_max_cu")
-            (now if await control.autoscaler.apply_bounds(new) else later).extend(limits)
-            later.extend(sorted(sized))
+            live = running and await control.autoscaler.apply_bounds(new)
+            (now if live else later).extend(limits)
+            later.extend(sized)
         return plane.endpoint(project_id, endpoint_id), ops, Applied(tuple(now), tuple(later))
 
 
