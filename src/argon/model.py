@@ -89,6 +89,8 @@ class EventKind(enum.Enum):
     SUSPEND = "suspend"
     START_FAILED = "start_failed"
     ADOPTED = "adopted"
+    AUTOSCALE = "autoscale"  # its CPU and memory limits moved (autoscaling, or a PATCH of its limits)
+    OOM_KILL = "oom_kill"  # the kernel killed one of its processes at its memory limit
 
 
 @dataclass(frozen=True)

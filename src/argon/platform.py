@@ -27,8 +27,9 @@ import uvicorn
 from argon import __version__, model
 from argon.api.app import create_app
 from argon.api.ops import Check
-from argon.compute import extensions
+from argon.compute import cgroups, extensions
 from argon.compute.binaries import PgInstall, discover
+from argon.compute.manager import ComputeManager
 from argon.compute.osuser import check_uid_range, claim_uid_range, host_ids, uid_range_conflicts
 from argon.compute.template import ensure_template, initdb_settings
 from argon.console.routes import mount_console, sign_in_link
@@ -73,6 +74,7 @@ class StartInfo:
     clone_backend: str = ""
     ca_cert: Path | None = None
     reconciled: str = ""
+    limits: str = ""  # which compute limits are enforced, or why none are
     startup_ms: float = 0.0
     backup: str = ""  # where continuous backup goes ("" when off)
 
@@ -132,8 +134,10 @@ class Platform:
         store = Store.sqlite(self.layout.metadata_db)
         await asyncio.to_thread(store.migrate)
         secrets = Secrets(self.layout.secrets_dir)
+        self.info.limits, groups = await asyncio.to_thread(compute_limits, s)
         plane = ControlPlane(settings=s, layout=self.layout, store=store, installs=installs, backend=backend,
-                             secrets=secrets, activity=self.activity, telemetry=self.telemetry)
+                             secrets=secrets, activity=self.activity, telemetry=self.telemetry,
+                             computes=ComputeManager(cgroups=groups, limits_note=self.info.limits))
         control = Control.build(plane)
         self.telemetry.register(lambda: control_exposition.collect(control))
         self.plane, self.control = plane, control
@@ -158,6 +162,9 @@ class Platform:
 
         plan = await reconcile(control)
         self.info.reconciled = plan.summary()
+        tidied = await asyncio.to_thread(plane.computes.tidy_cgroups)
+        if tidied:
+            log.info("removed %d cgroup(s) of computes that no longer run", len(tidied))
         self._reconciled = True
 
         if s.tls_cert and s.tls_key:
@@ -206,6 +213,7 @@ class Platform:
         self.monitor = SuspendMonitor(control)
         self.monitor.start()
         control.metrics.start()
+        control.autoscaler.start()
         if control.backup is not None:
             await control.backup.start()
             self.info.backup = control.backup.status.url + (" (encrypted)" if control.backup.codec.encrypted else
@@ -277,6 +285,7 @@ class Platform:
             await self.monitor.stop()
         if self.control is not None:
             await self.control.metrics.stop()
+            await self.control.autoscaler.stop()
         if self._http is not None and self._http_task is not None:
             self._http.should_exit = True
             with contextlib.suppress(Exception):
@@ -293,6 +302,8 @@ class Platform:
             if self.control.backup is not None:
                 await self.control.backup.flush()  # the computes' last WAL (their shutdown checkpoints)
                 self.control.backup.close()
+            if plane.computes.cgroups is not None:
+                await asyncio.to_thread(plane.computes.cgroups.remove_parents)
             idle = [ep.replace(current_state=model.ComputeState.IDLE, suspended_at=model.utcnow())
                     for ep in plane.endpoints() if ep.current_state is model.ComputeState.ACTIVE]
             await plane.commit(put=idle)
@@ -302,6 +313,25 @@ class Platform:
             if fd is not None:
                 os.close(fd)
         self._lock_fd = self._uid_range_fd = None
+
+
+def compute_limits(s: Settings) -> tuple[str, cgroups.Cgroups | None]:
+    """The cgroups computes run in, and one sentence for `argon up` and `argon status` saying which
+    limits are enforced or why none are (said once, at start)."""
+    if s.compute_limits == "off":
+        return "off (ARGON_COMPUTE_LIMITS=off): computes share the machine's CPU and memory", None
+    found = cgroups.detect(s.data_dir)
+    if isinstance(found, str):
+        log.warning("compute limits are not enforced: %s", found)
+        return f"not enforced: {found}", None
+    try:
+        found.ensure_parents()
+    except OSError as exc:
+        why = f"cannot create cgroups under {found.describe()}: {exc.strerror or exc}"
+        log.warning("compute limits are not enforced: %s", why)
+        return f"not enforced: {why}", None
+    per_cu = s.compute_memory_per_cu
+    return f"CPU and memory per compute unit (1 CPU, {per_cu:g} GiB), {found.describe()}", found
 
 
 _FD_CEILING = 1 << 20  # some hard limits are ~2**30; programs that close every possible fd crawl with those

@@ -82,6 +82,18 @@ class Settings(BaseSettings):
                                    "RPO is about one tick plus one upload (5 for slow object stores)")
     backup_max_lag: str = Field("1GB", description="Unshipped WAL per branch kept locally while the object store "
                                 "is unreachable; past it, writes are refused with a clear error until it catches up")
+    compute_limits: Literal["auto", "off"] = Field(
+        "auto", description="Enforce each compute's CPU and memory (its compute units) with cgroups: auto (when "
+        "run as root on a host with the cpu and memory controllers, v2 or v1) or off")
+    compute_memory_per_cu: float = Field(4.0, gt=0, le=1024, description="GiB of memory one compute unit may use "
+                                         "(Neon's is 4; lower it on a small machine)")
+    compute_temp_files_per_cu: float = Field(5.0, ge=0, le=1 << 20, description="GiB of temporary files (sorts, "
+                                             "hashes) one compute unit of an endpoint's maximum may write at once: "
+                                             "Postgres's temp_file_limit, which tenants cannot raise (0: no limit)")
+    autoscaling_interval: float = Field(1.0, gt=0, le=60, description="Seconds between autoscaling looks at each "
+                                        "running compute's CPU and memory")
+    autoscaling_quiet_seconds: float = Field(30.0, gt=0, le=3600, description="Seconds a compute must need less "
+                                             "before autoscaling moves it down")
     forward_all_params: bool = Field(False, description="Forward every startup parameter to computes (default: Neon's filtered set)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity")
     log_format: Literal["auto", "text", "json"] = Field(

@@ -20,6 +20,8 @@ from tests.fixtures.platform import API_KEY, RunningPlatform
 pytestmark = [pytest.mark.pg, pytest.mark.slow]
 
 
+@pytest.mark.timeout(900)  # ~160 operations, some of which start computes
+
 def test_no_server_errors(platform: RunningPlatform, project: dict[str, Any], tmp_path: Path) -> None:
     st = shutil.which("st", path=str(Path(sys.executable).parent))
     assert st is not None, "schemathesis is part of the test extra"
@@ -38,7 +40,7 @@ def test_no_server_errors(platform: RunningPlatform, project: dict[str, Any], tm
              "--checks", "not_a_server_error", "--max-examples", "8", "--generation-deterministic",
              "--header", f"Authorization: Bearer {API_KEY}", "--generation-with-security-parameters", "false",
              "--exclude-method", "DELETE", "--request-timeout", "60", "--workers", "1"],
-            capture_output=True, text=True, timeout=900)
+            capture_output=True, text=True, timeout=840)
     finally:
         for p in platform.api.get("/projects", params={"limit": 400}).json()["projects"]:
             if p["id"] not in before:

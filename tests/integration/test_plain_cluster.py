@@ -42,6 +42,8 @@ MEANT: dict[str, str] = {
     "shared_buffers": "scales with the compute size",
     "effective_cache_size": "scales with the compute size",
     "max_worker_processes": "scales with the compute size",
+    "temp_file_limit": "capped per compute unit of the maximum (ARGON_COMPUTE_TEMP_FILES_PER_CU), so one tenant's "
+                       "temporary files cannot fill the platform's filesystem",
     "shared_memory_size": "follows from the sizes above",
     "shared_memory_size_in_huge_pages": "follows from the sizes above",
     "num_os_semaphores": "follows from the sizes above",

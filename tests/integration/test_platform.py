@@ -201,9 +201,12 @@ def test_api_start_suspend_and_validation(platform: RunningPlatform, project: di
         resp = api.patch(f"/projects/{pid}/endpoints/{eid}", json={"endpoint": bad})
         assert resp.status_code == 400, (bad, resp.text)
         assert resp.json()["message"]
-    resp = api.patch(f"/projects/{pid}/endpoints/{eid}", json={"endpoint": {"autoscaling_limit_max_cu": 1,
-                                                                            "unknown_field": True}})
+    resp = api.patch(f"/projects/{pid}/endpoints/{eid}", json={"endpoint": {"autoscaling_limit_max_cu": 1}})
     assert resp.status_code == 200 and resp.json()["endpoint"]["autoscaling_limit_max_cu"] == 1
+    # No restart (ADR 0019): the size's Postgres settings follow at the next start, and the API says so.
+    assert "max_connections" in resp.json()["applied"]["next_start"]
+    assert [o["action"] for o in resp.json()["operations"]] == ["apply_config"]
+    assert api.post(f"/projects/{pid}/endpoints/{eid}/restart").status_code == 200
     with psycopg.connect(platform.dsn(project)) as conn:
         assert conn.execute("show max_connections").fetchone() == ("419",)
 

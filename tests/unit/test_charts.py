@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 from argon import model
 from argon.console import charts
-from argon.console.pages_monitoring import compute_runs, endpoint_panel
+from argon.console.pages_monitoring import compute_runs, cu_steps, endpoint_panel
 from argon.metadata.store import MetricSample
 
 T0 = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
@@ -114,6 +114,19 @@ def test_runs_from_events() -> None:
     assert compute_runs(events[:4], start=start, end=end, running=False) == [(start, _at(10)), (_at(20), _at(30))]
 
 
+def test_size_steps_from_autoscale_events() -> None:
+    start, end = _at(0), _at(60)
+    resized = [model.Event(endpoint_id="ep-x", kind=model.EventKind.AUTOSCALE, at=_at(m), detail=d) for m, d in
+               ((10, "0.25 -> 1 CU: CPU or memory demand needs 1 CU (CPU 0.70, memory 40 MiB)"),
+                (30, "1 -> 0.25 CU: 30 s below 1 CU"))]
+    steps = cu_steps([_ev(model.EventKind.WAKE, 5, 40), *resized], start=start, end=end, running=True)
+    assert [v for _, v in steps] == [0.25, 1, 1, 0.25, 0.25] and steps[-1][0] == end
+    assert cu_steps([], start=start, end=end, running=True) == []
+    panel = endpoint_panel(model.Endpoint(id="ep-x", project_id="p", branch_id="b", created_at=start, updated_at=start),
+                           "main", [], resized, start=start, end=end, interval=60, running=False)
+    assert panel.size is not None and "Size of ep-x in compute units" in panel.size
+
+
 def test_endpoint_panel_from_samples() -> None:
     now = model.utcnow()
     ep = model.Endpoint(id="ep-x", project_id="p", branch_id="br-x", created_at=now, updated_at=now)
@@ -129,4 +142,4 @@ def test_endpoint_panel_from_samples() -> None:
     assert "Queries per second on ep-x" in panel.qps
     assert [e.cold_start_ms for e in panel.events] == [50]
     idle = endpoint_panel(ep, "main", [], [], start=_at(-60), end=_at(10), interval=60, running=False)
-    assert not idle.has_samples and idle.storage is None and idle.events == []
+    assert not idle.has_samples and idle.storage is None and idle.events == [] and idle.size is None

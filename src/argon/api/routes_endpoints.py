@@ -98,8 +98,9 @@ async def patch_endpoint(control: Authorized, project_id: str, endpoint_id: str,
         suspend_timeout_seconds=(check_suspend_timeout(spec.suspend_timeout_seconds)
                                  if spec.suspend_timeout_seconds is not None else None),
         disabled=spec.disabled, name=spec.name)
-    ep, ops = await update_endpoint(control, project_id, endpoint_id, patch)
-    return {"endpoint": views.endpoint_view(control.plane.settings, ep), "operations": [views.operation_view(o) for o in ops]}
+    ep, ops, applied = await update_endpoint(control, project_id, endpoint_id, patch)
+    return {"endpoint": views.endpoint_view(control.plane.settings, ep), "operations": [views.operation_view(o) for o in ops],
+            "applied": {"now": list(applied.now), "next_start": list(applied.next_start)}}
 
 
 @router.post("/projects/{project_id}/endpoints/{endpoint_id}/start")

@@ -30,12 +30,15 @@ def status(ctx: Context) -> None:
     except CliError:  # a project-scoped key does not see the server's backup state
         backup = None
     data = {"api_url": ctx.api.api_url, "versions": versions, "projects": len(projects), "active_computes": active,
-            "clone_backend": info.get("clone_backend"), "backup": backup}
+            "clone_backend": info.get("clone_backend"), "compute_limits": info.get("compute_limits"),
+            "backup": backup}
     if ctx.output != "table":
         emit(data, ctx.output)
         return
     click.echo(f"Argon at {ctx.api.api_url}: {len(projects)} project(s), {active} active compute(s); PostgreSQL "
                + ", ".join(v["version"] for v in versions) + f"; clone backend {info.get('clone_backend')}")
+    if info.get("compute_limits"):
+        click.echo(f"Compute limits: {info['compute_limits']}")
     if backup is None:
         pass
     elif not backup.get("enabled"):

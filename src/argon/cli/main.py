@@ -236,6 +236,7 @@ def _print_banner(settings: Settings, info: Any) -> None:
         click.echo("  Backup            off: one disk holds everything (set ARGON_BACKUP_URL=s3://... or file:///...)")
     if config_path:
         click.echo(f"  CLI config        {config_path}")
+    click.echo(f"  Compute limits    {info.limits}")
     click.echo(f"  Reconciled        {info.reconciled}")
     click.echo("Try:  argon projects create --name demo   then   argon psql --project-id <id>")
 

@@ -1,8 +1,10 @@
 """The running computes of this Argon process, by endpoint id.
 
-Mechanism only: the control plane decides when a compute starts or stops; the manager renders its
-config, spawns or adopts the postmaster, waits for readiness, keeps the platform's admin session
-on it (closed first when it stops) and reports exits nobody asked for.
+Mechanism only: the control plane decides when a compute starts or stops and how big it is; the
+manager renders its config, spawns or adopts the postmaster inside the compute's cgroup (when the
+host gives Argon cgroups: `argon.compute.cgroups`), waits for readiness, keeps the platform's admin
+session on it (closed first when it stops), changes its limits live, removes its cgroup when it is
+gone and reports exits nobody asked for.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from argon import safefs
 from argon.compute import postmaster
 from argon.compute.admin import AdminSession
 from argon.compute.binaries import PgInstall
+from argon.compute.cgroups import CgroupError, Cgroups, Limits, Usage
 from argon.compute.osuser import OsUser, running_as_root
 from argon.compute.pgconf import write_config
 from argon.compute.postmaster import ComputeStartError, Postmaster
@@ -36,6 +39,7 @@ class ComputeSpec:
     gucs: Mapping[str, str] = field(default_factory=dict)
     argon_os_user: str = "postgres"
     standby: bool = False  # a read replica: ready when it accepts read-only connections
+    limits: Limits | None = None  # CPU and memory it starts with (enforced when cgroups are available)
 
 
 def prepare(spec: ComputeSpec) -> None:
@@ -70,10 +74,15 @@ def prepare(spec: ComputeSpec) -> None:
 class ComputeManager:
     """Running postmasters by endpoint id, each with its admin session (`argon.compute.admin`)."""
 
-    def __init__(self, on_exit: Callable[[str, int | None], None] | None = None) -> None:
+    def __init__(self, on_exit: Callable[[str, int | None], None] | None = None,
+                 cgroups: Cgroups | None = None, limits_note: str = "not enforced") -> None:
         self.on_exit = on_exit  # called for an exit nobody asked for (crash, OOM kill, kill -9)
+        self.cgroups = cgroups  # None: limits are not enforced (no root, no controllers)
+        self.limits_note = limits_note  # which limits are enforced, or why none are (`argon status`)
         self._running: dict[str, Postmaster] = {}
         self._sessions: dict[str, AdminSession] = {}
+        self._limits: dict[str, Limits] = {}  # what each running compute's cgroup enforces now
+        self._removing: dict[str, asyncio.Task[bool]] = {}  # cgroups being removed (a start waits for it)
 
     def get(self, endpoint_id: str) -> Postmaster | None:
         return self._running.get(endpoint_id)
@@ -92,10 +101,18 @@ class ComputeManager:
         if current is not None and current.alive:
             return current
         await asyncio.to_thread(prepare, spec)
+        limited = self.cgroups is not None and spec.limits is not None
+        if limited:
+            removing = self._removing.get(spec.endpoint_id)
+            if removing is not None:
+                await asyncio.wait([removing])
+            await asyncio.to_thread(self._create_cgroup, spec.endpoint_id, spec.limits)
         pm = postmaster.start(spec.install, spec.pgdata, spec.log_file, spec.user)
         self._running[spec.endpoint_id] = pm
         self._watch(spec.endpoint_id, pm)
         try:
+            if limited:
+                self._join(spec.endpoint_id, pm.pid)
             await pm.wait_ready(standby=spec.standby)
         except BaseException:
             self._running.pop(spec.endpoint_id, None)
@@ -111,8 +128,75 @@ class ComputeManager:
         self._running[spec.endpoint_id] = pm
         self._sessions[spec.endpoint_id] = AdminSession(spec.socket_dir)
         self._watch(spec.endpoint_id, pm)
+        if self.cgroups is not None and spec.limits is not None:
+            try:  # keep the size it had (autoscaling may have moved it); a compute without one gets spec's
+                current = self.cgroups.limits(spec.endpoint_id)
+                self._create_cgroup(spec.endpoint_id, current or spec.limits)
+                self._join(spec.endpoint_id, pm.pid)
+            except CgroupError as exc:
+                log.warning("the adopted compute of %s runs without limits: %s", spec.endpoint_id, exc)
         log.info("adopted the running compute of %s (pid %d)", spec.endpoint_id, pm.pid)
         return pm
+
+    # Limits ---------------------------------------------------------------------------------------
+
+    def _create_cgroup(self, endpoint_id: str, limits: Limits) -> None:
+        assert self.cgroups is not None
+        try:
+            self.cgroups.create(endpoint_id, limits)
+        except CgroupError as exc:
+            raise ComputeStartError(str(exc)) from exc
+        self._limits[endpoint_id] = limits
+
+    def _join(self, endpoint_id: str, pid: int) -> None:
+        """Move a new postmaster into its cgroup, and make it the last process its OOM killer picks:
+        a backend killed at the memory limit makes Postgres restart its sessions (crash recovery),
+        where a killed postmaster would take the compute down. Its children reset their own
+        score (`PG_OOM_ADJUST_FILE`, set in `postmaster._ENV`), as PostgreSQL's docs advise."""
+        assert self.cgroups is not None
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/oom_score_adj", "w") as f:
+            f.write("-1000")
+        try:
+            self.cgroups.attach(endpoint_id, pid)
+        except CgroupError as exc:
+            raise ComputeStartError(str(exc)) from exc
+
+    def limits(self, endpoint_id: str) -> Limits | None:
+        """What the compute's cgroup enforces (None: not running, or not limited)."""
+        return self._limits.get(endpoint_id)
+
+    def set_limits(self, endpoint_id: str, limits: Limits) -> bool:
+        """Resize a running compute at once (no restart; its connections stay). False when it is not
+        running or not limited; raises `CgroupError` when the kernel refuses."""
+        if self.cgroups is None or endpoint_id not in self._limits or endpoint_id not in self._running:
+            return False
+        self.cgroups.set_limits(endpoint_id, limits)
+        self._limits[endpoint_id] = limits
+        return True
+
+    def usage(self, endpoint_id: str) -> Usage | None:
+        if self.cgroups is None or endpoint_id not in self._limits:
+            return None
+        return self.cgroups.usage(endpoint_id)
+
+    def tidy_cgroups(self) -> list[str]:
+        """At start-up, after adoption: remove the cgroups no running compute owns (left by a crash of
+        Argon, or by a start that failed half-way). Returns their names."""
+        if self.cgroups is None:
+            return []
+        stale = [name for name in self.cgroups.names() if name not in self._running]
+        return [name for name in stale if self.cgroups.remove(name, wait=0.2)]
+
+    def _release(self, endpoint_id: str) -> None:
+        """The compute is gone: remove its cgroup (in a thread: it may wait for a straggler)."""
+        if self._limits.pop(endpoint_id, None) is None or self.cgroups is None:
+            return
+        cgroups = self.cgroups
+        with contextlib.suppress(RuntimeError):  # no loop: argon is shutting down
+            task = asyncio.get_running_loop().create_task(asyncio.to_thread(cgroups.remove, endpoint_id))
+            self._removing[endpoint_id] = task
+            task.add_done_callback(lambda t: self._removing.pop(endpoint_id, None) if
+                                   self._removing.get(endpoint_id) is t else None)
 
     def _watch(self, endpoint_id: str, pm: Postmaster) -> None:
         def exited(done: Postmaster) -> None:
@@ -123,7 +207,9 @@ class ComputeManager:
                     with contextlib.suppress(RuntimeError):  # no loop: argon is shutting down
                         asyncio.get_running_loop().create_task(session.close())
             if not done.stop_requested and self.on_exit is not None:
-                self.on_exit(endpoint_id, done.returncode)
+                self.on_exit(endpoint_id, done.returncode)  # before the release: it may read the OOM count
+            if endpoint_id not in self._running:
+                self._release(endpoint_id)
 
         pm.watch(exited)
 
@@ -138,6 +224,10 @@ class ComputeManager:
         await pm.stop(mode)
         if self._running.get(endpoint_id) is pm:
             del self._running[endpoint_id]
+        self._release(endpoint_id)
+        removing = self._removing.get(endpoint_id)
+        if removing is not None:
+            await asyncio.wait([removing])
 
     async def stop_all(self, mode: str = "fast") -> None:
         await asyncio.gather(*(self.stop(ep, mode) for ep in list(self._running)), return_exceptions=True)

@@ -26,7 +26,10 @@ READY_TIMEOUT = 120.0  # crash recovery of a busy cluster can take a while
 STOP_TIMEOUT = 60.0
 _POLL = 0.005
 _SIGNALS = {"smart": signal.SIGTERM, "fast": signal.SIGINT, "immediate": signal.SIGQUIT}
-_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LC_ALL": "C", "LANG": "C", "TZ": "UTC"}
+# PG_OOM_ADJUST_*: each child of the postmaster resets its OOM score to 0 (the postmaster is made the
+# last victim when it runs in a cgroup, `manager.ComputeManager._join`).
+_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LC_ALL": "C", "LANG": "C", "TZ": "UTC",
+        "PG_OOM_ADJUST_FILE": "/proc/self/oom_score_adj", "PG_OOM_ADJUST_VALUE": "0"}
 
 
 class ComputeStartError(Exception):

@@ -1,6 +1,6 @@
-"""The console's Monitoring tab: per endpoint, charts of the metrics sampler's samples and of the
-compute's wakes and suspends (the events table), over the last hour, day or week, and the live
-state of its transaction pools (ADR 0017).
+"""The console's Monitoring tab: per endpoint, charts of the metrics sampler's samples, of the
+compute's wakes and suspends and of its size in CU as autoscaling moved it (the events table), over
+the last hour, day or week, and the live state of its transaction pools (ADR 0017).
 
 The route reads the samples and events of the range through `control.plane.db` (the store's thread), turns
 them into series here (pure helpers, unit-tested) and lets `argon.console.charts` draw them.
@@ -8,6 +8,7 @@ them into series here (pure helpers, unit-tested) and lets `argon.console.charts
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Annotated
@@ -30,6 +31,21 @@ RANGES: dict[str, tuple[str, timedelta]] = {
 }
 BUCKETS = 240  # points per chart at most
 _STARTS = (model.EventKind.WAKE, model.EventKind.ADOPTED)
+_RESIZE = re.compile(r"^([\d.]+) -> ([\d.]+) CU")  # an autoscale event's detail (argon.control.autoscale)
+
+
+def cu_steps(events: list[model.Event], *, start: datetime, end: datetime, running: bool) -> list[charts.Point]:
+    """The compute's size over time from its `autoscale` events (oldest first): a step at each,
+    held until `end` while it runs. Empty when nothing resized it in the range."""
+    points: list[charts.Point] = []
+    for ev in events:
+        match = _RESIZE.match(ev.detail) if ev.kind is model.EventKind.AUTOSCALE else None
+        if match is None:
+            continue
+        points += [(max(start, ev.at - timedelta(milliseconds=1)), float(match[1])), (ev.at, float(match[2]))]
+    if points and running:
+        points.append((end, points[-1][1]))
+    return points
 
 
 def compute_runs(events: list[model.Event], *, start: datetime, end: datetime,
@@ -85,6 +101,7 @@ class EndpointPanel:
     qps: Markup
     storage: Markup | None  # None: no storage sample yet
     activity: Markup
+    size: Markup | None  # None: autoscaling did not move it in the range
     events: list[EventRow]
     latest: MetricSample | None
     storage_latest: MetricSample | None
@@ -107,6 +124,7 @@ def endpoint_panel(ep: model.Endpoint, branch_name: str, samples: list[MetricSam
     name = ep.name or ep.id
     wakes = [(ev.at, ev.duration_ms or 0.0) for ev in events if ev.kind is model.EventKind.WAKE]
     suspends = [ev.at for ev in events if ev.kind is model.EventKind.SUSPEND]
+    steps = cu_steps(events, start=start, end=end, running=running)
     rows = [EventRow(ev.at, ev.kind.value.replace("_", " "),
                      ev.duration_ms if ev.kind is model.EventKind.WAKE else None, ev.detail)
             for ev in reversed(events)][:12]
@@ -121,6 +139,8 @@ def endpoint_panel(ep: model.Endpoint, branch_name: str, samples: list[MetricSam
         activity=charts.activity_chart(runs=compute_runs(events, start=start, end=end, running=running),
                                        wakes=wakes, suspends=suspends, start=start, end=end,
                                        title=f"Wakes and suspends of {name}"),
+        size=charts.line_chart(steps, start=start, end=end, title=f"Size of {name} in compute units",
+                               fmt=charts.fmt_number, gap=end - start, floor_top=0.25) if steps else None,
         events=rows, latest=mine[-1] if mine else None, storage_latest=storage[-1] if storage else None)
 
 

@@ -285,8 +285,8 @@ async def delete_branch(control: Control, project_id: str, branch_id: str, *,
             raise Precondition(f"branch {branch.name!r} has child branches ({', '.join(children)}); delete them first")
         ops = []
         endpoints = plane.endpoints(project_id, branch_id)
-        for ep in endpoints:
-            await control.computes.retire(ep.id, reason="branch deleted", mode="immediate")
+        await asyncio.gather(*(control.computes.retire(ep.id, reason="branch deleted", mode="immediate")
+                               for ep in endpoints))
         await plane.commit(delete=[branch])  # its endpoints, roles and databases with it
         for ep in endpoints:
             await asyncio.to_thread(safefs.rmtree, plane.layout.socket_dir(ep.id))

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 
 from argon import ids, model, safefs
 from argon.compute.osuser import project_user
+from argon.compute.params import gucs_for_cu
+from argon.control.autoscale import CU_STEPS
 from argon.control.services import Control
 from argon.errors import UserError
-
-CU_STEPS = (0.25, 0.5, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 14, 16)
 
 
 @dataclass(frozen=True)
@@ -40,8 +40,19 @@ def check_suspend_timeout(value: object) -> int:
     return value
 
 
+@dataclass(frozen=True)
+class Applied:
+    """What a PATCH changed on the running compute at once, and what waits for its next start."""
+
+    now: tuple[str, ...] = ()
+    next_start: tuple[str, ...] = ()
+
+
 async def update_endpoint(control: Control, project_id: str, endpoint_id: str,
-                          patch: EndpointPatch) -> tuple[model.Endpoint, list[model.Operation]]:
+                          patch: EndpointPatch) -> tuple[model.Endpoint, list[model.Operation], Applied]:
+    """Change an endpoint's settings. New CU limits move a running compute's CPU and memory limits
+    at once (no restart, connections stay); the settings that follow its size and need a restart
+    (`shared_buffers`, `max_connections`, ...) follow at its next start."""
     plane = control.plane
     async with plane.project_lock(project_id):
         ep = plane.endpoint(project_id, endpoint_id)
@@ -52,18 +63,27 @@ async def update_endpoint(control: Control, project_id: str, endpoint_id: str,
         assert isinstance(lo, float) and isinstance(hi, float)
         if lo > hi:
             raise UserError("autoscaling_limit_min_cu must not be greater than autoscaling_limit_max_cu")
-        restart = plane.is_running(ep.id) and hi != ep.autoscaling_limit_max_cu
-        await plane.commit(put=[ep.replace(**changes)])
+        running = plane.is_running(ep.id)
+        old, new_gucs = gucs_for_cu(ep.autoscaling_limit_max_cu), gucs_for_cu(hi)
+        sized = sorted(k for k, v in new_gucs.items() if old.get(k) != v)  # need a restart
+        if hi != ep.autoscaling_limit_max_cu:
+            sized.append("temp_file_limit")
+        new = ep.replace(**changes)
+        await plane.commit(put=[new])
         ops = [await plane.record(project_id, model.OperationAction.APPLY_CONFIG, branch_id=ep.branch_id,
                                   endpoint_id=ep.id, started=started)]
+        now: list[str] = []
+        later: list[str] = []
         if patch.disabled:
             if await control.computes.stop(ep.id, reason="endpoint disabled"):
                 ops.append(await plane.record(project_id, model.OperationAction.SUSPEND_COMPUTE,
                                               branch_id=ep.branch_id, endpoint_id=ep.id))
-        elif restart:
-            # A new size means new shared_buffers / max_connections: restart now (Neon does too).
-            ops += await restart_endpoint(control, project_id, endpoint_id)
-        return plane.endpoint(project_id, endpoint_id), ops
+        elif (lo, hi) != (ep.autoscaling_limit_min_cu, ep.autoscaling_limit_max_cu):
+            limits = ("autoscaling_limit_min_cu", "autoscaling_limit_max_cu")
+            live = running and await control.autoscaler.apply_bounds(new)
+            (now if live else later).extend(limits)
+            later.extend(sized)
+        return plane.endpoint(project_id, endpoint_id), ops, Applied(tuple(now), tuple(later))
 
 
 async def wake(control: Control, endpoint_id: str, *, reason: str) -> list[model.Operation]:

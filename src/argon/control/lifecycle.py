@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -26,6 +27,7 @@ from argon.compute.osuser import OsUser
 from argon.compute.params import gucs_for_cu
 from argon.compute.postmaster import ComputeStartError
 from argon.control import replicas, retention, spec
+from argon.control.autoscale import limits_for, temp_file_limit
 from argon.control.plane import ControlPlane
 from argon.errors import ArgonError, ComputeError, NotFound
 from argon.proxy.control_client import ComputeAddress
@@ -73,15 +75,19 @@ class Lifecycle:
             raise ComputeError(f"PostgreSQL {project.pg_version} binaries are not available on this machine; "
                                f"install them or set ARGON_PG_BINDIRS", retryable=False)
         user = OsUser(project.os_uid, project.os_uid) if project.os_uid is not None else None
+        limits = limits_for(ep.autoscaling_limit_min_cu, plane.settings.compute_memory_per_cu)  # starts at its min
+        capped = {"temp_file_limit": temp_file_limit(ep.autoscaling_limit_max_cu,
+                                                      plane.settings.compute_temp_files_per_cu)}
         if ep.type is model.EndpointType.READ_ONLY:
-            return replicas.replica_spec(plane, project, ep, install, user)
+            replica = replicas.replica_spec(plane, project, ep, install, user)
+            return dataclasses.replace(replica, limits=limits, gucs={**replica.gucs, **capped})
         logical = {"wal_level": "logical"} if project.settings.enable_logical_replication else {}
         gucs = plane.compute_gucs(project.pg_version, gucs_for_cu(ep.autoscaling_limit_max_cu) | dict(ep.pg_settings)
                                   | retention.archive_settings(plane, project, ep.branch_id) | logical)
         return ComputeSpec(endpoint_id=ep.id, install=install, pgdata=plane.layout.pgdata(project.id, ep.branch_id),
                            socket_dir=plane.layout.socket_dir(ep.id),
                            log_file=plane.layout.compute_log(project.id, ep.branch_id),
-                           user=user, gucs=gucs, argon_os_user=plane.os_user)
+                           user=user, gucs={**gucs, **capped}, argon_os_user=plane.os_user, limits=limits)
 
     def adopt(self, ep: model.Endpoint) -> bool:
         """Take over the compute a previous argon left running, if its identity checks out (start-up
@@ -250,8 +256,13 @@ class Lifecycle:
         ep = self.plane.find_endpoint(endpoint_id)
         if endpoint_id in self._stopping or ep is None:
             return
-        log.warning("compute %s exited unexpectedly (status %s); it will start again on the next connection",
-                    endpoint_id, returncode)
+        usage = self.plane.computes.usage(endpoint_id)  # its cgroup is removed only after this call
+        limits = self.plane.computes.limits(endpoint_id)
+        oom = ""
+        if usage is not None and usage.oom_kills and limits is not None:
+            oom = f"; out of memory at its limit of {limits.memory_bytes / 2**30:.2f} GiB"
+        log.warning("compute %s exited unexpectedly (status %s%s); it will start again on the next connection",
+                    endpoint_id, returncode, oom)
         self.plane.telemetry.suspends.labels(*compute_labels(ep)).inc()
         if ep.current_state is model.ComputeState.ACTIVE:
             now = model.utcnow()
@@ -259,5 +270,5 @@ class Lifecycle:
                 self.plane.commit_soon(put=[ep.replace(current_state=model.ComputeState.IDLE, suspended_at=now)],
                                        what="recording a compute exit")
                 self.plane.spawn(self.plane.add_event(ep.id, model.EventKind.SUSPEND, at=now,
-                                                      detail=f"exited unexpectedly ({returncode})"),
+                                                      detail=f"exited unexpectedly ({returncode}{oom})"),
                                  "recording a compute exit")

@@ -240,8 +240,9 @@ async def delete_project(control: Control, project_id: str) -> model.Project:
     project = plane.project(project_id)
     async with plane.project_lock(project_id):
         endpoints = plane.endpoints(project_id)
-        for ep in endpoints:
-            await control.computes.retire(ep.id, reason="project deleted", mode="immediate")
+        # All at once: each stop waits for its postmaster, and a project may have many computes.
+        await asyncio.gather(*(control.computes.retire(ep.id, reason="project deleted", mode="immediate")
+                               for ep in endpoints))
         await plane.commit(delete=[project])
         if project.os_uid is not None and running_as_root():  # nothing may run as a deleted project's uid
             killed = await asyncio.to_thread(kill_all, project.os_uid)

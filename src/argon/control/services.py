@@ -6,6 +6,7 @@ platform hold.
 - `metrics`: the sampler and the consumption figures (`argon.control.metrics`);
 - `figures`: the storage figures (`argon.control.figures`);
 - `api_keys`: the API's keys (`argon.control.apikeys`);
+- `autoscaler`: compute units enforced and autoscaled (`argon.control.autoscale`);
 - `backup`: continuous backup to object storage, when configured (`argon.control.backup`).
 
 The use cases (`projects`, `branches`, `endpoints`, `roles`, `schema`, the suspend monitor, the
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from argon.control.apikeys import ApiKeys
+from argon.control.autoscale import Autoscaler
 from argon.control.figures import Figures
 from argon.control.lifecycle import Lifecycle
 from argon.control.metrics import MetricsSampler
@@ -35,6 +37,7 @@ class Control:
     metrics: MetricsSampler
     figures: Figures
     api_keys: ApiKeys
+    autoscaler: Autoscaler
     backup: BackupService | None = None  # continuous backup, when ARGON_BACKUP_URL is set
 
     @classmethod
@@ -46,7 +49,7 @@ class Control:
 
             backup = BackupService(plane)
         return cls(plane=plane, computes=Lifecycle(plane, backup), metrics=metrics, figures=Figures(plane, metrics),
-                   api_keys=ApiKeys(plane), backup=backup)
+                   api_keys=ApiKeys(plane), autoscaler=Autoscaler(plane), backup=backup)
 
     async def load(self) -> None:
         """Fill the view from the store (at start-up)."""
@@ -56,4 +59,5 @@ class Control:
 
     async def close(self) -> None:
         await self.metrics.stop()
+        await self.autoscaler.stop()
         await self.plane.close()
