@@ -70,6 +70,31 @@ def test_the_template_key_follows_migrations_not_model_code(app: Path) -> None:
     assert probe(app)[0] not in (first, changed)
 
 
+FILES_SCRIPT = """
+import sys
+import django
+django.setup()
+from django.apps import apps
+from django.db import connection
+from django.db.migrations.loader import MigrationLoader
+from argon.django.keys import _migration_files, migration_state
+migration_state(connection)
+print("imported", sorted(m for m in sys.modules if ".migrations." in m and m.rsplit(".", 1)[1][:1].isdigit()))
+loader = MigrationLoader(None, ignore_no_migrations=True)
+found = {(c.label, n): str(p) for c in apps.get_app_configs() for n, p in _migration_files(c.label) or []}
+print("same", found == {k: sys.modules[type(m).__module__].__file__ for k, m in loader.disk_migrations.items()})
+"""
+
+
+def test_the_key_hashes_the_loaders_migration_files_without_importing_them(app: Path) -> None:
+    (app / "files.py").write_text(FILES_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ARGON_", "NEON_"))}
+    env.update({"PYTHONPATH": str(app), "DJANGO_SETTINGS_MODULE": "seedsite.settings", "DATABASE_URL": ARGON_URL})
+    out = subprocess.run([sys.executable, "files.py"], cwd=app, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.splitlines() == ["imported []", "same True"]  # importing hundreds of migrations was most of the cost
+
+
 def test_notices_when_branches_are_not_possible(app: Path) -> None:
     _, notices = probe(app)
     assert notices == ["argon: no API key (set ARGON_API_KEY or NEON_API_KEY, or run `argon login`); "

@@ -26,6 +26,8 @@ ARGON_DEFAULT_URL = "http://127.0.0.1:4444"
 NEON_DEFAULT_URL = "https://console.neon.tech/api/v2"
 RETRY_STATUSES = frozenset({423, 429, 503})
 FINISHED = frozenset({"finished", "skipped"})
+FINE_POLL_S = 0.05  # Api.wait: the step while an operation is young (FINE_POLL_FOR_S), then up to 1 s
+FINE_POLL_FOR_S = 3.0
 FAILED = frozenset({"failed", "error", "cancelled"})
 
 
@@ -132,7 +134,8 @@ class Api:
 
     def wait(self, project_id: str, operations: list[dict[str, Any]], timeout: float = 300) -> None:
         """Until every operation finished (Neon runs them in the background); an ApiError if one failed."""
-        deadline = time.monotonic() + timeout
+        began = time.monotonic()
+        deadline = began + timeout
         delay = 0.02
         for op in operations:
             while op.get("status") not in FINISHED:
@@ -142,7 +145,9 @@ class Api:
                 if time.monotonic() > deadline:
                     raise ApiError(f"operation {op.get('action')} still {op.get('status')} after {timeout:.0f} s")
                 time.sleep(delay)
-                delay = min(delay * 1.5, 1.0)
+                # A compute starts in a few tenths of a second: poll finely for the first seconds (a
+                # coarse step there overshoots by up to half the start), then back off.
+                delay = min(delay * 1.5, FINE_POLL_S if time.monotonic() - began < FINE_POLL_FOR_S else 1.0)
                 op = self.request("GET", f"/projects/{project_id}/operations/{op['id']}")["operation"]
 
     # The calls the runner makes ---------------------------------------------------------------------

@@ -17,8 +17,9 @@ building at once cannot both publish (the second gets 409 and uses the first's).
 from __future__ import annotations
 
 import hashlib
+import importlib
+import pkgutil
 import secrets
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,11 +72,41 @@ def _module_files(module: Any) -> list[Path]:
     return [Path(file)] if file else []
 
 
+def _migration_files(app_label: str) -> list[tuple[str, Path]] | None:
+    """The migration files of an app as Django's MigrationLoader.load_disk finds them (same
+    module, same rules), without importing the migrations themselves: None for an app without
+    migrations. Importing and instantiating hundreds of migrations is most of what hashing cost."""
+    from django.db.migrations.loader import MIGRATIONS_MODULE_NAME, MigrationLoader
+
+    module_name, explicit = MigrationLoader.migrations_module(app_label)
+    if module_name is None:
+        return None
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if explicit or MIGRATIONS_MODULE_NAME in (exc.name or "").split("."):
+            return None  # the loader's ignore_no_migrations=True, as the runner's hash always used
+        raise
+    if not hasattr(module, "__path__"):
+        return None  # a migrations.py module, not a package
+    if getattr(module, "__file__", None) is None and not isinstance(module.__path__, list):
+        return None  # an empty directory: a namespace package
+    found = []
+    for info in pkgutil.iter_modules(module.__path__):
+        if info.ispkg or info.name[0] in "_~":
+            continue
+        spec = info.module_finder.find_spec(f"{module_name}.{info.name}", None)  # type: ignore[call-arg]
+        origin = getattr(spec, "origin", None)
+        if origin is None:
+            raise ImportError(f"cannot find the file of migration {module_name}.{info.name}")
+        found.append((info.name, Path(origin)))
+    return found
+
+
 def migration_state(connection: Any) -> str:
     """A hash of everything `migrate --run-syncdb` builds the test database from. Needs Django set up."""
     import django
     from django.apps import apps
-    from django.db.migrations.loader import MigrationLoader
 
     digest = hashlib.sha256(f"{SCHEME}\0django={django.get_version()}".encode())
     test = connection.settings_dict.get("TEST") or {}
@@ -88,12 +119,14 @@ def migration_state(connection: Any) -> str:
 
     unmigrated = {c.label for c in apps.get_app_configs()}
     if migrate:
-        loader = MigrationLoader(None, ignore_no_migrations=True)
-        for (app_label, name), migration in sorted(loader.disk_migrations.items()):
-            module = sys.modules.get(type(migration).__module__)
-            for path in _module_files(module):
-                add(f"{app_label}.{name}", path)
-        unmigrated = set(loader.unmigrated_apps)
+        files = {}
+        for config in apps.get_app_configs():
+            found = _migration_files(config.label)
+            if found is not None:
+                unmigrated.discard(config.label)
+                files.update({(config.label, name): path for name, path in found})
+        for (app_label, name), path in sorted(files.items()):
+            add(f"{app_label}.{name}", path)
     for config in sorted(apps.get_app_configs(), key=lambda c: c.label):
         if config.label in unmigrated and config.models_module is not None:
             for path in _module_files(config.models_module):
