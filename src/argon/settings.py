@@ -164,8 +164,9 @@ def read_config_file() -> tuple[Path, dict[str, Any]]:
     return path, {k.replace("-", "_"): v for k, v in data.items()}
 
 
-# ARGON_* variables that are not settings but are read elsewhere (the CLI's server and its config file).
-OTHER_VARIABLES = frozenset({"ARGON_API_URL", "ARGON_CONFIG_FILE"})
+# ARGON_* variables that are not settings but are read elsewhere (the CLI's server and its config file;
+# failpoints, a test facility read by argon.failpoints).
+OTHER_VARIABLES = frozenset({"ARGON_API_URL", "ARGON_CONFIG_FILE", "ARGON_FAILPOINTS"})
 
 
 def unknown_names(config_path: Path, config_values: dict[str, Any]) -> list[str]:
