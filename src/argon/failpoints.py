@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import contextlib
 import logging
 import os
 import re
@@ -120,10 +121,8 @@ def _hit(name: str, point: _Point) -> None:
     log.warning("failpoint %s: %s", name, point.verb)
     if point.verb == "kill":
         for handler in logging.getLogger().handlers + logging.getLogger("argon").handlers:
-            try:
+            with contextlib.suppress(Exception):  # dying anyway
                 handler.flush()
-            except Exception:  # noqa: S110 - dying anyway
-                pass
         sys.stdout.flush()
         os.kill(os.getpid(), signal.SIGKILL)
         time.sleep(10)  # SIGKILL is delivered before this returns
