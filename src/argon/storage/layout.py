@@ -57,6 +57,11 @@ class Layout:
         return self.data_dir / "runtime"
 
     @property
+    def intents_dir(self) -> Path:
+        """What an interrupted operation meant to do (`argon.storage.intents`); Argon's own."""
+        return self.data_dir / "intents"
+
+    @property
     def templates_dir(self) -> Path:
         return self.data_dir / "templates"
 
@@ -146,7 +151,7 @@ class Layout:
             for path, mode in modes.items():
                 path.mkdir(exist_ok=True)
                 os.chmod(path, mode)
-            for path in (self.secrets_dir, self.tls_dir):
+            for path in (self.secrets_dir, self.tls_dir, self.intents_dir):
                 path.mkdir(mode=0o700, exist_ok=True)
             self.run_dir.mkdir(parents=True, exist_ok=True)
             os.chmod(self.run_dir, traversable)
