@@ -19,8 +19,8 @@ Actions: `kill` (SIGKILL this process, what `kill -9` does at that instant), `ra
 fails with an internal error), `sleep(MS)`, `pause` (wait until the point is switched off), `off`;
 `N*action` acts on the first N hits only. When the variable is unset, `failpoint` is a function
 that returns at once and the table below stays empty: there is nothing to switch at run time.
-With the variable set (even empty), `configure` changes points while Argon runs; the API offers it
-as `PUT /debug/failpoints` (ARGON_FAILPOINTS set only).
+With the variable set (even empty), `configure` changes points while Argon runs (from inside the
+process: there is no API for it; tests arm a point at the start of `argon up`).
 """
 
 from __future__ import annotations

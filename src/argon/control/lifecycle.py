@@ -21,6 +21,7 @@ import logging
 import time
 
 from argon import logs, model, safefs
+from argon.compute import postmaster
 from argon.compute.manager import ComputeSpec
 from argon.compute.osuser import OsUser
 from argon.compute.params import gucs_for_cu
@@ -34,6 +35,9 @@ from argon.proxy.control_client import ComputeAddress
 from argon.telemetry import compute_labels
 
 log = logging.getLogger(__name__)
+
+
+LEFT_BEHIND_WAIT = 30.0  # seconds a wake waits for a postmaster left starting by a crashed argon
 
 
 def spec_key(endpoint_id: str) -> str:
@@ -141,8 +145,8 @@ class Lifecycle:
                 if ep.type is model.EndpointType.READ_ONLY:
                     await replicas.ensure_replica_data(plane, ep)
                 compute = self.spec(ep)
-                if not plane.is_running(endpoint_id):  # a postmaster left by a crashed argon, ready since
-                    self.adopt(ep)
+                if not plane.is_running(endpoint_id):  # a postmaster left by a crashed argon?
+                    await self._adopt_left_behind(ep, compute)
                 await plane.computes.start(compute)
                 if endpoint_id in self._needs_spec:
                     await failpoint_async("compute.start.before_spec")
@@ -169,6 +173,15 @@ class Lifecycle:
             plane.spawn(plane.add_event(ep.id, model.EventKind.WAKE, duration_ms=elapsed * 1000, detail=reason),
                         "recording a wake")
             return ComputeAddress(socket_path=socket, cold_start=True)
+
+    async def _adopt_left_behind(self, ep: model.Endpoint, compute: ComputeSpec) -> None:
+        """Adopt the postmaster a crashed argon started, waiting while it is still starting (a crash
+        recovery), rather than failing on "another postmaster is still running"."""
+        deadline = time.monotonic() + LEFT_BEHIND_WAIT
+        while not self.adopt(ep) and await asyncio.to_thread(postmaster.alive_on, compute.pgdata):
+            if time.monotonic() > deadline:
+                return  # the start reports it
+            await asyncio.sleep(0.1)
 
     async def _after_failed_start(self, ep: model.Endpoint, message: str) -> None:
         """The start failed: its event, and a failed `start_compute` operation (nobody else can record

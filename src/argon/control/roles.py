@@ -279,7 +279,9 @@ async def sync_if_running(control: Control, project_id: str, branch_id: str) -> 
     """Before answering a list: if the branch's compute runs, take in what changed through SQL."""
     plane = control.plane
     plane.branch(project_id, branch_id)
-    running = [e for e in plane.endpoints(project_id, branch_id) if plane.is_running(e.id)]
+    # a compute still waiting for the platform's spec says nothing the store should take in
+    running = [e for e in plane.endpoints(project_id, branch_id)
+               if plane.is_running(e.id) and not control.computes.needs_spec(e.id)]
     if not running:
         return
     async with plane.project_lock(project_id):
