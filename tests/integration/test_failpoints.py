@@ -224,6 +224,12 @@ COMMITTED = {"branch.restore.after_swap", "history.epoch_begin.after_base", "bra
              "branch.restore.after_metadata", "branch.restore.after_cleanup"}
 
 
+# With `preserve_under_name` the old data moves into the new branch's directory: the points around
+# the swap again (the others do not depend on where the old data goes).
+PRESERVE_POINTS = ["branch.restore.after_end_epoch", "branch.restore.after_epochs", "branch.restore.after_aside",
+                   "branch.restore.after_swap"]
+
+
 @pytest.mark.parametrize("preserve", [False, True], ids=["replace", "preserve"])
 def test_branch_restore(argon: ArgonProcess, preserve: bool) -> None:
     """Issue 12, defect 1: an interrupted restore keeps whichever copy is complete, and the old data
@@ -259,7 +265,7 @@ def test_branch_restore(argon: ArgonProcess, preserve: bool) -> None:
 
         return point, op, check
 
-    walk(argon, [restore(n, point) for n, point in enumerate(RESTORE_POINTS)])
+    walk(argon, [restore(n, point) for n, point in enumerate(PRESERVE_POINTS if preserve else RESTORE_POINTS)])
 
 
 def test_roles_and_databases(argon: ArgonProcess) -> None:
@@ -351,7 +357,8 @@ def _held_while_starting(argon: ArgonProcess) -> tuple[str, str, int]:
     pid, main, _ = new_project(argon)
     argon.interrupt()  # its compute stops with it
     argon.start(ARGON_FAILPOINTS="compute.start.after_spawn=kill")
-    uri = argon.api.get(f"/projects/{pid}/connection_uri", params={"branch_id": main}).json()["uri"]
+    uri = argon.api.get(f"/projects/{pid}/connection_uri", params={
+        "branch_id": main, "role_name": "neondb_owner", "database_name": "neondb"}).json()["uri"]
     with contextlib.suppress(psycopg.Error):  # the wake spawns the postmaster, and argon dies
         psycopg.connect(uri, connect_timeout=10).close()
     assert argon.wait_dead(60) == -signal.SIGKILL
