@@ -178,16 +178,16 @@ async def adopt_strays(control: Control) -> list[str]:
     spec; one still starting is looked at again next time. Exits are seen by each compute's watch."""
     plane = control.plane
     adopted = []
-    for ep in plane.endpoints():
+    idle = {ep.id: (plane.layout.pgdata(ep.project_id, ep.branch_id) if ep.type is model.EndpointType.READ_WRITE
+                    else plane.layout.replica_dir(ep.project_id, ep.branch_id, ep.id) / "pgdata")
+            for ep in plane.endpoints() if not plane.is_running(ep.id) and not plane.endpoint_lock(ep.id).locked()}
+    with_pidfile = await asyncio.to_thread(
+        lambda: [ep_id for ep_id, pgdata in idle.items() if safefs.lexists(pgdata / "postmaster.pid")])
+    for ep_id in with_pidfile:
+        ep = plane.find_endpoint(ep_id)
+        if ep is None:
+            continue
         lock = plane.endpoint_lock(ep.id)
-        if plane.is_running(ep.id) or lock.locked():
-            continue
-        try:
-            pgdata = control.computes.spec(ep).pgdata
-        except Exception:  # no binaries for it: nothing of it can run
-            continue
-        if not await asyncio.to_thread(safefs.lexists, pgdata / "postmaster.pid"):
-            continue
         async with lock:
             if plane.is_running(ep.id) or not control.computes.adopt(ep):
                 continue
