@@ -15,6 +15,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -352,24 +353,37 @@ def test_suspend(argon: ArgonProcess) -> None:
 
 
 def _held_while_starting(argon: ArgonProcess) -> tuple[str, str, int]:
-    """A project whose compute was starting when argon died, held (SIGSTOP) before it is ready."""
+    """A project whose compute was starting when argon died, held (SIGSTOP) before it is ready: a
+    thread stops the postmaster the moment it appears, while the wake that spawns it kills argon."""
     argon.start()
     pid, main, _ = new_project(argon)
     argon.interrupt()  # its compute stops with it
     argon.start(ARGON_FAILPOINTS="compute.start.after_spawn=kill")
     uri = argon.api.get(f"/projects/{pid}/connection_uri", params={
         "branch_id": main, "role_name": "neondb_owner", "database_name": "neondb"}).json()["uri"]
+    held: list[int] = []
+    pidfile = argon.data / "projects" / pid / "branches" / main / "pgdata" / "postmaster.pid"
+
+    def hold() -> None:  # once it has claimed its data directory (postmaster.pid), before it is ready
+        deadline = time.monotonic() + 60
+        while not held and time.monotonic() < deadline:
+            for found in postgres_processes_under(argon.data):
+                if pidfile.exists():
+                    os.kill(found, signal.SIGSTOP)
+                    held.append(found)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
     with contextlib.suppress(psycopg.Error):  # the wake spawns the postmaster, and argon dies
         psycopg.connect(uri, connect_timeout=10).close()
     assert argon.wait_dead(60) == -signal.SIGKILL
+    holder.join()
     KILLS[0] += 1
-    [pm] = postgres_processes_under(argon.data)
-    os.kill(pm, signal.SIGSTOP)
-    pidfile = argon.data / "projects" / pid / "branches" / main / "pgdata" / "postmaster.pid"
+    assert held, "no postmaster was spawned"
     if pidfile.exists() and "ready" in pidfile.read_text():
-        os.kill(pm, signal.SIGCONT)
+        os.kill(held[0], signal.SIGCONT)
         pytest.skip("the compute became ready before the test could hold it")
-    return pid, main, pm
+    return pid, main, held[0]
 
 
 def test_a_compute_ready_after_the_restart_is_adopted_and_a_branch_of_it_waits(argon: ArgonProcess) -> None:

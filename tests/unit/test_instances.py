@@ -24,7 +24,10 @@ def test_cli_config_is_kept_per_data_dir(tmp_path: Path, monkeypatch: pytest.Mon
     client.forget_instance(tmp_path / "b")  # b stops: the default goes back to a, which still runs
     assert client.read_cli_config() == {"api_url": "http://127.0.0.1:1111", "api_key": "key-a"}
     stored = json.loads(client.cli_config_path().read_text())
-    assert list(stored["instances"]) == [str(tmp_path / "a")]
+    assert [d for d, e in stored["instances"].items() if e["running"]] == [str(tmp_path / "a")]
+    client.write_cli_config("http://127.0.0.1:3333", None, tmp_path / "b")  # b again, on another port,
+    monkeypatch.setenv("ARGON_DATA_DIR", str(tmp_path / "b"))  # with no key of its own this time
+    assert client.read_cli_config() == {"api_url": "http://127.0.0.1:3333", "api_key": "key-b"}
     assert client.cli_config_path().stat().st_mode & 0o777 == 0o600
 
 

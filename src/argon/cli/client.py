@@ -53,7 +53,7 @@ def read_cli_config() -> dict[str, str]:
     data = _load()
     wanted = os.environ.get("ARGON_DATA_DIR")
     instance = data.get("instances", {}).get(_key(wanted)) if wanted else None
-    chosen = instance if isinstance(instance, dict) else data
+    chosen = {**data, **instance} if isinstance(instance, dict) else data
     return {k: str(v) for k, v in chosen.items() if k in ("api_url", "api_key")}
 
 
@@ -67,23 +67,26 @@ def write_cli_config(api_url: str, api_key: str | None, data_dir: Path | None = 
     if data_dir is not None:
         instances = data.setdefault("instances", {})
         entry = instances.setdefault(_key(data_dir), {})
-        entry["api_url"] = api_url
+        entry.update(api_url=api_url, running=True)
         if api_key:
             entry["api_key"] = api_key
+        elif "api_key" in entry:  # this start knows no key: the instance's own, not another's
+            data["api_key"] = entry["api_key"]
     return _save(data)
 
 
 def forget_instance(data_dir: Path) -> Path | None:
-    """`argon up` on `data_dir` stops: its entry goes, and the default moves to another running
-    instance's, if the default was this one's."""
+    """`argon up` on `data_dir` stops: its entry is marked stopped, and the default moves to another
+    running instance's, if the default was this one's."""
     data = _load()
     instances = data.get("instances", {})
-    mine = instances.pop(_key(data_dir), None)
+    mine = instances.get(_key(data_dir))
     if mine is None:
         return None
-    if data.get("api_url") == mine.get("api_url") and instances:
-        other = next(iter(instances.values()))
-        data.update({k: v for k, v in other.items() if k in ("api_url", "api_key")})
+    mine["running"] = False  # its key stays known for its next start
+    others = [e for e in instances.values() if e.get("running")]
+    if data.get("api_url") == mine.get("api_url") and others:
+        data.update({k: v for k, v in others[-1].items() if k in ("api_url", "api_key")})
     return _save(data)
 
 
