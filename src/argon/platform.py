@@ -24,7 +24,7 @@ from pathlib import Path
 
 import uvicorn
 
-from argon import __version__, model
+from argon import __version__, model, safefs
 from argon.api.app import create_app
 from argon.api.ops import Check
 from argon.compute import cgroups, extensions
@@ -307,6 +307,9 @@ class Platform:
             idle = [ep.replace(current_state=model.ComputeState.IDLE, suspended_at=model.utcnow())
                     for ep in plane.endpoints() if ep.current_state is model.ComputeState.ACTIVE]
             await plane.commit(put=idle)
+            for ep in plane.endpoints():  # the computes are stopped: nothing of this instance stays in the run dir
+                if not plane.is_running(ep.id):
+                    await asyncio.to_thread(safefs.rmtree, plane.layout.socket_dir(ep.id))
             await self.control.close()
             plane.store.close()
         for fd in (self._lock_fd, self._uid_range_fd):

@@ -40,7 +40,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ARGON_", extra="ignore", frozen=True)
 
     data_dir: Path = Field(default_factory=default_data_dir, description="Where projects, metadata and certificates live")
-    run_dir: Path | None = Field(None, description="Directory for compute Unix sockets (must be short: 107-byte socket path limit)")
+    run_dir: Path | None = Field(None, description="Directory for compute Unix sockets (must be short: 107-byte socket path limit); default: one per data directory under /run/argon (root) or the user runtime dir")
     http_host: str = Field("127.0.0.1", description="Address the API and console listen on")
     http_port: int = Field(4444, ge=0, le=65535, description="Port of the API (/api/v2) and the console (/)")
     proxy_host: str = Field("127.0.0.1", description="Address the Postgres proxy listens on")
@@ -231,8 +231,9 @@ def read_config_file() -> tuple[Path, dict[str, Any]]:
     return path, {k.replace("-", "_"): v for k, v in data.items()}
 
 
-# ARGON_* variables that are not settings but are read elsewhere (the CLI's server and its config file).
-OTHER_VARIABLES = frozenset({"ARGON_API_URL", "ARGON_CONFIG_FILE"})
+# ARGON_* variables that are not settings but are read elsewhere (the CLI's server and its config file;
+# failpoints, a test facility read by argon.failpoints).
+OTHER_VARIABLES = frozenset({"ARGON_API_URL", "ARGON_CONFIG_FILE", "ARGON_FAILPOINTS"})
 
 
 def unknown_names(config_path: Path, config_values: dict[str, Any]) -> list[str]:

@@ -56,8 +56,11 @@ def create_app(control: Control, telemetry: Telemetry | None = None, checks: lis
     async def _argon_error(request: Request, exc: ArgonError) -> JSONResponse:
         if exc.http_status >= 500:
             log.error("%s %s failed: %s", request.method, request.url.path, exc.user_message)
+        headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else {}
+        if exc.http_status == 423:  # @neon/sdk honours it; neonctl retries 423 every 3 s
+            headers["Retry-After"] = "3"
         return JSONResponse(error_body(exc.user_message, exc.code), status_code=exc.http_status,
-                            headers={"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None)
+                            headers=headers or None)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -24,41 +24,78 @@ def cli_config_path() -> Path:
     return default_config_file().with_name("cli.json")
 
 
-def read_cli_config() -> dict[str, str]:
+def _key(data_dir: str | Path) -> str:
+    return str(Path(data_dir).expanduser().absolute())
+
+
+def _load() -> dict[str, Any]:
     try:
         data = json.loads(cli_config_path().read_text())
-        return {k: str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+        return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
         return {}
 
 
-def write_cli_config(api_url: str, api_key: str | None) -> Path:
+def _save(data: dict[str, Any]) -> Path:
     path = cli_config_path()
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = read_cli_config()
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+    return path
+
+
+def read_cli_config() -> dict[str, str]:
+    """The API URL and key: of the instance on ARGON_DATA_DIR when that is set and one was started on it
+    here, else of the one started last (or `argon login`)."""
+    data = _load()
+    wanted = os.environ.get("ARGON_DATA_DIR")
+    instance = data.get("instances", {}).get(_key(wanted)) if wanted else None
+    chosen = {**data, **instance} if isinstance(instance, dict) else data
+    return {k: str(v) for k, v in chosen.items() if k in ("api_url", "api_key")}
+
+
+def write_cli_config(api_url: str, api_key: str | None, data_dir: Path | None = None) -> Path:
+    """`argon login`, or `argon up` on `data_dir`: the top-level entry (what the CLI uses by default)
+    and, for `argon up`, the instance's own entry keyed by its data directory."""
+    data = _load()
     data["api_url"] = api_url
     if api_key:
         data["api_key"] = api_key
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
-    return path
+    if data_dir is not None:
+        instances = data.setdefault("instances", {})
+        entry = instances.setdefault(_key(data_dir), {})
+        entry.update(api_url=api_url, running=True)
+        if api_key:
+            entry["api_key"] = api_key
+        elif "api_key" in entry:  # this start knows no key: the instance's own, not another's
+            data["api_key"] = entry["api_key"]
+    return _save(data)
+
+
+def forget_instance(data_dir: Path) -> Path | None:
+    """`argon up` on `data_dir` stops: its entry is marked stopped, and the default moves to another
+    running instance's, if the default was this one's."""
+    data = _load()
+    instances = data.get("instances", {})
+    mine = instances.get(_key(data_dir))
+    if mine is None:
+        return None
+    mine["running"] = False  # its key stays known for its next start
+    others = [e for e in instances.values() if e.get("running")]
+    if data.get("api_url") == mine.get("api_url") and others:
+        data.update({k: v for k, v in others[-1].items() if k in ("api_url", "api_key")})
+    return _save(data)
 
 
 def forget_api_key() -> Path | None:
-    path = cli_config_path()
-    data = read_cli_config()
+    data = _load()
     if "api_key" not in data:
         return None
     del data["api_key"]
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
-    return path
+    return _save(data)
 
 
 class ApiClient:

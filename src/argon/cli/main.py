@@ -6,6 +6,7 @@ Every command that talks to a server goes through the HTTP API, like any other c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -17,7 +18,7 @@ import click
 from argon import __version__, logs
 from argon.cli import commands
 from argon.cli.backup import backup as backup_cli
-from argon.cli.client import CliError, write_cli_config
+from argon.cli.client import CliError, forget_instance, write_cli_config
 from argon.cli.context import Context
 from argon.cli.service import notify
 from argon.cli.service import service as service_cli
@@ -149,6 +150,8 @@ def up(**flags: Any) -> None:
             notify("STOPPING=1")
             progress("Stopping: computes get a fast shutdown...")
             await platform.stop()
+            with contextlib.suppress(OSError):
+                forget_instance(settings.data_dir)
             progress("Stopped.")
 
     asyncio.run(run())
@@ -199,7 +202,7 @@ def _print_banner(settings: Settings, info: Any) -> None:
     key = info.api_key or settings.api_key
     # The URL always (a restart on another port must not leave the CLI at the old one); the key when
     # this start knows it, else the CLI keeps the one it has.
-    config_path = write_cli_config(info.api_url, key)
+    config_path = write_cli_config(info.api_url, key, settings.data_dir)
     b = lambda s: click.style(s, bold=True)  # noqa: E731
     click.echo(b("Argon is up.") + f" (ready in {info.startup_ms:.0f} ms)")
     if sys.stdout.isatty():  # a sign-in link is a credential: never into a service's journal or a log file

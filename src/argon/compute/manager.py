@@ -24,6 +24,7 @@ from argon.compute.cgroups import CgroupError, Cgroups, Limits, Usage
 from argon.compute.osuser import OsUser, running_as_root
 from argon.compute.pgconf import write_config
 from argon.compute.postmaster import ComputeStartError, Postmaster
+from argon.failpoints import failpoint_async
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,7 @@ class ComputeManager:
                 await asyncio.wait([removing])
             await asyncio.to_thread(self._create_cgroup, spec.endpoint_id, spec.limits)
         pm = postmaster.start(spec.install, spec.pgdata, spec.log_file, spec.user)
+        await failpoint_async("compute.start.after_spawn")
         self._running[spec.endpoint_id] = pm
         self._watch(spec.endpoint_id, pm)
         try:

@@ -278,6 +278,16 @@ def clear_stale_lock(pgdata: Path, socket_dir: Path | None = None, wait: float =
             safefs.unlink(socket_dir / name)
 
 
+def alive_on(pgdata: Path) -> bool:
+    """Whether a postgres named in `pgdata`'s `postmaster.pid` serves it (ready or not yet: a crash
+    recovery after a restart of Argon)."""
+    lines = _read_pid_file(pgdata)
+    try:
+        return bool(lines) and _serves(int(lines[0]), pgdata)
+    except ValueError:
+        return False
+
+
 def adopt(pgdata: Path, log_file: Path, user: OsUser | None = None) -> Postmaster | None:
     """The postmaster still serving `pgdata` from an earlier Argon process, if it is alive, ready
     and runs as the compute's user (as ourselves when unprivileged)."""

@@ -20,8 +20,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from argon import ids, model, safefs
+from argon.compute import postmaster
 from argon.compute.admin import connect_admin
 from argon.compute.osuser import project_user
 from argon.control import pitr, retention
@@ -30,7 +32,8 @@ from argon.control.projects import first_start
 from argon.control.replicas import remove_replicas
 from argon.control.schema import schema_only_copy
 from argon.control.services import Control
-from argon.errors import Conflict, NotFound, Precondition, UserError
+from argon.errors import Conflict, Locked, NotFound, Precondition, UserError
+from argon.failpoints import failpoint, failpoint_async
 from argon.storage import branching, wal
 
 log = logging.getLogger(__name__)
@@ -129,6 +132,8 @@ async def _copy_parent(plane: ControlPlane, project: model.Project, parent: mode
                 return await branching.clone_running(conn, plane.backend, source, target, user)
             finally:
                 await conn.close()
+        if await asyncio.to_thread(postmaster.alive_on, source):  # not ours yet: starting, or in crash recovery
+            raise Locked(f"branch {parent.name!r} is starting up (recovering after a restart); please retry later")
         install = plane.installs.get(project.pg_version)
         stopped = await asyncio.to_thread(wal.control_data, install.bindir, source, user) if install else None
         await asyncio.to_thread(branching.clone_stopped, plane.backend, source, target, stopped, user)
@@ -174,19 +179,23 @@ async def create_branch(control: Control, project_id: str, req: BranchRequest) -
             if req.init_source == "schema-only":
                 await asyncio.to_thread(_make_branch_dir, plane, project, bid)
                 await schema_only_copy(control, project, parent, pgdata)
+                await failpoint_async("branch.create_schema_only.after_restore")
                 lsn = None
             elif req.parent_lsn or req.parent_timestamp:
                 await asyncio.to_thread(_make_branch_dir, plane, project, bid)
                 point = await point_in_time(control, project, parent, pgdata, lsn=req.parent_lsn,
                                             timestamp=req.parent_timestamp)
                 lsn, parent_at = point.lsn, point.at
+                await failpoint_async("branch.create_at_point.after_recovery")
             else:
                 lsn = await _copy_parent(plane, project, parent, pgdata)
+                await failpoint_async("branch.create.after_copy")
                 linked = await asyncio.to_thread(retention.begin_epoch_from_parent, plane, project, bid, pgdata,
                                                  parent.id, consistent_lsn=lsn)
             if not linked:
                 await asyncio.to_thread(retention.begin_epoch, plane, project, bid, pgdata, reason="branch created",
                                         consistent_lsn=lsn, fresh=True)
+            await failpoint_async("branch.create.after_epoch")
         except BaseException:
             await asyncio.to_thread(safefs.rmtree, plane.layout.branch_dir(project_id, bid))
             raise
@@ -212,11 +221,14 @@ async def create_branch(control: Control, project_id: str, req: BranchRequest) -
         databases = [model.Database(**{**d.__dict__, "id": 0, "branch_id": bid, "created_at": now, "updated_at": now})
                      for d in parent_dbs]  # their ids are taken in the transaction
         try:
+            for e in endpoints:  # its first start applies the roles, even after a crash (reconcile)
+                await asyncio.to_thread(control.computes.spec_pending, e.id)
             stored = await plane.commit(put=[branch, *roles, *databases, *endpoints, *ops])
         except BaseException:
             await asyncio.to_thread(safefs.rmtree, plane.layout.branch_dir(project_id, bid))
             raise
         databases = [d for d in stored if isinstance(d, model.Database)]
+        await failpoint_async("branch.create.after_metadata")
     log.info("branch %s (%s) of %s created from %s at %s in %.0f ms", bid, name, project_id, parent.id, lsn,
              (time.monotonic() - started) * 1000)
     for op in ops[1:]:
@@ -287,10 +299,13 @@ async def delete_branch(control: Control, project_id: str, branch_id: str, *,
         endpoints = plane.endpoints(project_id, branch_id)
         await asyncio.gather(*(control.computes.retire(ep.id, reason="branch deleted", mode="immediate")
                                for ep in endpoints))
-        await plane.commit(delete=[branch])  # its endpoints, roles and databases with it
+        await failpoint_async("branch.delete.after_stop")
+        await plane.commit(delete=[branch])  # its endpoints, roles and databases with it: the commit point
+        await failpoint_async("branch.delete.after_metadata")
         for ep in endpoints:
             await asyncio.to_thread(safefs.rmtree, plane.layout.socket_dir(ep.id))
         await asyncio.to_thread(safefs.rmtree, plane.layout.branch_dir(project_id, branch_id))
+        await failpoint_async("branch.delete.after_rmtree")
         ops.append(await plane.record(project_id, model.OperationAction.DELETE_TIMELINE, branch_id=branch_id))
     log.info("branch %s of %s deleted%s", branch_id, project_id, " (expired)" if expired else "")
     return branch.replace(state=model.BranchState.ARCHIVED), ops
@@ -338,48 +353,115 @@ async def restore_branch(control: Control, project_id: str, branch_id: str, sour
             except BaseException:
                 await asyncio.to_thread(safefs.rmtree, fresh)
                 raise
-            now = model.utcnow()
-            ops: list[model.Operation] = []
-            old_roles = await plane.db(plane.store.list_roles, branch_id)
-            old_dbs = await plane.db(plane.store.list_databases, branch_id)
-            backup: model.Branch | None = None
-            if preserve_under_name is not None:
-                backup = model.Branch(id=ids.branch_id(), project_id=project_id, name=preserve_under_name,
-                                      created_at=now, updated_at=now, parent_id=target.parent_id,
-                                      parent_lsn=target.parent_lsn, parent_timestamp=target.parent_timestamp)
-                await asyncio.to_thread(_make_branch_dir, plane, project, backup.id)
-                await asyncio.to_thread(retention.end_epoch, plane, project, branch_id, pgdata)
-                await asyncio.to_thread(safefs.rename, pgdata, plane.layout.pgdata(project_id, backup.id))
-                await asyncio.to_thread(retention.begin_epoch, plane, project, backup.id,
-                                        plane.layout.pgdata(project_id, backup.id),
-                                        reason=f"kept when {target.name} was restored", fresh=True)
-            else:
-                await asyncio.to_thread(retention.end_epoch, plane, project, branch_id, pgdata)
-                await asyncio.to_thread(safefs.rmtree, pgdata)
-            await asyncio.to_thread(safefs.rename, fresh, pgdata)
-            await asyncio.to_thread(remove_replicas, plane, project_id, branch_id)  # they copy the new data
-            # The restored branch keeps its older epochs: it can go back to before this restore.
-            await asyncio.to_thread(retention.begin_epoch, plane, project, branch_id, pgdata,
-                                    reason="restored from own past" if source.id == branch_id else
-                                    f"restored from {source.name}", consistent_lsn=lsn)
-            parent = backup.id if backup else target.parent_id if source.id == branch_id else source.id
-            restored = target.replace(parent_id=parent, parent_lsn=lsn,
-                                      parent_timestamp=now)
-            new_roles = [r.replace(branch_id=branch_id) for r in await plane.db(plane.store.list_roles, source.id)]
-            src_dbs = await plane.db(plane.store.list_databases, source.id)
-
-            put: list[object] = []
-            if backup is not None:
-                put += [backup, *(role.replace(branch_id=backup.id) for role in old_roles)]
-                put += [model.Database(**{**db.__dict__, "id": 0, "branch_id": backup.id}) for db in old_dbs]
-            put += [restored, *new_roles]
-            put += [model.Database(**{**db.__dict__, "id": 0, "branch_id": branch_id, "created_at": now,
-                                      "updated_at": now}) for db in src_dbs]
-            await plane.commit(delete=[*old_roles, *old_dbs], put=put)
-            for ep in endpoints:
-                control.computes.mark_needs_spec(ep.id)
-        ops.append(await plane.record(project_id, model.OperationAction.CREATE_TIMELINE, branch_id=branch_id,
-                                      started=started))
+            await failpoint_async("branch.restore.after_copy")
+            intent = {"project": project_id, "branch": branch_id, "source": source.id, "lsn": lsn,
+                      "backup_id": ids.branch_id() if preserve_under_name is not None else None,
+                      "backup_name": preserve_under_name, "operation": ids.operation_id()}
+            await asyncio.to_thread(plane.intents.put, restore_key(branch_id), intent)
+            await failpoint_async("branch.restore.after_intent")
+            await asyncio.to_thread(_swap_in, plane, project, intent)
+            restored, ops = await finish_restore(control, intent, duration_ms=int((time.monotonic() - started) * 1000))
+    backup = intent["backup_id"]
     log.info("branch %s of %s restored from %s at %s%s in %.0f ms", branch_id, project_id, source.id, lsn,
-             f" (old state kept as {backup.id})" if backup else "", (time.monotonic() - started) * 1000)
+             f" (old state kept as {backup})" if backup else "", (time.monotonic() - started) * 1000)
     return restored, ops
+
+
+# A restore, step by step (docs/architecture.md, "Crash consistency"): the new data is built in
+# `pgdata.restoring`; the intent is recorded; the old data is moved aside (to `pgdata.old`, or into
+# the preserved branch's directory); the new data is renamed into place: the commit point. Then the
+# history epochs, the metadata (roles, databases, parent, the preserved branch, the operation, in one
+# transaction), and the old data is deleted. The reconciler rolls an intent back while
+# `pgdata.restoring` exists and finishes it otherwise (`finish_restore` is idempotent: the operation
+# row says whether the metadata is in).
+
+def restore_key(branch_id: str) -> str:
+    return f"restore-{branch_id}"
+
+
+def _aside(plane: ControlPlane, intent: dict[str, Any]) -> Path:
+    """Where a restore moves the branch's old data: the preserved branch, or `pgdata.old`."""
+    if intent["backup_id"]:
+        return plane.layout.pgdata(intent["project"], intent["backup_id"])
+    return plane.layout.pgdata(intent["project"], intent["branch"]).with_name("pgdata.old")
+
+
+def _swap_in(plane: ControlPlane, project: model.Project, intent: dict[str, Any]) -> None:
+    branch_id = intent["branch"]
+    pgdata = plane.layout.pgdata(project.id, branch_id)
+    if intent["backup_id"]:
+        _make_branch_dir(plane, project, intent["backup_id"])
+    retention.end_epoch(plane, project, branch_id, pgdata)
+    failpoint("branch.restore.after_end_epoch")
+    safefs.rename(pgdata, _aside(plane, intent))
+    failpoint("branch.restore.after_aside")
+    safefs.rename(pgdata.with_name("pgdata.restoring"), pgdata)  # the commit point
+    failpoint("branch.restore.after_swap")
+
+
+def undo_restore(plane: ControlPlane, intent: dict[str, Any]) -> None:
+    """The reconciler, for a restore cut short before its commit point: the old data back in place,
+    the new copy and the preserved branch's directory removed, the history epoch reopened."""
+    project = plane.project(intent["project"])
+    pgdata = plane.layout.pgdata(project.id, intent["branch"])
+    aside = _aside(plane, intent)
+    if not safefs.lexists(pgdata) and safefs.lexists(aside):
+        safefs.rename(aside, pgdata)
+    safefs.rmtree(pgdata.with_name("pgdata.restoring"))
+    if intent["backup_id"] and intent["backup_id"] not in {b.id for b in plane.branches(project.id)}:
+        safefs.rmtree(plane.layout.branch_dir(project.id, intent["backup_id"]))
+    retention.reopen_epoch(plane, project, intent["branch"])
+    plane.intents.remove(restore_key(intent["branch"]))
+
+
+async def finish_restore(control: Control, intent: dict[str, Any], *,
+                         duration_ms: int = 0) -> tuple[model.Branch, list[model.Operation]]:
+    """Everything after a restore's commit point; idempotent, so the reconciler can run it again."""
+    plane = control.plane
+    project_id, branch_id = intent["project"], intent["branch"]
+    project = plane.project(project_id)
+    target = plane.branch(project_id, branch_id)
+    pgdata = plane.layout.pgdata(project_id, branch_id)
+    op = await plane.db(plane.store.get_operation, intent["operation"])
+    if op is None:  # the metadata is not in yet
+        source = plane.branch(project_id, intent["source"])
+        lsn = intent["lsn"]
+        now = model.utcnow()
+        await asyncio.to_thread(remove_replicas, plane, project_id, branch_id)  # they copy the new data
+        backup: model.Branch | None = None
+        if intent["backup_id"]:
+            backup = model.Branch(id=intent["backup_id"], project_id=project_id, name=intent["backup_name"],
+                                  created_at=now, updated_at=now, parent_id=target.parent_id,
+                                  parent_lsn=target.parent_lsn, parent_timestamp=target.parent_timestamp)
+            await asyncio.to_thread(retention.begin_epoch, plane, project, backup.id,
+                                    plane.layout.pgdata(project_id, backup.id),
+                                    reason=f"kept when {target.name} was restored", fresh=True)
+        # The restored branch keeps its older epochs: it can go back to before this restore.
+        await asyncio.to_thread(retention.begin_epoch, plane, project, branch_id, pgdata,
+                                reason="restored from own past" if source.id == branch_id else
+                                f"restored from {source.name}", consistent_lsn=lsn)
+        await failpoint_async("branch.restore.after_epochs")
+        old_roles = await plane.db(plane.store.list_roles, branch_id)
+        old_dbs = await plane.db(plane.store.list_databases, branch_id)
+        parent = backup.id if backup else target.parent_id if source.id == branch_id else source.id
+        restored = target.replace(parent_id=parent, parent_lsn=lsn, parent_timestamp=now)
+        new_roles = [r.replace(branch_id=branch_id) for r in await plane.db(plane.store.list_roles, source.id)]
+        src_dbs = await plane.db(plane.store.list_databases, source.id)
+        op = model.Operation(id=intent["operation"], project_id=project_id,
+                             action=model.OperationAction.CREATE_TIMELINE, status=model.OperationStatus.FINISHED,
+                             created_at=now, updated_at=now, branch_id=branch_id, total_duration_ms=duration_ms)
+        put: list[object] = []
+        if backup is not None:
+            put += [backup, *(role.replace(branch_id=backup.id) for role in old_roles)]
+            put += [model.Database(**{**db.__dict__, "id": 0, "branch_id": backup.id}) for db in old_dbs]
+        put += [restored, *new_roles]
+        put += [model.Database(**{**db.__dict__, "id": 0, "branch_id": branch_id, "created_at": now,
+                                  "updated_at": now}) for db in src_dbs]
+        await plane.commit(delete=[*old_roles, *old_dbs], put=[*put, op])
+        await failpoint_async("branch.restore.after_metadata")
+    for ep in plane.endpoints(project_id, branch_id):
+        control.computes.mark_needs_spec(ep.id)
+    await asyncio.to_thread(safefs.rmtree, pgdata.with_name("pgdata.old"))
+    await failpoint_async("branch.restore.after_cleanup")
+    await asyncio.to_thread(plane.intents.remove, restore_key(branch_id))
+    return plane.branch(project_id, branch_id), [op]

@@ -22,6 +22,7 @@ import time
 from typing import TYPE_CHECKING
 
 from argon import logs, model, safefs
+from argon.compute import postmaster
 from argon.compute.manager import ComputeSpec
 from argon.compute.osuser import OsUser
 from argon.compute.params import gucs_for_cu
@@ -30,6 +31,7 @@ from argon.control import replicas, retention, spec
 from argon.control.autoscale import limits_for, temp_file_limit
 from argon.control.plane import ControlPlane
 from argon.errors import ArgonError, ComputeError, NotFound
+from argon.failpoints import failpoint_async
 from argon.proxy.control_client import ComputeAddress
 from argon.telemetry import compute_labels
 
@@ -37,6 +39,14 @@ if TYPE_CHECKING:
     from argon.control.backup import BackupService
 
 log = logging.getLogger(__name__)
+
+
+LEFT_BEHIND_WAIT = 30.0  # seconds a wake waits for a postmaster left starting by a crashed argon
+
+
+def spec_key(endpoint_id: str) -> str:
+    """The intent "this endpoint's compute still needs the platform's spec" (`argon.storage.intents`)."""
+    return f"spec-{endpoint_id}"
 
 
 class Lifecycle:
@@ -56,6 +66,16 @@ class Lifecycle:
     def mark_needs_spec(self, endpoint_id: str) -> None:
         """The endpoint's next start must apply the platform's roles and databases."""
         self._needs_spec.add(endpoint_id)
+
+    def spec_pending(self, endpoint_id: str) -> None:
+        """`mark_needs_spec`, durably (blocking: call it in a thread): a compute that a crashed argon
+        started without its spec (a new project's password) is not adopted as settled, it gets the
+        spec applied. Written before the metadata that needs it; cleared once applied."""
+        self.plane.intents.put(spec_key(endpoint_id), {"endpoint": endpoint_id})
+        self._needs_spec.add(endpoint_id)
+
+    def needs_spec(self, endpoint_id: str) -> bool:
+        return endpoint_id in self._needs_spec
 
     def is_running(self, endpoint_id: str) -> bool:
         return self.plane.is_running(endpoint_id)
@@ -98,7 +118,8 @@ class Lifecycle:
             return False
         if self.plane.computes.adopt(compute) is None:
             return False
-        self._needs_spec.discard(ep.id)
+        if not self.plane.intents.has(spec_key(ep.id)):  # else: started, never given its spec
+            self._needs_spec.discard(ep.id)
         return True
 
     # Start ------------------------------------------------------------------------------------------
@@ -129,10 +150,15 @@ class Lifecycle:
                 if ep.type is model.EndpointType.READ_ONLY:
                     await replicas.ensure_replica_data(plane, ep)
                 compute = self.spec(ep)
+                if not plane.is_running(endpoint_id):  # a postmaster left by a crashed argon?
+                    await self._adopt_left_behind(ep, compute)
                 await plane.computes.start(compute)
                 if endpoint_id in self._needs_spec:
+                    await failpoint_async("compute.start.before_spec")
                     await spec.apply_spec(plane, ep, compute)
                     self._needs_spec.discard(endpoint_id)
+                    await asyncio.to_thread(plane.intents.remove, spec_key(endpoint_id))
+                    await failpoint_async("compute.start.after_spec")
             except ComputeStartError as exc:
                 plane.telemetry.start_failures.labels(*compute_labels(ep)).inc()
                 log.error("compute %s failed to start: %s", endpoint_id, exc.user_message)
@@ -152,6 +178,15 @@ class Lifecycle:
             plane.spawn(plane.add_event(ep.id, model.EventKind.WAKE, duration_ms=elapsed * 1000, detail=reason),
                         "recording a wake")
             return ComputeAddress(socket_path=socket, cold_start=True)
+
+    async def _adopt_left_behind(self, ep: model.Endpoint, compute: ComputeSpec) -> None:
+        """Adopt the postmaster a crashed argon started, waiting while it is still starting (a crash
+        recovery), rather than failing on "another postmaster is still running"."""
+        deadline = time.monotonic() + LEFT_BEHIND_WAIT
+        while not self.adopt(ep) and await asyncio.to_thread(postmaster.alive_on, compute.pgdata):
+            if time.monotonic() > deadline:
+                return  # the start reports it
+            await asyncio.sleep(0.1)
 
     async def _after_failed_start(self, ep: model.Endpoint, message: str) -> None:
         """The start failed: its event, and a failed `start_compute` operation (nobody else can record
@@ -200,6 +235,7 @@ class Lifecycle:
         if was_running:
             if ep.type is model.EndpointType.READ_WRITE:  # a replica holds no changes of its own
                 await self._sync_before_stop(ep)
+            await failpoint_async("compute.suspend.after_sync")
             self._stopping.add(endpoint_id)
             # the transaction pools close their idle server connections first, so no pooled client
             # is handed one that is about to die; they wake the compute again once it is down (ADR 0017)
@@ -209,6 +245,7 @@ class Lifecycle:
             finally:
                 self._stopping.discard(endpoint_id)
                 plane.activity.resume(endpoint_id)
+            await failpoint_async("compute.suspend.after_stop")
             if mode != "immediate":
                 await self._after_stop_history(ep)
             if self.backup is not None:
@@ -228,12 +265,15 @@ class Lifecycle:
         """The endpoint is being deleted: stop its compute and forget what the lifecycle knew of it."""
         ran = await self.stop(endpoint_id, reason=reason, mode=mode)
         self._needs_spec.discard(endpoint_id)
+        await asyncio.to_thread(self.plane.intents.remove, spec_key(endpoint_id))
         return ran
 
     async def _sync_before_stop(self, ep: model.Endpoint) -> None:
         """Pick up roles and databases changed through SQL before the compute goes away; skipped when an
         API mutation of the project is in flight (it knows what it changes, and holds the project lock)."""
         if self.plane.project_busy(ep.project_id):
+            return
+        if ep.id in self._needs_spec:  # it never got the platform's spec: what it says is stale
             return
         try:
             await spec.sync_from_compute(self.plane, ep)

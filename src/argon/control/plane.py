@@ -42,6 +42,7 @@ from argon.metadata.store import Store
 from argon.proxy.activity import ActivityRegistry
 from argon.settings import Settings
 from argon.storage.clone import CloneBackend
+from argon.storage.intents import Intents
 from argon.storage.layout import Layout
 from argon.storage.spares import SparePool
 from argon.telemetry import Telemetry, compute_labels
@@ -70,6 +71,7 @@ class ControlPlane:
         self.backend = backend
         self.secrets = secrets
         self.activity = activity
+        self.intents = Intents(layout.intents_dir)  # what interrupted operations meant to do
         self.spares = SparePool(layout.spares_dir, backend, settings.spare_clusters)
         self.computes = computes or ComputeManager()  # what runs; the lifecycle decides when
         self.telemetry = telemetry or Telemetry()  # counters the use cases and the lifecycle update

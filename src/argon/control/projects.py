@@ -23,6 +23,7 @@ from argon.control.plane import ControlPlane
 from argon.control.services import Control
 from argon.control.spec import role_attributes
 from argon.errors import StorageError, UserError
+from argon.failpoints import failpoint_async
 from argon.wire.scram import ScramSecret
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,7 @@ async def create_project(control: Control, req: ProjectRequest) -> CreatedProjec
             raise StorageError(f"could not create the project's data directory: {exc.strerror or exc}. "
                                "Check free disk space and permissions of the data directory.") from exc
         raise
+    await failpoint_async("project.create.after_data")
 
     password = ids.password()
     verifier = ScramSecret.from_password(password).to_string()
@@ -122,16 +124,20 @@ async def create_project(control: Control, req: ProjectRequest) -> CreatedProjec
                                status=model.OperationStatus.RUNNING, created_at=now, updated_at=now, branch_id=bid,
                                endpoint_id=eid)
     try:
+        # the first start applies the password, even if argon dies before it (the reconciler)
+        await asyncio.to_thread(control.computes.spec_pending, eid)
         stored = await plane.commit(put=[project, branch, endpoint, role, database, op_timeline, op_start])
     except Exception:
         await asyncio.to_thread(safefs.rmtree, plane.layout.project_dir(pid))
         raise
     database = stored[4]
+    await failpoint_async("project.create.after_metadata")
     try:
         await asyncio.to_thread(retention.start_from_template, plane, project, bid, template)
         plane.spawn(retention.materialize_base_soon(plane, project, bid), f"history base of {bid}")
     except Exception as exc:  # the project works without it; point in time starts at the first suspend
         log.warning("could not start the history of project %s: %s", pid, exc)
+    await failpoint_async("project.create.after_history")
     control.computes.mark_needs_spec(eid)
     log.info("project %s (%s) created with endpoint %s in %.0f ms", pid, project.name, eid,
              (time.monotonic() - started) * 1000)
@@ -243,13 +249,16 @@ async def delete_project(control: Control, project_id: str) -> model.Project:
         # All at once: each stop waits for its postmaster, and a project may have many computes.
         await asyncio.gather(*(control.computes.retire(ep.id, reason="project deleted", mode="immediate")
                                for ep in endpoints))
-        await plane.commit(delete=[project])
+        await failpoint_async("project.delete.after_stop")
+        await plane.commit(delete=[project])  # the commit point
+        await failpoint_async("project.delete.after_metadata")
         if project.os_uid is not None and running_as_root():  # nothing may run as a deleted project's uid
             killed = await asyncio.to_thread(kill_all, project.os_uid)
             if killed:
                 log.warning("project %s: killed %d process(es) still running as its uid %d", project_id, killed,
                             project.os_uid)
         await asyncio.to_thread(safefs.rmtree, plane.layout.project_dir(project_id))
+        await failpoint_async("project.delete.after_rmtree")
         for ep in endpoints:
             await asyncio.to_thread(safefs.rmtree, plane.layout.socket_dir(ep.id))
         if project.os_uid is not None:

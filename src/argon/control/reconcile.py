@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from argon import model, safefs
+from argon.control import branches, roles
 from argon.control.plane import ControlPlane
 from argon.control.services import Control
 
@@ -69,6 +70,8 @@ def decide(snap: Snapshot) -> Plan:
         for name in sorted(entries):
             if name.startswith("tmp-"):  # a throw-away point-in-time copy
                 plan.remove_branch_paths.append(f"{project}/{branch}/{name}")
+        if "pgdata.old" in entries and "pgdata" in entries:  # a finished restore's old data
+            plan.remove_branch_paths.append(f"{project}/{branch}/pgdata.old")
         if "pgdata.restoring" in entries:
             if "pgdata" in entries:  # the restore stopped before the swap: roll back
                 plan.remove_branch_paths.append(f"{project}/{branch}/pgdata.restoring")
@@ -98,8 +101,46 @@ def look_on_disk(projects_dir: Path) -> tuple[frozenset[str], set[tuple[str, str
     return dirs, branch_dirs, entries
 
 
+async def settle_intents(control: Control) -> int:
+    """Operations cut short mid-way (`argon.storage.intents`), before anything else looks at the disk:
+    a restore is rolled back before its commit point and finished after it; a role create is
+    finished and a password reset undone (the store's roles go onto the compute as a pending spec); spec intents of endpoints
+    that never made it into the metadata are dropped. Returns how many intents it settled."""
+    plane = control.plane
+    intents = plane.intents
+    settled = 0
+    for key in await asyncio.to_thread(intents.keys, "restore"):
+        intent = await asyncio.to_thread(intents.get, key)
+        if intent is None or not plane.has_project(intent["project"]):
+            await asyncio.to_thread(intents.remove, key)
+            continue
+        fresh = plane.layout.pgdata(intent["project"], intent["branch"]).with_name("pgdata.restoring")
+        if await asyncio.to_thread(safefs.lexists, fresh):  # the commit point was not reached
+            await asyncio.to_thread(branches.undo_restore, plane, intent)
+            log.warning("rolled back the restore of branch %s, interrupted before its swap", intent["branch"])
+        else:
+            await branches.finish_restore(control, intent)
+            log.warning("finished the restore of branch %s, interrupted after its swap", intent["branch"])
+        settled += 1
+    for key in await asyncio.to_thread(intents.keys, "roles"):
+        intent = await asyncio.to_thread(intents.get, key)
+        endpoint_id = key.removeprefix("roles-")
+        if intent is not None and plane.find_endpoint(endpoint_id) is not None:
+            role = await plane.db(roles.finish_role_intent, plane, intent)
+            if role is not None:
+                await plane.commit(put=[role])
+            await asyncio.to_thread(control.computes.spec_pending, endpoint_id)  # the store's roles win
+        await asyncio.to_thread(intents.remove, key)
+        settled += 1
+    for key in await asyncio.to_thread(intents.keys, "spec"):
+        if plane.find_endpoint(key.removeprefix("spec-")) is None:
+            await asyncio.to_thread(intents.remove, key)
+    return settled
+
+
 async def reconcile(control: Control) -> Plan:
     plane = control.plane
+    await settle_intents(control)
     adoptable = {ep.id for ep in plane.endpoints() if control.computes.adopt(ep)}
     ops = await plane.db(plane.store.unfinished_operations)
     projects_dir = plane.layout.projects_dir
@@ -117,6 +158,7 @@ async def reconcile(control: Control) -> Plan:
         await plane.commit(put=[ep.replace(current_state=model.ComputeState.ACTIVE, last_active=now)])
         plane.activity.touch(ep_id)
         await plane.add_event(ep_id, model.EventKind.ADOPTED, at=now)
+        await _apply_pending_spec(control, ep_id)
     for ep_id in plan.mark_idle:
         ep = plane.endpoint(None, ep_id)
         await plane.commit(put=[ep.replace(current_state=model.ComputeState.IDLE, suspended_at=now)])
@@ -128,6 +170,47 @@ async def reconcile(control: Control) -> Plan:
     await tidy_disk(control, plan)
     log.info("reconciled: %s", plan.summary())
     return plan
+
+
+async def adopt_strays(control: Control) -> list[str]:
+    """Reconcile as a loop (the suspend monitor calls this every few seconds): a compute that became
+    ready after start-up reconciliation (a slow crash recovery) is adopted, and gets its pending
+    spec; one still starting is looked at again next time. Exits are seen by each compute's watch."""
+    plane = control.plane
+    adopted = []
+    idle = {ep.id: (plane.layout.pgdata(ep.project_id, ep.branch_id) if ep.type is model.EndpointType.READ_WRITE
+                    else plane.layout.replica_dir(ep.project_id, ep.branch_id, ep.id) / "pgdata")
+            for ep in plane.endpoints() if not plane.is_running(ep.id) and not plane.endpoint_lock(ep.id).locked()}
+    with_pidfile = await asyncio.to_thread(
+        lambda: [ep_id for ep_id, pgdata in idle.items() if safefs.lexists(pgdata / "postmaster.pid")])
+    for ep_id in with_pidfile:
+        ep = plane.find_endpoint(ep_id)
+        if ep is None:
+            continue
+        lock = plane.endpoint_lock(ep.id)
+        async with lock:
+            if plane.is_running(ep.id) or not control.computes.adopt(ep):
+                continue
+        ep = plane.endpoint(None, ep.id)
+        now = model.utcnow()
+        await plane.commit(put=[ep.replace(current_state=model.ComputeState.ACTIVE, last_active=now)])
+        plane.activity.touch(ep.id)
+        await plane.add_event(ep.id, model.EventKind.ADOPTED, at=now)
+        log.warning("adopted the compute of %s, which became ready after start-up", ep.id)
+        await _apply_pending_spec(control, ep.id)
+        adopted.append(ep.id)
+    return adopted
+
+
+async def _apply_pending_spec(control: Control, endpoint_id: str) -> None:
+    """An adopted compute that a crashed argon started without its spec (or whose password reset was
+    cut short) gets it now, before its roles could be synced back into the store."""
+    if not control.computes.needs_spec(endpoint_id):
+        return
+    try:
+        await control.computes.ensure_running(endpoint_id, reason="spec pending after a restart")
+    except Exception as exc:  # the next connection tries again
+        log.warning("could not apply the pending spec of %s: %s", endpoint_id, getattr(exc, "user_message", exc))
 
 
 async def tidy_disk(control: Control, plan: Plan) -> None:

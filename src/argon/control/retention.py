@@ -26,6 +26,7 @@ from argon.compute.admin import connect_admin
 from argon.compute.osuser import OsUser, project_user
 from argon.control.plane import ControlPlane
 from argon.errors import NotFound, StorageError
+from argon.failpoints import failpoint
 from argon.storage import branching, wal
 from argon.storage import history as hs
 from argon.storage.backup.wal import ShipState
@@ -153,7 +154,8 @@ def begin_epoch(plane: ControlPlane, project: model.Project, branch_id: str, pgd
     base = history.snapshot_dir(epoch.id, "base")
     _make_wal_dir(history, project, epoch.id)
     plane.backend.clone_tree(pgdata, base, owner=project_owner(project))
-    history.save(manifest.with_epoch(epoch))
+    failpoint("history.epoch_begin.after_base")
+    history.save(manifest.with_epoch(epoch))  # the commit point
 
 
 def begin_epoch_from_parent(plane: ControlPlane, project: model.Project, branch_id: str, pgdata: Path,
@@ -248,7 +250,20 @@ def end_epoch(plane: ControlPlane, project: model.Project, branch_id: str, old_p
     safefs.makedirs(archive_dir, owner=project_owner(project))
     plane.backend.copy_into(wal.wal_files(old_pgdata / "pg_wal", epoch.timeline, epoch.segsize, start), archive_dir,
                             tolerate_vanished=True, owner=project_owner(project))
+    failpoint("history.epoch_end.after_wal")
     history.save(manifest.with_epoch(epoch.replace(ended_at=plane.clock(), end_lsn=control.checkpoint_lsn)))
+
+
+def reopen_epoch(plane: ControlPlane, project: model.Project, branch_id: str) -> None:
+    """A restore that ended the branch's epoch was rolled back (the reconciler): the old data is in
+    place again and goes on writing into that epoch."""
+    history = branch_history(plane, project.id, branch_id)
+    if not enabled(project) or not history.exists():
+        return
+    manifest = history.load()
+    epoch = manifest.current
+    if epoch is not None and epoch.ended_at is not None:
+        history.save(manifest.with_epoch(epoch.replace(ended_at=None, end_lsn=None)))
 
 
 # --- Decisions (pure) ------------------------------------------------------------------------------------
@@ -341,6 +356,7 @@ def after_stop(plane: ControlPlane, project: model.Project, branch_id: str) -> N
         safefs.makedirs(target.parent, owner=project_owner(project))
         branching.clone_stopped(plane.backend, pgdata, target, control, project_owner(project))  # without recycled WAL
         snap, _ = hs.describe_snapshot(install.bindir, target, name, plane.clock(), owner=project_owner(project))
+        failpoint("history.snapshot.after_copy")
         epoch = epoch.replace(snapshots=(*epoch.snapshots, snap))
         manifest = manifest.with_epoch(epoch)
         history.save(manifest)
@@ -364,7 +380,8 @@ def prune(plane: ControlPlane, project: model.Project, branch_id: str) -> int:
     if not plan.empty:
         gone = [history.epoch_dir(e) for e in plan.epochs] + [history.snapshot_dir(e, s) for e, s in plan.snapshots]
         freed += sum(disk_usage(path).allocated for path in gone)
-        history.save(plan.manifest)
+        history.save(plan.manifest)  # the commit point: the files go after the manifest stops naming them
+        failpoint("retention.prune.after_manifest")
         for path in gone:
             hs.remove_tree(path)
     for epoch, before in plan.wal:

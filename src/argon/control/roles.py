@@ -9,6 +9,7 @@ the verifier otherwise).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -22,6 +23,7 @@ from argon.control.plane import ControlPlane
 from argon.control.services import Control
 from argon.control.spec import role_attributes, sync_from_compute
 from argon.errors import Conflict, NotFound, UserError
+from argon.failpoints import failpoint_async
 from argon.wire.scram import ScramSecret
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,24 @@ def _primary_endpoint(plane: ControlPlane, project_id: str, branch_id: str) -> m
     if ep is None:
         raise Conflict(f"branch {branch_id!r} has no read-write endpoint to apply the change on; create one first")
     return ep
+
+
+def roles_key(endpoint_id: str) -> str:
+    """The intent of a role change on the endpoint's compute (`argon.storage.intents`): a role create
+    carries the role (the reconciler finishes it), a password reset only its name (the reconciler
+    puts the stored verifier back)."""
+    return f"roles-{endpoint_id}"
+
+
+def finish_role_intent(plane: ControlPlane, intent: dict[str, object]) -> model.Role | None:
+    """The reconciler: the role a cut-short create meant to store, if it is not stored yet (blocking;
+    the store's thread)."""
+    made = intent.get("create")
+    if not isinstance(made, dict) or plane.store.get_role(str(intent["branch"]), str(made["name"])) is not None:
+        return None
+    now = model.utcnow()
+    return model.Role(branch_id=str(intent["branch"]), name=str(made["name"]), created_at=now, updated_at=now,
+                      verifier=made["verifier"], password_enc=made["password_enc"], login=bool(made["login"]))
 
 
 async def _execute(control: Control, ep: model.Endpoint, statements: list[sql.Composable],
@@ -89,11 +109,20 @@ async def create_role(control: Control, project_id: str, branch_id: str, name: o
         statements = [stmt]
         if verifier and logical and project.pg_version >= 16:
             statements.append(sql.SQL("GRANT pg_create_subscription TO {}").format(sql.Identifier(role_name)))
-        await _execute(control, ep, statements)
         now = model.utcnow()
         role = model.Role(branch_id=branch_id, name=role_name, created_at=now, updated_at=now, verifier=verifier,
                           password_enc=plane.secrets.encrypt(password) if password else None, login=not no_login)
-        await plane.commit(put=[role])
+        # Cut short after this, the reconciler finishes the create: the role into the store, and onto
+        # the compute with the pending spec (the password is only in the intent and the store).
+        await asyncio.to_thread(plane.intents.put, roles_key(ep.id), {
+            "endpoint": ep.id, "branch": branch_id, "create": {
+                "name": role_name, "verifier": verifier, "password_enc": role.password_enc, "login": role.login}})
+        await failpoint_async("role.create.after_intent")
+        await _execute(control, ep, statements)
+        await failpoint_async("role.create.after_sql")
+        await plane.commit(put=[role])  # the commit point
+        await failpoint_async("role.create.after_metadata")
+        await asyncio.to_thread(plane.intents.remove, roles_key(ep.id))
         op = await plane.record(project_id, model.OperationAction.APPLY_CONFIG, branch_id=branch_id,
                                 endpoint_id=ep.id, started=started)
         return role, password, [op]
@@ -117,10 +146,18 @@ async def reset_password(control: Control, project_id: str, branch_id: str,
         started = time.monotonic()
         password = ids.password()
         verifier = ScramSecret.from_password(password).to_string()
+        # The compute changes first, the store second: cut short in between, the reconciler puts the
+        # stored verifier back on the compute (the old password; the client never saw the new one).
+        await asyncio.to_thread(plane.intents.put, roles_key(ep.id), {"endpoint": ep.id, "branch": branch_id,
+                                                                      "reset": role.name})
+        await failpoint_async("role.reset_password.after_intent")
         await _execute(control, ep, [sql.SQL("ALTER ROLE {} WITH LOGIN PASSWORD {}").format(
             sql.Identifier(role.name), sql.Literal(verifier))])
+        await failpoint_async("role.reset_password.after_sql")
         role = role.replace(verifier=verifier, password_enc=plane.secrets.encrypt(password), login=True)
-        await plane.commit(put=[role])  # the proxy checks the new verifier from now on; the old password fails
+        await plane.commit(put=[role])  # the commit point: the proxy checks the new verifier from now on
+        await failpoint_async("role.reset_password.after_metadata")
+        await asyncio.to_thread(plane.intents.remove, roles_key(ep.id))
         op = await plane.record(project_id, model.OperationAction.APPLY_CONFIG, branch_id=branch_id,
                                 endpoint_id=ep.id, started=started)
         return role, password, [op]
@@ -146,7 +183,9 @@ async def delete_role(control: Control, project_id: str, branch_id: str,
             await _execute(control, ep, [sql.SQL("REASSIGN OWNED BY {} TO {}").format(ident, sql.Identifier(owner)),
                                        sql.SQL("DROP OWNED BY {}").format(ident)], dbname=db)
         await _execute(control, ep, [sql.SQL("DROP ROLE IF EXISTS {}").format(ident)])
+        await failpoint_async("role.delete.after_sql")
         await plane.commit(delete=[role])
+        await failpoint_async("role.delete.after_metadata")
         op = await plane.record(project_id, model.OperationAction.APPLY_CONFIG, branch_id=branch_id,
                                 endpoint_id=ep.id, started=started)
         return role, [op]
@@ -166,10 +205,11 @@ async def create_database(control: Control, project_id: str, branch_id: str, nam
         started = time.monotonic()
         await _execute(control, ep, [sql.SQL("CREATE DATABASE {} OWNER {}").format(
             sql.Identifier(db_name), sql.Identifier(owner_name))])
+        await failpoint_async("database.create.after_sql")
         now = model.utcnow()
-
         [db] = await plane.commit(put=[model.Database(id=0, branch_id=branch_id, name=db_name,
                                                       owner_name=owner_name, created_at=now, updated_at=now)])
+        await failpoint_async("database.create.after_metadata")
         op = await plane.record(project_id, model.OperationAction.APPLY_CONFIG, branch_id=branch_id,
                                 endpoint_id=ep.id, started=started)
         return db, [op]
@@ -227,7 +267,9 @@ async def delete_database(control: Control, project_id: str, branch_id: str,
         started = time.monotonic()
         # WITH (FORCE) ends sessions still on it (PG13+): deleting through the API means it.
         await _execute(control, ep, [sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(db.name))])
+        await failpoint_async("database.delete.after_sql")
         await plane.commit(delete=[db])
+        await failpoint_async("database.delete.after_metadata")
         op = await plane.record(project_id, model.OperationAction.APPLY_CONFIG, branch_id=branch_id,
                                 endpoint_id=ep.id, started=started)
         return db, [op]
@@ -237,7 +279,9 @@ async def sync_if_running(control: Control, project_id: str, branch_id: str) -> 
     """Before answering a list: if the branch's compute runs, take in what changed through SQL."""
     plane = control.plane
     plane.branch(project_id, branch_id)
-    running = [e for e in plane.endpoints(project_id, branch_id) if plane.is_running(e.id)]
+    # a compute still waiting for the platform's spec says nothing the store should take in
+    running = [e for e in plane.endpoints(project_id, branch_id)
+               if plane.is_running(e.id) and not control.computes.needs_spec(e.id)]
     if not running:
         return
     async with plane.project_lock(project_id):

@@ -57,7 +57,9 @@ async def apply_spec(plane: ControlPlane, ep: model.Endpoint, spec: ComputeSpec)
         cur = await conn.execute("SELECT rolname, rolpassword FROM pg_authid")
         existing_roles = {name: pw for name, pw in await cur.fetchall()}
         for role in roles:
-            if role.name not in existing_roles:
+            if role.name not in existing_roles and not role.login:
+                await conn.execute(sql.SQL("CREATE ROLE {} WITH NOLOGIN").format(sql.Identifier(role.name)))
+            elif role.name not in existing_roles:
                 await conn.execute(sql.SQL("CREATE ROLE {} WITH {} PASSWORD {}").format(
                     sql.Identifier(role.name), role_attributes(project.pg_version), sql.Literal(role.verifier)))
                 log.info("created role %s on %s", role.name, ep.id)

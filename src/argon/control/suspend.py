@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from argon import model
 from argon.control.branches import delete_expired
+from argon.control.reconcile import adopt_strays
 from argon.control.retention import maintain
 from argon.control.services import Control
 from argon.proxy.activity import EndpointActivity
@@ -27,7 +28,7 @@ from argon.proxy.activity import EndpointActivity
 log = logging.getLogger(__name__)
 
 CHECK_INTERVAL = 0.5  # seconds between looks; Neon's compute monitor uses the same period
-EXPIRY_EVERY = 4  # look for expired branches every 2 s
+EXPIRY_EVERY = 4  # look for expired branches and computes to adopt (`reconcile.adopt_strays`) every 2 s
 BUSY_TIMEOUT = 10.0  # seconds for the pg_stat_activity look before a suspend
 HISTORY_EVERY = 120  # ticks (one minute): snapshots of computes that never suspend, pruning
 
@@ -93,6 +94,7 @@ class SuspendMonitor:
                 await self.check_all()
                 if ticks % EXPIRY_EVERY == 0:
                     await delete_expired(self.control)
+                    await adopt_strays(self.control)
                 if ticks % HISTORY_EVERY == 0 and (self._history is None or self._history.done()):
                     self._history = self.plane.spawn(maintain(self.plane), "history snapshots and pruning")
             except Exception:  # the monitor must survive anything one compute does

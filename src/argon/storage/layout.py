@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -22,13 +23,18 @@ SOCKET_NAME = ".s.PGSQL.5432"
 _MAX_SOCKET_PATH = 107
 
 
-def default_run_dir() -> Path:
+def default_run_dir(data_dir: Path | None = None) -> Path:
+    """`/run/argon` (root), `$XDG_RUNTIME_DIR/argon` or `/tmp/argon-<uid>`, then one directory per data
+    directory (a short hash of its path): two instances on one machine never share socket directories."""
     if os.geteuid() == 0:
-        return Path("/run/argon")
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime and Path(runtime).is_dir():
-        return Path(runtime) / "argon"
-    return Path(tempfile.gettempdir()) / f"argon-{os.getuid()}"
+        base = Path("/run/argon")
+    elif (runtime := os.environ.get("XDG_RUNTIME_DIR")) and Path(runtime).is_dir():
+        base = Path(runtime) / "argon"
+    else:
+        base = Path(tempfile.gettempdir()) / f"argon-{os.getuid()}"
+    if data_dir is None:
+        return base
+    return base / hashlib.sha256(str(data_dir).encode()).hexdigest()[:10]
 
 
 class Layout:
@@ -38,7 +44,7 @@ class Layout:
 
     @property
     def run_dir(self) -> Path:
-        return self.run_dir_setting or default_run_dir()
+        return self.run_dir_setting or default_run_dir(self.data_dir)
 
     @property
     def metadata_db(self) -> Path:
@@ -60,6 +66,11 @@ class Layout:
     @property
     def runtime_dir(self) -> Path:
         return self.data_dir / "runtime"
+
+    @property
+    def intents_dir(self) -> Path:
+        """What an interrupted operation meant to do (`argon.storage.intents`); Argon's own."""
+        return self.data_dir / "intents"
 
     @property
     def templates_dir(self) -> Path:
@@ -163,7 +174,7 @@ class Layout:
             for path, mode in modes.items():
                 path.mkdir(exist_ok=True)
                 os.chmod(path, mode)
-            for path in (self.secrets_dir, self.tls_dir):
+            for path in (self.secrets_dir, self.tls_dir, self.intents_dir):
                 path.mkdir(mode=0o700, exist_ok=True)
             self.run_dir.mkdir(parents=True, exist_ok=True)
             os.chmod(self.run_dir, traversable)
