@@ -5,8 +5,8 @@ they were, and no other project is touched (docs/security.md, section 9). Root o
 
 from __future__ import annotations
 
-import contextlib
 import asyncio
+import contextlib
 import json
 import os
 import secrets
