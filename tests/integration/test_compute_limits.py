@@ -27,6 +27,7 @@ from argon.settings import Settings
 from argon.storage.clone import pick_backend
 from argon.storage.layout import Layout
 from tests.fixtures.platform import RunningPlatform, short_tmpdir
+from tests.integration.test_ops import ids, scrape, value
 
 pytestmark = pytest.mark.pg
 
@@ -113,6 +114,10 @@ def test_cgroup_follows_the_compute_and_resizes_live(platform: RunningPlatform, 
         assert now is not None and now.cpus == 1.0 and now.memory_bytes == 4 * limits.memory_bytes
         assert conn.execute("SELECT pg_backend_pid()").fetchone() == backend  # same session: no restart
         assert conn.execute("SHOW shared_buffers").fetchone() == ("32MB",)  # follows at the next start
+        metrics = scrape(platform)  # /metrics says the size it has now
+        labels = ids(created)
+        assert value(metrics, "argon_compute_cu", **labels) == 1.0
+        assert value(metrics, "argon_compute_memory_limit_bytes", **labels) == now.memory_bytes
     kinds = [e["kind"] for e in _events(platform, project_id, endpoint_id)]
     assert "autoscale" in kinds
 

@@ -10,6 +10,7 @@ import psycopg
 import pytest
 
 from tests.fixtures.platform import RunningPlatform
+from tests.integration.test_ops import ids, scrape, value
 
 pytestmark = pytest.mark.pg
 
@@ -43,12 +44,19 @@ def test_pools_as_the_api_shows_them(platform: RunningPlatform, project: dict[st
         with conns[0].transaction():
             conns[0].execute("SELECT 1")
             pools = platform.api.get(f"/projects/{pid}/endpoints/{eid}/pooler").json()["pools"]
+            metrics = scrape(platform)
         assert len(pools) == 1
         pool = pools[0]
         assert pool["database"] == "neondb" and pool["user"] == "neondb_owner" and pool["pool_mode"] == "transaction"
         assert pool["cl_active"] == 1 and pool["cl_idle"] == 4 and pool["cl_waiting"] == 0
         assert pool["sv_active"] == 1 and pool["total_xact_count"] >= 5
         assert pool["pool_size"] == 93  # 90% of a 0.25 CU compute's max_connections (104)
+        labels = ids(project)  # /metrics shows the same figures
+        assert value(metrics, "argon_pool_clients", **labels, state="active") == 1
+        assert value(metrics, "argon_pool_clients", **labels, state="idle") == 4
+        assert value(metrics, "argon_pool_servers", **labels, state="active") == 1
+        assert value(metrics, "argon_pool_transactions_total", **labels) >= 5
+        assert value(metrics, "argon_backup_enabled") == 0  # the test platform backs up nothing
     finally:
         for conn in conns:
             conn.close()

@@ -149,6 +149,11 @@ class Autoscaler:
         limits = self.plane.computes.limits(endpoint_id)
         return None if limits is None else cu_of(limits)
 
+    def last_usage(self, endpoint_id: str) -> Usage | None:
+        """The compute's cgroup figures at the loop's last look (None: not watched; nothing is read here)."""
+        seen = self._watched.get(endpoint_id)
+        return seen.usage if seen is not None else None
+
     def start(self) -> None:
         if self.enforced and self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run())

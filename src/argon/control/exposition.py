@@ -52,6 +52,9 @@ def collect(control: Control) -> Iterator[Metric]:
                  "files while suspended)", logical, ("project_id", "branch_id"))
 
     yield from _computes(control, endpoints)
+    yield from _limits(control, endpoints)
+    yield from _pools(control, endpoints)
+    yield from _backup(control)
 
 
 def _computes(control: Control, endpoints: list[model.Endpoint]) -> Iterator[Metric]:
@@ -107,6 +110,86 @@ def _computes(control: Control, endpoints: list[model.Endpoint]) -> Iterator[Met
             cpu.add_metric(values, last.proc.cpu_seconds)
             uptime.add_metric(values, last.proc.uptime_seconds)
     yield from (connections, xacts, hits, reads, ratio, size, wal, lag, cpu, uptime, sampled)
+
+
+def _limits(control: Control, endpoints: list[model.Endpoint]) -> Iterator[Metric]:
+    """Compute units as enforced (ADR 0019): each running compute's size and its cgroup's figures at
+    the autoscaler's last look. No samples when limits are not enforced."""
+    labels = COMPUTE_LABELS
+    cu = GaugeMetricFamily("argon_compute_cu", "The compute units a running compute's limits stand for now",
+                           labels=labels)
+    limit = GaugeMetricFamily("argon_compute_memory_limit_bytes", "A running compute's memory limit", labels=labels)
+    resident = GaugeMetricFamily("argon_compute_memory_resident_bytes", "Anonymous and shared memory charged to "
+                                 "a compute's cgroup (what the kernel cannot drop)", labels=labels)
+    cpu = CounterMetricFamily("argon_compute_cgroup_cpu_seconds", "CPU time charged to a compute's cgroup",
+                              labels=labels)
+    throttled = CounterMetricFamily("argon_compute_throttled_seconds", "Time a compute's cgroup was throttled "
+                                    "at its CPU quota", labels=labels)
+    ooms = CounterMetricFamily("argon_compute_oom_kills", "Processes of a compute the kernel killed at its "
+                               "memory limit", labels=labels)
+    scaler = control.autoscaler
+    for ep in endpoints:
+        size = scaler.current_cu(ep.id) if scaler.enforced else None
+        if size is None:
+            continue
+        values = list(compute_labels(ep))
+        cu.add_metric(values, size)
+        limit.add_metric(values, scaler.limits_for(size).memory_bytes)
+        usage = scaler.last_usage(ep.id)
+        if usage is not None:
+            resident.add_metric(values, usage.resident_bytes)
+            cpu.add_metric(values, usage.cpu_usec / 1e6)
+            throttled.add_metric(values, usage.throttled_usec / 1e6)
+            ooms.add_metric(values, usage.oom_kills)
+    yield from (cu, limit, resident, cpu, throttled, ooms)
+
+
+def _pools(control: Control, endpoints: list[model.Endpoint]) -> Iterator[Metric]:
+    """The transaction pools of the `-pooler` hosts (ADR 0017), summed per endpoint over its
+    (database, role) pools: PgBouncer's SHOW POOLS figures."""
+    labels = COMPUTE_LABELS
+    clients = GaugeMetricFamily("argon_pool_clients", "Pooled client connections, by state (active: has a "
+                                "server; waiting: wants one; idle: between transactions)", labels=[*labels, "state"])
+    servers = GaugeMetricFamily("argon_pool_servers", "Server connections the pools hold, by state",
+                                labels=[*labels, "state"])
+    xacts = CounterMetricFamily("argon_pool_transactions", "Transactions run through the pools", labels=labels)
+    for ep in endpoints:
+        pools = control.plane.activity.pools(ep.id)
+        if not pools:
+            continue
+        values = list(compute_labels(ep))
+        for state in ("active", "waiting", "idle"):
+            clients.add_metric([*values, state], sum(getattr(p.stats, f"cl_{state}") for p in pools))
+        for state in ("active", "idle", "used", "login"):
+            servers.add_metric([*values, state], sum(getattr(p.stats, f"sv_{state}") for p in pools))
+        xacts.add_metric(values, sum(p.stats.xact_count for p in pools))
+    yield from (clients, servers, xacts)
+
+
+def _backup(control: Control) -> Iterator[Metric]:
+    """Continuous backup (ADR 0018): present, with no samples, when ARGON_BACKUP_URL is not set."""
+    branch_labels = ["project_id", "branch_id"]
+    enabled = GaugeMetricFamily("argon_backup_enabled", "1 when ARGON_BACKUP_URL is set")
+    failing = GaugeMetricFamily("argon_backup_failing", "1 while a backup loop reports an error (see "
+                                "GET /api/v2/backup)")
+    lag = GaugeMetricFamily("argon_backup_lag_bytes", "WAL a branch wrote that is not in the bucket yet",
+                            labels=branch_labels)
+    lag_seconds = GaugeMetricFamily("argon_backup_lag_seconds", "Seconds since a branch's WAL was last all in "
+                                    "the bucket (0 when it is)", labels=branch_labels)
+    shipped = GaugeMetricFamily("argon_backup_last_wal_shipped_timestamp_seconds", "When a branch's WAL was last "
+                                "shipped (Unix time)", labels=branch_labels)
+    service = control.backup
+    enabled.add_metric([], 1 if service is not None else 0)
+    if service is not None:
+        status = service.status
+        failing.add_metric([], 1 if status.error else 0)
+        for b in list(status.branches.values()):
+            values = [b.project_id, b.branch_id]
+            lag.add_metric(values, b.lag_bytes())
+            lag_seconds.add_metric(values, b.lag_seconds())
+            if b.last_shipped_at is not None:
+                shipped.add_metric(values, b.last_shipped_at.timestamp())
+    yield from (enabled, failing, lag, lag_seconds, shipped)
 
 
 def _gauge(name: str, doc: str, samples: list[tuple[tuple[str, ...], float]],
