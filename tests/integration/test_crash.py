@@ -17,17 +17,12 @@ import httpx
 import psycopg
 import pytest
 
+from tests.fixtures.argon_process import free_port
 from tests.fixtures.platform import short_tmpdir, uid_range
 
 pytestmark = [pytest.mark.pg, pytest.mark.slow]
 
 KEY = "argon_crash_test_key_abcdefghijklmnopqrstu"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class ArgonProcess:
