@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from benchmarks.core.common import REPO_ROOT, short_tmpdir, summarize
+from benchmarks.core.common import REPO_ROOT, short_tmpdir, stop_on_sigterm, summarize
 from benchmarks.core.targets import Project, start_platform
 from benchmarks.core.worker import Client
 
@@ -323,10 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         attacker_main(args.attacker)
         return 0
 
-    def on_term(signum: int, _frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, on_term)
+    stop_on_sigterm()
     run = Run(logins=100 if args.quick else 300, attack_seconds=40 if args.quick else 90)
     started = time.monotonic()
     try:

@@ -38,7 +38,7 @@ from typing import Any
 
 import psycopg
 
-from benchmarks.core.common import PGBENCH, BenchError, short_tmpdir
+from benchmarks.core.common import PGBENCH, BenchError, short_tmpdir, stop_on_sigterm
 
 SCRIPT = "SELECT sum(g) FROM generate_series(1, 100000) g;\n"
 
@@ -220,6 +220,7 @@ def main() -> int:
     if not Path(PGBENCH).exists():
         print(f"{PGBENCH} is missing", file=sys.stderr)
         return 2
+    stop_on_sigterm()
     root = short_tmpdir("cl")
     results: dict[str, Any] = {"cpus": os.cpu_count(), "seconds": args.seconds}
     bench = None

@@ -60,6 +60,7 @@ from benchmarks.core.common import (
     free_port,
     own_dir,
     short_tmpdir,
+    stop_on_sigterm,
     summarize,
 )
 from benchmarks.core.procfs import kb_field, own_cpu_seconds, self_cpu_seconds, stop_pid, system_cpu_ticks
@@ -573,6 +574,8 @@ def render(results: dict[str, Any], errors: dict[str, str]) -> str:
              f"-j 2, {env.get('rounds')} interleaved rounds (median)",
              f"TLS negotiated: proxy {env.get('tls', {}).get('proxy')}, pgbouncer {env.get('tls', {}).get('pgbouncer')}",
              f"load average at start {env.get('loadavg_at_start')}, at end {env.get('loadavg_at_end')}", ""]
+    if not env:  # stopped before the platform answered: no environment to describe
+        lines[2:] = [""]
     tp = results.get("throughput", {})
     if tp:
         lines.append(f"{'pgbench':28} {'argon TPS':>10} {'pgbouncer':>10} {'ratio':>7} {'by round':>9} "
@@ -622,12 +625,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         worker_main()
         return 0
+    stop_on_sigterm()
     counts = tuple(int(c) for c in args.clients.split(",")) if args.clients else CLIENT_COUNTS
     run = Run(quick=args.quick, rounds=args.rounds or (1 if args.quick else 3), counts=counts,
               idle_clients=args.idle_clients)
     started = time.monotonic()
     try:
         run.execute()
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: report what was measured
+        run.errors["run"] = f"interrupted ({exc or 'Ctrl-C'})"
     finally:
         run.stop()
     run.results["total_seconds"] = round(time.monotonic() - started, 1)

@@ -31,12 +31,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
+from benchmarks.core.common import stop_on_sigterm
 from benchmarks.core.report import render_table
 from benchmarks.core.scenarios import Run
 from benchmarks.core.worker import worker_main
@@ -53,10 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         worker_main()
         return 0
 
-    def on_term(signum: int, _frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, on_term)
+    stop_on_sigterm()
     run = Run(quick=args.quick, reps=5 if args.quick else 10, wakes=10 if args.quick else 30,
               seconds=4 if args.quick else 8)
     started = time.monotonic()

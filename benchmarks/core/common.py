@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import socket
 import statistics
 from pathlib import Path
@@ -55,6 +56,16 @@ MATCHED_SETTINGS = ("shared_buffers", "max_connections", "max_worker_processes",
                     "work_mem", "maintenance_work_mem", "jit", "huge_pages", "wal_level", "max_wal_senders",
                     "max_replication_slots", "dynamic_shared_memory_type", "fsync", "synchronous_commit",
                     "full_page_writes", "wal_buffers", "max_wal_size", "checkpoint_timeout", "autovacuum")
+
+
+def stop_on_sigterm() -> None:
+    """Make SIGTERM (a `timeout`, a CI runner, a `kill`) unwind like Ctrl-C, so that a benchmark's
+    `finally` blocks stop by PID what it started (platforms, PgBouncers, pgbench, clients)."""
+
+    def on_term(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_term)
 
 
 class BenchError(RuntimeError):
