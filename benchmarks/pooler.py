@@ -63,7 +63,14 @@ from benchmarks.core.common import (
     stop_on_sigterm,
     summarize,
 )
-from benchmarks.core.procfs import kb_field, own_cpu_seconds, self_cpu_seconds, stop_pid, system_cpu_ticks
+from benchmarks.core.procfs import (
+    kb_field,
+    own_cpu_seconds,
+    self_cpu_seconds,
+    stop_pid,
+    system_cpu_ticks,
+    thread_cpu_seconds,
+)
 from benchmarks.core.targets import Project, start_platform, tls_session, tool_version, with_sslmode
 
 CLIENT_COUNTS = (8, 64, 512, 2000)
@@ -260,10 +267,11 @@ def established(port: int) -> int:
     return count
 
 
-def pgbench(target: str, port: int, script: str, clients: int, seconds: int, cpu: Callable[[], float],
-            env: dict[str, str]) -> dict[str, Any]:
+def pgbench(target: str, port: int, script: str, clients: int, seconds: int,
+            cpu: Callable[[], tuple[float, float]], env: dict[str, str]) -> dict[str, Any]:
     """One pgbench run in a session of its own (a CPU-share group of its own, as each server has):
-    TPS, the pooler's CPU per transaction, and how busy the rest of the machine was. The CPU is
+    TPS, the pooler's CPU per transaction (`cpu` gives the whole process's and the pooling engine's
+    own: Argon's C thread; all of PgBouncer), and how busy the rest of the machine was. The CPU is
     counted from the moment all clients are connected (pgbench's TPS leaves the connecting out too:
     2,000 TLS + SCRAM logins would otherwise weigh on a few thousand transactions)."""
     args = [PGBENCH, "-n", "-c", str(clients), "-j", "2", "-T", str(seconds), "-M", "simple"]
@@ -274,7 +282,7 @@ def pgbench(target: str, port: int, script: str, clients: int, seconds: int, cpu
     t0 = time.perf_counter()
     proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True, env=env)
-    connected: list[tuple[float, float, tuple[int, int]]] = []
+    connected: list[tuple[float, tuple[float, float], tuple[int, int]]] = []
 
     def watch() -> None:  # the moment the last client is connected
         while proc.poll() is None:
@@ -298,7 +306,7 @@ def pgbench(target: str, port: int, script: str, clients: int, seconds: int, cpu
         raise BenchError(f"pgbench never had its {clients} clients connected: {out.strip()[-500:]}")
     t_conn, cpu_conn, sys_before = connected[0]
     window = max(t_end - t_conn, 0.001)
-    used = cpu_end - cpu_conn
+    used, engine_used = cpu_end[0] - cpu_conn[0], cpu_end[1] - cpu_conn[1]
     if proc.returncode != 0:
         raise BenchError(f"pgbench exited with {proc.returncode}: {out.strip()[-800:]}")
     tps = re.search(r"tps = ([\d.]+) \(without initial connection time\)", out)
@@ -314,6 +322,7 @@ def pgbench(target: str, port: int, script: str, clients: int, seconds: int, cpu
             "connect_ms": float(conn.group(1)) if conn else None, "seconds": round(wall, 1),
             "measured_seconds": round(window, 1),
             "pooler_cpu_us_per_txn": round(used / (rate * window) * 1e6, 1) if rate else None,
+            "engine_cpu_us_per_txn": round(engine_used / (rate * window) * 1e6, 1) if rate else None,
             "machine_busy_percent": round(busy / total * 100, 1) if total else None}
 
 
@@ -435,7 +444,7 @@ class Run:
             bouncer = self.bouncers[transport]
             targets = ((self.uri(True, tls), self.rp.platform.proxy.port), (bouncer.dsn(self.dbname), bouncer.port))
             for target, port in targets:
-                pgbench(target, port, "tpcb", 8, 4 if self.quick else 8, lambda: 0.0, env)
+                pgbench(target, port, "tpcb", 8, 4 if self.quick else 8, lambda: (0.0, 0.0), env)
         for clients in self.counts:
             seconds = seconds_for(clients, self.quick)
             for script in SCRIPTS:
@@ -447,9 +456,14 @@ class Run:
     def pair(self, script: str, clients: int, transport: str, seconds: int, env: dict[str, str]) -> dict[str, Any]:
         tls = transport == "tls"
         bouncer = self.bouncers[transport]
-        sides: dict[str, tuple[str, int, Callable[[], float]]] = {
-            "argon": (self.uri(True, tls), self.rp.platform.proxy.port, self_cpu_seconds),
-            "pgbouncer": (bouncer.dsn(self.dbname), bouncer.port, lambda: own_cpu_seconds(bouncer.pid)),
+        def bouncer_cpu() -> tuple[float, float]:
+            used = own_cpu_seconds(bouncer.pid)
+            return used, used
+
+        sides: dict[str, tuple[str, int, Callable[[], tuple[float, float]]]] = {
+            "argon": (self.uri(True, tls), self.rp.platform.proxy.port,
+                      lambda: (self_cpu_seconds(), thread_cpu_seconds("argon-pooler"))),
+            "pgbouncer": (bouncer.dsn(self.dbname), bouncer.port, bouncer_cpu),
         }
         runs: dict[str, list[dict[str, Any]]] = {"argon": [], "pgbouncer": []}
         for round_ in range(self.rounds):
@@ -458,7 +472,8 @@ class Run:
                 target, port, cpu = sides[name]
                 runs[name].append(pgbench(target, port, script, clients, seconds, cpu, env))
                 self.say(f"  {name:9} round {round_ + 1}: {runs[name][-1]['tps']:.0f} TPS, "
-                         f"{runs[name][-1]['pooler_cpu_us_per_txn']} us CPU/txn, machine busy "
+                         f"{runs[name][-1]['pooler_cpu_us_per_txn']} us CPU/txn "
+                         f"({runs[name][-1]['engine_cpu_us_per_txn']} in the engine), machine busy "
                          f"{runs[name][-1]['machine_busy_percent']}%")
         a = statistics.median(r["tps"] for r in runs["argon"])
         b = statistics.median(r["tps"] for r in runs["pgbouncer"])
@@ -466,6 +481,7 @@ class Run:
         return {"argon_tps": a, "pgbouncer_tps": b, "ratio": round(a / b, 3), "ratio_by_round": round(by_round, 3),
                 "argon_cpu_us_per_txn": statistics.median(r["pooler_cpu_us_per_txn"] for r in runs["argon"]),
                 "pgbouncer_cpu_us_per_txn": statistics.median(r["pooler_cpu_us_per_txn"] for r in runs["pgbouncer"]),
+                "argon_engine_cpu_us_per_txn": statistics.median(r["engine_cpu_us_per_txn"] for r in runs["argon"]),
                 "machine_busy_percent": statistics.median(r["machine_busy_percent"] or 0 for r in
                                                           runs["argon"] + runs["pgbouncer"]),
                 "seconds": seconds, "runs": runs}
@@ -579,11 +595,11 @@ def render(results: dict[str, Any], errors: dict[str, str]) -> str:
     tp = results.get("throughput", {})
     if tp:
         lines.append(f"{'pgbench':28} {'argon TPS':>10} {'pgbouncer':>10} {'ratio':>7} {'by round':>9} "
-                     f"{'CPU us/txn a/p':>15} {'busy%':>6}")
+                     f"{'CPU us/txn a/p':>15} {'engine':>7} {'busy%':>6}")
         for key, r in tp.items():
             lines.append(f"{key:28} {r['argon_tps']:>10.0f} {r['pgbouncer_tps']:>10.0f} {r['ratio']:>6.2f}x "
                          f"{r['ratio_by_round']:>8.2f}x {r['argon_cpu_us_per_txn']:>7.1f}/{r['pgbouncer_cpu_us_per_txn']:<7.1f}"
-                         f" {r['machine_busy_percent']:>6.1f}")
+                         f" {r.get('argon_engine_cpu_us_per_txn') or 0:>7.1f} {r['machine_busy_percent']:>6.1f}")
         worst = min(tp.values(), key=lambda r: r["ratio"])
         met = all(r["ratio"] >= 1.0 for r in tp.values())
         lines += ["", f"target: argon TPS >= PgBouncer TPS at every client count: {'yes' if met else 'NO'} "

@@ -68,6 +68,20 @@ def own_cpu_seconds(pid: int) -> float:
     return stat[1] / CLK_TCK
 
 
+def thread_cpu_seconds(name: str) -> float:
+    """CPU of this process's threads named `name` (the C pooler and relay name theirs)."""
+    ticks = 0
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            if (task / "comm").read_text().strip() != name:
+                continue
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # a thread that ended meanwhile
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / CLK_TCK
+
+
 def self_cpu_seconds() -> float:
     """This process (the in-process platform: API, proxy, event loop; not its children)."""
     t = os.times()

@@ -3218,6 +3218,7 @@ static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kwds) 
         Py_DECREF(e);
         return NULL;
     }
+    pthread_setname_np(e->thread, "argon-pooler"); /* top -H, /proc/<pid>/task/<tid>/comm; best effort */
     e->running = 1;
     return (PyObject *)e;
 }

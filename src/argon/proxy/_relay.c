@@ -636,6 +636,7 @@ static PyObject *Relay_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
         Py_DECREF(r);
         return NULL;
     }
+    pthread_setname_np(r->thread, "argon-relay"); /* top -H, /proc/<pid>/task/<tid>/comm; best effort */
     r->running = 1;
     return (PyObject *)r;
 }
