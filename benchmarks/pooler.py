@@ -88,8 +88,11 @@ LOGIN_ALLOWANCE = 0.02  # s per client: TLS + SCRAM logins, one by one in PgBoun
 def seconds_for(clients: int, quick: bool) -> int:
     """pgbench -T: its clock includes connecting (2,000 TLS + SCRAM logins through PgBouncer took
     15-35 s here, depending on the load), so a run gets an allowance for its logins and then the
-    measured window (4 s quick, 8 s otherwise); quick runs shorten only the window."""
-    return math.ceil(clients * LOGIN_ALLOWANCE) + (4 if quick else 8)
+    measured window (4 s quick, 8 s otherwise); quick runs shorten only the window. A login is a
+    handful of round trips, each a scheduling delay on a busy machine: the allowance grows with
+    the load average per CPU (up to 5x; at a load of 20 on 2 cores, 2,000 logins took over 48 s)."""
+    load = min(5.0, max(1.0, os.getloadavg()[0] / NCPU))
+    return math.ceil(clients * LOGIN_ALLOWANCE * load) + (4 if quick else 8)
 
 
 # The client process --------------------------------------------------------------------------------
