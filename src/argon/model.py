@@ -91,6 +91,8 @@ class EventKind(enum.Enum):
     ADOPTED = "adopted"
     AUTOSCALE = "autoscale"  # its CPU and memory limits moved (autoscaling, or a PATCH of its limits)
     OOM_KILL = "oom_kill"  # the kernel killed one of its processes at its memory limit
+    WRITES_REFUSED = "writes_refused"  # at its project's size limit, or the platform's disk at its reserve
+    WRITES_ALLOWED = "writes_allowed"  # back under the limit and above the reserve
 
 
 @dataclass(frozen=True)
@@ -149,11 +151,14 @@ class ProjectSettings:
 
     `allowed_ips`: single addresses, `a-b` ranges or CIDR networks the proxy lets in (empty = all);
     with `protected_branches_only` the list guards only the endpoints of protected branches.
-    `enable_logical_replication`: computes run with `wal_level = logical` (once on, never off)."""
+    `enable_logical_replication`: computes run with `wal_level = logical` (once on, never off).
+    `logical_size_limit_bytes` (Neon's `quota.logical_size_bytes`): each branch's logical size at
+    which its compute refuses writes (0: no limit; ADR 0025)."""
 
     allowed_ips: tuple[str, ...] = ()
     protected_branches_only: bool = False
     enable_logical_replication: bool = False
+    logical_size_limit_bytes: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "allowed_ips", tuple(self.allowed_ips))  # JSON gives a list

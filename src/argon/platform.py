@@ -75,6 +75,7 @@ class StartInfo:
     ca_cert: Path | None = None
     reconciled: str = ""
     limits: str = ""  # which compute limits are enforced, or why none are
+    disk_limits: str = ""  # which disk limits are enforced (ADR 0025)
     startup_ms: float = 0.0
     backup: str = ""  # where continuous backup goes ("" when off)
 
@@ -214,6 +215,8 @@ class Platform:
         self.monitor.start()
         control.metrics.start()
         control.autoscaler.start()
+        control.disk.start()
+        self.info.disk_limits = control.disk.describe()
         if control.backup is not None:
             await control.backup.start()
             self.info.backup = control.backup.status.url + (" (encrypted)" if control.backup.codec.encrypted else

@@ -94,6 +94,11 @@ class Settings(BaseSettings):
                                         "running compute's CPU and memory")
     autoscaling_quiet_seconds: float = Field(30.0, gt=0, le=3600, description="Seconds a compute must need less "
                                              "before autoscaling moves it down")
+    disk_reserve: str = Field("2GB", description="Free space kept on the data directory's filesystem for Argon's "
+                              "metadata, WAL and history (at most a tenth of the filesystem): below it every compute "
+                              "refuses writes and no project or branch is created until space is freed (0: none)")
+    disk_check_interval: float = Field(1.0, gt=0, le=60, description="Seconds between looks at the data directory's "
+                                       "free space and at each running compute's size against its project's limit")
     forward_all_params: bool = Field(False, description="Forward every startup parameter to computes (default: Neon's filtered set)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity")
     log_format: Literal["auto", "text", "json"] = Field(
@@ -121,6 +126,17 @@ class Settings(BaseSettings):
     def _check_retention(cls, value: str) -> str:
         parse_duration(value)
         return value
+
+    @field_validator("disk_reserve")
+    @classmethod
+    def _check_reserve(cls, value: str) -> str:
+        if str(value).strip() != "0":
+            parse_size(value)
+        return value
+
+    @property
+    def disk_reserve_bytes(self) -> int:
+        return 0 if str(self.disk_reserve).strip() == "0" else parse_size(self.disk_reserve)
 
     @field_validator("backup_max_lag")
     @classmethod

@@ -87,9 +87,24 @@ class AllowedIps(Strict):
         return v
 
 
+class QuotaData(Strict):
+    """Neon's `project.settings.quota`: the logical size limit of each branch acts (ADR 0025); the
+    consumption quotas (active time, compute time, written and transferred bytes) are not in it, so
+    they are refused as unknown fields."""
+
+    logical_size_bytes: int | None = None
+
+    @field_validator("logical_size_bytes")
+    @classmethod
+    def _size(cls, v: int | None) -> int | None:
+        if v is not None and not (v == 0 or 2**20 <= v <= 2**62):
+            raise ValueError("must be 0 (no limit) or at least 1048576 bytes (1 MiB)")
+        return v
+
+
 class ProjectSettingsData(Strict):
-    """Neon's `project.settings`: the allow-list and logical replication act; the rest is refused
-    unless it asks for what Argon does anyway."""
+    """Neon's `project.settings`: the allow-list, logical replication and the branch size limit
+    act; the rest is refused unless it asks for what Argon does anyway."""
 
     allowed_ips: AllowedIps | None = None
     enable_logical_replication: bool | None = None
@@ -97,6 +112,7 @@ class ProjectSettingsData(Strict):
     block_vpc_connections: bool | None = None
     hipaa: bool | None = None
     preload_libraries: PreloadLibraries | None = None
+    quota: QuotaData | None = None
 
     @field_validator("block_public_connections")
     @classmethod
@@ -127,5 +143,8 @@ class ProjectSettingsData(Strict):
             if current.enable_logical_replication and not self.enable_logical_replication:
                 raise UserError("enable_logical_replication cannot be turned off once enabled (as on Neon)")
             logical = self.enable_logical_replication
+        size_limit = current.logical_size_limit_bytes
+        if self.quota is not None and self.quota.logical_size_bytes is not None:
+            size_limit = self.quota.logical_size_bytes
         return model.ProjectSettings(allowed_ips=ips, protected_branches_only=only_protected,
-                                     enable_logical_replication=logical)
+                                     enable_logical_replication=logical, logical_size_limit_bytes=size_limit)

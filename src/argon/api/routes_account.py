@@ -45,7 +45,8 @@ async def versions(control: Authorized) -> dict[str, Any]:
     plane = control.plane
     return {"versions": [{"pg_version": i.major, "version": i.version, "source": i.source}
                          for i in sorted(plane.installs.values(), key=lambda i: i.major)],
-            "clone_backend": plane.backend.name, "compute_limits": plane.computes.limits_note}
+            "clone_backend": plane.backend.name, "compute_limits": plane.computes.limits_note,
+            "disk_limits": control.disk.describe()}
 
 
 class ApiKeyCreate(Strict):

@@ -31,7 +31,7 @@ def status(ctx: Context) -> None:
         backup = None
     data = {"api_url": ctx.api.api_url, "versions": versions, "projects": len(projects), "active_computes": active,
             "clone_backend": info.get("clone_backend"), "compute_limits": info.get("compute_limits"),
-            "backup": backup}
+            "disk_limits": info.get("disk_limits"), "backup": backup}
     if ctx.output != "table":
         emit(data, ctx.output)
         return
@@ -39,6 +39,8 @@ def status(ctx: Context) -> None:
                + ", ".join(v["version"] for v in versions) + f"; clone backend {info.get('clone_backend')}")
     if info.get("compute_limits"):
         click.echo(f"Compute limits: {info['compute_limits']}")
+    if info.get("disk_limits"):
+        click.echo(f"Disk limits: {info['disk_limits']}")
     if backup is None:
         pass
     elif not backup.get("enabled"):

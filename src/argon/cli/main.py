@@ -240,6 +240,7 @@ def _print_banner(settings: Settings, info: Any) -> None:
     if config_path:
         click.echo(f"  CLI config        {config_path}")
     click.echo(f"  Compute limits    {info.limits}")
+    click.echo(f"  Disk limits       {info.disk_limits}")
     click.echo(f"  Reconciled        {info.reconciled}")
     click.echo("Try:  argon projects create --name demo   then   argon psql --project-id <id>")
 

@@ -341,23 +341,16 @@ class BackupService:
             if ep is None or not self.plane.is_running(ep.id):
                 if not refuse:
                     self._refused.discard(branch.id)
+                    if ep is not None and "backup" in self.plane.writes.refused(ep.id):
+                        await self.plane.writes.set(ep.id, "backup", False)  # its next start may write
                 continue
             pm = self.plane.computes.get(ep.id)
             instance = f"{ep.id}:{pm.pid if pm is not None else '?'}"
             if refuse == (branch.id in self._refused and instance in self._refused_on):
                 continue
-            session = self.plane.computes.admin(ep.id)
-            try:
-                if session is None:
-                    continue
-                if refuse:
-                    await session.fetchall("ALTER SYSTEM SET default_transaction_read_only = on", timeout=10)
-                else:
-                    await session.fetchall("ALTER SYSTEM RESET default_transaction_read_only", timeout=10)
-                await session.fetchone("SELECT pg_reload_conf()", timeout=10)
-            except Exception as exc:
-                log.warning("backup: could not %s writes on branch %s: %s", "refuse" if refuse else "allow",
-                            branch.id, exc)
+            why = f"{lag / 1e6:.0f} MB of WAL the object store does not have"
+            if not await self.plane.writes.set(ep.id, "backup", refuse, why):
+                log.warning("backup: could not %s writes on branch %s", "refuse" if refuse else "allow", branch.id)
                 continue
             status.writes_refused = refuse
             if refuse:

@@ -166,6 +166,7 @@ async def create_branch(control: Control, project_id: str, req: BranchRequest) -
                         "parent_timestamp")
     if len(req.endpoints) > 1:
         raise UserError("create a branch with one endpoint; add more with POST /projects/{project_id}/endpoints")
+    await asyncio.to_thread(control.disk.check_room, "a new branch")  # 507 within the reserve (ADR 0025)
     async with plane.project_lock(project_id):
         parent = plane.branch(project_id, req.parent_id) if req.parent_id else default_branch(plane, project_id)
         bid = ids.branch_id()

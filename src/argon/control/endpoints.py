@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from argon import ids, model, safefs
 from argon.compute.osuser import project_user
 from argon.compute.params import gucs_for_cu
-from argon.control.autoscale import CU_STEPS
+from argon.control.autoscale import CU_STEPS, limits_for
 from argon.control.services import Control
 from argon.errors import UserError
 
@@ -64,7 +64,9 @@ async def update_endpoint(control: Control, project_id: str, endpoint_id: str,
         if lo > hi:
             raise UserError("autoscaling_limit_min_cu must not be greater than autoscaling_limit_max_cu")
         running = plane.is_running(ep.id)
-        old, new_gucs = gucs_for_cu(ep.autoscaling_limit_max_cu), gucs_for_cu(hi)
+        per_cu = plane.settings.compute_memory_per_cu
+        old = gucs_for_cu(ep.autoscaling_limit_max_cu, limits_for(ep.autoscaling_limit_min_cu, per_cu).memory_bytes)
+        new_gucs = gucs_for_cu(hi, limits_for(lo, per_cu).memory_bytes)
         sized = sorted(k for k, v in new_gucs.items() if old.get(k) != v)  # need a restart
         if hi != ep.autoscaling_limit_max_cu:
             sized.append("temp_file_limit")

@@ -37,6 +37,7 @@ from argon.compute.manager import ComputeManager
 from argon.compute.params import gucs_for_cu
 from argon.compute.pgconf import BASE_SETTINGS
 from argon.control.secrets import Secrets
+from argon.control.writes import WriteGate
 from argon.errors import ArgonError, Locked, NotFound
 from argon.metadata.store import Store
 from argon.proxy.activity import ActivityRegistry
@@ -74,6 +75,7 @@ class ControlPlane:
         self.intents = Intents(layout.intents_dir)  # what interrupted operations meant to do
         self.spares = SparePool(layout.spares_dir, backend, settings.spare_clusters)
         self.computes = computes or ComputeManager()  # what runs; the lifecycle decides when
+        self.writes = WriteGate(self.computes)  # which computes refuse writes, and why (ADR 0025)
         self.telemetry = telemetry or Telemetry()  # counters the use cases and the lifecycle update
         self.os_user = argon_os_user()
         self.templates: dict[int, Path] = {}  # Postgres major -> pristine template pgdata

@@ -89,6 +89,7 @@ async def create_project(control: Control, req: ProjectRequest) -> CreatedProjec
     if template is None:
         raise UserError(f"PostgreSQL {version} has no template yet; try again in a moment")
 
+    await asyncio.to_thread(control.disk.check_room, "a new project")  # 507 within the reserve (ADR 0025)
     pid, bid, eid = ids.project_id(), ids.branch_id(), ids.endpoint_id()
     uid = await plane.db(_allocate_uid, plane, pid) if running_as_root() else None
     pgdata = plane.layout.pgdata(pid, bid)

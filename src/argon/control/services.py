@@ -7,6 +7,7 @@ platform hold.
 - `figures`: the storage figures (`argon.control.figures`);
 - `api_keys`: the API's keys (`argon.control.apikeys`);
 - `autoscaler`: compute units enforced and autoscaled (`argon.control.autoscale`);
+- `disk`: project size limits and the platform's disk reserve (`argon.control.diskguard`);
 - `backup`: continuous backup to object storage, when configured (`argon.control.backup`).
 
 The use cases (`projects`, `branches`, `endpoints`, `roles`, `schema`, the suspend monitor, the
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from argon.control.apikeys import ApiKeys
 from argon.control.autoscale import Autoscaler
+from argon.control.diskguard import DiskGuard
 from argon.control.figures import Figures
 from argon.control.lifecycle import Lifecycle
 from argon.control.metrics import MetricsSampler
@@ -38,6 +40,7 @@ class Control:
     figures: Figures
     api_keys: ApiKeys
     autoscaler: Autoscaler
+    disk: DiskGuard
     backup: BackupService | None = None  # continuous backup, when ARGON_BACKUP_URL is set
 
     @classmethod
@@ -49,7 +52,8 @@ class Control:
 
             backup = BackupService(plane)
         return cls(plane=plane, computes=Lifecycle(plane, backup), metrics=metrics, figures=Figures(plane, metrics),
-                   api_keys=ApiKeys(plane), autoscaler=Autoscaler(plane), backup=backup)
+                   api_keys=ApiKeys(plane), autoscaler=Autoscaler(plane), disk=DiskGuard(plane),
+                   backup=backup)
 
     async def load(self) -> None:
         """Fill the view from the store (at start-up)."""
@@ -60,4 +64,5 @@ class Control:
     async def close(self) -> None:
         await self.metrics.stop()
         await self.autoscaler.stop()
+        await self.disk.stop()
         await self.plane.close()
