@@ -9,6 +9,7 @@ import contextlib
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,47 @@ def test_full_disk_during_a_branch_copy_leaves_no_half_branch(small_disk: Path) 
         assert on_disk == listed  # no half branch
         with psycopg.connect(running.dsn(created), connect_timeout=30) as conn:  # the parent is intact
             assert conn.execute("SELECT count(*) FROM t").fetchone() == (10000,)
+    finally:
+        with contextlib.suppress(Exception):
+            running.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("small_disk", ["300m"], indirect=True)
+def test_a_tenant_filling_the_disk_meets_the_reserve_and_the_platform_keeps_working(small_disk: Path) -> None:
+    """ADR 0025: a project without a size limit writes until the filesystem is within the platform's
+    reserve (here a tenth of 300 MB); then its writes are refused, not failed by a full disk, Argon's
+    metadata is still written, and dropping the data brings writes back."""
+    running = RunningPlatform(small_disk, spare_clusters=0, disk_check_interval=0.25)
+    try:
+        created = running.create_project(name="filler")
+        pid = created["project"]["id"]
+        with psycopg.connect(running.dsn(created), autocommit=True, connect_timeout=30) as conn:
+            conn.execute("CREATE TABLE t (v text)")
+            refused = None
+            for _ in range(2000):
+                try:
+                    conn.execute("INSERT INTO t SELECT repeat(md5(g::text), 32) FROM generate_series(1, 500) g")
+                except psycopg.Error as exc:
+                    refused = exc
+                    break
+                time.sleep(0.05)  # an application's pace: the guard looks 4 times a second
+            assert isinstance(refused, psycopg.errors.ReadOnlySqlTransaction | psycopg.errors.QueryCanceled), refused
+            resp = running.api.post("/projects", json={"project": {"name": "more"}})
+            assert resp.status_code == 507 and "ARGON_DISK_RESERVE" in resp.json()["message"], resp.text
+            assert running.api.patch(f"/projects/{pid}", json={"project": {"name": "renamed"}}).status_code == 200
+            conn.execute("SET default_transaction_read_only = off")
+            conn.execute("DROP TABLE t")
+            conn.execute("RESET default_transaction_read_only")
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    conn.execute("CREATE TABLE again (v int)")
+                    break
+                except psycopg.errors.ReadOnlySqlTransaction:
+                    assert time.monotonic() < deadline, "writes never came back"
+                    time.sleep(0.2)
+        assert running.api.get(f"/projects/{pid}").json()["project"]["name"] == "renamed"
     finally:
         with contextlib.suppress(Exception):
             running.stop()

@@ -23,6 +23,17 @@ def test_bigger_computes_get_more_buffers() -> None:
     assert sizes == sorted(sizes) and sizes[0] >= 32
 
 
+def test_buffers_fit_the_memory_at_the_minimum() -> None:
+    # 0.25-16 CU at 4 GiB per CU: the buffers stay within a quarter of 1 GiB, so scaling down to the
+    # minimum cannot leave them bigger than the memory the compute is allowed.
+    assert params.shared_buffers_mb(16) == 1024
+    assert params.shared_buffers_mb(16, 2**30) == 256
+    assert params.shared_buffers_mb(0.25, 2**30) == 32  # small maxima are unchanged
+    assert params.shared_buffers_mb(4, 128 * 2**20) == 32  # 0.25 CU of 0.5 GiB per CU
+    assert params.shared_buffers_mb(4, 16 * 2**20) == 16  # never under 16 MB
+    assert params.gucs_for_cu(16, 2**30)["shared_buffers"] == "256MB"
+
+
 def test_config_cannot_open_tcp_or_move_the_socket() -> None:
     text = pgconf.render_conf(Path("/run/argon/ep-x"), {"listen_addresses": "*", "unix_socket_directories": "/tmp",
                                                           "work_mem": "8MB"})
