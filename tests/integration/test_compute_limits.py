@@ -213,6 +213,38 @@ def test_temp_files_are_capped_per_cu(platform: RunningPlatform, sized: Callable
         assert conn.execute("SELECT 1").fetchone() == (1,)  # the session goes on
 
 
+@pytest.mark.slow
+def test_a_scratch_postmaster_runs_in_a_cgroup_of_its_own(platform: RunningPlatform, groups: Cgroups,
+                                                          sized: Callable[..., dict[str, Any]],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A branch at a past LSN is rebuilt by a scratch postmaster (recovery): it runs within one compute
+    unit in a cgroup of its own, removed afterwards (ADR 0025)."""
+    seen: list[tuple[str, Limits | None, list[int]]] = []
+    attach = groups.attach
+
+    def watching(name: str, pid: int) -> int:
+        moved = attach(name, pid)
+        if name.startswith("sc-"):
+            seen.append((name, groups.limits(name), groups.pids(name)))
+        return moved
+
+    monkeypatch.setattr(groups, "attach", watching)
+    created = sized(0.25, 0.25)
+    with psycopg.connect(platform.dsn(created), autocommit=True) as conn:
+        conn.execute("CREATE TABLE t AS SELECT 1 AS v")
+        lsn = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()[0]  # type: ignore[index]
+        conn.execute("INSERT INTO t VALUES (2)")
+    pid = created["project"]["id"]
+    resp = platform.api.post(f"/projects/{pid}/branches", json={"branch": {"name": "then", "parent_lsn": lsn}})
+    assert resp.status_code == 201, resp.text
+    assert seen, "no scratch postmaster ran in a cgroup"
+    name, limits, pids = seen[0]
+    per_cu = platform.plane.settings.compute_memory_per_cu
+    assert limits == Limits(cpus=1.0, memory_bytes=int(per_cu * 2**30))
+    assert pids  # the postmaster, moved in before it was ready
+    assert name not in groups.names()  # removed with it
+
+
 def test_a_restarted_argon_adopts_the_cgroup_and_its_size(platform: RunningPlatform, groups: Cgroups) -> None:
     """Adoption (as after a crash of `argon up`): the new manager keeps the size the compute had,
     not the one it would start with; the stop removes the cgroup; leftovers are tidied at start-up.

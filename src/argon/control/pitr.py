@@ -206,7 +206,8 @@ async def recover(plane: ControlPlane, project: model.Project, branch_id: str, t
     async with scratch_postmaster(install, target, run_dir=plane.layout.run_dir, log_file=log_file, user=user,
                                   argon_os_user=plane.os_user, gucs=plane.scratch_gucs(project.pg_version, settings),
                                   ready_timeout=RECOVERY_TIMEOUT,
-                                  failure="rebuilding the branch at that point failed") as scratch:
+                                  failure="rebuilding the branch at that point failed",
+                                  **plane.scratch_limits()) as scratch:
         # "ready" (not "standby") once it promoted; wait until it says it is out of recovery.
         deadline = time.monotonic() + RECOVERY_TIMEOUT
         while True:
@@ -252,7 +253,8 @@ async def cluster_at(plane: ControlPlane, project: model.Project, branch: model.
         async with scratch_postmaster(plane.installs[project.pg_version], scratch_dir, run_dir=plane.layout.run_dir,
                                       log_file=log_file, user=user, argon_os_user=plane.os_user, stop="immediate",
                                       gucs=plane.scratch_gucs(project.pg_version),
-                                      failure="could not start the branch as of that point") as scratch:
+                                      failure="could not start the branch as of that point",
+                                      **plane.scratch_limits()) as scratch:
             yield scratch.socket_dir
     finally:
         await asyncio.to_thread(safefs.rmtree, scratch_dir)

@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 
 from argon import ids, model
 from argon.compute.binaries import PgInstall
+from argon.compute.cgroups import Limits
 from argon.compute.extensions import ExtensionSupport
 from argon.compute.manager import ComputeManager
 from argon.compute.params import gucs_for_cu
@@ -312,6 +313,14 @@ class ControlPlane:
         the smallest compute's, no archiving, `extra` on top."""
         return self.compute_gucs(pg_version, gucs_for_cu(0.25) | {"archive_mode": "off"} | dict(extra or {}),
                                  serving=False)
+
+    def scratch_limits(self) -> dict[str, Any]:
+        """A platform-internal run's cgroup and limits, as `scratch_postmaster` takes them: one
+        compute unit (1 CPU, `compute_memory_per_cu`), when computes are limited (ADR 0025)."""
+        if self.computes.cgroups is None:
+            return {}
+        return {"cgroups": self.computes.cgroups,
+                "limits": Limits(cpus=1.0, memory_bytes=int(self.settings.compute_memory_per_cu * 2**30))}
 
     def is_running(self, endpoint_id: str) -> bool:
         pm = self.computes.get(endpoint_id)

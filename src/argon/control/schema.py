@@ -157,7 +157,8 @@ async def _scratch(plane: ControlPlane, project: model.Project, pgdata: Path, lo
     async with scratch_postmaster(plane.installs[project.pg_version], pgdata, run_dir=plane.layout.run_dir,
                                   log_file=log_file, user=user, argon_os_user=plane.os_user,
                                   gucs=plane.scratch_gucs(project.pg_version),
-                                  failure="could not start a scratch copy of the cluster") as scratch:
+                                  failure="could not start a scratch copy of the cluster",
+                                  **plane.scratch_limits()) as scratch:
         yield scratch.socket_dir
 
 
