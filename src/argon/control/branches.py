@@ -304,6 +304,7 @@ async def delete_branch(control: Control, project_id: str, branch_id: str, *,
         await plane.commit(delete=[branch])  # its endpoints, roles and databases with it: the commit point
         await failpoint_async("branch.delete.after_metadata")
         for ep in endpoints:
+            plane.writes.forget(ep.id)
             await asyncio.to_thread(safefs.rmtree, plane.layout.socket_dir(ep.id))
         await asyncio.to_thread(safefs.rmtree, plane.layout.branch_dir(project_id, branch_id))
         await failpoint_async("branch.delete.after_rmtree")

@@ -159,6 +159,7 @@ async def delete_endpoint(control: Control, project_id: str,
             ops.append(await plane.record(project_id, model.OperationAction.SUSPEND_COMPUTE, branch_id=ep.branch_id,
                                           endpoint_id=ep.id))
         await plane.commit(delete=[ep])
+        plane.writes.forget(endpoint_id)
         await asyncio.to_thread(safefs.rmtree, plane.layout.socket_dir(endpoint_id))
         if ep.type is model.EndpointType.READ_ONLY:
             await asyncio.to_thread(safefs.rmtree, plane.layout.replica_dir(project_id, ep.branch_id, ep.id))

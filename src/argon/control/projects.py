@@ -261,6 +261,7 @@ async def delete_project(control: Control, project_id: str) -> model.Project:
         await asyncio.to_thread(safefs.rmtree, plane.layout.project_dir(project_id))
         await failpoint_async("project.delete.after_rmtree")
         for ep in endpoints:
+            plane.writes.forget(ep.id)
             await asyncio.to_thread(safefs.rmtree, plane.layout.socket_dir(ep.id))
         if project.os_uid is not None:
             await plane.db(plane.store.release_uid, project.os_uid, model.utcnow())
