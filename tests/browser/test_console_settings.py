@@ -1,5 +1,5 @@
 """The console's Settings tab in a real browser: rename, defaults for new computes, history
-retention, delete (confirmed by typing the name). Each outcome is checked through the API."""
+retention, the branch size limit, delete (confirmed by typing the name). Each outcome is checked through the API."""
 
 from __future__ import annotations
 
@@ -89,6 +89,19 @@ def test_project_settings(chromium: Browser, platform: RunningPlatform) -> None:
     page.get_by_role("navigation", name="Project").get_by_role("link", name="Branches").click()
     expect(page.get_by_text("This project keeps no history")).to_be_visible()
     page.get_by_role("navigation", name="Project").get_by_role("link", name="Settings").click()
+
+    # Branch size limit (ADR 0025): in MB, 0 for none; the API shows Neon's quota field.
+    expect(page.get_by_label("Size limit (MB)")).to_have_value("0")
+    page.get_by_label("Size limit (MB)").fill("512")
+    page.get_by_role("button", name="Save limit").click()
+    expect(page.get_by_role("status").filter(has_text="Each branch may hold 512 MB")).to_be_visible()
+    shown = _project(platform, pid)
+    assert shown["settings"]["quota"] == {"logical_size_bytes": 512 * 2**20}
+    assert shown["branch_logical_size_limit"] == 512
+    page.get_by_label("Size limit (MB)").fill("0")
+    page.get_by_role("button", name="Save limit").click()
+    expect(page.get_by_role("status").filter(has_text="Branches have no size limit now.")).to_be_visible()
+    assert _project(platform, pid)["branch_logical_size_limit_bytes"] == 0
 
     # Delete: the name must be typed; a wrong one deletes nothing.
     page.get_by_role("link", name="Delete project…").click()

@@ -1,5 +1,6 @@
 """The console's Settings tab of a project: its name, the defaults of its new computes, its history
-retention, the extensions its roles can create, and deleting it (confirmed by typing its name).
+retention, its branch size limit, the extensions its roles can create, and deleting it (confirmed by
+typing its name).
 
 Each form posts to its own route, which calls the control layer the API uses
 (`argon.control.projects.update_project` and `delete_project`) and redirects back with a flash; a
@@ -8,6 +9,7 @@ refused value comes back as an error notice, never as a traceback.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Annotated
 
 from fastapi import APIRouter, Form, Request, Response
@@ -62,6 +64,17 @@ def retention_seconds(amount: str, unit: str) -> int:
     return seconds
 
 
+def size_limit_bytes(megabytes: str) -> int:
+    """The branch size limit a form asks for, in MB (0: none)."""
+    try:
+        mb = int(megabytes.strip())
+    except ValueError:
+        raise UserError("the size limit is a whole number of MB (0: no limit)") from None
+    if not 0 <= mb <= 2**42:
+        raise UserError("the size limit is a whole number of MB from 0 (no limit) up")
+    return mb * 2**20
+
+
 def compute_defaults(min_cu: str, max_cu: str, suspend_timeout: str) -> model.EndpointSettings:
     """The defaults for new computes a form asks for, validated like the API validates them."""
     try:
@@ -89,7 +102,10 @@ async def settings_page(request: Request, session: SignedIn, control: ControlDep
                   cu_steps=CU_STEPS, retention_amount=amount, retention_unit=unit,
                   retention_text=display.duration(project.history_retention_seconds),
                   retention_max_days=model.MAX_HISTORY_RETENTION // 86400,
-                  endpoints=len(plane.endpoints(project_id)))
+                  endpoints=len(plane.endpoints(project_id)),
+                  size_limit_mb=project.settings.logical_size_limit_bytes // 2**20,
+                  size_limit_text=(f"{project.settings.logical_size_limit_bytes // 2**20} MB per branch"
+                                   if project.settings.logical_size_limit_bytes else "none"))
 
 
 @router.post("/projects/{project_id}/settings/name")
@@ -154,3 +170,19 @@ async def delete(request: Request, session: Posted, control: ControlDep, project
     if await act(session, delete_project(control, project_id), f"Project {project.name} was deleted."):
         return redirect("/")
     return redirect(settings_url(project_id, "danger"))
+
+
+@router.post("/projects/{project_id}/settings/size")
+async def size(session: Posted, control: ControlDep, project_id: str,
+               megabytes: Annotated[str, Form()] = "") -> Response:
+    control.plane.project(project_id)
+    try:
+        limit = size_limit_bytes(megabytes)
+    except UserError as exc:
+        session.flash("error", exc.user_message)
+    else:
+        note = (f"Each branch may hold {limit // 2**20} MB; at the limit its writes are refused." if limit
+                else "Branches have no size limit now.")
+        await act(session, update_project(control, project_id, settings=lambda s: dataclasses.replace(
+            s, logical_size_limit_bytes=limit)), note)
+    return redirect(settings_url(project_id, "size"))
