@@ -105,8 +105,6 @@ class Lifecycle:
         sized = gucs_for_cu(ep.autoscaling_limit_max_cu, limits.memory_bytes)  # buffers fit its minimum
         gucs = plane.compute_gucs(project.pg_version, sized | dict(ep.pg_settings)
                                   | retention.archive_settings(plane, project, ep.branch_id) | logical)
-        if plane.writes.refused(ep.id):  # no writable moment after a wake (ADR 0025)
-            capped["default_transaction_read_only"] = "on"
         return ComputeSpec(endpoint_id=ep.id, install=install, pgdata=plane.layout.pgdata(project.id, ep.branch_id),
                            socket_dir=plane.layout.socket_dir(ep.id),
                            log_file=plane.layout.compute_log(project.id, ep.branch_id),

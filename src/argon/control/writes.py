@@ -8,8 +8,9 @@ Each asks under its own reason; the compute refuses writes while any reason hold
 reason lifted lets it write again (two loops writing the setting on their own undid each other).
 
 `postgresql.auto.conf` is emptied at each start, so a restarted compute (a new postmaster pid) gets
-the setting again at the next `sync`; the lifecycle also starts a compute that must refuse writes
-with the setting in its configuration (`refused`), so there is no writable moment after a wake.
+the setting again at the next `sync` (the loops call it every look: a woken compute that must refuse
+writes does so within one look); one this process started needs nothing to write freely, and one it
+adopted from a previous `argon up` is reset once.
 """
 
 from __future__ import annotations
@@ -50,7 +51,11 @@ class WriteGate:
         if pm is None or not pm.alive:
             self._applied.pop(endpoint_id, None)
             return False
-        if self._applied.get(endpoint_id) == (pm.pid, want):
+        applied = self._applied.get(endpoint_id)
+        if applied == (pm.pid, want):
+            return True
+        if not want and (applied is None or applied[0] != pm.pid) and pm.proc is not None:
+            self._applied[endpoint_id] = (pm.pid, False)  # started here: its auto.conf was emptied
             return True
         session = self.computes.admin(endpoint_id)
         if session is None:
