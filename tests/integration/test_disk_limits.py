@@ -33,6 +33,28 @@ def _fill_until_refused(conn: psycopg.Connection[Any], deadline: float) -> psyco
     raise AssertionError("writes were never refused")
 
 
+def _set_limit(platform: RunningPlatform, pid: str, limit: int) -> Any:
+    resp = platform.api.patch(f"/projects/{pid}",
+                              json={"project": {"settings": {"quota": {"logical_size_bytes": limit}}}})
+    assert resp.status_code == 200, resp.text
+    return resp
+
+
+def _refused(conn: psycopg.Connection[Any]) -> bool:
+    try:  # refused by a read-only transaction whether or not the (empty) table exists
+        conn.execute("CREATE TABLE IF NOT EXISTS probe (v int)")
+    except psycopg.errors.ReadOnlySqlTransaction:
+        return True
+    return False
+
+
+def _wait_until(check: Any, what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out: {what}"
+        time.sleep(0.2)
+
+
 def _events(platform: RunningPlatform, created: dict[str, Any]) -> list[str]:
     pid, eid = created["project"]["id"], created["endpoints"][0]["id"]
     return [e["kind"] for e in platform.api.get(f"/projects/{pid}/endpoints/{eid}/events").json()["events"]]
@@ -96,9 +118,18 @@ def test_a_branch_at_its_size_limit_refuses_writes_and_gets_back_under(platform:
         assert "writes_refused" in kinds and "writes_allowed" in kinds, kinds
         assert "writes_refused" not in _events(platform, neighbour)
 
-        # No limit: the branch is never refused (the limit removed is allowed back at once too).
-        resp = platform.api.patch(f"/projects/{pid}", json={"project": {"settings": {"quota": {"logical_size_bytes": 0}}}})
-        assert resp.status_code == 200 and resp.json()["project"]["settings"]["quota"] == {}, resp.text
+        # A limit under the branch's size refuses at once; suspended while refused, the compute wakes
+        # refusing, and removing the limit lets it write again.
+        eid = full["endpoints"][0]["id"]
+        _set_limit(platform, pid, 2**20)
+        with psycopg.connect(platform.dsn(full), autocommit=True, connect_timeout=30) as conn:
+            _wait_until(lambda: _refused(conn), "the lowered limit refused writes")
+        assert platform.api.post(f"/projects/{pid}/endpoints/{eid}/suspend").status_code == 200
+        with psycopg.connect(platform.dsn(full), autocommit=True, connect_timeout=30) as conn:
+            _wait_until(lambda: _refused(conn), "the woken compute refused writes")
+            resp = _set_limit(platform, pid, 0)
+            assert resp.json()["project"]["settings"]["quota"] == {}
+            _wait_until(lambda: not _refused(conn), "writes came back with no limit")
     finally:
         platform.delete_project(pid)
         platform.delete_project(neighbour["project"]["id"])

@@ -173,7 +173,7 @@ class DiskGuard:
 
     async def _size(self, ep: model.Endpoint, limit: int) -> None:
         state = self._states.get(ep.id, SizeState())
-        if limit <= 0 and not state.refused:
+        if limit <= 0 and not state.refused and "size" not in self.plane.writes.refused(ep.id):
             self.sizes.pop(ep.id, None)
             return
         session = self.plane.computes.admin(ep.id)
@@ -186,8 +186,10 @@ class DiskGuard:
             return
         size = int(row[0]) if row else 0
         self.sizes[ep.id] = size
-        new, action = size_state(state, size, limit)
         gate = self.plane.writes
+        if ep.id not in self._states and "size" in gate.refused(ep.id):
+            state = SizeState(True, size)  # refused before its suspend: still refused, measured from here
+        new, action = size_state(state, size, limit)
         if action == "refuse":
             why = limit_message(limit)
             if not await gate.set(ep.id, "size", True, why):
