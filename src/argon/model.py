@@ -204,8 +204,31 @@ class Branch:
     expires_at: datetime | None = None
     init_source: str = "parent-data"
     logical_size: int = 0
+    restored_from: str | None = None  # the snapshot this branch's data came from (Neon's field)
+    restore_status: str | None = None  # "restored" (a preview, until finalized) or "finalized"
+    restore_target: str | None = None  # a preview: the branch `finalize_restore` swaps it in for
 
     def replace(self, **changes: Any) -> Branch:
+        return dataclasses.replace(self, updated_at=utcnow(), **changes)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A named, restorable copy of a branch at one point (Neon's snapshots, ADR 0028)."""
+
+    id: str
+    project_id: str
+    name: str
+    created_at: datetime
+    updated_at: datetime
+    source_branch_id: str | None = None
+    lsn: str | None = None
+    timestamp: datetime | None = None
+    expires_at: datetime | None = None
+    manual: bool = True
+    full_size: int = 0
+
+    def replace(self, **changes: Any) -> Snapshot:
         return dataclasses.replace(self, updated_at=utcnow(), **changes)
 
 

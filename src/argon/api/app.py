@@ -26,6 +26,7 @@ from argon.api import (
     routes_projects,
     routes_roles,
     routes_schema,
+    routes_snapshots,
 )
 from argon.control.services import Control
 from argon.errors import ArgonError, Unauthorized
@@ -94,7 +95,7 @@ def create_app(control: Control, telemetry: Telemetry | None = None, checks: lis
         return JSONResponse(error_body("internal error; the server log has the details"), status_code=500)
 
     for module in (routes_projects, routes_branches, routes_roles, routes_endpoints, routes_account, routes_schema,
-                   routes_backup, routes_absent):
+                   routes_backup, routes_snapshots, routes_absent):
         app.include_router(module.router, prefix="/api/v2")
 
     def authorize_metrics(header: str) -> object:

@@ -104,6 +104,8 @@ def branch_view(b: model.Branch, figures: BranchFigures | None = None, usage: Us
         "expires_at": ts(b.expires_at),
         "created_at": ts(b.created_at),
         "updated_at": ts(b.updated_at),
+        **({"restored_from": b.restored_from} if b.restored_from else {}),
+        **({"restore_status": b.restore_status} if b.restore_status else {}),
     }
 
 

@@ -29,6 +29,7 @@ import shutil
 import sqlite3
 import tarfile
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -39,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from argon import model, safefs
 from argon.control import pitr, retention
-from argon.errors import ArgonError, UserError
+from argon.errors import ArgonError, ErrorKind, UserError
 from argon.storage import history as hs
 from argon.storage import wal
 from argon.storage.backup import bases as bb
@@ -61,12 +62,22 @@ PRUNE_INTERVAL = 3600.0
 BASE_INTERVAL = 1.0  # new snapshots (a new branch's base) start shipping within a second
 
 
+class Unavailable(ArgonError):
+    kind = ErrorKind.UNAVAILABLE
+    retryable = True
+
+
 def branch_prefix(project_id: str, branch_id: str) -> str:
     return f"branches/{project_id}/{branch_id}/"
 
 
 def epoch_prefix(project_id: str, branch_id: str, epoch_id: str) -> str:
     return f"{branch_prefix(project_id, branch_id)}{epoch_id}/"
+
+
+def snapshot_key(project_id: str, snapshot_id: str) -> str:
+    """A snapshot's base manifest (ADR 0028): its chunks are shared with every other base."""
+    return f"snapshots/{project_id}/{snapshot_id}.json"
 
 
 def meta_key(at: datetime) -> str:
@@ -239,6 +250,7 @@ class BackupService:
         self._bases_lock = asyncio.Lock()  # base uploads and retention's chunk collection never overlap
         self._refused: set[str] = set()  # branches whose writes are refused (too much WAL unshipped)
         self._refused_on: set[str] = set()  # ... on these compute instances, endpoint:pid (a restart forgets ALTER SYSTEM)
+        self._shipping: dict[str, threading.Lock] = {}  # branch -> held while one pass ships it
 
     async def start(self) -> None:
         await asyncio.to_thread(check_bucket, self.store, self.codec, create=True)
@@ -381,6 +393,26 @@ class BackupService:
             raise errors[0]
 
     def _ship_branch(self, project: model.Project, branch: model.Branch) -> None:
+        with self._shipping.setdefault(branch.id, threading.Lock()):  # the loop and ship_before_discard
+            self._ship_branch_locked(project, branch)
+
+    async def ship_before_discard(self, project: model.Project, branch: model.Branch) -> None:
+        """Ship all of a stopped branch's WAL the bucket does not have yet, or refuse: a reset that
+        discards the branch's current state (no `preserve_under_name`) must not leave its last
+        commits only on the local disk. Called with the branch's computes stopped."""
+        try:
+            await asyncio.to_thread(self._ship_branch, project, branch)
+        except Exception as exc:
+            message = exc.user_message if isinstance(exc, ArgonError) else f"{type(exc).__name__}: {exc}"
+            raise Unavailable(f"branch {branch.name!r} has WAL the backup at {self.store.url} does not have yet, and "
+                              f"shipping it failed ({message}); retry when the object store is reachable, or keep the "
+                              "current state with preserve_under_name") from None
+        status = self.status.branches.get(branch.id)
+        if status is not None and status.lag_bytes() > 0:
+            raise Unavailable(f"branch {branch.name!r} still has {status.lag_bytes()} bytes of WAL the backup does not "
+                              "have; retry in a moment")
+
+    def _ship_branch_locked(self, project: model.Project, branch: model.Branch) -> None:
         history = retention.branch_history(self.plane, project.id, branch.id)
         manifest = history.load()
         if not manifest.epochs:
@@ -448,6 +480,71 @@ class BackupService:
         async with self._bases_lock:
             for project, branch in self._branches():
                 await asyncio.to_thread(self._ship_bases, project, branch)
+            snaps = await self.plane.db(self.plane.store.list_all_snapshots)
+            await asyncio.to_thread(self._ship_snapshots, snaps)
+
+    def _ship_snapshots(self, snaps: list[model.Snapshot]) -> None:
+        """Every snapshot's cluster as a base backup, once (root's record: `snapshots.json`)."""
+        state_path = self.plane.layout.backup_state_dir / "snapshots.json"
+        try:
+            done = set(json.loads(state_path.read_text()))
+        except (FileNotFoundError, ValueError):
+            done = set()
+        alive = {s.id for s in snaps}
+        for snap in snaps:
+            if snap.id in done:
+                continue
+            project = self.plane.project(snap.project_id)
+            source = self.plane.layout.snapshot_dir(snap.project_id, snap.id) / "pgdata"
+            if not safefs.is_dir(source):
+                continue  # restored from the bucket onto a new disk: the bucket has it
+            record = {"snapshot": snap.id, "project": snap.project_id, "lsn": snap.lsn,
+                      "taken_at": _iso(snap.timestamp), "template": None}
+            stats = bb.upload_snapshot(self.store, self.codec, self.index, source,
+                                       snapshot_key(snap.project_id, snap.id), record,
+                                       owner=retention.project_owner(project))
+            log.info("backup: snapshot %s shipped: %.1f MB, %d new chunks", snap.id, stats.bytes / 1e6,
+                     stats.chunks_uploaded)
+            done.add(snap.id)
+            self._save_json(state_path, sorted(done & alive))
+
+    @staticmethod
+    def _save_json(path: Path, value: Any) -> None:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(value))
+        os.replace(tmp, path)
+
+    async def fetch_snapshot(self, project: model.Project, snap: model.Snapshot, target: Path) -> None:
+        """Lay out a snapshot's cluster from the bucket at `target` (new), for a machine that lost
+        it: downloaded into root's scratch directory, handed to the project's uid, moved."""
+        key = snapshot_key(project.id, snap.id)
+        scratch = self.plane.layout.backup_state_dir / f"tmp-{secrets.token_hex(4)}"
+        try:
+            await asyncio.to_thread(self.plane.layout.backup_state_dir.mkdir, mode=0o700, exist_ok=True)
+            try:
+                manifest = await asyncio.to_thread(bb.read_manifest, self.store, self.codec, key)
+            except MissingObject:
+                raise UserError(f"snapshot {snap.id!r} is neither on this machine nor in the backup at "
+                                f"{self.store.url}") from None
+            await asyncio.to_thread(bb.download_snapshot, self.store, self.codec, manifest, scratch)
+            user = retention.project_owner(project)
+            if user is not None:
+                await asyncio.to_thread(safefs.chown_tree, scratch, user)
+            await asyncio.to_thread(safefs.rename, scratch, target)
+        except BaseException:
+            await asyncio.to_thread(safefs.rmtree, scratch)
+            raise
+        log.info("snapshot %s fetched from the backup (%.1f MB)", snap.id, bb.manifest_bytes(manifest) / 1e6)
+
+    async def forget_snapshot(self, project_id: str, snapshot_id: str) -> None:
+        """A deleted snapshot's manifest goes now (its chunks with retention's next collection);
+        if the store is unreachable, retention deletes it later."""
+        try:
+            await asyncio.to_thread(self.store.delete, [snapshot_key(project_id, snapshot_id)])
+        except Exception as exc:
+            log.warning("backup: snapshot %s stays in the bucket until the next retention run: %s", snapshot_id,
+                        getattr(exc, "user_message", exc))
 
     def _ship_bases(self, project: model.Project, branch: model.Branch) -> None:
         history = retention.branch_history(self.plane, project.id, branch.id)
@@ -539,9 +636,11 @@ class BackupService:
             listing = await asyncio.to_thread(self.store.list, "")
             # The branches that exist, after the listing: a branch created meanwhile is in both.
             live = {branch_prefix(p.id, b.id) for p in self.plane.projects() for b in self.plane.branches(p.id)}
-            return await asyncio.to_thread(self._prune, listing, cutoff, now, live)
+            snaps = {snapshot_key(s.project_id, s.id) for s in await self.plane.db(self.plane.store.list_all_snapshots)}
+            return await asyncio.to_thread(self._prune, listing, cutoff, now, live, snaps)
 
-    def _prune(self, listing: list[ObjectInfo], cutoff: datetime, now: datetime, live: set[str]) -> int:
+    def _prune(self, listing: list[ObjectInfo], cutoff: datetime, now: datetime, live: set[str],
+               snapshots: set[str] | None = None) -> int:
         epochs: dict[str, br.EpochObjects] = {}
         metadata: dict[str, datetime] = {}
         chunk_ids: set[str] = set()
@@ -580,15 +679,22 @@ class BackupService:
         doomed = br.plan(list(epochs.values()), metadata, cutoff, deleted)
         self.store.delete(doomed)
         gone = set(doomed)
+        # Snapshots are kept until deleted (ADR 0028): their manifests hold their chunks; a snapshot
+        # the metadata no longer has (deleted, or its project) goes.
+        stored_snaps = [o.key for o in listing if o.key.startswith("snapshots/") and o.key.endswith(".json")]
+        orphans = [k for k in stored_snaps if snapshots is not None and k not in snapshots]
+        self.store.delete(orphans)
+        gone |= set(orphans)
         manifests = [bb.read_manifest(self.store, self.codec, key) for e in epochs.values() for key in e.bases
                      if key not in gone]
+        manifests += [bb.read_manifest(self.store, self.codec, key) for key in stored_snaps if key not in gone]
         unused = br.unreferenced_chunks(chunk_ids, manifests)
         self.store.delete([bb.chunk_key(c) for c in sorted(unused)])
         self.index.forget(unused)
         if doomed or unused:
             log.info("backup retention: deleted %d object(s) and %d unused chunk(s) older than %s", len(doomed),
                      len(unused), cutoff.isoformat(timespec="seconds"))
-        return len(doomed) + len(unused)
+        return len(doomed) + len(orphans) + len(unused)
 
     def _forget_deleted(self, live: set[str]) -> None:
         """Root's ship state of branches that no longer exist."""

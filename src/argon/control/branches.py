@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -120,11 +120,14 @@ def _make_branch_dir(plane: ControlPlane, project: model.Project, branch_id: str
     safefs.makedirs(plane.layout.compute_log(project.id, branch_id).parent, owner=user)
 
 
-async def _copy_parent(plane: ControlPlane, project: model.Project, parent: model.Branch, target: Path) -> str | None:
-    """Copy the head of `parent` into `target` (a new directory); returns the LSN it reflects."""
+async def _copy_parent(plane: ControlPlane, project: model.Project, parent: model.Branch, target: Path, *,
+                       make_dir: bool = True) -> str | None:
+    """Copy the head of `parent` into `target` (a new directory); returns the LSN it reflects.
+    `make_dir`: `target` is a branch's pgdata whose branch directory is made first."""
     source = plane.layout.pgdata(project.id, parent.id)
     user = project_user(project.os_uid)  # the copy runs as the project's uid (argon.storage.clone)
-    await asyncio.to_thread(_make_branch_dir, plane, project, target.parent.name)
+    if make_dir:
+        await asyncio.to_thread(_make_branch_dir, plane, project, target.parent.name)
     async with _parent_quiet(plane, parent) as ep:
         if ep is not None and plane.is_running(ep.id):
             conn = await connect_admin(plane.layout.socket_dir(ep.id))
@@ -315,17 +318,21 @@ async def delete_branch(control: Control, project_id: str, branch_id: str, *,
 
 async def restore_branch(control: Control, project_id: str, branch_id: str, source_branch_id: str, *,
                          source_lsn: str | None = None, source_timestamp: str | None = None,
-                         preserve_under_name: str | None = None) -> tuple[model.Branch, list[model.Operation]]:
+                         preserve_under_name: str | None = None,
+                         build: Callable[[Path], Awaitable[str | None]] | None = None,
+                         snapshot_id: str | None = None) -> tuple[model.Branch, list[model.Operation]]:
     """Replace a branch's data with the head of another branch ("reset from parent"), keeping its id,
     endpoint and connection string. Its compute is stopped (connected clients get Postgres' own
     "terminating connection" error) and starts on the next connection with the new data.
-    `preserve_under_name` keeps the old data as a new branch, which becomes the restored one's parent."""
+    `preserve_under_name` keeps the old data as a new branch, which becomes the restored one's parent.
+    `build` (a snapshot's restore, `argon.control.snapshots`) lays out the new data instead of a
+    copy of the source; `snapshot_id` is recorded as the branch's `restored_from`."""
     plane = control.plane
     started = time.monotonic()
     project = plane.project(project_id)
     if source_lsn and source_timestamp:
         raise UserError("give source_lsn or source_timestamp, not both")
-    if source_branch_id == branch_id and not (source_lsn or source_timestamp):
+    if source_branch_id == branch_id and not (source_lsn or source_timestamp or build):
         raise UserError("restoring a branch from its own head changes nothing; give source_lsn or "
                         "source_timestamp to restore it to its own past, or another source_branch_id")
     async with plane.project_lock(project_id):
@@ -342,11 +349,16 @@ async def restore_branch(control: Control, project_id: str, branch_id: str, sour
             for ep in endpoints:
                 await stack.enter_async_context(plane.endpoint_lock(ep.id))
                 await control.computes.stop_locked(ep.id, reason="branch restored")
+            if preserve_under_name is None and control.backup is not None and retention.enabled(project):
+                # Its current state goes for good: the bucket must have it first (ADR 0018).
+                await control.backup.ship_before_discard(project, target)
             pgdata = plane.layout.pgdata(project_id, branch_id)
             fresh = pgdata.with_name("pgdata.restoring")
             await asyncio.to_thread(safefs.rmtree, fresh)
             try:
-                if source_lsn or source_timestamp:
+                if build is not None:
+                    lsn = await build(fresh)
+                elif source_lsn or source_timestamp:
                     point = await point_in_time(control, project, source, fresh, lsn=source_lsn,
                                                 timestamp=source_timestamp)
                     lsn = point.lsn
@@ -358,7 +370,7 @@ async def restore_branch(control: Control, project_id: str, branch_id: str, sour
             await failpoint_async("branch.restore.after_copy")
             intent = {"project": project_id, "branch": branch_id, "source": source.id, "lsn": lsn,
                       "backup_id": ids.branch_id() if preserve_under_name is not None else None,
-                      "backup_name": preserve_under_name, "operation": ids.operation_id()}
+                      "backup_name": preserve_under_name, "operation": ids.operation_id(), "snapshot": snapshot_id}
             await asyncio.to_thread(plane.intents.put, restore_key(branch_id), intent)
             await failpoint_async("branch.restore.after_intent")
             await asyncio.to_thread(_swap_in, plane, project, intent)
@@ -446,7 +458,9 @@ async def finish_restore(control: Control, intent: dict[str, Any], *,
         old_roles = await plane.db(plane.store.list_roles, branch_id)
         old_dbs = await plane.db(plane.store.list_databases, branch_id)
         parent = backup.id if backup else target.parent_id if source.id == branch_id else source.id
-        restored = target.replace(parent_id=parent, parent_lsn=lsn, parent_timestamp=now)
+        restored = target.replace(parent_id=parent, parent_lsn=lsn, parent_timestamp=now,
+                                  restored_from=intent.get("snapshot") or target.restored_from,
+                                  restore_status="finalized" if intent.get("snapshot") else target.restore_status)
         new_roles = [r.replace(branch_id=branch_id) for r in await plane.db(plane.store.list_roles, source.id)]
         src_dbs = await plane.db(plane.store.list_databases, source.id)
         op = model.Operation(id=intent["operation"], project_id=project_id,

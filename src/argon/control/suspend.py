@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 
 from argon import model
+from argon.control import snapshots
 from argon.control.branches import delete_expired
 from argon.control.reconcile import adopt_strays
 from argon.control.retention import maintain
@@ -94,6 +95,7 @@ class SuspendMonitor:
                 await self.check_all()
                 if ticks % EXPIRY_EVERY == 0:
                     await delete_expired(self.control)
+                    await snapshots.delete_expired(self.control)
                     await adopt_strays(self.control)
                 if ticks % HISTORY_EVERY == 0 and (self._history is None or self._history.done()):
                     self._history = self.plane.spawn(maintain(self.plane), "history snapshots and pruning")

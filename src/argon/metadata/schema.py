@@ -77,6 +77,24 @@ branches = Table(
     Column("expires_at", UTCDateTime),
     Column("init_source", String(32), nullable=False),
     Column("logical_size", Integer, nullable=False),
+    Column("restored_from", String(64)),
+    Column("restore_status", String(16)),
+    Column("restore_target", String(64)),
+)
+
+snapshots = Table(
+    "snapshots", metadata,
+    Column("id", String(64), primary_key=True),
+    Column("project_id", String(64), nullable=False, index=True),
+    Column("name", String(256), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Column("source_branch_id", String(64)),
+    Column("lsn", String(32)),
+    Column("timestamp", UTCDateTime),
+    Column("expires_at", UTCDateTime),
+    Column("manual", Boolean, nullable=False),
+    Column("full_size", BigInteger, nullable=False),
 )
 
 endpoints = Table(

@@ -64,6 +64,7 @@ _TABLE_OF: dict[type, Table] = {
     model.Database: schema.databases,
     model.Operation: schema.operations,
     model.ApiKey: schema.api_keys,
+    model.Snapshot: schema.snapshots,
 }
 _KEYS: dict[type, tuple[str, ...]] = {
     model.Role: ("branch_id", "name"),
@@ -307,6 +308,17 @@ class Store:
         t = schema.operations
         return self._list(model.Operation, t.c.status.in_(["scheduling", "running", "cancelling"]))
 
+    def list_snapshots(self, project_id: str) -> list[model.Snapshot]:
+        t = schema.snapshots
+        return self._list(model.Snapshot, t.c.project_id == project_id, order=(t.c.created_at, t.c.id))
+
+    def list_all_snapshots(self) -> list[model.Snapshot]:
+        t = schema.snapshots
+        return self._list(model.Snapshot, order=(t.c.created_at, t.c.id))
+
+    def get_snapshot(self, snapshot_id: str) -> model.Snapshot | None:
+        return self._get(model.Snapshot, id=snapshot_id)
+
     def delete_branch_rows(self, branch_id: str) -> None:
         """Remove a branch with its roles, databases, endpoints and their events (metadata only)."""
         with self._conn() as conn:
@@ -335,6 +347,7 @@ class Store:
             conn.execute(schema.metric_samples.delete().where(schema.metric_samples.c.project_id == project_id))
             conn.execute(schema.endpoints.delete().where(schema.endpoints.c.project_id == project_id))
             conn.execute(schema.branches.delete().where(schema.branches.c.project_id == project_id))
+            conn.execute(schema.snapshots.delete().where(schema.snapshots.c.project_id == project_id))
             conn.execute(schema.operations.delete().where(schema.operations.c.project_id == project_id))
             conn.execute(schema.projects.delete().where(schema.projects.c.id == project_id))
 

@@ -90,6 +90,10 @@ class Layout:
     def branch_dir(self, project_id: str, branch_id: str) -> Path:
         return self.project_dir(project_id) / "branches" / branch_id
 
+    def snapshot_dir(self, project_id: str, snapshot_id: str) -> Path:
+        """A snapshot's stopped cluster is `<this>/pgdata` (ADR 0028)."""
+        return self.project_dir(project_id) / "snapshots" / snapshot_id
+
     def pgdata(self, project_id: str, branch_id: str) -> Path:
         return self.branch_dir(project_id, branch_id) / "pgdata"
 
