@@ -104,6 +104,13 @@ def test_restore_brings_back_every_project_with_ids_passwords_and_keys(shipping:
         middle = conn.execute("SELECT clock_timestamp()").fetchone()[0]  # type: ignore[index]
         time.sleep(0.05)
         conn.execute("INSERT INTO t (id) VALUES (1002)")  # the last commit before the "loss"
+    # A snapshot of dev (ADR 0028) goes to the bucket too, and survives the loss of this disk.
+    snap = platform.api.post(f"/projects/{pid}/branches/{dev['branch']['id']}/snapshot").json()["snapshot"]
+    service = platform.control.backup
+    deadline = time.monotonic() + 60
+    while not service.store.exists(f"snapshots/{pid}/{snap['id']}.json"):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
     changed = datetime.now(UTC).isoformat()  # the API key and the branch are in a metadata copy after this
     status = wait_shipped(platform, branches=2, since=changed)
     assert status["encrypted"] and status["last_metadata_backup_at"]
@@ -128,6 +135,14 @@ def test_restore_brings_back_every_project_with_ids_passwords_and_keys(shipping:
             ids = [r[0] for r in conn.execute("SELECT id FROM t WHERE id > 999 ORDER BY id")]
             assert ids == [1000, 1001, 1002]  # same password, same endpoint id, nothing lost
         with psycopg.connect(dev_dsn.replace(str(platform.proxy_port), port)) as conn:
+            assert conn.execute("SELECT count(*), max(id) FROM t").fetchone() == (1001, 5000)
+            conn.execute("INSERT INTO t (id) VALUES (5001)")  # after the snapshot
+        # The snapshot's cluster is not on this disk: restoring it fetches it from the bucket.
+        restored = again.api.post(f"/projects/{pid}/snapshots/{snap['id']}/restore", json={"name": "from-snap"})
+        assert restored.status_code == 200, restored.text
+        ep = again.api.post(f"/projects/{pid}/endpoints", json={"endpoint": {
+            "branch_id": restored.json()["branch"]["id"], "type": "read_write"}}).json()["endpoint"]["id"]
+        with psycopg.connect(dev_dsn.replace(str(platform.proxy_port), port).replace(dev_ep, ep)) as conn:
             assert conn.execute("SELECT count(*), max(id) FROM t").fetchone() == (1001, 5000)
     finally:
         again.stop()

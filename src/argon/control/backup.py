@@ -519,9 +519,9 @@ class BackupService:
         """Lay out a snapshot's cluster from the bucket at `target` (new), for a machine that lost
         it: downloaded into root's scratch directory, handed to the project's uid, moved."""
         key = snapshot_key(project.id, snap.id)
-        scratch = self.plane.layout.backup_state_dir / f"tmp-{secrets.token_hex(4)}"
+        scratch = self.plane.layout.backup_scratch_dir / f"tmp-{secrets.token_hex(4)}"
         try:
-            await asyncio.to_thread(self.plane.layout.backup_state_dir.mkdir, mode=0o700, exist_ok=True)
+            await asyncio.to_thread(self.plane.layout.backup_scratch_dir.mkdir, mode=0o700, exist_ok=True)
             try:
                 manifest = await asyncio.to_thread(bb.read_manifest, self.store, self.codec, key)
             except MissingObject:
@@ -600,10 +600,10 @@ class BackupService:
             raise UserError(f"neither the local history nor the backup of branch {branch.name!r} reaches back to "
                             f"{when.isoformat()}")
         install = self.plane.installs[project.pg_version]
-        scratch = self.plane.layout.backup_state_dir / f"tmp-{secrets.token_hex(4)}"
+        scratch = self.plane.layout.backup_scratch_dir / f"tmp-{secrets.token_hex(4)}"
         started = time.monotonic()
         try:
-            await asyncio.to_thread(self.plane.layout.backup_state_dir.mkdir, mode=0o700, exist_ok=True)
+            await asyncio.to_thread(self.plane.layout.backup_scratch_dir.mkdir, mode=0o700, exist_ok=True)
             manifest = await asyncio.to_thread(bb.read_manifest, self.store, self.codec, candidate.base_key)
             settings, target_lsn, _end = await asyncio.to_thread(
                 prepare_recovery, self.store, self.codec, candidate, manifest, project.id, branch.id, scratch,

@@ -116,6 +116,12 @@ class Layout:
         trees (a compute's uid must not be able to say its WAL was shipped)."""
         return self.data_dir / "backup"
 
+    @property
+    def backup_scratch_dir(self) -> Path:
+        """Root's scratch space for clusters fetched from the bucket (not under `backup_state_dir`,
+        whose subdirectories are projects: retention removes those it does not know)."""
+        return self.data_dir / "backup-scratch"
+
     def branch_backup_state(self, project_id: str, branch_id: str) -> Path:
         return self.backup_state_dir / project_id / branch_id
 
