@@ -110,16 +110,26 @@ def rpo_trial(root: Path, seed: Path, url: str, endpoint: str | None, n: int) ->
         wait_backed_up(argon, 1)  # steady state: the project's base and metadata are in the bucket
         time.sleep(2.5)
 
+        failed: list[BaseException] = []
+
         def writer() -> None:
-            with contextlib.suppress(psycopg.Error), psycopg.connect(uri, autocommit=True) as conn:
-                i = 0
-                while not stop.is_set():
-                    i += 1
-                    conn.execute("INSERT INTO w (id) VALUES (%s)", (i,))
-                    acks.append((i, time.time()))
+            try:
+                with psycopg.connect(uri, autocommit=True, connect_timeout=60) as conn:
+                    i = 0
+                    while not stop.is_set():
+                        i += 1
+                        conn.execute("INSERT INTO w (id) VALUES (%s)", (i,))
+                        acks.append((i, time.time()))
+            except psycopg.Error as exc:  # the kill below ends it; before that, it is the trial's failure
+                failed.append(exc)
 
         thread = threading.Thread(target=writer, daemon=True)
         thread.start()
+        deadline = time.monotonic() + 120
+        while not acks:  # a loaded machine can take a while to wake the compute: count from the first commit
+            if failed or time.monotonic() > deadline:
+                raise RuntimeError(f"the writer committed nothing: {failed[0] if failed else 'timed out'}")
+            time.sleep(0.05)
         time.sleep(random.uniform(2.0, 4.0))
     except BaseException:
         argon.stop()

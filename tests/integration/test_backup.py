@@ -16,7 +16,7 @@ import boto3
 import psycopg
 import pytest
 
-from argon.control.restore import restore
+from argon.control.restore import parse_at, restore
 from argon.errors import ArgonError, ConfigError
 from argon.settings import Settings
 from argon.storage.backup.objects import CorruptObject, WrongKey
@@ -84,6 +84,7 @@ def restore_into(settings: Settings, url: str, at: datetime | None = None, **ove
     return root
 
 
+@pytest.mark.timeout(900)  # three restores and a second platform: minutes on a loaded 2-core machine
 def test_restore_brings_back_every_project_with_ids_passwords_and_keys(shipping: tuple[RunningPlatform, str]) -> None:
     platform, url = shipping
     created = platform.create_project(name="kept")
@@ -101,7 +102,7 @@ def test_restore_brings_back_every_project_with_ids_passwords_and_keys(shipping:
         conn.execute("INSERT INTO t (id) VALUES (5000)")
     with psycopg.connect(platform.dsn(created), autocommit=True) as conn:
         conn.execute("INSERT INTO t (id) VALUES (1001)")
-        middle = conn.execute("SELECT clock_timestamp()").fetchone()[0]  # type: ignore[index]
+        middle, middle_lsn = conn.execute("SELECT clock_timestamp(), pg_current_wal_lsn()::text").fetchone()  # type: ignore[misc]
         time.sleep(0.05)
         conn.execute("INSERT INTO t (id) VALUES (1002)")  # the last commit before the "loss"
     # A snapshot of dev (ADR 0028) goes to the bucket too, and survives the loss of this disk.
@@ -148,15 +149,18 @@ def test_restore_brings_back_every_project_with_ids_passwords_and_keys(shipping:
         again.stop()
         shutil.rmtree(root, ignore_errors=True)
 
-    # Point in time: the state as of `middle` has 1001 but not 1002 (read straight from the cluster).
-    root = restore_into(platform.settings, url, middle.astimezone(UTC))
-    try:
-        main = next(b for b in sorted((root / "data" / "projects" / pid / "branches").iterdir())
-                    if b.name == created["branch"]["id"])
-        with restored_cluster(root, root / "data", main.name) as sock:
-            assert query(sock, "SELECT max(id) FROM t") == 1001
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    # Point in time, by time and by LSN (`argon restore --at 0/...`): the state as of `middle` has
+    # 1001 but not 1002 (main only, read straight from the cluster).
+    for at in (middle.astimezone(UTC), parse_at(middle_lsn)):
+        root = short_tmpdir("rs")
+        try:
+            target = platform.settings.model_copy(update={"data_dir": root / "data", "run_dir": root / "run"})
+            report = asyncio.run(restore(target, url, at, sample=lambda _: {created["branch"]["id"]}))
+            assert [b.reached for b in report.branches if not b.skipped], report
+            with restored_cluster(root, root / "data", created["branch"]["id"]) as sock:
+                assert query(sock, "SELECT max(id) FROM t") == 1001, at
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
 
 
 def test_restore_refuses_wrong_key_non_empty_dir_and_damaged_objects(shipping: tuple[RunningPlatform, str],

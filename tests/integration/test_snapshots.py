@@ -112,3 +112,26 @@ def test_an_expired_snapshot_is_deleted(platform: RunningPlatform, project: dict
     time.sleep(max(0.0, (datetime.fromisoformat(soon) - datetime.now(UTC)).total_seconds()) + 0.1)
     platform.call(snapshots.delete_expired(platform.control))  # (or the monitor did, meanwhile)
     assert [s["id"] for s in api.get(f"/projects/{pid}/snapshots").json()["snapshots"]] == [kept["id"]]
+
+
+def test_neonctl_snapshots(platform: RunningPlatform, project: dict[str, Any]) -> None:
+    """neonctl 5's snapshot commands as they come: create, list, get and update by name, restore
+    onto the branch with --finalize, delete."""
+    from tests.fixtures.npm import npm_install
+    from tests.integration.test_neon_clients import NEONCTL_VERSION, run_neonctl
+
+    exe = npm_install(f"neonctl@{NEONCTL_VERSION}", ".bin/neonctl") / "node_modules" / ".bin" / "neonctl"
+    pid = project["project"]["id"]
+    insert(platform, project, 1)
+    snap = run_neonctl(platform, exe, "snapshots", "create", "--name", "one", "--project-id", pid)
+    assert snap["name"] == "one" and snap["id"].startswith("snap-")
+    insert(platform, project, 2)
+    assert [s["id"] for s in run_neonctl(platform, exe, "snapshots", "list", "--project-id", pid)] == [snap["id"]]
+    assert run_neonctl(platform, exe, "snapshots", "get", "one", "--project-id", pid)["id"] == snap["id"]
+    renamed = run_neonctl(platform, exe, "snapshots", "update", "one", "--name", "uno", "--project-id", pid)
+    assert renamed["name"] == "uno"
+    run_neonctl(platform, exe, "snapshots", "restore", "uno", "--target-branch", "main", "--finalize",
+                "--project-id", pid)
+    assert rows(platform, project) == [1]
+    run_neonctl(platform, exe, "snapshots", "delete", "uno", "--project-id", pid)
+    assert run_neonctl(platform, exe, "snapshots", "list", "--project-id", pid) == []

@@ -160,8 +160,9 @@ def up(**flags: Any) -> None:
 @cli.command()
 @click.option("--from", "source", metavar="URL", help="The backup to restore: s3://bucket/prefix or file:///path "
               "(default: ARGON_BACKUP_URL)")
-@click.option("--at", "--to", "at", metavar="TIME", help="Restore the state as of this time (RFC 3339, e.g. "
-              "2026-11-24T13:00:00Z; anywhere in ARGON_BACKUP_RETENTION); default: everything the bucket holds")
+@click.option("--at", "--to", "at", metavar="TIME|LSN", help="Restore the state as of this time (RFC 3339, e.g. "
+              "2026-11-24T13:00:00Z; anywhere in ARGON_BACKUP_RETENTION) or this LSN (e.g. 0/16B3748: every "
+              "branch's recovery stops there); default: everything the bucket holds")
 @_setting_options
 def restore(source: str | None, at: str | None, **flags: Any) -> None:
     """Disaster recovery: fill an empty data directory from a backup, then run `argon up`.
@@ -185,7 +186,8 @@ def restore(source: str | None, at: str | None, **flags: Any) -> None:
     def say(message: str) -> None:
         click.secho(message, err=True)
 
-    click.secho(f"Restoring {url}" + (f" as of {when.isoformat()}" if when else "") + f" into {settings.data_dir}",
+    click.secho(f"Restoring {url}" + (f" as of {when if isinstance(when, str) else when.isoformat()}" if when else "")
+                + f" into {settings.data_dir}",
                 bold=True, err=True)
     report = asyncio.run(run_restore(settings, url, when, say=say))
     restored = [b for b in report.branches if not b.skipped]

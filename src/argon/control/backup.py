@@ -118,8 +118,11 @@ def _when(text: str) -> datetime:
     return datetime.fromisoformat(text)
 
 
-def choose(store: ObjectStore, codec: Codec, project_id: str, branch_id: str, at: datetime | None) -> Candidate | None:
-    """The newest epoch started at or before `at` with a base backup at or before `at`, and that base."""
+def choose(store: ObjectStore, codec: Codec, project_id: str, branch_id: str, at: datetime | None,
+           lsn: int | None = None) -> Candidate | None:
+    """The newest epoch started at or before `at` with a base backup at or before `at`, and that base;
+    or, for an `lsn`, the newest epoch starting at or before it with a base consistent by then (as
+    the local history decides, `pitr.choose`)."""
     prefix = branch_prefix(project_id, branch_id)
     keys = [o.key for o in store.list(prefix)]
     epochs = []
@@ -131,12 +134,15 @@ def choose(store: ObjectStore, codec: Codec, project_id: str, branch_id: str, at
     for epoch_prefix, epoch in reversed(epochs):
         if at is not None and _when(epoch["started_at"]) > at:
             continue
+        if lsn is not None and wal.parse_lsn(epoch["start_lsn"]) > lsn:
+            continue
         base_keys = [k for k in keys if k.startswith(f"{epoch_prefix}bases/") and k.endswith(".json")]
         records = []
         for key in base_keys:
             manifest = bb.read_manifest(store, codec, key)
             records.append((key, manifest["record"]))
-        usable = [(k, r) for k, r in records if at is None or _when(r["taken_at"]) <= at]
+        usable = [(k, r) for k, r in records if (at is None or _when(r["taken_at"]) <= at)
+                  and (lsn is None or wal.parse_lsn(r["consistent_lsn"]) <= lsn)]
         if not usable:
             continue
         key, record = max(usable, key=lambda kr: (_when(kr[1]["taken_at"]), wal.parse_lsn(kr[1]["consistent_lsn"])))
@@ -146,10 +152,12 @@ def choose(store: ObjectStore, codec: Codec, project_id: str, branch_id: str, at
 
 def prepare_recovery(store: ObjectStore, codec: Codec, candidate: Candidate, manifest: dict[str, Any],
                      project_id: str, branch_id: str, target: Path, bindir: Path, at: datetime | None,
-                     progress: Callable[[int], None] | None = None) -> tuple[dict[str, str], str | None, int]:
+                     progress: Callable[[int], None] | None = None, lsn: int | None = None,
+                     ) -> tuple[dict[str, str], str | None, int]:
     """Lay out, in the new directory `target` (root's), the candidate's base backup and its epoch's
-    WAL from the bucket, ready for one recovery run to `at` (None: to the end of the WAL in the
-    bucket). Returns the recovery settings, the target LSN (None: the end) and the WAL's end."""
+    WAL from the bucket, ready for one recovery run to `at` or to `lsn` (neither: to the end of the
+    WAL in the bucket; an `lsn` past that end: the end too). Returns the recovery settings, the
+    target LSN (None: the end) and the WAL's end."""
     epoch, record = candidate.epoch, candidate.base
     bb.download_snapshot(store, codec, manifest, target, progress=progress)
     prefix = f"{branch_prefix(project_id, branch_id)}{epoch['id']}/"
@@ -163,6 +171,8 @@ def prepare_recovery(store: ObjectStore, codec: Codec, candidate: Candidate, man
     if at is not None:
         target_lsn = wal.first_commit_after(bindir, target / "pg_wal", record["consistent_lsn"],
                                            int(epoch["timeline"]), at)
+    elif lsn is not None and lsn < end:
+        target_lsn = wal.format_lsn(lsn)
     settings = wal.recovery_settings(target_lsn)
     if target_lsn is not None and wal.parse_lsn(target_lsn) <= wal.parse_lsn(record["consistent_lsn"]):
         settings = {k: v for k, v in settings.items() if not k.startswith("recovery_target_lsn")
@@ -585,29 +595,33 @@ class BackupService:
     # --- Point in time beyond the local history -------------------------------------------------------
 
     async def materialize(self, project: model.Project, branch: model.Branch, target: Path,
-                          when: datetime) -> pitr.PointInTime:
+                          when: datetime | None, lsn: str | None = None) -> pitr.PointInTime:
         """`pitr.materialize` from the bucket, for a time the local history no longer reaches (ADR
         0018): the newest base at or before `when` and its epoch's WAL are laid out in a scratch
         directory of root's, handed to the project's uid, moved to `target`, and recovered there
         to `when` by the same scratch postmaster as a local point in time."""
         window = self.plane.clock() - timedelta(seconds=self.settings.backup_retention_seconds)
-        if when < window:
+        if when is not None and when < window:
             raise UserError(f"timestamp {when.isoformat()} is older than the backup's retention window "
                             f"(ARGON_BACKUP_RETENTION={self.settings.backup_retention}, back to "
                             f"{window.isoformat(timespec='seconds')})")
-        candidate = await asyncio.to_thread(choose, self.store, self.codec, project.id, branch.id, when)
+        point = pitr.parse_lsn(lsn) if lsn is not None else None
+        candidate = await asyncio.to_thread(choose, self.store, self.codec, project.id, branch.id, when, point)
         if candidate is None:
             raise UserError(f"neither the local history nor the backup of branch {branch.name!r} reaches back to "
-                            f"{when.isoformat()}")
+                            f"{when.isoformat() if when is not None else lsn}")
         install = self.plane.installs[project.pg_version]
         scratch = self.plane.layout.backup_scratch_dir / f"tmp-{secrets.token_hex(4)}"
         started = time.monotonic()
         try:
             await asyncio.to_thread(self.plane.layout.backup_scratch_dir.mkdir, mode=0o700, exist_ok=True)
             manifest = await asyncio.to_thread(bb.read_manifest, self.store, self.codec, candidate.base_key)
-            settings, target_lsn, _end = await asyncio.to_thread(
+            settings, target_lsn, end = await asyncio.to_thread(
                 prepare_recovery, self.store, self.codec, candidate, manifest, project.id, branch.id, scratch,
-                install.bindir, when)
+                install.bindir, when, None, point)
+            if point is not None and point > end + 8192:
+                raise UserError(f"LSN {lsn} is ahead of what the backup of branch {branch.name!r} holds "
+                                f"(its WAL there ends at {wal.format_lsn(end)})")
             user = retention.project_owner(project)
             if user is not None:
                 await asyncio.to_thread(safefs.chown_tree, scratch, user)
@@ -620,9 +634,9 @@ class BackupService:
         except BaseException:
             await asyncio.to_thread(safefs.rmtree, target)
             raise
-        log.info("rebuilt branch %s at %s from the backup (base %s/%s) in %.1f s", branch.id, when.isoformat(),
+        log.info("rebuilt branch %s at %s from the backup (base %s/%s) in %.1f s", branch.id, when or lsn,
                  candidate.epoch["id"], candidate.base["name"], time.monotonic() - started)
-        return pitr.PointInTime(lsn=target_lsn or control.redo_lsn, at=when)
+        return pitr.PointInTime(lsn=target_lsn or control.redo_lsn, at=when or self.plane.clock())
 
     # --- Retention -----------------------------------------------------------------------------------
 

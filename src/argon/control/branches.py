@@ -145,15 +145,17 @@ async def _copy_parent(plane: ControlPlane, project: model.Project, parent: mode
 
 async def point_in_time(control: Control, project: model.Project, branch: model.Branch, target: Path, *,
                         lsn: str | None, timestamp: str | datetime | None) -> pitr.PointInTime:
-    """`branch` as of `lsn`/`timestamp` in `target`: from the local history, or, for a time it no
-    longer reaches, from the backup bucket (ADR 0018; timestamps only)."""
+    """`branch` as of `lsn`/`timestamp` in `target`: from the local history, or, for a point it no
+    longer reaches, from the backup bucket (ADR 0018)."""
     try:
         return await pitr.materialize(control.plane, project, branch, target, lsn=lsn, timestamp=timestamp)
     except pitr.BeyondLocalHistory:
-        if control.backup is None or timestamp is None:
+        if control.backup is None:
             raise
-        log.info("branch %s at %s: beyond the local history, rebuilding it from the backup", branch.id, timestamp)
-        return await control.backup.materialize(project, branch, target, pitr.parse_timestamp(timestamp))
+        log.info("branch %s at %s: beyond the local history, rebuilding it from the backup", branch.id,
+                 timestamp or lsn)
+        return await control.backup.materialize(
+            project, branch, target, pitr.parse_timestamp(timestamp) if timestamp is not None else None, lsn)
 
 
 async def create_branch(control: Control, project_id: str, req: BranchRequest) -> CreatedBranch:

@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import tarfile
@@ -101,12 +102,15 @@ def unpack_metadata(blob: bytes, layout: Layout) -> None:
                 os.fsync(f.fileno())
 
 
-async def restore(settings: Settings, url: str, at: datetime | None, *,
+async def restore(settings: Settings, url: str, at: datetime | str | None, *,
                   say: Callable[[str], None] = lambda m: None,
                   sample: Callable[[list[model.Branch]], set[str]] | None = None) -> RestoreReport:
-    """Fill the empty data directory of `settings` from the backup at `url` (as of `at`). `sample`
-    picks the branch ids to restore (`argon backup verify`); default: all."""
+    """Fill the empty data directory of `settings` from the backup at `url` (as of `at`: a time, or
+    an LSN, which every branch's recovery stops at; the newest metadata then). `sample` picks the
+    branch ids to restore (`argon backup verify`); default: all."""
     started = time.monotonic()
+    lsn = wal.parse_lsn(at) if isinstance(at, str) else None
+    at = at if isinstance(at, datetime) else None
     report = RestoreReport()
     layout = Layout(settings.data_dir, settings.run_dir)
     if layout.data_dir.exists() and any(layout.data_dir.iterdir()):
@@ -156,7 +160,7 @@ async def restore(settings: Settings, url: str, at: datetime | None, *,
             assert install is not None
             t0 = time.monotonic()
             await _restore_branch(store, codec, layout, backend, install, project, branch, at, item, say,
-                                  f"[{done}/{total}] {project.name}/{branch.name}")
+                                  f"[{done}/{total}] {project.name}/{branch.name}", lsn)
             item.seconds = time.monotonic() - t0
     layout.restore_marker.unlink()
     report.seconds = time.monotonic() - started
@@ -165,10 +169,11 @@ async def restore(settings: Settings, url: str, at: datetime | None, *,
 
 async def _restore_branch(store: ObjectStore, codec: Codec, layout: Layout, backend: Any, install: PgInstall,
                           project: model.Project, branch: model.Branch, at: datetime | None, item: BranchRestore,
-                          say: Callable[[str], None], label: str) -> None:
-    candidate = await asyncio.to_thread(choose, store, codec, project.id, branch.id, at)
+                          say: Callable[[str], None], label: str, lsn: int | None = None) -> None:
+    candidate = await asyncio.to_thread(choose, store, codec, project.id, branch.id, at, lsn)
     if candidate is None:
-        item.skipped = "no base backup in the bucket" + (f" from before {at.isoformat()}" if at else "")
+        item.skipped = "no base backup in the bucket" + (f" from before {at.isoformat()}" if at else "") + (
+            f" consistent by {wal.format_lsn(lsn)}" if lsn is not None else "")
         say(f"{label}: skipped ({item.skipped})")
         return
     epoch, record = candidate.epoch, candidate.base
@@ -191,7 +196,8 @@ async def _restore_branch(store: ObjectStore, codec: Codec, layout: Layout, back
     try:
         say(f"{label}: base backup {epoch['id']}/{record['name']} ({size / 1e6:.1f} MB)")
         settings, target_lsn, end = await asyncio.to_thread(prepare_recovery, store, codec, candidate, manifest,
-                                                            project.id, branch.id, tmp, install.bindir, at, progress)
+                                                            project.id, branch.id, tmp, install.bindir, at, progress,
+                                                            lsn)
         item.bytes = moved[0]
         say(f"{label}: replaying WAL up to {target_lsn or wal.format_lsn(end)}")
         user = OsUser(project.os_uid, project.os_uid) if project.os_uid is not None and running_as_root() else None
@@ -344,13 +350,20 @@ async def _read_every_database(install: PgInstall, layout: Layout, pgdata: Path,
     return len(names)
 
 
-def parse_at(text: str | None) -> datetime | None:
+_LSN = re.compile(r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$")
+
+
+def parse_at(text: str | None) -> datetime | str | None:
+    """`--at`: an RFC 3339 time, or an LSN (returned as text, e.g. `0/16B3748`)."""
     if text is None:
         return None
+    if _LSN.match(text.strip()):
+        return text.strip().upper()
     try:
         value = datetime.fromisoformat(text.strip().replace("z", "Z"))
     except ValueError:
-        raise UserError(f"--at {text!r} is not a time; use RFC 3339, e.g. 2026-11-24T13:00:00Z") from None
+        raise UserError(f"--at {text!r} is neither a time nor an LSN; use RFC 3339 (e.g. 2026-11-24T13:00:00Z) or "
+                        "an LSN (e.g. 0/16B3748)") from None
     if value.tzinfo is None:
         raise UserError("--at needs a time zone (RFC 3339, e.g. 2026-11-24T13:00:00Z)")
     return value.astimezone(UTC)

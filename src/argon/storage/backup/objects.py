@@ -93,6 +93,16 @@ class Codec:
             return header + nonce + self._aead.encrypt(nonce, inner, header + key.encode())
         return MAGIC + bytes((VERSION, flags)) + inner
 
+    def open_chunk(self, key: str, blob: bytes, chunk_id: str) -> bytes:
+        """`open` for a content-addressed chunk, also checking that its content is what its name
+        says, without hashing it twice: with a key the name is authenticated (the object's key is
+        the associated data, and only the key's holder writes those); without, the checksum `open`
+        verifies is the chunk's name itself."""
+        plaintext = self.open(key, blob)
+        if self._name_key is None and blob[_HEADER:_HEADER + 32].hex() != chunk_id:
+            raise CorruptObject(key, "its content does not match its name")
+        return plaintext
+
     def open(self, key: str, blob: bytes) -> bytes:
         if len(blob) < _HEADER + 32 or blob[:4] != MAGIC:
             raise CorruptObject(key, "not an Argon backup object (truncated or overwritten)")
