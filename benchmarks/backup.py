@@ -37,6 +37,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -386,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
                     results[name] = run()
                 except Exception as exc:  # report and go on with the other sections
                     results["errors"][name] = f"{type(exc).__name__}: {exc}"
-                    say(f"{name} failed: {exc}")
+                    say(f"{name} failed: {traceback.format_exc()}")
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(render(results))

@@ -85,3 +85,18 @@ def test_valid_prefix_stops_at_a_recycled_page() -> None:
     assert valid_prefix(written + stale + _page(start + 4 * PAGE), start) == 3 * PAGE
     assert valid_prefix(stale + written, start) == 0
     assert valid_prefix(bytes(4 * PAGE), start) == 0
+
+
+@pytest.mark.parametrize("secret", [None, "k"])
+def test_a_chunk_must_be_what_its_name_says(secret: str | None) -> None:
+    """A chunk is opened only under its own name: without a key the checksum is the name; with one,
+    the name is authenticated, so another chunk copied under it does not decrypt."""
+    codec = Codec(secret)
+    a, b = b"chunk a" * 100, b"chunk b" * 100
+    name_a, name_b = codec.chunk_id(a), codec.chunk_id(b)
+    blob_b = codec.seal(f"chunks/{name_b[:2]}/{name_b}", b)
+    assert codec.open_chunk(f"chunks/{name_b[:2]}/{name_b}", blob_b, name_b) == b
+    key_a = f"chunks/{name_a[:2]}/{name_a}"
+    forged = codec.seal(key_a, b) if secret is None else blob_b  # b's content under a's name
+    with pytest.raises(CorruptObject):
+        codec.open_chunk(key_a, forged, name_a)

@@ -240,6 +240,7 @@ def download_snapshot(store: ObjectStore, codec: Codec, manifest: dict[str, Any]
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view):]
+            os.fsync(fd)
         finally:
             os.close(fd)
 
@@ -263,21 +264,3 @@ def download_snapshot(store: ObjectStore, codec: Codec, manifest: dict[str, Any]
         jobs += [pool.submit(unpack, cid, members) for cid, members in packs.items()]
         for job in jobs:
             job.result()
-    sync_filesystem(target)
-
-
-def sync_filesystem(path: Path) -> None:
-    """Make everything written under `path` durable with one `syncfs` of its filesystem: an fsync
-    per file (a cluster has 1000+) made a restore mostly waiting on the disk."""
-    import ctypes
-    import ctypes.util
-
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        if libc.syncfs(fd) != 0:
-            raise OSError(ctypes.get_errno(), f"syncfs of {path} failed")
-    except AttributeError:  # no syncfs (not Linux): every filesystem
-        os.sync()
-    finally:
-        os.close(fd)
