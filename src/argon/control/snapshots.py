@@ -30,7 +30,7 @@ from argon import ids, model, safefs
 from argon.compute.osuser import project_user
 from argon.control import branches, retention
 from argon.control.services import Control
-from argon.errors import NotFound, Precondition, UserError
+from argon.errors import Conflict, NotFound, Precondition, UserError
 from argon.storage import branching
 
 log = logging.getLogger(__name__)
@@ -214,7 +214,7 @@ async def _new_branch(control: Control, project: model.Project, snap: model.Snap
         bid = ids.branch_id()
         name = ids.check_display_name(name, "branch") if name else f"{snap.name}_restored_{bid[-8:]}"
         if any(b.name == name for b in plane.branches(project.id)):
-            raise Precondition(f"branch {name!r} already exists")
+            raise Conflict(f"branch {name!r} already exists")
         pgdata = plane.layout.pgdata(project.id, bid)
         try:
             await asyncio.to_thread(branches._make_branch_dir, plane, project, bid)
