@@ -15,7 +15,7 @@ def _store(tmp_path: Path) -> Store:
 def test_migrations_are_idempotent_and_versioned(tmp_path: Path) -> None:
     store = _store(tmp_path)
     store.migrate()
-    assert store.schema_revision() == "0004"
+    assert store.schema_revision() == "0005"
 
 
 def test_round_trip_keeps_types(tmp_path: Path) -> None:
@@ -120,7 +120,38 @@ def test_migration_0004_adds_project_settings_and_key_scopes(tmp_path: Path) -> 
     db.close()
     store = Store.sqlite(tmp_path / "argon.db")
     store.migrate()
-    assert store.schema_revision() == "0004"
+    assert store.schema_revision() == "0005"
     project = store.get_project("old")
     assert project is not None and project.settings == model.ProjectSettings()
     assert store.add_api_key("ci", "argon_k", project_id="old").project_id == "old"
+
+
+def test_migration_0005_adds_snapshots_and_branch_restore_fields(tmp_path: Path) -> None:
+    """A store an older Argon wrote (no `snapshots` table, no restore fields on branches) gets them;
+    its branches read back without a restore, and snapshots can be stored."""
+    import sqlite3
+
+    store = Store.sqlite(tmp_path / "argon.db")
+    store.migrate()
+    now = model.utcnow()
+    store.put(model.Project(id="p", name="a", region_id="local", pg_version=15, created_at=now, updated_at=now))
+    store.put(model.Branch(id="b", project_id="p", name="main", created_at=now, updated_at=now))
+    store.close()
+    db = sqlite3.connect(tmp_path / "argon.db")
+    db.execute("DROP TABLE snapshots")
+    for column in ("restored_from", "restore_status", "restore_target"):
+        db.execute(f"ALTER TABLE branches DROP COLUMN {column}")
+    db.execute("UPDATE alembic_version SET version_num = '0004'")
+    db.commit()
+    db.close()
+    store = Store.sqlite(tmp_path / "argon.db")
+    store.migrate()
+    assert store.schema_revision() == "0005"
+    branch = store.list_branches("p")[0]
+    assert branch.restored_from is None and branch.restore_status is None
+    snap = model.Snapshot(id="snap-1", project_id="p", name="s", created_at=now, updated_at=now, source_branch_id="b",
+                          lsn="0/1000000", timestamp=now, expires_at=None)
+    store.put(snap)
+    assert store.list_snapshots("p") == [snap] and store.get_snapshot("snap-1") == snap
+    store.delete_project_rows("p")
+    assert store.list_all_snapshots() == []
