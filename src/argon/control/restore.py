@@ -66,6 +66,7 @@ class BranchRestore:
     bytes: int = 0
     seconds: float = 0.0
     skipped: str = ""  # why the branch's data could not be restored
+    stages: dict[str, float] = field(default_factory=dict)  # seconds: download, recovery, history
 
 
 @dataclass
@@ -193,25 +194,31 @@ async def _restore_branch(store: ObjectStore, codec: Codec, layout: Layout, back
             last[0] = now
             say(f"{label}: {moved[0] / 1e6:.0f} MB of base backup and WAL downloaded")
 
+    stages: dict[str, float] = {}
+    t0 = time.monotonic()
     try:
         say(f"{label}: base backup {epoch['id']}/{record['name']} ({size / 1e6:.1f} MB)")
         settings, target_lsn, end = await asyncio.to_thread(prepare_recovery, store, codec, candidate, manifest,
                                                             project.id, branch.id, tmp, install.bindir, at, progress,
                                                             lsn)
         item.bytes = moved[0]
+        stages["download"], t0 = time.monotonic() - t0, time.monotonic()
         say(f"{label}: replaying WAL up to {target_lsn or wal.format_lsn(end)}")
         user = OsUser(project.os_uid, project.os_uid) if project.os_uid is not None and running_as_root() else None
         if user is not None:
             await asyncio.to_thread(chown_tree, layout.project_dir(project.id), user)
         control = await recover(install, layout, tmp, settings, user, branch_dir / "log" / "recovery.log")
         item.reached = control.checkpoint_lsn
+        stages["recovery"], t0 = time.monotonic() - t0, time.monotonic()
         pgdata = layout.pgdata(project.id, branch.id)
         os.rename(tmp, pgdata)
     except BaseException:
         await asyncio.to_thread(shutil.rmtree, tmp, True)
         raise
     await asyncio.to_thread(_begin_history, install, backend, branch_dir, pgdata, user)
-    say(f"{label}: restored to {item.reached}")
+    stages["history"] = time.monotonic() - t0
+    item.stages = {k: round(v, 2) for k, v in stages.items()}
+    say(f"{label}: restored to {item.reached} (" + ", ".join(f"{k} {v:.1f} s" for k, v in stages.items()) + ")")
 
 
 def _begin_history(install: PgInstall, backend: Any, branch_dir: Path, pgdata: Path, user: OsUser | None) -> None:
