@@ -504,9 +504,9 @@ class BackupService:
         for snap in snaps:
             if snap.id in done:
                 continue
-            project = self.plane.project(snap.project_id)
+            project = next((p for p in self.plane.projects() if p.id == snap.project_id), None)
             source = self.plane.layout.snapshot_dir(snap.project_id, snap.id) / "pgdata"
-            if not safefs.is_dir(source):
+            if project is None or not safefs.is_dir(source):  # deleted meanwhile, or
                 continue  # restored from the bucket onto a new disk: the bucket has it
             record = {"snapshot": snap.id, "project": snap.project_id, "lsn": snap.lsn,
                       "taken_at": _iso(snap.timestamp), "template": None}
