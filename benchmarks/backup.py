@@ -59,6 +59,9 @@ def say(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+VERBOSE = False
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
@@ -89,14 +92,15 @@ def restore(root: Path, url: str, endpoint: str | None, target: Path) -> float:
     if endpoint:
         env["ARGON_BACKUP_S3_ENDPOINT"] = endpoint
     started = time.monotonic()
-    out = subprocess.run([*ARGON, "restore", "--from", url, "--data-dir", str(target), "--run-dir", str(root / "run")],
-                         env=env, capture_output=True, text=True, cwd=REPO_ROOT, timeout=7200)
-    if out.returncode != 0:
-        raise RuntimeError(f"argon restore failed: {out.stderr[-2000:]}")
-    # "restored to 0/... (download 3.1 s, recovery 1.2 s, history 0.8 s)": where the time went
-    for line in out.stderr.splitlines():
-        if "restored to" in line and "(" in line:
-            say(f"restore stages: {line.rsplit('(', 1)[1].rstrip(')')}")
+    proc = subprocess.Popen([*ARGON, "restore", "--from", url, "--data-dir", str(target), "--run-dir",
+                             str(root / "run")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=REPO_ROOT)
+    assert proc.stderr is not None
+    lines = [f"{time.monotonic() - started:6.1f} s  {line.rstrip()}" for line in proc.stderr]  # when each step began
+    if proc.wait(7200) != 0:
+        raise RuntimeError("argon restore failed: " + "\n".join(lines[-20:]))
+    if VERBOSE:
+        say("argon restore, step by step:\n" + "\n".join(lines))
     return time.monotonic() - started
 
 
@@ -365,7 +369,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--branches", type=int, default=20)
     parser.add_argument("--only", default="rpo,restore,branches,overhead")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--verbose", action="store_true", help="print argon restore's steps with their times")
     args = parser.parse_args(argv)
+    global VERBOSE
+    VERBOSE = args.verbose
     if args.quick:
         args.trials, args.sizes, args.branches = 3, "100M", 3
     only = set(args.only.split(","))
