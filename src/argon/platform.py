@@ -214,6 +214,7 @@ class Platform:
         self.monitor = SuspendMonitor(control)
         self.monitor.start()
         control.metrics.start()
+        control.figures.start()
         control.autoscaler.start()
         control.disk.start()
         self.info.disk_limits = control.disk.describe()

@@ -176,7 +176,7 @@ def test_restore_to_a_point_writes_no_file_through_a_link(platform: RunningPlatf
             lsn = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()[0]  # type: ignore[index]
             conn.execute("INSERT INTO t VALUES (2)")
         suspend(platform, pid, ep)
-        # The base snapshot is the template, copied into the history in the background: now.
+        # The base snapshot is the template, copied into the history only when needed: now.
         platform.call(asyncio.to_thread(retention.materialize_base, platform.plane, platform.plane.project(pid), bid))
         hist = platform.plane.layout.branch_dir(pid, bid) / "history"
         snapshots = [d for d in hist.glob("*/snapshots/*") if d.is_dir()]

@@ -94,7 +94,8 @@ def test_samples_are_real_and_the_api_figures_follow_them(sampled: RunningPlatfo
         assert lsns[-1] - lsns[0] >= 10_000_000  # the table's WAL
 
         # The API: measured sizes, WAL written before any checkpoint (the sampled LSN), consumption.
-        sampled.control.figures.forget(bid)
+        sampled.control.figures.touch(bid)
+        sampled.call(sampled.control.figures.settle())
         branch = sampled.api.get(f"/projects/{pid}/branches/{bid}").json()["branch"]
         assert branch["logical_size"] >= before_api["logical_size"] + 10_000_000
         assert branch["written_data_bytes"] >= before_api["written_data_bytes"] + 10_000_000
@@ -165,8 +166,9 @@ def test_linked_history_bases_are_counted_once(sampled: RunningPlatform) -> None
 
     storage = _wait_for("storage samples of both branches", lambda: (got := latest()).keys() >= {main, child} and got)
     assert abs(storage[main] + storage[child] - disk) < 1_000_000, (storage, disk, linked)
-    sampled.control.figures.forget(main)
-    sampled.control.figures.forget(child)
+    sampled.control.figures.touch(main)
+    sampled.control.figures.touch(child)
+    sampled.call(sampled.control.figures.settle())
     project = sampled.api.get(f"/projects/{pid}").json()["project"]
     assert abs(project["synthetic_storage_size"] - disk) < 1_000_000, (project["synthetic_storage_size"], disk)
     sampled.delete_project(pid)

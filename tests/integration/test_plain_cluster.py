@@ -52,7 +52,8 @@ MEANT: dict[str, str] = {
     "transaction_buffers": "18: sized from shared_buffers",
     "io_max_concurrency": "18: sized from shared_buffers and max_connections",
     "max_wal_size": "1 GB as with 16 MB segments: the 1 MB segments keep copies small, initdb scales this to 64 MB",
-    "min_wal_size": "80 MB as with 16 MB segments (initdb scales it to 5 MB)",
+    "wal_recycle": "off: segments a checkpoint no longer needs are removed, not kept on disk in every suspended "
+                   "project",
     # Logging: one stderr log per compute, read by `argon logs`.
     "log_line_prefix": "time, pid, role@database in every compute log line",
     # Behaviour the platform needs.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -89,7 +88,6 @@ async def list_branches(control: Authorized, project_id: str) -> dict[str, Any]:
     plane = control.plane
     plane.project(project_id)
     # neonctl dereferences annotations[branch.id]: the object must be there, even empty.
-    await asyncio.to_thread(control.figures.refresh, project_id)
     return {"branches": [views.branch_view(b, control.figures.get(b.id), control.metrics.branch_usage(project_id, b.id))
                          for b in plane.branches(project_id)],
             "annotations": {}}
@@ -146,7 +144,6 @@ async def create_branch(control: Authorized, project_id: str,
 @router.get("/projects/{project_id}/branches/{branch_id}")
 async def get_branch(control: Authorized, project_id: str, branch_id: str) -> dict[str, Any]:
     branch = control.plane.branch(project_id, branch_id)
-    await asyncio.to_thread(control.figures.refresh, project_id)
     return {"branch": views.branch_view(branch, control.figures.get(branch_id),
                                        control.metrics.branch_usage(project_id, branch_id))}
 

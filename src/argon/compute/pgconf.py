@@ -28,9 +28,11 @@ BASE_SETTINGS: dict[str, str] = {
     "huge_pages": "off",
     "jit": "off",
     # initdb scales these to the segment size (64 and 5 segments); templates use 1 MB segments to keep
-    # copies small, not to checkpoint sixteen times as often: a 16 MB-segment cluster's defaults.
+    # copies small, not to checkpoint sixteen times as often: a 16 MB-segment cluster's max_wal_size.
+    # min_wal_size stays initdb's 5 MB, and segments a checkpoint no longer needs are removed, not
+    # renamed for later: recycled WAL would stay on disk in every suspended project (ADR 0022).
     "max_wal_size": "1GB",
-    "min_wal_size": "80MB",
+    "wal_recycle": "off",
     "wal_level": "replica",
     "max_wal_senders": "10",
     "max_replication_slots": "10",

@@ -48,7 +48,6 @@ from argon.storage.backup import retention as br
 from argon.storage.backup import wal as bw
 from argon.storage.backup.objects import Codec
 from argon.storage.backup.store import MissingObject, ObjectInfo, ObjectStore, open_store
-from argon.storage.spares import template_key
 
 if TYPE_CHECKING:
     from argon.control.plane import ControlPlane
@@ -570,9 +569,9 @@ class BackupService:
                     continue
                 source, source_owner = history.snapshot_dir(epoch.id, snap.name), owner
                 if snap.template is not None and not safefs.is_dir(source):
-                    template = self.plane.templates.get(project.pg_version)
-                    if template is None or template_key(template) != snap.template:
-                        continue  # a template since rebuilt: nothing to ship
+                    template = retention.template_of(self.plane, project.pg_version, snap.template)
+                    if template is None:
+                        continue  # a template since rebuilt and not kept: nothing to ship
                     source, source_owner = template, None  # root's own pristine template
                 if not safefs.is_dir(source):
                     continue  # pruned meanwhile

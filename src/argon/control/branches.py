@@ -83,16 +83,13 @@ async def delete_expired(control: Control) -> list[str]:
     plane = control.plane
     now = model.utcnow()
     deleted = []
-    for project in plane.projects():
-        for b in plane.branches(project.id):
-            if b.expires_at is None or b.expires_at > now:
-                continue
-            try:
-                await delete_branch(control, project.id, b.id, expired=True)
-                deleted.append(b.id)
-            except Exception as exc:  # e.g. it gained children: keep it, say why once per look
-                log.warning("expired branch %s of %s not deleted: %s", b.id, project.id,
-                            getattr(exc, "user_message", exc))
+    for b in [b for b in plane.all_branches() if b.expires_at is not None and b.expires_at <= now]:
+        try:
+            await delete_branch(control, b.project_id, b.id, expired=True)
+            deleted.append(b.id)
+        except Exception as exc:  # e.g. it gained children: keep it, say why once per look
+            log.warning("expired branch %s of %s not deleted: %s", b.id, b.project_id,
+                        getattr(exc, "user_message", exc))
     return deleted
 
 

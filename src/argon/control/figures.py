@@ -1,28 +1,48 @@
-"""Storage figures the API reports, measured on disk (never invented), cached for a few seconds.
+"""Storage figures the API reports, measured on disk (never invented) in the background, read from
+memory: a read never walks a disk nor runs anything (ADR 0022).
 
 - branch `logical_size`: the bytes of the branch's databases (the files under `pgdata/base`, what
   `pg_database_size` adds up), whether or not its compute runs;
 - branch `written_data_bytes`: WAL the branch has written since it got its data, summed over its
   history epochs (LSN progress; the current epoch up to its latest checkpoint, or up to the WAL
   position the metrics sampler last saw on the running compute, whichever is newer);
-- project `synthetic_storage_size`: the space the project's directory takes on disk (allocated
-  blocks: data, history snapshots and archived WAL of every branch).
+- branch `allocated_bytes`, summed into the project's `synthetic_storage_size`: the space the
+  branch's directory takes on disk (allocated blocks: data, history snapshots and archived WAL;
+  a file with n hard links counts 1/n at each, `argon.storage.usage`).
+
+When a branch is measured (`due`, a pure decision over a snapshot of the view): when it is new to
+the figures, when its record or one of its endpoints' records changed since its last measurement
+(a suspend, a start, a restore, a reset), when it was `touch`ed (history pruned), and every `TTL`
+seconds while its compute runs (it writes). An idle branch's files do not change, so it is not
+measured again: the work per tick grows with the running computes and the changes, not with the
+number of projects, and at most `BUDGET` branches are measured per tick (every `INTERVAL` seconds,
+in a thread). After a restart, sizes come from the store's newest storage samples at once and every
+branch is measured once more within `branches / BUDGET` ticks.
 """
 
 from __future__ import annotations
 
-import threading
+import asyncio
+import contextlib
+import logging
 import time
+from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
-from argon.compute.osuser import project_user
-from argon.control import retention
-from argon.control.metrics import MetricsSampler
+from argon import model
+from argon.compute.osuser import OsUser, project_user
+from argon.control.metrics import STORAGE_EVERY, MetricsSampler
 from argon.control.plane import ControlPlane
+from argon.storage import history as hs
 from argon.storage import wal
 from argon.storage.usage import disk_usage
 
-TTL = 15.0
+log = logging.getLogger(__name__)
+
+INTERVAL = 1.0  # seconds between ticks
+TTL = 15.0  # seconds between measurements of a branch whose compute runs (shorter with a faster sampler)
+BUDGET = 25  # branches measured per tick at most (changed ones first, then running ones, then the rest)
 
 
 @dataclass(frozen=True)
@@ -32,57 +52,186 @@ class BranchFigures:
     allocated_bytes: int = 0
 
 
+@dataclass(frozen=True)
+class Seen:
+    """What one branch looked like when it was last measured."""
+
+    at: float  # time.monotonic()
+    signature: tuple[object, ...]  # its record and its endpoints' records
+    running: bool
+
+
+@dataclass(frozen=True)
+class Target:
+    """One branch to measure, with everything the measurement needs (read on the event loop: the
+    view is not thread-safe)."""
+
+    project_id: str
+    branch_id: str
+    branch_dir: Path
+    pgdata: Path
+    bindir: Path | None
+    owner: OsUser | None
+    sampled_lsn: int | None
+    signature: tuple[object, ...]
+    running: bool
+
+
+def signature(branch: model.Branch, endpoints: Iterable[model.Endpoint]) -> tuple[object, ...]:
+    return (branch, *endpoints)
+
+
+def due(branches: Mapping[str, tuple[tuple[object, ...], bool]], seen: Mapping[str, Seen], touched: Container[str],
+        seeded: Container[str], *, now: float, budget: int = BUDGET, ttl: float = TTL) -> list[str]:
+    """Pure: which branches to measure now, most needed first. `branches`: branch -> (signature,
+    running) as the view has it now; `seeded`: branches with sizes from the store, not measured
+    since start-up (they wait for the new, changed and running ones)."""
+    changed, running, stale = [], [], []
+    for bid, (sig, is_running) in branches.items():
+        last = seen.get(bid)
+        if last is None and bid in seeded and bid not in touched:
+            stale.append(bid)
+        elif last is None or bid in touched or last.signature != sig or last.running != is_running:
+            changed.append(bid)
+        elif is_running and now - last.at >= ttl:
+            running.append(bid)
+    running.sort(key=lambda b: seen[b].at)
+    return (changed + running + stale)[:budget]
+
+
 class Figures:
     def __init__(self, plane: ControlPlane, metrics: MetricsSampler) -> None:
         self.plane = plane
         self.metrics = metrics
-        self._branches: dict[str, tuple[float, BranchFigures]] = {}
-        self._lock = threading.Lock()
+        self._figures: dict[str, BranchFigures] = {}
+        self._seen: dict[str, Seen] = {}
+        self._touched: set[str] = set()
+        self._task: asyncio.Task[None] | None = None
+        self.measured = 0  # branches measured since start (the density benchmark and tests read it)
+        # a running branch's figures are no older than its storage samples (every STORAGE_EVERY looks)
+        self.ttl = min(TTL, plane.settings.metrics_interval * STORAGE_EVERY)
+
+    # What the API reads (memory only) -------------------------------------------------------------------
 
     def get(self, branch_id: str) -> BranchFigures:
-        entry = self._branches.get(branch_id)
-        return entry[1] if entry else BranchFigures()
+        return self._figures.get(branch_id, BranchFigures())
 
     def project_bytes(self, project_id: str) -> int:
         return sum(self.get(b.id).allocated_bytes for b in self.plane.branches(project_id))
 
-    def refresh(self, project_id: str) -> None:
-        """Measure the project's branches whose figures are older than the TTL (call in a thread)."""
-        plane = self.plane
-        now = time.monotonic()
-        project = plane.project(project_id)
-        install = plane.installs.get(project.pg_version)
-        for branch in plane.branches(project_id):
-            entry = self._branches.get(branch.id)
-            if entry and now - entry[0] < TTL:
-                continue
-            pgdata = plane.layout.pgdata(project_id, branch.id)
-            logical = disk_usage(pgdata / "base").size
-            allocated = disk_usage(plane.layout.branch_dir(project_id, branch.id)).allocated
-            written = 0
-            try:
-                manifest = retention.branch_history(plane, project_id, branch.id).load()
-                for epoch in manifest.epochs:
-                    if epoch.end_lsn:
-                        end = wal.parse_lsn(epoch.end_lsn)
-                    elif install is not None:
-                        end = wal.parse_lsn(wal.control_data(install.bindir, pgdata,
-                                                             project_user(project.os_uid)).checkpoint_lsn)
-                        end = max([end, *self._sampled_lsns(project_id, branch.id)])
-                    else:
-                        continue
-                    written += max(0, end - wal.parse_lsn(epoch.start_lsn))
-            except Exception:  # a branch being rebuilt right now: measure next time
-                written = self.get(branch.id).written_data_bytes
-            with self._lock:
-                self._branches[branch.id] = (now, BranchFigures(logical, written, allocated))
+    def sizes(self) -> dict[str, tuple[str, int, int]]:
+        """Every branch's (project, allocated bytes, logical bytes) as last measured (the metrics
+        sampler's storage samples)."""
+        out = {}
+        for b in self.plane.all_branches():
+            f = self._figures.get(b.id)
+            if f is not None:
+                out[b.id] = (b.project_id, f.allocated_bytes, f.logical_size)
+        return out
 
-    def _sampled_lsns(self, project_id: str, branch_id: str) -> list[int]:
-        """The WAL position the metrics sampler saw on the branch's running primary (newer than the
-        last checkpoint the control file knows)."""
-        primary = self.plane.primary(project_id, branch_id)
-        lsn = self.metrics.current_lsn(primary.id) if primary is not None else None
-        return [lsn] if lsn is not None else []
+    # Keeping them -------------------------------------------------------------------------------------
+
+    def touch(self, branch_id: str) -> None:
+        """Measure this branch at the next tick (its files changed in a way its records do not show)."""
+        self._touched.add(branch_id)
 
     def forget(self, branch_id: str) -> None:
-        self._branches.pop(branch_id, None)
+        self._figures.pop(branch_id, None)
+        self._seen.pop(branch_id, None)
+        self._touched.discard(branch_id)
+
+    def seed(self, sizes: Mapping[str, tuple[int | None, int | None]]) -> None:
+        """Sizes known from the store (branch -> (logical, allocated)), until the branch is measured."""
+        for bid, (logical, allocated) in sizes.items():
+            if bid not in self._figures:
+                self._figures[bid] = BranchFigures(logical_size=logical or 0, allocated_bytes=allocated or 0)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _loop(self) -> None:
+        plane = self.plane
+        with contextlib.suppress(Exception):
+            samples = await plane.db(plane.store.latest_storage_samples)
+            self.seed({b: (s.logical_bytes, s.storage_bytes) for b, s in samples.items()})
+        while True:
+            try:
+                await self.tick()
+            except Exception:  # the figures must survive anything one branch does
+                log.exception("storage figures failed")
+            await asyncio.sleep(INTERVAL)
+
+    async def tick(self, budget: int = BUDGET) -> int:
+        """Measure the branches that are due (in a thread); returns how many were measured."""
+        plane = self.plane
+        now = time.monotonic()
+        view: dict[str, tuple[tuple[object, ...], bool]] = {}
+        branches = {b.id: b for b in plane.all_branches()}
+        for bid, branch in branches.items():
+            eps = plane.endpoints(branch.project_id, bid)
+            view[bid] = (signature(branch, eps), any(plane.is_running(e.id) for e in eps))
+        for gone in [b for b in self._seen if b not in branches]:
+            self.forget(gone)
+        chosen = due(view, self._seen, self._touched, self._figures, now=now, budget=budget, ttl=self.ttl)
+        targets = [self._target(branches[bid], *view[bid]) for bid in chosen]
+        measured = await asyncio.to_thread(lambda: [(t, *self.measure(t)) for t in targets])
+        for target, figures, whole in measured:
+            bid = target.branch_id
+            self._touched.discard(bid)
+            if plane.find_branch(bid) is None or figures is None:
+                self.forget(bid)  # deleted meanwhile
+                continue
+            self._seen[bid] = Seen(now, target.signature, target.running)
+            self._figures[bid] = figures
+            if not whole:
+                self._touched.add(bid)
+        self.measured += len(measured)
+        return len(measured)
+
+    async def settle(self) -> None:
+        """Measure every branch that is due, however many (tests; `argon up` never waits for this)."""
+        for _ in range(3):  # a branch being rebuilt stays due: do not wait for it forever
+            if not await self.tick(budget=1 << 30):
+                return
+
+    def _target(self, branch: model.Branch, sig: tuple[object, ...], running: bool) -> Target:
+        plane = self.plane
+        project = plane.project(branch.project_id)
+        install = plane.installs.get(project.pg_version)
+        primary = plane.primary(project.id, branch.id)
+        return Target(project_id=project.id, branch_id=branch.id,
+                      branch_dir=plane.layout.branch_dir(project.id, branch.id),
+                      pgdata=plane.layout.pgdata(project.id, branch.id),
+                      bindir=install.bindir if install is not None else None, owner=project_user(project.os_uid),
+                      sampled_lsn=self.metrics.current_lsn(primary.id) if primary is not None else None,
+                      signature=sig, running=running)
+
+    def measure(self, t: Target) -> tuple[BranchFigures | None, bool]:
+        """One branch's figures from its files (blocking: run in a thread), and whether they are whole
+        (False: its history could not be read, measure it again). None: deleted meanwhile."""
+        if not t.branch_dir.exists():
+            return None, True
+        logical = disk_usage(t.pgdata / "base").size
+        allocated = disk_usage(t.branch_dir).allocated
+        written, whole = 0, True
+        try:
+            manifest = hs.BranchHistory(t.branch_dir / "history", t.owner).load()
+            for epoch in manifest.epochs:
+                if epoch.end_lsn:
+                    end = wal.parse_lsn(epoch.end_lsn)
+                elif t.bindir is not None:
+                    end = wal.parse_lsn(wal.control_data(t.bindir, t.pgdata, t.owner).checkpoint_lsn)
+                    end = max(end, t.sampled_lsn or 0)
+                else:
+                    continue
+                written += max(0, end - wal.parse_lsn(epoch.start_lsn))
+        except Exception:  # a branch being rebuilt right now: keep the last figure, measure next time
+            written, whole = self.get(t.branch_id).written_data_bytes, False
+        return BranchFigures(logical, written, allocated), whole

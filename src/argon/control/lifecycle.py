@@ -54,6 +54,9 @@ class Lifecycle:
         self.plane = plane
         self.backup = backup  # told when a compute stopped: its last WAL and new snapshot ship now
         self._needs_spec: set[str] = set()  # endpoints whose next start must apply roles and databases
+        # endpoints a previous argon left a postmaster.pid for, not adopted at start-up (still in a
+        # crash recovery): `reconcile.adopt_strays` looks at these, not at every endpoint
+        self.strays: set[str] = set()
         self._stopping: set[str] = set()  # stops we asked for: their exits are no crash
         plane.computes.on_exit = self._exited
 

@@ -7,10 +7,10 @@ waking anything): client connections (`pg_stat_activity`, the platform's own rol
 commits + rollbacks over all databases (`pg_stat_database`; queries/s is the rate between two looks,
 minus the sampler's own statements), and the WAL position. The compute's CPU time and running time
 come from `/proc` (the postmaster with its reaped and live children), stored as the amount used
-since the previous look. Every `STORAGE_EVERY`th look, every branch, idle ones too, gets its size on
-disk (allocated blocks of its directory, a file with n hard links 1/n at each, as the API's figures
-count it: `argon.storage.usage`; walked in a thread) and its
-logical size (`pg_database_size` of every database while its compute runs, else the last value).
+since the previous look. Every `STORAGE_EVERY`th look, every branch, idle ones too, gets a storage
+sample: its size on disk as the storage figures last measured it (`argon.control.figures`, which
+walk a branch only when it changed or while its compute runs; nothing is walked here) and its
+logical size (`pg_database_size` of every database while its compute runs, else the figures').
 
 Samples go to the metadata store through `plane.db` (never on the event loop), and rows older than
 `metrics_retention_hours` are deleted. The consumption figures (`Usage`) are sums over that window.
@@ -27,15 +27,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Protocol
 
-from argon import model, safefs
+from argon import model
 from argon.control.plane import ControlPlane
 from argon.metadata.store import MetricSample, MetricTotals
-from argon.storage.usage import disk_usage
 
 log = logging.getLogger(__name__)
 
-STORAGE_EVERY = 5  # looks between storage measurements (a directory walk per branch)
+STORAGE_EVERY = 5  # looks between storage samples
 PRUNE_EVERY = 20  # looks between deletions of samples older than the retention
 QUERY_TIMEOUT = 5.0  # seconds for one compute's look; a compute that does not answer is skipped
 
@@ -156,6 +156,14 @@ class _Look:
     at: float = field(default_factory=time.monotonic)
 
 
+class StorageFigures(Protocol):
+    """Where storage samples come from: each branch's figures as last measured (`control.figures`)."""
+
+    def sizes(self) -> dict[str, tuple[str, int, int]]:
+        """branch -> (project, allocated bytes, logical bytes), from memory."""
+        ...
+
+
 # The sampler ---------------------------------------------------------------------------------------------
 
 
@@ -166,6 +174,7 @@ class MetricsSampler:
         self._last: dict[str, _Last] = {}
         self._logical: dict[str, int] = {}  # branch -> last logical size
         self._allocated: dict[str, tuple[str, int]] = {}  # branch -> (project, bytes on disk), last measured
+        self.storage: StorageFigures | None = None  # set by `Control.build` (the figures read the sampler too)
         self._totals = MetricTotals({}, {}, {})
         self._window: tuple[datetime, datetime] | None = None
         self.ticks = 0
@@ -207,7 +216,7 @@ class MetricsSampler:
         storage = self.ticks % STORAGE_EVERY == 0
         now = model.utcnow()
         looks = [look for look in await asyncio.gather(*(self._look(ep, logical=storage)
-                                                         for ep in plane.endpoints()))
+                                                         for ep in plane.running_endpoints()))
                  if look is not None]
         procs = await asyncio.to_thread(self._proc_times, [look.endpoint.id for look in looks])
         rows = [self._compute_row(look, procs.get(look.endpoint.id), now, own=2 if storage else 1)
@@ -218,9 +227,8 @@ class MetricsSampler:
             for look in looks:
                 if look.logical is not None:
                     self._logical[look.endpoint.branch_id] = look.logical
-            targets = self._storage_targets()
-            measured = await asyncio.to_thread(self._storage_rows, targets, now)
-            known = {t[1] for t in targets}
+            measured = self._storage_rows(now)
+            known = {r.branch_id for r in measured}
             self._logical = {b: v for b, v in self._logical.items() if b in known}
             self._logical.update({r.branch_id: r.logical_bytes for r in measured if r.logical_bytes is not None})
             self._allocated = {r.branch_id: (r.project_id, r.storage_bytes or 0) for r in measured}
@@ -285,26 +293,13 @@ class MetricsSampler:
                             connections=look.connections, xacts=look.xacts, qps=qps, wal_lsn=look.lsn,
                             cpu_seconds=cpu, active_seconds=active)
 
-    def _storage_targets(self) -> list[tuple[str, str, Path, Path, int | None]]:
-        """What the storage walk measures, read on the event loop (the view is not thread-safe)."""
-        layout = self.plane.layout
-        return [(p.id, b.id, layout.branch_dir(p.id, b.id), layout.pgdata(p.id, b.id) / "base",
-                 self._logical.get(b.id))
-                for p in self.plane.projects() for b in self.plane.branches(p.id)]
-
-    @staticmethod
-    def _storage_rows(targets: list[tuple[str, str, Path, Path, int | None]], now: datetime) -> list[MetricSample]:
-        """Every branch's storage (runs in a thread: a directory walk per branch)."""
-        rows = []
-        for project_id, branch_id, branch_dir, base, logical in targets:
-            if not safefs.is_dir(branch_dir):
-                continue  # deleted meanwhile
-            allocated = disk_usage(branch_dir).allocated
-            if logical is None:  # never seen running: the files pg_database_size adds up
-                logical = disk_usage(base).size
-            rows.append(MetricSample(at=now, project_id=project_id, branch_id=branch_id,
-                                     storage_bytes=allocated, logical_bytes=logical))
-        return rows
+    def _storage_rows(self, now: datetime) -> list[MetricSample]:
+        """Every branch's storage sample, from the figures in memory (a compute's own logical size, from
+        `pg_database_size`, wins over its files')."""
+        sizes = self.storage.sizes() if self.storage is not None else {}
+        return [MetricSample(at=now, project_id=project_id, branch_id=branch_id, storage_bytes=allocated,
+                             logical_bytes=self._logical.get(branch_id, logical))
+                for branch_id, (project_id, allocated, logical) in sizes.items()]
 
     # What the API reads ------------------------------------------------------------------------------------
 

@@ -87,6 +87,10 @@ class ControlPlane:
         self._projects: dict[str, model.Project] = {}
         self._branches: dict[str, model.Branch] = {}
         self._endpoints: dict[str, model.Endpoint] = {}
+        # project -> its branches' and endpoints' ids: a project's reads cost what it holds, not what
+        # the platform holds (a list of 400 projects among 1,000 looks at 400 projects' rows)
+        self._project_branches: dict[str, dict[str, None]] = {}
+        self._project_endpoints: dict[str, dict[str, None]] = {}
         self._verifiers: dict[tuple[str, str], str] = {}  # (branch_id, role) -> SCRAM verifier
         self._endpoint_locks: dict[str, asyncio.Lock] = {}
         self._project_locks: dict[str, asyncio.Lock] = {}
@@ -199,8 +203,10 @@ class ControlPlane:
             self._projects[obj.id] = obj
         elif isinstance(obj, model.Branch):
             self._branches[obj.id] = obj
+            self._project_branches.setdefault(obj.project_id, {})[obj.id] = None
         elif isinstance(obj, model.Endpoint):
             self._endpoints[obj.id] = obj
+            self._project_endpoints.setdefault(obj.project_id, {})[obj.id] = None
         elif isinstance(obj, model.Role):
             if obj.verifier and obj.login:
                 self._verifiers[(obj.branch_id, obj.name)] = obj.verifier
@@ -210,17 +216,21 @@ class ControlPlane:
     def _unsee(self, obj: Any) -> None:
         if isinstance(obj, model.Project):
             self._projects.pop(obj.id, None)
-            for branch in [b for b in self._branches.values() if b.project_id == obj.id]:
+            for branch in self.branches(obj.id):
                 self._unsee(branch)
+            self._project_branches.pop(obj.id, None)
+            self._project_endpoints.pop(obj.id, None)
         elif isinstance(obj, model.Branch):
             self._branches.pop(obj.id, None)
+            self._project_branches.get(obj.project_id, {}).pop(obj.id, None)
             for key in [k for k in self._verifiers if k[0] == obj.id]:
                 del self._verifiers[key]
-            for ep in [e for e in self._endpoints.values() if e.branch_id == obj.id]:
+            for ep in self.endpoints(obj.project_id, obj.id):
                 self._unsee(ep)
         elif isinstance(obj, model.Endpoint):
             self.telemetry.forget_compute(compute_labels(obj))
             self._endpoints.pop(obj.id, None)
+            self._project_endpoints.get(obj.project_id, {}).pop(obj.id, None)
             self._endpoint_locks.pop(obj.id, None)
             self.activity.forget(obj.id)
         elif isinstance(obj, model.Role):
@@ -257,6 +267,9 @@ class ControlPlane:
     def projects(self) -> list[model.Project]:
         return sorted(self._projects.values(), key=lambda p: (p.created_at, p.id))
 
+    def find_project(self, project_id: str) -> model.Project | None:
+        return self._projects.get(project_id)
+
     def has_project(self, project_id: str) -> bool:
         return project_id in self._projects
 
@@ -266,13 +279,16 @@ class ControlPlane:
             raise NotFound(f"branch {branch_id!r} not found in project {project_id!r}")
         return branch
 
+    def find_branch(self, branch_id: str) -> model.Branch | None:
+        return self._branches.get(branch_id)
+
     def all_branches(self) -> list[model.Branch]:
         """Every project's branches, in no particular order (one pass, for whole-platform figures)."""
         return list(self._branches.values())
 
     def branches(self, project_id: str) -> list[model.Branch]:
-        return sorted((b for b in self._branches.values() if b.project_id == project_id),
-                      key=lambda b: (b.created_at, b.id))
+        ids_ = self._project_branches.get(project_id, {})
+        return sorted((self._branches[b] for b in ids_ if b in self._branches), key=lambda b: (b.created_at, b.id))
 
     def endpoint(self, project_id: str | None, endpoint_id: str) -> model.Endpoint:
         ep = self._endpoints.get(endpoint_id)
@@ -284,8 +300,9 @@ class ControlPlane:
         return self._endpoints.get(endpoint_id)
 
     def endpoints(self, project_id: str | None = None, branch_id: str | None = None) -> list[model.Endpoint]:
-        eps = [e for e in self._endpoints.values()
-               if (project_id is None or e.project_id == project_id) and (branch_id is None or e.branch_id == branch_id)]
+        pool = (self._endpoints.values() if project_id is None else
+                (self._endpoints[e] for e in self._project_endpoints.get(project_id, {}) if e in self._endpoints))
+        eps = [e for e in pool if branch_id is None or e.branch_id == branch_id]
         return sorted(eps, key=lambda e: (e.created_at, e.id))
 
     def primary(self, project_id: str, branch_id: str) -> model.Endpoint | None:
@@ -321,6 +338,12 @@ class ControlPlane:
             return {}
         return {"cgroups": self.computes.cgroups,
                 "limits": Limits(cpus=1.0, memory_bytes=int(self.settings.compute_memory_per_cu * 2**30))}
+
+    def running_endpoints(self) -> list[model.Endpoint]:
+        """The endpoints whose compute runs (what the monitor and the sampler look at: their work
+        grows with the running computes, not with the number of projects)."""
+        return [ep for ep_id in self.computes.running() if (ep := self._endpoints.get(ep_id)) is not None
+                and self.is_running(ep_id)]
 
     def is_running(self, endpoint_id: str) -> bool:
         pm = self.computes.get(endpoint_id)

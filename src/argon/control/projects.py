@@ -135,7 +135,6 @@ async def create_project(control: Control, req: ProjectRequest) -> CreatedProjec
     await failpoint_async("project.create.after_metadata")
     try:
         await asyncio.to_thread(retention.start_from_template, plane, project, bid, template)
-        plane.spawn(retention.materialize_base_soon(plane, project, bid), f"history base of {bid}")
     except Exception as exc:  # the project works without it; point in time starts at the first suspend
         log.warning("could not start the history of project %s: %s", pid, exc)
     await failpoint_async("project.create.after_history")

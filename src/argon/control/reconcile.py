@@ -141,7 +141,12 @@ async def settle_intents(control: Control) -> int:
 async def reconcile(control: Control) -> Plan:
     plane = control.plane
     await settle_intents(control)
-    adoptable = {ep.id for ep in plane.endpoints() if control.computes.adopt(ep)}
+    # only a cluster with a postmaster.pid can be adopted: one look at each, then specs for those only
+    endpoints = plane.endpoints()
+    paths = {ep.id: pgdata(plane, ep) for ep in endpoints}
+    left = await asyncio.to_thread(lambda: {e for e, p in paths.items() if safefs.lexists(p / "postmaster.pid")})
+    adoptable = {ep.id for ep in endpoints if ep.id in left and control.computes.adopt(ep)}
+    control.computes.strays = left - adoptable
     ops = await plane.db(plane.store.unfinished_operations)
     projects_dir = plane.layout.projects_dir
     dirs, branch_dirs, entries = await asyncio.to_thread(look_on_disk, projects_dir)
@@ -172,17 +177,26 @@ async def reconcile(control: Control) -> Plan:
     return plan
 
 
+def pgdata(plane: ControlPlane, ep: model.Endpoint) -> Path:
+    """The data directory an endpoint's compute runs on."""
+    if ep.type is model.EndpointType.READ_WRITE:
+        return plane.layout.pgdata(ep.project_id, ep.branch_id)
+    return plane.layout.replica_dir(ep.project_id, ep.branch_id, ep.id) / "pgdata"
+
+
 async def adopt_strays(control: Control) -> list[str]:
     """Reconcile as a loop (the suspend monitor calls this every few seconds): a compute that became
     ready after start-up reconciliation (a slow crash recovery) is adopted, and gets its pending
     spec; one still starting is looked at again next time. Exits are seen by each compute's watch."""
     plane = control.plane
     adopted = []
-    idle = {ep.id: (plane.layout.pgdata(ep.project_id, ep.branch_id) if ep.type is model.EndpointType.READ_WRITE
-                    else plane.layout.replica_dir(ep.project_id, ep.branch_id, ep.id) / "pgdata")
-            for ep in plane.endpoints() if not plane.is_running(ep.id) and not plane.endpoint_lock(ep.id).locked()}
+    strays = control.computes.strays
+    for gone in [e for e in strays if plane.find_endpoint(e) is None or plane.is_running(e)]:
+        strays.discard(gone)
+    idle = {e: pgdata(plane, plane.endpoint(None, e)) for e in strays if not plane.endpoint_lock(e).locked()}
     with_pidfile = await asyncio.to_thread(
-        lambda: [ep_id for ep_id, pgdata in idle.items() if safefs.lexists(pgdata / "postmaster.pid")])
+        lambda: [ep_id for ep_id, path in idle.items() if safefs.lexists(path / "postmaster.pid")])
+    strays.difference_update(set(idle) - set(with_pidfile))  # its postmaster exited: nothing to adopt
     for ep_id in with_pidfile:
         ep = plane.find_endpoint(ep_id)
         if ep is None:
@@ -198,6 +212,7 @@ async def adopt_strays(control: Control) -> list[str]:
         await plane.add_event(ep.id, model.EventKind.ADOPTED, at=now)
         log.warning("adopted the compute of %s, which became ready after start-up", ep.id)
         await _apply_pending_spec(control, ep.id)
+        strays.discard(ep.id)
         adopted.append(ep.id)
     return adopted
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from argon import model, safefs
 from argon.compute.admin import connect_admin
 from argon.compute.osuser import OsUser, project_user
+from argon.compute.template import retired_path
 from argon.control.plane import ControlPlane
 from argon.errors import NotFound, StorageError
 from argon.failpoints import failpoint
@@ -36,6 +37,7 @@ from argon.storage.usage import disk_usage
 log = logging.getLogger(__name__)
 
 WAL_SNAPSHOT_TRIGGER = 256 * 1024 * 1024  # this much WAL since the newest snapshot: take one at the next stop
+PRUNE_BUDGET = 50  # idle branches pruned per `maintain` call (a minute): 1,000 of them in 20 minutes
 
 
 def branch_history(plane: ControlPlane, project_id: str, branch_id: str) -> hs.BranchHistory:
@@ -87,7 +89,9 @@ def archive_settings(plane: ControlPlane, project: model.Project, branch_id: str
 
 def start_from_template(plane: ControlPlane, project: model.Project, branch_id: str, template: Path) -> None:
     """A new project's first epoch: its cluster is a byte copy of the pristine template, so the
-    template is the base snapshot (copied into the history in the background, see `materialize_base`)."""
+    template is the base snapshot: never copied into the history until a restore needs it as a
+    directory of its own (`template_snapshot`); projects share it, and the template is kept when
+    rebuilt (`template_of`)."""
     if not enabled(project):
         return
     install = plane.installs[project.pg_version]
@@ -102,7 +106,8 @@ def start_from_template(plane: ControlPlane, project: model.Project, branch_id: 
 
 
 def materialize_base(plane: ControlPlane, project: model.Project, branch_id: str) -> None:
-    """Copy template-backed snapshots into the history (idempotent; a copy in progress is a temp dir)."""
+    """Copy template-backed snapshots into the history (idempotent; a copy in progress is a temp dir).
+    Nothing calls it on its own: a restore that needs the base copies it (`template_snapshot`)."""
     history = branch_history(plane, project.id, branch_id)
     for epoch in history.load().epochs:
         for snap in epoch.snapshots:
@@ -110,11 +115,15 @@ def materialize_base(plane: ControlPlane, project: model.Project, branch_id: str
                 template_snapshot(plane, project, history, epoch, snap)
 
 
-async def materialize_base_soon(plane: ControlPlane, project: model.Project, branch_id: str) -> None:
-    """`materialize_base` in the background, under the project lock (a delete must not race it)."""
-    async with plane.project_lock(project.id):
-        if any(p.id == project.id for p in plane.projects()):
-            await asyncio.to_thread(materialize_base, plane, project, branch_id)
+def template_of(plane: ControlPlane, pg_version: int, key: str) -> Path | None:
+    """The template a template-backed snapshot stands for: the current one, or one since rebuilt and
+    kept (`argon.compute.template`: a new project's history base is never copied, ADR 0022)."""
+    current = plane.templates.get(pg_version)
+    if current is not None and template_key(current) == key:
+        return current
+    name, _, digest = key.rpartition("-")
+    kept = retired_path(plane.layout.templates_dir, name, digest)
+    return kept if safefs.is_dir(kept) and template_key(kept) == key else None
 
 
 def template_snapshot(plane: ControlPlane, project: model.Project, history: hs.BranchHistory, epoch: hs.Epoch,
@@ -124,8 +133,8 @@ def template_snapshot(plane: ControlPlane, project: model.Project, history: hs.B
     path = history.snapshot_dir(epoch.id, snap.name)
     if safefs.lexists(path):
         return path
-    template = plane.templates.get(project.pg_version)
-    if template is None or template_key(template) != snap.template:
+    template = template_of(plane, project.pg_version, snap.template) if snap.template else None
+    if template is None:
         raise StorageError("the base of this branch's history was a template that has since been rebuilt; "
                            "history before the branch's first suspend is not available")
     user = project_owner(project)
@@ -391,22 +400,50 @@ def prune(plane: ControlPlane, project: model.Project, branch_id: str) -> int:
     return freed
 
 
-async def maintain(plane: ControlPlane) -> None:
-    """Every minute (the monitor): computes that never suspend get their snapshots online, and every
-    branch's history is pruned. Under the project lock, so no restore changes epochs meanwhile."""
-    for project in plane.projects():
-        if not enabled(project):
+@dataclass(frozen=True)
+class Maintained:
+    cursor: str  # the last idle branch pruned: the next call goes on after it
+    pruned: tuple[str, ...]  # branches whose history lost files (their storage figures changed)
+
+
+def maintenance_round(idle: list[str], running: list[str], after: str, budget: int) -> tuple[list[str], str]:
+    """Pure: the branches one call of `maintain` visits: every running one, and the next `budget`
+    idle ones after `after` in id order (round robin), and the cursor for the next call."""
+    ordered = sorted(idle)
+    start = next((i for i, b in enumerate(ordered) if b > after), 0)
+    picked = (ordered[start:] + ordered[:start])[:budget]
+    return running + picked, (picked[-1] if picked else after)
+
+
+async def maintain(plane: ControlPlane, after: str = "", budget: int = PRUNE_BUDGET) -> Maintained:
+    """Every minute (the monitor): computes that never suspend get their snapshots online and their
+    history pruned; idle branches, whose history changes only with time, are pruned `budget` at a
+    time, round robin (so a call's work grows with the running computes, not with the projects).
+    Under the project lock, so no restore changes epochs meanwhile."""
+    idle, running = [], []
+    for branch in plane.all_branches():
+        project = plane.find_project(branch.project_id)
+        if project is None or not enabled(project):
             continue
-        for branch in plane.branches(project.id):
-            try:
-                async with plane.project_lock(project.id):
-                    if not plane.has_project(project.id):
-                        break
-                    await _snapshot_running(plane, project, branch.id)
-                    await asyncio.to_thread(prune, plane, project, branch.id)
-            except Exception as exc:
-                log.warning("history maintenance of branch %s failed: %s", branch.id,
-                            getattr(exc, "user_message", exc))
+        primary = plane.primary(project.id, branch.id)
+        (running if primary is not None and plane.is_running(primary.id) else idle).append(branch.id)
+    visit, cursor = maintenance_round(idle, running, after, budget)
+    pruned = []
+    for branch_id in visit:
+        branch = plane.find_branch(branch_id)
+        if branch is None:
+            continue
+        try:
+            async with plane.project_lock(branch.project_id):
+                project = plane.find_project(branch.project_id)
+                if project is None or plane.find_branch(branch_id) is None:
+                    continue
+                await _snapshot_running(plane, project, branch_id)
+                if await asyncio.to_thread(prune, plane, project, branch_id):
+                    pruned.append(branch_id)
+        except Exception as exc:
+            log.warning("history maintenance of branch %s failed: %s", branch_id, getattr(exc, "user_message", exc))
+    return Maintained(cursor, tuple(pruned))
 
 
 async def _snapshot_running(plane: ControlPlane, project: model.Project, branch_id: str) -> None:

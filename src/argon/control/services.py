@@ -51,7 +51,9 @@ class Control:
             from argon.control.backup import BackupService
 
             backup = BackupService(plane)
-        return cls(plane=plane, computes=Lifecycle(plane, backup), metrics=metrics, figures=Figures(plane, metrics),
+        figures = Figures(plane, metrics)
+        metrics.storage = figures  # storage samples are the figures, measured once (ADR 0022)
+        return cls(plane=plane, computes=Lifecycle(plane, backup), metrics=metrics, figures=figures,
                    api_keys=ApiKeys(plane), autoscaler=Autoscaler(plane), disk=DiskGuard(plane),
                    backup=backup)
 
@@ -62,6 +64,7 @@ class Control:
         await self.api_keys.load()
 
     async def close(self) -> None:
+        await self.figures.stop()
         await self.metrics.stop()
         await self.autoscaler.stop()
         await self.disk.stop()

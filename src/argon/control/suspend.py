@@ -76,6 +76,7 @@ class SuspendMonitor:
         self._task: asyncio.Task[None] | None = None
         self._running_since: dict[str, float] = {}
         self._history: asyncio.Task[None] | None = None
+        self._history_cursor = ""  # where the round robin of idle branches' pruning goes on
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop())
@@ -98,17 +99,24 @@ class SuspendMonitor:
                     await snapshots.delete_expired(self.control)
                     await adopt_strays(self.control)
                 if ticks % HISTORY_EVERY == 0 and (self._history is None or self._history.done()):
-                    self._history = self.plane.spawn(maintain(self.plane), "history snapshots and pruning")
+                    self._history = self.plane.spawn(self._maintain(), "history snapshots and pruning")
             except Exception:  # the monitor must survive anything one compute does
                 log.exception("suspend check failed")
+
+    async def _maintain(self) -> None:
+        done = await maintain(self.plane, self._history_cursor)
+        self._history_cursor = done.cursor
+        for branch_id in done.pruned:  # files gone that no record shows: measure again
+            self.control.figures.touch(branch_id)
 
     async def check_all(self) -> None:
         plane = self.plane
         now = time.monotonic()
-        for ep in plane.endpoints():
-            if not plane.is_running(ep.id):
-                self._running_since.pop(ep.id, None)
-                continue
+        running = plane.running_endpoints()  # the work per look grows with the running, not the idle
+        ids = {ep.id for ep in running}
+        for gone in [e for e in self._running_since if e not in ids]:
+            del self._running_since[gone]
+        for ep in running:
             since = self._running_since.setdefault(ep.id, now)
             timeout = ep.effective_suspend_timeout(plane.settings.suspend_timeout)
             decision = decide(now=now, timeout=timeout, activity=plane.activity.snapshot(ep.id), running_since=since)

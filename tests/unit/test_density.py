@@ -1,0 +1,78 @@
+"""Density (ADR 0022) without a postmaster: which branches the storage figures measure per tick, which
+branches one minute of history maintenance visits, and the plane's per-project indexes."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from argon.control.figures import Seen, due
+from argon.control.retention import maintenance_round
+
+SIG_A = ("branch a", "endpoint a idle")
+SIG_A_SUSPENDED = ("branch a", "endpoint a suspended just now")
+
+
+def test_an_idle_branch_that_did_not_change_is_never_measured_again() -> None:
+    seen = {"a": Seen(at=0.0, signature=SIG_A, running=False)}
+    assert due({"a": (SIG_A, False)}, seen, set(), set(), now=1e9) == []
+
+
+def test_a_change_a_touch_a_new_branch_and_a_running_one_are_measured() -> None:
+    seen = {"a": Seen(0.0, SIG_A, False), "b": Seen(0.0, ("b",), False), "r": Seen(100.0, ("r",), True)}
+    view = {"a": (SIG_A_SUSPENDED, False), "b": (("b",), False), "new": (("new",), False), "r": (("r",), True)}
+    assert due(view, seen, {"b"}, set(), now=100.0 + 14, ttl=15) == ["a", "b", "new"]  # r measured 14 s ago
+    assert due(view, seen, {"b"}, set(), now=100.0 + 15, ttl=15) == ["a", "b", "new", "r"]
+    # the compute stopped (a suspend), the records not written yet: measured anyway
+    assert due({"r": (("r",), False)}, seen, set(), set(), now=100.0) == ["r"]
+
+
+def test_the_budget_bounds_a_tick_and_seeded_branches_come_last() -> None:
+    view = {f"s{i}": ((f"s{i}",), False) for i in range(100)} | {"new": (("new",), False)}
+    seeded = {f"s{i}" for i in range(100)}
+    picked = due(view, {}, set(), seeded, now=0.0, budget=10)
+    assert len(picked) == 10 and picked[0] == "new"
+
+
+def test_maintenance_visits_every_running_branch_and_a_round_robin_of_idle_ones() -> None:
+    idle = [f"b{i:02d}" for i in range(10)]
+    visit, cursor = maintenance_round(idle, ["run"], "", 4)
+    assert visit == ["run", "b00", "b01", "b02", "b03"] and cursor == "b03"
+    visit, cursor = maintenance_round(idle, ["run"], cursor, 4)
+    assert visit == ["run", "b04", "b05", "b06", "b07"]
+    visit, cursor = maintenance_round(idle, [], "b07", 4)
+    assert visit == ["b08", "b09", "b00", "b01"] and cursor == "b01"  # wraps around
+    assert maintenance_round([], ["run"], "b01", 4) == (["run"], "b01")
+
+
+def test_a_projects_branches_and_endpoints_come_from_its_own_index() -> None:
+    from argon import model
+    from argon.control.plane import ControlPlane
+
+    plane = ControlPlane.__new__(ControlPlane)  # the view only: no store, no computes
+    plane._projects, plane._branches, plane._endpoints, plane._verifiers = {}, {}, {}, {}
+    plane._project_branches, plane._project_endpoints = {}, {}
+    plane._endpoint_locks = {}
+    now = datetime(2026, 12, 1, tzinfo=UTC)
+
+    class Telemetry:
+        def forget_compute(self, labels: object) -> None:
+            pass
+
+    class Activity:
+        def forget(self, endpoint_id: str) -> None:
+            pass
+
+    plane.telemetry, plane.activity = Telemetry(), Activity()  # type: ignore[assignment]
+    for p in ("p1", "p2"):
+        plane._see(model.Project(id=p, name=p, region_id="local", pg_version=18, created_at=now, updated_at=now))
+        for b in ("main", "dev"):
+            plane._see(model.Branch(id=f"{p}-{b}", project_id=p, name=b, created_at=now, updated_at=now))
+            plane._see(model.Endpoint(id=f"{p}-{b}-ep", project_id=p, branch_id=f"{p}-{b}", created_at=now,
+                                      updated_at=now))
+    assert [b.id for b in plane.branches("p1")] == ["p1-dev", "p1-main"]
+    assert [e.id for e in plane.endpoints("p2", "p2-main")] == ["p2-main-ep"]
+    assert len(plane.endpoints()) == 4
+    plane._unsee(plane.branch("p1", "p1-dev"))
+    assert [b.id for b in plane.branches("p1")] == ["p1-main"] and len(plane.endpoints("p1")) == 1
+    plane._unsee(plane.project("p2"))
+    assert plane.branches("p2") == [] and plane.endpoints("p2") == [] and len(plane.endpoints()) == 1
