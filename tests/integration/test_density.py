@@ -42,6 +42,7 @@ def test_reads_never_walk_a_disk_nor_run_pg_controldata(platform: RunningPlatfor
     known = figures.get(bid)
     assert known.logical_size > 5_000_000
     calls: list[str] = []
+    control_data = figures_module.wal.control_data
 
     def walked(path: Any) -> Any:
         calls.append(f"walk {path}")
@@ -49,7 +50,7 @@ def test_reads_never_walk_a_disk_nor_run_pg_controldata(platform: RunningPlatfor
 
     def controldata(*args: Any, **kwargs: Any) -> Any:
         calls.append("pg_controldata")
-        return figures_module.wal.control_data(*args, **kwargs)
+        return control_data(*args, **kwargs)
 
     platform.call(figures.stop())  # the background measures nothing meanwhile: whatever runs is a read's
     try:

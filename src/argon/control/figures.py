@@ -107,6 +107,7 @@ class Figures:
         self._seen: dict[str, Seen] = {}
         self._touched: set[str] = set()
         self._task: asyncio.Task[None] | None = None
+        self._measuring: asyncio.Future[list[tuple[Target, BranchFigures | None, bool]]] | None = None
         self.measured = 0  # branches measured since start (the density benchmark and tests read it)
         # a running branch's figures are no older than its storage samples (every STORAGE_EVERY looks)
         self.ttl = min(TTL, plane.settings.metrics_interval * STORAGE_EVERY)
@@ -155,6 +156,9 @@ class Figures:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        if self._measuring is not None:
+            with contextlib.suppress(Exception):
+                await self._measuring
 
     async def _loop(self) -> None:
         plane = self.plane
@@ -181,7 +185,9 @@ class Figures:
             self.forget(gone)
         chosen = due(view, self._seen, self._touched, self._figures, now=now, budget=budget, ttl=self.ttl)
         targets = [self._target(branches[bid], *view[bid]) for bid in chosen]
-        measured = await asyncio.to_thread(lambda: [(t, *self.measure(t)) for t in targets])
+        work = asyncio.ensure_future(asyncio.to_thread(lambda: [(t, *self.measure(t)) for t in targets]))
+        self._measuring = work
+        measured = await asyncio.shield(work)  # a stop waits for it: a thread cannot be cancelled
         for target, figures, whole in measured:
             bid = target.branch_id
             self._touched.discard(bid)
