@@ -93,6 +93,13 @@ async def delete_expired(control: Control) -> list[str]:
     return deleted
 
 
+def touch_figures(control: Control, project_id: str) -> None:
+    """A branch made, deleted or restored changes its relatives' files too (a parent's snapshot copied
+    and linked into a child's history, link counts that split a file's blocks): measure them all."""
+    for b in control.plane.branches(project_id):
+        control.figures.touch(b.id)
+
+
 def default_branch(plane: ControlPlane, project_id: str) -> model.Branch:
     for b in plane.branches(project_id):
         if b.default:
@@ -232,6 +239,7 @@ async def create_branch(control: Control, project_id: str, req: BranchRequest) -
             raise
         databases = [d for d in stored if isinstance(d, model.Database)]
         await failpoint_async("branch.create.after_metadata")
+    touch_figures(control, project_id)
     log.info("branch %s (%s) of %s created from %s at %s in %.0f ms", bid, name, project_id, parent.id, lsn,
              (time.monotonic() - started) * 1000)
     for op in ops[1:]:
@@ -311,6 +319,7 @@ async def delete_branch(control: Control, project_id: str, branch_id: str, *,
         await asyncio.to_thread(safefs.rmtree, plane.layout.branch_dir(project_id, branch_id))
         await failpoint_async("branch.delete.after_rmtree")
         ops.append(await plane.record(project_id, model.OperationAction.DELETE_TIMELINE, branch_id=branch_id))
+    touch_figures(control, project_id)
     log.info("branch %s of %s deleted%s", branch_id, project_id, " (expired)" if expired else "")
     return branch.replace(state=model.BranchState.ARCHIVED), ops
 
@@ -375,6 +384,7 @@ async def restore_branch(control: Control, project_id: str, branch_id: str, sour
             await asyncio.to_thread(_swap_in, plane, project, intent)
             restored, ops = await finish_restore(control, intent, duration_ms=int((time.monotonic() - started) * 1000))
     backup = intent["backup_id"]
+    touch_figures(control, project_id)
     log.info("branch %s of %s restored from %s at %s%s in %.0f ms", branch_id, project_id, source.id, lsn,
              f" (old state kept as {backup})" if backup else "", (time.monotonic() - started) * 1000)
     return restored, ops
