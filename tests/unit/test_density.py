@@ -8,26 +8,26 @@ from datetime import UTC, datetime
 from argon.control.figures import Seen, due
 from argon.control.retention import maintenance_round
 
-SIG_A = ("branch a", "endpoint a idle")
-SIG_A_SUSPENDED = ("branch a", "endpoint a suspended just now")
+SIG_A = 7  # the plane's change number of branch a when it was measured
+SIG_A_SUSPENDED = 9  # its endpoint's record changed since (a suspend)
 
 
 def test_an_idle_branch_that_did_not_change_is_never_measured_again() -> None:
-    seen = {"a": Seen(at=0.0, signature=SIG_A, running=False)}
+    seen = {"a": Seen(at=0.0, change=SIG_A, running=False)}
     assert due({"a": (SIG_A, False)}, seen, set(), set(), now=1e9) == []
 
 
 def test_a_change_a_touch_a_new_branch_and_a_running_one_are_measured() -> None:
-    seen = {"a": Seen(0.0, SIG_A, False), "b": Seen(0.0, ("b",), False), "r": Seen(100.0, ("r",), True)}
-    view = {"a": (SIG_A_SUSPENDED, False), "b": (("b",), False), "new": (("new",), False), "r": (("r",), True)}
+    seen = {"a": Seen(0.0, SIG_A, False), "b": Seen(0.0, 2, False), "r": Seen(100.0, 3, True)}
+    view = {"a": (SIG_A_SUSPENDED, False), "b": (2, False), "new": (4, False), "r": (3, True)}
     assert due(view, seen, {"b"}, set(), now=100.0 + 14, ttl=15) == ["a", "b", "new"]  # r measured 14 s ago
     assert due(view, seen, {"b"}, set(), now=100.0 + 15, ttl=15) == ["a", "b", "new", "r"]
     # the compute stopped (a suspend), the records not written yet: measured anyway
-    assert due({"r": (("r",), False)}, seen, set(), set(), now=100.0) == ["r"]
+    assert due({"r": (3, False)}, seen, set(), set(), now=100.0) == ["r"]
 
 
 def test_the_budget_bounds_a_tick_and_seeded_branches_come_last() -> None:
-    view = {f"s{i}": ((f"s{i}",), False) for i in range(100)} | {"new": (("new",), False)}
+    view = {f"s{i}": (i, False) for i in range(100)} | {"new": (100, False)}
     seeded = {f"s{i}" for i in range(100)}
     picked = due(view, {}, set(), seeded, now=0.0, budget=10)
     assert len(picked) == 10 and picked[0] == "new"
@@ -50,7 +50,7 @@ def test_a_projects_branches_and_endpoints_come_from_its_own_index() -> None:
 
     plane = ControlPlane.__new__(ControlPlane)  # the view only: no store, no computes
     plane._projects, plane._branches, plane._endpoints, plane._verifiers = {}, {}, {}, {}
-    plane._project_branches, plane._project_endpoints = {}, {}
+    plane._project_branches, plane._project_endpoints, plane._changes, plane._change_seq = {}, {}, {}, 0
     plane._endpoint_locks = {}
     now = datetime(2026, 12, 1, tzinfo=UTC)
 
@@ -70,6 +70,10 @@ def test_a_projects_branches_and_endpoints_come_from_its_own_index() -> None:
             plane._see(model.Endpoint(id=f"{p}-{b}-ep", project_id=p, branch_id=f"{p}-{b}", created_at=now,
                                       updated_at=now))
     assert [b.id for b in plane.branches("p1")] == ["p1-dev", "p1-main"]
+    changes = dict(plane.branch_changes())
+    plane._see(plane.endpoint("p1", "p1-main-ep").replace(current_state=model.ComputeState.IDLE))
+    assert plane.branch_changes()["p1-main"] > changes["p1-main"]  # an endpoint's change is its branch's
+    assert plane.branch_changes()["p1-dev"] == changes["p1-dev"]
     assert [e.id for e in plane.endpoints("p2", "p2-main")] == ["p2-main-ep"]
     assert len(plane.endpoints()) == 4
     plane._unsee(plane.branch("p1", "p1-dev"))

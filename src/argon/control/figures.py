@@ -26,11 +26,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Container, Iterable, Mapping
+from collections.abc import Container, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from argon import model
 from argon.compute.osuser import OsUser, project_user
 from argon.control.metrics import STORAGE_EVERY, MetricsSampler
 from argon.control.plane import ControlPlane
@@ -57,7 +56,7 @@ class Seen:
     """What one branch looked like when it was last measured."""
 
     at: float  # time.monotonic()
-    signature: tuple[object, ...]  # its record and its endpoints' records
+    change: int  # the plane's change number of the branch (its record's or an endpoint's)
     running: bool
 
 
@@ -73,25 +72,21 @@ class Target:
     bindir: Path | None
     owner: OsUser | None
     sampled_lsn: int | None
-    signature: tuple[object, ...]
+    change: int
     running: bool
 
 
-def signature(branch: model.Branch, endpoints: Iterable[model.Endpoint]) -> tuple[object, ...]:
-    return (branch, *endpoints)
-
-
-def due(branches: Mapping[str, tuple[tuple[object, ...], bool]], seen: Mapping[str, Seen], touched: Container[str],
+def due(branches: Mapping[str, tuple[int, bool]], seen: Mapping[str, Seen], touched: Container[str],
         seeded: Container[str], *, now: float, budget: int = BUDGET, ttl: float = TTL) -> list[str]:
-    """Pure: which branches to measure now, most needed first. `branches`: branch -> (signature,
+    """Pure: which branches to measure now, most needed first. `branches`: branch -> (change number,
     running) as the view has it now; `seeded`: branches with sizes from the store, not measured
     since start-up (they wait for the new, changed and running ones)."""
     changed, running, stale = [], [], []
-    for bid, (sig, is_running) in branches.items():
+    for bid, (change, is_running) in branches.items():
         last = seen.get(bid)
         if last is None and bid in seeded and bid not in touched:
             stale.append(bid)
-        elif last is None or bid in touched or last.signature != sig or last.running != is_running:
+        elif last is None or bid in touched or last.change != change or last.running != is_running:
             changed.append(bid)
         elif is_running and now - last.at >= ttl:
             running.append(bid)
@@ -176,15 +171,13 @@ class Figures:
         """Measure the branches that are due (in a thread); returns how many were measured."""
         plane = self.plane
         now = time.monotonic()
-        view: dict[str, tuple[tuple[object, ...], bool]] = {}
-        branches = {b.id: b for b in plane.all_branches()}
-        for bid, branch in branches.items():
-            eps = plane.endpoints(branch.project_id, bid)
-            view[bid] = (signature(branch, eps), any(plane.is_running(e.id) for e in eps))
-        for gone in [b for b in self._seen if b not in branches]:
+        running = {ep.branch_id for ep in plane.running_endpoints()}
+        changes = plane.branch_changes()
+        view = {bid: (change, bid in running) for bid, change in changes.items()}
+        for gone in [b for b in self._seen if b not in changes]:
             self.forget(gone)
         chosen = due(view, self._seen, self._touched, self._figures, now=now, budget=budget, ttl=self.ttl)
-        targets = [self._target(branches[bid], *view[bid]) for bid in chosen]
+        targets = [t for bid in chosen if (t := self._target(bid, *view[bid])) is not None]
         work = asyncio.ensure_future(asyncio.to_thread(lambda: [(t, *self.measure(t)) for t in targets]))
         self._measuring = work
         measured = await asyncio.shield(work)  # a stop waits for it: a thread cannot be cancelled
@@ -194,7 +187,7 @@ class Figures:
             if plane.find_branch(bid) is None or figures is None:
                 self.forget(bid)  # deleted meanwhile
                 continue
-            self._seen[bid] = Seen(now, target.signature, target.running)
+            self._seen[bid] = Seen(now, target.change, target.running)
             self._figures[bid] = figures
             if not whole:
                 self._touched.add(bid)
@@ -207,9 +200,12 @@ class Figures:
             if not await self.tick(budget=1 << 30):
                 return
 
-    def _target(self, branch: model.Branch, sig: tuple[object, ...], running: bool) -> Target:
+    def _target(self, branch_id: str, change: int, running: bool) -> Target | None:
         plane = self.plane
-        project = plane.project(branch.project_id)
+        branch = plane.find_branch(branch_id)
+        project = plane.find_project(branch.project_id) if branch is not None else None
+        if branch is None or project is None:
+            return None
         install = plane.installs.get(project.pg_version)
         primary = plane.primary(project.id, branch.id)
         return Target(project_id=project.id, branch_id=branch.id,
@@ -217,7 +213,7 @@ class Figures:
                       pgdata=plane.layout.pgdata(project.id, branch.id),
                       bindir=install.bindir if install is not None else None, owner=project_user(project.os_uid),
                       sampled_lsn=self.metrics.current_lsn(primary.id) if primary is not None else None,
-                      signature=sig, running=running)
+                      change=change, running=running)
 
     def measure(self, t: Target) -> tuple[BranchFigures | None, bool]:
         """One branch's figures from its files (blocking: run in a thread), and whether they are whole

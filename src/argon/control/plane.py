@@ -91,6 +91,10 @@ class ControlPlane:
         # the platform holds (a list of 400 projects among 1,000 looks at 400 projects' rows)
         self._project_branches: dict[str, dict[str, None]] = {}
         self._project_endpoints: dict[str, dict[str, None]] = {}
+        # branch -> a number that grows whenever the branch's record or one of its endpoints' changes
+        # (what the storage figures compare to know which branches to measure again)
+        self._changes: dict[str, int] = {}
+        self._change_seq = 0
         self._verifiers: dict[tuple[str, str], str] = {}  # (branch_id, role) -> SCRAM verifier
         self._endpoint_locks: dict[str, asyncio.Lock] = {}
         self._project_locks: dict[str, asyncio.Lock] = {}
@@ -204,14 +208,25 @@ class ControlPlane:
         elif isinstance(obj, model.Branch):
             self._branches[obj.id] = obj
             self._project_branches.setdefault(obj.project_id, {})[obj.id] = None
+            self._changed(obj.id)
         elif isinstance(obj, model.Endpoint):
             self._endpoints[obj.id] = obj
             self._project_endpoints.setdefault(obj.project_id, {})[obj.id] = None
+            self._changed(obj.branch_id)
         elif isinstance(obj, model.Role):
             if obj.verifier and obj.login:
                 self._verifiers[(obj.branch_id, obj.name)] = obj.verifier
             else:
                 self._verifiers.pop((obj.branch_id, obj.name), None)
+
+    def _changed(self, branch_id: str) -> None:
+        self._change_seq += 1
+        self._changes[branch_id] = self._change_seq
+
+    def branch_changes(self) -> dict[str, int]:
+        """Every branch with the number of its latest change (its record's or an endpoint's): equal
+        numbers, nothing changed in between."""
+        return self._changes
 
     def _unsee(self, obj: Any) -> None:
         if isinstance(obj, model.Project):
@@ -222,6 +237,7 @@ class ControlPlane:
             self._project_endpoints.pop(obj.id, None)
         elif isinstance(obj, model.Branch):
             self._branches.pop(obj.id, None)
+            self._changes.pop(obj.id, None)
             self._project_branches.get(obj.project_id, {}).pop(obj.id, None)
             for key in [k for k in self._verifiers if k[0] == obj.id]:
                 del self._verifiers[key]
@@ -231,6 +247,8 @@ class ControlPlane:
             self.telemetry.forget_compute(compute_labels(obj))
             self._endpoints.pop(obj.id, None)
             self._project_endpoints.get(obj.project_id, {}).pop(obj.id, None)
+            if obj.branch_id in self._changes:
+                self._changed(obj.branch_id)
             self._endpoint_locks.pop(obj.id, None)
             self.activity.forget(obj.id)
         elif isinstance(obj, model.Role):
