@@ -12,7 +12,8 @@ memory: a read never walks a disk nor runs anything (ADR 0022).
 
 When a branch is measured (`due`, a pure decision over a snapshot of the view): when it is new to
 the figures, when its record or one of its endpoints' records changed since its last measurement
-(a suspend, a start, a restore, a reset), when it was `touch`ed (history pruned), and every `TTL`
+(a suspend, a start, a restore, a reset: `ControlPlane.branch_changes`), when it was `touch`ed
+(history pruned; a branch made, deleted or restored in its project), and every `TTL`
 seconds while its compute runs (it writes). An idle branch's files do not change, so it is not
 measured again: the work per tick grows with the running computes and the changes, not with the
 number of projects, and at most `BUDGET` branches are measured per tick (every `INTERVAL` seconds,
