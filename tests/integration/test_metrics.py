@@ -78,8 +78,11 @@ def test_samples_are_real_and_the_api_figures_follow_them(sampled: RunningPlatfo
         marker = sampled.plane.clock()
 
         def grown() -> list[MetricSample]:
+            # the logical size comes from the compute at once, the bytes on disk from the storage
+            # figures, which measure a running branch every 5 looks: wait for both
             return [s for s in _samples(sampled, pid) if s.endpoint_id is None and s.branch_id == bid
-                    and s.at > marker and (s.logical_bytes or 0) >= first_storage.logical_bytes + 10_000_000]
+                    and s.at > marker and (s.logical_bytes or 0) >= first_storage.logical_bytes + 10_000_000
+                    and (s.storage_bytes or 0) >= first_storage.storage_bytes + 10_000_000]
 
         later = _wait_for("the logical size to grow by 10 MB", grown)[-1]
         assert later.storage_bytes and later.storage_bytes >= first_storage.storage_bytes + 10_000_000
