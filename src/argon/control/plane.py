@@ -128,15 +128,20 @@ class ControlPlane:
             await asyncio.gather(*list(self._background), return_exceptions=True)
 
     async def load(self) -> None:
-        """Fill the in-memory view from the store (at start-up)."""
-        for project in await self.db(self.store.list_projects):
-            self._see(project)
-            for branch in await self.db(self.store.list_branches, project.id):
-                self._see(branch)
-                for role in await self.db(self.store.list_roles, branch.id):
-                    self._see(role)
-            for ep in await self.db(self.store.list_endpoints, project.id):
-                self._see(ep)
+        """Fill the in-memory view from the store (at start-up): every query in one visit to the
+        store's thread, not one visit per query (3,000 of them at 1,000 projects)."""
+        def read() -> list[Any]:
+            rows: list[Any] = []
+            for project in self.store.list_projects():
+                rows.append(project)
+                for branch in self.store.list_branches(project.id):
+                    rows.append(branch)
+                    rows.extend(self.store.list_roles(branch.id))
+                rows.extend(self.store.list_endpoints(project.id))
+            return rows
+
+        for obj in await self.db(read):
+            self._see(obj)
 
     async def close(self) -> None:
         await self.drain()
