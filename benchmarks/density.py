@@ -47,7 +47,7 @@ from typing import Any
 import httpx
 import psycopg
 
-from benchmarks.core.common import BenchError, ratio, short_tmpdir, summarize
+from benchmarks.core.common import BenchError, ratio, short_tmpdir, stop_on_sigterm, summarize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.fixtures.argon_process import API_KEY, ArgonProcess
@@ -394,6 +394,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer samples, a 20 s idle CPU window")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    stop_on_sigterm()  # a `timeout` unwinds like Ctrl-C: argon, its computes and the XFS image are cleaned up
     results: dict[str, Any] = {"load": load(), "cpus": os.cpu_count(), "backends": {}}
     errors: dict[str, str] = {}
     for kind, spec in (("reflink", args.sizes), ("copy", args.copy_sizes)):
