@@ -18,7 +18,9 @@ import os
 import resource
 import socket
 import time
+import weakref
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +58,9 @@ from argon.storage.layout import Layout
 from argon.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
+
+BLOCKING_THREADS = 32  # asyncio.to_thread's pool: threads that mostly wait, not compute
+_sized_loops: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
 
 
 @dataclass
@@ -113,6 +118,14 @@ class Platform:
         started = time.monotonic()
         s = self.settings
         raise_fd_limit()
+        # asyncio.to_thread's default pool is sized for CPU work (cores + 4: six threads here), but
+        # Argon's blocking calls mostly wait (subprocesses, fsync, a compute's stop and its history
+        # step): with a few computes stopping at once, an API call's own file work queued behind them.
+        loop = asyncio.get_running_loop()
+        if loop not in _sized_loops:  # once per loop (tests start several platforms on one)
+            loop.set_default_executor(ThreadPoolExecutor(max_workers=BLOCKING_THREADS,
+                                                         thread_name_prefix="argon-blocking"))
+            _sized_loops.add(loop)
         host = host_ids() if os.geteuid() == 0 else None
         if host is not None:  # per-project uids: they must be Argon's alone
             refused = check_uid_range(s.compute_uid_base, s.compute_uid_count, host)
