@@ -50,6 +50,7 @@ class BranchRequest:
     expires_at: datetime | None = None
     endpoints: list[model.EndpointSettings] = field(default_factory=list)
     endpoint_type: model.EndpointType = model.EndpointType.READ_WRITE  # of the one endpoint asked for
+    endpoint_pg_settings: dict[str, str] = field(default_factory=dict)  # checked (tenant_settings)
 
 
 @dataclass(frozen=True)
@@ -214,7 +215,8 @@ async def create_branch(control: Control, project_id: str, req: BranchRequest) -
         endpoints = [model.Endpoint(id=ids.endpoint_id(), project_id=project_id, branch_id=bid, created_at=now,
                                     updated_at=now, autoscaling_limit_min_cu=s.autoscaling_limit_min_cu,
                                     autoscaling_limit_max_cu=s.autoscaling_limit_max_cu,
-                                    suspend_timeout_seconds=s.suspend_timeout_seconds, type=req.endpoint_type)
+                                    suspend_timeout_seconds=s.suspend_timeout_seconds, type=req.endpoint_type,
+                                    pg_settings=dict(req.endpoint_pg_settings))
                      for s in req.endpoints]
         ops = [model.Operation(id=ids.operation_id(), project_id=project_id,
                                action=model.OperationAction.CREATE_BRANCH, status=model.OperationStatus.FINISHED,
