@@ -55,3 +55,11 @@ def test_bare_numbers_are_in_the_settings_own_unit() -> None:
 def test_live_and_start_only() -> None:
     assert tenant_settings.split_live(["work_mem", "max_prepared_transactions"]) == (
         ["work_mem"], ["max_prepared_transactions"])
+
+
+def test_a_standby_gets_at_least_its_primarys_shared_memory_settings() -> None:
+    assert tenant_settings.for_standby({"work_mem": "8MB"}, {"max_prepared_transactions": "5"}) == {
+        "work_mem": "8MB", "max_prepared_transactions": "5"}
+    assert tenant_settings.for_standby({"max_locks_per_transaction": "200"}, {"max_locks_per_transaction": "100"}) == {
+        "max_locks_per_transaction": "200"}
+    assert tenant_settings.for_standby({}, {"work_mem": "1GB"}) == {}

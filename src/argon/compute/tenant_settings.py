@@ -172,3 +172,17 @@ def check(settings: Mapping[str, Any] | None) -> dict[str, str]:
 def split_live(names: list[str]) -> tuple[list[str], list[str]]:
     """(the ones a reload applies, the ones that wait for the next start)."""
     return ([n for n in names if TENANT_SETTINGS[n].live], [n for n in names if not TENANT_SETTINGS[n].live])
+
+
+# A hot standby refuses to run with less of these than its primary has (Postgres checks at start and
+# on the primary's parameter-change WAL record): a replica gets at least its primary's.
+STANDBY_AT_LEAST = {"max_prepared_transactions": 0, "max_locks_per_transaction": 64}  # Postgres' defaults
+
+
+def for_standby(own: Mapping[str, str], primary: Mapping[str, str]) -> dict[str, str]:
+    """A read replica's pg_settings: its own, with the primary's where a standby needs at least those."""
+    out = dict(own)
+    for name, default in STANDBY_AT_LEAST.items():
+        if name in own or name in primary:
+            out[name] = str(max(int(own.get(name, default)), int(primary.get(name, default))))
+    return out
