@@ -23,14 +23,16 @@ def test_pg_settings_apply_live_or_at_next_start(platform: RunningPlatform) -> N
     try:
         before = show(uri, "work_mem", "max_prepared_transactions")
         resp = platform.api.patch(f"/projects/{pid}/endpoints/{ep}", json={"endpoint": {"settings": {"pg_settings": {
-            "work_mem": "12MB", "statement_timeout": "7s", "max_prepared_transactions": 5}}}})
+            "work_mem": "12MB", "statement_timeout": "7s", "max_prepared_transactions": 5,
+            "TimeZone": "Europe/Berlin"}}}})
         assert resp.status_code == 200, resp.text
         body = resp.json()
         assert body["endpoint"]["settings"]["pg_settings"] == {
-            "work_mem": "12MB", "statement_timeout": "7s", "max_prepared_transactions": "5"}
-        assert body["applied"] == {"now": ["pg_settings.statement_timeout", "pg_settings.work_mem"],
+            "work_mem": "12MB", "statement_timeout": "7s", "max_prepared_transactions": "5", "timezone": "Europe/Berlin"}
+        assert body["applied"] == {"now": ["pg_settings.statement_timeout", "pg_settings.timezone", "pg_settings.work_mem"],
                                    "next_start": ["pg_settings.max_prepared_transactions"]}
-        assert show(uri, "work_mem", "statement_timeout", "max_prepared_transactions") == ["12MB", "7s", before[1]]
+        assert show(uri, "work_mem", "statement_timeout", "max_prepared_transactions", "timezone") == [
+            "12MB", "7s", before[1], "Europe/Berlin"]
 
         refused = platform.api.patch(f"/projects/{pid}/endpoints/{ep}", json={"endpoint": {"settings": {
             "pg_settings": {"work_mem": "16MB", "archive_command": "cp %p /tmp/x"}}}})
@@ -45,7 +47,7 @@ def test_pg_settings_apply_live_or_at_next_start(platform: RunningPlatform) -> N
         resp = platform.api.patch(f"/projects/{pid}/endpoints/{ep}", json={"endpoint": {"settings": {"pg_settings": {
             "max_prepared_transactions": "5"}}}})
         assert resp.status_code == 200 and resp.json()["applied"]["now"] == [
-            "pg_settings.statement_timeout", "pg_settings.work_mem"]
+            "pg_settings.statement_timeout", "pg_settings.timezone", "pg_settings.work_mem"]
         assert show(uri, "work_mem", "statement_timeout") == [before[0], "0"]
     finally:
         platform.delete_project(pid)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from argon.compute import tenant_settings
+from argon.compute.binaries import PgInstall
 
 
 def test_accepted_values_are_normalised() -> None:
@@ -63,3 +66,15 @@ def test_a_standby_gets_at_least_its_primarys_shared_memory_settings() -> None:
     assert tenant_settings.for_standby({"max_locks_per_transaction": "200"}, {"max_locks_per_transaction": "100"}) == {
         "max_locks_per_transaction": "200"}
     assert tenant_settings.for_standby({}, {"work_mem": "1GB"}) == {}
+
+
+def test_the_installation_must_have_the_time_zone(tmp_path: Path) -> None:
+    """A zone Python knows but the Postgres build lacks would stop the compute's start: refused."""
+    (tmp_path / "bin").mkdir()
+    zones = tmp_path / "share" / "timezone"
+    (zones / "Europe").mkdir(parents=True)
+    (zones / "Europe" / "Berlin").write_bytes(b"TZif")
+    install = PgInstall(18, "18.1", tmp_path / "bin", "explicit")
+    tenant_settings.check_for({"timezone": "Europe/Berlin", "work_mem": "1MB"}, install)
+    with pytest.raises(ValueError, match="timezone: PostgreSQL 18 on this server has no time zone 'Asia/Tokyo'"):
+        tenant_settings.check_for({"timezone": "Asia/Tokyo"}, install)

@@ -19,7 +19,10 @@ import zoneinfo
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 from typing import Any
+
+from argon.compute.binaries import PgInstall
 
 INT_MAX = 2147483647
 _MEMORY_UNITS = {"B": 1 / 1024, "kB": 1, "MB": 1024, "GB": 1024**2, "TB": 1024**3}
@@ -167,6 +170,26 @@ def check(settings: Mapping[str, Any] | None) -> dict[str, str]:
             raise ValueError(f"{raw} must be a string or a number")
         out[name] = setting.check(name, str(value))
     return out
+
+
+SYSTEM_ZONES = Path("/usr/share/zoneinfo")  # a build --with-system-tzdata (Debian's) reads these
+
+
+def zone_dir(install: PgInstall) -> Path | None:
+    """The time zone files `install` reads: its own `share/timezone`, else the system's."""
+    for candidate in (install.bindir.parent / "share" / "timezone", SYSTEM_ZONES):
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def check_for(settings: Mapping[str, str], install: PgInstall) -> None:
+    """What only the installation can say: that it has the time zone (Python's database, which
+    `check` uses, may hold a zone a Postgres build lacks, and an unknown zone stops a start)."""
+    name = settings.get("timezone")
+    zones = zone_dir(install) if name is not None else None
+    if name is not None and zones is not None and not (zones / name).is_file():
+        raise ValueError(f"timezone: PostgreSQL {install.major} on this server has no time zone {name!r}")
 
 
 def split_live(names: list[str]) -> tuple[list[str], list[str]]:

@@ -27,6 +27,7 @@ from argon.compute import postmaster
 from argon.compute.admin import connect_admin
 from argon.compute.osuser import project_user
 from argon.control import pitr, retention
+from argon.control.endpoints import check_settings_for
 from argon.control.plane import ControlPlane
 from argon.control.projects import first_start
 from argon.control.replicas import remove_replicas
@@ -172,6 +173,7 @@ async def create_branch(control: Control, project_id: str, req: BranchRequest) -
                         "parent_timestamp")
     if len(req.endpoints) > 1:
         raise UserError("create a branch with one endpoint; add more with POST /projects/{project_id}/endpoints")
+    check_settings_for(plane, project_id, req.endpoint_pg_settings)
     await asyncio.to_thread(control.disk.check_room, "a new branch")  # 507 within the reserve (ADR 0025)
     async with plane.project_lock(project_id):
         parent = plane.branch(project_id, req.parent_id) if req.parent_id else default_branch(plane, project_id)

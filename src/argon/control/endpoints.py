@@ -11,6 +11,7 @@ from argon.compute import tenant_settings
 from argon.compute.osuser import project_user
 from argon.compute.params import gucs_for_cu
 from argon.control.autoscale import CU_STEPS, limits_for
+from argon.control.plane import ControlPlane
 from argon.control.services import Control
 from argon.errors import UserError
 
@@ -40,6 +41,16 @@ def check_suspend_timeout(value: object) -> int:
         raise UserError(f"suspend_timeout_seconds must be between -1 (never) and {model.MAX_SUSPEND_TIMEOUT}; "
                         "0 means the platform default")
     return value
+
+
+def check_settings_for(plane: ControlPlane, project_id: str, pg_settings: dict[str, str]) -> None:
+    """pg_settings against the project's installation (its time zones); a UserError names the setting."""
+    install = plane.installs.get(plane.project(project_id).pg_version)
+    if install is not None and pg_settings:
+        try:
+            tenant_settings.check_for(pg_settings, install)
+        except ValueError as exc:
+            raise UserError(f"pg_settings.{exc}") from None
 
 
 @dataclass(frozen=True)
@@ -75,6 +86,7 @@ async def update_endpoint(control: Control, project_id: str, endpoint_id: str,
         if hi != ep.autoscaling_limit_max_cu:
             sized.append("temp_file_limit")
         new = ep.replace(**changes)
+        check_settings_for(plane, project_id, new.pg_settings)
         changed_settings = sorted(k for k in set(ep.pg_settings) | set(new.pg_settings)
                                   if ep.pg_settings.get(k) != new.pg_settings.get(k))
         live_settings, start_settings = tenant_settings.split_live(changed_settings)
@@ -140,6 +152,7 @@ async def create_endpoint(control: Control, project_id: str, branch_id: str, *, 
     kind = model.EndpointType(type_)
     async with plane.project_lock(project_id):
         project = plane.project(project_id)
+        check_settings_for(plane, project_id, pg_settings or {})
         plane.branch(project_id, branch_id)
         if kind is model.EndpointType.READ_WRITE and plane.primary(project_id, branch_id) is not None:
             raise UserError(f"branch {branch_id!r} already has a read_write endpoint; a branch can have only one")

@@ -83,9 +83,11 @@ async def apply_spec(plane: ControlPlane, ep: model.Endpoint, spec: ComputeSpec)
     databases = await plane.db(plane.store.list_databases, ep.branch_id)
     conn = await connect_admin(spec.socket_dir)
     try:
-        await conn.execute(neon_superuser_sql(project.pg_version))
         cur = await conn.execute("SELECT rolname, rolpassword FROM pg_authid")
         existing_roles = {name: pw for name, pw in await cur.fetchall()}
+        if NEON_SUPERUSER not in existing_roles and any(r.name not in existing_roles for r in roles):
+            # Only where something is written anyway: a read replica's spec writes nothing.
+            await conn.execute(neon_superuser_sql(project.pg_version))
         for role in roles:
             if role.name not in existing_roles and not role.login:
                 await conn.execute(sql.SQL("CREATE ROLE {} WITH NOLOGIN").format(sql.Identifier(role.name)))
@@ -103,6 +105,7 @@ async def apply_spec(plane: ControlPlane, ep: model.Endpoint, spec: ComputeSpec)
             if db.name not in existing_dbs:
                 await conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(
                     sql.Identifier(db.name), sql.Identifier(db.owner_name)))
+                await conn.execute(neon_superuser_sql(project.pg_version))
                 await conn.execute(database_grant(db.name))
                 log.info("created database %s on %s", db.name, ep.id)
     finally:
