@@ -22,6 +22,7 @@ DEFAULT_BRANCH_NAME = "main"
 DEFAULT_DATABASE_NAME = "neondb"
 DEFAULT_CU = 0.25
 PLATFORM_ROLE = "cloud_admin"  # the platform's own superuser; never listed, never reachable via the proxy
+NEON_SUPERUSER = "neon_superuser"  # the group of the roles made through the API (Neon's name); never listed
 REGION_ID = "local"  # one region per installation; its id is a setting in a later release
 
 

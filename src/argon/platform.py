@@ -168,7 +168,9 @@ class Platform:
                 ensure_template, install, self.layout.templates_dir,
                 setup_sql=template_setup_sql(major), argon_os_user=plane.os_user)
             plane.initdb_settings[major] = initdb_settings(plane.templates[major])
-            plane.extensions[major] = await asyncio.to_thread(extensions.prepare, install, self.layout.runtime_dir)
+            elsewhere = {n: [m for m, sup in plane.extensions.items() if n in sup.names()] for n in extensions.ALLOW_LIST}
+            plane.extensions[major] = await asyncio.to_thread(extensions.prepare, install, self.layout.runtime_dir,
+                                                              elsewhere=elsewhere)
             log.debug("template for %d ready in %.0f ms", major, (time.monotonic() - t0) * 1000)
 
         for template in plane.templates.values():

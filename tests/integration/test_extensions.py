@@ -315,3 +315,48 @@ def test_schema_only_branch_keeps_the_extensions(platform: RunningPlatform, vers
         assert scalar(uri, "select count(*) from docs") == 0
     if "pgcrypto" in offered:
         assert scalar(uri, "select length(gen_random_bytes(4))") == 4
+
+
+def test_api_roles_are_neon_superusers_without_a_superuser_path(platform: RunningPlatform,
+                                                                versioned: dict[str, Any]) -> None:
+    """A role made through the API is in neon_superuser, as on Neon: it creates schemas and
+    allow-listed extensions in the project's databases and reads and writes every table; still no
+    program, file or superuser, and row security still holds (pg_cron's jobs as the platform role)."""
+    pid, branch = versioned["project"]["id"], versioned["branch"]["id"]
+    version = versioned["project"]["pg_version"]
+    body = available(platform, versioned)
+    offered = {e["name"] for e in body["extensions"]}
+    made = platform.api.post(f"/projects/{pid}/branches/{branch}/roles", json={"role": {"name": "app"}})
+    assert made.status_code == 201, made.text
+    assert platform.api.post(f"/projects/{pid}/branches/{branch}/databases",
+                             json={"database": {"name": "appdb", "owner_name": "neondb_owner"}}).status_code == 201
+    assert "neon_superuser" not in {r["name"] for r in platform.api.get(
+        f"/projects/{pid}/branches/{branch}/roles").json()["roles"]}
+    with psycopg.connect(platform.dsn(versioned), autocommit=True) as owner:
+        owner.execute("create table owned (x int)")
+        owner.execute("insert into owned values (1)")
+        if "pg_cron" in offered:
+            owner.execute("create extension pg_cron")
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):  # row security: only its own jobs
+                owner.execute("insert into cron.job (schedule, command, nodename, nodeport, database, username) "
+                              "values ('* * * * *', 'select 1', '', 0, 'neondb', 'cloud_admin')")
+    for database in ("neondb", "appdb"):
+        uri = platform.api.get(f"/projects/{pid}/connection_uri", params={
+            "branch_id": branch, "role_name": "app", "database_name": database}).json()["uri"]
+        with psycopg.connect(uri, autocommit=True) as app:
+            assert app.execute("select pg_has_role('neon_superuser', 'member'), rolsuper, rolcreatedb "
+                               "from pg_roles where rolname = current_user").fetchone() == (True, False, True)
+            app.execute("create schema app_schema")
+            app.execute("create extension bloom schema app_schema" if "bloom" in offered else "select 1")
+            app.execute("create extension if not exists pg_trgm schema app_schema")
+            if database == "neondb":
+                app.execute("insert into owned values (2)")  # pg_write_all_data, as Neon's roles
+                assert app.execute("select count(*) from owned").fetchone() == (2,)
+                assert_isolated(app)
+    if version >= 18 and "postgis" in body["not_available"]:
+        with psycopg.connect(platform.dsn(versioned), autocommit=True) as owner:
+            with pytest.raises(psycopg.errors.FeatureNotSupported) as err:
+                owner.execute("create extension postgis")
+            assert f"not available on PostgreSQL {version}" in str(err.value)
+            if "postgis" in body["other_versions"]:
+                assert f"PostgreSQL {body['other_versions']['postgis'][0]}" in str(err.value.diag.message_hint)

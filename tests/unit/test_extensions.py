@@ -52,12 +52,29 @@ def test_18_marks_platform_trusted_copies_and_leaves_the_installation_alone(tmp_
     overlay = tmp_path / "runtime" / "extensions" / "pg18"
     assert support.gucs["extension_control_path"] == f"{overlay}:$system"
     assert support.gucs["shared_preload_libraries"] == "pg_stat_statements"
-    copied = sorted(p.name for p in (overlay / "extension").iterdir())
+    copied = sorted(p.name for p in (overlay / "extension").iterdir()
+                    if "unavailable" not in p.name + p.read_text())
     assert copied == ["bloom--1.0.sql", "bloom.control", "pg_stat_statements--1.0.sql", "pg_stat_statements.control",
                       "vector--1.0.sql", "vector.control"]
     assert extensions.read_control(overlay / "extension" / "vector.control").trusted
     assert not extensions.read_control(tmp_path / "pg" / "share" / "extension" / "vector.control").trusted
     assert "pgcrypto" in support.missing and "file_fdw" not in support.names()
+
+
+def test_18_stands_in_for_what_it_lacks_with_a_clear_error(tmp_path: Path) -> None:
+    """An allow-listed extension the installation lacks gets a stand-in whose script only raises, saying
+    which installed versions have it; the installation's own and the offered ones get none."""
+    install = fake_install(tmp_path / "pg", 18, {"hstore": TRUSTED, "vector": UNTRUSTED})
+    support = extensions.prepare(install, tmp_path / "runtime", elsewhere={"postgis": [15]},
+                                 find_donor=lambda major: None)
+    ext = tmp_path / "runtime" / "extensions" / "pg18" / "extension"
+    assert "postgis" in support.missing and "postgis" not in support.names()
+    stub = extensions.read_control(ext / "postgis.control")
+    assert stub.default_version == "unavailable" and "PostgreSQL 15" in stub.comment
+    script = (ext / "postgis--unavailable.sql").read_text()
+    assert script.startswith("DO $argon$ BEGIN RAISE EXCEPTION") and "pg_version 15" in script
+    assert "no PostgreSQL version on this server" in (ext / "pg_cron--unavailable.sql").read_text()
+    assert not (ext / "hstore.control").exists() and "unavailable" not in (ext / "vector.control").read_text()
 
 
 def test_overlay_is_rebuilt_only_when_it_changes(tmp_path: Path) -> None:

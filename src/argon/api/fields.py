@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, field_validator
 
 from argon import model
+from argon.compute import tenant_settings
 from argon.errors import UserError
 
 PROVISIONER = "k8s-pod"  # what Argon reports; computes are processes, not VMs that scale
@@ -37,10 +38,16 @@ def check_provisioner(value: str | None) -> str | None:
 
 
 def check_pg_settings(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A project's default pg_settings: refused (endpoints take their own)."""
     if value:
-        raise ValueError("pg_settings are not supported by Argon yet; set parameters with ALTER DATABASE ... SET "
-                         "or ALTER ROLE ... SET")
+        raise ValueError("Argon takes pg_settings per endpoint (endpoint.settings.pg_settings), not as a "
+                         "project default")
     return value
+
+
+def check_endpoint_pg_settings(value: dict[str, Any] | None) -> dict[str, str] | None:
+    """An endpoint's pg_settings: only the tenant allow-list (`argon.compute.tenant_settings`)."""
+    return None if value is None else tenant_settings.check(value)
 
 
 def check_pgbouncer_settings(value: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -71,7 +78,7 @@ class EndpointSettingsData(Strict):
     pgbouncer_settings: dict[str, Any] | None = None
     preload_libraries: PreloadLibraries | None = None
 
-    _pg = field_validator("pg_settings")(check_pg_settings)
+    _pg = field_validator("pg_settings")(check_endpoint_pg_settings)
     _bouncer = field_validator("pgbouncer_settings")(check_pgbouncer_settings)
 
 

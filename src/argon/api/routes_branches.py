@@ -113,7 +113,9 @@ async def create_branch(control: Authorized, project_id: str,
         parent_id=spec.parent_id, parent_lsn=spec.parent_lsn, parent_timestamp=spec.parent_timestamp,
         protected=spec.protected, init_source=spec.init_source, expires_at=spec.expires_at,
         endpoints=[_settings(control, project_id, e) for e in (body.endpoints or [])],
-        endpoint_type=model.EndpointType(body.endpoints[0].type) if body.endpoints else model.EndpointType.READ_WRITE)
+        endpoint_type=model.EndpointType(body.endpoints[0].type) if body.endpoints else model.EndpointType.READ_WRITE,
+        endpoint_pg_settings=dict(body.endpoints[0].settings.pg_settings or {})
+        if body.endpoints and body.endpoints[0].settings else {})
     created = await branches.create_branch(control, project_id, req)
     uris = []
     if created.endpoints and created.roles and created.databases:

@@ -97,7 +97,8 @@ async def patch_endpoint(control: Authorized, project_id: str, endpoint_id: str,
                                   if spec.autoscaling_limit_max_cu is not None else None),
         suspend_timeout_seconds=(check_suspend_timeout(spec.suspend_timeout_seconds)
                                  if spec.suspend_timeout_seconds is not None else None),
-        disabled=spec.disabled, name=spec.name)
+        disabled=spec.disabled, name=spec.name,
+        pg_settings=spec.settings.pg_settings if spec.settings else None)
     ep, ops, applied = await update_endpoint(control, project_id, endpoint_id, patch)
     return {"endpoint": views.endpoint_view(control.plane.settings, ep), "operations": [views.operation_view(o) for o in ops],
             "applied": {"now": list(applied.now), "next_start": list(applied.next_start)}}
@@ -183,7 +184,8 @@ async def create(control: Authorized, project_id: str, body: EndpointCreateBody)
     name = spec.name if spec.name and 1 <= len(spec.name) <= 64 else None
     ep, ops = await create_endpoint(control, project_id, spec.branch_id, type_=spec.type,
                                     settings=model.EndpointSettings(lo, hi, timeout), name=name,
-                                    disabled=bool(spec.disabled))
+                                    disabled=bool(spec.disabled),
+                                    pg_settings=spec.settings.pg_settings if spec.settings else None)
     return JSONResponse({"endpoint": views.endpoint_view(plane.settings, ep),
                          "operations": [views.operation_view(o) for o in ops]}, status_code=201)
 

@@ -258,7 +258,7 @@ async def available_extensions(control: Authorized, project_id: str) -> dict[str
     project's Postgres version, and the allow-listed ones this server's installation lacks."""
     plane = control.plane
     project = plane.project(project_id)
-    return views.extensions_view(project.pg_version, plane.extensions.get(project.pg_version))
+    return views.extensions_view(project.pg_version, plane.extensions.get(project.pg_version), plane.extensions)
 
 
 # Operations and connection URIs ----------------------------------------------------------------------

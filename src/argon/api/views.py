@@ -6,6 +6,7 @@ Python package validates required fields and enums, so every required one is alw
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
@@ -193,14 +194,19 @@ def event_view(ev: model.Event) -> dict[str, Any]:
             "duration_ms": ev.duration_ms, "detail": ev.detail}
 
 
-def extensions_view(pg_version: int, support: ExtensionSupport | None) -> dict[str, Any]:
-    """What `CREATE EXTENSION` a project's roles can run (an Argon addition; Neon documents a list)."""
+def extensions_view(pg_version: int, support: ExtensionSupport | None,
+                    every: Mapping[int, ExtensionSupport] | None = None) -> dict[str, Any]:
+    """What `CREATE EXTENSION` a project's roles can run (an Argon addition; Neon documents a list),
+    and for each allow-listed one it cannot, the server's other versions that have it."""
     offered = support.offered if support is not None else ()
+    missing = list(support.missing) if support is not None else []
     return {
         "pg_version": pg_version,
         "extensions": [{"name": o.name, "default_version": o.default_version, "comment": o.comment,
                         "trusted_by": o.trusted_by, "preloaded": o.preloaded} for o in offered],
-        "not_available": list(support.missing) if support is not None else [],
+        "not_available": missing,
+        "other_versions": {name: versions for name in missing
+                           if (versions := sorted(v for v, s in (every or {}).items() if name in s.names()))},
     }
 
 

@@ -281,7 +281,7 @@ def _write_custom_scripts(root: Path, names: list[str]) -> None:
 
 
 def _build_overlay(overlay: Path, stamp: str, extension_dir: Path, elevate: list[str],
-                   donor_cache: Path | None, donated: list[str]) -> None:
+                   donor_cache: Path | None, donated: list[str], stubs: dict[str, tuple[str, str]]) -> None:
     """Write the platform's extension directory atomically: `<overlay>/extension` and `<overlay>/lib`."""
     marker = overlay / "ARGON_STAMP"
     if marker.exists() and marker.read_text() == stamp:
@@ -298,6 +298,9 @@ def _build_overlay(overlay: Path, stamp: str, extension_dir: Path, elevate: list
             if source.name == f"{name}.control" or source.name.startswith(f"{name}--"):
                 shutil.copyfile(source, staging / "extension" / source.name)
         shutil.copyfile(donor_cache / "lib" / f"{name}.so", staging / "lib" / f"{name}.so")
+    for name, (control, script) in stubs.items():
+        (staging / "extension" / f"{name}.control").write_text(control)
+        (staging / "extension" / f"{name}--unavailable.sql").write_text(script)
     for dirpath, _dirs, files in os.walk(staging):
         os.chmod(dirpath, 0o755)
         for name in files:
@@ -346,10 +349,27 @@ def _donations(major: int, system: dict[str, ControlFile], cache_root: Path,
     return donated, cache
 
 
-def prepare(install: PgInstall, runtime_dir: Path, *,
+def unavailable_stub(name: str, major: int, elsewhere: list[int]) -> tuple[str, str]:
+    """(control file, install script) standing in for an allow-listed extension this installation
+    lacks: `CREATE EXTENSION` fails with a message saying so and where it is, not Postgres's "could
+    not open extension control file". The script only raises; nothing in it comes from a user."""
+    where = (f"PostgreSQL {', '.join(map(str, elsewhere))} on this server has it: create the project with "
+             f"pg_version {elsewhere[0]}" if elsewhere else "no PostgreSQL version on this server has it")
+    message = f'extension "{name}" is not available on PostgreSQL {major} on this server'
+    control = (f"# Argon: {name} is not installed for PostgreSQL {major} (ADR 0015)\n"
+               f"comment = 'not installed for PostgreSQL {major} here ({where})'\n"
+               "default_version = 'unavailable'\nrelocatable = false\nsuperuser = true\ntrusted = true\n")
+    script = (f"DO $argon$ BEGIN RAISE EXCEPTION '{message}' USING ERRCODE = 'feature_not_supported', "
+              f"HINT = '{where}; GET /api/v2/projects/{{project_id}}/available_extensions lists what a "
+              "project can create.'; END $argon$;\n")
+    return control, script
+
+
+def prepare(install: PgInstall, runtime_dir: Path, *, elsewhere: dict[str, list[int]] | None = None,
             find_donor: Callable[[int], Path | None] = donor_archive) -> ExtensionSupport:
     """Resolve the allow-list for `install`, writing the platform's extension directory where the
-    installation needs one (under `runtime_dir`, 0755, owned by whoever runs Argon)."""
+    installation needs one (under `runtime_dir`, 0755, owned by whoever runs Argon). `elsewhere`:
+    the other installed versions offering each extension, for the stand-ins of those this one lacks."""
     dirs = _install_dirs(install)
     system = _controls(dirs.extension_dir)
     overlay = runtime_dir / "extensions" / f"pg{install.major}"
@@ -383,16 +403,18 @@ def prepare(install: PgInstall, runtime_dir: Path, *,
     donated = [n for n in donated if n in offered]
 
     gucs: dict[str, str] = {}
-    if use_overlay and (elevate or donated):
+    stubs = {n: unavailable_stub(n, install.major, sorted((elsewhere or {}).get(n, [])))
+             for n in ALLOW_LIST if n not in offered and n not in system} if use_overlay else {}
+    if use_overlay and (elevate or donated or stubs):
         # What the copies come from, down to each file's size and time: an upgraded package (a newer
         # vector in the same PostgreSQL) rebuilds the directory.
         sources = sorted(p for n in elevate for p in dirs.extension_dir.glob(f"{n}[.-]*"))
         stamp_source = "\n".join([install.version, str(dirs.extension_dir), str(donor_cache), *elevate,
-                                  "donated:", *donated,
+                                  "donated:", *donated, "stubs:", *(c + t for c, t in stubs.values()),
                                   *(f"{p.name} {p.stat().st_size} {p.stat().st_mtime_ns}" for p in sources)])
         try:
             _build_overlay(overlay, hashlib.sha256(stamp_source.encode()).hexdigest(), dirs.extension_dir,
-                           elevate, donor_cache, donated)
+                           elevate, donor_cache, donated, stubs)
         except OSError as exc:
             log.warning("could not prepare the extension directory for PostgreSQL %s: %s", install.version, exc)
             for name in (*elevate, *donated):

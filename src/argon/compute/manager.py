@@ -22,7 +22,7 @@ from argon.compute.admin import AdminSession
 from argon.compute.binaries import PgInstall
 from argon.compute.cgroups import CgroupError, Cgroups, Limits, Usage
 from argon.compute.osuser import OsUser, running_as_root
-from argon.compute.pgconf import write_config
+from argon.compute.pgconf import render_conf, write_config
 from argon.compute.postmaster import ComputeStartError, Postmaster
 from argon.failpoints import failpoint_async
 
@@ -70,6 +70,17 @@ def prepare(spec: ComputeSpec) -> None:
                     parent.chown(name, owner)
     except safefs.UnsafePath as exc:
         raise ComputeStartError(f"refusing to start: {exc}") from None
+
+
+def rewrite_conf(spec: ComputeSpec) -> None:
+    """Only `postgresql.conf`, for a running compute that is to reload it (`postgresql.auto.conf`
+    keeps what the platform set with ALTER SYSTEM meanwhile)."""
+    owner = spec.user if running_as_root() else None
+    try:
+        with safefs.Dir(spec.pgdata) as d:
+            d.write("postgresql.conf", render_conf(spec.socket_dir, spec.gucs), owner=owner)
+    except safefs.UnsafePath as exc:
+        raise ComputeStartError(f"refusing to rewrite the configuration: {exc}") from None
 
 
 class ComputeManager:

@@ -97,7 +97,8 @@ async def settings_page(request: Request, session: SignedIn, control: ControlDep
     offered = support.offered if support is not None else ()
     return render(request, "settings.html", session=session, project=project, tab="settings", defaults=defaults,
                   offered=offered, preloaded=[o.name for o in offered if o.preloaded],
-                  missing=support.missing if support is not None else (),
+                  missing=[(name, sorted(v for v, s in plane.extensions.items() if name in s.names()))
+                           for name in (support.missing if support is not None else ())],
                   timeouts=dashboard.suspend_choices(plane.settings.suspend_timeout, defaults.suspend_timeout_seconds),
                   cu_steps=CU_STEPS, retention_amount=amount, retention_unit=unit,
                   retention_text=display.duration(project.history_retention_seconds),

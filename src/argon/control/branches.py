@@ -27,6 +27,7 @@ from argon.compute import postmaster
 from argon.compute.admin import connect_admin
 from argon.compute.osuser import project_user
 from argon.control import pitr, retention
+from argon.control.endpoints import check_settings_for
 from argon.control.plane import ControlPlane
 from argon.control.projects import first_start
 from argon.control.replicas import remove_replicas
@@ -50,6 +51,7 @@ class BranchRequest:
     expires_at: datetime | None = None
     endpoints: list[model.EndpointSettings] = field(default_factory=list)
     endpoint_type: model.EndpointType = model.EndpointType.READ_WRITE  # of the one endpoint asked for
+    endpoint_pg_settings: dict[str, str] = field(default_factory=dict)  # checked (tenant_settings)
 
 
 @dataclass(frozen=True)
@@ -175,6 +177,7 @@ async def create_branch(control: Control, project_id: str, req: BranchRequest) -
                         "parent_timestamp")
     if len(req.endpoints) > 1:
         raise UserError("create a branch with one endpoint; add more with POST /projects/{project_id}/endpoints")
+    check_settings_for(plane, project_id, req.endpoint_pg_settings)
     await asyncio.to_thread(control.disk.check_room, "a new branch")  # 507 within the reserve (ADR 0025)
     async with plane.project_lock(project_id):
         parent = plane.branch(project_id, req.parent_id) if req.parent_id else default_branch(plane, project_id)
@@ -218,7 +221,8 @@ async def create_branch(control: Control, project_id: str, req: BranchRequest) -
         endpoints = [model.Endpoint(id=ids.endpoint_id(), project_id=project_id, branch_id=bid, created_at=now,
                                     updated_at=now, autoscaling_limit_min_cu=s.autoscaling_limit_min_cu,
                                     autoscaling_limit_max_cu=s.autoscaling_limit_max_cu,
-                                    suspend_timeout_seconds=s.suspend_timeout_seconds, type=req.endpoint_type)
+                                    suspend_timeout_seconds=s.suspend_timeout_seconds, type=req.endpoint_type,
+                                    pg_settings=dict(req.endpoint_pg_settings))
                      for s in req.endpoints]
         ops = [model.Operation(id=ids.operation_id(), project_id=project_id,
                                action=model.OperationAction.CREATE_BRANCH, status=model.OperationStatus.FINISHED,

@@ -7,9 +7,11 @@ import time
 from dataclasses import dataclass
 
 from argon import ids, model, safefs
+from argon.compute import tenant_settings
 from argon.compute.osuser import project_user
 from argon.compute.params import gucs_for_cu
 from argon.control.autoscale import CU_STEPS, limits_for
+from argon.control.plane import ControlPlane
 from argon.control.services import Control
 from argon.errors import UserError
 
@@ -21,6 +23,7 @@ class EndpointPatch:
     suspend_timeout_seconds: int | None = None
     disabled: bool | None = None
     name: str | None = None
+    pg_settings: dict[str, str] | None = None  # the whole map (checked: argon.compute.tenant_settings)
 
 
 def check_cu(value: object, field: str) -> float:
@@ -40,6 +43,16 @@ def check_suspend_timeout(value: object) -> int:
     return value
 
 
+def check_settings_for(plane: ControlPlane, project_id: str, pg_settings: dict[str, str]) -> None:
+    """pg_settings against the project's installation (its time zones); a UserError names the setting."""
+    install = plane.installs.get(plane.project(project_id).pg_version)
+    if install is not None and pg_settings:
+        try:
+            tenant_settings.check_for(pg_settings, install)
+        except ValueError as exc:
+            raise UserError(f"pg_settings.{exc}") from None
+
+
 @dataclass(frozen=True)
 class Applied:
     """What a PATCH changed on the running compute at once, and what waits for its next start."""
@@ -52,7 +65,9 @@ async def update_endpoint(control: Control, project_id: str, endpoint_id: str,
                           patch: EndpointPatch) -> tuple[model.Endpoint, list[model.Operation], Applied]:
     """Change an endpoint's settings. New CU limits move a running compute's CPU and memory limits
     at once (no restart, connections stay); the settings that follow its size and need a restart
-    (`shared_buffers`, `max_connections`, ...) follow at its next start."""
+    (`shared_buffers`, `max_connections`, ...) follow at its next start. New `pg_settings` replace
+    the old ones: a running compute reloads those a reload applies; the rest wait for its next start.
+    `Applied` says which went where."""
     plane = control.plane
     async with plane.project_lock(project_id):
         ep = plane.endpoint(project_id, endpoint_id)
@@ -71,11 +86,16 @@ async def update_endpoint(control: Control, project_id: str, endpoint_id: str,
         if hi != ep.autoscaling_limit_max_cu:
             sized.append("temp_file_limit")
         new = ep.replace(**changes)
+        check_settings_for(plane, project_id, new.pg_settings)
+        changed_settings = sorted(k for k in set(ep.pg_settings) | set(new.pg_settings)
+                                  if ep.pg_settings.get(k) != new.pg_settings.get(k))
+        live_settings, start_settings = tenant_settings.split_live(changed_settings)
+        reloaded = bool(live_settings) and not patch.disabled and await control.computes.reconfigure(ep, new)
         await plane.commit(put=[new])
         ops = [await plane.record(project_id, model.OperationAction.APPLY_CONFIG, branch_id=ep.branch_id,
                                   endpoint_id=ep.id, started=started)]
-        now: list[str] = []
-        later: list[str] = []
+        now: list[str] = [f"pg_settings.{k}" for k in live_settings] if reloaded else []
+        later: list[str] = [f"pg_settings.{k}" for k in (start_settings if reloaded else changed_settings)]
         if patch.disabled:
             if await control.computes.stop(ep.id, reason="endpoint disabled"):
                 ops.append(await plane.record(project_id, model.OperationAction.SUSPEND_COMPUTE,
@@ -124,13 +144,15 @@ async def restart_endpoint(control: Control, project_id: str, endpoint_id: str) 
 
 async def create_endpoint(control: Control, project_id: str, branch_id: str, *, type_: str,
                           settings: model.EndpointSettings | None = None,
-                          name: str | None = None, disabled: bool = False) -> tuple[model.Endpoint, list[model.Operation]]:
+                          name: str | None = None, disabled: bool = False,
+                          pg_settings: dict[str, str] | None = None) -> tuple[model.Endpoint, list[model.Operation]]:
     plane = control.plane
     if type_ not in ("read_write", "read_only"):
         raise UserError("endpoint type must be read_write or read_only")
     kind = model.EndpointType(type_)
     async with plane.project_lock(project_id):
         project = plane.project(project_id)
+        check_settings_for(plane, project_id, pg_settings or {})
         plane.branch(project_id, branch_id)
         if kind is model.EndpointType.READ_WRITE and plane.primary(project_id, branch_id) is not None:
             raise UserError(f"branch {branch_id!r} already has a read_write endpoint; a branch can have only one")
@@ -140,7 +162,7 @@ async def create_endpoint(control: Control, project_id: str, branch_id: str, *, 
                             updated_at=now, autoscaling_limit_min_cu=s.autoscaling_limit_min_cu,
                             autoscaling_limit_max_cu=s.autoscaling_limit_max_cu,
                             suspend_timeout_seconds=s.suspend_timeout_seconds, name=name, type=kind,
-                            disabled=disabled)
+                            disabled=disabled, pg_settings=dict(pg_settings or {}))
         await plane.commit(put=[ep])
         if kind is model.EndpointType.READ_WRITE:
             control.computes.mark_needs_spec(ep.id)  # a replica's roles come from its primary's WAL

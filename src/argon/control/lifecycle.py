@@ -23,14 +23,14 @@ from typing import TYPE_CHECKING
 
 from argon import logs, model, safefs
 from argon.compute import postmaster
-from argon.compute.manager import ComputeSpec
+from argon.compute.manager import ComputeSpec, rewrite_conf
 from argon.compute.osuser import OsUser
 from argon.compute.params import gucs_for_cu
 from argon.compute.postmaster import ComputeStartError
 from argon.control import replicas, retention, spec
 from argon.control.autoscale import limits_for, temp_file_limit
 from argon.control.plane import ControlPlane
-from argon.errors import ArgonError, ComputeError, NotFound
+from argon.errors import ArgonError, ComputeError, NotFound, UserError
 from argon.failpoints import failpoint_async
 from argon.proxy.control_client import ComputeAddress
 from argon.telemetry import compute_labels
@@ -112,6 +112,24 @@ class Lifecycle:
                            socket_dir=plane.layout.socket_dir(ep.id),
                            log_file=plane.layout.compute_log(project.id, ep.branch_id),
                            user=user, gucs={**gucs, **capped}, argon_os_user=plane.os_user, limits=limits)
+
+    async def reconfigure(self, old: model.Endpoint, new: model.Endpoint) -> bool:
+        """Give a running compute `new`'s settings now where a reload can (its `postgresql.conf`
+        rewritten, read back by Postgres, then reloaded); settings only a start applies wait for the
+        next start. A value the compute refuses puts `old`'s file back and is a UserError. False:
+        the compute is not running."""
+        session = self.plane.computes.admin(new.id)
+        if session is None:
+            return False
+        await asyncio.to_thread(rewrite_conf, self.spec(new))
+        refused = await session.fetchall(
+            "SELECT f.name, f.error FROM pg_file_settings f LEFT JOIN pg_settings s ON s.name = f.name "
+            "WHERE f.error IS NOT NULL AND coalesce(s.context, '') <> 'postmaster'", timeout=10)
+        if refused:
+            await asyncio.to_thread(rewrite_conf, self.spec(old))
+            raise UserError("pg_settings: the compute refused " + "; ".join(f"{n} ({e})" for n, e in refused))
+        await session.fetchone("SELECT pg_reload_conf()", timeout=10)
+        return True
 
     def adopt(self, ep: model.Endpoint) -> bool:
         """Take over the compute a previous argon left running, if its identity checks out (start-up

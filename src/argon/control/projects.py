@@ -21,7 +21,7 @@ from argon.control import retention
 from argon.control.endpoints import restart_endpoint
 from argon.control.plane import ControlPlane
 from argon.control.services import Control
-from argon.control.spec import role_attributes
+from argon.control.spec import NEON_SUPERUSER, database_grant, neon_superuser_sql, role_attributes
 from argon.errors import StorageError, UserError
 from argon.failpoints import failpoint_async
 from argon.wire.scram import ScramSecret
@@ -60,8 +60,10 @@ def template_setup_sql(pg_version: int) -> list[str]:
     attrs = role_attributes(pg_version).as_string(None)  # type: ignore[arg-type]
     owner = model.DEFAULT_DATABASE_NAME + DEFAULT_ROLE_SUFFIX
     return [
-        f'CREATE ROLE "{owner}" WITH {attrs}',
+        neon_superuser_sql(pg_version).as_string(None),  # type: ignore[arg-type]
+        f'CREATE ROLE "{owner}" WITH {attrs} IN ROLE "{NEON_SUPERUSER}"',
         f'CREATE DATABASE "{model.DEFAULT_DATABASE_NAME}" OWNER "{owner}"',
+        database_grant(model.DEFAULT_DATABASE_NAME).as_string(None),  # type: ignore[arg-type]
     ]
 
 

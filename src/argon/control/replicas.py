@@ -16,6 +16,7 @@ import logging
 from pathlib import Path
 
 from argon import model, safefs
+from argon.compute import tenant_settings
 from argon.compute.admin import connect_admin
 from argon.compute.binaries import PgInstall
 from argon.compute.manager import ComputeSpec
@@ -55,7 +56,8 @@ def replica_spec(plane: ControlPlane, project: model.Project, ep: model.Endpoint
     primary = plane.primary(ep.project_id, ep.branch_id)
     # A hot standby refuses to start with fewer connections or workers than its primary.
     cu = max(ep.autoscaling_limit_max_cu, primary.autoscaling_limit_max_cu if primary else 0)
-    gucs = plane.compute_gucs(project.pg_version, gucs_for_cu(cu) | dict(ep.pg_settings) | {
+    settings = tenant_settings.for_standby(ep.pg_settings, primary.pg_settings if primary else {})
+    gucs = plane.compute_gucs(project.pg_version, gucs_for_cu(cu) | settings | {
         "hot_standby": "on", "archive_mode": "off", "recovery_target_timeline": "latest",
         "restore_command": restore_command(plane, project, ep.branch_id),
         "wal_retrieve_retry_interval": "500ms",

@@ -21,7 +21,7 @@ from argon.compute.admin import connect_admin
 from argon.control.endpoints import wake
 from argon.control.plane import ControlPlane
 from argon.control.services import Control
-from argon.control.spec import role_attributes, sync_from_compute
+from argon.control.spec import create_api_role, database_grant, neon_superuser_sql, sync_from_compute
 from argon.errors import Conflict, NotFound, UserError
 from argon.failpoints import failpoint_async
 from argon.wire.scram import ScramSecret
@@ -101,12 +101,10 @@ async def create_role(control: Control, project_id: str, branch_id: str, name: o
         verifier = ScramSecret.from_password(password).to_string() if password else None
         logical = project.settings.enable_logical_replication
         if verifier:
-            stmt = sql.SQL("CREATE ROLE {} WITH {} PASSWORD {}").format(
-                sql.Identifier(role_name), role_attributes(project.pg_version, replication=logical),
-                sql.Literal(verifier))
+            stmt = create_api_role(role_name, project.pg_version, verifier, replication=logical)
         else:
             stmt = sql.SQL("CREATE ROLE {} WITH NOLOGIN").format(sql.Identifier(role_name))
-        statements = [stmt]
+        statements = [neon_superuser_sql(project.pg_version), stmt]
         if verifier and logical and project.pg_version >= 16:
             statements.append(sql.SQL("GRANT pg_create_subscription TO {}").format(sql.Identifier(role_name)))
         now = model.utcnow()
@@ -204,7 +202,8 @@ async def create_database(control: Control, project_id: str, branch_id: str, nam
         await get_role(control, project_id, branch_id, owner_name)
         started = time.monotonic()
         await _execute(control, ep, [sql.SQL("CREATE DATABASE {} OWNER {}").format(
-            sql.Identifier(db_name), sql.Identifier(owner_name))])
+            sql.Identifier(db_name), sql.Identifier(owner_name)),
+            neon_superuser_sql(plane.project(project_id).pg_version), database_grant(db_name)])
         await failpoint_async("database.create.after_sql")
         now = model.utcnow()
         [db] = await plane.commit(put=[model.Database(id=0, branch_id=branch_id, name=db_name,

@@ -221,7 +221,7 @@ def _restore(install: PgInstall, socket_dir: Path, roles: set[str], roles_sql: s
         for db in have_dbs:
             if db not in dumps and db != "postgres":
                 conn.execute(sql.SQL("DROP DATABASE {}").format(sql.Identifier(db)))
-        for role in sorted(have_roles - roles):
+        for role in sorted(have_roles - roles - {model.NEON_SUPERUSER}):  # a parent from before it existed
             conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
     return problems
 

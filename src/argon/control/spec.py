@@ -24,6 +24,35 @@ VERIFIER_TIMEOUT = 2.0  # seconds for reading one verifier on the admin session
 SYNC_TIMEOUT = 10.0  # seconds for reading a compute's roles or databases
 
 
+NEON_SUPERUSER = model.NEON_SUPERUSER
+
+
+def neon_superuser_sql(pg_version: int) -> sql.Composable:
+    """Neon's `neon_superuser`, idempotently: the group every role made through the API joins (what
+    Neon's API roles are). NOLOGIN; reads and writes every table (pg_read_all_data,
+    pg_write_all_data: neither bypasses row security nor reaches the catalogs' writes or the host);
+    its members create schemas and allow-listed extensions in every database the platform made
+    (`database_grant`). The attributes are the API roles' own (`role_attributes`): Postgres does
+    not inherit CREATEDB or CREATEROLE through membership."""
+    return sql.SQL(
+        "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = {name}) THEN "
+        "CREATE ROLE {ident} WITH NOLOGIN {attrs}; END IF; "
+        "GRANT pg_read_all_data, pg_write_all_data TO {ident}; END $$").format(
+        name=sql.Literal(NEON_SUPERUSER), ident=sql.Identifier(NEON_SUPERUSER),
+        attrs=sql.SQL("CREATEDB CREATEROLE" if pg_version >= 16 else "CREATEDB"))
+
+
+def database_grant(database: str) -> sql.Composable:
+    """CREATE (schemas, trusted extensions), CONNECT and TEMP on a database for neon_superuser."""
+    return sql.SQL("GRANT ALL ON DATABASE {} TO {}").format(sql.Identifier(database), sql.Identifier(NEON_SUPERUSER))
+
+
+def create_api_role(name: str, pg_version: int, verifier: str, *, replication: bool = False) -> sql.Composable:
+    return sql.SQL("CREATE ROLE {} WITH {} PASSWORD {} IN ROLE {}").format(
+        sql.Identifier(name), role_attributes(pg_version, replication=replication), sql.Literal(verifier),
+        sql.Identifier(NEON_SUPERUSER))
+
+
 def role_attributes(pg_version: int, *, replication: bool = False) -> sql.Composable:
     """What API-made roles may do: create databases always; create roles only where that cannot lead
     to pg_execute_server_program (PG16+ ADMIN OPTION model; on PG15 CREATEROLE can grant it); with
@@ -56,12 +85,14 @@ async def apply_spec(plane: ControlPlane, ep: model.Endpoint, spec: ComputeSpec)
     try:
         cur = await conn.execute("SELECT rolname, rolpassword FROM pg_authid")
         existing_roles = {name: pw for name, pw in await cur.fetchall()}
+        if NEON_SUPERUSER not in existing_roles and any(r.name not in existing_roles for r in roles):
+            # Only where something is written anyway: a read replica's spec writes nothing.
+            await conn.execute(neon_superuser_sql(project.pg_version))
         for role in roles:
             if role.name not in existing_roles and not role.login:
                 await conn.execute(sql.SQL("CREATE ROLE {} WITH NOLOGIN").format(sql.Identifier(role.name)))
             elif role.name not in existing_roles:
-                await conn.execute(sql.SQL("CREATE ROLE {} WITH {} PASSWORD {}").format(
-                    sql.Identifier(role.name), role_attributes(project.pg_version), sql.Literal(role.verifier)))
+                await conn.execute(create_api_role(role.name, project.pg_version, str(role.verifier)))
                 log.info("created role %s on %s", role.name, ep.id)
             elif role.verifier and existing_roles[role.name] != role.verifier:
                 await conn.execute(sql.SQL("ALTER ROLE {} WITH LOGIN PASSWORD {}").format(
@@ -74,6 +105,8 @@ async def apply_spec(plane: ControlPlane, ep: model.Endpoint, spec: ComputeSpec)
             if db.name not in existing_dbs:
                 await conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(
                     sql.Identifier(db.name), sql.Identifier(db.owner_name)))
+                await conn.execute(neon_superuser_sql(project.pg_version))
+                await conn.execute(database_grant(db.name))
                 log.info("created database %s on %s", db.name, ep.id)
     finally:
         await conn.close()
@@ -104,7 +137,7 @@ async def sync_verifier(plane: ControlPlane, ep: model.Endpoint, role_name: str)
 
 
 _ROLES_SQL = ("SELECT rolname, rolpassword, rolcanlogin FROM pg_authid "
-              "WHERE rolname !~ '^pg_' AND rolname <> %s ORDER BY rolname")
+              f"WHERE rolname !~ '^pg_' AND rolname <> %s AND rolname <> '{NEON_SUPERUSER}' ORDER BY rolname")
 _DATABASES_SQL = ("SELECT datname, pg_get_userbyid(datdba) FROM pg_database "
                   "WHERE NOT datistemplate AND datname <> 'postgres' ORDER BY datname")
 
