@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import psycopg
 import pytest
 
+from argon.control.figures import TTL, BranchFigures
 from tests.fixtures.platform import RunningPlatform
 
 pytestmark = pytest.mark.pg
@@ -35,3 +37,20 @@ def test_storage_figures_follow_the_data(platform: RunningPlatform, project: dic
     assert project_after["written_data_bytes"] >= after["written_data_bytes"]
     listed = platform.api.get(f"/projects/{pid}/branches").json()["branches"]
     assert listed[0]["logical_size"] == after["logical_size"]
+
+
+def test_stale_figures_are_served_while_measured_again(platform: RunningPlatform, project: dict[str, Any]) -> None:
+    """An API read never waits for a walk of the branch's files once it has figures: stale ones are
+    answered and measured again in the background (new branches are measured at once)."""
+    pid, bid = project["project"]["id"], project["branch"]["id"]
+    figures = platform.control.figures
+    fresh = platform.api.get(f"/projects/{pid}/branches/{bid}").json()["branch"]
+    assert fresh["logical_size"] > 5_000_000  # measured on the first read
+    old = time.monotonic() - TTL - 1
+    figures._branches[bid] = (old, BranchFigures(logical_size=1, written_data_bytes=1, allocated_bytes=1))
+    assert platform.api.get(f"/projects/{pid}/branches/{bid}").json()["branch"]["logical_size"] == 1
+    deadline = time.monotonic() + 30
+    while figures._branches[bid][0] == old:
+        assert time.monotonic() < deadline, "the stale figures were never measured again"
+        time.sleep(0.05)
+    assert figures.get(bid).logical_size > 5_000_000
