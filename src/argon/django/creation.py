@@ -44,6 +44,7 @@ class Target:
     base: dict[str, Any]  # the branch the configured endpoint belongs to
     original: dict[str, Any]  # the alias's connection settings before any test database
     workers: int = 0  # --parallel N, when the runner says: clones 2..N are then made at once
+    listed: list[dict[str, Any]] | None = None  # the project's branches as install() read them: the first look-up's
 
 
 def _snapshot(settings_dict: dict[str, Any]) -> dict[str, Any]:
@@ -271,13 +272,18 @@ class BranchCreation:
         return {"branch_id": branch["id"], "name": branch["name"], "endpoint_id": endpoint_id, "settings": conn,
                 "reused": reused, "template_id": None}
 
-    def _find(self, name: str) -> dict[str, Any] | None:
+    def _find(self, name: str, *, fresh: bool = True) -> dict[str, Any] | None:
+        """The oldest branch called `name`; `fresh=False` may answer from the list install() read
+        (once: a template found there is branched at once, and a 404 then builds it again)."""
         assert self.argon is not None
-        found = [b for b in self.argon.api.branches(self.argon.project_id) if b["name"] == name]
+        listed, self.argon.listed = self.argon.listed, None
+        if fresh or listed is None:
+            listed = self.argon.api.branches(self.argon.project_id)
+        found = [b for b in listed if b["name"] == name]
         return min(found, key=lambda b: (b.get("created_at") or "", b["id"])) if found else None
 
     def _template(self, names: BranchNames, verbosity: int, test_name: str) -> dict[str, Any]:
-        found = self._find(names.template)
+        found = self._find(names.template, fresh=False)
         if found is not None:
             if verbosity >= 2:
                 self.log(f"argon: template {names.template!r} is up to date")
@@ -487,9 +493,13 @@ def install(aliases: Iterable[str] | None = None, *, verbosity: int = 1, workers
                         project = api.project_of_endpoint(ref.endpoint_id,
                                                           env.get("ARGON_PROJECT_ID") or env.get("NEON_PROJECT_ID"))
                         endpoint = api.endpoint(project, ref.endpoint_id)
-                        resolved[ref.endpoint_id] = (project, api.branch(project, endpoint["branch_id"]))
-                    project, base = resolved[ref.endpoint_id]
-                    target = Target(api, project, base, _snapshot(settings_dict), workers)
+                        listed = api.branches(project)  # the base, and the template's first look-up
+                        base = next((b for b in listed if b["id"] == endpoint["branch_id"]), None)
+                        if base is None:
+                            base = api.branch(project, endpoint["branch_id"])
+                        resolved[ref.endpoint_id] = (project, base, listed)
+                    project, base, listed = resolved[ref.endpoint_id]
+                    target = Target(api, project, base, _snapshot(settings_dict), workers, list(listed))
                 except ApiError as exc:
                     reason = str(exc)
             if reason is not None:
