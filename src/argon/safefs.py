@@ -315,20 +315,37 @@ class Dir:
         os.link(name, dst_name, src_dir_fd=self.fd, dst_dir_fd=dst.fd, follow_symlinks=False)
 
     def copy(self, name: str, dst: Dir, dst_name: str, *, owner: Owner | None = None) -> None:
-        """Copy a regular file of `owner` (or ours) to a new file `dst_name`, given to `owner`."""
+        """Copy a regular file of `owner` (or ours) to a new file `dst_name`, given to `owner`.
+        With copy_file_range: a reflink where the file system shares extents (XFS, btrfs), an
+        in-kernel copy elsewhere; sendfile where that call is refused."""
         src, st = self._open_regular(name, owner)
         try:
             out = os.open(dst_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                           stat.S_IMODE(st.st_mode) & 0o700 or 0o600, dir_fd=dst.fd)
             try:
-                while os.sendfile(out, src, None, 1 << 20):
-                    pass
+                _copy_contents(src, out, st.st_size)
                 if owner is not None:
                     os.fchown(out, owner.uid, owner.gid)
             finally:
                 os.close(out)
         finally:
             os.close(src)
+
+
+def _copy_contents(src: int, out: int, size: int) -> None:
+    """All of `src` (from its start) into the empty `out`."""
+    done = 0
+    try:
+        while done < size:
+            n = os.copy_file_range(src, out, size - done)
+            if n == 0:
+                break  # the file shrank meanwhile: copy what is there
+            done += n
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP) or done:
+            raise
+    while os.sendfile(out, src, None, 1 << 20):  # the rest (a file that grew), or all where refused
+        pass
 
 
 def _write_all(fd: int, data: bytes) -> None:

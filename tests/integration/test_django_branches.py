@@ -100,11 +100,17 @@ def test_first_run_builds_the_template_later_runs_branch_it(platform: RunningPla
     assert "Building the test database template" in out
     templates = django_branches(platform, pid)
     assert len(templates) == 1 and templates[0].startswith("django-template-"), templates
+    # Its one database already has the test database's name: later runs need no rename.
+    (template,) = [b for b in platform.api.get(f"/projects/{pid}/branches").json()["branches"]
+                   if b["name"] == templates[0]]
+    dbs = platform.api.get(f"/projects/{pid}/branches/{template['id']}/databases").json()["databases"]
+    assert [d["name"] for d in dbs] == ["test_neondb"], dbs
     app.records()
 
-    out = app.test("-v", "2")
+    out = app.test("-v", "3")
     assert app.migrated() == 1, "the second run migrated again:\n" + out
     assert "Building" not in out
+    assert "created with its compute running in" in out and "database renamed" not in out, out
     assert django_branches(platform, pid) == templates, "the run's branch is deleted, the template kept"
     (record,) = {(r["database"], r["options"]) for r in app.records()}
     assert record[0] == "test_neondb"

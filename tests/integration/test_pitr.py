@@ -122,13 +122,31 @@ def test_point_in_time_of_a_suspended_branch_and_of_a_child(platform: RunningPla
     assert scalar(uri_of(grandchild2), "SELECT current_user") == "neondb_owner"
 
 
-def test_a_childs_history_links_its_parents_instead_of_copying(platform: RunningPlatform,
-                                                               project: dict[str, Any]) -> None:
-    """On the copy backend a child's history base is its parent's snapshot, hard-linked, plus the
-    parent's WAL since it: no second copy of the data. Its points in time stay exact, also after
-    the parent's own history is gone, and the child's own snapshots start from it."""
-    if platform.plane.backend.name != "copy":
-        pytest.skip("the copy backend links; a reflink clone is free anyway")
+@pytest.fixture(params=["copy", "reflink"])
+def on_either_backend(request: pytest.FixtureRequest, platform: RunningPlatform) -> Iterator[RunningPlatform]:
+    """The session's platform (plain copies on this machine's ext4) or the reflink one (root only)."""
+    if request.param == "copy":
+        yield platform
+        return
+    reflink: RunningPlatform = request.getfixturevalue("reflink_platform")
+    assert reflink.plane.backend.name == "reflink"
+    yield reflink
+
+
+def test_a_childs_history_links_its_parents_instead_of_copying(on_either_backend: RunningPlatform) -> None:
+    """On both backends a child's history base is its parent's snapshot, hard-linked, plus the
+    parent's WAL since it: no second copy of the data (a reflink copy shares the extents, but it
+    still takes as long as the branch's own copy). Its points in time stay exact, also after the
+    parent's own history is gone, and the child's own snapshots start from it."""
+    platform = on_either_backend
+    project = platform.create_project(name="linked")
+    try:
+        _links_its_parents(platform, project)
+    finally:
+        platform.delete_project(project["project"]["id"])
+
+
+def _links_its_parents(platform: RunningPlatform, project: dict[str, Any]) -> None:
     pid, parent_id = project["project"]["id"], project["branch"]["id"]
     uri = platform.dsn(project)
     with psycopg.connect(uri, autocommit=True) as conn:  # several WAL segments between the parent's base and the child

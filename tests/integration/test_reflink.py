@@ -43,8 +43,8 @@ def test_branching_on_a_reflink_volume(xfs_root: Path) -> None:
         with psycopg.connect(uri) as conn:
             mark = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()[0]
         data = xfs_root / "data"
-        # Idle parent: a branch is two reflink clones (its data and its history base) of ~80 MB,
-        # which plain copies would double; reflinks share the extents.
+        # Idle parent: a branch is a reflink clone of ~80 MB (its history base links the parent's
+        # snapshot, its WAL is copied with copy_file_range), which a plain copy would double.
         os.sync()
         time.sleep(1)
         before = _used(data)

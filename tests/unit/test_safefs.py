@@ -173,3 +173,27 @@ def test_run_as_drops_to_the_owner_only_as_root() -> None:
         assert kwargs == {"user": TENANT.uid, "group": TENANT.gid, "extra_groups": [], "cwd": "/"}
     else:
         assert kwargs == {"cwd": "/"}
+
+
+@pytest.mark.parametrize("refused", [False, True])
+def test_copy_whole_file_with_or_without_copy_file_range(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         refused: bool) -> None:
+    """Dir.copy uses copy_file_range (a reflink on XFS/btrfs); where the kernel refuses it (EXDEV
+    across file systems, EINVAL on some), sendfile copies the whole file all the same."""
+    import errno
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    (src / "seg").write_bytes(data)
+    os.chmod(src / "seg", 0o600)
+    if refused:
+        def refuse(*args: object, **kwargs: object) -> int:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+        monkeypatch.setattr(os, "copy_file_range", refuse)
+    with safefs.Dir(src) as s, safefs.Dir(dst) as d:
+        s.copy("seg", d, "seg")
+    assert (dst / "seg").read_bytes() == data
+    assert stat.S_IMODE((dst / "seg").stat().st_mode) == 0o600

@@ -127,8 +127,9 @@ def _make_branch_dir(plane: ControlPlane, project: model.Project, branch_id: str
 
 
 async def _copy_parent(plane: ControlPlane, project: model.Project, parent: model.Branch, target: Path, *,
-                       make_dir: bool = True) -> str | None:
-    """Copy the head of `parent` into `target` (a new directory); returns the LSN it reflects.
+                       make_dir: bool = True) -> tuple[str | None, wal.ControlData | None]:
+    """Copy the head of `parent` into `target` (a new directory); returns the LSN it reflects and,
+    for a stopped parent, its `pg_controldata` (the copy's too: read once, not again on the copy).
     `make_dir`: `target` is a branch's pgdata whose branch directory is made first."""
     source = plane.layout.pgdata(project.id, parent.id)
     user = project_user(project.os_uid)  # the copy runs as the project's uid (argon.storage.clone)
@@ -138,7 +139,7 @@ async def _copy_parent(plane: ControlPlane, project: model.Project, parent: mode
         if ep is not None and plane.is_running(ep.id):
             conn = await connect_admin(plane.layout.socket_dir(ep.id))
             try:
-                return await branching.clone_running(conn, plane.backend, source, target, user)
+                return await branching.clone_running(conn, plane.backend, source, target, user), None
             finally:
                 await conn.close()
         if await asyncio.to_thread(postmaster.alive_on, source):  # not ours yet: starting, or in crash recovery
@@ -146,7 +147,7 @@ async def _copy_parent(plane: ControlPlane, project: model.Project, parent: mode
         install = plane.installs.get(project.pg_version)
         stopped = await asyncio.to_thread(wal.control_data, install.bindir, source, user) if install else None
         await asyncio.to_thread(branching.clone_stopped, plane.backend, source, target, stopped, user)
-        return stopped.checkpoint_lsn if stopped else None
+        return (stopped.checkpoint_lsn, stopped) if stopped else (None, None)
 
 
 async def point_in_time(control: Control, project: model.Project, branch: model.Branch, target: Path, *,
@@ -187,6 +188,7 @@ async def create_branch(control: Control, project_id: str, req: BranchRequest) -
             raise Conflict(f"branch {name!r} already exists")
         pgdata = plane.layout.pgdata(project_id, bid)
         parent_at = None
+        copied = None  # the copy's pg_controldata, when read already
         linked = False  # the history base links the parent's (a plain copy of its head only)
         try:
             if req.init_source == "schema-only":
@@ -201,13 +203,13 @@ async def create_branch(control: Control, project_id: str, req: BranchRequest) -
                 lsn, parent_at = point.lsn, point.at
                 await failpoint_async("branch.create_at_point.after_recovery")
             else:
-                lsn = await _copy_parent(plane, project, parent, pgdata)
+                lsn, copied = await _copy_parent(plane, project, parent, pgdata)
                 await failpoint_async("branch.create.after_copy")
                 linked = await asyncio.to_thread(retention.begin_epoch_from_parent, plane, project, bid, pgdata,
-                                                 parent.id, consistent_lsn=lsn)
+                                                 parent.id, consistent_lsn=lsn, control=copied)
             if not linked:
                 await asyncio.to_thread(retention.begin_epoch, plane, project, bid, pgdata, reason="branch created",
-                                        consistent_lsn=lsn, fresh=True)
+                                        consistent_lsn=lsn, fresh=True, control=copied)
             await failpoint_async("branch.create.after_epoch")
         except BaseException:
             await asyncio.to_thread(safefs.rmtree, plane.layout.branch_dir(project_id, bid))
@@ -375,7 +377,7 @@ async def restore_branch(control: Control, project_id: str, branch_id: str, sour
                                                 timestamp=source_timestamp)
                     lsn = point.lsn
                 else:
-                    lsn = await _copy_parent(plane, project, source, fresh)
+                    lsn, _ = await _copy_parent(plane, project, source, fresh)
             except BaseException:
                 await asyncio.to_thread(safefs.rmtree, fresh)
                 raise

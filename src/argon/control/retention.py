@@ -145,17 +145,20 @@ def template_snapshot(plane: ControlPlane, project: model.Project, history: hs.B
 
 
 def begin_epoch(plane: ControlPlane, project: model.Project, branch_id: str, pgdata: Path, *, reason: str,
-                consistent_lsn: str | None = None, fresh: bool = False) -> None:
+                consistent_lsn: str | None = None, fresh: bool = False,
+                control: wal.ControlData | None = None) -> None:
     """The branch's data was just replaced by the (not yet started) cluster at `pgdata`: end the
     current epoch, if any, and start a new one whose base is a copy of `pgdata`. `fresh`: forget
-    the older epochs (the branch is new, or its old history moved to a preserved branch)."""
+    the older epochs (the branch is new, or its old history moved to a preserved branch).
+    `control`: `pgdata`'s `pg_controldata` when already read (a copy of a stopped cluster)."""
     if not enabled(project):
         return
     history = branch_history(plane, project.id, branch_id)
     manifest = hs.Manifest() if fresh else history.load()
     install = plane.installs[project.pg_version]
     now = plane.clock()
-    snap, control = hs.describe_snapshot(install.bindir, pgdata, "base", now, consistent_lsn, project_owner(project))
+    snap, control = hs.describe_snapshot(install.bindir, pgdata, "base", now, consistent_lsn, project_owner(project),
+                                         control)
     label = wal.backup_label_fields(pgdata)
     epoch = hs.Epoch(id=_epoch_id(), started_at=now, start_lsn=snap.consistent_lsn,
                      timeline=label[1] if label else control.timeline, segsize=control.segsize, reason=reason,
@@ -168,17 +171,20 @@ def begin_epoch(plane: ControlPlane, project: model.Project, branch_id: str, pgd
 
 
 def begin_epoch_from_parent(plane: ControlPlane, project: model.Project, branch_id: str, pgdata: Path,
-                            parent_id: str, *, consistent_lsn: str | None) -> bool:
-    """A new branch's first epoch without a second copy of its data, on the copy backend: the new
-    cluster at `pgdata` is the parent's data at the copy, i.e. the parent's newest snapshot before it
-    plus the parent's WAL since. So the base is that snapshot, hard-linked (snapshots and archived
-    segments are never written in place), and the parent's archived segments up to the first one
-    the copy holds are hard-linked into the new epoch's archive (segments still in the parent's
-    live pg_wal are copied: Postgres reuses those files), followed by copies of the copy's own.
-    Recovery from the base then replays the parent's WAL into the branch's own, which continues on
-    the same timeline. Returns False, having made nothing, when the parent's history cannot serve
-    (the caller then copies a base)."""
-    if not enabled(project) or plane.backend.name == "reflink":  # a reflink base costs nothing anyway
+                            parent_id: str, *, consistent_lsn: str | None,
+                            control: wal.ControlData | None = None) -> bool:
+    """A new branch's first epoch without a second copy of its data (ADR 0010; on both backends: a
+    reflink clone shares the extents but still costs a pass over every file, about as long as the
+    branch's own copy): the new cluster at `pgdata` is the parent's data at the copy, i.e. the
+    parent's newest snapshot before it plus the parent's WAL since. So the base is that snapshot,
+    hard-linked (snapshots and archived segments are never written in place), and the parent's
+    archived segments up to the first one the copy holds are hard-linked into the new epoch's
+    archive (segments still in the parent's live pg_wal are copied: Postgres reuses those files),
+    followed by copies of the copy's own. Recovery from the base then replays the parent's WAL into
+    the branch's own, which continues on the same timeline. `control`: `pgdata`'s `pg_controldata`
+    when the caller read it already (a copy of a stopped cluster). Returns False, having made
+    nothing, when the parent's history cannot serve (the caller then copies a base)."""
+    if not enabled(project):
         return False
     parent = branch_history(plane, project.id, parent_id)
     pe = parent.load().current
@@ -186,7 +192,7 @@ def begin_epoch_from_parent(plane: ControlPlane, project: model.Project, branch_
         return False
     install = plane.installs[project.pg_version]
     user = project_owner(project)
-    control = wal.control_data(install.bindir, pgdata, user)
+    control = control or wal.control_data(install.bindir, pgdata, user)
     label = wal.backup_label_fields(pgdata)
     if label is not None:
         start, timeline = wal.parse_lsn(label[0]), label[1]

@@ -187,6 +187,10 @@ class Api:
     def branch_endpoints(self, project_id: str, branch_id: str) -> list[dict[str, Any]]:
         return list(self.request("GET", f"/projects/{project_id}/branches/{branch_id}/endpoints")["endpoints"])
 
+    def databases(self, project_id: str, branch_id: str) -> list[dict[str, Any]]:
+        """The branch's databases (from a running compute, the API reads them afresh: ADR 0005)."""
+        return list(self.request("GET", f"/projects/{project_id}/branches/{branch_id}/databases")["databases"])
+
     def create_branch(self, project_id: str, *, name: str, parent_id: str, expires_at: str | None,
                       compute: bool = True) -> dict[str, Any]:
         """A branch of `parent_id` (with a read-write compute unless `compute=False`), its

@@ -44,6 +44,7 @@ class Target:
     base: dict[str, Any]  # the branch the configured endpoint belongs to
     original: dict[str, Any]  # the alias's connection settings before any test database
     workers: int = 0  # --parallel N, when the runner says: clones 2..N are then made at once
+    listed: list[dict[str, Any]] | None = None  # the project's branches as install() read them: the first look-up's
 
 
 def _snapshot(settings_dict: dict[str, Any]) -> dict[str, Any]:
@@ -207,7 +208,7 @@ class BranchCreation:
                 self._collect(names.keep_prefix, keep=lambda n: n.startswith(names.keep_prefix + names.state))
         else:
             name = run_name
-        template = {"id": template_id} if template_id else self._template(names, verbosity)
+        template = {"id": template_id} if template_id else self._template(names, verbosity, test_name)
         started = time.monotonic()
         try:
             created = api.create_branch(project, name=name, parent_id=template["id"],
@@ -215,20 +216,21 @@ class BranchCreation:
         except ApiError as exc:
             if exc.status != 404 or not rebuild:
                 raise
-            template = self._build(names, verbosity)  # the template was deleted meanwhile: build it again
+            template = self._build(names, verbosity, test_name)  # the template was deleted meanwhile: build it again
             created = api.create_branch(project, name=name, parent_id=template["id"],
                                         expires_at=None if keepdb else expiry(RUN_HOURS))
         created_at = time.monotonic()
         record = self._record(created["branch"], created["endpoints"][0]["id"], test_name, reused=False)
         record["template_id"] = template["id"]
         try:
-            self._rename_database(record["settings"], TEMPLATE_DB, test_name)
+            renamed = self._rename_database(record["settings"], [d["name"] for d in created.get("databases", [])],
+                                            test_name)
         except BaseException:
             self._delete_quietly(record)
             raise
         if verbosity >= 3:
-            self.log(f"argon: branch {name!r}: created with its compute running in {created_at - started:.2f} s, "
-                     f"database renamed in {time.monotonic() - created_at:.2f} s")
+            self.log(f"argon: branch {name!r}: created with its compute running in {created_at - started:.2f} s"
+                     + (f", database renamed in {time.monotonic() - created_at:.2f} s" if renamed else ""))
         return record
 
     def _acquire_all(self, names: BranchNames, test_name: str, *, keepdb: bool, verbosity: int, run_name: str,
@@ -239,7 +241,7 @@ class BranchCreation:
         if len(suffixes) == 1:
             return {None: self._acquire(names, test_name, keepdb=keepdb, suffix=None, run_name=run_name,
                                         verbosity=verbosity)}
-        template_id = self._template(names, verbosity)["id"]
+        template_id = self._template(names, verbosity, test_name)["id"]
         with ThreadPoolExecutor(max_workers=len(suffixes), thread_name_prefix="argon-branch") as pool:
             futures = {sfx: pool.submit(self._acquire, names, test_name, keepdb=keepdb, suffix=sfx,
                                         run_name=run_name if sfx is None else f"{run_name}-{sfx}",
@@ -270,22 +272,28 @@ class BranchCreation:
         return {"branch_id": branch["id"], "name": branch["name"], "endpoint_id": endpoint_id, "settings": conn,
                 "reused": reused, "template_id": None}
 
-    def _find(self, name: str) -> dict[str, Any] | None:
+    def _find(self, name: str, *, fresh: bool = True) -> dict[str, Any] | None:
+        """The oldest branch called `name`; `fresh=False` may answer from the list install() read
+        (once: a template found there is branched at once, and a 404 then builds it again)."""
         assert self.argon is not None
-        found = [b for b in self.argon.api.branches(self.argon.project_id) if b["name"] == name]
+        listed, self.argon.listed = self.argon.listed, None
+        if fresh or listed is None:
+            listed = self.argon.api.branches(self.argon.project_id)
+        found = [b for b in listed if b["name"] == name]
         return min(found, key=lambda b: (b.get("created_at") or "", b["id"])) if found else None
 
-    def _template(self, names: BranchNames, verbosity: int) -> dict[str, Any]:
-        found = self._find(names.template)
+    def _template(self, names: BranchNames, verbosity: int, test_name: str) -> dict[str, Any]:
+        found = self._find(names.template, fresh=False)
         if found is not None:
             if verbosity >= 2:
                 self.log(f"argon: template {names.template!r} is up to date")
             return found
-        return self._build(names, verbosity)
+        return self._build(names, verbosity, test_name)
 
-    def _build(self, names: BranchNames, verbosity: int) -> dict[str, Any]:
+    def _build(self, names: BranchNames, verbosity: int, test_name: str) -> dict[str, Any]:
         """Migrate a new template on a builder branch and publish it by renaming; if another run
-        published first (409), drop ours and use theirs."""
+        published first (409), drop ours and use theirs. Its database has this run's test database
+        name, so that runs with that name (the usual case) need not rename it."""
         from django.conf import settings
 
         assert self.argon is not None
@@ -296,19 +304,23 @@ class BranchCreation:
                      f"(branch {names.template!r}; first run for these migrations)...")
         created = api.create_branch(project, name=names.builder(), parent_id=self.argon.base["id"],
                                     expires_at=expiry(RUN_HOURS))
-        builder = self._record(created["branch"], created["endpoints"][0]["id"], TEMPLATE_DB, reused=False)
+        builder = self._record(created["branch"], created["endpoints"][0]["id"], test_name, reused=False)
         saved = _snapshot(self.connection.settings_dict)
         try:
             for db in created.get("databases", []):  # the base's data is not the tests': keep templates small
                 api.delete_database(project, builder["branch_id"], db["name"])
             self._point(builder["settings"])
-            self.connection.settings_dict["TEST"] = {**saved["TEST"], "NAME": TEMPLATE_DB}
+            self.connection.settings_dict["TEST"] = {**saved["TEST"], "NAME": test_name}
             self._argon_building = True
             try:
                 super().create_test_db(verbosity, autoclobber=True, serialize=False, keepdb=False)  # type: ignore[misc]
             finally:
                 self._argon_building = False
             self._close()
+            # Listing the databases while the compute runs records the one Django made with SQL in
+            # the branch's metadata (a deleted endpoint's stop does not), which each run's branch
+            # then lists: runs with the same test database name skip the rename.
+            api.databases(project, builder["branch_id"])
             api.delete_endpoint(project, builder["endpoint_id"])  # a clean stop; branches then copy a stopped cluster
             try:
                 template = api.update_branch(project, builder["branch_id"], name=names.template, expires_at=None)
@@ -374,19 +386,30 @@ class BranchCreation:
         self.connection.settings_dict.update({k: conn[k] for k in _CONNECTION_KEYS})
         self.connection.settings_dict["OPTIONS"] = dict(conn["OPTIONS"])
 
-    def _rename_database(self, conn: dict[str, Any], old: str, new: str) -> None:
-        """Give the template's database the name this run's test database has."""
-        if old == new:
-            return
+    def _rename_database(self, conn: dict[str, Any], listed: list[str], new: str) -> bool:
+        """Give the template's one database the name this run's test database has, unless it has
+        it already (`listed`: the branch's databases as the API lists them). Returns whether it
+        renamed. Templates built before their database took the run's name hold TEMPLATE_DB."""
+        if new in listed:
+            return False
+        old = listed[0] if len(listed) == 1 else TEMPLATE_DB if TEMPLATE_DB in listed else None
         settings_dict = {**self.connection.settings_dict, **conn, "OPTIONS": dict(conn["OPTIONS"])}
         settings_dict.pop(STATE_KEY, None)
         wrapper = type(self.connection)(settings_dict, alias=f"{self.connection.alias}-argon")
         quote = wrapper.ops.quote_name
         try:
             with wrapper._nodb_cursor() as cursor:
+                if old is None:  # an API that does not list them: the one database besides postgres
+                    cursor.execute("SELECT datname FROM pg_database WHERE NOT datistemplate AND datallowconn "
+                                   "AND datname <> 'postgres' ORDER BY datname = %s DESC", [TEMPLATE_DB])
+                    row = cursor.fetchone()
+                    old = row[0] if row else TEMPLATE_DB
+                    if old == new:
+                        return False
                 cursor.execute(f"ALTER DATABASE {quote(old)} RENAME TO {quote(new)}")
         finally:
             wrapper.close()
+        return True
 
     def _restore(self, name: str | None = None) -> None:
         """The alias's own connection settings again (Django's NAME, or `name`)."""
@@ -470,9 +493,13 @@ def install(aliases: Iterable[str] | None = None, *, verbosity: int = 1, workers
                         project = api.project_of_endpoint(ref.endpoint_id,
                                                           env.get("ARGON_PROJECT_ID") or env.get("NEON_PROJECT_ID"))
                         endpoint = api.endpoint(project, ref.endpoint_id)
-                        resolved[ref.endpoint_id] = (project, api.branch(project, endpoint["branch_id"]))
-                    project, base = resolved[ref.endpoint_id]
-                    target = Target(api, project, base, _snapshot(settings_dict), workers)
+                        listed = api.branches(project)  # the base, and the template's first look-up
+                        base = next((b for b in listed if b["id"] == endpoint["branch_id"]), None)
+                        if base is None:
+                            base = api.branch(project, endpoint["branch_id"])
+                        resolved[ref.endpoint_id] = (project, base, listed)
+                    project, base, listed = resolved[ref.endpoint_id]
+                    target = Target(api, project, base, _snapshot(settings_dict), workers, list(listed))
                 except ApiError as exc:
                     reason = str(exc)
             if reason is not None:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 SCHEME = "argon-django-template/1"  # bump to invalidate every template when the recipe changes
-TEMPLATE_DB = "django_test_template"  # the database's name inside a template; runs rename it
+TEMPLATE_DB = "django_test_template"  # the database's name inside templates built before it took the test name
 
 
 def _short(*parts: object, size: int = 8) -> str:

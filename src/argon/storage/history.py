@@ -201,10 +201,12 @@ class BranchHistory:
 
 def describe_snapshot(bindir: Path, pgdata: Path, name: str, taken_at: datetime,
                       consistent_lsn: str | None = None,
-                      owner: safefs.Owner | None = None) -> tuple[Snapshot, wal.ControlData]:
+                      owner: safefs.Owner | None = None,
+                      control: wal.ControlData | None = None) -> tuple[Snapshot, wal.ControlData]:
     """A Snapshot record for the cluster copy at `pgdata` (clean, or an online backup whose stop LSN
-    is `consistent_lsn`)."""
-    control = wal.control_data(bindir, pgdata, owner)
+    is `consistent_lsn`). `control`: its `pg_controldata`, when the caller read it already (from
+    the stopped cluster `pgdata` is a copy of; saves running it again)."""
+    control = control or wal.control_data(bindir, pgdata, owner)
     label = wal.backup_label_fields(pgdata)
     if label is not None:
         redo = label[0]
