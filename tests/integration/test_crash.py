@@ -31,6 +31,7 @@ class ArgonProcess:
         self.env = {**os.environ, "ARGON_DATA_DIR": str(root / "data"), "ARGON_RUN_DIR": str(root / "run"),
                     "ARGON_HTTP_PORT": str(http_port), "ARGON_PROXY_PORT": str(proxy_port),
                     "ARGON_API_KEY": KEY, "HOME": str(root / "home"), "ARGON_CONFIG_FILE": str(root / "none.toml"),
+                    "TMPDIR": str(root),  # the proxy's internal socket dir goes with the root even on kill -9
                     **{f"ARGON_{k.upper()}": str(v) for k, v in uid_range().items()}}
         self.api = httpx.Client(base_url=f"http://127.0.0.1:{http_port}/api/v2",
                                 headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
