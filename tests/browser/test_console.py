@@ -9,6 +9,7 @@ Every page visited is saved as a full-page screenshot in test-artifacts/console/
 from __future__ import annotations
 
 import ast
+import shutil
 from collections.abc import Iterator
 from typing import Any
 
@@ -29,9 +30,15 @@ STATE_TIMEOUT = 30_000  # ms for a compute to change state and the page to show 
 @pytest.fixture(scope="module")
 def pristine() -> Iterator[RunningPlatform]:
     """A platform of its own, for the projects page's empty state."""
-    running = RunningPlatform(short_tmpdir())
-    yield running
-    running.stop()
+    root = short_tmpdir()
+    try:
+        running = RunningPlatform(root)
+        try:
+            yield running
+        finally:
+            running.stop()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def parse_django(snippet: str) -> dict[str, Any]:
