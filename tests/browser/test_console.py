@@ -9,6 +9,7 @@ Every page visited is saved as a full-page screenshot in test-artifacts/console/
 from __future__ import annotations
 
 import ast
+import shutil
 from collections.abc import Iterator
 from typing import Any
 
@@ -29,9 +30,15 @@ STATE_TIMEOUT = 30_000  # ms for a compute to change state and the page to show 
 @pytest.fixture(scope="module")
 def pristine() -> Iterator[RunningPlatform]:
     """A platform of its own, for the projects page's empty state."""
-    running = RunningPlatform(short_tmpdir())
-    yield running
-    running.stop()
+    root = short_tmpdir()
+    try:
+        running = RunningPlatform(root)
+        try:
+            yield running
+        finally:
+            running.stop()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def parse_django(snippet: str) -> dict[str, Any]:
@@ -224,19 +231,21 @@ def test_a_sign_in_link_works_once(chromium: Browser, platform: RunningPlatform)
     second.context.close()
 
 
-def test_argon_up_and_argon_console_print_working_links(chromium: Browser, platform: RunningPlatform) -> None:
+def test_argon_up_and_argon_console_print_working_links(chromium: Browser, pristine: RunningPlatform) -> None:
+    """The link `argon up` printed at its start (valid 15 minutes: this module's own platform, not the
+    session's, which may have started longer ago) and one from `argon console`."""
     from click.testing import CliRunner
 
     from argon.cli.main import cli
 
-    result = CliRunner().invoke(cli, ["--api-url", platform.api_url, "--api-key", API_KEY, "console"])
+    result = CliRunner().invoke(cli, ["--api-url", pristine.api_url, "--api-key", API_KEY, "console"])
     assert result.exit_code == 0, result.output
     printed = result.stdout.strip()
-    for link in (platform.platform.info.sign_in_url, printed):
-        assert link.startswith(platform.api_url + "/login?token=")
-        page = browser_page(chromium, platform)
+    for link in (pristine.platform.info.sign_in_url, printed):
+        assert link.startswith(pristine.api_url + "/login?token=")
+        page = browser_page(chromium, pristine)
         page.goto(link)
-        expect(page).to_have_url(platform.api_url + "/")
+        expect(page).to_have_url(pristine.api_url + "/")
         page.context.close()
 
 

@@ -31,6 +31,7 @@ class ArgonProcess:
         self.env = {**os.environ, "ARGON_DATA_DIR": str(root / "data"), "ARGON_RUN_DIR": str(root / "run"),
                     "ARGON_HTTP_PORT": str(http_port), "ARGON_PROXY_PORT": str(proxy_port),
                     "ARGON_API_KEY": KEY, "HOME": str(root / "home"), "ARGON_CONFIG_FILE": str(root / "none.toml"),
+                    "TMPDIR": str(root),  # the proxy's internal socket dir goes with the root even on kill -9
                     **{f"ARGON_{k.upper()}": str(v) for k, v in uid_range().items()}}
         self.api = httpx.Client(base_url=f"http://127.0.0.1:{http_port}/api/v2",
                                 headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
@@ -77,10 +78,19 @@ def argon() -> Iterator[ArgonProcess]:
                 proc.proc.wait(60)
             except subprocess.TimeoutExpired:
                 proc.proc.kill()
-        # computes left by a failed test: stop them by the pid their postmaster.pid names
+        if proc.proc is not None:  # what argon left in its process group (a spare copy's `cp -a` after a kill)
+            with contextlib.suppress(OSError):
+                os.killpg(proc.proc.pid, signal.SIGKILL)
+        # computes left by a failed test: stop them by the pid their postmaster.pid names, and wait
+        # for them to go before the root is removed (or they write into it again)
+        pids = []
         for pidfile in root.glob("data/projects/*/branches/*/pgdata/postmaster.pid"):
             with contextlib.suppress(OSError, ValueError):
-                os.kill(int(pidfile.read_text().split()[0]), signal.SIGQUIT)
+                pids.append(int(pidfile.read_text().split()[0]))
+                os.kill(pids[-1], signal.SIGQUIT)
+        deadline = time.monotonic() + 30
+        while any(Path(f"/proc/{pid}").exists() for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
         shutil.rmtree(root, ignore_errors=True)
 
 

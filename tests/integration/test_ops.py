@@ -23,7 +23,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from argon.control.metrics import STORAGE_EVERY
-from tests.fixtures.platform import API_KEY, RunningPlatform, short_tmpdir
+from tests.fixtures.argon_process import free_port
+from tests.fixtures.platform import API_KEY, RunningPlatform, short_tmpdir, uid_range
 
 pytestmark = pytest.mark.pg
 
@@ -241,13 +242,14 @@ def test_logs_are_json_with_ids_and_no_secrets(platform: RunningPlatform) -> Non
 @pytest.mark.slow
 def test_argon_up_as_a_service() -> None:
     """What systemd sees: READY=1 once it serves, JSON lines on stderr, a graceful stop on SIGTERM."""
-
-    def free_port() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return int(s.getsockname()[1])
-
     root = short_tmpdir("sv")
+    try:
+        _serve_once(root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _serve_once(root: Path) -> None:
     http_port = free_port()
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(root / "notify"))
@@ -255,7 +257,8 @@ def test_argon_up_as_a_service() -> None:
     env = {**os.environ, "ARGON_DATA_DIR": str(root / "data"), "ARGON_RUN_DIR": str(root / "run"),
            "ARGON_HTTP_PORT": str(http_port), "ARGON_PROXY_PORT": str(free_port()), "ARGON_API_KEY": API_KEY,
            "HOME": str(root), "ARGON_CONFIG_FILE": str(root / "none.toml"), "ARGON_SPARE_CLUSTERS": "0",
-           "NOTIFY_SOCKET": str(root / "notify")}
+           "NOTIFY_SOCKET": str(root / "notify"), "TMPDIR": str(root),
+           **{f"ARGON_{k.upper()}": str(v) for k, v in uid_range().items()}}
     stderr = root / "stderr"
     with open(stderr, "wb") as err:
         proc = subprocess.Popen([sys.executable, "-m", "argon", "up"], env=env, stdout=subprocess.DEVNULL, stderr=err,
@@ -276,4 +279,4 @@ def test_argon_up_as_a_service() -> None:
     assert lines
     parsed = [json.loads(line) for line in lines]  # every line of the log is one JSON object
     assert any(p["message"] == "Stopped." for p in parsed)
-    shutil.rmtree(root, ignore_errors=True)
+

@@ -26,8 +26,7 @@ from tests.fixtures.scratch_pg import ScratchPostgres, scratch_pg  # noqa: F401 
 pytestmark = [pytest.mark.pg, pytest.mark.slow]
 
 EP = "ep-fuzz"
-CASES = 3000
-BUDGET = 20.0  # seconds for all cases
+CASES = 3000  # all of them run, however long a loaded machine takes (a hang fails in _plain's 10 s)
 CONCURRENCY = 48
 PASSWORD = "fuzz-pw-1"
 
@@ -182,12 +181,9 @@ def test_fuzzed_handshakes(fuzz_proxy: ProxyHarness) -> None:
 
     async def run() -> None:
         limit = asyncio.Semaphore(CONCURRENCY)
-        deadline = time.monotonic() + BUDGET
 
         async def one(data: bytes, tls: bool) -> None:
             async with limit:
-                if time.monotonic() > deadline:
-                    return
                 reply = await (_tls(fuzz_proxy.port, data, ctx) if tls else _plain(fuzz_proxy.port, data))
                 results.append((data, reply))
 
@@ -197,7 +193,7 @@ def test_fuzzed_handshakes(fuzz_proxy: ProxyHarness) -> None:
         asyncio.run(run())
     finally:
         logging.getLogger("argon.proxy").removeHandler(errors)
-    assert len(results) >= CASES * 0.9, f"only {len(results)} cases ran within {BUDGET} s"
+    assert len(results) == CASES, f"only {len(results)} of {CASES} cases ran"
     for sent, reply in results:
         _check_reply(reply, sent)
     assert not errors.records, [r.getMessage() for r in errors.records[:5]]
