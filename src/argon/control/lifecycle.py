@@ -192,9 +192,13 @@ class Lifecycle:
             plane.telemetry.wakes.labels(*compute_labels(ep)).inc()
             plane.telemetry.cold_start.observe(elapsed)
             now = model.utcnow()
-            ep = ep.replace(current_state=model.ComputeState.ACTIVE, pending_state=None, started_at=now,
-                            last_active=now)
-            plane.commit_soon(put=[ep], what="recording a start")
+            # the record as it is now, not as it was when the start began: a PATCH that landed during
+            # the start (a new suspend timeout, new limits) must not be written over; a deleted one stays gone
+            current = plane.find_endpoint(endpoint_id)
+            ep = (current or ep).replace(current_state=model.ComputeState.ACTIVE, pending_state=None,
+                                         started_at=now, last_active=now)
+            if current is not None:
+                plane.commit_soon(put=[ep], what="recording a start")
             plane.activity.touch(endpoint_id)
             log.info("compute %s started in %.0f ms (%s)", endpoint_id, elapsed * 1000, reason)
             plane.spawn(plane.add_event(ep.id, model.EventKind.WAKE, duration_ms=elapsed * 1000, detail=reason),
@@ -274,8 +278,10 @@ class Lifecycle:
                 self.backup.nudge()
         if ep.current_state is model.ComputeState.ACTIVE or was_running:
             now = model.utcnow()
-            await plane.commit(put=[ep.replace(current_state=model.ComputeState.IDLE, pending_state=None,
-                                               suspended_at=now)])
+            current = plane.find_endpoint(endpoint_id)  # as it is now (a PATCH may have landed meanwhile)
+            if current is not None:
+                await plane.commit(put=[current.replace(current_state=model.ComputeState.IDLE, pending_state=None,
+                                                        suspended_at=now)])
             if was_running:
                 plane.telemetry.suspends.labels(*compute_labels(ep)).inc()
                 log.info("compute %s suspended (%s)", endpoint_id, reason)
