@@ -77,9 +77,10 @@ async def _restart(figures: figures_module.Figures) -> None:
 def test_figures_follow_a_suspend_in_the_background(platform: RunningPlatform, project: dict[str, Any]) -> None:
     pid, bid, ep = project["project"]["id"], project["branch"]["id"], project["endpoints"][0]["id"]
     figures = platform.control.figures
+    before = figures.get(bid).logical_size  # before the write: a running branch is measured every 15 s,
+    # and a look after the CREATE would already count the table (seen on a busy machine)
     with psycopg.connect(platform.dsn(project), autocommit=True) as conn:
         conn.execute("CREATE TABLE filler AS SELECT g, repeat('x', 200) AS pad FROM generate_series(1, 30000) g")
-    before = figures.get(bid).logical_size
     assert platform.api.post(f"/projects/{pid}/endpoints/{ep}/suspend").status_code == 200
     # nobody asks for them: the background sees the suspend (the endpoint's record changed) and measures;
     # the WAL written shows once the stop's checkpoint is in the control file
