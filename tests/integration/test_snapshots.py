@@ -103,10 +103,12 @@ def test_an_expired_snapshot_is_deleted(platform: RunningPlatform, project: dict
 
     api, pid, main = platform.api, project["project"]["id"], project["branch"]["id"]
     insert(platform, project, 1)
-    soon = (datetime.now(UTC) + timedelta(seconds=2)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    soon = (datetime.now(UTC) + timedelta(seconds=3)).strftime("%Y-%m-%dT%H:%M:%SZ")  # 2-3 s from now
     snap = api.post(f"/projects/{pid}/branches/{main}/snapshot", params={"expires_at": soon}).json()["snapshot"]
     kept = api.post(f"/projects/{pid}/branches/{main}/snapshot").json()["snapshot"]
-    assert platform.call(snapshots.delete_expired(platform.control)) == [] and snap["expires_at"] == soon
+    gone = platform.call(snapshots.delete_expired(platform.control))
+    assert snap["expires_at"] == soon
+    assert gone == [] or datetime.now(UTC) >= datetime.fromisoformat(soon)  # (a loaded machine took that long)
     import time
 
     time.sleep(max(0.0, (datetime.fromisoformat(soon) - datetime.now(UTC)).total_seconds()) + 0.1)

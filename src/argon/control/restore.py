@@ -20,7 +20,9 @@ import os
 import re
 import secrets
 import shutil
+import sqlite3
 import tarfile
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,6 +42,7 @@ from argon.compute.params import gucs_for_cu
 from argon.compute.postmaster import ComputeStartError
 from argon.control.backup import check_bucket, choose, meta_time, open_bucket, prepare_recovery
 from argon.errors import ArgonError, ConfigError, StorageError, UserError
+from argon.metadata import schema
 from argon.metadata.store import Store
 from argon.settings import Settings
 from argon.storage import history as hs
@@ -85,6 +88,58 @@ def newest_metadata(store: ObjectStore, at: datetime | None) -> str:
     return max(usable)[1]
 
 
+def next_metadata(store: ObjectStore, at: datetime) -> str | None:
+    """The first metadata copy taken after `at`, if any."""
+    later = [(t, o.key) for o in store.list("meta/") if (t := meta_time(o.key)) is not None and t > at]
+    return min(later)[1] if later else None
+
+
+# What a later metadata copy adds to an earlier one (`as_of`): rows created by the target time, never
+# the operations, events or samples. Compute uids come over whatever their age: a uid once given is
+# never given again (ADR 0016).
+_MERGED = ("projects", "branches", "snapshots", "endpoints", "roles", "databases", "api_keys")
+
+
+def metadata_as_of(db: Path, later: Path | None, at: datetime) -> None:
+    """Make the metadata database `db` (the newest copy taken at or before `at`) say what existed at
+    `at`. Copies are taken every couple of seconds, so it can lack what was created just before `at`
+    (the first copy after `at` has that) and hold what was created just after (the copy is taken a
+    moment after the time it is named by): both are put right, by each row's `created_at`. What was
+    deleted between the two copies stays, as the earlier copy has it."""
+    stamp = at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")  # the store's sortable text form
+    conn = sqlite3.connect(db)
+    try:
+        with conn:
+            if later is not None:
+                conn.execute("ATTACH DATABASE ? AS later", (str(later),))
+                for name in _MERGED:
+                    table = schema.metadata.tables[name]
+                    # Integer ids are the store's own: matched (and given anew) by the natural key.
+                    natural = {"databases": ["branch_id", "name"], "api_keys": ["key_hash"]}.get(name)
+                    keys = natural or [c.name for c in table.primary_key.columns]
+                    cols = [c.name for c in table.columns if not (natural and c.name == "id")]
+                    match = " AND ".join(f'm."{k}" = l."{k}"' for k in keys)
+                    into = ", ".join(f'"{c}"' for c in cols)
+                    values = ", ".join(f'l."{c}"' for c in cols)
+                    conn.execute(f'INSERT INTO main."{name}" ({into}) SELECT {values} FROM later."{name}" l '
+                                 f'WHERE l.created_at <= ? AND NOT EXISTS '
+                                 f'(SELECT 1 FROM main."{name}" m WHERE {match})', (stamp,))
+                conn.execute("INSERT OR IGNORE INTO main.compute_uids SELECT * FROM later.compute_uids")
+    finally:
+        conn.close()
+    meta = Store.sqlite(db)
+    try:
+        for project in meta.list_projects():
+            if project.created_at > at:
+                meta.delete_project_rows(project.id)
+                continue
+            for branch in meta.list_branches(project.id):
+                if branch.created_at > at:
+                    meta.delete_branch_rows(branch.id)
+    finally:
+        meta.close()
+
+
 def unpack_metadata(blob: bytes, layout: Layout) -> None:
     with tarfile.open(fileobj=io.BytesIO(blob), mode="r") as tar:
         for member in tar.getmembers():
@@ -101,6 +156,25 @@ def unpack_metadata(blob: bytes, layout: Layout) -> None:
                 shutil.copyfileobj(source, f)
                 f.flush()
                 os.fsync(f.fileno())
+
+
+def _as_of(store: ObjectStore, codec: Codec, layout: Layout, at: datetime) -> None:
+    later_key = next_metadata(store, at)
+    if later_key is None:
+        metadata_as_of(layout.metadata_db, None, at)
+        return
+    with tempfile.TemporaryDirectory(prefix="argon-meta-") as tmp:
+        with tarfile.open(fileobj=io.BytesIO(codec.open(later_key, store.get(later_key))), mode="r") as tar:
+            source = tar.extractfile("argon.db")
+            assert source is not None
+            later = Path(tmp) / "argon.db"
+            later.write_bytes(source.read())
+        copy = Store.sqlite(later)
+        try:
+            copy.migrate()
+        finally:
+            copy.close()
+        metadata_as_of(layout.metadata_db, later, at)
 
 
 async def restore(settings: Settings, url: str, at: datetime | str | None, *,
@@ -132,6 +206,8 @@ async def restore(settings: Settings, url: str, at: datetime | str | None, *,
     meta = Store.sqlite(layout.metadata_db)
     try:
         await asyncio.to_thread(meta.migrate)
+        if at is not None:
+            await asyncio.to_thread(_as_of, store, codec, layout, at)
         projects = await asyncio.to_thread(meta.list_projects)
         branches = {p.id: await asyncio.to_thread(meta.list_branches, p.id) for p in projects}
     finally:
