@@ -15,6 +15,8 @@ import asyncio
 import logging
 from pathlib import Path
 
+import psycopg
+
 from argon import model, safefs
 from argon.compute import tenant_settings
 from argon.compute.admin import connect_admin
@@ -24,11 +26,13 @@ from argon.compute.osuser import OsUser, project_user
 from argon.compute.params import gucs_for_cu
 from argon.control.plane import ControlPlane
 from argon.control.retention import branch_history, current_epoch, enabled
+from argon.errors import ComputeError
 from argon.storage import branching, wal
 
 log = logging.getLogger(__name__)
 
 SOURCE_FILE = "replica_of"  # which epoch of the branch the replica's copy comes from
+COPY_ATTEMPTS = 4  # copies of the primary tried while it starts or stops underneath
 
 
 def _epoch_id(plane: ControlPlane, project: model.Project, branch_id: str) -> str:
@@ -83,22 +87,30 @@ async def ensure_replica_data(plane: ControlPlane, ep: model.Endpoint) -> None:
     source = plane.layout.pgdata(project.id, ep.branch_id)
     target = root / "pgdata"
     primary = plane.primary(ep.project_id, ep.branch_id)
-    for attempt in range(3):
+    for attempt in range(COPY_ATTEMPTS):
         if primary is not None and plane.is_running(primary.id):
-            conn = await connect_admin(plane.layout.socket_dir(primary.id))
             try:
-                await branching.clone_running(conn, plane.backend, source, target, user)
-            finally:
-                await conn.close()
-            break
-        control = await asyncio.to_thread(wal.control_data, plane.installs[project.pg_version].bindir, source, user)
-        await asyncio.to_thread(branching.clone_stopped, plane.backend, source, target, control, user)
-        if primary is None or not plane.is_running(primary.id):
-            break  # it stayed stopped throughout the copy: a consistent copy
-        log.info("the primary of %s started while it was copied; copying it again online", ep.id)
+                conn = await connect_admin(plane.layout.socket_dir(primary.id))
+                try:
+                    await branching.clone_running(conn, plane.backend, source, target, user)
+                finally:
+                    await conn.close()
+                break
+            except psycopg.OperationalError as exc:
+                # The primary stopped (a suspend, a restart) between the look and the copy: copy again,
+                # stopped or online, whichever it is by then.
+                log.info("the primary of %s went away while it was copied (%s); copying it again",
+                         ep.id, str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+        else:
+            control = await asyncio.to_thread(wal.control_data, plane.installs[project.pg_version].bindir, source, user)
+            await asyncio.to_thread(branching.clone_stopped, plane.backend, source, target, control, user)
+            if primary is None or not plane.is_running(primary.id):
+                break  # it stayed stopped throughout the copy: a consistent copy
+            log.info("the primary of %s started while it was copied; copying it again online", ep.id)
         await asyncio.to_thread(safefs.rmtree, target)
-        if attempt == 2:
-            raise RuntimeError("the primary kept starting and stopping while its replica was copied")
+        await asyncio.sleep(0.2 * (attempt + 1))
+    else:
+        raise ComputeError("the primary kept starting and stopping while its replica was copied; try again")
 
     def finish() -> None:
         with safefs.Dir(target) as d:
