@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from pathlib import Path
 
 import psycopg
@@ -32,7 +33,7 @@ from argon.storage import branching, wal
 log = logging.getLogger(__name__)
 
 SOURCE_FILE = "replica_of"  # which epoch of the branch the replica's copy comes from
-COPY_ATTEMPTS = 4  # copies of the primary tried while it starts or stops underneath
+PRIMARY_WAIT = 60.0  # seconds a replica's copy waits for a primary that is starting or stopping
 
 
 def _epoch_id(plane: ControlPlane, project: model.Project, branch_id: str) -> str:
@@ -87,7 +88,8 @@ async def ensure_replica_data(plane: ControlPlane, ep: model.Endpoint) -> None:
     source = plane.layout.pgdata(project.id, ep.branch_id)
     target = root / "pgdata"
     primary = plane.primary(ep.project_id, ep.branch_id)
-    for attempt in range(COPY_ATTEMPTS):
+    deadline = time.monotonic() + PRIMARY_WAIT
+    while True:
         if primary is not None and plane.is_running(primary.id):
             try:
                 conn = await connect_admin(plane.layout.socket_dir(primary.id))
@@ -97,20 +99,23 @@ async def ensure_replica_data(plane: ControlPlane, ep: model.Endpoint) -> None:
                     await conn.close()
                 break
             except psycopg.OperationalError as exc:
-                # The primary stopped (a suspend, a restart) between the look and the copy: copy again,
-                # stopped or online, whichever it is by then.
-                log.info("the primary of %s went away while it was copied (%s); copying it again",
-                         ep.id, str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+                # The primary is still starting ("the database system is starting up": a replica made
+                # with its project), or it stopped between the look and the copy: copy again, online
+                # or stopped, whichever it is by then.
+                why = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+                if time.monotonic() > deadline:
+                    raise ComputeError(f"the primary of {ep.id} did not let its replica copy it: {why}") from exc
+                log.debug("the primary of %s could not be copied online yet (%s); trying again", ep.id, why)
         else:
             control = await asyncio.to_thread(wal.control_data, plane.installs[project.pg_version].bindir, source, user)
             await asyncio.to_thread(branching.clone_stopped, plane.backend, source, target, control, user)
             if primary is None or not plane.is_running(primary.id):
                 break  # it stayed stopped throughout the copy: a consistent copy
             log.info("the primary of %s started while it was copied; copying it again online", ep.id)
+            if time.monotonic() > deadline:
+                raise ComputeError("the primary kept starting and stopping while its replica was copied; try again")
         await asyncio.to_thread(safefs.rmtree, target)
-        await asyncio.sleep(0.2 * (attempt + 1))
-    else:
-        raise ComputeError("the primary kept starting and stopping while its replica was copied; try again")
+        await asyncio.sleep(0.2)
 
     def finish() -> None:
         with safefs.Dir(target) as d:
