@@ -252,6 +252,7 @@ class Endpoint:
     suspended_at: datetime | None = None
     pg_settings: dict[str, str] = field(default_factory=dict)
     name: str | None = None
+    address: str | None = None  # its own loopback address, 127.1.X.Y (ADR 0031); given at creation, kept for life
 
     def replace(self, **changes: Any) -> Endpoint:
         if "current_state" in changes:

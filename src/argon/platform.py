@@ -36,6 +36,7 @@ from argon.compute.osuser import check_uid_range, claim_uid_range, host_ids, uid
 from argon.compute.template import ensure_template, initdb_settings
 from argon.console.routes import mount_console, sign_in_link
 from argon.control import exposition as control_exposition
+from argon.control.addresses import listen_map
 from argon.control.apikeys import new_key
 from argon.control.plane import ControlPlane
 from argon.control.projects import template_setup_sql
@@ -83,6 +84,7 @@ class StartInfo:
     disk_limits: str = ""  # which disk limits are enforced (ADR 0025)
     startup_ms: float = 0.0
     backup: str = ""  # where continuous backup goes ("" when off)
+    endpoint_hosts: str = ""  # "names" or "addresses": what endpoint.host is (ADR 0031)
 
 
 class _QuietServer(uvicorn.Server):
@@ -144,6 +146,10 @@ class Platform:
         if s.default_pg_version is not None and s.default_pg_version not in installs:
             raise ConfigError(f"ARGON_DEFAULT_PG_VERSION={s.default_pg_version} but only "
                               f"{', '.join(map(str, sorted(installs)))} are installed")
+        if s.endpoint_hosts == "auto":
+            form = "names" if s.domain or await names_resolve(s.cert_domain) else "addresses"
+            s = self.settings = s.model_copy(update={"endpoint_hosts": form})
+        self.info.endpoint_hosts = s.endpoint_hosts
         backend = pick_backend(s.data_dir, s.clone_backend)
         store = Store.sqlite(self.layout.metadata_db)
         await asyncio.to_thread(store.migrate)
@@ -208,6 +214,13 @@ class Platform:
         if s.proxy_port == 0:  # an ephemeral port (tests): connection strings must carry the real one
             s = self.settings = s.model_copy(update={"proxy_port": self.proxy.port})
             plane.settings = s
+        if s.endpoint_hosts == "addresses":  # each endpoint's own addresses, for as long as it exists
+            def follow(endpoint_id: str, address: str | None) -> None:
+                proxy.serve_addresses(endpoint_id, listen_map(endpoint_id, address) if address else None)
+
+            plane.on_endpoint_address = follow
+            for ep in plane.endpoints():
+                follow(ep.id, ep.address)
         self.serverless = Serverless(self.proxy, HttpSql(self.proxy))  # on the proxy's internal socket
         app = create_app(control, self.telemetry, self.ready_checks())
         mount_serverless(app, self.serverless)
@@ -373,6 +386,18 @@ def raise_fd_limit() -> int:
         except (ValueError, OSError) as exc:
             log.warning("could not raise the descriptor limit from %d (%s)", soft, exc)
     return soft
+
+
+async def names_resolve(domain: str, timeout: float = 3.0) -> bool:
+    """Whether `<endpoint-id>.<domain>` resolves on this machine: asked once at start, for a name no
+    endpoint has (a wildcard DNS record, /etc/hosts, or nss-myhostname for `*.localhost`). A resolver
+    that does not answer within `timeout` counts as no."""
+    name = f"ep-argon-probe-{os.urandom(4).hex()}.{domain}"
+    try:
+        await asyncio.wait_for(asyncio.to_thread(socket.getaddrinfo, name, None, type=socket.SOCK_STREAM), timeout)
+    except (OSError, UnicodeError, TimeoutError):
+        return False
+    return True
 
 
 def _display_host(host: str) -> str:

@@ -46,6 +46,10 @@ class Settings(BaseSettings):
     proxy_host: str = Field("127.0.0.1", description="Address the Postgres proxy listens on")
     proxy_port: int = Field(5432, ge=0, le=65535, description="Port of the Postgres proxy")
     domain: str | None = Field(None, description="Wildcard DNS domain: endpoints become <endpoint-id>.<domain> (Neon form, SNI routing)")
+    endpoint_hosts: Literal["auto", "names", "addresses"] = Field(
+        "auto", description="What endpoint.host is: names (<endpoint-id>.<domain>, Neon's form, routed by TLS SNI), "
+        "addresses (each endpoint's own loopback address 127.1.X.Y, for machines where those names do not resolve), "
+        "or auto (names when ARGON_DOMAIN is set or the names resolve here, else addresses)")
     public_host: str | None = Field(None, description="Host name put in connection strings (default: the proxy address)")
     api_key: str | None = Field(None, description="Preset API key (otherwise one is generated on first start)")
     tls_cert: Path | None = Field(None, description="Certificate (PEM) for the proxy; default: generated with a local CA")

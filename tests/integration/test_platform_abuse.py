@@ -95,8 +95,8 @@ def test_a_costly_verifier_costs_the_platform_nothing(platform: RunningPlatform,
                 assert time.monotonic() - start < 5
             settings = platform.plane.settings
             ep = created["endpoints"][0]["id"]
-            console = connection.parameters(settings, endpoint_id=ep, role=params["user"], password=params["password"],
-                                            database=params["dbname"])
+            console = connection.parameters(settings, endpoint=platform.plane.endpoint(None, ep), role=params["user"],
+                                            password=params["password"], database=params["dbname"])
             from argon.console import sql as console_sql
 
             outcome = platform.call(console_sql.run(settings, console, "select 1"))

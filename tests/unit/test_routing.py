@@ -70,6 +70,17 @@ def test_inconsistent_sni_and_option() -> None:
                                       "and project option ('ep-two').")
 
 
+def test_the_address_a_connection_arrived_on_routes_when_nothing_else_does() -> None:
+    """ADR 0031: an endpoint's own address names it; SNI and an option still win over it."""
+    assert resolve({"user": "a"}, None, DOMAIN, address_endpoint="ep-one") == Route("a", "a", "ep-one", "address")
+    pooled = resolve({"user": "a"}, None, DOMAIN, address_endpoint="ep-one-pooler")
+    assert pooled.pooler and pooled.compute_id == "ep-one"
+    assert resolve({"user": "a", "options": "endpoint=ep-two"}, None, DOMAIN,
+                   address_endpoint="ep-one") == Route("a", "a", "ep-two", "options")
+    assert resolve({"user": "a"}, "ep-three.db.example.com", DOMAIN,
+                   address_endpoint="ep-one") == Route("a", "a", "ep-three", "sni")
+
+
 def test_no_endpoint_means_password_hack() -> None:
     route = resolve({"user": "a"}, "localhost", DOMAIN)
     assert route.endpoint_id is None

@@ -1,6 +1,8 @@
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
+
 from argon import model
 from argon.metadata import schema
 from argon.metadata.store import Store
@@ -12,10 +14,13 @@ def _store(tmp_path: Path) -> Store:
     return store
 
 
+HEAD_REVISION = "0006"  # the newest migration
+
+
 def test_migrations_are_idempotent_and_versioned(tmp_path: Path) -> None:
     store = _store(tmp_path)
     store.migrate()
-    assert store.schema_revision() == "0005"
+    assert store.schema_revision() == HEAD_REVISION
 
 
 def test_round_trip_keeps_types(tmp_path: Path) -> None:
@@ -120,7 +125,7 @@ def test_migration_0004_adds_project_settings_and_key_scopes(tmp_path: Path) -> 
     db.close()
     store = Store.sqlite(tmp_path / "argon.db")
     store.migrate()
-    assert store.schema_revision() == "0005"
+    assert store.schema_revision() == HEAD_REVISION
     project = store.get_project("old")
     assert project is not None and project.settings == model.ProjectSettings()
     assert store.add_api_key("ci", "argon_k", project_id="old").project_id == "old"
@@ -146,7 +151,7 @@ def test_migration_0005_adds_snapshots_and_branch_restore_fields(tmp_path: Path)
     db.close()
     store = Store.sqlite(tmp_path / "argon.db")
     store.migrate()
-    assert store.schema_revision() == "0005"
+    assert store.schema_revision() == HEAD_REVISION
     branch = store.list_branches("p")[0]
     assert branch.restored_from is None and branch.restore_status is None
     snap = model.Snapshot(id="snap-1", project_id="p", name="s", created_at=now, updated_at=now, source_branch_id="b",
@@ -155,3 +160,38 @@ def test_migration_0005_adds_snapshots_and_branch_restore_fields(tmp_path: Path)
     assert store.list_snapshots("p") == [snap] and store.get_snapshot("snap-1") == snap
     store.delete_project_rows("p")
     assert store.list_all_snapshots() == []
+
+
+def test_migration_0006_gives_every_endpoint_its_own_address(tmp_path: Path) -> None:
+    """A store an older Argon wrote (no `address` on endpoints) gives each endpoint there one, oldest
+    first, all different; the index keeps two endpoints from ever holding the same one."""
+    import sqlite3
+
+    import sqlalchemy
+
+    store = Store.sqlite(tmp_path / "argon.db")
+    store.migrate()
+    now = model.utcnow()
+    store.put(model.Project(id="p", name="a", region_id="local", pg_version=15, created_at=now, updated_at=now))
+    for i, eid in enumerate(("ep-c", "ep-a", "ep-b")):
+        at = now + timedelta(seconds=i)
+        store.put(model.Endpoint(id=eid, project_id="p", branch_id="b", created_at=at, updated_at=at))
+    store.close()
+    db = sqlite3.connect(tmp_path / "argon.db")
+    db.execute("DROP INDEX ix_endpoints_address")
+    db.execute("ALTER TABLE endpoints DROP COLUMN address")
+    db.execute("UPDATE alembic_version SET version_num = '0005'")
+    db.commit()
+    db.close()
+    store = Store.sqlite(tmp_path / "argon.db")
+    store.migrate()
+    assert store.schema_revision() == HEAD_REVISION
+    got = {e.id: e.address for e in store.list_endpoints("p")}
+    assert got == {"ep-c": "127.1.0.1", "ep-a": "127.1.0.2", "ep-b": "127.1.0.3"}
+    store.migrate()  # again: nothing changes
+    assert {e.id: e.address for e in store.list_endpoints("p")} == got
+    taken = store.get_endpoint("ep-a")
+    assert taken is not None
+    with pytest.raises(sqlalchemy.exc.IntegrityError):
+        store.put(model.Endpoint(id="ep-d", project_id="p", branch_id="b", created_at=now, updated_at=now,
+                                 address=taken.address))

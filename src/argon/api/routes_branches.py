@@ -127,9 +127,9 @@ async def create_branch(control: Authorized, project_id: str,
             for db in created.databases:
                 if db.owner_name != role.name:
                     continue
-                params = connection.parameters(plane.settings, endpoint_id=ep.id, role=role.name, password=password,
+                params = connection.parameters(plane.settings, endpoint=ep, role=role.name, password=password,
                                                database=db.name)
-                pooled = connection.parameters(plane.settings, endpoint_id=ep.id, role=role.name,
+                pooled = connection.parameters(plane.settings, endpoint=ep, role=role.name,
                                                password=password, database=db.name, pooled=True)
                 uris.append(views.connection_details(params, pooled))
     out = {

@@ -192,9 +192,9 @@ async def create(control: Authorized, body: Annotated[ProjectCreateBody | None, 
         project_settings=spec.settings.apply(model.ProjectSettings()) if spec.settings else model.ProjectSettings(),
     )
     created = await create_project(control, req)
-    params = connection.parameters(plane.settings, endpoint_id=created.endpoint.id, role=created.role.name,
+    params = connection.parameters(plane.settings, endpoint=created.endpoint, role=created.role.name,
                                    password=created.password, database=created.database.name)
-    pooled = connection.parameters(plane.settings, endpoint_id=created.endpoint.id, role=created.role.name,
+    pooled = connection.parameters(plane.settings, endpoint=created.endpoint, role=created.role.name,
                                    password=created.password, database=created.database.name, pooled=True)
     body_out = {
         "project": project_view(control, created.project),
@@ -307,6 +307,6 @@ async def connection_uri(control: Authorized, project_id: str, database_name: st
     password = plane.secrets.decrypt(role.password_enc) if role.password_enc else None
     if password is None:
         raise Precondition(f"the password of role {role_name!r} is not known to Argon; reset it first")
-    params = connection.parameters(plane.settings, endpoint_id=ep.id, role=role.name, password=password,
+    params = connection.parameters(plane.settings, endpoint=ep, role=role.name, password=password,
                                    database=database_name, pooled=pooled)
     return {"uri": params.uri}

@@ -112,7 +112,7 @@ def branch_view(b: model.Branch, figures: BranchFigures | None = None, usage: Us
 
 def endpoint_view(settings: Settings, e: model.Endpoint) -> dict[str, Any]:
     out: dict[str, Any] = {
-        "host": endpoint_host(settings, e.id),
+        "host": endpoint_host(settings, e),
         "id": e.id,
         "project_id": e.project_id,
         "branch_id": e.branch_id,

@@ -200,6 +200,21 @@ def restore(source: str | None, at: str | None, **flags: Any) -> None:
                + (f" --backup-url {url}" if not settings.backup_url else ""))
 
 
+def endpoint_hosts_lines(settings: Settings, form: str) -> list[str]:
+    """What `argon up` says about endpoint.host (ADR 0031): the form in use, and in the address form
+    what to set for Neon's name form."""
+    if form != "addresses":
+        how = "" if settings.domain else " (these names resolve on this machine)"
+        return [f"<endpoint-id>.{settings.cert_domain}, Neon's form{how}; pooled: <endpoint-id>-pooler.{settings.cert_domain}"]
+    return [f"each endpoint's own address, 127.1.X.Y (pooled: 127.2.X.Y): <endpoint-id>.{settings.cert_domain} "
+            "does not resolve here",
+            "(neonctl's and Neon's create-branch action's strings work as printed; --pooled gives the direct "
+            "address)",
+            "For Neon's name form: set ARGON_DOMAIN to a wildcard DNS domain that points here, or install "
+            "nss-myhostname",
+            "(Debian: apt-get install libnss-myhostname; it resolves *.localhost) and restart"]
+
+
 def _print_banner(settings: Settings, info: Any) -> None:
     key = info.api_key or settings.api_key
     # The URL always (a restart on another port must not leave the CLI at the old one); the key when
@@ -228,13 +243,8 @@ def _print_banner(settings: Settings, info: Any) -> None:
                + ("" if info.clone_backend == "reflink" else "  (copies data; a reflink filesystem makes branches instant)"))
     if info.ca_cert:
         click.echo(f"  TLS CA            {info.ca_cert}   (for sslmode=verify-full: sslrootcert=<this file>)")
-    domain = settings.domain
-    if domain:
-        click.echo(f"  Endpoint hosts    <endpoint-id>.{domain}")
-    else:
-        click.echo("  Endpoint hosts    local form: host 127.0.0.1 + options=endpoint=<id>. For the Neon form "
-                   f"(<endpoint-id>.{settings.cert_domain}, what neonctl prints) set ARGON_DOMAIN to a wildcard "
-                   "domain pointing here, or PGHOSTADDR=127.0.0.1 for libpq clients on this machine")
+    for i, line in enumerate(endpoint_hosts_lines(settings, info.endpoint_hosts)):
+        click.echo(("  Endpoint hosts    " if i == 0 else "                    ") + line)
     if info.backup:
         click.echo(f"  Backup            {info.backup}   (argon backup status)")
     elif not settings.backup_url:

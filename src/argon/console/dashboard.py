@@ -113,7 +113,7 @@ async def connection_widget(control: Control, project_id: str, *, branch_id: str
             widget.problem = (f"Argon does not know the password of {widget.role} (it was set with SQL). "
                               "Reset it with the API to get one that can be shown here.")
         else:
-            params = connection.parameters(plane.settings, endpoint_id=widget.endpoint.id, role=widget.role,
+            params = connection.parameters(plane.settings, endpoint=widget.endpoint, role=widget.role,
                                            password=password, database=widget.database, pooled=pooled)
             widget.snippets = snippets(params)
     return widget

@@ -142,7 +142,7 @@ async def run_sql(request: Request, session: Posted, control: ControlDep, projec
     if choices.problem or choices.password is None or choices.endpoint is None:
         return _editor(request, session, control, project, choices, query, status=409)
     session.remember_query(project_id, query)
-    params = connection.parameters(plane.settings, endpoint_id=choices.endpoint.id, role=choices.role or "",
+    params = connection.parameters(plane.settings, endpoint=choices.endpoint, role=choices.role or "",
                                    password=choices.password, database=choices.database or "")
     outcome = await sql.run(plane.settings, params, query)
     return _editor(request, session, control, project, choices, query, outcome)

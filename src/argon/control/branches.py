@@ -224,7 +224,7 @@ async def create_branch(control: Control, project_id: str, req: BranchRequest) -
                                     updated_at=now, autoscaling_limit_min_cu=s.autoscaling_limit_min_cu,
                                     autoscaling_limit_max_cu=s.autoscaling_limit_max_cu,
                                     suspend_timeout_seconds=s.suspend_timeout_seconds, type=req.endpoint_type,
-                                    pg_settings=dict(req.endpoint_pg_settings))
+                                    pg_settings=dict(req.endpoint_pg_settings), address=plane.new_endpoint_address())
                      for s in req.endpoints]
         ops = [model.Operation(id=ids.operation_id(), project_id=project_id,
                                action=model.OperationAction.CREATE_BRANCH, status=model.OperationStatus.FINISHED,

@@ -1,8 +1,15 @@
 """Connection strings and parameters, built in one place for the API, the CLI and the console.
 
-Two forms. The local form works on the machine as is, with no DNS: host = the proxy address, the
-endpoint in `options=endpoint=<id>`. The Neon form (when a domain is configured) puts the endpoint
-in the host name, `<endpoint-id>.<domain>`, routed by TLS SNI.
+Three forms. The Neon form (when a domain is configured) puts the endpoint in the host name,
+`<endpoint-id>.<domain>`, routed by TLS SNI. The address form (`endpoint_hosts = "addresses"`, where
+such names do not resolve; ADR 0031) puts the endpoint's own loopback address there, `127.1.X.Y`
+(`127.2.X.Y` for the pooled host), routed by the address a connection arrives on. The local form,
+for an endpoint without an address of its own: host = the proxy address, the endpoint in
+`options=endpoint=<id>`.
+
+`endpoint.host` in the API is what Neon's clients derive their strings from (neonctl's
+`connection-string`, the create-branch action): the name form `<id>.<domain>` (with the default
+domain when none is set), or the endpoint's address in the address form.
 """
 
 from __future__ import annotations
@@ -10,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from urllib.parse import quote
 
+from argon import model
+from argon.control.addresses import pooled_address
 from argon.settings import Settings
 
 
@@ -23,6 +32,7 @@ class ConnectionParameters:
     endpoint_id: str
     pooled: bool = False
     sni_host: str | None = None  # the Neon-form host name, when a domain is configured
+    own_address: bool = False  # `host` is the endpoint's own address (ADR 0031): it names the endpoint
 
     @property
     def endpoint_label(self) -> str:
@@ -30,8 +40,8 @@ class ConnectionParameters:
 
     @property
     def options(self) -> str | None:
-        """The `options` startup parameter the local form needs (None in the Neon form)."""
-        return None if self.sni_host else f"endpoint={self.endpoint_label}"
+        """The `options` startup parameter the local form needs (None in the Neon and address forms)."""
+        return None if self.sni_host or self.own_address else f"endpoint={self.endpoint_label}"
 
     @property
     def uri(self) -> str:
@@ -45,17 +55,31 @@ class ConnectionParameters:
         return f"postgresql://{netloc}/{quote(self.database, safe='')}?{query}"
 
 
-def endpoint_host(settings: Settings, endpoint_id: str) -> str:
-    """`endpoint.host` in the API: always contains the id (neonctl derives the pooler host from it)."""
-    return f"{endpoint_id}.{settings.cert_domain}"
+def uses_addresses(settings: Settings) -> bool:
+    """Whether endpoints are reached at their own addresses (the platform resolves "auto" at start;
+    unresolved, it means names)."""
+    return settings.endpoint_hosts == "addresses"
 
 
-def parameters(settings: Settings, *, endpoint_id: str, role: str, password: str, database: str,
+def endpoint_host(settings: Settings, endpoint: model.Endpoint, *, pooled: bool = False) -> str:
+    """`endpoint.host` in the API. In the name form it contains the id, so that neonctl's `--pooled`
+    (which replaces the id with `<id>-pooler` in it) names the pooler; an address cannot carry the
+    id, so there `--pooled` gives the direct address, which works in session mode (ADR 0031)."""
+    if uses_addresses(settings) and endpoint.address:
+        return pooled_address(endpoint.address) if pooled else endpoint.address
+    return f"{endpoint.id}{'-pooler' if pooled else ''}.{settings.cert_domain}"
+
+
+def parameters(settings: Settings, *, endpoint: model.Endpoint, role: str, password: str, database: str,
                pooled: bool = False) -> ConnectionParameters:
-    label = endpoint_id + ("-pooler" if pooled else "")
+    if uses_addresses(settings) and endpoint.address:
+        return ConnectionParameters(
+            host=endpoint_host(settings, endpoint, pooled=pooled), port=settings.proxy_port, database=database,
+            role=role, password=password, endpoint_id=endpoint.id, pooled=pooled, own_address=True)
+    label = endpoint.id + ("-pooler" if pooled else "")
     return ConnectionParameters(
         host=settings.connect_host, port=settings.proxy_port, database=database, role=role,
-        password=password, endpoint_id=endpoint_id, pooled=pooled,
+        password=password, endpoint_id=endpoint.id, pooled=pooled,
         sni_host=f"{label}.{settings.domain}" if settings.domain else None)
 
 

@@ -162,7 +162,8 @@ async def create_endpoint(control: Control, project_id: str, branch_id: str, *, 
                             updated_at=now, autoscaling_limit_min_cu=s.autoscaling_limit_min_cu,
                             autoscaling_limit_max_cu=s.autoscaling_limit_max_cu,
                             suspend_timeout_seconds=s.suspend_timeout_seconds, name=name, type=kind,
-                            disabled=disabled, pg_settings=dict(pg_settings or {}))
+                            disabled=disabled, pg_settings=dict(pg_settings or {}),
+                            address=plane.new_endpoint_address())
         await plane.commit(put=[ep])
         if kind is model.EndpointType.READ_WRITE:
             control.computes.mark_needs_spec(ep.id)  # a replica's roles come from its primary's WAL

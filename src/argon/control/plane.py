@@ -37,6 +37,7 @@ from argon.compute.extensions import ExtensionSupport
 from argon.compute.manager import ComputeManager
 from argon.compute.params import gucs_for_cu
 from argon.compute.pgconf import BASE_SETTINGS
+from argon.control import addresses
 from argon.control.secrets import Secrets
 from argon.control.writes import WriteGate
 from argon.errors import ArgonError, Locked, NotFound
@@ -99,6 +100,10 @@ class ControlPlane:
         self._endpoint_locks: dict[str, asyncio.Lock] = {}
         self._project_locks: dict[str, asyncio.Lock] = {}
         self._background: set[asyncio.Task[Any]] = set()
+        self._address_next = 0  # the slot after the highest endpoint address given by this process
+        # Told of every endpoint whose own address (ADR 0031) appears, changes or goes (None): the proxy's
+        # listeners follow the view, so an endpoint is reachable at its address once it exists.
+        self.on_endpoint_address: Callable[[str, str | None], None] | None = None
 
     # Plumbing -------------------------------------------------------------------------------------
 
@@ -215,9 +220,12 @@ class ControlPlane:
             self._project_branches.setdefault(obj.project_id, {})[obj.id] = None
             self._changed(obj.id)
         elif isinstance(obj, model.Endpoint):
+            old = self._endpoints.get(obj.id)
             self._endpoints[obj.id] = obj
             self._project_endpoints.setdefault(obj.project_id, {})[obj.id] = None
             self._changed(obj.branch_id)
+            if self.on_endpoint_address is not None and (old is None or old.address != obj.address):
+                self.on_endpoint_address(obj.id, obj.address)
         elif isinstance(obj, model.Role):
             if obj.verifier and obj.login:
                 self._verifiers[(obj.branch_id, obj.name)] = obj.verifier
@@ -250,7 +258,8 @@ class ControlPlane:
                 self._unsee(ep)
         elif isinstance(obj, model.Endpoint):
             self.telemetry.forget_compute(compute_labels(obj))
-            self._endpoints.pop(obj.id, None)
+            if self._endpoints.pop(obj.id, None) is not None and self.on_endpoint_address is not None:
+                self.on_endpoint_address(obj.id, None)
             self._project_endpoints.get(obj.project_id, {}).pop(obj.id, None)
             if obj.branch_id in self._changes:
                 self._changed(obj.branch_id)
@@ -321,6 +330,15 @@ class ControlPlane:
 
     def find_endpoint(self, endpoint_id: str) -> model.Endpoint | None:
         return self._endpoints.get(endpoint_id)
+
+    def new_endpoint_address(self) -> str:
+        """An address for a new endpoint (ADR 0031): none a live endpoint holds, and past every one given
+        since start, so a deleted endpoint's address comes back only once the slots have gone round.
+        Synchronous: two creations under way at once never get the same one."""
+        taken = {slot for ep in self._endpoints.values() if (slot := addresses.slot_of(ep.address)) is not None}
+        slot = addresses.next_slot(taken, max(self._address_next, max(taken, default=-1) + 1))
+        self._address_next = slot + 1
+        return addresses.address_of(slot)
 
     def endpoints(self, project_id: str | None = None, branch_id: str | None = None) -> list[model.Endpoint]:
         pool = (self._endpoints.values() if project_id is None else

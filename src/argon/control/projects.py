@@ -115,7 +115,8 @@ async def create_project(control: Control, req: ProjectRequest) -> CreatedProjec
     endpoint = model.Endpoint(id=eid, project_id=pid, branch_id=bid, created_at=now, updated_at=now,
                               autoscaling_limit_min_cu=req.settings.autoscaling_limit_min_cu,
                               autoscaling_limit_max_cu=req.settings.autoscaling_limit_max_cu,
-                              suspend_timeout_seconds=req.settings.suspend_timeout_seconds)
+                              suspend_timeout_seconds=req.settings.suspend_timeout_seconds,
+                              address=plane.new_endpoint_address())
     role = model.Role(branch_id=bid, name=role_name, created_at=now, updated_at=now, verifier=verifier,
                       password_enc=plane.secrets.encrypt(password))
     database = model.Database(id=0, branch_id=bid, name=database_name, owner_name=role_name,

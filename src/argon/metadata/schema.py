@@ -116,6 +116,8 @@ endpoints = Table(
     Column("suspended_at", UTCDateTime),
     Column("pg_settings", JSON, nullable=False),
     Column("name", String(64)),
+    Column("address", String(15)),  # the endpoint's own loopback address, 127.1.X.Y (ADR 0031)
+    Index("ix_endpoints_address", "address", unique=True),
 )
 
 roles = Table(

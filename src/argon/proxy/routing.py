@@ -4,7 +4,9 @@ Pure functions, Neon's rules and texts (reference/neon-proxy.md §1.1, §1.4): t
 is the endpoint id when the rest of the name equals the configured domain (labels `api` and
 `apiauth` excepted); `options=endpoint=<id>` (or the deprecated `project=`) names it for clients
 without SNI; both present must agree; with neither, the proxy asks for a cleartext password of the
-form `endpoint=<id>;<password>` (or `$` as separator). A `-pooler` suffix stays in the endpoint id
+form `endpoint=<id>;<password>` (or `$` as separator). Before the password hack, an endpoint's own
+loopback address (ADR 0031) names it: a client that reached one sends no SNI (an IP address) and no
+option, and SNI or an option still win over the address. A `-pooler` suffix stays in the endpoint id
 (`Route.pooler` records that it was asked for) and is stripped here, once: `Route.compute_id` names
 the compute that serves the route, which is what the proxy asks the control plane about and what
 activity and throttling count; the session then goes to the transaction pooler (ADR 0017).
@@ -41,7 +43,7 @@ class Route:
     user: str
     database: str
     endpoint_id: str | None
-    source: Literal["sni", "options", "password"] | None
+    source: Literal["sni", "options", "address", "password"] | None
 
     @property
     def pooler(self) -> bool:
@@ -93,10 +95,11 @@ def check_endpoint_id(endpoint_id: str) -> str:
 
 
 def resolve(params: dict[str, str], server_name: str | None, domain: str | None, *,
-            host_endpoint: str | None = None) -> Route:
+            host_endpoint: str | None = None, address_endpoint: str | None = None) -> Route:
     """Route a startup packet. Raises `RoutingError` with Neon's text; never asks the control plane.
 
-    `host_endpoint`: the endpoint a WebSocket's Host header or `?address=` named (counts as SNI)."""
+    `host_endpoint`: the endpoint a WebSocket's Host header or `?address=` named (counts as SNI).
+    `address_endpoint`: the endpoint whose own address the connection arrived on (ADR 0031)."""
     user = params.get("user")
     if not user:
         raise RoutingError(MISSING_USER)
@@ -110,6 +113,8 @@ def resolve(params: dict[str, str], server_name: str | None, domain: str | None,
         return Route(user, database, check_endpoint_id(from_sni), "sni")
     if from_options is not None:
         return Route(user, database, check_endpoint_id(from_options), "options")
+    if address_endpoint is not None:
+        return Route(user, database, check_endpoint_id(address_endpoint), "address")
     return Route(user, database, None, None)
 
 

@@ -17,6 +17,12 @@ in the one process that also serves the API and the control plane:
   only when there is none to drop is the new connection refused.
 An `accept()` that fails never ends the loop: EMFILE/ENFILE back off, anything else is logged.
 
+Endpoint addresses (ADR 0031): where endpoint names do not resolve, each endpoint has loopback
+addresses of its own (`serve_addresses`), each a listener on the proxy's port whose connections are
+routed to that endpoint when they name none themselves (no SNI, no `options=endpoint=`). A proxy that
+listens on every address already receives them and only routes; no address beyond loopback is ever
+bound. Listeners count against the descriptor budget.
+
 The internal listener is a Unix socket in a private 0700 directory, for the platform's own
 connections (SQL over HTTP's backends): authenticated by one-time tokens (`auth.InternalTokens`),
 never counted as strangers.
@@ -27,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import ipaddress
 import logging
 import os
 import resource
@@ -35,6 +42,7 @@ import socket
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -122,6 +130,9 @@ class ProxyServer:
         self._by_age: dict[Session, asyncio.Task[None]] = {}  # unauthenticated sessions, oldest first
         self.max_unauthenticated = 0  # set at start (from the limits and the descriptor budget)
         self._last_refusal_log = 0.0
+        self._address_routes: dict[str, str] = {}  # an endpoint's own address -> the endpoint id it names
+        self._endpoint_addresses: dict[str, tuple[str, ...]] = {}  # endpoint id -> its addresses
+        self._address_socks: dict[str, tuple[socket.socket, asyncio.Task[None]]] = {}
 
     @property
     def port(self) -> int:
@@ -146,6 +157,61 @@ class ProxyServer:
     @property
     def unauthenticated(self) -> int:
         return self._strangers
+
+    @property
+    def address_listeners(self) -> int:
+        """Listening sockets on endpoints' own addresses (ADR 0031)."""
+        return len(self._address_socks)
+
+    @property
+    def _listens_everywhere(self) -> bool:
+        return self.host in ("", "0.0.0.0", "::")
+
+    def serve_addresses(self, endpoint_id: str, routes: Mapping[str, str] | None) -> None:
+        """Serve an endpoint's own loopback addresses, `address -> the endpoint id a connection there
+        names` (the direct and the `-pooler` one); None or empty: serve them no more. Each is bound on
+        the proxy's port once the proxy has started (at once when it has). An address that cannot be
+        bound (another program holds it) is logged; the endpoint's other forms still work."""
+        for address in self._endpoint_addresses.pop(endpoint_id, ()):
+            self._address_routes.pop(address, None)
+            entry = self._address_socks.pop(address, None)
+            if entry is not None:
+                entry[1].cancel()  # the task closes the socket once its accept is unregistered
+        if not routes:
+            return
+        for address in routes:
+            if not ipaddress.ip_address(address).is_loopback:
+                raise ValueError(f"an endpoint address must be a loopback address, not {address!r}")
+        self._endpoint_addresses[endpoint_id] = tuple(routes)
+        for address, label in routes.items():
+            self._address_routes[address] = label
+            if self._sock is not None:
+                self._listen_on_address(address)
+
+    def _listen_on_address(self, address: str) -> None:
+        if self._listens_everywhere or address in self._address_socks:
+            return
+        sock = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((address, self.port))
+            sock.listen(128)
+            sock.setblocking(False)
+        except OSError as exc:
+            sock.close()
+            log.warning("cannot listen on %s:%d for endpoint %s (%s): its connection strings with that address "
+                        "fail; those naming it by option or SNI still work", address, self.port,
+                        self._address_routes.get(address), exc.strerror or exc)
+            return
+
+        async def serve() -> None:
+            try:
+                await self._accept_loop(sock, internal=False)
+            finally:
+                sock.close()
+
+        task = asyncio.get_running_loop().create_task(serve(), name="proxy-accept-address")
+        self._address_socks[address] = (sock, task)
 
     @property
     def pooled_fds(self) -> int:
@@ -176,6 +242,8 @@ class ProxyServer:
         self.ctx.pooler = Pooler(control=self.ctx.control, activity=self.ctx.activity, cancels=self.cancels,
                                  engine=pooler_engine(self.relay_mode), **self._pooler_options)
         self._tasks.append(loop.create_task(self._accept_loop(sock, internal=False), name="proxy-accept"))
+        for address in list(self._address_routes):
+            self._listen_on_address(address)
         if self._want_internal:
             self._start_internal()
         tls = "TLS" if self.ctx.tls is not None else "no TLS"
@@ -216,6 +284,13 @@ class ProxyServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+        addresses = [task for _, task in self._address_socks.values()]
+        self._address_socks.clear()
+        for task in addresses:
+            task.cancel()
+        for task in addresses:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         for sock in (self._sock, self._internal):
             if sock is not None:
                 sock.close()
@@ -239,7 +314,8 @@ class ProxyServer:
         None when the connection was refused (it got an ErrorResponse and was closed)."""
         return self._admit(sock, peer_ip, tunnel, _TUNNEL_FDS)
 
-    def _admit(self, sock: socket.socket, peer_ip: str, tunnel: Tunnel | None, fds: int) -> asyncio.Task[None] | None:
+    def _admit(self, sock: socket.socket, peer_ip: str, tunnel: Tunnel | None, fds: int,
+               address_endpoint: str | None = None) -> asyncio.Task[None] | None:
         internal = tunnel is not None and tunnel.internal
         key = client_key(peer_ip)
         if not internal:
@@ -247,7 +323,8 @@ class ProxyServer:
                 return self._refuse(sock, peer_ip, "unauthenticated connections per client")
             if self._strangers >= self.max_unauthenticated:
                 self._evict_oldest_stranger("unauthenticated connections")
-        if self._fds + self.pooled_fds + fds > self.fd_budget and not self._evict_oldest_stranger("descriptor budget"):
+        held = self._fds + self.pooled_fds + len(self._address_socks)
+        if held + fds > self.fd_budget and not self._evict_oldest_stranger("descriptor budget"):
             return self._refuse(sock, peer_ip, "descriptor budget")
         if not internal:
             self._strangers += 1
@@ -264,7 +341,8 @@ class ProxyServer:
 
         self._fds += fds
         try:
-            session = Session(self.ctx, sock, peer_ip, tunnel, on_authenticated=authenticated)
+            session = Session(self.ctx, sock, peer_ip, tunnel, on_authenticated=authenticated,
+                              address_endpoint=address_endpoint)
             task = asyncio.get_running_loop().create_task(session.run())
         except BaseException:
             self._fds -= fds
@@ -312,6 +390,16 @@ class ProxyServer:
             log.warning("connection limits reached (latest from %s: too many %s); refused so far: %s, "
                         "dropped so far: %s", peer_ip or "?", why, dict(self.refused), dict(self.evicted))
 
+    def _endpoint_at(self, conn: socket.socket) -> str | None:
+        """The endpoint whose own address `conn` arrived on, if any."""
+        if not self._address_routes:
+            return None
+        try:
+            local = str(conn.getsockname()[0])
+        except OSError:
+            return None
+        return self._address_routes.get(local.removeprefix("::ffff:"))
+
     async def _accept(self, listener: socket.socket) -> tuple[socket.socket, tuple[str, int] | str]:
         return await asyncio.get_running_loop().sock_accept(listener)  # type: ignore[return-value]
 
@@ -345,7 +433,7 @@ class ProxyServer:
                 else:
                     with contextlib.suppress(OSError):
                         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    self._admit(conn, str(peer[0]), None, _SESSION_FDS)
+                    self._admit(conn, str(peer[0]), None, _SESSION_FDS, self._endpoint_at(conn))
             except Exception:
                 log.exception("admitting a connection failed")
                 conn.close()

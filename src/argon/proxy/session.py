@@ -156,11 +156,12 @@ class Session:
     never does): the server counts unauthenticated connections with it."""
 
     def __init__(self, ctx: SessionContext, sock: socket.socket, peer_ip: str, tunnel: Tunnel | None = None,
-                 on_authenticated: Callable[[], None] | None = None) -> None:
+                 on_authenticated: Callable[[], None] | None = None, address_endpoint: str | None = None) -> None:
         self.ctx = ctx
         self.sock = sock
         self.peer_ip = peer_ip
         self.tunnel = tunnel
+        self.address_endpoint = address_endpoint  # the endpoint whose own address this arrived on (ADR 0031)
         self.started = time.monotonic()
         self.endpoint_id: str | None = None
         self._on_authenticated = on_authenticated
@@ -250,7 +251,8 @@ class Session:
             stream.write(codec.negotiate_protocol_version(0, list(startup.unsupported_options)))
         tunnel = self.tunnel
         route = routing.resolve(startup.params, served.server_name if served else None, ctx.domain,
-                                host_endpoint=tunnel.endpoint_id if tunnel else None)
+                                host_endpoint=tunnel.endpoint_id if tunnel else None,
+                                address_endpoint=self.address_endpoint)
         logs.bind(endpoint_id=route.endpoint_id)
         try:
             async with asyncio.timeout_at(self._deadline):
