@@ -6,17 +6,22 @@ field or an unknown enum value), so a passing run means the API is what they exp
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import psycopg
 import pytest
 
+from argon.platform import names_resolve
+from tests.fixtures.argon_process import free_port
 from tests.fixtures.npm import npm_install
-from tests.fixtures.platform import API_KEY, RunningPlatform
+from tests.fixtures.platform import API_KEY, RunningPlatform, short_tmpdir, uid_range
 
 pytestmark = [pytest.mark.pg, pytest.mark.slow]
 
@@ -90,17 +95,21 @@ def test_neonctl_smoke(platform: RunningPlatform, neonctl: Path) -> None:
         uri = run_neonctl(platform, neonctl, "connection-string", "--project-id", pid, "--role-name", "app",
                           "--database-name", "appdb", output_json=False).strip()
         assert "channel_binding=require" in uri and "sslmode=require" in uri
-        # The Neon form: host <endpoint>.<domain>, TLS, SNI routing, SCRAM-SHA-256-PLUS; no DNS needed.
-        env = {**os.environ, "PGHOSTADDR": "127.0.0.1", "PGPORT": str(platform.proxy_port)}
+        # As printed: the host is the endpoint's own address (ADR 0031), TLS, SCRAM-SHA-256-PLUS; no DNS.
+        # (The port is the test platform's; a real one listens on 5432, which the string leaves out.)
+        env = {**os.environ, "PGPORT": str(platform.proxy_port)}
         out = subprocess.run(["psql", uri, "-XAtc", "select current_user || '@' || current_database()"],
                              capture_output=True, text=True, timeout=60, env=env)
         assert out.returncode == 0, out.stderr
         assert out.stdout.strip() == "app@appdb"
-        # ... and the certificate verifies against the CA `argon up` generated (sslmode=verify-full).
+        # The Neon name form, <endpoint>.<domain>, routed by SNI, and the certificate verifies against the
+        # CA `argon up` generated (sslmode=verify-full needs the name: the certificate names no endpoint address).
+        ep = platform.api.get(f"/projects/{pid}/endpoints").json()["endpoints"][0]
         ca = platform.plane.layout.tls_dir / "ca.crt"
-        strict = uri.replace("sslmode=require", f"sslmode=verify-full&sslrootcert={ca}")
+        strict = uri.replace(f"@{ep['host']}/", f"@{ep['id']}.argon.localhost/").replace(
+            "sslmode=require", f"sslmode=verify-full&sslrootcert={ca}")
         out = subprocess.run(["psql", strict, "-XAtc", "select ssl from pg_stat_ssl where pid = pg_backend_pid()"],
-                             capture_output=True, text=True, timeout=60, env=env)
+                             capture_output=True, text=True, timeout=60, env={**env, "PGHOSTADDR": "127.0.0.1"})
         assert out.returncode == 0 and out.stdout.strip() == "f", out.stderr  # TLS ends at the proxy
         ops = run_neonctl(platform, neonctl, "operations", "list", "--project-id", pid)
         assert {o["action"] for o in ops} >= {"create_timeline", "apply_config"}
@@ -117,7 +126,7 @@ def test_neonctl_branches_smoke(platform: RunningPlatform, neonctl: Path) -> Non
     """The branch half of the reference's smoke sequence, plus point in time as neonctl sends it."""
     created = run_neonctl(platform, neonctl, "projects", "create", "--name", "branches-smoke")
     pid = created["project"]["id"]
-    env = {**os.environ, "PGHOSTADDR": "127.0.0.1", "PGPORT": str(platform.proxy_port)}
+    env = {**os.environ, "PGPORT": str(platform.proxy_port)}  # the strings as printed, on the test's port
 
     def psql(uri: str, sql: str) -> str:
         out = subprocess.run(["psql", uri, "-XAtc", sql], capture_output=True, text=True, timeout=60, env=env)
@@ -142,8 +151,8 @@ def test_neonctl_branches_smoke(platform: RunningPlatform, neonctl: Path) -> Non
         assert psql(cs("past"), "SELECT count(*) FROM t") == "1"
         run_neonctl(platform, neonctl, "branches", "create", "--name", "dev", "--project-id", pid)
         assert psql(cs("dev"), "SELECT count(*) FROM t") == "2"
-        pooled = cs("dev", "--pooled")
-        assert "-pooler." in pooled and psql(pooled, "SELECT 1") == "1"
+        pooled = cs("dev", "--pooled")  # an address carries no id to append -pooler to: the direct one
+        assert urlsplit(pooled).hostname == urlsplit(cs("dev")).hostname and psql(pooled, "SELECT 1") == "1"
         run_neonctl(platform, neonctl, "roles", "create", "--name", "app", "--branch", "dev", "--project-id", pid)
         run_neonctl(platform, neonctl, "databases", "create", "--name", "appdb", "--owner-name", "app", "--branch",
                     "dev", "--project-id", pid)
@@ -238,3 +247,71 @@ def test_neonctl_project_workflow(platform: RunningPlatform, neonctl: Path, tmp_
         assert platform.api.get(f"/projects/{pid}/branches/count").json() == {"count": 3}
     finally:
         run_neonctl(platform, neonctl, "projects", "delete", pid)
+
+
+def test_neonctl_strings_reach_each_endpoint_by_its_address_across_a_restart(neonctl: Path) -> None:
+    """ADR 0031 on a platform as it comes (endpoint_hosts left on auto): where `ep-….argon.localhost`
+    does not resolve, endpoint.host is each endpoint's own loopback address. neonctl's strings, direct
+    and --pooled, used as printed by psql and psycopg reach the endpoint they name (two projects: the
+    address routes, nothing else in the string does), and still do after `argon up` starts again on
+    the same data directory and port. The API's pooled host (127.2.X.Y) reaches the pooler."""
+    root = short_tmpdir("hs")
+    uids, port = uid_range(), free_port()
+    env = {**os.environ, "PGPORT": str(port)}  # a real install listens on 5432, which the strings leave out
+
+    def psql(uri: str, sql: str) -> str:
+        out = subprocess.run(["psql", uri, "-XAtc", sql], capture_output=True, text=True, timeout=120, env=env)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip()
+
+    def whose(uri: str) -> str:  # through psycopg, libpq's environment as psql has it
+        with psycopg.connect(uri, port=port, connect_timeout=60) as conn:
+            row = conn.execute("select p from whose").fetchone()
+        assert row is not None
+        return str(row[0])
+
+    try:
+        first = RunningPlatform(root, proxy_port=port, compute_limits="off", spare_clusters=0, **uids)
+        try:
+            if first.platform.info.endpoint_hosts != "addresses":
+                assert asyncio.run(names_resolve("argon.localhost"))
+                pytest.skip("*.argon.localhost resolves on this machine: endpoint.host keeps Neon's name form")
+            strings: dict[str, tuple[str, str]] = {}
+            for name in ("one", "two"):
+                pid = run_neonctl(first, neonctl, "projects", "create", "--name", name)["project"]["id"]
+                direct = run_neonctl(first, neonctl, "cs", "--project-id", pid, output_json=False).strip()
+                pooled = run_neonctl(first, neonctl, "cs", "--pooled", "--project-id", pid, output_json=False).strip()
+                host = urlsplit(direct).hostname or ""
+                assert host.startswith("127.1.") and "options" not in direct and "channel_binding=require" in direct
+                assert urlsplit(pooled).hostname == host  # nothing to append -pooler to: the direct address
+                psql(direct, f"create table whose (p text); insert into whose values ('{pid}')")
+                strings[pid] = (direct, pooled)
+            assert len({urlsplit(d).hostname for d, _ in strings.values()}) == 2
+            for pid, (direct, pooled) in strings.items():
+                assert psql(direct, "select p from whose") == pid and whose(pooled) == pid
+            pid = next(iter(strings))
+            details = first.api.get(f"/projects/{pid}/connection_uri",
+                                    params={"database_name": "neondb", "role_name": "neondb_owner",
+                                            "pooled": "true"}).json()["uri"]
+            assert urlsplit(details).hostname == urlsplit(strings[pid][0]).hostname.replace("127.1.", "127.2.", 1)
+            proxy = first.platform.proxy
+            assert proxy is not None and proxy.address_listeners == 4
+            pooler = proxy.ctx.pooler
+            assert pooler is not None
+            with psycopg.connect(details.split("?")[0] + "?sslmode=require", connect_timeout=60) as conn:
+                assert conn.execute("select p from whose").fetchone() == (pid,)
+                assert pooler.clients >= 1  # the pooled address reached the transaction pooler
+        finally:
+            first.stop()
+        second = RunningPlatform(root, proxy_port=port, compute_limits="off", spare_clusters=0, **uids)
+        try:
+            for pid, (direct, pooled) in strings.items():  # the strings from before the restart, unchanged
+                assert run_neonctl(second, neonctl, "cs", "--project-id", pid, output_json=False).strip() == direct
+                assert psql(direct, "select p from whose") == pid and whose(pooled) == pid
+            for pid in strings:
+                run_neonctl(second, neonctl, "projects", "delete", pid)
+            assert second.platform.proxy is not None and second.platform.proxy.address_listeners == 0
+        finally:
+            second.stop()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

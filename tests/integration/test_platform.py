@@ -48,7 +48,7 @@ def test_create_project_has_neons_shape(platform: RunningPlatform, project: dict
     assert ids.BRANCH_ID_RE.match(project["branch"]["id"])
     ep = project["endpoints"][0]
     assert ids.ENDPOINT_ID_RE.match(ep["id"]) and ep["type"] == "read_write"
-    assert ep["id"] in ep["host"]  # neonctl derives the pooler host from it
+    assert ep["host"] == platform.plane.endpoint(None, ep["id"]).address  # its own address (ADR 0031)
     assert project["roles"][0]["name"] == "neondb_owner" and project["roles"][0]["password"]
     assert project["databases"][0] == {**project["databases"][0], "name": "neondb", "owner_name": "neondb_owner"}
     details = project["connection_uris"][0]

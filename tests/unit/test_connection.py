@@ -43,15 +43,20 @@ def test_address_form_puts_the_endpoints_own_address_in_the_host() -> None:
     ep = _endpoint(address="127.1.3.7")
     direct = connection.parameters(s, endpoint=ep, role="r", password="x", database="d")
     pooled = connection.parameters(s, endpoint=ep, role="r", password="x", database="d", pooled=True)
-    assert direct.uri == "postgresql://r:x@127.1.3.7:6000/d?sslmode=require"
-    assert pooled.uri == "postgresql://r:x@127.2.3.7:6000/d?sslmode=require"
+    # the option stays beside the address (it agrees with it): tools that read it keep working
+    assert direct.uri == "postgresql://r:x@127.1.3.7:6000/d?sslmode=require&options=endpoint%3Dep-a-b-12345678"
+    assert pooled.uri == "postgresql://r:x@127.2.3.7:6000/d?sslmode=require&options=endpoint%3Dep-a-b-12345678-pooler"
     assert connection.endpoint_host(s, ep) == "127.1.3.7"
     assert connection.endpoint_host(s, ep, pooled=True) == "127.2.3.7"
     # what neonctl does for --pooled: an address has no id to replace, so it stays the direct one
     assert connection.endpoint_host(s, ep).replace(ep.id, ep.id + "-pooler") == "127.1.3.7"
-    # an endpoint without an address of its own (none should remain after migration 0006): the local form
+    # an endpoint without an address of its own (none should remain after migration 0006): the proxy's
     legacy = connection.parameters(s, endpoint=_endpoint(), role="r", password="x", database="d")
     assert legacy.host == "127.0.0.1" and legacy.options == "endpoint=ep-a-b-12345678"
+    # a public host set for clients elsewhere: loopback addresses would not reach them
+    public = connection.parameters(_settings(endpoint_hosts="addresses", public_host="db.example.com"), endpoint=ep,
+                                   role="r", password="x", database="d")
+    assert public.host == "db.example.com"
 
 
 def test_address_slots_round_trip_and_stay_clear_of_special_addresses() -> None:

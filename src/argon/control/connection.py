@@ -1,11 +1,12 @@
 """Connection strings and parameters, built in one place for the API, the CLI and the console.
 
-Three forms. The Neon form (when a domain is configured) puts the endpoint in the host name,
-`<endpoint-id>.<domain>`, routed by TLS SNI. The address form (`endpoint_hosts = "addresses"`, where
-such names do not resolve; ADR 0031) puts the endpoint's own loopback address there, `127.1.X.Y`
-(`127.2.X.Y` for the pooled host), routed by the address a connection arrives on. The local form,
-for an endpoint without an address of its own: host = the proxy address, the endpoint in
-`options=endpoint=<id>`.
+Two forms of Argon's own strings (the API's `connection_uris`, `argon connection-string`, the
+console). The Neon form (when a domain is configured) puts the endpoint in the host name,
+`<endpoint-id>.<domain>`, routed by TLS SNI. The local form works on the machine as is, with no DNS:
+the endpoint in `options=endpoint=<id>`, and as host the endpoint's own loopback address in the
+address form (`endpoint_hosts = "addresses"`, ADR 0031: `127.1.X.Y`, `127.2.X.Y` for the pooled
+host), else the proxy's address. The option is kept beside the address so that tools that read the
+endpoint from a string (argon.django's test branches) keep finding it; it agrees with the address.
 
 `endpoint.host` in the API is what Neon's clients derive their strings from (neonctl's
 `connection-string`, the create-branch action): the name form `<id>.<domain>` (with the default
@@ -32,7 +33,6 @@ class ConnectionParameters:
     endpoint_id: str
     pooled: bool = False
     sni_host: str | None = None  # the Neon-form host name, when a domain is configured
-    own_address: bool = False  # `host` is the endpoint's own address (ADR 0031): it names the endpoint
 
     @property
     def endpoint_label(self) -> str:
@@ -40,8 +40,8 @@ class ConnectionParameters:
 
     @property
     def options(self) -> str | None:
-        """The `options` startup parameter the local form needs (None in the Neon and address forms)."""
-        return None if self.sni_host or self.own_address else f"endpoint={self.endpoint_label}"
+        """The `options` startup parameter of the local form (None in the Neon form)."""
+        return None if self.sni_host else f"endpoint={self.endpoint_label}"
 
     @property
     def uri(self) -> str:
@@ -72,13 +72,10 @@ def endpoint_host(settings: Settings, endpoint: model.Endpoint, *, pooled: bool 
 
 def parameters(settings: Settings, *, endpoint: model.Endpoint, role: str, password: str, database: str,
                pooled: bool = False) -> ConnectionParameters:
-    if uses_addresses(settings) and endpoint.address:
-        return ConnectionParameters(
-            host=endpoint_host(settings, endpoint, pooled=pooled), port=settings.proxy_port, database=database,
-            role=role, password=password, endpoint_id=endpoint.id, pooled=pooled, own_address=True)
     label = endpoint.id + ("-pooler" if pooled else "")
+    own = uses_addresses(settings) and bool(endpoint.address) and not settings.public_host
     return ConnectionParameters(
-        host=settings.connect_host, port=settings.proxy_port, database=database, role=role,
+        host=endpoint_host(settings, endpoint, pooled=pooled) if own else settings.connect_host, port=settings.proxy_port, database=database, role=role,
         password=password, endpoint_id=endpoint.id, pooled=pooled,
         sni_host=f"{label}.{settings.domain}" if settings.domain else None)
 
