@@ -105,3 +105,23 @@ def test_pg_names_are_checked(bad: str) -> None:
 
 def test_hostile_names_are_allowed_because_they_are_quoted() -> None:
     assert ids.check_pg_name('Robert"); DROP TABLE x;--', "role")
+
+
+def test_argon_up_says_which_form_and_how_to_get_neons_names() -> None:
+    from argon.cli.main import endpoint_hosts_lines
+
+    lines = endpoint_hosts_lines(_settings(), "addresses")
+    text = " ".join(lines)
+    assert "127.1.X.Y" in text and "127.2.X.Y" in text and "does not resolve here" in text
+    assert "ARGON_DOMAIN" in text and "libnss-myhostname" in text
+    assert endpoint_hosts_lines(_settings(domain="db.example.com"), "names") == [
+        "<endpoint-id>.db.example.com, Neon's form; pooled: <endpoint-id>-pooler.db.example.com"]
+    assert "resolve on this machine" in endpoint_hosts_lines(_settings(), "names")[0]
+
+
+def test_the_start_probe_finds_no_name_under_a_domain_that_never_resolves() -> None:
+    import asyncio
+
+    from argon.platform import names_resolve
+
+    assert asyncio.run(names_resolve("argon.invalid")) is False  # RFC 6761: .invalid never resolves

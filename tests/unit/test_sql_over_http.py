@@ -141,3 +141,18 @@ def test_libpq_messages() -> None:
              "ERROR:  password authentication failed for user 'u'\n")
     assert _proxy_message(libpq) == "password authentication failed for user 'u'"
     assert _proxy_message("") == "Couldn't connect to compute node"
+
+
+def test_an_endpoint_address_names_its_endpoint_after_the_options() -> None:
+    """ADR 0031 on the HTTP paths: a connection string whose host is an endpoint's own address (as
+    neonctl prints it where names do not resolve) routes to that endpoint; `options` still win."""
+    routes = {"127.1.0.7": EP, "127.2.0.7": EP + "-pooler"}
+    assert sql.parse_connection_string("postgres://u:p@127.1.0.7/db", None, routes).endpoint_id == EP
+    assert sql.parse_connection_string("postgres://u:p@127.2.0.7/db", None, routes).endpoint_id == EP + "-pooler"
+    other = sql.parse_connection_string("postgres://u:p@127.1.0.7/db?options=endpoint%3Dep-other", None, routes)
+    assert other.endpoint_id == "ep-other"
+    with pytest.raises(sql.HttpSqlError):  # an address nobody holds names nothing: the password hack is next
+        sql.parse_connection_string("postgres://u:p@127.1.0.8/db", None, routes)
+    assert endpoint_from_host("127.1.0.7", None, routes) == EP and endpoint_from_host("127.1.0.7", None) is None
+    assert tunnel_endpoint("127.1.0.7:5432", "127.0.0.1:4444", None, routes) == EP
+    assert tunnel_endpoint(f"{EP}.x.y:5432", "127.0.0.1:4444", None, routes) is None  # names: the other call

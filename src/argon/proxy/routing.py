@@ -15,6 +15,7 @@ activity and throttling count; the session then goes to the transaction pooler (
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -69,16 +70,18 @@ def endpoint_from_sni(server_name: str | None, domain: str | None) -> str | None
     return label
 
 
-def endpoint_from_host(host: str | None, domain: str | None) -> str | None:
+def endpoint_from_host(host: str | None, domain: str | None,
+                       addresses: Mapping[str, str] | None = None) -> str | None:
     """The endpoint an HTTP or WebSocket client's host names (the connection string's host, `Host`,
     `?address=`): the first label under the domain, or any first label shaped like an id (`ep-...`,
-    as Neon's hosts are). An IP address or another name names none."""
+    as Neon's hosts are), or an endpoint's own address (`addresses`, ADR 0031). Any other IP address
+    or name names none."""
     if not host:
         return None
     host = host.strip("[]").rstrip(".").lower()
     try:
         ipaddress.ip_address(host)
-        return None
+        return addresses.get(host) if addresses else None
     except ValueError:
         pass
     under_domain = endpoint_from_sni(host, domain)

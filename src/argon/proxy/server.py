@@ -159,6 +159,11 @@ class ProxyServer:
         return self._strangers
 
     @property
+    def address_routes(self) -> Mapping[str, str]:
+        """Each endpoint address served -> the endpoint id it names (read-only; the HTTP paths route by it)."""
+        return self._address_routes
+
+    @property
     def address_listeners(self) -> int:
         """Listening sockets on endpoints' own addresses (ADR 0031)."""
         return len(self._address_socks)
@@ -309,10 +314,12 @@ class ProxyServer:
         self.ctx.auth.close()
         self.ctx.password_checks.close()
 
-    def serve_tunnel(self, sock: socket.socket, peer_ip: str, tunnel: Tunnel) -> asyncio.Task[None] | None:
+    def serve_tunnel(self, sock: socket.socket, peer_ip: str, tunnel: Tunnel,
+                     address_endpoint: str | None = None) -> asyncio.Task[None] | None:
         """Serve a socket bridged from another transport (a WebSocket) as a session; `stop()` ends it too.
-        None when the connection was refused (it got an ErrorResponse and was closed)."""
-        return self._admit(sock, peer_ip, tunnel, _TUNNEL_FDS)
+        None when the connection was refused (it got an ErrorResponse and was closed).
+        `address_endpoint`: the endpoint whose own address the outer request named (ADR 0031)."""
+        return self._admit(sock, peer_ip, tunnel, _TUNNEL_FDS, address_endpoint)
 
     def _admit(self, sock: socket.socket, peer_ip: str, tunnel: Tunnel | None, fds: int,
                address_endpoint: str | None = None) -> asyncio.Task[None] | None:

@@ -402,7 +402,8 @@ class HttpSql:
             return Response(500, sql.proxy_error_json("Internal error"))
 
     async def _handle(self, headers: Mapping[str, str], body: bytes, peer_ip: str) -> Response:
-        info = sql.parse_connection_string(headers.get(sql.CONNECTION_STRING), self.proxy.ctx.domain)
+        info = sql.parse_connection_string(headers.get(sql.CONNECTION_STRING), self.proxy.ctx.domain,
+                                           self.proxy.address_routes)
         request = sql.parse_body(body)
         batch = sql.batch_options(headers) if request.batch else None
         route = Route(info.user, info.database, info.endpoint_id, "options")

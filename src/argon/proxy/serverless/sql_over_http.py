@@ -72,9 +72,11 @@ class ConnInfo:
     host: str
 
 
-def parse_connection_string(text: str | None, domain: str | None = None) -> ConnInfo:
+def parse_connection_string(text: str | None, domain: str | None = None,
+                            addresses: Mapping[str, str] | None = None) -> ConnInfo:
     """Neon's checks and texts. The endpoint: the host's first label when it is one (`ep-...`, or
-    any label under the configured domain), else `options=endpoint=<id>`, else the password hack."""
+    any label under the configured domain), else `options=endpoint=<id>`, else an endpoint's own
+    address (`addresses`, ADR 0031; the same order as on the Postgres port), else the password hack."""
     if text is None:
         raise HttpSqlError("invalid header: neon-connection-string")
     try:
@@ -103,7 +105,7 @@ def parse_connection_string(text: str | None, domain: str | None = None) -> Conn
     if from_host is not None and from_options is not None and from_host != from_options:
         raise HttpSqlError(f"Inconsistent project name inferred from SNI ('{from_host}') "
                            f"and project option ('{from_options}').")
-    endpoint_id = from_host or from_options
+    endpoint_id = from_host or from_options or endpoint_from_host(host, None, addresses)
     try:
         if endpoint_id is None:
             endpoint_id, password = parse_password_hack(password)

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+from collections.abc import Mapping
 from urllib.parse import urlsplit
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -31,12 +32,15 @@ _READ = 64 * 1024
 TEXT_FRAME = 1003  # close code: unsupported data
 
 
-def tunnel_endpoint(address: str | None, host: str | None, domain: str | None) -> str | None:
+def tunnel_endpoint(address: str | None, host: str | None, domain: str | None,
+                    addresses: Mapping[str, str] | None = None) -> str | None:
     """The endpoint the outer request names: `?address=<host>:<port>` (set by the driver when
-    `wsProxy` is a string) first, then the Host header."""
+    `wsProxy` is a string) first, then the Host header. With `addresses`: only an endpoint's own
+    address counts (ADR 0031; it routes after `options`, as on the Postgres port)."""
     for name in (address, host):
         if name:
-            endpoint = endpoint_from_host(urlsplit("//" + name).hostname, domain)
+            hostname = urlsplit("//" + name).hostname
+            endpoint = addresses.get(hostname or "") if addresses is not None else endpoint_from_host(hostname, domain)
             if endpoint is not None:
                 return endpoint
     return None
@@ -46,11 +50,14 @@ async def serve(ws: WebSocket, proxy: ProxyServer) -> None:
     """Accept the WebSocket and relay it to a proxy session until either side ends."""
     peer_ip = ws.client.host if ws.client else ""
     endpoint = tunnel_endpoint(ws.query_params.get("address"), ws.headers.get("host"), proxy.ctx.domain)
+    by_address = None if endpoint is not None else \
+        tunnel_endpoint(ws.query_params.get("address"), ws.headers.get("host"), None, proxy.address_routes)
     await ws.accept()
     ours, theirs = socket.socketpair()
     ours.setblocking(False)
     theirs.setblocking(False)
-    session = proxy.serve_tunnel(theirs, peer_ip, Tunnel(endpoint, secure=ws.url.scheme == "wss"))
+    session = proxy.serve_tunnel(theirs, peer_ip, Tunnel(endpoint, secure=ws.url.scheme == "wss"),
+                                 address_endpoint=by_address)
     try:
         reader, writer = await asyncio.open_connection(sock=ours)
     except BaseException:
