@@ -324,6 +324,8 @@ class Platform:
                 await asyncio.wait_for(self._http_task, 5)
         if self.serverless is not None:
             await self.serverless.http_sql.close()
+        if self.plane is not None:
+            self.plane.on_endpoint_address = None  # the proxy's listeners stop with it
         if self.proxy is not None:
             await self.proxy.stop()
         if self.control is not None and self.control.backup is not None:

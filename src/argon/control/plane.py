@@ -64,6 +64,10 @@ def argon_os_user() -> str:
 
 
 class ControlPlane:
+    # Told of every endpoint whose own address (ADR 0031) appears, changes or goes (None): the proxy's
+    # listeners follow the view, so an endpoint is reachable at its address once it exists.
+    on_endpoint_address: Callable[[str, str | None], None] | None = None
+
     def __init__(self, *, settings: Settings, layout: Layout, store: Store, installs: dict[int, PgInstall],
                  backend: CloneBackend, secrets: Secrets, activity: ActivityRegistry,
                  computes: ComputeManager | None = None, telemetry: Telemetry | None = None) -> None:
@@ -101,9 +105,6 @@ class ControlPlane:
         self._project_locks: dict[str, asyncio.Lock] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._address_next = 0  # the slot after the highest endpoint address given by this process
-        # Told of every endpoint whose own address (ADR 0031) appears, changes or goes (None): the proxy's
-        # listeners follow the view, so an endpoint is reachable at its address once it exists.
-        self.on_endpoint_address: Callable[[str, str | None], None] | None = None
 
     # Plumbing -------------------------------------------------------------------------------------
 

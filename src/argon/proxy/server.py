@@ -299,6 +299,7 @@ class ProxyServer:
         for sock in (self._sock, self._internal):
             if sock is not None:
                 sock.close()
+        self._sock = None  # no endpoint address is bound after this
         if self.internal_dir is not None:
             shutil.rmtree(self.internal_dir, ignore_errors=True)
         for task in list(self._sessions):
