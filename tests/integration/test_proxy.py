@@ -151,6 +151,35 @@ def test_filtered_and_forwarded_startup_parameters(proxy: ProxyHarness) -> None:
         assert scalar(conn, "SHOW search_path") == "xyz"
 
 
+def test_an_endpoint_address_routes_and_only_loopback_is_bound(proxy: ProxyHarness) -> None:
+    """ADR 0031: a connection to an endpoint's own address, naming no endpoint, reaches it; an option
+    still wins; the listener goes when the endpoint does; nothing beyond loopback is ever bound."""
+    async def serve(routes: dict[str, str] | None) -> None:
+        proxy.server.serve_addresses(EP, routes)
+
+    with pytest.raises(ValueError, match="loopback"):
+        proxy.call(serve({"192.0.2.1": EP}))
+    proxy.call(serve({"127.1.0.200": EP, "127.2.0.200": EP + "-pooler"}))
+    assert proxy.server.address_listeners == 2
+    with connect(proxy, host="127.1.0.200", options=None) as conn:
+        assert scalar(conn, "SELECT current_user") == "alice"
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):  # the option wins
+        connect(proxy, host="127.1.0.200", options="endpoint=ep-nobody")
+    proxy.call(serve(None))
+    assert proxy.server.address_listeners == 0 and not proxy.server.address_routes
+
+    def refused() -> bool:  # the listener closes once its accept is unregistered (the loop's next turn)
+        try:
+            socket.create_connection(("127.1.0.200", proxy.port), timeout=5).close()
+            return False
+        except ConnectionRefusedError:
+            return True
+
+    deadline = time.monotonic() + 30
+    while not refused():
+        assert time.monotonic() < deadline, "the endpoint's address still accepts connections"
+
+
 def test_password_hack(proxy: ProxyHarness) -> None:
     with connect(proxy, password=f"endpoint={EP};{ROLES['alice']}", options=None) as conn:
         assert scalar(conn, "SELECT current_user") == "alice"
