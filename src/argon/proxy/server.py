@@ -177,16 +177,19 @@ class ProxyServer:
         names` (the direct and the `-pooler` one); None or empty: serve them no more. Each is bound on
         the proxy's port once the proxy has started (at once when it has). An address that cannot be
         bound (another program holds it) is logged; the endpoint's other forms still work."""
+        routes = routes or {}
+        for address in routes:
+            if not ipaddress.ip_address(address).is_loopback:
+                raise ValueError(f"an endpoint address must be a loopback address, not {address!r}")
         for address in self._endpoint_addresses.pop(endpoint_id, ()):
+            if address in routes:
+                continue  # still this endpoint's: its listener stays
             self._address_routes.pop(address, None)
             entry = self._address_socks.pop(address, None)
             if entry is not None:
                 entry[1].cancel()  # the task closes the socket once its accept is unregistered
         if not routes:
             return
-        for address in routes:
-            if not ipaddress.ip_address(address).is_loopback:
-                raise ValueError(f"an endpoint address must be a loopback address, not {address!r}")
         self._endpoint_addresses[endpoint_id] = tuple(routes)
         for address, label in routes.items():
             self._address_routes[address] = label
