@@ -12,10 +12,12 @@ Run from the repository root, as root or as a user who can run Postgres:
    `argon restore` fills a new one. The restored cluster is read directly: the gap is the time
    between the last acknowledged commit and the last restored one (p50/max over the trials), and
    the number of acknowledged commits lost.
-2. **Restore time** per size (pgbench data): `argon restore` of a platform holding one project of
-   that size (its compute suspended, so a base backup of the data is in the bucket), then time to
-   the first query on the restored cluster, against `pg_basebackup` of the same running cluster
-   plus its start (WAL replay) on the same machine.
+2. **Restore time** per size (pgbench data): `argon restore --eager` of a platform holding one
+   project of that size (its compute suspended, so a base backup of the data is in the bucket),
+   then time to the first query on the restored cluster; and the default lazy restore: `argon
+   restore` (metadata), `argon up`, the first query through the proxy (whose wake restores the
+   branch) and the end of the background sweep; against `pg_basebackup` of the same running
+   cluster plus its start (WAL replay) on the same machine.
 3. **Overhead**: pgbench TPC-B (4 clients) through the proxy on a platform with backup on against
    one without, interleaved rounds, medians; target >= 90 %.
 4. **Bucket bytes** for a ~1 GB parent (the largest size given), and after 20 branches of it.
@@ -87,14 +89,14 @@ def s3_server() -> Iterator[Any]:
         server.stop()
 
 
-def restore(root: Path, url: str, endpoint: str | None, target: Path) -> float:
+def restore(root: Path, url: str, endpoint: str | None, target: Path, *, eager: bool = True) -> float:
     env = {**os.environ, "ARGON_CONFIG_FILE": str(root / "none.toml")}
     if endpoint:
         env["ARGON_BACKUP_S3_ENDPOINT"] = endpoint
     started = time.monotonic()
     proc = subprocess.Popen([*ARGON, "restore", "--from", url, "--data-dir", str(target), "--run-dir",
-                             str(root / "run")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=REPO_ROOT)
+                             str(root / "run"), *(["--eager"] if eager else [])], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT)
     assert proc.stderr is not None
     lines = [f"{time.monotonic() - started:6.1f} s  {line.rstrip()}" for line in proc.stderr]  # when each step began
     if proc.wait(7200) != 0:
@@ -252,8 +254,36 @@ def measure_size(root: Path, seed: Path, size: str, s3: Any, branches: int) -> d
         with restored_cluster(run, target) as sock:
             query(sock, "SELECT count(*) FROM pgbench_branches")
             result["first_query_after_restore_s"] = time.monotonic() - t0 + result["restore_s"]
+        shutil.rmtree(target, ignore_errors=True)
+        result.update(measure_lazy(run, seed, url, s3, uri, argon))
     shutil.rmtree(run, ignore_errors=True)
     return result
+
+
+def measure_lazy(run: Path, seed: Path, url: str, s3: Any, uri: str, old: ArgonProcess) -> dict[str, float]:
+    """The default, lazy restore (ADR 0032): `argon restore` (the metadata), `argon up` on it, the
+    first query through the proxy (its wake restores the branch), and the background sweep's end.
+    The machine's templates are seeded as a warm machine has them (built once per machine)."""
+    target = run / "lazy"
+    out: dict[str, float] = {}
+    t0 = time.monotonic()
+    out["lazy_restore_s"] = restore(run, url, s3.endpoint, target, eager=False)
+    for name in ("templates", "runtime"):
+        if (seed / name).exists() and not (target / name).exists():
+            subprocess.run(["cp", "-a", str(seed / name), str(target / name)], check=True)
+    t1 = time.monotonic()
+    again = ArgonProcess(run, target, url, s3.endpoint, uids=old.uids)  # the same machine's uids
+    try:
+        out["lazy_up_s"] = time.monotonic() - t1
+        with psycopg.connect(uri.replace(f":{old.proxy_port}/", f":{again.proxy_port}/"), connect_timeout=3600) as conn:
+            conn.execute("SELECT count(*) FROM pgbench_branches")
+        out["lazy_first_query_s"] = time.monotonic() - t0
+        while again.api.get("/backup").json()["backup"]["restoring"]["pending"]:
+            time.sleep(0.2)
+        out["lazy_full_restore_s"] = time.monotonic() - t0
+    finally:
+        again.stop()
+    return out
 
 
 def basebackup_baseline(run: Path, data: Path, scale: int) -> dict[str, float]:
@@ -347,6 +377,10 @@ def render(results: dict[str, Any]) -> str:
                      f"first query {r['first_query_after_restore_s']:.1f} s; pg_basebackup + replay of the same data "
                      f"{r['pg_basebackup_s']:.1f} s, first query {r['pg_basebackup_first_query_s']:.1f} s; "
                      f"bucket {r['bucket_bytes_1'] / 1e6:.0f} MB")
+        if "lazy_first_query_s" in r:
+            lines.append(f"  lazy: argon restore {r['lazy_restore_s']:.1f} s, argon up {r['lazy_up_s']:.1f} s, first "
+                         f"query (its wake restores the branch) {r['lazy_first_query_s']:.1f} s, everything restored "
+                         f"{r['lazy_full_restore_s']:.1f} s (from the start of argon restore)")
     b = results.get("branches")
     if b:
         lines.append(f"bucket for a {b['database_bytes'] / 1e6:.0f} MB parent: {b['bucket_bytes_1'] / 1e6:.0f} MB; "

@@ -116,8 +116,10 @@ def test_restore_brings_back_every_project_with_ids_passwords_and_keys(shipping:
     status = wait_shipped(platform, branches=2, since=changed)
     assert status["encrypted"] and status["last_metadata_backup_at"]
 
-    # The machine is lost now; a new one restores from the bucket alone.
+    # The machine is lost now; a new one restores from the bucket alone: lazily (ADR 0032), the
+    # metadata now, each branch's data on its first wake or by the background sweep.
     root = restore_into(platform.settings, url)
+    assert not Layout(root / "data", root / "run").pgdata(pid, created["branch"]["id"]).exists()
     try:
         again = RunningPlatform(root, backup_url=url, backup_s3_endpoint=platform.settings.backup_s3_endpoint,
                                 backup_key=KEY)
@@ -138,6 +140,14 @@ def test_restore_brings_back_every_project_with_ids_passwords_and_keys(shipping:
         with psycopg.connect(dev_dsn.replace(str(platform.proxy_port), port)) as conn:
             assert conn.execute("SELECT count(*), max(id) FROM t").fetchone() == (1001, 5000)
             conn.execute("INSERT INTO t (id) VALUES (5001)")  # after the snapshot
+        deadline = time.monotonic() + 300
+        while (restoring := again.api.get("/backup").json()["backup"]["restoring"])["pending"]:
+            assert time.monotonic() < deadline, restoring
+            time.sleep(0.5)
+        assert restoring["restored"] >= 2  # main and dev, by their wakes or the sweep
+        ops = again.api.get(f"/projects/{pid}/operations").json()["operations"]
+        fetched = [o for o in ops if o["action"] == "create_timeline" and o["branch_id"] == created["branch"]["id"]]
+        assert fetched and fetched[0]["status"] == "finished", ops
         # The snapshot's cluster is not on this disk: restoring it fetches it from the bucket.
         restored = again.api.post(f"/projects/{pid}/snapshots/{snap['id']}/restore", json={"name": "from-snap"})
         assert restored.status_code == 200, restored.text

@@ -15,7 +15,7 @@ def _store(tmp_path: Path) -> Store:
 def test_migrations_are_idempotent_and_versioned(tmp_path: Path) -> None:
     store = _store(tmp_path)
     store.migrate()
-    assert store.schema_revision() == "0005"
+    assert store.schema_revision() == "0006"
 
 
 def test_round_trip_keeps_types(tmp_path: Path) -> None:
@@ -120,7 +120,7 @@ def test_migration_0004_adds_project_settings_and_key_scopes(tmp_path: Path) -> 
     db.close()
     store = Store.sqlite(tmp_path / "argon.db")
     store.migrate()
-    assert store.schema_revision() == "0005"
+    assert store.schema_revision() == "0006"
     project = store.get_project("old")
     assert project is not None and project.settings == model.ProjectSettings()
     assert store.add_api_key("ci", "argon_k", project_id="old").project_id == "old"
@@ -146,7 +146,7 @@ def test_migration_0005_adds_snapshots_and_branch_restore_fields(tmp_path: Path)
     db.close()
     store = Store.sqlite(tmp_path / "argon.db")
     store.migrate()
-    assert store.schema_revision() == "0005"
+    assert store.schema_revision() == "0006"
     branch = store.list_branches("p")[0]
     assert branch.restored_from is None and branch.restore_status is None
     snap = model.Snapshot(id="snap-1", project_id="p", name="s", created_at=now, updated_at=now, source_branch_id="b",

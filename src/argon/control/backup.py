@@ -158,10 +158,29 @@ def prepare_recovery(store: ObjectStore, codec: Codec, candidate: Candidate, man
     WAL in the bucket; an `lsn` past that end: the end too). Returns the recovery settings, the
     target LSN (None: the end) and the WAL's end."""
     epoch, record = candidate.epoch, candidate.base
-    bb.download_snapshot(store, codec, manifest, target, progress=progress)
     prefix = f"{branch_prefix(project_id, branch_id)}{epoch['id']}/"
-    end = bw.fetch_epoch_wal(store, codec, prefix, target / "pg_wal", int(epoch["timeline"]), int(epoch["segsize"]),
-                             wal.parse_lsn(record["redo_lsn"]), progress=progress)
+    lock = threading.Lock()
+
+    def counted(n: int) -> None:
+        if progress is not None:
+            with lock:
+                progress(n)
+
+    # The base and its WAL at once (each in parallel itself; the WAL beside, then moved over the
+    # base's own segments, as the bucket's are newer), then one sync of the whole tree.
+    target.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fetch_dir = target / "pg_wal.fetch"
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        base = pool.submit(bb.download_snapshot, store, codec, manifest, target, progress=counted, fsync=False)
+        fetched = pool.submit(bw.fetch_epoch_wal, store, codec, prefix, fetch_dir, int(epoch["timeline"]),
+                              int(epoch["segsize"]), wal.parse_lsn(record["redo_lsn"]), progress=counted)
+        base.result()
+        end = fetched.result()
+    (target / "pg_wal").mkdir(exist_ok=True)
+    for name in os.listdir(fetch_dir):
+        os.replace(fetch_dir / name, target / "pg_wal" / name)
+    fetch_dir.rmdir()
+    bb.sync_tree(target)
     (target / "pg_wal" / "archive_status").mkdir(exist_ok=True)
     for name in ("postmaster.pid", "postmaster.opts"):
         (target / name).unlink(missing_ok=True)
