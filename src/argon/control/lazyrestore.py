@@ -98,7 +98,9 @@ class LazyRestore:
         self.restored = 0
 
     def load(self) -> None:
-        """At start-up (blocking): the pending branches; intents of deleted branches go."""
+        """At start-up (blocking): the pending branches; intents of deleted branches go, and so does
+        whatever a `kill -9` left in root's scratch directory (of any fetch from the bucket)."""
+        safefs.rmtree(self.plane.layout.backup_scratch_dir)
         intents = self.plane.intents
         for key in intents.keys(KIND):
             data = intents.get(key)

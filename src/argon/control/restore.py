@@ -246,6 +246,8 @@ async def restore(settings: Settings, url: str, at: datetime | str | None, *,
                 await asyncio.to_thread(_leave_in_bucket, layout, project, branch, url, settings.backup_s3_endpoint,
                                         at, wal.format_lsn(lsn) if lsn is not None else None)
                 item.lazy = True
+                say(f"[{done}/{total}] {project.name}/{branch.name}: its data stays in the bucket until `argon up` "
+                    "needs it or restores it in the background")
                 continue
             t0 = time.monotonic()
             await _restore_branch(store, codec, layout, backend, install, project, branch, at, item, say,
