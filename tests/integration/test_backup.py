@@ -160,17 +160,29 @@ def test_restore_brings_back_every_project_with_ids_passwords_and_keys(shipping:
         shutil.rmtree(root, ignore_errors=True)
 
     # Point in time, by time and by LSN (`argon restore --at 0/...`): the state as of `middle` has
-    # 1001 but not 1002 (main only, read straight from the cluster).
-    for at in (middle.astimezone(UTC), parse_at(middle_lsn)):
-        root = short_tmpdir("rs")
+    # 1001 but not 1002. By LSN eagerly (main only, read straight from the cluster); by time lazily
+    # (ADR 0032): `argon up` on the restored metadata, main's wake brings it back as of that time.
+    root = short_tmpdir("rs")
+    try:
+        target = platform.settings.model_copy(update={"data_dir": root / "data", "run_dir": root / "run"})
+        report = asyncio.run(restore(target, url, parse_at(middle_lsn), sample=lambda _: {created["branch"]["id"]}))
+        assert [b.reached for b in report.branches if not b.skipped], report
+        with restored_cluster(root, root / "data", created["branch"]["id"]) as sock:
+            assert query(sock, "SELECT max(id) FROM t") == 1001
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    root = restore_into(platform.settings, url, middle.astimezone(UTC))
+    try:
+        again = RunningPlatform(root, backup_url=url, backup_s3_endpoint=platform.settings.backup_s3_endpoint,
+                                backup_key=KEY)
         try:
-            target = platform.settings.model_copy(update={"data_dir": root / "data", "run_dir": root / "run"})
-            report = asyncio.run(restore(target, url, at, sample=lambda _: {created["branch"]["id"]}))
-            assert [b.reached for b in report.branches if not b.skipped], report
-            with restored_cluster(root, root / "data", created["branch"]["id"]) as sock:
-                assert query(sock, "SELECT max(id) FROM t") == 1001, at
+            dsn = platform.dsn(created).replace(str(platform.proxy_port), str(again.proxy_port))
+            with psycopg.connect(dsn, connect_timeout=300) as conn:
+                assert conn.execute("SELECT max(id) FROM t").fetchone() == (1001,)
         finally:
-            shutil.rmtree(root, ignore_errors=True)
+            again.stop()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_restore_refuses_wrong_key_non_empty_dir_and_damaged_objects(shipping: tuple[RunningPlatform, str],

@@ -258,6 +258,11 @@ def test_a_lazily_restored_branch_waits_for_the_bucket_on_its_wake(gated: tuple[
         gate.reopen()
     assert restorer.is_pending(bid) and not (branch_dir / "pgdata").exists()  # nothing half there
     assert backup(platform)["restoring"]["branches"][0]["stage"] == "failed"
+    import httpx
+
+    with httpx.Client(follow_redirects=True, timeout=30) as browser:  # the console's branch list says so
+        browser.get(platform.api.post("/console/sign_in_links").json()["url"])
+        assert "Restore from backup failed" in browser.get(f"{platform.api_url}/projects/{pid}/branches").text
     with psycopg.connect(dsn, connect_timeout=300) as conn:  # waits like a cold start, then serves
         assert conn.execute("SELECT count(*) FROM t").fetchone() == (500,)
     assert not restorer.is_pending(bid) and not plane.intents.has(lazyrestore.intent_key(bid))

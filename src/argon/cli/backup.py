@@ -46,7 +46,7 @@ def backup_status(ctx: Context) -> None:
                f"metadata {state['last_metadata_backup_at'] or '-'}")
     restoring = state.get("restoring") or {}
     for b in restoring.get("branches", []):
-        done = f", {_mb(b['bytes_done'])} of {_mb(b['bytes_total'])}" if b.get("bytes_total") else ""
+        done = f", {_mb(b['bytes_done'])} downloaded (base {_mb(b['base_bytes'])})" if b.get("base_bytes") else ""
         click.secho(f"  restoring {b['project_id']}/{b['branch_id']} from the backup: {b['stage']}{done}"
                     + (f" ({b['error']})" if b.get("error") else ""), fg="red" if b.get("error") else "yellow")
     refused = [b["branch_id"] for b in state["branches"] if b.get("writes_refused")]

@@ -71,15 +71,15 @@ class Fetch:
     branch_id: str
     reason: str = ""
     stage: str = "waiting"  # waiting, downloading, recovering, history, failed
-    bytes_done: int = 0
-    bytes_total: int = 0
+    bytes_done: int = 0  # downloaded so far: the base backup and its WAL
+    base_bytes: int = 0  # the base backup's size
     started_at: datetime | None = None
     error: str = ""
     timings: dict[str, float] = field(default_factory=dict)
 
     def view(self) -> dict[str, Any]:
         return {"project_id": self.project_id, "branch_id": self.branch_id, "stage": self.stage,
-                "reason": self.reason or None, "bytes_done": self.bytes_done, "bytes_total": self.bytes_total,
+                "reason": self.reason or None, "bytes_done": self.bytes_done, "base_bytes": self.base_bytes,
                 "started_at": self.started_at.isoformat().replace("+00:00", "Z") if self.started_at else None,
                 "error": self.error or None}
 
@@ -152,10 +152,18 @@ class LazyRestore:
 
         while self.pending:
             started = time.monotonic()
-            await asyncio.gather(*(one(b) for b in list(self.pending)))
+            await asyncio.gather(*(one(b) for b in sorted(self.pending, key=self._order)))
             if self.pending:
                 await asyncio.sleep(max(0.0, RETRY_INTERVAL - (time.monotonic() - started)))
         log.info("lazy restore: every branch is restored (%d)", self.restored)
+
+    def _order(self, branch_id: str) -> tuple[int, int]:
+        """Default branches first, then branches with a compute: those the first connections want."""
+        branch = self.plane.find_branch(branch_id)
+        if branch is None:
+            return (3, 0)
+        computes = self.plane.endpoints(branch.project_id, branch_id)
+        return (0 if branch.default else 1 if computes else 2, -len(computes))
 
     def _bucket(self, data: dict[str, Any]) -> tuple[ObjectStore, Codec]:
         key = (data["url"], data.get("s3_endpoint"))
@@ -228,7 +236,7 @@ class LazyRestore:
             if candidate is None:
                 raise StorageError("the bucket holds no base backup of it" + (f" from before {data['at']}" if at else ""))
             manifest = await asyncio.to_thread(bb.read_manifest, store, codec, candidate.base_key)
-            status.bytes_total = bb.manifest_bytes(manifest)
+            status.base_bytes = bb.manifest_bytes(manifest)
 
             def progress(n: int) -> None:
                 status.bytes_done += n
