@@ -235,7 +235,7 @@ class LazyRestore:
             candidate = await asyncio.to_thread(choose, store, codec, project.id, branch.id, at, lsn)
             if candidate is None:
                 raise StorageError("the bucket holds no base backup of it" + (f" from before {data['at']}" if at else ""))
-            manifest = await asyncio.to_thread(bb.read_manifest, store, codec, candidate.base_key)
+            manifest = candidate.manifest
             status.base_bytes = bb.manifest_bytes(manifest)
 
             def progress(n: int) -> None:

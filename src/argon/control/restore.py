@@ -285,7 +285,7 @@ async def _restore_branch(store: ObjectStore, codec: Codec, layout: Layout, back
         return
     epoch, record = candidate.epoch, candidate.base
     item.epoch, item.base = epoch["id"], record["name"]
-    manifest = await asyncio.to_thread(bb.read_manifest, store, codec, candidate.base_key)
+    manifest = candidate.manifest
     size = bb.manifest_bytes(manifest)
     branch_dir = layout.branch_dir(project.id, branch.id)
     branch_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
