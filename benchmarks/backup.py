@@ -12,10 +12,12 @@ Run from the repository root, as root or as a user who can run Postgres:
    `argon restore` fills a new one. The restored cluster is read directly: the gap is the time
    between the last acknowledged commit and the last restored one (p50/max over the trials), and
    the number of acknowledged commits lost.
-2. **Restore time** per size (pgbench data): `argon restore` of a platform holding one project of
-   that size (its compute suspended, so a base backup of the data is in the bucket), then time to
-   the first query on the restored cluster, against `pg_basebackup` of the same running cluster
-   plus its start (WAL replay) on the same machine.
+2. **Restore time** per size (pgbench data): `argon restore --eager` of a platform holding one
+   project of that size (its compute suspended, so a base backup of the data is in the bucket),
+   then time to the first query on the restored cluster; and the default lazy restore: `argon
+   restore` (metadata), `argon up`, the first query through the proxy (whose wake restores the
+   branch) and the end of the background sweep; against `pg_basebackup` of the same running
+   cluster plus its start (WAL replay) on the same machine.
 3. **Overhead**: pgbench TPC-B (4 clients) through the proxy on a platform with backup on against
    one without, interleaved rounds, medians; target >= 90 %.
 4. **Bucket bytes** for a ~1 GB parent (the largest size given), and after 20 branches of it.
@@ -87,14 +89,14 @@ def s3_server() -> Iterator[Any]:
         server.stop()
 
 
-def restore(root: Path, url: str, endpoint: str | None, target: Path) -> float:
+def restore(root: Path, url: str, endpoint: str | None, target: Path, *, eager: bool = True) -> float:
     env = {**os.environ, "ARGON_CONFIG_FILE": str(root / "none.toml")}
     if endpoint:
         env["ARGON_BACKUP_S3_ENDPOINT"] = endpoint
     started = time.monotonic()
     proc = subprocess.Popen([*ARGON, "restore", "--from", url, "--data-dir", str(target), "--run-dir",
-                             str(root / "run")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=REPO_ROOT)
+                             str(root / "run"), *(["--eager"] if eager else [])], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT)
     assert proc.stderr is not None
     lines = [f"{time.monotonic() - started:6.1f} s  {line.rstrip()}" for line in proc.stderr]  # when each step began
     if proc.wait(7200) != 0:
@@ -214,7 +216,8 @@ def _shipped_bases(path: Path) -> set[str]:
         return set()
 
 
-def measure_size(root: Path, seed: Path, size: str, s3: Any, branches: int) -> dict[str, Any]:
+def measure_size(root: Path, seed: Path, size: str, s3: Any, branches: int, restore_branches: int = 0
+                 ) -> dict[str, Any]:
     mb = SIZES[size]
     run = root / f"size-{size}"
     run.mkdir()
@@ -231,8 +234,11 @@ def measure_size(root: Path, seed: Path, size: str, s3: Any, branches: int) -> d
         if not branches:
             result.update(basebackup_baseline(run, argon.data, max(1, round(mb * SCALE_PER_MB))))
         suspend(argon, pid)  # a clean stop takes a snapshot of the data: the base the bucket gets
+        for i in range(restore_branches):  # more to restore: what a lazy restore leaves for later
+            argon.api.post(f"/projects/{pid}/branches", json={"branch": {"name": f"r{i}"}}).raise_for_status()
+        result["restored_branches"] = 1 + restore_branches
         t0 = time.monotonic()
-        wait_backed_up(argon, 1)
+        wait_backed_up(argon, 1 + restore_branches)
         result["ship_base_s"] = time.monotonic() - t0
         result["bucket_bytes_1"] = bucket_bytes(url, s3.endpoint)
         if branches:
@@ -252,8 +258,36 @@ def measure_size(root: Path, seed: Path, size: str, s3: Any, branches: int) -> d
         with restored_cluster(run, target) as sock:
             query(sock, "SELECT count(*) FROM pgbench_branches")
             result["first_query_after_restore_s"] = time.monotonic() - t0 + result["restore_s"]
+        shutil.rmtree(target, ignore_errors=True)
+        result.update(measure_lazy(run, seed, url, s3, uri, argon))
     shutil.rmtree(run, ignore_errors=True)
     return result
+
+
+def measure_lazy(run: Path, seed: Path, url: str, s3: Any, uri: str, old: ArgonProcess) -> dict[str, float]:
+    """The default, lazy restore (ADR 0032): `argon restore` (the metadata), `argon up` on it, the
+    first query through the proxy (its wake restores the branch), and the background sweep's end.
+    The machine's templates are seeded as a warm machine has them (built once per machine)."""
+    target = run / "lazy"
+    out: dict[str, float] = {}
+    t0 = time.monotonic()
+    out["lazy_restore_s"] = restore(run, url, s3.endpoint, target, eager=False)
+    for name in ("templates", "runtime"):
+        if (seed / name).exists() and not (target / name).exists():
+            subprocess.run(["cp", "-a", str(seed / name), str(target / name)], check=True)
+    t1 = time.monotonic()
+    again = ArgonProcess(run, target, url, s3.endpoint, uids=old.uids)  # the same machine's uids
+    try:
+        out["lazy_up_s"] = time.monotonic() - t1
+        with psycopg.connect(uri.replace(f":{old.proxy_port}/", f":{again.proxy_port}/"), connect_timeout=3600) as conn:
+            conn.execute("SELECT count(*) FROM pgbench_branches")
+        out["lazy_first_query_s"] = time.monotonic() - t0
+        while again.api.get("/backup").json()["backup"]["restoring"]["pending"]:
+            time.sleep(0.2)
+        out["lazy_full_restore_s"] = time.monotonic() - t0
+    finally:
+        again.stop()
+    return out
 
 
 def basebackup_baseline(run: Path, data: Path, scale: int) -> dict[str, float]:
@@ -343,10 +377,15 @@ def render(results: dict[str, Any]) -> str:
                      f"lost commits p50 {r['lost_p50']} max {r['lost_max']}   ({len(r['trials'])} trials, "
                      f"~{r['commits_per_s_p50']:.0f} commits/s)")
     for r in results.get("restore", []):
-        lines.append(f"restore {r['size']:5} ({r['database_bytes'] / 1e6:.0f} MB): argon restore {r['restore_s']:.1f} s, "
+        lines.append(f"restore {r['size']:5} ({r['database_bytes'] / 1e6:.0f} MB x {r.get('restored_branches', 1)} "
+                     f"branch(es)): argon restore --eager {r['restore_s']:.1f} s, "
                      f"first query {r['first_query_after_restore_s']:.1f} s; pg_basebackup + replay of the same data "
                      f"{r['pg_basebackup_s']:.1f} s, first query {r['pg_basebackup_first_query_s']:.1f} s; "
                      f"bucket {r['bucket_bytes_1'] / 1e6:.0f} MB")
+        if "lazy_first_query_s" in r:
+            lines.append(f"  lazy: argon restore {r['lazy_restore_s']:.1f} s, argon up {r['lazy_up_s']:.1f} s, first "
+                         f"query (its wake restores the branch) {r['lazy_first_query_s']:.1f} s, everything restored "
+                         f"{r['lazy_full_restore_s']:.1f} s (from the start of argon restore)")
     b = results.get("branches")
     if b:
         lines.append(f"bucket for a {b['database_bytes'] / 1e6:.0f} MB parent: {b['bucket_bytes_1'] / 1e6:.0f} MB; "
@@ -368,6 +407,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="100M,1G")
     parser.add_argument("--branches", type=int, default=20)
     parser.add_argument("--only", default="rpo,restore,branches,overhead")
+    parser.add_argument("--restore-branches", type=int, default=0,
+                        help="branches of the project besides main for the restore section (the lazy restore's "
+                             "first query needs only main)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--verbose", action="store_true", help="print argon restore's steps with their times")
     args = parser.parse_args(argv)
@@ -386,7 +428,8 @@ def main(argv: list[str] | None = None) -> int:
             ArgonProcess(warm, warm / "data", None, None).stop()
             seed = warm / "data"
             sections = [("rpo", lambda: measure_rpo(root, seed, args.trials, s3)),
-                        ("restore", lambda: [measure_size(root, seed, s, s3, 0) for s in args.sizes.split(",")]),
+                        ("restore", lambda: [measure_size(root, seed, s, s3, 0, args.restore_branches)
+                                     for s in args.sizes.split(",")]),
                         ("branches", lambda: measure_size(root, seed, args.sizes.split(",")[-1], s3, args.branches)),
                         ("overhead", lambda: measure_overhead(root, seed, 2 if args.quick else 5,
                                                               5 if args.quick else 15))]

@@ -208,6 +208,7 @@ class Branch:
     restored_from: str | None = None  # the snapshot this branch's data came from (Neon's field)
     restore_status: str | None = None  # "restored" (a preview, until finalized) or "finalized"
     restore_target: str | None = None  # a preview: the branch `finalize_restore` swaps it in for
+    backup_schedule: list[dict[str, Any]] | None = None  # Neon's BackupSchedule items (`argon.control.schedules`)
 
     def replace(self, **changes: Any) -> Branch:
         return dataclasses.replace(self, updated_at=utcnow(), **changes)

@@ -42,6 +42,7 @@ from argon.control.plane import ControlPlane
 from argon.control.projects import template_setup_sql
 from argon.control.proxy_service import ProxyService
 from argon.control.reconcile import reconcile
+from argon.control.schedules import Scheduler
 from argon.control.secrets import Secrets
 from argon.control.services import Control
 from argon.control.suspend import SuspendMonitor
@@ -104,6 +105,7 @@ class Platform:
         self.telemetry = Telemetry()
         self.telemetry.info.labels(__version__).set(1)
         self._reconciled = False
+        self.scheduler: Scheduler | None = None
         self._stopping = False
         self.plane: ControlPlane | None = None
         self.control: Control | None = None
@@ -251,6 +253,11 @@ class Platform:
             self.info.backup = control.backup.status.url + (" (encrypted)" if control.backup.codec.encrypted else
                                                             " (NOT encrypted: set ARGON_BACKUP_KEY)")
 
+        if control.restorer is not None:
+            control.restorer.start()  # a lazy restore's branches, in the background (ADR 0032)
+        self.scheduler = Scheduler(control)  # branches' backup schedules (ADR 0032)
+        self.scheduler.start()
+
         self.info.api_url = f"http://{_display_host(s.http_host)}:{self.http_port}"
         self.info.sign_in_url = sign_in_link(app, self.info.api_url)
         self.info.proxy_address = f"{_display_host(s.proxy_host)}:{self.proxy.port}"
@@ -328,6 +335,10 @@ class Platform:
             self.plane.on_endpoint_address = None  # the proxy's listeners stop with it
         if self.proxy is not None:
             await self.proxy.stop()
+        if self.scheduler is not None:
+            await self.scheduler.stop()
+        if self.control is not None and self.control.restorer is not None:
+            await self.control.restorer.stop()
         if self.control is not None and self.control.backup is not None:
             await self.control.backup.stop()
         if self.control is not None:

@@ -86,6 +86,9 @@ class Settings(BaseSettings):
                                    "RPO is about one tick plus one upload (5 for slow object stores)")
     backup_max_lag: str = Field("1GB", description="Unshipped WAL per branch kept locally while the object store "
                                 "is unreachable; past it, writes are refused with a clear error until it catches up")
+    restore_parallel: int = Field(2, ge=1, le=64, description="Branches a lazy `argon restore` brings back from "
+                                  "the bucket at once in the background after `argon up` (a wake's branch never waits "
+                                  "for them)")
     compute_limits: Literal["auto", "off"] = Field(
         "auto", description="Enforce each compute's CPU and memory (its compute units) with cgroups: auto (when "
         "run as root on a host with the cpu and memory controllers, v2 or v1) or off")

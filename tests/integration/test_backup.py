@@ -116,8 +116,10 @@ def test_restore_brings_back_every_project_with_ids_passwords_and_keys(shipping:
     status = wait_shipped(platform, branches=2, since=changed)
     assert status["encrypted"] and status["last_metadata_backup_at"]
 
-    # The machine is lost now; a new one restores from the bucket alone.
+    # The machine is lost now; a new one restores from the bucket alone: lazily (ADR 0032), the
+    # metadata now, each branch's data on its first wake or by the background sweep.
     root = restore_into(platform.settings, url)
+    assert not Layout(root / "data", root / "run").pgdata(pid, created["branch"]["id"]).exists()
     try:
         again = RunningPlatform(root, backup_url=url, backup_s3_endpoint=platform.settings.backup_s3_endpoint,
                                 backup_key=KEY)
@@ -138,6 +140,14 @@ def test_restore_brings_back_every_project_with_ids_passwords_and_keys(shipping:
         with psycopg.connect(dev_dsn.replace(str(platform.proxy_port), port)) as conn:
             assert conn.execute("SELECT count(*), max(id) FROM t").fetchone() == (1001, 5000)
             conn.execute("INSERT INTO t (id) VALUES (5001)")  # after the snapshot
+        deadline = time.monotonic() + 300
+        while (restoring := again.api.get("/backup").json()["backup"]["restoring"])["pending"]:
+            assert time.monotonic() < deadline, restoring
+            time.sleep(0.5)
+        assert restoring["restored"] >= 2  # main and dev, by their wakes or the sweep
+        ops = again.api.get(f"/projects/{pid}/operations").json()["operations"]
+        fetched = [o for o in ops if o["action"] == "create_timeline" and o["branch_id"] == created["branch"]["id"]]
+        assert fetched and fetched[0]["status"] == "finished", ops
         # The snapshot's cluster is not on this disk: restoring it fetches it from the bucket.
         restored = again.api.post(f"/projects/{pid}/snapshots/{snap['id']}/restore", json={"name": "from-snap"})
         assert restored.status_code == 200, restored.text
@@ -150,17 +160,29 @@ def test_restore_brings_back_every_project_with_ids_passwords_and_keys(shipping:
         shutil.rmtree(root, ignore_errors=True)
 
     # Point in time, by time and by LSN (`argon restore --at 0/...`): the state as of `middle` has
-    # 1001 but not 1002 (main only, read straight from the cluster).
-    for at in (middle.astimezone(UTC), parse_at(middle_lsn)):
-        root = short_tmpdir("rs")
+    # 1001 but not 1002. By LSN eagerly (main only, read straight from the cluster); by time lazily
+    # (ADR 0032): `argon up` on the restored metadata, main's wake brings it back as of that time.
+    root = short_tmpdir("rs")
+    try:
+        target = platform.settings.model_copy(update={"data_dir": root / "data", "run_dir": root / "run"})
+        report = asyncio.run(restore(target, url, parse_at(middle_lsn), sample=lambda _: {created["branch"]["id"]}))
+        assert [b.reached for b in report.branches if not b.skipped], report
+        with restored_cluster(root, root / "data", created["branch"]["id"]) as sock:
+            assert query(sock, "SELECT max(id) FROM t") == 1001
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    root = restore_into(platform.settings, url, middle.astimezone(UTC))
+    try:
+        again = RunningPlatform(root, backup_url=url, backup_s3_endpoint=platform.settings.backup_s3_endpoint,
+                                backup_key=KEY)
         try:
-            target = platform.settings.model_copy(update={"data_dir": root / "data", "run_dir": root / "run"})
-            report = asyncio.run(restore(target, url, at, sample=lambda _: {created["branch"]["id"]}))
-            assert [b.reached for b in report.branches if not b.skipped], report
-            with restored_cluster(root, root / "data", created["branch"]["id"]) as sock:
-                assert query(sock, "SELECT max(id) FROM t") == 1001, at
+            dsn = platform.dsn(created).replace(str(platform.proxy_port), str(again.proxy_port))
+            with psycopg.connect(dsn, connect_timeout=300) as conn:
+                assert conn.execute("SELECT max(id) FROM t").fetchone() == (1001,)
         finally:
-            shutil.rmtree(root, ignore_errors=True)
+            again.stop()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_restore_refuses_wrong_key_non_empty_dir_and_damaged_objects(shipping: tuple[RunningPlatform, str],

@@ -106,7 +106,7 @@ def test_outage_commits_go_on_then_catch_up_and_refuse_past_max_lag(gated: tuple
     try:
         settings = platform.settings.model_copy(update={"data_dir": root / "data", "run_dir": root / "run",
                                                         "backup_s3_endpoint": gate.endpoint})
-        asyncio.run(restore(settings, url, None))
+        asyncio.run(restore(settings, url, None, eager=True))
         with restored_cluster(root, root / "data", created["branch"]["id"]) as sock:
             # Everything written during the outage came back, in order, nothing missing.
             assert query(sock, "SELECT array[count(*) FILTER (WHERE id <= 200), count(*) FILTER (WHERE id >= 1000 "
@@ -217,7 +217,7 @@ def test_kill_9_of_argon_up_and_of_a_compute_mid_shipping_leaves_no_gap(s3_serve
 
         target = root / "restored"
         settings = Settings(data_dir=target, run_dir=root / "run", backup_s3_endpoint=s3_server.endpoint)
-        asyncio.run(restore(settings, url, None))
+        asyncio.run(restore(settings, url, None, eager=True))
         with restored_cluster(root, target) as sock:
             restored = set(query(sock, "SELECT array_agg(id) FROM t") or [])
         assert acked and killed_at in restored and max(acked) in restored
@@ -225,3 +225,48 @@ def test_kill_9_of_argon_up_and_of_a_compute_mid_shipping_leaves_no_gap(s3_serve
         assert any(i > 200000 for i in acked)  # the compute came back after its kill -9
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_lazily_restored_branch_waits_for_the_bucket_on_its_wake(gated: tuple[RunningPlatform, Gate, str]) -> None:
+    """ADR 0032 on the shared gated platform: a branch whose data is still in the bucket (as `argon
+    restore` leaves it) is restored by its first connection; while the bucket is unreachable that
+    connection gets a clear error and nothing is half there; once it is back, the next one works."""
+    from argon.control import lazyrestore
+
+    platform, gate, url = gated
+    created = platform.create_project(name="lazy")
+    pid, bid, ep = created["project"]["id"], created["branch"]["id"], created["endpoints"][0]["id"]
+    dsn = platform.dsn(created)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE t AS SELECT generate_series(1, 500) AS id")
+    wait_for(platform, caught_up, timeout=180)
+    assert platform.api.post(f"/projects/{pid}/endpoints/{ep}/suspend").status_code == 200
+    wait_for(platform, caught_up, timeout=180)  # the suspend's last WAL and snapshot are in the bucket
+    plane, restorer = platform.control.plane, platform.control.restorer
+    branch_dir = plane.layout.branch_dir(pid, bid)
+    shutil.rmtree(branch_dir / "pgdata")  # the machine lost it: only the bucket has it now
+    shutil.rmtree(branch_dir / "history")
+    data = lazyrestore.intent(pid, bid, url, gate.endpoint, None, None)
+    plane.intents.put(lazyrestore.intent_key(bid), data)
+    restorer.pending[bid] = data
+
+    gate.close()
+    try:
+        with pytest.raises(psycopg.OperationalError, match=r"restoring branch .main. from the backup at .* failed"):
+            psycopg.connect(dsn, connect_timeout=300).close()
+    finally:
+        gate.reopen()
+    assert restorer.is_pending(bid) and not (branch_dir / "pgdata").exists()  # nothing half there
+    assert backup(platform)["restoring"]["branches"][0]["stage"] == "failed"
+    import httpx
+
+    with httpx.Client(follow_redirects=True, timeout=30) as browser:  # the console's branch list says so
+        browser.get(platform.api.post("/console/sign_in_links").json()["url"])
+        assert "Restore from backup failed" in browser.get(f"{platform.api_url}/projects/{pid}/branches").text
+    with psycopg.connect(dsn, connect_timeout=300) as conn:  # waits like a cold start, then serves
+        assert conn.execute("SELECT count(*) FROM t").fetchone() == (500,)
+    assert not restorer.is_pending(bid) and not plane.intents.has(lazyrestore.intent_key(bid))
+    ops = [o for o in platform.api.get(f"/projects/{pid}/operations").json()["operations"]
+           if o["action"] == "create_timeline" and o["branch_id"] == bid]
+    newest = max(ops, key=lambda o: o["created_at"])  # (the project's creation has one too)
+    assert newest["status"] == "finished" and [o["status"] for o in ops].count("failed") == 1, ops

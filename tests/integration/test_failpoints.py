@@ -352,6 +352,51 @@ def test_suspend(argon: ArgonProcess) -> None:
     walk(argon, [suspend("compute.suspend.after_sync"), suspend("compute.suspend.after_stop")])
 
 
+def test_lazy_restore_of_a_branch() -> None:
+    """ADR 0032: a branch whose data is still in the bucket (as a lazy `argon restore` leaves it: the
+    metadata, an empty branch directory, a `fetch-` intent) is restored by `argon up`'s background
+    sweep; killed before and after the rename into place, the next start resumes, and the branch is
+    whole, with its data, never half there."""
+    import shutil
+
+    from argon.control import lazyrestore
+    from argon.storage.intents import Intents
+    from tests.fixtures.crash_process import argon_process
+
+    with argon_process("fl") as argon:
+        url = f"file://{argon.root / 'bucket'}"
+        argon.env["ARGON_BACKUP_URL"] = url
+        argon.start()
+        pid, main, _ = new_project(argon)
+        deadline = time.monotonic() + 180
+        while not ((b := argon.api.get("/backup").json()["backup"])["branches"]
+                   and all(r["lag_bytes"] == 0 and r["last_base_backup"] for r in b["branches"])):
+            assert time.monotonic() < deadline, b
+            time.sleep(0.2)
+        argon.interrupt()
+        branch_dir = argon.data / "projects" / pid / "branches" / main
+        for point in ("restore.lazy.before_swap", "restore.lazy.after_swap"):
+            if point == "restore.lazy.before_swap":  # the machine lost it: only the bucket has it
+                shutil.rmtree(branch_dir / "pgdata")
+                shutil.rmtree(branch_dir / "history")
+                Intents(argon.data / "intents").put(lazyrestore.intent_key(main),
+                                                    lazyrestore.intent(pid, main, url, None, None, None))
+            argon.start(ARGON_FAILPOINTS=f"{point}=kill")  # the sweep gets there by itself
+            assert argon.wait_dead(300) == -signal.SIGKILL
+            assert f"failpoint {point}: kill" in argon.log.read_text()
+            KILLS[0] += 1
+            WALKED.add(point)
+            assert (branch_dir / "pgdata").exists() == (point == "restore.lazy.after_swap")
+        argon.start()
+        deadline = time.monotonic() + 300
+        while argon.api.get("/backup").json()["backup"]["restoring"]["pending"]:
+            assert time.monotonic() < deadline, argon.log.read_text()[-3000:]
+            time.sleep(0.2)
+        check_invariants(argon)
+        assert query(argon, pid, main, "select v from t") == [("main",)]
+        assert not (argon.data / "intents" / f"{lazyrestore.intent_key(main)}.json").exists()
+
+
 def _held_while_starting(argon: ArgonProcess) -> tuple[str, str, int]:
     """A project whose compute was starting when argon died, held (SIGSTOP) before it is ready: a
     thread stops the postmaster the moment it appears, while the wake that spawns it kills argon."""

@@ -48,6 +48,9 @@ try {
   out.branch = branch.branch.name;
   out.branchUri = branch.connection_uris[0].connection_uri;
   out.branches = (await api.listProjectBranches({ projectId })).data.branches.map((b) => b.name).sort();
+  await api.setSnapshotSchedule(projectId, branch.branch.id, {
+    schedule: [{ frequency: 'daily', hour: 3, retention_seconds: 604800 }] });
+  out.schedule = (await api.getSnapshotSchedule(projectId, branch.branch.id)).data.schedule;
   out.endpoints = (await api.listProjectEndpoints(projectId)).data.endpoints.length;
   out.connectionUri = (await api.getConnectionUri({
     projectId, database_name: 'neondb', role_name: 'neondb_owner' })).data.uri;
@@ -68,6 +71,7 @@ def test_neondatabase_api_client(platform: RunningPlatform) -> None:
     result = json.loads(out.stdout)
     assert result["listed"] and result["branch"] == "ts-dev" and result["branches"] == ["main", "ts-dev"]
     assert result["endpoints"] == 2 and result["connectionUri"].startswith("postgresql://neondb_owner:")
+    assert result["schedule"] == [{"frequency": "daily", "hour": 3, "retention_seconds": 604800}]  # ADR 0032
 
 
 def run_neonctl(platform: RunningPlatform, exe: Path, *args: str, output_json: bool = True) -> Any:

@@ -137,3 +137,45 @@ def test_neonctl_snapshots(platform: RunningPlatform, project: dict[str, Any]) -
     assert rows(platform, project) == [1]
     run_neonctl(platform, exe, "snapshots", "delete", "uno", "--project-id", pid)
     assert run_neonctl(platform, exe, "snapshots", "list", "--project-id", pid) == []
+
+
+def test_backup_schedule_takes_scheduled_snapshots_with_their_retention(platform: RunningPlatform,
+                                                                         project: dict[str, Any]) -> None:
+    """Neon's backup_schedule (ADR 0032): set, read back, refused when wrong; the loop's look takes a
+    due snapshot once (manual false, expiring after retention_seconds); the console shows it."""
+    import httpx
+
+    from argon.control import schedules
+
+    api, pid, main = platform.api, project["project"]["id"], project["branch"]["id"]
+    path = f"/projects/{pid}/branches/{main}/backup_schedule"
+    assert api.get(path).json() == {"schedule": []}
+    for bad in ({"schedule": [{"frequency": "minutely"}]}, {"schedule": [{"frequency": "daily", "hour": 24}]},
+                {"schedule": [{"frequency": "hourly", "retention_seconds": 60}]}, {"schedule": "daily"}):
+        resp = api.put(path, json=bad)
+        assert resp.status_code == 400, (bad, resp.text)
+    resp = api.put(path, json={"schedule": [{"frequency": "hourly", "retention_seconds": 7200},
+                                            {"frequency": "weekly", "day": 1, "hour": 2}]})
+    assert resp.status_code == 200 and resp.json() == {}, resp.text
+    assert api.get(path).json()["schedule"][0] == {"frequency": "hourly", "retention_seconds": 7200}
+    assert api.get(f"/projects/{pid}/branches/br-none-00000000/backup_schedule").status_code == 404
+
+    insert(platform, project, 1)
+    later = datetime.now(UTC) + timedelta(days=8)  # both slots are past then, and the branch older than them
+    taken = platform.call(schedules.run_once(platform.control, later), timeout=180)
+    assert len(taken) == 2
+    assert platform.call(schedules.run_once(platform.control, later), timeout=180) == []  # once per slot
+    snaps = {s["id"]: s for s in api.get(f"/projects/{pid}/snapshots").json()["snapshots"]}
+    hourly = next(snaps[i] for i in taken if "-hourly-" in snaps[i]["name"])
+    assert hourly["manual"] is False and "expires_at" in hourly
+    assert "expires_at" not in next(snaps[i] for i in taken if "-weekly-" in snaps[i]["name"])
+
+    link = api.post("/console/sign_in_links").json()["url"]
+    with httpx.Client(follow_redirects=True, timeout=30) as browser:
+        browser.get(link)
+        page = browser.get(f"{platform.api_url}/projects/{pid}/branches").text
+    assert "Backup schedule: hourly, kept 2 h; weekly on Monday at 02:00 UTC, kept until deleted" in page
+    assert api.put(path, json={"schedule": []}).status_code == 200
+    assert api.get(path).json() == {"schedule": []}
+    for snap_id in taken:
+        api.delete(f"/projects/{pid}/snapshots/{snap_id}")

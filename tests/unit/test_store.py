@@ -14,7 +14,7 @@ def _store(tmp_path: Path) -> Store:
     return store
 
 
-HEAD_REVISION = "0006"  # the newest migration
+HEAD_REVISION = "0007"  # the newest migration
 
 
 def test_migrations_are_idempotent_and_versioned(tmp_path: Path) -> None:

@@ -13,11 +13,13 @@ router = APIRouter(tags=["Backup"])
 
 
 @router.get("/backup", summary="Continuous backup to object storage: last WAL shipped, lag, last base backup, "
-            "errors (Argon extension)")
+            "errors; the branches a lazy restore is still bringing back (Argon extension)")
 async def backup_status(control: Authorized) -> dict[str, Any]:
+    restoring = control.restorer.view() if control.restorer is not None else None
     if control.backup is None:
-        return {"backup": {"enabled": False, "hint": "set ARGON_BACKUP_URL (s3://bucket/prefix or file:///path)"}}
-    return {"backup": control.backup.status.view()}
+        return {"backup": {"enabled": False, "hint": "set ARGON_BACKUP_URL (s3://bucket/prefix or file:///path)",
+                           "restoring": restoring}}
+    return {"backup": control.backup.status.view() | {"restoring": restoring}}
 
 
 @router.get("/backup/usage", summary="Bytes in the backup bucket per project, shared chunks and metadata "

@@ -11,7 +11,7 @@ from argon import model
 from argon.api import views
 from argon.api.deps import Authorized
 from argon.api.fields import Strict
-from argon.control import snapshots
+from argon.control import schedules, snapshots
 
 router = APIRouter(tags=["Snapshots"])
 
@@ -96,3 +96,29 @@ async def finalize_restore(control: Authorized, project_id: str, branch_id: str,
                            body: FinalizeBody | None = None) -> dict[str, Any]:
     ops = await snapshots.finalize_restore(control, project_id, branch_id, name=(body or FinalizeBody()).name)
     return {"operations": [views.operation_view(o) for o in ops]}
+
+
+class BackupScheduleItem(Strict):
+    frequency: str
+    hour: int | None = None
+    day: int | None = None
+    month: int | None = None
+    retention_seconds: int | None = None
+
+
+class BackupScheduleBody(Strict):
+    schedule: list[BackupScheduleItem]
+
+
+@router.get("/projects/{project_id}/branches/{branch_id}/backup_schedule",
+            summary="The branch's backup schedule: how often snapshots are taken, and kept (Neon's getSnapshotSchedule)")
+async def get_backup_schedule(control: Authorized, project_id: str, branch_id: str) -> dict[str, Any]:
+    return schedules.get(control, project_id, branch_id)
+
+
+@router.put("/projects/{project_id}/branches/{branch_id}/backup_schedule",
+            summary="Replace the branch's backup schedule (Neon's setSnapshotSchedule; an empty list: none)")
+async def set_backup_schedule(control: Authorized, project_id: str, branch_id: str,
+                              body: BackupScheduleBody) -> dict[str, Any]:
+    await schedules.put(control, project_id, branch_id, body.model_dump(exclude_none=True))
+    return {}

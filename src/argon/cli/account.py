@@ -52,6 +52,12 @@ def status(ctx: Context) -> None:
         click.secho(line, fg="red" if backup["error"] else None)
         if backup["error"]:
             click.secho(f"  {backup['error']}", fg="red")
+    restoring = (backup or {}).get("restoring") or {}
+    if restoring.get("pending"):
+        failed = [b for b in restoring["branches"] if b.get("error")]
+        click.secho(f"Restoring from backup: {restoring['pending']} branch(es) still in the bucket (each comes back on "
+                    f"its first connection, all in the background); {restoring['restored']} done"
+                    + (f"; failing: {failed[0]['error']}" if failed else ""), fg="red" if failed else "yellow")
 
 
 API_KEY_COLUMNS = [("id", "Id"), ("name", "Name"), ("project_id", "Project"), ("created_at", "Created"),

@@ -44,6 +44,11 @@ def backup_status(ctx: Context) -> None:
     click.echo(f"  last WAL shipped {state['last_wal_shipped_at'] or '-'}; lag {state['lag_bytes']} bytes, "
                f"{state['lag_seconds']} s; last base backup {state['last_base_backup_at'] or '-'}; "
                f"metadata {state['last_metadata_backup_at'] or '-'}")
+    restoring = state.get("restoring") or {}
+    for b in restoring.get("branches", []):
+        done = f", {_mb(b['bytes_done'])} downloaded (base {_mb(b['base_bytes'])})" if b.get("base_bytes") else ""
+        click.secho(f"  restoring {b['project_id']}/{b['branch_id']} from the backup: {b['stage']}{done}"
+                    + (f" ({b['error']})" if b.get("error") else ""), fg="red" if b.get("error") else "yellow")
     refused = [b["branch_id"] for b in state["branches"] if b.get("writes_refused")]
     if refused:
         click.secho(f"  writes refused (too much WAL unshipped): {', '.join(refused)}", fg="red")

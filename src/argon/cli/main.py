@@ -163,13 +163,19 @@ def up(**flags: Any) -> None:
 @click.option("--at", "--to", "at", metavar="TIME|LSN", help="Restore the state as of this time (RFC 3339, e.g. "
               "2026-11-24T13:00:00Z; anywhere in ARGON_BACKUP_RETENTION) or this LSN (e.g. 0/16B3748: every "
               "branch's recovery stops there); default: everything the bucket holds")
+@click.option("--eager", is_flag=True, help="Restore every branch's data now, before `argon up` (default: only the "
+              "metadata now; each branch comes back on its first wake, and all of them in the background)")
 @_setting_options
-def restore(source: str | None, at: str | None, **flags: Any) -> None:
+def restore(source: str | None, at: str | None, eager: bool, **flags: Any) -> None:
     """Disaster recovery: fill an empty data directory from a backup, then run `argon up`.
 
     \b
     Every project, branch, role, database and endpoint comes back with the same ids, connection
-    strings, passwords and API keys. Set ARGON_BACKUP_KEY if the backup is encrypted.
+    strings, passwords and API keys. Set ARGON_BACKUP_KEY if the backup is encrypted (for `argon
+    up` too: a lazy restore reads the bucket from there).
+    By default only the metadata is restored now: `argon up` serves at once, a branch's data comes
+    back from the bucket on its first wake (the connection waits as for a cold start) and every
+    branch in the background (ARGON_RESTORE_PARALLEL at a time). --eager restores all of it now.
       argon restore --from s3://my-bucket/argon
       argon restore --from file:///mnt/backup/argon --at 2026-11-24T13:00:00Z --data-dir /var/lib/argon
     """
@@ -189,10 +195,13 @@ def restore(source: str | None, at: str | None, **flags: Any) -> None:
     click.secho(f"Restoring {url}" + (f" as of {when if isinstance(when, str) else when.isoformat()}" if when else "")
                 + f" into {settings.data_dir}",
                 bold=True, err=True)
-    report = asyncio.run(run_restore(settings, url, when, say=say))
-    restored = [b for b in report.branches if not b.skipped]
+    report = asyncio.run(run_restore(settings, url, when, say=say, eager=eager))
+    restored = [b for b in report.branches if not b.skipped and not b.lazy]
+    lazy = [b for b in report.branches if b.lazy]
     click.echo(f"Restored {report.projects} project(s), {len(restored)} of {len(report.branches)} branch(es) "
-               f"in {report.seconds:.1f} s.")
+               f"in {report.seconds:.1f} s." + (f" {len(lazy)} branch(es) come back from the bucket on their first "
+                                                "wake, and all of them in the background, once `argon up` runs."
+                                                if lazy else ""))
     for b in report.branches:
         if b.skipped:
             click.secho(f"  not restored: {b.project_id}/{b.name} ({b.skipped})", fg="yellow")

@@ -32,7 +32,7 @@ from argon.console.web import (
     redirect,
     render,
 )
-from argon.control import branches
+from argon.control import branches, schedules
 from argon.control.services import Control
 from argon.errors import ArgonError, UserError
 
@@ -123,8 +123,10 @@ def _page_values(values: dict[str, str] | None) -> dict[str, str]:
 def _branches_page(request: Request, session: Session, control: Control, project: model.Project, *,
                    values: dict[str, str] | None = None, error: str | None = None, status: int = 200) -> Response:
     rows = branch_tree(control, project.id)
+    restoring = {f["branch_id"]: f for f in control.restorer.view()["branches"]} if control.restorer else {}
     return render(request, "branches.html", session=session, project=project, rows=rows, tab="branches",
-                  status=status, error=error, values=_page_values(values),
+                  status=status, error=error, values=_page_values(values), restoring=restoring,
+                  schedule=lambda b: "; ".join(schedules.describe(i) for i in b.backup_schedule or []),
                   default_parent=(values or {}).get("parent_id") or dashboard.default_branch(control, project.id).id,
                   history=history_note(project), now=model.utcnow())
 

@@ -111,6 +111,7 @@ class Candidate:
     epoch: dict[str, Any]
     base_key: str
     base: dict[str, Any]  # the base's record (Snapshot fields + timeline, segsize)
+    manifest: dict[str, Any] = field(default_factory=dict)  # the base's manifest, read once by `choose`
 
 
 def _when(text: str) -> datetime:
@@ -136,16 +137,15 @@ def choose(store: ObjectStore, codec: Codec, project_id: str, branch_id: str, at
         if lsn is not None and wal.parse_lsn(epoch["start_lsn"]) > lsn:
             continue
         base_keys = [k for k in keys if k.startswith(f"{epoch_prefix}bases/") and k.endswith(".json")]
-        records = []
-        for key in base_keys:
-            manifest = bb.read_manifest(store, codec, key)
-            records.append((key, manifest["record"]))
-        usable = [(k, r) for k, r in records if (at is None or _when(r["taken_at"]) <= at)
-                  and (lsn is None or wal.parse_lsn(r["consistent_lsn"]) <= lsn)]
+        with ThreadPoolExecutor(max_workers=8) as pool:  # an epoch has a base per snapshot: read them at once
+            manifests = dict(zip(base_keys, pool.map(lambda k: bb.read_manifest(store, codec, k), base_keys),
+                                 strict=True))
+        usable = [(k, m["record"]) for k, m in manifests.items() if (at is None or _when(m["record"]["taken_at"]) <= at)
+                  and (lsn is None or wal.parse_lsn(m["record"]["consistent_lsn"]) <= lsn)]
         if not usable:
             continue
         key, record = max(usable, key=lambda kr: (_when(kr[1]["taken_at"]), wal.parse_lsn(kr[1]["consistent_lsn"])))
-        return Candidate(epoch=epoch, base_key=key, base=record)
+        return Candidate(epoch=epoch, base_key=key, base=record, manifest=manifests[key])
     return None
 
 
@@ -158,10 +158,29 @@ def prepare_recovery(store: ObjectStore, codec: Codec, candidate: Candidate, man
     WAL in the bucket; an `lsn` past that end: the end too). Returns the recovery settings, the
     target LSN (None: the end) and the WAL's end."""
     epoch, record = candidate.epoch, candidate.base
-    bb.download_snapshot(store, codec, manifest, target, progress=progress)
     prefix = f"{branch_prefix(project_id, branch_id)}{epoch['id']}/"
-    end = bw.fetch_epoch_wal(store, codec, prefix, target / "pg_wal", int(epoch["timeline"]), int(epoch["segsize"]),
-                             wal.parse_lsn(record["redo_lsn"]), progress=progress)
+    lock = threading.Lock()
+
+    def counted(n: int) -> None:
+        if progress is not None:
+            with lock:
+                progress(n)
+
+    # The base and its WAL at once (each in parallel itself; the WAL beside, then moved over the
+    # base's own segments, as the bucket's are newer), then one sync of the whole tree.
+    target.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fetch_dir = target / "pg_wal.fetch"
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        base = pool.submit(bb.download_snapshot, store, codec, manifest, target, progress=counted, fsync=False)
+        fetched = pool.submit(bw.fetch_epoch_wal, store, codec, prefix, fetch_dir, int(epoch["timeline"]),
+                              int(epoch["segsize"]), wal.parse_lsn(record["redo_lsn"]), progress=counted)
+        base.result()
+        end = fetched.result()
+    (target / "pg_wal").mkdir(exist_ok=True)
+    for name in os.listdir(fetch_dir):
+        os.replace(fetch_dir / name, target / "pg_wal" / name)
+    fetch_dir.rmdir()
+    bb.sync_tree(target)
     (target / "pg_wal" / "archive_status").mkdir(exist_ok=True)
     for name in ("postmaster.pid", "postmaster.opts"):
         (target / name).unlink(missing_ok=True)
@@ -614,7 +633,7 @@ class BackupService:
         started = time.monotonic()
         try:
             await asyncio.to_thread(self.plane.layout.backup_scratch_dir.mkdir, mode=0o700, exist_ok=True)
-            manifest = await asyncio.to_thread(bb.read_manifest, self.store, self.codec, candidate.base_key)
+            manifest = candidate.manifest
             settings, target_lsn, end = await asyncio.to_thread(
                 prepare_recovery, self.store, self.codec, candidate, manifest, project.id, branch.id, scratch,
                 install.bindir, when, None, point)

@@ -180,6 +180,8 @@ async def create_branch(control: Control, project_id: str, req: BranchRequest) -
         raise UserError("create a branch with one endpoint; add more with POST /projects/{project_id}/endpoints")
     check_settings_for(plane, project_id, req.endpoint_pg_settings)
     await asyncio.to_thread(control.disk.check_room, "a new branch")  # 507 within the reserve (ADR 0025)
+    parent_id = req.parent_id or default_branch(plane, project_id).id
+    await control.restored(plane.branch(project_id, parent_id).id, reason="a branch is created from it")
     async with plane.project_lock(project_id):
         parent = plane.branch(project_id, req.parent_id) if req.parent_id else default_branch(plane, project_id)
         bid = ids.branch_id()
@@ -349,6 +351,9 @@ async def restore_branch(control: Control, project_id: str, branch_id: str, sour
     if source_branch_id == branch_id and not (source_lsn or source_timestamp or build):
         raise UserError("restoring a branch from its own head changes nothing; give source_lsn or "
                         "source_timestamp to restore it to its own past, or another source_branch_id")
+    # A lazy restore's branch: its data first, else the fetch would land over the restored data.
+    await control.restored(plane.branch(project_id, branch_id).id, plane.branch(project_id, source_branch_id).id,
+                           reason="a restore")
     async with plane.project_lock(project_id):
         target = plane.branch(project_id, branch_id)
         source = plane.branch(project_id, source_branch_id)

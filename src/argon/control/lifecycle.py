@@ -37,6 +37,7 @@ from argon.telemetry import compute_labels
 
 if TYPE_CHECKING:
     from argon.control.backup import BackupService
+    from argon.control.lazyrestore import LazyRestore
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ class Lifecycle:
     def __init__(self, plane: ControlPlane, backup: BackupService | None = None) -> None:
         self.plane = plane
         self.backup = backup  # told when a compute stopped: its last WAL and new snapshot ship now
+        self.restorer: LazyRestore | None = None  # branches a lazy `argon restore` left in the bucket
         self._needs_spec: set[str] = set()  # endpoints whose next start must apply roles and databases
         # endpoints a previous argon left a postmaster.pid for, not adopted at start-up (still in a
         # crash recovery): `reconcile.adopt_strays` looks at these, not at every endpoint
@@ -168,6 +170,8 @@ class Lifecycle:
             ep = plane.endpoint(None, endpoint_id)
             started = time.monotonic()
             try:
+                if self.restorer is not None and self.restorer.is_pending(ep.branch_id):
+                    await self.restorer.ensure(ep.branch_id, reason=reason)  # its data first (ADR 0032)
                 await self._ensure_history(ep)
                 if ep.type is model.EndpointType.READ_ONLY:
                     await replicas.ensure_replica_data(plane, ep)

@@ -69,6 +69,7 @@ class BranchRestore:
     bytes: int = 0
     seconds: float = 0.0
     skipped: str = ""  # why the branch's data could not be restored
+    lazy: bool = False  # left in the bucket: restored by `argon up` on first need or in the background
     stages: dict[str, float] = field(default_factory=dict)  # seconds: download, recovery, history
 
 
@@ -179,10 +180,14 @@ def _as_of(store: ObjectStore, codec: Codec, layout: Layout, at: datetime) -> No
 
 async def restore(settings: Settings, url: str, at: datetime | str | None, *,
                   say: Callable[[str], None] = lambda m: None,
-                  sample: Callable[[list[model.Branch]], set[str]] | None = None) -> RestoreReport:
+                  sample: Callable[[list[model.Branch]], set[str]] | None = None,
+                  eager: bool = False) -> RestoreReport:
     """Fill the empty data directory of `settings` from the backup at `url` (as of `at`: a time, or
     an LSN, which every branch's recovery stops at; the newest metadata then). `sample` picks the
-    branch ids to restore (`argon backup verify`); default: all."""
+    branch ids to restore (`argon backup verify`, always eager); default: all. Lazy (the default,
+    ADR 0032): only the metadata now, and per branch an intent that `argon up` fulfils on the
+    branch's first need or in the background (`argon.control.lazyrestore`); `eager`: every
+    branch's data now."""
     started = time.monotonic()
     lsn = wal.parse_lsn(at) if isinstance(at, str) else None
     at = at if isinstance(at, datetime) else None
@@ -214,7 +219,9 @@ async def restore(settings: Settings, url: str, at: datetime | str | None, *,
         meta.close()
     report.projects = len(projects)
     only = sample([b for bs in branches.values() for b in bs]) if sample is not None else None
-    installs = await asyncio.to_thread(discover, settings.pg_bindirs, layout.runtime_dir)
+    lazy = not eager and only is None
+    # Lazy: only look which versions are here; `argon up` makes the runtime copy computes run from.
+    installs = await asyncio.to_thread(discover, settings.pg_bindirs, None if lazy else layout.runtime_dir)
     backend = pick_backend(layout.data_dir, settings.clone_backend)
     total = sum(len(b) for b in branches.values())
     done = 0
@@ -235,6 +242,13 @@ async def restore(settings: Settings, url: str, at: datetime | str | None, *,
                 say(f"[{done}/{total}] {project.name}/{branch.name}: skipped ({item.skipped})")
                 continue
             assert install is not None
+            if lazy:
+                await asyncio.to_thread(_leave_in_bucket, layout, project, branch, url, settings.backup_s3_endpoint,
+                                        at, wal.format_lsn(lsn) if lsn is not None else None)
+                item.lazy = True
+                say(f"[{done}/{total}] {project.name}/{branch.name}: its data stays in the bucket until `argon up` "
+                    "needs it or restores it in the background")
+                continue
             t0 = time.monotonic()
             await _restore_branch(store, codec, layout, backend, install, project, branch, at, item, say,
                                   f"[{done}/{total}] {project.name}/{branch.name}", lsn)
@@ -242,6 +256,22 @@ async def restore(settings: Settings, url: str, at: datetime | str | None, *,
     layout.restore_marker.unlink()
     report.seconds = time.monotonic() - started
     return report
+
+
+def _leave_in_bucket(layout: Layout, project: model.Project, branch: model.Branch, url: str, s3_endpoint: str | None,
+                     at: datetime | None, lsn: str | None) -> None:
+    """A lazy restore's branch: its directory (the project's uid's, like an eager restore's) and the
+    intent `argon up` restores it by (`argon.control.lazyrestore`)."""
+    from argon.control import lazyrestore
+    from argon.storage.intents import Intents
+
+    branch_dir = layout.branch_dir(project.id, branch.id)
+    (branch_dir / "log").mkdir(mode=0o700, parents=True, exist_ok=True)
+    user = OsUser(project.os_uid, project.os_uid) if project.os_uid is not None and running_as_root() else None
+    if user is not None:  # nothing of a tenant's is in the tree yet: a plain chown is safe
+        chown_tree(layout.project_dir(project.id), user)
+    Intents(layout.intents_dir).put(lazyrestore.intent_key(branch.id),
+                                    lazyrestore.intent(project.id, branch.id, url, s3_endpoint, at, lsn))
 
 
 async def _restore_branch(store: ObjectStore, codec: Codec, layout: Layout, backend: Any, install: PgInstall,
@@ -255,7 +285,7 @@ async def _restore_branch(store: ObjectStore, codec: Codec, layout: Layout, back
         return
     epoch, record = candidate.epoch, candidate.base
     item.epoch, item.base = epoch["id"], record["name"]
-    manifest = await asyncio.to_thread(bb.read_manifest, store, codec, candidate.base_key)
+    manifest = candidate.manifest
     size = bb.manifest_bytes(manifest)
     branch_dir = layout.branch_dir(project.id, branch.id)
     branch_dir.mkdir(mode=0o700, parents=True, exist_ok=True)

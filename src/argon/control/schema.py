@@ -98,6 +98,7 @@ async def head_socket(control: Control, project: model.Project, branch: model.Br
     has no read-write compute, a throw-away running copy of its (stopped) data. `take_lock`: hold the
     project lock while copying (False when the caller holds it already)."""
     plane = control.plane
+    await control.restored(branch.id, reason="schema")  # a lazy restore's branch: its data first
     ep = plane.primary(project.id, branch.id)
     if ep is not None:
         await wake(control, ep.id, reason="schema")

@@ -8,7 +8,8 @@ platform hold.
 - `api_keys`: the API's keys (`argon.control.apikeys`);
 - `autoscaler`: compute units enforced and autoscaled (`argon.control.autoscale`);
 - `disk`: project size limits and the platform's disk reserve (`argon.control.diskguard`);
-- `backup`: continuous backup to object storage, when configured (`argon.control.backup`).
+- `backup`: continuous backup to object storage, when configured (`argon.control.backup`);
+- `restorer`: the branches a lazy `argon restore` left in the bucket (`argon.control.lazyrestore`).
 
 The use cases (`projects`, `branches`, `endpoints`, `roles`, `schema`, the suspend monitor, the
 reconciler) take a `Control`; the services below them take only what they need, so calls go one
@@ -17,6 +18,7 @@ way: use cases -> services -> plane -> compute, storage, metadata.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -30,6 +32,7 @@ from argon.control.plane import ControlPlane
 
 if TYPE_CHECKING:
     from argon.control.backup import BackupService
+    from argon.control.lazyrestore import LazyRestore
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,13 @@ class Control:
     autoscaler: Autoscaler
     disk: DiskGuard
     backup: BackupService | None = None  # continuous backup, when ARGON_BACKUP_URL is set
+    restorer: LazyRestore | None = None  # branches still in the bucket after a lazy restore
+
+    async def restored(self, *branch_ids: str, reason: str) -> None:
+        """Wait until these branches' data is on the disk (a lazy restore fetches it first)."""
+        if self.restorer is not None:
+            for branch_id in branch_ids:
+                await self.restorer.ensure(branch_id, reason=reason)
 
     @classmethod
     def build(cls, plane: ControlPlane) -> Control:
@@ -53,17 +63,26 @@ class Control:
             backup = BackupService(plane)
         figures = Figures(plane, metrics)
         metrics.storage = figures  # storage samples are the figures, measured once (ADR 0022)
-        return cls(plane=plane, computes=Lifecycle(plane, backup), metrics=metrics, figures=figures,
+        from argon.control.lazyrestore import LazyRestore
+
+        restorer = LazyRestore(plane)
+        computes = Lifecycle(plane, backup)
+        computes.restorer = restorer
+        return cls(plane=plane, computes=computes, metrics=metrics, figures=figures,
                    api_keys=ApiKeys(plane), autoscaler=Autoscaler(plane), disk=DiskGuard(plane),
-                   backup=backup)
+                   backup=backup, restorer=restorer)
 
     async def load(self) -> None:
         """Fill the view from the store (at start-up)."""
         await self.plane.load()
         self.computes.load()
+        if self.restorer is not None:
+            await asyncio.to_thread(self.restorer.load)
         await self.api_keys.load()
 
     async def close(self) -> None:
+        if self.restorer is not None:
+            await self.restorer.stop()
         await self.figures.stop()
         await self.metrics.stop()
         await self.autoscaler.stop()

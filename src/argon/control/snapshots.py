@@ -88,6 +88,7 @@ async def create_snapshot(control: Control, project_id: str, branch_id: str, *, 
         name = ids.check_display_name(name, "snapshot")
     project = plane.project(project_id)
     user = project_user(project.os_uid)
+    await control.restored(plane.branch(project_id, branch_id).id, reason="a snapshot")
     async with plane.project_lock(project_id):
         branch = plane.branch(project_id, branch_id)
         sid = ids.snapshot_id()

@@ -80,6 +80,7 @@ branches = Table(
     Column("restored_from", String(64)),
     Column("restore_status", String(16)),
     Column("restore_target", String(64)),
+    Column("backup_schedule", JSON),
 )
 
 snapshots = Table(
