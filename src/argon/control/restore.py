@@ -122,7 +122,9 @@ def metadata_as_of(db: Path, later: Path | None, at: datetime) -> None:
                     match = " AND ".join(f'm."{k}" = l."{k}"' for k in keys)
                     into = ", ".join(f'"{c}"' for c in cols)
                     values = ", ".join(f'l."{c}"' for c in cols)
-                    conn.execute(f'INSERT INTO main."{name}" ({into}) SELECT {values} FROM later."{name}" l '
+                    # OR IGNORE: a row that clashes on another unique column (an endpoint address a
+                    # deleted endpoint of the earlier copy still holds) is left out, not the restore.
+                    conn.execute(f'INSERT OR IGNORE INTO main."{name}" ({into}) SELECT {values} FROM later."{name}" l '
                                  f'WHERE l.created_at <= ? AND NOT EXISTS '
                                  f'(SELECT 1 FROM main."{name}" m WHERE {match})', (stamp,))
                 conn.execute("INSERT OR IGNORE INTO main.compute_uids SELECT * FROM later.compute_uids")
