@@ -80,3 +80,30 @@ def test_a_projects_branches_and_endpoints_come_from_its_own_index() -> None:
     assert [b.id for b in plane.branches("p1")] == ["p1-main"] and len(plane.endpoints("p1")) == 1
     plane._unsee(plane.project("p2"))
     assert plane.branches("p2") == [] and plane.endpoints("p2") == [] and len(plane.endpoints()) == 1
+
+
+def test_a_console_page_is_a_window_newest_first_with_a_cursor_and_a_search() -> None:
+    import pytest
+
+    from argon.console.paging import newest_first
+    from argon.errors import UserError
+
+    items = [(datetime(2026, 12, 1, i // 60, i % 60, tzinfo=UTC), f"p-{i:03d}", f"name{i}") for i in range(120)]  # oldest first
+
+    def page(**kw: object) -> tuple[list[str], str | None]:
+        got = newest_first(items, key=lambda t: (t[0], t[1]), name=lambda t: t[2], size=50, **kw)  # type: ignore[arg-type]
+        return [t[1] for t in got.rows], got.older
+
+    first, older = page()
+    assert first[0] == "p-119" and first[-1] == "p-070" and older is not None
+    second, older = page(before=older)
+    assert second[0] == "p-069" and second[-1] == "p-020"
+    third, older = page(before=older)
+    assert third == [f"p-{i:03d}" for i in range(19, -1, -1)] and older is None  # the last page
+    # a search by name (any case) or by a part of the id; paged the same way
+    assert page(search="NAME11")[0] == ["p-119", "p-118", "p-117", "p-116", "p-115", "p-114", "p-113", "p-112",
+                                       "p-111", "p-110", "p-011"]
+    assert page(search="p-00")[0] == [f"p-{i:03d}" for i in range(9, -1, -1)]
+    assert page(search="nothing") == ([], None)
+    with pytest.raises(UserError, match="start again"):
+        page(before="not-a-cursor")
