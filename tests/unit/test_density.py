@@ -50,6 +50,7 @@ def test_a_projects_branches_and_endpoints_come_from_its_own_index() -> None:
 
     plane = ControlPlane.__new__(ControlPlane)  # the view only: no store, no computes
     plane._projects, plane._branches, plane._endpoints, plane._verifiers = {}, {}, {}, {}
+    plane._projects_sorted = None
     plane._project_branches, plane._project_endpoints, plane._changes, plane._change_seq = {}, {}, {}, 0
     plane._endpoint_locks = {}
     now = datetime(2026, 12, 1, tzinfo=UTC)

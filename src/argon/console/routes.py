@@ -151,7 +151,7 @@ async def projects(request: Request, session: SignedIn, control: ControlDep, sea
                    before: str | None = None) -> Response:
     """Newest first, a page at a time (`console.paging`), with a search by name or id."""
     page = paging.newest_first(control.plane.projects(), key=lambda p: (p.created_at, p.id), name=lambda p: p.name,
-                               search=search, before=before, what="projects")
+                               search=search, before=before, what="projects", size=paging.PAGE_SIZE)
     rows = [(p, dashboard.project_compute(control, p.id)) for p in page.rows]
     backup = control.backup.status.view() if control.backup is not None else None
     return render(request, "projects.html", session=session, rows=rows, page=page,
