@@ -63,3 +63,20 @@ def newest_first(items: Sequence[T], *, key: Callable[[T], tuple[datetime, str]]
     more = start + size < len(found)
     return Page(rows=rows, older=cursor(*key(rows[-1])) if more and rows else None, paged=after is not None,
                 search=search.strip(), total=len(found))
+
+
+def in_order(items: Sequence[T], *, ident: Callable[[T], str], name: Callable[[T], str], search: str = "",
+             after: str | None = None, what: str = "the list", size: int = PAGE_SIZE) -> Page[T]:
+    """The page of `items`, in their own order (a tree's), that starts after the item whose id is
+    `after`, among those matching `search`."""
+    found = [item for item in items if matches(search, name(item), ident(item))]
+    start = 0
+    if after:
+        at = next((i for i, item in enumerate(found) if ident(item) == after), None)
+        if at is None:
+            raise UserError(f"that page of {what} does not exist any more; start again from the first")
+        start = at + 1
+    rows = found[start:start + size]
+    more = start + size < len(found)
+    return Page(rows=rows, older=ident(rows[-1]) if more and rows else None, paged=bool(after),
+                search=search.strip(), total=len(found))
