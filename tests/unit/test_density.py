@@ -108,3 +108,24 @@ def test_a_console_page_is_a_window_newest_first_with_a_cursor_and_a_search() ->
     assert page(search="nothing") == ([], None)
     with pytest.raises(UserError, match="start again"):
         page(before="not-a-cursor")
+
+
+def test_start_up_checks_run_a_bounded_number_at_once_in_order() -> None:
+    """Adoption's identity checks (and pending specs) at start-up: several at once, never more than
+    the bound, results in the order given."""
+    import asyncio
+
+    from argon.control.reconcile import bounded
+
+    running, peak = 0, 0
+
+    async def check(i: int) -> int:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.01 * (i % 3))
+        running -= 1
+        return i * 10
+
+    assert asyncio.run(bounded(3, [check(i) for i in range(10)])) == [i * 10 for i in range(10)]
+    assert peak == 3
