@@ -6,8 +6,9 @@ Side by side in one run, interleaved rounds:
 - a request to a trivial FastAPI route with and without `argon.api.ops.Observe` (request id, log
   context, one counter and one histogram), through httpx's in-process ASGI transport;
 - a scrape with the control plane's collector over a view of 10, 100 and 1,000 running computes (a
-  stand-in view and sampler with the real collector): the collection, which runs on the event loop,
-  and the text, which /metrics writes in a thread; and the size of the text;
+  stand-in view and sampler with the real collector): what runs on the event loop (the collectors'
+  copies of the view), and the families and the text, which /metrics builds in a thread; and the
+  size of the text;
 - one log line through the JSON formatter, the text formatter and logging's plain one.
 Prints a table, then the JSON.
 """
@@ -21,7 +22,7 @@ import logging
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -89,8 +90,30 @@ class _Plane:
     def endpoints(self) -> list[model.Endpoint]:
         return self.eps
 
+    def endpoints_unordered(self) -> list[model.Endpoint]:
+        return list(self.eps)
+
+    def running_endpoints(self) -> list[model.Endpoint]:
+        return self.eps
+
+    def project_count(self) -> int:
+        return len(self.eps)
+
     def is_running(self, endpoint_id: str) -> bool:
         return True
+
+    @property
+    def activity(self) -> Any:
+        return _Activity()
+
+
+class _Activity:
+    def endpoints_in_use(self) -> list[str]:
+        return []
+
+
+class _Scaler:
+    enforced = False
 
 
 class _Sampler:
@@ -109,11 +132,16 @@ class _Sampler:
     def logical_size(self, branch_id: str) -> int | None:
         return 30 << 20
 
+    def logical_sizes(self) -> dict[str, int]:
+        return {b: 30 << 20 for b in self.alloc}
+
 
 @dataclass
 class _Control:
     plane: Any
     metrics: Any
+    autoscaler: Any = field(default_factory=_Scaler)
+    backup: Any = None
 
 
 def scrape(sizes: tuple[int, ...], repeats: int) -> list[dict[str, Any]]:
@@ -125,16 +153,17 @@ def scrape(sizes: tuple[int, ...], repeats: int) -> list[dict[str, Any]]:
                for i in range(n)]
         telemetry = Telemetry()
         control = _Control(_Plane(eps), _Sampler(eps))
-        telemetry.register(lambda control=control: exposition.collect(control))  # type: ignore[misc]
+        telemetry.register_view(lambda control=control: exposition.snapshot(control),  # type: ignore[misc]
+                                exposition.families)
         for e in eps:
             telemetry.wakes.labels(e.project_id, e.branch_id, e.id).inc()
         body = telemetry.exposition()
         on_loop, off_loop = [], []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            families = telemetry.collect()
+            taken = telemetry.collect()
             t1 = time.perf_counter()
-            telemetry.render(families)
+            telemetry.render(taken)
             on_loop.append((t1 - t0) * 1000)
             off_loop.append((time.perf_counter() - t1) * 1000)
         rows.append({"computes": n, "collect_ms_p50": statistics.median(on_loop), "collect_ms_max": max(on_loop),

@@ -161,7 +161,7 @@ class Platform:
                              secrets=secrets, activity=self.activity, telemetry=self.telemetry,
                              computes=ComputeManager(cgroups=groups, limits_note=self.info.limits))
         control = Control.build(plane)
-        self.telemetry.register(lambda: control_exposition.collect(control))
+        self.telemetry.register_view(lambda: control_exposition.snapshot(control), control_exposition.families)
         self.plane, self.control = plane, control
         await control.load()
         for project in plane.projects() if host is not None else ():

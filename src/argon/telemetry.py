@@ -3,8 +3,9 @@
 `Telemetry` holds the counters and histograms the layers update in place (a wake, a login, an
 API request); numbers that are state (how many projects, what runs, what the proxy holds) are
 read at scrape time by the collectors each layer registers (`argon.control.exposition`,
-`argon.proxy.exposition`), so nothing is kept twice. `/metrics` (`argon.api.ops`) writes the
-registry in Prometheus' text format.
+`argon.proxy.exposition`), so nothing is kept twice. A scrape (`/metrics`, `argon.api.ops`) takes
+what the collectors report on the event loop, where only copies are made for the big views
+(`register_view`), and builds and writes the text in a worker thread.
 
 Names follow Prometheus' conventions: `argon_` first, `_total` for counters, `_seconds` and
 `_bytes` for units. Per-compute series carry `project_id`, `branch_id` and `endpoint_id`; the
@@ -15,7 +16,8 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from prometheus_client import (
     CollectorRegistry,
@@ -26,10 +28,10 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.core import Metric
-from prometheus_client.registry import Collector
 
 disable_created_metrics()  # no `_created` series: they double what is sent and no dashboard reads them
 
+S = TypeVar("S")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 COMPUTE_LABELS = ("project_id", "branch_id", "endpoint_id")
 
@@ -39,19 +41,11 @@ COLD_START_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60
 HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
-class _Callback(Collector):
-    """A collector from a function (what a layer registers to report its state at scrape time)."""
-
-    def __init__(self, collect: Callable[[], Iterable[Metric]]) -> None:
-        self._collect = collect
-
-    def collect(self) -> Iterable[Metric]:
-        return self._collect()
-
-
 class Telemetry:
     def __init__(self) -> None:
-        r = self.registry = CollectorRegistry()
+        r = self.registry = CollectorRegistry()  # what is counted in place; collected in a worker thread
+        self._on_loop: list[Callable[[], Iterable[Metric]]] = []
+        self._views: list[tuple[Callable[[], Any], Callable[[Any], Iterable[Metric]]]] = []
         # Computes (argon.control.lifecycle)
         self.wakes = Counter("argon_compute_wakes", "Compute starts (a wake on connect, an API start, a first start)",
                              COMPUTE_LABELS, registry=r)
@@ -81,8 +75,15 @@ class Telemetry:
         self.info = Gauge("argon_build_info", "Argon's version (always 1)", ("version",), registry=r)
 
     def register(self, collect: Callable[[], Iterable[Metric]]) -> None:
-        """Report state at scrape time: `collect` yields metric families (prometheus_client.core)."""
-        self.registry.register(_Callback(collect))
+        """Report state at scrape time: `collect` yields metric families (prometheus_client.core).
+        It runs on the event loop: for a few figures read from memory."""
+        self._on_loop.append(collect)
+
+    def register_view(self, take: Callable[[], S], build: Callable[[S], Iterable[Metric]]) -> None:
+        """Report state whose families cost more than a copy of it: at scrape time `take` copies
+        what they need on the event loop, and `build` makes the families from the copy in a worker
+        thread (the per-compute and per-project series at 1,000 projects)."""
+        self._views.append((take, build))
 
     def session_ended(self, seconds: float, python_from_client: int = 0, python_from_compute: int = 0) -> None:
         self.sessions.inc()
@@ -96,17 +97,29 @@ class Telemetry:
             with contextlib.suppress(KeyError):
                 counter.remove(*labels)
 
-    def collect(self) -> list[Metric]:
-        """Every family's samples now (on the event loop: the collectors read the view)."""
-        return list(self.registry.collect())
+    def collect(self) -> Scrape:
+        """On the event loop: what the registered collectors report now, and copies of the views."""
+        return Scrape([f for collect in self._on_loop for f in collect()],
+                      [(build, take()) for take, build in self._views])
 
-    @staticmethod
-    def render(families: list[Metric]) -> bytes:
-        """The text format of collected families (pure: a worker thread may do it)."""
+    def render(self, scrape: Scrape) -> bytes:
+        """The text format of a scrape, with the counters and histograms counted in place (a worker
+        thread does it: prometheus_client's metrics are thread-safe, the views are copies)."""
+        families = list(self.registry.collect()) + scrape.families
+        for build, view in scrape.views:
+            families.extend(build(view))
         return generate_latest(_Collected(families))  # type: ignore[arg-type]
 
     def exposition(self) -> bytes:
         return self.render(self.collect())
+
+
+@dataclass(frozen=True)
+class Scrape:
+    """A scrape's state, taken on the event loop: families already built, and views to build from."""
+
+    families: list[Metric]
+    views: list[tuple[Callable[[Any], Iterable[Metric]], Any]]
 
 
 class _Collected:

@@ -165,6 +165,38 @@ def test_pages_stay_small(chromium: Browser, platform: RunningPlatform) -> None:
     platform.delete_project(created["project"]["id"])
 
 
+def test_the_projects_page_is_paged_and_searchable(chromium: Browser, platform: RunningPlatform,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A page of projects, newest first, with Older and Newest links that keep the search (at 1,000
+    projects the page renders 50 rows, not 1,000); a search by name or by id."""
+    from argon.console import paging
+
+    monkeypatch.setattr(paging, "PAGE_SIZE", 2)
+    created = [platform.create_project(name=f"pagedzz{i}")["project"]["id"] for i in range(3)]
+    page = signed_in_page(chromium, platform)
+    page.get_by_label("Search projects by name or id").fill("PAGEDZZ")
+    page.get_by_role("button", name="Search").click()
+    rows = page.get_by_role("row").filter(has_text="pagedzz")
+    expect(rows).to_have_count(2)
+    expect(rows.nth(0)).to_contain_text("pagedzz2")
+    expect(rows.nth(1)).to_contain_text("pagedzz1")
+    expect(page.get_by_text("3 projects match")).to_be_visible()
+    page.get_by_role("link", name="Older").click()
+    expect(rows).to_have_count(1)
+    expect(rows.nth(0)).to_contain_text("pagedzz0")
+    expect(page.get_by_role("link", name="Older")).to_have_count(0)
+    page.get_by_role("link", name="Newest").click()
+    expect(rows.nth(0)).to_contain_text("pagedzz2")
+    page.goto(f"/?search={created[1]}")  # by id
+    expect(rows).to_have_count(1)
+    expect(rows.nth(0)).to_contain_text("pagedzz1")
+    page.goto("/?before=garbage")
+    expect(page.get_by_text("start again from the newest")).to_be_visible()
+    page.context.close()
+    for project_id in created:
+        platform.delete_project(project_id)
+
+
 # Security --------------------------------------------------------------------------------------------
 
 

@@ -240,6 +240,42 @@ def test_operations_log(chromium: Browser, platform: RunningPlatform, shop: dict
     page.context.close()
 
 
+def test_the_branch_tree_is_paged_and_searchable(chromium: Browser, platform: RunningPlatform,
+                                                 shop: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tree a page at a time, in tree order (each parent before its children), and a search by
+    name or id; a project with hundreds of branches renders one page of them."""
+    from argon.console import paging
+
+    pid = shop["project"]["id"]
+    made = []
+    for name in ("pg-a", "pg-b"):
+        resp = platform.api.post(f"/projects/{pid}/branches", json={"branch": {"name": name}})
+        assert resp.status_code == 201, resp.text
+        made.append(resp.json()["branch"]["id"])
+    names: list[str | None] = []
+    monkeypatch.setattr(paging, "PAGE_SIZE", 1)
+    page = signed_in_page(chromium, platform)
+    page.goto(f"/projects/{pid}/branches")
+    expect(page.locator("tbody tr")).to_have_count(1)
+    expect(_row(page, "data-branch", "main")).to_be_visible()  # the root comes first
+    while page.get_by_role("link", name="Next").count():
+        page.get_by_role("link", name="Next").click()
+        expect(page.locator("tbody tr")).to_have_count(1)
+        names.append(page.locator("tbody tr").get_attribute("data-branch"))
+    assert names.index("pg-a") < names.index("pg-b"), names  # siblings oldest first
+    page.get_by_label("Search branches by name or id").fill("PG-B")
+    page.get_by_role("button", name="Search").click()
+    expect(page.locator("tbody tr")).to_have_count(1)
+    expect(_row(page, "data-branch", "pg-b")).to_be_visible()
+    expect(page.get_by_text("1 branch matches")).to_be_visible()
+    page.goto(f"/projects/{pid}/branches?search={made[0]}")
+    expect(_row(page, "data-branch", "pg-a")).to_be_visible()
+    shot(page, "branches-search")
+    page.context.close()
+    for branch_id in made:
+        platform.api.delete(f"/projects/{pid}/branches/{branch_id}")
+
+
 def _count(platform: RunningPlatform, created: dict[str, Any], pid: str, branch_id: str) -> int:
     ep = platform.api.get(f"/projects/{pid}/branches/{branch_id}/endpoints").json()["endpoints"][0]
     with psycopg.connect(platform.dsn(created).replace(created["endpoints"][0]["id"], ep["id"])) as conn:

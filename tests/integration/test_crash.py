@@ -100,31 +100,46 @@ def postmaster_pid(root: Path) -> int:
     return int(pidfiles[0].read_text().split()[0])
 
 
+def postmaster_pids(root: Path) -> dict[str, int]:
+    """Branch id -> the pid its postmaster.pid names."""
+    return {f.parent.parent.name: int(f.read_text().split()[0])
+            for f in root.glob("data/projects/*/branches/*/pgdata/postmaster.pid")}
+
+
 def test_kill_9_then_up_adopts_running_computes(argon: ArgonProcess) -> None:
+    """Several computes left running are adopted together (identified at once, recorded in one
+    transaction): each keeps its process and its data, is active, and has its `adopted` event."""
     argon.start()
-    created = argon.api.post("/projects", json={"project": {"name": "crash"}}).json()
-    uri = created["connection_uris"][0]["connection_uri"]
-    with psycopg.connect(uri, autocommit=True) as conn:
-        conn.execute("create table t (v int)")
-        conn.execute("insert into t values (1), (2), (3)")
-    pm = postmaster_pid(argon.root)
+    created = [argon.api.post("/projects", json={"project": {"name": f"crash{i}"}}).json() for i in range(3)]
+    uris = [c["connection_uris"][0]["connection_uri"] for c in created]
+    for i, uri in enumerate(uris):
+        with psycopg.connect(uri, autocommit=True) as conn:
+            conn.execute("create table t (v int)")
+            conn.execute("insert into t select generate_series(1, %s)", (i + 1,))
+    pms = postmaster_pids(argon.root)
+    assert len(pms) == 3
     argon.kill9()
-    os.kill(pm, 0)  # the compute outlived argon (own session, logs to a file)
+    for pm in pms.values():
+        os.kill(pm, 0)  # the computes outlived argon (own session, logs to a file)
     orphan = argon.root / "data" / "projects" / "half-created-00000000"
     orphan.mkdir()  # what a crash in the middle of a project creation leaves
 
     argon.start()
-    assert postmaster_pid(argon.root) == pm  # adopted, not started twice
+    assert postmaster_pids(argon.root) == pms  # adopted, not started twice
     assert not orphan.exists()
-    pid, eid = created["project"]["id"], created["endpoints"][0]["id"]
-    assert argon.api.get(f"/projects/{pid}/endpoints/{eid}").json()["endpoint"]["current_state"] == "active"
-    with psycopg.connect(uri) as conn:
-        assert conn.execute("select count(*) from t").fetchone() == (3,)
+    for i, c in enumerate(created):
+        pid, eid = c["project"]["id"], c["endpoints"][0]["id"]
+        assert argon.api.get(f"/projects/{pid}/endpoints/{eid}").json()["endpoint"]["current_state"] == "active"
+        events = argon.api.get(f"/projects/{pid}/endpoints/{eid}/events").json()["events"]
+        assert [e["kind"] for e in events].count("adopted") == 1, events
+        with psycopg.connect(uris[i]) as conn:
+            assert conn.execute("select count(*) from t").fetchone() == (i + 1,)
     argon.interrupt()  # Ctrl-C stops computes too
-    with pytest.raises(ProcessLookupError):
-        for _ in range(100):
-            os.kill(pm, 0)
-            time.sleep(0.05)
+    for pm in pms.values():
+        with pytest.raises(ProcessLookupError):
+            for _ in range(100):
+                os.kill(pm, 0)
+                time.sleep(0.05)
     assert "Argon is up" in argon.log.read_text()
 
 

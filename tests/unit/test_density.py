@@ -50,6 +50,7 @@ def test_a_projects_branches_and_endpoints_come_from_its_own_index() -> None:
 
     plane = ControlPlane.__new__(ControlPlane)  # the view only: no store, no computes
     plane._projects, plane._branches, plane._endpoints, plane._verifiers = {}, {}, {}, {}
+    plane._projects_sorted = None
     plane._project_branches, plane._project_endpoints, plane._changes, plane._change_seq = {}, {}, {}, 0
     plane._endpoint_locks = {}
     now = datetime(2026, 12, 1, tzinfo=UTC)
@@ -80,3 +81,51 @@ def test_a_projects_branches_and_endpoints_come_from_its_own_index() -> None:
     assert [b.id for b in plane.branches("p1")] == ["p1-main"] and len(plane.endpoints("p1")) == 1
     plane._unsee(plane.project("p2"))
     assert plane.branches("p2") == [] and plane.endpoints("p2") == [] and len(plane.endpoints()) == 1
+
+
+def test_a_console_page_is_a_window_newest_first_with_a_cursor_and_a_search() -> None:
+    import pytest
+
+    from argon.console.paging import newest_first
+    from argon.errors import UserError
+
+    items = [(datetime(2026, 12, 1, i // 60, i % 60, tzinfo=UTC), f"p-{i:03d}", f"name{i}") for i in range(120)]  # oldest first
+
+    def page(**kw: object) -> tuple[list[str], str | None]:
+        got = newest_first(items, key=lambda t: (t[0], t[1]), name=lambda t: t[2], size=50, **kw)  # type: ignore[arg-type]
+        return [t[1] for t in got.rows], got.older
+
+    first, older = page()
+    assert first[0] == "p-119" and first[-1] == "p-070" and older is not None
+    second, older = page(before=older)
+    assert second[0] == "p-069" and second[-1] == "p-020"
+    third, older = page(before=older)
+    assert third == [f"p-{i:03d}" for i in range(19, -1, -1)] and older is None  # the last page
+    # a search by name (any case) or by a part of the id; paged the same way
+    assert page(search="NAME11")[0] == ["p-119", "p-118", "p-117", "p-116", "p-115", "p-114", "p-113", "p-112",
+                                       "p-111", "p-110", "p-011"]
+    assert page(search="p-00")[0] == [f"p-{i:03d}" for i in range(9, -1, -1)]
+    assert page(search="nothing") == ([], None)
+    with pytest.raises(UserError, match="start again"):
+        page(before="not-a-cursor")
+
+
+def test_start_up_checks_run_a_bounded_number_at_once_in_order() -> None:
+    """Adoption's identity checks (and pending specs) at start-up: several at once, never more than
+    the bound, results in the order given."""
+    import asyncio
+
+    from argon.control.reconcile import bounded
+
+    running, peak = 0, 0
+
+    async def check(i: int) -> int:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.01 * (i % 3))
+        running -= 1
+        return i * 10
+
+    assert asyncio.run(bounded(3, [check(i) for i in range(10)])) == [i * 10 for i in range(10)]
+    assert peak == 3

@@ -196,3 +196,24 @@ def test_readiness_says_why_not(monkeypatch: pytest.MonkeyPatch) -> None:
     assert client.get("/healthz").status_code == 200
     ok = _app([ops.Check("metadata", fine)], Telemetry()).get("/readyz")
     assert ok.status_code == 200 and ok.json()["status"] == "ready"
+
+
+def test_a_view_is_copied_at_collect_and_built_at_render() -> None:
+    """/metrics copies a view on the event loop (`collect`) and builds its families from the copy in a
+    thread (`render`): what changes in between is not what the scrape reports."""
+    from prometheus_client.core import GaugeMetricFamily
+
+    telemetry = Telemetry()
+    state = {"projects": 3}
+
+    def build(view: dict[str, int]) -> list[GaugeMetricFamily]:
+        return [GaugeMetricFamily("argon_projects", "Projects", value=view["projects"])]
+
+    telemetry.register_view(lambda: dict(state), build)
+    telemetry.register(lambda: [GaugeMetricFamily("argon_on_loop", "Read at collect", value=state["projects"])])
+    scrape = telemetry.collect()
+    state["projects"] = 1000
+    text = telemetry.render(scrape).decode()
+    families = {f.name: f.samples[0].value for f in text_string_to_metric_families(text) if f.samples}
+    assert families["argon_projects"] == 3 and families["argon_on_loop"] == 3
+    assert "argon_build_info" in text  # what is counted in place comes along

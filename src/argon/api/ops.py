@@ -142,8 +142,8 @@ def router(telemetry: Telemetry, *, authorize_key: Callable[[str], object], metr
             except Unauthorized:
                 raise Unauthorized("authentication required: send 'Authorization: Bearer <token>' with "
                                    "ARGON_METRICS_TOKEN or an API key") from None
-        families = telemetry.collect()  # on the loop: the collectors read the view, which is not thread-safe
-        body = await asyncio.to_thread(telemetry.render, families)  # the text off it (most of the work)
+        scrape = telemetry.collect()  # on the loop: the view is not thread-safe; big parts are only copied
+        body = await asyncio.to_thread(telemetry.render, scrape)  # the families and the text off it
         return Response(body, media_type=CONTENT_TYPE)
 
     @r.get("/healthz")

@@ -83,6 +83,18 @@ def rewrite_conf(spec: ComputeSpec) -> None:
         raise ComputeStartError(f"refusing to rewrite the configuration: {exc}") from None
 
 
+@dataclass(frozen=True)
+class Adoptable:
+    """A postmaster a previous Argon left running, identified and in its cgroup (`ComputeManager.identify`)."""
+
+    postmaster: Postmaster
+    limits: Limits | None  # what its cgroup enforces; None: not limited
+
+    def release(self) -> None:
+        """Not adopted after all: let go of its process handle (it runs on)."""
+        self.postmaster.release()
+
+
 class ComputeManager:
     """Running postmasters by endpoint id, each with its admin session (`argon.compute.admin`)."""
 
@@ -134,20 +146,40 @@ class ComputeManager:
         self._sessions[spec.endpoint_id] = AdminSession(spec.socket_dir)
         return pm
 
-    def adopt(self, spec: ComputeSpec) -> Postmaster | None:
+    def identify(self, spec: ComputeSpec) -> Adoptable | None:
+        """The postmaster a previous Argon left serving `spec`'s data, if its identity checks out
+        (`postmaster.adopt`), moved into its cgroup (keeping the size it had: autoscaling may have
+        moved it; a compute without one gets spec's). Blocking (the pid file, `/proc`, the cgroup
+        files), and nothing of the manager's state changes: start-up runs many at once in threads,
+        then `adopt`s what they found on the loop."""
         pm = postmaster.adopt(spec.pgdata, spec.log_file, spec.user)
         if pm is None:
             return None
-        self._running[spec.endpoint_id] = pm
-        self._sessions[spec.endpoint_id] = AdminSession(spec.socket_dir)
-        self._watch(spec.endpoint_id, pm)
+        limits = None
         if self.cgroups is not None and spec.limits is not None:
-            try:  # keep the size it had (autoscaling may have moved it); a compute without one gets spec's
-                current = self.cgroups.limits(spec.endpoint_id)
-                self._create_cgroup(spec.endpoint_id, current or spec.limits)
-                self._join(spec.endpoint_id, pm.pid)
+            try:
+                limits = self.cgroups.limits(spec.endpoint_id) or spec.limits
+                self.cgroups.create(spec.endpoint_id, limits)
+                with contextlib.suppress(OSError), open(f"/proc/{pm.pid}/oom_score_adj", "w") as f:
+                    f.write("-1000")  # as `_join`
+                self.cgroups.attach(spec.endpoint_id, pm.pid)
             except CgroupError as exc:
                 log.warning("the adopted compute of %s runs without limits: %s", spec.endpoint_id, exc)
+                limits = None
+        return Adoptable(pm, limits)
+
+    def adopt(self, spec: ComputeSpec, found: Adoptable | None = None) -> Postmaster | None:
+        """Take over the compute a previous Argon left running (`found`: what `identify` returned;
+        identified here when not given)."""
+        found = found if found is not None else self.identify(spec)
+        if found is None:
+            return None
+        pm = found.postmaster
+        self._running[spec.endpoint_id] = pm
+        self._sessions[spec.endpoint_id] = AdminSession(spec.socket_dir)
+        if found.limits is not None:
+            self._limits[spec.endpoint_id] = found.limits
+        self._watch(spec.endpoint_id, pm)
         log.info("adopted the running compute of %s (pid %d)", spec.endpoint_id, pm.pid)
         return pm
 

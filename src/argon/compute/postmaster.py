@@ -113,6 +113,13 @@ class Postmaster:
                 os.close(self.pidfd)
             self.pidfd = None
 
+    def release(self) -> None:
+        """Let go of the process handle of a postmaster nobody will watch (it runs on)."""
+        if self.pidfd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.pidfd)
+            self.pidfd = None
+
     def watch(self, on_exit: Callable[[Postmaster], None]) -> None:
         """Call `on_exit(self)` on the running loop once the process is gone."""
         loop = asyncio.get_running_loop()

@@ -1,4 +1,5 @@
-"""The console's Branches page of a project: the branch tree; create a branch from head, a
+"""The console's Branches page of a project: the branch tree (50 rows to a page, with a search by
+name or id: `console.paging`); create a branch from head, a
 timestamp or an LSN; rename, set default, reset from parent, restore (from the parent's head or to
 the branch's own past), delete.
 
@@ -19,7 +20,7 @@ from typing import Annotated
 from fastapi import APIRouter, Form, Request, Response
 
 from argon import ids, model
-from argon.console import dashboard, display
+from argon.console import dashboard, display, paging
 from argon.console.auth import Session
 from argon.console.web import (
     ConsoleRoute,
@@ -121,10 +122,13 @@ def _page_values(values: dict[str, str] | None) -> dict[str, str]:
 
 
 def _branches_page(request: Request, session: Session, control: Control, project: model.Project, *,
-                   values: dict[str, str] | None = None, error: str | None = None, status: int = 200) -> Response:
+                   values: dict[str, str] | None = None, error: str | None = None, status: int = 200,
+                   search: str = "", after: str | None = None) -> Response:
     rows = branch_tree(control, project.id)
     restoring = {f["branch_id"]: f for f in control.restorer.view()["branches"]} if control.restorer else {}
-    return render(request, "branches.html", session=session, project=project, rows=rows, tab="branches",
+    page = paging.in_order(rows, ident=lambda r: r.branch.id, name=lambda r: r.branch.name, search=search,
+                           after=after, what="branches", size=paging.PAGE_SIZE)
+    return render(request, "branches.html", session=session, project=project, rows=rows, page=page, tab="branches",
                   status=status, error=error, values=_page_values(values), restoring=restoring,
                   schedule=lambda b: "; ".join(schedules.describe(i) for i in b.backup_schedule or []),
                   default_parent=(values or {}).get("parent_id") or dashboard.default_branch(control, project.id).id,
@@ -132,8 +136,10 @@ def _branches_page(request: Request, session: Session, control: Control, project
 
 
 @router.get("/projects/{project_id}/branches")
-async def branches_page(request: Request, session: SignedIn, control: ControlDep, project_id: str) -> Response:
-    return _branches_page(request, session, control, control.plane.project(project_id))
+async def branches_page(request: Request, session: SignedIn, control: ControlDep, project_id: str,
+                        search: str = "", after: str | None = None) -> Response:
+    """The tree, 50 rows at a time (`console.paging`), or the branches whose name or id matches."""
+    return _branches_page(request, session, control, control.plane.project(project_id), search=search, after=after)
 
 
 @router.post("/projects/{project_id}/branches")

@@ -24,6 +24,7 @@ from argon.console import (
     pages_roles,
     pages_settings,
     pages_sql,
+    paging,
 )
 from argon.console.auth import COOKIE_NAME, ConsoleAuth, Session, cookie_attributes
 from argon.console.web import (
@@ -146,10 +147,15 @@ async def logout(request: Request, session: Posted) -> Response:
 
 
 @router.get("/")
-async def projects(request: Request, session: SignedIn, control: ControlDep) -> Response:
-    rows = [(p, dashboard.project_compute(control, p.id)) for p in reversed(control.plane.projects())]
+async def projects(request: Request, session: SignedIn, control: ControlDep, search: str = "",
+                   before: str | None = None) -> Response:
+    """Newest first, a page at a time (`console.paging`), with a search by name or id."""
+    page = paging.newest_first(control.plane.projects(), key=lambda p: (p.created_at, p.id), name=lambda p: p.name,
+                               search=search, before=before, what="projects", size=paging.PAGE_SIZE)
+    rows = [(p, dashboard.project_compute(control, p.id)) for p in page.rows]
     backup = control.backup.status.view() if control.backup is not None else None
-    return render(request, "projects.html", session=session, rows=rows, backup=backup)
+    return render(request, "projects.html", session=session, rows=rows, page=page,
+                  any_project=control.plane.project_count() > 0, backup=backup)
 
 
 @router.get("/projects")

@@ -52,6 +52,9 @@ class BranchFigures:
     allocated_bytes: int = 0
 
 
+NOT_MEASURED = BranchFigures()
+
+
 @dataclass(frozen=True)
 class Seen:
     """What one branch looked like when it was last measured."""
@@ -111,10 +114,10 @@ class Figures:
     # What the API reads (memory only) -------------------------------------------------------------------
 
     def get(self, branch_id: str) -> BranchFigures:
-        return self._figures.get(branch_id, BranchFigures())
+        return self._figures.get(branch_id, NOT_MEASURED)
 
     def project_bytes(self, project_id: str) -> int:
-        return sum(self.get(b.id).allocated_bytes for b in self.plane.branches(project_id))
+        return sum(self.get(b).allocated_bytes for b in self.plane.branch_ids(project_id))
 
     def sizes(self) -> dict[str, tuple[str, int, int]]:
         """Every branch's (project, allocated bytes, logical bytes) as last measured (the metrics

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from argon import logs, model, safefs
 from argon.compute import postmaster
-from argon.compute.manager import ComputeSpec, rewrite_conf
+from argon.compute.manager import Adoptable, ComputeSpec, rewrite_conf
 from argon.compute.osuser import OsUser
 from argon.compute.params import gucs_for_cu
 from argon.compute.postmaster import ComputeStartError
@@ -48,6 +48,19 @@ LEFT_BEHIND_WAIT = 30.0  # seconds a wake waits for a postmaster left starting b
 def spec_key(endpoint_id: str) -> str:
     """The intent "this endpoint's compute still needs the platform's spec" (`argon.storage.intents`)."""
     return f"spec-{endpoint_id}"
+
+
+@dataclasses.dataclass(frozen=True)
+class LeftRunning:
+    """A compute a previous argon left running, identified (`Lifecycle.identify`), not taken over yet."""
+
+    compute: ComputeSpec
+    found: Adoptable
+    spec_pending: bool  # a crashed argon started it and never gave it the platform's spec
+
+    def release(self) -> None:
+        """Not taken over after all: let go of its process handle."""
+        self.found.release()
 
 
 class Lifecycle:
@@ -133,18 +146,34 @@ class Lifecycle:
         await session.fetchone("SELECT pg_reload_conf()", timeout=10)
         return True
 
-    def adopt(self, ep: model.Endpoint) -> bool:
-        """Take over the compute a previous argon left running, if its identity checks out (start-up
-        reconciliation). It kept its own roles: no spec to apply; they are synced at its next stop."""
+    def identify(self, ep: model.Endpoint) -> LeftRunning | None:
+        """The compute a previous argon left running for `ep`, if its identity checks out (process,
+        data directory, user: `ComputeManager.identify`, which also puts it in its cgroup). Blocking;
+        nothing of the view or the lifecycle changes: start-up runs these in threads, several at
+        once. It reads the view (immutable records, by key) and the branch's history (the spec's
+        archive settings)."""
         try:
             compute = self.spec(ep)
         except Exception:  # no binaries for it, an unreadable history: it is started afresh when needed
+            return None
+        found = self.plane.computes.identify(compute)
+        if found is None:
+            return None
+        return LeftRunning(compute, found, spec_pending=self.plane.intents.has(spec_key(ep.id)))
+
+    def take_over(self, ep: model.Endpoint, found: LeftRunning) -> bool:
+        """On the loop: run `found` as `ep`'s compute. It kept its own roles: no spec to apply (unless
+        a crashed argon started it and never gave it its spec); they are synced at its next stop."""
+        if self.plane.computes.adopt(found.compute, found.found) is None:
             return False
-        if self.plane.computes.adopt(compute) is None:
-            return False
-        if not self.plane.intents.has(spec_key(ep.id)):  # else: started, never given its spec
+        if not found.spec_pending:
             self._needs_spec.discard(ep.id)
         return True
+
+    def adopt(self, ep: model.Endpoint) -> bool:
+        """`identify`, then `take_over` (blocking: for one endpoint at a time)."""
+        found = self.identify(ep)
+        return found is not None and self.take_over(ep, found)
 
     # Start ------------------------------------------------------------------------------------------
 

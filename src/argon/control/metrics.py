@@ -314,6 +314,10 @@ class MetricsSampler:
     def logical_size(self, branch_id: str) -> int | None:
         return self._logical.get(branch_id)
 
+    def logical_sizes(self) -> dict[str, int]:
+        """Every branch's last logical size (a copy)."""
+        return dict(self._logical)
+
     def latest(self, endpoint_id: str) -> _Last | None:
         """The newest look at a compute that still runs the same postmaster (what /metrics reports)."""
         last = self._last.get(endpoint_id)

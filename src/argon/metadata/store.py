@@ -234,8 +234,9 @@ class Store:
         t = schema.compute_uids
         with self.transaction(), self._conn() as conn:
             recorded = conn.execute(select(func.max(t.c.uid)).where(t.c.uid >= base, t.c.uid < base + count)).scalar()
-            held = [u for u in self.used_uids() if base <= u < base + count]
-            uid = max([base, *([recorded + 1] if recorded is not None else []), *(u + 1 for u in held)])
+            p = schema.projects.c.os_uid  # the highest one held, in SQL: not every project's row per create
+            held = conn.execute(select(func.max(p)).where(p >= base, p < base + count)).scalar()
+            uid = max([base, *(u + 1 for u in (recorded, held) if u is not None)])
             if uid >= base + count:
                 return None
             conn.execute(t.insert().values(uid=uid, project_id=project_id, allocated_at=now))
@@ -251,6 +252,15 @@ class Store:
 
     def get_branch(self, branch_id: str) -> model.Branch | None:
         return self._get(model.Branch, id=branch_id)
+
+    def load_view(self) -> tuple[list[model.Project], list[model.Branch], list[model.Role], list[model.Endpoint]]:
+        """Every project, branch, role and endpoint: one query per table (the control plane's view
+        at start-up), each oldest first."""
+        with self.transaction():  # one snapshot of the four tables
+            return (self.list_projects(),
+                    self._list(model.Branch, order=(schema.branches.c.created_at, schema.branches.c.id)),
+                    self._list(model.Role, order=(schema.roles.c.created_at, schema.roles.c.name)),
+                    self._list(model.Endpoint, order=(schema.endpoints.c.created_at, schema.endpoints.c.id)))
 
     def list_branches(self, project_id: str) -> list[model.Branch]:
         t = schema.branches
@@ -380,10 +390,16 @@ class Store:
     # Events ---------------------------------------------------------------------------------------------------
 
     def add_event(self, ev: model.Event) -> None:
+        self.add_events([ev])
+
+    def add_events(self, events: list[model.Event]) -> None:
+        """Append events, all in one statement (one transaction)."""
+        if not events:
+            return
         with self._conn() as conn:
-            conn.execute(schema.events.insert().values(
-                endpoint_id=ev.endpoint_id, kind=ev.kind.value, at=ev.at, duration_ms=ev.duration_ms,
-                detail=ev.detail))
+            conn.execute(schema.events.insert(), [
+                {"endpoint_id": ev.endpoint_id, "kind": ev.kind.value, "at": ev.at, "duration_ms": ev.duration_ms,
+                 "detail": ev.detail} for ev in events])
 
     def list_events(self, endpoint_id: str, limit: int = 200) -> list[model.Event]:
         t = schema.events

@@ -90,6 +90,11 @@ class ActivityRegistry:
         """The transaction pools of an endpoint (`argon.proxy.pooler.PoolView`), for the API."""
         return [view for quiescer in self._quiescers for view in quiescer.pools(endpoint_id)]
 
+    def endpoints_in_use(self) -> list[str]:
+        """Endpoints with a session open: a client's, or a transaction pool's (each pool holds one
+        while it exists), so every endpoint with a pool is among them."""
+        return list(self._sessions)
+
     def open(self, endpoint_id: str) -> SessionActivity:
         session = SessionActivity(endpoint_id)
         self._sessions[endpoint_id].add(session)
