@@ -56,6 +56,65 @@ T = TypeVar("T")
 LOCK_TIMEOUT = 30.0  # seconds a mutation waits for another one on the same project before 423
 
 
+class BranchesInCreation:
+    """Branches whose data is being made outside the project lock (ADR 0033): their names, taken
+    until the metadata commit, and the branches they read, which no operation may change or remove
+    meanwhile. In memory only: after a `kill -9` the half-made directory belongs to no branch of the
+    metadata, and the reconciler removes it at the next start (the create is rolled back).
+
+    Bookkeeping is synchronous (a cancelled create cannot leave a name taken or a reader counted);
+    waiters wait on an event set when a branch's last reader is done."""
+
+    def __init__(self) -> None:
+        self._names: dict[str, dict[str, str]] = {}  # project -> {new branch id: its name}
+        self._readers: dict[str, list[str]] = {}  # branch read by creates -> the new branches' ids
+        self._projects: dict[str, str] = {}  # branch read -> its project
+        self._idle: dict[str, asyncio.Event] = {}  # branch read -> set when the last create is done with it
+
+    def name_taken(self, project_id: str, name: str) -> bool:
+        return name in self._names.get(project_id, {}).values()
+
+    def children_of(self, branch_id: str) -> list[str]:
+        """The new branches being made from `branch_id` (their names are not committed yet)."""
+        return list(self._readers.get(branch_id, ()))
+
+    def begin(self, project_id: str, branch_id: str, name: str, reads: str) -> None:
+        """Under the project lock: `branch_id` called `name` is being made from `reads`."""
+        self._names.setdefault(project_id, {})[branch_id] = name
+        self._readers.setdefault(reads, []).append(branch_id)
+        self._projects[reads] = project_id
+        self._idle.setdefault(reads, asyncio.Event()).clear()
+
+    def done_reading(self, branch_id: str, reads: str) -> None:
+        """The new branch's data is made: `reads` may change again (idempotent)."""
+        readers = self._readers.get(reads)
+        if readers is None or branch_id not in readers:
+            return
+        readers.remove(branch_id)
+        if not readers:
+            del self._readers[reads]
+            self._projects.pop(reads, None)
+            self._idle.pop(reads).set()
+
+    def end(self, project_id: str, branch_id: str, reads: str) -> None:
+        """The create committed or failed: its name is free again (or the branch's, in the metadata)."""
+        self.done_reading(branch_id, reads)
+        names = self._names.get(project_id, {})
+        names.pop(branch_id, None)
+        if not names:
+            self._names.pop(project_id, None)
+
+    async def settled(self, project_id: str, branch_id: str | None = None) -> None:
+        """Until no create reads `branch_id` (or, without it, any branch of the project). Called under
+        the project lock by what changes or removes a branch's data: no new create can start then."""
+        while True:
+            waiting = [ev for b, ev in self._idle.items()
+                       if (b == branch_id if branch_id is not None else self._projects.get(b) == project_id)]
+            if not waiting:
+                return
+            await asyncio.gather(*(ev.wait() for ev in waiting))
+
+
 def argon_os_user() -> str:
     try:
         return pwd.getpwuid(os.getuid()).pw_name
@@ -103,6 +162,7 @@ class ControlPlane:
         self._verifiers: dict[tuple[str, str], str] = {}  # (branch_id, role) -> SCRAM verifier
         self._endpoint_locks: dict[str, asyncio.Lock] = {}
         self._project_locks: dict[str, asyncio.Lock] = {}
+        self.creating = BranchesInCreation()
         self._background: set[asyncio.Task[Any]] = set()
         self._address_next = 0  # the slot after the highest endpoint address given by this process
 

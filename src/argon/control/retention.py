@@ -444,6 +444,8 @@ async def maintain(plane: ControlPlane, after: str = "", budget: int = PRUNE_BUD
                 project = plane.find_project(branch.project_id)
                 if project is None or plane.find_branch(branch_id) is None:
                     continue
+                if plane.creating.children_of(branch_id):  # a new branch links its history: next round
+                    continue
                 await _snapshot_running(plane, project, branch_id)
                 if await asyncio.to_thread(prune, plane, project, branch_id):
                     pruned.append(branch_id)
