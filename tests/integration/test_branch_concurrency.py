@@ -119,3 +119,56 @@ def test_a_failed_copy_frees_its_name_and_leaves_nothing(platform: RunningPlatfo
         {project["branch"]["id"]}
     resp = api.post(f"/projects/{pid}/branches", json={"branch": {"name": "doomed"}, "endpoints": []})
     assert resp.status_code == 201, resp.text
+
+
+@pytest.mark.slow
+def test_branches_of_a_compute_less_parent_take_spare_copies(platform: RunningPlatform,
+                                                             project: dict[str, Any]) -> None:
+    """A branch without a compute (a template) gets copies made ahead after it is branched: the next
+    branch is a rename of one, with the parent's data as it is now (a restore of the parent first
+    makes the copies stale: the branch after it has the new data)."""
+    api, pid, plane = platform.api, project["project"]["id"], platform.plane
+    with psycopg.connect(platform.dsn(project), autocommit=True) as conn:
+        conn.execute("CREATE TABLE t AS SELECT 1 AS v")
+    resp = api.post(f"/projects/{pid}/branches", json={"branch": {"name": "tmpl"}, "endpoints": []})
+    assert resp.status_code == 201, resp.text
+    tmpl = resp.json()["branch"]["id"]
+
+    def branch_of_tmpl(name: str) -> tuple[str, list[tuple[Any, ...]]]:
+        made = api.post(f"/projects/{pid}/branches", json={"branch": {"name": name, "parent_id": tmpl},
+                                                           "endpoints": [{"type": "read_write"}]})
+        assert made.status_code == 201, made.text
+        with psycopg.connect(made.json()["connection_uris"][0]["connection_uri"], connect_timeout=30) as conn:
+            rows = conn.execute("SELECT v FROM t").fetchall()
+        return made.json()["branch"]["id"], rows
+
+    def spares() -> int:
+        return plane.branch_spares.count(tmpl)
+
+    first, rows = branch_of_tmpl("run-1")
+    assert rows == [(1,)]
+    wait_until(lambda: spares() == 1)
+    second, rows = branch_of_tmpl("run-2")
+    assert rows == [(1,)]
+    assert f"branch {second}: a spare copy of {tmpl} taken" in platform.log_file.read_text()
+    wait_until(lambda: spares() == 1)  # taken by run-2, made again
+    with psycopg.connect(platform.dsn(project), autocommit=True) as conn:
+        conn.execute("UPDATE t SET v = 2")
+    restored = api.post(f"/projects/{pid}/branches/{tmpl}/restore",
+                        json={"source_branch_id": project["branch"]["id"]})
+    assert restored.status_code == 200, restored.text
+    third, rows = branch_of_tmpl("run-3")
+    assert rows == [(2,)]
+    for bid in (first, second, third):
+        assert api.delete(f"/projects/{pid}/branches/{bid}").status_code == 200
+    wait_until(lambda: not plane.branch_spares.refilling)
+    assert api.delete(f"/projects/{pid}/branches/{tmpl}").status_code == 200
+    assert spares() == 0
+    assert not (platform.settings.data_dir / "projects" / pid / "branches" / tmpl).exists()
+
+
+def wait_until(predicate: Any, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)

@@ -35,7 +35,7 @@ from argon.control.schema import schema_only_copy
 from argon.control.services import Control
 from argon.errors import Conflict, Locked, NotFound, Precondition, UserError
 from argon.failpoints import failpoint, failpoint_async
-from argon.storage import branching, wal
+from argon.storage import branch_spares, branching, wal
 
 log = logging.getLogger(__name__)
 
@@ -144,10 +144,68 @@ async def _copy_parent(plane: ControlPlane, project: model.Project, parent: mode
                 await conn.close()
         if await asyncio.to_thread(postmaster.alive_on, source):  # not ours yet: starting, or in crash recovery
             raise Locked(f"branch {parent.name!r} is starting up (recovering after a restart); please retry later")
+        spare = await asyncio.to_thread(_take_spare, plane, parent.id, source)
+        if spare is not None:  # made ahead of time from exactly this data: a rename
+            await asyncio.to_thread(safefs.rename, spare.path, target)
+            log.debug("branch %s: a spare copy of %s taken", target.parent.name, parent.id)
+            return spare.control.checkpoint_lsn, spare.control
         install = plane.installs.get(project.pg_version)
         stopped = await asyncio.to_thread(wal.control_data, install.bindir, source, user) if install else None
         await asyncio.to_thread(branching.clone_stopped, plane.backend, source, target, stopped, user)
         return (stopped.checkpoint_lsn, stopped) if stopped else (None, None)
+
+
+SPARES_MAX = 4  # ready copies kept of one compute-less parent: as many as were branched at once, up to this
+
+
+def _take_spare(plane: ControlPlane, parent_id: str, source: Path) -> branch_spares.Spare | None:
+    if not plane.branch_spares.count(parent_id):
+        return None
+    return plane.branch_spares.take(parent_id, branch_spares.stamp(source))
+
+
+def wants_spares(plane: ControlPlane, project_id: str, branch_id: str) -> bool:
+    """Spares are kept of branches without any compute (templates, such as Django's test database
+    templates): nothing changes their data, and they are branched again and again."""
+    return plane.find_branch(branch_id) is not None and not plane.endpoints(project_id, branch_id)
+
+
+async def refill_spares(control: Control, project_id: str, branch_id: str) -> None:
+    """In the background after a branch of a compute-less parent: copies of the parent made ahead,
+    as many as were branched at once (up to SPARES_MAX), so the next creates are renames. Each copy
+    reads the parent as a create does (registered in `creating`: no restore, start or delete of it
+    meanwhile); one refill per parent at a time."""
+    plane = control.plane
+    pool = plane.branch_spares
+    if branch_id in pool.refilling:
+        return
+    pool.refilling.add(branch_id)
+    try:
+        while pool.count(branch_id) < min(plane.creating.peak(branch_id), SPARES_MAX):
+            token = f"spare-{ids.branch_id()}"
+            async with plane.project_lock(project_id):
+                if not wants_spares(plane, project_id, branch_id):
+                    return
+                plane.creating.begin(project_id, token, None, reads=branch_id)
+            try:
+                project = plane.project(project_id)
+                install = plane.installs.get(project.pg_version)
+                source = plane.layout.pgdata(project_id, branch_id)
+                user = project_user(project.os_uid)
+                if install is None or await asyncio.to_thread(postmaster.alive_on, source):
+                    return
+                stopped = await asyncio.to_thread(wal.control_data, install.bindir, source, user)
+                if not await asyncio.to_thread(pool.make, branch_id, source, stopped, user):
+                    return
+            finally:
+                plane.creating.done_reading(token, branch_id)
+        log.debug("branch %s: %d spare copies ready", branch_id, pool.count(branch_id))
+    except Exception as exc:  # a spare only saves time: the next create copies
+        log.warning("could not prepare a spare copy of branch %s: %s", branch_id, getattr(exc, "user_message", exc))
+    finally:
+        pool.refilling.discard(branch_id)
+        if plane.find_branch(branch_id) is None or not wants_spares(plane, project_id, branch_id):
+            await asyncio.to_thread(pool.drop, branch_id)  # deleted, or given a compute, meanwhile
 
 
 async def point_in_time(control: Control, project: model.Project, branch: model.Branch, target: Path, *,
@@ -191,10 +249,14 @@ async def _make_data(control: Control, project: model.Project, parent: model.Bra
         lsn, parent_at = point.lsn, point.at
         await failpoint_async("branch.create_at_point.after_recovery")
     else:
+        began = time.monotonic()
         lsn, copied = await _copy_parent(plane, project, parent, pgdata)
         await failpoint_async("branch.create.after_copy")
+        copied_at = time.monotonic()
         linked = await asyncio.to_thread(retention.begin_epoch_from_parent, plane, project, bid, pgdata,
                                          parent.id, consistent_lsn=lsn, control=copied)
+        log.debug("branch %s: copy %.0f ms, history %.0f ms", bid, (copied_at - began) * 1000,
+                  (time.monotonic() - copied_at) * 1000)
     if not linked:
         await asyncio.to_thread(retention.begin_epoch, plane, project, bid, pgdata, reason="branch created",
                                 consistent_lsn=lsn, fresh=True, control=copied)
@@ -264,7 +326,9 @@ async def create_branch(control: Control, project_id: str, req: BranchRequest) -
             raise Conflict(f"branch {name!r} already exists")
         plane.creating.begin(project_id, bid, name, reads=parent.id)
     try:
+        data_began = time.monotonic()
         lsn, parent_at = await _make_data(control, project, parent, bid, req)
+        data_ms = (time.monotonic() - data_began) * 1000
         plane.creating.done_reading(bid, parent.id)
         async with plane.project_lock(project_id):
             created = await _commit_created(control, project_id, parent.id, bid, name, req, lsn=lsn,
@@ -276,9 +340,12 @@ async def create_branch(control: Control, project_id: str, req: BranchRequest) -
         plane.creating.end(project_id, bid, parent.id)
     await failpoint_async("branch.create.after_metadata")
     ops = created.operations
+    if req.init_source == "parent-data" and not (req.parent_lsn or req.parent_timestamp) and \
+            wants_spares(plane, project_id, parent.id):
+        plane.spawn(refill_spares(control, project_id, parent.id), f"spare copies of {parent.id}")
     touch_figures(control, project_id)
-    log.info("branch %s (%s) of %s created from %s at %s in %.0f ms", bid, name, project_id, parent.id, lsn,
-             (time.monotonic() - started) * 1000)
+    log.info("branch %s (%s) of %s created from %s at %s in %.0f ms (its data %.0f ms)", bid, name, project_id,
+             parent.id, lsn, (time.monotonic() - started) * 1000, data_ms)
     for op in ops[1:]:
         if req.endpoint_type is model.EndpointType.READ_WRITE:  # a replica's roles come from the branch's WAL
             control.computes.mark_needs_spec(op.endpoint_id or "")
@@ -346,6 +413,7 @@ async def delete_branch(control: Control, project_id: str, branch_id: str, *,
         if plane.creating.children_of(branch_id):
             raise Precondition(f"branch {branch.name!r} is being copied into a new branch; delete it once that "
                                "branch is created (and deleted)")
+        await plane.creating.settled(project_id, branch_id)  # a spare copy being made of it
         ops = []
         endpoints = plane.endpoints(project_id, branch_id)
         await asyncio.gather(*(control.computes.retire(ep.id, reason="branch deleted", mode="immediate")
@@ -357,6 +425,7 @@ async def delete_branch(control: Control, project_id: str, branch_id: str, *,
             plane.writes.forget(ep.id)
             await asyncio.to_thread(safefs.rmtree, plane.layout.socket_dir(ep.id))
         await asyncio.to_thread(safefs.rmtree, plane.layout.branch_dir(project_id, branch_id))
+        await asyncio.to_thread(plane.branch_spares.drop, branch_id)
         await failpoint_async("branch.delete.after_rmtree")
         ops.append(await plane.record(project_id, model.OperationAction.DELETE_TIMELINE, branch_id=branch_id))
     touch_figures(control, project_id)
@@ -393,6 +462,7 @@ async def restore_branch(control: Control, project_id: str, branch_id: str, sour
             if name_taken(plane, project_id, preserve_under_name):
                 raise Conflict(f"branch {preserve_under_name!r} already exists")
         await plane.creating.settled(project_id, branch_id)  # a create copying its data finishes first
+        await asyncio.to_thread(plane.branch_spares.drop, branch_id)  # its data is about to change
         endpoints = plane.endpoints(project_id, branch_id)
         async with contextlib.AsyncExitStack() as stack:
             for ep in endpoints:

@@ -155,6 +155,7 @@ async def create_endpoint(control: Control, project_id: str, branch_id: str, *, 
         check_settings_for(plane, project_id, pg_settings or {})
         plane.branch(project_id, branch_id)
         await plane.creating.settled(project_id, branch_id)  # a stopped branch being copied must not start
+        await asyncio.to_thread(plane.branch_spares.drop, branch_id)  # it may start: no longer compute-less
         if kind is model.EndpointType.READ_WRITE and plane.primary(project_id, branch_id) is not None:
             raise UserError(f"branch {branch_id!r} already has a read_write endpoint; a branch can have only one")
         s = settings or project.default_endpoint_settings

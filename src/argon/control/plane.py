@@ -44,6 +44,7 @@ from argon.errors import ArgonError, Locked, NotFound
 from argon.metadata.store import Store
 from argon.proxy.activity import ActivityRegistry
 from argon.settings import Settings
+from argon.storage.branch_spares import BranchSpares
 from argon.storage.clone import CloneBackend
 from argon.storage.intents import Intents
 from argon.storage.layout import Layout
@@ -70,20 +71,30 @@ class BranchesInCreation:
         self._readers: dict[str, list[str]] = {}  # branch read by creates -> the new branches' ids
         self._projects: dict[str, str] = {}  # branch read -> its project
         self._idle: dict[str, asyncio.Event] = {}  # branch read -> set when the last create is done with it
+        self._peak: dict[str, int] = {}  # branch read -> the most creates of it at once (its spares)
 
     def name_taken(self, project_id: str, name: str) -> bool:
         return name in self._names.get(project_id, {}).values()
 
     def children_of(self, branch_id: str) -> list[str]:
         """The new branches being made from `branch_id` (their names are not committed yet)."""
-        return list(self._readers.get(branch_id, ()))
+        project = self._projects.get(branch_id)
+        names = self._names.get(project or "", {})
+        return [b for b in self._readers.get(branch_id, ()) if b in names]
 
-    def begin(self, project_id: str, branch_id: str, name: str, reads: str) -> None:
-        """Under the project lock: `branch_id` called `name` is being made from `reads`."""
-        self._names.setdefault(project_id, {})[branch_id] = name
+    def peak(self, branch_id: str) -> int:
+        """The most branches made from `branch_id` at once so far (at least 1)."""
+        return self._peak.get(branch_id, 1)
+
+    def begin(self, project_id: str, branch_id: str, name: str | None, reads: str) -> None:
+        """Under the project lock: `branch_id` called `name` is being made from `reads` (`name`
+        None: a spare copy of `reads`, which is only read)."""
         self._readers.setdefault(reads, []).append(branch_id)
         self._projects[reads] = project_id
         self._idle.setdefault(reads, asyncio.Event()).clear()
+        if name is not None:
+            self._names.setdefault(project_id, {})[branch_id] = name
+            self._peak[reads] = max(self._peak.get(reads, 1), len(self.children_of(reads)))
 
     def done_reading(self, branch_id: str, reads: str) -> None:
         """The new branch's data is made: `reads` may change again (idempotent)."""
@@ -139,6 +150,7 @@ class ControlPlane:
         self.activity = activity
         self.intents = Intents(layout.intents_dir)  # what interrupted operations meant to do
         self.spares = SparePool(layout.spares_dir, backend, settings.spare_clusters)
+        self.branch_spares = BranchSpares(backend)  # of compute-less parents (ADR 0033)
         self.computes = computes or ComputeManager()  # what runs; the lifecycle decides when
         self.writes = WriteGate(self.computes)  # which computes refuse writes, and why (ADR 0025)
         self.telemetry = telemetry or Telemetry()  # counters the use cases and the lifecycle update
