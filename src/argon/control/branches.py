@@ -127,9 +127,11 @@ def _make_branch_dir(plane: ControlPlane, project: model.Project, branch_id: str
 
 
 async def _copy_parent(plane: ControlPlane, project: model.Project, parent: model.Branch, target: Path, *,
-                       make_dir: bool = True) -> tuple[str | None, wal.ControlData | None]:
+                       make_dir: bool = True) -> tuple[str | None, wal.ControlData | None, Path | None]:
     """Copy the head of `parent` into `target` (a new directory); returns the LSN it reflects and,
-    for a stopped parent, its `pg_controldata` (the copy's too: read once, not again on the copy).
+    for a stopped parent, its `pg_controldata` (the copy's too: read once, not again on the copy),
+    and, when the copy was a spare's (`argon.storage.branch_spares`), the rest of the spare's
+    directory: what was made ahead for the history, for the caller to use and remove.
     `make_dir`: `target` is a branch's pgdata whose branch directory is made first."""
     source = plane.layout.pgdata(project.id, parent.id)
     user = project_user(project.os_uid)  # the copy runs as the project's uid (argon.storage.clone)
@@ -139,20 +141,20 @@ async def _copy_parent(plane: ControlPlane, project: model.Project, parent: mode
         if ep is not None and plane.is_running(ep.id):
             conn = await connect_admin(plane.layout.socket_dir(ep.id))
             try:
-                return await branching.clone_running(conn, plane.backend, source, target, user), None
+                return await branching.clone_running(conn, plane.backend, source, target, user), None, None
             finally:
                 await conn.close()
         if await asyncio.to_thread(postmaster.alive_on, source):  # not ours yet: starting, or in crash recovery
             raise Locked(f"branch {parent.name!r} is starting up (recovering after a restart); please retry later")
         spare = await asyncio.to_thread(_take_spare, plane, parent.id, source)
         if spare is not None:  # made ahead of time from exactly this data: a rename
-            await asyncio.to_thread(safefs.rename, spare.path, target)
+            await asyncio.to_thread(safefs.rename, spare.pgdata, target)
             log.debug("branch %s: a spare copy of %s taken", target.parent.name, parent.id)
-            return spare.control.checkpoint_lsn, spare.control
+            return spare.control.checkpoint_lsn, spare.control, spare.path
         install = plane.installs.get(project.pg_version)
         stopped = await asyncio.to_thread(wal.control_data, install.bindir, source, user) if install else None
         await asyncio.to_thread(branching.clone_stopped, plane.backend, source, target, stopped, user)
-        return (stopped.checkpoint_lsn, stopped) if stopped else (None, None)
+        return (stopped.checkpoint_lsn, stopped, None) if stopped else (None, None, None)
 
 
 SPARES_MAX = 4  # ready copies kept of one compute-less parent: as many as were branched at once, up to this
@@ -195,7 +197,10 @@ async def refill_spares(control: Control, project_id: str, branch_id: str) -> No
                 if install is None or await asyncio.to_thread(postmaster.alive_on, source):
                     return
                 stopped = await asyncio.to_thread(wal.control_data, install.bindir, source, user)
-                if not await asyncio.to_thread(pool.make, branch_id, source, stopped, user):
+                def prepare(spare: Path, project: model.Project = project, stopped: wal.ControlData = stopped) -> None:
+                    retention.prepare_epoch_from_parent(plane, project, branch_id, spare, stopped)
+
+                if not await asyncio.to_thread(pool.make, branch_id, source, stopped, user, prepare):
                     return
             finally:
                 plane.creating.done_reading(token, branch_id)
@@ -250,11 +255,15 @@ async def _make_data(control: Control, project: model.Project, parent: model.Bra
         await failpoint_async("branch.create_at_point.after_recovery")
     else:
         began = time.monotonic()
-        lsn, copied = await _copy_parent(plane, project, parent, pgdata)
-        await failpoint_async("branch.create.after_copy")
-        copied_at = time.monotonic()
-        linked = await asyncio.to_thread(retention.begin_epoch_from_parent, plane, project, bid, pgdata,
-                                         parent.id, consistent_lsn=lsn, control=copied)
+        lsn, copied, prepared = await _copy_parent(plane, project, parent, pgdata)
+        try:
+            await failpoint_async("branch.create.after_copy")
+            copied_at = time.monotonic()
+            linked = await asyncio.to_thread(retention.begin_epoch_from_parent, plane, project, bid, pgdata,
+                                             parent.id, consistent_lsn=lsn, control=copied, prepared=prepared)
+        finally:
+            if prepared is not None:
+                await asyncio.to_thread(safefs.rmtree, prepared)
         log.debug("branch %s: copy %.0f ms, history %.0f ms", bid, (copied_at - began) * 1000,
                   (time.monotonic() - copied_at) * 1000)
     if not linked:
@@ -482,7 +491,9 @@ async def restore_branch(control: Control, project_id: str, branch_id: str, sour
                                                 timestamp=source_timestamp)
                     lsn = point.lsn
                 else:
-                    lsn, _ = await _copy_parent(plane, project, source, fresh)
+                    lsn, _, prepared = await _copy_parent(plane, project, source, fresh)
+                    if prepared is not None:  # a spare's: its history parts are a new branch's, not these
+                        await asyncio.to_thread(safefs.rmtree, prepared)
             except BaseException:
                 await asyncio.to_thread(safefs.rmtree, fresh)
                 raise

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,9 +36,13 @@ PREFIX = "tmp-spare-"  # in the parent's branch directory; `tmp-` entries go at 
 
 @dataclass(frozen=True)
 class Spare:
-    path: Path
+    path: Path  # a directory: the copy in `pgdata`, beside it what `prepare` made ahead
     stamp: bytes  # the parent's pg_control when the copy was made
     control: wal.ControlData
+
+    @property
+    def pgdata(self) -> Path:
+        return self.path / "pgdata"
 
 
 def stamp(pgdata: Path) -> bytes:
@@ -71,13 +76,18 @@ class BranchSpares:
                 safefs.rmtree(stale.path)
         return found
 
-    def make(self, branch_id: str, source: Path, control: wal.ControlData, owner: safefs.Owner | None) -> bool:
+    def make(self, branch_id: str, source: Path, control: wal.ControlData, owner: safefs.Owner | None,
+             prepare: Callable[[Path], None] | None = None) -> bool:
         """Copy the stopped cluster `source` (its `pg_controldata` is `control`) into the pool for
-        `branch_id`, as `owner` (blocking). False (nothing kept) if `source` changed meanwhile."""
+        `branch_id`, as `owner`, then let `prepare` add to the spare's directory (blocking). False
+        (nothing kept) if `source` changed meanwhile."""
         before = stamp(source)
         path = source.parent / f"{PREFIX}{uuid.uuid4().hex[:12]}"
         try:
-            branching.clone_stopped(self.backend, source, path, control, owner)
+            safefs.makedirs(path, owner=owner)
+            branching.clone_stopped(self.backend, source, path / "pgdata", control, owner)
+            if prepare is not None:
+                prepare(path)
         except BaseException:
             safefs.rmtree(path)
             raise
