@@ -113,3 +113,18 @@ def test_sql_made_roles_and_databases_show_up(platform: RunningPlatform, project
     assert {d["name"] for d in platform.api.get(f"{base}/databases").json()["databases"]} == {"neondb"}
     ops = platform.api.get(f"/projects/{project['project']['id']}/operations").json()["operations"]
     assert any(o["action"] == "sync_dbs_and_roles_from_compute" for o in ops)
+
+
+def test_sql_made_database_is_kept_when_the_endpoint_is_deleted(platform: RunningPlatform,
+                                                                 project: dict[str, Any]) -> None:
+    """Deleting the endpoint holds the project lock through the compute's stop: that stop still takes
+    in what SQL made (the branch keeps its data, so its metadata must say so). Nothing reads the
+    databases through the API before the delete (a read from a running compute syncs by itself)."""
+    pid, eid = project["project"]["id"], project["endpoints"][0]["id"]
+    with _connect(platform, project, autocommit="1") as conn:  # type: ignore[arg-type]
+        conn.execute("CREATE DATABASE made_by_sql")
+        conn.execute("CREATE ROLE role_by_sql")
+    assert platform.api.delete(f"/projects/{pid}/endpoints/{eid}").status_code == 200
+    base = _base(project)
+    assert {d["name"] for d in platform.api.get(f"{base}/databases").json()["databases"]} == {"neondb", "made_by_sql"}
+    assert {r["name"] for r in platform.api.get(f"{base}/roles").json()["roles"]} == {"neondb_owner", "role_by_sql"}

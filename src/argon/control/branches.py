@@ -35,7 +35,7 @@ from argon.control.schema import schema_only_copy
 from argon.control.services import Control
 from argon.errors import Conflict, Locked, NotFound, Precondition, UserError
 from argon.failpoints import failpoint, failpoint_async
-from argon.storage import branching, wal
+from argon.storage import branch_spares, branching, wal
 
 log = logging.getLogger(__name__)
 
@@ -127,9 +127,11 @@ def _make_branch_dir(plane: ControlPlane, project: model.Project, branch_id: str
 
 
 async def _copy_parent(plane: ControlPlane, project: model.Project, parent: model.Branch, target: Path, *,
-                       make_dir: bool = True) -> tuple[str | None, wal.ControlData | None]:
+                       make_dir: bool = True) -> tuple[str | None, wal.ControlData | None, Path | None]:
     """Copy the head of `parent` into `target` (a new directory); returns the LSN it reflects and,
-    for a stopped parent, its `pg_controldata` (the copy's too: read once, not again on the copy).
+    for a stopped parent, its `pg_controldata` (the copy's too: read once, not again on the copy),
+    and, when the copy was a spare's (`argon.storage.branch_spares`), the rest of the spare's
+    directory: what was made ahead for the history, for the caller to use and remove.
     `make_dir`: `target` is a branch's pgdata whose branch directory is made first."""
     source = plane.layout.pgdata(project.id, parent.id)
     user = project_user(project.os_uid)  # the copy runs as the project's uid (argon.storage.clone)
@@ -139,15 +141,76 @@ async def _copy_parent(plane: ControlPlane, project: model.Project, parent: mode
         if ep is not None and plane.is_running(ep.id):
             conn = await connect_admin(plane.layout.socket_dir(ep.id))
             try:
-                return await branching.clone_running(conn, plane.backend, source, target, user), None
+                return await branching.clone_running(conn, plane.backend, source, target, user), None, None
             finally:
                 await conn.close()
         if await asyncio.to_thread(postmaster.alive_on, source):  # not ours yet: starting, or in crash recovery
             raise Locked(f"branch {parent.name!r} is starting up (recovering after a restart); please retry later")
+        spare = await asyncio.to_thread(_take_spare, plane, parent.id, source)
+        if spare is not None:  # made ahead of time from exactly this data: a rename
+            await asyncio.to_thread(safefs.rename, spare.pgdata, target)
+            log.debug("branch %s: a spare copy of %s taken", target.parent.name, parent.id)
+            return spare.control.checkpoint_lsn, spare.control, spare.path
         install = plane.installs.get(project.pg_version)
         stopped = await asyncio.to_thread(wal.control_data, install.bindir, source, user) if install else None
         await asyncio.to_thread(branching.clone_stopped, plane.backend, source, target, stopped, user)
-        return (stopped.checkpoint_lsn, stopped) if stopped else (None, None)
+        return (stopped.checkpoint_lsn, stopped, None) if stopped else (None, None, None)
+
+
+SPARES_MAX = 4  # ready copies kept of one compute-less parent: as many as were branched at once, up to this
+
+
+def _take_spare(plane: ControlPlane, parent_id: str, source: Path) -> branch_spares.Spare | None:
+    if not plane.branch_spares.count(parent_id):
+        return None
+    return plane.branch_spares.take(parent_id, branch_spares.stamp(source))
+
+
+def wants_spares(plane: ControlPlane, project_id: str, branch_id: str) -> bool:
+    """Spares are kept of branches without any compute (templates, such as Django's test database
+    templates): nothing changes their data, and they are branched again and again."""
+    return plane.find_branch(branch_id) is not None and not plane.endpoints(project_id, branch_id)
+
+
+async def refill_spares(control: Control, project_id: str, branch_id: str) -> None:
+    """In the background after a branch of a compute-less parent: copies of the parent made ahead,
+    as many as were branched at once (up to SPARES_MAX), so the next creates are renames. Each copy
+    reads the parent as a create does (registered in `creating`: no restore, start or delete of it
+    meanwhile); one refill per parent at a time."""
+    plane = control.plane
+    pool = plane.branch_spares
+    if branch_id in pool.refilling:
+        return
+    pool.refilling.add(branch_id)
+    try:
+        while pool.count(branch_id) < min(plane.creating.peak(branch_id), SPARES_MAX):
+            token = f"spare-{ids.branch_id()}"
+            async with plane.project_lock(project_id):
+                if not wants_spares(plane, project_id, branch_id):
+                    return
+                plane.creating.begin(project_id, token, None, reads=branch_id)
+            try:
+                project = plane.project(project_id)
+                install = plane.installs.get(project.pg_version)
+                source = plane.layout.pgdata(project_id, branch_id)
+                user = project_user(project.os_uid)
+                if install is None or await asyncio.to_thread(postmaster.alive_on, source):
+                    return
+                stopped = await asyncio.to_thread(wal.control_data, install.bindir, source, user)
+                def prepare(spare: Path, project: model.Project = project, stopped: wal.ControlData = stopped) -> None:
+                    retention.prepare_epoch_from_parent(plane, project, branch_id, spare, stopped)
+
+                if not await asyncio.to_thread(pool.make, branch_id, source, stopped, user, prepare):
+                    return
+            finally:
+                plane.creating.done_reading(token, branch_id)
+        log.debug("branch %s: %d spare copies ready", branch_id, pool.count(branch_id))
+    except Exception as exc:  # a spare only saves time: the next create copies
+        log.warning("could not prepare a spare copy of branch %s: %s", branch_id, getattr(exc, "user_message", exc))
+    finally:
+        pool.refilling.discard(branch_id)
+        if plane.find_branch(branch_id) is None or not wants_spares(plane, project_id, branch_id):
+            await asyncio.to_thread(pool.drop, branch_id)  # deleted, or given a compute, meanwhile
 
 
 async def point_in_time(control: Control, project: model.Project, branch: model.Branch, target: Path, *,
@@ -163,6 +226,87 @@ async def point_in_time(control: Control, project: model.Project, branch: model.
                  timestamp or lsn)
         return await control.backup.materialize(
             project, branch, target, pitr.parse_timestamp(timestamp) if timestamp is not None else None, lsn)
+
+
+def name_taken(plane: ControlPlane, project_id: str, name: str) -> bool:
+    """A branch of the project has `name`, or a branch being created will (under the project lock)."""
+    return any(b.name == name for b in plane.branches(project_id)) or plane.creating.name_taken(project_id, name)
+
+
+async def _make_data(control: Control, project: model.Project, parent: model.Branch, bid: str,
+                     req: BranchRequest) -> tuple[str | None, datetime | None]:
+    """The new branch's data directory and first history epoch, outside the project lock; returns
+    the LSN it reflects and the time it is of (a point in time's)."""
+    plane = control.plane
+    pgdata = plane.layout.pgdata(project.id, bid)
+    parent_at = None
+    copied = None  # the copy's pg_controldata, when read already
+    linked = False  # the history base links the parent's (a plain copy of its head only)
+    if req.init_source == "schema-only":
+        await asyncio.to_thread(_make_branch_dir, plane, project, bid)
+        await schema_only_copy(control, project, parent, pgdata)
+        await failpoint_async("branch.create_schema_only.after_restore")
+        lsn = None
+    elif req.parent_lsn or req.parent_timestamp:
+        await asyncio.to_thread(_make_branch_dir, plane, project, bid)
+        point = await point_in_time(control, project, parent, pgdata, lsn=req.parent_lsn,
+                                    timestamp=req.parent_timestamp)
+        lsn, parent_at = point.lsn, point.at
+        await failpoint_async("branch.create_at_point.after_recovery")
+    else:
+        began = time.monotonic()
+        lsn, copied, prepared = await _copy_parent(plane, project, parent, pgdata)
+        try:
+            await failpoint_async("branch.create.after_copy")
+            copied_at = time.monotonic()
+            linked = await asyncio.to_thread(retention.begin_epoch_from_parent, plane, project, bid, pgdata,
+                                             parent.id, consistent_lsn=lsn, control=copied, prepared=prepared)
+        finally:
+            if prepared is not None:
+                await asyncio.to_thread(safefs.rmtree, prepared)
+        log.debug("branch %s: copy %.0f ms, history %.0f ms", bid, (copied_at - began) * 1000,
+                  (time.monotonic() - copied_at) * 1000)
+    if not linked:
+        await asyncio.to_thread(retention.begin_epoch, plane, project, bid, pgdata, reason="branch created",
+                                consistent_lsn=lsn, fresh=True, control=copied)
+    await failpoint_async("branch.create.after_epoch")
+    return lsn, parent_at
+
+
+async def _commit_created(control: Control, project_id: str, parent_id: str, bid: str, name: str,
+                          req: BranchRequest, *, lsn: str | None, parent_at: datetime | None,
+                          started: float) -> CreatedBranch:
+    """Under the project lock: the new branch, its roles, databases, endpoints and operations in one
+    transaction (the commit point). The parent is looked up again: a project deleted meanwhile is a
+    404 (its directory, the new branch's with it, went with it)."""
+    plane = control.plane
+    parent = plane.branch(project_id, parent_id)
+    now = model.utcnow()
+    branch = model.Branch(id=bid, project_id=project_id, name=name, created_at=now, updated_at=now,
+                          parent_id=parent.id, parent_lsn=lsn, parent_timestamp=parent_at or now, protected=req.protected,
+                          init_source=req.init_source, expires_at=check_expiry(req.expires_at))
+    roles = [r.replace(branch_id=bid, created_at=now) for r in await plane.db(plane.store.list_roles, parent.id)]
+    parent_dbs = await plane.db(plane.store.list_databases, parent.id)
+    endpoints = [model.Endpoint(id=ids.endpoint_id(), project_id=project_id, branch_id=bid, created_at=now,
+                                updated_at=now, autoscaling_limit_min_cu=s.autoscaling_limit_min_cu,
+                                autoscaling_limit_max_cu=s.autoscaling_limit_max_cu,
+                                suspend_timeout_seconds=s.suspend_timeout_seconds, type=req.endpoint_type,
+                                pg_settings=dict(req.endpoint_pg_settings), address=plane.new_endpoint_address())
+                 for s in req.endpoints]
+    ops = [model.Operation(id=ids.operation_id(), project_id=project_id,
+                           action=model.OperationAction.CREATE_BRANCH, status=model.OperationStatus.FINISHED,
+                           created_at=now, updated_at=now, branch_id=bid,
+                           total_duration_ms=int((time.monotonic() - started) * 1000))]
+    ops += [model.Operation(id=ids.operation_id(), project_id=project_id,
+                            action=model.OperationAction.START_COMPUTE, status=model.OperationStatus.RUNNING,
+                            created_at=now, updated_at=now, branch_id=bid, endpoint_id=e.id) for e in endpoints]
+    databases = [model.Database(**{**d.__dict__, "id": 0, "branch_id": bid, "created_at": now, "updated_at": now})
+                 for d in parent_dbs]  # their ids are taken in the transaction
+    for e in endpoints:  # its first start applies the roles, even after a crash (reconcile)
+        await asyncio.to_thread(control.computes.spec_pending, e.id)
+    stored = await plane.commit(put=[branch, *roles, *databases, *endpoints, *ops])
+    databases = [d for d in stored if isinstance(d, model.Database)]
+    return CreatedBranch(branch, endpoints, roles, databases, ops)
 
 
 async def create_branch(control: Control, project_id: str, req: BranchRequest) -> CreatedBranch:
@@ -182,79 +326,42 @@ async def create_branch(control: Control, project_id: str, req: BranchRequest) -
     await asyncio.to_thread(control.disk.check_room, "a new branch")  # 507 within the reserve (ADR 0025)
     parent_id = req.parent_id or default_branch(plane, project_id).id
     await control.restored(plane.branch(project_id, parent_id).id, reason="a branch is created from it")
+    # The project lock is held for the name check and the id (then the name is taken in `creating`),
+    # and again for the metadata commit; the data is made outside it, so creates run side by side
+    # (ADR 0033). Meanwhile the parent can be neither deleted, restored, nor given a new compute.
     async with plane.project_lock(project_id):
         parent = plane.branch(project_id, req.parent_id) if req.parent_id else default_branch(plane, project_id)
         bid = ids.branch_id()
         name = req.name or bid
-        if any(b.name == name for b in plane.branches(project_id)):
+        if name_taken(plane, project_id, name):
             raise Conflict(f"branch {name!r} already exists")
-        pgdata = plane.layout.pgdata(project_id, bid)
-        parent_at = None
-        copied = None  # the copy's pg_controldata, when read already
-        linked = False  # the history base links the parent's (a plain copy of its head only)
-        try:
-            if req.init_source == "schema-only":
-                await asyncio.to_thread(_make_branch_dir, plane, project, bid)
-                await schema_only_copy(control, project, parent, pgdata)
-                await failpoint_async("branch.create_schema_only.after_restore")
-                lsn = None
-            elif req.parent_lsn or req.parent_timestamp:
-                await asyncio.to_thread(_make_branch_dir, plane, project, bid)
-                point = await point_in_time(control, project, parent, pgdata, lsn=req.parent_lsn,
-                                            timestamp=req.parent_timestamp)
-                lsn, parent_at = point.lsn, point.at
-                await failpoint_async("branch.create_at_point.after_recovery")
-            else:
-                lsn, copied = await _copy_parent(plane, project, parent, pgdata)
-                await failpoint_async("branch.create.after_copy")
-                linked = await asyncio.to_thread(retention.begin_epoch_from_parent, plane, project, bid, pgdata,
-                                                 parent.id, consistent_lsn=lsn, control=copied)
-            if not linked:
-                await asyncio.to_thread(retention.begin_epoch, plane, project, bid, pgdata, reason="branch created",
-                                        consistent_lsn=lsn, fresh=True, control=copied)
-            await failpoint_async("branch.create.after_epoch")
-        except BaseException:
-            await asyncio.to_thread(safefs.rmtree, plane.layout.branch_dir(project_id, bid))
-            raise
-        now = model.utcnow()
-        branch = model.Branch(id=bid, project_id=project_id, name=name, created_at=now, updated_at=now,
-                              parent_id=parent.id, parent_lsn=lsn, parent_timestamp=parent_at or now, protected=req.protected,
-                              init_source=req.init_source, expires_at=check_expiry(req.expires_at))
-        roles = [r.replace(branch_id=bid, created_at=now) for r in await plane.db(plane.store.list_roles, parent.id)]
-        parent_dbs = await plane.db(plane.store.list_databases, parent.id)
-        endpoints = [model.Endpoint(id=ids.endpoint_id(), project_id=project_id, branch_id=bid, created_at=now,
-                                    updated_at=now, autoscaling_limit_min_cu=s.autoscaling_limit_min_cu,
-                                    autoscaling_limit_max_cu=s.autoscaling_limit_max_cu,
-                                    suspend_timeout_seconds=s.suspend_timeout_seconds, type=req.endpoint_type,
-                                    pg_settings=dict(req.endpoint_pg_settings), address=plane.new_endpoint_address())
-                     for s in req.endpoints]
-        ops = [model.Operation(id=ids.operation_id(), project_id=project_id,
-                               action=model.OperationAction.CREATE_BRANCH, status=model.OperationStatus.FINISHED,
-                               created_at=now, updated_at=now, branch_id=bid,
-                               total_duration_ms=int((time.monotonic() - started) * 1000))]
-        ops += [model.Operation(id=ids.operation_id(), project_id=project_id,
-                                action=model.OperationAction.START_COMPUTE, status=model.OperationStatus.RUNNING,
-                                created_at=now, updated_at=now, branch_id=bid, endpoint_id=e.id) for e in endpoints]
-
-        databases = [model.Database(**{**d.__dict__, "id": 0, "branch_id": bid, "created_at": now, "updated_at": now})
-                     for d in parent_dbs]  # their ids are taken in the transaction
-        try:
-            for e in endpoints:  # its first start applies the roles, even after a crash (reconcile)
-                await asyncio.to_thread(control.computes.spec_pending, e.id)
-            stored = await plane.commit(put=[branch, *roles, *databases, *endpoints, *ops])
-        except BaseException:
-            await asyncio.to_thread(safefs.rmtree, plane.layout.branch_dir(project_id, bid))
-            raise
-        databases = [d for d in stored if isinstance(d, model.Database)]
-        await failpoint_async("branch.create.after_metadata")
+        plane.creating.begin(project_id, bid, name, reads=parent.id)
+    try:
+        data_began = time.monotonic()
+        lsn, parent_at = await _make_data(control, project, parent, bid, req)
+        data_ms = (time.monotonic() - data_began) * 1000
+        plane.creating.done_reading(bid, parent.id)
+        async with plane.project_lock(project_id):
+            created = await _commit_created(control, project_id, parent.id, bid, name, req, lsn=lsn,
+                                            parent_at=parent_at, started=started)
+    except BaseException:
+        await asyncio.to_thread(safefs.rmtree, plane.layout.branch_dir(project_id, bid))
+        raise
+    finally:
+        plane.creating.end(project_id, bid, parent.id)
+    await failpoint_async("branch.create.after_metadata")
+    ops = created.operations
+    if req.init_source == "parent-data" and not (req.parent_lsn or req.parent_timestamp) and \
+            wants_spares(plane, project_id, parent.id):
+        plane.spawn(refill_spares(control, project_id, parent.id), f"spare copies of {parent.id}")
     touch_figures(control, project_id)
-    log.info("branch %s (%s) of %s created from %s at %s in %.0f ms", bid, name, project_id, parent.id, lsn,
-             (time.monotonic() - started) * 1000)
+    log.info("branch %s (%s) of %s created from %s at %s in %.0f ms (its data %.0f ms)", bid, name, project_id,
+             parent.id, lsn, (time.monotonic() - started) * 1000, data_ms)
     for op in ops[1:]:
         if req.endpoint_type is model.EndpointType.READ_WRITE:  # a replica's roles come from the branch's WAL
             control.computes.mark_needs_spec(op.endpoint_id or "")
         plane.spawn(first_start(control, op, reason="branch created"), f"first start of {op.endpoint_id}")
-    return CreatedBranch(branch, endpoints, roles, databases, ops)
+    return created
 
 
 _KEEP = object()  # update_branch: "leave expires_at as it is" (None clears it)
@@ -271,7 +378,7 @@ async def update_branch(control: Control, project_id: str, branch_id: str, *, na
         changes: dict[str, object] = {}
         if name is not None and name != branch.name:
             name = ids.check_display_name(name, "branch")
-            if any(b.name == name for b in plane.branches(project_id)):
+            if name_taken(plane, project_id, name):
                 raise Conflict(f"branch {name!r} already exists")
             changes["name"] = name
         if protected is not None:
@@ -314,6 +421,10 @@ async def delete_branch(control: Control, project_id: str, branch_id: str, *,
         children = [b.name for b in plane.branches(project_id) if b.parent_id == branch_id]
         if children:
             raise Precondition(f"branch {branch.name!r} has child branches ({', '.join(children)}); delete them first")
+        if plane.creating.children_of(branch_id):
+            raise Precondition(f"branch {branch.name!r} is being copied into a new branch; delete it once that "
+                               "branch is created (and deleted)")
+        await plane.creating.settled(project_id, branch_id)  # a spare copy being made of it
         ops = []
         endpoints = plane.endpoints(project_id, branch_id)
         await asyncio.gather(*(control.computes.retire(ep.id, reason="branch deleted", mode="immediate")
@@ -325,6 +436,7 @@ async def delete_branch(control: Control, project_id: str, branch_id: str, *,
             plane.writes.forget(ep.id)
             await asyncio.to_thread(safefs.rmtree, plane.layout.socket_dir(ep.id))
         await asyncio.to_thread(safefs.rmtree, plane.layout.branch_dir(project_id, branch_id))
+        await asyncio.to_thread(plane.branch_spares.drop, branch_id)
         await failpoint_async("branch.delete.after_rmtree")
         ops.append(await plane.record(project_id, model.OperationAction.DELETE_TIMELINE, branch_id=branch_id))
     touch_figures(control, project_id)
@@ -361,13 +473,15 @@ async def restore_branch(control: Control, project_id: str, branch_id: str, sour
             raise Precondition(f"branch {target.name!r} is protected; unprotect it before restoring it")
         if preserve_under_name is not None:
             preserve_under_name = ids.check_display_name(preserve_under_name, "branch")
-            if any(b.name == preserve_under_name for b in plane.branches(project_id)):
+            if name_taken(plane, project_id, preserve_under_name):
                 raise Conflict(f"branch {preserve_under_name!r} already exists")
+        await plane.creating.settled(project_id, branch_id)  # a create copying its data finishes first
+        await asyncio.to_thread(plane.branch_spares.drop, branch_id)  # its data is about to change
         endpoints = plane.endpoints(project_id, branch_id)
         async with contextlib.AsyncExitStack() as stack:
             for ep in endpoints:
                 await stack.enter_async_context(plane.endpoint_lock(ep.id))
-                await control.computes.stop_locked(ep.id, reason="branch restored")
+                await control.computes.stop_locked(ep.id, reason="branch restored", project_locked=True)
             if preserve_under_name is None and control.backup is not None and retention.enabled(project):
                 # Its current state goes for good: the bucket must have it first (ADR 0018).
                 await control.backup.ship_before_discard(project, target)
@@ -382,7 +496,9 @@ async def restore_branch(control: Control, project_id: str, branch_id: str, sour
                                                 timestamp=source_timestamp)
                     lsn = point.lsn
                 else:
-                    lsn, _ = await _copy_parent(plane, project, source, fresh)
+                    lsn, _, prepared = await _copy_parent(plane, project, source, fresh)
+                    if prepared is not None:  # a spare's: its history parts are a new branch's, not these
+                        await asyncio.to_thread(safefs.rmtree, prepared)
             except BaseException:
                 await asyncio.to_thread(safefs.rmtree, fresh)
                 raise

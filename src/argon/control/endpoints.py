@@ -97,7 +97,7 @@ async def update_endpoint(control: Control, project_id: str, endpoint_id: str,
         now: list[str] = [f"pg_settings.{k}" for k in live_settings] if reloaded else []
         later: list[str] = [f"pg_settings.{k}" for k in (start_settings if reloaded else changed_settings)]
         if patch.disabled:
-            if await control.computes.stop(ep.id, reason="endpoint disabled"):
+            if await control.computes.stop(ep.id, reason="endpoint disabled", project_locked=True):
                 ops.append(await plane.record(project_id, model.OperationAction.SUSPEND_COMPUTE,
                                               branch_id=ep.branch_id, endpoint_id=ep.id))
         elif (lo, hi) != (ep.autoscaling_limit_min_cu, ep.autoscaling_limit_max_cu):
@@ -154,6 +154,8 @@ async def create_endpoint(control: Control, project_id: str, branch_id: str, *, 
         project = plane.project(project_id)
         check_settings_for(plane, project_id, pg_settings or {})
         plane.branch(project_id, branch_id)
+        await plane.creating.settled(project_id, branch_id)  # a stopped branch being copied must not start
+        await asyncio.to_thread(plane.branch_spares.drop, branch_id)  # it may start: no longer compute-less
         if kind is model.EndpointType.READ_WRITE and plane.primary(project_id, branch_id) is not None:
             raise UserError(f"branch {branch_id!r} already has a read_write endpoint; a branch can have only one")
         s = settings or project.default_endpoint_settings
@@ -178,7 +180,7 @@ async def delete_endpoint(control: Control, project_id: str,
     async with plane.project_lock(project_id):
         ep = plane.endpoint(project_id, endpoint_id)
         ops = []
-        if await control.computes.retire(endpoint_id, reason="endpoint deleted"):
+        if await control.computes.retire(endpoint_id, reason="endpoint deleted", project_locked=True):
             ops.append(await plane.record(project_id, model.OperationAction.SUSPEND_COMPUTE, branch_id=ep.branch_id,
                                           endpoint_id=ep.id))
         await plane.commit(delete=[ep])

@@ -274,26 +274,28 @@ class Lifecycle:
 
     # Stop -------------------------------------------------------------------------------------------
 
-    async def stop(self, endpoint_id: str, *, reason: str, mode: str = "fast") -> bool:
-        """Suspend: stop the compute (if running) and mark the endpoint idle. Returns True if it ran."""
+    async def stop(self, endpoint_id: str, *, reason: str, mode: str = "fast", project_locked: bool = False) -> bool:
+        """Suspend: stop the compute (if running) and mark the endpoint idle. Returns True if it ran.
+        `project_locked`: the caller holds the project lock (and changes no role or database)."""
         async with self.plane.endpoint_lock(endpoint_id):
-            return await self.stop_locked(endpoint_id, reason=reason, mode=mode)
+            return await self.stop_locked(endpoint_id, reason=reason, mode=mode, project_locked=project_locked)
 
-    async def stop_locked(self, endpoint_id: str, *, reason: str, mode: str = "fast") -> bool:
+    async def stop_locked(self, endpoint_id: str, *, reason: str, mode: str = "fast",
+                          project_locked: bool = False) -> bool:
         """`stop`, for a caller that holds the endpoint lock already."""
         plane = self.plane
         ep = plane.endpoint(None, endpoint_id)
         with logs.bound(project_id=ep.project_id, branch_id=ep.branch_id, endpoint_id=endpoint_id):
-            return await self._stop_locked(ep, reason=reason, mode=mode)
+            return await self._stop_locked(ep, reason=reason, mode=mode, project_locked=project_locked)
 
-    async def _stop_locked(self, ep: model.Endpoint, *, reason: str, mode: str) -> bool:
+    async def _stop_locked(self, ep: model.Endpoint, *, reason: str, mode: str, project_locked: bool) -> bool:
         plane = self.plane
         endpoint_id = ep.id
         was_running = plane.is_running(endpoint_id)
         started = time.monotonic()
         if was_running:
             if ep.type is model.EndpointType.READ_WRITE:  # a replica holds no changes of its own
-                await self._sync_before_stop(ep)
+                await self._sync_before_stop(ep, project_locked=project_locked)
             await failpoint_async("compute.suspend.after_sync")
             self._stopping.add(endpoint_id)
             # the transaction pools close their idle server connections first, so no pooled client
@@ -322,17 +324,19 @@ class Lifecycle:
                                       duration_ms=(time.monotonic() - started) * 1000, detail=reason)
         return was_running
 
-    async def retire(self, endpoint_id: str, *, reason: str, mode: str = "fast") -> bool:
+    async def retire(self, endpoint_id: str, *, reason: str, mode: str = "fast", project_locked: bool = False) -> bool:
         """The endpoint is being deleted: stop its compute and forget what the lifecycle knew of it."""
-        ran = await self.stop(endpoint_id, reason=reason, mode=mode)
+        ran = await self.stop(endpoint_id, reason=reason, mode=mode, project_locked=project_locked)
         self._needs_spec.discard(endpoint_id)
         await asyncio.to_thread(self.plane.intents.remove, spec_key(endpoint_id))
         return ran
 
-    async def _sync_before_stop(self, ep: model.Endpoint) -> None:
-        """Pick up roles and databases changed through SQL before the compute goes away; skipped when an
-        API mutation of the project is in flight (it knows what it changes, and holds the project lock)."""
-        if self.plane.project_busy(ep.project_id):
+    async def _sync_before_stop(self, ep: model.Endpoint, *, project_locked: bool) -> None:
+        """Pick up roles and databases changed through SQL before the compute goes away; skipped when
+        another API mutation of the project is in flight (it knows what it changes, and holds the project
+        lock). `project_locked`: the caller is that mutation, and one that changes no role or database
+        (an endpoint deleted or disabled, a branch restored): it syncs, or what SQL made would be lost."""
+        if not project_locked and self.plane.project_busy(ep.project_id):
             return
         if ep.id in self._needs_spec:  # it never got the platform's spec: what it says is stale
             return

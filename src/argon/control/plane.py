@@ -44,6 +44,7 @@ from argon.errors import ArgonError, Locked, NotFound
 from argon.metadata.store import Store
 from argon.proxy.activity import ActivityRegistry
 from argon.settings import Settings
+from argon.storage.branch_spares import BranchSpares
 from argon.storage.clone import CloneBackend
 from argon.storage.intents import Intents
 from argon.storage.layout import Layout
@@ -54,6 +55,75 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 LOCK_TIMEOUT = 30.0  # seconds a mutation waits for another one on the same project before 423
+
+
+class BranchesInCreation:
+    """Branches whose data is being made outside the project lock (ADR 0033): their names, taken
+    until the metadata commit, and the branches they read, which no operation may change or remove
+    meanwhile. In memory only: after a `kill -9` the half-made directory belongs to no branch of the
+    metadata, and the reconciler removes it at the next start (the create is rolled back).
+
+    Bookkeeping is synchronous (a cancelled create cannot leave a name taken or a reader counted);
+    waiters wait on an event set when a branch's last reader is done."""
+
+    def __init__(self) -> None:
+        self._names: dict[str, dict[str, str]] = {}  # project -> {new branch id: its name}
+        self._readers: dict[str, list[str]] = {}  # branch read by creates -> the new branches' ids
+        self._projects: dict[str, str] = {}  # branch read -> its project
+        self._idle: dict[str, asyncio.Event] = {}  # branch read -> set when the last create is done with it
+        self._peak: dict[str, int] = {}  # branch read -> the most creates of it at once (its spares)
+
+    def name_taken(self, project_id: str, name: str) -> bool:
+        return name in self._names.get(project_id, {}).values()
+
+    def children_of(self, branch_id: str) -> list[str]:
+        """The new branches being made from `branch_id` (their names are not committed yet)."""
+        project = self._projects.get(branch_id)
+        names = self._names.get(project or "", {})
+        return [b for b in self._readers.get(branch_id, ()) if b in names]
+
+    def peak(self, branch_id: str) -> int:
+        """The most branches made from `branch_id` at once so far (at least 1)."""
+        return self._peak.get(branch_id, 1)
+
+    def begin(self, project_id: str, branch_id: str, name: str | None, reads: str) -> None:
+        """Under the project lock: `branch_id` called `name` is being made from `reads` (`name`
+        None: a spare copy of `reads`, which is only read)."""
+        self._readers.setdefault(reads, []).append(branch_id)
+        self._projects[reads] = project_id
+        self._idle.setdefault(reads, asyncio.Event()).clear()
+        if name is not None:
+            self._names.setdefault(project_id, {})[branch_id] = name
+            self._peak[reads] = max(self._peak.get(reads, 1), len(self.children_of(reads)))
+
+    def done_reading(self, branch_id: str, reads: str) -> None:
+        """The new branch's data is made: `reads` may change again (idempotent)."""
+        readers = self._readers.get(reads)
+        if readers is None or branch_id not in readers:
+            return
+        readers.remove(branch_id)
+        if not readers:
+            del self._readers[reads]
+            self._projects.pop(reads, None)
+            self._idle.pop(reads).set()
+
+    def end(self, project_id: str, branch_id: str, reads: str) -> None:
+        """The create committed or failed: its name is free again (or the branch's, in the metadata)."""
+        self.done_reading(branch_id, reads)
+        names = self._names.get(project_id, {})
+        names.pop(branch_id, None)
+        if not names:
+            self._names.pop(project_id, None)
+
+    async def settled(self, project_id: str, branch_id: str | None = None) -> None:
+        """Until no create reads `branch_id` (or, without it, any branch of the project). Called under
+        the project lock by what changes or removes a branch's data: no new create can start then."""
+        while True:
+            waiting = [ev for b, ev in self._idle.items()
+                       if (b == branch_id if branch_id is not None else self._projects.get(b) == project_id)]
+            if not waiting:
+                return
+            await asyncio.gather(*(ev.wait() for ev in waiting))
 
 
 def argon_os_user() -> str:
@@ -80,6 +150,7 @@ class ControlPlane:
         self.activity = activity
         self.intents = Intents(layout.intents_dir)  # what interrupted operations meant to do
         self.spares = SparePool(layout.spares_dir, backend, settings.spare_clusters)
+        self.branch_spares = BranchSpares(backend)  # of compute-less parents (ADR 0033)
         self.computes = computes or ComputeManager()  # what runs; the lifecycle decides when
         self.writes = WriteGate(self.computes)  # which computes refuse writes, and why (ADR 0025)
         self.telemetry = telemetry or Telemetry()  # counters the use cases and the lifecycle update
@@ -104,6 +175,7 @@ class ControlPlane:
         self._verifiers: dict[tuple[str, str], str] = {}  # (branch_id, role) -> SCRAM verifier
         self._endpoint_locks: dict[str, asyncio.Lock] = {}
         self._project_locks: dict[str, asyncio.Lock] = {}
+        self.creating = BranchesInCreation()
         self._background: set[asyncio.Task[Any]] = set()
         self._address_next = 0  # the slot after the highest endpoint address given by this process
 

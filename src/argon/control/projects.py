@@ -248,6 +248,9 @@ async def delete_project(control: Control, project_id: str) -> model.Project:
     plane = control.plane
     project = plane.project(project_id)
     async with plane.project_lock(project_id):
+        await plane.creating.settled(project_id)  # branch creates copying data (as its uid) finish first
+        for b in plane.branches(project_id):
+            await asyncio.to_thread(plane.branch_spares.drop, b.id)
         endpoints = plane.endpoints(project_id)
         # All at once: each stop waits for its postmaster, and a project may have many computes.
         await asyncio.gather(*(control.computes.retire(ep.id, reason="project deleted", mode="immediate")

@@ -170,9 +170,76 @@ def begin_epoch(plane: ControlPlane, project: model.Project, branch_id: str, pgd
     history.save(manifest.with_epoch(epoch))  # the commit point
 
 
+@dataclass(frozen=True)
+class _ParentBase:
+    """What a copy of a parent's data starts its history from (begin_epoch_from_parent)."""
+
+    epoch: hs.Epoch  # the parent's current epoch
+    snap: hs.Snapshot  # its newest snapshot before the copy
+    source: Path  # that snapshot's directory
+    timeline: int
+    own: list[tuple[int, str]]  # the copy's own WAL segments (start LSN, name)
+
+
+def _parent_base(plane: ControlPlane, project: model.Project, pgdata: Path, parent_id: str,
+                 control: wal.ControlData | None) -> _ParentBase | None:
+    parent = branch_history(plane, project.id, parent_id)
+    pe = parent.load().current
+    if pe is None or not pe.snapshots:
+        return None
+    install = plane.installs[project.pg_version]
+    control = control or wal.control_data(install.bindir, pgdata, project_owner(project))
+    label = wal.backup_label_fields(pgdata)
+    if label is not None:
+        start, timeline = wal.parse_lsn(label[0]), label[1]
+    elif control.state == "shut down":
+        start, timeline = wal.parse_lsn(control.redo_lsn), control.timeline
+    else:
+        return None  # a crashed parent's copy: its WAL's end is unknown here
+    if timeline != pe.timeline or control.segsize != pe.segsize:
+        return None
+    usable = [s for s in pe.snapshots if wal.parse_lsn(s.consistent_lsn) <= start]
+    if not usable:
+        return None
+    snap = usable[-1]
+    source = template_snapshot(plane, project, parent, pe, snap) if snap.template else \
+        parent.snapshot_dir(pe.id, snap.name)
+    if not safefs.is_dir(source):
+        return None
+    own = sorted((seg[1], name) for name in safefs.listdir(pgdata / "pg_wal")
+                 if (seg := wal.segment_start(name, pe.segsize)) is not None and seg[0] == timeline)
+    if not own:
+        return None
+    return _ParentBase(pe, snap, source, timeline, own)
+
+
+PREPARED_FOR = "prepared-for"  # in a spare copy's directory: the parent snapshot its `base` links
+
+
+def prepare_epoch_from_parent(plane: ControlPlane, project: model.Project, parent_id: str, spare: Path,
+                              control: wal.ControlData) -> None:
+    """For a spare copy of a stopped parent (`spare`/pgdata, `argon.storage.branch_spares`): what
+    `begin_epoch_from_parent` would link and copy for a branch made from it, made ahead in `spare`
+    (`base`, the parent's snapshot hard-linked; `wal`, copies of the copy's own segments), so that a
+    branch taking the spare renames them into its history instead. Nothing when history is off."""
+    if not enabled(project):
+        return
+    pgdata = spare / "pgdata"
+    found = _parent_base(plane, project, pgdata, parent_id, control)
+    if found is None:
+        return
+    user = project_owner(project)
+    safefs.makedirs(spare / "wal", owner=user)
+    with safefs.Dir(spare / "wal") as to, safefs.Dir(pgdata / "pg_wal") as mine:
+        for _lsn, name in found.own:
+            mine.copy(name, to, name, owner=user)
+    hs.link_tree(found.source, spare / "base", user)
+    safefs.write_file(spare / PREPARED_FOR, f"{found.epoch.id}/{found.snap.name}", owner=user)
+
+
 def begin_epoch_from_parent(plane: ControlPlane, project: model.Project, branch_id: str, pgdata: Path,
                             parent_id: str, *, consistent_lsn: str | None,
-                            control: wal.ControlData | None = None) -> bool:
+                            control: wal.ControlData | None = None, prepared: Path | None = None) -> bool:
     """A new branch's first epoch without a second copy of its data (ADR 0010; on both backends: a
     reflink clone shares the extents but still costs a pass over every file, about as long as the
     branch's own copy): the new cluster at `pgdata` is the parent's data at the copy, i.e. the
@@ -182,41 +249,23 @@ def begin_epoch_from_parent(plane: ControlPlane, project: model.Project, branch_
     archive (segments still in the parent's live pg_wal are copied: Postgres reuses those files),
     followed by copies of the copy's own. Recovery from the base then replays the parent's WAL into
     the branch's own, which continues on the same timeline. `control`: `pgdata`'s `pg_controldata`
-    when the caller read it already (a copy of a stopped cluster). Returns False, having made
-    nothing, when the parent's history cannot serve (the caller then copies a base)."""
+    when the caller read it already (a copy of a stopped cluster). `prepared`: a spare copy's
+    directory whose base and segment copies were made ahead (`prepare_epoch_from_parent`), used
+    when they are of the same parent snapshot. Returns False, having made nothing, when the
+    parent's history cannot serve (the caller then copies a base)."""
     if not enabled(project):
         return False
-    parent = branch_history(plane, project.id, parent_id)
-    pe = parent.load().current
-    if pe is None or not pe.snapshots:
+    found = _parent_base(plane, project, pgdata, parent_id, control)
+    if found is None:
         return False
-    install = plane.installs[project.pg_version]
+    pe, snap, source, timeline, own = found.epoch, found.snap, found.source, found.timeline, found.own
     user = project_owner(project)
-    control = control or wal.control_data(install.bindir, pgdata, user)
-    label = wal.backup_label_fields(pgdata)
-    if label is not None:
-        start, timeline = wal.parse_lsn(label[0]), label[1]
-    elif control.state == "shut down":
-        start, timeline = wal.parse_lsn(control.redo_lsn), control.timeline
-    else:
-        return False  # a crashed parent's copy: its WAL's end is unknown here
-    if timeline != pe.timeline or control.segsize != pe.segsize:
-        return False
-    usable = [s for s in pe.snapshots if wal.parse_lsn(s.consistent_lsn) <= start]
-    if not usable:
-        return False
-    snap = usable[-1]
-    source = template_snapshot(plane, project, parent, pe, snap) if snap.template else \
-        parent.snapshot_dir(pe.id, snap.name)
-    if not safefs.is_dir(source):
-        return False
-    own = sorted((seg[1], name) for name in safefs.listdir(pgdata / "pg_wal")
-                 if (seg := wal.segment_start(name, pe.segsize)) is not None and seg[0] == timeline)
-    if not own:
-        return False
+    control = control or wal.control_data(plane.installs[project.pg_version].bindir, pgdata, user)
     first_own = own[0][0]
     needed = [wal.segment_name(timeline, lsn, pe.segsize)
               for lsn in range(wal.parse_lsn(snap.redo_lsn) // pe.segsize * pe.segsize, first_own, pe.segsize)]
+    ready = prepared is not None and safefs.lexists(prepared / PREPARED_FOR) and \
+        safefs.read_file(prepared / PREPARED_FOR, limit=256, owner=user).decode() == f"{pe.id}/{snap.name}"
     history = branch_history(plane, project.id, branch_id)
     now = plane.clock()
     epoch = hs.Epoch(id=_epoch_id(), started_at=now, start_lsn=consistent_lsn or control.checkpoint_lsn,
@@ -225,25 +274,32 @@ def begin_epoch_from_parent(plane: ControlPlane, project: model.Project, branch_
                                             consistent_lsn=snap.consistent_lsn),))
     _make_wal_dir(history, project, epoch.id)
     archive_dir = history.wal_dir(epoch.id)
-    archive, live = parent.wal_dir(pe.id), plane.layout.pgdata(project.id, parent_id) / "pg_wal"
+    archive, live = branch_history(plane, project.id, parent_id).wal_dir(pe.id), \
+        plane.layout.pgdata(project.id, parent_id) / "pg_wal"
     try:
         wal.link_segments(needed, archive, live, archive_dir, user)
         # The copy's own segments, as copied: its first start replays them and may recycle them
         # without archiving (they were not written there); the one it goes on writing is archived
         # again, whole, when it is full. Copied only when they are regular files of the uid (safefs).
-        with safefs.Dir(archive_dir) as to, safefs.Dir(pgdata / "pg_wal") as mine:
-            for _lsn, name in own:
-                mine.copy(name, to, name, owner=user)
         base = history.snapshot_dir(epoch.id, "base")
         safefs.makedirs(base.parent, owner=user)
-        hs.link_tree(source, base, user)
+        if ready:
+            assert prepared is not None
+            for _lsn, name in own:
+                safefs.rename(prepared / "wal" / name, archive_dir / name)
+            safefs.rename(prepared / "base", base)
+        else:
+            with safefs.Dir(archive_dir) as to, safefs.Dir(pgdata / "pg_wal") as mine:
+                for _lsn, name in own:
+                    mine.copy(name, to, name, owner=user)
+            hs.link_tree(source, base, user)
     except OSError as exc:  # a segment gone from both places, or no hard links here
         log.info("branch %s: copying a history base (the parent's history could not be linked: %s)", branch_id, exc)
         hs.remove_tree(history.root)
         return False
     history.save(hs.Manifest((epoch,)))
-    log.debug("branch %s: history base linked to %s/%s of %s, %d segment(s) of its WAL", branch_id, pe.id,
-              snap.name, parent_id, len(needed))
+    log.debug("branch %s: history base linked to %s/%s of %s, %d segment(s) of its WAL%s", branch_id, pe.id,
+              snap.name, parent_id, len(needed), " (made ahead)" if ready else "")
     return True
 
 
@@ -443,6 +499,8 @@ async def maintain(plane: ControlPlane, after: str = "", budget: int = PRUNE_BUD
             async with plane.project_lock(branch.project_id):
                 project = plane.find_project(branch.project_id)
                 if project is None or plane.find_branch(branch_id) is None:
+                    continue
+                if plane.creating.children_of(branch_id):  # a new branch links its history: next round
                     continue
                 await _snapshot_running(plane, project, branch_id)
                 if await asyncio.to_thread(prune, plane, project, branch_id):

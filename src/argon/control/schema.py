@@ -96,7 +96,8 @@ async def head_socket(control: Control, project: model.Project, branch: model.Br
                       take_lock: bool) -> AsyncIterator[Path]:
     """The socket dir of a running `branch` at its head: its compute (started if idle), or, when it
     has no read-write compute, a throw-away running copy of its (stopped) data. `take_lock`: hold the
-    project lock while copying (False when the caller holds it already)."""
+    project lock while copying (False when the caller holds it, or has registered the branch as
+    being read in `plane.creating`)."""
     plane = control.plane
     await control.restored(branch.id, reason="schema")  # a lazy restore's branch: its data first
     ep = plane.primary(project.id, branch.id)
@@ -232,7 +233,8 @@ async def schema_only_copy(control: Control, project: model.Project, parent: mod
     passwords work) and databases with their schema (schemas, tables, views, functions, sequences,
     indexes, constraints, extensions, privileges, comments) and no rows: a pristine template copy
     into which the parent's `pg_dumpall --roles-only` and `pg_dump --schema-only` are restored, on
-    a scratch postmaster stopped cleanly afterwards. The caller holds the project lock."""
+    a scratch postmaster stopped cleanly afterwards. The caller has registered the parent as being
+read (`plane.creating`, ADR 0033): it gets no compute, restore or delete meanwhile."""
     plane = control.plane
     install = plane.installs.get(project.pg_version)
     template = plane.templates.get(project.pg_version)

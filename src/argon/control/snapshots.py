@@ -100,7 +100,10 @@ async def create_snapshot(control: Control, project_id: str, branch_id: str, *, 
                 point = await branches.point_in_time(control, project, branch, target, lsn=lsn, timestamp=timestamp)
                 at_lsn, at = point.lsn, point.at
             else:
-                (at_lsn, _), at = await branches._copy_parent(plane, project, branch, target, make_dir=False), model.utcnow()
+                (at_lsn, _, prepared), at = (await branches._copy_parent(plane, project, branch, target, make_dir=False),
+                                             model.utcnow())
+                if prepared is not None:  # a spare copy's history parts: a new branch's, not a snapshot's
+                    await asyncio.to_thread(safefs.rmtree, prepared)
             now = model.utcnow()
             snap = model.Snapshot(id=sid, project_id=project_id, name=name or f"{branch.name}-{now:%Y%m%d%H%M%S}",
                                   created_at=now, updated_at=now, source_branch_id=branch.id, lsn=at_lsn, timestamp=at,

@@ -95,8 +95,10 @@ class Api:
                  transport: httpx.BaseTransport | None = None) -> None:
         self.credentials = credentials
         self.retry_for = retry_for
+        # A plain-HTTP API (a local `argon up`) needs no TLS: without `verify=False` httpx loads the
+        # CA bundle anyway, which is most of a second of the test database's set-up on a busy machine.
         self._http = httpx.Client(base_url=credentials.api_url, timeout=httpx.Timeout(timeout, connect=10),
-                                  transport=transport,
+                                  transport=transport, verify=credentials.api_url.startswith("https://"),
                                   headers={"Authorization": f"Bearer {credentials.api_key}",
                                            "Accept": "application/json",
                                            "User-Agent": "argon-django"})
@@ -168,14 +170,16 @@ class Api:
     def endpoint(self, project_id: str, endpoint_id: str) -> dict[str, Any]:
         return dict(self.request("GET", f"/projects/{project_id}/endpoints/{endpoint_id}")["endpoint"])
 
-    def project_of_endpoint(self, endpoint_id: str, hint: str | None = None) -> str:
-        """The project holding an endpoint: `hint` (ARGON_PROJECT_ID) if given, else a search."""
+    def find_endpoint(self, endpoint_id: str, hint: str | None = None) -> tuple[str, dict[str, Any]]:
+        """The project holding an endpoint, and the endpoint: in project `hint` (ARGON_PROJECT_ID)
+        if given, else found by a search (whose endpoint lists hold it already)."""
         if hint:
-            return hint
+            return hint, self.endpoint(hint, endpoint_id)
         for project in self.projects():
             endpoints = self.request("GET", f"/projects/{project['id']}/endpoints")["endpoints"]
-            if any(ep["id"] == endpoint_id for ep in endpoints):
-                return str(project["id"])
+            found = next((ep for ep in endpoints if ep["id"] == endpoint_id), None)
+            if found is not None:
+                return str(project["id"]), dict(found)
         raise ApiError(f"no project of this API key has the endpoint {endpoint_id}")
 
     def branch(self, project_id: str, branch_id: str) -> dict[str, Any]:

@@ -490,9 +490,8 @@ def install(aliases: Iterable[str] | None = None, *, verbosity: int = 1, workers
             else:
                 try:
                     if ref.endpoint_id not in resolved:
-                        project = api.project_of_endpoint(ref.endpoint_id,
-                                                          env.get("ARGON_PROJECT_ID") or env.get("NEON_PROJECT_ID"))
-                        endpoint = api.endpoint(project, ref.endpoint_id)
+                        project, endpoint = api.find_endpoint(ref.endpoint_id, env.get("ARGON_PROJECT_ID")
+                                                              or env.get("NEON_PROJECT_ID"))
                         listed = api.branches(project)  # the base, and the template's first look-up
                         base = next((b for b in listed if b["id"] == endpoint["branch_id"]), None)
                         if base is None:
