@@ -25,12 +25,8 @@ import psycopg
 import pytest
 
 from argon import failpoints
-from tests.fixtures.crash_process import (
-    ArgonProcess,
-    argon_process,
-    check_invariants,
-    postgres_processes_under,
-)
+from tests.fixtures.argon_process import ArgonProcess, postgres_processes_under, running_argon
+from tests.fixtures.crash_process import check_invariants
 
 pytestmark = [pytest.mark.pg, pytest.mark.slow]
 
@@ -46,7 +42,7 @@ KILLS = [0]
 
 @pytest.fixture
 def argon() -> Iterator[ArgonProcess]:
-    with argon_process("fp") as proc:
+    with running_argon("fp") as proc:
         yield proc
 
 
@@ -350,6 +346,97 @@ def test_suspend(argon: ArgonProcess) -> None:
         return point, op, check
 
     walk(argon, [suspend("compute.suspend.after_sync"), suspend("compute.suspend.after_stop")])
+
+
+def test_snapshots_settings_and_the_write_gate(argon: ArgonProcess) -> None:
+    """The newer durable steps: the write gate's ALTER SYSTEM (ADR 0025), an endpoint's pg_settings,
+    a snapshot's create, its shipping to the bucket, its restore and its delete (ADR 0028). The
+    gate's point comes first: a restart resets every adopted compute's gate, and must not pass it."""
+    argon.env["ARGON_BACKUP_URL"] = f"file://{argon.root}/bucket"
+    argon.start()
+    pid, main, eid = new_project(argon)
+    taken: list[str] = []
+
+    def quota(limit: int) -> None:
+        resp = argon.api.patch(f"/projects/{pid}", json={"project": {"settings": {"quota": {
+            "logical_size_bytes": limit}}}})
+        assert resp.status_code == 200, resp.text
+
+    def refused() -> bool:
+        try:
+            query(argon, pid, main, "create table if not exists probe (v int)")
+        except psycopg.errors.ReadOnlySqlTransaction:
+            return True
+        return False
+
+    def until(check: Callable[[], bool], what: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not check():
+            assert time.monotonic() < deadline, f"timed out: {what}"
+            time.sleep(0.2)
+
+    def gate(point: str) -> Step:
+        def op() -> Any:
+            query(argon, pid, main, "select 1")  # running: the guard's next look refuses its writes
+            quota(2**20)
+
+        def check(state: dict[str, Any]) -> None:
+            until(refused, "the adopted compute refuses writes again")  # reset once, refused again
+            quota(0)
+            until(lambda: not refused(), "writes allowed once the limit is gone")
+
+        return point, op, check
+
+    def settings(point: str) -> Step:
+        def op() -> Any:
+            return argon.api.patch(f"/projects/{pid}/endpoints/{eid}",
+                                   json={"endpoint": {"settings": {"pg_settings": {"work_mem": "7MB"}}}})
+
+        def check(state: dict[str, Any]) -> None:
+            ep = next(e for e in state[pid]["endpoints"] if e["id"] == eid)
+            assert ep["settings"]["pg_settings"] == {"work_mem": "7MB"}, f"{point}: {ep['settings']}"
+            assert argon.api.post(f"/projects/{pid}/endpoints/{eid}/suspend").status_code == 200
+            assert query(argon, pid, main, "show work_mem") == [("7MB",)]  # what the metadata says, at a start
+
+        return point, op, check
+
+    def take(point: str) -> Step:
+        def op() -> Any:
+            resp = argon.api.post(f"/projects/{pid}/branches/{main}/snapshot", params={"name": point})
+            if resp.status_code == 200:
+                taken.append(resp.json()["snapshot"]["id"])
+            return resp
+
+        def check(state: dict[str, Any]) -> None:
+            if point == "snapshot.create.after_copy":
+                assert not state[pid]["snapshots"], f"{point}: {state[pid]['snapshots']}"
+                return
+            assert taken and taken[-1] in state[pid]["snapshots"], f"{point}: the snapshot is gone"
+            shipped = argon.data / "backup" / "snapshots.json"  # shipped again after the restart
+            until(lambda: shipped.is_file() and taken[-1] in shipped.read_text(), "the snapshot shipped")
+            assert list((argon.root / "bucket").rglob(f"{taken[-1]}.json")), "no manifest in the bucket"
+
+        return point, op, check
+
+    def restore(point: str) -> Step:
+        def op() -> Any:
+            return argon.api.post(f"/projects/{pid}/snapshots/{taken[-1]}/restore", json={"name": "from-snap"})
+
+        def check(state: dict[str, Any]) -> None:
+            assert branch_named(argon, pid, "from-snap") is None, f"{point}: a branch never recorded exists"
+
+        return point, op, check
+
+    def delete(point: str) -> Step:
+        def check(state: dict[str, Any]) -> None:
+            assert taken[-1] not in state[pid]["snapshots"], f"{point}: the deleted snapshot is back"
+            assert not (argon.data / "projects" / pid / "snapshots" / taken[-1]).exists(), f"{point}: its files"
+
+        return point, lambda: argon.api.delete(f"/projects/{pid}/snapshots/{taken[-1]}"), check
+
+    walk(argon, [gate("writes.gate.after_alter_system"), settings("endpoint.update.after_metadata"),
+                 take("snapshot.create.after_copy"), take("backup.snapshot.after_upload"),
+                 restore("snapshot.restore.after_copy"), delete("snapshot.delete.after_metadata")])
 
 
 def _held_while_starting(argon: ArgonProcess) -> tuple[str, str, int]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from argon import model, safefs
-from argon.control import branches, roles
+from argon.control import branches, roles, snapshots
 from argon.control.plane import ControlPlane
 from argon.control.services import Control
 
@@ -173,6 +173,7 @@ async def reconcile(control: Control) -> Plan:
             status=model.OperationStatus.FAILED, failures_count=by_id[op_id].failures_count + 1,
             error="interrupted: argon stopped while this operation ran")])
     await tidy_disk(control, plan)
+    await snapshots.remove_orphans(control)
     log.info("reconciled: %s", plan.summary())
     return plan
 
