@@ -111,7 +111,7 @@ def restore(root: Path, url: str, endpoint: str | None, target: Path, *, eager: 
 def rpo_trial(root: Path, seed: Path, url: str, endpoint: str | None, n: int) -> dict[str, Any]:
     trial = root / f"t{n}"
     trial.mkdir()
-    argon = ArgonProcess(trial, trial / "data", url, endpoint, seed=seed)
+    argon = ArgonProcess(trial, trial / "data", url, endpoint, seed=seed, spares=0).start()
     acks: list[tuple[int, float]] = []
     stop = threading.Event()
     try:
@@ -222,7 +222,7 @@ def measure_size(root: Path, seed: Path, size: str, s3: Any, branches: int, rest
     run = root / f"size-{size}"
     run.mkdir()
     url = f"s3://{s3.new_bucket()}/size"
-    argon = ArgonProcess(run, run / "data", url, s3.endpoint, seed=seed)
+    argon = ArgonProcess(run, run / "data", url, s3.endpoint, seed=seed, spares=0).start()
     result: dict[str, Any] = {"size": size}
     try:
         pid, uri = argon.create_project()
@@ -347,7 +347,8 @@ def measure_overhead(root: Path, seed: Path, rounds: int, seconds: int) -> dict[
         for kind in ("off", "on"):
             d = root / f"tps-{kind}"
             d.mkdir()
-            procs[kind] = ArgonProcess(d, d / "data", f"file://{d}/bucket" if kind == "on" else None, None, seed=seed)
+            procs[kind] = ArgonProcess(d, d / "data", f"file://{d}/bucket" if kind == "on" else None, seed=seed,
+                                       spares=0).start()
         uris = {}
         for kind, argon in procs.items():
             _pid, uri = argon.create_project()
@@ -425,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
             say("warming up: templates and runtime, built once and copied into every data dir")
             warm = root / "warm"
             warm.mkdir()
-            ArgonProcess(warm, warm / "data", None, None).stop()
+            ArgonProcess(warm, warm / "data", spares=0).start().stop()
             seed = warm / "data"
             sections = [("rpo", lambda: measure_rpo(root, seed, args.trials, s3)),
                         ("restore", lambda: [measure_size(root, seed, s, s3, 0, args.restore_branches)

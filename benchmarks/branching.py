@@ -34,28 +34,17 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
 
-from benchmarks.core.common import PGBENCH, BenchError, short_tmpdir
+from benchmarks.core.common import PGBENCH, BenchError, backend_root, say, used_bytes
 from benchmarks.core.targets import start_platform
 
 MB = 1024 * 1024
 SCALE_PER_MB = 1 / 15.0  # pgbench: ~15 MB of data per scale unit
 SIZES = {"40M": 40, "1G": 1024, "5G": 5120}
-
-
-def say(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def used_bytes(path: Path) -> int:
-    os.sync()
-    st = os.statvfs(path)
-    return (st.f_blocks - st.f_bfree) * st.f_frsize
 
 
 def tree_bytes(path: Path) -> int:
@@ -65,31 +54,6 @@ def tree_bytes(path: Path) -> int:
             with contextlib.suppress(OSError):
                 total += os.lstat(os.path.join(root, name)).st_size
     return total
-
-
-@contextlib.contextmanager
-def backend_root(kind: str, size_mb: int) -> Iterator[Path]:
-    root = short_tmpdir("bb")
-    image = root / "argon.img"
-    mounted = False
-    try:
-        if kind == "reflink":
-            from argon.storage import volume
-
-            plan = volume.plan(root / "data", image=image, size=f"{max(4, size_mb * 5 // 1024 + 4)}G")
-            problems = volume.problems(plan)
-            if problems:
-                raise BenchError("; ".join(problems))
-            volume.apply(plan)
-            mounted = True
-        yield root
-    finally:
-        if mounted:
-            subprocess.run(["umount", str(root / "data")], capture_output=True)
-            attached = subprocess.run(["losetup", "-j", str(image)], capture_output=True, text=True).stdout
-            for line in attached.splitlines():
-                subprocess.run(["losetup", "-d", line.split(":", 1)[0]], capture_output=True)
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def wait_queryable(uri: str, timeout: float = 600) -> None:
@@ -157,7 +121,7 @@ class Bench:
 
     def measure_backend(self, kind: str) -> None:
         largest = max(SIZES[s] for s in self.args.sizes)
-        with backend_root(kind, largest) as root:
+        with backend_root(kind, max(4, largest * 5 // 1024 + 4)) as root:
             running = start_platform(root)
             try:
                 assert running.plane.backend.name == kind, running.plane.backend.name

@@ -35,19 +35,24 @@ import json
 import math
 import os
 import random
-import shutil
 import signal
-import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import psycopg
 
-from benchmarks.core.common import BenchError, ratio, short_tmpdir, stop_on_sigterm, summarize
+from benchmarks.core.common import (
+    BenchError,
+    backend_root,
+    ratio,
+    say,
+    stop_on_sigterm,
+    summarize,
+    used_bytes,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.fixtures.argon_process import API_KEY, ArgonProcess
@@ -58,18 +63,8 @@ FREE_FLOOR = 20 * GB  # never grow the copy backend below this much free disk
 MAX_STARTING = 6  # computes running at once while growing (each new project starts once)
 
 
-def say(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
 def load() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-
-
-def used_bytes(path: Path) -> int:
-    os.sync()
-    st = os.statvfs(path)
-    return (st.f_blocks - st.f_bfree) * st.f_frsize
 
 
 def free_bytes(path: Path) -> int:
@@ -103,32 +98,6 @@ def allocated_once(path: Path) -> int:
     return total
 
 
-@contextlib.contextmanager
-def backend_root(kind: str) -> Iterator[Path]:
-    """A short temp root whose `data/` is on the backend's file system (reflink: an XFS image)."""
-    root = short_tmpdir("dn")
-    image = root / "argon.img"
-    mounted = False
-    try:
-        if kind == "reflink":
-            from argon.storage import volume
-
-            plan = volume.plan(root / "data", image=image, size="60G")  # sparse: grows with what is written
-            problems = volume.problems(plan)
-            if problems:
-                raise BenchError("; ".join(problems))
-            volume.apply(plan)
-            mounted = True
-        yield root
-    finally:
-        if mounted:
-            subprocess.run(["umount", str(root / "data")], capture_output=True)
-            attached = subprocess.run(["losetup", "-j", str(image)], capture_output=True, text=True).stdout
-            for line in attached.splitlines():
-                subprocess.run(["losetup", "-d", line.split(":", 1)[0]], capture_output=True)
-        shutil.rmtree(root, ignore_errors=True)
-
-
 class Fleet:
     """One `argon up` and the projects it holds."""
 
@@ -136,7 +105,7 @@ class Fleet:
         self.root, self.kind, self.quick = root, kind, quick
         self.data = root / "data"
         self.env = {"ARGON_SPARE_CLUSTERS": "2", "ARGON_CLONE_BACKEND": kind}  # argon up's default spares
-        self.argon = ArgonProcess(root, self.data, None, None, env=self.env)
+        self.argon = ArgonProcess(root, self.data, env=self.env).start()
         self.projects: list[dict[str, str]] = []  # id, branch, endpoint, uri
         self.branches = 0
         self.base_used = used_bytes(self.data)
@@ -270,13 +239,10 @@ class Fleet:
         self.wait_running(running)
         up = self.running()
         old_port = self.argon.proxy_port
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.argon.proc.pid, signal.SIGKILL)  # argon only: its computes run on, each in its session
-        self.argon.proc.wait()
-        self.argon.api.close()
-        self.argon.log.close()
+        self.argon.kill9()  # argon only: its computes run on, each in its session
+        self.argon.close_clients()
         t0 = time.perf_counter()
-        self.argon = ArgonProcess(self.root, self.data, None, None, uids=self.argon.uids, env=self.env)
+        self.argon = ArgonProcess(self.root, self.data, uids=self.argon.uids, env=self.env).start()
         ready = time.perf_counter() - t0
         for p in self.projects:  # the new process listens on other ports
             p["uri"] = p["uri"].replace(f":{old_port}/", f":{self.argon.proxy_port}/")
@@ -336,7 +302,7 @@ def measure_level(fleet: Fleet, n: int, args: argparse.Namespace) -> dict[str, A
 
 def run_backend(kind: str, sizes: list[int], args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
     """Each N's row is appended to `rows` as soon as it is measured (a failure keeps the rows before it)."""
-    with backend_root(kind) as root:
+    with backend_root(kind, 60, "dn") as root:  # sparse: grows with what is written
         fleet = Fleet(root, kind, args.quick)
         try:
             for n in sizes:

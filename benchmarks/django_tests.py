@@ -186,9 +186,9 @@ class Bench:
                     if os.geteuid() != 0:
                         self.errors[backend] = "skipped: the reflink backend needs root (a loop-mounted XFS image)"
                         continue
-                    from benchmarks.branching import backend_root
+                    from benchmarks.core.common import backend_root
 
-                    with backend_root("reflink", 256) as root:
+                    with backend_root("reflink", 5) as root:
                         self.measure(backend, root)
                 else:
                     root = short_tmpdir("bj")

@@ -1,13 +1,20 @@
 """What every part of the core benchmark shares: its constants, its error, the statistics, and
-small process and directory helpers."""
+small process and directory helpers (the clone backend's temp root that the branching, density
+and Django benchmarks run on)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import shutil
 import signal
 import socket
 import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +115,45 @@ def short_tmpdir(prefix: str = "ab") -> Path:
     path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
     os.chmod(path, 0o755)
     return path
+
+
+def say(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def used_bytes(path: Path) -> int:
+    """The file system's used bytes (after a sync): what a reflink backend's shared blocks cost, once."""
+    os.sync()
+    st = os.statvfs(path)
+    return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+
+@contextlib.contextmanager
+def backend_root(kind: str, size_gb: int, prefix: str = "bb") -> Iterator[Path]:
+    """A short temp root whose `data/` is on the clone backend's file system: for "reflink" an XFS
+    image of `size_gb` (sparse) made and loop-mounted by `argon storage init`'s code, for "copy" the
+    temp dir's own. Unmounted, detached and removed on the way out."""
+    root = short_tmpdir(prefix)
+    image = root / "argon.img"
+    mounted = False
+    try:
+        if kind == "reflink":
+            from argon.storage import volume
+
+            plan = volume.plan(root / "data", image=image, size=f"{size_gb}G")
+            problems = volume.problems(plan)
+            if problems:
+                raise BenchError("; ".join(problems))
+            volume.apply(plan)
+            mounted = True
+        yield root
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(root / "data")], capture_output=True)
+            attached = subprocess.run(["losetup", "-j", str(image)], capture_output=True, text=True).stdout
+            for line in attached.splitlines():
+                subprocess.run(["losetup", "-d", line.split(":", 1)[0]], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def as_postgres_user() -> dict[str, Any]:

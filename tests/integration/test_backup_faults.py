@@ -182,7 +182,7 @@ def test_kill_9_of_argon_up_and_of_a_compute_mid_shipping_leaves_no_gap(s3_serve
     root = short_tmpdir("bk")
     acked: list[int] = []
     try:
-        first = ArgonProcess(root, root / "data", url, s3_server.endpoint)
+        first = ArgonProcess(root, root / "data", url, s3_server.endpoint, spares=0).start()
         try:
             _pid, uri = first.create_project()
             with psycopg.connect(uri, autocommit=True) as conn:
@@ -195,7 +195,7 @@ def test_kill_9_of_argon_up_and_of_a_compute_mid_shipping_leaves_no_gap(s3_serve
         writer.join(60)
         killed_at = acked[-1]
 
-        second = ArgonProcess(root, root / "data", url, s3_server.endpoint, uids=first.uids)  # same data dir, bucket
+        second = ArgonProcess(root, root / "data", url, s3_server.endpoint, uids=first.uids, spares=0).start()  # same data dir, bucket
         try:
             uri = uri.replace(f":{first.proxy_port}/", f":{second.proxy_port}/")
             _write(uri, 1.5, 100000, acked)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -17,81 +15,14 @@ import httpx
 import psycopg
 import pytest
 
-from tests.fixtures.argon_process import free_port
-from tests.fixtures.platform import short_tmpdir, uid_range
+from tests.fixtures.argon_process import ArgonProcess, free_port, running_argon
 
 pytestmark = [pytest.mark.pg, pytest.mark.slow]
 
-KEY = "argon_crash_test_key_abcdefghijklmnopqrstu"
-
-
-class ArgonProcess:
-    def __init__(self, root: Path, http_port: int, proxy_port: int) -> None:
-        self.root = root
-        self.env = {**os.environ, "ARGON_DATA_DIR": str(root / "data"), "ARGON_RUN_DIR": str(root / "run"),
-                    "ARGON_HTTP_PORT": str(http_port), "ARGON_PROXY_PORT": str(proxy_port),
-                    "ARGON_API_KEY": KEY, "HOME": str(root / "home"), "ARGON_CONFIG_FILE": str(root / "none.toml"),
-                    "TMPDIR": str(root),  # the proxy's internal socket dir goes with the root even on kill -9
-                    **{f"ARGON_{k.upper()}": str(v) for k, v in uid_range().items()}}
-        self.api = httpx.Client(base_url=f"http://127.0.0.1:{http_port}/api/v2",
-                                headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log = root / "argon-up.log"
-
-    def start(self) -> None:
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "argon", "up"], env=self.env, stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log.read_text()
-            try:
-                if self.api.get("/projects").status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError("argon up did not come up:\n" + self.log.read_text())
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(30)
-
-    def interrupt(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGINT)
-        assert self.proc.wait(60) == 0, self.log.read_text()
-
-
 @pytest.fixture
 def argon() -> Iterator[ArgonProcess]:
-    root = short_tmpdir("ac")
-    (root / "home").mkdir()
-    proc = ArgonProcess(root, free_port(), free_port())
-    try:
+    with running_argon("ac") as proc:
         yield proc
-    finally:
-        if proc.proc is not None and proc.proc.poll() is None:
-            proc.proc.send_signal(signal.SIGINT)
-            try:
-                proc.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.proc.kill()
-        if proc.proc is not None:  # what argon left in its process group (a spare copy's `cp -a` after a kill)
-            with contextlib.suppress(OSError):
-                os.killpg(proc.proc.pid, signal.SIGKILL)
-        # computes left by a failed test: stop them by the pid their postmaster.pid names, and wait
-        # for them to go before the root is removed (or they write into it again)
-        pids = []
-        for pidfile in root.glob("data/projects/*/branches/*/pgdata/postmaster.pid"):
-            with contextlib.suppress(OSError, ValueError):
-                pids.append(int(pidfile.read_text().split()[0]))
-                os.kill(pids[-1], signal.SIGQUIT)
-        deadline = time.monotonic() + 30
-        while any(Path(f"/proc/{pid}").exists() for pid in pids) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def postmaster_pid(root: Path) -> int:

@@ -25,12 +25,8 @@ import psycopg
 import pytest
 
 from argon import failpoints
-from tests.fixtures.crash_process import (
-    ArgonProcess,
-    argon_process,
-    check_invariants,
-    postgres_processes_under,
-)
+from tests.fixtures.argon_process import ArgonProcess, postgres_processes_under, running_argon
+from tests.fixtures.crash_process import check_invariants
 
 pytestmark = [pytest.mark.pg, pytest.mark.slow]
 
@@ -46,7 +42,7 @@ KILLS = [0]
 
 @pytest.fixture
 def argon() -> Iterator[ArgonProcess]:
-    with argon_process("fp") as proc:
+    with running_argon("fp") as proc:
         yield proc
 
 
@@ -352,7 +348,98 @@ def test_suspend(argon: ArgonProcess) -> None:
     walk(argon, [suspend("compute.suspend.after_sync"), suspend("compute.suspend.after_stop")])
 
 
-def test_lazy_restore_of_a_branch() -> None:
+def test_snapshots_settings_and_the_write_gate(argon: ArgonProcess) -> None:
+    """The newer durable steps: the write gate's ALTER SYSTEM (ADR 0025), an endpoint's pg_settings,
+    a snapshot's create, its shipping to the bucket, its restore and its delete (ADR 0028). The
+    gate's point comes first: a restart resets every adopted compute's gate, and must not pass it."""
+    argon.env["ARGON_BACKUP_URL"] = f"file://{argon.root}/bucket"
+    argon.start()
+    pid, main, eid = new_project(argon)
+    taken: list[str] = []
+
+    def quota(limit: int) -> None:
+        resp = argon.api.patch(f"/projects/{pid}", json={"project": {"settings": {"quota": {
+            "logical_size_bytes": limit}}}})
+        assert resp.status_code == 200, resp.text
+
+    def refused() -> bool:
+        try:
+            query(argon, pid, main, "create table if not exists probe (v int)")
+        except psycopg.errors.ReadOnlySqlTransaction:
+            return True
+        return False
+
+    def until(check: Callable[[], bool], what: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not check():
+            assert time.monotonic() < deadline, f"timed out: {what}"
+            time.sleep(0.2)
+
+    def gate(point: str) -> Step:
+        def op() -> Any:
+            query(argon, pid, main, "select 1")  # running: the guard's next look refuses its writes
+            quota(2**20)
+
+        def check(state: dict[str, Any]) -> None:
+            until(refused, "the adopted compute refuses writes again")  # reset once, refused again
+            quota(0)
+            until(lambda: not refused(), "writes allowed once the limit is gone")
+
+        return point, op, check
+
+    def settings(point: str) -> Step:
+        def op() -> Any:
+            return argon.api.patch(f"/projects/{pid}/endpoints/{eid}",
+                                   json={"endpoint": {"settings": {"pg_settings": {"work_mem": "7MB"}}}})
+
+        def check(state: dict[str, Any]) -> None:
+            ep = next(e for e in state[pid]["endpoints"] if e["id"] == eid)
+            assert ep["settings"]["pg_settings"] == {"work_mem": "7MB"}, f"{point}: {ep['settings']}"
+            assert argon.api.post(f"/projects/{pid}/endpoints/{eid}/suspend").status_code == 200
+            assert query(argon, pid, main, "show work_mem") == [("7MB",)]  # what the metadata says, at a start
+
+        return point, op, check
+
+    def take(point: str) -> Step:
+        def op() -> Any:
+            resp = argon.api.post(f"/projects/{pid}/branches/{main}/snapshot", params={"name": point})
+            if resp.status_code == 200:
+                taken.append(resp.json()["snapshot"]["id"])
+            return resp
+
+        def check(state: dict[str, Any]) -> None:
+            if point == "snapshot.create.after_copy":
+                assert not state[pid]["snapshots"], f"{point}: {state[pid]['snapshots']}"
+                return
+            assert taken and taken[-1] in state[pid]["snapshots"], f"{point}: the snapshot is gone"
+            shipped = argon.data / "backup" / "snapshots.json"  # shipped again after the restart
+            until(lambda: shipped.is_file() and taken[-1] in shipped.read_text(), "the snapshot shipped")
+            assert list((argon.root / "bucket").rglob(f"{taken[-1]}.json")), "no manifest in the bucket"
+
+        return point, op, check
+
+    def restore(point: str) -> Step:
+        def op() -> Any:
+            return argon.api.post(f"/projects/{pid}/snapshots/{taken[-1]}/restore", json={"name": "from-snap"})
+
+        def check(state: dict[str, Any]) -> None:
+            assert branch_named(argon, pid, "from-snap") is None, f"{point}: a branch never recorded exists"
+
+        return point, op, check
+
+    def delete(point: str) -> Step:
+        def check(state: dict[str, Any]) -> None:
+            assert taken[-1] not in state[pid]["snapshots"], f"{point}: the deleted snapshot is back"
+            assert not (argon.data / "projects" / pid / "snapshots" / taken[-1]).exists(), f"{point}: its files"
+
+        return point, lambda: argon.api.delete(f"/projects/{pid}/snapshots/{taken[-1]}"), check
+
+    walk(argon, [gate("writes.gate.after_alter_system"), settings("endpoint.update.after_metadata"),
+                 take("snapshot.create.after_copy"), take("backup.snapshot.after_upload"),
+                 restore("snapshot.restore.after_copy"), delete("snapshot.delete.after_metadata")])
+
+
+def test_lazy_restore_of_a_branch(argon: ArgonProcess) -> None:
     """ADR 0032: a branch whose data is still in the bucket (as a lazy `argon restore` leaves it: the
     metadata, an empty branch directory, a `fetch-` intent) is restored by `argon up`'s background
     sweep; killed before and after the rename into place, the next start resumes, and the branch is
@@ -361,40 +448,38 @@ def test_lazy_restore_of_a_branch() -> None:
 
     from argon.control import lazyrestore
     from argon.storage.intents import Intents
-    from tests.fixtures.crash_process import argon_process
 
-    with argon_process("fl") as argon:
-        url = f"file://{argon.root / 'bucket'}"
-        argon.env["ARGON_BACKUP_URL"] = url
-        argon.start()
-        pid, main, _ = new_project(argon)
-        deadline = time.monotonic() + 180
-        while not ((b := argon.api.get("/backup").json()["backup"])["branches"]
-                   and all(r["lag_bytes"] == 0 and r["last_base_backup"] for r in b["branches"])):
-            assert time.monotonic() < deadline, b
-            time.sleep(0.2)
-        argon.interrupt()
-        branch_dir = argon.data / "projects" / pid / "branches" / main
-        for point in ("restore.lazy.before_swap", "restore.lazy.after_swap"):
-            if point == "restore.lazy.before_swap":  # the machine lost it: only the bucket has it
-                shutil.rmtree(branch_dir / "pgdata")
-                shutil.rmtree(branch_dir / "history")
-                Intents(argon.data / "intents").put(lazyrestore.intent_key(main),
-                                                    lazyrestore.intent(pid, main, url, None, None, None))
-            argon.start(ARGON_FAILPOINTS=f"{point}=kill")  # the sweep gets there by itself
-            assert argon.wait_dead(300) == -signal.SIGKILL
-            assert f"failpoint {point}: kill" in argon.log.read_text()
-            KILLS[0] += 1
-            WALKED.add(point)
-            assert (branch_dir / "pgdata").exists() == (point == "restore.lazy.after_swap")
-        argon.start()
-        deadline = time.monotonic() + 300
-        while argon.api.get("/backup").json()["backup"]["restoring"]["pending"]:
-            assert time.monotonic() < deadline, argon.log.read_text()[-3000:]
-            time.sleep(0.2)
-        check_invariants(argon)
-        assert query(argon, pid, main, "select v from t") == [("main",)]
-        assert not (argon.data / "intents" / f"{lazyrestore.intent_key(main)}.json").exists()
+    url = f"file://{argon.root / 'bucket'}"
+    argon.env["ARGON_BACKUP_URL"] = url
+    argon.start()
+    pid, main, _ = new_project(argon)
+    deadline = time.monotonic() + 180
+    while not ((b := argon.api.get("/backup").json()["backup"])["branches"]
+               and all(r["lag_bytes"] == 0 and r["last_base_backup"] for r in b["branches"])):
+        assert time.monotonic() < deadline, b
+        time.sleep(0.2)
+    argon.interrupt()
+    branch_dir = argon.data / "projects" / pid / "branches" / main
+    for point in ("restore.lazy.before_swap", "restore.lazy.after_swap"):
+        if point == "restore.lazy.before_swap":  # the machine lost it: only the bucket has it
+            shutil.rmtree(branch_dir / "pgdata")
+            shutil.rmtree(branch_dir / "history")
+            Intents(argon.data / "intents").put(lazyrestore.intent_key(main),
+                                                lazyrestore.intent(pid, main, url, None, None, None))
+        argon.start(ARGON_FAILPOINTS=f"{point}=kill")  # the sweep gets there by itself
+        assert argon.wait_dead(300) == -signal.SIGKILL
+        assert f"failpoint {point}: kill" in argon.log.read_text()
+        KILLS[0] += 1
+        WALKED.add(point)
+        assert (branch_dir / "pgdata").exists() == (point == "restore.lazy.after_swap")
+    argon.start()
+    deadline = time.monotonic() + 300
+    while argon.api.get("/backup").json()["backup"]["restoring"]["pending"]:
+        assert time.monotonic() < deadline, argon.log.read_text()[-3000:]
+        time.sleep(0.2)
+    check_invariants(argon)
+    assert query(argon, pid, main, "select v from t") == [("main",)]
+    assert not (argon.data / "intents" / f"{lazyrestore.intent_key(main)}.json").exists()
 
 
 def _held_while_starting(argon: ArgonProcess) -> tuple[str, str, int]:

@@ -6,13 +6,10 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,8 +20,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from argon.control.metrics import STORAGE_EVERY
-from tests.fixtures.argon_process import free_port
-from tests.fixtures.platform import API_KEY, RunningPlatform, short_tmpdir, uid_range
+from tests.fixtures.argon_process import running_argon
+from tests.fixtures.platform import API_KEY, RunningPlatform
 
 pytestmark = pytest.mark.pg
 
@@ -242,40 +239,18 @@ def test_logs_are_json_with_ids_and_no_secrets(platform: RunningPlatform) -> Non
 @pytest.mark.slow
 def test_argon_up_as_a_service() -> None:
     """What systemd sees: READY=1 once it serves, JSON lines on stderr, a graceful stop on SIGTERM."""
-    root = short_tmpdir("sv")
-    try:
-        _serve_once(root)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-
-
-def _serve_once(root: Path) -> None:
-    http_port = free_port()
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(str(root / "notify"))
-    notify.settimeout(120)
-    env = {**os.environ, "ARGON_DATA_DIR": str(root / "data"), "ARGON_RUN_DIR": str(root / "run"),
-           "ARGON_HTTP_PORT": str(http_port), "ARGON_PROXY_PORT": str(free_port()), "ARGON_API_KEY": API_KEY,
-           "HOME": str(root), "ARGON_CONFIG_FILE": str(root / "none.toml"), "ARGON_SPARE_CLUSTERS": "0",
-           "NOTIFY_SOCKET": str(root / "notify"), "TMPDIR": str(root),
-           **{f"ARGON_{k.upper()}": str(v) for k, v in uid_range().items()}}
-    stderr = root / "stderr"
-    with open(stderr, "wb") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "argon", "up"], env=env, stdout=subprocess.DEVNULL, stderr=err,
-                                start_new_session=True)
-    try:
+    with running_argon("sv", spares=0) as argon, socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(str(argon.root / "notify"))
+        notify.settimeout(120)
+        argon.start(wait=False, stdout=subprocess.DEVNULL, NOTIFY_SOCKET=str(argon.root / "notify"))
+        assert argon.proc is not None
         ready = notify.recv(4096).decode()
         assert ready.startswith("READY=1\nSTATUS=serving"), ready
-        assert httpx.get(f"http://127.0.0.1:{http_port}/readyz").status_code == 200
-        proc.send_signal(signal.SIGTERM)
+        assert httpx.get(f"http://127.0.0.1:{argon.http_port}/readyz").status_code == 200
+        argon.proc.send_signal(signal.SIGTERM)
         assert notify.recv(4096) == b"STOPPING=1"
-        assert proc.wait(60) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(30)
-        notify.close()
-    lines = stderr.read_text().splitlines()
+        assert argon.proc.wait(60) == 0
+        lines = [line for line in argon.log.read_text().splitlines() if line and not line.startswith("=== ")]
     assert lines
     parsed = [json.loads(line) for line in lines]  # every line of the log is one JSON object
     assert any(p["message"] == "Stopped." for p in parsed)

@@ -51,3 +51,29 @@ def test_pg_settings_apply_live_or_at_next_start(platform: RunningPlatform) -> N
         assert show(uri, "work_mem", "statement_timeout") == [before[0], "0"]
     finally:
         platform.delete_project(pid)
+
+
+def test_settings_a_running_compute_refuses_leave_the_old_ones(platform: RunningPlatform,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The metadata is written before the compute is reconfigured (a kill -9 between them leaves
+    settings the next start applies); a value the compute refuses then puts the old ones back."""
+    from argon.errors import UserError
+
+    created = platform.create_project(name="pgrefused")
+    pid, ep = created["project"]["id"], created["endpoints"][0]["id"]
+    try:
+        assert platform.api.patch(f"/projects/{pid}/endpoints/{ep}", json={"endpoint": {"settings": {
+            "pg_settings": {"work_mem": "12MB"}}}}).status_code == 200
+
+        async def refuse(old: object, new: object) -> bool:
+            raise UserError("pg_settings: the compute refused work_mem (invalid value)")
+
+        monkeypatch.setattr(platform.control.computes, "reconfigure", refuse)
+        resp = platform.api.patch(f"/projects/{pid}/endpoints/{ep}", json={"endpoint": {
+            "suspend_timeout_seconds": 7, "settings": {"pg_settings": {"work_mem": "13MB"}}}})
+        assert resp.status_code == 400 and "the compute refused work_mem" in resp.json()["message"], resp.text
+        kept = platform.endpoint(pid, ep)
+        assert kept["settings"]["pg_settings"] == {"work_mem": "12MB"}
+        assert kept["suspend_timeout_seconds"] != 7  # the whole PATCH, not only its pg_settings
+    finally:
+        platform.delete_project(pid)

@@ -30,14 +30,13 @@ the user's `pg_settings`, so they cannot lift it.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
 from dataclasses import dataclass
 
 from argon import model
 from argon.compute.cgroups import CgroupError, Limits, Usage
+from argon.control.periodic import Periodic
 from argon.control.plane import ControlPlane
 
 log = logging.getLogger(__name__)
@@ -135,7 +134,7 @@ class Autoscaler:
     def __init__(self, plane: ControlPlane) -> None:
         self.plane = plane
         self._watched: dict[str, _Watched] = {}
-        self._task: asyncio.Task[None] | None = None
+        self.loop = Periodic("autoscaling look", self.look, lambda: plane.settings.autoscaling_interval, logger=log)
 
     @property
     def enforced(self) -> bool:
@@ -155,24 +154,11 @@ class Autoscaler:
         return seen.usage if seen is not None else None
 
     def start(self) -> None:
-        if self.enforced and self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run())
+        if self.enforced:
+            self.loop.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _run(self) -> None:
-        interval = self.plane.settings.autoscaling_interval
-        while True:
-            try:
-                await self.look()
-            except Exception:  # one bad look must not end autoscaling
-                log.exception("autoscaling look failed")
-            await asyncio.sleep(interval)
+        await self.loop.stop()
 
     async def look(self) -> None:
         """One pass over the running computes: read, decide, act."""

@@ -40,7 +40,9 @@ from typing import TYPE_CHECKING, Any
 
 from argon import model, safefs
 from argon.control import pitr, retention
+from argon.control.periodic import Periodic
 from argon.errors import ArgonError, ErrorKind, UserError
+from argon.failpoints import failpoint
 from argon.storage import history as hs
 from argon.storage import wal
 from argon.storage.backup import bases as bb
@@ -269,8 +271,10 @@ class BackupService:
         self.index = bb.ChunkIndex(self.store)
         self.interval = settings.backup_interval
         self.status = BackupStatus(url=settings.backup_url or "", encrypted=self.codec.encrypted)
-        self._tasks: list[asyncio.Task[None]] = []
-        self._nudged: dict[str, asyncio.Event] = {}  # loop -> set to run it now
+        self._loops = [self._periodic("wal", self.ship_wal_once, lambda: self.interval),
+                       self._periodic("bases", self.ship_bases_once, BASE_INTERVAL),
+                       self._periodic("metadata", self.backup_metadata_once, METADATA_INTERVAL),
+                       self._periodic("retention", self.prune_once, PRUNE_INTERVAL)]
         self._meta_seen: tuple[float, ...] = ()
         self._epoch_records: dict[str, str] = {}  # epoch prefix -> the epoch.json last uploaded
         self._errors: dict[str, str] = {}  # loop -> its last error
@@ -286,19 +290,11 @@ class BackupService:
             log.warning("backup to %s is not encrypted: whoever can read it can read the data and decrypt the "
                         "stored role passwords (secrets/passwords.key travels with the metadata); set "
                         "ARGON_BACKUP_KEY", self.store.url)
-        loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._run("wal", self.ship_wal_once, self.interval)),
-                       loop.create_task(self._run("bases", self.ship_bases_once, BASE_INTERVAL)),
-                       loop.create_task(self._run("metadata", self.backup_metadata_once, METADATA_INTERVAL)),
-                       loop.create_task(self._run("retention", self.prune_once, PRUNE_INTERVAL))]
+        for loop in self._loops:
+            loop.start()
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        self._tasks = []
+        await asyncio.gather(*(loop.stop() for loop in self._loops))
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -314,23 +310,12 @@ class BackupService:
     def nudge(self) -> None:
         """Ship now rather than at the next tick: a compute stopped (its shutdown checkpoint's WAL,
         maybe a new snapshot) or a branch was created (its base)."""
-        for event in self._nudged.values():
-            event.set()
+        for loop in self._loops:
+            loop.nudge()
 
-    async def _run(self, what: str, step: Any, interval: float) -> None:
-        nudged = self._nudged.setdefault(what, asyncio.Event())
-        while True:
-            nudged.clear()
-            try:
-                await step()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                self._fail(what, exc)
-            else:
-                self._ok(what)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(nudged.wait(), interval)
+    def _periodic(self, what: str, step: Any, interval: Any) -> Periodic:
+        return Periodic(f"backup {what}", step, interval, logger=log,
+                        on_error=lambda exc: self._fail(what, exc), on_ok=lambda: self._ok(what))
 
     def _fail(self, what: str, exc: Exception) -> None:
         message = exc.user_message if isinstance(exc, ArgonError) else f"{type(exc).__name__}: {exc}"
@@ -531,6 +516,7 @@ class BackupService:
             stats = bb.upload_snapshot(self.store, self.codec, self.index, source,
                                        snapshot_key(snap.project_id, snap.id), record,
                                        owner=retention.project_owner(project))
+            failpoint("backup.snapshot.after_upload")  # shipped, not yet recorded: shipped again
             log.info("backup: snapshot %s shipped: %.1f MB, %d new chunks", snap.id, stats.bytes / 1e6,
                      stats.chunks_uploaded)
             done.add(snap.id)

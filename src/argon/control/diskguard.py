@@ -26,13 +26,13 @@ Every refusal and every release is an event of the endpoint (`writes_refused`, `
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import shutil
 from dataclasses import dataclass
 
 from argon import model
 from argon.compute.admin import AdminSession
+from argon.control.periodic import Periodic
 from argon.control.plane import ControlPlane
 from argon.errors import StorageError
 
@@ -100,7 +100,7 @@ class DiskGuard:
         self.reserve = 0
         self.sizes: dict[str, int] = {}  # endpoint -> logical size at the last look
         self._states: dict[str, SizeState] = {}
-        self._task: asyncio.Task[None] | None = None
+        self.loop = Periodic("disk guard look", self.look, lambda: plane.settings.disk_check_interval, logger=log)
 
     def describe(self) -> str:
         """Which disk limits are enforced (`argon up`, `argon status`)."""
@@ -110,23 +110,10 @@ class DiskGuard:
                 f"temporary files by temp_file_limit; the platform's disk reserve: {kept}")
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run())
+        self.loop.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.look()
-            except Exception:  # one bad look must not end the guard
-                log.exception("disk guard look failed")
-            await asyncio.sleep(self.plane.settings.disk_check_interval)
+        await self.loop.stop()
 
     def _measure_free(self) -> tuple[int, int]:
         usage = shutil.disk_usage(self.plane.layout.data_dir)

@@ -14,6 +14,7 @@ from argon.control.autoscale import CU_STEPS, limits_for
 from argon.control.plane import ControlPlane
 from argon.control.services import Control
 from argon.errors import UserError
+from argon.failpoints import failpoint_async
 
 
 @dataclass(frozen=True)
@@ -90,8 +91,16 @@ async def update_endpoint(control: Control, project_id: str, endpoint_id: str,
         changed_settings = sorted(k for k in set(ep.pg_settings) | set(new.pg_settings)
                                   if ep.pg_settings.get(k) != new.pg_settings.get(k))
         live_settings, start_settings = tenant_settings.split_live(changed_settings)
-        reloaded = bool(live_settings) and not patch.disabled and await control.computes.reconfigure(ep, new)
+        # The metadata first: a kill -9 after it leaves settings a start applies (as for those only a
+        # start applies), never a compute running settings the metadata lacks.
         await plane.commit(put=[new])
+        await failpoint_async("endpoint.update.after_metadata")
+        try:
+            reloaded = bool(live_settings) and not patch.disabled and await control.computes.reconfigure(ep, new)
+        except UserError:  # the compute refused a value: the old settings stay, in the metadata too
+            await plane.commit(put=[plane.endpoint(project_id, endpoint_id).replace(
+                **{k: getattr(ep, k) for k in changes})])
+            raise
         ops = [await plane.record(project_id, model.OperationAction.APPLY_CONFIG, branch_id=ep.branch_id,
                                   endpoint_id=ep.id, started=started)]
         now: list[str] = [f"pg_settings.{k}" for k in live_settings] if reloaded else []

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from argon.compute.osuser import OsUser, project_user
 from argon.control.metrics import STORAGE_EVERY, MetricsSampler
+from argon.control.periodic import Periodic
 from argon.control.plane import ControlPlane
 from argon.storage import history as hs
 from argon.storage import wal
@@ -105,7 +106,7 @@ class Figures:
         self._figures: dict[str, BranchFigures] = {}
         self._seen: dict[str, Seen] = {}
         self._touched: set[str] = set()
-        self._task: asyncio.Task[None] | None = None
+        self.loop = Periodic("storage figures", self.tick, INTERVAL, prepare=self._seed_from_store, logger=log)
         self._measuring: asyncio.Future[list[tuple[Target, BranchFigures | None, bool]]] | None = None
         self.measured = 0  # branches measured since start (the density benchmark and tests read it)
         # a running branch's figures are no older than its storage samples (every STORAGE_EVERY looks)
@@ -147,29 +148,17 @@ class Figures:
                 self._figures[bid] = BranchFigures(logical_size=logical or 0, allocated_bytes=allocated or 0)
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._loop())
+        self.loop.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self.loop.stop()
         if self._measuring is not None:
             with contextlib.suppress(Exception):
                 await self._measuring
 
-    async def _loop(self) -> None:
-        plane = self.plane
-        with contextlib.suppress(Exception):
-            samples = await plane.db(plane.store.latest_storage_samples)
-            self.seed({b: (s.logical_bytes, s.storage_bytes) for b, s in samples.items()})
-        while True:
-            try:
-                await self.tick()
-            except Exception:  # the figures must survive anything one branch does
-                log.exception("storage figures failed")
-            await asyncio.sleep(INTERVAL)
+    async def _seed_from_store(self) -> None:
+        samples = await self.plane.db(self.plane.store.latest_storage_samples)
+        self.seed({b: (s.logical_bytes, s.storage_bytes) for b, s in samples.items()})
 
     async def tick(self, budget: int = BUDGET) -> int:
         """Measure the branches that are due (in a thread); returns how many were measured."""

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Protocol
 
 from argon import model
+from argon.control.periodic import Periodic
 from argon.control.plane import ControlPlane
 from argon.metadata.store import MetricSample, MetricTotals
 
@@ -170,7 +171,7 @@ class StorageFigures(Protocol):
 class MetricsSampler:
     def __init__(self, plane: ControlPlane) -> None:
         self.plane = plane
-        self._task: asyncio.Task[None] | None = None
+        self.loop = Periodic("metrics sample", self._sample, lambda: self.interval, prepare=self._prepare, logger=log)
         self._last: dict[str, _Last] = {}
         self._logical: dict[str, int] = {}  # branch -> last logical size
         self._allocated: dict[str, tuple[str, int]] = {}  # branch -> (project, bytes on disk), last measured
@@ -188,27 +189,18 @@ class MetricsSampler:
         return timedelta(hours=self.plane.settings.metrics_retention_hours)
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._loop())
+        self.loop.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self.loop.stop()
 
-    async def _loop(self) -> None:
-        with contextlib.suppress(Exception):
-            self._logical = {b: s.logical_bytes for b, s in
-                             (await self.plane.db(self.plane.store.latest_storage_samples)).items()
-                             if s.logical_bytes is not None}
-        while True:
-            try:
-                outcome = await self.tick()
-                log.debug("metrics: %s", outcome)
-            except Exception:  # the sampler must survive anything one compute does
-                log.exception("metrics sample failed")
-            await asyncio.sleep(self.interval)
+    async def _prepare(self) -> None:
+        self._logical = {b: s.logical_bytes for b, s in
+                         (await self.plane.db(self.plane.store.latest_storage_samples)).items()
+                         if s.logical_bytes is not None}
+
+    async def _sample(self) -> None:
+        log.debug("metrics: %s", await self.tick())
 
     async def tick(self) -> str:
         """One look at every running compute; every STORAGE_EVERY-th, every branch's storage too."""

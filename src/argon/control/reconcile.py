@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from argon import model, safefs
-from argon.control import branches, roles
+from argon.control import branches, roles, snapshots
 from argon.control.lifecycle import LeftRunning
 from argon.control.plane import ControlPlane
 from argon.control.services import Control
@@ -181,6 +181,7 @@ async def reconcile(control: Control) -> Plan:
         await plane.add_events([model.Event(endpoint_id=e, kind=model.EventKind.ADOPTED, at=now) for e in plan.adopt])
     await bounded(ADOPT_AT_ONCE, [_apply_pending_spec(control, e) for e in plan.adopt])
     await tidy_disk(control, plan)
+    await snapshots.remove_orphans(control)
     log.info("reconciled in %.0f ms: %s", (time.monotonic() - started) * 1000, plan.summary())
     return plan
 

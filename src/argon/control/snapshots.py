@@ -31,6 +31,7 @@ from argon.compute.osuser import project_user
 from argon.control import branches, retention
 from argon.control.services import Control
 from argon.errors import Conflict, NotFound, Precondition, UserError
+from argon.failpoints import failpoint_async
 from argon.storage import branching
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,7 @@ async def create_snapshot(control: Control, project_id: str, branch_id: str, *, 
                                  action=model.OperationAction.CREATE_TIMELINE, status=model.OperationStatus.FINISHED,
                                  created_at=now, updated_at=now, branch_id=branch.id,
                                  total_duration_ms=int((time.monotonic() - started) * 1000))
+            await failpoint_async("snapshot.create.after_copy")
             await plane.commit(put=[snap, op])
         except BaseException:
             await asyncio.to_thread(safefs.rmtree, home)
@@ -144,6 +146,7 @@ async def delete_snapshot(control: Control, project_id: str, snapshot_id: str) -
     async with plane.project_lock(project_id):
         snap = await get(control, project_id, snapshot_id)
         await plane.commit(delete=[snap])  # the commit point: its files and bucket copy go after
+        await failpoint_async("snapshot.delete.after_metadata")
         await asyncio.to_thread(safefs.rmtree, plane.layout.snapshot_dir(project_id, snap.id))
         op = await plane.record(project_id, model.OperationAction.DELETE_TIMELINE, branch_id=snap.source_branch_id)
     if control.backup is not None:
@@ -165,6 +168,27 @@ async def delete_expired(control: Control) -> list[str]:
             except Exception as exc:
                 log.warning("expired snapshot %s not deleted: %s", snap.id, getattr(exc, "user_message", exc))
     return gone
+
+
+async def remove_orphans(control: Control) -> int:
+    """Snapshot directories no snapshot record owns (`kill -9` between a snapshot's copy and its
+    record, or between a delete's record and the removal of its files): removed by start-up
+    reconciliation, never through a link (`argon.safefs`). Returns how many."""
+    plane = control.plane
+    known = {(s.project_id, s.id) for s in await plane.db(plane.store.list_all_snapshots)}
+    removed = 0
+    for project in plane.projects():
+        top = plane.layout.project_dir(project.id) / "snapshots"
+        if not await asyncio.to_thread(safefs.is_dir, top):
+            continue
+        for name in await asyncio.to_thread(safefs.listdir, top):
+            if (project.id, name) not in known:
+                await asyncio.to_thread(safefs.rmtree, top / name)
+                removed += 1
+    if removed:
+        log.warning("removed %d snapshot directory(ies) that no snapshot owns (an interrupted create or delete)",
+                    removed)
+    return removed
 
 
 async def _lay_out(control: Control, project: model.Project, snap: model.Snapshot, target: Path) -> str | None:
@@ -242,6 +266,7 @@ async def _new_branch(control: Control, project: model.Project, snap: model.Snap
                              status=model.OperationStatus.FINISHED, created_at=now, updated_at=now, branch_id=bid,
                              total_duration_ms=int((time.monotonic() - started) * 1000))
         try:
+            await failpoint_async("snapshot.restore.after_copy")
             await plane.commit(put=[branch, *roles, *dbs, op])
         except BaseException:
             await asyncio.to_thread(safefs.rmtree, plane.layout.branch_dir(project.id, bid))

@@ -13,7 +13,6 @@ clients hold no server connection while idle, and the pools' idle ones are close
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from dataclasses import dataclass
 from argon import model
 from argon.control import snapshots
 from argon.control.branches import delete_expired
+from argon.control.periodic import Periodic
 from argon.control.reconcile import adopt_strays
 from argon.control.retention import maintain
 from argon.control.services import Control
@@ -73,35 +73,27 @@ class SuspendMonitor:
     def __init__(self, control: Control) -> None:
         self.control = control
         self.plane = control.plane
-        self._task: asyncio.Task[None] | None = None
+        self.loop = Periodic("suspend check", self._tick, CHECK_INTERVAL, first_delay=CHECK_INTERVAL, logger=log)
+        self._ticks = 0
         self._running_since: dict[str, float] = {}
         self._history: asyncio.Task[None] | None = None
         self._history_cursor = ""  # where the round robin of idle branches' pruning goes on
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._loop())
+        self.loop.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self.loop.stop()
 
-    async def _loop(self) -> None:
-        ticks = 0
-        while True:
-            await asyncio.sleep(CHECK_INTERVAL)
-            ticks += 1
-            try:
-                await self.check_all()
-                if ticks % EXPIRY_EVERY == 0:
-                    await delete_expired(self.control)
-                    await snapshots.delete_expired(self.control)
-                    await adopt_strays(self.control)
-                if ticks % HISTORY_EVERY == 0 and (self._history is None or self._history.done()):
-                    self._history = self.plane.spawn(self._maintain(), "history snapshots and pruning")
-            except Exception:  # the monitor must survive anything one compute does
-                log.exception("suspend check failed")
+    async def _tick(self) -> None:
+        self._ticks += 1
+        await self.check_all()
+        if self._ticks % EXPIRY_EVERY == 0:
+            await delete_expired(self.control)
+            await snapshots.delete_expired(self.control)
+            await adopt_strays(self.control)
+        if self._ticks % HISTORY_EVERY == 0 and (self._history is None or self._history.done()):
+            self._history = self.plane.spawn(self._maintain(), "history snapshots and pruning")
 
     async def _maintain(self) -> None:
         done = await maintain(self.plane, self._history_cursor)

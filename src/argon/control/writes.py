@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 
 from argon.compute.manager import ComputeManager
+from argon.failpoints import failpoint_async
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ class WriteGate:
                 await session.fetchall("ALTER SYSTEM SET default_transaction_read_only = on", timeout=10)
             else:
                 await session.fetchall("ALTER SYSTEM RESET default_transaction_read_only", timeout=10)
+            await failpoint_async("writes.gate.after_alter_system")  # a restart resets an adopted compute once
             await session.fetchone("SELECT pg_reload_conf()", timeout=10)
         except Exception as exc:
             log.warning("could not %s writes on compute %s: %s", "refuse" if want else "allow", endpoint_id, exc)
