@@ -96,7 +96,9 @@ def test_first_project_journey(chromium: Browser, pristine: RunningPlatform) -> 
 
     db = parse_django(copied)
     assert db["ENGINE"] == "django.db.backends.postgresql"
-    assert (db["HOST"], db["PORT"]) == (pristine.settings.connect_host, str(pristine.proxy_port))
+    journey = next(p for p in pristine.api.get("/projects").json()["projects"] if p["name"] == "journey")
+    host = pristine.api.get(f"/projects/{journey['id']}/endpoints").json()["endpoints"][0]["host"]
+    assert (db["HOST"], db["PORT"]) == (host, str(pristine.proxy_port))  # its own address (ADR 0031), or the name
     assert db["PASSWORD"] == password
     uri = page.locator("#copy-uri").input_value()
     assert copied == render_connection({"uri": uri}, "django")  # what `argon connection-string --format django` prints
