@@ -1067,6 +1067,8 @@ typedef struct Engine {
     Registry registry;
     StrTable strings;
     Conn *touched;
+    Conn **arm; /* settle's workspace: connections flushed, to re-arm */
+    size_t narm, arm_cap;
     Conn *dead;
     double now, last_tick, wait_timeout, idle_timeout;
     int max_prepared;
@@ -2427,25 +2429,52 @@ static void lost(Engine *e, Conn *c) {
         server_lost(e, (Server *)c);
 }
 
-/* Flush and re-arm every connection touched since the last time (flushing can end connections,
-   which touches others: until nothing is left). */
+/* Flush every connection touched since the last time, then re-arm them and their peers (flushing
+   can end connections, which touches others: until nothing is left). All are flushed before any is
+   re-armed: a connection may be read only once its peer's output is out (may_read), so arming the
+   client before its server's query is sent would take it out of the epoll set and put it back, two
+   epoll_ctl calls per statement. */
+static void arm_later(Engine *e, Conn *c) {
+    if (e->narm == e->arm_cap) {
+        size_t cap = e->arm_cap ? e->arm_cap * 2 : 64;
+        Conn **grown = realloc(e->arm, cap * sizeof *grown);
+        if (grown == NULL) { /* no room to defer: arm it now (correct, only more epoll_ctl calls) */
+            set_mask(e, c);
+            return;
+        }
+        e->arm = grown;
+        e->arm_cap = cap;
+    }
+    e->arm[e->narm++] = c;
+}
+
 static void settle(Engine *e) {
     while (e->touched != NULL) {
-        Conn *c = e->touched;
-        e->touched = c->tnext;
-        c->tnext = NULL;
-        c->touched = 0;
-        if (c->closed)
-            continue;
-        if (flush_conn(e, c) < 0) {
-            c->eof = 1;
-            lost(e, c);
-            continue;
+        while (e->touched != NULL) {
+            Conn *c = e->touched;
+            e->touched = c->tnext;
+            c->tnext = NULL;
+            c->touched = 0;
+            if (c->closed)
+                continue;
+            if (flush_conn(e, c) < 0) {
+                c->eof = 1;
+                lost(e, c);
+                continue;
+            }
+            arm_later(e, c);
         }
-        set_mask(e, c);
-        Conn *peer = peer_of(c);
-        if (peer != NULL && !peer->touched && !peer->closed)
-            set_mask(e, peer);
+        /* closed connections are freed only after the event batch (free_dead): safe to look at */
+        for (size_t i = 0; i < e->narm; i++) {
+            Conn *c = e->arm[i];
+            if (c->closed)
+                continue;
+            set_mask(e, c);
+            Conn *peer = peer_of(c);
+            if (peer != NULL && !peer->touched && !peer->closed)
+                set_mask(e, peer);
+        }
+        e->narm = 0;
     }
 }
 
@@ -3236,6 +3265,7 @@ static void Engine_dealloc(Engine *e) {
     free(e->toks);
     free(e->words);
     free(e->events);
+    free(e->arm);
     free(e->pools);
     free(e->registry.buckets);
     free(e->strings.buckets);
