@@ -16,7 +16,9 @@
  * later (a partial message, a waiting client's request) is kept in the connection's own buffer, so
  * an idle client costs its struct and nothing else. Writes are collected per connection while a
  * read is processed and sent once at the end (one send for a whole response). A connection whose
- * output could not all be sent stops its peer from being read (backpressure).
+ * output could not all be sent stops its peer from being read (backpressure); every connection a
+ * read touched is flushed before any is re-armed, so that rule does not take a client out of the
+ * epoll set for the moment its query waits to be sent.
  *
  * TLS: a client whose TLS Python negotiated (uvloop: an ssl.SSLObject over memory BIOs) is driven
  * here through the same `SSL *`, with the OpenSSL `_ssl` is linked to, as _relay.c does (see
@@ -941,6 +943,7 @@ typedef struct {
     long (*BIO_ctrl)(void *bio, int cmd, long larg, void *parg);
     void (*ERR_clear_error)(void);
     long (*SSL_ctrl)(void *ssl, int cmd, long larg, void *parg);
+    int (*SSL_has_pending)(const void *ssl);
 } OpenSSL;
 
 static OpenSSL ossl;
@@ -2319,7 +2322,9 @@ static void drop_pool(Engine *e, Pool *p) {
 
 /* ---- sockets: flushing, reading, TLS, epoll masks -------------------------------------------- */
 
-/* Move what OpenSSL wrote into the client's write BIO to its out buffer. */
+/* Move what OpenSSL wrote into the client's write BIO to the socket: straight from the scratch
+   buffer while nothing is queued before it (no copy into the out buffer, which would be allocated
+   and freed again for every response), the rest to the out buffer for the next flush. */
 static int tls_pull(Engine *e, Client *cl) {
     void *wbio = ossl.SSL_get_wbio(cl->ssl);
     for (;;) {
@@ -2329,7 +2334,19 @@ static int tls_pull(Engine *e, Client *cl) {
         int n = ossl.BIO_read(wbio, e->tlsbuf, pending < READ_CHUNK ? (int)pending : READ_CHUNK);
         if (n <= 0)
             return 0;
-        if (buf_append(&cl->c.out, e->tlsbuf, (size_t)n) < 0)
+        size_t off = 0;
+        while (buf_avail(&cl->c.out) == 0 && off < (size_t)n) {
+            ssize_t w = send(cl->c.fd, e->tlsbuf + off, (size_t)n - off, MSG_NOSIGNAL);
+            if (w > 0)
+                off += (size_t)w;
+            else if (w < 0 && errno == EINTR)
+                continue;
+            else if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+                break;
+            else
+                return -1;
+        }
+        if (off < (size_t)n && buf_append(&cl->c.out, e->tlsbuf + off, (size_t)n - off) < 0)
             return -1;
     }
 }
@@ -2485,12 +2502,20 @@ static int tls_receive(Engine *e, Client *cl) {
             return 0;
         ossl.ERR_clear_error();
         int n = ossl.SSL_read(cl->ssl, e->tlsbuf, READ_CHUNK);
+        int rc;
         if (n > 0) {
             client_data(e, cl, e->tlsbuf, (size_t)n);
-            continue;
+            /* SSL_read returns one record at most. Nothing left in the read BIO and nothing buffered
+               in OpenSSL (the rest of this record, or bytes read ahead): the next SSL_read could only
+               want more (one call, an error-queue clear and an SSL_get_error saved per record). */
+            if (cl->c.closed || ossl.SSL_has_pending(cl->ssl) ||
+                ossl.BIO_ctrl(ossl.SSL_get_rbio(cl->ssl), BIO_CTRL_PENDING, 0, NULL) > 0)
+                continue;
+            rc = 0;
+        } else {
+            int err = ossl.SSL_get_error(cl->ssl, n);
+            rc = err == SSL_ERROR_WANT_READ || err == SSL_ERROR_WANT_WRITE ? 0 : err == SSL_ERROR_ZERO_RETURN ? 1 : -1;
         }
-        int err = ossl.SSL_get_error(cl->ssl, n);
-        int rc = err == SSL_ERROR_WANT_READ || err == SSL_ERROR_WANT_WRITE ? 0 : err == SSL_ERROR_ZERO_RETURN ? 1 : -1;
         if (!cl->c.closed && tls_pull(e, cl) < 0) /* a KeyUpdate answer, an alert */
             return -1;
         if (!cl->c.closed)
@@ -3323,7 +3348,7 @@ static PyObject *load_openssl(PyObject *Py_UNUSED(module), PyObject *arg) {
 #define SYM(name) (*(void **)&o.name = dlsym(h, #name)) != NULL
     int ok = SYM(SSL_read) && SYM(SSL_write) && SYM(SSL_get_error) && SYM(SSL_get_rbio) && SYM(SSL_get_wbio) &&
              SYM(SSL_get_ex_data) && SYM(SSL_shutdown) && SYM(BIO_write) && SYM(BIO_read) && SYM(BIO_ctrl) &&
-             SYM(ERR_clear_error) && SYM(SSL_ctrl);
+             SYM(ERR_clear_error) && SYM(SSL_ctrl) && SYM(SSL_has_pending);
 #undef SYM
     if (!ok)
         Py_RETURN_FALSE;
