@@ -585,8 +585,9 @@ class Run:
         self.start()
         with self.section("throughput"):
             self.throughput()
-        with self.section("idle memory"):
-            self.idle_memory()
+        if self.idle_clients > 0:  # --idle-clients 0: throughput and the suspend only
+            with self.section("idle memory"):
+                self.idle_memory()
         with self.section("first query after a suspend"):
             self.after_suspend(5 if self.quick else COLD_REPS)
         self.results["environment"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
@@ -649,7 +650,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="1 round, 4 s pgbench windows (after the logins)")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds per pgbench pair (default 3)")
     parser.add_argument("--clients", default=None, help="comma-separated client counts (default 8,64,512,2000)")
-    parser.add_argument("--idle-clients", type=int, default=IDLE_CLIENTS, help="idle clients held (default 10000)")
+    parser.add_argument("--idle-clients", type=int, default=IDLE_CLIENTS, help="idle clients held (default 10000; 0 skips)")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
