@@ -29,7 +29,7 @@ from argon.storage.layout import Layout
 from tests.fixtures.platform import RunningPlatform, short_tmpdir
 from tests.integration.test_ops import ids, scrape, value
 
-pytestmark = pytest.mark.pg
+pytestmark = [pytest.mark.pg, pytest.mark.slow]  # a platform of its own, with cgroup limits
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +135,6 @@ def test_cgroup_follows_the_compute_and_resizes_live(platform: RunningPlatform, 
         assert after is not None and after.cpus == 1.0  # a new start begins at the new minimum
 
 
-@pytest.mark.slow
 def test_out_of_memory_stays_in_its_compute(platform: RunningPlatform, groups: Cgroups,
                                             sized: Callable[..., dict[str, Any]]) -> None:
     victim, neighbour = sized(0.25, 0.25), sized(0.25, 0.25)
@@ -163,7 +162,6 @@ def test_out_of_memory_stays_in_its_compute(platform: RunningPlatform, groups: C
     assert platform.plane.is_running(endpoint_id)
 
 
-@pytest.mark.slow
 def test_autoscaling_under_pgbench(platform: RunningPlatform, groups: Cgroups,
                                    sized: Callable[..., dict[str, Any]]) -> None:
     pgbench = shutil.which("pgbench") or "/usr/lib/postgresql/15/bin/pgbench"
@@ -213,7 +211,6 @@ def test_temp_files_are_capped_per_cu(platform: RunningPlatform, sized: Callable
         assert conn.execute("SELECT 1").fetchone() == (1,)  # the session goes on
 
 
-@pytest.mark.slow
 def test_a_scratch_postmaster_runs_in_a_cgroup_of_its_own(platform: RunningPlatform, groups: Cgroups,
                                                           sized: Callable[..., dict[str, Any]],
                                                           monkeypatch: pytest.MonkeyPatch) -> None:

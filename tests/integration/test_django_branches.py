@@ -195,12 +195,16 @@ def test_a_non_default_branch(platform: RunningPlatform, project: dict[str, Any]
 def test_pytest_django_plugin(platform: RunningPlatform, project: dict[str, Any], app: App) -> None:
     """pytest-django with the plugin: the first run builds the template; a run under xdist gives
     each worker a branch of it, its database renamed to pytest-django's per-worker name."""
+    # The plugins this run needs, named (pytest-django, xdist, ours): the venv's others (schemathesis,
+    # hypothesis, anyio...) would be imported by each of the up to three pytest processes for nothing.
     (app.dir / "pytest.ini").write_text("[pytest]\nDJANGO_SETTINGS_MODULE = seedsite.settings\n"
-                                        "python_files = tests.py\naddopts = -p argon.django.pytest_plugin\n")
+                                        "python_files = tests.py\naddopts = -p pytest_django.plugin -p xdist.plugin"
+                                        " -p argon.django.pytest_plugin\n")
     for args in ([], ["-n", "2"]):
         out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args], cwd=app.dir,
-                             env={**app.env, "ARGON_TEST_RENDEZVOUS": "2" if args else "1"}, capture_output=True,
-                             text=True, timeout=240)
+                             env={**app.env, "ARGON_TEST_RENDEZVOUS": "2" if args else "1",
+                                  "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"},
+                             capture_output=True, text=True, timeout=240)
         assert out.returncode == 0, out.stdout + out.stderr
         assert "4 passed" in out.stdout
         assert app.migrated() == 1

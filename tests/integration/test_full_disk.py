@@ -37,6 +37,7 @@ def small_disk(request: pytest.FixtureRequest) -> Iterator[Path]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.mark.slow  # a platform of its own (its data on the small disk), filled
 def test_full_disk_is_a_clear_error_and_loses_nothing(small_disk: Path) -> None:
     running = RunningPlatform(small_disk, spare_clusters=0)
     try:
@@ -69,6 +70,7 @@ def test_full_disk_is_a_clear_error_and_loses_nothing(small_disk: Path) -> None:
             running.stop()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("small_disk", ["300m"], indirect=True)
 def test_full_disk_during_a_branch_copy_leaves_no_half_branch(small_disk: Path) -> None:
     running = RunningPlatform(small_disk, spare_clusters=0)

@@ -17,7 +17,7 @@ from argon.compute.admin import connect_admin_sync
 from argon.metadata.store import MetricSample
 from tests.fixtures.platform import RunningPlatform, short_tmpdir
 
-pytestmark = pytest.mark.pg
+pytestmark = [pytest.mark.pg, pytest.mark.slow]  # a platform of its own, sampling every INTERVAL
 
 INTERVAL = 0.3
 

@@ -30,6 +30,7 @@ def _used(path: Path) -> int:
     return (st.f_blocks - st.f_bfree) * st.f_frsize
 
 
+@pytest.mark.slow  # a loop-mounted XFS volume and a platform on it
 def test_branching_on_a_reflink_volume(xfs_root: Path) -> None:
     running = RunningPlatform(xfs_root)
     try:
