@@ -5,7 +5,7 @@ import pytest
 
 from argon import model
 from argon.metadata import schema
-from argon.metadata.store import Store
+from argon.metadata.store import Store, newest_revision
 
 
 def _store(tmp_path: Path) -> Store:
@@ -19,6 +19,27 @@ HEAD_REVISION = "0007"  # the newest migration
 
 def test_migrations_are_idempotent_and_versioned(tmp_path: Path) -> None:
     store = _store(tmp_path)
+    store.migrate()
+    assert store.schema_revision() == HEAD_REVISION
+
+
+def test_newest_revision_read_without_alembic_is_alembics_head() -> None:
+    """`migrate` skips Alembic when the store is at `newest_revision()`: it must be Alembic's head."""
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    import argon.metadata.store as store_module
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(Path(store_module.__file__).parent / "migrations"))
+    assert newest_revision() == ScriptDirectory.from_config(cfg).get_current_head() == HEAD_REVISION
+
+
+def test_a_store_one_revision_behind_is_upgraded(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE alembic_version SET version_num = '0006'")
+    assert store.schema_revision() == "0006"
     store.migrate()
     assert store.schema_revision() == HEAD_REVISION
 

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import enum
 import hashlib
+import re
 import threading
 import types
 import typing
@@ -20,8 +21,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from alembic import command
-from alembic.config import Config
 from sqlalchemy import Connection, Engine, Table, create_engine, event, func, select
 
 from argon import model
@@ -114,6 +113,26 @@ def _from_row(cls: type[T], row: Any) -> T:
     return cls(**values)
 
 
+_REVISION_LINE = re.compile(r'^(down_revision|revision)\s*=\s*["\']([^"\']+)["\']', re.MULTILINE)
+
+
+def newest_revision() -> str | None:
+    """The head of the migration chain, read from the revision files' text without Alembic.
+
+    None when the chain does not have exactly one head (then `migrate` leaves it to Alembic).
+    """
+    revisions: set[str] = set()
+    parents: set[str] = set()
+    for path in (Path(__file__).parent / "migrations" / "versions").glob("*.py"):
+        found = dict(m.groups() for m in _REVISION_LINE.finditer(path.read_text()))
+        if "revision" in found:
+            revisions.add(found["revision"])
+        if "down_revision" in found:
+            parents.add(found["down_revision"])
+    heads = revisions - parents
+    return heads.pop() if len(heads) == 1 else None
+
+
 class Store:
     def __init__(self, url: str) -> None:
         self.url = url
@@ -129,7 +148,17 @@ class Store:
     # Schema ----------------------------------------------------------------------------------------
 
     def migrate(self) -> None:
-        """Bring the schema to the newest revision (idempotent); the next release adds revisions."""
+        """Bring the schema to the newest revision (idempotent); the next release adds revisions.
+
+        A store already at the newest revision (every start but the first after an upgrade) is
+        told so by one query: Alembic, a second or more of CPU to import, is loaded only when
+        there is something to upgrade.
+        """
+        if self.schema_revision() == newest_revision():
+            return
+        from alembic import command
+        from alembic.config import Config
+
         cfg = Config()
         cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
         with self.engine.begin() as conn:
