@@ -258,6 +258,8 @@ def test_the_branch_tree_is_paged_and_searchable(chromium: Browser, platform: Ru
     page.goto(f"/projects/{pid}/branches")
     expect(page.locator("tbody tr")).to_have_count(1)
     expect(_row(page, "data-branch", "main")).to_be_visible()  # the root comes first
+    parent = page.get_by_label("Parent", exact=True)
+    expect(parent.locator("option")).to_have_text(["main"])  # the New branch form picks among the page's
     while page.get_by_role("link", name="Next").count():
         page.get_by_role("link", name="Next").click()
         expect(page.locator("tbody tr")).to_have_count(1)
@@ -268,6 +270,8 @@ def test_the_branch_tree_is_paged_and_searchable(chromium: Browser, platform: Ru
     expect(page.locator("tbody tr")).to_have_count(1)
     expect(_row(page, "data-branch", "pg-b")).to_be_visible()
     expect(page.get_by_text("1 branch matches")).to_be_visible()
+    expect(parent.locator("option")).to_have_text(["main", "pg-b"])  # the default stays chosen, first
+    expect(parent).to_have_value(shop["branch"]["id"])
     page.goto(f"/projects/{pid}/branches?search={made[0]}")
     expect(_row(page, "data-branch", "pg-a")).to_be_visible()
     shot(page, "branches-search")

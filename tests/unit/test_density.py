@@ -5,32 +5,26 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from argon.control.figures import Seen, due
+from argon.control.figures import due
 from argon.control.retention import maintenance_round
-
-SIG_A = 7  # the plane's change number of branch a when it was measured
-SIG_A_SUSPENDED = 9  # its endpoint's record changed since (a suspend)
 
 
 def test_an_idle_branch_that_did_not_change_is_never_measured_again() -> None:
-    seen = {"a": Seen(at=0.0, change=SIG_A, running=False)}
-    assert due({"a": (SIG_A, False)}, seen, set(), set(), now=1e9) == []
+    assert due([], {}, [], now=1e9) == []
 
 
 def test_a_change_a_touch_a_new_branch_and_a_running_one_are_measured() -> None:
-    seen = {"a": Seen(0.0, SIG_A, False), "b": Seen(0.0, 2, False), "r": Seen(100.0, 3, True)}
-    view = {"a": (SIG_A_SUSPENDED, False), "b": (2, False), "new": (4, False), "r": (3, True)}
-    assert due(view, seen, {"b"}, set(), now=100.0 + 14, ttl=15) == ["a", "b", "new"]  # r measured 14 s ago
-    assert due(view, seen, {"b"}, set(), now=100.0 + 15, ttl=15) == ["a", "b", "new", "r"]
-    # the compute stopped (a suspend), the records not written yet: measured anyway
-    assert due({"r": (3, False)}, seen, set(), set(), now=100.0) == ["r"]
+    running = {"r": 100.0, "r2": 90.0, "fresh": None}  # fresh: never measured (it is among the changed)
+    assert due(["a", "b", "fresh"], running, [], now=100.0 + 14, ttl=15) == ["a", "b", "fresh", "r2"]
+    assert due(["a", "b", "fresh"], running, [], now=100.0 + 15, ttl=15) == ["a", "b", "fresh", "r2", "r"]
+    assert due(["r"], running, [], now=100.0 + 15, ttl=15) == ["r", "r2"]  # never twice
 
 
 def test_the_budget_bounds_a_tick_and_seeded_branches_come_last() -> None:
-    view = {f"s{i}": (i, False) for i in range(100)} | {"new": (100, False)}
-    seeded = {f"s{i}" for i in range(100)}
-    picked = due(view, {}, set(), seeded, now=0.0, budget=10)
-    assert len(picked) == 10 and picked[0] == "new"
+    seeded = [f"s{i}" for i in range(100)]
+    picked = due(["new"], {"r": 0.0}, seeded, now=100.0, budget=10)
+    assert len(picked) == 10 and picked[:3] == ["new", "r", "s0"]
+    assert due([f"c{i}" for i in range(30)], {"r": 0.0}, seeded, now=100.0, budget=10) == [f"c{i}" for i in range(10)]
 
 
 def test_maintenance_visits_every_running_branch_and_a_round_robin_of_idle_ones() -> None:
@@ -44,6 +38,43 @@ def test_maintenance_visits_every_running_branch_and_a_round_robin_of_idle_ones(
     assert maintenance_round([], ["run"], "b01", 4) == (["run"], "b01")
 
 
+def test_idle_branches_are_visited_when_their_history_has_something_to_prune_not_round_robin() -> None:
+    from datetime import timedelta
+
+    now = datetime(2026, 12, 1, 12, tzinfo=UTC)
+    idle = [f"b{i}" for i in range(6)]
+    due = {"b0": None, "b1": now - timedelta(seconds=1), "b2": now + timedelta(hours=1), "b3": now - timedelta(hours=1),
+           "b4": None}
+    # b3 and b1 are ripe (soonest first), b5 was never visited; b0, b4 (nothing to prune) and b2 (later) wait
+    assert maintenance_round(idle, ["run"], "", 50, due, now) == (["run", "b3", "b1", "b5"], "b5")
+    assert maintenance_round(idle, [], "", 1, due, now) == (["b3"], "")  # the budget bounds it
+    assert maintenance_round(idle, [], "", 50, {b: None for b in idle}, now) == ([], "")  # all known: no work
+
+
+def test_next_prune_is_when_an_old_epoch_or_a_second_snapshot_leaves_the_window() -> None:
+    from datetime import timedelta
+
+    from argon.control.retention import next_prune_at, plan_pruning
+    from argon.storage import history as hs
+
+    t0 = datetime(2026, 12, 1, tzinfo=UTC)
+    day = timedelta(days=1)
+
+    def snap(name: str, at: datetime) -> hs.Snapshot:
+        return hs.Snapshot(name=name, taken_at=at, redo_lsn="0/1000000", consistent_lsn="0/1000100")
+
+    one = hs.Manifest((hs.Epoch(id="e1", started_at=t0, timeline=1, start_lsn="0/1000000", segsize=1 << 20, snapshots=(snap("base", t0),)),))
+    assert next_prune_at(one, day) is None  # one snapshot, one epoch: nothing will ever go
+    two = hs.Manifest((hs.Epoch(id="e1", started_at=t0, timeline=1, start_lsn="0/1000000", segsize=1 << 20,
+                                snapshots=(snap("base", t0), snap("s1", t0 + 2 * day))),))
+    at = next_prune_at(two, day)
+    assert at == t0 + 3 * day
+    assert plan_pruning(two, at - timedelta(seconds=1) - day).empty and not plan_pruning(two, at + timedelta(seconds=1) - day).empty
+    ended = hs.Manifest((hs.Epoch(id="e0", started_at=t0, timeline=1, start_lsn="0/1000000", segsize=1 << 20, snapshots=(snap("base", t0),),
+                                  ended_at=t0 + day, end_lsn="0/2000000"), *two.epochs))
+    assert next_prune_at(ended, day) == t0 + 2 * day  # the old epoch goes first
+
+
 def test_a_projects_branches_and_endpoints_come_from_its_own_index() -> None:
     from argon import model
     from argon.control.plane import ControlPlane
@@ -51,8 +82,10 @@ def test_a_projects_branches_and_endpoints_come_from_its_own_index() -> None:
     plane = ControlPlane.__new__(ControlPlane)  # the view only: no store, no computes
     plane._projects, plane._branches, plane._endpoints, plane._verifiers = {}, {}, {}, {}
     plane._projects_sorted = None
-    plane._project_branches, plane._project_endpoints, plane._changes, plane._change_seq = {}, {}, {}, 0
-    plane._endpoint_locks = {}
+    plane._project_branches, plane._project_endpoints, plane.branch_watchers = {}, {}, []
+    plane._endpoint_locks, plane._slots_taken, plane._address_next = {}, {}, 0
+    told: list[str] = []
+    plane.branch_watchers.append(told.append)
     now = datetime(2026, 12, 1, tzinfo=UTC)
 
     class Telemetry:
@@ -71,16 +104,57 @@ def test_a_projects_branches_and_endpoints_come_from_its_own_index() -> None:
             plane._see(model.Endpoint(id=f"{p}-{b}-ep", project_id=p, branch_id=f"{p}-{b}", created_at=now,
                                       updated_at=now))
     assert [b.id for b in plane.branches("p1")] == ["p1-dev", "p1-main"]
-    changes = dict(plane.branch_changes())
+    told.clear()
     plane._see(plane.endpoint("p1", "p1-main-ep").replace(current_state=model.ComputeState.IDLE))
-    assert plane.branch_changes()["p1-main"] > changes["p1-main"]  # an endpoint's change is its branch's
-    assert plane.branch_changes()["p1-dev"] == changes["p1-dev"]
+    assert told == ["p1-main"]  # an endpoint's change is its branch's, and no other branch's
     assert [e.id for e in plane.endpoints("p2", "p2-main")] == ["p2-main-ep"]
     assert len(plane.endpoints()) == 4
+    told.clear()
     plane._unsee(plane.branch("p1", "p1-dev"))
     assert [b.id for b in plane.branches("p1")] == ["p1-main"] and len(plane.endpoints("p1")) == 1
+    assert told == ["p1-dev"]  # gone: the figures forget it
     plane._unsee(plane.project("p2"))
     assert plane.branches("p2") == [] and plane.endpoints("p2") == [] and len(plane.endpoints()) == 1
+
+
+def test_a_new_endpoint_address_is_a_lookup_in_the_slots_the_view_keeps() -> None:
+    """ADR 0031's rule (none a live endpoint holds; past every one given or seen, so a deleted one's
+    address comes back only once the slots have gone round), kept as endpoints come and go."""
+    from argon import model
+    from argon.control import addresses
+    from argon.control.plane import ControlPlane
+
+    plane = ControlPlane.__new__(ControlPlane)
+    plane._endpoints, plane._branches, plane._project_endpoints = {}, {}, {}
+    plane._endpoint_locks, plane._slots_taken, plane._address_next, plane.branch_watchers = {}, {}, 0, []
+    now = datetime(2026, 12, 1, tzinfo=UTC)
+
+    class Forget:
+        def forget_compute(self, labels: object) -> None:
+            pass
+
+        def forget(self, endpoint_id: str) -> None:
+            pass
+
+    plane.telemetry = plane.activity = Forget()  # type: ignore[assignment]
+
+    def endpoint(eid: str, slot: int) -> model.Endpoint:
+        ep = model.Endpoint(id=eid, project_id="p", branch_id="b", created_at=now, updated_at=now,
+                            address=addresses.address_of(slot))
+        plane._see(ep)
+        return ep
+
+    endpoint("e0", 0)
+    high = endpoint("e7", 7)  # loaded from the store: new addresses start past it
+    assert plane.new_endpoint_address() == addresses.address_of(8)
+    plane._unsee(high)
+    assert plane.new_endpoint_address() == addresses.address_of(9)  # not 7 again, not 8 twice
+    moved = endpoint("e0", 0).replace(address=addresses.address_of(10))
+    plane._see(moved)  # its address changed: slot 0 is free, 10 is taken
+    assert plane._slots_taken == {10: 1}
+    plane._address_next = addresses.SLOTS - 1
+    assert plane.new_endpoint_address() == addresses.address_of(addresses.SLOTS - 1)
+    assert plane.new_endpoint_address() == addresses.address_of(0)  # round: the freed slot 0
 
 
 def test_a_console_page_is_a_window_newest_first_with_a_cursor_and_a_search() -> None:

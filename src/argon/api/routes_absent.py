@@ -16,10 +16,10 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from argon.api.deps import Authorized
+from argon.api.deps import Authorized, JsonRoute
 from argon.errors import NotFound, UserError
 
-router = APIRouter(tags=["not on Argon"])
+router = APIRouter(tags=["not on Argon"], route_class=JsonRoute)
 
 _BRANCH = "/projects/{project_id}/branches/{branch_id}"
 _ABSENT = {"buckets": "object storage (buckets)", "functions": "functions", "triggers": "function triggers"}

@@ -5,16 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse
 from pydantic import Field
 
 from argon.api import views
-from argon.api.deps import Authorized
+from argon.api.deps import Authorized, FastJSON, JsonRoute
 from argon.api.fields import Strict
 from argon.control.projects import available_regions
 from argon.errors import NotFound
 
-router = APIRouter(tags=["account"])
+router = APIRouter(tags=["account"], route_class=JsonRoute)
 
 
 @router.get("/users/me")
@@ -62,9 +61,9 @@ async def list_keys(control: Authorized) -> list[dict[str, Any]]:
 
 
 @router.post("/api_keys")
-async def create_key(control: Authorized, body: ApiKeyCreate) -> JSONResponse:
+async def create_key(control: Authorized, body: ApiKeyCreate) -> FastJSON:
     key, token = await control.api_keys.create(body.key_name, body.project_id)
-    return JSONResponse({"id": key.id, "key": token, "name": key.name, "created_at": views.ts(key.created_at),
+    return FastJSON({"id": key.id, "key": token, "name": key.name, "created_at": views.ts(key.created_at),
                          "created_by": {"id": "local", "name": "admin"}, "project_id": key.project_id})
 
 

@@ -6,10 +6,10 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from argon.api.deps import Authorized
+from argon.api.deps import Authorized, JsonRoute
 from argon.errors import Precondition
 
-router = APIRouter(tags=["Backup"])
+router = APIRouter(tags=["Backup"], route_class=JsonRoute)
 
 
 @router.get("/backup", summary="Continuous backup to object storage: last WAL shipped, lag, last base backup, "

@@ -6,18 +6,17 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body
-from fastapi.responses import JSONResponse
 from pydantic import field_validator
 
 from argon import ids, model
 from argon.api import fields, views
-from argon.api.deps import Authorized
+from argon.api.deps import Authorized, FastJSON, JsonRoute
 from argon.api.fields import Strict
 from argon.control import branches, connection
 from argon.control.endpoints import check_cu, check_suspend_timeout
 from argon.errors import NotFound, UserError
 
-router = APIRouter(tags=["Branch"])
+router = APIRouter(tags=["Branch"], route_class=JsonRoute)
 
 
 class BranchCreate(Strict):
@@ -104,7 +103,7 @@ async def count_branches(control: Authorized, project_id: str, search: str | Non
 
 @router.post("/projects/{project_id}/branches", status_code=201)
 async def create_branch(control: Authorized, project_id: str,
-                        body: Annotated[BranchCreateBody | None, Body()] = None) -> JSONResponse:
+                        body: Annotated[BranchCreateBody | None, Body()] = None) -> FastJSON:
     plane = control.plane
     body = body or BranchCreateBody()
     spec = body.branch or BranchCreate()
@@ -140,7 +139,7 @@ async def create_branch(control: Authorized, project_id: str,
         "databases": [views.database_view(d) for d in created.databases],
         "connection_uris": uris,
     }
-    return JSONResponse(out, status_code=201)
+    return FastJSON(out, status_code=201)
 
 
 @router.get("/projects/{project_id}/branches/{branch_id}")

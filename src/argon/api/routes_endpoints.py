@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import PlainTextResponse
 from pydantic import field_validator
 
 from argon import model
 from argon.api import fields, views
-from argon.api.deps import Authorized
+from argon.api.deps import Authorized, FastJSON, JsonRoute
 from argon.api.fields import Strict
 from argon.control.endpoints import (
     EndpointPatch,
@@ -26,7 +26,7 @@ from argon.control.endpoints import (
 )
 from argon.errors import UserError
 
-router = APIRouter(tags=["endpoints"])
+router = APIRouter(tags=["endpoints"], route_class=JsonRoute)
 
 
 class _EndpointFields(Strict):
@@ -169,7 +169,7 @@ class EndpointCreateBody(Strict):
 
 
 @router.post("/projects/{project_id}/endpoints", status_code=201)
-async def create(control: Authorized, project_id: str, body: EndpointCreateBody) -> JSONResponse:
+async def create(control: Authorized, project_id: str, body: EndpointCreateBody) -> FastJSON:
     plane = control.plane
     spec = body.endpoint
     base = plane.project(project_id).default_endpoint_settings
@@ -186,7 +186,7 @@ async def create(control: Authorized, project_id: str, body: EndpointCreateBody)
                                     settings=model.EndpointSettings(lo, hi, timeout), name=name,
                                     disabled=bool(spec.disabled),
                                     pg_settings=spec.settings.pg_settings if spec.settings else None)
-    return JSONResponse({"endpoint": views.endpoint_view(plane.settings, ep),
+    return FastJSON({"endpoint": views.endpoint_view(plane.settings, ep),
                          "operations": [views.operation_view(o) for o in ops]}, status_code=201)
 
 

@@ -5,16 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse
 
 from argon import model
 from argon.api import views
-from argon.api.deps import Authorized
+from argon.api.deps import Authorized, FastJSON, JsonRoute
 from argon.api.fields import Strict
 from argon.control import roles
 from argon.errors import Precondition
 
-router = APIRouter(tags=["roles and databases"])
+router = APIRouter(tags=["roles and databases"], route_class=JsonRoute)
 
 
 class RoleCreate(Strict):
@@ -57,9 +56,9 @@ async def list_roles(control: Authorized, project_id: str, branch_id: str) -> di
 
 
 @router.post("/projects/{project_id}/branches/{branch_id}/roles", status_code=201)
-async def create_role(control: Authorized, project_id: str, branch_id: str, body: RoleCreateBody) -> JSONResponse:
+async def create_role(control: Authorized, project_id: str, branch_id: str, body: RoleCreateBody) -> FastJSON:
     role, password, ops = await roles.create_role(control, project_id, branch_id, body.role.name, body.role.no_login)
-    return JSONResponse({"role": views.role_view(role, password), "operations": _ops(ops)}, status_code=201)
+    return FastJSON({"role": views.role_view(role, password), "operations": _ops(ops)}, status_code=201)
 
 
 @router.get("/projects/{project_id}/branches/{branch_id}/roles/{role_name}")
@@ -99,9 +98,9 @@ async def list_databases(control: Authorized, project_id: str, branch_id: str) -
 
 
 @router.post("/projects/{project_id}/branches/{branch_id}/databases", status_code=201)
-async def create_database(control: Authorized, project_id: str, branch_id: str, body: DatabaseCreateBody) -> JSONResponse:
+async def create_database(control: Authorized, project_id: str, branch_id: str, body: DatabaseCreateBody) -> FastJSON:
     db, ops = await roles.create_database(control, project_id, branch_id, body.database.name, body.database.owner_name)
-    return JSONResponse({"database": views.database_view(db), "operations": _ops(ops)}, status_code=201)
+    return FastJSON({"database": views.database_view(db), "operations": _ops(ops)}, status_code=201)
 
 
 @router.get("/projects/{project_id}/branches/{branch_id}/databases/{database_name}")

@@ -8,11 +8,11 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from argon.api.deps import Authorized
+from argon.api.deps import Authorized, JsonRoute
 from argon.control import schema
 from argon.errors import UserError
 
-router = APIRouter(tags=["Branch"])
+router = APIRouter(tags=["Branch"], route_class=JsonRoute)
 
 
 @router.get("/projects/{project_id}/branches/{branch_id}/schema")

@@ -9,11 +9,11 @@ from fastapi import APIRouter
 
 from argon import model
 from argon.api import views
-from argon.api.deps import Authorized
+from argon.api.deps import Authorized, JsonRoute
 from argon.api.fields import Strict
 from argon.control import schedules, snapshots
 
-router = APIRouter(tags=["Snapshots"])
+router = APIRouter(tags=["Snapshots"], route_class=JsonRoute)
 
 
 def snapshot_view(s: model.Snapshot) -> dict[str, Any]:

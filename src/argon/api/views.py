@@ -6,6 +6,7 @@ Python package validates required fields and enums, so every required one is alw
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
@@ -26,6 +27,11 @@ def ts(value: datetime | None) -> str | None:
     """RFC 3339 with second precision and Z, as Neon emits."""
     if value is None:
         return None
+    return _ts(value)
+
+
+@functools.lru_cache(maxsize=8192)  # the same records' times, list after list (1,000 projects: 2,000 of them)
+def _ts(value: datetime) -> str:
     return value.isoformat(timespec="seconds")[:19] + "Z"  # strftime's format, 5x faster (lists of 400)
 
 

@@ -128,11 +128,23 @@ def _branches_page(request: Request, session: Session, control: Control, project
     restoring = {f["branch_id"]: f for f in control.restorer.view()["branches"]} if control.restorer else {}
     page = paging.in_order(rows, ident=lambda r: r.branch.id, name=lambda r: r.branch.name, search=search,
                            after=after, what="branches", size=paging.PAGE_SIZE)
+    chosen = (values or {}).get("parent_id") or dashboard.default_branch(control, project.id).id
     return render(request, "branches.html", session=session, project=project, rows=rows, page=page, tab="branches",
                   status=status, error=error, values=_page_values(values), restoring=restoring,
                   schedule=lambda b: "; ".join(schedules.describe(i) for i in b.backup_schedule or []),
-                  default_parent=(values or {}).get("parent_id") or dashboard.default_branch(control, project.id).id,
+                  default_parent=chosen, parents=parent_choices(control, project.id, page, chosen),
                   history=history_note(project), now=model.utcnow())
+
+
+def parent_choices(control: Control, project_id: str, page: paging.Page[BranchRow], chosen: str) -> list[model.Branch]:
+    """The New branch form's Parent choices: the branches of the page shown (the list's search and
+    pages pick among many: a thousand branches are not a thousand options), the chosen one first
+    when the page does not show it."""
+    shown = [row.branch for row in page.rows]
+    if all(b.id != chosen for b in shown) and (branch := control.plane.find_branch(chosen)) is not None \
+            and branch.project_id == project_id:
+        shown.insert(0, branch)
+    return shown
 
 
 @router.get("/projects/{project_id}/branches")

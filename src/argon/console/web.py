@@ -57,21 +57,21 @@ def console_auth(request: Request) -> ConsoleAuth:
     return auth
 
 
-def get_control(request: Request) -> Control:
+async def get_control(request: Request) -> Control:
     control: Control = request.app.state.control
     return control
 
 
-def authorized(request: Request) -> Control:
+async def authorized(request: Request) -> Control:
     """The console's one API route (sign-in links for the CLI) takes the API's Bearer key."""
-    control = get_control(request)
+    control: Control = request.app.state.control
     key = control.api_keys.authorize(request.headers.get("authorization", ""))
     if key.project_id is not None:  # the console shows every project
         raise Forbidden(f"this API key is limited to project {key.project_id}; the console needs an unscoped key")
     return control
 
 
-def current_session(request: Request) -> Session:
+def find_session(request: Request) -> Session:
     session = console_auth(request).session(request.cookies.get(COOKIE_NAME))
     if session is None:
         raise SignInRequired
@@ -80,12 +80,18 @@ def current_session(request: Request) -> Session:
 
 async def posted_session(request: Request) -> Session:
     """The session of a form POST whose CSRF token matches it."""
-    session = current_session(request)
+    session = find_session(request)
     form = await request.form()
     token = form.get(CSRF_FIELD)
     if not session.csrf_ok(token if isinstance(token, str) else None):
         raise CsrfRejected
     return session
+
+
+async def current_session(request: Request) -> Session:
+    """The request's signed-in session (async, as every dependency here: memory only, so it runs on the
+    event loop rather than in FastAPI's thread pool)."""
+    return find_session(request)
 
 
 SignedIn = Annotated[Session, Depends(current_session)]

@@ -10,15 +10,17 @@ memory: a read never walks a disk nor runs anything (ADR 0022).
   branch's directory takes on disk (allocated blocks: data, history snapshots and archived WAL;
   a file with n hard links counts 1/n at each, `argon.storage.usage`).
 
-When a branch is measured (`due`, a pure decision over a snapshot of the view): when it is new to
-the figures, when its record or one of its endpoints' records changed since its last measurement
-(a suspend, a start, a restore, a reset: `ControlPlane.branch_changes`), when it was `touch`ed
-(history pruned; a branch made, deleted or restored in its project), and every `TTL`
-seconds while its compute runs (it writes). An idle branch's files do not change, so it is not
-measured again: the work per tick grows with the running computes and the changes, not with the
-number of projects, and at most `BUDGET` branches are measured per tick (every `INTERVAL` seconds,
-in a thread). After a restart, sizes come from the store's newest storage samples at once and every
-branch is measured once more within `branches / BUDGET` ticks.
+When a branch is measured (`due`, a pure decision): when it is new to the figures, when its record
+or one of its endpoints' records changed since its last measurement (a suspend, a start, a restore,
+a reset: the view tells its `branch_watchers` as it happens), when its compute started or stopped
+(before the records say so), when it was `touch`ed (history pruned; a branch made, deleted or
+restored in its project), and every `TTL` seconds while its compute runs (it writes). An idle
+branch's files do not change, so it is not measured again, nor even looked at: a tick's work
+follows the running computes and the changes, not the number of branches (it compared every
+branch's change number each second before), and at most `BUDGET` branches are measured per tick
+(every `INTERVAL` seconds, in a thread; no thread when none is due). After a restart, sizes come
+from the store's newest storage samples at once and every branch is measured once more within
+`branches / BUDGET` ticks.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Container, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,15 +59,6 @@ NOT_MEASURED = BranchFigures()
 
 
 @dataclass(frozen=True)
-class Seen:
-    """What one branch looked like when it was last measured."""
-
-    at: float  # time.monotonic()
-    change: int  # the plane's change number of the branch (its record's or an endpoint's)
-    running: bool
-
-
-@dataclass(frozen=True)
 class Target:
     """One branch to measure, with everything the measurement needs (read on the event loop: the
     view is not thread-safe)."""
@@ -77,26 +70,27 @@ class Target:
     bindir: Path | None
     owner: OsUser | None
     sampled_lsn: int | None
-    change: int
-    running: bool
 
 
-def due(branches: Mapping[str, tuple[int, bool]], seen: Mapping[str, Seen], touched: Container[str],
-        seeded: Container[str], *, now: float, budget: int = BUDGET, ttl: float = TTL) -> list[str]:
-    """Pure: which branches to measure now, most needed first. `branches`: branch -> (change number,
-    running) as the view has it now; `seeded`: branches with sizes from the store, not measured
-    since start-up (they wait for the new, changed and running ones)."""
-    changed, running, stale = [], [], []
-    for bid, (change, is_running) in branches.items():
-        last = seen.get(bid)
-        if last is None and bid in seeded and bid not in touched:
-            stale.append(bid)
-        elif last is None or bid in touched or last.change != change or last.running != is_running:
-            changed.append(bid)
-        elif is_running and now - last.at >= ttl:
-            running.append(bid)
-    running.sort(key=lambda b: seen[b].at)
-    return (changed + running + stale)[:budget]
+def due(changed: Collection[str], running: Mapping[str, float | None], stale: Iterable[str], *, now: float,
+        budget: int = BUDGET, ttl: float = TTL) -> list[str]:
+    """Pure: which branches to measure now, most needed first. `changed`: branches new, changed,
+    touched or started/stopped since their last measurement; `running`: the branches whose compute
+    runs -> when they were last measured (None: never); `stale`: branches with sizes from the store,
+    not measured since start-up (they wait for the changed and running ones)."""
+    out = list(changed)[:budget]
+    if len(out) < budget:
+        taken = set(out)
+        ripe = sorted((at, bid) for bid, at in running.items()
+                      if bid not in taken and at is not None and now - at >= ttl)
+        out += [bid for _, bid in ripe[:budget - len(out)]]
+        taken.update(out)
+        for bid in stale:
+            if len(out) >= budget:
+                break
+            if bid not in taken:
+                out.append(bid)
+    return out
 
 
 class Figures:
@@ -104,8 +98,12 @@ class Figures:
         self.plane = plane
         self.metrics = metrics
         self._figures: dict[str, BranchFigures] = {}
-        self._seen: dict[str, Seen] = {}
-        self._touched: set[str] = set()
+        self._measured_at: dict[str, float] = {}  # branch -> time.monotonic() of its last measurement
+        self._pending: dict[str, None] = {}  # changed, touched or new since measured (in the order told)
+        self._stale: dict[str, None] = {}  # seeded from the store at start-up, not measured since
+        self._running: set[str] = set()  # the branches whose compute ran at the last tick
+        self._primed = False
+        plane.branch_watchers.append(self.touch)
         self.loop = Periodic("storage figures", self.tick, INTERVAL, prepare=self._seed_from_store, logger=log)
         self._measuring: asyncio.Future[list[tuple[Target, BranchFigures | None, bool]]] | None = None
         self.measured = 0  # branches measured since start (the density benchmark and tests read it)
@@ -133,13 +131,15 @@ class Figures:
     # Keeping them -------------------------------------------------------------------------------------
 
     def touch(self, branch_id: str) -> None:
-        """Measure this branch at the next tick (its files changed in a way its records do not show)."""
-        self._touched.add(branch_id)
+        """Measure this branch at the next tick (its records changed, or its files did in a way its
+        records do not show; a branch that is gone is forgotten then)."""
+        self._pending[branch_id] = None
 
     def forget(self, branch_id: str) -> None:
         self._figures.pop(branch_id, None)
-        self._seen.pop(branch_id, None)
-        self._touched.discard(branch_id)
+        self._measured_at.pop(branch_id, None)
+        self._pending.pop(branch_id, None)
+        self._stale.pop(branch_id, None)
 
     def seed(self, sizes: Mapping[str, tuple[int | None, int | None]]) -> None:
         """Sizes known from the store (branch -> (logical, allocated)), until the branch is measured."""
@@ -160,30 +160,53 @@ class Figures:
         samples = await self.plane.db(self.plane.store.latest_storage_samples)
         self.seed({b: (s.logical_bytes, s.storage_bytes) for b, s in samples.items()})
 
+    def _prime(self) -> None:
+        """Once, at the first tick: every branch the view holds is to be measured, the ones with sizes
+        from the store after the others."""
+        self._primed = True
+        for branch in self.plane.all_branches():
+            if branch.id in self._measured_at or branch.id in self._pending:
+                continue
+            if branch.id in self._figures:
+                self._stale[branch.id] = None
+            else:
+                self._pending[branch.id] = None
+
     async def tick(self, budget: int = BUDGET) -> int:
         """Measure the branches that are due (in a thread); returns how many were measured."""
         plane = self.plane
+        if not self._primed:
+            self._prime()
         now = time.monotonic()
         running = {ep.branch_id for ep in plane.running_endpoints()}
-        changes = plane.branch_changes()
-        view = {bid: (change, bid in running) for bid, change in changes.items()}
-        for gone in [b for b in self._seen if b not in changes]:
-            self.forget(gone)
-        chosen = due(view, self._seen, self._touched, self._figures, now=now, budget=budget, ttl=self.ttl)
-        targets = [t for bid in chosen if (t := self._target(bid, *view[bid])) is not None]
+        for bid in running ^ self._running:  # started or stopped: measured, whatever the records say yet
+            self._pending[bid] = None
+        self._running = running
+        chosen = due(self._pending, {b: self._measured_at.get(b) for b in running}, self._stale, now=now,
+                     budget=budget, ttl=self.ttl)
+        targets = []
+        for bid in chosen:
+            self._pending.pop(bid, None)
+            self._stale.pop(bid, None)
+            target = self._target(bid)
+            if target is None:
+                self.forget(bid)  # gone
+            else:
+                targets.append(target)
+        if not targets:
+            return 0
         work = asyncio.ensure_future(asyncio.to_thread(lambda: [(t, *self.measure(t)) for t in targets]))
         self._measuring = work
         measured = await asyncio.shield(work)  # a stop waits for it: a thread cannot be cancelled
         for target, figures, whole in measured:
             bid = target.branch_id
-            self._touched.discard(bid)
             if plane.find_branch(bid) is None or figures is None:
                 self.forget(bid)  # deleted meanwhile
                 continue
-            self._seen[bid] = Seen(now, target.change, target.running)
+            self._measured_at[bid] = now
             self._figures[bid] = figures
             if not whole:
-                self._touched.add(bid)
+                self._pending[bid] = None
         self.measured += len(measured)
         return len(measured)
 
@@ -193,7 +216,7 @@ class Figures:
             if not await self.tick(budget=1 << 30):
                 return
 
-    def _target(self, branch_id: str, change: int, running: bool) -> Target | None:
+    def _target(self, branch_id: str) -> Target | None:
         plane = self.plane
         branch = plane.find_branch(branch_id)
         project = plane.find_project(branch.project_id) if branch is not None else None
@@ -205,8 +228,7 @@ class Figures:
                       branch_dir=plane.layout.branch_dir(project.id, branch.id),
                       pgdata=plane.layout.pgdata(project.id, branch.id),
                       bindir=install.bindir if install is not None else None, owner=project_user(project.os_uid),
-                      sampled_lsn=self.metrics.current_lsn(primary.id) if primary is not None else None,
-                      change=change, running=running)
+                      sampled_lsn=self.metrics.current_lsn(primary.id) if primary is not None else None)
 
     def measure(self, t: Target) -> tuple[BranchFigures | None, bool]:
         """One branch's figures from its files (blocking: run in a thread), and whether they are whole

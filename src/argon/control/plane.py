@@ -168,16 +168,19 @@ class ControlPlane:
         # the platform holds (a list of 400 projects among 1,000 looks at 400 projects' rows)
         self._project_branches: dict[str, dict[str, None]] = {}
         self._project_endpoints: dict[str, dict[str, None]] = {}
-        # branch -> a number that grows whenever the branch's record or one of its endpoints' changes
-        # (what the storage figures compare to know which branches to measure again)
-        self._changes: dict[str, int] = {}
-        self._change_seq = 0
+        # told the id of a branch whose record or one of whose endpoints' records changed, or that is gone
+        # (the storage figures measure again what changed, without comparing every branch each second)
+        self.branch_watchers: list[Callable[[str], None]] = []
         self._verifiers: dict[tuple[str, str], str] = {}  # (branch_id, role) -> SCRAM verifier
         self._endpoint_locks: dict[str, asyncio.Lock] = {}
         self._project_locks: dict[str, asyncio.Lock] = {}
         self.creating = BranchesInCreation()
         self._background: set[asyncio.Task[Any]] = set()
-        self._address_next = 0  # the slot after the highest endpoint address given by this process
+        # endpoint address slots (ADR 0031) live endpoints hold (slot -> how many: one, unless a store was
+        # edited by hand), and one past the highest slot seen or given since start: a new address is a
+        # lookup from there, not a scan of every endpoint
+        self._slots_taken: dict[int, int] = {}
+        self._address_next = 0
 
     # Plumbing -------------------------------------------------------------------------------------
 
@@ -298,6 +301,9 @@ class ControlPlane:
         elif isinstance(obj, model.Endpoint):
             old = self._endpoints.get(obj.id)
             self._endpoints[obj.id] = obj
+            if old is None or old.address != obj.address:
+                self._release_slot(old)
+                self._take_slot(obj)
             self._project_endpoints.setdefault(obj.project_id, {})[obj.id] = None
             self._changed(obj.branch_id)
             if self.on_endpoint_address is not None and (old is None or old.address != obj.address):
@@ -308,14 +314,22 @@ class ControlPlane:
             else:
                 self._verifiers.pop((obj.branch_id, obj.name), None)
 
-    def _changed(self, branch_id: str) -> None:
-        self._change_seq += 1
-        self._changes[branch_id] = self._change_seq
+    def _take_slot(self, ep: model.Endpoint) -> None:
+        slot = addresses.slot_of(ep.address)
+        if slot is not None:
+            self._slots_taken[slot] = self._slots_taken.get(slot, 0) + 1
+            self._address_next = max(self._address_next, slot + 1)
 
-    def branch_changes(self) -> dict[str, int]:
-        """Every branch with the number of its latest change (its record's or an endpoint's): equal
-        numbers, nothing changed in between."""
-        return self._changes
+    def _release_slot(self, ep: model.Endpoint | None) -> None:
+        slot = addresses.slot_of(ep.address) if ep is not None else None
+        if slot is not None and slot in self._slots_taken:
+            self._slots_taken[slot] -= 1
+            if not self._slots_taken[slot]:
+                del self._slots_taken[slot]
+
+    def _changed(self, branch_id: str) -> None:
+        for watch in self.branch_watchers:
+            watch(branch_id)
 
     def _unsee(self, obj: Any) -> None:
         if isinstance(obj, model.Project):
@@ -327,7 +341,7 @@ class ControlPlane:
             self._project_endpoints.pop(obj.id, None)
         elif isinstance(obj, model.Branch):
             self._branches.pop(obj.id, None)
-            self._changes.pop(obj.id, None)
+            self._changed(obj.id)  # gone: a watcher finds no branch of that id any more
             self._project_branches.get(obj.project_id, {}).pop(obj.id, None)
             for key in [k for k in self._verifiers if k[0] == obj.id]:
                 del self._verifiers[key]
@@ -335,10 +349,12 @@ class ControlPlane:
                 self._unsee(ep)
         elif isinstance(obj, model.Endpoint):
             self.telemetry.forget_compute(compute_labels(obj))
-            if self._endpoints.pop(obj.id, None) is not None and self.on_endpoint_address is not None:
+            gone = self._endpoints.pop(obj.id, None)
+            self._release_slot(gone)
+            if gone is not None and self.on_endpoint_address is not None:
                 self.on_endpoint_address(obj.id, None)
             self._project_endpoints.get(obj.project_id, {}).pop(obj.id, None)
-            if obj.branch_id in self._changes:
+            if obj.branch_id in self._branches:
                 self._changed(obj.branch_id)
             self._endpoint_locks.pop(obj.id, None)
             self.activity.forget(obj.id)
@@ -421,9 +437,9 @@ class ControlPlane:
     def new_endpoint_address(self) -> str:
         """An address for a new endpoint (ADR 0031): none a live endpoint holds, and past every one given
         since start, so a deleted endpoint's address comes back only once the slots have gone round.
-        Synchronous: two creations under way at once never get the same one."""
-        taken = {slot for ep in self._endpoints.values() if (slot := addresses.slot_of(ep.address)) is not None}
-        slot = addresses.next_slot(taken, max(self._address_next, max(taken, default=-1) + 1))
+        Synchronous: two creations under way at once never get the same one. A lookup in the slots
+        the view keeps as endpoints come and go (a scan of every endpoint took 0.5 ms at 1,000)."""
+        slot = addresses.next_slot(self._slots_taken, self._address_next)
         self._address_next = slot + 1
         return addresses.address_of(slot)
 

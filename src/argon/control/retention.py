@@ -37,7 +37,7 @@ from argon.storage.usage import disk_usage
 log = logging.getLogger(__name__)
 
 WAL_SNAPSHOT_TRIGGER = 256 * 1024 * 1024  # this much WAL since the newest snapshot: take one at the next stop
-PRUNE_BUDGET = 50  # idle branches pruned per `maintain` call (a minute): 1,000 of them in 20 minutes
+PRUNE_BUDGET = 50  # idle branches pruned per `maintain` call (a minute) at most: 1,000 of them in 20 minutes
 
 
 def branch_history(plane: ControlPlane, project_id: str, branch_id: str) -> hs.BranchHistory:
@@ -435,18 +435,42 @@ def after_stop(plane: ControlPlane, project: model.Project, branch_id: str) -> N
     prune(plane, project, branch_id)
 
 
+def next_prune_at(manifest: hs.Manifest, retention: timedelta) -> datetime | None:
+    """Pure: when time alone next gives `plan_pruning` something to drop in this history, as it
+    stands after a pruning (an idle branch's: no new WAL, no new snapshot): an older epoch's end
+    leaving the window, or an epoch's second-oldest snapshot doing so (the oldest then goes). None:
+    never, until the history changes."""
+    times = [e.ended_at for e in manifest.epochs[:-1] if e.ended_at is not None]
+    for epoch in manifest.epochs:
+        taken = sorted(s.taken_at for s in epoch.snapshots)
+        if len(taken) > 1:
+            times.append(taken[1])
+    return min(times) + retention if times else None
+
+
 def prune(plane: ControlPlane, project: model.Project, branch_id: str) -> int:
     """Drop epochs, snapshots and archived WAL no target inside the retention window needs
     (`plan_pruning`): the manifest first, then the files. Returns the bytes freed."""
+    return prune_history(plane, project, branch_id)[0]
+
+
+def prune_history(plane: ControlPlane, project: model.Project, branch_id: str) -> tuple[int, datetime | None]:
+    """`prune`, and when this history has something to prune again if no WAL comes (`next_prune_at`;
+    now, when backup's shipping held something back)."""
     history = branch_history(plane, project.id, branch_id)
     manifest = history.load()
     if not manifest.epochs:
-        return 0
+        return 0, None
     shipped = None
     if plane.settings.backup_url:  # never delete WAL the bucket does not have yet
         state = plane.layout.branch_backup_state(project.id, branch_id)
         shipped = {e.id: ShipState.load(state / e.id / "wal.json").shipped_end for e in manifest.epochs}
-    plan = plan_pruning(manifest, plane.clock() - timedelta(seconds=project.history_retention_seconds), shipped)
+    now = plane.clock()
+    retention = timedelta(seconds=project.history_retention_seconds)
+    plan = plan_pruning(manifest, now - retention, shipped)
+    again = next_prune_at(plan.manifest, retention)
+    if shipped is not None and plan_pruning(manifest, now - retention) != plan:
+        again = now  # the bucket lags: look again at the next round
     freed = 0
     if not plan.empty:
         gone = [history.epoch_dir(e) for e in plan.epochs] + [history.snapshot_dir(e, s) for e, s in plan.snapshots]
@@ -459,37 +483,60 @@ def prune(plane: ControlPlane, project: model.Project, branch_id: str) -> int:
         freed += wal.prune_wal(history.wal_dir(epoch.id), epoch.timeline, epoch.segsize, before)
     if freed:
         log.info("pruned %.1f MB of history of branch %s", freed / 1e6, branch_id)
-    return freed
+    return freed, again
 
 
 @dataclass(frozen=True)
 class Maintained:
-    cursor: str  # the last idle branch pruned: the next call goes on after it
+    cursor: str  # the last never-visited idle branch pruned: the next call goes on after it
     pruned: tuple[str, ...]  # branches whose history lost files (their storage figures changed)
 
 
-def maintenance_round(idle: list[str], running: list[str], after: str, budget: int) -> tuple[list[str], str]:
-    """Pure: the branches one call of `maintain` visits: every running one, and the next `budget`
-    idle ones after `after` in id order (round robin), and the cursor for the next call."""
-    ordered = sorted(idle)
-    start = next((i for i, b in enumerate(ordered) if b > after), 0)
-    picked = (ordered[start:] + ordered[:start])[:budget]
-    return running + picked, (picked[-1] if picked else after)
+class PruneSchedule:
+    """When each idle branch's history next needs pruning, as learnt from its last visit: an idle
+    branch's history changes only as time passes its retention, at moments its manifest tells
+    (`next_prune_at`). A branch the view says changed (a start, a suspend, a restore) is forgotten
+    here and visited again. What `maintain` reads so that a minute's work follows the changes and
+    the running computes, not the number of branches (it visited 50 idle ones a minute, round robin)."""
+
+    def __init__(self) -> None:
+        self.due: dict[str, datetime | None] = {}  # branch -> when (None: not until it changes)
+
+    def forget(self, branch_id: str) -> None:
+        self.due.pop(branch_id, None)
 
 
-async def maintain(plane: ControlPlane, after: str = "", budget: int = PRUNE_BUDGET) -> Maintained:
+def maintenance_round(idle: list[str], running: list[str], after: str, budget: int,
+                      due: Mapping[str, datetime | None] | None = None,
+                      now: datetime | None = None) -> tuple[list[str], str]:
+    """Pure: the branches one call of `maintain` visits: every running one; the idle ones whose
+    `due` time has come, soonest first; then idle ones never visited (not in `due`) after `after` in id
+    order (round robin), `budget` idle ones in all; and the cursor for the next call."""
+    due = due or {}
+    ripe = sorted((t, b) for b in idle if b in due and (t := due[b]) is not None and now is not None and t <= now)
+    picked = [b for _, b in ripe[:budget]]
+    unknown = sorted(b for b in idle if b not in due)
+    start = next((i for i, b in enumerate(unknown) if b > after), 0)
+    fresh = (unknown[start:] + unknown[:start])[:budget - len(picked)]
+    return running + picked + fresh, (fresh[-1] if fresh else after)
+
+
+async def maintain(plane: ControlPlane, after: str = "", budget: int = PRUNE_BUDGET,
+                   schedule: PruneSchedule | None = None) -> Maintained:
     """Every minute (the monitor): computes that never suspend get their snapshots online and their
-    history pruned; idle branches, whose history changes only with time, are pruned `budget` at a
-    time, round robin (so a call's work grows with the running computes, not with the projects).
-    Under the project lock, so no restore changes epochs meanwhile."""
+    history pruned; idle branches, whose history changes only with time, are pruned when `schedule`
+    says their time has come, and those it knows nothing of `budget` at a time, round robin (so a
+    call's work grows with the running computes and the changes, not with the projects). Under the
+    project lock, so no restore changes epochs meanwhile."""
+    schedule = schedule or PruneSchedule()
+    running_ids = {ep.branch_id for ep in plane.running_endpoints() if ep.type is model.EndpointType.READ_WRITE}
     idle, running = [], []
     for branch in plane.all_branches():
         project = plane.find_project(branch.project_id)
         if project is None or not enabled(project):
             continue
-        primary = plane.primary(project.id, branch.id)
-        (running if primary is not None and plane.is_running(primary.id) else idle).append(branch.id)
-    visit, cursor = maintenance_round(idle, running, after, budget)
+        (running if branch.id in running_ids else idle).append(branch.id)
+    visit, cursor = maintenance_round(idle, running, after, budget, schedule.due, plane.clock())
     pruned = []
     for branch_id in visit:
         branch = plane.find_branch(branch_id)
@@ -503,8 +550,13 @@ async def maintain(plane: ControlPlane, after: str = "", budget: int = PRUNE_BUD
                 if plane.creating.children_of(branch_id):  # a new branch links its history: next round
                     continue
                 await _snapshot_running(plane, project, branch_id)
-                if await asyncio.to_thread(prune, plane, project, branch_id):
+                freed, again = await asyncio.to_thread(prune_history, plane, project, branch_id)
+                if freed:
                     pruned.append(branch_id)
+                if branch_id in running_ids:
+                    schedule.forget(branch_id)  # it writes: looked at every round while it runs
+                else:
+                    schedule.due[branch_id] = again
         except Exception as exc:
             log.warning("history maintenance of branch %s failed: %s", branch_id, getattr(exc, "user_message", exc))
     return Maintained(cursor, tuple(pruned))

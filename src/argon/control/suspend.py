@@ -22,7 +22,7 @@ from argon.control import snapshots
 from argon.control.branches import delete_expired
 from argon.control.periodic import Periodic
 from argon.control.reconcile import adopt_strays
-from argon.control.retention import maintain
+from argon.control.retention import PruneSchedule, maintain
 from argon.control.services import Control
 from argon.proxy.activity import EndpointActivity
 
@@ -77,7 +77,9 @@ class SuspendMonitor:
         self._ticks = 0
         self._running_since: dict[str, float] = {}
         self._history: asyncio.Task[None] | None = None
-        self._history_cursor = ""  # where the round robin of idle branches' pruning goes on
+        self._history_cursor = ""  # where the round robin of idle branches not visited yet goes on
+        self._prune_schedule = PruneSchedule()  # when each visited idle branch needs pruning again
+        self.plane.branch_watchers.append(self._prune_schedule.forget)  # changed: visit it again
 
     def start(self) -> None:
         self.loop.start()
@@ -96,7 +98,7 @@ class SuspendMonitor:
             self._history = self.plane.spawn(self._maintain(), "history snapshots and pruning")
 
     async def _maintain(self) -> None:
-        done = await maintain(self.plane, self._history_cursor)
+        done = await maintain(self.plane, self._history_cursor, schedule=self._prune_schedule)
         self._history_cursor = done.cursor
         for branch_id in done.pruned:  # files gone that no record shows: measure again
             self.control.figures.touch(branch_id)
