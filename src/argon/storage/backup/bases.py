@@ -212,26 +212,38 @@ def manifest_bytes(manifest: dict[str, Any]) -> int:
     return sum(int(f["size"]) for f in manifest["files"])
 
 
-def sync_tree(path: Path) -> None:
-    """Make everything written under `path` durable: one `syncfs` of its filesystem (Linux) instead
-    of an fsync per file; `os.sync` where there is none."""
-    import ctypes
-    import ctypes.util
+def sync_tree(path: Path, *, workers: int = 4) -> None:
+    """Make everything under `path` durable: an fsync of every file and directory (a few at once),
+    never following a link. Not `syncfs`: that waits for every other writer on the filesystem too
+    (other computes, other restores), which on a shared disk took longer than the restore's own
+    data. Called after the recovery run, by when the kernel has written much of it back.
+    (Starting each file's writeback as it is written, `sync_file_range`, made the download wait
+    for the shared disk's queue: slower.)"""
+    def one(fd: int, name: str | None) -> None:
+        try:
+            target = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=fd) if name else fd
+        except FileNotFoundError:
+            return
+        try:
+            os.fsync(target)
+        finally:
+            if name:
+                os.close(target)
 
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        if getattr(libc, "syncfs", None) is None or libc.syncfs(fd) != 0:
-            os.sync()
-    finally:
-        os.close(fd)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for _rel, fd, names in _walk(path):
+            jobs = [pool.submit(one, fd, name) for name in names
+                    if stat.S_ISREG(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode)]
+            for job in jobs:  # before `_walk` closes the directory's fd
+                job.result()
+            one(fd, None)
 
 
 def download_snapshot(store: ObjectStore, codec: Codec, manifest: dict[str, Any], target: Path, *,
                       workers: int = 8, progress: Callable[[int], None] | None = None, fsync: bool = True) -> None:
     """Lay out the base backup described by `manifest` in `target` (new or empty): every chunk is
     verified; any failure raises (the caller removes `target`). `fsync=False`: the caller makes the
-    whole tree durable at once (`sync_tree`), rather than one file at a time."""
+    tree durable later, at once (`sync_tree`). A large file's chunks are fetched in parallel too."""
     for entry in [*manifest["dirs"], *manifest["files"]]:
         parts = Path(entry["path"]).parts
         if Path(entry["path"]).is_absolute() or ".." in parts:
@@ -264,6 +276,26 @@ def download_snapshot(store: ObjectStore, codec: Codec, manifest: dict[str, Any]
     def one(entry: dict[str, Any]) -> None:
         write(entry, [fetch(cid) for cid in entry["chunks"]])
 
+    # A large file's chunks are fetched in parallel, each written at its place (every chunk but the
+    # last is CHUNK bytes, as `upload_snapshot` cuts them): one 1 GB table file is not one thread's.
+    opened: dict[str, int] = {}
+    misfits: list[dict[str, Any]] = []
+    lock = threading.Lock()
+
+    def piece(entry: dict[str, Any], index: int) -> None:
+        cid = entry["chunks"][index]
+        data = fetch(cid)
+        last = index == len(entry["chunks"]) - 1
+        if len(data) != (int(entry["size"]) - index * CHUNK if last else CHUNK):
+            with lock:  # cut elsewhere: the whole file again, one chunk after the other
+                if not any(m is entry for m in misfits):
+                    misfits.append(entry)
+            return
+        view, offset = memoryview(data), index * CHUNK
+        while view:
+            written = os.pwrite(opened[entry["path"]], view, offset)
+            view, offset = view[written:], offset + written
+
     def unpack(cid: str, members: list[dict[str, Any]]) -> None:
         data = fetch(cid)
         for entry in members:
@@ -276,8 +308,28 @@ def download_snapshot(store: ObjectStore, codec: Codec, manifest: dict[str, Any]
     for entry in manifest["files"]:
         if "pack" in entry:
             packs.setdefault(entry["pack"], []).append(entry)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        jobs = [pool.submit(one, e) for e in manifest["files"] if "pack" not in e]
-        jobs += [pool.submit(unpack, cid, members) for cid, members in packs.items()]
-        for job in jobs:
-            job.result()
+    large = [e for e in manifest["files"] if "pack" not in e and len(e["chunks"]) > 1]
+    try:
+        for entry in large:
+            opened[entry["path"]] = os.open(target / entry["path"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC |
+                                            os.O_CLOEXEC | os.O_NOFOLLOW, int(entry["mode"]))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            jobs = [pool.submit(piece, e, i) for e in large for i in range(len(e["chunks"]))]
+            jobs += [pool.submit(one, e) for e in manifest["files"] if "pack" not in e and len(e["chunks"]) <= 1]
+            jobs += [pool.submit(unpack, cid, members) for cid, members in packs.items()]
+            for job in jobs:
+                job.result()
+            for entry in large:
+                fd = opened.pop(entry["path"])
+                try:
+                    if not any(m is entry for m in misfits):
+                        os.ftruncate(fd, int(entry["size"]))  # (a no-op: the last chunk ends there)
+                        if fsync:
+                            os.fsync(fd)
+                finally:
+                    os.close(fd)
+            for job in [pool.submit(one, e) for e in misfits]:
+                job.result()
+    finally:
+        for fd in opened.values():
+            os.close(fd)
