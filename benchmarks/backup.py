@@ -3,7 +3,7 @@ what branches cost in the bucket.
 
 Run from the repository root, as root or as a user who can run Postgres:
 
-    /work/venv/bin/python -m benchmarks.backup [--quick] [--trials 10] [--sizes 100M,1G] [--json PATH]
+    .venv/bin/python -m benchmarks.backup [--quick] [--trials 10] [--sizes 100M,1G] [--bucket s3|file] [--json PATH]
 
 1. **RPO**, for `s3://` (moto's S3 server on loopback) and `file://`: `argon up` runs as its own
    process with backup on (default settings); a writer commits numbered rows through the proxy,
@@ -12,9 +12,10 @@ Run from the repository root, as root or as a user who can run Postgres:
    `argon restore` fills a new one. The restored cluster is read directly: the gap is the time
    between the last acknowledged commit and the last restored one (p50/max over the trials), and
    the number of acknowledged commits lost.
-2. **Restore time** per size (pgbench data): `argon restore --eager` of a platform holding one
-   project of that size (its compute suspended, so a base backup of the data is in the bucket),
-   then time to the first query on the restored cluster; and the default lazy restore: `argon
+2. **Restore time** per size (pgbench data; the bucket on moto's S3 server, or `--bucket file`):
+   `argon restore --eager` of a platform holding one project of that size (its compute suspended,
+   so a base backup of the data is in the bucket), then time to the first query on the restored
+   cluster; and the default lazy restore: `argon
    restore` (metadata), `argon up`, the first query through the proxy (whose wake restores the
    branch) and the end of the background sweep; against `pg_basebackup` of the same running
    cluster plus its start (WAL replay) on the same machine.
