@@ -3,7 +3,7 @@ what branches cost in the bucket.
 
 Run from the repository root, as root or as a user who can run Postgres:
 
-    /work/venv/bin/python -m benchmarks.backup [--quick] [--trials 10] [--sizes 100M,1G] [--json PATH]
+    .venv/bin/python -m benchmarks.backup [--quick] [--trials 10] [--sizes 100M,1G] [--bucket s3|file] [--json PATH]
 
 1. **RPO**, for `s3://` (moto's S3 server on loopback) and `file://`: `argon up` runs as its own
    process with backup on (default settings); a writer commits numbered rows through the proxy,
@@ -12,9 +12,10 @@ Run from the repository root, as root or as a user who can run Postgres:
    `argon restore` fills a new one. The restored cluster is read directly: the gap is the time
    between the last acknowledged commit and the last restored one (p50/max over the trials), and
    the number of acknowledged commits lost.
-2. **Restore time** per size (pgbench data): `argon restore --eager` of a platform holding one
-   project of that size (its compute suspended, so a base backup of the data is in the bucket),
-   then time to the first query on the restored cluster; and the default lazy restore: `argon
+2. **Restore time** per size (pgbench data; the bucket on moto's S3 server, or `--bucket file`):
+   `argon restore --eager` of a platform holding one project of that size (its compute suspended,
+   so a base backup of the data is in the bucket), then time to the first query on the restored
+   cluster; and the default lazy restore: `argon
    restore` (metadata), `argon up`, the first query through the proxy (whose wake restores the
    branch) and the end of the background sweep; against `pg_basebackup` of the same running
    cluster plus its start (WAL replay) on the same machine.
@@ -216,14 +217,14 @@ def _shipped_bases(path: Path) -> set[str]:
         return set()
 
 
-def measure_size(root: Path, seed: Path, size: str, s3: Any, branches: int, restore_branches: int = 0
-                 ) -> dict[str, Any]:
+def measure_size(root: Path, seed: Path, size: str, s3: Any, branches: int, restore_branches: int = 0,
+                 bucket: str = "s3") -> dict[str, Any]:
     mb = SIZES[size]
     run = root / f"size-{size}"
     run.mkdir()
-    url = f"s3://{s3.new_bucket()}/size"
-    argon = ArgonProcess(run, run / "data", url, s3.endpoint, seed=seed, spares=0).start()
-    result: dict[str, Any] = {"size": size}
+    url, endpoint = (f"s3://{s3.new_bucket()}/size", s3.endpoint) if bucket == "s3" else (f"file://{run}/bucket", None)
+    argon = ArgonProcess(run, run / "data", url, endpoint, seed=seed, spares=0).start()
+    result: dict[str, Any] = {"size": size, "bucket": bucket}
     try:
         pid, uri = argon.create_project()
         t0 = time.monotonic()
@@ -240,44 +241,46 @@ def measure_size(root: Path, seed: Path, size: str, s3: Any, branches: int, rest
         t0 = time.monotonic()
         wait_backed_up(argon, 1 + restore_branches)
         result["ship_base_s"] = time.monotonic() - t0
-        result["bucket_bytes_1"] = bucket_bytes(url, s3.endpoint)
+        result["bucket_bytes_1"] = bucket_bytes(url, endpoint)
         if branches:
             for i in range(branches):
                 argon.api.post(f"/projects/{pid}/branches",
                                json={"branch": {"name": f"b{i}"}}).raise_for_status()
             wait_backed_up(argon, 1 + branches)
             result["branches"] = branches
-            result["bucket_bytes_after_branches"] = bucket_bytes(url, s3.endpoint)
+            result["bucket_bytes_after_branches"] = bucket_bytes(url, endpoint)
     finally:
         argon.stop()
     shutil.rmtree(argon.data, ignore_errors=True)
     if not branches:
         target = run / "restored"
-        result["restore_s"] = restore(run, url, s3.endpoint, target)
+        result["restore_s"] = restore(run, url, endpoint, target)
         t0 = time.monotonic()
         with restored_cluster(run, target) as sock:
             query(sock, "SELECT count(*) FROM pgbench_branches")
             result["first_query_after_restore_s"] = time.monotonic() - t0 + result["restore_s"]
         shutil.rmtree(target, ignore_errors=True)
-        result.update(measure_lazy(run, seed, url, s3, uri, argon))
+        result.update(measure_lazy(run, seed, url, endpoint, uri, argon))
     shutil.rmtree(run, ignore_errors=True)
     return result
 
 
-def measure_lazy(run: Path, seed: Path, url: str, s3: Any, uri: str, old: ArgonProcess) -> dict[str, float]:
+def measure_lazy(run: Path, seed: Path, url: str, endpoint: str | None, uri: str, old: ArgonProcess
+                 ) -> dict[str, float]:
     """The default, lazy restore (ADR 0032): `argon restore` (the metadata), `argon up` on it, the
     first query through the proxy (its wake restores the branch), and the background sweep's end.
     The machine's templates are seeded as a warm machine has them (built once per machine)."""
     target = run / "lazy"
     out: dict[str, float] = {}
     t0 = time.monotonic()
-    out["lazy_restore_s"] = restore(run, url, s3.endpoint, target, eager=False)
+    out["lazy_restore_s"] = restore(run, url, endpoint, target, eager=False)
     for name in ("templates", "runtime"):
         if (seed / name).exists() and not (target / name).exists():
             subprocess.run(["cp", "-a", str(seed / name), str(target / name)], check=True)
     t1 = time.monotonic()
-    again = ArgonProcess(run, target, url, s3.endpoint, uids=old.uids)  # the same machine's uids
+    again = ArgonProcess(run, target, url, endpoint, uids=old.uids, spares=0)  # the same machine and settings
     try:
+        again.start()
         out["lazy_up_s"] = time.monotonic() - t1
         with psycopg.connect(uri.replace(f":{old.proxy_port}/", f":{again.proxy_port}/"), connect_timeout=3600) as conn:
             conn.execute("SELECT count(*) FROM pgbench_branches")
@@ -379,7 +382,7 @@ def render(results: dict[str, Any]) -> str:
                      f"~{r['commits_per_s_p50']:.0f} commits/s)")
     for r in results.get("restore", []):
         lines.append(f"restore {r['size']:5} ({r['database_bytes'] / 1e6:.0f} MB x {r.get('restored_branches', 1)} "
-                     f"branch(es)): argon restore --eager {r['restore_s']:.1f} s, "
+                     f"branch(es), {r.get('bucket', 's3')}://): argon restore --eager {r['restore_s']:.1f} s, "
                      f"first query {r['first_query_after_restore_s']:.1f} s; pg_basebackup + replay of the same data "
                      f"{r['pg_basebackup_s']:.1f} s, first query {r['pg_basebackup_first_query_s']:.1f} s; "
                      f"bucket {r['bucket_bytes_1'] / 1e6:.0f} MB")
@@ -411,6 +414,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--restore-branches", type=int, default=0,
                         help="branches of the project besides main for the restore section (the lazy restore's "
                              "first query needs only main)")
+    parser.add_argument("--bucket", choices=("s3", "file"), default="s3",
+                        help="where the restore section's bucket is: moto's S3 server on loopback (one request at a "
+                             "time, in Python) or a file:// directory")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--verbose", action="store_true", help="print argon restore's steps with their times")
     args = parser.parse_args(argv)
@@ -429,8 +435,8 @@ def main(argv: list[str] | None = None) -> int:
             ArgonProcess(warm, warm / "data", spares=0).start().stop()
             seed = warm / "data"
             sections = [("rpo", lambda: measure_rpo(root, seed, args.trials, s3)),
-                        ("restore", lambda: [measure_size(root, seed, s, s3, 0, args.restore_branches)
-                                     for s in args.sizes.split(",")]),
+                        ("restore", lambda: [measure_size(root, seed, s, s3, 0, args.restore_branches, args.bucket)
+                                             for s in args.sizes.split(",")]),
                         ("branches", lambda: measure_size(root, seed, args.sizes.split(",")[-1], s3, args.branches)),
                         ("overhead", lambda: measure_overhead(root, seed, 2 if args.quick else 5,
                                                               5 if args.quick else 15))]

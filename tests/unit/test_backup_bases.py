@@ -65,6 +65,16 @@ def test_round_trip_sharing_and_damage(tmp_path: Path) -> None:
         bb.download_snapshot(store, codec, bb.read_manifest(store, codec, "b/1.json"), tmp_path / "out2")
 
 
+def test_sync_tree_never_follows_a_link(tmp_path: Path) -> None:
+    """The restored tree is made durable file by file; a link in it (to a FIFO that would block an
+    open, or anywhere) is left alone."""
+    make_tree(tmp_path / "t")
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "t" / "link").symlink_to(tmp_path / "fifo")
+    (tmp_path / "t" / "dirlink").symlink_to("/")
+    bb.sync_tree(tmp_path / "t")
+
+
 def test_a_manifest_cannot_write_outside_the_target(tmp_path: Path) -> None:
     store = FileStore(tmp_path)
     for bad in ("../escape", "/etc/passwd", "base/../../x"):

@@ -36,6 +36,23 @@ def test_a_snapshot_is_due_after_enough_wal_or_time() -> None:
     assert not retention.snapshot_due(e, 2 * MB, now=T0 + timedelta(seconds=59), retention_seconds=60, cheap=True)
 
 
+
+def test_a_snapshot_is_due_once_the_wal_since_is_half_the_data() -> None:
+    """A bulk load's WAL is as large as its data: replaying it from the last snapshot (a restore
+    from the bucket, a point in time) is bounded by a snapshot at the next stop."""
+    e = epoch("e1", T0, "0/1000000", snap("base", T0, "0/1000000"))
+    day = 86400
+    soon = T0 + timedelta(minutes=5)
+    assert not retention.snapshot_due(e, 89 * MB, now=soon, retention_seconds=day, cheap=False)  # size unknown
+    assert retention.snapshot_due(e, 89 * MB, now=soon, retention_seconds=day, cheap=False, data_bytes=117 * MB)
+    assert not retention.snapshot_due(e, 50 * MB, now=soon, retention_seconds=day, cheap=False, data_bytes=117 * MB)
+    # A small cluster: a few segments at least; a large one: never later than the fixed trigger.
+    assert not retention.snapshot_due(e, 3 * MB, now=soon, retention_seconds=day, cheap=False, data_bytes=2 * MB)
+    assert retention.snapshot_due(e, 4 * MB, now=soon, retention_seconds=day, cheap=False, data_bytes=2 * MB)
+    assert retention.snapshot_due(e, retention.WAL_SNAPSHOT_TRIGGER, now=soon, retention_seconds=day, cheap=False,
+                                  data_bytes=100 << 30)
+
+
 def test_pruning_keeps_the_newest_snapshot_before_the_window_and_everything_after() -> None:
     old = epoch("e1", T0, "0/1000000", snap("base", T0, "0/1000000"), ended=T0 + timedelta(hours=1))
     ended_inside = epoch("e2", T0 + timedelta(hours=1), "0/2000000",

@@ -158,7 +158,9 @@ def prepare_recovery(store: ObjectStore, codec: Codec, candidate: Candidate, man
     """Lay out, in the new directory `target` (root's), the candidate's base backup and its epoch's
     WAL from the bucket, ready for one recovery run to `at` or to `lsn` (neither: to the end of the
     WAL in the bucket; an `lsn` past that end: the end too). Returns the recovery settings, the
-    target LSN (None: the end) and the WAL's end."""
+    target LSN (None: the end) and the WAL's end. Nothing is synced here: the caller makes the
+    recovered tree durable with one `bb.sync_tree` before its commit point, so the kernel writes
+    the download back while the recovery run replays (a crash before that starts the fetch over)."""
     epoch, record = candidate.epoch, candidate.base
     prefix = f"{branch_prefix(project_id, branch_id)}{epoch['id']}/"
     lock = threading.Lock()
@@ -169,7 +171,7 @@ def prepare_recovery(store: ObjectStore, codec: Codec, candidate: Candidate, man
                 progress(n)
 
     # The base and its WAL at once (each in parallel itself; the WAL beside, then moved over the
-    # base's own segments, as the bucket's are newer), then one sync of the whole tree.
+    # base's own segments, as the bucket's are newer).
     target.mkdir(mode=0o700, parents=True, exist_ok=True)
     fetch_dir = target / "pg_wal.fetch"
     with ThreadPoolExecutor(max_workers=2) as pool:
@@ -182,7 +184,6 @@ def prepare_recovery(store: ObjectStore, codec: Codec, candidate: Candidate, man
     for name in os.listdir(fetch_dir):
         os.replace(fetch_dir / name, target / "pg_wal" / name)
     fetch_dir.rmdir()
-    bb.sync_tree(target)
     (target / "pg_wal" / "archive_status").mkdir(exist_ok=True)
     for name in ("postmaster.pid", "postmaster.opts"):
         (target / name).unlink(missing_ok=True)
@@ -635,6 +636,7 @@ class BackupService:
             raise
         try:
             control = await pitr.recover(self.plane, project, branch.id, target, settings)
+            await asyncio.to_thread(bb.sync_tree, target)  # the download and the recovery's writes, at once
         except BaseException:
             await asyncio.to_thread(safefs.rmtree, target)
             raise

@@ -255,6 +255,7 @@ class LazyRestore:
                 await asyncio.to_thread(_make_branch_dir, plane, project, branch.id)
                 await asyncio.to_thread(safefs.rename, scratch, target)
                 await pitr.recover(plane, project, branch.id, target, settings)
+                await asyncio.to_thread(bb.sync_tree, target)  # durable before the swap (written back meanwhile)
                 failpoint("restore.lazy.before_swap")
                 await asyncio.to_thread(safefs.rename, target, pgdata)
             except BaseException:

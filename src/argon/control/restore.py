@@ -13,6 +13,7 @@ names the object that failed).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import logging
@@ -202,6 +203,25 @@ async def restore(settings: Settings, url: str, at: datetime | str | None, *,
     if not await asyncio.to_thread(check_bucket, store, codec, create=False):
         raise UserError(f"there is no Argon backup at {url} (no argon-backup.json)")
     layout.init()
+    lazy = not eager and sample is None
+    # Eager: the root-owned runtime copy computes run from (seconds of copying) is made beside the
+    # metadata and the first download; recovery waits for it. Lazy: `argon up` makes it.
+    runtime = None if lazy else asyncio.create_task(asyncio.to_thread(discover, settings.pg_bindirs,
+                                                                       layout.runtime_dir))
+    try:
+        await _restore(settings, url, at, lsn, layout, store, codec, report, started, say, sample, lazy, runtime)
+        return report
+    finally:
+        if runtime is not None and not runtime.done():
+            runtime.cancel()
+            with contextlib.suppress(BaseException):
+                await runtime
+
+
+async def _restore(settings: Settings, url: str, at: datetime | None, lsn: int | None, layout: Layout,
+                   store: ObjectStore, codec: Codec, report: RestoreReport, started: float,
+                   say: Callable[[str], None], sample: Callable[[list[model.Branch]], set[str]] | None, lazy: bool,
+                   runtime: asyncio.Task[dict[int, PgInstall]] | None) -> None:
     layout.restore_marker.write_text(json.dumps({"from": url, "at": at.isoformat() if at else None,
                                                  "started_at": model.utcnow().isoformat()}))
     key = await asyncio.to_thread(newest_metadata, store, at)
@@ -221,9 +241,8 @@ async def restore(settings: Settings, url: str, at: datetime | str | None, *,
         meta.close()
     report.projects = len(projects)
     only = sample([b for bs in branches.values() for b in bs]) if sample is not None else None
-    lazy = not eager and only is None
-    # Lazy: only look which versions are here; `argon up` makes the runtime copy computes run from.
-    installs = await asyncio.to_thread(discover, settings.pg_bindirs, None if lazy else layout.runtime_dir)
+    # Which versions are here (a look: the runtime copy, if any, is still being made).
+    installs = await asyncio.to_thread(discover, settings.pg_bindirs, None)
     backend = pick_backend(layout.data_dir, settings.clone_backend)
     total = sum(len(b) for b in branches.values())
     done = 0
@@ -251,13 +270,15 @@ async def restore(settings: Settings, url: str, at: datetime | str | None, *,
                 say(f"[{done}/{total}] {project.name}/{branch.name}: its data stays in the bucket until `argon up` "
                     "needs it or restores it in the background")
                 continue
+            assert runtime is not None
             t0 = time.monotonic()
-            await _restore_branch(store, codec, layout, backend, install, project, branch, at, item, say,
+            await _restore_branch(store, codec, layout, backend, install, runtime, project, branch, at, item, say,
                                   f"[{done}/{total}] {project.name}/{branch.name}", lsn)
             item.seconds = time.monotonic() - t0
+    if runtime is not None:
+        await runtime  # made even when no branch needed it: `argon up` would make it anyway
     layout.restore_marker.unlink()
     report.seconds = time.monotonic() - started
-    return report
 
 
 def _leave_in_bucket(layout: Layout, project: model.Project, branch: model.Branch, url: str, s3_endpoint: str | None,
@@ -276,9 +297,12 @@ def _leave_in_bucket(layout: Layout, project: model.Project, branch: model.Branc
                                     lazyrestore.intent(project.id, branch.id, url, s3_endpoint, at, lsn))
 
 
-async def _restore_branch(store: ObjectStore, codec: Codec, layout: Layout, backend: Any, install: PgInstall,
-                          project: model.Project, branch: model.Branch, at: datetime | None, item: BranchRestore,
-                          say: Callable[[str], None], label: str, lsn: int | None = None) -> None:
+async def _restore_branch(store: ObjectStore, codec: Codec, layout: Layout, backend: Any, probed: PgInstall,
+                          runtime: asyncio.Task[dict[int, PgInstall]], project: model.Project, branch: model.Branch,
+                          at: datetime | None, item: BranchRestore, say: Callable[[str], None], label: str,
+                          lsn: int | None = None) -> None:
+    """One branch, eagerly: download (reading WAL with `probed`'s tools, as root), then recovery
+    by the runtime copy's postmaster (`runtime`, awaited only then)."""
     candidate = await asyncio.to_thread(choose, store, codec, project.id, branch.id, at, lsn)
     if candidate is None:
         item.skipped = "no base backup in the bucket" + (f" from before {at.isoformat()}" if at else "") + (
@@ -307,7 +331,7 @@ async def _restore_branch(store: ObjectStore, codec: Codec, layout: Layout, back
     try:
         say(f"{label}: base backup {epoch['id']}/{record['name']} ({size / 1e6:.1f} MB)")
         settings, target_lsn, end = await asyncio.to_thread(prepare_recovery, store, codec, candidate, manifest,
-                                                            project.id, branch.id, tmp, install.bindir, at, progress,
+                                                            project.id, branch.id, tmp, probed.bindir, at, progress,
                                                             lsn)
         item.bytes = moved[0]
         stages["download"], t0 = time.monotonic() - t0, time.monotonic()
@@ -315,8 +339,10 @@ async def _restore_branch(store: ObjectStore, codec: Codec, layout: Layout, back
         user = OsUser(project.os_uid, project.os_uid) if project.os_uid is not None and running_as_root() else None
         if user is not None:
             await asyncio.to_thread(chown_tree, layout.project_dir(project.id), user)
+        install = (await runtime)[probed.major]
         control = await recover(install, layout, tmp, settings, user, branch_dir / "log" / "recovery.log")
         item.reached = control.checkpoint_lsn
+        await asyncio.to_thread(bb.sync_tree, tmp)  # durable before the rename (written back meanwhile)
         stages["recovery"], t0 = time.monotonic() - t0, time.monotonic()
         pgdata = layout.pgdata(project.id, branch.id)
         os.rename(tmp, pgdata)

@@ -339,12 +339,17 @@ def reopen_epoch(plane: ControlPlane, project: model.Project, branch_id: str) ->
 
 # --- Decisions (pure) ------------------------------------------------------------------------------------
 
-def snapshot_due(epoch: hs.Epoch, wal_since: int, *, now: datetime, retention_seconds: int, cheap: bool) -> bool:
+def snapshot_due(epoch: hs.Epoch, wal_since: int, *, now: datetime, retention_seconds: int, cheap: bool,
+                 data_bytes: int = 0) -> bool:
     """Whether a snapshot should be taken now, `wal_since` bytes of WAL after the epoch's newest.
-    `cheap`: snapshots are reflinks (next to free) rather than copies of the cluster."""
+    `cheap`: snapshots are reflinks (next to free) rather than copies of the cluster. `data_bytes`:
+    the size of the cluster's databases, when known (at a clean stop): WAL of half that size makes
+    a snapshot due, so a restore from the bucket or a point in time never replays more WAL than
+    about half the data it could have copied instead (a bulk load's WAL is as large as the data),
+    and a snapshot costs at most twice the WAL it saves replaying."""
     if wal_since < epoch.segsize:
         return False  # (almost) nothing written since the newest snapshot
-    if wal_since >= WAL_SNAPSHOT_TRIGGER:
+    if wal_since >= WAL_SNAPSHOT_TRIGGER or (data_bytes and wal_since >= max(data_bytes // 2, 4 * epoch.segsize)):
         return True
     age = (now - epoch.snapshots[-1].taken_at).total_seconds() if epoch.snapshots else float("inf")
     # A reflink snapshot costs next to nothing: take one every 1/24 of the window (hourly for a
@@ -400,9 +405,9 @@ def plan_pruning(manifest: hs.Manifest, window: datetime, shipped: Mapping[str, 
 
 # --- Snapshots at suspend, pruning ----------------------------------------------------------------------
 
-def _due(plane: ControlPlane, project: model.Project, epoch: hs.Epoch, wal_since: int) -> bool:
+def _due(plane: ControlPlane, project: model.Project, epoch: hs.Epoch, wal_since: int, data_bytes: int = 0) -> bool:
     return snapshot_due(epoch, wal_since, now=plane.clock(), retention_seconds=project.history_retention_seconds,
-                        cheap=plane.backend.name == "reflink")
+                        cheap=plane.backend.name == "reflink", data_bytes=data_bytes)
 
 
 def after_stop(plane: ControlPlane, project: model.Project, branch_id: str) -> None:
@@ -421,7 +426,7 @@ def after_stop(plane: ControlPlane, project: model.Project, branch_id: str) -> N
     newest = epoch.snapshots[-1] if epoch.snapshots else None
     wal_since = wal.parse_lsn(control.checkpoint_lsn) - (wal.parse_lsn(newest.consistent_lsn) if newest else 0)
     if control.state == "shut down" and control.timeline == epoch.timeline and \
-            _due(plane, project, epoch, wal_since):
+            _due(plane, project, epoch, wal_since, disk_usage(pgdata / "base").size if wal_since >= epoch.segsize else 0):
         name = f"s{int(time.time() * 1000):x}"
         target = history.snapshot_dir(epoch.id, name)
         safefs.makedirs(target.parent, owner=project_owner(project))

@@ -212,26 +212,40 @@ def manifest_bytes(manifest: dict[str, Any]) -> int:
     return sum(int(f["size"]) for f in manifest["files"])
 
 
-def sync_tree(path: Path) -> None:
-    """Make everything written under `path` durable: one `syncfs` of its filesystem (Linux) instead
-    of an fsync per file; `os.sync` where there is none."""
-    import ctypes
-    import ctypes.util
+def sync_tree(path: Path, *, workers: int = 4) -> None:
+    """Make everything under `path` durable: an fsync of every file and directory (a few at once),
+    never following a link. Not `syncfs`: that waits for every other writer on the filesystem too
+    (other computes, other restores), which on a shared disk took longer than the restore's own
+    data. Called after the recovery run, by when the kernel has written much of it back.
+    (Starting each file's writeback as it is written, `sync_file_range`, made the download wait
+    for the shared disk's queue: slower.)"""
+    def one(fd: int, name: str | None) -> None:
+        try:
+            target = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=fd) if name else fd
+        except FileNotFoundError:
+            return
+        try:
+            os.fsync(target)
+        finally:
+            if name:
+                os.close(target)
 
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        if getattr(libc, "syncfs", None) is None or libc.syncfs(fd) != 0:
-            os.sync()
-    finally:
-        os.close(fd)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for _rel, fd, names in _walk(path):
+            jobs = [pool.submit(one, fd, name) for name in names
+                    if stat.S_ISREG(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode)]
+            for job in jobs:  # before `_walk` closes the directory's fd
+                job.result()
+            one(fd, None)
 
 
 def download_snapshot(store: ObjectStore, codec: Codec, manifest: dict[str, Any], target: Path, *,
                       workers: int = 8, progress: Callable[[int], None] | None = None, fsync: bool = True) -> None:
     """Lay out the base backup described by `manifest` in `target` (new or empty): every chunk is
     verified; any failure raises (the caller removes `target`). `fsync=False`: the caller makes the
-    whole tree durable at once (`sync_tree`), rather than one file at a time."""
+    whole tree durable later, at once (`sync_tree`), rather than one file at a time. (Fetching a
+    large file's chunks in parallel, each written at its offset, was tried: slower here, 7.5 s
+    against 6.3 s median for 136 MB, with more CPU.)"""
     for entry in [*manifest["dirs"], *manifest["files"]]:
         parts = Path(entry["path"]).parts
         if Path(entry["path"]).is_absolute() or ".." in parts:
