@@ -120,6 +120,12 @@ def test_branch_create_and_delete(argon: ArgonProcess) -> None:
             made = branch_named(argon, pid, name)
             if point == "branch.create.after_metadata":
                 assert made is not None, f"{point}: the branch is gone"
+            if point == "branch.create.after_spec_intent":  # written outside the lock, before the commit
+                assert made is None, f"{point}: the branch was committed"
+                endpoints = {e["id"] for e in state[pid]["endpoints"]}
+                stray = [p.name for p in (argon.data / "intents").glob("spec-*")
+                         if p.name.removeprefix("spec-").removesuffix(".json") not in endpoints]
+                assert not stray, f"{point}: spec intents of endpoints that never were: {stray}"
             if made is not None:
                 rows = query(argon, pid, made["id"], "select v from t")
                 assert rows == ([] if "schema_only" in point else [("main",)]), f"{point}: {rows}"
@@ -141,7 +147,7 @@ def test_branch_create_and_delete(argon: ArgonProcess) -> None:
         return point, op, check
 
     walk(argon, [create("branch.create.after_copy"), create("branch.create.after_epoch"),
-                 create("branch.create.after_metadata"),
+                 create("branch.create.after_spec_intent"), create("branch.create.after_metadata"),
                  create("branch.create_schema_only.after_restore", init_source="schema-only"),
                  create("branch.create_at_point.after_recovery", parent_lsn=lsn),
                  delete("branch.delete.after_stop"), delete("branch.delete.after_metadata"),

@@ -131,7 +131,16 @@ class ComputeManager:
             if removing is not None:
                 await asyncio.wait([removing])
             await asyncio.to_thread(self._create_cgroup, spec.endpoint_id, spec.limits)
-        pm = postmaster.start(spec.install, spec.pgdata, spec.log_file, spec.user)
+        # The fork and exec in a thread: under load they take tens of milliseconds, which the event
+        # loop (every API request, the proxy's logins, the other computes' starts) need not wait for.
+        spawn = asyncio.ensure_future(asyncio.to_thread(postmaster.start, spec.install, spec.pgdata,
+                                                        spec.log_file, spec.user))
+        try:
+            pm = await asyncio.shield(spawn)
+        except asyncio.CancelledError:  # the postmaster is spawned all the same: not left running untracked
+            with contextlib.suppress(Exception):
+                (await spawn).kill_group()
+            raise
         await failpoint_async("compute.start.after_spawn")
         self._running[spec.endpoint_id] = pm
         self._watch(spec.endpoint_id, pm)

@@ -28,6 +28,7 @@ from argon.compute.admin import connect_admin
 from argon.compute.osuser import project_user
 from argon.control import pitr, retention
 from argon.control.endpoints import check_settings_for
+from argon.control.lifecycle import spec_key
 from argon.control.plane import ControlPlane
 from argon.control.projects import first_start
 from argon.control.replicas import remove_replicas
@@ -160,6 +161,15 @@ async def _copy_parent(plane: ControlPlane, project: model.Project, parent: mode
 SPARES_MAX = 4  # ready copies kept of one compute-less parent: as many as were branched at once, up to this
 
 
+def spares_wanted(plane: ControlPlane, branch_id: str) -> int:
+    """How many spare copies of a compute-less parent to keep: on a backend that shares blocks
+    (reflink) a copy costs only its metadata, so SPARES_MAX from the first branch on (a test run's
+    first `--parallel 4` finds four); on a byte-copy backend as many as were branched at once."""
+    if plane.backend.name == "reflink":
+        return SPARES_MAX
+    return min(plane.creating.peak(branch_id), SPARES_MAX)
+
+
 def _take_spare(plane: ControlPlane, parent_id: str, source: Path) -> branch_spares.Spare | None:
     if not plane.branch_spares.count(parent_id):
         return None
@@ -173,8 +183,8 @@ def wants_spares(plane: ControlPlane, project_id: str, branch_id: str) -> bool:
 
 
 async def refill_spares(control: Control, project_id: str, branch_id: str) -> None:
-    """In the background after a branch of a compute-less parent: copies of the parent made ahead,
-    as many as were branched at once (up to SPARES_MAX), so the next creates are renames. Each copy
+    """In the background after a branch of a compute-less parent: copies of the parent made ahead
+    (`spares_wanted`), so the next creates are renames. Each copy
     reads the parent as a create does (registered in `creating`: no restore, start or delete of it
     meanwhile); one refill per parent at a time."""
     plane = control.plane
@@ -183,7 +193,7 @@ async def refill_spares(control: Control, project_id: str, branch_id: str) -> No
         return
     pool.refilling.add(branch_id)
     try:
-        while pool.count(branch_id) < min(plane.creating.peak(branch_id), SPARES_MAX):
+        while pool.count(branch_id) < spares_wanted(plane, branch_id):
             token = f"spare-{ids.branch_id()}"
             async with plane.project_lock(project_id):
                 if not wants_spares(plane, project_id, branch_id):
@@ -275,10 +285,11 @@ async def _make_data(control: Control, project: model.Project, parent: model.Bra
 
 async def _commit_created(control: Control, project_id: str, parent_id: str, bid: str, name: str,
                           req: BranchRequest, *, lsn: str | None, parent_at: datetime | None,
-                          started: float) -> CreatedBranch:
+                          started: float, endpoint_ids: list[str], spec_written: bool) -> CreatedBranch:
     """Under the project lock: the new branch, its roles, databases, endpoints and operations in one
     transaction (the commit point). The parent is looked up again: a project deleted meanwhile is a
-    404 (its directory, the new branch's with it, went with it)."""
+    404 (its directory, the new branch's with it, went with it). `spec_written`: the endpoints'
+    spec intents are on disk already (else they are written here, before the commit)."""
     plane = control.plane
     parent = plane.branch(project_id, parent_id)
     now = model.utcnow()
@@ -287,12 +298,12 @@ async def _commit_created(control: Control, project_id: str, parent_id: str, bid
                           init_source=req.init_source, expires_at=check_expiry(req.expires_at))
     roles = [r.replace(branch_id=bid, created_at=now) for r in await plane.db(plane.store.list_roles, parent.id)]
     parent_dbs = await plane.db(plane.store.list_databases, parent.id)
-    endpoints = [model.Endpoint(id=ids.endpoint_id(), project_id=project_id, branch_id=bid, created_at=now,
+    endpoints = [model.Endpoint(id=eid, project_id=project_id, branch_id=bid, created_at=now,
                                 updated_at=now, autoscaling_limit_min_cu=s.autoscaling_limit_min_cu,
                                 autoscaling_limit_max_cu=s.autoscaling_limit_max_cu,
                                 suspend_timeout_seconds=s.suspend_timeout_seconds, type=req.endpoint_type,
                                 pg_settings=dict(req.endpoint_pg_settings), address=plane.new_endpoint_address())
-                 for s in req.endpoints]
+                 for eid, s in zip(endpoint_ids, req.endpoints, strict=True)]
     ops = [model.Operation(id=ids.operation_id(), project_id=project_id,
                            action=model.OperationAction.CREATE_BRANCH, status=model.OperationStatus.FINISHED,
                            created_at=now, updated_at=now, branch_id=bid,
@@ -302,11 +313,27 @@ async def _commit_created(control: Control, project_id: str, parent_id: str, bid
                             created_at=now, updated_at=now, branch_id=bid, endpoint_id=e.id) for e in endpoints]
     databases = [model.Database(**{**d.__dict__, "id": 0, "branch_id": bid, "created_at": now, "updated_at": now})
                  for d in parent_dbs]  # their ids are taken in the transaction
-    for e in endpoints:  # its first start applies the roles, even after a crash (reconcile)
-        await asyncio.to_thread(control.computes.spec_pending, e.id)
+    if not spec_written:
+        await _spec_pending(control, endpoint_ids)
     stored = await plane.commit(put=[branch, *roles, *databases, *endpoints, *ops])
     databases = [d for d in stored if isinstance(d, model.Database)]
     return CreatedBranch(branch, endpoints, roles, databases, ops)
+
+
+async def _spec_pending(control: Control, endpoint_ids: list[str]) -> None:
+    """The new endpoints' first start applies the roles and databases, even after a crash (the
+    reconciler drops these intents for endpoints that never reached the metadata)."""
+    for eid in endpoint_ids:
+        await asyncio.to_thread(control.computes.spec_pending, eid)
+
+
+def _step_mark(control: Control, parent: model.Branch, req: BranchRequest) -> int | None:
+    """The parent's mark in step (`Lifecycle.step_mark`) when the new branch is a copy of its head;
+    equal before the copy and at the commit, the copy holds what the metadata gives it: its computes
+    need no spec (no intent, no admin session at their first start: ADR 0033)."""
+    if req.init_source != "parent-data" or req.parent_lsn or req.parent_timestamp:
+        return None
+    return control.computes.step_mark(parent.id)
 
 
 async def create_branch(control: Control, project_id: str, req: BranchRequest) -> CreatedBranch:
@@ -336,16 +363,26 @@ async def create_branch(control: Control, project_id: str, req: BranchRequest) -
         if name_taken(plane, project_id, name):
             raise Conflict(f"branch {name!r} already exists")
         plane.creating.begin(project_id, bid, name, reads=parent.id)
+        mark = _step_mark(control, parent, req)
+    endpoint_ids = [ids.endpoint_id() for _ in req.endpoints]
+    in_step = False
     try:
         data_began = time.monotonic()
         lsn, parent_at = await _make_data(control, project, parent, bid, req)
         data_ms = (time.monotonic() - data_began) * 1000
         plane.creating.done_reading(bid, parent.id)
+        if mark is None:
+            await _spec_pending(control, endpoint_ids)  # outside the lock: an intent of no endpoint yet
+            await failpoint_async("branch.create.after_spec_intent")
         async with plane.project_lock(project_id):
+            in_step = mark is not None and _step_mark(control, parent, req) == mark
             created = await _commit_created(control, project_id, parent.id, bid, name, req, lsn=lsn,
-                                            parent_at=parent_at, started=started)
+                                            parent_at=parent_at, started=started, endpoint_ids=endpoint_ids,
+                                            spec_written=in_step or mark is None)
     except BaseException:
         await asyncio.to_thread(safefs.rmtree, plane.layout.branch_dir(project_id, bid))
+        for eid in endpoint_ids:
+            await asyncio.to_thread(plane.intents.remove, spec_key(eid))
         raise
     finally:
         plane.creating.end(project_id, bid, parent.id)
@@ -357,8 +394,10 @@ async def create_branch(control: Control, project_id: str, req: BranchRequest) -
     touch_figures(control, project_id)
     log.info("branch %s (%s) of %s created from %s at %s in %.0f ms (its data %.0f ms)", bid, name, project_id,
              parent.id, lsn, (time.monotonic() - started) * 1000, data_ms)
+    if in_step:
+        control.computes.enter_step(bid)  # no compute of it has started yet
     for op in ops[1:]:
-        if req.endpoint_type is model.EndpointType.READ_WRITE:  # a replica's roles come from the branch's WAL
+        if req.endpoint_type is model.EndpointType.READ_WRITE and not in_step:  # a replica's roles: the WAL's
             control.computes.mark_needs_spec(op.endpoint_id or "")
         plane.spawn(first_start(control, op, reason="branch created"), f"first start of {op.endpoint_id}")
     return created
@@ -407,23 +446,36 @@ async def set_default_branch(control: Control, project_id: str, branch_id: str) 
     return target
 
 
+def _check_deletable(plane: ControlPlane, project_id: str, branch_id: str, *, expired: bool) -> model.Branch:
+    branch = plane.branch(project_id, branch_id)
+    if expired and (branch.expires_at is None or branch.expires_at > model.utcnow()):
+        raise Conflict("the branch's expiry changed meanwhile")
+    if branch.default:
+        raise Precondition("the default branch cannot be deleted; make another branch the default first")
+    if branch.protected:
+        raise Precondition(f"branch {branch.name!r} is protected; unprotect it before deleting it")
+    children = [b.name for b in plane.branches(project_id) if b.parent_id == branch_id]
+    if children:
+        raise Precondition(f"branch {branch.name!r} has child branches ({', '.join(children)}); delete them first")
+    if plane.creating.children_of(branch_id):
+        raise Precondition(f"branch {branch.name!r} is being copied into a new branch; delete it once that "
+                           "branch is created (and deleted)")
+    return branch
+
+
 async def delete_branch(control: Control, project_id: str, branch_id: str, *,
                         expired: bool = False) -> tuple[model.Branch, list[model.Operation]]:
     plane = control.plane
+    # Its computes are stopped before the project lock (checked as under it first), so that the deletes
+    # of several branches at once (a test run's clones) stop theirs side by side; under the lock they
+    # are checked again and stopped for good (a compute woken meanwhile). What SQL changed is not read
+    # back: the branch goes. Should the delete be refused after all (a child made meanwhile), the
+    # compute starts again at its next connection, as after a suspend.
+    _check_deletable(plane, project_id, branch_id, expired=expired)
+    await asyncio.gather(*(control.computes.stop(ep.id, reason="branch deleted", mode="immediate", sync=False)
+                           for ep in plane.endpoints(project_id, branch_id)))
     async with plane.project_lock(project_id):
-        branch = plane.branch(project_id, branch_id)
-        if expired and (branch.expires_at is None or branch.expires_at > model.utcnow()):
-            raise Conflict("the branch's expiry changed meanwhile")
-        if branch.default:
-            raise Precondition("the default branch cannot be deleted; make another branch the default first")
-        if branch.protected:
-            raise Precondition(f"branch {branch.name!r} is protected; unprotect it before deleting it")
-        children = [b.name for b in plane.branches(project_id) if b.parent_id == branch_id]
-        if children:
-            raise Precondition(f"branch {branch.name!r} has child branches ({', '.join(children)}); delete them first")
-        if plane.creating.children_of(branch_id):
-            raise Precondition(f"branch {branch.name!r} is being copied into a new branch; delete it once that "
-                               "branch is created (and deleted)")
+        branch = _check_deletable(plane, project_id, branch_id, expired=expired)
         await plane.creating.settled(project_id, branch_id)  # a spare copy being made of it
         ops = []
         endpoints = plane.endpoints(project_id, branch_id)
@@ -431,17 +483,28 @@ async def delete_branch(control: Control, project_id: str, branch_id: str, *,
                                for ep in endpoints))
         await failpoint_async("branch.delete.after_stop")
         await plane.commit(delete=[branch])  # its endpoints, roles and databases with it: the commit point
+        control.computes.leave_step(branch_id)
         await failpoint_async("branch.delete.after_metadata")
         for ep in endpoints:
             plane.writes.forget(ep.id)
-            await asyncio.to_thread(safefs.rmtree, plane.layout.socket_dir(ep.id))
-        await asyncio.to_thread(safefs.rmtree, plane.layout.branch_dir(project_id, branch_id))
-        await asyncio.to_thread(plane.branch_spares.drop, branch_id)
-        await failpoint_async("branch.delete.after_rmtree")
         ops.append(await plane.record(project_id, model.OperationAction.DELETE_TIMELINE, branch_id=branch_id))
+    # Its files go in the background, outside the lock: no metadata names the directory any more (a
+    # `kill -9` before it is gone leaves an orphan the start-up reconciler removes), and a caller
+    # deleting several branches at once (a test run's) waits for none of it.
+    plane.spawn(_remove_files(plane, project_id, branch_id, [ep.id for ep in endpoints]),
+                f"removing the files of branch {branch_id}")
     touch_figures(control, project_id)
     log.info("branch %s of %s deleted%s", branch_id, project_id, " (expired)" if expired else "")
     return branch.replace(state=model.BranchState.ARCHIVED), ops
+
+
+async def _remove_files(plane: ControlPlane, project_id: str, branch_id: str, endpoint_ids: list[str]) -> None:
+    """A deleted branch's directory, its spare copies and its computes' socket directories."""
+    for eid in endpoint_ids:
+        await asyncio.to_thread(safefs.rmtree, plane.layout.socket_dir(eid))
+    await asyncio.to_thread(safefs.rmtree, plane.layout.branch_dir(project_id, branch_id))
+    await asyncio.to_thread(plane.branch_spares.drop, branch_id)
+    await failpoint_async("branch.delete.after_rmtree")
 
 
 async def restore_branch(control: Control, project_id: str, branch_id: str, source_branch_id: str, *,
@@ -611,6 +674,7 @@ async def finish_restore(control: Control, intent: dict[str, Any], *,
                                   "updated_at": now}) for db in src_dbs]
         await plane.commit(delete=[*old_roles, *old_dbs], put=[*put, op])
         await failpoint_async("branch.restore.after_metadata")
+    control.computes.leave_step(branch_id)  # new data (and roles) in place
     for ep in plane.endpoints(project_id, branch_id):
         control.computes.mark_needs_spec(ep.id)
     await asyncio.to_thread(safefs.rmtree, pgdata.with_name("pgdata.old"))

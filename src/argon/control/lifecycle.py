@@ -69,6 +69,10 @@ class Lifecycle:
         self.backup = backup  # told when a compute stopped: its last WAL and new snapshot ship now
         self.restorer: LazyRestore | None = None  # branches a lazy `argon restore` left in the bucket
         self._needs_spec: set[str] = set()  # endpoints whose next start must apply roles and databases
+        # branches whose stopped cluster holds exactly the roles and databases the store gives them (see
+        # `in_step`); in memory only: after a restart no branch is, and new branches' computes get the spec
+        self._in_step: dict[str, int] = {}
+        self._steps = 0  # each entry into `_in_step` gets a new number: `step_mark` tells a re-entry apart
         # endpoints a previous argon left a postmaster.pid for, not adopted at start-up (still in a
         # crash recovery): `reconcile.adopt_strays` looks at these, not at every endpoint
         self.strays: set[str] = set()
@@ -84,6 +88,7 @@ class Lifecycle:
     def mark_needs_spec(self, endpoint_id: str) -> None:
         """The endpoint's next start must apply the platform's roles and databases."""
         self._needs_spec.add(endpoint_id)
+        self._leave_step(endpoint_id)
 
     def spec_pending(self, endpoint_id: str) -> None:
         """`mark_needs_spec`, durably (blocking: call it in a thread): a compute that a crashed argon
@@ -91,9 +96,36 @@ class Lifecycle:
         spec applied. Written before the metadata that needs it; cleared once applied."""
         self.plane.intents.put(spec_key(endpoint_id), {"endpoint": endpoint_id})
         self._needs_spec.add(endpoint_id)
+        self._leave_step(endpoint_id)
 
     def needs_spec(self, endpoint_id: str) -> bool:
         return endpoint_id in self._needs_spec
+
+    def in_step(self, branch_id: str) -> bool:
+        """Whether the branch's cluster, stopped, holds the roles (verifiers included) and databases
+        its metadata lists: its last compute stopped with the platform's spec applied and synced back
+        (`_stop_locked`), or it was copied from such a branch's head (`enter_step`), and no compute of
+        it started since, nor a restore, a spec marked for one of its endpoints or a project setting
+        that changes roles (`leave_step`). A copy of it then needs no spec at its first start (ADR 0033)."""
+        return branch_id in self._in_step
+
+    def step_mark(self, branch_id: str) -> int | None:
+        """A mark of the branch's current stretch in step (None: not in step). Equal marks taken before
+        and after a copy of its head say it stayed in step all along: the copy is in step too."""
+        return self._in_step.get(branch_id)
+
+    def enter_step(self, branch_id: str) -> None:
+        self._steps += 1
+        self._in_step[branch_id] = self._steps
+
+    def leave_step(self, branch_id: str) -> None:
+        """The branch's cluster or its metadata's roles and databases may change (or are gone)."""
+        self._in_step.pop(branch_id, None)
+
+    def _leave_step(self, endpoint_id: str) -> None:
+        ep = self.plane.find_endpoint(endpoint_id)
+        if ep is not None and ep.type is model.EndpointType.READ_WRITE:
+            self._in_step.pop(ep.branch_id, None)
 
     def is_running(self, endpoint_id: str) -> bool:
         return self.plane.is_running(endpoint_id)
@@ -205,6 +237,8 @@ class Lifecycle:
                 if ep.type is model.EndpointType.READ_ONLY:
                     await replicas.ensure_replica_data(plane, ep)
                 compute = self.spec(ep)
+                if ep.type is model.EndpointType.READ_WRITE:
+                    self._in_step.pop(ep.branch_id, None)  # SQL may change its roles from now on
                 if not plane.is_running(endpoint_id):  # a postmaster left by a crashed argon?
                     await self._adopt_left_behind(ep, compute)
                 await plane.computes.start(compute)
@@ -274,28 +308,33 @@ class Lifecycle:
 
     # Stop -------------------------------------------------------------------------------------------
 
-    async def stop(self, endpoint_id: str, *, reason: str, mode: str = "fast", project_locked: bool = False) -> bool:
+    async def stop(self, endpoint_id: str, *, reason: str, mode: str = "fast", project_locked: bool = False,
+                   sync: bool = True) -> bool:
         """Suspend: stop the compute (if running) and mark the endpoint idle. Returns True if it ran.
-        `project_locked`: the caller holds the project lock (and changes no role or database)."""
+        `project_locked`: the caller holds the project lock (and changes no role or database).
+        `sync=False`: what SQL changed is not read back first (its branch is about to be deleted)."""
         async with self.plane.endpoint_lock(endpoint_id):
-            return await self.stop_locked(endpoint_id, reason=reason, mode=mode, project_locked=project_locked)
+            return await self.stop_locked(endpoint_id, reason=reason, mode=mode, project_locked=project_locked,
+                                          sync=sync)
 
     async def stop_locked(self, endpoint_id: str, *, reason: str, mode: str = "fast",
-                          project_locked: bool = False) -> bool:
+                          project_locked: bool = False, sync: bool = True) -> bool:
         """`stop`, for a caller that holds the endpoint lock already."""
         plane = self.plane
         ep = plane.endpoint(None, endpoint_id)
         with logs.bound(project_id=ep.project_id, branch_id=ep.branch_id, endpoint_id=endpoint_id):
-            return await self._stop_locked(ep, reason=reason, mode=mode, project_locked=project_locked)
+            return await self._stop_locked(ep, reason=reason, mode=mode, project_locked=project_locked, sync=sync)
 
-    async def _stop_locked(self, ep: model.Endpoint, *, reason: str, mode: str, project_locked: bool) -> bool:
+    async def _stop_locked(self, ep: model.Endpoint, *, reason: str, mode: str, project_locked: bool,
+                           sync: bool = True) -> bool:
         plane = self.plane
         endpoint_id = ep.id
         was_running = plane.is_running(endpoint_id)
         started = time.monotonic()
         if was_running:
-            if ep.type is model.EndpointType.READ_WRITE:  # a replica holds no changes of its own
-                await self._sync_before_stop(ep, project_locked=project_locked)
+            synced = False
+            if ep.type is model.EndpointType.READ_WRITE and sync:  # a replica holds no changes of its own
+                synced = await self._sync_before_stop(ep, project_locked=project_locked)
             await failpoint_async("compute.suspend.after_sync")
             self._stopping.add(endpoint_id)
             # the transaction pools close their idle server connections first, so no pooled client
@@ -307,6 +346,8 @@ class Lifecycle:
                 self._stopping.discard(endpoint_id)
                 plane.activity.resume(endpoint_id)
             await failpoint_async("compute.suspend.after_stop")
+            if synced and plane.find_endpoint(endpoint_id) is not None:
+                self.enter_step(ep.branch_id)  # stopped as synced: what the cluster holds, the store says
             if mode != "immediate":
                 await self._after_stop_history(ep)
             if self.backup is not None:
@@ -331,19 +372,22 @@ class Lifecycle:
         await asyncio.to_thread(self.plane.intents.remove, spec_key(endpoint_id))
         return ran
 
-    async def _sync_before_stop(self, ep: model.Endpoint, *, project_locked: bool) -> None:
+    async def _sync_before_stop(self, ep: model.Endpoint, *, project_locked: bool) -> bool:
         """Pick up roles and databases changed through SQL before the compute goes away; skipped when
         another API mutation of the project is in flight (it knows what it changes, and holds the project
         lock). `project_locked`: the caller is that mutation, and one that changes no role or database
-        (an endpoint deleted or disabled, a branch restored): it syncs, or what SQL made would be lost."""
+        (an endpoint deleted or disabled, a branch restored): it syncs, or what SQL made would be lost.
+        Returns whether it synced: then the store's roles and databases are the compute's."""
         if not project_locked and self.plane.project_busy(ep.project_id):
-            return
+            return False
         if ep.id in self._needs_spec:  # it never got the platform's spec: what it says is stale
-            return
+            return False
         try:
             await spec.sync_from_compute(self.plane, ep)
         except Exception as exc:  # never block a suspend on this
             log.warning("could not sync roles and databases of %s before stopping it: %s", ep.id, exc)
+            return False
+        return True
 
     async def _after_stop_history(self, ep: model.Endpoint) -> None:
         plane = self.plane

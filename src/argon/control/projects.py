@@ -235,6 +235,8 @@ async def _restart_for_logical_replication(control: Control, project: model.Proj
     """`wal_level = logical` and the roles' replication privileges at each read-write compute's next
     start: now for the running ones (restarted), at their wake for the others."""
     ops: list[model.Operation] = []
+    for branch in control.plane.branches(project.id):  # copies of compute-less branches need the spec too
+        control.computes.leave_step(branch.id)
     for ep in control.plane.endpoints(project.id):
         if ep.type is not model.EndpointType.READ_WRITE:
             continue  # a replica replays its primary's WAL; its own wal_level does not matter
