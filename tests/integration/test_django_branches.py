@@ -110,7 +110,7 @@ def test_first_run_builds_the_template_later_runs_branch_it(platform: RunningPla
     out = app.test("-v", "3")
     assert app.migrated() == 1, "the second run migrated again:\n" + out
     assert "Building" not in out
-    assert "created with its compute running in" in out and "database renamed" not in out, out
+    assert "created with its compute starting in" in out and "database renamed" not in out, out
     assert django_branches(platform, pid) == templates, "the run's branch is deleted, the template kept"
     (record,) = {(r["database"], r["options"]) for r in app.records()}
     assert record[0] == "test_neondb"

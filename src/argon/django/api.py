@@ -196,9 +196,11 @@ class Api:
         return list(self.request("GET", f"/projects/{project_id}/branches/{branch_id}/databases")["databases"])
 
     def create_branch(self, project_id: str, *, name: str, parent_id: str, expires_at: str | None,
-                      compute: bool = True) -> dict[str, Any]:
+                      compute: bool = True, wait_start: bool = True) -> dict[str, Any]:
         """A branch of `parent_id` (with a read-write compute unless `compute=False`), its
-        operations finished. Returns the API's answer: branch, endpoints, databases, …"""
+        operations finished. Returns the API's answer: branch, endpoints, databases, …
+        `wait_start=False`: the compute's start is not waited for (a first connection waits for it
+        at the proxy, which wakes a compute anyway), only the branch's own operations."""
         spec: dict[str, Any] = {"name": name, "parent_id": parent_id}
         if expires_at:
             spec["expires_at"] = expires_at
@@ -210,7 +212,8 @@ class Api:
                 raise
             del spec["expires_at"]  # a server (or plan) without branch expiry: the runner deletes its branches itself
             created = self.request("POST", f"/projects/{project_id}/branches", body=body)
-        self.wait(project_id, created.get("operations", []))
+        self.wait(project_id, [op for op in created.get("operations", [])
+                               if wait_start or op.get("action") != "start_compute"])
         return dict(created)
 
     def add_compute(self, project_id: str, branch_id: str) -> dict[str, Any]:

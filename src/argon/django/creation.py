@@ -67,6 +67,7 @@ class BranchCreation:
     argon: Target | None = None
     connection: Any
     _argon_building = False
+    _argon_deletes: ThreadPoolExecutor | None = None  # teardown's deletes, side by side
 
     # Django's entry points -------------------------------------------------------------------------
 
@@ -160,12 +161,13 @@ class BranchCreation:
                          f"{self._get_database_display_str(verbosity, record['settings']['NAME'])} "  # type: ignore[attr-defined]
                          f"(branch {record['name']!r})...")
             if not keepdb:
-                self._delete_quietly(record)
+                self._delete_soon(record)  # Django destroys the clones one by one: their deletes overlap
         if suffix is None:
             if not keepdb:  # clones Django did not ask to destroy (it asks for those it cloned)
                 for clone in state["clones"].values():
-                    if not clone.get("shared") and not clone.get("deleted"):
-                        self._delete_quietly(clone)
+                    if not clone.get("shared"):
+                        self._delete_soon(clone)
+            self._deletes_done()
             self._restore(old_database_name)
         return None
 
@@ -211,14 +213,16 @@ class BranchCreation:
         template = {"id": template_id} if template_id else self._template(names, verbosity, test_name)
         started = time.monotonic()
         try:
+            # The compute's start is not waited for: the first connection waits for it at the proxy,
+            # and the API polls it would take are set-up time (ADR 0033).
             created = api.create_branch(project, name=name, parent_id=template["id"],
-                                        expires_at=None if keepdb else expiry(RUN_HOURS))
+                                        expires_at=None if keepdb else expiry(RUN_HOURS), wait_start=False)
         except ApiError as exc:
             if exc.status != 404 or not rebuild:
                 raise
             template = self._build(names, verbosity, test_name)  # the template was deleted meanwhile: build it again
             created = api.create_branch(project, name=name, parent_id=template["id"],
-                                        expires_at=None if keepdb else expiry(RUN_HOURS))
+                                        expires_at=None if keepdb else expiry(RUN_HOURS), wait_start=False)
         created_at = time.monotonic()
         record = self._record(created["branch"], created["endpoints"][0]["id"], test_name, reused=False)
         record["template_id"] = template["id"]
@@ -229,7 +233,7 @@ class BranchCreation:
             self._delete_quietly(record)
             raise
         if verbosity >= 3:
-            self.log(f"argon: branch {name!r}: created with its compute running in {created_at - started:.2f} s"
+            self.log(f"argon: branch {name!r}: created with its compute starting in {created_at - started:.2f} s"
                      + (f", database renamed in {time.monotonic() - created_at:.2f} s" if renamed else ""))
         return record
 
@@ -363,14 +367,31 @@ class BranchCreation:
                 api.delete_branch(project, branch["id"])
 
     def _delete_quietly(self, record: dict[str, Any]) -> None:
-        assert self.argon is not None
         if record.get("deleted"):
             return
         record["deleted"] = True
+        self._delete_branch(record)
+
+    def _delete_branch(self, record: dict[str, Any]) -> None:
+        assert self.argon is not None
         try:
             self.argon.api.delete_branch(self.argon.project_id, record["branch_id"])
         except ApiError as exc:
             self.log(f"argon: could not delete branch {record['name']!r} ({exc}); it expires by itself")
+
+    def _delete_soon(self, record: dict[str, Any]) -> None:
+        """`_delete_quietly` in the background: `_deletes_done` waits for it."""
+        if record.get("deleted"):
+            return
+        record["deleted"] = True
+        if self._argon_deletes is None:
+            self._argon_deletes = ThreadPoolExecutor(max_workers=8, thread_name_prefix="argon-delete")
+        self._argon_deletes.submit(self._delete_branch, record)
+
+    def _deletes_done(self) -> None:
+        pool, self._argon_deletes = self._argon_deletes, None
+        if pool is not None:
+            pool.shutdown(wait=True)
 
     # Connections -----------------------------------------------------------------------------------
 
