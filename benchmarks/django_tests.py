@@ -14,9 +14,9 @@ then runs `manage.py test --timing` in a subprocess, as a user would, and reads 
   DATABASE ... TEMPLATE), sequential and `--parallel 4`;
 - `branch, first run`: BranchTestRunner when no template exists (builds it: that run migrates);
 - `branch`: BranchTestRunner afterwards, sequential and `--parallel 4` (branches of the template,
-  renames of its spare copies when they are ready: ADR 0033; the pool holds as many copies as were
-  branched at once, so the first `--parallel 4` round copies three clones and the later ones take
-  four spares: take the median of three rounds or more);
+  renames of its spare copies when they are ready: ADR 0033; on reflink the pool holds four from the
+  first branch on; on copy as many as were branched at once, so there the first `--parallel 4`
+  round copies three clones and the later ones take four spares: take the median of three rounds);
 - `cp -a of the template`: the template branch's cluster copied by hand in the same rounds, the floor
   under a branch on that backend at that moment (on a loaded machine it moves a lot).
 
