@@ -382,6 +382,8 @@ class Lifecycle:
             return False
         if ep.id in self._needs_spec:  # it never got the platform's spec: what it says is stale
             return False
+        if self.plane.computes.admin(ep.id) is None:  # nothing to read it from
+            return False
         try:
             await spec.sync_from_compute(self.plane, ep)
         except Exception as exc:  # never block a suspend on this
