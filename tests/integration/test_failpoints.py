@@ -26,6 +26,7 @@ from tests.fixtures.failpoint_walk import (
     WALKED,
     Step,
     branch_named,
+    kill_at,
     names,
     new_branch,
     new_project,
