@@ -98,7 +98,7 @@ def test_branch_inherits_and_diverges(platform: RunningPlatform, project: dict[s
     for doomed in (created, cold):
         assert platform.api.delete(f"/projects/{pid}/branches/{doomed['branch']['id']}").status_code == 200
     assert platform.api.get(f"/projects/{pid}/branches/{b['id']}").status_code == 404
-    assert not platform.plane.layout.branch_dir(pid, b["id"]).exists()
+    wait_for(lambda: not platform.plane.layout.branch_dir(pid, b["id"]).exists(), timeout=60)  # removed in the background
     with pytest.raises(psycopg.OperationalError):
         psycopg.connect(child_uri, connect_timeout=10)
 
@@ -212,7 +212,7 @@ def test_expired_branches_are_deleted_with_their_computes(platform: RunningPlatf
     assert default.status_code == 400
     wait_for(lambda: platform.api.get(f"/projects/{pid}/branches/{bid}").status_code == 404, timeout=40)
     assert platform.api.get(f"/projects/{pid}/endpoints/{ep}").status_code == 404
-    wait_for(lambda: not platform.plane.layout.branch_dir(pid, bid).exists(), timeout=10)
+    wait_for(lambda: not platform.plane.layout.branch_dir(pid, bid).exists(), timeout=60)
     assert platform.api.get(f"/projects/{pid}/branches/{kept['branch']['id']}").status_code == 200
 
 

@@ -52,6 +52,7 @@ POINTS = {
     "branch.create.after_copy", "branch.create.after_epoch", "branch.create.after_metadata",
     "branch.create_schema_only.after_restore", "branch.create_at_point.after_recovery",
     "branch.delete.after_stop", "branch.delete.after_metadata", "branch.delete.after_rmtree",
+    "branch.create.after_spec_intent",
     "role.create.after_intent", "role.create.after_sql", "role.create.after_metadata",
     "role.reset_password.after_intent", "role.reset_password.after_sql", "role.reset_password.after_metadata",
     "role.delete.after_sql", "role.delete.after_metadata", "database.create.after_sql",
