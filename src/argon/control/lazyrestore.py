@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from argon import model, safefs
 from argon.control import pitr, retention
-from argon.control.backup import check_bucket, choose, prepare_recovery
+from argon.control.backup import check_bucket, choose, prepare_recovery, ready_without_replay
 from argon.errors import ArgonError, ComputeError, NotFound, StorageError
 from argon.failpoints import failpoint
 from argon.storage import wal
@@ -250,11 +250,14 @@ class LazyRestore:
                                                          progress, lsn)
                 status.timings["download"], t0 = time.monotonic() - t0, time.monotonic()
                 status.stage = "recovering"
+                # A clean base whose WAL ends at its checkpoint needs no recovery run (ADR 0032, amended).
+                clean = await asyncio.to_thread(ready_without_replay, install.bindir, scratch)
                 if owner is not None:
                     await asyncio.to_thread(safefs.chown_tree, scratch, owner)
                 await asyncio.to_thread(_make_branch_dir, plane, project, branch.id)
                 await asyncio.to_thread(safefs.rename, scratch, target)
-                await pitr.recover(plane, project, branch.id, target, settings)
+                if clean is None:
+                    await pitr.recover(plane, project, branch.id, target, settings)
                 await asyncio.to_thread(bb.sync_tree, target)  # durable before the swap (written back meanwhile)
                 failpoint("restore.lazy.before_swap")
                 await asyncio.to_thread(safefs.rename, target, pgdata)

@@ -41,7 +41,14 @@ from argon.compute.manager import ComputeSpec, prepare
 from argon.compute.osuser import OsUser, chown_tree, running_as_root
 from argon.compute.params import gucs_for_cu
 from argon.compute.postmaster import ComputeStartError
-from argon.control.backup import check_bucket, choose, meta_time, open_bucket, prepare_recovery
+from argon.control.backup import (
+    check_bucket,
+    choose,
+    meta_time,
+    open_bucket,
+    prepare_recovery,
+    ready_without_replay,
+)
 from argon.errors import ArgonError, ConfigError, StorageError, UserError
 from argon.metadata import schema
 from argon.metadata.store import Store
@@ -71,6 +78,7 @@ class BranchRestore:
     seconds: float = 0.0
     skipped: str = ""  # why the branch's data could not be restored
     lazy: bool = False  # left in the bucket: restored by `argon up` on first need or in the background
+    replayed: bool = False  # a recovery run replayed WAL (not: a clean base whose WAL ends at its checkpoint)
     stages: dict[str, float] = field(default_factory=dict)  # seconds: download, recovery, history
 
 
@@ -335,12 +343,19 @@ async def _restore_branch(store: ObjectStore, codec: Codec, layout: Layout, back
                                                             lsn)
         item.bytes = moved[0]
         stages["download"], t0 = time.monotonic() - t0, time.monotonic()
-        say(f"{label}: replaying WAL up to {target_lsn or wal.format_lsn(end)}")
+        # A clean base whose WAL ends at its checkpoint needs no recovery run (ADR 0032, amended).
+        control = await asyncio.to_thread(ready_without_replay, probed.bindir, tmp)
         user = OsUser(project.os_uid, project.os_uid) if project.os_uid is not None and running_as_root() else None
         if user is not None:
             await asyncio.to_thread(chown_tree, layout.project_dir(project.id), user)
-        install = (await runtime)[probed.major]
-        control = await recover(install, layout, tmp, settings, user, branch_dir / "log" / "recovery.log")
+        install = probed
+        if control is None:
+            say(f"{label}: replaying WAL up to {target_lsn or wal.format_lsn(end)}")
+            install = (await runtime)[probed.major]
+            control = await recover(install, layout, tmp, settings, user, branch_dir / "log" / "recovery.log")
+            item.replayed = True
+        else:
+            say(f"{label}: no WAL to replay after the base backup's shutdown checkpoint {control.checkpoint_lsn}")
         item.reached = control.checkpoint_lsn
         await asyncio.to_thread(bb.sync_tree, tmp)  # durable before the rename (written back meanwhile)
         stages["recovery"], t0 = time.monotonic() - t0, time.monotonic()
