@@ -258,14 +258,29 @@ class LazyRestore:
                 await asyncio.to_thread(safefs.rename, scratch, target)
                 if clean is None:
                     await pitr.recover(plane, project, branch.id, target, settings)
-                await asyncio.to_thread(bb.sync_tree, target)  # durable before the swap (written back meanwhile)
+                status.timings["recovery"], t0 = time.monotonic() - t0, time.monotonic()
+                status.stage = "history"
+                # Durable before the swap (written back meanwhile), while the local history copies
+                # the same, now final, tree: the two overlap. A history begun by an interrupted
+                # fetch goes first; this one is complete (its manifest saved) before the swap.
+                await asyncio.to_thread(safefs.rmtree, history.root)
+                results = await asyncio.gather(
+                    asyncio.to_thread(bb.sync_tree, target),
+                    asyncio.to_thread(retention.begin_epoch, plane, project, branch.id, target,
+                                      reason="restored from backup", fresh=True), return_exceptions=True)
+                for result in results:
+                    if isinstance(result, BaseException):
+                        raise result
                 failpoint("restore.lazy.before_swap")
                 await asyncio.to_thread(safefs.rename, target, pgdata)
             except BaseException:
                 await asyncio.to_thread(safefs.rmtree, scratch)
                 await asyncio.to_thread(safefs.rmtree, target)
                 raise
-            status.timings["recovery"], t0 = time.monotonic() - t0, time.monotonic()
+            status.timings["sync and history"] = time.monotonic() - t0
+            failpoint("restore.lazy.after_swap")
+            return
+        # Resumed after a kill -9 that left the swapped data in place: its history begun again.
         failpoint("restore.lazy.after_swap")
         status.stage = "history"
         await asyncio.to_thread(safefs.rmtree, history.root)  # a history begun by an interrupted fetch

@@ -357,22 +357,34 @@ async def _restore_branch(store: ObjectStore, codec: Codec, layout: Layout, back
         else:
             say(f"{label}: no WAL to replay after the base backup's shutdown checkpoint {control.checkpoint_lsn}")
         item.reached = control.checkpoint_lsn
-        await asyncio.to_thread(bb.sync_tree, tmp)  # durable before the rename (written back meanwhile)
         stages["recovery"], t0 = time.monotonic() - t0, time.monotonic()
+        # Durable before the rename (written back meanwhile), while the local history copies the
+        # same, now final, tree: the two overlap (a failure leaves the `.restoring` marker).
+        await _both(asyncio.to_thread(bb.sync_tree, tmp),
+                    asyncio.to_thread(_begin_history, install, backend, branch_dir, tmp, user))
         pgdata = layout.pgdata(project.id, branch.id)
         os.rename(tmp, pgdata)
     except BaseException:
         await asyncio.to_thread(shutil.rmtree, tmp, True)
         raise
-    await asyncio.to_thread(_begin_history, install, backend, branch_dir, pgdata, user)
-    stages["history"] = time.monotonic() - t0
+    stages["sync and history"] = time.monotonic() - t0
     item.stages = {k: round(v, 2) for k, v in stages.items()}
     say(f"{label}: restored to {item.reached} (" + ", ".join(f"{k} {v:.1f} s" for k, v in stages.items()) + ")")
 
 
+async def _both(*steps: Any) -> None:
+    """Run `steps` at once and wait for all of them (none is left running behind an error); raise the
+    first error."""
+    results = await asyncio.gather(*steps, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+
+
 def _begin_history(install: PgInstall, backend: Any, branch_dir: Path, pgdata: Path, user: OsUser | None) -> None:
-    """A fresh local history for the restored branch: one epoch whose base is the restored cluster
-    (the older history stays in the bucket)."""
+    """A fresh local history for the restored branch: one epoch whose base is a copy of the restored
+    cluster at `pgdata` (final, possibly not renamed into place yet; the older history stays in the
+    bucket)."""
     history = hs.BranchHistory(branch_dir / "history")
     now = model.utcnow()
     snap, control = hs.describe_snapshot(install.bindir, pgdata, "base", now)
