@@ -283,7 +283,8 @@ class LazyRestore:
         pgdata = layout.pgdata(project.id, branch.id)
         history = retention.branch_history(plane, project.id, branch.id)
         t0 = time.monotonic()
-        if not await asyncio.to_thread(safefs.lexists, pgdata):
+        fetched = not await asyncio.to_thread(safefs.lexists, pgdata)
+        if fetched:
             got = None
             early = self._prefetched.pop(branch.id, None)
             if early is not None:  # begun at start-up (`prefetch`)
@@ -324,10 +325,10 @@ class LazyRestore:
                 await asyncio.to_thread(safefs.rmtree, target)
                 raise
             status.timings["sync and history"] = time.monotonic() - t0
-            failpoint("restore.lazy.after_swap")
+        failpoint("restore.lazy.after_swap")
+        if fetched:
             return
         # Resumed after a kill -9 that left the swapped data in place: its history begun again.
-        failpoint("restore.lazy.after_swap")
         status.stage = "history"
         await asyncio.to_thread(safefs.rmtree, history.root)  # a history begun by an interrupted fetch
         await asyncio.to_thread(retention.begin_epoch, plane, project, branch.id, pgdata,
