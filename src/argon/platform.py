@@ -164,6 +164,8 @@ class Platform:
         self.telemetry.register_view(lambda: control_exposition.snapshot(control), control_exposition.families)
         self.plane, self.control = plane, control
         await control.load()
+        if control.restorer is not None:
+            control.restorer.prefetch()  # a lazy restore's first downloads, beside the rest of the start (ADR 0032)
         for project in plane.projects() if host is not None else ():
             if project.os_uid is not None and (clash := uid_range_conflicts(project.os_uid, 1, **host)):
                 log.warning("project %s runs as uid %d, which is not Argon's alone (%s): move its files to a free "

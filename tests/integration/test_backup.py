@@ -341,3 +341,76 @@ def test_branch_at_a_time_older_than_the_local_history_comes_from_the_bucket(
     finally:
         plane.clock = model.utcnow
         platform.delete_project(pid)
+
+
+@pytest.mark.timeout(900)
+def test_a_clean_stops_base_is_restored_without_a_recovery_run(shipping: tuple[RunningPlatform, str]) -> None:
+    """ADR 0032, amended: a suspended branch's base in the bucket is its clean stop's data with no
+    WAL after the shutdown checkpoint, so a restore uses it as it is (no recovery run, the same
+    timeline), eagerly and lazily; the restored branch then writes, ships into a new epoch of the
+    same bucket, and a second restore brings that back too (replaying its WAL)."""
+    from argon.control.backup import choose
+    from argon.control.retention import branch_history
+    from argon.storage import wal
+
+    platform, url = shipping
+    created = platform.create_project(name="clean stop")
+    pid, bid, ep = created["project"]["id"], created["branch"]["id"], created["endpoints"][0]["id"]
+    dsn = platform.dsn(created)
+    with psycopg.connect(dsn, autocommit=True) as conn:  # WAL enough for a snapshot at the stop
+        conn.execute("CREATE TABLE t AS SELECT g AS id, repeat('x', 200) AS pad FROM generate_series(1, 300000) g")
+    assert platform.api.post(f"/projects/{pid}/endpoints/{ep}/suspend").status_code == 200
+    service, plane = platform.control.backup, platform.plane
+    newest = branch_history(plane, pid, bid).load().current.snapshots[-1].name  # type: ignore[union-attr]
+    deadline = time.monotonic() + 300
+    while (found := choose(service.store, service.codec, pid, bid, None, None)) is None or found.base["name"] != newest:
+        assert time.monotonic() < deadline, "the stop's snapshot never reached the bucket"
+        time.sleep(0.5)
+    try:
+        root = short_tmpdir("rs")
+        try:
+            target = platform.settings.model_copy(update={"data_dir": root / "data", "run_dir": root / "run"})
+            report = asyncio.run(restore(target, url, None, sample=lambda _: {bid}))
+            item = next(b for b in report.branches if b.branch_id == bid)
+            assert not item.skipped and not item.replayed, item
+            pgdata = Layout(root / "data", root / "run").pgdata(pid, bid)
+            assert not (pgdata / "recovery.signal").exists()
+            assert len([n for n in (pgdata / "pg_wal").iterdir() if wal.segment_start(n.name, 16 << 20)]) == 1
+            with restored_cluster(root, root / "data", bid) as sock:
+                assert query(sock, "SELECT count(*) FROM t") == 300000
+                assert query(sock, "SELECT timeline_id FROM pg_control_checkpoint()") == 1
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+
+        root = restore_into(platform.settings, url)  # lazily: the wake takes the same path
+        try:
+            again = RunningPlatform(root, backup_url=url, backup_s3_endpoint=platform.settings.backup_s3_endpoint,
+                                    backup_key=KEY)
+            try:
+                with psycopg.connect(dsn.replace(str(platform.proxy_port), str(again.proxy_port)),
+                                     connect_timeout=300, autocommit=True) as conn:
+                    assert conn.execute("SELECT count(*) FROM t").fetchone() == (300000,)
+                    conn.execute("INSERT INTO t VALUES (300001, 'after the restore')")
+                wait_shipped(again, branches=1)
+                fetched = [o for o in again.api.get(f"/projects/{pid}/operations").json()["operations"]
+                           if o["action"] == "create_timeline" and o["branch_id"] == bid]
+                assert fetched and fetched[0]["status"] == "finished", fetched
+            finally:
+                again.stop()
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+
+        # The restored branch's own epoch (the same timeline) is what the bucket restores now.
+        root = short_tmpdir("rs")
+        try:
+            target = platform.settings.model_copy(update={"data_dir": root / "data", "run_dir": root / "run"})
+            report = asyncio.run(restore(target, url, None, sample=lambda _: {bid}))
+            item = next(b for b in report.branches if b.branch_id == bid)
+            assert not item.skipped and item.replayed, item  # the insert's WAL after the restored base
+            with restored_cluster(root, root / "data", bid) as sock:
+                assert query(sock, "SELECT count(*) FROM t") == 300001
+                assert query(sock, "SELECT pad FROM t WHERE id = 300001") == "after the restore"
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+    finally:
+        platform.delete_project(pid)

@@ -201,6 +201,24 @@ def prepare_recovery(store: ObjectStore, codec: Codec, candidate: Candidate, man
     return settings, target_lsn, end
 
 
+def ready_without_replay(bindir: Path, target: Path) -> wal.ControlData | None:
+    """A restore's laid-out cluster (`prepare_recovery`, still root's) that needs no recovery run: a
+    clean stop's base (no `backup_label`, shut down) whose WAL in the bucket ends at its shutdown
+    checkpoint, the usual base of a suspended branch. It is made what a recovery run leaves (the
+    replayed segments and `recovery.signal` gone, an empty `postgresql.auto.conf`) and its control
+    data returned; None when recovery has something to replay (then `recover` runs as before).
+    It stays on its timeline: nothing after the checkpoint is left out, so there is no other
+    history to branch off from (the branch's next epoch in the bucket has its own prefix)."""
+    if safefs.lexists(target / "backup_label"):
+        return None
+    control = wal.control_data(bindir, target)
+    if not wal.ends_at_checkpoint(bindir, target / "pg_wal", control):
+        return None
+    wal.tidy_after_recovery(target, control)
+    safefs.write_file(target / "postgresql.auto.conf", b"", atomic=True)
+    return control
+
+
 @dataclass
 class BranchBackup:
     """The backup state of one branch, as the status shows it."""

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from argon import model, safefs
 from argon.control import pitr, retention
-from argon.control.backup import check_bucket, choose, prepare_recovery
+from argon.control.backup import check_bucket, choose, prepare_recovery, ready_without_replay
 from argon.errors import ArgonError, ComputeError, NotFound, StorageError
 from argon.failpoints import failpoint
 from argon.storage import wal
@@ -95,6 +95,8 @@ class LazyRestore:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._buckets: dict[tuple[str, str | None], tuple[ObjectStore, Codec]] = {}
         self._sweep: asyncio.Task[None] | None = None
+        # Downloads begun at start-up (`prefetch`), by branch id; a fetch takes its branch's.
+        self._prefetched: dict[str, asyncio.Task[tuple[dict[str, str], Path, wal.ControlData | None]]] = {}
         self.restored = 0
 
     def load(self) -> None:
@@ -111,6 +113,24 @@ class LazyRestore:
             self.pending[data["branch"]] = data
             self.fetches[data["branch"]] = Fetch(data["project"], data["branch"])
 
+    def prefetch(self) -> None:
+        """At start-up, as soon as the metadata is loaded (before the templates are checked and the
+        data directory reconciled, seconds of `argon up`'s start): the first pending branches'
+        base backups and WAL begin downloading into root's scratch directory, which nothing else
+        touches (`load` emptied it). Their fetches, once `start` runs, use these downloads instead
+        of their own (one that failed is downloaded again); nothing enters a branch's directory
+        before then."""
+        for branch_id in sorted(self.pending, key=self._order)[:self.parallel]:
+            data = self.pending[branch_id]
+            try:
+                project = self.plane.project(data["project"])
+            except NotFound:
+                continue
+            status = self.fetches.setdefault(branch_id, Fetch(data["project"], branch_id))
+            status.stage = "downloading"
+            self._prefetched[branch_id] = asyncio.get_running_loop().create_task(
+                self._download(project, branch_id, data, status))
+
     def start(self) -> None:
         if self.pending:
             log.info("lazy restore: %d branch(es) still in the bucket; restoring them in the background, %d at a time "
@@ -118,7 +138,7 @@ class LazyRestore:
             self._sweep = self.plane.spawn(self._sweep_all(), "restoring branches from the backup")
 
     async def stop(self) -> None:
-        for task in [self._sweep, *self._tasks.values()]:
+        for task in [self._sweep, *self._tasks.values(), *self._prefetched.values()]:
             if task is not None and not task.done():
                 task.cancel()
                 with contextlib.suppress(BaseException):
@@ -186,7 +206,6 @@ class LazyRestore:
             self.pending.pop(branch_id, None)
             return
         status.reason, status.stage, status.error, status.started_at = reason, "downloading", "", model.utcnow()
-        status.bytes_done = 0
         started = time.monotonic()
         op = await plane.record(project.id, model.OperationAction.CREATE_TIMELINE, branch_id=branch_id,
                                 status=model.OperationStatus.RUNNING)
@@ -217,6 +236,43 @@ class LazyRestore:
         except Exception as exc:  # the restore itself is done; only its record is missing
             log.warning("could not record operation %s: %s", op.id, exc)
 
+    async def _download(self, project: model.Project, branch_id: str, data: dict[str, Any],
+                        status: Fetch) -> tuple[dict[str, str], Path, wal.ControlData | None]:
+        """The branch's base backup and WAL laid out in a new directory of root's scratch directory,
+        ready for recovery: (its recovery settings, the directory, its control data when it needs
+        no recovery run: a clean base whose WAL ends at its checkpoint, ADR 0032 amended)."""
+        plane = self.plane
+        layout = plane.layout
+        install = plane.installs.get(project.pg_version)
+        if install is None:
+            raise StorageError(f"PostgreSQL {project.pg_version} is not installed here")
+        at = datetime.fromisoformat(data["at"]) if data.get("at") else None
+        lsn = wal.parse_lsn(data["lsn"]) if data.get("lsn") else None
+        store, codec = await asyncio.to_thread(self._bucket, data)
+        candidate = await asyncio.to_thread(choose, store, codec, project.id, branch_id, at, lsn)
+        if candidate is None:
+            raise StorageError("the bucket holds no base backup of it" + (f" from before {data['at']}" if at else ""))
+        manifest = candidate.manifest
+        status.base_bytes = bb.manifest_bytes(manifest)
+
+        def progress(n: int) -> None:
+            status.bytes_done += n
+
+        scratch = layout.backup_scratch_dir / f"tmp-{secrets.token_hex(4)}"
+        try:
+            await asyncio.to_thread(layout.backup_scratch_dir.mkdir, mode=0o700, exist_ok=True)
+            settings, _, _ = await asyncio.to_thread(prepare_recovery, store, codec, candidate, manifest,
+                                                     project.id, branch_id, scratch, install.bindir, at,
+                                                     progress, lsn)
+            clean = await asyncio.to_thread(ready_without_replay, install.bindir, scratch)
+            owner = retention.project_owner(project)
+            if owner is not None:  # handed over while still where only root goes
+                await asyncio.to_thread(safefs.chown_tree, scratch, owner)
+        except BaseException:
+            await asyncio.to_thread(safefs.rmtree, scratch)
+            raise
+        return settings, scratch, clean
+
     async def _restore(self, project: model.Project, branch: model.Branch, data: dict[str, Any],
                        status: Fetch) -> None:
         plane = self.plane
@@ -224,46 +280,55 @@ class LazyRestore:
         install = plane.installs.get(project.pg_version)
         if install is None:
             raise StorageError(f"PostgreSQL {project.pg_version} is not installed here")
-        owner = retention.project_owner(project)
         pgdata = layout.pgdata(project.id, branch.id)
         history = retention.branch_history(plane, project.id, branch.id)
         t0 = time.monotonic()
-        if not await asyncio.to_thread(safefs.lexists, pgdata):
-            at = datetime.fromisoformat(data["at"]) if data.get("at") else None
-            lsn = wal.parse_lsn(data["lsn"]) if data.get("lsn") else None
-            store, codec = await asyncio.to_thread(self._bucket, data)
-            candidate = await asyncio.to_thread(choose, store, codec, project.id, branch.id, at, lsn)
-            if candidate is None:
-                raise StorageError("the bucket holds no base backup of it" + (f" from before {data['at']}" if at else ""))
-            manifest = candidate.manifest
-            status.base_bytes = bb.manifest_bytes(manifest)
-
-            def progress(n: int) -> None:
-                status.bytes_done += n
-
-            scratch = layout.backup_scratch_dir / f"tmp-{secrets.token_hex(4)}"
+        fetched = not await asyncio.to_thread(safefs.lexists, pgdata)
+        if fetched:
+            got = None
+            early = self._prefetched.pop(branch.id, None)
+            if early is not None:  # begun at start-up (`prefetch`)
+                try:
+                    got = await early
+                except Exception as exc:
+                    log.info("branch %s: its early download failed (%s); downloading it again", branch.id,
+                             getattr(exc, "user_message", None) or exc)
+            if got is None:
+                status.bytes_done = 0
+                got = await self._download(project, branch.id, data, status)
+            settings, scratch, clean = got
             target = layout.branch_dir(project.id, branch.id) / f"tmp-restore-{secrets.token_hex(3)}"
             try:
-                await asyncio.to_thread(layout.backup_scratch_dir.mkdir, mode=0o700, exist_ok=True)
-                settings, _, _ = await asyncio.to_thread(prepare_recovery, store, codec, candidate, manifest,
-                                                         project.id, branch.id, scratch, install.bindir, at,
-                                                         progress, lsn)
                 status.timings["download"], t0 = time.monotonic() - t0, time.monotonic()
                 status.stage = "recovering"
-                if owner is not None:
-                    await asyncio.to_thread(safefs.chown_tree, scratch, owner)
                 await asyncio.to_thread(_make_branch_dir, plane, project, branch.id)
                 await asyncio.to_thread(safefs.rename, scratch, target)
-                await pitr.recover(plane, project, branch.id, target, settings)
-                await asyncio.to_thread(bb.sync_tree, target)  # durable before the swap (written back meanwhile)
+                if clean is None:
+                    await pitr.recover(plane, project, branch.id, target, settings)
+                status.timings["recovery"], t0 = time.monotonic() - t0, time.monotonic()
+                status.stage = "history"
+                # Durable before the swap (written back meanwhile), while the local history copies
+                # the same, now final, tree: the two overlap. A history begun by an interrupted
+                # fetch goes first; this one is complete (its manifest saved) before the swap.
+                await asyncio.to_thread(safefs.rmtree, history.root)
+                results = await asyncio.gather(
+                    asyncio.to_thread(bb.sync_tree, target),
+                    asyncio.to_thread(retention.begin_epoch, plane, project, branch.id, target,
+                                      reason="restored from backup", fresh=True), return_exceptions=True)
+                for result in results:
+                    if isinstance(result, BaseException):
+                        raise result
                 failpoint("restore.lazy.before_swap")
                 await asyncio.to_thread(safefs.rename, target, pgdata)
             except BaseException:
                 await asyncio.to_thread(safefs.rmtree, scratch)
                 await asyncio.to_thread(safefs.rmtree, target)
                 raise
-            status.timings["recovery"], t0 = time.monotonic() - t0, time.monotonic()
+            status.timings["sync and history"] = time.monotonic() - t0
         failpoint("restore.lazy.after_swap")
+        if fetched:
+            return
+        # Resumed after a kill -9 that left the swapped data in place: its history begun again.
         status.stage = "history"
         await asyncio.to_thread(safefs.rmtree, history.root)  # a history begun by an interrupted fetch
         await asyncio.to_thread(retention.begin_epoch, plane, project, branch.id, pgdata,

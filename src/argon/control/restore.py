@@ -41,7 +41,14 @@ from argon.compute.manager import ComputeSpec, prepare
 from argon.compute.osuser import OsUser, chown_tree, running_as_root
 from argon.compute.params import gucs_for_cu
 from argon.compute.postmaster import ComputeStartError
-from argon.control.backup import check_bucket, choose, meta_time, open_bucket, prepare_recovery
+from argon.control.backup import (
+    check_bucket,
+    choose,
+    meta_time,
+    open_bucket,
+    prepare_recovery,
+    ready_without_replay,
+)
 from argon.errors import ArgonError, ConfigError, StorageError, UserError
 from argon.metadata import schema
 from argon.metadata.store import Store
@@ -71,6 +78,7 @@ class BranchRestore:
     seconds: float = 0.0
     skipped: str = ""  # why the branch's data could not be restored
     lazy: bool = False  # left in the bucket: restored by `argon up` on first need or in the background
+    replayed: bool = False  # a recovery run replayed WAL (not: a clean base whose WAL ends at its checkpoint)
     stages: dict[str, float] = field(default_factory=dict)  # seconds: download, recovery, history
 
 
@@ -335,29 +343,48 @@ async def _restore_branch(store: ObjectStore, codec: Codec, layout: Layout, back
                                                             lsn)
         item.bytes = moved[0]
         stages["download"], t0 = time.monotonic() - t0, time.monotonic()
-        say(f"{label}: replaying WAL up to {target_lsn or wal.format_lsn(end)}")
+        # A clean base whose WAL ends at its checkpoint needs no recovery run (ADR 0032, amended).
+        control = await asyncio.to_thread(ready_without_replay, probed.bindir, tmp)
         user = OsUser(project.os_uid, project.os_uid) if project.os_uid is not None and running_as_root() else None
         if user is not None:
             await asyncio.to_thread(chown_tree, layout.project_dir(project.id), user)
-        install = (await runtime)[probed.major]
-        control = await recover(install, layout, tmp, settings, user, branch_dir / "log" / "recovery.log")
+        install = probed
+        if control is None:
+            say(f"{label}: replaying WAL up to {target_lsn or wal.format_lsn(end)}")
+            install = (await runtime)[probed.major]
+            control = await recover(install, layout, tmp, settings, user, branch_dir / "log" / "recovery.log")
+            item.replayed = True
+        else:
+            say(f"{label}: no WAL to replay after the base backup's shutdown checkpoint {control.checkpoint_lsn}")
         item.reached = control.checkpoint_lsn
-        await asyncio.to_thread(bb.sync_tree, tmp)  # durable before the rename (written back meanwhile)
         stages["recovery"], t0 = time.monotonic() - t0, time.monotonic()
+        # Durable before the rename (written back meanwhile), while the local history copies the
+        # same, now final, tree: the two overlap (a failure leaves the `.restoring` marker).
+        await _both(asyncio.to_thread(bb.sync_tree, tmp),
+                    asyncio.to_thread(_begin_history, install, backend, branch_dir, tmp, user))
         pgdata = layout.pgdata(project.id, branch.id)
         os.rename(tmp, pgdata)
     except BaseException:
         await asyncio.to_thread(shutil.rmtree, tmp, True)
         raise
-    await asyncio.to_thread(_begin_history, install, backend, branch_dir, pgdata, user)
-    stages["history"] = time.monotonic() - t0
+    stages["sync and history"] = time.monotonic() - t0
     item.stages = {k: round(v, 2) for k, v in stages.items()}
     say(f"{label}: restored to {item.reached} (" + ", ".join(f"{k} {v:.1f} s" for k, v in stages.items()) + ")")
 
 
+async def _both(*steps: Any) -> None:
+    """Run `steps` at once and wait for all of them (none is left running behind an error); raise the
+    first error."""
+    results = await asyncio.gather(*steps, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+
+
 def _begin_history(install: PgInstall, backend: Any, branch_dir: Path, pgdata: Path, user: OsUser | None) -> None:
-    """A fresh local history for the restored branch: one epoch whose base is the restored cluster
-    (the older history stays in the bucket)."""
+    """A fresh local history for the restored branch: one epoch whose base is a copy of the restored
+    cluster at `pgdata` (final, possibly not renamed into place yet; the older history stays in the
+    bucket)."""
     history = hs.BranchHistory(branch_dir / "history")
     now = model.utcnow()
     snap, control = hs.describe_snapshot(install.bindir, pgdata, "base", now)

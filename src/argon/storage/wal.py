@@ -185,6 +185,22 @@ def first_commit_after(bindir: Path, wal_dir: Path, start_lsn: str, timeline: in
         proc.stdout.close()
 
 
+def ends_at_checkpoint(bindir: Path, wal_dir: Path, control: ControlData, owner: safefs.Owner | None = None) -> bool:
+    """Whether the WAL in `wal_dir` holds the clean cluster's (`control`) shutdown checkpoint record
+    and no record after it: recovery would replay nothing, so the cluster is usable as it is
+    (`pg_waldump` of at most two records from the checkpoint)."""
+    if control.state != "shut down":
+        return False
+    cmd = [str(bindir / "pg_waldump"), "--path", str(wal_dir), "--start", control.checkpoint_lsn, "--timeline",
+           str(control.timeline), "--limit", "2"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60,
+                         env={"LC_ALL": "C", "TZ": "UTC", "PATH": "/usr/bin:/bin"}, **safefs.run_as(owner)).stdout
+    records = [line for line in out.splitlines() if line.startswith("rmgr:")]
+    at = re.search(r"lsn: ([0-9A-F]+/[0-9A-F]+),", records[0]) if len(records) == 1 else None
+    return at is not None and parse_lsn(at.group(1)) == parse_lsn(control.checkpoint_lsn) and \
+        "desc: CHECKPOINT_SHUTDOWN" in records[0]
+
+
 def prune_wal(wal_dir: Path, timeline: int, segsize: int, before_lsn: int) -> int:
     """Delete archived segments wholly before `before_lsn`; returns the bytes freed."""
     freed = 0
