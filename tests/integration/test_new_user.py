@@ -1,6 +1,7 @@
-"""What a new user hit with journeys no other test spells out: names a role or database already has
-through SQL, reserved names, and what the CLI prints for roles and compute sizes. Real clients: psycopg
-through the proxy, the `argon` CLI as a subprocess."""
+"""What a new user hit with journeys no other test spells out: Node's drivers with the connection
+strings as printed, names a role or database already has through SQL, reserved names, and what the
+CLI prints for roles and compute sizes. Real clients: node-postgres and postgres.js (npm), psql and
+psycopg through the proxy, the `argon` CLI as a subprocess."""
 
 from __future__ import annotations
 
@@ -15,9 +16,33 @@ import psycopg
 import pytest
 
 from argon.control.roles import roles_key
+from tests.fixtures.npm import npm_install
 from tests.fixtures.platform import API_KEY, RunningPlatform
 
 pytestmark = pytest.mark.pg
+
+PG_VERSION = "8.23.1"  # node-postgres
+POSTGRES_JS_VERSION = "3.4.9"  # porsager's postgres
+
+NODE_CLIENTS = """
+import pg from 'pg';
+import postgres from 'postgres';
+const out = {};
+for (const [name, url] of [['direct', process.env.DIRECT], ['pooled', process.env.POOLED]]) {
+  try {  // node-postgres verifies the host for sslmode=require (its pg-connection-string says so)
+    const client = new pg.Client({ connectionString: url });
+    await client.connect();
+    out[`pg_${name}`] = (await client.query('select $1::int + 1 as x, current_user as u', [41])).rows[0];
+    await client.end();
+  } catch (e) { out[`pg_${name}`] = e.message; }
+  try {
+    const sql = postgres(url, { max: 2 });
+    out[`postgres_${name}`] = (await sql`select ${41}::int + 1 as x, current_user as u`)[0];
+    await sql.end();
+  } catch (e) { out[`postgres_${name}`] = e.message; }
+}
+console.log(JSON.stringify(out));
+"""
 
 
 def _base(project: dict[str, Any]) -> str:
@@ -112,3 +137,30 @@ def test_cli_prints_a_role_hint_that_runs_and_quarter_compute_units(platform: Ru
     listed = _argon(platform, "endpoints", "list", "--project-id", pid).stdout
     row = next(line for line in listed.splitlines() if made["endpoints"][0]["id"] in line)
     assert " 0.25 " in row, listed
+
+
+def test_node_drivers_with_the_printed_strings_and_the_ca(platform: RunningPlatform, project: dict[str, Any]) -> None:
+    """node-postgres treats `sslmode=require` as verify-full: with Argon's CA trusted
+    (NODE_EXTRA_CA_CERTS, as the console's snippet says) the printed strings, whose hosts are the
+    endpoint's own addresses, must verify, direct and pooled; postgres.js too. libpq's
+    `sslmode=verify-full` on those addresses works the same way, channel binding included."""
+    prefix = npm_install(f"pg@{PG_VERSION}", "postgres/package.json", f"postgres@{POSTGRES_JS_VERSION}")
+    script = prefix / "argon-new-user.mjs"
+    script.write_text(NODE_CLIENTS)
+    pid = project["project"]["id"]
+    direct = platform.dsn(project)
+    pooled = platform.api.get(f"/projects/{pid}/connection_uri", params={
+        "pooled": "true", "role_name": "neondb_owner", "database_name": "neondb"}).json()["uri"]
+    assert "@127.1." in direct and "@127.2." in pooled, (direct, pooled)  # the address form (the session platform's)
+    ca = platform.platform.info.ca_cert
+    assert ca is not None
+    env = {**os.environ, "DIRECT": direct, "POOLED": pooled, "NODE_EXTRA_CA_CERTS": str(ca)}
+    run = subprocess.run(["node", str(script)], capture_output=True, text=True, timeout=120, env=env)
+    assert run.returncode == 0, run.stderr
+    expected = {"x": 42, "u": "neondb_owner"}
+    assert json.loads(run.stdout) == {f"{client}_{host}": expected for client in ("pg", "postgres")
+                                      for host in ("direct", "pooled")}
+    for uri in (direct, pooled):
+        verified = f"{uri.replace('sslmode=require', 'sslmode=verify-full')}&sslrootcert={ca}&channel_binding=require"
+        with psycopg.connect(verified, connect_timeout=15) as conn:
+            assert conn.execute("select current_user").fetchone() == ("neondb_owner",)

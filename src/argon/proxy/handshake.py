@@ -226,7 +226,9 @@ async def _accept(loop: asyncio.AbstractEventLoop, sock: socket.socket, tls: Tls
     if tls is None:
         await loop.connect_accepted_socket(lambda: stream, sock)
     else:
-        await loop.connect_accepted_socket(lambda: stream, sock, ssl=tls.context(), ssl_handshake_timeout=10)
+        local = sock.getsockname()
+        await loop.connect_accepted_socket(lambda: stream, sock, ssl=tls.context(local[0] if local else None),
+                                           ssl_handshake_timeout=10)
     return stream
 
 
