@@ -72,6 +72,8 @@ class TlsConfig:
         self.alpn = alpn
         self.issuer = issuer  # (CA certificate, CA key): leaves for endpoint addresses, issued on first use
         self._by_address: OrderedDict[str, ssl.SSLContext] = OrderedDict()
+        self._signing: tuple[x509.Certificate, ec.EllipticCurvePrivateKey, ec.EllipticCurvePrivateKey,
+                             datetime.datetime] | None = None
         self._end_points: dict[int, bytes | None] = {}
         self._by_name: list[tuple[str, ssl.SSLContext]] = []
         self._default = self._load(self.cert, self.key)
@@ -89,35 +91,54 @@ class TlsConfig:
     def context(self, local_address: str | None = None) -> ssl.SSLContext:
         """The context for a connection that arrived on `local_address`: one whose leaf names that
         address when it is an endpoint's own (and the CA is at hand), else the default."""
+        ctx = self.cached(local_address)
+        if ctx is None:
+            assert local_address is not None
+            ctx = self.remember(local_address, self.issue(local_address))
+        return ctx
+
+    def cached(self, local_address: str | None) -> ssl.SSLContext | None:
+        """`context` without issuing: None when a leaf for the address must be issued first (`issue`,
+        ~5-15 ms of signing and loading: the proxy does it in a thread, then `remember`s it)."""
         if self.issuer is None or not _endpoint_address(local_address):
             return self._default
         assert local_address is not None
         ctx = self._by_address.get(local_address)
         if ctx is not None:
             self._by_address.move_to_end(local_address)
-            return ctx
+        return ctx
+
+    def issue(self, local_address: str) -> ssl.SSLContext:
+        """A context whose leaf names the address (any thread; the default if it cannot be made)."""
         try:
-            ctx = self._address_context(local_address)
+            return self._address_context(local_address)
         except (OSError, ValueError, ssl.SSLError) as exc:  # the CA moved away: the default still serves
             log.warning("cannot issue a certificate for %s: %s", local_address, exc)
             return self._default
-        self._by_address[local_address] = ctx
-        if len(self._by_address) > _ADDRESS_CONTEXTS:
-            _, old = self._by_address.popitem(last=False)
-            self._end_points.pop(id(old), None)
+
+    def remember(self, local_address: str, ctx: ssl.SSLContext) -> ssl.SSLContext:
+        """Keep an issued context for the address (the event loop's thread), the oldest going first."""
+        if ctx is not self._default:
+            self._by_address[local_address] = ctx
+            if len(self._by_address) > _ADDRESS_CONTEXTS:
+                _, old = self._by_address.popitem(last=False)
+                self._end_points.pop(id(old), None)
         return ctx
 
     def _address_context(self, address: str) -> ssl.SSLContext:
         """A leaf for one address, on the default leaf's key, valid as long as the default leaf."""
-        assert self.issuer is not None
-        ca_cert = x509.load_pem_x509_certificate(self.issuer[0].read_bytes())
-        ca_key = serialization.load_pem_private_key(self.issuer[1].read_bytes(), password=None)
-        key = serialization.load_pem_private_key(self.key.read_bytes(), password=None)
-        default = x509.load_pem_x509_certificate(self.cert.read_bytes())
-        if not isinstance(ca_key, ec.EllipticCurvePrivateKey) or not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise ValueError("the CA and the leaf keys must be ECDSA keys")
+        if self._signing is None:  # parsed once: the files do not change while the proxy runs
+            assert self.issuer is not None
+            ca_cert = x509.load_pem_x509_certificate(self.issuer[0].read_bytes())
+            ca_key = serialization.load_pem_private_key(self.issuer[1].read_bytes(), password=None)
+            key = serialization.load_pem_private_key(self.key.read_bytes(), password=None)
+            if not isinstance(ca_key, ec.EllipticCurvePrivateKey) or not isinstance(key, ec.EllipticCurvePrivateKey):
+                raise ValueError("the CA and the leaf keys must be ECDSA keys")
+            until = x509.load_pem_x509_certificate(self.cert.read_bytes()).not_valid_after_utc
+            self._signing = (ca_cert, ca_key, key, until)
+        ca_cert, ca_key, key, until = self._signing
         now = datetime.datetime.now(datetime.UTC)
-        days = max(1, (default.not_valid_after_utc - now).days)
+        days = max(1, (until - now).days)
         leaf = _leaf(ca_cert, ca_key, key, address, [x509.IPAddress(ipaddress.ip_address(address))], now, days)
         # load_cert_chain reads files only: the certificate (public) goes through a temporary file
         with tempfile.NamedTemporaryFile(prefix="argon-leaf-", suffix=".crt") as tmp:
