@@ -164,3 +164,42 @@ def test_node_drivers_with_the_printed_strings_and_the_ca(platform: RunningPlatf
         verified = f"{uri.replace('sslmode=require', 'sslmode=verify-full')}&sslrootcert={ca}&channel_binding=require"
         with psycopg.connect(verified, connect_timeout=15) as conn:
             assert conn.execute("select current_user").fetchone() == ("neondb_owner",)
+
+
+def test_dump_restored_into_a_new_branch_database(platform: RunningPlatform) -> None:
+    """README's journey: `pg_dump -Fc` of a project through the proxy with the printed string,
+    `pg_restore --no-owner` into a database made on a new branch, `\\copy` out and in (TLS on)."""
+    install = platform.plane.installs.get(15)
+    if install is None or install.source != "system":
+        pytest.skip("needs PostgreSQL 15's client tools with TLS (Debian's postgresql-15)")
+    created = platform.create_project(pg_version=15, name="dumps")
+    pid = created["project"]["id"]
+    try:
+        source = platform.dsn(created)
+        with psycopg.connect(source, connect_timeout=15) as conn:
+            conn.execute("create table items (id int primary key, name text); "
+                         "insert into items select g, 'item ' || g from generate_series(1, 500) g")
+        dump = platform.root / f"{pid}.dump"
+        subprocess.run([str(install.bin("pg_dump")), "-Fc", "-f", str(dump), source], check=True, timeout=120,
+                       capture_output=True)
+        branch = platform.api.post(f"/projects/{pid}/branches", json={"branch": {"name": "dev"},
+                                                                       "endpoints": [{"type": "read_write"}]})
+        assert branch.status_code == 201, branch.text
+        bid = branch.json()["branch"]["id"]
+        made = platform.api.post(f"/projects/{pid}/branches/{bid}/databases",
+                                 json={"database": {"name": "restored db", "owner_name": "neondb_owner"}})
+        assert made.status_code == 201, made.text
+        target = platform.api.get(f"/projects/{pid}/connection_uri", params={
+            "branch_id": bid, "role_name": "neondb_owner", "database_name": "restored db"}).json()["uri"]
+        subprocess.run([str(install.bin("pg_restore")), "--no-owner", "-d", target, str(dump)], check=True,
+                       timeout=120, capture_output=True)
+        csv = platform.root / f"{pid}.csv"
+        psql = [str(install.bin("psql")), "-X", "-q", "-v", "ON_ERROR_STOP=1", target, "-c"]
+        subprocess.run([*psql, f"\\copy items to '{csv}' csv"], check=True, timeout=60, capture_output=True)
+        subprocess.run([*psql, "create table copied (like items)"], check=True, timeout=60, capture_output=True)
+        subprocess.run([*psql, f"\\copy copied from '{csv}' csv"], check=True, timeout=60, capture_output=True)
+        with psycopg.connect(target, connect_timeout=15) as conn:
+            assert conn.execute("select count(*), sum(id) from items").fetchone() == (500, 125250)
+            assert conn.execute("select count(*) from copied").fetchone() == (500,)
+    finally:
+        platform.delete_project(pid)
