@@ -117,6 +117,7 @@ def test_reserved_names_are_refused_before_anything_is_made(platform: RunningPla
         assert conn.execute("select count(*) from pg_roles where rolname = 'neon_superuser'").fetchone() == (1,)
 
 
+@pytest.mark.slow
 def test_cli_prints_a_role_hint_that_runs_and_quarter_compute_units(platform: RunningPlatform,
                                                                     project: dict[str, Any]) -> None:
     """`argon roles create` names the command that prints the password again, quoted for the shell
@@ -166,6 +167,7 @@ def test_node_drivers_with_the_printed_strings_and_the_ca(platform: RunningPlatf
             assert conn.execute("select current_user").fetchone() == ("neondb_owner",)
 
 
+@pytest.mark.slow
 def test_dump_restored_into_a_new_branch_database(platform: RunningPlatform) -> None:
     """README's journey: `pg_dump -Fc` of a project through the proxy with the printed string,
     `pg_restore --no-owner` into a database made on a new branch, `\\copy` out and in (TLS on)."""
