@@ -198,7 +198,8 @@ class Platform:
             self.info.ca_cert = None
         else:
             files = await asyncio.to_thread(ensure_certificates, self.layout.tls_dir, s.cert_domain)
-            tls = TlsConfig(files.cert, files.key)
+            # the CA issues a leaf per endpoint address on its first use (verify-full in the address form)
+            tls = TlsConfig(files.cert, files.key, issuer=(files.ca_cert, files.ca_key) if files.ca_key else None)
             self.info.ca_cert = files.ca_cert
 
         self.proxy = ProxyServer(host=s.proxy_host, port=s.proxy_port, control=ProxyService(control),

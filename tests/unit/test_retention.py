@@ -85,7 +85,7 @@ def test_a_target_is_served_by_its_epoch_and_the_newest_snapshot_before_it() -> 
     assert pitr.choose(manifest, "main", T0 + timedelta(hours=4), None) == (second, second.snapshots[0])
     assert pitr.choose(manifest, "main", None, 0x1900000) == (first, first.snapshots[1])
     assert pitr.choose(manifest, "main", None, 0x2000001) == (second, second.snapshots[0])
-    with pytest.raises(UserError, match="before the start of branch 'main'"):
+    with pytest.raises(UserError, match="before the start of the history of branch 'main' "):
         pitr.choose(manifest, "main", None, 0x100)
     with pytest.raises(UserError, match="no longer in the branch's retained history"):
         pitr.choose(manifest, "main", T0 - timedelta(hours=1), None)  # before the first epoch

@@ -102,6 +102,33 @@ def test_no_sni_serves_the_default_certificate(tmp_path: Path) -> None:
     assert server.selected_alpn_protocol() is None
 
 
+def test_endpoint_address_gets_a_leaf_naming_it(tmp_path: Path) -> None:
+    """A connection on an endpoint's own address (no SNI: clients send none for an IP) is served a
+    leaf for that address from the same CA, so a client checking the host against the CA accepts
+    it; channel binding hashes the leaf actually served. Other addresses get the default leaf."""
+    files = ensure_certificates(tmp_path, "db.example.com")
+    assert files.ca_key is not None
+    tls = TlsConfig(files.cert, files.key, issuer=(files.ca_cert, files.ca_key))
+    for address in ("127.1.0.7", "127.2.3.200"):
+        ctx = tls.context(address)
+        assert tls.context(address) is ctx  # issued once, then kept
+        server, client = _handshake(ctx, _client(files.ca_cert), address)  # check_hostname on: the IP SAN
+        der = client.getpeercert(binary_form=True)
+        leaf = x509.load_der_x509_certificate(der)
+        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == [address]
+        assert tls.served(server).end_point == hashlib.sha256(der).digest() != tls.end_point
+        # a client that names the host gets the certificate for the name, on the same connection address
+        server, client = _handshake(tls.context(address), _client(files.ca_cert), "ep-one.db.example.com")
+        assert tls.served(server).end_point == tls.end_point == hashlib.sha256(
+            client.getpeercert(binary_form=True)).digest()
+    for other in ("127.0.0.1", "10.0.0.5", None):
+        assert tls.context(other) is tls.context()
+    assert TlsConfig(files.cert, files.key).context("127.1.0.7") is not None  # without the CA: the default
+    with pytest.raises(ssl.SSLCertVerificationError):  # and the default names no endpoint address
+        _handshake(TlsConfig(files.cert, files.key).context("127.1.0.7"), _client(files.ca_cert), "127.1.0.7")
+
+
 def test_sni_picks_an_extra_certificate_with_alpn(tmp_path: Path) -> None:
     one = ensure_certificates(tmp_path / "one", "db.example.com")
     two = ensure_certificates(tmp_path / "two", "eu.example.org")

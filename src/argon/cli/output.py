@@ -40,6 +40,6 @@ def _fmt(value: Any) -> str:
         return "-"
     if isinstance(value, bool):
         return "yes" if value else "no"
-    if isinstance(value, float):  # durations in ms and the like: a table needs no 15 decimals
-        return f"{value:.1f}"
+    if isinstance(value, float):  # durations in ms, compute units: two decimals at most (0.25 CU stays 0.25)
+        return f"{value:.2f}".rstrip("0").rstrip(".")
     return str(value)

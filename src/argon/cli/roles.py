@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from urllib.parse import quote
 
 import click
@@ -61,8 +62,9 @@ def roles_create(ctx: Context, name: str | None, name_option: str | None, projec
     if ctx.output != "table":
         emit(out, ctx.output)
         return
-    click.echo(f"Created role {out['role']['name']}; its password "
-               f"(`argon connection-string --role {name}` prints it again):")
+    again = ["argon", "connection-string"] + (["--project-id", project_id] if project_id else []) + \
+        (["--branch", branch] if branch else []) + ["--role", name]
+    click.echo(f"Created role {out['role']['name']}; its password (`{shlex.join(again)}` prints it again):")
     click.echo("  " + str(out["role"].get("password")))
 
 

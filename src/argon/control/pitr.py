@@ -106,9 +106,8 @@ def choose(manifest: hs.Manifest, branch_name: str, when: datetime | None,
         assert point is not None
         epochs = [e for e in manifest.epochs if wal.parse_lsn(e.start_lsn) <= point]
         if not epochs:
-            raise BeyondLocalHistory(f"LSN {wal.format_lsn(point)} is before the start of branch {branch_name!r}'s "
-                                     "history "
-                            f"({manifest.epochs[0].start_lsn})")
+            raise BeyondLocalHistory(f"LSN {wal.format_lsn(point)} is before the start of the history of branch "
+                                     f"{branch_name!r} ({manifest.epochs[0].start_lsn})")
         epoch = epochs[-1]
         snaps = [s for s in epoch.snapshots if wal.parse_lsn(s.consistent_lsn) <= point]
     if not snaps:

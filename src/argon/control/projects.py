@@ -20,6 +20,7 @@ from argon.compute.osuser import OsUser, kill_all, running_as_root
 from argon.control import retention
 from argon.control.endpoints import restart_endpoint
 from argon.control.plane import ControlPlane
+from argon.control.roles import check_db_name, check_role_name
 from argon.control.services import Control
 from argon.control.spec import NEON_SUPERUSER, database_grant, neon_superuser_sql, role_attributes
 from argon.errors import StorageError, UserError
@@ -83,10 +84,8 @@ async def create_project(control: Control, req: ProjectRequest) -> CreatedProjec
     if region not in available_regions():
         raise UserError(f"region_id {region!r} is not a region of this server; available regions: "
                         f"{', '.join(available_regions())}")
-    role_name = ids.check_pg_name(req.role_name or req.database_name + DEFAULT_ROLE_SUFFIX, "role")
-    database_name = ids.check_pg_name(req.database_name, "database")
-    if role_name == model.PLATFORM_ROLE or role_name.startswith("pg_"):
-        raise UserError(f"role name {role_name!r} is reserved")
+    role_name = check_role_name(req.role_name or req.database_name + DEFAULT_ROLE_SUFFIX)
+    database_name = check_db_name(req.database_name)
     template = plane.templates.get(version)
     if template is None:
         raise UserError(f"PostgreSQL {version} has no template yet; try again in a moment")

@@ -29,15 +29,22 @@ from argon.wire.scram import ScramSecret
 log = logging.getLogger(__name__)
 
 
-def _check_role_name(name: object) -> str:
+# Names Postgres refuses for a role (`public`, `none`, the `current_user` family) or that the
+# platform's own roles hold (`cloud_admin`, `neon_superuser`, the `pg_` prefix).
+_RESERVED_ROLES = frozenset({model.PLATFORM_ROLE, model.NEON_SUPERUSER, "public", "none", "current_user",
+                             "session_user", "current_role"})
+
+
+def check_role_name(name: object) -> str:
+    """A role name the API may create (a project's first role too): a 400 for one that is reserved."""
     value = ids.check_pg_name(name, "role")
-    if value == model.PLATFORM_ROLE or value.startswith("pg_") or value in ("public", "none", "current_user",
-                                                                              "session_user", "current_role"):
+    if value in _RESERVED_ROLES or value.startswith("pg_"):
         raise UserError(f"role name {value!r} is reserved")
     return value
 
 
-def _check_db_name(name: object) -> str:
+def check_db_name(name: object) -> str:
+    """A database name the API may create (a project's first database too)."""
     value = ids.check_pg_name(name, "database")
     if value in ("postgres", "template0", "template1"):
         raise UserError(f"database name {value!r} is reserved")
@@ -79,10 +86,13 @@ async def _execute(control: Control, ep: model.Endpoint, statements: list[sql.Co
     try:
         for stmt in statements:
             await conn.execute(stmt)
-    except psycopg.errors.DependentObjectsStillInUse as exc:
+    except psycopg.errors.DependentObjectsStillExist as exc:
         raise Conflict(f"cannot apply the change: {exc.diag.message_primary}") from None
     except psycopg.errors.ObjectInUse as exc:
         raise Conflict(f"cannot apply the change while it is in use: {exc.diag.message_primary}") from None
+    except (psycopg.errors.DuplicateObject, psycopg.errors.DuplicateDatabase) as exc:
+        # made through SQL since the store last synced (the next list takes it in): as the API's own check says
+        raise Conflict(f"{exc.diag.message_primary} on branch {ep.branch_id!r}") from None
     finally:
         await conn.close()
 
@@ -90,7 +100,7 @@ async def _execute(control: Control, ep: model.Endpoint, statements: list[sql.Co
 async def create_role(control: Control, project_id: str, branch_id: str, name: object,
                       no_login: bool = False) -> tuple[model.Role, str | None, list[model.Operation]]:
     plane = control.plane
-    role_name = _check_role_name(name)
+    role_name = check_role_name(name)
     async with plane.project_lock(project_id):
         ep = _primary_endpoint(plane, project_id, branch_id)
         if await plane.db(plane.store.get_role, branch_id, role_name) is not None:
@@ -116,7 +126,11 @@ async def create_role(control: Control, project_id: str, branch_id: str, name: o
             "endpoint": ep.id, "branch": branch_id, "create": {
                 "name": role_name, "verifier": verifier, "password_enc": role.password_enc, "login": role.login}})
         await failpoint_async("role.create.after_intent")
-        await _execute(control, ep, statements)
+        try:
+            await _execute(control, ep, statements)
+        except Conflict:  # the compute refused it (the name is taken there): nothing to finish
+            await asyncio.to_thread(plane.intents.remove, roles_key(ep.id))
+            raise
         await failpoint_async("role.create.after_sql")
         await plane.commit(put=[role])  # the commit point
         await failpoint_async("role.create.after_metadata")
@@ -192,7 +206,7 @@ async def delete_role(control: Control, project_id: str, branch_id: str,
 async def create_database(control: Control, project_id: str, branch_id: str, name: object,
                           owner_name: object) -> tuple[model.Database, list[model.Operation]]:
     plane = control.plane
-    db_name = _check_db_name(name)
+    db_name = check_db_name(name)
     if not isinstance(owner_name, str) or not owner_name:
         raise UserError("owner_name is required: the role that will own the database")
     async with plane.project_lock(project_id):
@@ -241,7 +255,7 @@ async def update_database(control: Control, project_id: str, branch_id: str, nam
                 sql.Identifier(db.name), sql.Identifier(owner_name)))
             changes["owner_name"] = owner_name
         if new_name is not None and new_name != db.name:
-            target = _check_db_name(new_name)
+            target = check_db_name(new_name)
             if await plane.db(plane.store.get_database, branch_id, target) is not None:
                 raise Conflict(f"database {target!r} already exists on branch {branch_id!r}")
             statements.append(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(

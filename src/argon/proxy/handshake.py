@@ -226,7 +226,13 @@ async def _accept(loop: asyncio.AbstractEventLoop, sock: socket.socket, tls: Tls
     if tls is None:
         await loop.connect_accepted_socket(lambda: stream, sock)
     else:
-        await loop.connect_accepted_socket(lambda: stream, sock, ssl=tls.context(), ssl_handshake_timeout=10)
+        local = sock.getsockname()
+        address = local[0] if local else None
+        ctx = tls.cached(address)
+        if ctx is None:  # an endpoint address's first connection: its certificate is signed off the loop
+            assert address is not None
+            ctx = tls.remember(address, await asyncio.to_thread(tls.issue, address))
+        await loop.connect_accepted_socket(lambda: stream, sock, ssl=ctx, ssl_handshake_timeout=10)
     return stream
 
 
