@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
-
-import httpx
+from typing import TYPE_CHECKING, Any
 
 from argon.settings import default_config_file
+
+if TYPE_CHECKING:
+    import httpx
 
 
 class CliError(Exception):
@@ -104,13 +105,17 @@ class ApiClient:
         self.api_url = (api_url or os.environ.get("ARGON_API_URL") or cfg.get("api_url")
                         or "http://127.0.0.1:4444").rstrip("/")
         self.api_key = api_key or os.environ.get("ARGON_API_KEY") or cfg.get("api_key")
-        self._http = httpx.Client(base_url=self.api_url + "/api/v2", timeout=120)
+        import httpx  # here, not at the top: a command that never calls the API (--help, completion) skips it
+
+        self._http: httpx.Client = httpx.Client(base_url=self.api_url + "/api/v2", timeout=120)
 
     def request(self, method: str, path: str, *, json_body: Any = None, params: dict[str, Any] | None = None,
                 text: bool = False) -> Any:
         if not self.api_key:
             raise CliError("no API key: run `argon login`, pass --api-key, set ARGON_API_KEY, or run `argon up` on this machine "
                            f"(it writes {cli_config_path()})")
+        import httpx
+
         try:
             resp = self._http.request(method, path, json=json_body, params=params,
                                       headers={"Authorization": f"Bearer {self.api_key}"})

@@ -5,7 +5,6 @@ Every command that talks to a server goes through the HTTP API, like any other c
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
@@ -17,12 +16,8 @@ import click
 
 from argon import __version__, logs
 from argon.cli import commands
-from argon.cli.backup import backup as backup_cli
 from argon.cli.client import CliError, forget_instance, write_cli_config
 from argon.cli.context import Context
-from argon.cli.service import notify
-from argon.cli.service import service as service_cli
-from argon.cli.storage import storage as storage_cli
 from argon.errors import ArgonError, ConfigError
 from argon.settings import Settings, load, read_config_file, unknown_names
 
@@ -69,6 +64,15 @@ def hoist_output(args: list[str]) -> list[str]:
 
 
 class ArgonGroup(click.Group):
+    """The top-level group: its own commands (`up`, `restore`, `login`, ...) plus the resource commands
+    of `argon.cli.commands`, each imported only when it is the one that runs."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*self.commands, *commands.COMMANDS})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        return self.commands.get(cmd_name) or commands.load(cmd_name)
+
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         if ctx.parent is None:
             args = hoist_output(args)
@@ -113,6 +117,9 @@ def up(**flags: Any) -> None:
     Ctrl-C stops everything cleanly, computes included. Settings come from flags, ARGON_*
     environment variables and the config file, in that order of precedence.
     """
+    import asyncio
+
+    from argon.cli.service import notify
     from argon.platform import Platform
 
     settings = load(**flags)
@@ -179,6 +186,8 @@ def restore(source: str | None, at: str | None, eager: bool, **flags: Any) -> No
       argon restore --from s3://my-bucket/argon
       argon restore --from file:///mnt/backup/argon --at 2026-11-24T13:00:00Z --data-dir /var/lib/argon
     """
+    import asyncio
+
     from argon.control.restore import parse_at
     from argon.control.restore import restore as run_restore
 
@@ -385,11 +394,6 @@ def config_check(**flags: Any) -> None:
         sys.exit(1)
     click.secho("settings are valid", fg="green")
 
-
-commands.register(cli)
-cli.add_command(storage_cli)
-cli.add_command(backup_cli)
-cli.add_command(service_cli)
 
 
 def main() -> None:

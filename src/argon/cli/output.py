@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import click
-import yaml
 
 
 def emit(data: Any, output: str, *, columns: Sequence[tuple[str, str]] | None = None,
@@ -16,6 +15,8 @@ def emit(data: Any, output: str, *, columns: Sequence[tuple[str, str]] | None = 
         click.echo(json.dumps(data, indent=2))
         return
     if output == "yaml":
+        import yaml  # only for -o yaml
+
         click.echo(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), nl=False)
         return
     if columns is None or rows is None:

@@ -38,7 +38,6 @@ from typing import Any
 import click
 
 from argon.cli.client import CliError
-from argon.control.apikeys import new_key
 from argon.settings import Settings, load
 
 UNIT_NAME = "argon.service"
@@ -181,6 +180,8 @@ def install(user: str | None, unit_dir: Path, env_file: Path, metrics_token: boo
     if metrics_token and not settings.metrics_token:
         settings = settings.model_copy(update={"metrics_token": secrets.token_urlsafe(32)})
     if not settings.api_key:  # else the first start prints the key it generates, into the journal
+        from argon.control.apikeys import new_key  # (the control plane's imports: only for this command)
+
         settings = settings.model_copy(update={"api_key": new_key()})
     unit = render_unit(exec_start=exec_start(), env_file=env_file, user=user)
     env = render_env(settings)
