@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.core.common import PGBENCH, stop_on_sigterm
-from benchmarks.core.procfs import CLK_TCK, own_cpu_seconds, self_cpu_seconds
+from benchmarks.core.procfs import CLK_TCK
 from benchmarks.pooler import Run
 
 
@@ -46,12 +46,26 @@ def threads_cpu() -> Counter[str]:
     return out
 
 
+def own_cpu() -> tuple[float, float]:
+    """(user + system, system) CPU seconds of this process, all its threads."""
+    t = os.times()
+    return t.user + t.system, t.system
+
+
+def process_cpu(pid: int) -> tuple[float, float]:
+    """(user + system, system) CPU seconds of process `pid` (/proc/<pid>/stat utime, stime)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
 def storm(target: str, clients: int, seconds: int, cpu: Any, by_thread: bool = False) -> dict[str, Any]:
     args = [PGBENCH, "-n", "-C", "-S", "-c", str(clients), "-j", "2", "-T", str(seconds), "-M", "simple", target]
     threads = threads_cpu() if by_thread else Counter()
     before, t0 = cpu(), time.perf_counter()
     proc = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=seconds + 120)
-    used, wall = cpu() - before, time.perf_counter() - t0
+    after, wall = cpu(), time.perf_counter() - t0
+    used, kernel = after[0] - before[0], after[1] - before[1]
     if by_thread:
         threads = threads_cpu() - threads
     out = proc.stdout + proc.stderr
@@ -61,7 +75,8 @@ def storm(target: str, clients: int, seconds: int, cpu: Any, by_thread: bool = F
         raise RuntimeError(f"pgbench -C failed ({proc.returncode}): {out.strip()[-800:]}")
     logins = int(txns.group(1))
     result = {"logins": logins, "logins_per_s": round(logins / wall, 1),
-              "cpu_ms_per_login": round(used / logins * 1000, 3), "failed": int(failed.group(1)) if failed else 0,
+              "cpu_ms_per_login": round(used / logins * 1000, 3),
+              "kernel_ms_per_login": round(kernel / logins * 1000, 3), "failed": int(failed.group(1)) if failed else 0,
               "load": round(os.getloadavg()[0], 2)}
     if by_thread:
         result["threads_ms_per_login"] = {name: round(s / logins * 1000, 3) for name, s in threads.most_common() if s}
@@ -81,7 +96,7 @@ def profile(run: Run, clients: int, seconds: int, tls: bool, native: bool) -> No
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(1)
         try:
-            storm(run.uri(True, tls), clients, seconds + 2, self_cpu_seconds)
+            storm(run.uri(True, tls), clients, seconds + 2, own_cpu)
         finally:
             rec.wait(60)
         summarize_profile(raw, "TLS" if tls else "plaintext")
@@ -124,8 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         for transport in ("tls", "plaintext"):
             tls = transport == "tls"
             bouncer = run.bouncers[transport]
-            sides = {"argon": (run.uri(True, tls), self_cpu_seconds),
-                     "pgbouncer": (bouncer.dsn(run.dbname), lambda b=bouncer: own_cpu_seconds(b.pid))}
+            sides = {"argon": (run.uri(True, tls), own_cpu),
+                     "pgbouncer": (bouncer.dsn(run.dbname), lambda b=bouncer: process_cpu(b.pid))}
             storm(sides["argon"][0], args.clients, 2, sides["argon"][1])  # warm-up: the pool opens its servers
             row = rows.setdefault(transport, {"argon": [], "pgbouncer": []})
             for round_ in range(0 if args.skip_storms else args.rounds):
@@ -147,7 +162,10 @@ def main(argv: list[str] | None = None) -> int:
         ar = statistics.median(r["logins_per_s"] for r in row["argon"])
         br = statistics.median(r["logins_per_s"] for r in row["pgbouncer"])
         loads = [r["load"] for r in row["argon"] + row["pgbouncer"]]
-        print(f"{transport:9}  CPU/login argon {a:.3f} ms  pgbouncer {b:.3f} ms  ratio {a / b:.2f}x   "
+        ak = statistics.median(r["kernel_ms_per_login"] for r in row["argon"])
+        bk = statistics.median(r["kernel_ms_per_login"] for r in row["pgbouncer"])
+        print(f"{transport:9}  CPU/login argon {a:.3f} ms ({ak:.3f} in the kernel)  pgbouncer {b:.3f} ms "
+              f"({bk:.3f})  ratio {a / b:.2f}x   "
               f"logins/s argon {ar:.0f}  pgbouncer {br:.0f}   load {min(loads):.1f}-{max(loads):.1f}")
     return 0
 

@@ -163,8 +163,11 @@ class _Negotiation:
 
     async def run(self) -> Hello:
         loop, sock, tls = self.loop, self.sock, self.tls
-        await _readable(loop, sock)
-        first = sock.recv(len(_SSL_REQUEST), socket.MSG_PEEK)
+        try:  # under load the client's first packet is usually there by the time it is accepted
+            first = sock.recv(len(_SSL_REQUEST), socket.MSG_PEEK)
+        except BlockingIOError:
+            await _readable(loop, sock)
+            first = sock.recv(len(_SSL_REQUEST), socket.MSG_PEEK)
         if not first:
             raise ConnectionClosed
         if first[0] == 0x16:
