@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -128,3 +130,83 @@ def test_sql_made_database_is_kept_when_the_endpoint_is_deleted(platform: Runnin
     base = _base(project)
     assert {d["name"] for d in platform.api.get(f"{base}/databases").json()["databases"]} == {"neondb", "made_by_sql"}
     assert {r["name"] for r in platform.api.get(f"{base}/roles").json()["roles"]} == {"neondb_owner", "role_by_sql"}
+
+
+def test_sql_password_change_and_drop_count_at_once_on_the_pooled_host(platform: RunningPlatform,
+                                                                       project: dict[str, Any]) -> None:
+    """The `-pooler` host checks every login against the verifier read after it arrived (logins that
+    arrive together share a lookup, never an older one): a password changed or a role dropped
+    through SQL counts for the very next login, and the failure reads as Postgres' own."""
+    pooled = {"options": f"endpoint={project['endpoints'][0]['id']}-pooler"}
+    with _connect(platform, project, autocommit="1") as conn:  # type: ignore[arg-type]
+        conn.execute("CREATE ROLE poolrole LOGIN PASSWORD 'pool-pass-1'")
+    with _connect(platform, project, user="poolrole", password="pool-pass-1", **pooled) as conn:
+        assert conn.execute("select current_user").fetchone() == ("poolrole",)
+    with _connect(platform, project, autocommit="1") as conn:  # type: ignore[arg-type]
+        conn.execute("ALTER ROLE poolrole PASSWORD 'pool-pass-2'")
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed for user 'poolrole'"):
+        _connect(platform, project, user="poolrole", password="pool-pass-1", **pooled)
+    with _connect(platform, project, user="poolrole", password="pool-pass-2", **pooled) as conn:
+        assert conn.execute("select 1").fetchone() == (1,)
+    with _connect(platform, project, autocommit="1") as conn:  # type: ignore[arg-type]
+        conn.execute("DROP ROLE poolrole")
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed for user 'poolrole'"):
+        _connect(platform, project, user="poolrole", password="pool-pass-2", **pooled)
+
+
+def test_logins_together_share_one_verifier_lookup_not_yet_sent(platform: RunningPlatform,
+                                                                 project: dict[str, Any]) -> None:
+    """Verifier lookups of logins that arrive together: those that come while one waits for its turn
+    on the compute's admin session share it (one statement for all); one that comes after it was
+    sent makes its own (what it gets was read after it arrived)."""
+    eid = project["endpoints"][0]["id"]
+    user = platform.params(project)["user"]
+    with _connect(platform, project) as conn:  # the compute runs settled: lookups are live
+        expected = conn.execute("select rolpassword from pg_authid where rolname = current_user").fetchone()[0]
+    service = platform.platform.proxy.ctx.control
+    session = platform.plane.computes.admin(eid)
+    assert session is not None
+    real = session.fetchone
+
+    async def scenario() -> tuple[list[str], list[str], list[str], list[str]]:
+        turn = asyncio.Event()  # the first lookup's turn on the session comes when this is set
+        answer = asyncio.Event()  # a sent lookup's answer is held until this is set
+        sent = asyncio.Event()
+        statements: list[str] = []
+
+        async def fetchone(query: str, params: Any = None, *, timeout: float,
+                           sending: Callable[[], None] | None = None) -> Any:
+            statements.append(query)
+            if len(statements) == 1:
+                await turn.wait()  # waiting for its turn: not sent yet
+
+            def on_send() -> None:
+                if sending is not None:
+                    sending()
+                sent.set()
+
+            row = await real(query, params, timeout=timeout, sending=on_send)
+            if len(statements) == 2:
+                await answer.wait()
+            return row
+
+        session.fetchone = fetchone
+        try:
+            together = [asyncio.ensure_future(service.get_role_secret(eid, user)) for _ in range(10)]
+            await asyncio.sleep(0.05)
+            turn.set()
+            shared = list(await asyncio.gather(*together))
+            shared_statements = list(statements)
+            sent.clear()
+            first = asyncio.ensure_future(service.get_role_secret(eid, user))
+            await asyncio.wait_for(sent.wait(), 10)
+            after = asyncio.ensure_future(service.get_role_secret(eid, user))  # arrives after `first` was sent
+            await asyncio.sleep(0.05)
+            answer.set()
+            return shared, shared_statements, list(await asyncio.gather(first, after)), statements
+        finally:
+            del session.fetchone
+
+    shared, shared_statements, later, statements = platform.call(scenario())
+    assert shared == [expected] * 10 and len(shared_statements) == 1
+    assert later == [expected] * 2 and len(statements) == 3

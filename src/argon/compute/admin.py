@@ -24,6 +24,7 @@ import os
 import socket
 import struct
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -107,24 +108,30 @@ class AdminSession:
     def closed(self) -> bool:
         return self._closed
 
-    async def fetchone(self, query: str, params: Any = None, *, timeout: float) -> tuple[Any, ...] | None:
+    async def fetchone(self, query: str, params: Any = None, *, timeout: float,
+                       sending: Callable[[], None] | None = None) -> tuple[Any, ...] | None:
         """Run one statement (connecting first if needed) and return its first row; each step is
-        bounded by `timeout` seconds."""
-        rows = await self._run(query, params, timeout, everything=False)
+        bounded by `timeout` seconds. `sending` is called when the statement's turn has come, just
+        before it is sent (what it reads is the state from then on)."""
+        rows = await self._run(query, params, timeout, everything=False, sending=sending)
         return rows[0] if rows else None
 
     async def fetchall(self, query: str, params: Any = None, *, timeout: float) -> list[tuple[Any, ...]]:
         """Run one statement and return all its rows (as `fetchone`)."""
         return await self._run(query, params, timeout, everything=True)
 
-    async def _run(self, query: str, params: Any, timeout: float, *, everything: bool) -> list[tuple[Any, ...]]:
+    async def _run(self, query: str, params: Any, timeout: float, *, everything: bool,
+                   sending: Callable[[], None] | None = None) -> list[tuple[Any, ...]]:
         async with self._lock:
             if self._closed:
                 raise SessionClosed("the compute is stopping")
             try:
                 if self._conn is None or self._conn.closed:
                     self._conn = await asyncio.wait_for(connect_admin(self.socket_dir), timeout)
-                cur = await asyncio.wait_for(self._conn.execute(query, params), timeout)
+                if sending is not None:
+                    sending()
+                async with asyncio.timeout(timeout):  # not wait_for: no task of its own per statement
+                    cur = await self._conn.execute(query, params)
                 if cur.description is None:  # a command without rows (ALTER SYSTEM)
                     return []
                 if everything:

@@ -11,8 +11,10 @@ path.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 from argon import model
 from argon.control import spec
@@ -28,9 +30,14 @@ _VERIFIER_SQL = ("SELECT rolpassword FROM pg_authid WHERE rolname = %s AND rolca
 _UNKNOWN = object()
 
 
+class _LookupAbandoned(Exception):
+    """A verifier lookup others had joined was cancelled before it was sent."""
+
+
 class ProxyService:
     def __init__(self, control: Control) -> None:
         self.control = control
+        self._queued: dict[tuple[str, str], asyncio.Future[str | object | None]] = {}  # lookups not sent yet
 
     async def get_role_secret(self, endpoint_id: str, role: str) -> str | None:
         """The verifier the proxy checks a login against (None: unknown endpoint or role)."""
@@ -45,12 +52,44 @@ class ProxyService:
         return plane.verifier(ep.branch_id, role)
 
     async def _live_verifier(self, ep: model.Endpoint, role: str) -> str | object | None:
-        """`pg_authid`'s verifier of a login role, None if there is none, `_UNKNOWN` if unreadable."""
+        """`pg_authid`'s verifier of a login role, None if there is none, `_UNKNOWN` if unreadable.
+
+        Logins that arrive together share one lookup, but only one not sent yet: a login joins a
+        lookup still waiting for its turn on the admin session, never one already on its way, so
+        what it gets was read after it arrived (a password changed or a role dropped through SQL
+        counts at once, as with a lookup of its own). Under a login storm the lookups queue on the
+        one admin session, and each queued lookup serves every login that came meanwhile."""
+        key = (ep.id, role)
+        while (queued := self._queued.get(key)) is not None:
+            try:
+                return await asyncio.shield(queued)
+            except _LookupAbandoned:  # its login went away before the lookup was sent: make our own
+                continue
+        mine: asyncio.Future[str | object | None] = asyncio.get_running_loop().create_future()
+        self._queued[key] = mine
+
+        def sending() -> None:
+            if self._queued.get(key) is mine:
+                del self._queued[key]
+
+        try:
+            result = await self._lookup(ep, role, sending)
+        except BaseException:
+            sending()
+            if not mine.done():
+                mine.set_exception(_LookupAbandoned())
+                mine.exception()  # retrieved: nobody may be waiting
+            raise
+        sending()
+        mine.set_result(result)
+        return result
+
+    async def _lookup(self, ep: model.Endpoint, role: str, sending: Callable[[], None]) -> str | object | None:
         session = self.control.plane.computes.admin(ep.id)
         if session is None:
             return _UNKNOWN
         try:
-            row = await session.fetchone(_VERIFIER_SQL, (role,), timeout=LOOKUP_TIMEOUT)
+            row = await session.fetchone(_VERIFIER_SQL, (role,), timeout=LOOKUP_TIMEOUT, sending=sending)
         except Exception as exc:
             log.debug("live verifier lookup on %s failed: %s", ep.id, exc)
             return _UNKNOWN

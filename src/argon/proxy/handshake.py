@@ -21,6 +21,7 @@ from argon.wire import codec
 from argon.wire.codec import CancelRequest, ProtocolViolation, StartupMessage
 
 _BUFFER_LIMIT = 256 * 1024  # a handshake never needs more; pause reading beyond it
+_SSL_REQUEST = codec.ssl_request()
 
 
 class ConnectionClosed(Exception):
@@ -162,14 +163,24 @@ class _Negotiation:
 
     async def run(self) -> Hello:
         loop, sock, tls = self.loop, self.sock, self.tls
-        await _readable(loop, sock)
-        first = sock.recv(1, socket.MSG_PEEK)
+        try:  # under load the client's first packet is usually there by the time it is accepted
+            first = sock.recv(len(_SSL_REQUEST), socket.MSG_PEEK)
+        except BlockingIOError:
+            await _readable(loop, sock)
+            first = sock.recv(len(_SSL_REQUEST), socket.MSG_PEEK)
         if not first:
             raise ConnectionClosed
-        if first == b"\x16":
+        if first[0] == 0x16:
             if tls is None:
                 raise ConnectionClosed  # a TLS ClientHello but no certificate: nothing sane to answer
             return await self._tls_hello(tls, direct=True)
+        if first == _SSL_REQUEST and tls is not None:
+            # what nearly every client sends first, whole in one segment: taken and answered at once,
+            # without a round of the loop per read (the client sends nothing more before our 'S')
+            sock.recv(len(_SSL_REQUEST))
+            if sock.send(b"S") == 1:
+                return await self._tls_hello(tls, direct=False)
+            raise ConnectionClosed  # an empty send buffer did not take one byte: the peer is gone
         ssl_asked = gss_asked = False
         while True:
             packet = await _read_raw_packet(loop, sock)

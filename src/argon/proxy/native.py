@@ -134,7 +134,8 @@ class NativeRelays:
             for transport in (client, compute):
                 transport.abort()
             if tls is not None:
-                await asyncio.wait_for(client_released(), RELEASE_TIMEOUT)
+                async with asyncio.timeout(RELEASE_TIMEOUT):  # not wait_for: no task per session
+                    await client_released()
             sid = self.core.add(dups[0], dups[1], to_compute, to_client, tls)
         except BaseException:  # cancelled, or the TLS protocol never let go: the session ends here
             for fd in dups:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import logging
 import random
@@ -110,6 +111,7 @@ class Tunnel:
     internal: bool = False  # the proxy's internal socket: the password is a token (`auth.InternalTokens`)
 
 
+@functools.lru_cache(maxsize=4096)  # asked at every plaintext login
 def plaintext_allowed(policy: str, peer_ip: str) -> bool:
     if policy == "always":
         return True
@@ -168,7 +170,7 @@ class Session:
         # Up to a quarter earlier at random: connections a flood opened together do not all expire
         # (and come back) in the same instant, which would stall the loop for everyone at once.
         self._deadline = asyncio.get_running_loop().time() + ctx.pre_auth_timeout * (1 - random.random() / 4)
-        self._byte_guard: asyncio.Task[None] | None = None
+        self._byte_guard: asyncio.TimerHandle | None = None
 
     def _authenticated(self) -> None:
         callback, self._on_authenticated = self._on_authenticated, None
@@ -181,7 +183,8 @@ class Session:
                 self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, AUTHENTICATED_RCVBUF)
 
     def _guard_bytes(self) -> None:
-        """Bound what a TCP client may send before it authenticates (`PRE_AUTH_MAX_BYTES`)."""
+        """Bound what a TCP client may send before it authenticates (`PRE_AUTH_MAX_BYTES`): a timer
+        looks every `_BYTES_CHECK_INTERVAL` (a timer, not a task: a login costs the loop less)."""
         self._byte_guard = None
         if self.tunnel is not None or self.sock.family not in (socket.AF_INET, socket.AF_INET6):
             return
@@ -189,17 +192,18 @@ class Session:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, PRE_AUTH_RCVBUF)
         task = asyncio.current_task()
         assert task is not None
+        loop = asyncio.get_running_loop()
 
-        async def watch() -> None:
-            while True:
-                await asyncio.sleep(_BYTES_CHECK_INTERVAL)
-                received = bytes_received(self.sock)
-                if received > PRE_AUTH_MAX_BYTES:
-                    log.warning("dropped %s: it sent %d bytes without authenticating", self.peer_ip, received)
-                    task.cancel()
-                    return
+        def look() -> None:
+            received = bytes_received(self.sock)
+            if received > PRE_AUTH_MAX_BYTES:
+                self._byte_guard = None
+                log.warning("dropped %s: it sent %d bytes without authenticating", self.peer_ip, received)
+                task.cancel()
+                return
+            self._byte_guard = loop.call_later(_BYTES_CHECK_INTERVAL, look)
 
-        self._byte_guard = asyncio.get_running_loop().create_task(watch())
+        self._byte_guard = loop.call_later(_BYTES_CHECK_INTERVAL, look)
 
     def release_slot(self) -> None:
         """Stop counting this connection as unauthenticated (the server is dropping it)."""

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import ipaddress
 import math
 import os
@@ -56,6 +57,7 @@ class Throttled(UserError):
     status = 429
 
 
+@functools.lru_cache(maxsize=4096)  # every login asks several times; parsing an address is not free
 def client_key(ip: str) -> str:
     """What a client is counted by: its IPv4 address, or its IPv6 /64 (IPv4-mapped counts as IPv4)."""
     try:

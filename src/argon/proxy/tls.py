@@ -153,6 +153,9 @@ class TlsConfig:
         # no renegotiation: after login the C relay drives the session's SSL (native.py), with no
         # Python callbacks expected
         ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+        # no TLS 1.3 session tickets: libpq never resumes a session, and each ticket costs every
+        # handshake an encryption and a record on the wire (OpenSSL sends two by default)
+        ctx.num_tickets = 0
         try:
             ctx.load_cert_chain(cert, key)
         except (OSError, ssl.SSLError) as exc:

@@ -115,7 +115,8 @@ class NativeEngine:
         try:
             transport.abort()  # the thread owns the socket from here: no FIN from the loop's copy
             if tls is not None:
-                await asyncio.wait_for(released(), RELEASE_TIMEOUT)
+                async with asyncio.timeout(RELEASE_TIMEOUT):  # not wait_for: no task per login
+                    await released()
             self.core.add_client(pool_id, client_id, fd, greeting, pending, _params(params), tls)
         except BaseException:
             os.close(fd)
