@@ -107,6 +107,9 @@ class Figures:
         self.loop = Periodic("storage figures", self.tick, INTERVAL, prepare=self._seed_from_store, logger=log)
         self._measuring: asyncio.Future[list[tuple[Target, BranchFigures | None, bool]]] | None = None
         self.measured = 0  # branches measured since start (the density benchmark and tests read it)
+        # one tick at a time: a settle() waits for the background's tick in flight (which has taken its
+        # branches off `_pending`) instead of finding nothing due and returning before they are measured
+        self._ticking = asyncio.Lock()
         # a running branch's figures are no older than its storage samples (every STORAGE_EVERY looks)
         self.ttl = min(TTL, plane.settings.metrics_interval * STORAGE_EVERY)
 
@@ -174,6 +177,10 @@ class Figures:
 
     async def tick(self, budget: int = BUDGET) -> int:
         """Measure the branches that are due (in a thread); returns how many were measured."""
+        async with self._ticking:
+            return await self._tick(budget)
+
+    async def _tick(self, budget: int) -> int:
         plane = self.plane
         if not self._primed:
             self._prime()
