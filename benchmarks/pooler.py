@@ -78,6 +78,9 @@ SCRIPTS = ("tpcb", "select")  # pgbench's built-in TPC-B-like script, and -S
 TRANSPORTS = ("tls", "plaintext")
 POOL_SIZE = 20  # both poolers: small enough that two of them fit the compute's max_connections (104)
 SCALE = 10
+# The compute gets the whole machine (1 CU = 1 CPU, ADR 0019): at the default 0.25 CU its cgroup throttles
+# it in nearly every period and both poolers measure that cap instead of themselves.
+COMPUTE_CU = float(NCPU)
 IDLE_CLIENTS = 10_000
 COLD_REPS = 10
 
@@ -386,7 +389,9 @@ class Run:
         pooler.pool_size = POOL_SIZE  # PgBouncer's default_pool_size below: the same pool on both
         self.project = Project.create(self.rp, "bench-pooler", 15)
         pid, eid = self.project.id, self.project.endpoint_id
-        resp = self.rp.api.patch(f"/projects/{pid}/endpoints/{eid}", json={"endpoint": {"suspend_timeout_seconds": -1}})
+        body = {"suspend_timeout_seconds": -1, "autoscaling_limit_min_cu": COMPUTE_CU,
+                "autoscaling_limit_max_cu": COMPUTE_CU}
+        resp = self.rp.api.patch(f"/projects/{pid}/endpoints/{eid}", json={"endpoint": body})
         if resp.status_code != 200:
             raise BenchError(f"PATCH endpoint answered {resp.status_code}: {resp.text[:300]}")
         t0 = time.monotonic()
@@ -414,7 +419,8 @@ class Run:
         env: dict[str, Any] = {
             "cpus": NCPU, "kernel": os.uname().release, "python": sys.version.split()[0],
             "psycopg": psycopg.__version__, "pgbench": tool_version(PGBENCH), "pgbouncer": tool_version(PGBOUNCER),
-            "pooler_engine": pooler.engine_name, "pool_size": POOL_SIZE, "pgbench_scale": SCALE,
+            "pooler_engine": pooler.engine_name, "pool_size": POOL_SIZE, "pgbench_scale": SCALE, "compute_cu": COMPUTE_CU,
+            "compute_cpu_limit": self.compute_cpu_limit(eid),
             "rounds": self.rounds, "client_counts": list(self.counts), "idle_clients": self.idle_clients,
             "fd_limit": hard, "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
             "compute_max_connections": self.max_connections(),
@@ -422,6 +428,13 @@ class Run:
         }
         self.results["environment"] = env
         self.say(f"environment: {json.dumps(env)}")
+
+    def compute_cpu_limit(self, endpoint_id: str) -> float | str:
+        """The CPUs the compute's cgroup allows now, to show the compute is not the cap."""
+        assert self.rp is not None
+        cgroups = self.rp.plane.computes.cgroups
+        limits = cgroups.limits(endpoint_id) if cgroups is not None else None
+        return limits.cpus if limits is not None else "not enforced"
 
     @property
     def dbname(self) -> str:
@@ -602,7 +615,7 @@ def render(results: dict[str, Any], errors: dict[str, str]) -> str:
              f"{env.get('cpus')} CPUs, kernel {env.get('kernel')}, Python {env.get('python')}, "
              f"{env.get('pgbench')}, {env.get('pgbouncer')}",
              f"pooler engine: {env.get('pooler_engine')}; pool size {env.get('pool_size')} on both; compute "
-             f"max_connections {env.get('compute_max_connections')}; pgbench scale {env.get('pgbench_scale')}, "
+             f"{env.get('compute_cu')} CU (cgroup CPU limit {env.get('compute_cpu_limit')}), max_connections {env.get('compute_max_connections')}; pgbench scale {env.get('pgbench_scale')}, "
              f"-j 2, {env.get('rounds')} interleaved rounds (median)",
              f"TLS negotiated: proxy {env.get('tls', {}).get('proxy')}, pgbouncer {env.get('tls', {}).get('pgbouncer')}",
              f"load average at start {env.get('loadavg_at_start')}, at end {env.get('loadavg_at_end')}", ""]
