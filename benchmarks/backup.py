@@ -47,7 +47,7 @@ from typing import Any
 
 import psycopg
 
-from benchmarks.core.common import PGBENCH, REPO_ROOT, short_tmpdir
+from benchmarks.core.common import NCPU, PGBENCH, REPO_ROOT, short_tmpdir
 
 sys.path.insert(0, str(REPO_ROOT))
 
@@ -56,7 +56,7 @@ from tests.fixtures.argon_process import ArgonProcess, query, restored_cluster
 SCALE_PER_MB = 1 / 15.0
 # The computes get the whole machine (1 CU = 1 CPU, ADR 0019), as the plain clusters they are compared
 # with do: at the default 0.25 CU the cgroup throttles loads, commits and a restore's replay.
-COMPUTE_CU = float(os.cpu_count() or 1)
+COMPUTE_CU = float(NCPU)
 SIZES = {"100M": 100, "1G": 1024, "5G": 5120}
 ARGON = [sys.executable, "-m", "argon"]
 

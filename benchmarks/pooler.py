@@ -419,8 +419,8 @@ class Run:
         env: dict[str, Any] = {
             "cpus": NCPU, "kernel": os.uname().release, "python": sys.version.split()[0],
             "psycopg": psycopg.__version__, "pgbench": tool_version(PGBENCH), "pgbouncer": tool_version(PGBOUNCER),
-            "pooler_engine": pooler.engine_name, "pool_size": POOL_SIZE, "pgbench_scale": SCALE, "compute_cu": COMPUTE_CU,
-            "compute_cpu_limit": self.compute_cpu_limit(eid),
+            "pooler_engine": pooler.engine_name, "pool_size": POOL_SIZE, "pgbench_scale": SCALE,
+            "compute_cu": COMPUTE_CU, "compute_cpu_limit": self.compute_cpu_limit(eid),
             "rounds": self.rounds, "client_counts": list(self.counts), "idle_clients": self.idle_clients,
             "fd_limit": hard, "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
             "compute_max_connections": self.max_connections(),
@@ -615,7 +615,8 @@ def render(results: dict[str, Any], errors: dict[str, str]) -> str:
              f"{env.get('cpus')} CPUs, kernel {env.get('kernel')}, Python {env.get('python')}, "
              f"{env.get('pgbench')}, {env.get('pgbouncer')}",
              f"pooler engine: {env.get('pooler_engine')}; pool size {env.get('pool_size')} on both; compute "
-             f"{env.get('compute_cu')} CU (cgroup CPU limit {env.get('compute_cpu_limit')}), max_connections {env.get('compute_max_connections')}; pgbench scale {env.get('pgbench_scale')}, "
+             f"{env.get('compute_cu')} CU (cgroup CPU limit {env.get('compute_cpu_limit')}), max_connections "
+             f"{env.get('compute_max_connections')}; pgbench scale {env.get('pgbench_scale')}, "
              f"-j 2, {env.get('rounds')} interleaved rounds (median)",
              f"TLS negotiated: proxy {env.get('tls', {}).get('proxy')}, pgbouncer {env.get('tls', {}).get('pgbouncer')}",
              f"load average at start {env.get('loadavg_at_start')}, at end {env.get('loadavg_at_end')}", ""]

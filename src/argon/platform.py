@@ -173,18 +173,19 @@ class Platform:
 
         # Every version's template at once (each its own initdb and staging directory): a first start, and
         # so a disaster recovery on a fresh machine, waits for the slowest build instead of their sum.
+        ordered = sorted(installs.items())
         t0 = time.monotonic()
-        self.progress("Checking the PostgreSQL " + ", ".join(i.version for _, i in sorted(installs.items()))
-                      + " templates (built once, on the first start)...")
+        self.progress(f"Checking the PostgreSQL {', '.join(i.version for _, i in ordered)} templates (built once, "
+                      "on the first start)...")
         built = await asyncio.gather(*(asyncio.to_thread(ensure_template, install, self.layout.templates_dir,
                                                          setup_sql=template_setup_sql(major),
                                                          argon_os_user=plane.os_user)
-                                       for major, install in sorted(installs.items())))
+                                       for major, install in ordered))
         log.debug("templates ready in %.0f ms", (time.monotonic() - t0) * 1000)
-        for (major, install), template in zip(sorted(installs.items()), built, strict=True):
+        for (major, install), template in zip(ordered, built, strict=True):
             t0 = time.monotonic()
             plane.templates[major] = template
-            plane.initdb_settings[major] = initdb_settings(plane.templates[major])
+            plane.initdb_settings[major] = initdb_settings(template)
             elsewhere = {n: [m for m, sup in plane.extensions.items() if n in sup.names()] for n in extensions.ALLOW_LIST}
             plane.extensions[major] = await asyncio.to_thread(extensions.prepare, install, self.layout.runtime_dir,
                                                               elsewhere=elsewhere)
