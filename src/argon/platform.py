@@ -56,7 +56,7 @@ from argon.proxy.serverless.routes import Serverless, mount_serverless
 from argon.proxy.tls import TlsConfig, ensure_certificates
 from argon.settings import Settings
 from argon.storage.clone import pick_backend
-from argon.storage.layout import Layout
+from argon.storage.layout import Layout, closed_ancestor
 from argon.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -131,6 +131,10 @@ class Platform:
                                                          thread_name_prefix="argon-blocking"))
             _sized_loops.add(loop)
         host = host_ids() if os.geteuid() == 0 else None
+        if host is not None:  # computes run as other users: they must reach their files and sockets
+            for path in (self.layout.data_dir, self.layout.run_dir):
+                if refused := closed_ancestor(path):
+                    raise ConfigError(refused)
         if host is not None:  # per-project uids: they must be Argon's alone
             refused = check_uid_range(s.compute_uid_base, s.compute_uid_count, host)
             if refused:

@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -35,6 +36,25 @@ def default_run_dir(data_dir: Path | None = None) -> Path:
     if data_dir is None:
         return base
     return base / hashlib.sha256(str(data_dir).encode()).hexdigest()[:10]
+
+
+def closed_ancestor(path: Path) -> str | None:
+    """Why the computes, which run as unprivileged users (root's Argon), could not reach `path`: an
+    existing directory above it that others may not enter (a data dir under /root, or under a
+    `mktemp -d`). None when every one may be passed through."""
+    for parent in reversed(Path(os.path.abspath(path)).parents):
+        try:
+            st = os.stat(parent)
+        except FileNotFoundError:
+            return None  # created by Argon (0755) from here down
+        except OSError:
+            continue
+        if not st.st_mode & stat.S_IXOTH:
+            return (f"{path} is inside {parent} (mode {stat.S_IMODE(st.st_mode):04o}), which only its owner may "
+                    f"enter: the computes run as unprivileged users and could not reach their files there. "
+                    f"Allow others through it (chmod o+x {parent}) or choose a directory elsewhere "
+                    f"(ARGON_DATA_DIR / --data-dir, ARGON_RUN_DIR)")
+    return None
 
 
 class Layout:
