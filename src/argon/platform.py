@@ -175,28 +175,27 @@ class Platform:
                 log.warning("project %s runs as uid %d, which is not Argon's alone (%s): move its files to a free "
                             "uid", project.id, project.os_uid, "; ".join(clash))
 
-        # Every version's template at once (each its own initdb and staging directory): a first start, and
-        # so a disaster recovery on a fresh machine, waits for the slowest build instead of their sum.
+        # The versions Argon serves now (the projects' and the default for new ones) are built before
+        # serving, all at once (each its own initdb and staging directory); any other installed version
+        # in the background, so a first start, and a disaster recovery on a fresh machine, waits for the
+        # slowest build it needs and not for versions no project uses. A project created on a version
+        # still building waits for it (`ControlPlane.template_for`).
+        default = s.default_pg_version or max(installs)
+        needed = {default} | {p.pg_version for p in plane.projects() if p.pg_version in installs}
         ordered = sorted(installs.items())
+        now = [(m, i) for m, i in ordered if m in needed]
+        later = [(m, i) for m, i in ordered if m not in needed]
         t0 = time.monotonic()
-        self.progress(f"Checking the PostgreSQL {', '.join(i.version for _, i in ordered)} templates (built once, "
-                      "on the first start)...")
-        built = await asyncio.gather(*(asyncio.to_thread(ensure_template, install, self.layout.templates_dir,
-                                                         setup_sql=template_setup_sql(major),
-                                                         argon_os_user=plane.os_user)
-                                       for major, install in ordered))
+        self.progress(f"Checking the PostgreSQL {', '.join(i.version for _, i in now)} template"
+                      f"{'s' if len(now) > 1 else ''} (built once, on the first start)...")
+        await asyncio.gather(*(self._prepare_version(major, install) for major, install in now))
         log.debug("templates ready in %.0f ms", (time.monotonic() - t0) * 1000)
-        for (major, install), template in zip(ordered, built, strict=True):
-            t0 = time.monotonic()
-            plane.templates[major] = template
-            plane.initdb_settings[major] = initdb_settings(template)
-            elsewhere = {n: [m for m, sup in plane.extensions.items() if n in sup.names()] for n in extensions.ALLOW_LIST}
-            plane.extensions[major] = await asyncio.to_thread(extensions.prepare, install, self.layout.runtime_dir,
-                                                              elsewhere=elsewhere)
-            log.debug("extensions for %d ready in %.0f ms", major, (time.monotonic() - t0) * 1000)
-
-        for template in plane.templates.values():
-            plane.spawn(asyncio.to_thread(plane.spares.refill, template), "preparing spare template copies")
+        if later:
+            plane.preparing.update({major: plane.spawn(self._prepare_version(major, install),
+                                                       f"preparing PostgreSQL {install.version}")
+                                    for major, install in later})
+            log.info("PostgreSQL %s: template checked in the background (no project uses it yet)",
+                     ", ".join(i.version for _, i in later))
 
         plan = await reconcile(control)
         self.info.reconciled = plan.summary()
@@ -284,6 +283,22 @@ class Platform:
         self.info.startup_ms = (time.monotonic() - started) * 1000
         return self.info
 
+    async def _prepare_version(self, major: int, install: PgInstall) -> None:
+        """One version ready for computes: its template (built on the first start), what its initdb
+        wrote, and its extensions; then spare copies of the template, in the background."""
+        plane = self.plane
+        assert plane is not None
+        t0 = time.monotonic()
+        template = await asyncio.to_thread(ensure_template, install, self.layout.templates_dir,
+                                           setup_sql=template_setup_sql(major), argon_os_user=plane.os_user)
+        elsewhere = {n: [m for m, sup in plane.extensions.items() if n in sup.names()] for n in extensions.ALLOW_LIST}
+        support = await asyncio.to_thread(extensions.prepare, install, self.layout.runtime_dir, elsewhere=elsewhere)
+        plane.initdb_settings[major] = initdb_settings(template)
+        plane.extensions[major] = support
+        plane.templates[major] = template  # last: a version with a template is ready for computes
+        log.debug("PostgreSQL %d ready in %.0f ms", major, (time.monotonic() - t0) * 1000)
+        plane.spawn(asyncio.to_thread(plane.spares.refill, template), "preparing spare template copies")
+
     async def _start_http(self, app: object) -> None:
         s = self.settings
         sock = socket.socket(socket.AF_INET6 if ":" in s.http_host else socket.AF_INET, socket.SOCK_STREAM)
@@ -352,6 +367,9 @@ class Platform:
             await self.proxy.stop()
         if self.scheduler is not None:
             await self.scheduler.stop()
+        if self.plane is not None and any(not t.done() for t in self.plane.preparing.values()):
+            log.info("finishing the templates being built in the background before stopping")
+            await self.plane.prepared()  # a build runs in a thread, which nothing can cancel
         if self.control is not None and self.control.restorer is not None:
             await self.control.restorer.stop()
         if self.control is not None and self.control.backup is not None:

@@ -4,6 +4,7 @@ proxy with the connection string as returned, computes wake on connect and suspe
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import threading
@@ -17,7 +18,7 @@ import psycopg
 import pytest
 
 from argon import ids
-from tests.fixtures.platform import RunningPlatform
+from tests.fixtures.platform import RunningPlatform, short_tmpdir
 
 pytestmark = pytest.mark.pg
 
@@ -96,6 +97,34 @@ def test_each_installed_version(platform: RunningPlatform, version: int) -> None
             assert conn.info.server_version // 10000 == version
     finally:
         platform.delete_project(pid_of(created))
+
+
+def test_a_version_no_project_uses_is_prepared_after_the_start() -> None:
+    """`argon up` serves once the default version and the projects' versions are ready; another
+    installed version is built in the background, a project created on it meanwhile waits for it, and
+    once a project uses it the next start has it ready before serving."""
+    root = short_tmpdir("vp")
+    (root / "data" / "templates").mkdir(parents=True)  # not seeded: the templates are built here
+    running = RunningPlatform(root, spare_clusters=0)
+    try:
+        installs = sorted(running.plane.installs)
+        if len(installs) < 2:
+            pytest.skip("one PostgreSQL version is installed here")
+        default = running.settings.default_pg_version or installs[-1]
+        other = next(m for m in installs if m != default)
+        assert set(running.plane.preparing) == set(installs) - {default}
+        assert default in running.plane.templates
+        created = running.create_project(pg_version=other, name="other")  # waits for the build under way
+        with psycopg.connect(running.dsn(created)) as conn:
+            assert conn.info.server_version // 10000 == other
+    finally:
+        running.stop()
+    running = RunningPlatform(root, spare_clusters=0)
+    try:
+        assert other not in running.plane.preparing and other in running.plane.templates
+    finally:
+        running.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_wrong_password_unknown_role_and_endpoint_look_the_same(platform: RunningPlatform,

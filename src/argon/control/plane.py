@@ -158,6 +158,7 @@ class ControlPlane:
         self.templates: dict[int, Path] = {}  # Postgres major -> pristine template pgdata
         self.initdb_settings: dict[int, dict[str, str]] = {}  # Postgres major -> what initdb wrote (template.py)
         self.extensions: dict[int, ExtensionSupport] = {}  # Postgres major -> the allow-list it honours
+        self.preparing: dict[int, asyncio.Task[None]] = {}  # majors `argon up` prepares in the background
         self.clock: Callable[[], datetime] = model.utcnow  # history windows and snapshot times (tests move it)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="argon-store")
         self._projects: dict[str, model.Project] = {}
@@ -203,6 +204,20 @@ class ControlPlane:
 
         task.add_done_callback(done)
         return task
+
+    async def template_for(self, pg_version: int) -> Path | None:
+        """A version's template, once it is ready for computes: a version no project used at start-up
+        is prepared in the background (`argon.platform`), and a project created on it meanwhile waits.
+        None if it is not installed or its preparation failed (logged)."""
+        task = self.preparing.get(pg_version)
+        if task is not None and not task.done():
+            with contextlib.suppress(Exception):
+                await asyncio.shield(task)
+        return self.templates.get(pg_version)
+
+    async def prepared(self) -> None:
+        """Wait for the versions `argon up` prepares in the background (a stop leaves them whole)."""
+        await asyncio.gather(*self.preparing.values(), return_exceptions=True)
 
     async def drain(self) -> None:
         """Wait for background bookkeeping (tests and shutdown)."""

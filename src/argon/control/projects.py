@@ -86,9 +86,10 @@ async def create_project(control: Control, req: ProjectRequest) -> CreatedProjec
                         f"{', '.join(available_regions())}")
     role_name = check_role_name(req.role_name or req.database_name + DEFAULT_ROLE_SUFFIX)
     database_name = check_db_name(req.database_name)
-    template = plane.templates.get(version)
+    template = await plane.template_for(version)
     if template is None:
-        raise UserError(f"PostgreSQL {version} has no template yet; try again in a moment")
+        raise UserError(f"PostgreSQL {version}'s template could not be prepared (the log of `argon up` says why); "
+                        "restart `argon up` to try again, or choose another pg_version")
 
     await asyncio.to_thread(control.disk.check_room, "a new project")  # 507 within the reserve (ADR 0025)
     pid, bid, eid = ids.project_id(), ids.branch_id(), ids.endpoint_id()
