@@ -101,6 +101,22 @@ def test_point_in_time_on_every_installed_version(platform: RunningPlatform) -> 
             platform.delete_project(pid)
 
 
+def test_point_in_time_of_a_compute_larger_than_the_smallest(platform: RunningPlatform) -> None:
+    """A recovery run has the smallest compute's settings; the branch's compute ran with more
+    connections (2 CU: 839), which its WAL records. A hot standby would refuse that WAL (it paused at
+    the parameter-change record until the request timed out); the recovery run is not one."""
+    two_cu = {"autoscaling_limit_min_cu": 2, "autoscaling_limit_max_cu": 2}
+    created = platform.create_project(name="pitr-2cu", default_endpoint_settings=two_cu)
+    pid = created["project"]["id"]
+    try:
+        assert int(scalar(platform.dsn(created), "SHOW max_connections")) > 104
+        marks = commits_with_marks(platform.dsn(created), 3)
+        assert count_at(platform, pid, parent_lsn=marks[1][0]) == 2
+        assert count_at(platform, pid, parent_timestamp=rfc3339(marks[2][1])) == 3
+    finally:
+        platform.delete_project(pid)
+
+
 def test_point_in_time_of_a_suspended_branch_and_of_a_child(platform: RunningPlatform,
                                                             project: dict[str, Any]) -> None:
     pid = project["project"]["id"]

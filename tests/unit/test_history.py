@@ -79,6 +79,7 @@ def test_recovery_settings() -> None:
     to_lsn = wal.recovery_settings("0/1000")
     assert to_lsn["recovery_target_lsn"] == "0/1000" and to_lsn["recovery_target_inclusive"] == "off"
     assert to_lsn["archive_mode"] == "off"  # a rebuild never archives into anybody's history
+    assert to_end["hot_standby"] == "off"  # a hot standby refuses WAL of a larger compute than its own
 
 
 @pytest.mark.parametrize("change", [{"id": "/etc"}, {"id": "../../other-project"}, {"id": ""}, {"segsize": 1},

@@ -133,10 +133,15 @@ def wal_files(directory: Path, timeline: int, segsize: int, from_lsn: int, until
 
 def recovery_settings(target_lsn: str | None) -> dict[str, str]:
     """GUCs for one recovery run: to an LSN (stopping *before* the first record that starts at or
-    after it), or, with None, to the end of the WAL laid out. Always promote: a new timeline."""
+    after it), or, with None, to the end of the WAL laid out. Always promote: a new timeline.
+
+    Not a hot standby: one refuses to replay WAL written with more connections, workers, prepared
+    transactions or locks than it has (at start-up from pg_control, or pausing at a parameter-change
+    record), and a recovery run has the smallest compute's settings while the branch's compute may
+    have run at any size. Nothing connects before the promotion."""
     settings = {"restore_command": "false",  # required with recovery.signal; the WAL is in pg_wal already
                 "recovery_target_action": "promote", "recovery_target_timeline": "latest",
-                "archive_mode": "off", "hot_standby": "on"}
+                "archive_mode": "off", "hot_standby": "off"}
     if target_lsn is not None:
         settings |= {"recovery_target_lsn": target_lsn, "recovery_target_inclusive": "off"}
     return settings
