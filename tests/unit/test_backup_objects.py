@@ -52,6 +52,42 @@ def test_wrong_key_moved_object_and_missing_key() -> None:
         Codec("right").open("a/b", Codec(None).seal("a/b", DATA))
 
 
+def test_format_1_zlib_objects_are_still_read() -> None:
+    """A bucket written before zstd (object format 1: zlib) stays restorable, keyed or not."""
+    import hashlib
+    import os
+    import zlib
+
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    inner = hashlib.sha256(DATA).digest() + zlib.compress(DATA, 1)
+    assert Codec(None).open("wal/old", b"ARGB" + bytes((1, 1)) + inner) == DATA
+    keyed = Codec("k")
+    header, nonce = b"ARGB" + bytes((1, 1 | 2)), os.urandom(12)
+    assert keyed._aead is not None
+    blob = header + nonce + AESGCM.encrypt(keyed._aead, nonce, inner, header + b"wal/old")
+    assert keyed.open("wal/old", blob) == DATA
+    assert Codec(None).seal("wal/new", DATA)[4:6] == bytes((2, 4))  # new objects: format 2, zstd
+
+
+def test_a_zstd_frame_without_a_size_or_with_an_impossible_one_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decompression allocates what the frame's header claims: only frames that say, within bounds."""
+    import hashlib
+
+    import zstandard
+
+    from argon.storage.backup import objects
+
+    unsized = zstandard.ZstdCompressor(level=1, write_content_size=False).compress(DATA)
+    blob = b"ARGB" + bytes((2, 4)) + hashlib.sha256(DATA).digest() + unsized
+    with pytest.raises(CorruptObject, match=r"wal/unsized.*no size"):
+        Codec(None).open("wal/unsized", blob)
+    sealed = Codec(None).seal("wal/huge", DATA)
+    monkeypatch.setattr(objects, "MAX_PLAINTEXT", len(DATA) - 1)
+    with pytest.raises(CorruptObject, match=r"wal/huge.*impossible"):
+        Codec(None).open("wal/huge", sealed)
+
+
 def test_chunk_ids_hide_content_under_a_key() -> None:
     import hashlib
 

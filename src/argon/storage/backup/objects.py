@@ -1,10 +1,16 @@
 """The format of every backup object: checksummed, compressed, optionally encrypted.
 
-    "ARGB" | version (1 byte) | flags (1 byte: 1 = zlib, 2 = AES-256-GCM) | body
+    "ARGB" | version (1 byte) | flags (1 byte: 1 = zlib, 2 = AES-256-GCM, 4 = zstd) | body
     body  = inner                                      (no key)
           = nonce (12 bytes) | AES-GCM(inner)          (ARGON_BACKUP_KEY set; the header and the
                                                         object's key are the associated data)
-    inner = SHA-256(plaintext) (32 bytes) | payload    (payload: zlib(plaintext) or plaintext)
+    inner = SHA-256(plaintext) (32 bytes) | payload    (payload: zstd(plaintext), or plaintext when that
+                                                        is not smaller; zlib in format 1's objects)
+
+Format 2 writes zstd, which decompresses two to three times faster than zlib and compresses faster
+too: a restore of 5 GB spent most of its download decompressing zlib. Format 1's objects (zlib)
+are still read, so a bucket written before stays usable; an older Argon refuses format 2's
+objects as written by a newer one.
 
 Reading checks everything (magic, authentication, decompression, the checksum of the plaintext)
 and raises `CorruptObject` naming the object on any failure: a partial or damaged object is never
@@ -23,6 +29,7 @@ import json
 import os
 import zlib
 
+import zstandard
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -31,9 +38,12 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from argon.errors import ArgonError, ErrorKind
 
 MAGIC = b"ARGB"
-VERSION = 1
+VERSION = 2
+READABLE = (1, 2)  # format 1: zlib
 F_ZLIB = 1
 F_AESGCM = 2
+F_ZSTD = 4
+MAX_PLAINTEXT = 1 << 30  # no object is near this (chunks, WAL segments, metadata): a frame claiming more is damaged
 _HEADER = 6
 _SALT = b"argon-backup-v1"
 
@@ -52,6 +62,20 @@ class WrongKey(ArgonError):
 
 def _derive(secret: str, info: bytes) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=_SALT, info=info).derive(secret.encode())
+
+
+def _unzstd(key: str, payload: bytes) -> bytes:
+    """One zstd frame, whose size is in its header (`compress` writes it), within MAX_PLAINTEXT."""
+    try:
+        size = zstandard.frame_content_size(payload)
+    except zstandard.ZstdError as exc:
+        raise CorruptObject(key, f"it does not decompress ({exc})") from None
+    if size < 0 or size > MAX_PLAINTEXT:
+        raise CorruptObject(key, "it does not decompress (its zstd frame has no size, or an impossible one)")
+    try:
+        return zstandard.ZstdDecompressor().decompress(payload, max_output_size=size)
+    except zstandard.ZstdError as exc:
+        raise CorruptObject(key, f"it does not decompress ({exc})") from None
 
 
 class Codec:
@@ -82,9 +106,9 @@ class Codec:
         flags = 0
         payload = plaintext
         if compress:
-            packed = zlib.compress(plaintext, self.level)
+            packed = zstandard.ZstdCompressor(level=self.level).compress(plaintext)
             if len(packed) < len(plaintext):
-                payload, flags = packed, F_ZLIB
+                payload, flags = packed, F_ZSTD
         inner = hashlib.sha256(plaintext).digest() + payload
         if self._aead is not None:
             flags |= F_AESGCM
@@ -107,9 +131,9 @@ class Codec:
         if len(blob) < _HEADER + 32 or blob[:4] != MAGIC:
             raise CorruptObject(key, "not an Argon backup object (truncated or overwritten)")
         version, flags = blob[4], blob[5]
-        if version != VERSION:
+        if version not in READABLE:
             raise CorruptObject(key, f"written by a newer Argon (object format {version})")
-        if flags & ~(F_ZLIB | F_AESGCM):
+        if flags & ~(F_ZLIB | F_AESGCM | F_ZSTD) or (flags & F_ZLIB and flags & F_ZSTD):
             raise CorruptObject(key, f"unknown flags {flags:#x} (damaged)")
         header, body = blob[:_HEADER], blob[_HEADER:]
         if flags & F_AESGCM:
@@ -126,7 +150,9 @@ class Codec:
                                          "anyone could have written)")
             inner = body
         digest, payload = inner[:32], inner[32:]
-        if flags & F_ZLIB:
+        if flags & F_ZSTD:
+            plaintext = _unzstd(key, payload)
+        elif flags & F_ZLIB:
             try:
                 plaintext = zlib.decompress(payload)
             except zlib.error as exc:
