@@ -188,14 +188,22 @@ class Platform:
         t0 = time.monotonic()
         self.progress(f"Checking the PostgreSQL {', '.join(i.version for _, i in now)} template"
                       f"{'s' if len(now) > 1 else ''} (built once, on the first start)...")
-        await asyncio.gather(*(self._prepare_version(major, install) for major, install in now))
+        await asyncio.gather(*(self._build_template(major, install) for major, install in now))
         log.debug("templates ready in %.0f ms", (time.monotonic() - t0) * 1000)
         if later:
-            plane.preparing.update({major: plane.spawn(self._prepare_version(major, install),
-                                                       f"preparing PostgreSQL {install.version}")
+            plane.preparing.update({major: plane.spawn(self._build_template(major, install),
+                                                       f"building the PostgreSQL {install.version} template")
                                     for major, install in later})
             log.info("PostgreSQL %s: template checked in the background (no project uses it yet)",
                      ", ".join(i.version for _, i in later))
+        # Every version's extensions now, in order: each version's stand-ins for what it lacks name the
+        # versions that have it, built or not.
+        for major, install in ordered:
+            t0 = time.monotonic()
+            elsewhere = {n: [m for m, sup in plane.extensions.items() if n in sup.names()] for n in extensions.ALLOW_LIST}
+            plane.extensions[major] = await asyncio.to_thread(extensions.prepare, install, self.layout.runtime_dir,
+                                                              elsewhere=elsewhere)
+            log.debug("extensions for %d ready in %.0f ms", major, (time.monotonic() - t0) * 1000)
 
         plan = await reconcile(control)
         self.info.reconciled = plan.summary()
@@ -283,20 +291,17 @@ class Platform:
         self.info.startup_ms = (time.monotonic() - started) * 1000
         return self.info
 
-    async def _prepare_version(self, major: int, install: PgInstall) -> None:
-        """One version ready for computes: its template (built on the first start), what its initdb
-        wrote, and its extensions; then spare copies of the template, in the background."""
+    async def _build_template(self, major: int, install: PgInstall) -> None:
+        """A version's template (built on the first start) and what its initdb wrote; then spare copies
+        of it, in the background. A version with a template is ready for computes."""
         plane = self.plane
         assert plane is not None
         t0 = time.monotonic()
         template = await asyncio.to_thread(ensure_template, install, self.layout.templates_dir,
                                            setup_sql=template_setup_sql(major), argon_os_user=plane.os_user)
-        elsewhere = {n: [m for m, sup in plane.extensions.items() if n in sup.names()] for n in extensions.ALLOW_LIST}
-        support = await asyncio.to_thread(extensions.prepare, install, self.layout.runtime_dir, elsewhere=elsewhere)
         plane.initdb_settings[major] = initdb_settings(template)
-        plane.extensions[major] = support
-        plane.templates[major] = template  # last: a version with a template is ready for computes
-        log.debug("PostgreSQL %d ready in %.0f ms", major, (time.monotonic() - t0) * 1000)
+        plane.templates[major] = template
+        log.debug("PostgreSQL %d's template ready in %.0f ms", major, (time.monotonic() - t0) * 1000)
         plane.spawn(asyncio.to_thread(plane.spares.refill, template), "preparing spare template copies")
 
     async def _start_http(self, app: object) -> None:
