@@ -131,12 +131,10 @@ class Platform:
                                                          thread_name_prefix="argon-blocking"))
             _sized_loops.add(loop)
         host = host_ids() if os.geteuid() == 0 else None
-        if host is not None:  # computes run as other users: they must reach their files and sockets
-            for path in (self.layout.data_dir, self.layout.run_dir):
-                if refused := closed_ancestor(path):
-                    raise ConfigError(refused)
-        if host is not None:  # per-project uids: they must be Argon's alone
-            refused = check_uid_range(s.compute_uid_base, s.compute_uid_count, host)
+        if host is not None:  # computes run as other users: they must reach their files and sockets,
+            # and their uids must be Argon's alone
+            refused = (closed_ancestor(self.layout.data_dir) or closed_ancestor(self.layout.run_dir)
+                       or check_uid_range(s.compute_uid_base, s.compute_uid_count, host))
             if refused:
                 raise ConfigError(refused)
         self.layout.init()
