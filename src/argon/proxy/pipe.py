@@ -12,11 +12,18 @@ the suspend decision. Backpressure: a full write buffer on one side pauses readi
 a TLS client is also not read while its own write buffer is full, since reading it makes output for
 it (KeyUpdate answers): a client that sends and never reads would otherwise grow that buffer without
 bound. (uvloop's SSL transport, paused, stops decrypting and then reading the socket.)
+
+A backend that ends (`pg_terminate_backend`, a shutdown) sends its FATAL and closes. If the
+client's next query reaches the relay first, writing it to the closed socket fails and the
+transport is closed at once, FATAL unread: what is still readable is then read from a duplicate of
+the compute's socket and passed on, so the client sees the error, as it would connected directly.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import struct
 import time
 from collections.abc import Callable
@@ -27,6 +34,7 @@ _length = struct.Struct("!I").unpack_from
 _monotonic = time.monotonic
 _QUERY_TAGS = frozenset(b"QPBEFSDCHd")
 _TERMINATE = ord("X")
+_DRAIN_MAX = 1 << 20  # what is read from a compute after a failed write, at most
 _READY = ord("Z")
 _IDLE = ord("I")
 
@@ -102,6 +110,12 @@ class ClientHalf(_Half):
 class ComputeHalf(_Half):
     """Compute -> client."""
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None and not self.closed:  # a failed write closed the transport before it read all
+            self.relay._drain_compute()
+        self.relay._release_compute_fd()
+        super().connection_lost(exc)
+
     def data_received(self, data: bytes) -> None:
         peer = self.peer
         assert peer is not None
@@ -148,6 +162,11 @@ class Relay:
         self.compute.transport = self.client.peer = compute  # type: ignore[assignment]
         self._client_tls = client.get_extra_info("ssl_object") is not None
         self._full: set[_Half] = set()  # halves whose transport's write buffer is over its high-water mark
+        self._compute_fd = -1  # a duplicate of the compute's socket, for `_drain_compute`
+        sock = compute.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):  # out of descriptors: no drain, the rest works
+                self._compute_fd = os.dup(sock.fileno())
         self._paused: set[_Half] = set()  # halves whose transport we stopped reading
 
     def start(self, client_pending: bytes = b"", compute_pending: bytes = b"", *,
@@ -198,6 +217,23 @@ class Relay:
             else:
                 self._paused.discard(reader)
                 transport.resume_reading()
+
+    def _drain_compute(self) -> None:
+        """Pass on what the compute sent before it closed and the transport did not read (the
+        descriptor shares the transport's non-blocking mode: this stops at the first empty read)."""
+        left = _DRAIN_MAX
+        with contextlib.suppress(OSError):
+            while left > 0 and self._compute_fd >= 0:
+                chunk = os.read(self._compute_fd, min(left, 1 << 16))
+                if not chunk:
+                    break
+                self.compute.data_received(chunk)
+                left -= len(chunk)
+
+    def _release_compute_fd(self) -> None:
+        fd, self._compute_fd = self._compute_fd, -1
+        if fd >= 0:
+            os.close(fd)
 
     def _half_closed(self) -> None:
         if self.client.closed and self.compute.closed and not self.done.done():
