@@ -2,7 +2,8 @@
 
 Run from the repository root, as root or as a user that can run Postgres itself:
 
-    .venv/bin/python -m benchmarks.pooler [--quick] [--json PATH] [--rounds N]
+    .venv/bin/python -m benchmarks.pooler [--quick] [--json PATH] [--rounds N] [--clients 8,64]
+        [--scripts tpcb,select] [--transports tls,plaintext] [--idle-clients 0]
 
 One run starts a whole platform in this process (as the test fixture does), one project (Debian's
 PostgreSQL 15), and two PgBouncers (plaintext and TLS, Argon's own certificate) in transaction mode
@@ -34,6 +35,7 @@ import contextlib
 import json
 import math
 import os
+import random
 import re
 import resource
 import selectors
@@ -347,6 +349,8 @@ class Run:
     rounds: int
     counts: tuple[int, ...] = CLIENT_COUNTS
     idle_clients: int = IDLE_CLIENTS
+    scripts: tuple[str, ...] = SCRIPTS
+    transports: tuple[str, ...] = TRANSPORTS
     root: Path = field(default_factory=lambda: short_tmpdir("ap"))
     rp: Any = None
     project: Project | None = None
@@ -469,8 +473,8 @@ class Run:
                 pgbench(target, port, "tpcb", 8, 4 if self.quick else 8, lambda: (0.0, 0.0), env)
         for clients in self.counts:
             seconds = seconds_for(clients, self.quick)
-            for script in SCRIPTS:
-                for transport in TRANSPORTS:
+            for script in self.scripts:
+                for transport in self.transports:
                     key = f"{script} c={clients} {transport}"
                     with self.section(f"pgbench {key}"):
                         out[key] = self.pair(script, clients, transport, seconds, env)
@@ -509,8 +513,11 @@ class Run:
         # within a round the two ran back to back: how often Argon was ahead says more than medians whose
         # rounds move by 20-50 % on this machine (commit latency, the scheduler)
         ahead = sum(x["tps"] >= y["tps"] for x, y in zip(runs["argon"], runs["pgbouncer"], strict=True))
+        mean, low, high = paired_interval([x["tps"] / y["tps"] for x, y in zip(runs["argon"], runs["pgbouncer"],
+                                                                               strict=True)])
         return {"argon_tps": a, "pgbouncer_tps": b, "ratio": round(a / b, 3), "ratio_by_round": round(by_round, 3),
-                "argon_ahead_rounds": ahead,
+                "argon_ahead_rounds": ahead, "ratio_geomean": round(mean, 3), "ratio_interval_95": [round(low, 3),
+                                                                                                    round(high, 3)],
                 "argon_cpu_us_per_txn": statistics.median(r["pooler_cpu_us_per_txn"] for r in runs["argon"]),
                 "pgbouncer_cpu_us_per_txn": statistics.median(r["pooler_cpu_us_per_txn"] for r in runs["pgbouncer"]),
                 "argon_engine_cpu_us_per_txn": statistics.median(r["engine_cpu_us_per_txn"] for r in runs["argon"]),
@@ -613,6 +620,25 @@ class Run:
 # Output ------------------------------------------------------------------------------------------------
 
 
+def paired_interval(ratios: list[float], resamples: int = 10_000) -> tuple[float, float, float]:
+    """The geometric mean of the per-round ratios (each round ran the two back to back) and a 95 %
+    bootstrap interval for it (seeded: the same rounds give the same interval). With rounds moving by
+    20-50 %, a row whose interval holds 1 cannot be told from PgBouncer at this many rounds."""
+    logs = [math.log(r) for r in ratios]
+    mean = statistics.fmean(logs)
+    if len(logs) < 2:
+        return math.exp(mean), math.exp(mean), math.exp(mean)
+    rng = random.Random(16)
+    means = sorted(statistics.fmean(rng.choices(logs, k=len(logs))) for _ in range(resamples))
+    return math.exp(mean), math.exp(means[int(0.025 * resamples)]), math.exp(means[int(0.975 * resamples) - 1])
+
+
+def verdict(row: dict[str, Any]) -> str:
+    """above / level / below PgBouncer by the paired interval (level: it holds 1)."""
+    low, high = row.get("ratio_interval_95", (0.0, math.inf))
+    return "above" if low > 1 else "below" if high < 1 else "level"
+
+
 def ahead_of(row: dict[str, Any]) -> str:
     runs = row.get("runs", {}).get("argon", [])
     return f"{row['argon_ahead_rounds']}/{len(runs)}" if "argon_ahead_rounds" in row else "-"
@@ -634,17 +660,22 @@ def render(results: dict[str, Any], errors: dict[str, str]) -> str:
     tp = results.get("throughput", {})
     if tp:
         lines.append(f"{'pgbench':28} {'argon TPS':>10} {'pgbouncer':>10} {'ratio':>7} {'by round':>9} "
-                     f"{'ahead':>6} {'CPU us/txn a/p':>15} {'engine':>7} {'busy%':>6}")
+                     f"{'95% interval':>13} {'':>6} {'ahead':>6} {'CPU us/txn a/p':>15} {'engine':>7} {'busy%':>6}")
         for key, r in tp.items():
+            low, high = r.get("ratio_interval_95", (0.0, 0.0))
             lines.append(f"{key:28} {r['argon_tps']:>10.0f} {r['pgbouncer_tps']:>10.0f} {r['ratio']:>6.2f}x "
-                         f"{r['ratio_by_round']:>8.2f}x {ahead_of(r):>6} "
+                         f"{r['ratio_by_round']:>8.2f}x {f'{low:.2f}-{high:.2f}x':>13} {verdict(r):>6} {ahead_of(r):>6} "
                          f"{r['argon_cpu_us_per_txn']:>7.1f}/{r['pgbouncer_cpu_us_per_txn']:<7.1f}"
                          f" {r.get('argon_engine_cpu_us_per_txn') or 0:>7.1f} {r['machine_busy_percent']:>6.1f}")
-        lines.append("(ahead: the rounds in which Argon's TPS was at or above PgBouncer's, which ran just before or after)")
+        lines.append("(by round: the median of the rounds' ratios; 95% interval: of their geometric mean, bootstrap;"
+                     " above / level / below: the interval is over 1, holds 1, is under 1; ahead: the rounds in"
+                     " which Argon's TPS was at or above PgBouncer's, which ran just before or after)")
         worst = min(tp.values(), key=lambda r: r["ratio"])
         met = all(r["ratio"] >= 1.0 for r in tp.values())
+        below = [k for k, r in tp.items() if verdict(r) == "below"]
         lines += ["", f"target: argon TPS >= PgBouncer TPS at every client count: {'yes' if met else 'NO'} "
-                      f"(lowest ratio {worst['ratio']:.2f}x)", ""]
+                      f"(lowest ratio {worst['ratio']:.2f}x by medians); rows below PgBouncer beyond the rounds' "
+                      f"noise: {', '.join(below) if below else 'none'}", ""]
     mem = results.get("idle_memory", {})
     if mem:
         lines.append(f"{'idle clients':24} {'clients':>8} {'RSS before':>11} {'with':>8} {'KiB/client':>11} "
@@ -675,6 +706,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="1 round, 4 s pgbench windows (after the logins)")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds per pgbench pair (default 3)")
     parser.add_argument("--clients", default=None, help="comma-separated client counts (default 8,64,512,2000)")
+    parser.add_argument("--scripts", default=",".join(SCRIPTS), help="comma-separated: tpcb, select (default both)")
+    parser.add_argument("--transports", default=",".join(TRANSPORTS),
+                        help="comma-separated: tls, plaintext (default both)")
     parser.add_argument("--idle-clients", type=int, default=IDLE_CLIENTS, help="idle clients held (default 10000; 0 skips)")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -684,8 +718,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     stop_on_sigterm()
     counts = tuple(int(c) for c in args.clients.split(",")) if args.clients else CLIENT_COUNTS
+    scripts, transports = tuple(args.scripts.split(",")), tuple(args.transports.split(","))
+    if not set(scripts) <= set(SCRIPTS) or not set(transports) <= set(TRANSPORTS):
+        parser.error(f"--scripts takes {', '.join(SCRIPTS)}; --transports takes {', '.join(TRANSPORTS)}")
     run = Run(quick=args.quick, rounds=args.rounds or (1 if args.quick else 3), counts=counts,
-              idle_clients=args.idle_clients)
+              idle_clients=args.idle_clients, scripts=scripts, transports=transports)
     started = time.monotonic()
     try:
         run.execute()
