@@ -334,7 +334,7 @@ def pgbench(target: str, port: int, script: str, clients: int, seconds: int,
     return {"tps": round(rate, 1), "transactions": int(txns.group(1)),
             "failed": int(failed.group(1)) if failed else 0,
             "connect_ms": float(conn.group(1)) if conn else None, "seconds": round(wall, 1),
-            "measured_seconds": round(window, 1),
+            "measured_seconds": round(window, 1), "login_seconds": round(t_conn - t0, 1),
             "pooler_cpu_us_per_txn": round(used / (rate * window) * 1e6, 1) if rate else None,
             "engine_cpu_us_per_txn": round(engine_used / (rate * window) * 1e6, 1) if rate else None,
             "machine_busy_percent": round(busy / total * 100, 1) if total else None}
@@ -357,6 +357,7 @@ class Run:
     bouncers: dict[str, TxBouncer] = field(default_factory=dict)
     results: dict[str, Any] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
+    logins: dict[int, float] = field(default_factory=dict)  # the slowest logins seen, seconds, by client count
 
     def say(self, msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
@@ -480,7 +481,15 @@ class Run:
                         out[key] = self.pair(script, clients, transport, seconds, env)
 
     def pair(self, script: str, clients: int, transport: str, seconds: int, env: dict[str, str]) -> dict[str, Any]:
+        """`seconds`: the first run's -T, logins included (`seconds_for`), unless a run at this client
+        count was measured; then each run's allows half as much again as the slowest logins so far
+        (the load average, which the benchmark's own clients raise, made 2,000-client runs last
+        210 s for 20 s of logins)."""
         tls = transport == "tls"
+        window = 4 if self.quick else 8
+        slowest_logins = self.logins.get(clients, 0.0)  # an earlier row's, at this client count
+        if slowest_logins:
+            seconds = math.ceil(slowest_logins * 1.5) + window
         bouncer = self.bouncers[transport]
         def bouncer_cpu() -> tuple[float, float]:
             used = own_cpu_seconds(bouncer.pid)
@@ -503,6 +512,9 @@ class Run:
                     run = pgbench(target, port, script, clients, seconds * 2, cpu, env)
                     run["retried_with_seconds"] = seconds * 2
                 runs[name].append(run)
+                slowest_logins = max(slowest_logins, run["login_seconds"])
+                seconds = math.ceil(slowest_logins * 1.5) + window
+                self.logins[clients] = slowest_logins
                 self.say(f"  {name:9} round {round_ + 1}: {runs[name][-1]['tps']:.0f} TPS, "
                          f"{runs[name][-1]['pooler_cpu_us_per_txn']} us CPU/txn "
                          f"({runs[name][-1]['engine_cpu_us_per_txn']} in the engine), machine busy "
