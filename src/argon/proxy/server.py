@@ -51,7 +51,7 @@ from argon.proxy.activity import ActivityRegistry
 from argon.proxy.auth import Credentials
 from argon.proxy.cancel import CancelMap
 from argon.proxy.control_client import ControlClient
-from argon.proxy.native import make_relays
+from argon.proxy.native import TLS_AVAILABLE, make_relays
 from argon.proxy.pooler import Pooler, pooler_engine
 from argon.proxy.session import PRE_AUTH_TIMEOUT, Session, SessionContext, Tunnel
 from argon.proxy.throttle import PasswordChecks, Throttle, client_key
@@ -124,6 +124,7 @@ class ProxyServer:
         self._unauthenticated: Counter[str] = Counter()  # client key -> connections not yet authenticated
         self._strangers = 0
         self._fds = 0  # descriptors held by sessions (estimated per kind of session)
+        self._relay_fds = 0  # one more per session where the Python relay relays (see `start`)
         self.fd_budget = 0
         self.refused: Counter[str] = Counter()  # why connections were refused (tests, logs)
         self.evicted: Counter[str] = Counter()  # why waiting strangers were dropped to make room
@@ -247,6 +248,9 @@ class ProxyServer:
         self.fd_budget = fd_budget(self.limits.fd_reserve)
         self.max_unauthenticated = self.limits.max_unauthenticated or max(64, min(4096, self.fd_budget // 4))
         self.ctx.relays = make_relays(self.relay_mode)
+        # `pipe.Relay` keeps a duplicate of the compute's socket (to pass on a backend's last message):
+        # it relays every session without the C thread, and TLS sessions where the C side cannot drive TLS.
+        self._relay_fds = int(self.ctx.relays is None or (self.ctx.tls is not None and not TLS_AVAILABLE))
         self.ctx.pooler = Pooler(control=self.ctx.control, activity=self.ctx.activity, cancels=self.cancels,
                                  engine=pooler_engine(self.relay_mode), **self._pooler_options)
         self._tasks.append(loop.create_task(self._accept_loop(sock, internal=False), name="proxy-accept"))
@@ -334,6 +338,7 @@ class ProxyServer:
                 return self._refuse(sock, peer_ip, "unauthenticated connections per client")
             if self._strangers >= self.max_unauthenticated:
                 self._evict_oldest_stranger("unauthenticated connections")
+        fds += self._relay_fds
         held = self._fds + self.pooled_fds + len(self._address_socks)
         if held + fds > self.fd_budget and not self._evict_oldest_stranger("descriptor budget"):
             return self._refuse(sock, peer_ip, "descriptor budget")
