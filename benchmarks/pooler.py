@@ -521,12 +521,12 @@ class Run:
                          f"{runs[name][-1]['machine_busy_percent']}%")
         a = statistics.median(r["tps"] for r in runs["argon"])
         b = statistics.median(r["tps"] for r in runs["pgbouncer"])
-        by_round = statistics.median(x["tps"] / y["tps"] for x, y in zip(runs["argon"], runs["pgbouncer"], strict=True))
-        # within a round the two ran back to back: how often Argon was ahead says more than medians whose
-        # rounds move by 20-50 % on this machine (commit latency, the scheduler)
-        ahead = sum(x["tps"] >= y["tps"] for x, y in zip(runs["argon"], runs["pgbouncer"], strict=True))
-        mean, low, high = paired_interval([x["tps"] / y["tps"] for x, y in zip(runs["argon"], runs["pgbouncer"],
-                                                                               strict=True)])
+        # within a round the two ran back to back: its ratio, how often Argon was ahead and their interval
+        # say more than medians whose rounds move by 20-50 % on this machine (commit latency, the scheduler)
+        ratios = [x["tps"] / y["tps"] for x, y in zip(runs["argon"], runs["pgbouncer"], strict=True)]
+        by_round = statistics.median(ratios)
+        ahead = sum(r >= 1 for r in ratios)
+        mean, low, high = paired_interval(ratios)
         return {"argon_tps": a, "pgbouncer_tps": b, "ratio": round(a / b, 3), "ratio_by_round": round(by_round, 3),
                 "argon_ahead_rounds": ahead, "ratio_geomean": round(mean, 3), "ratio_interval_95": [round(low, 3),
                                                                                                     round(high, 3)],

@@ -157,14 +157,15 @@ def test_a_reset_that_discards_the_current_state_ships_it_first(gated: tuple[Run
         assert [b for b in report.branches if b.branch_id == bid and not b.skipped], report
         with restored_cluster(root, root / "data", bid) as sock:
             # Once on CI (not reproduced since) the restore came back without `t`: say what it chose.
-            store = open_store(url, s3_endpoint=gate.endpoint)
-            context = (f"restored as of {after.isoformat()}: {report.branches}; it said {said}; the bucket has "
-                       f"{[o.key for o in store.list(f'branches/{pid}/{bid}/')]}")
+            def context() -> str:
+                store = open_store(url, s3_endpoint=gate.endpoint)
+                return (f"restored as of {after.isoformat()}: {report.branches}; it said {said}; the bucket has "
+                        f"{[o.key for o in store.list(f'branches/{pid}/{bid}/')]}")
             try:
                 rows = query(sock, "SELECT array_agg(id ORDER BY id) FROM t")
             except psycopg.Error as exc:
-                raise AssertionError(f"{exc}; {context}") from None
-            assert rows == [1, 2], context
+                raise AssertionError(f"{exc}; {context()}") from None
+            assert rows == [1, 2], context()
     finally:
         shutil.rmtree(root, ignore_errors=True)
         platform.delete_project(pid)
